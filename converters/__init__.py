@@ -1,0 +1,1 @@
+"""Converters that bring non-Q/R sources (MOSAIQ, Pinnacle, MIM, RayStation) into an auxiliary PACS."""

@@ -1,0 +1,259 @@
+"""The ``RtHarvest`` section of orthanc.json, validated once into frozen dataclasses.
+
+Orthanc hands the plugin its whole configuration as JSON; :func:`load_config` turns the parts the
+harvester needs (its own ``RtHarvest`` section plus Orthanc's ``DicomAet``, ports, users and
+``DicomModalities``) into typed values. Every mistake is reported with the JSON path that caused it, so a
+physicist editing orthanc.json sees exactly what to fix when Orthanc refuses to start the plugin.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import time
+from enum import Enum, StrEnum
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """orthanc.json holds a value the harvester cannot use; the message names the setting."""
+
+
+class Backend(StrEnum):
+    """How the workers talk DICOM to a source."""
+
+    #: Orthanc's own DicomModalities client, driven over Orthanc's REST API on loopback.
+    ORTHANC = "orthanc"
+    #: pynetdicom from the worker thread: strict hierarchical queries and sequence return keys.
+    PYNETDICOM = "pynetdicom"
+
+
+class QueryModel(StrEnum):
+    """What the source's C-FIND accepts."""
+
+    #: Finds an instance by SOPInstanceUID alone (ARIA, Orthanc, dcmqrscp default mode).
+    RELATIONAL = "relational"
+    #: Needs the full Patient/Study/Series hierarchy in every query (dcmqrscp -XF -XM, many PACS).
+    HIERARCHICAL = "hierarchical"
+
+
+class CandidatePolicy(StrEnum):
+    """What happens to objects retrieved only to inspect their references that turn out not to belong."""
+
+    DELETE = "delete"
+    QUARANTINE = "quarantine"
+
+
+@dataclass(frozen=True)
+class Modality:
+    """One entry of Orthanc's ``DicomModalities``."""
+
+    name: str
+    aet: str
+    host: str
+    port: int
+
+
+@dataclass(frozen=True)
+class SourceSettings:
+    """Per-source harvest settings (``RtHarvest.Sources.<name>``, falling back to ``SourceDefaults``)."""
+
+    backend: Backend = Backend.ORTHANC
+    model: QueryModel = QueryModel.RELATIONAL
+    sequence_return_keys: bool = False
+    max_concurrent: int = 2
+    quiet_hours: tuple[time, time] | None = None
+    find_timeout: float = 60.0
+    move_timeout: float = 600.0
+
+    def __post_init__(self) -> None:
+        if self.max_concurrent < 1:
+            raise ConfigError("MaxConcurrent must be at least 1")
+        if self.find_timeout <= 0 or self.move_timeout <= 0:
+            raise ConfigError("FindTimeout and MoveTimeout must be positive")
+
+
+@dataclass(frozen=True)
+class HarvesterConfig:
+    """Everything the harvester reads from orthanc.json."""
+
+    aet: str
+    dicom_port: int
+    http_port: int
+    ssl: bool
+    database_path: Path
+    workers: int
+    max_attempts: int
+    backoff_base: float
+    backoff_max: float
+    lease_seconds: float
+    log_retention_days: int
+    candidate_policy: CandidatePolicy
+    modalities: Mapping[str, Modality]
+    sources: Mapping[str, SourceSettings] = field(default_factory=dict)
+    source_defaults: SourceSettings = field(default_factory=SourceSettings)
+    #: Settings that were ignored, with why (shown by /rtharvest/status).
+    warnings: tuple[str, ...] = ()
+
+    def source(self, name: str) -> SourceSettings:
+        """Settings for source ``name`` (its own section, else the defaults)."""
+        return self.sources.get(name, self.source_defaults)
+
+    def require_modality(self, name: str) -> Modality:
+        """The DicomModalities entry ``name``; :class:`ConfigError` naming the known ones otherwise."""
+        try:
+            return self.modalities[name]
+        except KeyError:
+            known = ", ".join(sorted(self.modalities)) or "none"
+            raise ConfigError(
+                f"unknown source {name!r}: it must be one of the DicomModalities of orthanc.json ({known})"
+            ) from None
+
+
+_HHMM = re.compile(r"^([01]\d|2[0-3]):([0-5]\d)$")
+
+
+def _parse_time(value: Any, where: str) -> time:
+    if not isinstance(value, str) or not _HHMM.match(value):
+        raise ConfigError(f"{where}: expected a time as \"HH:MM\", got {value!r}")
+    hours, minutes = value.split(":")
+    return time(int(hours), int(minutes))
+
+
+def _number(section: Mapping[str, Any], key: str, default: float, where: str, minimum: float) -> float:
+    value = section.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ConfigError(f"{where}.{key}: expected a number, got {value!r}")
+    if value < minimum:
+        raise ConfigError(f"{where}.{key}: must be at least {minimum}, got {value!r}")
+    return float(value)
+
+
+def _integer(section: Mapping[str, Any], key: str, default: int, where: str, minimum: int) -> int:
+    value = section.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{where}.{key}: expected an integer, got {value!r}")
+    if value < minimum:
+        raise ConfigError(f"{where}.{key}: must be at least {minimum}, got {value!r}")
+    return value
+
+
+def _enum(section: Mapping[str, Any], key: str, enum: type[Enum], default: Enum, where: str) -> Any:
+    value = section.get(key, default.value)
+    try:
+        return enum(str(value).lower())
+    except ValueError:
+        allowed = ", ".join(repr(m.value) for m in enum)
+        raise ConfigError(f"{where}.{key}: {value!r} is not one of {allowed}") from None
+
+
+def _source_settings(section: Any, where: str, base: SourceSettings) -> SourceSettings:
+    if not isinstance(section, Mapping):
+        raise ConfigError(f"{where}: expected an object")
+    quiet: tuple[time, time] | None = base.quiet_hours
+    if "QuietHours" in section:
+        raw = section["QuietHours"]
+        if raw is None or raw == []:
+            quiet = None
+        elif isinstance(raw, list) and len(raw) == 2:
+            quiet = (_parse_time(raw[0], f"{where}.QuietHours[0]"), _parse_time(raw[1], f"{where}.QuietHours[1]"))
+        else:
+            raise ConfigError(f"{where}.QuietHours: expected [\"HH:MM\", \"HH:MM\"] or null, got {raw!r}")
+    seq = section.get("SequenceReturnKeys", base.sequence_return_keys)
+    if not isinstance(seq, bool):
+        raise ConfigError(f"{where}.SequenceReturnKeys: expected true or false, got {seq!r}")
+    return SourceSettings(
+        backend=_enum(section, "Backend", Backend, base.backend, where),
+        model=_enum(section, "QueryModel", QueryModel, base.model, where),
+        sequence_return_keys=seq,
+        max_concurrent=_integer(section, "MaxConcurrent", base.max_concurrent, where, 1),
+        quiet_hours=quiet,
+        find_timeout=_number(section, "FindTimeout", base.find_timeout, where, 0.1),
+        move_timeout=_number(section, "MoveTimeout", base.move_timeout, where, 0.1),
+    )
+
+
+def _modalities(raw: Any) -> dict[str, Modality]:
+    if raw is None:
+        return {}
+    if not isinstance(raw, Mapping):
+        raise ConfigError("DicomModalities: expected an object")
+    result: dict[str, Modality] = {}
+    for name, entry in raw.items():
+        # Orthanc accepts both the array form [AET, host, port] and the object form.
+        if isinstance(entry, list) and len(entry) >= 3:
+            aet, host, port = entry[0], entry[1], entry[2]
+        elif isinstance(entry, Mapping):
+            aet, host, port = entry.get("AET"), entry.get("Host"), entry.get("Port")
+        else:
+            raise ConfigError(f"DicomModalities.{name}: expected [AET, host, port] or an object with AET/Host/Port")
+        if not isinstance(aet, str) or not isinstance(host, str):
+            raise ConfigError(f"DicomModalities.{name}: AET and Host must be strings")
+        try:
+            port_number = int(port)
+        except (TypeError, ValueError):
+            raise ConfigError(f"DicomModalities.{name}: Port must be a number, got {port!r}") from None
+        result[name] = Modality(name=name, aet=aet, host=host, port=port_number)
+    return result
+
+
+def load_config(orthanc: Mapping[str, Any], config_dir: Path | None = None) -> HarvesterConfig:
+    """Validate Orthanc's configuration and return the harvester's view of it.
+
+    ``config_dir`` resolves a relative ``RtHarvest.DatabasePath`` (Orthanc resolves its own relative
+    paths against the configuration file's folder; we do the same).
+
+    Raises:
+        ConfigError: with the JSON path of the first invalid setting.
+    """
+    section = orthanc.get("RtHarvest", {})
+    if not isinstance(section, Mapping):
+        raise ConfigError("RtHarvest: expected an object")
+    where = "RtHarvest"
+    modalities = _modalities(orthanc.get("DicomModalities"))
+
+    defaults = _source_settings(section.get("SourceDefaults", {}), f"{where}.SourceDefaults", SourceSettings())
+    sources_raw = section.get("Sources", {})
+    if not isinstance(sources_raw, Mapping):
+        raise ConfigError(f"{where}.Sources: expected an object keyed by DicomModalities names")
+    sources: dict[str, SourceSettings] = {}
+    warnings: list[str] = []
+    for name, sub in sources_raw.items():
+        settings = _source_settings(sub, f"{where}.Sources.{name}", defaults)
+        if name in modalities:
+            sources[name] = settings
+        else:
+            # Deployments override DicomModalities (environment, tests) without editing RtHarvest.
+            warnings.append(f"{where}.Sources.{name} ignored: no DicomModalities entry of that name")
+
+    storage = Path(str(orthanc.get("StorageDirectory", "OrthancStorage")))
+    db_raw = section.get("DatabasePath")
+    if db_raw is None:
+        database_path = storage / "rtharvest.sqlite"
+    elif isinstance(db_raw, str) and db_raw:
+        database_path = Path(db_raw)
+    else:
+        raise ConfigError(f"{where}.DatabasePath: expected a file path")
+    if not database_path.is_absolute() and config_dir is not None:
+        database_path = config_dir / database_path
+
+    return HarvesterConfig(
+        aet=str(orthanc.get("DicomAet", "ORTHANC")),
+        dicom_port=int(orthanc.get("DicomPort", 4242)),
+        http_port=int(orthanc.get("HttpPort", 8042)),
+        ssl=bool(orthanc.get("SslEnabled", False)),
+        database_path=database_path,
+        workers=_integer(section, "Workers", 4, where, 1),
+        max_attempts=_integer(section, "MaxAttempts", 10, where, 1),
+        backoff_base=_number(section, "BackoffSeconds", 5.0, where, 0.0),
+        backoff_max=_number(section, "BackoffMaxSeconds", 600.0, where, 0.0),
+        lease_seconds=_number(section, "LeaseSeconds", 900.0, where, 1.0),
+        log_retention_days=_integer(section, "LogRetentionDays", 365, where, 1),
+        candidate_policy=_enum(section, "CandidatePolicy", CandidatePolicy, CandidatePolicy.DELETE, where),
+        modalities=modalities,
+        sources=sources,
+        source_defaults=defaults,
+        warnings=tuple(warnings),
+    )

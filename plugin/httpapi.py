@@ -1,0 +1,153 @@
+"""Transport-neutral HTTP request/response values and a small router for the plugin's REST routes.
+
+The Orthanc adapter in :mod:`rtharvest.sdk` turns Orthanc's REST callback into an :class:`HttpRequest`
+and writes the :class:`HttpResponse` back; everything in between is plain Python and testable without
+Orthanc. Handlers raise :class:`ApiError` for bad input; the router turns it (and any unexpected
+exception) into a JSON body ``{"Error": ...}`` so a client never sees a bare 500 without a message.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+log = logging.getLogger("rtharvest.httpapi")
+
+
+class ApiError(Exception):
+    """A request the API refuses, with the HTTP status to answer and a message saying how to fix it."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+@dataclass(frozen=True)
+class HttpRequest:
+    """One REST call as the route handlers see it."""
+
+    method: str
+    path: str
+    groups: tuple[str, ...] = ()
+    query: Mapping[str, str] = field(default_factory=dict)
+    headers: Mapping[str, str] = field(default_factory=dict)
+    body: bytes = b""
+
+    def json_body(self) -> Any:
+        """The body parsed as JSON; :class:`ApiError` 400 with the parser's position otherwise."""
+        if not self.body.strip():
+            raise ApiError(400, "the request body is empty: send a JSON object")
+        try:
+            return json.loads(self.body.decode("utf-8"))
+        except UnicodeDecodeError:
+            raise ApiError(400, "the request body is not UTF-8 text") from None
+        except json.JSONDecodeError as exc:
+            raise ApiError(400, f"the request body is not valid JSON: {exc.msg} at line {exc.lineno} "
+                                f"column {exc.colno}") from None
+
+    def json_object(self) -> dict[str, Any]:
+        """The body as a JSON object (dict); :class:`ApiError` 400 for arrays, strings, numbers."""
+        body = self.json_body()
+        if not isinstance(body, dict):
+            raise ApiError(400, f"the request body must be a JSON object, not {type(body).__name__}")
+        return body
+
+    def query_int(self, name: str, default: int, minimum: int = 0, maximum: int = 100_000) -> int:
+        """An integer query parameter within bounds; :class:`ApiError` 400 otherwise."""
+        raw = self.query.get(name)
+        if raw is None or raw == "":
+            return default
+        try:
+            value = int(raw)
+        except ValueError:
+            raise ApiError(400, f"query parameter {name!r} must be an integer, got {raw!r}") from None
+        if not minimum <= value <= maximum:
+            raise ApiError(400, f"query parameter {name!r} must be between {minimum} and {maximum}")
+        return value
+
+
+@dataclass(frozen=True)
+class HttpResponse:
+    """What a handler answers: status, body and content type."""
+
+    status: int
+    body: bytes
+    content_type: str = "application/json"
+
+    @staticmethod
+    def json(value: Any, status: int = 200) -> HttpResponse:
+        """A JSON answer (indented: people read these in a browser)."""
+        return HttpResponse(status, json.dumps(value, indent=2, sort_keys=False).encode("utf-8"))
+
+    @staticmethod
+    def text(value: str, content_type: str = "text/plain; charset=utf-8", status: int = 200) -> HttpResponse:
+        """A text answer (CSV, JavaScript, HTML)."""
+        return HttpResponse(status, value.encode("utf-8"), content_type)
+
+    @staticmethod
+    def error(status: int, message: str) -> HttpResponse:
+        """The contract's error body ``{"Error": message}``."""
+        return HttpResponse.json({"Error": message}, status)
+
+
+Handler = Callable[[HttpRequest], HttpResponse]
+
+
+@dataclass
+class _Route:
+    pattern: re.Pattern[str]
+    methods: dict[str, Handler]
+
+
+class Router:
+    """Maps (method, path regex) to handlers; one Orthanc REST callback per distinct path pattern."""
+
+    def __init__(self) -> None:
+        self._routes: dict[str, _Route] = {}
+
+    def add(self, method: str, pattern: str, handler: Handler) -> None:
+        """Register ``handler`` for ``method`` on ``pattern`` (a full-match regex with groups)."""
+        route = self._routes.setdefault(pattern, _Route(re.compile(pattern), {}))
+        route.methods[method.upper()] = handler
+
+    @property
+    def patterns(self) -> list[str]:
+        """The distinct path patterns, for registering one Orthanc callback each."""
+        return list(self._routes)
+
+    def allowed(self, pattern: str) -> list[str]:
+        """Methods registered on ``pattern``."""
+        return sorted(self._routes[pattern].methods)
+
+    def dispatch(self, pattern: str, request: HttpRequest) -> HttpResponse:
+        """Run the handler of ``pattern`` for the request's method, turning errors into JSON answers."""
+        route = self._routes.get(pattern)
+        if route is None:
+            return HttpResponse.error(404, f"no route {request.path}")
+        handler = route.methods.get(request.method.upper())
+        if handler is None:
+            allowed = ", ".join(sorted(route.methods))
+            return HttpResponse.error(405, f"{request.method} is not allowed on {request.path}; use {allowed}")
+        try:
+            return handler(request)
+        except ApiError as exc:
+            log.info("REST %s %s refused (%d): %s", request.method, request.path, exc.status, exc.message)
+            return HttpResponse.error(exc.status, exc.message)
+        except Exception:  # a bug must still answer a message, never a bare 500
+            log.exception("REST %s %s failed", request.method, request.path)
+            return HttpResponse.error(500, "internal error in the rtharvest plugin; see Orthanc's log")
+
+    def handle(self, request: HttpRequest) -> HttpResponse:
+        """Find the route whose pattern matches ``request.path`` and dispatch (used outside Orthanc)."""
+        for pattern, route in self._routes.items():
+            match = route.pattern.fullmatch(request.path)
+            if match:
+                req = HttpRequest(request.method, request.path, match.groups(), request.query,
+                                  request.headers, request.body)
+                return self.dispatch(pattern, req)
+        return HttpResponse.error(404, f"no route {request.path}")

@@ -1,0 +1,1 @@
+"""Synthetic radiotherapy clinic with ground truth (tests, demo, benchmarks)."""
