@@ -1,0 +1,277 @@
+"""The next DICOM operations of a harvest, as frozen values (what to find or retrieve, and why).
+
+The planner returns these; the job queue stores them as JSON (:meth:`to_dict` / :func:`operation_from_dict`)
+and deduplicates them with :meth:`dedupe_key`; a backend executes them following
+:func:`rtharvest.strategies.search_steps`. An operation carries the *role* its results will play and
+whatever context the decision on their arrival needs, so that :func:`rtharvest.planner.plan_arrival`
+stays a pure function of (arrived object, operation).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from enum import Enum, StrEnum
+from typing import Any, ClassVar
+
+from .classify import HarvestWindow
+from .references import ObjectKind, ObjectRefs
+
+
+class Role(StrEnum):
+    """Why an object is wanted (the harvest rule that reaches it)."""
+
+    RECORD = "RECORD"  # rule 1: seed treatment record in the window
+    PLAN = "PLAN"  # rule 2: plan referenced by a seed record
+    PLAN_RECORD = "PLAN_RECORD"  # rule 3 (step 4): every record of a followed plan
+    STRUCTURE_SET = "STRUCTURE_SET"  # rule 4 (step 2, or TomoTherapy dose → structure set)
+    DOSE = "DOSE"  # rule 5 (step 3)
+    PLANNING_IMAGE = "PLANNING_IMAGE"  # rule 6 (step 5): image of the first contour
+    PLANNING_SERIES = "PLANNING_SERIES"  # rule 6 (step 6)
+    PLANNING_FOR_SERIES = "PLANNING_FOR_SERIES"  # rule 7 (step 8): series sharing a planning FoR
+    REGISTRATION = "REGISTRATION"  # rule 8 (step 7)
+    REGISTERED_IMAGE = "REGISTERED_IMAGE"  # rule 9: image named by a REG item without its series
+    REGISTERED_SERIES = "REGISTERED_SERIES"  # rule 9 (step 9)
+    REGISTERED_FOR_SERIES = "REGISTERED_FOR_SERIES"  # rule 9 (FoR-only item) and rule 10 (step 10)
+
+
+class OperationKind(StrEnum):
+    """Discriminator of the operation classes (stored in JSON as ``kind``)."""
+
+    FIND_TREATMENT_RECORDS = "FindTreatmentRecords"
+    RETRIEVE_INSTANCE = "RetrieveInstance"
+    RETRIEVE_SERIES = "RetrieveSeries"
+    FIND_REFERENCING = "FindReferencing"
+    FIND_SERIES_IN_FOR = "FindSeriesInFrameOfReference"
+
+
+class CriterionKind(StrEnum):
+    """What a reverse search looks for in the candidates' references."""
+
+    PLAN = "PLAN"  # ReferencedRTPlanSequence names one of the UIDs (doses, records)
+    FRAME_OF_REFERENCE = "FRAME_OF_REFERENCE"  # a REG involves one of the FoRs
+    STRUCTURE_SET = "STRUCTURE_SET"  # ReferencedStructureSetSequence names one of the UIDs
+
+
+@dataclass(frozen=True)
+class ReferenceCriterion:
+    """The reverse-link test of a :class:`FindReferencing` search."""
+
+    kind: CriterionKind
+    uids: tuple[str, ...]
+
+    def matches(self, refs: ObjectRefs) -> bool:
+        """True when the object's stored references satisfy the criterion."""
+        wanted = set(self.uids)
+        if self.kind is CriterionKind.PLAN:
+            if refs.record is not None:
+                return bool(wanted.intersection(refs.record.plan_uids))
+            if refs.dose is not None:
+                return bool(wanted.intersection(refs.dose.plan_uids))
+            return False
+        if self.kind is CriterionKind.STRUCTURE_SET:
+            if refs.dose is not None:
+                return bool(wanted.intersection(refs.dose.structure_set_uids))
+            if refs.plan is not None:
+                return bool(wanted.intersection(refs.plan.structure_set_uids))
+            return False
+        # FRAME_OF_REFERENCE (harvest rule 8): own FoR, a RegistrationSequence item's FoR or a
+        # DeformableRegistrationSequence item's SourceFrameOfReferenceUID.
+        if refs.registration is not None:
+            return bool(wanted.intersection(refs.registration.involved_fors()))
+        return refs.frame_of_reference_uid in wanted
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON form."""
+        return {"kind": self.kind.value, "uids": list(self.uids)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ReferenceCriterion:
+        """Inverse of :meth:`to_dict`."""
+        return cls(CriterionKind(data["kind"]), tuple(data["uids"]))
+
+
+#: The object kind a reverse search for a modality accepts.
+KIND_OF_MODALITY: dict[str, ObjectKind] = {
+    "RTDOSE": ObjectKind.DOSE,
+    "RTRECORD": ObjectKind.RECORD,
+    "REG": ObjectKind.REGISTRATION,
+    "RTPLAN": ObjectKind.PLAN,
+    "RTSTRUCT": ObjectKind.STRUCTURE_SET,
+}
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, Enum):
+        return value.value
+    if isinstance(value, (HarvestWindow, ReferenceCriterion)):
+        return value.to_dict()
+    if isinstance(value, tuple):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+class _OperationBase:
+    """Shared serialisation; subclasses are frozen dataclasses with ``role`` and ``hop`` fields."""
+
+    kind: ClassVar[OperationKind]
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe form: ``{"kind": ..., <field>: ...}`` (tuples become lists, enums their values)."""
+        out: dict[str, Any] = {"kind": self.kind.value}
+        for f in fields(self):  # type: ignore[arg-type]
+            out[f.name] = _jsonable(getattr(self, f.name))
+        return out
+
+
+def _t(value: Any) -> tuple[str, ...]:
+    return tuple(value or ())
+
+
+@dataclass(frozen=True)
+class FindTreatmentRecords(_OperationBase):
+    """Rule 1: find (and retrieve) the treatment records of the window, for one patient or all."""
+
+    window: HarvestWindow
+    patient_id: str | None = None
+    role: Role = Role.RECORD
+    hop: str = "WINDOW->RTRECORD"
+    kind: ClassVar[OperationKind] = OperationKind.FIND_TREATMENT_RECORDS
+
+    def dedupe_key(self) -> str:
+        """Same window and patient → same key."""
+        w = self.window
+        return "|".join((self.kind.value, w.date_from or "", w.date_to or "", self.patient_id or "*"))
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> FindTreatmentRecords:
+        """Inverse of :meth:`to_dict`."""
+        return cls(HarvestWindow.from_dict(d["window"]), d.get("patient_id"), Role(d["role"]), d["hop"])
+
+
+@dataclass(frozen=True)
+class RetrieveInstance(_OperationBase):
+    """Retrieve one instance named by a reference (SOP UID); study/series when known (hierarchical
+    sources need them, relational ones find it by SOP UID alone)."""
+
+    sop_uid: str
+    patient_id: str | None
+    study_uid: str | None
+    series_uid: str | None
+    modality: str | None
+    role: Role
+    hop: str
+    #: Planning FoRs of the plan this object serves (registered images: series in them are step 8's).
+    planning_fors: tuple[str, ...] = ()
+    kind: ClassVar[OperationKind] = OperationKind.RETRIEVE_INSTANCE
+
+    def dedupe_key(self) -> str:
+        """The instance and the role it is wanted in (hints and hop do not matter)."""
+        return "|".join((self.kind.value, self.role.value, self.sop_uid))
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RetrieveInstance:
+        """Inverse of :meth:`to_dict`."""
+        return cls(d["sop_uid"], d.get("patient_id"), d.get("study_uid"), d.get("series_uid"),
+                   d.get("modality"), Role(d["role"]), d["hop"], _t(d.get("planning_fors")))
+
+
+@dataclass(frozen=True)
+class RetrieveSeries(_OperationBase):
+    """Retrieve a whole image series."""
+
+    patient_id: str | None
+    study_uid: str | None
+    series_uid: str
+    role: Role
+    hop: str
+    #: Planning FoRs of the plan (a registered series in one of them needs no step-10 search).
+    planning_fors: tuple[str, ...] = ()
+    kind: ClassVar[OperationKind] = OperationKind.RETRIEVE_SERIES
+
+    def dedupe_key(self) -> str:
+        """The series and the role it is wanted in."""
+        return "|".join((self.kind.value, self.role.value, self.series_uid))
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RetrieveSeries:
+        """Inverse of :meth:`to_dict`."""
+        return cls(d.get("patient_id"), d.get("study_uid"), d["series_uid"], Role(d["role"]), d["hop"],
+                   _t(d.get("planning_fors")))
+
+
+@dataclass(frozen=True)
+class FindReferencing(_OperationBase):
+    """Reverse search: objects of ``modality`` of the patient (in ``study_uid`` when set) whose
+    references satisfy ``criterion`` (doses and records naming a plan, REGs involving a FoR)."""
+
+    modality: str
+    patient_id: str | None
+    study_uid: str | None
+    criterion: ReferenceCriterion
+    role: Role
+    hop: str
+    #: Dose search: did the plan name its own structure set? If not (TomoTherapy), the dose's
+    #: ReferencedStructureSetSequence is followed (rule 4).
+    plan_has_structure_set: bool = True
+    #: REG search: the planning series, not to be fetched again as registered series (rule 9).
+    exclude_series: tuple[str, ...] = ()
+    #: REG search: modality of the planning series (fixed side of the REG type).
+    fixed_modality: str | None = None
+    kind: ClassVar[OperationKind] = OperationKind.FIND_REFERENCING
+
+    def dedupe_key(self) -> str:
+        """What is searched, where, and for which role (context fields do not matter)."""
+        return "|".join((self.kind.value, self.role.value, self.modality, self.patient_id or "",
+                         self.study_uid or "*", self.criterion.kind.value, ",".join(sorted(self.criterion.uids))))
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> FindReferencing:
+        """Inverse of :meth:`to_dict`."""
+        return cls(d["modality"], d.get("patient_id"), d.get("study_uid"),
+                   ReferenceCriterion.from_dict(d["criterion"]), Role(d["role"]), d["hop"],
+                   bool(d.get("plan_has_structure_set", True)), _t(d.get("exclude_series")),
+                   d.get("fixed_modality"))
+
+
+@dataclass(frozen=True)
+class FindSeriesInFrameOfReference(_OperationBase):
+    """Steps 8 and 10: every series of the patient, of the given modalities, whose images carry
+    ``for_uid`` (FoR is an image-level attribute: no standard series-level key matches it)."""
+
+    patient_id: str | None
+    for_uid: str
+    exclude_series: tuple[str, ...]
+    role: Role
+    hop: str
+    modalities: tuple[str, ...] = ("CT", "MR", "PT")
+    kind: ClassVar[OperationKind] = OperationKind.FIND_SERIES_IN_FOR
+
+    def dedupe_key(self) -> str:
+        """Patient, FoR and role (the excluded series are an optimisation, not part of identity)."""
+        return "|".join((self.kind.value, self.role.value, self.patient_id or "", self.for_uid))
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> FindSeriesInFrameOfReference:
+        """Inverse of :meth:`to_dict`."""
+        return cls(d.get("patient_id"), d["for_uid"], _t(d.get("exclude_series")), Role(d["role"]),
+                   d["hop"], _t(d.get("modalities")) or ("CT", "MR", "PT"))
+
+
+Operation = (
+    FindTreatmentRecords | RetrieveInstance | RetrieveSeries | FindReferencing | FindSeriesInFrameOfReference
+)
+
+_CLASSES: dict[str, type[Any]] = {
+    c.kind.value: c
+    for c in (FindTreatmentRecords, RetrieveInstance, RetrieveSeries, FindReferencing,
+              FindSeriesInFrameOfReference)
+}
+
+
+def operation_from_dict(data: dict[str, Any]) -> Operation:
+    """Rebuild any operation from its :meth:`to_dict` form; raises ``ValueError`` on an unknown kind."""
+    cls = _CLASSES.get(str(data.get("kind")))
+    if cls is None:
+        raise ValueError(f"unknown operation kind {data.get('kind')!r}")
+    op: Operation = cls.from_dict(data)
+    return op

@@ -1,0 +1,343 @@
+"""Hop planner: an arrived object (and the operation that asked for it) in, the decision out.
+
+Implements the harvest rules of ``docs/harvest-rules.md`` (the paper's ten steps, section 2.1, plus
+TomoTherapy doses, ion plans, deformable REGs, re-plans, planning MR and PET/CT frames of reference)
+as a pure function. Each arrival is judged against the operation that retrieved it: candidates that
+strict hierarchical sources forced us to retrieve only to inspect them (doses of other plans, REGs
+of other frames of reference, series in another FoR) come back with ``keep=False`` and a reason.
+
+Images: every image of a series calls :func:`plan_arrival`; the series-level hops it plans do not
+depend on the individual image, so later images produce operations with the same dedupe keys.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .classify import HarvestWindow, PlanClass, classify_plan, is_standard_intent
+from .operations import (
+    KIND_OF_MODALITY,
+    CriterionKind,
+    FindReferencing,
+    FindSeriesInFrameOfReference,
+    FindTreatmentRecords,
+    Operation,
+    ReferenceCriterion,
+    RetrieveInstance,
+    RetrieveSeries,
+    Role,
+)
+from .references import ObjectKind, ObjectRefs, Problem, ProblemCode
+from .sopclass import IMAGE_MODALITIES
+from .strategies import SearchStep, SourceCapability, search_steps
+
+__all__ = [
+    "Arrival",
+    "Decision",
+    "HarvestContext",
+    "SearchStep",
+    "SourceCapability",
+    "plan_arrival",
+    "search_steps",
+    "start_operations",
+]
+
+
+@dataclass(frozen=True)
+class HarvestContext:
+    """What every decision of one harvest shares."""
+
+    window: HarvestWindow
+    harvest_id: str = ""
+
+
+@dataclass(frozen=True)
+class Arrival:
+    """An object that reached the store: its references, the operation that asked for it (``None``
+    when it arrived unasked) and whether it was retrieved only to be inspected (``candidate``: a probe
+    instance of a series whose FoR the source could not report, or a reverse-search candidate)."""
+
+    refs: ObjectRefs
+    operation: Operation | None
+    candidate: bool = False
+
+
+@dataclass(frozen=True)
+class Decision:
+    """Keep (store with provenance) or discard the object, why, and what to do next.
+
+    ``keep=False`` judges this arrival only: an inspected candidate may already be kept under another
+    role (a record of another treated plan, a series of two plans), so the harvester deletes or
+    quarantines an object only when no decision of the harvest keeps it.
+    ``problems`` holds the object's extraction problems followed by the planner's own findings.
+    """
+
+    keep: bool
+    reason: str
+    operations: tuple[Operation, ...] = ()
+    problems: tuple[Problem, ...] = ()
+
+
+def start_operations(ctx: HarvestContext) -> tuple[Operation, ...]:
+    """The seed queries (rule 1): one records search per listed patient, or one for the whole source."""
+    if ctx.window.patient_ids:
+        return tuple(FindTreatmentRecords(ctx.window, pid) for pid in ctx.window.patient_ids)
+    return (FindTreatmentRecords(ctx.window, None),)
+
+
+def plan_arrival(arrival: Arrival, ctx: HarvestContext) -> Decision:
+    """Decide on an arrived object and plan the next operations (pure; see the module docstring)."""
+    refs, op = arrival.refs, arrival.operation
+    if refs.kind is ObjectKind.UNREADABLE:
+        if isinstance(op, (RetrieveInstance, RetrieveSeries)):
+            return _decide(refs, True, "requested object is unreadable: kept as evidence, not followed")
+        return _decide(refs, False, "unreadable object: cannot be checked against the request")
+    if op is None:
+        return _unsolicited(refs, ctx)
+    if isinstance(op, FindTreatmentRecords):
+        return _seed_record(refs, ctx, op.patient_id)
+    if isinstance(op, FindReferencing):
+        return _referencing(refs, op)
+    if isinstance(op, FindSeriesInFrameOfReference):
+        return _for_series(refs, op, arrival.candidate)
+    if isinstance(op, RetrieveInstance):
+        return _instance(refs, op)
+    return _series(refs, op)
+
+
+# ---------------------------------------------------------------------------------------------------
+
+
+def _decide(refs: ObjectRefs, keep: bool, reason: str, ops: list[Operation] | tuple[Operation, ...] = (),
+            problems: list[Problem] | tuple[Problem, ...] = ()) -> Decision:
+    return Decision(keep, reason, tuple(ops), refs.problems + tuple(problems))
+
+
+def _problem(code: ProblemCode, attribute: str, message: str) -> Problem:
+    return Problem(code, attribute, message)
+
+
+def _unsolicited(refs: ObjectRefs, ctx: HarvestContext) -> Decision:
+    # Some R&V systems auto-forward treatment records; a pushed record in the window seeds the harvest
+    # exactly like a queried one. Anything else cannot be attributed to a rule.
+    if refs.kind is ObjectKind.RECORD:
+        decision = _seed_record(refs, ctx, None)
+        if decision.keep:
+            return Decision(True, "unsolicited " + decision.reason, decision.operations, decision.problems)
+    return _decide(refs, False, f"unsolicited {refs.kind.value.lower()}: not requested by this harvest")
+
+
+def _seed_record(refs: ObjectRefs, ctx: HarvestContext, patient_id: str | None) -> Decision:
+    if refs.kind is not ObjectKind.RECORD or refs.record is None:
+        return _decide(refs, False, f"records search returned a {refs.kind.value} object")
+    if patient_id is not None and refs.patient_id != patient_id:
+        return _decide(refs, False, f"record of patient {refs.patient_id}, searched {patient_id}")
+    if not ctx.window.includes_patient(refs.patient_id):
+        return _decide(refs, False, f"patient {refs.patient_id} is not in the window's PatientIDs")
+    date = refs.record.treatment_date
+    if not ctx.window.includes(refs.patient_id, date):
+        # Sources that ignore TreatmentDate matching (most non-relational ones) return every record.
+        return _decide(refs, False, f"treatment date {date or '(none)'} outside the window")
+    if not refs.record.plan_uids:
+        return _decide(refs, True, "seed record without a plan reference (nothing to follow)")
+    ops: list[Operation] = [
+        RetrieveInstance(uid, refs.patient_id, None, None, "RTPLAN", Role.PLAN, "RTRECORD->RTPLAN")
+        for uid in refs.record.plan_uids
+    ]
+    return _decide(refs, True, f"seed record treated {date}", ops)
+
+
+def _instance(refs: ObjectRefs, op: RetrieveInstance) -> Decision:
+    if refs.sop_uid != op.sop_uid:
+        return _decide(refs, False, f"not the requested instance {op.sop_uid}")
+    problems: list[Problem] = []
+    if op.patient_id is not None and refs.patient_id is not None and refs.patient_id != op.patient_id:
+        # Kept: the reference is explicit and sources may format patient IDs differently (MIM vs ARIA).
+        problems.append(_problem(ProblemCode.INCONSISTENT, "PatientID", f"referenced object belongs to "
+                                 f"patient {refs.patient_id}, the referencing one to {op.patient_id}"))
+    if op.role is Role.PLAN:
+        return _plan(refs, problems)
+    if op.role is Role.STRUCTURE_SET:
+        return _structure_set(refs, problems)
+    if op.role in (Role.PLANNING_IMAGE, Role.REGISTERED_IMAGE):
+        if refs.kind is not ObjectKind.IMAGE or not refs.series_uid:
+            return _decide(refs, True, f"referenced {op.role.value.lower()} is not a CT/MR/PT image; "
+                           "kept, not followed", (), problems)
+        series_role = Role.PLANNING_SERIES if op.role is Role.PLANNING_IMAGE else Role.REGISTERED_SERIES
+        ops: list[Operation] = [RetrieveSeries(refs.patient_id, refs.study_uid, refs.series_uid, series_role,
+                                               "IMAGE->SERIES", op.planning_fors)]
+        return _decide(refs, True, f"{op.role.value.lower()}: fetch its series", ops, problems)
+    # Any other role asked by UID: keep, follow as an image of that role.
+    return _image_followups(refs, op.role, op.planning_fors, problems)
+
+
+def _plan(refs: ObjectRefs, problems: list[Problem]) -> Decision:
+    if refs.kind is not ObjectKind.PLAN or refs.plan is None:
+        problems.append(_problem(ProblemCode.INCONSISTENT, "SOPClassUID",
+                                 f"record references {refs.sop_uid} as a plan but it is {refs.kind.value}"))
+        return _decide(refs, False, "referenced plan is not an RT plan", (), problems)
+    plan = refs.plan
+    cls = classify_plan(plan)
+    if cls is not PlanClass.VALID:
+        # Rule 2: QA / non-patient plans are collected but never followed (a phantom is not research data).
+        return _decide(refs, True, f"treated plan with intent {plan.intent}: {cls.value}, not followed", (),
+                       problems)
+    if not is_standard_intent(plan.intent):
+        problems.append(_problem(ProblemCode.NONSTANDARD_VALUE, "PlanIntent",
+                                 f"PlanIntent {plan.intent!r} is not a defined term; plan followed"))
+    pid, uid = refs.patient_id, refs.sop_uid
+    ops: list[Operation] = [
+        # Rule 3 / step 4: every record of the patient naming the plan, whatever its date.
+        FindReferencing("RTRECORD", pid, None, ReferenceCriterion(CriterionKind.PLAN, (uid,)),
+                        Role.PLAN_RECORD, "RTPLAN->RTRECORD"),
+    ]
+    # Rule 4 / step 2.
+    for ss in plan.structure_set_uids:
+        ops.append(RetrieveInstance(ss, pid, None, None, "RTSTRUCT", Role.STRUCTURE_SET, "RTPLAN->RTSTRUCT"))
+    # Rule 5 / step 3: doses point at plans, never the reverse (ReferencedDoseSequence is rarely filled
+    # and never authoritative): search the plan's study for doses naming it.
+    ops.append(FindReferencing("RTDOSE", pid, refs.study_uid, ReferenceCriterion(CriterionKind.PLAN, (uid,)),
+                               Role.DOSE, "RTPLAN->RTDOSE",
+                               plan_has_structure_set=bool(plan.structure_set_uids)))
+    kind = "ion plan" if plan.is_ion else "plan"
+    why = f"treated {kind} ({plan.intent or 'no intent'})"
+    if not plan.structure_set_uids:
+        why += "; no structure set reference (TomoTherapy-style): taken from its dose"
+    # Related plans (re-plans, verified plans) are not followed: a predecessor is collected only when a
+    # seed record treats it (rule 2), never through the plan-to-plan link.
+    return _decide(refs, True, why, ops, problems)
+
+
+def _structure_set(refs: ObjectRefs, problems: list[Problem]) -> Decision:
+    if refs.kind is not ObjectKind.STRUCTURE_SET or refs.structure_set is None:
+        problems.append(_problem(ProblemCode.INCONSISTENT, "SOPClassUID",
+                                 f"{refs.sop_uid} referenced as a structure set is {refs.kind.value}"))
+        return _decide(refs, False, "referenced structure set is not an RTSTRUCT", (), problems)
+    ss, pid = refs.structure_set, refs.patient_id
+    ops: list[Operation] = [
+        # Rule 6: the series named in RTReferencedSeriesSequence ...
+        RetrieveSeries(pid, s.study_uid, s.series_uid, Role.PLANNING_SERIES, "RTSTRUCT->SERIES")
+        for s in ss.referenced_series
+    ]
+    if ss.first_contour_image_uid:
+        # ... and the series holding the first contour's image (steps 5-6). The image is fetched by UID
+        # and its own Series/Study UIDs decide (the RTSTRUCT's listing may be incomplete or wrong); the
+        # listing only serves as a search hint for hierarchical sources.
+        listing = ss.series_listing(ss.first_contour_image_uid)
+        ops.append(RetrieveInstance(ss.first_contour_image_uid, pid,
+                                    listing.study_uid if listing else None,
+                                    listing.series_uid if listing else None,
+                                    None, Role.PLANNING_IMAGE, "RTSTRUCT->IMAGE"))
+    if not ops:
+        return _decide(refs, True, "structure set references no image series", (), problems)
+    return _decide(refs, True, "structure set: fetch the planning series", ops, problems)
+
+
+def _referencing(refs: ObjectRefs, op: FindReferencing) -> Decision:
+    expected = KIND_OF_MODALITY.get(op.modality)
+    if refs.kind is not expected:
+        return _decide(refs, False, f"candidate is {refs.kind.value}, searched {op.modality}")
+    if not op.criterion.matches(refs):
+        what = ", ".join(op.criterion.uids)
+        return _decide(refs, False, f"candidate {op.modality} does not reference {op.criterion.kind.value} {what}")
+    if op.role is Role.DOSE and refs.dose is not None:
+        ops: list[Operation] = []
+        if not op.plan_has_structure_set:
+            # TomoTherapy: the plan has no ReferencedStructureSetSequence, its dose names the RTSTRUCT.
+            ops = [RetrieveInstance(ss, refs.patient_id, None, None, "RTSTRUCT", Role.STRUCTURE_SET,
+                                    "RTDOSE->RTSTRUCT") for ss in refs.dose.structure_set_uids]
+        return _decide(refs, True, f"dose of plan {', '.join(op.criterion.uids)}", ops)
+    if op.role is Role.REGISTRATION and refs.registration is not None:
+        return _registration(refs, op)
+    return _decide(refs, True, f"{op.modality} referencing {', '.join(op.criterion.uids)}")
+
+
+def _registration(refs: ObjectRefs, op: FindReferencing) -> Decision:
+    reg = refs.registration
+    assert reg is not None
+    planning_fors = set(op.criterion.uids)
+    exclude = set(op.exclude_series)
+    pid = refs.patient_id
+    fors_key = tuple(sorted(planning_fors))
+    ops: list[Operation] = []
+    listed: set[str] = set()
+    # Rule 9: series referenced at series level (Common Instance Reference module), other than the
+    # planning series. A series whose images sit in a planning FoR is already step 8's.
+    for s in reg.referenced_series:
+        listed.update(s.instance_uids)
+        if s.series_uid in exclude:
+            continue
+        series_for = next((f for f in (reg.for_of_image(i) for i in s.instance_uids) if f), None)
+        if series_for is not None and series_for in planning_fors:
+            continue
+        ops.append(RetrieveSeries(pid, s.study_uid, s.series_uid, Role.REGISTERED_SERIES, "REG->SERIES",
+                                  fors_key))
+    for item in reg.items:
+        if item.for_uid is not None and item.for_uid in planning_fors:
+            continue  # the fixed (planning) side: step 8 covers it
+        unlisted = [uid for uid in item.image_uids if uid not in listed]
+        if unlisted:
+            # Images named only inside the item (no series-level reference): fetch one, then its series.
+            ops.append(RetrieveInstance(unlisted[0], pid, None, None, None, Role.REGISTERED_IMAGE,
+                                        "REG->IMAGE", fors_key))
+        elif not item.image_uids and item.for_uid:
+            # An item naming only a FoR: the registered series are that FoR's series (rule 9).
+            ops.append(FindSeriesInFrameOfReference(pid, item.for_uid, (), Role.REGISTERED_FOR_SERIES,
+                                                    "REG->FOR"))
+    kind = "deformable registration" if reg.deformable else "registration"
+    return _decide(refs, True, f"{kind} involving planning FoR {', '.join(sorted(planning_fors))}", ops)
+
+
+def _for_series(refs: ObjectRefs, op: FindSeriesInFrameOfReference, candidate: bool) -> Decision:
+    if refs.kind is not ObjectKind.IMAGE or (refs.modality or "") not in op.modalities:
+        return _decide(refs, False, f"{refs.modality or refs.kind.value} is not one of {'/'.join(op.modalities)}")
+    if refs.frame_of_reference_uid != op.for_uid:
+        return _decide(refs, False, f"FoR {refs.frame_of_reference_uid or '(none)'} is not {op.for_uid}")
+    if refs.series_uid in op.exclude_series:
+        return _decide(refs, False, "series already collected by another hop")
+    if candidate and refs.series_uid:
+        # A probe instance (the source does not return FrameOfReferenceUID): its series belongs.
+        return _decide(refs, True, f"probe: series shares FoR {op.for_uid}",
+                       [RetrieveSeries(refs.patient_id, refs.study_uid, refs.series_uid, op.role,
+                                       op.hop, ())])
+    return _image_followups(refs, op.role, (), [])
+
+
+def _series(refs: ObjectRefs, op: RetrieveSeries) -> Decision:
+    if refs.series_uid != op.series_uid:
+        return _decide(refs, False, f"not in the requested series {op.series_uid}")
+    return _image_followups(refs, op.role, op.planning_fors, [])
+
+
+def _image_followups(refs: ObjectRefs, role: Role, planning_fors: tuple[str, ...],
+                     problems: list[Problem]) -> Decision:
+    """Series-level hops planned by (every) image of a series, depending on the series' role."""
+    if refs.kind is not ObjectKind.IMAGE or (refs.modality or "") not in IMAGE_MODALITIES:
+        return _decide(refs, True, f"{role.value.lower()}: {refs.modality or refs.kind.value} object kept, "
+                       "not followed", (), problems)
+    for_uid, pid = refs.frame_of_reference_uid, refs.patient_id
+    if role in (Role.PLANNING_SERIES, Role.REGISTERED_SERIES) and not for_uid:
+        problems.append(_problem(ProblemCode.MISSING_ATTRIBUTE, "FrameOfReferenceUID",
+                                 "image without FrameOfReferenceUID: no FoR hops from its series"))
+        return _decide(refs, True, f"{role.value.lower()} image without FoR", (), problems)
+    ops: list[Operation] = []
+    if role is Role.PLANNING_SERIES and for_uid and refs.series_uid:
+        ops = [
+            # Rule 7 / step 8: CT/MR/PT series sharing the planning FoR (PET/CT on the CT-sim side).
+            FindSeriesInFrameOfReference(pid, for_uid, (refs.series_uid,), Role.PLANNING_FOR_SERIES,
+                                         "SERIES->FOR"),
+            # Rule 8 / step 7: REGs (rigid or deformable) involving the planning FoR.
+            FindReferencing("REG", pid, None, ReferenceCriterion(CriterionKind.FRAME_OF_REFERENCE, (for_uid,)),
+                            Role.REGISTRATION, "FOR->REG", exclude_series=(refs.series_uid,),
+                            fixed_modality=refs.modality),
+        ]
+        return _decide(refs, True, "planning series image", ops, problems)
+    if role is Role.REGISTERED_SERIES and for_uid and refs.series_uid:
+        if for_uid in planning_fors:
+            return _decide(refs, True, "registered series in a planning FoR (step 8 covers its FoR)", (),
+                           problems)
+        # Rule 10 / step 10: series sharing the registered series' FoR (PET/CT on the registered side).
+        ops = [FindSeriesInFrameOfReference(pid, for_uid, (refs.series_uid,), Role.REGISTERED_FOR_SERIES,
+                                            "SERIES->FOR")]
+        return _decide(refs, True, "registered series image", ops, problems)
+    return _decide(refs, True, f"{role.value.lower()} image", (), problems)

@@ -1,0 +1,349 @@
+"""How a source executes an operation, by capability: the C-FIND / C-MOVE steps, as values (no I/O).
+
+Two facts about real Q/R sources shape every search (``../shared/PLATFORM.md``):
+
+* **Relational** SCPs (ARIA, Orthanc) answer a query at any level with any keys, so an instance is
+  found by its SOP Instance UID alone. **Strict hierarchical** SCPs (dcmqrscp ``-XF -XM``, many PACS)
+  reject any query below STUDY level that lacks the unique keys of the levels above, so references,
+  which carry SOP UIDs only, must be resolved by walking PATIENT → STUDY → SERIES → IMAGE.
+* Some SCPs return **sequence attributes** asked as empty return keys (an empty
+  ReferencedRTPlanSequence on an RTDOSE query returns the plan UID), which tells which dose or record
+  references a plan without a retrieve. Without that, candidates are retrieved and
+  :func:`rtharvest.planner.plan_arrival` inspects (keeps or discards) them.
+
+:func:`search_steps` turns (operation, capability) into a chain of :class:`SearchStep`; :func:`execute`
+runs a chain against any ``find``/``retrieve`` pair (the simulation's fake SCP or a DIMSE backend).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Sequence as Seq
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+from pydicom.dataset import Dataset
+
+from .classify import record_in_window
+from .operations import (
+    CriterionKind,
+    FindReferencing,
+    FindSeriesInFrameOfReference,
+    FindTreatmentRecords,
+    Operation,
+    RetrieveInstance,
+    RetrieveSeries,
+)
+from .references import extract
+from .sopclass import IMAGE_MODALITIES
+
+
+@dataclass(frozen=True)
+class SourceCapability:
+    """What a source's Q/R SCP can do.
+
+    ``instance_return_keys``: the SCP returns instance attributes it does not index as return keys
+    (FrameOfReferenceUID, TreatmentDate). When it does not, series are probed by retrieving one
+    instance and records are filtered on arrival.
+    """
+
+    relational: bool
+    sequence_return_keys: bool
+    instance_return_keys: bool = True
+
+    def label(self) -> str:
+        """Short human label (test ids, logs)."""
+        parts = ["relational" if self.relational else "hierarchical",
+                 "seqkeys" if self.sequence_return_keys else "noseq"]
+        if not self.instance_return_keys:
+            parts.append("noinst")
+        return "-".join(parts)
+
+
+class QueryLevel(StrEnum):
+    """C-FIND / C-MOVE QueryRetrieveLevel (0008,0052)."""
+
+    PATIENT = "PATIENT"
+    STUDY = "STUDY"
+    SERIES = "SERIES"
+    IMAGE = "IMAGE"
+
+
+class StepAction(StrEnum):
+    """DIMSE service of a step."""
+
+    FIND = "C-FIND"
+    RETRIEVE = "C-MOVE"
+
+
+class AnswerFilter(StrEnum):
+    """Client-side checks applied to the answers of a FIND step (SCPs match no sequences, CS lists or
+    FoR reliably, so the client filters what the query could not)."""
+
+    WINDOW = "WINDOW"  # TreatmentDate in the window; answers without it pass (checked on arrival)
+    CRITERION = "CRITERION"  # returned reference sequences satisfy the operation's criterion
+    MODALITY = "MODALITY"  # Modality among the operation's modalities
+    EXCLUDE_SERIES = "EXCLUDE_SERIES"  # series not excluded by the operation
+    FRAME_OF_REFERENCE = "FRAME_OF_REFERENCE"  # FrameOfReferenceUID equals the operation's FoR
+    ONE_PER_SERIES = "ONE_PER_SERIES"  # only the first answer of each series goes on
+
+
+@dataclass(frozen=True)
+class SearchStep:
+    """One DIMSE request, run once per surviving answer of the previous step (once for the first).
+
+    The identifier is ``keys`` (fixed values; ``""`` = universal matching / return key, an empty
+    sequence for SQ keywords) plus the ``bind`` keywords copied from the previous answer. A RETRIEVE
+    step is last; ``candidate`` marks objects moved only to be inspected on arrival.
+    """
+
+    action: StepAction
+    level: QueryLevel
+    keys: tuple[tuple[str, str], ...] = ()
+    bind: tuple[str, ...] = ()
+    filters: tuple[AnswerFilter, ...] = ()
+    candidate: bool = False
+    note: str = ""
+
+    def identifier(self, previous: Mapping[str, Any]) -> dict[str, Any]:
+        """The request identifier for one previous answer."""
+        ident: dict[str, Any] = dict(self.keys)
+        for kw in self.bind:
+            ident[kw] = previous.get(kw, "")
+        return ident
+
+
+_STUDY = "StudyInstanceUID"
+_SERIES = "SeriesInstanceUID"
+_SOP = "SOPInstanceUID"
+_IMAGE_IDS = (_STUDY, _SERIES, _SOP)
+_SERIES_IDS = (_STUDY, _SERIES)
+
+#: Sequence return keys that carry the reverse link of each criterion.
+CRITERION_RETURN_KEYS: dict[CriterionKind, tuple[str, ...]] = {
+    CriterionKind.PLAN: ("ReferencedRTPlanSequence",),
+    CriterionKind.STRUCTURE_SET: ("ReferencedStructureSetSequence",),
+    CriterionKind.FRAME_OF_REFERENCE: ("FrameOfReferenceUID", "RegistrationSequence",
+                                       "DeformableRegistrationSequence"),
+}
+
+
+def _find(level: QueryLevel, keys: dict[str, str], bind: tuple[str, ...] = (),
+          filters: tuple[AnswerFilter, ...] = (), note: str = "") -> SearchStep:
+    return SearchStep(StepAction.FIND, level, tuple(keys.items()), bind, filters, False, note)
+
+
+def _move(level: QueryLevel, candidate: bool = False, note: str = "") -> SearchStep:
+    bind = _IMAGE_IDS if level is QueryLevel.IMAGE else _SERIES_IDS
+    return SearchStep(StepAction.RETRIEVE, level, (), bind, (), candidate, note)
+
+
+def _walk_to_series(patient_id: str | None, study_uid: str | None, series_keys: dict[str, str],
+                    filters: tuple[AnswerFilter, ...] = ()) -> list[SearchStep]:
+    """Hierarchical: the studies of the patient (unless the study is known), then their series."""
+    steps: list[SearchStep] = []
+    if study_uid:
+        steps.append(_find(QueryLevel.SERIES, {_STUDY: study_uid, _SERIES: "", **series_keys}, (), filters,
+                           "series of the known study"))
+    else:
+        steps.append(_find(QueryLevel.STUDY, {"PatientID": patient_id or "", _STUDY: ""}, (), (),
+                           "studies of the patient"))
+        steps.append(_find(QueryLevel.SERIES, {_SERIES: "", **series_keys}, (_STUDY,), filters,
+                           "series of each study"))
+    return steps
+
+
+def search_steps(op: Operation, capability: SourceCapability) -> tuple[SearchStep, ...]:
+    """The C-FIND/C-MOVE chain that executes ``op`` on a source of the given capability."""
+    if isinstance(op, FindTreatmentRecords):
+        return _records_steps(op, capability)
+    if isinstance(op, RetrieveInstance):
+        return _instance_steps(op, capability)
+    if isinstance(op, RetrieveSeries):
+        return _series_steps(op, capability)
+    if isinstance(op, FindReferencing):
+        return _referencing_steps(op, capability)
+    return _for_steps(op, capability)
+
+
+def _records_steps(op: FindTreatmentRecords, cap: SourceCapability) -> tuple[SearchStep, ...]:
+    # TreatmentDate is an instance attribute: relational SCPs (ARIA) match it; others ignore it, so the
+    # answers are filtered here and, when the date is not even returned, on arrival.
+    date = op.window.date_range()
+    if cap.relational:
+        keys = {"PatientID": op.patient_id or "", "Modality": "RTRECORD", "TreatmentDate": date,
+                _STUDY: "", _SERIES: "", _SOP: ""}
+        return (_find(QueryLevel.IMAGE, keys, (), (AnswerFilter.WINDOW,), "records by treatment date"),
+                _move(QueryLevel.IMAGE, note="retrieve the records"))
+    steps: list[SearchStep] = []
+    if op.patient_id is None:
+        steps.append(_find(QueryLevel.PATIENT, {"PatientID": ""}, (), (), "every patient of the source"))
+        steps.append(_find(QueryLevel.STUDY, {_STUDY: ""}, ("PatientID",), (), "studies of each patient"))
+        steps.append(_find(QueryLevel.SERIES, {_SERIES: "", "Modality": "RTRECORD"}, (_STUDY,), (),
+                           "record series of each study"))
+    else:
+        steps.extend(_walk_to_series(op.patient_id, None, {"Modality": "RTRECORD"}))
+    steps.append(_find(QueryLevel.IMAGE, {_SOP: "", "TreatmentDate": ""}, _SERIES_IDS, (AnswerFilter.WINDOW,),
+                       "records of each series; TreatmentDate as return key when the SCP gives it"))
+    steps.append(_move(QueryLevel.IMAGE, candidate=True, note="retrieve; window checked on arrival"))
+    return tuple(steps)
+
+
+def _instance_steps(op: RetrieveInstance, cap: SourceCapability) -> tuple[SearchStep, ...]:
+    if cap.relational:
+        return (_find(QueryLevel.IMAGE, {_SOP: op.sop_uid, _STUDY: "", _SERIES: ""}, (), (),
+                      "find by SOP Instance UID alone"),
+                _move(QueryLevel.IMAGE))
+    if op.study_uid and op.series_uid:
+        return (_find(QueryLevel.IMAGE, {_STUDY: op.study_uid, _SERIES: op.series_uid, _SOP: op.sop_uid}, (), (),
+                      "instance in the known series"),
+                _move(QueryLevel.IMAGE))
+    if op.modality:
+        steps = _walk_to_series(op.patient_id, op.study_uid, {"Modality": op.modality})
+    else:
+        # An image named by a contour or a REG item: only CT/MR/PT series can hold it (skips the many
+        # one-record series of a treated patient).
+        steps = _walk_to_series(op.patient_id, op.study_uid, {"Modality": ""}, (AnswerFilter.MODALITY,))
+    steps.append(_find(QueryLevel.IMAGE, {_SOP: op.sop_uid}, _SERIES_IDS, (), "the instance in each series"))
+    steps.append(_move(QueryLevel.IMAGE))
+    return tuple(steps)
+
+
+def _series_steps(op: RetrieveSeries, cap: SourceCapability) -> tuple[SearchStep, ...]:
+    if op.study_uid:
+        return (SearchStep(StepAction.RETRIEVE, QueryLevel.SERIES,
+                           ((_STUDY, op.study_uid), (_SERIES, op.series_uid)), note="retrieve the series"),)
+    if cap.relational:
+        return (_find(QueryLevel.SERIES, {_SERIES: op.series_uid, _STUDY: ""}, (), (), "the series' study"),
+                _move(QueryLevel.SERIES))
+    steps = _walk_to_series(op.patient_id, None, {_SERIES: op.series_uid})
+    steps.append(_move(QueryLevel.SERIES))
+    return tuple(steps)
+
+
+def _referencing_steps(op: FindReferencing, cap: SourceCapability) -> tuple[SearchStep, ...]:
+    seq = cap.sequence_return_keys
+    ret = {kw: "" for kw in CRITERION_RETURN_KEYS[op.criterion.kind]} if seq else {}
+    filters = (AnswerFilter.CRITERION,) if seq else ()
+    note = ("candidates with their reference sequences; keep those that match" if seq
+            else "every candidate (the SCP returns no sequences)")
+    if cap.relational:
+        keys = {"PatientID": op.patient_id or "", "Modality": op.modality, _STUDY: op.study_uid or "",
+                _SERIES: "", _SOP: "", **ret}
+        steps = [_find(QueryLevel.IMAGE, keys, (), filters, note)]
+    else:
+        steps = _walk_to_series(op.patient_id, op.study_uid, {"Modality": op.modality})
+        steps.append(_find(QueryLevel.IMAGE, {_SOP: "", "SOPClassUID": "", **ret}, _SERIES_IDS, filters, note))
+    steps.append(_move(QueryLevel.IMAGE, candidate=not seq,
+                       note="retrieve matches" if seq else "retrieve candidates; references checked on arrival"))
+    return tuple(steps)
+
+
+def _for_steps(op: FindSeriesInFrameOfReference, cap: SourceCapability) -> tuple[SearchStep, ...]:
+    series_filters = (AnswerFilter.MODALITY, AnswerFilter.EXCLUDE_SERIES)
+    if cap.relational:
+        steps = [_find(QueryLevel.SERIES, {"PatientID": op.patient_id or "", _STUDY: "", _SERIES: "",
+                                           "Modality": ""}, (), series_filters, "series of the patient")]
+    else:
+        steps = _walk_to_series(op.patient_id, None, {"Modality": ""}, series_filters)
+    if cap.instance_return_keys:
+        steps.append(_find(QueryLevel.IMAGE, {_SOP: "", "FrameOfReferenceUID": ""}, _SERIES_IDS,
+                           (AnswerFilter.FRAME_OF_REFERENCE, AnswerFilter.ONE_PER_SERIES),
+                           "FrameOfReferenceUID of each series (an image-level attribute)"))
+        steps.append(_move(QueryLevel.SERIES, note="retrieve the series in the FoR"))
+    else:
+        steps.append(_find(QueryLevel.IMAGE, {_SOP: ""}, _SERIES_IDS, (AnswerFilter.ONE_PER_SERIES,),
+                           "one instance per series (the SCP does not return FrameOfReferenceUID)"))
+        steps.append(_move(QueryLevel.IMAGE, candidate=True, note="probe: FoR checked on arrival"))
+    return tuple(steps)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Execution
+
+
+def answer_dataset(answer: Mapping[str, Any]) -> Dataset:
+    """A C-FIND answer (keyword → value) as a dataset, for reference extraction."""
+    ds = Dataset()
+    for kw, value in answer.items():
+        if value is None or value == "":
+            continue
+        try:
+            setattr(ds, kw, value)
+        except Exception:  # an odd keyword or value from a peer: skip it, the filter stays conservative
+            continue
+    return ds
+
+
+def filter_answers(step: SearchStep, op: Operation, answers: Iterable[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """Apply the step's client-side filters to the answers of its C-FIND."""
+    out: list[Mapping[str, Any]] = []
+    seen_series: set[str] = set()
+    for a in answers:
+        if not all(_passes(f, op, a) for f in step.filters if f is not AnswerFilter.ONE_PER_SERIES):
+            continue
+        if AnswerFilter.ONE_PER_SERIES in step.filters:
+            series = str(a.get(_SERIES, ""))
+            if series in seen_series:
+                continue
+            seen_series.add(series)
+        out.append(a)
+    return out
+
+
+def _passes(f: AnswerFilter, op: Operation, a: Mapping[str, Any]) -> bool:
+    if f is AnswerFilter.WINDOW:
+        date = a.get("TreatmentDate")
+        if not date or not isinstance(op, FindTreatmentRecords):
+            return True  # not returned: decided on arrival
+        return record_in_window(str(date), op.window)
+    if f is AnswerFilter.CRITERION:
+        if not isinstance(op, FindReferencing):
+            return True
+        if any(kw not in a for kw in CRITERION_RETURN_KEYS[op.criterion.kind]):
+            return True  # the SCP did not return a link attribute: undecidable here, inspected on arrival
+        ds = answer_dataset(a)
+        if "Modality" not in ds:
+            # Hierarchical IMAGE-level answers carry no Modality (a series key): the series step matched it.
+            ds.Modality = op.modality
+        return op.criterion.matches(extract(ds))
+    if f is AnswerFilter.MODALITY:
+        mods: tuple[str, ...] | frozenset[str] = ()
+        if isinstance(op, FindSeriesInFrameOfReference):
+            mods = op.modalities
+        elif isinstance(op, RetrieveInstance) and not op.modality:
+            mods = IMAGE_MODALITIES
+        return not mods or str(a.get("Modality", "")) in mods
+    if f is AnswerFilter.EXCLUDE_SERIES:
+        excl = op.exclude_series if isinstance(op, (FindSeriesInFrameOfReference, FindReferencing)) else ()
+        return str(a.get(_SERIES, "")) not in excl
+    if f is AnswerFilter.FRAME_OF_REFERENCE:
+        # An answer without FoR is dropped: fetching a series of unknown FoR would risk an unrelated scan.
+        return isinstance(op, FindSeriesInFrameOfReference) and str(a.get("FrameOfReferenceUID", "")) == op.for_uid
+    return True
+
+
+#: ``find(level, identifier) -> answers`` and ``retrieve(level, identifier, candidate) -> None``.
+FindFn = Callable[[QueryLevel, dict[str, Any]], Seq[Mapping[str, Any]]]
+RetrieveFn = Callable[[QueryLevel, dict[str, Any], bool], None]
+
+
+def execute(op: Operation, capability: SourceCapability, find: FindFn, retrieve: RetrieveFn) -> int:
+    """Run ``search_steps(op, capability)`` with the given DIMSE primitives; returns the number of
+    retrieve requests issued (0 means nothing was found)."""
+    answers: list[Mapping[str, Any]] = [{}]
+    moves = 0
+    for step in search_steps(op, capability):
+        if step.action is StepAction.RETRIEVE:
+            for a in answers:
+                retrieve(step.level, step.identifier(a), step.candidate)
+                moves += 1
+            break
+        nxt: list[Mapping[str, Any]] = []
+        for a in answers:
+            nxt.extend(filter_answers(step, op, find(step.level, step.identifier(a))))
+        answers = nxt
+        if not answers:
+            break
+    return moves
