@@ -1,0 +1,1092 @@
+"""Builders for the DICOM objects of the synthetic clinic (one function per IOD).
+
+Every builder returns a :class:`pydicom.Dataset` with its file meta filled in, ready for
+:func:`encode`. Nothing here reads the clock or a random source: all values come from the arguments,
+so the caller controls determinism. The attribute sets are the ones ``dciodvfy`` (dicom3tools) needs to
+report no errors for each IOD; comments mark the places where a DICOM rule forced a choice.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from functools import lru_cache
+from io import BytesIO
+
+from pydicom import Dataset
+from pydicom.dataset import FileMetaDataset
+from pydicom.sequence import Sequence as DicomSequence
+from pydicom.uid import UID, ExplicitVRLittleEndian
+
+from rtharvest.sopclass import SopClass
+
+#: Fixed implementation identity so the file meta does not change with the pydicom version.
+IMPLEMENTATION_CLASS_UID = "2.25.262183358312400936211335718066318335590"
+IMPLEMENTATION_VERSION_NAME = "RTHARVEST_SYNTH1"
+#: Namespace of the name-based (version 5) UUIDs behind every generated UID.
+_UID_NAMESPACE = uuid.UUID("5f1d8a0e-2a77-4f44-9a57-6c3e8e6b1c42")
+#: Study Component Management SOP Class: the (retired but universally used) class that
+#: RTReferencedStudySequence items name, because a study has no SOP class of its own.
+STUDY_COMPONENT_SOP_CLASS = "1.2.840.10008.3.1.2.3.1"
+
+MANUFACTURER = "rtharvest synthetic clinic"
+INSTITUTION = "Synthetic Radiotherapy Clinic"
+
+
+def make_uid(*parts: object) -> str:
+    """Return a deterministic ``2.25.<uuid>`` UID derived from ``parts``.
+
+    ``pydicom.uid.generate_uid(prefix=None)`` ignores its entropy sources and returns a random UUID,
+    so the name-based UUID (version 5) is built here instead; joining with ``|`` keeps
+    ``("1", "23")`` and ``("12", "3")`` apart.
+    """
+    return f"2.25.{uuid.uuid5(_UID_NAMESPACE, '|'.join(str(p) for p in parts)).int}"
+
+
+@dataclass(frozen=True)
+class Patient:
+    """Patient module values."""
+
+    patient_id: str
+    name: str
+    birth_date: str
+    sex: str
+
+
+@dataclass(frozen=True)
+class Study:
+    """General Study module values."""
+
+    uid: str
+    date: str
+    time: str
+    description: str
+    study_id: str
+    accession: str
+
+
+@dataclass(frozen=True)
+class Series:
+    """General/RT Series module values."""
+
+    uid: str
+    number: int
+    modality: str
+    description: str
+    date: str
+    time: str
+
+
+@dataclass(frozen=True)
+class ImageRef:
+    """What other objects need to know about one stored image."""
+
+    sop_class: str
+    sop_uid: str
+    series_uid: str
+    study_uid: str
+    for_uid: str
+    z: float
+
+
+@dataclass
+class ImageGeometry:
+    """Geometry of an axial image series (patient coordinates in mm)."""
+
+    rows: int
+    spacing: float
+    slices: int
+    thickness: float
+    z0: float
+    origin_xy: tuple[float, float] = field(default=(0.0, 0.0))
+
+    def position(self, index: int) -> list[float]:
+        """ImagePositionPatient of slice ``index`` (centre of the first voxel)."""
+        return [self.origin_xy[0], self.origin_xy[1], self.z0 + index * self.thickness]
+
+    @property
+    def centre(self) -> tuple[float, float]:
+        """Patient x/y of the image centre."""
+        half = (self.rows - 1) * self.spacing / 2.0
+        return (self.origin_xy[0] + half, self.origin_xy[1] + half)
+
+
+# --------------------------------------------------------------------------------------------------
+# common modules
+
+
+def _ds(v: float) -> str:
+    """Format a float as a DS value (at most 16 characters, no exponent noise)."""
+    text = f"{v:.6f}".rstrip("0").rstrip(".")
+    return "0" if text in ("-0", "") else text
+
+
+def _seq(*items: Dataset) -> DicomSequence:
+    return DicomSequence(list(items))
+
+
+def _item(**values: object) -> Dataset:
+    ds = Dataset()
+    for key, value in values.items():
+        setattr(ds, key, value)
+    return ds
+
+
+def _code(value: str, scheme: str, meaning: str) -> Dataset:
+    return _item(CodeValue=value, CodingSchemeDesignator=scheme, CodeMeaning=meaning)
+
+
+def base_dataset(
+    sop_class: str,
+    sop_uid: str,
+    patient: Patient,
+    study: Study,
+    series: Series,
+    *,
+    instance_number: int,
+    content_date: str,
+    content_time: str,
+    station: str = "SYNTH",
+) -> Dataset:
+    """Patient, General Study, (RT/General) Series, General Equipment and SOP Common modules."""
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = UID(sop_class)
+    ds.file_meta.MediaStorageSOPInstanceUID = UID(sop_uid)
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.ImplementationClassUID = UID(IMPLEMENTATION_CLASS_UID)
+    ds.file_meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
+    # SOP Common; the creation date is the content date, never the wall clock (byte-identical output).
+    ds.SpecificCharacterSet = "ISO_IR 100"
+    ds.InstanceCreationDate = content_date
+    ds.InstanceCreationTime = content_time
+    ds.SOPClassUID = sop_class
+    ds.SOPInstanceUID = sop_uid
+    ds.StudyDate = study.date
+    ds.SeriesDate = series.date
+    ds.ContentDate = content_date
+    ds.StudyTime = study.time
+    ds.SeriesTime = series.time
+    ds.ContentTime = content_time
+    ds.AccessionNumber = study.accession
+    ds.Modality = series.modality
+    ds.Manufacturer = MANUFACTURER
+    ds.InstitutionName = INSTITUTION
+    ds.ReferringPhysicianName = "SYNTH^REFERRER"
+    ds.StationName = station
+    ds.StudyDescription = study.description
+    ds.SeriesDescription = series.description
+    ds.OperatorsName = "SYNTH^OPERATOR"
+    ds.ManufacturerModelName = "rtharvest-synth"
+    ds.PatientName = patient.name
+    ds.PatientID = patient.patient_id
+    ds.PatientBirthDate = patient.birth_date
+    ds.PatientSex = patient.sex
+    ds.DeviceSerialNumber = "0001"
+    ds.SoftwareVersions = "1"
+    ds.StudyInstanceUID = study.uid
+    ds.SeriesInstanceUID = series.uid
+    ds.StudyID = study.study_id
+    ds.SeriesNumber = series.number
+    ds.InstanceNumber = instance_number
+    return ds
+
+
+def encode(ds: Dataset) -> bytes:
+    """Serialise ``ds`` as a DICOM Part-10 file (128-byte preamble, DICM, file meta)."""
+    buffer = BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+# --------------------------------------------------------------------------------------------------
+# pixel data
+
+
+@lru_cache(maxsize=64)
+def _phantom_slice(rows: int, radius_x: int, radius_y: int, inner: int, body: int, core: int) -> bytes:
+    """One slice of an elliptic phantom as little-endian uint16, built row by row from runs.
+
+    Runs of repeated bytes keep a 512×512 slice at a fraction of a millisecond without numpy.
+    """
+    zero = struct.pack("<H", 0)
+    body_px = struct.pack("<H", body)
+    core_px = struct.pack("<H", core)
+    centre = rows // 2
+    out = bytearray()
+    for y in range(rows):
+        dy = (y - centre) / max(radius_y, 1)
+        if abs(dy) >= 1.0:
+            out += zero * rows
+            continue
+        half = int(radius_x * math.sqrt(1.0 - dy * dy))
+        left = max(centre - half, 0)
+        right = min(centre + half, rows)
+        inner_dy = (y - centre) / max(inner, 1)
+        if abs(inner_dy) < 1.0:
+            inner_half = min(int(inner * math.sqrt(1.0 - inner_dy * inner_dy)), half)
+            il, ir = centre - inner_half, centre + inner_half
+            out += zero * left + body_px * (il - left) + core_px * (ir - il) + body_px * (right - ir)
+        else:
+            out += zero * left + body_px * (right - left)
+        out += zero * (rows - right)
+    return bytes(out)
+
+
+def _image_pixels(rows: int, index: int, slices: int, body: int, core: int) -> bytes:
+    # The body narrows towards the ends of the volume so that slices differ from each other.
+    frac = 0.5 - abs(index - (slices - 1) / 2.0) / max(slices, 1) * 0.5
+    radius_x = max(int(rows * (0.30 + frac * 0.2)), 2)
+    radius_y = max(int(rows * (0.22 + frac * 0.15)), 2)
+    return _phantom_slice(rows, radius_x, radius_y, max(rows // 10, 1), body, core)
+
+
+def _image_plane(ds: Dataset, geometry: ImageGeometry, index: int) -> None:
+    ds.ImageOrientationPatient = ["1", "0", "0", "0", "1", "0"]
+    ds.ImagePositionPatient = [_ds(v) for v in geometry.position(index)]
+    ds.SliceLocation = _ds(geometry.position(index)[2])
+    ds.PixelSpacing = [_ds(geometry.spacing), _ds(geometry.spacing)]
+    ds.SliceThickness = _ds(geometry.thickness)
+    ds.Rows = geometry.rows
+    ds.Columns = geometry.rows
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.PixelRepresentation = 0
+
+
+def _approve(ds: Dataset, date: str, time: str) -> None:
+    # Approval module: APPROVED makes the review date, time and reviewer Type 2C-required.
+    ds.ApprovalStatus = "APPROVED"
+    ds.ReviewDate = date
+    ds.ReviewTime = time
+    ds.ReviewerName = "SYNTH^PHYSICIST"
+
+
+def _frame_of_reference(ds: Dataset, for_uid: str) -> None:
+    ds.FrameOfReferenceUID = for_uid
+    ds.PositionReferenceIndicator = ""
+
+
+def image(
+    modality: str,
+    sop_uid: str,
+    patient: Patient,
+    study: Study,
+    series: Series,
+    for_uid: str,
+    geometry: ImageGeometry,
+    index: int,
+    *,
+    acquisition_time: str,
+) -> Dataset:
+    """One slice of a CT, MR or PET image series (single-frame IODs)."""
+    sop_class = {"CT": SopClass.CT_IMAGE, "MR": SopClass.MR_IMAGE, "PT": SopClass.PET_IMAGE}[modality].value
+    ds = base_dataset(
+        sop_class,
+        sop_uid,
+        patient,
+        study,
+        series,
+        instance_number=index + 1,
+        content_date=series.date,
+        content_time=acquisition_time,
+    )
+    ds.AcquisitionDate = series.date
+    ds.AcquisitionTime = acquisition_time
+    ds.AcquisitionNumber = 1
+    # Laterality is Type 2C in General Series; empty means "not a paired body part".
+    ds.Laterality = ""
+    if modality != "PT":
+        # PET carries PatientOrientationCodeSequence instead; both at once is an error.
+        ds.PatientPosition = "HFS"
+    _frame_of_reference(ds, for_uid)
+    _image_plane(ds, geometry, index)
+    ds.BitsAllocated = 16
+    ds.BitsStored = 16
+    ds.HighBit = 15
+    if modality == "CT":
+        ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
+        ds.KVP = "120"
+        # Stored values are HU + 1024: air 0, water 1024, bone 2024.
+        ds.RescaleIntercept = "-1024"
+        ds.RescaleSlope = "1"
+        ds.RescaleType = "HU"
+        ds.WindowCenter = "40"
+        ds.WindowWidth = "400"
+        pixels = _image_pixels(geometry.rows, index, geometry.slices, 1024, 2024)
+    elif modality == "MR":
+        ds.ImageType = ["ORIGINAL", "PRIMARY", "OTHER"]
+        ds.ScanningSequence = "SE"
+        ds.SequenceVariant = "NONE"
+        ds.ScanOptions = ""
+        ds.MRAcquisitionType = "2D"
+        ds.RepetitionTime = "500"
+        ds.EchoTime = "15"
+        ds.EchoTrainLength = "1"
+        ds.MagneticFieldStrength = "1.5"
+        ds.ImagedNucleus = "1H"
+        ds.SpacingBetweenSlices = _ds(geometry.thickness)
+        pixels = _image_pixels(geometry.rows, index, geometry.slices, 600, 1400)
+    else:
+        ds.ImageType = ["ORIGINAL", "PRIMARY"]
+        # PET Series module: a static, attenuation- and decay-corrected whole-body series.
+        ds.Units = "BQML"
+        ds.CountsSource = "EMISSION"
+        ds.SeriesType = ["STATIC", "IMAGE"]
+        ds.NumberOfSlices = geometry.slices
+        ds.CorrectedImage = ["ATTN", "DECY"]
+        ds.DecayCorrection = "START"
+        ds.CollimatorType = "NONE"
+        ds.RadiopharmaceuticalInformationSequence = _seq(
+            _item(
+                RadionuclideCodeSequence=_seq(_code("C-111A1", "SRT", "^18^Fluorine")),
+                RadiopharmaceuticalStartTime=acquisition_time,
+                RadionuclideTotalDose="350000000",
+                RadionuclideHalfLife="6586.2",
+                RadionuclidePositronFraction="0.97",
+            )
+        )
+        ds.PatientOrientationCodeSequence = _seq()
+        ds.PatientGantryRelationshipCodeSequence = _seq()
+        # PET Image module: Rescale Intercept must be 0, the slope carries the activity scale.
+        ds.RescaleIntercept = "0"
+        ds.RescaleSlope = "1"
+        ds.FrameReferenceTime = "0"
+        ds.ImageIndex = index + 1
+        ds.ActualFrameDuration = 180000
+        ds.DecayFactor = "1"
+        pixels = _image_pixels(geometry.rows, index, geometry.slices, 200, 3000)
+    ds.PixelData = pixels
+    ds["PixelData"].VR = "OW"
+    return ds
+
+
+# --------------------------------------------------------------------------------------------------
+# RT structure set
+
+
+@dataclass(frozen=True)
+class Roi:
+    """One ROI: ``contour_slices`` are indexes into the referenced images (empty: no contours)."""
+
+    number: int
+    name: str
+    interpreted_type: str
+    radius: float
+    contour_slices: tuple[int, ...]
+    colour: tuple[int, int, int]
+
+
+def structure_set(
+    sop_uid: str,
+    patient: Patient,
+    study: Study,
+    series: Series,
+    *,
+    label: str,
+    date: str,
+    time: str,
+    images: Sequence[ImageRef],
+    centre: tuple[float, float],
+    rois: Sequence[Roi],
+) -> Dataset:
+    """RT Structure Set referencing every image of one series, with per-contour image references."""
+    ds = base_dataset(
+        SopClass.RT_STRUCTURE_SET.value,
+        sop_uid,
+        patient,
+        study,
+        series,
+        instance_number=1,
+        content_date=date,
+        content_time=time,
+    )
+    first = images[0]
+    # Newer editions of PS3.3 add the Frame of Reference module to the RT Structure Set IOD.
+    _frame_of_reference(ds, first.for_uid)
+    ds.StructureSetLabel = label
+    ds.StructureSetName = label
+    ds.StructureSetDate = date
+    ds.StructureSetTime = time
+    contour_images = [
+        _item(ReferencedSOPClassUID=img.sop_class, ReferencedSOPInstanceUID=img.sop_uid) for img in images
+    ]
+    ds.ReferencedFrameOfReferenceSequence = _seq(
+        _item(
+            FrameOfReferenceUID=first.for_uid,
+            RTReferencedStudySequence=_seq(
+                _item(
+                    ReferencedSOPClassUID=STUDY_COMPONENT_SOP_CLASS,
+                    ReferencedSOPInstanceUID=first.study_uid,
+                    RTReferencedSeriesSequence=_seq(
+                        _item(SeriesInstanceUID=first.series_uid, ContourImageSequence=_seq(*contour_images))
+                    ),
+                )
+            ),
+        )
+    )
+    ds.StructureSetROISequence = _seq(
+        *(
+            _item(
+                ROINumber=roi.number,
+                ReferencedFrameOfReferenceUID=first.for_uid,
+                ROIName=roi.name,
+                ROIGenerationAlgorithm="MANUAL",
+            )
+            for roi in rois
+        )
+    )
+    roi_contours = []
+    for roi in rois:
+        item = _item(ROIDisplayColor=list(roi.colour), ReferencedROINumber=roi.number)
+        contours = []
+        for number, slice_index in enumerate(roi.contour_slices, start=1):
+            img = images[slice_index]
+            points: list[str] = []
+            for k in range(8):
+                angle = 2.0 * math.pi * k / 8
+                points += [
+                    _ds(centre[0] + roi.radius * math.cos(angle)),
+                    _ds(centre[1] + roi.radius * math.sin(angle)),
+                    _ds(img.z),
+                ]
+            contours.append(
+                _item(
+                    ContourImageSequence=_seq(
+                        _item(ReferencedSOPClassUID=img.sop_class, ReferencedSOPInstanceUID=img.sop_uid)
+                    ),
+                    ContourGeometricType="CLOSED_PLANAR",
+                    NumberOfContourPoints=8,
+                    ContourNumber=number,
+                    ContourData=points,
+                )
+            )
+        # An ROI without contours simply has no ContourSequence (the first ROI of some sets).
+        if contours:
+            item.ContourSequence = _seq(*contours)
+        roi_contours.append(item)
+    ds.ROIContourSequence = _seq(*roi_contours)
+    ds.RTROIObservationsSequence = _seq(
+        *(
+            _item(
+                ObservationNumber=roi.number,
+                ReferencedROINumber=roi.number,
+                RTROIInterpretedType=roi.interpreted_type,
+                ROIInterpreter="",
+            )
+            for roi in rois
+        )
+    )
+    _approve(ds, date, time)
+    return ds
+
+
+# --------------------------------------------------------------------------------------------------
+# RT plans
+
+
+@dataclass(frozen=True)
+class Beam:
+    """One treatment beam (photon or ion)."""
+
+    number: int
+    name: str
+    gantry: float
+    meterset: float
+
+
+@dataclass(frozen=True)
+class PlanSpec:
+    """Everything an RT (Ion) Plan carries that the clinic varies."""
+
+    label: str
+    intent: str
+    fractions: int
+    beams: tuple[Beam, ...]
+    machine: str
+    ion: bool = False
+    tomo: bool = False
+    structure_set_uid: str | None = None
+    geometry: str = "PATIENT"
+    isocenter: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    dose_per_fraction: float = 2.0
+    verified_plan: tuple[str, str] | None = None  # (SOP class, SOP instance) of the plan it verifies
+    for_uid: str | None = None
+
+
+def _axis_attributes(item: Dataset, gantry: float, isocenter: tuple[float, float, float]) -> None:
+    # The first control point must state every axis explicitly (Type 1C "required in first CP").
+    item.GantryAngle = _ds(gantry)
+    item.GantryRotationDirection = "NONE"
+    item.BeamLimitingDeviceAngle = "0"
+    item.BeamLimitingDeviceRotationDirection = "NONE"
+    item.PatientSupportAngle = "0"
+    item.PatientSupportRotationDirection = "NONE"
+    item.TableTopEccentricAngle = "0"
+    item.TableTopEccentricRotationDirection = "NONE"
+    item.TableTopVerticalPosition = "0"
+    item.TableTopLongitudinalPosition = "0"
+    item.TableTopLateralPosition = "0"
+    item.IsocenterPosition = [_ds(v) for v in isocenter]
+    item.TableTopPitchAngle = 0.0
+    item.TableTopPitchRotationDirection = "NONE"
+    item.TableTopRollAngle = 0.0
+    item.TableTopRollRotationDirection = "NONE"
+
+
+def _photon_beam(beam: Beam, spec: PlanSpec) -> Dataset:
+    item = _item(
+        BeamNumber=beam.number,
+        BeamName=beam.name,
+        # TomoTherapy delivers helically: the beam is DYNAMIC and its fan moves with the couch.
+        BeamType="DYNAMIC" if spec.tomo else "STATIC",
+        RadiationType="PHOTON",
+        PrimaryDosimeterUnit="MU",
+        TreatmentMachineName=spec.machine,
+        SourceAxisDistance="850" if spec.tomo else "1000",
+        ReferencedPatientSetupNumber=1,
+        ReferencedToleranceTableNumber=1,
+        TreatmentDeliveryType="TREATMENT",
+        NumberOfWedges=0,
+        NumberOfCompensators=0,
+        NumberOfBoli=0,
+        NumberOfBlocks=0,
+        FinalCumulativeMetersetWeight="1",
+        NumberOfControlPoints=2,
+    )
+    item.BeamLimitingDeviceSequence = _seq(
+        _item(RTBeamLimitingDeviceType="ASYMX", NumberOfLeafJawPairs=1),
+        _item(RTBeamLimitingDeviceType="ASYMY", NumberOfLeafJawPairs=1),
+    )
+    first = _item(ControlPointIndex=0, NominalBeamEnergy="6", DoseRateSet="600", CumulativeMetersetWeight="0")
+    first.BeamLimitingDevicePositionSequence = _seq(
+        _item(RTBeamLimitingDeviceType="ASYMX", LeafJawPositions=["-50", "50"]),
+        _item(RTBeamLimitingDeviceType="ASYMY", LeafJawPositions=["-50", "50"]),
+    )
+    _axis_attributes(first, beam.gantry, spec.isocenter)
+    first.SourceToSurfaceDistance = "920"
+    last = _item(ControlPointIndex=1, CumulativeMetersetWeight="1")
+    item.ControlPointSequence = _seq(first, last)
+    return item
+
+
+def _ion_beam(beam: Beam, spec: PlanSpec) -> Dataset:
+    item = _item(
+        BeamNumber=beam.number,
+        BeamName=beam.name,
+        BeamType="STATIC",
+        RadiationType="PROTON",
+        PrimaryDosimeterUnit="MU",
+        TreatmentMachineName=spec.machine,
+        ScanMode="MODULATED",
+        ModulatedScanModeType="STATIONARY",
+        VirtualSourceAxisDistances=[2000.0, 2000.0],
+        ReferencedPatientSetupNumber=1,
+        ReferencedToleranceTableNumber=1,
+        TreatmentDeliveryType="TREATMENT",
+        NumberOfWedges=0,
+        NumberOfCompensators=0,
+        NumberOfBoli=0,
+        NumberOfBlocks=0,
+        NumberOfRangeShifters=0,
+        NumberOfLateralSpreadingDevices=0,
+        NumberOfRangeModulators=0,
+        PatientSupportType="TABLE",
+        FinalCumulativeMetersetWeight="1",
+        NumberOfControlPoints=2,
+    )
+    first = _item(
+        ControlPointIndex=0,
+        CumulativeMetersetWeight="0",
+        NominalBeamEnergy="150",
+        NominalBeamEnergyUnit="MEV",
+        ScanSpotTuneID="3.0",
+        NumberOfScanSpotPositions=2,
+        ScanSpotPositionMap=[-5.0, 0.0, 5.0, 0.0],
+        ScanSpotMetersetWeights=[0.5, 0.5],
+        ScanningSpotSize=[5.0, 5.0],
+        NumberOfPaintings=1,
+        SnoutPosition=300.0,
+        MetersetRate=10.0,
+    )
+    _axis_attributes(first, beam.gantry, spec.isocenter)
+    # Ion control points carry FL pitch/roll angles too, like photon ones.
+    last = _item(
+        ControlPointIndex=1,
+        CumulativeMetersetWeight="1",
+        NominalBeamEnergy="150",
+        ScanSpotTuneID="3.0",
+        NumberOfScanSpotPositions=2,
+        ScanSpotPositionMap=[-5.0, 0.0, 5.0, 0.0],
+        ScanSpotMetersetWeights=[0.0, 0.0],
+        NumberOfPaintings=1,
+    )
+    item.IonControlPointSequence = _seq(first, last)
+    return item
+
+
+def plan(
+    sop_uid: str,
+    patient: Patient,
+    study: Study,
+    series: Series,
+    *,
+    spec: PlanSpec,
+    date: str,
+    time: str,
+) -> Dataset:
+    """RT Plan or RT Ion Plan with fraction scheme, beams, setup and tolerance tables."""
+    sop_class = SopClass.RT_ION_PLAN.value if spec.ion else SopClass.RT_PLAN.value
+    ds = base_dataset(
+        sop_class, sop_uid, patient, study, series, instance_number=1, content_date=date, content_time=time
+    )
+    if spec.for_uid is not None:
+        # Frame of Reference is mandatory in the RT Ion Plan IOD (user option in RT Plan).
+        _frame_of_reference(ds, spec.for_uid)
+    ds.RTPlanLabel = spec.label
+    ds.RTPlanName = spec.label
+    ds.RTPlanDate = date
+    ds.RTPlanTime = time
+    ds.PlanIntent = spec.intent
+    # RTPlanGeometry PATIENT makes ReferencedStructureSetSequence Type 1 (C.8.8.9) and dciodvfy enforces
+    # it; real TomoTherapy exports say PATIENT and omit the sequence anyway, but to stay conformant the
+    # plans without a structure set (machine QA, TomoTherapy-style) state TREATMENT_DEVICE here.
+    ds.RTPlanGeometry = spec.geometry
+    if spec.structure_set_uid is not None:
+        ds.ReferencedStructureSetSequence = _seq(
+            _item(
+                ReferencedSOPClassUID=SopClass.RT_STRUCTURE_SET.value,
+                ReferencedSOPInstanceUID=spec.structure_set_uid,
+            )
+        )
+    if spec.verified_plan is not None:
+        ds.ReferencedRTPlanSequence = _seq(
+            _item(
+                ReferencedSOPClassUID=spec.verified_plan[0],
+                ReferencedSOPInstanceUID=spec.verified_plan[1],
+                RTPlanRelationship="VERIFIED_PLAN",
+            )
+        )
+    ds.DoseReferenceSequence = _seq(
+        _item(
+            DoseReferenceNumber=1,
+            DoseReferenceUID=make_uid("doseref", sop_uid),
+            DoseReferenceStructureType="SITE",
+            DoseReferenceDescription="PTV",
+            DoseReferenceType="TARGET",
+            TargetPrescriptionDose=_ds(spec.dose_per_fraction * spec.fractions),
+        )
+    )
+    tolerance = _item(
+        ToleranceTableNumber=1,
+        ToleranceTableLabel="T1",
+        GantryAngleTolerance="1",
+        PatientSupportAngleTolerance="1",
+        TableTopVerticalPositionTolerance="5",
+        TableTopLongitudinalPositionTolerance="5",
+        TableTopLateralPositionTolerance="5",
+    )
+    if spec.ion:
+        ds.IonToleranceTableSequence = _seq(tolerance)
+    else:
+        ds.ToleranceTableSequence = _seq(tolerance)
+    ds.PatientSetupSequence = _seq(_item(PatientPosition="HFS", PatientSetupNumber=1, SetupTechnique="ISOCENTRIC"))
+    ds.FractionGroupSequence = _seq(
+        _item(
+            FractionGroupNumber=1,
+            NumberOfFractionsPlanned=spec.fractions,
+            NumberOfBeams=len(spec.beams),
+            NumberOfBrachyApplicationSetups=0,
+            ReferencedBeamSequence=_seq(
+                *(
+                    _item(
+                        BeamDose=_ds(spec.dose_per_fraction / len(spec.beams)),
+                        BeamMeterset=_ds(beam.meterset),
+                        ReferencedBeamNumber=beam.number,
+                    )
+                    for beam in spec.beams
+                )
+            ),
+        )
+    )
+    if spec.ion:
+        ds.IonBeamSequence = _seq(*(_ion_beam(beam, spec) for beam in spec.beams))
+    else:
+        ds.BeamSequence = _seq(*(_photon_beam(beam, spec) for beam in spec.beams))
+    _approve(ds, date, time)
+    return ds
+
+
+# --------------------------------------------------------------------------------------------------
+# RT dose
+
+
+@dataclass(frozen=True)
+class DoseSpec:
+    """An RT Dose grid: ``beam_number`` set for BEAM doses, ``structure_set_uid`` for TomoTherapy."""
+
+    plan_uid: str
+    plan_class: str
+    summation: str
+    beam_number: int | None = None
+    structure_set_uid: str | None = None
+    dvh_roi: int | None = None
+    max_dose: float = 60.0
+
+
+def dose(
+    sop_uid: str,
+    patient: Patient,
+    study: Study,
+    series: Series,
+    *,
+    spec: DoseSpec,
+    for_uid: str,
+    origin: tuple[float, float, float],
+    instance_number: int,
+    date: str,
+    time: str,
+) -> Dataset:
+    """RT Dose (multi-frame 8×8×4 grid, uint16 scaled by DoseGridScaling) referencing its plan."""
+    ds = base_dataset(
+        SopClass.RT_DOSE.value,
+        sop_uid,
+        patient,
+        study,
+        series,
+        instance_number=instance_number,
+        content_date=date,
+        content_time=time,
+    )
+    _frame_of_reference(ds, for_uid)
+    rows, cols, frames, spacing = 8, 8, 4, 4.0
+    ds.ImageOrientationPatient = ["1", "0", "0", "0", "1", "0"]
+    ds.ImagePositionPatient = [_ds(v) for v in origin]
+    ds.PixelSpacing = [_ds(spacing), _ds(spacing)]
+    ds.SliceThickness = ""
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.NumberOfFrames = frames
+    # Multi-frame Module: the frames step through GridFrameOffsetVector.
+    ds.FrameIncrementPointer = 0x3004000C
+    ds.Rows = rows
+    ds.Columns = cols
+    # 16-bit grid: dciodvfy (2022) aborts on 32-bit OW pixel data, and RT Dose allows 16 or 32.
+    ds.BitsAllocated = 16
+    ds.BitsStored = 16
+    ds.HighBit = 15
+    ds.PixelRepresentation = 0
+    ds.DoseUnits = "GY"
+    ds.DoseType = "PHYSICAL"
+    ds.DoseSummationType = spec.summation
+    ds.GridFrameOffsetVector = [_ds(i * spacing) for i in range(frames)]
+    scaling = spec.max_dose / 60000
+    ds.DoseGridScaling = f"{scaling:.8g}"
+    ds.TissueHeterogeneityCorrection = "IMAGE"
+    fraction_ref = _item(ReferencedFractionGroupNumber=1)
+    if spec.beam_number is not None:
+        fraction_ref.ReferencedBeamSequence = _seq(_item(ReferencedBeamNumber=spec.beam_number))
+    plan_ref = _item(ReferencedSOPClassUID=spec.plan_class, ReferencedSOPInstanceUID=spec.plan_uid)
+    if spec.summation in ("FRACTION", "BEAM"):
+        plan_ref.ReferencedFractionGroupSequence = _seq(fraction_ref)
+    ds.ReferencedRTPlanSequence = _seq(plan_ref)
+    if spec.structure_set_uid is not None:
+        # TomoTherapy-style: the structure set is named by the dose's RT DVH module, not by the plan.
+        # The RT DVH module makes DVHSequence Type 1, so a one-bin cumulative DVH comes with it.
+        ds.ReferencedStructureSetSequence = _seq(
+            _item(
+                ReferencedSOPClassUID=SopClass.RT_STRUCTURE_SET.value,
+                ReferencedSOPInstanceUID=spec.structure_set_uid,
+            )
+        )
+        ds.DVHNormalizationDoseValue = _ds(spec.max_dose)
+        ds.DVHSequence = _seq(
+            _item(
+                DVHReferencedROISequence=_seq(
+                    _item(DVHROIContributionType="INCLUDED", ReferencedROINumber=spec.dvh_roi or 1)
+                ),
+                DVHType="CUMULATIVE",
+                DoseUnits="GY",
+                DoseType="PHYSICAL",
+                DVHDoseScaling="1",
+                DVHVolumeUnits="PERCENT",
+                DVHNumberOfBins=2,
+                DVHData=["1", "100", _ds(spec.max_dose), "0"],
+            )
+        )
+    values = bytearray()
+    cx, cy = (cols - 1) / 2.0, (rows - 1) / 2.0
+    for f in range(frames):
+        for y in range(rows):
+            for x in range(cols):
+                r2 = ((x - cx) ** 2 + (y - cy) ** 2) / (cx * cx + cy * cy)
+                falloff = 1.0 - 0.15 * abs(f - (frames - 1) / 2.0)
+                values += struct.pack("<H", int(60000 * max(0.0, 1.0 - r2) * falloff))
+    ds.PixelData = bytes(values)
+    ds["PixelData"].VR = "OW"
+    return ds
+
+
+# --------------------------------------------------------------------------------------------------
+# treatment records
+
+
+def treatment_record(
+    sop_uid: str,
+    patient: Patient,
+    study: Study,
+    series: Series,
+    *,
+    plan_uid: str,
+    plan_class: str,
+    spec: PlanSpec,
+    fraction: int,
+    date: str,
+    time: str,
+) -> Dataset:
+    """RT Beams (or Ion Beams) Treatment Record of one delivered fraction of ``spec``."""
+    sop_class = SopClass.RT_ION_BEAMS_TREATMENT_RECORD.value if spec.ion else SopClass.RT_BEAMS_TREATMENT_RECORD.value
+    ds = base_dataset(
+        sop_class,
+        sop_uid,
+        patient,
+        study,
+        series,
+        instance_number=fraction,
+        content_date=date,
+        content_time=time,
+        station=spec.machine,
+    )
+    ds.TreatmentDate = date
+    ds.TreatmentTime = time
+    ds.ReferencedRTPlanSequence = _seq(_item(ReferencedSOPClassUID=plan_class, ReferencedSOPInstanceUID=plan_uid))
+    ds.TreatmentMachineSequence = _seq(
+        _item(
+            TreatmentMachineName=spec.machine,
+            Manufacturer=MANUFACTURER,
+            InstitutionName=INSTITUTION,
+            ManufacturerModelName="synthetic linac",
+            DeviceSerialNumber="0001",
+        )
+    )
+    ds.ReferencedFractionGroupNumber = 1
+    ds.NumberOfFractionsPlanned = spec.fractions
+    ds.PrimaryDosimeterUnit = "MU"
+    sessions = []
+    for beam in spec.beams:
+        item = _item(
+            ReferencedBeamNumber=beam.number,
+            BeamName=beam.name,
+            BeamType="DYNAMIC" if spec.tomo else "STATIC",
+            RadiationType="PROTON" if spec.ion else "PHOTON",
+            CurrentFractionNumber=fraction,
+            TreatmentDeliveryType="TREATMENT",
+            TreatmentTerminationStatus="NORMAL",
+            # dicom3tools 2022 lacks VERIFIED in its enumeration (it lists "NOT_VERIFED");
+            # VERIFIED_OVR is a standard value it accepts.
+            TreatmentVerificationStatus="VERIFIED_OVR",
+            SpecifiedPrimaryMeterset=_ds(beam.meterset),
+            DeliveredPrimaryMeterset=_ds(beam.meterset),
+            NumberOfWedges=0,
+            NumberOfCompensators=0,
+            NumberOfBoli=0,
+            NumberOfBlocks=0,
+            NumberOfControlPoints=2,
+        )
+        first = _item(
+            ReferencedControlPointIndex=0,
+            TreatmentControlPointDate=date,
+            TreatmentControlPointTime=time,
+            SpecifiedMeterset=_ds(0),
+            DeliveredMeterset=_ds(0),
+        )
+        _axis_attributes(first, beam.gantry, spec.isocenter)
+        last = _item(
+            ReferencedControlPointIndex=1,
+            TreatmentControlPointDate=date,
+            TreatmentControlPointTime=time,
+            SpecifiedMeterset=_ds(beam.meterset),
+            DeliveredMeterset=_ds(beam.meterset),
+        )
+        if spec.ion:
+            item.ScanMode = "MODULATED"
+            item.ModulatedScanModeType = "STATIONARY"
+            item.NumberOfRangeShifters = 0
+            item.NumberOfLateralSpreadingDevices = 0
+            item.NumberOfRangeModulators = 0
+            item.PatientSupportType = "TABLE"
+            for cp in (first, last):
+                cp.NominalBeamEnergy = "150"
+                cp.NumberOfPaintings = 1
+                cp.ScanSpotTuneID = "3.0"
+                cp.NumberOfScanSpotPositions = 2
+                cp.ScanSpotPositionMap = [-5.0, 0.0, 5.0, 0.0]
+                cp.ScanSpotMetersetsDelivered = [0.0, 0.0] if cp is first else [0.5, 0.5]
+            item.IonControlPointDeliverySequence = _seq(first, last)
+        else:
+            item.BeamLimitingDeviceLeafPairsSequence = _seq(
+                _item(RTBeamLimitingDeviceType="ASYMX", NumberOfLeafJawPairs=1),
+                _item(RTBeamLimitingDeviceType="ASYMY", NumberOfLeafJawPairs=1),
+            )
+            first.NominalBeamEnergy = "6"
+            first.NominalBeamEnergyUnit = "MV"
+            for cp in (first, last):
+                cp.DoseRateSet = "600"
+                cp.DoseRateDelivered = "600"
+            item.ControlPointDeliverySequence = _seq(first, last)
+        sessions.append(item)
+    if spec.ion:
+        ds.TreatmentSessionIonBeamSequence = _seq(*sessions)
+    else:
+        ds.TreatmentSessionBeamSequence = _seq(*sessions)
+    return ds
+
+
+# --------------------------------------------------------------------------------------------------
+# spatial registration
+
+IDENTITY = (1.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 1.0)
+
+
+def _matrix_registration(matrix: Sequence[float]) -> Dataset:
+    return _item(
+        RegistrationTypeCodeSequence=_seq(_code("125024", "DCM", "Image Content-based Alignment")),
+        MatrixSequence=_seq(
+            _item(
+                FrameOfReferenceTransformationMatrix=[_ds(v) for v in matrix],
+                FrameOfReferenceTransformationMatrixType="RIGID",
+            )
+        ),
+    )
+
+
+def _image_refs(images: Sequence[ImageRef]) -> DicomSequence:
+    return _seq(*(_item(ReferencedSOPClassUID=img.sop_class, ReferencedSOPInstanceUID=img.sop_uid) for img in images))
+
+
+def _common_instance_reference(ds: Dataset, own_study: str, series_groups: Sequence[Sequence[ImageRef]]) -> None:
+    """Common Instance Reference module: same-study series directly, other studies one level down."""
+    same: list[Dataset] = []
+    other: dict[str, list[Dataset]] = {}
+    for images in series_groups:
+        entry = _item(ReferencedInstanceSequence=_image_refs(images), SeriesInstanceUID=images[0].series_uid)
+        if images[0].study_uid == own_study:
+            same.append(entry)
+        else:
+            other.setdefault(images[0].study_uid, []).append(entry)
+    if same:
+        ds.ReferencedSeriesSequence = _seq(*same)
+    if other:
+        ds.StudiesContainingOtherReferencedInstancesSequence = _seq(
+            *(
+                _item(ReferencedSeriesSequence=_seq(*entries), StudyInstanceUID=study_uid)
+                for study_uid, entries in other.items()
+            )
+        )
+
+
+def rigid_registration(
+    sop_uid: str,
+    patient: Patient,
+    study: Study,
+    series: Series,
+    *,
+    fixed: Sequence[ImageRef],
+    moving: Sequence[ImageRef],
+    matrix: Sequence[float],
+    date: str,
+    time: str,
+) -> Dataset:
+    """Spatial Registration: identity item for the fixed FoR (the REG's own) + matrix for the moving."""
+    ds = base_dataset(
+        SopClass.SPATIAL_REGISTRATION.value,
+        sop_uid,
+        patient,
+        study,
+        series,
+        instance_number=1,
+        content_date=date,
+        content_time=time,
+    )
+    _frame_of_reference(ds, fixed[0].for_uid)
+    ds.Laterality = ""
+    ds.ContentLabel = "RIGID_REG"
+    ds.ContentDescription = "Rigid registration"
+    ds.ContentCreatorName = "SYNTH^PHYSICIST"
+    ds.RegistrationSequence = _seq(
+        _item(
+            FrameOfReferenceUID=fixed[0].for_uid,
+            ReferencedImageSequence=_image_refs(fixed),
+            MatrixRegistrationSequence=_seq(_matrix_registration(IDENTITY)),
+        ),
+        _item(
+            FrameOfReferenceUID=moving[0].for_uid,
+            ReferencedImageSequence=_image_refs(moving),
+            MatrixRegistrationSequence=_seq(_matrix_registration(matrix)),
+        ),
+    )
+    _common_instance_reference(ds, study.uid, [fixed, moving])
+    return ds
+
+
+def deformable_registration(
+    sop_uid: str,
+    patient: Patient,
+    study: Study,
+    series: Series,
+    *,
+    fixed: Sequence[ImageRef],
+    moving: Sequence[ImageRef],
+    matrix: Sequence[float],
+    date: str,
+    time: str,
+) -> Dataset:
+    """Deformable Spatial Registration from the moving FoR into the fixed (own) FoR, 2×2×2 grid."""
+    ds = base_dataset(
+        SopClass.DEFORMABLE_SPATIAL_REGISTRATION.value,
+        sop_uid,
+        patient,
+        study,
+        series,
+        instance_number=1,
+        content_date=date,
+        content_time=time,
+    )
+    _frame_of_reference(ds, fixed[0].for_uid)
+    ds.Laterality = ""
+    ds.ContentLabel = "DEFORMABLE_REG"
+    ds.ContentDescription = "Deformable registration"
+    ds.ContentCreatorName = "SYNTH^PHYSICIST"
+    grid = _item(
+        ImagePositionPatient=["0", "0", _ds(fixed[0].z)],
+        ImageOrientationPatient=["1", "0", "0", "0", "1", "0"],
+        GridDimensions=[2, 2, 2],
+        GridResolution=[10.0, 10.0, 10.0],
+        # 8 grid points × 3 components of FLOAT32 (OF): small non-zero displacements.
+        VectorGridData=struct.pack("<24f", *[0.5 * ((i % 3) - 1) for i in range(24)]),
+    )
+    ds.DeformableRegistrationSequence = _seq(
+        _item(
+            SourceFrameOfReferenceUID=moving[0].for_uid,
+            ReferencedImageSequence=_image_refs(moving),
+            RegistrationTypeCodeSequence=_seq(_code("125024", "DCM", "Image Content-based Alignment")),
+            PreDeformationMatrixRegistrationSequence=_seq(
+                _item(
+                    FrameOfReferenceTransformationMatrix=[_ds(v) for v in matrix],
+                    FrameOfReferenceTransformationMatrixType="RIGID",
+                )
+            ),
+            PostDeformationMatrixRegistrationSequence=_seq(
+                _item(
+                    FrameOfReferenceTransformationMatrix=[_ds(v) for v in IDENTITY],
+                    FrameOfReferenceTransformationMatrixType="RIGID",
+                )
+            ),
+            DeformableRegistrationGridSequence=_seq(grid),
+        )
+    )
+    _common_instance_reference(ds, study.uid, [fixed, moving])
+    return ds
