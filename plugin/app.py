@@ -8,12 +8,21 @@ on ``ORTHANC_STOPPED``.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field
 from typing import Any
 
 from . import __version__, sdk
-from .config import ConfigError, HarvesterConfig, load_config
+from .config import Backend, ConfigError, HarvesterConfig, QueryModel, load_config
+from .db import Database
+from .eventlog import EventLog, EventLogHandler, Level
+from .harvester import Harvester, SourceAccess
+from .harvests import HarvestService
 from .httpapi import HttpRequest, HttpResponse, Router
+from .ingest import Ingest
+from .jobqueue import JobQueue, JobState, RetryPolicy, SourceLimits
+from .strategies import SourceCapability
+from .tracking import Tracker
 
 log = logging.getLogger("rtharvest.app")
 
@@ -22,10 +31,19 @@ log = logging.getLogger("rtharvest.app")
 class Runtime:
     """What the running plugin holds; created once by :func:`install`."""
 
-    config: HarvesterConfig | None
-    config_error: str | None
     router: Router
+    config: HarvesterConfig | None = None
+    config_error: str | None = None
+    db: Database | None = None
+    queue: JobQueue | None = None
+    events: EventLog | None = None
+    tracker: Tracker | None = None
+    harvests: HarvestService | None = None
+    ingest: Ingest | None = None
+    harvester: Harvester | None = None
+    log_handler: EventLogHandler | None = None
     started: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
 
 
 _runtime: Runtime | None = None
@@ -41,55 +59,152 @@ def status_document(runtime: Runtime) -> dict[str, Any]:
         "OrthancApiVersion": versions.api,
         "PythonPluginVersion": versions.python_plugin,
         "Started": runtime.started,
+        "WorkersAlive": runtime.harvester.alive if runtime.harvester else 0,
     }
     if runtime.config_error:
         doc["ConfigurationError"] = runtime.config_error
     if runtime.config is not None:
         doc["Aet"] = runtime.config.aet
         doc["Sources"] = sorted(runtime.config.modalities)
+        doc["Workers"] = runtime.config.workers
         if runtime.config.warnings:
             doc["ConfigurationWarnings"] = list(runtime.config.warnings)
+    if runtime.queue is not None:
+        counts = runtime.queue.counts()
+        doc["Queue"] = {state.value: counts.get(state, 0) for state in JobState}
+    if runtime.ingest is not None:
+        doc["Arrivals"] = runtime.ingest.arrivals
+        doc["UnsolicitedArrivals"] = runtime.ingest.unsolicited
     return doc
 
 
-def _status(request: HttpRequest) -> HttpResponse:
-    assert _runtime is not None
-    return HttpResponse.json(status_document(_runtime))
+def _capability(config: HarvesterConfig, name: str, supports_sequence_keys: bool) -> SourceCapability:
+    settings = config.source(name)
+    return SourceCapability(
+        relational=settings.model is QueryModel.RELATIONAL,
+        sequence_return_keys=settings.sequence_return_keys and supports_sequence_keys,
+        instance_return_keys=settings.instance_return_keys,
+    )
 
 
-def build_router() -> Router:
-    """All REST routes of the plugin."""
-    router = Router()
-    router.add("GET", "/rtharvest/status", _status)
-    return router
+def _build_sources(config: HarvesterConfig, authorization: str) -> dict[str, SourceAccess]:
+    from .dimse.via_orthanc import OrthancRestBackend
+    from .dimse.via_pynetdicom import PynetdicomBackend
+    from .loopback import LoopbackClient
+
+    client = LoopbackClient(f"http://127.0.0.1:{config.http_port}", authorization, timeout=60.0)
+    sources: dict[str, SourceAccess] = {}
+    for name, modality in config.modalities.items():
+        settings = config.source(name)
+        backend: Any
+        if settings.backend is Backend.PYNETDICOM:
+            backend = PynetdicomBackend(modality, config.aet)
+        else:
+            backend = OrthancRestBackend(client, name, config.aet)
+        sources[name] = SourceAccess(name, backend, _capability(config, name, backend.supports_sequence_keys),
+                                     settings.find_timeout, settings.move_timeout)
+    return sources
 
 
 def _on_started() -> None:
-    assert _runtime is not None
-    _runtime.started = True
-    log.info("rtharvest %s started", __version__)
+    rt = _runtime
+    assert rt is not None
+    if rt.config is None or rt.queue is None:
+        return
+    from .localstore import OrthancLocalStore
+    from .loopback import LoopbackClient
+
+    token = sdk.loopback_authorization()
+    store = OrthancLocalStore(LoopbackClient(f"http://127.0.0.1:{rt.config.http_port}", token, timeout=60.0))
+    assert rt.tracker and rt.events and rt.ingest and rt.harvests
+    rt.harvester = Harvester(
+        rt.queue, rt.tracker, rt.events, rt.ingest, store, _build_sources(rt.config, token), rt.harvests.routing,
+        workers=rt.config.workers, lease_seconds=rt.config.lease_seconds,
+        delete_rejected=rt.config.candidate_policy.value == "delete",
+    )
+    rt.harvester.start()
+    rt.started = True
+    rt.events.write(Level.INFO, "app", f"rtharvest {__version__} started with {rt.config.workers} worker(s)")
 
 
 def _on_stopped() -> None:
-    assert _runtime is not None
-    _runtime.started = False
-    log.info("rtharvest stopped")
+    rt = _runtime
+    assert rt is not None
+    if rt.harvester is not None:
+        rt.harvester.stop()
+    rt.started = False
+    if rt.events is not None:
+        rt.events.write(Level.INFO, "app", "rtharvest stopped")
+    if rt.log_handler is not None:
+        logging.getLogger("rtharvest").removeHandler(rt.log_handler)
+        rt.log_handler.close()
+    if rt.db is not None:
+        rt.db.close()
+
+
+def build_runtime(config: HarvesterConfig) -> Runtime:
+    """Open the database and build every service (no threads, no Orthanc calls: testable outside)."""
+    os.makedirs(config.database_path.parent, exist_ok=True)
+    db = Database(str(config.database_path))
+    db.migrate()
+    limits = {name: SourceLimits(s.max_concurrent, s.quiet_hours) for name, s in config.sources.items()}
+    defaults = SourceLimits(config.source_defaults.max_concurrent, config.source_defaults.quiet_hours)
+    policy = RetryPolicy(max_attempts=config.max_attempts, base_delay=config.backoff_base,
+                         max_delay=max(config.backoff_max, config.backoff_base))
+    queue = JobQueue(db, policy, limits, defaults)
+    events = EventLog(db)
+    tracker = Tracker(db)
+    harvests = HarvestService(config, queue, tracker, events)
+
+    def source_of_aet(aet: str) -> str | None:
+        return next((m.name for m in config.modalities.values() if m.aet == aet), None)
+
+    ingest = Ingest(db, queue, tracker, events, harvests.routing, source_of_aet)
+    router = Router()
+    runtime = Runtime(router=router, config=config, db=db, queue=queue, events=events, tracker=tracker,
+                      harvests=harvests, ingest=ingest)
+    from .rest import build_routes
+
+    build_routes(router, harvests, queue, events, lambda: status_document(runtime))
+    return runtime
+
+
+def _error_router(error: str) -> Router:
+    router = Router()
+
+    def status(_: HttpRequest) -> HttpResponse:
+        assert _runtime is not None
+        return HttpResponse.json(status_document(_runtime))
+
+    def unavailable(_: HttpRequest) -> HttpResponse:
+        return HttpResponse.error(503, f"harvesting is disabled by a configuration error: {error}")
+
+    router.add("GET", "/rtharvest/status", status)
+    for method, pattern in (("POST", r"/rtharvest/harvests"), ("GET", r"/rtharvest/harvests"),
+                            ("GET", r"/rtharvest/jobs"), ("GET", r"/rtharvest/log")):
+        router.add(method, pattern, unavailable)
+    return router
 
 
 def install() -> Runtime:
     """Register everything with Orthanc. Called once by the PythonScript entry."""
     global _runtime
     sdk.install_log_handler()
-    config: HarvesterConfig | None = None
-    error: str | None = None
     try:
         config = load_config(sdk.configuration(), sdk.configuration_dir())
-    except ConfigError as exc:
+        _runtime = build_runtime(config)
+    except (ConfigError, OSError) as exc:
         # Keep the plugin loaded so /rtharvest/status can tell the operator what to fix.
         error = str(exc)
         log.error("configuration error, harvesting disabled: %s", error)
-    router = build_router()
-    _runtime = Runtime(config=config, config_error=error, router=router)
-    sdk.register_router(router)
+        _runtime = Runtime(router=_error_router(error), config_error=error)
+    else:
+        assert _runtime.events is not None and _runtime.ingest is not None
+        _runtime.log_handler = EventLogHandler(_runtime.events)
+        _runtime.log_handler.setLevel(logging.WARNING)
+        logging.getLogger("rtharvest").addHandler(_runtime.log_handler)
+        ingest = _runtime.ingest
+        sdk.register_on_stored_instance(lambda inst: ingest.on_stored(inst.instance_id, inst.data, inst.remote_aet))
+    sdk.register_router(_runtime.router)
     sdk.register_lifecycle(_on_started, _on_stopped)
     return _runtime

@@ -63,6 +63,10 @@ class SourceSettings:
     backend: Backend = Backend.ORTHANC
     model: QueryModel = QueryModel.RELATIONAL
     sequence_return_keys: bool = False
+    #: The source returns instance attributes it does not index (FrameOfReferenceUID, TreatmentDate) as
+    #: C-FIND return keys. Off by default: dcmqrscp and many PACS do not, and then one instance per
+    #: candidate series is retrieved to read its FoR (and deleted again if it does not belong).
+    instance_return_keys: bool = False
     max_concurrent: int = 2
     quiet_hours: tuple[time, time] | None = None
     find_timeout: float = 60.0
@@ -164,10 +168,14 @@ def _source_settings(section: Any, where: str, base: SourceSettings) -> SourceSe
     seq = section.get("SequenceReturnKeys", base.sequence_return_keys)
     if not isinstance(seq, bool):
         raise ConfigError(f"{where}.SequenceReturnKeys: expected true or false, got {seq!r}")
+    inst = section.get("InstanceReturnKeys", base.instance_return_keys)
+    if not isinstance(inst, bool):
+        raise ConfigError(f"{where}.InstanceReturnKeys: expected true or false, got {inst!r}")
     return SourceSettings(
         backend=_enum(section, "Backend", Backend, base.backend, where),
         model=_enum(section, "QueryModel", QueryModel, base.model, where),
         sequence_return_keys=seq,
+        instance_return_keys=inst,
         max_concurrent=_integer(section, "MaxConcurrent", base.max_concurrent, where, 1),
         quiet_hours=quiet,
         find_timeout=_number(section, "FindTimeout", base.find_timeout, where, 0.1),

@@ -161,8 +161,9 @@ def _answer(output: Any, response: HttpResponse, allowed: list[str]) -> None:
         # Orthanc reserves 405 for this call (it sets the Allow header); it carries no body.
         output.SendMethodNotAllowed(",".join(allowed))
     else:
-        # SendHttpStatus carries a body for error statuses; the body is the contract's JSON error.
-        output.SendHttpStatus(response.status, response.body)
+        # SendHttpStatus carries a body for error statuses (the contract's JSON error). Plugin 4.0 takes
+        # (status, str, size-in-bytes) and refuses bytes.
+        output.SendHttpStatus(response.status, response.body.decode("utf-8", "replace"), len(response.body))
 
 
 def register_router(router: Router) -> None:

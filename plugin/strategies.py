@@ -172,9 +172,12 @@ def _records_steps(op: FindTreatmentRecords, cap: SourceCapability) -> tuple[Sea
     # answers are filtered here and, when the date is not even returned, on arrival.
     date = op.window.date_range()
     if cap.relational:
-        keys = {"PatientID": op.patient_id or "", "Modality": "RTRECORD", "TreatmentDate": date,
-                _STUDY: "", _SERIES: "", _SOP: ""}
-        return (_find(QueryLevel.IMAGE, keys, (), (AnswerFilter.WINDOW,), "records by treatment date"),
+        # Modality is a series attribute: many SCPs (dcmqrscp) silently ignore it at IMAGE level and would
+        # answer with every instance. Select the record series first, then their records.
+        return (_find(QueryLevel.SERIES, {"PatientID": op.patient_id or "", "Modality": "RTRECORD", _STUDY: "",
+                                          _SERIES: ""}, (), (), "record series (of the patient)"),
+                _find(QueryLevel.IMAGE, {_SOP: "", "TreatmentDate": date}, _SERIES_IDS, (AnswerFilter.WINDOW,),
+                      "records by treatment date where the SCP matches it"),
                 _move(QueryLevel.IMAGE, note="retrieve the records"))
     steps: list[SearchStep] = []
     if op.patient_id is None:
@@ -229,9 +232,11 @@ def _referencing_steps(op: FindReferencing, cap: SourceCapability) -> tuple[Sear
     note = ("candidates with their reference sequences; keep those that match" if seq
             else "every candidate (the SCP returns no sequences)")
     if cap.relational:
-        keys = {"PatientID": op.patient_id or "", "Modality": op.modality, _STUDY: op.study_uid or "",
-                _SERIES: "", _SOP: "", **ret}
-        steps = [_find(QueryLevel.IMAGE, keys, (), filters, note)]
+        # As for records: select the series by Modality (a series-level key), then their instances.
+        steps = [_find(QueryLevel.SERIES, {"PatientID": op.patient_id or "", "Modality": op.modality,
+                                           _STUDY: op.study_uid or "", _SERIES: ""}, (), (),
+                       f"{op.modality} series of the patient"),
+                 _find(QueryLevel.IMAGE, {_SOP: "", **ret}, _SERIES_IDS, filters, note)]
     else:
         steps = _walk_to_series(op.patient_id, op.study_uid, {"Modality": op.modality})
         steps.append(_find(QueryLevel.IMAGE, {_SOP: "", "SOPClassUID": "", **ret}, _SERIES_IDS, filters, note))
@@ -280,8 +285,12 @@ def filter_answers(step: SearchStep, op: Operation, answers: Iterable[Mapping[st
     """Apply the step's client-side filters to the answers of its C-FIND."""
     out: list[Mapping[str, Any]] = []
     seen_series: set[str] = set()
+    wanted_modality = dict(step.keys).get("Modality")
     for a in answers:
         if not all(_passes(f, op, a) for f in step.filters if f is not AnswerFilter.ONE_PER_SERIES):
+            continue
+        # An SCP that ignores a matching key answers a superset; drop what it shows to be different.
+        if wanted_modality and a.get("Modality") and str(a.get("Modality")) != wanted_modality:
             continue
         if AnswerFilter.ONE_PER_SERIES in step.filters:
             series = str(a.get(_SERIES, ""))

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
+
 from rtharvest.launcher import DEFAULT_CONFIG, OrthancProcess, free_port
 
 from .servers import (
@@ -17,6 +19,27 @@ from .servers import (
     start_pynetdicom_qrscp,
 )
 
+#: Per-source harvest settings the test harvester runs with (what a site would configure).
+SOURCE_SETTINGS = {
+    "ORTHANC_SRC": {"Backend": "orthanc", "QueryModel": "relational", "InstanceReturnKeys": True},
+    "DCMQRSCP": {"Backend": "orthanc", "QueryModel": "relational"},
+    "DCMQRSCP_STRICT": {"Backend": "pynetdicom", "QueryModel": "hierarchical"},
+    "PYNETDICOM": {"Backend": "pynetdicom", "QueryModel": "relational"},
+}
+
+
+def start_harvester(run_dir: Path, dicom_port: int, sources: dict[str, DicomSource], http_port: int | None = None,
+                    overrides: dict | None = None) -> OrthancProcess:
+    """The harvester Orthanc with the plugin, knowing ``sources`` (same docker/orthanc.json as users)."""
+    settings = {name: SOURCE_SETTINGS.get(name, {}) for name in sources}
+    harvester = OrthancProcess(
+        run_dir, DEFAULT_CONFIG, dicom_port=dicom_port, http_port=http_port, aet=HARVEST_AET,
+        modalities={s.name: s.modality_entry for s in sources.values()},
+        overrides={"RtHarvest.Sources": settings, "RtHarvest.BackoffSeconds": 0.5,
+                   "RtHarvest.BackoffMaxSeconds": 2, **(overrides or {})},
+    )
+    return harvester.start()
+
 
 @dataclass
 class Clinic:
@@ -25,6 +48,20 @@ class Clinic:
     harvester: OrthancProcess
     api: RestClient
     sources: dict[str, DicomSource]
+    base: Path
+
+    def restart_harvester(self, fresh: bool = True, extra_sources: dict[str, DicomSource] | None = None,
+                          overrides: dict | None = None) -> None:
+        """Stop the harvester and start it again on the same ports (a new store when ``fresh``)."""
+        self.harvester.stop()
+        run_dir = self.harvester.run_dir
+        if fresh:
+            index = len(list(self.base.glob("harvester*")))
+            run_dir = self.base / f"harvester{index}"
+        sources = {**self.sources, **(extra_sources or {})}
+        self.harvester = start_harvester(run_dir, self.harvester.dicom_port, sources,
+                                         http_port=self.harvester.http_port, overrides=overrides)
+        self.api = RestClient(self.harvester.url, self.harvester.credentials)
 
 
 @pytest.fixture(scope="session")
@@ -34,6 +71,7 @@ def clinic(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Clinic]:
     harvest_dicom_port = free_port()
     sources: dict[str, DicomSource] = {}
     harvester: OrthancProcess | None = None
+    running: Clinic | None = None
     try:
         for source in (
             start_orthanc_source(base / "orthanc-src", harvest_dicom_port),
@@ -42,19 +80,13 @@ def clinic(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Clinic]:
             start_pynetdicom_qrscp(base / "pynetdicom", harvest_dicom_port),
         ):
             sources[source.name] = source
-        modalities = {s.name: s.modality_entry for s in sources.values()}
-        harvester = OrthancProcess(
-            base / "harvester", DEFAULT_CONFIG, dicom_port=harvest_dicom_port, aet=HARVEST_AET,
-            modalities=modalities,
-            overrides={"RtHarvest.Sources": {
-                "DCMQRSCP_STRICT": {"Backend": "pynetdicom", "QueryModel": "hierarchical"},
-                "PYNETDICOM": {"Backend": "pynetdicom"},
-            }},
-        )
-        harvester.start()
-        yield Clinic(harvester, RestClient(harvester.url, harvester.credentials), sources)
+        harvester = start_harvester(base / "harvester", harvest_dicom_port, sources)
+        running = Clinic(harvester, RestClient(harvester.url, harvester.credentials), sources, base)
+        yield running
     finally:
-        if harvester is not None:
+        if running is not None:
+            running.harvester.stop()
+        elif harvester is not None:
             harvester.stop()
         for source in sources.values():
             source.stop()

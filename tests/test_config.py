@@ -7,6 +7,7 @@ from datetime import time
 from pathlib import Path
 
 import pytest
+
 from rtharvest.config import Backend, CandidatePolicy, ConfigError, QueryModel, load_config
 from rtharvest.launcher import DEFAULT_CONFIG, load_json_config
 

@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 from pydicom.dataset import Dataset
+
 from rtharvest.classify import HarvestWindow
 from rtharvest.operations import (
     CriterionKind,
@@ -422,10 +423,12 @@ def test_relational_finds_by_sop_uid_alone() -> None:
 def test_sequence_return_keys_filter_instead_of_retrieving() -> None:
     op = ALL_OPS[3]
     with_seq = search_steps(op, SourceCapability(True, True))
-    assert "ReferencedRTPlanSequence" in dict(with_seq[0].keys)
-    assert AnswerFilter.CRITERION in with_seq[0].filters and not with_seq[-1].candidate
+    # Relational: the dose series first (Modality is a series key), then their instances with the sequence.
+    assert with_seq[0].level is QueryLevel.SERIES and dict(with_seq[0].keys)["Modality"] == "RTDOSE"
+    assert "ReferencedRTPlanSequence" in dict(with_seq[-2].keys)
+    assert AnswerFilter.CRITERION in with_seq[-2].filters and not with_seq[-1].candidate
     without = search_steps(op, SourceCapability(True, False))
-    assert "ReferencedRTPlanSequence" not in dict(without[0].keys) and without[-1].candidate
+    assert "ReferencedRTPlanSequence" not in dict(without[-2].keys) and without[-1].candidate
 
 
 def test_for_search_probes_when_the_source_does_not_return_for() -> None:
@@ -438,7 +441,7 @@ def test_for_search_probes_when_the_source_does_not_return_for() -> None:
 def test_criterion_filter_on_answers() -> None:
     op = ALL_OPS[3]
     assert isinstance(op, FindReferencing)
-    step = search_steps(op, SourceCapability(True, True))[0]
+    step = search_steps(op, SourceCapability(True, True))[-2]
     mine = dose("d", P, STUDY, "1.2.5")
     trial = dose("t", P, STUDY, "1.2.99")
     answers = [{"SOPInstanceUID": d.SOPInstanceUID, "Modality": "RTDOSE",

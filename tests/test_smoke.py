@@ -13,6 +13,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     StudyRootQueryRetrieveInformationModelFind,
     StudyRootQueryRetrieveInformationModelMove,
 )
+
 from rtharvest import __version__
 
 from .conftest import Clinic

@@ -1,0 +1,452 @@
+"""Workers: claim a job, run its operation against the sources, verify arrival, record the outcome.
+
+A job's operation is turned into C-FIND/C-MOVE steps by :func:`rtharvest.strategies.search_steps` for
+the source's capability, and run here against a :class:`~rtharvest.dimse.base.SourceBackend`. What a
+step would retrieve is first looked up in the local store: what is already stored is never moved again,
+it is planned from the local copy instead. Before a move, the worker records which instances it expects
+(OnStoredInstance attributes arrivals by that), and after the move it checks that every expected
+instance arrived: a "successful" move that delivered nothing (dcmqrscp does that for unknown UIDs) is a
+failure, and a partial arrival is retried for what is missing.
+
+Each worker is a plain thread. It never calls ``orthanc.*`` (the GIL trap of plugin 4.0): the local
+store is Orthanc's REST API over loopback HTTP, and sources are reached through backends whose waits
+release the GIL, so a slow source never stalls the ingestion of instances arriving from another move.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from .dimse.base import MoveResult, SourceError
+from .eventlog import EventLog, Level
+from .ingest import HarvestRouting, Ingest
+from .jobqueue import HarvestState, Job, JobQueue, QueueError
+from .operations import (
+    FindReferencing,
+    FindSeriesInFrameOfReference,
+    FindTreatmentRecords,
+    Operation,
+    RetrieveInstance,
+    RetrieveSeries,
+    operation_from_dict,
+)
+from .references import extract_from_bytes
+from .strategies import QueryLevel, SourceCapability, execute
+from .tracking import Decision, Expectation, ObjectRecord, ProvenanceItem, Tracker
+
+log = logging.getLogger("rtharvest.harvester")
+
+_STUDY, _SERIES, _SOP, _PATIENT = "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "PatientID"
+
+
+class LocalStore(Protocol):
+    """The harvester's own Orthanc store, as the workers need it."""
+
+    def lookup(self, sop_uid: str) -> str | None:
+        """Orthanc ID of the stored instance, or None."""
+
+    def series_instances(self, series_uid: str) -> dict[str, str]:
+        """SOPInstanceUID → Orthanc ID of the stored instances of a series."""
+
+    def read(self, orthanc_id: str) -> bytes:
+        """The stored DICOM file."""
+
+    def metadata(self, orthanc_id: str) -> dict[str, str]:
+        """All metadata of an instance."""
+
+    def set_metadata(self, orthanc_id: str, name: str, value: str) -> None:
+        """Write one metadata value."""
+
+    def delete(self, orthanc_id: str) -> None:
+        """Remove an instance from the store."""
+
+
+class JobFailure(Exception):
+    """A job attempt failed; ``retryable`` says whether the queue should try again."""
+
+    def __init__(self, message: str, retryable: bool = True, dimse_status: int | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.retryable = retryable
+        self.dimse_status = dimse_status
+
+
+@dataclass(frozen=True)
+class Target:
+    """One retrieve a search step asked for, with the instances it should bring."""
+
+    source: str
+    level: QueryLevel
+    identifier: dict[str, Any]
+    candidate: bool
+
+
+@dataclass(frozen=True)
+class SourceAccess:
+    """A source as the workers use it: backend, capability and timeouts."""
+
+    name: str
+    backend: Any  # dimse.base.SourceBackend
+    capability: SourceCapability
+    find_timeout: float
+    move_timeout: float
+
+
+@dataclass
+class JobOutcome:
+    """What one attempt achieved (for the job's note and the log)."""
+
+    moved: int = 0
+    local: int = 0
+    targets: int = 0
+
+    def note(self) -> str:
+        """Short human summary stored on the job."""
+        return f"{self.targets} target(s), {self.moved} instance(s) moved, {self.local} already stored"
+
+
+class Harvester:
+    """Runs jobs; owns the worker threads and the provenance writer."""
+
+    def __init__(
+        self,
+        queue: JobQueue,
+        tracker: Tracker,
+        events: EventLog,
+        ingest: Ingest,
+        store: LocalStore,
+        sources: Mapping[str, SourceAccess],
+        routing_of: Callable[[str], HarvestRouting | None],
+        *,
+        workers: int = 4,
+        lease_seconds: float = 900.0,
+        delete_rejected: bool = True,
+        poll_interval: float = 0.2,
+    ) -> None:
+        self.queue = queue
+        self.tracker = tracker
+        self.events = events
+        self.ingest = ingest
+        self.store = store
+        self.sources = dict(sources)
+        self.routing_of = routing_of
+        self.worker_count = workers
+        self.lease_seconds = lease_seconds
+        self.delete_rejected = delete_rejected
+        self.poll_interval = poll_interval
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._owner_prefix = f"{socket.gethostname()}:{os.getpid()}"
+
+    # -- lifecycle ----------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Recover leases of a previous run and start the worker and maintenance threads."""
+        recovered = self.queue.recover_stale_leases()
+        if recovered:
+            self.events.write(Level.WARNING, "harvester", f"{recovered} job(s) were running when the plugin "
+                              "stopped; they are pending again")
+        self._stop.clear()
+        for i in range(self.worker_count):
+            t = threading.Thread(target=self._work_loop, args=(f"{self._owner_prefix}:w{i}",),
+                                 name=f"rtharvest-worker-{i}", daemon=True)
+            t.start()
+            self._threads.append(t)
+        t = threading.Thread(target=self._maintenance_loop, name="rtharvest-maintenance", daemon=True)
+        t.start()
+        self._threads.append(t)
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Ask every thread to stop and join them (running jobs finish their current DIMSE call)."""
+        self._stop.set()
+        deadline = time.monotonic() + timeout
+        for t in self._threads:
+            t.join(max(0.1, deadline - time.monotonic()))
+        self._threads = [t for t in self._threads if t.is_alive()]
+
+    @property
+    def alive(self) -> int:
+        """Worker threads alive (for the status route)."""
+        return sum(1 for t in self._threads if t.is_alive() and t.name.startswith("rtharvest-worker"))
+
+    # -- worker loop --------------------------------------------------------------------------------
+
+    def _work_loop(self, owner: str) -> None:
+        while not self._stop.is_set():
+            try:
+                job = self.queue.claim(owner, self.lease_seconds)
+            except Exception:
+                log.exception("claiming a job failed")
+                self._stop.wait(1.0)
+                continue
+            if job is None:
+                self._stop.wait(self.poll_interval)
+                continue
+            self.run(job, owner)
+
+    def run(self, job: Job, owner: str) -> None:
+        """Run one leased job to completion or failure (never raises)."""
+        try:
+            outcome = self._execute(job, owner)
+        except JobFailure as exc:
+            self._fail(job, owner, exc.message, exc.retryable, exc.dimse_status)
+        except SourceError as exc:
+            self._fail(job, owner, str(exc), exc.retryable, exc.dimse_status)
+        except QueueError as exc:  # lease lost (e.g. expired while a source hung): someone else runs it
+            self.events.write(Level.WARNING, "harvester", f"job lease lost: {exc}", harvest_id=job.harvest_id,
+                              job_id=job.id)
+        except Exception as exc:  # a bug: fail the attempt visibly rather than kill the worker
+            log.exception("job %s failed unexpectedly", job.id)
+            self._fail(job, owner, f"internal error: {type(exc).__name__}: {exc}", True, None)
+        else:
+            try:
+                self.queue.complete(job.id, owner, note=outcome.note())
+            except QueueError as exc:
+                self.events.write(Level.WARNING, "harvester", f"could not complete job: {exc}",
+                                  harvest_id=job.harvest_id, job_id=job.id)
+            self.tracker.drop_expectations(job.id)
+
+    def _fail(self, job: Job, owner: str, message: str, retryable: bool, status: int | None) -> None:
+        try:
+            updated = self.queue.fail(job.id, owner, message, dimse_status=status, retryable=retryable)
+        except QueueError as exc:
+            self.events.write(Level.WARNING, "harvester", f"could not record failure: {exc}",
+                              harvest_id=job.harvest_id, job_id=job.id)
+            return
+        level = Level.ERROR if updated.state.value == "failed" else Level.WARNING
+        what = "failed for good" if updated.state.value == "failed" else f"failed (attempt {updated.attempts})"
+        self.events.write(level, "harvester", f"{job.kind} {what}: {message}", harvest_id=job.harvest_id,
+                          job_id=job.id, source=job.source, dimse_status=status)
+        self.tracker.drop_expectations(job.id)
+
+    # -- executing an operation ---------------------------------------------------------------------
+
+    def _execute(self, job: Job, owner: str) -> JobOutcome:
+        routing = self.routing_of(job.harvest_id)
+        if routing is None:
+            raise JobFailure(f"harvest {job.harvest_id} has no routing (deleted?)", retryable=False)
+        try:
+            op = operation_from_dict(job.payload)
+        except (KeyError, ValueError, TypeError) as exc:
+            raise JobFailure(f"job payload is not a valid operation: {exc}", retryable=False) from None
+        outcome = JobOutcome()
+        if isinstance(op, RetrieveInstance):
+            orthanc_id = self.store.lookup(op.sop_uid)
+            if orthanc_id is not None:
+                self._plan_local(job, op, routing.source_for(op), {op.sop_uid: orthanc_id}, False)
+                outcome.local += 1
+                return outcome
+        names = (routing.source,) if isinstance(op, FindTreatmentRecords) else routing.lookup_sources
+        targets: list[Target] = []
+        errors: list[SourceError] = []
+        for name in names:
+            access = self.sources.get(name)
+            if access is None:
+                raise JobFailure(f"source {name!r} is not configured (DicomModalities)", retryable=False)
+            try:
+                targets = self._search(job, owner, op, access)
+            except SourceError as exc:
+                # Another lookup source may still have it; report this one only if none answers.
+                errors.append(exc)
+                continue
+            if targets:
+                break
+        if not targets:
+            if errors:
+                raise errors[0]
+            if isinstance(op, (RetrieveInstance, RetrieveSeries)):
+                uid = op.sop_uid if isinstance(op, RetrieveInstance) else op.series_uid
+                raise JobFailure(f"{op.hop}: {uid} not found at {', '.join(names)}", retryable=False)
+            return outcome  # a search that finds nothing is a valid, final answer
+        outcome.targets = len(targets)
+        for target in targets:
+            moved, local = self._fetch(job, owner, op, target)
+            outcome.moved += moved
+            outcome.local += local
+        return outcome
+
+    def _search(self, job: Job, owner: str, op: Operation, access: SourceAccess) -> list[Target]:
+        targets: list[Target] = []
+
+        def find(level: QueryLevel, identifier: dict[str, Any]) -> list[Mapping[str, Any]]:
+            self.queue.heartbeat(job.id, owner, self.lease_seconds)
+            return list(access.backend.find(level, identifier, timeout=access.find_timeout))
+
+        def retrieve(level: QueryLevel, identifier: dict[str, Any], candidate: bool) -> None:
+            targets.append(Target(access.name, level, dict(identifier), candidate))
+
+        execute(op, access.capability, find, retrieve)
+        return targets
+
+    def _fetch(self, job: Job, owner: str, op: Operation, target: Target) -> tuple[int, int]:
+        """Bring one target in (or plan it from the local copy); returns (moved, already local)."""
+        access = self.sources[target.source]
+        ident = target.identifier
+        study, series = str(ident.get(_STUDY) or ""), str(ident.get(_SERIES) or "")
+        if target.level == QueryLevel.IMAGE:
+            sop = str(ident.get(_SOP) or "")
+            if not sop:
+                raise JobFailure(f"{op.hop}: the source answered without SOPInstanceUID", retryable=False)
+            wanted = [sop]
+            existing = {sop: oid} if (oid := self.store.lookup(sop)) else {}
+        else:
+            if not series:
+                raise JobFailure(f"{op.hop}: the source answered without SeriesInstanceUID", retryable=False)
+            listing = access.backend.find(QueryLevel.IMAGE, {_STUDY: study, _SERIES: series, _SOP: ""},
+                                          timeout=access.find_timeout)
+            wanted = sorted({str(a.get(_SOP)) for a in listing if a.get(_SOP)})
+            if not wanted:
+                raise JobFailure(f"{op.hop}: series {series} lists no instances at {target.source}")
+            existing = {uid: oid for uid, oid in self.store.series_instances(series).items() if uid in wanted}
+        missing = [uid for uid in wanted if uid not in existing]
+        if existing:
+            self._plan_local(job, op, target.source, existing, target.candidate)
+        if target.candidate and missing:
+            known = self.tracker.known_rejections(op.dedupe_key(), missing)
+            for uid, reason in known.items():
+                with self.tracker.db.transaction():
+                    self.tracker.record(ObjectRecord(job.harvest_id, uid, None, Decision.REJECTED,
+                                                     f"inspected before: {reason}", op.role.value, op.hop,
+                                                     target.source, job.id, moved=False))
+            missing = [uid for uid in missing if uid not in known]
+        if not missing:
+            return 0, len(existing)
+        self.tracker.expect(
+            Expectation(job.harvest_id, uid, job.id, target.source, op.role.value, op.hop, target.candidate,
+                        op.to_dict())
+            for uid in missing
+        )
+        self.queue.heartbeat(job.id, owner, self.lease_seconds)
+        patient = str(ident.get(_PATIENT) or "") or _patient_of(op)
+        if target.level == QueryLevel.IMAGE or len(missing) < len(wanted):
+            # Only what is missing moves: instance by instance when part of the series is stored.
+            results = [access.backend.move(QueryLevel.IMAGE, patient_id=patient, study_uid=study,
+                                           series_uid=series, sop_uids=[uid], timeout=access.move_timeout)
+                       for uid in missing]
+        else:
+            results = [access.backend.move(QueryLevel.SERIES, patient_id=patient, study_uid=study,
+                                           series_uid=series, timeout=access.move_timeout)]
+        arrived = self._arrived(job.harvest_id, missing)
+        still = [uid for uid in missing if uid not in arrived]
+        if still:
+            failed = sum(max(r.failed, 0) for r in results if isinstance(r, MoveResult))
+            status = next((r.status for r in results if isinstance(r, MoveResult) and r.status), None)
+            raise JobFailure(
+                f"{op.hop}: {len(still)} of {len(missing)} instance(s) did not arrive from {target.source}"
+                f" (source reported {failed} failed sub-operation(s)); first missing {still[0]}",
+                retryable=True, dimse_status=status,
+            )
+        return len(missing), len(existing)
+
+    def _arrived(self, harvest_id: str, uids: Sequence[str]) -> set[str]:
+        # OnStoredInstance runs before the C-STORE response, so once the move returned every delivered
+        # instance is in the store; the tracker saw those it could parse, the store has them all.
+        found: set[str] = set()
+        for uid in uids:
+            if self.tracker.has_object(harvest_id, uid) or self.store.lookup(uid) is not None:
+                found.add(uid)
+        return found
+
+    def _plan_local(self, job: Job, op: Operation, source: str, existing: Mapping[str, str],
+                    candidate: bool) -> None:
+        """Plan from stored copies, as if they had just arrived (nothing moves)."""
+        # A copy this harvest rejected for another rule (a candidate) may be exactly what this rule wants.
+        todo = {uid: oid for uid, oid in existing.items() if not self.tracker.has_kept(job.harvest_id, uid)}
+        if not todo:
+            return
+        first_uid = next(iter(todo))
+        refs = extract_from_bytes(self.store.read(todo[first_uid]))
+        expectation = Expectation(job.harvest_id, first_uid, job.id, source, op.role.value, op.hop, candidate,
+                                  op.to_dict())
+        self.ingest.process(refs, todo[first_uid], [expectation], moved=False)
+        # The other images of a series share every series-level fact the planner uses.
+        for uid, oid in list(todo.items())[1:]:
+            self.ingest.process(dataclasses.replace(refs, sop_uid=uid), oid,
+                                [dataclasses.replace(expectation, sop_uid=uid)], moved=False)
+
+    # -- maintenance: provenance, end-of-harvest cleanup --------------------------------------------
+
+    def _maintenance_loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                busy = self.write_provenance()
+                self.finish_harvests()
+            except Exception:
+                log.exception("maintenance step failed")
+                busy = False
+            if not busy:
+                self._stop.wait(0.5)
+
+    def write_provenance(self, batch: int = 200) -> bool:
+        """Write pending provenance metadata; returns True if there was work."""
+        items = self.tracker.pending_provenance(batch)
+        done: list[ProvenanceItem] = []
+        for item in items:
+            try:
+                current = self.store.metadata(item.orthanc_id)
+            except LookupError:
+                done.append(item)  # deleted meanwhile: nothing to stamp
+                continue
+            except Exception as exc:
+                if self.tracker.provenance_failed(item):
+                    self.events.write(Level.ERROR, "provenance", f"gave up writing provenance: {exc}",
+                                      harvest_id=item.harvest_id, sop_uid=item.sop_uid)
+                continue
+            first = current.get("HarvestId")
+            if first and first != item.harvest_id:
+                # A duplicate keeps its first provenance; the repeat is only logged.
+                self.events.write(Level.INFO, "provenance", f"already harvested by {first}; first provenance "
+                                  "kept", harvest_id=item.harvest_id, sop_uid=item.sop_uid)
+            elif not first:
+                try:
+                    for name, value in item.metadata().items():
+                        self.store.set_metadata(item.orthanc_id, name, value)
+                except Exception as exc:
+                    if self.tracker.provenance_failed(item):
+                        self.events.write(Level.ERROR, "provenance", f"gave up writing provenance: {exc}",
+                                          harvest_id=item.harvest_id, sop_uid=item.sop_uid)
+                    continue
+            done.append(item)
+        if done:
+            self.tracker.provenance_done(done)
+        return bool(items)
+
+    def finish_harvests(self) -> None:
+        """After a harvest's last job: delete (or keep, per policy) candidates nobody claimed."""
+        for harvest in self.queue.list_harvests():
+            if harvest.state != HarvestState.COMPLETED:
+                if self.tracker.cleanup_done(harvest.id) and harvest.state == HarvestState.RUNNING:
+                    self.tracker.mark_cleanup(harvest.id, False)
+                continue
+            if self.tracker.cleanup_done(harvest.id) or self.tracker.pending_provenance(1):
+                continue
+            removed = 0
+            for sop_uid, orthanc_id in self.tracker.rejected_unclaimed(harvest.id):
+                if not self.delete_rejected:
+                    continue
+                try:
+                    self.store.delete(orthanc_id)
+                    removed += 1
+                except LookupError:
+                    pass
+                self.tracker.forget_orthanc_id(harvest.id, sop_uid)
+            if removed:
+                self.events.write(Level.INFO, "harvester", f"removed {removed} candidate(s) retrieved only to "
+                                  "inspect their references", harvest_id=harvest.id)
+            self.tracker.mark_cleanup(harvest.id)
+
+
+def _patient_of(op: Operation) -> str:
+    if isinstance(op, FindTreatmentRecords):
+        return op.patient_id or ""
+    if isinstance(op, (RetrieveInstance, RetrieveSeries, FindReferencing, FindSeriesInFrameOfReference)):
+        return op.patient_id or ""
+    return ""

@@ -1,0 +1,179 @@
+"""Harvests as users see them: validated start requests, routing, and the documents REST returns."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from .classify import HarvestWindow
+from .config import HarvesterConfig
+from .eventlog import EventLog, Level
+from .httpapi import ApiError
+from .ingest import HarvestRouting, job_for
+from .jobqueue import Harvest, HarvestState, JobQueue
+from .planner import HarvestContext, start_operations
+from .tracking import Tracker
+
+_FIELDS = ("Source", "LookupSources", "From", "To", "PatientIDs", "Label")
+MAX_PATIENT_IDS = 10_000
+MAX_LABEL = 200
+
+
+def _iso(epoch: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch))
+
+
+def _source_name(value: Any, field: str, config: HarvesterConfig) -> str:
+    if not isinstance(value, str) or not value:
+        raise ApiError(400, f"{field} must be the name of a source (one of the DicomModalities)")
+    if value not in config.modalities:
+        known = ", ".join(sorted(config.modalities)) or "none configured"
+        raise ApiError(400, f"{field}: unknown source {value!r}; configured sources: {known}")
+    return value
+
+
+def parse_start_request(body: Mapping[str, Any], config: HarvesterConfig) -> tuple[str, tuple[str, ...],
+                                                                                    HarvestWindow, str]:
+    """Validate ``POST /rtharvest/harvests``; returns (source, lookup sources, window, label).
+
+    Raises:
+        ApiError: 400 naming the field and how to fix it.
+    """
+    unknown = sorted(set(body) - set(_FIELDS))
+    if unknown:
+        raise ApiError(400, f"unknown field(s) {', '.join(unknown)}; allowed: {', '.join(_FIELDS)}")
+    if "Source" not in body:
+        raise ApiError(400, "Source is required: the source where treatment records are queried (e.g. \"ARIA\")")
+    source = _source_name(body["Source"], "Source", config)
+    lookup_raw = body.get("LookupSources", [source])
+    if not isinstance(lookup_raw, list) or not lookup_raw:
+        raise ApiError(400, "LookupSources must be a non-empty list of source names, searched in order")
+    lookup: list[str] = []
+    for i, name in enumerate(lookup_raw):
+        checked = _source_name(name, f"LookupSources[{i}]", config)
+        if checked not in lookup:
+            lookup.append(checked)
+    for key in ("From", "To"):
+        if key in body and body[key] is not None and not isinstance(body[key], str):
+            raise ApiError(400, f"{key} must be a date as \"YYYYMMDD\"")
+    patients_raw = body.get("PatientIDs", [])
+    if patients_raw is None:
+        patients_raw = []
+    if not isinstance(patients_raw, list) or not all(isinstance(p, str) for p in patients_raw):
+        raise ApiError(400, "PatientIDs must be a list of strings")
+    if len(patients_raw) > MAX_PATIENT_IDS:
+        raise ApiError(400, f"PatientIDs lists {len(patients_raw)} patients; split it into harvests of at most "
+                       f"{MAX_PATIENT_IDS}")
+    for pid in patients_raw:
+        # PatientID is LO: at most 64 characters, no backslash (it would become a multi-value in a query).
+        if not pid.strip() or len(pid) > 64 or "\\" in pid or any(c in pid for c in "*?"):
+            raise ApiError(400, f"PatientIDs: {pid[:70]!r} is not a valid PatientID (1-64 characters, no \\ * ?)")
+    label = body.get("Label", "")
+    if label is None:
+        label = ""
+    if not isinstance(label, str) or len(label) > MAX_LABEL:
+        raise ApiError(400, f"Label must be a string of at most {MAX_LABEL} characters")
+    try:
+        window = HarvestWindow(body.get("From") or None, body.get("To") or None,
+                               tuple(dict.fromkeys(p.strip() for p in patients_raw)))
+    except ValueError as exc:
+        raise ApiError(400, f"{exc}") from None
+    return source, tuple(lookup), window, label
+
+
+class HarvestService:
+    """Starts harvests and answers what REST shows about them."""
+
+    def __init__(self, config: HarvesterConfig, queue: JobQueue, tracker: Tracker, events: EventLog) -> None:
+        self.config = config
+        self.queue = queue
+        self.tracker = tracker
+        self.events = events
+        self._routing: dict[str, HarvestRouting] = {}
+        self._lock = threading.Lock()
+
+    def start(self, body: Mapping[str, Any]) -> Harvest:
+        """Create a harvest and enqueue its treatment-record queries."""
+        source, lookup, window, label = parse_start_request(body, self.config)
+        params = {"LookupSources": list(lookup), "Window": window.to_dict()}
+        harvest = self.queue.create_harvest(source, label, params)
+        routing = HarvestRouting(harvest.id, window, source, lookup)
+        with self._lock:
+            self._routing[harvest.id] = routing
+        ops = start_operations(HarvestContext(window, harvest.id))
+        self.queue.enqueue_many(job_for(routing, op) for op in ops)
+        self.events.write(Level.INFO, "harvests", f"harvest started at {source} (lookup: {', '.join(lookup)}; "
+                          f"window {window.date_range() or 'any date'}, {len(window.patient_ids)} patient(s))",
+                          harvest_id=harvest.id, source=source)
+        return self.queue.get_harvest(harvest.id)
+
+    def routing(self, harvest_id: str) -> HarvestRouting | None:
+        """Where the harvest's operations run (cached; rebuilt from the stored params after a restart)."""
+        with self._lock:
+            cached = self._routing.get(harvest_id)
+        if cached is not None:
+            return cached
+        try:
+            harvest = self.queue.get_harvest(harvest_id)
+        except LookupError:
+            return None
+        params = harvest.params
+        try:
+            window = HarvestWindow.from_dict(params.get("Window", {}))
+        except (ValueError, TypeError):
+            return None
+        lookup = tuple(params.get("LookupSources") or [harvest.source])
+        routing = HarvestRouting(harvest.id, window, harvest.source, lookup)
+        with self._lock:
+            self._routing[harvest_id] = routing
+        return routing
+
+    def get(self, harvest_id: str) -> Harvest:
+        """The harvest, or ApiError 404."""
+        try:
+            return self.queue.get_harvest(harvest_id)
+        except LookupError:
+            raise ApiError(404, f"unknown harvest {harvest_id!r}; list harvests with GET /rtharvest/harvests") from None
+
+    def visible_state(self, harvest: Harvest) -> str:
+        """Completed only once the end-of-harvest cleanup ran (the store is final then)."""
+        if harvest.state == HarvestState.COMPLETED and not self.tracker.cleanup_done(harvest.id):
+            return HarvestState.RUNNING.value
+        return harvest.state.value
+
+    def document(self, harvest: Harvest) -> dict[str, Any]:
+        """The contract's harvest object."""
+        window = harvest.params.get("Window", {})
+        doc: dict[str, Any] = {
+            "ID": harvest.id,
+            "Source": harvest.source,
+            "LookupSources": harvest.params.get("LookupSources", [harvest.source]),
+            "Label": harvest.label,
+            "State": self.visible_state(harvest),
+            "CreatedAt": _iso(harvest.created_at),
+            "From": window.get("From"),
+            "To": window.get("To"),
+            "PatientIDs": window.get("PatientIDs", []),
+            "Progress": self.queue.progress(harvest.id).as_contract(),
+        }
+        doc.update(self.tracker.summary_counts(harvest.id))
+        return doc
+
+    def control(self, harvest_id: str, action: str) -> Harvest:
+        """pause / resume / cancel, with 404 and 409 for impossible requests."""
+        self.get(harvest_id)
+        try:
+            if action == "pause":
+                harvest = self.queue.pause(harvest_id)
+            elif action == "resume":
+                harvest = self.queue.resume(harvest_id)
+            else:
+                harvest = self.queue.cancel(harvest_id)
+        except LookupError:
+            raise ApiError(404, f"unknown harvest {harvest_id!r}") from None
+        except Exception as exc:  # InvalidTransition and friends
+            raise ApiError(409, str(exc)) from None
+        self.events.write(Level.INFO, "harvests", f"harvest {action}d", harvest_id=harvest_id)
+        return harvest

@@ -1,0 +1,144 @@
+"""The OnStoredInstance path: attribute an arriving object, let the planner decide, enqueue the next hops.
+
+Runs on Orthanc's C-STORE thread, before the C-STORE response is sent, so it does only local work:
+parse the header (no pixels), one indexed look-up of who expected the instance, the planner (pure), and
+one SQLite transaction recording the decision, the follow-up jobs and the provenance to write. It never
+issues a network operation and never calls ``orthanc.*`` (metadata and deletions are done by workers).
+
+The same :meth:`Ingest.process` plans from a local copy when a worker finds that an object it was about
+to retrieve is already stored: a re-harvest continues the chain without moving a byte.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from .classify import HarvestWindow
+from .db import Database
+from .eventlog import EventLog, Level
+from .jobqueue import EnqueueItem, JobQueue
+from .operations import FindTreatmentRecords, Operation, operation_from_dict
+from .planner import Arrival, HarvestContext, plan_arrival
+from .references import ObjectRefs, extract_from_bytes
+from .tracking import Decision, Expectation, ObjectRecord, Tracker
+
+log = logging.getLogger("rtharvest.ingest")
+
+
+@dataclass(frozen=True)
+class HarvestRouting:
+    """Where a harvest's operations run: records at ``source``, everything else in ``lookup_sources``."""
+
+    harvest_id: str
+    window: HarvestWindow
+    source: str
+    lookup_sources: tuple[str, ...]
+
+    def source_for(self, op: Operation) -> str:
+        """The queue's ``source`` of a job (politeness is counted against it)."""
+        return self.source if isinstance(op, FindTreatmentRecords) else self.lookup_sources[0]
+
+
+def job_for(routing: HarvestRouting, op: Operation, priority: int = 0) -> EnqueueItem:
+    """The queue item that runs ``op`` for this harvest (deduplicated on the operation's key)."""
+    return EnqueueItem(routing.harvest_id, op.kind.value, routing.source_for(op), op.to_dict(), op.dedupe_key(),
+                       priority)
+
+
+# Later hops first: finishing one patient's chain before starting the next keeps partial results useful
+# and bounds the number of half-collected plans after an interruption.
+_PRIORITY_BY_KIND = {
+    "FindTreatmentRecords": 0,
+    "RetrieveInstance": 20,
+    "FindReferencing": 10,
+    "RetrieveSeries": 15,
+    "FindSeriesInFrameOfReference": 5,
+}
+
+
+class Ingest:
+    """Turns arrivals into decisions and follow-up jobs."""
+
+    def __init__(self, db: Database, queue: JobQueue, tracker: Tracker, events: EventLog,
+                 routing_of: Callable[[str], HarvestRouting | None], source_of_aet: Callable[[str], str | None]):
+        self.db = db
+        self.queue = queue
+        self.tracker = tracker
+        self.events = events
+        self._routing_of = routing_of
+        self._source_of_aet = source_of_aet
+        self._lock = threading.Lock()
+        self.arrivals = 0
+        self.unsolicited = 0
+
+    def on_stored(self, orthanc_id: str, data: bytes, remote_aet: str) -> None:
+        """OnStoredInstance: parse, attribute, plan, enqueue (never raises)."""
+        refs = extract_from_bytes(data)
+        if not refs.sop_uid:
+            self.events.write(Level.WARNING, "ingest", f"stored instance {orthanc_id} is unreadable: "
+                              + "; ".join(p.message for p in refs.problems)[:500])
+            return
+        expectations = self.tracker.expectations_for(refs.sop_uid)
+        with self._lock:
+            self.arrivals += 1
+        if not expectations:
+            with self._lock:
+                self.unsolicited += 1
+            source = self._source_of_aet(remote_aet) if remote_aet else None
+            self.events.write(Level.DEBUG, "ingest", "instance arrived that no harvest expects",
+                              sop_uid=refs.sop_uid, source=source or remote_aet or None)
+            return
+        self.process(refs, orthanc_id, expectations, moved=True)
+
+    def process(self, refs: ObjectRefs, orthanc_id: str | None, expectations: Sequence[Expectation],
+                moved: bool) -> list[tuple[str, bool]]:
+        """Decide for every harvest that expects this object; returns ``(harvest_id, kept)`` pairs.
+
+        One transaction: the decisions, the provenance outbox rows and the follow-up jobs commit together.
+        """
+        results: list[tuple[str, bool]] = []
+        messages: list[tuple[Level, str, str, int | None]] = []
+        with self.db.transaction():
+            for exp in expectations:
+                routing = self._routing_of(exp.harvest_id)
+                if routing is None:
+                    continue
+                try:
+                    op = operation_from_dict(exp.operation)
+                except (KeyError, ValueError, TypeError) as exc:
+                    messages.append((Level.ERROR, exp.harvest_id, f"expectation of job {exp.job_id} has a bad "
+                                     f"operation: {exc}", exp.job_id))
+                    continue
+                decision = plan_arrival(Arrival(refs, op, exp.candidate), HarvestContext(routing.window,
+                                                                                        exp.harvest_id))
+                record = ObjectRecord(
+                    harvest_id=exp.harvest_id, sop_uid=refs.sop_uid, orthanc_id=orthanc_id,
+                    decision=Decision.KEPT if decision.keep else Decision.REJECTED, reason=decision.reason,
+                    role=exp.role, hop=exp.hop, source=exp.source, job_id=exp.job_id, moved=moved,
+                    patient_id=refs.patient_id, study_uid=refs.study_uid, series_uid=refs.series_uid,
+                    modality=refs.modality, sop_class_uid=refs.sop_class_uid,
+                    frame_of_reference_uid=refs.frame_of_reference_uid,
+                    plan_uids=refs.record.plan_uids if refs.record else (),
+                    treatment_date=refs.record.treatment_date if refs.record else None,
+                    problems=tuple(f"{p.code.value}: {p.message}" for p in decision.problems),
+                )
+                first = self.tracker.record(record)
+                if exp.candidate and not decision.keep:
+                    self.tracker.remember_rejection(refs.sop_uid, op.dedupe_key(), decision.reason)
+                if decision.operations:
+                    self.queue.enqueue_many(
+                        job_for(routing, o, _PRIORITY_BY_KIND.get(o.kind.value, 0)) for o in decision.operations
+                    )
+                results.append((exp.harvest_id, decision.keep))
+                if first and (not decision.keep or refs.kind.value != "IMAGE"):
+                    level = Level.INFO if decision.keep else Level.WARNING
+                    verb = "kept" if decision.keep else "rejected"
+                    messages.append((level, exp.harvest_id, f"{exp.hop} {refs.kind.value.lower()} {verb}: "
+                                     f"{decision.reason}", exp.job_id))
+        for level, harvest_id, message, job_id in messages:
+            self.events.write(level, "ingest", message, harvest_id=harvest_id, job_id=job_id, sop_uid=refs.sop_uid,
+                              series_uid=refs.series_uid)
+        return results

@@ -1,0 +1,198 @@
+"""HTTP client for the harvester's own REST API on 127.0.0.1, used from worker threads.
+
+Why not ``orthanc.RestApi*``: the Python plugin holds the GIL for the whole of every ``orthanc.*`` call
+(PLATFORM.md, "the GIL trap"). A remote C-FIND or a synchronous C-MOVE issued that way freezes every
+other Python callback, including the OnStoredInstance callback of the very instances being moved, which
+then time out. A plain socket wait in :mod:`urllib` releases the GIL, so workers talk to Orthanc over
+HTTP on loopback, authenticated by the token from ``orthanc.GenerateRestApiAuthorizationToken()``
+(inside Orthanc) or by HTTP basic auth (tests, CLI).
+
+Besides the generic JSON verbs, the client has the short local calls workers need: look an instance
+up by SOP Instance UID, read its file, set provenance metadata, delete it.
+"""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.parse
+import urllib.request
+from typing import Any
+
+__all__ = ["LoopbackClient", "LoopbackError"]
+
+
+class LoopbackError(Exception):
+    """A call to the harvester's REST API failed.
+
+    Attributes:
+        status: the HTTP status, or 0 when no HTTP answer came (connection refused, timeout).
+        message: what went wrong (Orthanc's ``Details`` or ``Message`` when it sent a JSON error).
+        body: the parsed JSON error body when there was one (Orthanc's ``{"HttpStatus", "Details", ...}``).
+        timed_out: whether the HTTP call hit its own timeout.
+    """
+
+    def __init__(self, status: int, message: str, *, body: Any = None, timed_out: bool = False,
+                 method: str = "", path: str = "") -> None:
+        where = f"{method} {path}: " if method else ""
+        super().__init__(f"{where}HTTP {status}: {message}" if status else f"{where}{message}")
+        self.status = status
+        self.message = message
+        self.body = body
+        self.timed_out = timed_out
+        self.method = method
+        self.path = path
+
+
+class LoopbackClient:
+    """JSON over HTTP to Orthanc's REST API (normally the harvester itself on 127.0.0.1).
+
+    ``authorization`` is the complete value of the ``Authorization`` header (e.g. ``"Basic ..."`` or the
+    token string from ``GenerateRestApiAuthorizationToken``), or ``None`` when authentication is off.
+    ``timeout`` is the default per request; long operations pass their own.
+    """
+
+    def __init__(self, base_url: str, authorization: str | None, *, timeout: float = 30.0) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.authorization = authorization
+        self.timeout = timeout
+
+    # --- generic verbs -------------------------------------------------------------------------------
+
+    def request(self, method: str, path: str, body: Any = None, *, raw: bytes | str | None = None,
+                timeout: float | None = None, content_type: str = "application/json",
+                parse: bool = True) -> Any:
+        """Send one request and return the parsed JSON answer (``None`` for an empty body).
+
+        ``body`` is sent as JSON; ``raw`` is sent as is (strings as UTF-8). With ``parse=False`` the raw
+        answer bytes are returned.
+
+        Raises:
+            LoopbackError: for any HTTP status >= 400, connection failure or timeout.
+        """
+        data: bytes | None
+        if raw is not None:
+            data = raw.encode("utf-8") if isinstance(raw, str) else raw
+        elif body is not None:
+            data = json.dumps(body).encode("utf-8")
+        else:
+            data = None
+        headers = {"Accept": "application/json"}
+        if data is not None:
+            headers["Content-Type"] = content_type
+        if self.authorization:
+            headers["Authorization"] = self.authorization
+        req = urllib.request.Request(self.base_url + path, data=data, method=method, headers=headers)
+        wait = self.timeout if timeout is None else timeout
+        try:
+            with urllib.request.urlopen(req, timeout=wait) as response:
+                payload: bytes = response.read()
+        except urllib.error.HTTPError as exc:
+            error_body = _parse_json(exc.read())
+            raise LoopbackError(exc.code, _orthanc_message(error_body, exc.reason), body=error_body,
+                                method=method, path=path) from None
+        except TimeoutError as exc:
+            raise LoopbackError(0, f"no answer within {wait:g} s", timed_out=True, method=method,
+                                path=path) from exc
+        except urllib.error.URLError as exc:
+            timed_out = isinstance(exc.reason, TimeoutError)
+            reason = f"no answer within {wait:g} s" if timed_out else f"cannot reach {self.base_url}: {exc.reason}"
+            raise LoopbackError(0, reason, timed_out=timed_out, method=method, path=path) from exc
+        except (ConnectionError, OSError) as exc:
+            # A connection reset while reading the answer is not wrapped in URLError.
+            raise LoopbackError(0, f"connection to {self.base_url} failed: {exc}", method=method,
+                                path=path) from exc
+        if not parse:
+            return payload
+        return _parse_json(payload) if payload else None
+
+    def get(self, path: str, *, timeout: float | None = None) -> Any:
+        """GET ``path``; parsed JSON."""
+        return self.request("GET", path, timeout=timeout)
+
+    def post(self, path: str, body: Any = None, *, timeout: float | None = None) -> Any:
+        """POST ``body`` as JSON (``{}`` when omitted); parsed JSON."""
+        return self.request("POST", path, {} if body is None else body, timeout=timeout)
+
+    def put(self, path: str, body: Any = None, *, timeout: float | None = None) -> Any:
+        """PUT ``body`` as JSON; parsed JSON."""
+        return self.request("PUT", path, {} if body is None else body, timeout=timeout)
+
+    def delete(self, path: str, *, timeout: float | None = None) -> Any:
+        """DELETE ``path``; parsed JSON (usually ``None``/``{}``)."""
+        return self.request("DELETE", path, timeout=timeout)
+
+    # --- short local calls for workers ---------------------------------------------------------------
+
+    def find_instance(self, sop_instance_uid: str) -> str | None:
+        """Orthanc ID of the stored instance with this SOP Instance UID, or ``None``.
+
+        Uses ``POST /tools/lookup`` (an index look-up, no DICOM traffic); the same UID could in theory
+        name a study or series too, so only ``Type == "Instance"`` counts.
+        """
+        found = self.request("POST", "/tools/lookup", raw=sop_instance_uid, content_type="text/plain")
+        for entry in found or []:
+            if isinstance(entry, dict) and entry.get("Type") == "Instance":
+                return str(entry["ID"])
+        return None
+
+    def instance_exists(self, sop_instance_uid: str) -> bool:
+        """Whether an instance with this SOP Instance UID is stored in the harvester."""
+        return self.find_instance(sop_instance_uid) is not None
+
+    def get_instance_file(self, orthanc_id: str, *, timeout: float | None = None) -> bytes:
+        """The stored DICOM file (Part 10 bytes) of instance ``orthanc_id``."""
+        data: bytes = self.request("GET", f"/instances/{_segment(orthanc_id)}/file", timeout=timeout,
+                                   parse=False)
+        return data
+
+    def set_metadata(self, orthanc_id: str, name: str, value: str) -> None:
+        """Set metadata ``name`` (declared in ``UserMetadata``) of instance ``orthanc_id`` to ``value``."""
+        self.request("PUT", f"/instances/{_segment(orthanc_id)}/metadata/{_segment(name)}", raw=value,
+                     content_type="text/plain")
+
+    def get_metadata(self, orthanc_id: str, name: str) -> str | None:
+        """Metadata ``name`` of instance ``orthanc_id``; ``None`` when not set."""
+        try:
+            data = self.request("GET", f"/instances/{_segment(orthanc_id)}/metadata/{_segment(name)}",
+                                parse=False)
+        except LoopbackError as exc:
+            if exc.status == 404:
+                return None
+            raise
+        return bytes(data).decode("utf-8")
+
+    def delete_instance(self, orthanc_id: str) -> None:
+        """Delete instance ``orthanc_id`` from the harvester (missing is not an error)."""
+        try:
+            self.request("DELETE", f"/instances/{_segment(orthanc_id)}")
+        except LoopbackError as exc:
+            if exc.status != 404:
+                raise
+
+
+def _segment(value: str) -> str:
+    return urllib.parse.quote(value, safe="")
+
+
+def _parse_json(payload: bytes) -> Any:
+    if not payload:
+        return None
+    try:
+        return json.loads(payload)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return payload.decode("utf-8", "replace")
+
+
+def _orthanc_message(body: Any, fallback: Any) -> str:
+    # Orthanc's error body: {"HttpStatus", "Message", "Details" (the useful part), "OrthancError", ...}
+    if isinstance(body, dict):
+        details = body.get("Details")
+        message = body.get("Message") or body.get("OrthancError")
+        if details and message:
+            return f"{message}: {details}"
+        if details or message:
+            return str(details or message)
+    if isinstance(body, str) and body.strip():
+        return body.strip()[:500]
+    return str(fallback)

@@ -1,0 +1,356 @@
+"""What each harvest expects, holds and decided: the harvester's own tables beside the job queue.
+
+* **expectations** — written by a worker *before* it moves anything: which SOP instances it is about to
+  bring in, for which harvest, job, role and operation. OnStoredInstance attributes an arriving
+  instance to the harvests that expect it by looking its SOPInstanceUID up here (one indexed read).
+* **objects** — the decision on every object a harvest touched (kept or rejected, role, hop, source,
+  job) and the facts the harvest summary needs (patient, plan references of seed records).
+* **provenance outbox** — metadata still to be written on kept instances. OnStoredInstance may not write
+  metadata itself (the instance is not committed to the index until the callback returns, and every
+  ``orthanc.*`` call holds the GIL), so a worker drains the outbox.
+
+All writes of one arrival happen in one transaction with the follow-up jobs, so a crash never records
+a decision without its consequences.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+from .db import Database, register_schema
+
+
+class Decision(StrEnum):
+    """What a harvest did with an object."""
+
+    KEPT = "kept"
+    REJECTED = "rejected"
+
+
+register_schema(
+    "tracking",
+    1,
+    [
+        """CREATE TABLE rth_expectations (
+            harvest_id TEXT NOT NULL,
+            sop_uid TEXT NOT NULL,
+            job_id INTEGER NOT NULL,
+            source TEXT NOT NULL,
+            role TEXT NOT NULL,
+            hop TEXT NOT NULL,
+            candidate INTEGER NOT NULL DEFAULT 0,
+            operation TEXT NOT NULL,
+            created_at REAL NOT NULL,
+            PRIMARY KEY (harvest_id, sop_uid, job_id)
+        )""",
+        "CREATE INDEX rth_expectations_sop ON rth_expectations(sop_uid)",
+        """CREATE TABLE rth_objects (
+            harvest_id TEXT NOT NULL,
+            sop_uid TEXT NOT NULL,
+            orthanc_id TEXT,
+            decision TEXT NOT NULL CHECK (decision IN ('kept', 'rejected')),
+            reason TEXT NOT NULL DEFAULT '',
+            role TEXT NOT NULL,
+            hop TEXT NOT NULL,
+            source TEXT NOT NULL,
+            job_id INTEGER,
+            moved INTEGER NOT NULL DEFAULT 1,
+            patient_id TEXT,
+            study_uid TEXT,
+            series_uid TEXT,
+            modality TEXT,
+            sop_class_uid TEXT,
+            frame_of_reference_uid TEXT,
+            plan_uids TEXT NOT NULL DEFAULT '[]',
+            treatment_date TEXT,
+            problems TEXT NOT NULL DEFAULT '[]',
+            arrived_at REAL NOT NULL,
+            PRIMARY KEY (harvest_id, sop_uid)
+        )""",
+        "CREATE INDEX rth_objects_sop ON rth_objects(sop_uid)",
+        "CREATE INDEX rth_objects_role ON rth_objects(harvest_id, role, decision)",
+        """CREATE TABLE rth_provenance_outbox (
+            orthanc_id TEXT NOT NULL,
+            harvest_id TEXT NOT NULL,
+            sop_uid TEXT NOT NULL,
+            source TEXT NOT NULL,
+            job_id INTEGER,
+            hop TEXT NOT NULL,
+            harvested_at TEXT NOT NULL,
+            attempts INTEGER NOT NULL DEFAULT 0,
+            PRIMARY KEY (orthanc_id, harvest_id)
+        )""",
+        """CREATE TABLE rth_cleanup (
+            harvest_id TEXT PRIMARY KEY,
+            done_at REAL NOT NULL
+        )""",
+        # Candidates already inspected and found not to belong, per operation: a re-harvest asks the same
+        # question and must not move them again just to read the same answer.
+        """CREATE TABLE rth_rejections (
+            sop_uid TEXT NOT NULL,
+            operation_key TEXT NOT NULL,
+            reason TEXT NOT NULL,
+            created_at REAL NOT NULL,
+            PRIMARY KEY (sop_uid, operation_key)
+        )""",
+    ],
+)
+
+
+@dataclass(frozen=True)
+class Expectation:
+    """A worker's announcement that an instance is about to arrive for a harvest."""
+
+    harvest_id: str
+    sop_uid: str
+    job_id: int
+    source: str
+    role: str
+    hop: str
+    candidate: bool
+    operation: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class ObjectRecord:
+    """One row of ``rth_objects``: what a harvest decided about one object, and why."""
+
+    harvest_id: str
+    sop_uid: str
+    orthanc_id: str | None
+    decision: Decision
+    reason: str
+    role: str
+    hop: str
+    source: str
+    job_id: int | None
+    moved: bool
+    patient_id: str | None = None
+    study_uid: str | None = None
+    series_uid: str | None = None
+    modality: str | None = None
+    sop_class_uid: str | None = None
+    frame_of_reference_uid: str | None = None
+    plan_uids: tuple[str, ...] = ()
+    treatment_date: str | None = None
+    problems: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class ProvenanceItem:
+    """Metadata to write on one stored instance (names of CONTRACT.md)."""
+
+    orthanc_id: str
+    harvest_id: str
+    sop_uid: str
+    source: str
+    job_id: int | None
+    hop: str
+    harvested_at: str
+    attempts: int
+
+    def metadata(self) -> dict[str, str]:
+        """The five provenance metadata values."""
+        return {
+            "HarvestId": self.harvest_id,
+            "HarvestSource": self.source,
+            "HarvestJob": "" if self.job_id is None else str(self.job_id),
+            "HarvestHop": self.hop,
+            "HarvestedAt": self.harvested_at,
+        }
+
+
+def iso_utc(epoch: float) -> str:
+    """ISO 8601 UTC with seconds, as stored in ``HarvestedAt``."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch))
+
+
+class Tracker:
+    """Reads and writes the tracking tables (call the write methods inside ``db.transaction()``)."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+        db.migrate()
+
+    # -- expectations -------------------------------------------------------------------------------
+
+    def expect(self, items: Iterable[Expectation]) -> None:
+        """Record expected arrivals (idempotent)."""
+        now = time.time()
+        rows = [
+            (e.harvest_id, e.sop_uid, e.job_id, e.source, e.role, e.hop, int(e.candidate),
+             json.dumps(e.operation, sort_keys=True), now)
+            for e in items
+        ]
+        with self.db.transaction():
+            self.db.executemany(
+                "INSERT INTO rth_expectations (harvest_id, sop_uid, job_id, source, role, hop, candidate,"
+                " operation, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT (harvest_id, sop_uid, job_id) DO NOTHING",
+                rows,
+            )
+
+    def expectations_for(self, sop_uid: str) -> list[Expectation]:
+        """Every expectation of this instance, oldest first."""
+        rows = self.db.query(
+            "SELECT harvest_id, sop_uid, job_id, source, role, hop, candidate, operation"
+            " FROM rth_expectations WHERE sop_uid = ? ORDER BY created_at, job_id",
+            (sop_uid,),
+        )
+        return [Expectation(r[0], r[1], int(r[2]), r[3], r[4], r[5], bool(r[6]), json.loads(r[7])) for r in rows]
+
+    def drop_expectations(self, job_id: int) -> None:
+        """Forget a finished job's expectations (arrivals after that are unsolicited)."""
+        self.db.execute("DELETE FROM rth_expectations WHERE job_id = ?", (job_id,))
+
+    # -- objects ------------------------------------------------------------------------------------
+
+    def has_object(self, harvest_id: str, sop_uid: str) -> bool:
+        """Whether the harvest already decided on this instance."""
+        return self.db.query_one(
+            "SELECT 1 FROM rth_objects WHERE harvest_id = ? AND sop_uid = ?", (harvest_id, sop_uid)
+        ) is not None
+
+    def has_kept(self, harvest_id: str, sop_uid: str) -> bool:
+        """Whether the harvest keeps this instance (for some rule)."""
+        return self.db.query_one(
+            "SELECT 1 FROM rth_objects WHERE harvest_id = ? AND sop_uid = ? AND decision = 'kept'",
+            (harvest_id, sop_uid),
+        ) is not None
+
+    def record(self, obj: ObjectRecord, provenance_at: float | None = None) -> bool:
+        """Record a decision; a kept object with an Orthanc id also goes into the provenance outbox.
+
+        Returns False if the harvest had already decided on this instance (the first decision stays,
+        unless it was a rejection and this one keeps it: another rule wants the object after all).
+        """
+        existing = self.db.query_one(
+            "SELECT decision FROM rth_objects WHERE harvest_id = ? AND sop_uid = ?", (obj.harvest_id, obj.sop_uid)
+        )
+        now = time.time()
+        if existing is not None and not (existing[0] == Decision.REJECTED and obj.decision is Decision.KEPT):
+            return False
+        self.db.execute(
+            "INSERT OR REPLACE INTO rth_objects (harvest_id, sop_uid, orthanc_id, decision, reason, role, hop,"
+            " source, job_id, moved, patient_id, study_uid, series_uid, modality, sop_class_uid,"
+            " frame_of_reference_uid, plan_uids, treatment_date, problems, arrived_at)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (obj.harvest_id, obj.sop_uid, obj.orthanc_id, obj.decision.value, obj.reason, obj.role, obj.hop,
+             obj.source, obj.job_id, int(obj.moved), obj.patient_id, obj.study_uid, obj.series_uid, obj.modality,
+             obj.sop_class_uid, obj.frame_of_reference_uid, json.dumps(list(obj.plan_uids)), obj.treatment_date,
+             json.dumps(list(obj.problems)), now),
+        )
+        if obj.decision is Decision.KEPT and obj.orthanc_id:
+            self.db.execute(
+                "INSERT INTO rth_provenance_outbox (orthanc_id, harvest_id, sop_uid, source, job_id, hop,"
+                " harvested_at) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                (obj.orthanc_id, obj.harvest_id, obj.sop_uid, obj.source, obj.job_id, obj.hop,
+                 iso_utc(provenance_at if provenance_at is not None else now)),
+            )
+        return True
+
+    def objects(self, harvest_id: str | None = None, decision: Decision | None = None) -> list[ObjectRecord]:
+        """Decisions of one harvest (or all), optionally filtered."""
+        sql = (
+            "SELECT harvest_id, sop_uid, orthanc_id, decision, reason, role, hop, source, job_id, moved,"
+            " patient_id, study_uid, series_uid, modality, sop_class_uid, frame_of_reference_uid, plan_uids,"
+            " treatment_date, problems FROM rth_objects WHERE (?1 IS NULL OR harvest_id = ?1)"
+            " AND (?2 IS NULL OR decision = ?2) ORDER BY arrived_at"
+        )
+        rows = self.db.query(sql, (harvest_id, None if decision is None else decision.value))
+        return [
+            ObjectRecord(r[0], r[1], r[2], Decision(r[3]), r[4], r[5], r[6], r[7], r[8], bool(r[9]), r[10], r[11],
+                         r[12], r[13], r[14], r[15], tuple(json.loads(r[16])), r[17], tuple(json.loads(r[18])))
+            for r in rows
+        ]
+
+    def summary_counts(self, harvest_id: str) -> dict[str, int]:
+        """Patients, plans referenced by kept seed records, plans collected (kept, role PLAN)."""
+        patients = self.db.scalar(
+            "SELECT count(DISTINCT patient_id) FROM rth_objects WHERE harvest_id = ? AND decision = 'kept'"
+            " AND role IN ('RECORD')", (harvest_id,), 0)
+        referenced = self.db.scalar(
+            "SELECT count(DISTINCT j.value) FROM rth_objects o, json_each(o.plan_uids) j"
+            " WHERE o.harvest_id = ? AND o.decision = 'kept' AND o.role = 'RECORD'", (harvest_id,), 0)
+        collected = self.db.scalar(
+            "SELECT count(DISTINCT sop_uid) FROM rth_objects WHERE harvest_id = ? AND decision = 'kept'"
+            " AND role = 'PLAN'", (harvest_id,), 0)
+        return {"Patients": int(patients), "PlansReferenced": int(referenced), "PlansCollected": int(collected)}
+
+    def rejected_unclaimed(self, harvest_id: str) -> list[tuple[str, str]]:
+        """(sop_uid, orthanc_id) this harvest moved in only to inspect and that no harvest keeps."""
+        rows = self.db.query(
+            "SELECT o.sop_uid, o.orthanc_id FROM rth_objects o WHERE o.harvest_id = ? AND o.decision = 'rejected'"
+            " AND o.moved = 1 AND o.orthanc_id IS NOT NULL AND NOT EXISTS (SELECT 1 FROM rth_objects k"
+            " WHERE k.sop_uid = o.sop_uid AND k.decision = 'kept')",
+            (harvest_id,),
+        )
+        return [(r[0], r[1]) for r in rows]
+
+    def remember_rejection(self, sop_uid: str, operation_key: str, reason: str) -> None:
+        """An inspected candidate does not satisfy this operation (kept across harvests)."""
+        self.db.execute(
+            "INSERT INTO rth_rejections (sop_uid, operation_key, reason, created_at) VALUES (?, ?, ?, ?)"
+            " ON CONFLICT DO NOTHING", (sop_uid, operation_key, reason, time.time()))
+
+    def known_rejections(self, operation_key: str, sop_uids: Sequence[str]) -> dict[str, str]:
+        """Which of ``sop_uids`` were already inspected and rejected for this operation, with why."""
+        found: dict[str, str] = {}
+        for uid in sop_uids:
+            row = self.db.query_one("SELECT reason FROM rth_rejections WHERE sop_uid = ? AND operation_key = ?",
+                                    (uid, operation_key))
+            if row is not None:
+                found[uid] = str(row[0])
+        return found
+
+    def forget_orthanc_id(self, harvest_id: str, sop_uid: str) -> None:
+        """The instance was deleted from the store: keep the decision, drop the dangling Orthanc id."""
+        self.db.execute("UPDATE rth_objects SET orthanc_id = NULL WHERE harvest_id = ? AND sop_uid = ?",
+                        (harvest_id, sop_uid))
+
+    def cleanup_done(self, harvest_id: str) -> bool:
+        """Whether the end-of-harvest cleanup ran."""
+        return self.db.query_one("SELECT 1 FROM rth_cleanup WHERE harvest_id = ?", (harvest_id,)) is not None
+
+    def mark_cleanup(self, harvest_id: str, done: bool = True) -> None:
+        """Record (or forget, when the harvest reopens) the end-of-harvest cleanup."""
+        if done:
+            self.db.execute("INSERT OR REPLACE INTO rth_cleanup (harvest_id, done_at) VALUES (?, ?)",
+                            (harvest_id, time.time()))
+        else:
+            self.db.execute("DELETE FROM rth_cleanup WHERE harvest_id = ?", (harvest_id,))
+
+    # -- provenance outbox --------------------------------------------------------------------------
+
+    def pending_provenance(self, limit: int = 200) -> list[ProvenanceItem]:
+        """Oldest outbox items first."""
+        rows = self.db.query(
+            "SELECT orthanc_id, harvest_id, sop_uid, source, job_id, hop, harvested_at, attempts"
+            " FROM rth_provenance_outbox ORDER BY rowid LIMIT ?",
+            (limit,),
+        )
+        return [ProvenanceItem(r[0], r[1], r[2], r[3], r[4], r[5], r[6], int(r[7])) for r in rows]
+
+    def provenance_done(self, items: Sequence[ProvenanceItem]) -> None:
+        """Remove written items from the outbox."""
+        with self.db.transaction():
+            self.db.executemany(
+                "DELETE FROM rth_provenance_outbox WHERE orthanc_id = ? AND harvest_id = ?",
+                [(i.orthanc_id, i.harvest_id) for i in items],
+            )
+
+    def provenance_failed(self, item: ProvenanceItem, give_up_after: int = 20) -> bool:
+        """Count a failed write; returns True (and drops the item) once it is hopeless."""
+        with self.db.transaction():
+            if item.attempts + 1 >= give_up_after:
+                self.db.execute("DELETE FROM rth_provenance_outbox WHERE orthanc_id = ? AND harvest_id = ?",
+                                (item.orthanc_id, item.harvest_id))
+                return True
+            self.db.execute("UPDATE rth_provenance_outbox SET attempts = attempts + 1 WHERE orthanc_id = ?"
+                            " AND harvest_id = ?", (item.orthanc_id, item.harvest_id))
+            return False
