@@ -15,6 +15,7 @@ from typing import Any
 
 import pydicom
 import pytest
+
 from rtharvest.classify import HarvestWindow, registration_type
 from rtharvest.operations import FindReferencing, RetrieveInstance, RetrieveSeries, Role
 from rtharvest.simulation import FakeSource, SimulationResult, simulate_harvest

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from rtharvest.db import Database
 from rtharvest.eventlog import Event, EventLog, EventLogHandler, Level, NewEvent, parse_since
 

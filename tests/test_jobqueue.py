@@ -18,6 +18,7 @@ from typing import Any
 
 import apsw
 import pytest
+
 from rtharvest.db import Database, DatabaseError, register_schema
 from rtharvest.jobqueue import (
     EnqueueItem,

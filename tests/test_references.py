@@ -12,6 +12,7 @@ from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
 from pydicom.uid import ExplicitVRLittleEndian
+
 from rtharvest.references import ObjectKind, ProblemCode, extract, extract_from_bytes
 from rtharvest.sopclass import SopClass
 
