@@ -12,15 +12,17 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import __version__, sdk
+from . import __version__, explorer_routes, sdk
 from .config import Backend, ConfigError, HarvesterConfig, QueryModel, load_config
 from .db import Database
 from .eventlog import EventLog, EventLogHandler, Level
 from .harvester import Harvester, SourceAccess
 from .harvests import HarvestService
-from .httpapi import HttpRequest, HttpResponse, Router
+from .httpapi import ApiError, HttpRequest, HttpResponse, Router
 from .ingest import Ingest
 from .jobqueue import JobQueue, JobState, RetryPolicy, SourceLimits
+from .manifest import ManifestService
+from .rest import build_routes
 from .strategies import SourceCapability
 from .tracking import Tracker
 
@@ -163,9 +165,15 @@ def build_runtime(config: HarvesterConfig) -> Runtime:
     router = Router()
     runtime = Runtime(router=router, config=config, db=db, queue=queue, events=events, tracker=tracker,
                       harvests=harvests, ingest=ingest)
-    from .rest import build_routes
 
-    build_routes(router, harvests, queue, events, lambda: status_document(runtime))
+    def read_file(orthanc_id: str) -> bytes:
+        if runtime.harvester is None:
+            raise ApiError(503, "the harvester is still starting; try again in a few seconds")
+        return runtime.harvester.store.read(orthanc_id)
+
+    build_routes(router, harvests, queue, events, lambda: status_document(runtime),
+                 manifest=ManifestService(tracker, queue, read_file))
+    explorer_routes.register(router)
     return runtime
 
 
@@ -180,6 +188,7 @@ def _error_router(error: str) -> Router:
         return HttpResponse.error(503, f"harvesting is disabled by a configuration error: {error}")
 
     router.add("GET", "/rtharvest/status", status)
+    explorer_routes.register(router)
     for method, pattern in (("POST", r"/rtharvest/harvests"), ("GET", r"/rtharvest/harvests"),
                             ("GET", r"/rtharvest/jobs"), ("GET", r"/rtharvest/log")):
         router.add(method, pattern, unavailable)
@@ -205,6 +214,7 @@ def install() -> Runtime:
         logging.getLogger("rtharvest").addHandler(_runtime.log_handler)
         ingest = _runtime.ingest
         sdk.register_on_stored_instance(lambda inst: ingest.on_stored(inst.instance_id, inst.data, inst.remote_aet))
+    sdk.extend_explorer(explorer_routes.explorer_extension())
     sdk.register_router(_runtime.router)
     sdk.register_lifecycle(_on_started, _on_stopped)
     return _runtime

@@ -36,7 +36,7 @@ def job_document(job: Job) -> dict[str, Any]:
 
 def build_routes(router: Router, harvests: HarvestService, queue: JobQueue, events: EventLog,
                  status: Callable[[], dict[str, Any]],
-                 manifest: Callable[[str, str], HttpResponse] | None = None) -> None:
+                 manifest: Callable[[str | None, str], HttpResponse] | None = None) -> None:
     """Register every route of the harvester on ``router``."""
 
     def get_status(_: HttpRequest) -> HttpResponse:
@@ -113,15 +113,20 @@ def build_routes(router: Router, harvests: HarvestService, queue: JobQueue, even
             raise ApiError(400, str(exc)) from None
         return HttpResponse.json([e.as_json() for e in found])
 
-    def get_manifest(request: HttpRequest) -> HttpResponse:
-        harvest_id = request.groups[0]
-        harvests.get(harvest_id)
+    def manifest_of(harvest_id: str | None, request: HttpRequest) -> HttpResponse:
         fmt = (request.query.get("format") or "json").lower()
         if fmt not in ("json", "csv"):
             raise ApiError(400, f"format must be json or csv, got {fmt[:20]!r}")
         if manifest is None:
             raise ApiError(501, "the manifest is not available in this version")
         return manifest(harvest_id, fmt)
+
+    def get_manifest(request: HttpRequest) -> HttpResponse:
+        harvests.get(request.groups[0])
+        return manifest_of(request.groups[0], request)
+
+    def get_store_manifest(request: HttpRequest) -> HttpResponse:
+        return manifest_of(None, request)
 
     router.add("GET", r"/rtharvest/status", get_status)
     router.add("POST", r"/rtharvest/harvests", start)
@@ -130,6 +135,7 @@ def build_routes(router: Router, harvests: HarvestService, queue: JobQueue, even
     for action in ("pause", "resume", "cancel"):
         router.add("POST", rf"/rtharvest/harvests/{_ID}/{action}", control(action))
     router.add("GET", rf"/rtharvest/harvests/{_ID}/manifest", get_manifest)
+    router.add("GET", r"/rtharvest/manifest", get_store_manifest)
     router.add("GET", r"/rtharvest/jobs", list_jobs)
     router.add("POST", r"/rtharvest/jobs/([^/]+)/retry", retry_job)
     router.add("GET", r"/rtharvest/log", get_log)

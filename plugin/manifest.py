@@ -1,0 +1,822 @@
+"""Validation and manifest: what a harvest (or the whole store) holds, plan by plan (pure, no I/O).
+
+:func:`build_manifest` walks the references of the objects the harvester *kept* and classifies every
+treated plan (a plan named by a kept seed treatment record) as ``Complete``, ``Incomplete``, ``Missing``
+or ``Invalid`` following ``docs/harvest-rules.md``. It re-derives every link from the stored objects'
+own references rather than trusting the role a harvest recorded for them: an object keeps the role under
+which it *first* arrived (a series can be planning images of one plan and registered images of another),
+and a manifest must describe the data as it is, not as the harvester believed it to be.
+
+Everything missing is named, with a reason taken from the failed jobs (:class:`FailureInfo`): "not found
+at source", "failed after N attempts: <last error>", a search that failed, a series only partly stored,
+or a "dangling reference" when no job even tried (the reference was never reachable).
+
+The caller supplies the I/O: the harvest's :class:`~rtharvest.tracking.ObjectRecord` rows, a function
+reading one stored object's references (plans, structure sets, doses and registrations only: images and
+records carry what is needed in their rows) and the failed jobs. ``harvest_id=None`` builds the manifest
+of the whole store, the union over harvests.
+
+The JSON form is CONTRACT.md's ``{"Harvest", "Summary", "Plans"}`` plus extras (``Charts`` for the
+Explorer page, ``Orphans`` and ``Failures`` for validation, a few per-plan lists the ground truth of the
+synthetic clinic also reports); the CSV form has one row per plan and loads with ``pandas.read_csv``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections import Counter
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from .classify import INVALID_INTENTS, classify_plan, registration_type
+from .httpapi import ApiError, HttpResponse
+from .references import ObjectKind, ObjectRefs, PlanRefs, RegistrationRefs, StructureSetRefs, extract_from_bytes
+from .sopclass import Modality, modality_of
+from .tracking import Decision, ObjectRecord
+
+__all__ = [
+    "STATUSES",
+    "FailureInfo",
+    "Manifest",
+    "ManifestService",
+    "MissingLink",
+    "PlanRow",
+    "Summary",
+    "build_manifest",
+    "failure_from_job",
+]
+
+STATUSES = ("Complete", "Incomplete", "Missing", "Invalid")
+NOT_FOUND = "not found at source"
+DANGLING = "dangling reference"
+PENDING = "not retrieved yet (job pending)"
+UNREADABLE = "stored copy could not be read"
+
+#: Modalities of objects that are not image series (ImageSeries counts the others).
+_NON_IMAGE_MODALITIES = frozenset(m.value for m in (Modality.RTRECORD, Modality.RTPLAN, Modality.RTSTRUCT,
+                                                    Modality.RTDOSE, Modality.REG, Modality.RAW))
+_IMAGE_ORDER = ("CT", "MR", "PT")
+#: What a failed search job of each role leaves unknown (``Missing[].What``).
+_SEARCH_WHAT = {
+    "PLAN_RECORD": "RTRECORD",
+    "DOSE": "RTDOSE",
+    "REGISTRATION": "REG",
+    "PLANNING_FOR_SERIES": "SERIES",
+    "REGISTERED_FOR_SERIES": "SERIES",
+}
+_SEARCH_KINDS = frozenset({"FindReferencing", "FindSeriesInFrameOfReference"})
+#: Orphans listed at most (the count is always exact).
+MAX_ORPHANS = 1000
+
+
+# ---------------------------------------------------------------------------------------------------
+# Inputs
+
+
+@dataclass(frozen=True)
+class FailureInfo:
+    """A failed job as the manifest needs it: what it was after and why it gave up.
+
+    ``target_uid`` is what the job looked for: the SOP Instance UID of a retrieve by UID, the series UID
+    of a series retrieve, the criterion (plan UID or FoR UIDs, comma-separated) of a search.
+    """
+
+    kind: str
+    target_uid: str
+    role: str | None
+    attempts: int
+    last_error: str | None
+    dimse_status: int | None = None
+    job_id: int | None = None
+    harvest_id: str | None = None
+
+    def targets(self) -> frozenset[str]:
+        """Every UID the job was after (a search may name several)."""
+        return frozenset(u.strip() for u in self.target_uid.split(",") if u.strip())
+
+    def is_not_found(self) -> bool:
+        """True when the job failed because no source holds the object (not a transient error)."""
+        return "not found at" in (self.last_error or "")
+
+    def reason(self) -> str:
+        """The ``Missing[].Reason`` this failure gives."""
+        if self.is_not_found():
+            return NOT_FOUND
+        error = (self.last_error or "no error recorded").strip()
+        if self.dimse_status is not None and f"{self.dimse_status:04X}" not in error.upper():
+            error += f" (DIMSE status 0x{self.dimse_status:04X})"
+        plural = "attempt" if self.attempts == 1 else "attempts"
+        return f"failed after {self.attempts} {plural}: {error}"
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON form (``Failures`` of the manifest)."""
+        return {
+            "Job": self.job_id,
+            "Harvest": self.harvest_id,
+            "Kind": self.kind,
+            "Role": self.role,
+            "Target": self.target_uid,
+            "Attempts": self.attempts,
+            "LastError": self.last_error,
+            "DimseStatus": None if self.dimse_status is None else f"0x{self.dimse_status:04X}",
+        }
+
+
+def failure_from_job(job: Any) -> FailureInfo:
+    """A :class:`FailureInfo` from a failed :class:`rtharvest.jobqueue.Job` (its payload is an operation)."""
+    payload: Mapping[str, Any] = job.payload or {}
+    criterion = payload.get("criterion") or {}
+    target = (payload.get("sop_uid") or payload.get("series_uid") or payload.get("for_uid")
+              or ",".join(criterion.get("uids", [])) or payload.get("patient_id") or "")
+    return FailureInfo(
+        kind=str(job.kind), target_uid=str(target), role=payload.get("role"), attempts=int(job.attempts),
+        last_error=job.last_error, dimse_status=job.dimse_status, job_id=int(job.id), harvest_id=job.harvest_id,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------
+# Outputs
+
+
+@dataclass(frozen=True)
+class MissingLink:
+    """A link a plan's references promise that the store does not hold."""
+
+    what: str
+    uid: str
+    reason: str
+
+    def to_json(self) -> dict[str, str]:
+        """``{"What", "UID", "Reason"}``."""
+        return {"What": self.what, "UID": self.uid, "Reason": self.reason}
+
+
+@dataclass
+class PlanRow:
+    """One treated plan of the manifest."""
+
+    patient_id: str | None
+    plan_uid: str
+    plan_label: str | None = None
+    plan_intent: str | None = None
+    status: str = "Complete"
+    record_uids: list[str] = field(default_factory=list)
+    treatment_dates: list[str] = field(default_factory=list)
+    structure_set_uid: str | None = None
+    dose_uids: list[str] = field(default_factory=list)
+    planning_series_uids: list[str] = field(default_factory=list)
+    planning_for_series_uids: list[str] = field(default_factory=list)
+    registration_uids: list[str] = field(default_factory=list)
+    registration_types: dict[str, str] = field(default_factory=dict)
+    registered_series_uids: list[str] = field(default_factory=list)
+    registered_for_series_uids: list[str] = field(default_factory=list)
+    missing: list[MissingLink] = field(default_factory=list)
+
+    @property
+    def treatments(self) -> int:
+        """Treatment records found for the plan."""
+        return len(self.record_uids)
+
+    @property
+    def first_treatment(self) -> str | None:
+        """Earliest TreatmentDate (YYYYMMDD) of its records."""
+        return self.treatment_dates[0] if self.treatment_dates else None
+
+    @property
+    def last_treatment(self) -> str | None:
+        """Latest TreatmentDate (YYYYMMDD) of its records."""
+        return self.treatment_dates[-1] if self.treatment_dates else None
+
+    def to_json(self) -> dict[str, Any]:
+        """The contract's plan object (``RecordUIDs``, ``PlanningForSeriesUIDs``, ``RegistrationTypes``
+        and ``RegisteredForSeriesUIDs`` are extras)."""
+        return {
+            "PatientID": self.patient_id,
+            "PlanUID": self.plan_uid,
+            "PlanLabel": self.plan_label,
+            "PlanIntent": self.plan_intent,
+            "Status": self.status,
+            "Treatments": self.treatments,
+            "FirstTreatment": self.first_treatment,
+            "LastTreatment": self.last_treatment,
+            "RecordUIDs": list(self.record_uids),
+            "StructureSetUID": self.structure_set_uid,
+            "DoseUIDs": list(self.dose_uids),
+            "PlanningSeriesUIDs": list(self.planning_series_uids),
+            "PlanningForSeriesUIDs": list(self.planning_for_series_uids),
+            "RegistrationUIDs": list(self.registration_uids),
+            "RegistrationTypes": dict(self.registration_types),
+            "RegisteredSeriesUIDs": list(self.registered_series_uids),
+            "RegisteredForSeriesUIDs": list(self.registered_for_series_uids),
+            "Missing": [m.to_json() for m in self.missing],
+        }
+
+
+@dataclass
+class Summary:
+    """The Table-1 counts of a manifest.
+
+    ``PlansCollected`` counts referenced plans that are stored (every status but ``Missing``);
+    ``SuccessRate`` is ``Complete / (PlansReferenced - InvalidPlans)`` rounded to 4 decimals (QA plans are
+    not patient data), 0.0 when no patient plan is referenced. ``PlansByIntent`` counts stored plans by
+    PlanIntent (``NONE`` when absent), QA intents included; ``Registrations`` counts each REG once, by
+    the type it has for the first plan (in manifest order) it serves.
+    """
+
+    patients: int = 0
+    plans_referenced: int = 0
+    plans_collected: int = 0
+    success_rate: float = 0.0
+    plans_by_intent: dict[str, int] = field(default_factory=dict)
+    plans_by_status: dict[str, int] = field(default_factory=dict)
+    invalid_plans: int = 0
+    image_series: dict[str, int] = field(default_factory=dict)
+    planning_series: int = 0
+    registrations: dict[str, int] = field(default_factory=dict)
+    treatment_records: int = 0
+    orphans: int = 0
+    failed_jobs: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        """The contract's ``Summary`` (``PlansByStatus``, ``OrphanObjects`` and ``FailedJobs`` are extras)."""
+        return {
+            "Patients": self.patients,
+            "PlansReferenced": self.plans_referenced,
+            "PlansCollected": self.plans_collected,
+            "SuccessRate": self.success_rate,
+            "PlansByIntent": dict(self.plans_by_intent),
+            "PlansByStatus": dict(self.plans_by_status),
+            "InvalidPlans": self.invalid_plans,
+            "ImageSeries": dict(self.image_series),
+            "PlanningSeries": self.planning_series,
+            "Registrations": dict(self.registrations),
+            "TreatmentRecords": self.treatment_records,
+            "OrphanObjects": self.orphans,
+            "FailedJobs": self.failed_jobs,
+        }
+
+
+@dataclass(frozen=True)
+class PeriodCount:
+    """Patients and plans whose first treatment falls in one month (``YYYY-MM``) or year (``YYYY``)."""
+
+    period: str
+    patients: int
+    plans: int
+
+    def to_json(self) -> dict[str, Any]:
+        """``{"Period", "Patients", "Plans"}``."""
+        return {"Period": self.period, "Patients": self.patients, "Plans": self.plans}
+
+
+@dataclass(frozen=True)
+class Orphan:
+    """A kept object that no plan row accounts for (a harvester bug, or a plan whose chain changed)."""
+
+    sop_uid: str
+    role: str
+    hop: str
+    modality: str | None
+    series_uid: str | None
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON form."""
+        return {"SOPInstanceUID": self.sop_uid, "Role": self.role, "Hop": self.hop, "Modality": self.modality,
+                "SeriesInstanceUID": self.series_uid}
+
+
+CSV_COLUMNS = (
+    "Harvest", "PatientID", "PlanUID", "PlanLabel", "PlanIntent", "Status", "Treatments", "FirstTreatment",
+    "LastTreatment", "StructureSetUID", "DoseUIDs", "PlanningSeriesUIDs", "PlanningForSeriesUIDs",
+    "RegistrationUIDs", "RegistrationTypes", "RegisteredSeriesUIDs", "RegisteredForSeriesUIDs",
+    "MissingWhat", "MissingUIDs", "MissingReasons",
+)
+
+
+def _iso_date(value: str | None) -> str:
+    if value and len(value) == 8 and value.isdigit():
+        return f"{value[:4]}-{value[4:6]}-{value[6:]}"
+    return value or ""
+
+
+def _csv_list(values: Iterable[str]) -> str:
+    # ";" separates list items; a ";" inside an item (only free-text reasons can hold one) would split it.
+    return ";".join(str(v).replace(";", ",") for v in values)
+
+
+@dataclass
+class Manifest:
+    """A harvest's (or the store's) manifest; :meth:`to_json` and :meth:`to_csv` are the two formats."""
+
+    harvest_id: str | None
+    summary: Summary
+    plans: list[PlanRow]
+    monthly: list[PeriodCount] = field(default_factory=list)
+    yearly: list[PeriodCount] = field(default_factory=list)
+    orphans: list[Orphan] = field(default_factory=list)
+    failures: list[FailureInfo] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        """``{"Harvest", "Summary", "Plans"}`` of CONTRACT.md, plus ``Charts``, ``Orphans``, ``Failures``.
+
+        ``Charts.Monthly``/``Yearly`` count patients and plans (QA plans excluded) by the month/year of
+        their first treatment, every period between the first and the last present (zeros included), so
+        a chart can draw them as they are. ``Failures`` lists failed jobs no plan row accounts for.
+        """
+        return {
+            "Harvest": self.harvest_id,
+            "Summary": self.summary.to_json(),
+            "Plans": [p.to_json() for p in self.plans],
+            "Charts": {
+                "Monthly": [c.to_json() for c in self.monthly],
+                "Yearly": [c.to_json() for c in self.yearly],
+                "PlansByIntent": dict(self.summary.plans_by_intent),
+                "PlansByStatus": dict(self.summary.plans_by_status),
+            },
+            "Orphans": [o.to_json() for o in self.orphans[:MAX_ORPHANS]],
+            "Failures": [f.to_json() for f in self.failures],
+        }
+
+    def to_csv(self) -> str:
+        """One row per plan with a header row; lists joined with ``;``, dates as ``YYYY-MM-DD``.
+
+        ISO dates (not DICOM's ``YYYYMMDD``) so that pandas and spreadsheets read them as dates rather than
+        integers; ``Missing`` is split into three parallel ``;``-lists (what, UID, reason).
+        """
+        out = io.StringIO()
+        writer = csv.writer(out, lineterminator="\n")
+        writer.writerow(CSV_COLUMNS)
+        for p in self.plans:
+            writer.writerow([
+                self.harvest_id or "",
+                p.patient_id or "",
+                p.plan_uid,
+                p.plan_label or "",
+                p.plan_intent or "",
+                p.status,
+                p.treatments,
+                _iso_date(p.first_treatment),
+                _iso_date(p.last_treatment),
+                p.structure_set_uid or "",
+                _csv_list(p.dose_uids),
+                _csv_list(p.planning_series_uids),
+                _csv_list(p.planning_for_series_uids),
+                _csv_list(p.registration_uids),
+                _csv_list(p.registration_types.get(uid, "?") for uid in p.registration_uids),
+                _csv_list(p.registered_series_uids),
+                _csv_list(p.registered_for_series_uids),
+                _csv_list(m.what for m in p.missing),
+                _csv_list(m.uid for m in p.missing),
+                _csv_list(m.reason for m in p.missing),
+            ])
+        return out.getvalue()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Building
+
+
+@dataclass
+class _Series:
+    uid: str
+    modality: str | None
+    for_uid: str | None
+    patient_id: str | None
+    instances: set[str] = field(default_factory=set)
+    harvests: set[str] = field(default_factory=set)
+
+
+def _kind_of(obj: ObjectRecord) -> str:
+    """The object's modality from its SOP class, else its Modality attribute (converters write odd classes)."""
+    by_class = modality_of(obj.sop_class_uid) if obj.sop_class_uid else None
+    if by_class is not None:
+        return by_class.value
+    return (obj.modality or "").upper()
+
+
+def _month_range(first: str, last: str) -> list[str]:
+    y, m = int(first[:4]), int(first[5:7])
+    out: list[str] = []
+    while f"{y:04d}-{m:02d}" <= last:
+        out.append(f"{y:04d}-{m:02d}")
+        y, m = (y + 1, 1) if m == 12 else (y, m + 1)
+    return out
+
+
+class _Builder:
+    """One manifest computation; caches every read so each stored object is read at most once."""
+
+    def __init__(self, objects: Sequence[ObjectRecord], read_refs: Callable[[ObjectRecord], ObjectRefs | None],
+                 failures: Sequence[FailureInfo], pending: Collection[str]) -> None:
+        self.read_refs = read_refs
+        self.failures = list(failures)
+        self.pending = frozenset(pending)
+        # Union over harvests: an object is kept when any harvest kept it; the first kept row represents it.
+        self.kept: dict[str, ObjectRecord] = {}
+        self.seeds: dict[str, ObjectRecord] = {}
+        for obj in objects:
+            if obj.decision is not Decision.KEPT:
+                continue
+            self.kept.setdefault(obj.sop_uid, obj)
+            if obj.role == "RECORD":
+                self.seeds.setdefault(obj.sop_uid, obj)
+        self.kinds = {uid: _kind_of(obj) for uid, obj in self.kept.items()}
+        self.series: dict[str, _Series] = {}
+        self.series_of_for: dict[str, list[str]] = {}
+        for obj in objects:
+            if obj.decision is not Decision.KEPT or not obj.series_uid:
+                continue
+            if self.kinds.get(obj.sop_uid, "") in _NON_IMAGE_MODALITIES:
+                continue
+            s = self.series.get(obj.series_uid)
+            if s is None:
+                s = self.series[obj.series_uid] = _Series(obj.series_uid, obj.modality, obj.frame_of_reference_uid,
+                                                          obj.patient_id)
+                if obj.frame_of_reference_uid:
+                    self.series_of_for.setdefault(obj.frame_of_reference_uid, []).append(obj.series_uid)
+            s.instances.add(obj.sop_uid)
+            s.harvests.add(obj.harvest_id)
+        self.records_of_plan: dict[str, list[ObjectRecord]] = {}
+        for uid, obj in self.kept.items():
+            if self.kinds[uid] == Modality.RTRECORD.value:
+                for plan_uid in dict.fromkeys(obj.plan_uids):
+                    self.records_of_plan.setdefault(plan_uid, []).append(obj)
+        self._refs: dict[str, ObjectRefs | None] = {}
+        self.doses_of_plan: dict[str, list[str]] = {}
+        self.registrations: dict[str, RegistrationRefs] = {}
+        for uid in self.kept:
+            kind = self.kinds[uid]
+            if kind == Modality.RTDOSE.value:
+                refs = self.refs(uid)
+                if refs is not None and refs.dose is not None:
+                    for plan_uid in dict.fromkeys(refs.dose.plan_uids):
+                        self.doses_of_plan.setdefault(plan_uid, []).append(uid)
+            elif kind == Modality.REG.value:
+                refs = self.refs(uid)
+                if refs is not None and refs.registration is not None:
+                    self.registrations[uid] = refs.registration
+        self.failures_by_target: dict[str, list[FailureInfo]] = {}
+        for f in self.failures:
+            for target in f.targets():
+                self.failures_by_target.setdefault(target, []).append(f)
+        self.used_failures: set[int] = set()
+
+    # -- helpers -----------------------------------------------------------------------------------
+
+    def refs(self, uid: str) -> ObjectRefs | None:
+        if uid not in self._refs:
+            try:
+                refs = self.read_refs(self.kept[uid])
+            except ApiError:
+                raise  # the reader refuses the whole request (e.g. 503 while the store is not ready)
+            except Exception:  # one object failing to read must not take the manifest down: it is reported
+                refs = None
+            if refs is not None and refs.kind is ObjectKind.UNREADABLE:
+                refs = None
+            self._refs[uid] = refs
+        return self._refs[uid]
+
+    def _failure_for(self, uid: str, kinds: Collection[str], use: bool = True) -> FailureInfo | None:
+        """The failure explaining why ``uid`` is absent (marked as attributed when ``use``)."""
+        found = [f for f in self.failures_by_target.get(uid, ()) if f.kind in kinds]
+        if not found:
+            return None
+        if use:
+            self.used_failures.update(id(f) for f in found)
+        # A definite "not found" beats a transient error; otherwise the most persistent failure speaks.
+        return next((f for f in found if f.is_not_found()), max(found, key=lambda f: f.attempts))
+
+    def absent_reason(self, uid: str) -> str:
+        """Why an object a reference names is not stored."""
+        failure = self._failure_for(uid, ("RetrieveInstance", "RetrieveSeries"))
+        if failure is not None:
+            return failure.reason()
+        if uid in self.pending:
+            return PENDING
+        return DANGLING
+
+    # -- one plan ------------------------------------------------------------------------------------
+
+    def row(self, plan_uid: str, seeds: list[ObjectRecord]) -> PlanRow:
+        row = PlanRow(patient_id=seeds[0].patient_id, plan_uid=plan_uid)
+        plan_obj = self.kept.get(plan_uid)
+        plan_refs = self.refs(plan_uid) if plan_obj is not None else None
+        plan = plan_refs.plan if plan_refs is not None else None
+        if plan_obj is None:
+            row.status = "Missing"
+            row.missing.append(MissingLink("RTPLAN", plan_uid, self.absent_reason(plan_uid)))
+        elif plan is None:
+            # Stored, but not readable as a plan: nothing can be followed or checked.
+            row.status = "Incomplete"
+            row.missing.append(MissingLink("RTPLAN", plan_uid, UNREADABLE))
+        else:
+            row.plan_label, row.plan_intent = plan.label, plan.intent
+            if classify_plan(plan) in set(INVALID_INTENTS.values()):
+                row.status = "Invalid"
+            else:
+                self._follow(row, plan)
+                row.status = "Incomplete" if row.missing else "Complete"
+        records = sorted(self.records_of_plan.get(plan_uid, seeds),
+                         key=lambda r: (r.treatment_date or "99999999", r.sop_uid))
+        if row.status in ("Missing", "Invalid"):
+            # Nothing was followed from the plan (rule 2): only its seed records belong to the row.
+            seed_uids = {s.sop_uid for s in seeds}
+            records = [r for r in records if r.sop_uid in seed_uids] or seeds
+        row.record_uids = [r.sop_uid for r in records]
+        row.treatment_dates = sorted(r.treatment_date for r in records if r.treatment_date)
+        return row
+
+    def _search_failures(self, row: PlanRow, uids: Iterable[str]) -> None:
+        for uid in uids:
+            for f in self.failures_by_target.get(uid, ()):
+                if f.kind in _SEARCH_KINDS:
+                    self.used_failures.add(id(f))
+                    what = _SEARCH_WHAT.get(f.role or "", "SEARCH")
+                    link = MissingLink(what, uid, "search " + f.reason())
+                    if link not in row.missing:
+                        row.missing.append(link)
+
+    def _follow(self, row: PlanRow, plan: PlanRefs) -> None:
+        """Steps 2-10 for a followed plan, from the stored objects' own references."""
+        row.dose_uids = sorted(self.doses_of_plan.get(row.plan_uid, []))
+        self._search_failures(row, [row.plan_uid])
+        # Step 2: the plan's structure set, or (TomoTherapy) the one its dose names.
+        ss_uid = plan.structure_set_uids[0] if plan.structure_set_uids else None
+        if ss_uid is None:
+            for dose_uid in row.dose_uids:
+                dose_refs = self.refs(dose_uid)
+                if dose_refs is not None and dose_refs.dose is not None and dose_refs.dose.structure_set_uids:
+                    ss_uid = dose_refs.dose.structure_set_uids[0]
+                    break
+        row.structure_set_uid = ss_uid
+        if ss_uid is None:
+            return
+        if ss_uid not in self.kept:
+            row.missing.append(MissingLink("RTSTRUCT", ss_uid, self.absent_reason(ss_uid)))
+            return
+        ss_refs = self.refs(ss_uid)
+        ss = ss_refs.structure_set if ss_refs is not None else None
+        if ss is None:
+            row.missing.append(MissingLink("RTSTRUCT", ss_uid, UNREADABLE))
+            return
+        planning = self._planning_series(row, ss)
+        row.planning_series_uids = sorted(planning)
+        planning_fors = {f for f in (self.series[u].for_uid for u in planning) if f}
+        # Step 8: series sharing a planning FoR.
+        row.planning_for_series_uids = sorted(
+            u for f in planning_fors for u in self.series_of_for.get(f, []) if u not in planning)
+        self._search_failures(row, sorted(planning_fors))
+        # Step 7: REGs involving a planning FoR; step 9: the series they register.
+        regs = sorted(uid for uid, reg in self.registrations.items() if reg.involved_fors() & planning_fors)
+        row.registration_uids = regs
+        registered: list[str] = []
+        for uid in regs:
+            reg = self.registrations[uid]
+            moving = self._registered_series(row, reg, planning, planning_fors)
+            for s in moving:
+                if s not in registered:
+                    registered.append(s)
+            involved = reg.involved_fors()
+            fixed = next((self.series[u] for u in sorted(planning) if self.series[u].for_uid in involved), None)
+            row.registration_types[uid] = registration_type(
+                fixed.modality if fixed else None, self.series[moving[0]].modality if moving else None)
+        row.registered_series_uids = sorted(registered)
+        # Step 10: series sharing a FoR with a registered series.
+        registered_fors = sorted({f for f in (self.series[u].for_uid for u in registered) if f})
+        taken = set(planning) | set(row.planning_for_series_uids) | set(registered)
+        row.registered_for_series_uids = sorted(
+            {u for f in registered_fors for u in self.series_of_for.get(f, []) if u not in taken})
+        self._search_failures(row, registered_fors)
+        # A series retrieve that failed part-way leaves a series that is present but short of instances.
+        for uid in (*row.planning_series_uids, *row.planning_for_series_uids, *row.registered_series_uids,
+                    *row.registered_for_series_uids):
+            failure = self._failure_for(uid, ("RetrieveSeries",), use=False)
+            harvests = self.series[uid].harvests
+            if failure is not None and (failure.harvest_id is None or harvests == {failure.harvest_id}):
+                self._failure_for(uid, ("RetrieveSeries",))
+                row.missing.append(MissingLink("SERIES", uid, "partially stored: " + failure.reason()))
+
+    def _planning_series(self, row: PlanRow, ss: StructureSetRefs) -> list[str]:
+        """Steps 5-6: RTReferencedSeriesSequence series, then the first contour's series."""
+        planning: list[str] = []
+
+        def add(series_uid: str) -> None:
+            if series_uid in planning or any(m.uid == series_uid for m in row.missing):
+                return
+            if series_uid in self.series:
+                planning.append(series_uid)
+            else:
+                row.missing.append(MissingLink("SERIES", series_uid, self.absent_reason(series_uid)))
+
+        for ref in ss.referenced_series:
+            add(ref.series_uid)
+        image_uid = ss.first_contour_image_uid
+        if image_uid:
+            stored = self.kept.get(image_uid)
+            if stored is not None and stored.series_uid:
+                add(stored.series_uid)
+            else:
+                listing = ss.series_listing(image_uid)
+                if listing is not None:
+                    add(listing.series_uid)
+                else:
+                    row.missing.append(MissingLink("IMAGE", image_uid, self.absent_reason(image_uid)))
+        return planning
+
+    def _registered_series(self, row: PlanRow, reg: RegistrationRefs, planning: list[str],
+                           planning_fors: set[str]) -> list[str]:
+        """Step 9 for one REG: explicitly referenced series other than the planning ones, in reference
+        order, then the series of FoR-only items (anatomical modality first)."""
+        moving: list[str] = []
+        listed: set[str] = set()
+
+        def add(series_uid: str) -> None:
+            if series_uid in planning or series_uid in moving:
+                return
+            if series_uid in self.series:
+                moving.append(series_uid)
+            elif not any(m.uid == series_uid for m in row.missing):
+                row.missing.append(MissingLink("SERIES", series_uid, self.absent_reason(series_uid)))
+
+        for ref in reg.referenced_series:
+            listed.update(ref.instance_uids)
+            add(ref.series_uid)
+        by_for: list[str] = []
+        for item in reg.items:
+            if item.for_uid in planning_fors:
+                continue  # the fixed side
+            unlisted = [u for u in item.image_uids if u not in listed]
+            for image_uid in unlisted[:1]:  # one image names its series (as the planner fetches it)
+                stored = self.kept.get(image_uid)
+                if stored is not None and stored.series_uid:
+                    add(stored.series_uid)
+                elif not any(m.uid == image_uid for m in row.missing):
+                    row.missing.append(MissingLink("IMAGE", image_uid, self.absent_reason(image_uid)))
+            if not item.image_uids and item.for_uid:
+                by_for += [u for u in self.series_of_for.get(item.for_uid, []) if u not in planning]
+        order = {m: i for i, m in enumerate(_IMAGE_ORDER)}
+        for uid in sorted(by_for, key=lambda u: (order.get(self.series[u].modality or "", 99), u)):
+            if uid not in moving:
+                moving.append(uid)
+        return moving
+
+    # -- whole manifest -------------------------------------------------------------------------------
+
+    def rows(self) -> list[PlanRow]:
+        seeds_of_plan: dict[str, list[ObjectRecord]] = {}
+        for seed in sorted(self.seeds.values(),
+                           key=lambda r: (r.patient_id or "", r.treatment_date or "", r.sop_uid)):
+            for plan_uid in dict.fromkeys(seed.plan_uids):
+                seeds_of_plan.setdefault(plan_uid, []).append(seed)
+        rows = [self.row(uid, seeds) for uid, seeds in seeds_of_plan.items()]
+        rows.sort(key=lambda r: (r.patient_id or "", r.first_treatment or "", r.plan_uid))
+        return rows
+
+    def orphans(self, rows: Sequence[PlanRow]) -> list[Orphan]:
+        accounted: set[str] = set(self.seeds)
+        for r in rows:
+            accounted.update(r.record_uids)
+            accounted.add(r.plan_uid)
+            if r.structure_set_uid:
+                accounted.add(r.structure_set_uid)
+            accounted.update(r.dose_uids)
+            accounted.update(r.registration_uids)
+            for s in (*r.planning_series_uids, *r.planning_for_series_uids, *r.registered_series_uids,
+                      *r.registered_for_series_uids):
+                accounted.update(self.series[s].instances)
+        return [Orphan(uid, obj.role, obj.hop, obj.modality, obj.series_uid)
+                for uid, obj in self.kept.items() if uid not in accounted]
+
+    def summary(self, rows: Sequence[PlanRow], orphans: int) -> Summary:
+        status = Counter(r.status for r in rows)
+        intents = Counter(r.plan_intent or "NONE" for r in rows if r.status != "Missing")
+        images = Counter(s.modality or "?" for s in self.series.values())
+        order = {m: i for i, m in enumerate(_IMAGE_ORDER)}
+        reg_types: dict[str, str] = {}
+        for r in rows:
+            for uid in r.registration_uids:
+                reg_types.setdefault(uid, r.registration_types.get(uid, "?"))
+        denominator = len(rows) - status["Invalid"]
+        return Summary(
+            patients=len({s.patient_id for s in self.seeds.values()}),
+            plans_referenced=len(rows),
+            plans_collected=len(rows) - status["Missing"],
+            success_rate=round(status["Complete"] / denominator, 4) if denominator else 0.0,
+            plans_by_intent=dict(sorted(intents.items())),
+            plans_by_status={s: status[s] for s in STATUSES if status[s]},
+            invalid_plans=status["Invalid"],
+            image_series={m: images[m] for m in sorted(images, key=lambda m: (order.get(m, 99), m))},
+            planning_series=len({u for r in rows for u in r.planning_series_uids}),
+            registrations=dict(sorted(Counter(reg_types.values()).items())),
+            treatment_records=sum(1 for uid in self.kept if self.kinds[uid] == Modality.RTRECORD.value),
+            orphans=orphans,
+            failed_jobs=len(self.failures),
+        )
+
+
+def _timeline(rows: Sequence[PlanRow]) -> tuple[list[PeriodCount], list[PeriodCount]]:
+    """Patients and plans by month/year of first treatment, QA plans excluded (a phantom is no patient)."""
+    plan_month: dict[str, str] = {}
+    patient_month: dict[str, str] = {}
+    for r in rows:
+        if r.status == "Invalid" or not r.first_treatment or len(r.first_treatment) < 6:
+            continue
+        month = f"{r.first_treatment[:4]}-{r.first_treatment[4:6]}"
+        plan_month[r.plan_uid] = month
+        key = r.patient_id or ""
+        if key not in patient_month or month < patient_month[key]:
+            patient_month[key] = month
+    if not plan_month:
+        return [], []
+    plans_m, patients_m = Counter(plan_month.values()), Counter(patient_month.values())
+    months = _month_range(min(plan_month.values()), max(plan_month.values()))
+    monthly = [PeriodCount(m, patients_m[m], plans_m[m]) for m in months]
+    plans_y = Counter(m[:4] for m in plan_month.values())
+    patients_y = Counter(m[:4] for m in patient_month.values())
+    years = [str(y) for y in range(int(months[0][:4]), int(months[-1][:4]) + 1)]
+    yearly = [PeriodCount(y, patients_y[y], plans_y[y]) for y in years]
+    return monthly, yearly
+
+
+def build_manifest(
+    harvest_id: str | None,
+    objects: Sequence[ObjectRecord],
+    read_refs: Callable[[ObjectRecord], ObjectRefs | None],
+    failures: Sequence[FailureInfo] = (),
+    *,
+    pending: Collection[str] = (),
+) -> Manifest:
+    """The manifest of one harvest (``objects`` of that harvest) or of the store (``harvest_id=None``:
+    the objects of every harvest, merged).
+
+    Args:
+        harvest_id: put in ``Harvest``; ``None`` for the whole store.
+        objects: the harvest's decisions (``Tracker.objects``); rejected ones are ignored.
+        read_refs: reads a *kept* object's references (called for plans, structure sets, doses and
+            registrations only, at most once each); ``None`` or an unreadable result when it cannot.
+        failures: failed jobs of the harvest(s), for the reasons of missing links.
+        pending: target UIDs of jobs still pending (a missing link then says "not retrieved yet").
+    """
+    builder = _Builder(objects, read_refs, failures, pending)
+    rows = builder.rows()
+    orphans = builder.orphans(rows)
+    summary = builder.summary(rows, len(orphans))
+    monthly, yearly = _timeline(rows)
+    unattributed = [f for f in builder.failures if id(f) not in builder.used_failures]
+    return Manifest(harvest_id, summary, rows, monthly, yearly, orphans, unattributed)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Serving (the I/O around build_manifest, for the REST route)
+
+
+class ManifestService:
+    """``manifest(harvest_id, fmt) -> HttpResponse`` for :func:`rtharvest.rest.build_routes`.
+
+    ``tracker`` and ``queue`` are the plugin's :class:`~rtharvest.tracking.Tracker` and
+    :class:`~rtharvest.jobqueue.JobQueue`; ``read_file(orthanc_id)`` returns a stored instance's bytes
+    (the harvester's local store), raising when it cannot. References are cached by Orthanc ID: a stored
+    instance never changes, and a harvest's manifest is asked for again and again while it runs (the
+    Explorer page refreshes it), so each object is downloaded and parsed once per plugin lifetime.
+    """
+
+    def __init__(self, tracker: Any, queue: Any, read_file: Callable[[str], bytes],
+                 cache_size: int = 200_000) -> None:
+        self.tracker = tracker
+        self.queue = queue
+        self.read_file = read_file
+        self.cache_size = cache_size
+        self._cache: dict[str, ObjectRefs] = {}
+
+    def read_refs(self, obj: ObjectRecord) -> ObjectRefs | None:
+        """References of a stored object (``None`` when it was deleted or cannot be read)."""
+        if not obj.orthanc_id:
+            return None
+        cached = self._cache.get(obj.orthanc_id)
+        if cached is not None:
+            return cached
+        refs = extract_from_bytes(self.read_file(obj.orthanc_id))
+        if refs.kind is not ObjectKind.UNREADABLE:
+            if len(self._cache) >= self.cache_size:
+                self._cache.clear()  # crude, but bounded: a rebuild only costs re-reading
+            self._cache[obj.orthanc_id] = refs
+        return refs
+
+    def build(self, harvest_id: str | None) -> Manifest:
+        """The manifest of one harvest, or of every harvest (``None``)."""
+        objects = self.tracker.objects(harvest_id)
+        failed = self.queue.list_jobs(harvest_id=harvest_id, state="failed", limit=1_000_000)
+        pending: set[str] = set()
+        for state in ("pending", "waiting", "leased"):
+            for job in self.queue.list_jobs(harvest_id=harvest_id, state=state, limit=1_000_000):
+                pending |= failure_from_job(job).targets()
+        return build_manifest(harvest_id, objects, self.read_refs, [failure_from_job(j) for j in failed],
+                              pending=pending)
+
+    def __call__(self, harvest_id: str | None, fmt: str) -> HttpResponse:
+        manifest = self.build(harvest_id)
+        if fmt == "csv":
+            return HttpResponse.text(manifest.to_csv(), "text/csv; charset=utf-8")
+        return HttpResponse.json(manifest.to_json())

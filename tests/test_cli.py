@@ -1,0 +1,317 @@
+"""The ``rtharvest`` command against the plugin's real routes (router, queue, tracker on a temp database).
+
+The server is :mod:`tests.browser.apiserver`: the same ``build_routes`` Orthanc serves, over plain HTTP on
+loopback. Usage errors exit 2, refusals 1 with the server's ``Error`` text, an unreachable server 3.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from rtharvest import cli
+from rtharvest.eventlog import Level
+from rtharvest.synth.generator import SynthOptions, generate
+
+from .browser.apiserver import ApiServer, fail_job, load_harvest
+
+
+@pytest.fixture()
+def api(tmp_path: Path) -> Iterator[ApiServer]:
+    server = ApiServer(tmp_path).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture()
+def secured(tmp_path: Path) -> Iterator[ApiServer]:
+    server = ApiServer(tmp_path, auth=("alice", "s3cret")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def clinic(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, object]:
+    root = tmp_path_factory.mktemp("cli-clinic")
+    return root, generate(root, SynthOptions(patients=3, seed=5))
+
+
+class Tty(io.StringIO):
+    """A terminal, as far as ``isatty`` is concerned."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+def run(url: str | None, *argv: str, env: dict[str, str] | None = None,
+        out: io.StringIO | None = None, capsys: pytest.CaptureFixture[str] | None = None) -> tuple[int, str, str]:
+    """Run the CLI in-process; returns (exit code, stdout, stderr)."""
+    buffer = out if out is not None else io.StringIO()
+    args = (["--url", url] if url else []) + list(argv)
+    code = cli.main(args, out=buffer, env=env or {})
+    err = capsys.readouterr().err if capsys is not None else ""
+    return code, buffer.getvalue(), err
+
+
+def start(api: ApiServer, *extra: str) -> str:
+    code, out, _ = run(api.url, "harvest", "start", "--source", "ARIA", "--from", "20200101", "--to", "2020-12-31",
+                       *extra)
+    assert code == 0, out
+    return out.strip()
+
+
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_start_status_list(api: ApiServer, capsys: pytest.CaptureFixture[str]) -> None:
+    hid = start(api, "--label", "lung 2020", "--lookup", "ARIA,MIM", "--patient", "P1", "--patient", "P2")
+    harvest = api.queue.get_harvest(hid)
+    assert harvest.label == "lung 2020"
+    assert harvest.params["LookupSources"] == ["ARIA", "MIM"]
+    assert harvest.params["Window"] == {"From": "20200101", "To": "20201231", "PatientIDs": ["P1", "P2"]}
+    code, out, _ = run(api.url, "harvest", "status", hid)
+    assert code == 0
+    assert f"Harvest {hid}  lung 2020" in out and "Running:" in out and "20200101-20201231, 2 patient(s)" in out
+    code, out, _ = run(api.url, "--json", "harvest", "status", hid)
+    assert code == 0 and json.loads(out)["ID"] == hid
+    code, out, _ = run(api.url, "harvest", "list")
+    lines = out.splitlines()
+    assert code == 0 and lines[0].split()[:3] == ["ID", "STATE", "SOURCE"] and lines[1].startswith(hid)
+    code, out, _ = run(api.url, "--json", "harvest", "list")
+    assert [d["ID"] for d in json.loads(out)] == [hid]
+
+
+def test_patients_file(api: ApiServer, tmp_path: Path) -> None:
+    ids = tmp_path / "ids.txt"
+    ids.write_text("# cohort\nA1\n\nB2\n")
+    code, out, _ = run(api.url, "harvest", "start", "--source", "ARIA", "--patients-file", str(ids))
+    assert code == 0
+    assert api.queue.get_harvest(out.strip()).params["Window"]["PatientIDs"] == ["A1", "B2"]
+
+
+def test_control(api: ApiServer, capsys: pytest.CaptureFixture[str]) -> None:
+    hid = start(api)
+    assert run(api.url, "harvest", "pause", hid)[:2] == (0, f"{hid}: Paused\n")
+    assert run(api.url, "harvest", "resume", hid)[:2] == (0, f"{hid}: Running\n")
+    assert run(api.url, "harvest", "cancel", hid)[:2] == (0, f"{hid}: Cancelled\n")
+    code, out, err = run(api.url, "harvest", "resume", hid, capsys=capsys)
+    assert code == 1 and out == ""
+    assert err.startswith("rtharvest: server refused POST /rtharvest/harvests/") and "(409)" in err
+
+
+@pytest.mark.parametrize(
+    ("argv", "fragment"),
+    [
+        (("harvest", "start", "--source", "NOPE", "--from", "20200101"), "unknown source 'NOPE'; configured sources: "
+                                                                         "ARIA, MIM"),
+        (("harvest", "start", "--source", "ARIA", "--from", "20201301"), "not a calendar date"),
+        (("harvest", "start", "--source", "ARIA", "--from", "20200201", "--to", "20200101"), "is after"),
+        (("harvest", "status", "0123456789abcdef"), "unknown harvest '0123456789abcdef'"),
+        (("harvest", "pause", "0123456789abcdef"), "(404)"),
+        (("jobs", "--state", "exploded"), "state must be one of"),
+        (("jobs", "--retry", "999"), "unknown job 999"),
+        (("log", "--level", "loud"), "level must be one of"),
+        (("log", "--since", "yesterday-ish"), "since:"),
+        (("manifest", "0123456789abcdef"), "unknown harvest"),
+    ],
+)
+def test_server_refusals_exit_1_with_the_error_text(api: ApiServer, capsys: pytest.CaptureFixture[str],
+                                                    argv: tuple[str, ...], fragment: str) -> None:
+    code, out, err = run(api.url, *argv, capsys=capsys)
+    assert code == 1, (out, err)
+    assert fragment in err and err.startswith("rtharvest: ")
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        (),
+        ("harvest",),
+        ("harvest", "launch"),
+        ("harvest", "status"),
+        ("harvest", "start", "--from", "20200101"),  # --source missing
+        ("harvest", "start", "--source", "ARIA", "--from", "2020"),
+        ("harvest", "start", "--source", "ARIA"),  # neither dates nor patients
+        ("harvest", "wait", "x", "--timeout", "-1"),
+        ("manifest",),
+        ("manifest", "abc", "--all"),
+        ("jobs", "--limit", "many"),
+        ("--url", "ftp://server", "harvest", "list"),
+        ("--password", "pw", "harvest", "list"),  # a password without a user
+    ],
+)
+def test_usage_errors_exit_2(api: ApiServer, capsys: pytest.CaptureFixture[str], argv: tuple[str, ...]) -> None:
+    before = len(api.requests)
+    code, _, err = run(None, *argv, env={"RTHARVEST_URL": api.url}, capsys=capsys)
+    assert code == 2, err
+    assert "rtharvest" in err
+    assert len(api.requests) == before  # nothing was sent
+
+
+def test_help_exits_0(capsys: pytest.CaptureFixture[str]) -> None:
+    assert run(None, "--help")[0] == 0
+    assert "harvest" in capsys.readouterr().out
+
+
+def test_unreachable_exits_3(capsys: pytest.CaptureFixture[str]) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # bound, never listening: connection refused
+        code, _, err = run(f"http://127.0.0.1:{port}", "harvest", "list", capsys=capsys)
+    assert code == 3
+    assert f"cannot reach http://127.0.0.1:{port}" in err and "RTHARVEST_URL" in err
+
+
+def test_not_the_plugin(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    server = ApiServer(tmp_path).start()
+    try:
+        code, _, err = run(server.url + "/elsewhere", "harvest", "list", capsys=capsys)
+    finally:
+        server.stop()
+    assert code == 1 and "(404)" in err
+
+
+def test_credentials_from_flags_and_environment(secured: ApiServer, capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run(secured.url, "harvest", "list", capsys=capsys)
+    assert code == 1 and "authentication failed (401)" in err and "RTHARVEST_USER" in err
+    code, _, err = run(secured.url, "--user", "alice", "--password", "wrong", "harvest", "list", capsys=capsys)
+    assert code == 1 and "401" in err
+    assert run(secured.url, "--user", "alice", "--password", "s3cret", "harvest", "list")[0] == 0
+    env = {"RTHARVEST_URL": secured.url, "RTHARVEST_USER": "alice", "RTHARVEST_PASSWORD": "s3cret"}
+    code, out, _ = run(None, "harvest", "start", "--source", "ARIA", "--patient", "P9", env=env)
+    assert code == 0 and len(out.strip()) == 16
+    # Flags win over the environment.
+    code, _, err = run(None, "--password", "wrong", "harvest", "list", env=env, capsys=capsys)
+    assert code == 1 and "401" in err
+
+
+def test_jobs_list_and_retry(api: ApiServer, capsys: pytest.CaptureFixture[str]) -> None:
+    hid = start(api)
+    job_id = fail_job(api.queue, hid, "C-FIND refused by ARIA", dimse_status=0xA700)
+    code, out, _ = run(api.url, "jobs", "--harvest", hid, "--state", "failed")
+    assert code == 0
+    header, row = out.splitlines()[:2]
+    assert header.split()[:4] == ["ID", "HARVEST", "KIND", "STATE"]
+    assert row.split()[:4] == [str(job_id), hid, "FindTreatmentRecords", "failed"]
+    assert "0xA700" in row and "C-FIND refused by ARIA" in row
+    code, out, _ = run(api.url, "jobs", "--retry", str(job_id))
+    assert code == 0 and out.startswith(f"job {job_id}: pending")
+    code, _, err = run(api.url, "jobs", "--retry", str(job_id), capsys=capsys)
+    assert code == 1 and "only failed jobs can be retried" in err
+    code, out, _ = run(api.url, "--json", "jobs", "--harvest", hid)
+    assert code == 0 and json.loads(out)[0]["State"] == "pending"
+    assert run(api.url, "jobs", "--state", "failed")[1] == "no jobs match\n"
+
+
+def test_log(api: ApiServer) -> None:
+    hid = start(api)
+    api.events.write(Level.ERROR, "harvester", "RetrieveSeries failed for good: gave up", harvest_id=hid, job_id=7)
+    code, out, _ = run(api.url, "log", "--level", "warning")
+    assert code == 0
+    lines = out.splitlines()
+    assert len(lines) == 1 and "ERROR" in lines[0] and "gave up" in lines[0]
+    assert f"harvest={hid}" in lines[0] and "job=7" in lines[0]
+    code, out, _ = run(api.url, "log", "--harvest", hid, "--since", "1h", "--limit", "10")
+    assert code == 0 and "harvest started" in out
+    assert cli.since_value("2h", now=lambda: 10_000.0) == "2800"
+    assert cli.since_value("2024-05-01T00:00:00Z") == "2024-05-01T00:00:00Z"
+
+
+def test_manifest_json_and_csv(api: ApiServer, clinic: tuple[Path, object], tmp_path: Path) -> None:
+    root, truth = clinic
+    hid = load_harvest(api, root, truth)
+    window = truth.window("all")  # type: ignore[attr-defined]
+    code, out, _ = run(api.url, "manifest", hid)
+    assert code == 0
+    doc = json.loads(out)
+    assert doc["Harvest"] == hid
+    for key, value in window.summary.to_dict().items():
+        assert doc["Summary"][key] == value, key
+    assert [p["Status"] for p in doc["Plans"]] == [p.status for p in window.plans]
+    target = tmp_path / "m.csv"
+    code, out, _ = run(api.url, "manifest", hid, "--csv", "-o", str(target))
+    assert code == 0 and out == ""
+    rows = list(csv.DictReader(target.open(encoding="utf-8")))
+    assert [r["PlanUID"] for r in rows] == [p.plan_uid for p in window.plans]
+    code, out, _ = run(api.url, "manifest", "--all", "--csv")
+    assert code == 0 and out.splitlines()[0].startswith("Harvest,PatientID,PlanUID")
+    assert len(out.splitlines()) == len(window.plans) + 1
+
+
+def _finish_later(api: ApiServer, hid: str, delay: float) -> threading.Thread:
+    def finish() -> None:
+        time.sleep(delay)
+        job = api.queue.claim("worker", 60)
+        assert job is not None
+        api.queue.complete(job.id, "worker", note="no records")
+        api.tracker.mark_cleanup(hid)
+
+    t = threading.Thread(target=finish, daemon=True)
+    t.start()
+    return t
+
+
+def test_wait_plain_lines(api: ApiServer) -> None:
+    hid = start(api)
+    t = _finish_later(api, hid, 0.6)
+    code, out, _ = run(api.url, "harvest", "wait", hid, "--interval", "0.1", "--timeout", "20")
+    t.join()
+    assert code == 0
+    lines = out.splitlines()
+    assert lines[0].startswith("Running: 0/1 jobs done") and lines[-1].startswith("Completed: 1/1 jobs done (100%)")
+    assert len(lines) == len(set(lines))  # a line only when something changed
+    assert "\r" not in out
+
+
+def test_wait_progress_bar_on_a_tty(api: ApiServer) -> None:
+    hid = start(api)
+    t = _finish_later(api, hid, 0.4)
+    tty = Tty()
+    code, out, _ = run(api.url, "harvest", "wait", hid, "--interval", "0.1", out=tty)
+    t.join()
+    assert code == 0
+    assert out.startswith("\r[") and "100% 1/1 jobs" in out and out.endswith("Completed\n")
+
+
+def test_wait_timeout_and_cancelled(api: ApiServer, capsys: pytest.CaptureFixture[str]) -> None:
+    hid = start(api)
+    code, _, err = run(api.url, "harvest", "wait", hid, "--interval", "0.1", "--timeout", "0.3", capsys=capsys)
+    assert code == 4 and "still Running after 0.3 s" in err
+    run(api.url, "harvest", "cancel", hid)
+    code, out, err = run(api.url, "harvest", "wait", hid, capsys=capsys)
+    assert code == 1 and "was cancelled" in err and out.startswith("Cancelled:")
+
+
+def test_start_and_wait_reports_failed_jobs(api: ApiServer, capsys: pytest.CaptureFixture[str]) -> None:
+    def fail_soon() -> None:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            job = api.queue.claim("worker", 60)
+            if job is not None:
+                api.queue.fail(job.id, "worker", "nothing there", retryable=False)
+                api.tracker.mark_cleanup(job.harvest_id)
+                return
+            time.sleep(0.05)
+
+    t = threading.Thread(target=fail_soon, daemon=True)
+    t.start()
+    code, out, err = run(api.url, "harvest", "start", "--source", "ARIA", "--patient", "P1", "--wait",
+                         "--interval", "0.1", capsys=capsys)
+    t.join()
+    assert code == 0
+    hid = out.splitlines()[0]
+    assert out.splitlines()[-1].startswith("Completed:")
+    assert f"1 job(s) failed; see: rtharvest jobs --harvest {hid} --state failed" in err
+
+
+def test_console_script_is_declared() -> None:
+    text = (Path(__file__).resolve().parent.parent / "pyproject.toml").read_text()
+    assert 'rtharvest = "rtharvest.cli:main"' in text
