@@ -9,9 +9,13 @@ from pathlib import Path
 import pytest
 
 from rtharvest.launcher import DEFAULT_CONFIG, OrthancProcess, free_port
+from rtharvest.synth.generator import SynthOptions, generate
+from rtharvest.synth.groundtruth import GroundTruth
+from rtharvest.synth.loader import dicom_files, index_for_dcmqrscp, store_to_scp
 
 from .servers import (
     HARVEST_AET,
+    LOCALHOST,
     DicomSource,
     RestClient,
     start_dcmqrscp,
@@ -90,3 +94,27 @@ def clinic(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Clinic]:
             harvester.stop()
         for source in sources.values():
             source.stop()
+
+
+@pytest.fixture(scope="session")
+def synthetic(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, GroundTruth]:
+    """A small clinic with every trap (seeded, so every run sees the same data)."""
+    out = tmp_path_factory.mktemp("synthetic")
+    truth = generate(out, SynthOptions(patients=6, seed=7))
+    return out, truth
+
+
+@pytest.fixture(scope="session")
+def loaded(clinic: Clinic, synthetic: tuple[Path, GroundTruth]) -> GroundTruth:
+    """The synthetic clinic stored into every source of the session."""
+    out, truth = synthetic
+    files = dicom_files(out)
+    for source in clinic.sources.values():
+        if source.kind.startswith("dcmqrscp"):
+            # dcmqrscp's own way in: files in its storage area, indexed with dcmqridx.
+            assert source.storage is not None
+            stored = index_for_dcmqrscp(files, source.storage)
+        else:
+            stored = store_to_scp(files, LOCALHOST, source.port, source.aet)
+        assert stored == len(files)
+    return truth
