@@ -69,6 +69,10 @@ class LocalStore(Protocol):
         """Remove an instance from the store."""
 
 
+class _NotHere(Exception):
+    """This source does not hold the target after all: try the next lookup source."""
+
+
 class JobFailure(Exception):
     """A job attempt failed; ``retryable`` says whether the queue should try again."""
 
@@ -245,33 +249,44 @@ class Harvester:
                 outcome.local += 1
                 return outcome
         names = (routing.source,) if isinstance(op, FindTreatmentRecords) else routing.lookup_sources
-        targets: list[Target] = []
+        # An object named by UID is taken from the first lookup source that has it. A reverse search
+        # (doses or records of a plan, REGs of a FoR, series sharing a FoR) asks every lookup source: a
+        # FoR's series are often split between the PACS and the fusion system. What one source delivered
+        # is found locally when the next source offers it too, so nothing moves twice.
+        search_all = isinstance(op, (FindReferencing, FindSeriesInFrameOfReference))
         errors: list[SourceError] = []
+        found_any = False
         for name in names:
             access = self.sources.get(name)
             if access is None:
                 raise JobFailure(f"source {name!r} is not configured (DicomModalities)", retryable=False)
             try:
                 targets = self._search(job, owner, op, access)
+                if not targets:
+                    continue
+                outcome.targets += len(targets)
+                for target in targets:
+                    moved, local = self._fetch(job, owner, op, target)
+                    outcome.moved += moved
+                    outcome.local += local
+                found_any = True
+                if not search_all:
+                    return outcome
+            except _NotHere:
+                continue
             except SourceError as exc:
                 # Another lookup source may still have it; report this one only if none answers.
                 errors.append(exc)
                 continue
-            if targets:
-                break
-        if not targets:
-            if errors:
-                raise errors[0]
-            if isinstance(op, (RetrieveInstance, RetrieveSeries)):
-                uid = op.sop_uid if isinstance(op, RetrieveInstance) else op.series_uid
-                raise JobFailure(f"{op.hop}: {uid} not found at {', '.join(names)}", retryable=False)
-            return outcome  # a search that finds nothing is a valid, final answer
-        outcome.targets = len(targets)
-        for target in targets:
-            moved, local = self._fetch(job, owner, op, target)
-            outcome.moved += moved
-            outcome.local += local
-        return outcome
+        if errors:
+            # A search that reached only some sources must run again, or it would miss what the others hold.
+            raise errors[0]
+        if found_any:
+            return outcome
+        if isinstance(op, (RetrieveInstance, RetrieveSeries)):
+            uid = op.sop_uid if isinstance(op, RetrieveInstance) else op.series_uid
+            raise JobFailure(f"{op.hop}: {uid} not found at {', '.join(names)}", retryable=False)
+        return outcome  # a search that finds nothing is a valid, final answer
 
     def _search(self, job: Job, owner: str, op: Operation, access: SourceAccess) -> list[Target]:
         targets: list[Target] = []
@@ -304,7 +319,7 @@ class Harvester:
                                           timeout=access.find_timeout)
             wanted = sorted({str(a.get(_SOP)) for a in listing if a.get(_SOP)})
             if not wanted:
-                raise JobFailure(f"{op.hop}: series {series} lists no instances at {target.source}")
+                raise _NotHere(f"series {series} lists no instances at {target.source}")
             existing = {uid: oid for uid, oid in self.store.series_instances(series).items() if uid in wanted}
         missing = [uid for uid in wanted if uid not in existing]
         if existing:
