@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -108,11 +109,73 @@ def _build_sources(config: HarvesterConfig, authorization: str) -> dict[str, Sou
     return sources
 
 
+def _hold_database_alone(config: HarvesterConfig) -> bool:
+    """Lock ``<DatabasePath>.lock`` for this process's lifetime; False if another live process holds it.
+
+    The kernel drops the lock when its holder dies (SIGKILL, power loss), so holding it proves that every
+    lease in the queue belongs to a dead run: those jobs can be reclaimed now instead of after LeaseSeconds.
+    """
+    import fcntl
+
+    fd = os.open(f"{config.database_path}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return False
+    _held_fds.append(fd)  # kept open (and locked) until the process exits
+    return True
+
+
+_held_fds: list[int] = []
+
+
+def _reclaim_leases_of_dead_runs(rt: Runtime) -> None:
+    assert rt.config is not None and rt.queue is not None and rt.events is not None
+    if _hold_database_alone(rt.config):
+        recovered = rt.queue.recover_stale_leases(owner_prefix="")
+        if recovered:
+            rt.events.write(Level.WARNING, "app", f"{recovered} job(s) were running when the previous run ended "
+                            "(crash or kill); they are pending again")
+    else:
+        rt.events.write(Level.WARNING, "app", f"another process holds {rt.config.database_path}.lock: jobs it "
+                        "leased are reclaimed only when their lease expires (LeaseSeconds)")
+
+
+#: How often the event log is purged of events older than ``LogRetentionDays``.
+PURGE_INTERVAL_SECONDS = 6 * 3600.0
+
+
+def _start_log_retention(rt: Runtime) -> None:
+    """Purge old events now and every :data:`PURGE_INTERVAL_SECONDS` until ``ORTHANC_STOPPED``."""
+    assert rt.config is not None and rt.events is not None
+    events, days = rt.events, rt.config.log_retention_days
+    stop = threading.Event()
+
+    def loop() -> None:
+        while True:
+            try:
+                removed = events.purge(days)
+                if removed:
+                    events.write(Level.INFO, "app", f"purged {removed} event(s) older than {days} day(s) "
+                                 "(LogRetentionDays)")
+            except Exception:
+                log.exception("purging the event log failed")
+            if stop.wait(PURGE_INTERVAL_SECONDS):
+                return
+
+    thread = threading.Thread(target=loop, name="rtharvest-log-retention", daemon=True)
+    rt.extra["retention_stop"], rt.extra["retention_thread"] = stop, thread
+    thread.start()
+
+
 def _on_started() -> None:
     rt = _runtime
     assert rt is not None
     if rt.config is None or rt.queue is None:
         return
+    # Before any worker claims: a SIGKILLed run leaves leases that would otherwise wait LeaseSeconds.
+    _reclaim_leases_of_dead_runs(rt)
     from .localstore import OrthancLocalStore
     from .loopback import LoopbackClient
 
@@ -125,6 +188,7 @@ def _on_started() -> None:
         delete_rejected=rt.config.candidate_policy.value == "delete",
     )
     rt.harvester.start()
+    _start_log_retention(rt)
     rt.started = True
     rt.events.write(Level.INFO, "app", f"rtharvest {__version__} started with {rt.config.workers} worker(s)")
 
@@ -134,6 +198,9 @@ def _on_stopped() -> None:
     assert rt is not None
     if rt.harvester is not None:
         rt.harvester.stop()
+    if "retention_stop" in rt.extra:
+        rt.extra["retention_stop"].set()
+        rt.extra["retention_thread"].join(10)
     rt.started = False
     if rt.events is not None:
         rt.events.write(Level.INFO, "app", "rtharvest stopped")

@@ -28,6 +28,7 @@ Design:
 
 from __future__ import annotations
 
+import os
 import threading
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -104,6 +105,14 @@ def registered_schemas() -> dict[str, list[SchemaStep]]:
         return {name: [steps[v] for v in sorted(steps)] for name, steps in _REGISTRY.items()}
 
 
+def _live_native_threads() -> set[int] | None:
+    """Native IDs of this process's live threads (Linux ``/proc``), or None where unknown."""
+    try:
+        return {int(name) for name in os.listdir("/proc/self/task")}
+    except (OSError, ValueError):
+        return None
+
+
 class _ThreadState(threading.local):
     """Per-thread connection and transaction nesting depth."""
 
@@ -142,6 +151,11 @@ class Database:
         # Every connection handed out, with the thread that owns it, so close() can reach them all and
         # connections of threads that died (restarted workers, finished request threads) are reaped.
         self._conns: list[tuple[weakref.ref[threading.Thread], apsw.Connection]] = []
+        # The same connections by OS thread: a thread-local is lost whenever the interpreter drops the
+        # thread state of a native thread between calls (Orthanc calls OnStoredInstance from its own
+        # threads, and the Python plugin creates and destroys a thread state around every call), so
+        # without this every callback opened a new connection and leaked it (2 file descriptors each).
+        self._by_native: dict[int, apsw.Connection] = {}
         self._conns_lock = threading.Lock()
         self._closed = False
         self.migrate()
@@ -176,19 +190,35 @@ class Database:
             raise DatabaseError(f"database {self.path!r} is closed")
         conn = self._local.conn
         if conn is None:
-            conn = self._open()
+            native = threading.get_native_id()
+            with self._conns_lock:
+                conn = self._by_native.get(native)
+            if conn is None:
+                conn = self._open()
+                with self._conns_lock:
+                    self._reap_dead_threads()
+                    self._conns.append((weakref.ref(threading.current_thread()), conn))
+                    self._by_native[native] = conn
             self._local.conn = conn
             self._local.depth = 0
-            with self._conns_lock:
-                self._reap_dead_threads()
-                self._conns.append((weakref.ref(threading.current_thread()), conn))
         return conn
 
     def _reap_dead_threads(self) -> None:
         alive: list[tuple[weakref.ref[threading.Thread], apsw.Connection]] = []
+        live_natives = _live_native_threads()
+        for native in list(self._by_native):
+            if live_natives is not None and native not in live_natives:
+                del self._by_native[native]
+        kept = {id(c) for c in self._by_native.values()}
         for ref, conn in self._conns:
             thread = ref()
-            if thread is None or not thread.is_alive():
+            # A native thread's dummy Thread object never stops: its OS thread's exit is what counts.
+            dead = thread is None or not thread.is_alive() or (live_natives is not None and id(conn) not in kept)
+            if dead:
+                # A new thread may already have the dead one's native ID: it must not adopt a closed conn.
+                for native, mapped in list(self._by_native.items()):
+                    if mapped is conn:
+                        del self._by_native[native]
                 try:
                     conn.close()
                 except apsw.Error:  # pragma: no cover - best effort cleanup
@@ -202,6 +232,7 @@ class Database:
         self._closed = True
         with self._conns_lock:
             conns, self._conns = self._conns, []
+            self._by_native.clear()
         for _ref, conn in conns:
             try:
                 conn.close()

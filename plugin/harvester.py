@@ -111,10 +111,13 @@ class JobOutcome:
     moved: int = 0
     local: int = 0
     targets: int = 0
+    started: float = dataclasses.field(default_factory=time.monotonic)
 
     def note(self) -> str:
         """Short human summary stored on the job."""
-        return f"{self.targets} target(s), {self.moved} instance(s) moved, {self.local} already stored"
+        took = time.monotonic() - self.started
+        return (f"{self.targets} target(s), {self.moved} instance(s) moved, {self.local} already stored, "
+                f"{took:.2f} s")
 
 
 class Harvester:
@@ -203,7 +206,10 @@ class Harvester:
         except JobFailure as exc:
             self._fail(job, owner, exc.message, exc.retryable, exc.dimse_status)
         except SourceError as exc:
-            self._fail(job, owner, str(exc), exc.retryable, exc.dimse_status)
+            # Some errors are worth fewer attempts than MaxAttempts (Cxxx "unable to process": retry_limit).
+            spent = exc.retry_limit is not None and job.attempts >= exc.retry_limit
+            message = f"{exc} (gave up after {job.attempts} attempts)" if exc.retryable and spent else str(exc)
+            self._fail(job, owner, message, exc.retryable and not spent, exc.dimse_status)
         except QueueError as exc:  # lease lost (e.g. expired while a source hung): someone else runs it
             self.events.write(Level.WARNING, "harvester", f"job lease lost: {exc}", harvest_id=job.harvest_id,
                               job_id=job.id)
@@ -342,10 +348,10 @@ class Harvester:
         self.queue.heartbeat(job.id, owner, self.lease_seconds)
         patient = str(ident.get(_PATIENT) or "") or _patient_of(op)
         if target.level == QueryLevel.IMAGE or len(missing) < len(wanted):
-            # Only what is missing moves: instance by instance when part of the series is stored.
+            # Only what is missing moves: instance-level C-MOVEs when part of the series is stored (typically
+            # the contour image fetched first), all on one association.
             results = [access.backend.move(QueryLevel.IMAGE, patient_id=patient, study_uid=study,
-                                           series_uid=series, sop_uids=[uid], timeout=access.move_timeout)
-                       for uid in missing]
+                                           series_uid=series, sop_uids=missing, timeout=access.move_timeout)]
         else:
             results = [access.backend.move(QueryLevel.SERIES, patient_id=patient, study_uid=study,
                                            series_uid=series, timeout=access.move_timeout)]

@@ -27,6 +27,34 @@ class ApiError(Exception):
         self.message = message
 
 
+#: Deepest array/object nesting a request body may have (the API's own bodies nest two levels).
+MAX_JSON_DEPTH = 32
+
+
+def _nesting_exceeds(text: str, limit: int) -> bool:
+    """Whether JSON ``text`` opens more than ``limit`` nested arrays/objects (brackets in strings ignored)."""
+    if text.count("[") + text.count("{") <= limit:
+        return False
+    depth, in_string, escaped = 0, False, False
+    for ch in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                in_string = False
+        elif ch == '"':
+            in_string = True
+        elif ch in "[{":
+            depth += 1
+            if depth > limit:
+                return True
+        elif ch in "]}":
+            depth -= 1
+    return False
+
+
 @dataclass(frozen=True)
 class HttpRequest:
     """One REST call as the route handlers see it."""
@@ -43,12 +71,26 @@ class HttpRequest:
         if not self.body.strip():
             raise ApiError(400, "the request body is empty: send a JSON object")
         try:
-            return json.loads(self.body.decode("utf-8"))
+            text = self.body.decode("utf-8")
         except UnicodeDecodeError:
             raise ApiError(400, "the request body is not UTF-8 text") from None
+        if _nesting_exceeds(text, MAX_JSON_DEPTH):
+            # json.loads recurses per level: deep enough, it overflows the C stack of Orthanc's HTTP thread
+            # (a crash, not a RecursionError). No request of this API nests more than a few levels.
+            raise ApiError(400, f"the request body nests arrays/objects deeper than {MAX_JSON_DEPTH} levels")
+        try:
+            value = json.loads(text)
         except json.JSONDecodeError as exc:
             raise ApiError(400, f"the request body is not valid JSON: {exc.msg} at line {exc.lineno} "
                                 f"column {exc.colno}") from None
+        try:
+            # "\ud800" escapes decode to lone surrogates, which no UTF-8 store (SQLite, logs) accepts.
+            json.dumps(value, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise ApiError(400, "the request body holds an invalid \\u escape (a lone UTF-16 surrogate)") from None
+        except ValueError:
+            pass  # NaN/Infinity: the field validators say what is wrong with them
+        return value
 
     def json_object(self) -> dict[str, Any]:
         """The body as a JSON object (dict); :class:`ApiError` 400 for arrays, strings, numbers."""

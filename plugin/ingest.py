@@ -22,7 +22,7 @@ from .eventlog import EventLog, Level
 from .jobqueue import EnqueueItem, JobQueue
 from .operations import FindTreatmentRecords, Operation, operation_from_dict
 from .planner import Arrival, HarvestContext, plan_arrival
-from .references import ObjectRefs, extract_from_bytes
+from .references import ObjectRefs, ProblemCode, extract_from_bytes
 from .tracking import Decision, Expectation, ObjectRecord, Tracker
 
 log = logging.getLogger("rtharvest.ingest")
@@ -59,6 +59,20 @@ _PRIORITY_BY_KIND = {
 }
 
 
+_STRUCTURAL = frozenset({ProblemCode.UNREADABLE, ProblemCode.TRUNCATED, ProblemCode.NO_FILE_META})
+
+
+def _problem_summary(refs: ObjectRefs, limit: int = 8) -> str:
+    """Problem codes and attribute paths: parser messages may quote header values (names are PHI), so a
+    message is added only for structural problems and only when it quotes nothing."""
+    parts = [f"{p.code.value} {p.attribute}".strip()
+             + (f" ({p.message[:200]})" if p.code in _STRUCTURAL and not any(q in p.message for q in "'\"")
+                else "")
+             for p in refs.problems[:limit]]
+    more = len(refs.problems) - limit
+    return "; ".join(parts) + (f"; and {more} more" if more > 0 else "") if parts else "no details"
+
+
 class Ingest:
     """Turns arrivals into decisions and follow-up jobs."""
 
@@ -77,9 +91,10 @@ class Ingest:
     def on_stored(self, orthanc_id: str, data: bytes, remote_aet: str) -> None:
         """OnStoredInstance: parse, attribute, plan, enqueue (never raises)."""
         refs = extract_from_bytes(data)
+        source = (self._source_of_aet(remote_aet) if remote_aet else None) or remote_aet or None
         if not refs.sop_uid:
             self.events.write(Level.WARNING, "ingest", f"stored instance {orthanc_id} is unreadable: "
-                              + "; ".join(p.message for p in refs.problems)[:500])
+                              + _problem_summary(refs), source=source)
             return
         expectations = self.tracker.expectations_for(refs.sop_uid)
         with self._lock:
@@ -87,9 +102,13 @@ class Ingest:
         if not expectations:
             with self._lock:
                 self.unsolicited += 1
-            source = self._source_of_aet(remote_aet) if remote_aet else None
-            self.events.write(Level.DEBUG, "ingest", "instance arrived that no harvest expects",
-                              sop_uid=refs.sop_uid, source=source or remote_aet or None)
+            if refs.problems:
+                self.events.write(Level.WARNING, "ingest", f"instance {orthanc_id} arrived that no harvest expects;"
+                                  f" its header has problems: {_problem_summary(refs)}", sop_uid=refs.sop_uid,
+                                  source=source)
+            else:
+                self.events.write(Level.DEBUG, "ingest", f"instance {orthanc_id} arrived that no harvest expects",
+                                  sop_uid=refs.sop_uid, source=source)
             return
         self.process(refs, orthanc_id, expectations, moved=True)
 

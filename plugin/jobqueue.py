@@ -731,7 +731,7 @@ class JobQueue:
                 "SELECT id FROM jobs WHERE state = 'leased' AND lease_expires_at <= ?", (now,)
             )
         ]
-        if owner_prefix:
+        if owner_prefix is not None:
             # Compared in Python, not with LIKE/substr: no wildcard or NUL in a prefix can widen the match.
             stale += [
                 int(jid)
@@ -759,6 +759,7 @@ class JobQueue:
         ``owner_prefix``: additionally reclaim every lease whose owner starts with it, expired or not —
         pass this process's node name on startup when its previous incarnation is known to be dead
         (e.g. the only Orthanc using this file restarted), so its jobs do not wait for the lease expiry.
+        ``""`` reclaims every lease (this process holds the database alone and its workers have not started).
         Returns the number of jobs reclaimed. Harvests left with nothing to do are completed.
         """
         with self.db.transaction():

@@ -16,6 +16,7 @@ import base64
 import copy
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -40,7 +41,21 @@ class LaunchError(RuntimeError):
 
 
 def free_port() -> int:
-    """A TCP port that is free on loopback right now."""
+    """A TCP port that is free on loopback right now.
+
+    Taken at random below Linux's ephemeral range (32768-60999): ports handed out there are also used
+    for every outgoing connection, so a port found free could be taken by a client socket (tests open
+    thousands of associations) before the server binds it.
+    """
+    rng = random.SystemRandom()
+    for _ in range(200):
+        port = rng.randrange(20000, 32000)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
@@ -206,13 +221,14 @@ class OrthancProcess:
         return {"Authorization": f"Basic {token}"}
 
     def is_ready(self) -> bool:
-        """Whether ``GET /system`` answers."""
+        """Whether ``GET /system`` answers, from this very Orthanc (its DICOM port, not another server's)."""
         request = urllib.request.Request(self.url + "/system", headers=self._auth_header())
         try:
             with urllib.request.urlopen(request, timeout=2) as response:
-                return bool(response.status == 200)
-        except (urllib.error.URLError, OSError):
+                system = json.loads(response.read())
+        except (urllib.error.URLError, OSError, ValueError):
             return False
+        return bool(system.get("DicomPort") == self.dicom_port)
 
     def start(self, timeout: float = 30.0) -> OrthancProcess:
         """Write the effective config, start Orthanc, and wait until it answers (or raise)."""

@@ -78,7 +78,9 @@ def build_routes(router: Router, harvests: HarvestService, queue: JobQueue, even
         try:
             job_id = int(request.groups[0])
         except ValueError:
-            raise ApiError(400, f"job id must be a number, got {request.groups[0]!r}") from None
+            raise ApiError(400, f"job id must be a number, got {request.groups[0][:40]!r}") from None
+        if not 0 < job_id < 2**63:  # SQLite integers are 64-bit: a larger one cannot even be looked up
+            raise ApiError(404, f"unknown job {request.groups[0][:40]}; list jobs with GET /rtharvest/jobs")
         try:
             job = queue.retry(job_id)
         except LookupError:

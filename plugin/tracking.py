@@ -155,13 +155,17 @@ class ProvenanceItem:
     attempts: int
 
     def metadata(self) -> dict[str, str]:
-        """The five provenance metadata values."""
+        """The five provenance metadata values, in writing order.
+
+        ``HarvestId`` comes last: the writer treats an instance carrying it as stamped, so a crash between
+        two writes must leave it absent (the outbox row then rewrites all five after the restart).
+        """
         return {
-            "HarvestId": self.harvest_id,
             "HarvestSource": self.source,
             "HarvestJob": "" if self.job_id is None else str(self.job_id),
             "HarvestHop": self.hop,
             "HarvestedAt": self.harvested_at,
+            "HarvestId": self.harvest_id,
         }
 
 

@@ -181,7 +181,8 @@ def start_pynetdicom_qrscp(run_dir: Path, harvest_port: int, name: str = "PYNETD
         f"    port: {harvest_port}\n"
     )
     log = open(run_dir / "qrscp.log", "ab")  # noqa: SIM115 - kept open for the process lifetime
-    process = subprocess.Popen([sys.executable, "-m", "pynetdicom", "qrscp", "-c", str(ini)], stdout=log,
+    wrapper = Path(__file__).with_name("qrscp_nodelay.py")
+    process = subprocess.Popen([sys.executable, str(wrapper), "-c", str(ini)], stdout=log,
                                stderr=subprocess.STDOUT, cwd=run_dir, start_new_session=True)
     wait_for_echo(port, aet, process=process)
     return DicomSource(name=name, aet=aet, port=port, kind="pynetdicom", process=process,

@@ -23,8 +23,10 @@ from .harvesting import assert_provenance, assert_store_equals_truth, start_harv
 from .servers import LOCALHOST, DicomSource, start_orthanc_source, start_pynetdicom_qrscp
 
 
-@pytest.mark.parametrize("source", ["ORTHANC_SRC", "DCMQRSCP", "DCMQRSCP_STRICT", "PYNETDICOM"])
-def test_harvest_equals_ground_truth(clinic: Clinic, loaded: GroundTruth, source: str) -> None:
+# The re-harvest check runs once per backend (Orthanc's client; pynetdicom, strict hierarchical).
+@pytest.mark.parametrize(("source", "reharvest"), [("ORTHANC_SRC", True), ("DCMQRSCP", False),
+                                                   ("DCMQRSCP_STRICT", True), ("PYNETDICOM", False)])
+def test_harvest_equals_ground_truth(clinic: Clinic, loaded: GroundTruth, source: str, reharvest: bool) -> None:
     clinic.restart_harvester(fresh=True)
     window = loaded.window("all")
     harvest_id = start_harvest(clinic.api, window, source)
@@ -39,6 +41,8 @@ def test_harvest_equals_ground_truth(clinic: Clinic, loaded: GroundTruth, source
     assert doc["PlansReferenced"] == window.summary.plans_referenced
     assert doc["PlansCollected"] == window.summary.plans_collected
 
+    if not reharvest:
+        return
     # A second harvest of the same window moves nothing and changes nothing.
     arrivals = clinic.api.get("/rtharvest/status")["Arrivals"]
     second = start_harvest(clinic.api, window, source)

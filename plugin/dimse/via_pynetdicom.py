@@ -89,6 +89,7 @@ from .base import (
     vr_of,
 )
 from .statuses import CANCEL, classify_status, is_pending, is_warning
+from .tcp import no_delay
 
 __all__ = ["PynetdicomBackend", "answer_from_dataset", "identifier_from_keys"]
 
@@ -256,7 +257,7 @@ class PynetdicomBackend:
         connected: list[bool] = []
         received: list[Any] = []
         handlers: list[Any] = [
-            (evt.EVT_CONN_OPEN, lambda event: connected.append(True)),
+            (evt.EVT_CONN_OPEN, lambda event: _on_connected(event, connected)),
             (evt.EVT_ACSE_RECV, lambda event: received.append(getattr(event, "primitive", None))),
         ]
         m = self.modality
@@ -472,3 +473,8 @@ def _move_identifiers(level: QueryLevel, patient_id: str | None, study_uid: str,
         ds.SOPInstanceUID = sop
         result.append(ds)
     return result
+
+
+def _on_connected(event: Any, connected: list[bool]) -> None:
+    connected.append(True)
+    no_delay(event.assoc)

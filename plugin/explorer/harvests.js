@@ -46,7 +46,9 @@
       init.body = JSON.stringify(body);
       init.headers['Content-Type'] = 'application/json';
     }
-    return fetch(BASE + path, init).then(function (resp) {
+    // Absolute and without user:password: a page opened as http://user:pass@host/... keeps them in its
+    // base URL, and fetch() refuses any URL resolved against it (XHR, as Orthanc Explorer uses, does not).
+    return fetch(location.origin + BASE + path, init).then(function (resp) {
       return resp.text().then(function (text) {
         var data = null;
         try { data = text ? JSON.parse(text) : null; } catch (e) { data = null; }

@@ -1,0 +1,142 @@
+"""Ingest overhead: C-STORE throughput into Orthanc with the rtharvest plugin loaded vs without it.
+
+A benchmark that prints, not a test:
+
+    .venv/bin/python benchmarks/ingest_overhead.py [--quick] [--instances 300] [--rounds 5]
+
+Two Orthancs run side by side from the same ``docker/orthanc.json`` through the same launcher, one with
+the plugin and one without (``plugin=False``: no Python plugin at all); everything else is identical
+(ports aside). dcmtk's ``storescu`` (``TCP_NODELAY=1``, one association per run) sends the same
+512×512 synthetic instances to each in turn, alternating which goes first; after each run the store is
+emptied over REST so that every run stores new instances. The figure is the ratio of the median
+throughputs (goal: the plugin costs ≤ 10 %).
+
+What the plugin does per instance here is its OnStoredInstance path for an arrival no harvest expects
+(parse the header, look up expectations in SQLite, count it); an expected arrival additionally runs the
+planner and commits a decision — that path is measured in the harvest (harvest_vs_wire.py) and the
+scale simulation (scale_simulation.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+from _common import DEFAULT_CONFIG, HARVEST_AET, LOCALHOST, OrthancProcess, RestClient, Results, machine
+
+from rtharvest.synth.generator import SynthOptions, generate
+from rtharvest.synth.groundtruth import GroundTruth
+from rtharvest.synth.loader import dicom_files
+
+SENDER_AET = "BENCHSCU"
+
+
+def instances(workdir: Path, count: int) -> list[Path]:
+    out = workdir / "clinic-ingest"
+    if not (out / "ground_truth.json").exists():
+        generate(out, SynthOptions(patients=1, seed=11, ct_slices=100, matrix=512), overwrite=True)
+    truth = GroundTruth.from_dict(json.loads((out / "ground_truth.json").read_text()))
+    files = dicom_files(out)
+    # Mostly images (what dominates a harvest's C-STOREs), plus every RT object of the clinic.
+    # (storescu proposes no context for Deformable Spatial Registration: leave those out.)
+    rt = [f for f in files if truth.objects[f.stem].modality not in ("CT", "MR", "PT")
+          and truth.objects[f.stem].sop_class_uid != "1.2.840.10008.5.1.4.1.1.66.3"]
+    images = [f for f in files if truth.objects[f.stem].modality in ("CT", "MR", "PT")]
+    chosen = rt[: max(0, count // 10)]
+    return chosen + images[: count - len(chosen)]
+
+
+def store(server: OrthancProcess, files: list[Path]) -> float:
+    env = dict(os.environ, TCP_NODELAY="1")
+    t0 = time.perf_counter()
+    done = subprocess.run(["storescu", "-aet", SENDER_AET, "-aec", HARVEST_AET, LOCALHOST, str(server.dicom_port),
+                           *map(str, files)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    seconds = time.perf_counter() - t0
+    if done.returncode != 0:
+        raise RuntimeError(f"storescu failed ({done.returncode}): {done.stderr.strip()[-800:]}")
+    return seconds
+
+
+def empty(api: RestClient) -> None:
+    for patient in api.get("/patients"):
+        api.request("DELETE", f"/patients/{patient}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="150 instances, 3 rounds")
+    ap.add_argument("--instances", type=int, default=None, help="instances per run (default 300)")
+    ap.add_argument("--rounds", type=int, default=None, help="runs per server (default 5)")
+    ap.add_argument("--workdir", default=None)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    count = args.instances or (150 if args.quick else 300)
+    rounds = args.rounds or (3 if args.quick else 5)
+    results = Results("ingest_overhead")
+    print(f"== ingest overhead: {count} instances per run, {rounds} runs per server, interleaved ==")
+    print(f"machine: {machine()}", flush=True)
+    if shutil.which("storescu") is None:
+        raise SystemExit("storescu not found: install Debian's dcmtk")
+    tmp = tempfile.TemporaryDirectory(prefix="rth-bench-ingest-")
+    workdir = Path(args.workdir) if args.workdir else Path(tmp.name)
+    workdir.mkdir(parents=True, exist_ok=True)
+    servers: dict[str, OrthancProcess] = {}
+    try:
+        files = instances(workdir, count)
+        size = sum(f.stat().st_size for f in files)
+        print(f"{len(files)} instances, {size / 1e6:.0f} MB per run", flush=True)
+        sender = {"AET": SENDER_AET, "Host": LOCALHOST, "Port": 1, "AllowEcho": True, "AllowFind": False,
+                  "AllowMove": False, "AllowGet": False, "AllowStore": True}
+        for name, plugin in (("plugin", True), ("plain", False)):
+            run_dir = workdir / f"orthanc-{name}"
+            shutil.rmtree(run_dir, ignore_errors=True)
+            servers[name] = OrthancProcess(run_dir, DEFAULT_CONFIG, aet=HARVEST_AET, modalities={"BENCH": sender},
+                                           plugin=plugin).start()
+        apis = {name: RestClient(s.url, s.credentials) for name, s in servers.items()}
+        if "Plugin" not in apis["plugin"].get("/rtharvest/status"):
+            raise SystemExit("the plugin did not load")
+        # One warm-up store each (first-run caches, SQLite files), not counted.
+        for name, server in servers.items():
+            store(server, files[:20])
+            empty(apis[name])
+        times: dict[str, list[float]] = {"plugin": [], "plain": []}
+        for r in range(rounds):
+            order = ("plugin", "plain") if r % 2 == 0 else ("plain", "plugin")
+            for name in order:
+                seconds = store(servers[name], files)
+                stored = apis[name].get("/statistics")["CountInstances"]
+                if stored != len(files):
+                    raise SystemExit(f"{name}: {stored} of {len(files)} stored")
+                times[name].append(seconds)
+                empty(apis[name])
+            print(f"round {r + 1}: with plugin {len(files) / times['plugin'][-1]:6.1f} inst/s, "
+                  f"without {len(files) / times['plain'][-1]:6.1f} inst/s", flush=True)
+        arrivals = apis["plugin"].get("/rtharvest/status").get("Arrivals")
+        with_plugin = len(files) / statistics.median(times["plugin"])
+        without = len(files) / statistics.median(times["plain"])
+        print("\n-- figures --")
+        print(f"  with plugin {with_plugin:.1f} inst/s ({with_plugin * size / len(files) / 1e6:.1f} MB/s), without "
+              f"{without:.1f} inst/s ({without * size / len(files) / 1e6:.1f} MB/s); median of {rounds}; "
+              f"plugin counted {arrivals} arrivals")
+        results.add("instances", len(files))
+        results.add("with_plugin_per_s", round(with_plugin, 1))
+        results.add("without_plugin_per_s", round(without, 1))
+        results.add("rounds", rounds)
+        results.goal("plugin cost (1 - with/without)", 1 - with_plugin / without, 0.10, "{:.1%}",
+                     bound="OnStoredInstance work per instance (see README profile)")
+        results.write(args.json)
+    finally:
+        for server in servers.values():
+            server.stop()
+        tmp.cleanup()
+
+
+if __name__ == "__main__":
+    main()
