@@ -36,6 +36,7 @@ from .operations import (
     Operation,
     RetrieveInstance,
     RetrieveSeries,
+    Role,
     operation_from_dict,
 )
 from .references import extract_from_bytes
@@ -310,6 +311,7 @@ class Harvester:
     def _fetch(self, job: Job, owner: str, op: Operation, target: Target) -> tuple[int, int]:
         """Bring one target in (or plan it from the local copy); returns (moved, already local)."""
         access = self.sources[target.source]
+        whole_series = target.level == QueryLevel.SERIES
         ident = target.identifier
         study, series = str(ident.get(_STUDY) or ""), str(ident.get(_SERIES) or "")
         if target.level == QueryLevel.IMAGE:
@@ -318,6 +320,18 @@ class Harvester:
                 raise JobFailure(f"{op.hop}: the source answered without SOPInstanceUID", retryable=False)
             wanted = [sop]
             existing = {sop: oid} if (oid := self.store.lookup(sop)) else {}
+            if not existing and _fetches_its_series(op) and study and series:
+                # The image a contour (or a REG) names is wanted for its series, which the planner asks for
+                # as soon as it arrives. Bringing the series now takes one C-MOVE instead of this one plus
+                # an instance-level C-MOVE per remaining slice later. The other slices arrive as candidates
+                # of this request: the series request then claims them from the store, and if it never
+                # comes (the image is not CT/MR/PT) the end-of-harvest cleanup removes them.
+                listing = access.backend.find(QueryLevel.IMAGE, {_STUDY: study, _SERIES: series, _SOP: ""},
+                                              timeout=access.find_timeout)
+                others = sorted({str(a.get(_SOP)) for a in listing if a.get(_SOP)} - {sop})
+                stored = self.store.series_instances(series) if others else {}
+                if others and not stored:
+                    wanted, whole_series = [sop, *others], True
         else:
             if not series:
                 raise JobFailure(f"{op.hop}: the source answered without SeriesInstanceUID", retryable=False)
@@ -340,14 +354,15 @@ class Harvester:
             missing = [uid for uid in missing if uid not in known]
         if not missing:
             return 0, len(existing)
+        named = str(ident.get(_SOP) or "")
         self.tracker.expect(
-            Expectation(job.harvest_id, uid, job.id, target.source, op.role.value, op.hop, target.candidate,
-                        op.to_dict())
+            Expectation(job.harvest_id, uid, job.id, target.source, op.role.value, op.hop,
+                        target.candidate or (target.level == QueryLevel.IMAGE and uid != named), op.to_dict())
             for uid in missing
         )
         self.queue.heartbeat(job.id, owner, self.lease_seconds)
         patient = str(ident.get(_PATIENT) or "") or _patient_of(op)
-        if target.level == QueryLevel.IMAGE or len(missing) < len(wanted):
+        if not whole_series or len(missing) < len(wanted):
             # Only what is missing moves: instance-level C-MOVEs when part of the series is stored (typically
             # the contour image fetched first), all on one association.
             results = [access.backend.move(QueryLevel.IMAGE, patient_id=patient, study_uid=study,
@@ -400,6 +415,7 @@ class Harvester:
             try:
                 busy = self.write_provenance()
                 self.finish_harvests()
+                self.ingest.report_unsolicited()
             except Exception:
                 log.exception("maintenance step failed")
                 busy = False
@@ -463,6 +479,10 @@ class Harvester:
                 self.events.write(Level.INFO, "harvester", f"removed {removed} candidate(s) retrieved only to "
                                   "inspect their references", harvest_id=harvest.id)
             self.tracker.mark_cleanup(harvest.id)
+
+
+def _fetches_its_series(op: Operation) -> bool:
+    return isinstance(op, RetrieveInstance) and op.role in (Role.PLANNING_IMAGE, Role.REGISTERED_IMAGE)
 
 
 def _patient_of(op: Operation) -> str:

@@ -87,6 +87,8 @@ class Ingest:
         self._lock = threading.Lock()
         self.arrivals = 0
         self.unsolicited = 0
+        self._reported_unsolicited = 0
+        self._last_unsolicited_from = ""
 
     def on_stored(self, orthanc_id: str, data: bytes, remote_aet: str) -> None:
         """OnStoredInstance: parse, attribute, plan, enqueue (never raises)."""
@@ -102,15 +104,27 @@ class Ingest:
         if not expectations:
             with self._lock:
                 self.unsolicited += 1
+                self._last_unsolicited_from = remote_aet
             if refs.problems:
                 self.events.write(Level.WARNING, "ingest", f"instance {orthanc_id} arrived that no harvest expects;"
                                   f" its header has problems: {_problem_summary(refs)}", sop_uid=refs.sop_uid,
                                   source=source)
-            else:
-                self.events.write(Level.DEBUG, "ingest", f"instance {orthanc_id} arrived that no harvest expects",
-                                  sop_uid=refs.sop_uid, source=source)
+            # Well-formed ones are counted, not logged one by one: a clinic pushing a study must not cost a
+            # database write per image on the C-STORE path. The maintenance thread reports the count.
             return
         self.process(refs, orthanc_id, expectations, moved=True)
+
+    def report_unsolicited(self) -> None:
+        """Log how many instances arrived that no harvest expected since the last report."""
+        with self._lock:
+            new = self.unsolicited - self._reported_unsolicited
+            self._reported_unsolicited = self.unsolicited
+            aet = self._last_unsolicited_from
+        if new:
+            source = self._source_of_aet(aet) if aet else None
+            origin = f"last from {source or aet}" if aet else "last through the REST API"
+            self.events.write(Level.INFO, "ingest", f"{new} instance(s) arrived that no harvest expected ({origin});"
+                              " stored by Orthanc, not part of any harvest", source=source)
 
     def process(self, refs: ObjectRefs, orthanc_id: str | None, expectations: Sequence[Expectation],
                 moved: bool) -> list[tuple[str, bool]]:

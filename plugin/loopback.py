@@ -13,10 +13,11 @@ up by SOP Instance UID, read its file, set provenance metadata, delete it.
 
 from __future__ import annotations
 
+import http.client
 import json
-import urllib.error
+import ssl
+import threading
 import urllib.parse
-import urllib.request
 from typing import Any
 
 __all__ = ["LoopbackClient", "LoopbackError"]
@@ -56,6 +57,64 @@ class LoopbackClient:
         self.base_url = base_url.rstrip("/")
         self.authorization = authorization
         self.timeout = timeout
+        parsed = urllib.parse.urlsplit(self.base_url)
+        self._https = parsed.scheme == "https"
+        self._host = parsed.hostname or "127.0.0.1"
+        self._port = parsed.port or (443 if self._https else 80)
+        self._prefix = parsed.path.rstrip("/")
+        # One keep-alive connection per thread: provenance alone is five requests per stored instance, and
+        # a new TCP connection for each costs more than the request itself.
+        self._local = threading.local()
+
+    def _connection(self, timeout: float) -> tuple[http.client.HTTPConnection, bool]:
+        conn: http.client.HTTPConnection | None = getattr(self._local, "conn", None)
+        reused = conn is not None
+        if conn is None:
+            if self._https:
+                # Loopback to this very Orthanc: its certificate names the public host, not 127.0.0.1.
+                context = ssl._create_unverified_context()  # noqa: S323
+                conn = http.client.HTTPSConnection(self._host, self._port, timeout=timeout, context=context)
+            else:
+                conn = http.client.HTTPConnection(self._host, self._port, timeout=timeout)
+            self._local.conn = conn
+        conn.timeout = timeout
+        if conn.sock is not None:
+            conn.sock.settimeout(timeout)
+        return conn, reused
+
+    def _drop_connection(self) -> None:
+        conn = getattr(self._local, "conn", None)
+        self._local.conn = None
+        if conn is not None:
+            conn.close()
+
+    def _send(self, method: str, path: str, data: bytes | None, headers: dict[str, str],
+              timeout: float) -> tuple[int, str, bytes]:
+        for attempt in (1, 2):
+            conn, reused = self._connection(timeout)
+            try:
+                conn.request(method, self._prefix + path, body=data, headers=headers)
+                response = conn.getresponse()
+                payload = response.read()
+            except (ConnectionResetError, BrokenPipeError, http.client.RemoteDisconnected,
+                    http.client.CannotSendRequest, http.client.BadStatusLine):
+                self._drop_connection()
+                # The server closed an idle keep-alive connection before reading this request: it was
+                # never processed, so sending it again on a fresh connection is safe.
+                if reused and attempt == 1:
+                    continue
+                raise
+            except BaseException:
+                self._drop_connection()
+                raise
+            if response.will_close:
+                self._drop_connection()
+            return response.status, response.reason, payload
+        raise ConnectionError("unreachable")  # pragma: no cover - the loop returns or raises
+
+    def close(self) -> None:
+        """Close this thread's keep-alive connection."""
+        self._drop_connection()
 
     # --- generic verbs -------------------------------------------------------------------------------
 
@@ -82,26 +141,18 @@ class LoopbackClient:
             headers["Content-Type"] = content_type
         if self.authorization:
             headers["Authorization"] = self.authorization
-        req = urllib.request.Request(self.base_url + path, data=data, method=method, headers=headers)
         wait = self.timeout if timeout is None else timeout
         try:
-            with urllib.request.urlopen(req, timeout=wait) as response:
-                payload: bytes = response.read()
-        except urllib.error.HTTPError as exc:
-            error_body = _parse_json(exc.read())
-            raise LoopbackError(exc.code, _orthanc_message(error_body, exc.reason), body=error_body,
-                                method=method, path=path) from None
+            status, reason, payload = self._send(method, path, data, headers, wait)
         except TimeoutError as exc:
             raise LoopbackError(0, f"no answer within {wait:g} s", timed_out=True, method=method,
                                 path=path) from exc
-        except urllib.error.URLError as exc:
-            timed_out = isinstance(exc.reason, TimeoutError)
-            reason = f"no answer within {wait:g} s" if timed_out else f"cannot reach {self.base_url}: {exc.reason}"
-            raise LoopbackError(0, reason, timed_out=timed_out, method=method, path=path) from exc
-        except (ConnectionError, OSError) as exc:
-            # A connection reset while reading the answer is not wrapped in URLError.
-            raise LoopbackError(0, f"connection to {self.base_url} failed: {exc}", method=method,
-                                path=path) from exc
+        except (ConnectionError, OSError, http.client.HTTPException) as exc:
+            raise LoopbackError(0, f"cannot reach {self.base_url}: {exc}", method=method, path=path) from exc
+        if status >= 400:
+            error_body = _parse_json(payload)
+            raise LoopbackError(status, _orthanc_message(error_body, reason), body=error_body, method=method,
+                                path=path)
         if not parse:
             return payload
         return _parse_json(payload) if payload else None
