@@ -299,6 +299,9 @@ class Harvester:
         targets: list[Target] = []
 
         def find(level: QueryLevel, identifier: dict[str, Any]) -> list[Mapping[str, Any]]:
+            local = self._local_frame_of_reference(level, identifier)
+            if local is not None:
+                return local
             self.queue.heartbeat(job.id, owner, self.lease_seconds)
             return list(access.backend.find(level, identifier, timeout=access.find_timeout))
 
@@ -307,6 +310,22 @@ class Harvester:
 
         execute(op, access.capability, find, retrieve)
         return targets
+
+    def _local_frame_of_reference(self, level: QueryLevel,
+                                  identifier: Mapping[str, Any]) -> list[Mapping[str, Any]] | None:
+        """Answer "the FrameOfReferenceUID of series S" from what is stored, when S is.
+
+        FoR is an image-level attribute, so a source answers it by listing every image of the series (and
+        Orthanc reads each file to do so); for a series already here the answer is known locally.
+        """
+        series = identifier.get(_SERIES)
+        if level != QueryLevel.IMAGE or identifier.get("FrameOfReferenceUID") != "" or not series:
+            return None
+        known = self.tracker.series_frame_of_reference(str(series))
+        if known is None:
+            return None
+        sop_uid, for_uid = known
+        return [{_STUDY: identifier.get(_STUDY, ""), _SERIES: series, _SOP: sop_uid, "FrameOfReferenceUID": for_uid}]
 
     def _fetch(self, job: Job, owner: str, op: Operation, target: Target) -> tuple[int, int]:
         """Bring one target in (or plan it from the local copy); returns (moved, already local)."""
@@ -342,6 +361,11 @@ class Harvester:
                 raise _NotHere(f"series {series} lists no instances at {target.source}")
             existing = {uid: oid for uid, oid in self.store.series_instances(series).items() if uid in wanted}
         missing = [uid for uid in wanted if uid not in existing]
+        if missing:
+            arrived_meanwhile = self._await_in_flight(job, owner, missing, access.move_timeout)
+            if arrived_meanwhile:
+                existing.update(arrived_meanwhile)
+                missing = [uid for uid in missing if uid not in arrived_meanwhile]
         if existing:
             self._plan_local(job, op, target.source, existing, target.candidate)
         if target.candidate and missing:
@@ -381,6 +405,24 @@ class Harvester:
                 retryable=True, dimse_status=status,
             )
         return len(missing), len(existing)
+
+    def _await_in_flight(self, job: Job, owner: str, missing: Sequence[str], limit: float) -> dict[str, str]:
+        """Wait for instances another running job is moving (e.g. the series a contour image brought);
+        returns those that arrived meanwhile (SOP UID → Orthanc ID). Moving them again would only send
+        duplicates."""
+        busy = self.tracker.in_flight(missing, job.id)
+        arrived: dict[str, str] = {}
+        deadline = time.monotonic() + limit
+        while busy and time.monotonic() < deadline and not self._stop.is_set():
+            self._stop.wait(0.2)
+            self.queue.heartbeat(job.id, owner, self.lease_seconds)
+            for uid in list(busy):
+                oid = self.store.lookup(uid)
+                if oid is not None:
+                    arrived[uid] = oid
+                    busy.discard(uid)
+            busy &= self.tracker.in_flight(list(busy), job.id)
+        return arrived
 
     def _arrived(self, harvest_id: str, uids: Sequence[str]) -> set[str]:
         # OnStoredInstance runs before the C-STORE response, so once the move returned every delivered

@@ -15,6 +15,7 @@ a decision without its consequences.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections.abc import Iterable, Sequence
@@ -74,6 +75,7 @@ register_schema(
         )""",
         "CREATE INDEX rth_objects_sop ON rth_objects(sop_uid)",
         "CREATE INDEX rth_objects_role ON rth_objects(harvest_id, role, decision)",
+        "CREATE INDEX rth_objects_series ON rth_objects(series_uid)",
         """CREATE TABLE rth_provenance_outbox (
             orthanc_id TEXT NOT NULL,
             harvest_id TEXT NOT NULL,
@@ -208,6 +210,24 @@ class Tracker:
         )
         return [Expectation(r[0], r[1], int(r[2]), r[3], r[4], r[5], bool(r[6]), json.loads(r[7])) for r in rows]
 
+    def series_frame_of_reference(self, series_uid: str) -> tuple[str, str] | None:
+        """(a SOP UID, the FrameOfReferenceUID) of a series some harvest holds, or None."""
+        row = self.db.query_one(
+            "SELECT sop_uid, frame_of_reference_uid FROM rth_objects WHERE series_uid = ? AND decision = 'kept'"
+            " AND orthanc_id IS NOT NULL AND frame_of_reference_uid IS NOT NULL LIMIT 1", (series_uid,))
+        return None if row is None else (str(row[0]), str(row[1]))
+
+    def in_flight(self, sop_uids: Sequence[str], exclude_job: int) -> set[str]:
+        """Which of ``sop_uids`` another running job is moving right now (expected by a leased job)."""
+        found: set[str] = set()
+        for uid in sop_uids:
+            row = self.db.query_one(
+                "SELECT 1 FROM rth_expectations e JOIN jobs j ON j.id = e.job_id WHERE e.sop_uid = ?"
+                " AND e.job_id != ? AND j.state = 'leased' LIMIT 1", (uid, exclude_job))
+            if row is not None:
+                found.add(uid)
+        return found
+
     def drop_expectations(self, job_id: int) -> None:
         """Forget a finished job's expectations (arrivals after that are unsolicited)."""
         self.db.execute("DELETE FROM rth_expectations WHERE job_id = ?", (job_id,))
@@ -234,11 +254,15 @@ class Tracker:
         unless it was a rejection and this one keeps it: another rule wants the object after all).
         """
         existing = self.db.query_one(
-            "SELECT decision FROM rth_objects WHERE harvest_id = ? AND sop_uid = ?", (obj.harvest_id, obj.sop_uid)
+            "SELECT decision, moved FROM rth_objects WHERE harvest_id = ? AND sop_uid = ?",
+            (obj.harvest_id, obj.sop_uid),
         )
         now = time.time()
         if existing is not None and not (existing[0] == Decision.REJECTED and obj.decision is Decision.KEPT):
             return False
+        if existing is not None and existing[1] and not obj.moved:
+            # Moved in as a candidate, claimed from the store by another rule: it was still moved by us.
+            obj = dataclasses.replace(obj, moved=True)
         self.db.execute(
             "INSERT OR REPLACE INTO rth_objects (harvest_id, sop_uid, orthanc_id, decision, reason, role, hop,"
             " source, job_id, moved, patient_id, study_uid, series_uid, modality, sop_class_uid,"

@@ -226,6 +226,10 @@ class OrthancRestBackend:
         lowered = details.lower()
         if "tcp initialization error" in lowered or "connection refused" in lowered:
             return err(SourceErrorKind.UNREACHABLE, f"cannot connect: {details}")
+        if any(s in lowered for s in ("tcp i/o error", "connection reset", "broken pipe", "connection timed out")):
+            # The source went away mid-association (killed, restarted, network drop): transient, retried up
+            # to MaxAttempts like an unreachable source, not bounded like an unexplained failure.
+            return err(SourceErrorKind.UNREACHABLE, f"connection lost: {details}")
         if "association rejected" in lowered:
             return err(SourceErrorKind.REFUSED, f"association rejected: {details}")
         if "aborted" in lowered:

@@ -1,0 +1,245 @@
+"""Security: Orthanc authentication on every route, DICOM access control, no PHI in logs, parameterised SQL.
+
+* every ``/rtharvest`` route (the page and its assets included) answers 401 without credentials and with
+  wrong ones;
+* only configured AETs may store into the harvester: an unknown calling AET is refused, a configured AET
+  calling from another host than its DicomModalities entry is refused (DicomCheckModalityHost), the same
+  AET from its own host is accepted; no modality may query (C-FIND) or retrieve (C-MOVE, C-GET) from it;
+* after a harvest, none of the synthetic clinic's PatientName values appears in the event log, the job
+  table's messages or Orthanc's log file;
+* injection strings fed through every filter of every route and every text field of a start request
+  change nothing and are stored verbatim where they are data.
+"""
+
+from __future__ import annotations
+
+import base64
+import re
+import sqlite3
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import pydicom
+import pytest
+from pydicom.dataset import Dataset
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
+from pynetdicom import AE
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    CTImageStorage,
+    PatientRootQueryRetrieveInformationModelGet,
+    StudyRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelMove,
+)
+
+from rtharvest.synth.groundtruth import GroundTruth
+from rtharvest.synth.loader import dicom_files
+
+from ..conftest import Clinic
+from ..harvesting import start_harvest, wait_completed
+from ..servers import LOCALHOST, DicomSource, RestClient
+
+pytestmark = pytest.mark.servers
+
+ROUTES = [
+    ("GET", "/rtharvest/status"), ("GET", "/rtharvest/harvests"), ("POST", "/rtharvest/harvests"),
+    ("GET", "/rtharvest/harvests/0123456789abcdef"), ("POST", "/rtharvest/harvests/0123456789abcdef/pause"),
+    ("POST", "/rtharvest/harvests/0123456789abcdef/resume"), ("POST", "/rtharvest/harvests/0123456789abcdef/cancel"),
+    ("GET", "/rtharvest/harvests/0123456789abcdef/manifest"), ("GET", "/rtharvest/manifest"),
+    ("GET", "/rtharvest/jobs"), ("POST", "/rtharvest/jobs/1/retry"), ("GET", "/rtharvest/log"),
+    ("GET", "/rtharvest/ui"), ("GET", "/rtharvest/ui/harvests.js"), ("GET", "/rtharvest/ui/charts.js"),
+    ("GET", "/rtharvest/ui/harvests.css"),
+]
+
+INJECTIONS = ["' OR 1=1 --", "\"; DROP TABLE jobs; --", "x'); DELETE FROM harvests; --", "%", "_", "*",
+              "1) OR (1=1", "' UNION SELECT name, sql FROM sqlite_master --", "\\", "`", "?", ":now", "$1",
+              "0 OR 1", "done' OR state != 'done"]
+
+
+@pytest.mark.parametrize(("method", "path"), ROUTES)
+def test_every_route_requires_authentication(clinic: Clinic, method: str, path: str) -> None:
+    creds = clinic.harvester.credentials
+    assert creds is not None, "the shipped configuration must enable authentication"
+    anonymous = RestClient(clinic.harvester.url, None)
+    wrong_password = RestClient(clinic.harvester.url, (creds[0], creds[1] + "x"))
+    wrong_user = RestClient(clinic.harvester.url, ("intruder", creds[1]))
+    body = {} if method == "POST" else None
+    for client in (anonymous, wrong_password, wrong_user):
+        status, answer = client.request(method, path, body)
+        assert status == 401, (method, path, status, answer)
+    garbage = {"Authorization": "Basic " + base64.b64encode(b"\xff\xfe:").decode()}
+    assert anonymous.request(method, path, body, headers=garbage)[0] == 401
+    assert anonymous.request(method, path, body, headers={"Authorization": "Bearer abc"})[0] == 401
+    assert clinic.api.request(method, path, body)[0] != 401
+
+
+def _store(calling_aet: str, port: int, bind: str = LOCALHOST) -> tuple[bool, int | None, str]:
+    """C-STORE one CT from ``calling_aet``; (association accepted, status, SOP UID)."""
+    ds = Dataset()
+    ds.SOPClassUID = CTImageStorage
+    ds.SOPInstanceUID = generate_uid()
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.PatientID, ds.Modality = "SEC-TEST", "CT"
+    ds.file_meta = pydicom.dataset.FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ae = AE(ae_title=calling_aet)
+    ae.add_requested_context(CTImageStorage, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
+    assoc = ae.associate(LOCALHOST, port, ae_title="HARVEST", bind_address=(bind, 0))
+    if not assoc.is_established:
+        return False, None, ds.SOPInstanceUID
+    try:
+        status = assoc.send_c_store(ds)
+        return True, int(status.Status) if "Status" in status else None, ds.SOPInstanceUID
+    finally:
+        if assoc.is_established:
+            assoc.release()
+
+
+class _RemoteSource(DicomSource):
+    """A configured source whose DicomModalities entry names another host (127.0.0.2)."""
+
+    @property
+    def modality_entry(self) -> dict[str, Any]:
+        return {**super().modality_entry, "Host": "127.0.0.2"}
+
+
+def _lookup(clinic: Clinic, sop_uid: str) -> list[Any]:
+    _, found = clinic.api.request("POST", "/tools/lookup", raw=sop_uid.encode())
+    return list(found or [])
+
+
+def test_only_configured_aets_from_their_host_may_store(clinic: Clinic) -> None:
+    remote = _RemoteSource("REMOTE", "REMOTEAET", 1, "remote")
+    clinic.restart_harvester(fresh=True, extra_sources={"REMOTE": remote})
+    try:
+        port = clinic.harvester.dicom_port
+        accepted, status, uid = _store("INTRUDER", port)
+        assert not (accepted and status == 0), "an unknown AET stored into the harvester"
+        assert not _lookup(clinic, uid)
+        accepted, status, uid = _store("REMOTEAET", port)  # right AET, wrong host (127.0.0.1)
+        assert not (accepted and status == 0), "a configured AET stored from another host"
+        assert not _lookup(clinic, uid)
+        accepted, status, uid = _store("REMOTEAET", port, bind="127.0.0.2")  # right AET, right host
+        assert accepted and status == 0, (accepted, status)
+        assert _lookup(clinic, uid)
+        accepted, status, uid = _store(clinic.sources["ORTHANC_SRC"].aet, port)
+        assert accepted and status == 0, (accepted, status)
+    finally:
+        clinic.restart_harvester(fresh=True)
+
+
+def test_no_modality_may_query_or_retrieve_from_the_harvester(clinic: Clinic, loaded: GroundTruth) -> None:
+    clinic.restart_harvester(fresh=True)
+    # Something to find: store one instance the regular way.
+    accepted, status, uid = _store(clinic.sources["ORTHANC_SRC"].aet, clinic.harvester.dicom_port)
+    assert accepted and status == 0
+    for calling in (clinic.sources["ORTHANC_SRC"].aet, "INTRUDER"):
+        ae = AE(ae_title=calling)
+        for context in (StudyRootQueryRetrieveInformationModelFind, StudyRootQueryRetrieveInformationModelMove,
+                        PatientRootQueryRetrieveInformationModelGet):
+            ae.add_requested_context(context)
+        ae.acse_timeout = ae.network_timeout = 10
+        ae.dimse_timeout = 3  # a refused C-MOVE gets no response at all: do not wait long for it
+        assoc = ae.associate(LOCALHOST, clinic.harvester.dicom_port, ae_title="HARVEST")
+        if not assoc.is_established:
+            continue  # refused outright: nothing to ask
+        try:
+            query = Dataset()
+            query.QueryRetrieveLevel, query.SOPInstanceUID = "IMAGE", uid
+            query.StudyInstanceUID = query.SeriesInstanceUID = ""
+            answers = [(s.Status if s else None, i) for s, i in
+                       assoc.send_c_find(query, StudyRootQueryRetrieveInformationModelFind)]
+            assert not any(i is not None for _, i in answers), (calling, "C-FIND answered", answers)
+            assert all(st not in (0x0000, 0xFF00, 0xFF01) for st, _ in answers if st is not None), answers
+            if assoc.is_established:
+                moves = [s.Status for s, _ in assoc.send_c_move(query, calling,
+                                                                 StudyRootQueryRetrieveInformationModelMove) if s]
+                # Refused: a failure status, or no response at all (the association is aborted).
+                assert all(st not in (0x0000, 0xFF00) for st in moves), (calling, "C-MOVE", moves)
+        finally:
+            if assoc.is_established:
+                assoc.release()
+
+
+def _patient_names(out: Path) -> set[str]:
+    names: set[str] = set()
+    for path in dicom_files(out):
+        name = str(pydicom.dcmread(path, stop_before_pixels=True).get("PatientName", "") or "")
+        if name:
+            names.add(name)
+            names.update(part for part in re.split(r"[\^=]", name) if len(part) >= 4)
+    return names
+
+
+def test_no_patient_names_in_logs(clinic: Clinic, loaded: GroundTruth,
+                                  synthetic: tuple[Path, GroundTruth]) -> None:
+    out, _ = synthetic
+    names = _patient_names(out)
+    assert names, "the synthetic clinic has no PatientName values to look for"
+    clinic.restart_harvester(fresh=True)
+    harvest_id = start_harvest(clinic.api, loaded.window("all"), "ORTHANC_SRC")
+    wait_completed(clinic.api, harvest_id)
+    texts = [str(e) for e in clinic.api.get("/rtharvest/log?level=debug&limit=10000")]
+    db = Path(clinic.harvester.config["RtHarvest"]["DatabasePath"])
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    try:
+        texts += [" ".join(str(c) for c in row) for row in conn.execute("SELECT * FROM events")]
+        texts += [f"{e} {n}" for e, n in conn.execute("SELECT last_error, note FROM jobs")]
+    finally:
+        conn.close()
+    clinic.harvester.stop()  # flush Orthanc's log
+    texts.append(clinic.harvester.log_path.read_text(errors="replace"))
+    clinic.restart_harvester(fresh=False)
+    blob = "\n".join(texts)
+    leaked = sorted(n for n in names if n in blob)
+    assert not leaked, f"PatientName values in the logs: {leaked[:5]}"
+
+
+def test_injection_strings_through_every_filter(clinic: Clinic, loaded: GroundTruth) -> None:
+    clinic.restart_harvester(fresh=True)
+    harvest_id = clinic.api.post("/rtharvest/harvests", {"Source": "ORTHANC_SRC", "PatientIDs": ["NOBODY"],
+                                                         "Label": "before"})["ID"]
+    wait_completed(clinic.api, harvest_id)
+    snapshot = (clinic.api.get("/rtharvest/harvests?limit=10000"), clinic.api.get("/rtharvest/jobs?limit=10000"))
+    filters = {
+        "/rtharvest/jobs": ("harvest", "state", "limit", "offset"),
+        "/rtharvest/log": ("level", "harvest", "since", "limit", "component", "source"),
+        "/rtharvest/harvests": ("limit",),
+        f"/rtharvest/harvests/{harvest_id}/manifest": ("format",),
+        "/rtharvest/manifest": ("format",),
+    }
+    for evil in INJECTIONS:
+        for route, params in filters.items():
+            for param in params:
+                status, answer = clinic.api.request("GET", f"{route}?{param}={quote(evil, safe='')}")
+                assert status in (200, 400, 404), (route, param, evil, status, answer)
+                if status == 200 and route == "/rtharvest/log" and param in ("harvest", "component", "source"):
+                    assert answer == [], (route, param, evil, answer)  # matched literally: nothing
+                if status == 200 and route == "/rtharvest/jobs" and param == "harvest":
+                    raise AssertionError(f"unknown harvest {evil!r} listed jobs: {answer}")
+        for path in (f"/rtharvest/jobs/{quote(evil, safe='')}/retry", f"/rtharvest/harvests/{quote(evil, safe='')}"):
+            status, answer = clinic.api.request("POST" if path.endswith("retry") else "GET", path,
+                                                {} if path.endswith("retry") else None)
+            # Orthanc turns "\\" into "/" before routing: the harvests listing answers, harmlessly.
+            assert status in (400, 404) or (evil == "\\" and isinstance(answer, list)), (path, status, answer)
+    assert (clinic.api.get("/rtharvest/harvests?limit=10000"), clinic.api.get("/rtharvest/jobs?limit=10000")) \
+        == snapshot
+
+    # Injection strings as data: refused by validation, or stored verbatim.
+    for evil in INJECTIONS:
+        status, answer = clinic.api.request("POST", "/rtharvest/harvests", {
+            "Source": "ORTHANC_SRC", "PatientIDs": [evil], "Label": evil})
+        if status == 200:
+            doc = clinic.api.get(f"/rtharvest/harvests/{answer['ID']}")
+            assert doc["Label"] == evil and doc["PatientIDs"] == [evil], doc
+            clinic.api.post(f"/rtharvest/harvests/{answer['ID']}/cancel")
+        else:
+            assert status == 400 and "PatientID" in answer["Error"], (evil, answer)
+        status, answer = clinic.api.request("POST", "/rtharvest/harvests", {"Source": evil, "From": "20200101"})
+        assert status == 400 and "unknown source" in answer["Error"], (evil, answer)
+    tables = {r[0] for r in sqlite3.connect(
+        f"file:{clinic.harvester.config['RtHarvest']['DatabasePath']}?mode=ro", uri=True).execute(
+        "SELECT name FROM sqlite_master WHERE type = 'table'")}
+    assert {"jobs", "harvests", "events"} <= tables
+    assert clinic.api.get(f"/rtharvest/harvests/{harvest_id}")["Label"] == "before"
