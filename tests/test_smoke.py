@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-import time
-
 import pytest
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.dataset import Dataset
 from pynetdicom import AE
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
-    CTImageStorage,
     StudyRootQueryRetrieveInformationModelFind,
     StudyRootQueryRetrieveInformationModelMove,
 )
@@ -17,49 +13,10 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 from rtharvest import __version__
 
 from .conftest import Clinic
-from .servers import HARVEST_AET, LOCALHOST, DicomSource, RestClient
+from .dimse import ct, store, wait_for_arrival
+from .servers import HARVEST_AET, LOCALHOST, RestClient
 
 SOURCE_NAMES = ["ORTHANC_SRC", "DCMQRSCP", "DCMQRSCP_STRICT", "PYNETDICOM"]
-
-
-def tiny_ct(patient_id: str) -> Dataset:
-    """A minimal, valid-enough CT image with fresh UIDs."""
-    ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.MediaStorageSOPClassUID = CTImageStorage
-    ds.SOPInstanceUID = generate_uid()
-    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.SOPClassUID = CTImageStorage
-    ds.PatientID = patient_id
-    ds.PatientName = "SMOKE^TEST"
-    ds.StudyInstanceUID = generate_uid()
-    ds.SeriesInstanceUID = generate_uid()
-    ds.FrameOfReferenceUID = generate_uid()
-    ds.Modality = "CT"
-    ds.StudyDate = "20200101"
-    ds.StudyID = "1"
-    ds.SeriesNumber = 1
-    ds.InstanceNumber = 1
-    ds.Rows = ds.Columns = 4
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.BitsAllocated = ds.BitsStored = 16
-    ds.HighBit = 15
-    ds.PixelRepresentation = 0
-    ds.PixelData = bytes(32)
-    return ds
-
-
-def store(source: DicomSource, ds: Dataset) -> None:
-    """C-STORE ``ds`` into ``source`` (as its own clinical systems would)."""
-    ae = AE(ae_title="SMOKE")
-    ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
-    assoc = ae.associate(LOCALHOST, source.port, ae_title=source.aet)
-    assert assoc.is_established, f"cannot associate with {source.name}"
-    status = assoc.send_c_store(ds)
-    assoc.release()
-    assert status and status.Status == 0, f"C-STORE into {source.name} failed: {status}"
 
 
 def test_plugin_is_loaded(clinic: Clinic) -> None:
@@ -91,20 +48,10 @@ def test_echo_from_harvester(clinic: Clinic, name: str) -> None:
     assert status == 200, body
 
 
-def _wait_for_instance(api: RestClient, sop_uid: str, deadline_s: float = 20.0) -> list[str]:
-    deadline = time.monotonic() + deadline_s
-    while time.monotonic() < deadline:
-        _, ids = api.request("POST", "/tools/find", {"Level": "Instance", "Query": {"SOPInstanceUID": sop_uid}})
-        if ids:
-            return list(ids)
-        time.sleep(0.2)
-    return []
-
-
 @pytest.mark.parametrize("name", ["ORTHANC_SRC", "DCMQRSCP", "PYNETDICOM"])
 def test_find_and_retrieve_through_orthanc(clinic: Clinic, name: str) -> None:
     """Orthanc's own Q/R client finds an instance by SOP UID alone and moves it into the harvester."""
-    ds = tiny_ct(f"SMOKE-{name}")
+    ds = ct(f"SMOKE-{name}")
     store(clinic.sources[name], ds)
     query = clinic.api.post(f"/modalities/{name}/query", {
         "Level": "Instance",
@@ -113,13 +60,13 @@ def test_find_and_retrieve_through_orthanc(clinic: Clinic, name: str) -> None:
     answers = clinic.api.get(f"/queries/{query['ID']}/answers?expand&simplify")
     assert [a.get("SOPInstanceUID") for a in answers] == [ds.SOPInstanceUID]
     clinic.api.post(f"/queries/{query['ID']}/retrieve", {"TargetAet": HARVEST_AET})
-    assert _wait_for_instance(clinic.api, ds.SOPInstanceUID), f"instance from {name} never arrived"
+    assert not wait_for_arrival(clinic.api, [ds.SOPInstanceUID]), f"instance from {name} never arrived"
 
 
 def test_find_and_retrieve_strict_hierarchical(clinic: Clinic) -> None:
     """A strict source (dcmqrscp -XF -XM) answers a proper hierarchical query; C-MOVE brings it in."""
     source = clinic.sources["DCMQRSCP_STRICT"]
-    ds = tiny_ct("SMOKE-STRICT")
+    ds = ct("SMOKE-STRICT")
     store(source, ds)
     # Orthanc's client is refused below study level here (it adds PatientID and other keys).
     status, _ = clinic.api.request("POST", "/modalities/DCMQRSCP_STRICT/query", {
@@ -146,4 +93,4 @@ def test_find_and_retrieve_strict_hierarchical(clinic: Clinic) -> None:
         assert final.NumberOfCompletedSuboperations == 1
     finally:
         assoc.release()
-    assert _wait_for_instance(clinic.api, ds.SOPInstanceUID)
+    assert not wait_for_arrival(clinic.api, [ds.SOPInstanceUID])
