@@ -187,6 +187,7 @@ def _on_started() -> None:
         workers=rt.config.workers, lease_seconds=rt.config.lease_seconds,
         delete_rejected=rt.config.candidate_policy.value == "delete",
     )
+    rt.ingest.on_enqueue = rt.harvests.on_enqueue = rt.harvester.wake
     rt.harvester.start()
     _start_log_retention(rt)
     rt.started = True

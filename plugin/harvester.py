@@ -151,6 +151,9 @@ class Harvester:
         self.delete_rejected = delete_rejected
         self.poll_interval = poll_interval
         self._stop = threading.Event()
+        # Set whenever new jobs are enqueued, so an idle worker starts the next hop at once instead of at
+        # its next poll (a chain of ten hops would otherwise wait ten poll intervals).
+        self._wake = threading.Event()
         self._threads: list[threading.Thread] = []
         self._owner_prefix = f"{socket.gethostname()}:{os.getpid()}"
 
@@ -175,10 +178,15 @@ class Harvester:
     def stop(self, timeout: float = 30.0) -> None:
         """Ask every thread to stop and join them (running jobs finish their current DIMSE call)."""
         self._stop.set()
+        self._wake.set()
         deadline = time.monotonic() + timeout
         for t in self._threads:
             t.join(max(0.1, deadline - time.monotonic()))
         self._threads = [t for t in self._threads if t.is_alive()]
+
+    def wake(self) -> None:
+        """New work was enqueued: let idle workers look now."""
+        self._wake.set()
 
     @property
     def alive(self) -> int:
@@ -196,7 +204,8 @@ class Harvester:
                 self._stop.wait(1.0)
                 continue
             if job is None:
-                self._stop.wait(self.poll_interval)
+                self._wake.wait(self.poll_interval)
+                self._wake.clear()
                 continue
             self.run(job, owner)
 
@@ -462,7 +471,7 @@ class Harvester:
                 log.exception("maintenance step failed")
                 busy = False
             if not busy:
-                self._stop.wait(0.5)
+                self._stop.wait(0.25)
 
     def write_provenance(self, batch: int = 200) -> bool:
         """Write pending provenance metadata; returns True if there was work."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from .classify import HarvestWindow
@@ -93,6 +93,8 @@ class HarvestService:
         self.events = events
         self._routing: dict[str, HarvestRouting] = {}
         self._lock = threading.Lock()
+        #: Called after jobs were enqueued (the harvester wakes its idle workers).
+        self.on_enqueue: Callable[[], None] | None = None
 
     def start(self, body: Mapping[str, Any]) -> Harvest:
         """Create a harvest and enqueue its treatment-record queries."""
@@ -104,6 +106,8 @@ class HarvestService:
             self._routing[harvest.id] = routing
         ops = start_operations(HarvestContext(window, harvest.id))
         self.queue.enqueue_many(job_for(routing, op) for op in ops)
+        if self.on_enqueue is not None:
+            self.on_enqueue()
         self.events.write(Level.INFO, "harvests", f"harvest started at {source} (lookup: {', '.join(lookup)}; "
                           f"window {window.date_range() or 'any date'}, {len(window.patient_ids)} patient(s))",
                           harvest_id=harvest.id, source=source)

@@ -88,6 +88,8 @@ class Ingest:
         self.arrivals = 0
         self.unsolicited = 0
         self._reported_unsolicited = 0
+        #: Called after follow-up jobs were committed (the harvester wakes its idle workers).
+        self.on_enqueue: Callable[[], None] | None = None
         self._last_unsolicited_from = ""
 
     def on_stored(self, orthanc_id: str, data: bytes, remote_aet: str) -> None:
@@ -171,6 +173,8 @@ class Ingest:
                     verb = "kept" if decision.keep else "rejected"
                     messages.append((level, exp.harvest_id, f"{exp.hop} {refs.kind.value.lower()} {verb}: "
                                      f"{decision.reason}", exp.job_id))
+        if self.on_enqueue is not None and any(kept for _, kept in results):
+            self.on_enqueue()
         for level, harvest_id, message, job_id in messages:
             self.events.write(level, "ingest", message, harvest_id=harvest_id, job_id=job_id, sop_uid=refs.sop_uid,
                               series_uid=refs.series_uid)
