@@ -88,6 +88,7 @@ class Ingest:
         self.arrivals = 0
         self.unsolicited = 0
         self._reported_unsolicited = 0
+        self._planned_series: set[tuple[str, str, str]] = set()
         #: Called after follow-up jobs were committed (the harvester wakes its idle workers).
         self.on_enqueue: Callable[[], None] | None = None
         self._last_unsolicited_from = ""
@@ -116,6 +117,25 @@ class Ingest:
             return
         self.process(refs, orthanc_id, expectations, moved=True)
 
+    def _series_planned(self, exp: Expectation, refs: ObjectRefs, op: Operation) -> bool:
+        """True when another image of this series, wanted by the same operation, was planned already.
+
+        The planner's hops from an image are series-level, so the 2nd..Nth slice of a series would only
+        re-enqueue the same (deduplicated) jobs: skip that work on the C-STORE path. Kept in memory only:
+        after a restart the first slice plans again, and the queue's dedupe keys absorb it.
+        """
+        if refs.kind.value != "IMAGE" or not refs.series_uid:
+            return False
+        with self._lock:
+            return (exp.harvest_id, refs.series_uid, op.dedupe_key()) in self._planned_series
+
+    def _mark_series_planned(self, keys: list[tuple[str, str, str]]) -> None:
+        # Marked only once the follow-ups are committed: a rolled-back transaction must plan again.
+        with self._lock:
+            if len(self._planned_series) > 100_000:
+                self._planned_series.clear()
+            self._planned_series.update(keys)
+
     def report_unsolicited(self) -> None:
         """Log how many instances arrived that no harvest expected since the last report."""
         with self._lock:
@@ -135,6 +155,7 @@ class Ingest:
         One transaction: the decisions, the provenance outbox rows and the follow-up jobs commit together.
         """
         results: list[tuple[str, bool]] = []
+        planned: list[tuple[str, str, str]] = []
         messages: list[tuple[Level, str, str, int | None]] = []
         with self.db.transaction():
             for exp in expectations:
@@ -163,16 +184,19 @@ class Ingest:
                 first = self.tracker.record(record)
                 if exp.candidate and not decision.keep:
                     self.tracker.remember_rejection(refs.sop_uid, op.dedupe_key(), decision.reason)
-                if decision.operations:
+                if decision.operations and not self._series_planned(exp, refs, op):
                     self.queue.enqueue_many(
                         job_for(routing, o, _PRIORITY_BY_KIND.get(o.kind.value, 0)) for o in decision.operations
                     )
+                    if refs.kind.value == "IMAGE" and refs.series_uid:
+                        planned.append((exp.harvest_id, refs.series_uid, op.dedupe_key()))
                 results.append((exp.harvest_id, decision.keep))
                 if first and (not decision.keep or refs.kind.value != "IMAGE"):
                     level = Level.INFO if decision.keep else Level.WARNING
                     verb = "kept" if decision.keep else "rejected"
                     messages.append((level, exp.harvest_id, f"{exp.hop} {refs.kind.value.lower()} {verb}: "
                                      f"{decision.reason}", exp.job_id))
+        self._mark_series_planned(planned)
         if self.on_enqueue is not None and any(kept for _, kept in results):
             self.on_enqueue()
         for level, harvest_id, message, job_id in messages:
