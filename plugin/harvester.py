@@ -395,19 +395,31 @@ class Harvester:
         )
         self.queue.heartbeat(job.id, owner, self.lease_seconds)
         patient = str(ident.get(_PATIENT) or "") or _patient_of(op)
-        if not whole_series or len(missing) < len(wanted):
-            # Only what is missing moves: instance-level C-MOVEs when part of the series is stored (typically
-            # the contour image fetched first), all on one association.
-            results = [access.backend.move(QueryLevel.IMAGE, patient_id=patient, study_uid=study,
-                                           series_uid=series, sop_uids=missing, timeout=access.move_timeout)]
-        else:
-            results = [access.backend.move(QueryLevel.SERIES, patient_id=patient, study_uid=study,
-                                           series_uid=series, timeout=access.move_timeout)]
+        results: list[MoveResult] = []
+        warning: SourceError | None = None
+        try:
+            if not whole_series or len(missing) < len(wanted):
+                # Only what is missing moves: instance-level C-MOVEs when part of the series is stored, all in
+                # one call (one association).
+                results.append(access.backend.move(QueryLevel.IMAGE, patient_id=patient, study_uid=study,
+                                                   series_uid=series, sop_uids=missing,
+                                                   timeout=access.move_timeout))
+            else:
+                results.append(access.backend.move(QueryLevel.SERIES, patient_id=patient, study_uid=study,
+                                                   series_uid=series, timeout=access.move_timeout))
+        except SourceError as exc:
+            # A warning (0xB000: some sub-operations failed) still delivered the rest: what arrived is checked
+            # below, and what did not is retried, so only that part moves again.
+            if exc.dimse_status is None or not 0xB000 <= exc.dimse_status <= 0xBFFF:
+                raise
+            warning = exc
         arrived = self._arrived(job.harvest_id, missing)
         still = [uid for uid in missing if uid not in arrived]
         if still:
-            failed = sum(max(r.failed, 0) for r in results if isinstance(r, MoveResult))
-            status = next((r.status for r in results if isinstance(r, MoveResult) and r.status), None)
+            failed = sum(max(r.failed, 0) for r in results)
+            status = next((r.status for r in results if r.status), None)
+            if warning is not None:
+                status = warning.dimse_status
             raise JobFailure(
                 f"{op.hop}: {len(still)} of {len(missing)} instance(s) did not arrive from {target.source}"
                 f" (source reported {failed} failed sub-operation(s)); first missing {still[0]}",

@@ -233,7 +233,9 @@ def test_injection_strings_through_every_filter(clinic: Clinic, loaded: GroundTr
         if status == 200:
             doc = clinic.api.get(f"/rtharvest/harvests/{answer['ID']}")
             assert doc["Label"] == evil and doc["PatientIDs"] == [evil], doc
-            clinic.api.post(f"/rtharvest/harvests/{answer['ID']}/cancel")
+            # A harvest of an unknown patient may already be Completed (409): either way it stops here.
+            status, _ = clinic.api.request("POST", f"/rtharvest/harvests/{answer['ID']}/cancel", {})
+            assert status in (200, 409), status
         else:
             assert status == 400 and "PatientID" in answer["Error"], (evil, answer)
         status, answer = clinic.api.request("POST", "/rtharvest/harvests", {"Source": evil, "From": "20200101"})
