@@ -371,7 +371,7 @@ class Harvester:
             existing = {uid: oid for uid, oid in self.store.series_instances(series).items() if uid in wanted}
         missing = [uid for uid in wanted if uid not in existing]
         if missing:
-            arrived_meanwhile = self._await_in_flight(job, owner, missing, access.move_timeout)
+            arrived_meanwhile = self._await_in_flight(job, owner, missing, series, access.move_timeout)
             if arrived_meanwhile:
                 existing.update(arrived_meanwhile)
                 missing = [uid for uid in missing if uid not in arrived_meanwhile]
@@ -427,7 +427,8 @@ class Harvester:
             )
         return len(missing), len(existing)
 
-    def _await_in_flight(self, job: Job, owner: str, missing: Sequence[str], limit: float) -> dict[str, str]:
+    def _await_in_flight(self, job: Job, owner: str, missing: Sequence[str], series: str,
+                         limit: float) -> dict[str, str]:
         """Wait for instances another running job is moving (e.g. the series a contour image brought);
         returns those that arrived meanwhile (SOP UID → Orthanc ID). Moving them again would only send
         duplicates."""
@@ -437,10 +438,12 @@ class Harvester:
         while busy and time.monotonic() < deadline and not self._stop.is_set():
             self._stop.wait(0.2)
             self.queue.heartbeat(job.id, owner, self.lease_seconds)
+            # One index query for the whole series rather than one look-up per slice per poll.
+            stored = self.store.series_instances(series) if series else {
+                uid: oid for uid in busy if (oid := self.store.lookup(uid)) is not None}
             for uid in list(busy):
-                oid = self.store.lookup(uid)
-                if oid is not None:
-                    arrived[uid] = oid
+                if uid in stored:
+                    arrived[uid] = stored[uid]
                     busy.discard(uid)
             busy &= self.tracker.in_flight(list(busy), job.id)
         return arrived
