@@ -229,7 +229,8 @@ def build_runtime(config: HarvesterConfig) -> Runtime:
     def source_of_aet(aet: str) -> str | None:
         return next((m.name for m in config.modalities.values() if m.aet == aet), None)
 
-    ingest = Ingest(db, queue, tracker, events, harvests.routing, source_of_aet)
+    ingest = Ingest(db, queue, tracker, events, harvests.routing, source_of_aet,
+                    unpack_mim_sessions=config.unpack_mim_sessions)
     router = Router()
     runtime = Runtime(router=router, config=config, db=db, queue=queue, events=events, tracker=tracker,
                       harvests=harvests, ingest=ingest)

@@ -100,6 +100,9 @@ class HarvesterConfig:
     source_defaults: SourceSettings = field(default_factory=SourceSettings)
     #: Settings that were ignored, with why (shown by /rtharvest/status).
     warnings: tuple[str, ...] = ()
+    #: ``UnpackMimSessions``: REG searches also retrieve Raw Data objects (MIM sessions), which are unpacked
+    #: in the harvester; their RTSTRUCT/REG objects are planned like any other.
+    unpack_mim_sessions: bool = False
 
     def source(self, name: str) -> SourceSettings:
         """Settings for source ``name`` (its own section, else the defaults)."""
@@ -247,6 +250,10 @@ def load_config(orthanc: Mapping[str, Any], config_dir: Path | None = None) -> H
     if not database_path.is_absolute() and config_dir is not None:
         database_path = config_dir / database_path
 
+    unpack = section.get("UnpackMimSessions", False)
+    if not isinstance(unpack, bool):
+        raise ConfigError(f"{where}.UnpackMimSessions: expected true or false, got {unpack!r}")
+
     return HarvesterConfig(
         aet=str(orthanc.get("DicomAet", "ORTHANC")),
         dicom_port=int(orthanc.get("DicomPort", 4242)),
@@ -264,4 +271,5 @@ def load_config(orthanc: Mapping[str, Any], config_dir: Path | None = None) -> H
         sources=sources,
         source_defaults=defaults,
         warnings=tuple(warnings),
+        unpack_mim_sessions=unpack,
     )

@@ -29,6 +29,7 @@ from .dimse.base import MoveResult, SourceError
 from .eventlog import EventLog, Level
 from .ingest import HarvestRouting, Ingest
 from .jobqueue import HarvestState, Job, JobQueue, QueueError
+from .mimsessions import SessionGone, SessionUnpacker
 from .operations import (
     FindReferencing,
     FindSeriesInFrameOfReference,
@@ -37,6 +38,7 @@ from .operations import (
     RetrieveInstance,
     RetrieveSeries,
     Role,
+    UnpackMimSession,
     operation_from_dict,
 )
 from .references import extract_from_bytes
@@ -68,6 +70,9 @@ class LocalStore(Protocol):
 
     def delete(self, orthanc_id: str) -> None:
         """Remove an instance from the store."""
+
+    def upload(self, data: bytes) -> str:
+        """Store a DICOM file (unpacked MIM session objects); its Orthanc ID."""
 
 
 class _NotHere(Exception):
@@ -156,6 +161,7 @@ class Harvester:
         self._wake = threading.Event()
         self._threads: list[threading.Thread] = []
         self._owner_prefix = f"{socket.gethostname()}:{os.getpid()}"
+        self.sessions = SessionUnpacker(store, tracker, ingest, events)
 
     # -- lifecycle ----------------------------------------------------------------------------------
 
@@ -258,6 +264,8 @@ class Harvester:
         except (KeyError, ValueError, TypeError) as exc:
             raise JobFailure(f"job payload is not a valid operation: {exc}", retryable=False) from None
         outcome = JobOutcome()
+        if isinstance(op, UnpackMimSession):
+            return self._unpack_session(job, op, routing.source_for(op))
         if isinstance(op, RetrieveInstance):
             orthanc_id = self.store.lookup(op.sop_uid)
             if orthanc_id is not None:
@@ -303,6 +311,14 @@ class Harvester:
             uid = op.sop_uid if isinstance(op, RetrieveInstance) else op.series_uid
             raise JobFailure(f"{op.hop}: {uid} not found at {', '.join(names)}", retryable=False)
         return outcome  # a search that finds nothing is a valid, final answer
+
+    def _unpack_session(self, job: Job, op: UnpackMimSession, source: str) -> JobOutcome:
+        """A MIM session stored here: unpack it and plan what it carries (:mod:`rtharvest.mimsessions`)."""
+        try:
+            done = self.sessions.run(job, op, source)
+        except SessionGone as exc:
+            raise JobFailure(str(exc), retryable=False) from None
+        return JobOutcome(moved=done.stored, local=done.local, targets=done.objects)
 
     def _search(self, job: Job, owner: str, op: Operation, access: SourceAccess) -> list[Target]:
         targets: list[Target] = []
