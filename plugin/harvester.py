@@ -29,7 +29,7 @@ from .dimse.base import MoveResult, SourceError
 from .eventlog import EventLog, Level
 from .ingest import HarvestRouting, Ingest
 from .jobqueue import HarvestState, Job, JobQueue, QueueError
-from .mimsessions import SessionGone, SessionUnpacker
+from .mimsessions import SessionGone, SessionUnpacker, session_search
 from .operations import (
     FindReferencing,
     FindSeriesInFrameOfReference,
@@ -307,10 +307,29 @@ class Harvester:
             raise errors[0]
         if found_any:
             return outcome
+        if session_search(op, self.ingest.unpack_mim_sessions) is not None:
+            assert isinstance(op, RetrieveInstance)
+            if self._from_sessions(job, owner, op, names, outcome):
+                return outcome
         if isinstance(op, (RetrieveInstance, RetrieveSeries)):
             uid = op.sop_uid if isinstance(op, RetrieveInstance) else op.series_uid
             raise JobFailure(f"{op.hop}: {uid} not found at {', '.join(names)}", retryable=False)
         return outcome  # a search that finds nothing is a valid, final answer
+
+    def _from_sessions(self, job: Job, owner: str, op: RetrieveInstance, names: Sequence[str],
+                       outcome: JobOutcome) -> bool:
+        """An RTSTRUCT/REG no source holds as an object may sit inside a MIM session: retrieve the patient's
+        sessions as candidates for ``op`` (their unpacking judges the embedded objects against it)."""
+        search = session_search(op, True)
+        assert search is not None
+        for name in names:
+            access = self.sources[name]
+            for target in self._search(job, owner, search, access):
+                moved, local = self._fetch(job, owner, op, target)
+                outcome.targets += 1
+                outcome.moved += moved
+                outcome.local += local
+        return outcome.targets > 0
 
     def _unpack_session(self, job: Job, op: UnpackMimSession, source: str) -> JobOutcome:
         """A MIM session stored here: unpack it and plan what it carries (:mod:`rtharvest.mimsessions`)."""

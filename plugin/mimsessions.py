@@ -26,7 +26,15 @@ from .converters.mim import MimSessionError, unpack_bytes
 from .eventlog import EventLog, Level
 from .ingest import Ingest
 from .jobqueue import Job
-from .operations import UnpackMimSession
+from .operations import (
+    CriterionKind,
+    FindReferencing,
+    Operation,
+    ReferenceCriterion,
+    RetrieveInstance,
+    Role,
+    UnpackMimSession,
+)
 from .references import extract
 from .tracking import Expectation, Tracker
 
@@ -34,6 +42,21 @@ log = logging.getLogger("rtharvest.mimsessions")
 
 #: Metadata naming the MIM session (Raw Data SOP Instance UID) an object was unpacked from.
 SESSION_METADATA = "HarvestMimSession"
+
+
+def session_search(op: Operation, enabled: bool) -> FindReferencing | None:
+    """The search for the patient's MIM sessions when ``op`` (a structure set or registration wanted by UID)
+    is found at no source as an object; ``None`` when that fallback does not apply.
+
+    Every Raw Data object of the patient is a candidate: what a session carries is only known once it is
+    unpacked (the unpack job judges its objects against ``op``: only the wanted UID is kept).
+    """
+    if not enabled or not isinstance(op, RetrieveInstance) or not op.patient_id:
+        return None
+    if op.modality not in ("RTSTRUCT", "REG") and op.role is not Role.STRUCTURE_SET:
+        return None
+    return FindReferencing("RAW", op.patient_id, None, ReferenceCriterion(CriterionKind.FRAME_OF_REFERENCE, ()),
+                           op.role, op.hop.rsplit("->", 1)[0] + "->RAW")
 
 
 class SessionStore(Protocol):
@@ -109,9 +132,13 @@ class SessionUnpacker:
                 # OnStoredInstance plans it before this call returns (the expectation names this job).
                 orthanc_id = self.store.upload(buffer.getvalue())
                 stored += 1
+                planned = self.tracker.has_object(job.harvest_id, obj.sop_uid)
             else:
                 local += 1
-            if not self.tracker.has_object(job.harvest_id, obj.sop_uid):
+                # Rejected for another operation (e.g. the session was unpacked for a structure set it did not
+                # carry) is no answer for this one: only a copy this harvest keeps needs no planning.
+                planned = self.tracker.has_kept(job.harvest_id, obj.sop_uid)
+            if not planned:
                 # Stored before this job announced it (another session, a source): plan the stored copy.
                 self.ingest.process(extract(obj.dataset), orthanc_id, [expectation], moved=False)
             if self.tracker.has_kept(job.harvest_id, obj.sop_uid):

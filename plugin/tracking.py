@@ -254,11 +254,16 @@ class Tracker:
         unless it was a rejection and this one keeps it: another rule wants the object after all).
         """
         existing = self.db.query_one(
-            "SELECT decision, moved FROM rth_objects WHERE harvest_id = ? AND sop_uid = ?",
+            "SELECT decision, moved, orthanc_id FROM rth_objects WHERE harvest_id = ? AND sop_uid = ?",
             (obj.harvest_id, obj.sop_uid),
         )
         now = time.time()
         if existing is not None and not (existing[0] == Decision.REJECTED and obj.decision is Decision.KEPT):
+            if existing[0] == Decision.REJECTED and existing[2] is None and obj.orthanc_id and obj.moved:
+                # Skipped as "inspected before" for one operation, then moved in as a candidate of another:
+                # the copy must be known, or the end-of-harvest cleanup would leave it in the store.
+                self.db.execute("UPDATE rth_objects SET orthanc_id = ?, moved = 1 WHERE harvest_id = ? AND sop_uid = ?",
+                                (obj.orthanc_id, obj.harvest_id, obj.sop_uid))
             return False
         if existing is not None and existing[1] and not obj.moved:
             # Moved in as a candidate, claimed from the store by another rule: it was still moved by us.

@@ -5,6 +5,8 @@ plans, structure sets, doses, images and MIM sessions sit in an auxiliary Orthan
 registrations exist **only inside MIM sessions** (Raw Data objects in the three encodings). A harvester with
 ``RtHarvest.UnpackMimSessions: true`` must yield the complete chain: the store equals the synthetic
 clinic's expected set, and each REG found only inside a session is followed to its registered series.
+One plan's structure set, too, exists only inside a session: the plan names it by UID, no source holds it
+as an object, and the harvester finds it by unpacking the patient's sessions.
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ class AuxClinic:
     api: RestClient
     sessions: list[SessionFixture]
     truth: GroundTruth
+    #: A structure set the auxiliary PACS holds only inside MIM sessions.
+    hidden_structure_set: str
 
 
 @pytest.fixture(scope="module")
@@ -47,15 +51,18 @@ def aux_clinic(tmp_path_factory: pytest.TempPathFactory, synthetic: tuple[Path, 
     try:
         files = {path.stem: path for path in dicom_files(out)}
         modality = {uid: info.modality for uid, info in truth.objects.items()}
+        expected = set(truth.window("all").expected)
+        hidden = next(uid for s in sessions for uid in s.embedded_uids
+                      if modality[uid] == "RTSTRUCT" and uid in expected)
         store_to_scp([p for uid, p in files.items() if modality[uid] == "RTRECORD"], LOCALHOST, records.port,
                      records.aet)
         # The auxiliary PACS: everything but the records and the REGs, which exist only inside the sessions.
-        store_to_scp([p for uid, p in files.items() if modality[uid] not in ("RTRECORD", "REG")]
+        store_to_scp([p for uid, p in files.items() if modality[uid] not in ("RTRECORD", "REG") and uid != hidden]
                      + [s.path for s in sessions], LOCALHOST, aux.port, aux.aet)
         sources: dict[str, DicomSource] = {"RECORDS": records, "AUXPACS": aux}
         harvester = start_harvester(base / "harvester", harvest_port, sources,
                                     overrides={"RtHarvest.UnpackMimSessions": True})
-        yield AuxClinic(harvester, RestClient(harvester.url, harvester.credentials), sessions, truth)
+        yield AuxClinic(harvester, RestClient(harvester.url, harvester.credentials), sessions, truth, hidden)
     finally:
         if harvester is not None:
             harvester.stop()
@@ -74,13 +81,16 @@ def test_registrations_only_inside_mim_sessions_complete_the_chain(aux_clinic: A
     stored = assert_store_equals_truth(api, window)
     assert_provenance(api, stored, harvest_id, {"RECORDS", "AUXPACS"})
 
-    session_of = {uid: s.raw_uid for s in aux_clinic.sessions for uid in s.embedded_uids}
+    sessions_of: dict[str, set[str]] = {}
+    for session in aux_clinic.sessions:
+        for uid in session.embedded_uids:
+            sessions_of.setdefault(uid, set()).add(session.raw_uid)
     expected_regs = {uid for uid in window.expected if truth.objects[uid].modality == "REG"}
     assert expected_regs, "the window collects registrations"
-    for uid in expected_regs:
+    for uid in expected_regs | {aux_clinic.hidden_structure_set}:
         meta = api.get(f"/instances/{stored[uid]}/metadata?expand")
-        assert meta["HarvestHop"] == "RAW->REG", meta
-        assert meta["HarvestMimSession"] == session_of[uid], meta
+        assert meta["HarvestHop"] == f"RAW->{truth.objects[uid].modality}", meta
+        assert meta["HarvestMimSession"] in sessions_of[uid], meta
         assert meta["HarvestSource"] == "AUXPACS"
 
     # Each REG was followed to its registered series, and the manifest counts it as a REG of its plan.
