@@ -163,6 +163,9 @@ class HarvestService:
             "Progress": self.queue.progress(harvest.id).as_contract(),
         }
         doc.update(self.tracker.summary_counts(harvest.id))
+        # Arrivals whose decision failed on the C-STORE path (each is then planned from the store by its
+        # job, or the job fails): non-zero means "read the log", even when every job completed.
+        doc["IngestFailures"] = self.events.count(min_level=Level.ERROR, harvest_id=harvest.id, component="ingest")
         return doc
 
     def control(self, harvest_id: str, action: str) -> Harvest:
