@@ -32,6 +32,7 @@ from typing import Any
 
 from .classify import INVALID_INTENTS, classify_plan, registration_type
 from .httpapi import ApiError, HttpResponse
+from .jobqueue import CRASH_BUDGET_SPENT
 from .planner import promised_doses, promised_images
 from .references import ObjectKind, ObjectRefs, PlanRefs, RegistrationRefs, StructureSetRefs, extract_from_bytes
 from .sopclass import Modality, modality_of
@@ -108,6 +109,8 @@ class FailureInfo:
         if self.is_not_found():
             return NOT_FOUND
         error = (self.last_error or "no error recorded").strip()
+        if error.startswith(CRASH_BUDGET_SPENT):
+            return f"harvester failure: {error}"  # the harvester kept dying, the source was never at fault
         if self.dimse_status is not None and f"{self.dimse_status:04X}" not in error.upper():
             error += f" (DIMSE status 0x{self.dimse_status:04X})"
         plural = "attempt" if self.attempts == 1 else "attempts"

@@ -28,6 +28,7 @@ def job_document(job: Job) -> dict[str, Any]:
         "State": job.state.value,
         "Attempts": job.attempts,
         "MaxAttempts": job.max_attempts,
+        "Crashes": job.crashes,
         "LastError": job.last_error,
         "DimseStatus": None if job.dimse_status is None else f"0x{job.dimse_status:04X}",
         "Note": job.note,
