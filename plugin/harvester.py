@@ -28,7 +28,7 @@ from typing import Any, Protocol
 from .dimse.base import MoveResult, SourceError
 from .eventlog import EventLog, Level
 from .ingest import HarvestRouting, Ingest
-from .jobqueue import HarvestState, Job, JobQueue, QueueError
+from .jobqueue import Job, JobQueue, QueueError
 from .operations import (
     FindReferencing,
     FindSeriesInFrameOfReference,
@@ -228,24 +228,30 @@ class Harvester:
             self._fail(job, owner, f"internal error: {type(exc).__name__}: {exc}", True, None)
         else:
             try:
-                self.queue.complete(job.id, owner, note=outcome.note())
+                # One transaction: once the job (and maybe its harvest) is finished, nothing more can
+                # arrive in its name.
+                with self.tracker.db.transaction():
+                    self.tracker.drop_expectations(job.id)
+                    self.queue.complete(job.id, owner, note=outcome.note())
             except QueueError as exc:
                 self.events.write(Level.WARNING, "harvester", f"could not complete job: {exc}",
                                   harvest_id=job.harvest_id, job_id=job.id)
-            self.tracker.drop_expectations(job.id)
+                self.tracker.drop_expectations(job.id)
 
     def _fail(self, job: Job, owner: str, message: str, retryable: bool, status: int | None) -> None:
         try:
-            updated = self.queue.fail(job.id, owner, message, dimse_status=status, retryable=retryable)
+            with self.tracker.db.transaction():  # as in run(): expectations end with the attempt
+                self.tracker.drop_expectations(job.id)
+                updated = self.queue.fail(job.id, owner, message, dimse_status=status, retryable=retryable)
         except QueueError as exc:
             self.events.write(Level.WARNING, "harvester", f"could not record failure: {exc}",
                               harvest_id=job.harvest_id, job_id=job.id)
+            self.tracker.drop_expectations(job.id)
             return
         level = Level.ERROR if updated.state.value == "failed" else Level.WARNING
         what = "failed for good" if updated.state.value == "failed" else f"failed (attempt {updated.attempts})"
         self.events.write(level, "harvester", f"{job.kind} {what}: {message}", harvest_id=job.harvest_id,
                           job_id=job.id, source=job.source, dimse_status=status)
-        self.tracker.drop_expectations(job.id)
 
     # -- executing an operation ---------------------------------------------------------------------
 
@@ -551,28 +557,39 @@ class Harvester:
         return bool(items)
 
     def finish_harvests(self) -> None:
-        """After a harvest's last job: delete (or keep, per policy) candidates nobody claimed."""
-        for harvest in self.queue.list_harvests():
-            if harvest.state != HarvestState.COMPLETED:
-                if self.tracker.cleanup_done(harvest.id) and harvest.state == HarvestState.RUNNING:
-                    self.tracker.mark_cleanup(harvest.id, False)
-                continue
-            if self.tracker.cleanup_done(harvest.id) or self.tracker.pending_provenance(1):
-                continue
+        """After a harvest's last job (Completed, or Cancelled once its running jobs ended): delete (or
+        keep, per policy) the candidates nobody claimed, then mark it clean (it shows ``Completed`` only
+        then).
+
+        A late candidate cannot slip past this by design: an arrival is attributed to a harvest only
+        through the expectation of a running job, expectations go in the same transaction as the job's
+        completion or failure, and every new decision un-marks the harvest in its own transaction. The mark
+        is written only in a transaction that finds the harvest finished, with no unclaimed candidate and
+        no provenance of its own left; otherwise the next pass tries again.
+        """
+        for harvest_id in self.tracker.harvests_to_clean():
+            if self.tracker.pending_provenance_of(harvest_id):
+                continue  # this harvest's own provenance first; other harvests' backlog does not matter
             removed = 0
-            for sop_uid, orthanc_id in self.tracker.rejected_unclaimed(harvest.id):
-                if not self.delete_rejected:
-                    continue
-                try:
-                    self.store.delete(orthanc_id)
-                    removed += 1
-                except LookupError:
-                    pass
-                self.tracker.forget_orthanc_id(harvest.id, sop_uid)
+            if self.delete_rejected:
+                for sop_uid, orthanc_id in self.tracker.rejected_unclaimed(harvest_id):
+                    try:
+                        self.store.delete(orthanc_id)
+                        removed += 1
+                    except LookupError:
+                        pass
+                    self.tracker.forget_orthanc_id(harvest_id, sop_uid)
             if removed:
                 self.events.write(Level.INFO, "harvester", f"removed {removed} candidate(s) retrieved only to "
-                                  "inspect their references", harvest_id=harvest.id)
-            self.tracker.mark_cleanup(harvest.id)
+                                  "inspect their references", harvest_id=harvest_id)
+            with self.tracker.db.transaction():
+                if harvest_id not in self.tracker.harvests_to_clean():
+                    continue  # reopened meanwhile
+                if self.delete_rejected and self.tracker.rejected_unclaimed(harvest_id):
+                    continue  # decided meanwhile: the next pass removes it
+                if self.tracker.pending_provenance_of(harvest_id):
+                    continue
+                self.tracker.mark_cleanup(harvest_id)
 
 
 def _fetches_its_series(op: Operation) -> bool:

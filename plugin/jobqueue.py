@@ -481,9 +481,14 @@ class JobQueue:
     # -- harvests ----------------------------------------------------------------------------------
 
     def create_harvest(
-        self, source: str, label: str = "", params: Mapping[str, Any] | None = None
+        self, source: str, label: str = "", params: Mapping[str, Any] | None = None,
+        seed: Callable[[str], Iterable[EnqueueItem]] | None = None,
     ) -> Harvest:
-        """Create a ``Running`` harvest with a fresh random id (16 hex digits)."""
+        """Create a ``Running`` harvest with a fresh random id (16 hex digits).
+
+        ``seed(harvest_id)`` gives its first jobs, enqueued in the same transaction: a crash can never
+        leave a harvest Running without jobs.
+        """
         if not source:
             raise ValueError("a harvest needs a source (a DicomModalities name)")
         now = self.clock()
@@ -498,6 +503,9 @@ class JobQueue:
                     " VALUES (?, ?, ?, ?, ?, ?, ?)",
                     (hid, source, label or "", params_json, HarvestState.RUNNING.value, now, now),
                 )
+                if seed is not None:
+                    self._enqueue_in_tx(seed(hid))
+                    self._update_completion(hid)
             return Harvest(hid, source, label or "", json.loads(params_json), HarvestState.RUNNING, now, now)
 
     def get_harvest(self, harvest_id: str) -> Harvest:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import io
 import itertools
+import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,11 +30,11 @@ from rtharvest.dimse.base import MoveResult, SourceError, SourceErrorKind
 from rtharvest.eventlog import EventLog
 from rtharvest.harvester import Harvester, SourceAccess
 from rtharvest.ingest import HarvestRouting, Ingest, job_for
-from rtharvest.jobqueue import JobQueue, RetryPolicy
+from rtharvest.jobqueue import EnqueueItem, JobQueue, RetryPolicy
 from rtharvest.planner import HarvestContext, start_operations
 from rtharvest.simulation import FakeSource, QueryRejected
 from rtharvest.strategies import QueryLevel, SourceCapability
-from rtharvest.tracking import Tracker
+from rtharvest.tracking import Decision, Tracker
 
 AET = "RTHARVEST"
 
@@ -61,54 +62,66 @@ class FakeStore:
         self.meta: dict[str, dict[str, str]] = {}
         self.deleted: list[str] = []
         self._ids = itertools.count(1)
+        #: Called with the Orthanc ID before each deletion (tests inject concurrent arrivals there).
+        self.before_delete: Callable[[str], None] | None = None
+        self._lock = threading.RLock()  # the workers and the maintenance thread share the store
 
     def put(self, sop_uid: str, series_uid: str, data: bytes) -> str:
         """Store an instance (a duplicate keeps its Orthanc ID, like Orthanc); returns the Orthanc ID."""
-        oid = self.by_sop.get(sop_uid) or f"oid-{next(self._ids)}"
-        self.files[oid] = data
-        self.by_sop[sop_uid] = oid
-        self.series.setdefault(series_uid, {})[sop_uid] = oid
-        self.meta.setdefault(oid, {})
-        return oid
+        with self._lock:
+            oid = self.by_sop.get(sop_uid) or f"oid-{next(self._ids)}"
+            self.files[oid] = data
+            self.by_sop[sop_uid] = oid
+            self.series.setdefault(series_uid, {})[sop_uid] = oid
+            self.meta.setdefault(oid, {})
+            return oid
 
     def lookup(self, sop_uid: str) -> str | None:
         return self.by_sop.get(sop_uid)
 
     def series_instances(self, series_uid: str) -> dict[str, str]:
-        return dict(self.series.get(series_uid, {}))
+        with self._lock:
+            return dict(self.series.get(series_uid, {}))
 
     def read(self, orthanc_id: str) -> bytes:
-        if orthanc_id not in self.files:
-            raise LookupError(orthanc_id)
-        return self.files[orthanc_id]
+        with self._lock:
+            if orthanc_id not in self.files:
+                raise LookupError(orthanc_id)
+            return self.files[orthanc_id]
 
     def metadata(self, orthanc_id: str) -> dict[str, str]:
-        if orthanc_id not in self.files:
-            raise LookupError(orthanc_id)
-        return dict(self.meta[orthanc_id])
+        with self._lock:
+            if orthanc_id not in self.files:
+                raise LookupError(orthanc_id)
+            return dict(self.meta[orthanc_id])
 
     def set_metadata(self, orthanc_id: str, name: str, value: str) -> None:
-        if orthanc_id not in self.files:
-            raise LookupError(orthanc_id)
-        self.meta[orthanc_id][name] = value
+        with self._lock:
+            if orthanc_id not in self.files:
+                raise LookupError(orthanc_id)
+            self.meta[orthanc_id][name] = value
 
     def delete(self, orthanc_id: str) -> None:
-        if orthanc_id not in self.files:
-            raise LookupError(orthanc_id)
-        del self.files[orthanc_id]
-        self.meta.pop(orthanc_id, None)
-        for sop, oid in list(self.by_sop.items()):
-            if oid == orthanc_id:
-                del self.by_sop[sop]
-        for members in self.series.values():
-            for sop, oid in list(members.items()):
+        if self.before_delete is not None:
+            self.before_delete(orthanc_id)
+        with self._lock:
+            if orthanc_id not in self.files:
+                raise LookupError(orthanc_id)
+            del self.files[orthanc_id]
+            self.meta.pop(orthanc_id, None)
+            for sop, oid in list(self.by_sop.items()):
                 if oid == orthanc_id:
-                    del members[sop]
-        self.deleted.append(orthanc_id)
+                    del self.by_sop[sop]
+            for members in self.series.values():
+                for sop, oid in list(members.items()):
+                    if oid == orthanc_id:
+                        del members[sop]
+            self.deleted.append(orthanc_id)
 
     def holds(self, sop_uid: str) -> bool:
         """Whether the instance is stored."""
-        return sop_uid in self.by_sop
+        with self._lock:
+            return sop_uid in self.by_sop
 
 
 @dataclass
@@ -191,11 +204,24 @@ class World:
 
     def start(self, window: HarvestWindow) -> str:
         """Create a harvest of ``window`` at SRC with its seed jobs; returns its id."""
-        harvest = self.queue.create_harvest("SRC", "", {"LookupSources": ["SRC"], "Window": window.to_dict()})
-        routing = HarvestRouting(harvest.id, window, "SRC", ("SRC",))
-        self.routes[harvest.id] = routing
-        self.queue.enqueue_many(job_for(routing, op) for op in start_operations(HarvestContext(window, harvest.id)))
-        return harvest.id
+
+        def seed(harvest_id: str) -> list[EnqueueItem]:
+            self.routes[harvest_id] = routing = HarvestRouting(harvest_id, window, "SRC", ("SRC",))
+            return [job_for(routing, op) for op in start_operations(HarvestContext(window, harvest_id))]
+
+        return self.queue.create_harvest("SRC", "", {"LookupSources": ["SRC"], "Window": window.to_dict()},
+                                         seed=seed).id
+
+    def candidates_in_store(self, harvest_id: str) -> set[str]:
+        """Instances the harvest moved in only to inspect, rejected, kept by no harvest, still stored."""
+        kept = {o.sop_uid for o in self.tracker.objects(None, Decision.KEPT)}
+        return {o.sop_uid for o in self.tracker.objects(harvest_id, Decision.REJECTED)
+                if o.moved and o.sop_uid not in kept and self.store.holds(o.sop_uid)}
+
+    def completed(self, harvest_id: str) -> bool:
+        """What REST shows as ``Completed``: finished and cleaned up."""
+        return (self.queue.get_harvest(harvest_id).state.value == "Completed"
+                and self.tracker.cleanup_done(harvest_id))
 
     def run(self, max_jobs: int = 10_000, owner: str = "test:1:w0") -> int:
         """Claim and run jobs on this thread until none is due; returns how many ran."""
