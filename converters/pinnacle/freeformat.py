@@ -71,8 +71,9 @@ def parse_free_text(text: str, source: str = "<text>") -> Obj:
                 try:
                     node.append(float(word))
                 except ValueError:
-                    raise PinnacleSyntaxError(source, number, column + offset,
-                                              f"expected a coordinate in {name}, found {word!r}") from None
+                    raise PinnacleSyntaxError(
+                        source, number, column + offset, f"expected a coordinate in {name}, found {word!r}"
+                    ) from None
             continue
         if match := _OPEN.match(stripped):
             key = match.group(1)

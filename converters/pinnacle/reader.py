@@ -91,14 +91,22 @@ def read_header(path: Path) -> ImageHeader:
     src = str(path)
     position = obj.text("patient_position")
     return ImageHeader(
-        x_dim=int(_num(obj, "x_dim", src)), y_dim=int(_num(obj, "y_dim", src)), z_dim=int(_num(obj, "z_dim", src)),
-        x_pixdim=_num(obj, "x_pixdim", src), y_pixdim=_num(obj, "y_pixdim", src), z_pixdim=_num(obj, "z_pixdim", src),
-        x_start=_num(obj, "x_start", src), y_start=_num(obj, "y_start", src), z_start=_num(obj, "z_start", src),
+        x_dim=int(_num(obj, "x_dim", src)),
+        y_dim=int(_num(obj, "y_dim", src)),
+        z_dim=int(_num(obj, "z_dim", src)),
+        x_pixdim=_num(obj, "x_pixdim", src),
+        y_pixdim=_num(obj, "y_pixdim", src),
+        z_pixdim=_num(obj, "z_pixdim", src),
+        x_start=_num(obj, "x_start", src),
+        y_start=_num(obj, "y_start", src),
+        z_start=_num(obj, "z_start", src),
         byte_order=int(_num(obj, "byte_order", src, 0)),
         patient_position=parse_orientation(position) if position else None,
         couch_height=_num(obj, "couch_height", src, 0.0),
         bytes_pix=int(_num(obj, "bytes_pix", src, 2)),
-        manufacturer=obj.text("manufacturer"), model=obj.text("model"), scan_date=obj.text("date"),
+        manufacturer=obj.text("manufacturer"),
+        model=obj.text("model"),
+        scan_date=obj.text("date"),
     )
 
 
@@ -110,12 +118,17 @@ def read_image_info(path: Path) -> list[SliceInfo]:
         items += holder.objs("ImageInfo") or holder.items()
     slices = []
     for number, item in enumerate(items):
-        slices.append(SliceInfo(
-            table_position=_num(item, "TablePosition", f"{path} ImageInfo {number}"),
-            slice_number=int(item.num("SliceNumber", number + 1) or number + 1),
-            series_uid=item.text("SeriesUID"), study_uid=item.text("StudyInstanceUID"),
-            frame_uid=item.text("FrameUID"), class_uid=item.text("ClassUID"), instance_uid=item.text("InstanceUID"),
-        ))
+        slices.append(
+            SliceInfo(
+                table_position=_num(item, "TablePosition", f"{path} ImageInfo {number}"),
+                slice_number=int(item.num("SliceNumber", number + 1) or number + 1),
+                series_uid=item.text("SeriesUID"),
+                study_uid=item.text("StudyInstanceUID"),
+                frame_uid=item.text("FrameUID"),
+                class_uid=item.text("ClassUID"),
+                instance_uid=item.text("InstanceUID"),
+            )
+        )
     return slices
 
 
@@ -130,9 +143,14 @@ def read_image_set(folder: Path, entry: Obj) -> ImageSet:
     dicom_dir = base.with_name(name + ".DICOM")
     img = base.with_name(name + ".img")
     return ImageSet(
-        number=number, name=name, modality=entry.text("Modality", "CT") or "CT",
-        description=entry.text("SeriesDescription") or entry.text("ImageName"), header=header, slices=slices,
-        dicom_dir=dicom_dir if dicom_dir.is_dir() else None, img_path=img if img.is_file() else None,
+        number=number,
+        name=name,
+        modality=entry.text("Modality", "CT") or "CT",
+        description=entry.text("SeriesDescription") or entry.text("ImageName"),
+        header=header,
+        slices=slices,
+        dicom_dir=dicom_dir if dicom_dir.is_dir() else None,
+        img_path=img if img.is_file() else None,
         scan_date=entry.text("ScanTimeFromScanner"),
     )
 
@@ -163,11 +181,15 @@ def read_control_point(item: Obj, source: str) -> ControlPoint:
         raise PinnacleFormatError(f"{source}: MLC points have an odd count ({len(values)})")
     leaves = tuple((values[i], values[i + 1]) for i in range(0, len(values), 2))
     return ControlPoint(
-        gantry=item.num("Gantry", 0.0) or 0.0, collimator=item.num("Collimator", 0.0) or 0.0,
+        gantry=item.num("Gantry", 0.0) or 0.0,
+        collimator=item.num("Collimator", 0.0) or 0.0,
         couch=item.num("Couch", 0.0) or 0.0,
-        left_jaw=_num(item, "LeftJawPosition", source), right_jaw=_num(item, "RightJawPosition", source),
-        top_jaw=_num(item, "TopJawPosition", source), bottom_jaw=_num(item, "BottomJawPosition", source),
-        leaves=leaves, weight=item.num("Weight", 1.0) or 0.0,
+        left_jaw=_num(item, "LeftJawPosition", source),
+        right_jaw=_num(item, "RightJawPosition", source),
+        top_jaw=_num(item, "TopJawPosition", source),
+        bottom_jaw=_num(item, "BottomJawPosition", source),
+        leaves=leaves,
+        weight=item.num("Weight", 1.0) or 0.0,
     )
 
 
@@ -181,8 +203,10 @@ def read_beam(item: Obj, index: int, source: str) -> Beam:
     name = item.text("Name") or f"Beam {index + 1}"
     where = f"{source} beam {name!r}"
     cplist = _find(item, "ControlPointList")
-    cps = [read_control_point(cp, f"{where} control point {i}")
-           for i, cp in enumerate(cplist.children() if cplist is not None else [])]
+    cps = [
+        read_control_point(cp, f"{where} control point {i}")
+        for i, cp in enumerate(cplist.children() if cplist is not None else [])
+    ]
     if not cps:
         raise PinnacleFormatError(f"{where}: no control points")
     mu = item.obj("MonitorUnitInfo") or Obj()
@@ -192,9 +216,12 @@ def read_beam(item: Obj, index: int, source: str) -> Beam:
     machine = item.text("MachineNameAndVersion") or item.text("MachineName")
     number = item.num("BeamNumber")
     return Beam(
-        name=name, number=int(number) if number else index + 1,
-        isocenter_name=item.text("IsocenterName"), prescription_name=item.text("PrescriptionName"),
-        machine_name=machine.split(":")[0].strip(), energy=_energy(item.text("MachineEnergyName")),
+        name=name,
+        number=int(number) if number else index + 1,
+        isocenter_name=item.text("IsocenterName"),
+        prescription_name=item.text("PrescriptionName"),
+        machine_name=machine.split(":")[0].strip(),
+        energy=_energy(item.text("MachineEnergyName")),
         modality="ELECTRON" if modality.startswith("electron") else "PHOTON",
         beam_type="DYNAMIC" if ("arc" in kind or "dynamic" in kind or "vmat" in kind) else "STATIC",
         ssd=item.num("SSD"),
@@ -205,7 +232,8 @@ def read_beam(item: Obj, index: int, source: str) -> Beam:
             collimator_output_factor=mu.num("CollimatorOutputFactor", 1.0) or 1.0,
             total_transmission_fraction=mu.num("TotalTransmissionFraction", 1.0) or 1.0,
         ),
-        control_points=tuple(cps), gantry_ccw=bool(item.num("GantryIsCCW", 0)),
+        control_points=tuple(cps),
+        gantry_ccw=bool(item.num("GantryIsCCW", 0)),
     )
 
 
@@ -224,20 +252,26 @@ def read_trial(item: Obj, source: str) -> Trial:
     prescriptions = []
     for holder in item.objs("PrescriptionList"):
         for rx in holder.objs("Prescription") or holder.children():
-            prescriptions.append(Prescription(
-                name=rx.text("Name"), dose_per_fraction=rx.num("PrescriptionDose", 0.0) or 0.0,
-                fractions=int(rx.num("NumberOfFractions", 1) or 1),
-            ))
+            prescriptions.append(
+                Prescription(
+                    name=rx.text("Name"),
+                    dose_per_fraction=rx.num("PrescriptionDose", 0.0) or 0.0,
+                    fractions=int(rx.num("NumberOfFractions", 1) or 1),
+                )
+            )
     beams = []
     for holder in item.objs("BeamList"):
         for i, beam in enumerate(holder.objs("Beam") or holder.children()):
             beams.append(read_beam(beam, i, where))
     return Trial(
         name=name,
-        dose_grid=DoseGrid(voxel=_xyz(grid.obj("VoxelSize"), f"{where} DoseGrid.VoxelSize"),
-                           dims=(int(dims[0]), int(dims[1]), int(dims[2])),
-                           origin=_xyz(grid.obj("Origin"), f"{where} DoseGrid.Origin")),
-        prescriptions=prescriptions, beams=beams,
+        dose_grid=DoseGrid(
+            voxel=_xyz(grid.obj("VoxelSize"), f"{where} DoseGrid.VoxelSize"),
+            dims=(int(dims[0]), int(dims[1]), int(dims[2])),
+            origin=_xyz(grid.obj("Origin"), f"{where} DoseGrid.Origin"),
+        ),
+        prescriptions=prescriptions,
+        beams=beams,
     )
 
 
@@ -252,8 +286,15 @@ def read_rois(path: Path) -> list[Roi]:
             if len(values) % 3:
                 raise PinnacleFormatError(f"{path}: ROI {roi.text('name')!r} has a point with missing coordinates")
             curves.append(Curve(tuple((values[i], values[i + 1], values[i + 2]) for i in range(0, len(values), 3))))
-        rois.append(Roi(name=roi.text("name"), interpreted_type=roi.text("roiinterpretedtype"),
-                        color=roi.text("color"), volume_name=roi.text("volume_name"), curves=tuple(curves)))
+        rois.append(
+            Roi(
+                name=roi.text("name"),
+                interpreted_type=roi.text("roiinterpretedtype"),
+                color=roi.text("color"),
+                volume_name=roi.text("volume_name"),
+                curves=tuple(curves),
+            )
+        )
     return rois
 
 
@@ -263,8 +304,10 @@ def read_pois(path: Path) -> list[Poi]:
     items = root.objs("Poi")
     for holder in root.objs("PoiList"):
         items += holder.objs("Poi")
-    return [Poi(p.text("Name"), (_num(p, "XCoord", str(path)), _num(p, "YCoord", str(path)),
-                                _num(p, "ZCoord", str(path)))) for p in items]
+    return [
+        Poi(p.text("Name"), (_num(p, "XCoord", str(path)), _num(p, "YCoord", str(path)), _num(p, "ZCoord", str(path))))
+        for p in items
+    ]
 
 
 def read_machines(path: Path) -> dict[str, Machine]:
@@ -274,8 +317,10 @@ def read_machines(path: Path) -> dict[str, Machine]:
     for item in root.objs("Machine") or root.children():
         name = item.text("Name")
         pairs_obj = _find(item, "LeafPairList")
-        pairs = tuple(LeafPair(_num(p, "Y", str(path)), _num(p, "Width", str(path)))
-                      for p in (pairs_obj.children() if pairs_obj is not None else []))
+        pairs = tuple(
+            LeafPair(_num(p, "Y", str(path)), _num(p, "Width", str(path)))
+            for p in (pairs_obj.children() if pairs_obj is not None else [])
+        )
         machines[name] = Machine(name=name, sad=item.num("SAD", 100.0) or 100.0, leaf_pairs=pairs)
     return machines
 
@@ -312,9 +357,12 @@ def read_plan(patient_folder: Path, entry: Obj, patient_version: Version) -> Pla
     setup_file = folder / "plan.PatientSetup"
     version = read_plan_version(folder) or patient_version
     return Plan(
-        number=number, name=entry.text("PlanName") or f"Plan_{number}",
+        number=number,
+        name=entry.text("PlanName") or f"Plan_{number}",
         primary_image_set=int(entry.num("PrimaryCTImageSetID", 0) or 0),
-        tool_type=entry.text("ToolType") or "Pinnacle", folder=folder, trials=trials,
+        tool_type=entry.text("ToolType") or "Pinnacle",
+        folder=folder,
+        trials=trials,
         rois=read_rois(roi_file) if roi_file.is_file() else [],
         pois=read_pois(points_file) if points_file.is_file() else [],
         machines=read_machines(machines_file) if machines_file.is_file() else {},
@@ -357,8 +405,15 @@ def read_patient(folder: Path) -> Patient:
     if not mrn:
         raise PinnacleFormatError(f"{folder / 'Patient'}: MedicalRecordNumber is missing (it is the DICOM PatientID)")
     return Patient(
-        folder=folder, internal_id=root.text("PatientID"), mrn=mrn, last_name=root.text("LastName"),
-        first_name=root.text("FirstName"), middle_name=root.text("MiddleName"),
-        birth_date=_birth_date(root.text("DateOfBirth")), sex=_SEX.get(root.text("Gender").lower(), ""),
-        image_sets=image_sets, plans=plans, version=version,
+        folder=folder,
+        internal_id=root.text("PatientID"),
+        mrn=mrn,
+        last_name=root.text("LastName"),
+        first_name=root.text("FirstName"),
+        middle_name=root.text("MiddleName"),
+        birth_date=_birth_date(root.text("DateOfBirth")),
+        sex=_SEX.get(root.text("Gender").lower(), ""),
+        image_sets=image_sets,
+        plans=plans,
+        version=version,
     )

@@ -59,16 +59,19 @@ def test_every_form_of_the_grammar(tmp_path: Path) -> None:
     assert first.path("SimpleString", "String") == "M\u00fcller"
 
 
-@pytest.mark.parametrize(("text", "line", "column", "message"), [
-    ("A = 1;\nB = {\n", 3, 1, "not closed"),
-    ("A = 1\nB = 2;", 2, 1, "expected ';'"),
-    ("A = 1;\n  B = @;", 2, 7, "unexpected character"),
-    ("A = 1; }", 1, 8, "without an open block"),
-    ('A = "open', 1, 5, "unterminated string"),
-    ("A = \\XDR:x\\;", 1, 5, "binary reference"),
-    ("A[] ={ 1, x };", 1, 11, "expected a number"),
-    ("/* never closed", 1, 1, "unterminated"),
-])
+@pytest.mark.parametrize(
+    ("text", "line", "column", "message"),
+    [
+        ("A = 1;\nB = {\n", 3, 1, "not closed"),
+        ("A = 1\nB = 2;", 2, 1, "expected ';'"),
+        ("A = 1;\n  B = @;", 2, 7, "unexpected character"),
+        ("A = 1; }", 1, 8, "without an open block"),
+        ('A = "open', 1, 5, "unterminated string"),
+        ("A = \\XDR:x\\;", 1, 5, "binary reference"),
+        ("A[] ={ 1, x };", 1, 11, "expected a number"),
+        ("/* never closed", 1, 1, "unterminated"),
+    ],
+)
 def test_syntax_errors_name_file_line_and_column(text: str, line: int, column: int, message: str) -> None:
     with pytest.raises(PinnacleSyntaxError) as exc:
         parse_text(text, "Patient_1/plan.Trial")
@@ -118,19 +121,25 @@ def test_plan_roi_free_format() -> None:
 
 
 def test_header_mixes_equals_and_colon() -> None:
-    root = parse_free_text('byte_order = 0;\nx_dim = 512;\nread_conversion : "";\npatient_position : HFP\n'
-                           "db_name : PINNACLE3\nx_pixdim = 0.097656;\ncomment :\n", "ImageSet_0.header")
+    root = parse_free_text(
+        'byte_order = 0;\nx_dim = 512;\nread_conversion : "";\npatient_position : HFP\n'
+        "db_name : PINNACLE3\nx_pixdim = 0.097656;\ncomment :\n",
+        "ImageSet_0.header",
+    )
     assert root.num("x_dim") == 512 and root.text("patient_position") == "HFP"
     assert root.num("x_pixdim") == pytest.approx(0.097656) and root.text("read_conversion") == ""
     assert root.text("comment") == ""
 
 
-@pytest.mark.parametrize(("text", "line", "message"), [
-    ("roi={\n name: X\n curve={\n points={\n 1 2 zz\n };\n };\n", 5, "expected a coordinate"),
-    ("roi={\n name: X\n", 1, "not closed"),
-    ("};\n", 1, "without an open block"),
-    ("x_dim = 512;\n what is this\n", 2, "cannot read"),
-])
+@pytest.mark.parametrize(
+    ("text", "line", "message"),
+    [
+        ("roi={\n name: X\n curve={\n points={\n 1 2 zz\n };\n };\n", 5, "expected a coordinate"),
+        ("roi={\n name: X\n", 1, "not closed"),
+        ("};\n", 1, "without an open block"),
+        ("x_dim = 512;\n what is this\n", 2, "cannot read"),
+    ],
+)
 def test_free_format_errors(text: str, line: int, message: str) -> None:
     with pytest.raises(PinnacleSyntaxError) as exc:
         parse_free_text(text, "plan.roi")
