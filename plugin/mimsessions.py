@@ -110,9 +110,12 @@ class SessionUnpacker:
         try:
             result = unpack_bytes(self.store.read(raw_id))
         except MimSessionError as exc:
-            # Another vendor's Raw Data object: nothing embedded to plan. Not an error of the harvest.
-            self.events.write(Level.INFO, "mimsessions", f"Raw Data object {op.sop_uid} is not a MIM session "
-                              f"({exc})", harvest_id=job.harvest_id, job_id=job.id, sop_uid=op.sop_uid)
+            # Another vendor's Raw Data object holds nothing to plan (INFO); a damaged session is reported
+            # (WARNING) and the harvest goes on without it.
+            level, what = (Level.WARNING, "is a MIM session that cannot be unpacked") if exc.damaged else (
+                Level.INFO, "is not a MIM session")
+            self.events.write(level, "mimsessions", f"Raw Data object {op.sop_uid} {what} ({exc})",
+                              harvest_id=job.harvest_id, job_id=job.id, sop_uid=op.sop_uid)
             return UnpackOutcome()
         for problem in [*result.errors, *result.skipped]:
             level = Level.WARNING if problem in result.errors else Level.INFO

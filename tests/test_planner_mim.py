@@ -10,10 +10,12 @@ from pydicom.dataset import Dataset
 
 from rtharvest.classify import HarvestWindow
 from rtharvest.config import ConfigError, load_config
+from rtharvest.mimsessions import session_search
 from rtharvest.operations import (
     CriterionKind,
     FindReferencing,
     ReferenceCriterion,
+    RetrieveInstance,
     RetrieveSeries,
     Role,
     UnpackMimSession,
@@ -92,3 +94,15 @@ def test_config_unpack_mim_sessions() -> None:
     assert load_config({"RtHarvest": {"UnpackMimSessions": True}}).unpack_mim_sessions is True
     with pytest.raises(ConfigError, match="RtHarvest.UnpackMimSessions"):
         load_config({"RtHarvest": {"UnpackMimSessions": "yes"}})
+
+
+def test_a_structure_set_or_registration_no_source_holds_is_looked_for_in_the_patients_sessions() -> None:
+    wanted = RetrieveInstance(uid("ss"), P, None, None, "RTSTRUCT", Role.STRUCTURE_SET, "RTPLAN->RTSTRUCT")
+    search = session_search(wanted, True)
+    assert search == FindReferencing("RAW", P, None, ReferenceCriterion(CriterionKind.FRAME_OF_REFERENCE, ()),
+                                     Role.STRUCTURE_SET, "RTPLAN->RAW")
+    assert session_search(wanted, False) is None, "only with UnpackMimSessions"
+    plan = RetrieveInstance(uid("plan"), P, None, None, "RTPLAN", Role.PLAN, "RTRECORD->RTPLAN")
+    assert session_search(plan, True) is None, "sessions carry structure sets and registrations only"
+    anonymous = RetrieveInstance(uid("ss"), None, None, None, "RTSTRUCT", Role.STRUCTURE_SET, "RTPLAN->RTSTRUCT")
+    assert session_search(anonymous, True) is None, "a patient's sessions need the patient"

@@ -66,7 +66,12 @@ _EXPLICIT_VRS = frozenset(v.value for v in VR)
 
 
 class MimSessionError(ValueError):
-    """The object is not a MIM session, or its session sequence cannot be read."""
+    """The object is not a MIM session (``damaged`` False), or it is one whose session sequence cannot be
+    read (``damaged`` True)."""
+
+    def __init__(self, message: str, damaged: bool = False) -> None:
+        super().__init__(message)
+        self.damaged = damaged
 
 
 @dataclass(frozen=True)
@@ -177,10 +182,11 @@ def session_items(ds: Dataset) -> list[Dataset]:
             try:
                 found = _element_datasets(ds, tag, charset)
             except Exception as exc:
-                raise MimSessionError(f"private element {tag} of the MIM block cannot be read: {exc}") from None
+                raise MimSessionError(f"private element {tag} of the MIM block cannot be read: {exc}",
+                                      damaged=True) from None
             items.extend(item for item in found if _has_sop_class(item))
     if not items:
-        raise MimSessionError("the MIM private block holds no embedded dataset")
+        raise MimSessionError("the MIM private block holds no embedded dataset", damaged=True)
     return items
 
 

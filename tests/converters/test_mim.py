@@ -153,8 +153,19 @@ def test_the_block_is_found_through_its_creator_not_a_fixed_element(clinic: tupl
     assert len(unpack(raw).objects) == 2
     # The same object with MIM's creator renamed is no session at all.
     raw[0x00130020].value = "SOMEONE ELSE"
-    with pytest.raises(MimSessionError, match="no MIM private creator"):
+    with pytest.raises(MimSessionError, match="no MIM private creator") as info:
         unpack(raw)
+    assert not info.value.damaged
+
+
+def test_a_session_whose_sequence_is_noise_is_damaged(clinic: tuple[Path, GroundTruth,
+                                                                    list[SessionFixture]]) -> None:
+    _, _, sessions = clinic
+    raw = pydicom.dcmread(sessions[0].path)
+    raw[0x00132050] = DataElement(0x00132050, "UN", b"\x01\x02" * 10)
+    with pytest.raises(MimSessionError, match="holds no embedded dataset") as info:
+        unpack(raw)
+    assert info.value.damaged
 
 
 def test_non_rt_items_are_skipped_and_damaged_items_reported_without_losing_the_others() -> None:
