@@ -70,6 +70,7 @@ def status_document(runtime: Runtime) -> dict[str, Any]:
         doc["Aet"] = runtime.config.aet
         doc["Sources"] = sorted(runtime.config.modalities)
         doc["Workers"] = runtime.config.workers
+        doc["StoreIndex"] = runtime.config.store_index
         if runtime.config.warnings:
             doc["ConfigurationWarnings"] = list(runtime.config.warnings)
     if runtime.queue is not None:
@@ -191,7 +192,8 @@ def _on_started() -> None:
     rt.harvester.start()
     _start_log_retention(rt)
     rt.started = True
-    rt.events.write(Level.INFO, "app", f"rtharvest {__version__} started with {rt.config.workers} worker(s)")
+    rt.events.write(Level.INFO, "app", f"rtharvest {__version__} started with {rt.config.workers} worker(s), "
+                   f"store index {rt.config.store_index}")
 
 
 def _on_stopped() -> None:

@@ -16,6 +16,8 @@ from enum import Enum, StrEnum
 from pathlib import Path
 from typing import Any
 
+from .postgres import check_section, index_enabled
+
 
 class ConfigError(ValueError):
     """orthanc.json holds a value the harvester cannot use; the message names the setting."""
@@ -100,6 +102,8 @@ class HarvesterConfig:
     source_defaults: SourceSettings = field(default_factory=SourceSettings)
     #: Settings that were ignored, with why (shown by /rtharvest/status).
     warnings: tuple[str, ...] = ()
+    #: Where Orthanc keeps its index: "SQLite" (default) or "PostgreSQL" (the index plugin).
+    store_index: str = "SQLite"
 
     def source(self, name: str) -> SourceSettings:
         """Settings for source ``name`` (its own section, else the defaults)."""
@@ -236,6 +240,9 @@ def load_config(orthanc: Mapping[str, Any], config_dir: Path | None = None) -> H
             # Deployments override DicomModalities (environment, tests) without editing RtHarvest.
             warnings.append(f"{where}.Sources.{name} ignored: no DicomModalities entry of that name")
 
+    if index_enabled(orthanc):
+        warnings.extend(check_section(orthanc["PostgreSQL"]))
+
     storage = Path(str(orthanc.get("StorageDirectory", "OrthancStorage")))
     db_raw = section.get("DatabasePath")
     if db_raw is None:
@@ -264,4 +271,5 @@ def load_config(orthanc: Mapping[str, Any], config_dir: Path | None = None) -> H
         sources=sources,
         source_defaults=defaults,
         warnings=tuple(warnings),
+        store_index="PostgreSQL" if index_enabled(orthanc) else "SQLite",
     )

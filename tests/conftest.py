@@ -53,10 +53,19 @@ class Clinic:
     api: RestClient
     sources: dict[str, DicomSource]
     base: Path
+    #: The overrides the running harvester was started with (kept by restarts on the same store).
+    overrides: dict | None = None
 
     def restart_harvester(self, fresh: bool = True, extra_sources: dict[str, DicomSource] | None = None,
                           overrides: dict | None = None) -> None:
-        """Stop the harvester and start it again on the same ports (a new store when ``fresh``)."""
+        """Stop the harvester and start it again on the same ports (a new store when ``fresh``).
+
+        A restart on the same store (``fresh=False``) without ``overrides`` keeps the running harvester's
+        (e.g. its PostgreSQL index).
+        """
+        if overrides is None and not fresh:
+            overrides = self.overrides
+        self.overrides = overrides
         self.harvester.stop()
         run_dir = self.harvester.run_dir
         if fresh:
