@@ -23,7 +23,9 @@ from .httpapi import ApiError, HttpRequest, HttpResponse, Router
 from .ingest import Ingest
 from .jobqueue import JobQueue, JobState, RetryPolicy, SourceLimits
 from .manifest import ManifestService
-from .rest import build_routes
+from .rest import build_routes, build_schedule_routes
+from .schedule import ScheduleError
+from .schedules import ScheduleRunner, ScheduleService
 from .strategies import SourceCapability
 from .tracking import Tracker
 
@@ -44,6 +46,8 @@ class Runtime:
     harvests: HarvestService | None = None
     ingest: Ingest | None = None
     harvester: Harvester | None = None
+    schedules: ScheduleService | None = None
+    scheduler: ScheduleRunner | None = None
     log_handler: EventLogHandler | None = None
     started: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
@@ -63,6 +67,7 @@ def status_document(runtime: Runtime) -> dict[str, Any]:
         "PythonPluginVersion": versions.python_plugin,
         "Started": runtime.started,
         "WorkersAlive": runtime.harvester.alive if runtime.harvester else 0,
+        "SchedulerAlive": bool(runtime.scheduler and runtime.scheduler.alive),
     }
     if runtime.config_error:
         doc["ConfigurationError"] = runtime.config_error
@@ -190,6 +195,9 @@ def _on_started() -> None:
     )
     rt.ingest.on_enqueue = rt.harvests.on_enqueue = rt.harvester.wake
     rt.harvester.start()
+    if rt.schedules is not None:
+        rt.scheduler = ScheduleRunner(rt.schedules)
+        rt.scheduler.start()
     _start_log_retention(rt)
     rt.started = True
     rt.events.write(Level.INFO, "app", f"rtharvest {__version__} started with {rt.config.workers} worker(s), "
@@ -199,6 +207,8 @@ def _on_started() -> None:
 def _on_stopped() -> None:
     rt = _runtime
     assert rt is not None
+    if rt.scheduler is not None:
+        rt.scheduler.stop()
     if rt.harvester is not None:
         rt.harvester.stop()
     if "retention_stop" in rt.extra:
@@ -232,9 +242,15 @@ def build_runtime(config: HarvesterConfig) -> Runtime:
         return next((m.name for m in config.modalities.values() if m.aet == aet), None)
 
     ingest = Ingest(db, queue, tracker, events, harvests.routing, source_of_aet)
+
+    try:
+        schedules = ScheduleService.from_config(config, db, harvests, queue, events)
+    except (ValueError, ScheduleError) as exc:
+        db.close()
+        raise ConfigError(str(exc)) from None
     router = Router()
     runtime = Runtime(router=router, config=config, db=db, queue=queue, events=events, tracker=tracker,
-                      harvests=harvests, ingest=ingest)
+                      harvests=harvests, ingest=ingest, schedules=schedules)
 
     def read_file(orthanc_id: str) -> bytes:
         if runtime.harvester is None:
@@ -243,6 +259,12 @@ def build_runtime(config: HarvesterConfig) -> Runtime:
 
     build_routes(router, harvests, queue, events, lambda: status_document(runtime),
                  manifest=ManifestService(tracker, queue, read_file))
+
+    def wake_scheduler() -> None:
+        if runtime.scheduler is not None:
+            runtime.scheduler.wake()
+
+    build_schedule_routes(router, schedules, wake_scheduler)
     explorer_routes.register(router)
     return runtime
 
@@ -260,7 +282,8 @@ def _error_router(error: str) -> Router:
     router.add("GET", "/rtharvest/status", status)
     explorer_routes.register(router)
     for method, pattern in (("POST", r"/rtharvest/harvests"), ("GET", r"/rtharvest/harvests"),
-                            ("GET", r"/rtharvest/jobs"), ("GET", r"/rtharvest/log")):
+                            ("GET", r"/rtharvest/jobs"), ("GET", r"/rtharvest/log"),
+                            ("GET", r"/rtharvest/schedules"), ("POST", r"/rtharvest/schedules")):
         router.add(method, pattern, unavailable)
     return router
 

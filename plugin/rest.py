@@ -9,6 +9,7 @@ from .eventlog import EventLog, Level, parse_since
 from .harvests import HarvestService
 from .httpapi import ApiError, HttpRequest, HttpResponse, Router
 from .jobqueue import Job, JobQueue, JobState, QueueError
+from .schedules import ScheduleService
 
 _ID = r"([0-9a-zA-Z_-]{1,64})"
 
@@ -141,3 +142,27 @@ def build_routes(router: Router, harvests: HarvestService, queue: JobQueue, even
     router.add("GET", r"/rtharvest/jobs", list_jobs)
     router.add("POST", r"/rtharvest/jobs/([^/]+)/retry", retry_job)
     router.add("GET", r"/rtharvest/log", get_log)
+
+
+def build_schedule_routes(router: Router, schedules: ScheduleService, wake: Callable[[], None]) -> None:
+    """``GET/POST /rtharvest/schedules`` and ``GET/DELETE /rtharvest/schedules/{id}``."""
+
+    def list_schedules(_: HttpRequest) -> HttpResponse:
+        return HttpResponse.json([schedules.document(s) for s in schedules.all()])
+
+    def create(request: HttpRequest) -> HttpResponse:
+        schedule = schedules.create(request.json_object())
+        wake()
+        return HttpResponse.json(schedules.document(schedule))
+
+    def get_one(request: HttpRequest) -> HttpResponse:
+        return HttpResponse.json(schedules.document(schedules.get(request.groups[0])))
+
+    def delete(request: HttpRequest) -> HttpResponse:
+        schedules.delete(request.groups[0])
+        return HttpResponse.json({"ID": request.groups[0], "Deleted": True})
+
+    router.add("GET", r"/rtharvest/schedules", list_schedules)
+    router.add("POST", r"/rtharvest/schedules", create)
+    router.add("GET", rf"/rtharvest/schedules/{_ID}", get_one)
+    router.add("DELETE", rf"/rtharvest/schedules/{_ID}", delete)
