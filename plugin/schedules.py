@@ -121,7 +121,8 @@ class ScheduleService:
         names = [s.id for s in parsed]
         if len(set(names)) != len(names):
             raise ScheduleError("RtHarvest.Schedules: each schedule needs its own Name")
-        now = wall_clock().timestamp()
+        # Slots before a schedule was defined never fire; "defined" is on the scheduler's clock.
+        now = self.clock().timestamp()
         with self.db.transaction():
             for schedule in parsed:
                 row = self.db.query_one("SELECT origin FROM rth_schedules WHERE id = ?", (schedule.id,))
@@ -140,7 +141,8 @@ class ScheduleService:
     def create(self, body: Mapping[str, Any]) -> Schedule:
         """``POST /rtharvest/schedules``: 400 for a bad definition, 409 for a name in use."""
         try:
-            schedule = parse_schedule(body, self.sources, where="body", default_id=f"schedule-{uuid.uuid4().hex[:8]}")
+            schedule = parse_schedule(body, self.sources, where="body", default_id=f"schedule-{uuid.uuid4().hex[:8]}",
+                                      created_at=self.clock())
         except ScheduleError as exc:
             raise ApiError(400, str(exc)) from None
         with self.db.transaction():

@@ -159,7 +159,10 @@ NIGHTLY = {"Name": "nightly", "Source": "ARIA", "LookupSources": ["ARIA", "MIM"]
 
 
 def test_schedules_and_their_runs_survive_restarts_and_a_missed_run_fires_once(tmp_path: Path) -> None:
-    first = Plugin(tmp_path, "2030-01-05T01:30:00Z", [NIGHTLY])
+    first = Plugin(tmp_path, "2030-01-04T23:00:00Z", [NIGHTLY])  # defined before the 5th's slot
+    first.schedules.tick()
+    assert first.queue.list_harvests() == []
+    first.schedules.clock = lambda: datetime(2030, 1, 5, 1, 30, tzinfo=UTC)
     first.schedules.tick()
     first.schedules.tick()  # the same slot never fires twice
     [harvest] = first.queue.list_harvests()
@@ -178,7 +181,7 @@ def test_schedules_and_their_runs_survive_restarts_and_a_missed_run_fires_once(t
     assert [(r.window_from, r.window_to) for r in runs] == [(date(2030, 1, 1), date(2030, 1, 4)),
                                                             (date(2030, 1, 1), date(2030, 1, 8))]
     assert [r.state for r in runs] == [RunState.CANCELLED, RunState.RUNNING]
-    # The REST-made schedule (created at the wall clock, long before 2030) ran for the 9th's 03:00 slot.
+    # The REST-made schedule (created on the 5th) ran once, for the 9th's 03:00 slot.
     [api_run] = second.schedules.runs("api-made")
     assert (api_run.window_from, api_run.window_to) == (date(2030, 1, 8), date(2030, 1, 8))
     doc = second.schedules.document(second.schedules.get("nightly"))
