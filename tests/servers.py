@@ -265,6 +265,18 @@ class PostgresCluster:
                                "-d", database, "-At", "-c", sql], check=True, capture_output=True, timeout=60)
         return done.stdout.decode().strip()
 
+    def dump(self, database: str, path: Path) -> None:
+        """``pg_dump -Fc``: a consistent snapshot of one database, taken while it is in use."""
+        subprocess.run([_postgres_bin("pg_dump"), "-h", LOCALHOST, "-p", str(self.port), "-U", self.user, "-Fc",
+                        "-f", str(path), database], check=True, capture_output=True, timeout=600)
+
+    def restore(self, path: Path, database: str) -> str:
+        """Create ``database`` from a ``pg_dump -Fc`` file; returns its URL."""
+        url = self.create_database(database)
+        subprocess.run([_postgres_bin("pg_restore"), "-h", LOCALHOST, "-p", str(self.port), "-U", self.user,
+                        "-d", database, "--no-owner", str(path)], check=True, capture_output=True, timeout=600)
+        return url
+
     def stop(self) -> None:
         """Fast shutdown (SIGINT) by PID, SIGKILL after a grace period; the data directory is removed."""
         if self.process.poll() is None:

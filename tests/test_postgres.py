@@ -10,7 +10,11 @@ is planned from it and never moved again.
 from __future__ import annotations
 
 import itertools
+import shutil
+import sqlite3
+import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -100,5 +104,58 @@ def test_sigkill_mid_harvest_with_postgresql_index_loses_nothing(clinic: Clinic,
         assert_jobs_sound(queue_db(clinic), run.harvest_id)
         failed = clinic.api.get(f"/rtharvest/jobs?harvest={run.harvest_id}&state=failed")
         assert {j["Target"] for j in failed} == {d.uid for d in loaded.dangling}
+    finally:
+        clinic.restart_harvester(fresh=True)
+
+
+def backup_queue(source: Path, target: Path) -> None:
+    """SQLite's online backup API: a consistent copy of the queue while the harvester writes to it."""
+    src = sqlite3.connect(f"file:{source}?mode=ro", uri=True, timeout=30)
+    dst = sqlite3.connect(target)
+    try:
+        src.backup(dst)
+    finally:
+        dst.close()
+        src.close()
+
+
+def test_backup_taken_while_harvesting_restores_to_a_complete_harvest(clinic: Clinic, loaded: GroundTruth,
+                                                                      postgres: PostgresCluster,
+                                                                      tmp_path: Path) -> None:
+    """docs/operations.md's procedure: queue, then index, then image files, while a harvest runs; the
+    restored harvester finishes that harvest and the store equals the ground truth."""
+    database = harvester_on_postgres(clinic, postgres)
+    try:
+        window = loaded.window("all")
+        harvest_id = start_harvest(clinic.api, window, SOURCE)
+        deadline = time.monotonic() + 120
+        while clinic.api.get("/statistics")["CountInstances"] < len(window.expected) // 4:
+            assert time.monotonic() < deadline, "the harvest stored nothing"
+            time.sleep(0.05)
+        run_dir = clinic.harvester.run_dir
+        backup = tmp_path / "backup"
+        backup.mkdir()
+        # The order makes the three parts consistent: what the (older) queue believes missing and the
+        # index holds is planned from the store; every file the index names is in the (newer) copy.
+        backup_queue(queue_db(clinic), backup / "rtharvest.sqlite")
+        stored_before_dump = len(stored_sop_uids(clinic.api))
+        postgres.dump(database, backup / "index.dump")
+        shutil.copytree(run_dir / "storage", backup / "storage")
+        assert clinic.api.get(f"/rtharvest/harvests/{harvest_id}")["State"] == "Running", \
+            "the backup must be taken while harvesting"
+
+        # Disaster: the harvester's machine is lost. Restore into a new directory and a new database.
+        restored_dir = clinic.base / f"restored-{database}"
+        restored_dir.mkdir()
+        shutil.copytree(backup / "storage", restored_dir / "storage")
+        shutil.copy(backup / "rtharvest.sqlite", restored_dir / "rtharvest.sqlite")
+        target = parse_url(postgres.restore(backup / "index.dump", f"{database}_restored"))
+        assert indexed_instances(postgres, f"{database}_restored") >= stored_before_dump > 0
+        clinic.restart_harvester(overrides={"PostgreSQL": target.section()}, run_dir=restored_dir)
+        doc = wait_completed(clinic.api, harvest_id)
+        assert_harvest_equals_truth(clinic, window, harvest_id, {SOURCE})
+        assert doc["PlansCollected"] == window.summary.plans_collected
+        assert_jobs_sound(queue_db(clinic), harvest_id)
+        assert indexed_instances(postgres, f"{database}_restored") == len(stored_sop_uids(clinic.api))
     finally:
         clinic.restart_harvester(fresh=True)
