@@ -144,6 +144,15 @@ class ObjectRecord:
 
 
 @dataclass(frozen=True)
+class DecisionCounts:
+    """How many instances a harvest kept (and of those, moved in itself) and rejected."""
+
+    kept: int
+    moved: int
+    rejected: int
+
+
+@dataclass(frozen=True)
 class ProvenanceItem:
     """Metadata to write on one stored instance (names of CONTRACT.md)."""
 
@@ -364,6 +373,14 @@ class Tracker:
                 "                 AND j.state IN ('pending', 'waiting', 'leased'))"
                 " ORDER BY h.created_at")
         return [str(r[0]) for r in rows]
+
+    def decision_counts(self, harvest_id: str) -> DecisionCounts:
+        """Kept / kept and moved / rejected decisions of a harvest (its summary event)."""
+        row = self.db.query_one(
+            "SELECT coalesce(sum(decision = 'kept'), 0), coalesce(sum(decision = 'kept' AND moved = 1), 0),"
+            " coalesce(sum(decision = 'rejected'), 0) FROM rth_objects WHERE harvest_id = ?", (harvest_id,))
+        assert row is not None
+        return DecisionCounts(int(row[0]), int(row[1]), int(row[2]))
 
     def pending_provenance_of(self, harvest_id: str) -> bool:
         """Whether provenance of this harvest's kept instances is still to be written."""

@@ -116,3 +116,40 @@ def test_ingest_failure_that_persists_fails_the_job_visibly(world: World, clinic
     assert "ingest failed for 1 stored instance(s) after the move" in first_failure[0].message
     assert not world.tracker.has_object(hid, plan_uid)
     assert clinic.ss.SOPInstanceUID not in kept(world, hid)
+
+
+# -- signal, not noise -------------------------------------------------------------------------------
+
+
+def test_a_fault_free_harvest_warns_about_nothing(world: World, clinic: MiniClinic) -> None:
+    """The slices a contour image's series brings as candidates, the candidates a search inspects and the
+    re-planning of stored copies are expected: no WARNING. The one ERROR is the plan no source holds."""
+    hid = world.start(WINDOW_2020)
+    world.run()
+    world.finish()
+    # The whole-series path ran: slices other than the contour image were moved as candidates first.
+    slices = {o.sop_uid: o for o in world.tracker.objects(hid) if o.series_uid == clinic.ct_sim[0].SeriesInstanceUID}
+    assert len(slices) == len(clinic.ct_sim) and all(o.decision is Decision.KEPT for o in slices.values())
+    assert any(len(uids) == len(clinic.ct_sim) for _, uids in world.backend.moves)
+    loud = world.events.query(harvest_id=hid, min_level=Level.WARNING)
+    assert [(e.level, e.component) for e in loud] == [(Level.ERROR, "harvester")], loud
+    assert clinic.missing_plan_uid in loud[0].message and "failed for good" in loud[0].message
+
+
+def test_a_re_harvest_writes_one_summary_event(world: World, clinic: MiniClinic) -> None:
+    first = world.start(WINDOW_2020)
+    world.run()
+    world.finish()
+    again = world.start(WINDOW_2020)
+    world.run()
+    world.finish()
+    assert kept(world, again) == kept(world, first)
+    events = world.events.query(harvest_id=again, limit=10_000)
+    per_instance = [e for e in events if e.sop_uid is not None]
+    assert per_instance == [], per_instance[:3]
+    summaries = [e for e in events if e.message.startswith("harvest finished:")]
+    assert len(summaries) == 1
+    n = len(kept(world, again))
+    assert f"{n} instance(s) kept (0 moved, {n} already in the store)" in summaries[0].message
+    # Nothing of the re-harvest needs a person except the plan that is still missing.
+    assert [e.level for e in events if e.level >= Level.WARNING] == [Level.ERROR]
