@@ -4,8 +4,8 @@ Configurations that would only fail later, and quietly, are refused or warned ab
 
 * ``UserMetadata`` without the five provenance names: every provenance write would fail (refused);
 * unknown keys in ``RtHarvest`` (typos such as ``MaxAtempts``): warned, with the closest known key. The
-  known keys are the ones :func:`load_config` actually reads (recorded while it runs, see
-  :func:`load_checked`), so a setting added to the parser is known here without a second list;
+  known keys are the ones the parsers actually read (recorded while they run, see
+  :class:`RecordingConfiguration`), so a setting added to a parser is known here without a second list;
 * ``SequenceReturnKeys`` on a source whose backend cannot send sequence keys: warned (the strategy falls
   back to retrieving candidates);
 
@@ -22,7 +22,7 @@ from typing import Any
 
 from .config import Backend, ConfigError, HarvesterConfig, load_config
 
-__all__ = ["PROVENANCE_METADATA", "load_checked", "startup_problems"]
+__all__ = ["PROVENANCE_METADATA", "RecordingConfiguration", "load_checked", "startup_problems", "with_warnings"]
 
 #: The metadata names provenance is written under (CONTRACT.md), in ``tracking.ProvenanceItem`` order.
 PROVENANCE_METADATA = ("HarvestSource", "HarvestJob", "HarvestHop", "HarvestedAt", "HarvestId")
@@ -78,20 +78,47 @@ def _unknown_keys(section: Mapping[str, Any], path: str, seen: set[str]) -> list
     return warnings
 
 
-def load_checked(orthanc: Mapping[str, Any], config_dir: Path | None = None) -> HarvesterConfig:
+class RecordingConfiguration:
+    """Orthanc's configuration with an ``RtHarvest`` section that records which keys its parsers read.
+
+    Hand :attr:`orthanc` to every parser (``load_config``, ``build_runtime`` and the sections it parses:
+    exports, schedules, ...); afterwards :meth:`unknown_keys` names what none of them read.
+    """
+
+    def __init__(self, orthanc: Mapping[str, Any]) -> None:
+        self.raw = orthanc
+        self.seen: set[str] = set()
+        self.section = orthanc.get("RtHarvest", {})
+        view = dict(orthanc)
+        if isinstance(self.section, Mapping):
+            view["RtHarvest"] = _Recorder(self.section, "RtHarvest", self.seen)
+        self.orthanc: Mapping[str, Any] = view
+
+    def unknown_keys(self) -> list[str]:
+        """A warning per ``RtHarvest`` key no parser asked for, with the closest known key."""
+        return _unknown_keys(self.section, "RtHarvest", self.seen) if isinstance(self.section, Mapping) else []
+
+
+def load_checked(orthanc: Mapping[str, Any] | RecordingConfiguration,
+                 config_dir: Path | None = None) -> HarvesterConfig:
     """:func:`load_config`, then the checks of this module: refusals raise :class:`ConfigError`, warnings
-    are added to ``HarvesterConfig.warnings`` (shown by ``/rtharvest/status`` and logged at start-up)."""
-    seen: set[str] = set()
-    section = orthanc.get("RtHarvest", {})
-    view = dict(orthanc)
-    if isinstance(section, Mapping):
-        view["RtHarvest"] = _Recorder(section, "RtHarvest", seen)
-    config = load_config(view, config_dir)
-    refusals, warnings = startup_problems(orthanc, config)
-    if isinstance(section, Mapping):
-        warnings = _unknown_keys(section, "RtHarvest", seen) + warnings
+    are added to ``HarvesterConfig.warnings`` (shown by ``/rtharvest/status`` and logged at start-up).
+
+    Given a :class:`RecordingConfiguration`, unknown keys are left to the caller (other sections are
+    parsed later, see ``app.install``); given a plain mapping, they are checked against ``load_config``.
+    """
+    recording = orthanc if isinstance(orthanc, RecordingConfiguration) else RecordingConfiguration(orthanc)
+    config = load_config(recording.orthanc, config_dir)
+    refusals, warnings = startup_problems(recording.raw, config)
     if refusals:
         raise ConfigError("; ".join(refusals))
+    if not isinstance(orthanc, RecordingConfiguration):
+        warnings = recording.unknown_keys() + warnings
+    return with_warnings(config, warnings)
+
+
+def with_warnings(config: HarvesterConfig, warnings: list[str]) -> HarvesterConfig:
+    """``config`` with ``warnings`` appended."""
     return replace(config, warnings=config.warnings + tuple(warnings)) if warnings else config
 
 

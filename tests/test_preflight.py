@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 
 from rtharvest.config import ConfigError
+from rtharvest.export.settings import load_settings
 from rtharvest.launcher import DEFAULT_CONFIG, load_json_config
 from rtharvest.loopback import loopback_url
-from rtharvest.preflight import PROVENANCE_METADATA, load_checked
+from rtharvest.preflight import PROVENANCE_METADATA, RecordingConfiguration, load_checked
 from rtharvest.tracking import ProvenanceItem
 
 
@@ -73,3 +75,16 @@ def test_ssl_enabled_makes_the_loopback_client_speak_https(shipped: dict) -> Non
     cfg["SslEnabled"] = True
     secure = load_checked(cfg)
     assert loopback_url(secure.ssl, secure.http_port) == f"https://127.0.0.1:{cfg.get('HttpPort', 8042)}"
+
+
+def test_sections_parsed_by_other_services_are_known(shipped: dict, tmp_path: Path) -> None:
+    """Keys read by another section's parser (the export settings, which build_runtime loads from the same
+    recording view) are known; a typo inside them is still named."""
+    cfg = copy.deepcopy(shipped)
+    cfg["RtHarvest"]["Export"] = {"Site": "SITEA", "BatchSize": 10, "BatchSise": 5}
+    recording = RecordingConfiguration(cfg)
+    config = load_checked(recording, tmp_path)
+    assert any("Export" in w for w in recording.unknown_keys())  # not parsed yet
+    load_settings(recording.orthanc, config)
+    assert recording.unknown_keys() == [
+        "RtHarvest.Export.BatchSise is not a setting the harvester knows (did you mean BatchSize?); ignored"]
