@@ -21,7 +21,7 @@ from ..conftest import Clinic
 from ..dimse.fault_scp import Fault, FaultScp
 from ..harvesting import start_harvest, wait_completed
 from ..servers import DicomSource
-from .helpers import assert_harvest_equals_truth, assert_jobs_sound, leased_kinds, queue_db
+from .helpers import assert_harvest_equals_truth, assert_jobs_sound, db_rows, leased_kinds, queue_db
 
 pytestmark = pytest.mark.servers
 
@@ -131,7 +131,12 @@ def test_source_killed_and_restarted_mid_move(clinic: Clinic, loaded: GroundTrut
         time.sleep(0.01)
     source.orthanc.kill()
     try:
-        time.sleep(3)  # jobs meanwhile fail (unreachable) and back off
+        # Until jobs noticed: an attempt failed (unreachable) and waits for its backoff.
+        deadline = time.monotonic() + 30
+        while not db_rows(path, "SELECT 1 FROM jobs WHERE harvest_id = ? AND last_error IS NOT NULL LIMIT 1",
+                          (harvest_id,)):
+            assert time.monotonic() < deadline, "no job noticed the source going away"
+            time.sleep(0.05)
     finally:
         source.orthanc.start()
     wait_completed(clinic.api, harvest_id)
