@@ -14,6 +14,7 @@ import pytest
 from rtharvest.openapi import path_template
 
 from .conftest import Clinic
+from .servers import RestClient
 
 #: Values for path parameters: well-formed, naming nothing, so handlers answer 404 (nothing changes).
 DUMMY = {"id": "0123456789abcdef", "name": "no-such-asset.js"}
@@ -53,3 +54,17 @@ def test_every_route_is_described_and_every_description_is_routed(clinic: Clinic
                 assert str(status) in op["responses"], f"{method.upper()} {path} answered an undescribed {status}"
             checked += 1
     assert checked >= 20
+
+
+@pytest.mark.servers
+def test_every_described_route_requires_authentication(clinic: Clinic) -> None:
+    """The description lists every route (the test above), so routes added later (exports, schedules) are
+    covered too: each answers 401 without credentials, the manifest included."""
+    anonymous = RestClient(clinic.harvester.url, None)
+    paths = clinic.api.get("/rtharvest/openapi.json")["paths"]
+    for path, methods in paths.items():
+        concrete = re.sub(r"{(\w+)}", lambda m: DUMMY.get(m.group(1), "x"), path)
+        for method in methods:
+            status, _ = anonymous.request(method.upper(), concrete, {} if method == "post" else None)
+            assert status == 401, (method, path, status)
+    assert anonymous.request("GET", "/rtharvest/openapi.json")[0] == 401
