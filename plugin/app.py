@@ -278,13 +278,22 @@ def _error_router(error: str) -> Router:
     return router
 
 
+def _orthanc_version() -> str | None:
+    """The running Orthanc's version, or None when it cannot be asked yet."""
+    try:
+        return sdk.versions().orthanc
+    except Exception:  # the start-up checks then skip what depends on the version
+        log.info("Orthanc's version is not available at start-up; version-specific checks skipped")
+        return None
+
+
 def install() -> Runtime:
     """Register everything with Orthanc. Called once by the PythonScript entry."""
     global _runtime
     sdk.install_log_handler()
     try:
         recording = RecordingConfiguration(sdk.configuration())
-        config = load_checked(recording, sdk.configuration_dir())
+        config = load_checked(recording, sdk.configuration_dir(), _orthanc_version())
         _runtime = build_runtime(config, recording.orthanc)
         # Every section parser has run now: what none of them read is a typo or a stale setting.
         _runtime.config = with_warnings(config, recording.unknown_keys())

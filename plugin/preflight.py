@@ -9,7 +9,8 @@ Configurations that would only fail later, and quietly, are refused or warned ab
 * ``SequenceReturnKeys`` on a source whose backend cannot send sequence keys: warned (the strategy falls
   back to retrieving candidates);
 
-``SslEnabled`` needs no check: the loopback client speaks HTTPS when Orthanc does (``app.loopback_url``).
+* ``SslEnabled``: the loopback client speaks HTTPS when Orthanc does (``loopback.loopback_url``); on an
+  Orthanc build known to crash on HTTPS requests it is warned about.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from typing import Any
 
 from .config import Backend, ConfigError, HarvesterConfig, load_config
 
-__all__ = ["PROVENANCE_METADATA", "RecordingConfiguration", "load_checked", "startup_problems", "with_warnings"]
+__all__ = ["CRASHES_ON_HTTPS", "PROVENANCE_METADATA", "RecordingConfiguration", "load_checked", "startup_problems",
+           "with_warnings"]
 
 #: The metadata names provenance is written under (CONTRACT.md), in ``tracking.ProvenanceItem`` order.
 PROVENANCE_METADATA = ("HarvestSource", "HarvestJob", "HarvestHop", "HarvestedAt", "HarvestId")
@@ -100,7 +102,7 @@ class RecordingConfiguration:
 
 
 def load_checked(orthanc: Mapping[str, Any] | RecordingConfiguration,
-                 config_dir: Path | None = None) -> HarvesterConfig:
+                 config_dir: Path | None = None, orthanc_version: str | None = None) -> HarvesterConfig:
     """:func:`load_config`, then the checks of this module: refusals raise :class:`ConfigError`, warnings
     are added to ``HarvesterConfig.warnings`` (shown by ``/rtharvest/status`` and logged at start-up).
 
@@ -109,7 +111,7 @@ def load_checked(orthanc: Mapping[str, Any] | RecordingConfiguration,
     """
     recording = orthanc if isinstance(orthanc, RecordingConfiguration) else RecordingConfiguration(orthanc)
     config = load_config(recording.orthanc, config_dir)
-    refusals, warnings = startup_problems(recording.raw, config)
+    refusals, warnings = startup_problems(recording.raw, config, orthanc_version)
     if refusals:
         raise ConfigError("; ".join(refusals))
     if not isinstance(orthanc, RecordingConfiguration):
@@ -122,10 +124,21 @@ def with_warnings(config: HarvesterConfig, warnings: list[str]) -> HarvesterConf
     return replace(config, warnings=config.warnings + tuple(warnings)) if warnings else config
 
 
-def startup_problems(orthanc: Mapping[str, Any], config: HarvesterConfig) -> tuple[list[str], list[str]]:
+#: Orthanc builds whose HTTPS server crashes (SIGSEGV) on the first HTTPS request: Debian's 1.10.1 package
+#: (its civetweb with OpenSSL 3), with or without this plugin (tested with curl and Python clients).
+CRASHES_ON_HTTPS = frozenset({"1.10.1"})
+
+
+def startup_problems(orthanc: Mapping[str, Any], config: HarvesterConfig,
+                     orthanc_version: str | None = None) -> tuple[list[str], list[str]]:
     """(refusals, warnings) about the rest of the configuration, each naming its key."""
     refusals: list[str] = []
     warnings: list[str] = []
+    if config.ssl and orthanc_version in CRASHES_ON_HTTPS:
+        warnings.append(
+            f"SslEnabled: Orthanc {orthanc_version} as packaged by Debian crashes on the first HTTPS request, "
+            "the harvester's own loopback calls included; keep SslEnabled false and terminate TLS in a reverse "
+            "proxy (docs/operations.md)")
     declared = orthanc.get("UserMetadata")
     names = set(declared) if isinstance(declared, Mapping) else set()
     missing = [n for n in PROVENANCE_METADATA if n not in names]

@@ -88,3 +88,12 @@ def test_sections_parsed_by_other_services_are_known(shipped: dict, tmp_path: Pa
     load_settings(recording.orthanc, config)
     assert recording.unknown_keys() == [
         "RtHarvest.Export.BatchSise is not a setting the harvester knows (did you mean BatchSize?); ignored"]
+
+
+def test_ssl_on_an_orthanc_that_crashes_on_https_is_warned(shipped: dict) -> None:
+    cfg = copy.deepcopy(shipped)
+    cfg["SslEnabled"] = True
+    assert any(w.startswith("SslEnabled: Orthanc 1.10.1") for w in load_checked(cfg, None, "1.10.1").warnings)
+    assert not any(w.startswith("SslEnabled") for w in load_checked(cfg, None, "1.12.4").warnings)
+    cfg["SslEnabled"] = False
+    assert not any(w.startswith("SslEnabled") for w in load_checked(cfg, None, "1.10.1").warnings)
