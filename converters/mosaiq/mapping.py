@@ -167,7 +167,7 @@ def plan_records(patient: PatientInfo, deliveries: Sequence[Delivery], sites: di
         for d in session.deliveries:
             f = d.field
             assert f is not None
-            if not f.plan_uid or f.beam_number <= 0:
+            if not f.plan_uid or (f.beam_number <= 0 and not d.problems):
                 # Rule: a field not imported from DICOM (no OriginalPlanUID, OriginalBeamNumber 0) has no plan
                 # to reference: the delivery is reported, never attached to a guessed plan.
                 out.skipped.append(Problem("Dose_Hst", f"DHS_ID={d.dhs_id}", "no-plan-uid",

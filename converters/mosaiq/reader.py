@@ -305,19 +305,23 @@ class MosaiqReader:
         field: FieldVersion | None = None
         if row["tx_FLD_ID"] is not None:
             fkey = f"FLD_ID={row['tx_FLD_ID']}"
-            field = attempt(None, lambda: FieldVersion(
+            # Each column on its own: a bad value marks the delivery (so its record is not written) but
+            # the field still places the delivery in its session and plan.
+            field = FieldVersion(
                 fld_id=int(row["tx_FLD_ID"]),
-                fld_set_id=_int(row["FLD_SET_ID"], "TxField", fkey, "FLD_SET_ID") or 0,
-                version=_int(row["tx_Version"], "TxField", fkey, "Version") or 0,
-                sit_set_id=_int(row["SIT_Set_ID"], "TxField", fkey, "SIT_Set_ID") or 0,
+                fld_set_id=attempt(0, lambda: _int(row["FLD_SET_ID"], "TxField", fkey, "FLD_SET_ID") or 0),
+                version=attempt(0, lambda: _int(row["tx_Version"], "TxField", fkey, "Version") or 0),
+                sit_set_id=attempt(0, lambda: _int(row["SIT_Set_ID"], "TxField", fkey, "SIT_Set_ID") or 0),
                 label=_text(row["Field_Label"]),
                 name=_text(row["Field_Name"]),
-                meterset=_float(row["tx_Meterset"], "TxField", fkey, "Meterset"),
-                field_type=_enum(FieldType, row["tx_Type_Enum"], "TxField", fkey, "Type_Enum"),
+                meterset=attempt(None, lambda: _float(row["tx_Meterset"], "TxField", fkey, "Meterset")),
+                field_type=attempt(FieldType.STATIC, lambda: _enum(FieldType, row["tx_Type_Enum"], "TxField", fkey,
+                                                                   "Type_Enum")),
                 plan_uid=_text(row["OriginalPlanUID"]),
                 beam_name=_text(row["OriginalBeamName"]),
-                beam_number=_int(row["OriginalBeamNumber"], "TxField", fkey, "OriginalBeamNumber") or 0,
-            ))
+                beam_number=attempt(0, lambda: _int(row["OriginalBeamNumber"], "TxField", fkey,
+                                                    "OriginalBeamNumber") or 0),
+            )
         elif row["FLD_ID"] is not None:
             problems.append(Problem("Dose_Hst", key, "unknown-field", f"FLD_ID {row['FLD_ID']} has no TxField row"))
         else:

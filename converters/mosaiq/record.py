@@ -53,10 +53,12 @@ def study_uid(salt: str, spec: RecordSpec, location: PlanLocation | None) -> str
 
 
 def record_uids(salt: str, spec: RecordSpec) -> tuple[UID, UID]:
-    """(series, instance): the series is per patient and plan, the instance per delivered rows."""
+    """(series, instance): the series is per patient and plan; the instance is the record of one session,
+    plan and machine, named by the session's first delivery (its DHS_ID), so a session converted again
+    after more deliveries keeps its UID (the auxiliary PACS must then overwrite, see docs/operations.md)."""
     series = derived_uid(salt, "mosaiq-record-series", spec.patient.pat_id1, spec.plan_uid)
     instance = derived_uid(salt, "mosaiq-record", spec.patient.pat_id1, spec.plan_uid, spec.machine,
-                           *(b.delivery.dhs_id for b in spec.beams))
+                           spec.session.deliveries[0].dhs_id)
     return series, instance
 
 

@@ -79,10 +79,8 @@ def _expected_beams(record: ExpectedRecord) -> list[tuple[int, int, float, str, 
             for b in record.beams]
 
 
-def test_records_equal_ground_truth_of_deliveries(mosaiq_clinic: tuple[Path, MosaiqTruth],
-                                                   converted: tuple[list[Path], dict]) -> None:
-    root, truth = mosaiq_clinic
-    files, report = converted
+def _assert_records_equal(truth: MosaiqTruth, files: list[Path]) -> None:
+    """Every record written equals one expected record, beam by beam, and nothing else was written."""
     produced: dict[tuple[str, str, str, str], list[Dataset]] = {}
     for path in files:
         ds = dcmread(path)
@@ -105,12 +103,25 @@ def test_records_equal_ground_truth_of_deliveries(mosaiq_clinic: tuple[Path, Mos
                 points = beam.ControlPointDeliverySequence
                 assert len(points) >= 2 and float(points[0].DeliveredMeterset) == 0
                 assert float(points[-1].DeliveredMeterset) == float(beam.DeliveredPrimaryMeterset)
+                # The delivered control points: gantry angle and the MLC of 10 leaf pairs, in mm.
+                assert "GantryAngle" in points[0] and "GantryAngle" in points[-1]
+                mlc = [d for d in beam.BeamLimitingDeviceLeafPairsSequence if d.RTBeamLimitingDeviceType == "MLCX"]
+                assert [d.NumberOfLeafJawPairs for d in mlc] == [10]
+                positions = points[0].BeamLimitingDevicePositionSequence[0].LeafJawPositions
+                assert len(positions) == 20 and float(positions[0]) < 0 < float(positions[-1])
             # A series of its own; the plan's study when the DCM tables know the plan.
             assert ds.SeriesInstanceUID != plan_series.get(record.plan_uid)
             if record.plan_study_uid is not None:
                 assert ds.StudyInstanceUID == record.plan_study_uid
             else:
                 assert ds.StudyInstanceUID not in {i.study_uid for i in truth.dicom_truth.objects.values()}
+
+
+def test_records_equal_ground_truth_of_deliveries(mosaiq_clinic: tuple[Path, MosaiqTruth],
+                                                   converted: tuple[list[Path], dict]) -> None:
+    root, truth = mosaiq_clinic
+    files, report = converted
+    _assert_records_equal(truth, files)
     # Every trap of the clinic is present in what was compared.
     kinds = {t.kind for t in truth.traps}
     assert {"history_version", "qa_mode", "setup_field", "partial_treatment", "machine_change",
@@ -122,6 +133,14 @@ def test_records_equal_ground_truth_of_deliveries(mosaiq_clinic: tuple[Path, Mos
         skipped.setdefault(issue["Reason"], set()).add(int(issue["Key"].split("=")[1]))
     assert skipped == {reason: set(ids) for reason, ids in truth.skipped.items()}
     assert report["Errors"] == [] and report["Warnings"] == []
+
+
+@pytest.mark.parametrize(("patients", "seed"), [(3, 3), (9, 11)])
+def test_other_clinic_shapes(patients: int, seed: int, tmp_path: Path) -> None:
+    truth = generate_mosaiq(tmp_path / "clinic", SynthOptions(patients=patients, seed=seed, ct_slices=2, matrix=8))
+    code, report = _convert(truth.database, tmp_path / "out", date_from=truth.first_day, date_to=truth.last_day)
+    assert code == 0 and report["Errors"] == []
+    _assert_records_equal(truth, sorted((tmp_path / "out").rglob("*.dcm")))
 
 
 def test_records_pass_dciodvfy(converted: tuple[list[Path], dict]) -> None:
@@ -185,16 +204,21 @@ def test_bad_rows_are_named_and_other_patients_convert(mosaiq_clinic: tuple[Path
     other = next(r for r in truth.records if r.patient_id != victim.patient_id and len(r.beams) >= 2)
     with sqlite3.connect(db) as conn:
         conn.execute("UPDATE Dose_Hst SET Termination_Status_Enum = 'abc' WHERE DHS_ID = ?", (victim.dhs_ids[0],))
-        (fld,) = conn.execute("SELECT FLD_ID FROM Dose_Hst WHERE DHS_ID = ?", (other.dhs_ids[-1],)).fetchone()
-        conn.execute("UPDATE TxFieldPoint SET A_Leaf_Set = X'0100' WHERE FLD_ID = ? AND Point = 1", (fld,))
-        hit = {dhs for (dhs,) in conn.execute("SELECT DHS_ID FROM Dose_Hst WHERE FLD_ID = ?", (fld,))}
+        (fhs,) = conn.execute("SELECT FHS_ID FROM FLD_HST WHERE DHS_ID = ?", (other.dhs_ids[-1],)).fetchone()
+        conn.execute("UPDATE TxFieldPoint_Hst SET A_Leaf_Set = X'0100' WHERE FHS_ID = ? AND Point = 1", (fhs,))
+        third = next(r for r in truth.records if r.patient_id not in (victim.patient_id, other.patient_id))
+        (typed,) = conn.execute("SELECT FLD_ID FROM Dose_Hst WHERE DHS_ID = ?", (third.dhs_ids[0],)).fetchone()
+        conn.execute("UPDATE TxField SET Type_Enum = 'zz' WHERE FLD_ID = ?", (typed,))
+        hit = {dhs for (dhs,) in conn.execute("SELECT DHS_ID FROM Dose_Hst WHERE FLD_ID = ?", (typed,))}
+        hit.add(other.dhs_ids[-1])
     code, report = _convert(db, tmp_path / "out")
     assert code == 0
     details = [f"{e['Scope']} {e['Key']}: {e['Detail']}" for e in report["Errors"]]
     assert f"Dose_Hst DHS_ID={victim.dhs_ids[0]}: Termination_Status_Enum 'abc' is not an integer" in details
-    # The malformed blob is named once, though every delivery of that field needs it.
-    blob = [d for d in details if d.startswith(f"TxFieldPoint FLD_ID={fld}") and "leaf banks differ" in d]
-    assert len(blob) == 1, details
+    assert f"TxField FLD_ID={typed}: Type_Enum 'zz' is not an integer" in details
+    assert f"TxFieldPoint_Hst FHS_ID={fhs} Point=1: leaf banks differ in size (1 A leaves, 10 B leaves)" in details
+    # A bad TxField row is named once, though every delivery of that field needs it.
+    assert sum(d.startswith(f"TxField FLD_ID={typed}:") for d in details) == 1
     # Exactly the records holding those rows are missing (one error each); everything else converted.
     lost = [r for r in truth.records if r is victim or hit & set(r.dhs_ids)]
     assert report["Written"]["RTRECORD"] == len(truth.records) - len(lost)
