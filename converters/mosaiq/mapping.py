@@ -105,7 +105,8 @@ def _beams(session: Session, deliveries: Sequence[Delivery]) -> tuple[BeamItem, 
     for d in deliveries:
         f = d.field
         assert f is not None
-        delivered = d.meterset if d.meterset is not None else 0.0
+        assert d.meterset is not None  # checked by plan_records
+        delivered = d.meterset
         # Rule: a field delivered again after an interrupted delivery (PartiallyTreated, or a termination
         # other than NORMAL) in the same session completes that fraction: CONTINUATION, same fraction
         # number, and what remained of the field's meterset as the specified meterset.
@@ -178,6 +179,13 @@ def plan_records(patient: PatientInfo, deliveries: Sequence[Delivery], sites: di
             groups.setdefault((f.plan_uid, d.machine or ""), []).append(d)
         for (plan_uid, machine), items in groups.items():
             bad = [p for d in items for p in d.problems]
+            for d in items:
+                if d.meterset is None and not d.problems:
+                    # The delivered meterset is what a record is for: never written as a guess.
+                    missing = Problem("Dose_Hst", f"DHS_ID={d.dhs_id}", "no-meterset",
+                                      "Meterset is NULL and no FLD_HST row gives the delivered meterset")
+                    out.errors.append(missing)
+                    bad.append(missing)
             if bad:
                 out.errors.append(Problem("Dose_Hst", "DHS_ID=" + ",".join(str(d.dhs_id) for d in items),
                                           "record-not-written",

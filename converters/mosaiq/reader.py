@@ -13,8 +13,9 @@ from collections.abc import Iterable, Sequence
 from datetime import date, datetime, time, timedelta
 from typing import Any
 
-from sqlalchemy import Engine, and_, inspect, select
+from sqlalchemy import Engine, Table, and_, inspect, null, select
 from sqlalchemy.engine import RowMapping
+from sqlalchemy.sql.elements import ColumnElement
 
 from . import schema as s
 from .models import (
@@ -174,6 +175,7 @@ class MosaiqReader:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self.present: set[str] = set()
+        self.columns: dict[str, set[str]] = {}
 
     def check(self) -> list[str]:
         """Connect, require the tables of :data:`~.schema.REQUIRED`; return warnings for absent optional ones.
@@ -181,11 +183,28 @@ class MosaiqReader:
         Raises :class:`MissingTable` naming the first absent required table, and SQLAlchemy's
         ``OperationalError`` (or the driver's error) when the database cannot be reached.
         """
-        names = {name.lower(): name for name in inspect(self.engine).get_table_names()}
-        self.present = {t for t in (*s.REQUIRED, *s.OPTIONAL) if t.lower() in names}
-        for table in s.REQUIRED:
-            if table not in self.present:
-                raise MissingTable(f"required table {table} is absent from the MOSAIQ database")
+        inspector = inspect(self.engine)
+        names = {name.lower(): name for name in inspector.get_table_names()}
+        warnings: list[str] = []
+        self.present = set()
+        self.columns = {}
+        for table in (*s.REQUIRED, *s.OPTIONAL):
+            if table.lower() not in names:
+                if table in s.REQUIRED:
+                    raise MissingTable(f"required table {table} is absent from the MOSAIQ database")
+                continue
+            have = {c["name"].lower() for c in inspector.get_columns(names[table.lower()])}
+            lacking = [c for c in s.KEY_COLUMNS[table] if c.lower() not in have]
+            if lacking:
+                if table in s.REQUIRED:
+                    raise MissingTable(f"table {table} lacks the required column(s) {', '.join(lacking)}")
+                warnings.append(f"table {table} lacks {', '.join(lacking)}: treated as absent")
+                continue
+            self.present.add(table)
+            self.columns[table] = {c.name for c in s.metadata.tables[table].columns if c.name.lower() in have}
+            absent = [c.name for c in s.metadata.tables[table].columns if c.name not in self.columns[table]]
+            if absent:
+                warnings.append(f"table {table} lacks {', '.join(absent)}: read as empty")
         effects = {
             "TxFieldPoint": "control points carry no gantry angle, energy or MLC positions",
             "FLD_HST": "the delivered meterset is Dose_Hst.Meterset, delivered control points are the planned ones",
@@ -194,7 +213,17 @@ class MosaiqReader:
             "DCMSeries": "records go to a per-site study instead of the plan's study",
             "DCMInstance": "records go to a per-site study instead of the plan's study",
         }
-        return [f"table {t} is absent: {effects[t]}" for t in s.OPTIONAL if t not in self.present]
+        return warnings + [f"table {t} is absent: {effects[t]}" for t in s.OPTIONAL if t not in self.present]
+
+    def _col(self, table: Table, name: str, label: str | None = None) -> ColumnElement[Any]:
+        """A declared column, or NULL under its name when this database lacks it (see :meth:`check`)."""
+        if name in self.columns.get(table.name, ()):
+            column: ColumnElement[Any] = table.c[name]
+            return column.label(label) if label else column
+        return null().label(label or name)
+
+    def _all(self, table: Table) -> list[ColumnElement[Any]]:
+        return [self._col(table, c.name) for c in table.columns]
 
     # -- patients -----------------------------------------------------------------------------------
 
@@ -207,7 +236,8 @@ class MosaiqReader:
         dh, ident = s.Dose_Hst, s.Ident
         query = (
             select(ident.c.Pat_Id1, ident.c.IDA)
-            .where(ident.c.Version == 0)
+            # The current identity (Version 0); the Version filter is right here, unlike for TxField.
+            .where(ident.c.Version == 0 if "Version" in self.columns["Ident"] else ident.c.Pat_Id1.is_not(None))
             .where(ident.c.Pat_Id1.in_(
                 select(dh.c.Pat_ID1).where(dh.c.Tx_DtTm >= _day_start(date_from - timedelta(days=1)),
                                            dh.c.Tx_DtTm < _day_start(date_to + timedelta(days=2)))))
@@ -220,7 +250,7 @@ class MosaiqReader:
             ids = [int(r["Pat_Id1"]) for r in chosen]
             details: dict[int, RowMapping] = {}
             for chunk in _chunks(ids):
-                for row in conn.execute(select(s.Patient).where(s.Patient.c.Pat_ID1.in_(chunk))).mappings():
+                for row in conn.execute(select(*self._all(s.Patient)).where(s.Patient.c.Pat_ID1.in_(chunk))).mappings():
                     details[int(row["Pat_ID1"])] = row
         out: list[PatientInfo] = []
         for row in chosen:
@@ -248,10 +278,12 @@ class MosaiqReader:
         """
         dh, tx, tt, staff = s.Dose_Hst, s.TxField, s.TrackTreatment, s.Staff
         query = (
-            select(dh, tx.c.FLD_ID.label("tx_FLD_ID"), tx.c.FLD_SET_ID, tx.c.Version.label("tx_Version"),
-                   tx.c.SIT_Set_ID, tx.c.Field_Label, tx.c.Field_Name, tx.c.Meterset.label("tx_Meterset"),
-                   tx.c.Type_Enum.label("tx_Type_Enum"), tx.c.OriginalPlanUID, tx.c.OriginalBeamName,
-                   tx.c.OriginalBeamNumber, tt.c.WasQAMode, staff.c.Last_Name.label("machine_name"))
+            select(*self._all(dh), self._col(tx, "FLD_ID", "tx_FLD_ID"), self._col(tx, "FLD_SET_ID"),
+                   self._col(tx, "Version", "tx_Version"), self._col(tx, "SIT_Set_ID"), self._col(tx, "Field_Label"),
+                   self._col(tx, "Field_Name"), self._col(tx, "Meterset", "tx_Meterset"),
+                   self._col(tx, "Type_Enum", "tx_Type_Enum"), self._col(tx, "OriginalPlanUID"),
+                   self._col(tx, "OriginalBeamName"), self._col(tx, "OriginalBeamNumber"), self._col(tt, "WasQAMode"),
+                   self._col(staff, "Last_Name", "machine_name"))
             .select_from(dh.outerjoin(tx, tx.c.FLD_ID == dh.c.FLD_ID)
                          .outerjoin(tt, tt.c.DHS_ID == dh.c.DHS_ID)
                          .outerjoin(staff, staff.c.Staff_ID == dh.c.Machine_ID_Staff_ID))
@@ -265,14 +297,14 @@ class MosaiqReader:
             fld_hst: dict[int, RowMapping] = {}
             if "FLD_HST" in self.present:
                 for chunk in _chunks(dhs_ids):
-                    for row in conn.execute(select(s.FLD_HST).where(s.FLD_HST.c.DHS_ID.in_(chunk))).mappings():
+                    for row in conn.execute(select(*self._all(s.FLD_HST)).where(s.FLD_HST.c.DHS_ID.in_(chunk))).mappings():
                         fld_hst.setdefault(int(row["DHS_ID"]), row)
             planned: tuple[dict[int, list[ControlPoint]], dict[int, Problem]] = ({}, {})
             if "TxFieldPoint" in self.present:
                 point_rows: list[RowMapping] = []
                 for chunk in _chunks(fld_ids):
                     point_rows += conn.execute(
-                        select(s.TxFieldPoint).where(s.TxFieldPoint.c.FLD_ID.in_(chunk))).mappings()
+                        select(*self._all(s.TxFieldPoint)).where(s.TxFieldPoint.c.FLD_ID.in_(chunk))).mappings()
                 planned = _points(point_rows, "TxFieldPoint", "FLD_ID", energy=True)
             delivered: tuple[dict[int, list[ControlPoint]], dict[int, Problem]] = ({}, {})
             if "TxFieldPoint_Hst" in self.present and fld_hst:
@@ -280,7 +312,7 @@ class MosaiqReader:
                 hst_rows: list[RowMapping] = []
                 for chunk in _chunks(fhs_ids):
                     hst_rows += conn.execute(
-                        select(s.TxFieldPoint_Hst).where(s.TxFieldPoint_Hst.c.FHS_ID.in_(chunk))).mappings()
+                        select(*self._all(s.TxFieldPoint_Hst)).where(s.TxFieldPoint_Hst.c.FHS_ID.in_(chunk))).mappings()
                 delivered = _points(hst_rows, "TxFieldPoint_Hst", "FHS_ID", energy=False)
         return [self._delivery(row, fld_hst.get(int(row["DHS_ID"])), planned, delivered) for row in rows]
 
@@ -370,7 +402,7 @@ class MosaiqReader:
         """Every version of the patient's sites by SIT_ID (deliveries name the exact version)."""
         out: dict[int, SiteInfo] = {}
         with self.engine.connect() as conn:
-            for row in conn.execute(select(s.Site).where(s.Site.c.Pat_ID1 == pat_id1)).mappings():
+            for row in conn.execute(select(*self._all(s.Site)).where(s.Site.c.Pat_ID1 == pat_id1)).mappings():
                 key = f"SIT_ID={row['SIT_ID']}"
                 try:
                     fractions = _int(row["Fractions"], "Site", key, "Fractions")
@@ -394,7 +426,8 @@ class MosaiqReader:
             for chunk in _chunks(wanted):
                 padded = [*chunk, *(uid.ljust(64) for uid in chunk)]
                 query = (
-                    select(inst.c.SOPInstanceUID, inst.c.SOPClassUID, ser.c.SeriesInstanceUID, stu.c.StudyInstanceUID)
+                    select(inst.c.SOPInstanceUID, self._col(inst, "SOPClassUID"), ser.c.SeriesInstanceUID,
+                           stu.c.StudyInstanceUID)
                     .select_from(inst.join(ser, ser.c.DCMSeries_ID == inst.c.DCMSeries_ID)
                                  .join(stu, stu.c.DCMStudy_ID == ser.c.DCMStudy_ID))
                     .where(and_(inst.c.SOPInstanceUID.in_(padded)))

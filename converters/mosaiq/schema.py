@@ -43,7 +43,7 @@ TxField = Table(
 )
 TxFieldPoint = Table(
     "TxFieldPoint", metadata,
-    Column("TFP_ID", Integer, primary_key=True), Column("FLD_ID", Integer), Column("Point", SmallInteger),
+    Column("FLD_ID", Integer), Column("Point", SmallInteger),
     Column("Index", Float), Column("A_Leaf_Set", LargeBinary), Column("B_Leaf_Set", LargeBinary),
     Column("Gantry_Ang", Float), Column("Coll_Ang", Float), Column("Energy", Float),
 )
@@ -63,13 +63,13 @@ FLD_HST = Table(
 )
 TxFieldPoint_Hst = Table(
     "TxFieldPoint_Hst", metadata,
-    Column("TFH_ID", Integer, primary_key=True), Column("FHS_ID", Integer), Column("Point", SmallInteger),
+    Column("FHS_ID", Integer), Column("Point", SmallInteger),
     Column("Index", Float), Column("A_Leaf_Set", LargeBinary), Column("B_Leaf_Set", LargeBinary),
     Column("Gantry_Ang", Float), Column("Coll_Ang", Float),
 )
 TrackTreatment = Table(
     "TrackTreatment", metadata,
-    Column("TTX_ID", Integer, primary_key=True), Column("DHS_ID", Integer), Column("WasQAMode", SmallInteger),
+    Column("DHS_ID", Integer), Column("WasQAMode", SmallInteger),
     Column("WasBeamComplete", SmallInteger),
 )
 Staff = Table(
@@ -97,3 +97,21 @@ DCMInstance = Table(
 REQUIRED = ("Ident", "Patient", "Site", "TxField", "Dose_Hst", "TrackTreatment", "Staff")
 #: Without these the output degrades (a warning says how), the run goes on.
 OPTIONAL = ("TxFieldPoint", "FLD_HST", "TxFieldPoint_Hst", "DCMStudy", "DCMSeries", "DCMInstance")
+
+#: Columns without which a table is unusable. A required table lacking one stops the run; an optional
+#: one is then treated as absent. Any other declared column may be missing: it reads as NULL (warned).
+KEY_COLUMNS: dict[str, tuple[str, ...]] = {
+    "Ident": ("Pat_Id1", "IDA"),
+    "Patient": ("Pat_ID1",),
+    "Site": ("SIT_ID", "Pat_ID1"),
+    "TxField": ("FLD_ID", "SIT_Set_ID", "OriginalPlanUID", "OriginalBeamNumber", "Type_Enum"),
+    "Dose_Hst": ("DHS_ID", "Pat_ID1", "FLD_ID", "Tx_DtTm"),
+    "TrackTreatment": ("DHS_ID", "WasQAMode"),
+    "Staff": ("Staff_ID", "Last_Name"),
+    "TxFieldPoint": ("FLD_ID", "Point"),
+    "FLD_HST": ("FHS_ID", "DHS_ID"),
+    "TxFieldPoint_Hst": ("FHS_ID", "Point"),
+    "DCMStudy": ("DCMStudy_ID", "StudyInstanceUID"),
+    "DCMSeries": ("DCMSeries_ID", "DCMStudy_ID", "SeriesInstanceUID"),
+    "DCMInstance": ("DCMSeries_ID", "SOPInstanceUID"),
+}

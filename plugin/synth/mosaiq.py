@@ -336,7 +336,7 @@ def generate_mosaiq(out_dir: Path, options: SynthOptions | None = None, *, overw
             row = dict(Point=point, Index=index, A_Leaf_Set=_leaf_blob(10, 50.0 + beam.number, -1),
                        B_Leaf_Set=_leaf_blob(10, 50.0 + beam.number, 1), Gantry_Ang=beam.gantry, Coll_Ang=0.0)
             points_of.setdefault(fld, []).append(row)
-            w.add("TxFieldPoint", TFP_ID=w.new_id("TxFieldPoint"), FLD_ID=fld, Energy=6.0, **row)
+            w.add("TxFieldPoint", FLD_ID=fld, Energy=6.0, **row)
         return fld
 
     def deliver(s: _Session, fld: int, when: datetime, meterset: float, *, fraction: int | None,
@@ -351,8 +351,8 @@ def generate_mosaiq(out_dir: Path, options: SynthOptions | None = None, *, overw
         fhs = w.new_id("FLD_HST", 80000)
         w.add("FLD_HST", FHS_ID=fhs, DHS_ID=dhs, Meterset=meterset, Control_Points=2)
         for row in points_of[fld]:  # delivered as planned
-            w.add("TxFieldPoint_Hst", TFH_ID=w.new_id("TxFieldPoint_Hst"), FHS_ID=fhs, **row)
-        w.add("TrackTreatment", TTX_ID=w.new_id("TrackTreatment"), DHS_ID=dhs, WasQAMode=int(qa),
+            w.add("TxFieldPoint_Hst", FHS_ID=fhs, **row)
+        w.add("TrackTreatment", DHS_ID=dhs, WasQAMode=int(qa),
               WasBeamComplete=int(not partially))
         return dhs
 

@@ -204,6 +204,10 @@ def test_bad_rows_are_named_and_other_patients_convert(mosaiq_clinic: tuple[Path
     other = next(r for r in truth.records if r.patient_id != victim.patient_id and len(r.beams) >= 2)
     with sqlite3.connect(db) as conn:
         conn.execute("UPDATE Dose_Hst SET Termination_Status_Enum = 'abc' WHERE DHS_ID = ?", (victim.dhs_ids[0],))
+        # No delivered meterset anywhere for one delivery: its record is not written with a guess.
+        unmetered = next(r for r in truth.records if r.patient_id == victim.patient_id and r is not victim)
+        conn.execute("UPDATE Dose_Hst SET Meterset = NULL WHERE DHS_ID = ?", (unmetered.dhs_ids[0],))
+        conn.execute("DELETE FROM FLD_HST WHERE DHS_ID = ?", (unmetered.dhs_ids[0],))
         (fhs,) = conn.execute("SELECT FHS_ID FROM FLD_HST WHERE DHS_ID = ?", (other.dhs_ids[-1],)).fetchone()
         conn.execute("UPDATE TxFieldPoint_Hst SET A_Leaf_Set = X'0100' WHERE FHS_ID = ? AND Point = 1", (fhs,))
         third = next(r for r in truth.records if r.patient_id not in (victim.patient_id, other.patient_id))
@@ -220,7 +224,9 @@ def test_bad_rows_are_named_and_other_patients_convert(mosaiq_clinic: tuple[Path
     # A bad TxField row is named once, though every delivery of that field needs it.
     assert sum(d.startswith(f"TxField FLD_ID={typed}:") for d in details) == 1
     # Exactly the records holding those rows are missing (one error each); everything else converted.
-    lost = [r for r in truth.records if r is victim or hit & set(r.dhs_ids)]
+    assert f"Dose_Hst DHS_ID={unmetered.dhs_ids[0]}: Meterset is NULL and no FLD_HST row gives the delivered " \
+        "meterset" in details
+    lost = [r for r in truth.records if r is victim or r is unmetered or hit & set(r.dhs_ids)]
     assert report["Written"]["RTRECORD"] == len(truth.records) - len(lost)
     assert report["ErrorsByReason"]["record-not-written"] == len(lost)
     assert len({r.patient_id for r in truth.records} - {r.patient_id for r in lost}) >= 1
@@ -238,6 +244,28 @@ def test_absent_optional_tables_degrade_with_warnings(mosaiq_clinic: tuple[Path,
     assert any("DCMInstance is absent" in w for w in report["Warnings"])
     plan_studies = {r.plan_study_uid for r in truth.records if r.plan_study_uid}
     assert not {str(dcmread(p).StudyInstanceUID) for p in (tmp_path / "out").rglob("*.dcm")} & plan_studies
+
+
+def test_absent_columns_read_as_empty_key_columns_required(mosaiq_clinic: tuple[Path, MosaiqTruth],
+                                                             tmp_path: Path) -> None:
+    root, truth = mosaiq_clinic
+    db = tmp_path / "old.sqlite"
+    shutil.copy(root / DATABASE, db)
+    with sqlite3.connect(db) as conn:  # an older schema: columns this converter can do without
+        conn.execute("ALTER TABLE TxFieldPoint DROP COLUMN Energy")
+        conn.execute("ALTER TABLE Dose_Hst DROP COLUMN Fractions_Tx")
+        conn.execute("ALTER TABLE Ident DROP COLUMN Version")
+    code, report = _convert(db, tmp_path / "out")
+    assert code == 0 and report["Errors"] == []
+    assert "table TxFieldPoint lacks Energy: read as empty" in report["Warnings"]
+    files = sorted((tmp_path / "out").rglob("*.dcm"))
+    _assert_records_equal(truth, files)
+    assert all("NominalBeamEnergy" not in dcmread(p).TreatmentSessionBeamSequence[0].ControlPointDeliverySequence[0]
+               for p in files)
+    with sqlite3.connect(db) as conn:
+        conn.execute("ALTER TABLE Dose_Hst DROP COLUMN Tx_DtTm")
+    code, report = _convert(db, tmp_path / "out2")
+    assert code == 1 and report["Errors"][0]["Detail"] == "table Dose_Hst lacks the required column(s) Tx_DtTm"
 
 
 def test_missing_required_table_and_unreachable_database(mosaiq_clinic: tuple[Path, MosaiqTruth],
