@@ -14,7 +14,7 @@ from datetime import date, datetime, time, timedelta
 from typing import Any
 
 from sqlalchemy import Engine, Table, and_, inspect, null, select
-from sqlalchemy.engine import RowMapping
+from sqlalchemy.engine import Connection, RowMapping
 from sqlalchemy.sql.elements import ColumnElement
 
 from . import schema as s
@@ -225,6 +225,15 @@ class MosaiqReader:
     def _all(self, table: Table) -> list[ColumnElement[Any]]:
         return [self._col(table, c.name) for c in table.columns]
 
+    def _rows_in(self, conn: Connection, table: Table, column: str, keys: Sequence[int]) -> list[RowMapping]:
+        """Rows of ``table`` whose ``column`` is one of ``keys`` (none when the table is absent)."""
+        if table.name not in self.present:
+            return []
+        rows: list[RowMapping] = []
+        for chunk in _chunks(keys):
+            rows += conn.execute(select(*self._all(table)).where(table.c[column].in_(chunk))).mappings()
+        return rows
+
     # -- patients -----------------------------------------------------------------------------------
 
     def patients(self, date_from: date, date_to: date, patient_ids: Sequence[str] = ()) -> list[PatientInfo]:
@@ -295,25 +304,13 @@ class MosaiqReader:
             dhs_ids = [int(r["DHS_ID"]) for r in rows]
             fld_ids = sorted({int(r["FLD_ID"]) for r in rows if r["FLD_ID"] is not None})
             fld_hst: dict[int, RowMapping] = {}
-            if "FLD_HST" in self.present:
-                for chunk in _chunks(dhs_ids):
-                    for row in conn.execute(select(*self._all(s.FLD_HST)).where(s.FLD_HST.c.DHS_ID.in_(chunk))).mappings():
-                        fld_hst.setdefault(int(row["DHS_ID"]), row)
-            planned: tuple[dict[int, list[ControlPoint]], dict[int, Problem]] = ({}, {})
-            if "TxFieldPoint" in self.present:
-                point_rows: list[RowMapping] = []
-                for chunk in _chunks(fld_ids):
-                    point_rows += conn.execute(
-                        select(*self._all(s.TxFieldPoint)).where(s.TxFieldPoint.c.FLD_ID.in_(chunk))).mappings()
-                planned = _points(point_rows, "TxFieldPoint", "FLD_ID", energy=True)
-            delivered: tuple[dict[int, list[ControlPoint]], dict[int, Problem]] = ({}, {})
-            if "TxFieldPoint_Hst" in self.present and fld_hst:
-                fhs_ids = sorted(int(r["FHS_ID"]) for r in fld_hst.values())
-                hst_rows: list[RowMapping] = []
-                for chunk in _chunks(fhs_ids):
-                    hst_rows += conn.execute(
-                        select(*self._all(s.TxFieldPoint_Hst)).where(s.TxFieldPoint_Hst.c.FHS_ID.in_(chunk))).mappings()
-                delivered = _points(hst_rows, "TxFieldPoint_Hst", "FHS_ID", energy=False)
+            for row in self._rows_in(conn, s.FLD_HST, "DHS_ID", dhs_ids):
+                fld_hst.setdefault(int(row["DHS_ID"]), row)
+            planned = _points(self._rows_in(conn, s.TxFieldPoint, "FLD_ID", fld_ids), "TxFieldPoint", "FLD_ID",
+                              energy=True)
+            fhs_ids = sorted(int(r["FHS_ID"]) for r in fld_hst.values())
+            delivered = _points(self._rows_in(conn, s.TxFieldPoint_Hst, "FHS_ID", fhs_ids), "TxFieldPoint_Hst",
+                                "FHS_ID", energy=False)
         return [self._delivery(row, fld_hst.get(int(row["DHS_ID"])), planned, delivered) for row in rows]
 
     def _delivery(self, row: RowMapping, hst: RowMapping | None,
