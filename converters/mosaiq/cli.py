@@ -89,6 +89,8 @@ def run(args: argparse.Namespace, sink: Sink, report: ConversionReport) -> None:
     except SQLAlchemyError as exc:
         report.error("database", url, "unreachable", f"cannot read the MOSAIQ database: {_reason(exc)}")
         return
+    for absent in sorted({p.strip() for p in args.patient} - {p.patient_id for p in patients}):
+        report.skip("patient", f"IDA={absent}", "no-deliveries", "no delivery in the window for this patient ID")
     records: list[dict[str, Any]] = []
     report.extra["Records"] = records
     progress = Progress(len(patients), "mosaiq patients")

@@ -29,6 +29,7 @@ from rtharvest.converters.mosaiq.models import (
     VerifyStatus,
 )
 from rtharvest.converters.mosaiq.reader import BadValue, leaf_positions_mm
+from rtharvest.synth.cli import main as synth_main
 from rtharvest.synth.generator import SynthOptions
 from rtharvest.synth.mosaiq import DATABASE, ExpectedRecord, MosaiqTruth, generate_mosaiq
 
@@ -136,8 +137,11 @@ def test_records_equal_ground_truth_of_deliveries(mosaiq_clinic: tuple[Path, Mos
 
 
 @pytest.mark.parametrize(("patients", "seed"), [(3, 3), (9, 11)])
-def test_other_clinic_shapes(patients: int, seed: int, tmp_path: Path) -> None:
-    truth = generate_mosaiq(tmp_path / "clinic", SynthOptions(patients=patients, seed=seed, ct_slices=2, matrix=8))
+def test_other_clinic_shapes(patients: int, seed: int, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    if patients == 3:  # through the command line, as an operator would
+        assert synth_main(["mosaiq", "--out", str(tmp_path / "clinic"), "--patients", "3", "--seed", "3"]) == 0
+        assert "rtharvest-convert mosaiq --db sqlite:///" in capsys.readouterr().out
+    truth = generate_mosaiq(tmp_path / "clinic", SynthOptions(patients=patients, seed=seed), overwrite=True)
     code, report = _convert(truth.database, tmp_path / "out", date_from=truth.first_day, date_to=truth.last_day)
     assert code == 0 and report["Errors"] == []
     _assert_records_equal(truth, sorted((tmp_path / "out").rglob("*.dcm")))
@@ -172,21 +176,26 @@ def test_window_and_patient_filter(mosaiq_clinic: tuple[Path, MosaiqTruth], tmp_
     midnight = next(t for t in truth.traps if t.kind == "midnight_session")
     record = next(r for r in truth.records if r.patient_id == midnight.patient_id and r.plan_uid in midnight.uids
                   and len(r.beams) >= 3 and r.treatment_date == _midnight_day(root, r))
-    code, report = _convert(root / DATABASE, tmp_path / "one", "--patient", record.patient_id,
+    code, report = _convert(root / DATABASE, tmp_path / "one", "--patient", record.patient_id, "--patient", "NOBODY",
                             date_from=record.treatment_date, date_to=record.treatment_date)
     assert code == 0
+    assert [(i["Key"], i["Reason"]) for i in report["Skipped"] if i["Scope"] == "patient"] == [
+        ("IDA=NOBODY", "no-deliveries")]
     files = list((tmp_path / "one").rglob("*.dcm"))
     # The session that runs past midnight is one record on the day it started, with all its beams.
     assert len(files) == 1
     ds = dcmread(files[0])
     assert ds.TreatmentDate == record.treatment_date and _beams(ds) == _expected_beams(record)
-    # The day after holds its tail, which belongs to the earlier session: no record.
-    next_day = (datetime.strptime(record.treatment_date, "%Y%m%d").date().toordinal() + 1)
-    after = date.fromordinal(next_day).strftime("%Y%m%d")
+    # The day after holds its tail, which belongs to the earlier session: only that day's own sessions.
+    after = date.fromordinal(datetime.strptime(record.treatment_date, "%Y%m%d").date().toordinal() + 1)
+    day_after = after.strftime("%Y%m%d")
     code, report = _convert(root / DATABASE, tmp_path / "after", "--patient", record.patient_id,
-                            date_from=after, date_to=after)
-    dates = {str(dcmread(p).TreatmentDate) for p in (tmp_path / "after").rglob("*.dcm")}
-    assert record.treatment_date not in dates
+                            date_from=day_after, date_to=day_after)
+    assert code == 0
+    expected_after = [r for r in truth.records if r.patient_id == record.patient_id and r.treatment_date == day_after]
+    produced_after = [dcmread(p) for p in (tmp_path / "after").rglob("*.dcm")]
+    assert sorted(len(ds.TreatmentSessionBeamSequence) for ds in produced_after) == sorted(
+        len(r.beams) for r in expected_after)
 
 
 def _midnight_day(root: Path, record: ExpectedRecord) -> str:
