@@ -143,7 +143,7 @@ def plan_records(patient: PatientInfo, deliveries: Sequence[Delivery], sites: di
 
     treatments: list[Delivery] = []
     for d in deliveries:
-        if in_window(d.when.date()):
+        if in_window(d.when.date()) or any(p.reason == "bad-date" for p in d.problems):
             out.errors += d.problems
         if d.field is None:
             continue  # no TxField row: reported above as a problem of the Dose_Hst row

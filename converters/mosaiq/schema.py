@@ -13,7 +13,43 @@ check: they are an assumption kept here, in one place, to adjust against a real 
 
 from __future__ import annotations
 
-from sqlalchemy import Column, DateTime, Float, Integer, LargeBinary, MetaData, SmallInteger, String, Table
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Column, DateTime, Dialect, Float, Integer, LargeBinary, MetaData, SmallInteger, String, Table
+from sqlalchemy.types import TypeDecorator, TypeEngine
+
+
+class LocalDateTime(TypeDecorator[Any]):
+    """MOSAIQ's ``datetime`` columns: local time without zone.
+
+    SQL Server drivers return ``datetime`` objects. SQLite has no date type: a copy or a test database may
+    hold ISO text with a space or a ``T`` separator, with or without fractions; all of them are read
+    here (SQLAlchemy's own SQLite DateTime accepts only its own format). Text that is no date comes back
+    unchanged, for the reader to report with its row. A zone, if any, is dropped: MOSAIQ times are local.
+    """
+
+    impl = DateTime
+    cache_ok = True
+
+    def load_dialect_impl(self, dialect: Dialect) -> TypeEngine[Any]:
+        return dialect.type_descriptor(String(32) if dialect.name == "sqlite" else DateTime())
+
+    def process_bind_param(self, value: Any, dialect: Dialect) -> Any:
+        if dialect.name == "sqlite" and isinstance(value, datetime):
+            return value.isoformat(sep=" ")
+        return value
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> Any:
+        if isinstance(value, str):
+            try:
+                value = datetime.fromisoformat(value.strip())
+            except ValueError:
+                return value
+        if isinstance(value, datetime) and value.tzinfo is not None:
+            value = value.replace(tzinfo=None)
+        return value
+
 
 metadata = MetaData()
 
@@ -24,7 +60,7 @@ Ident = Table(
 Patient = Table(
     "Patient", metadata,
     Column("Pat_ID1", Integer, primary_key=True), Column("Last_Name", String(30)), Column("First_Name", String(30)),
-    Column("MIddle_Name", String(30)), Column("Birth_DtTm", DateTime),
+    Column("MIddle_Name", String(30)), Column("Birth_DtTm", LocalDateTime),
 )
 Site = Table(
     "Site", metadata,
@@ -50,7 +86,7 @@ TxFieldPoint = Table(
 Dose_Hst = Table(
     "Dose_Hst", metadata,
     Column("DHS_ID", Integer, primary_key=True), Column("Pat_ID1", Integer), Column("SIT_ID", Integer),
-    Column("FLD_ID", Integer), Column("Tx_DtTm", DateTime), Column("Fractions_Tx", Integer),
+    Column("FLD_ID", Integer), Column("Tx_DtTm", LocalDateTime), Column("Fractions_Tx", Integer),
     Column("Fx_Number_InEffect", Integer), Column("Dose_Tx_Act", Float), Column("Machine_ID_Staff_ID", Integer),
     Column("Meterset", Float), Column("Termination_Status_Enum", SmallInteger),
     Column("Termination_Verify_Status_Enum", SmallInteger), Column("PartiallyTreated", SmallInteger),

@@ -213,6 +213,9 @@ def test_bad_rows_are_named_and_other_patients_convert(mosaiq_clinic: tuple[Path
     other = next(r for r in truth.records if r.patient_id != victim.patient_id and len(r.beams) >= 2)
     with sqlite3.connect(db) as conn:
         conn.execute("UPDATE Dose_Hst SET Termination_Status_Enum = 'abc' WHERE DHS_ID = ?", (victim.dhs_ids[0],))
+        # A delivery whose time is not a time (here a setup field's): reported whatever the window.
+        undated = truth.skipped["setup-field"][0]
+        conn.execute("UPDATE Dose_Hst SET Tx_DtTm = 'soon' WHERE DHS_ID = ?", (undated,))
         # No delivered meterset anywhere for one delivery: its record is not written with a guess.
         unmetered = next(r for r in truth.records if r.patient_id == victim.patient_id and r is not victim)
         conn.execute("UPDATE Dose_Hst SET Meterset = NULL WHERE DHS_ID = ?", (unmetered.dhs_ids[0],))
@@ -229,6 +232,7 @@ def test_bad_rows_are_named_and_other_patients_convert(mosaiq_clinic: tuple[Path
     details = [f"{e['Scope']} {e['Key']}: {e['Detail']}" for e in report["Errors"]]
     assert f"Dose_Hst DHS_ID={victim.dhs_ids[0]}: Termination_Status_Enum 'abc' is not an integer" in details
     assert f"TxField FLD_ID={typed}: Type_Enum 'zz' is not an integer" in details
+    assert f"Dose_Hst DHS_ID={undated}: Tx_DtTm 'soon' is not a date and time" in details
     assert f"TxFieldPoint_Hst FHS_ID={fhs} Point=1: leaf banks differ in size (1 A leaves, 10 B leaves)" in details
     # A bad TxField row is named once, though every delivery of that field needs it.
     assert sum(d.startswith(f"TxField FLD_ID={typed}:") for d in details) == 1
@@ -264,6 +268,8 @@ def test_absent_columns_read_as_empty_key_columns_required(mosaiq_clinic: tuple[
         conn.execute("ALTER TABLE TxFieldPoint DROP COLUMN Energy")
         conn.execute("ALTER TABLE Dose_Hst DROP COLUMN Fractions_Tx")
         conn.execute("ALTER TABLE Ident DROP COLUMN Version")
+        # Times written by another tool: ISO text with a T separator.
+        conn.execute("UPDATE Dose_Hst SET Tx_DtTm = replace(Tx_DtTm, ' ', 'T')")
     code, report = _convert(db, tmp_path / "out")
     assert code == 0 and report["Errors"] == []
     assert "table TxFieldPoint lacks Energy: read as empty" in report["Warnings"]
