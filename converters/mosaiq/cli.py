@@ -66,6 +66,9 @@ def _report_problems(report: ConversionReport, problems: Iterable[Problem], skip
 
 def run(args: argparse.Namespace, sink: Sink, report: ConversionReport) -> None:
     """Convert every session of the window; hand each record to ``sink``."""
+    if args.salt == DEFAULT_SALT:
+        report.warn(f"--salt not given: UIDs use the default salt {DEFAULT_SALT!r}; give each site its own, "
+                    "and keep it, so that two sites never share a UID and re-runs stay identical")
     if args.date_from > args.date_to:
         report.error("arguments", "--from/--to", "bad-window", "--from is after --to")
         return

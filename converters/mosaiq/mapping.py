@@ -100,20 +100,16 @@ def _sessions(deliveries: Sequence[Delivery]) -> list[Session]:
 
 def _beams(session: Session, deliveries: Sequence[Delivery]) -> tuple[BeamItem, ...]:
     items: list[BeamItem] = []
-    given: dict[int, float] = {}  # meterset delivered so far per field set in this record
     interrupted: set[int] = set()
     for d in deliveries:
         f = d.field
         assert f is not None
         assert d.meterset is not None  # checked by plan_records
-        delivered = d.meterset
         # Rule: a field delivered again after an interrupted delivery (PartiallyTreated, or a termination
-        # other than NORMAL) in the same session completes that fraction: CONTINUATION, same fraction
-        # number, and what remained of the field's meterset as the specified meterset.
+        # other than NORMAL) in the same session resumes that fraction: CONTINUATION, same fraction number.
+        # The specified meterset stays the field's whole meterset (PS3.3 C.8.8.21.2.1: the delivered
+        # metersets of the interrupted and resumed deliveries add up to it).
         continuation = f.fld_set_id in interrupted
-        specified = f.meterset
-        if continuation and specified is not None:
-            specified = max(specified - given.get(f.fld_set_id, 0.0), 0.0)
         items.append(BeamItem(
             delivery=d,
             beam_number=f.beam_number,
@@ -122,10 +118,9 @@ def _beams(session: Session, deliveries: Sequence[Delivery]) -> tuple[BeamItem, 
             # is recorded, otherwise the session's ordinal among the site's sessions.
             fraction=d.fraction_in_effect if d.fraction_in_effect else session.number,
             delivery_type=DeliveryType.CONTINUATION if continuation else DeliveryType.TREATMENT,
-            specified_meterset=specified,
-            delivered_meterset=delivered,
+            specified_meterset=f.meterset,
+            delivered_meterset=d.meterset,
         ))
-        given[f.fld_set_id] = given.get(f.fld_set_id, 0.0) + delivered
         if d.partially_treated or d.termination is not TerminationStatus.NORMAL:
             interrupted.add(f.fld_set_id)
         else:

@@ -255,7 +255,8 @@ class MosaiqReader:
         with self.engine.connect() as conn:
             rows = list(conn.execute(query).mappings())
             wanted = {p.strip() for p in patient_ids}
-            chosen = [r for r in rows if not wanted or _text(r["IDA"]) in wanted]
+            unique = {int(r["Pat_Id1"]): r for r in rows}  # one identity per patient, even if Ident repeats
+            chosen = [r for r in unique.values() if not wanted or _text(r["IDA"]) in wanted]
             ids = [int(r["Pat_Id1"]) for r in chosen]
             details: dict[int, RowMapping] = {}
             for chunk in _chunks(ids):

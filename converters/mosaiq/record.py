@@ -11,7 +11,7 @@ Choices forced by the standard or by known non-conformances of other generators:
 * control points go in ControlPointDeliverySequence (3008,0040), never ControlPointSequence: at least the
   start point and the end point of each delivered field;
 * the record's series is its own (one per patient and plan), never the plan's series;
-* termination and verification statuses are the enumerated values of C.8.8.14 (see :mod:`.models`).
+* termination and verification statuses are the enumerated values of C.8.8.21 (see :mod:`.models`).
 """
 
 from __future__ import annotations

@@ -34,7 +34,7 @@ from rtharvest.synth.generator import SynthOptions
 from rtharvest.synth.mosaiq import DATABASE, ExpectedRecord, MosaiqTruth, generate_mosaiq
 
 #: dicom3tools spells two TreatmentVerificationStatus terms VERIFED / NOT_VERIFED and so rejects the
-#: standard's VERIFIED / NOT_VERIFIED (PS3.3 C.8.8.14.1). Exactly these messages are tolerated.
+#: standard's VERIFIED / NOT_VERIFIED (PS3.3 C.8.8.21). Exactly these messages are tolerated.
 DCIODVFY_MISSPELLING = ("Unrecognized enumerated value <VERIFIED> for value 1 of attribute "
                         "<Treatment Verification Status>",
                         "Unrecognized enumerated value <NOT_VERIFIED> for value 1 of attribute "
@@ -51,7 +51,7 @@ def _convert(db: Path, out: Path, *extra: str, date_from: str = "20100101", date
         int, dict]:
     report = out.with_suffix(".json")
     code = cli.main(["mosaiq", "--db", f"sqlite:///{db}", "--from", date_from, "--to", date_to,
-                     "--out", str(out), "--report", str(report), *extra])
+                     "--out", str(out), "--report", str(report), "--salt", "test-site", *extra])
     return code, json.loads(report.read_text())
 
 
@@ -128,6 +128,18 @@ def test_records_equal_ground_truth_of_deliveries(mosaiq_clinic: tuple[Path, Mos
     assert {"history_version", "qa_mode", "setup_field", "partial_treatment", "machine_change",
             "two_plans_one_site", "padded_plan_uid", "not_imported_field", "midnight_session"} <= kinds
     assert any(b.delivery_type == "CONTINUATION" for r in truth.records for b in r.beams)
+    # Interrupted and resumed deliveries of a beam add up to its specified meterset (PS3.3 C.8.8.21.2.1).
+    resumed = 0
+    for path in files:
+        items = dcmread(path).TreatmentSessionBeamSequence
+        for before, after in zip(items, items[1:], strict=False):
+            if after.TreatmentDeliveryType == "CONTINUATION":
+                resumed += 1
+                assert before.ReferencedBeamNumber == after.ReferencedBeamNumber
+                assert before.SpecifiedPrimaryMeterset == after.SpecifiedPrimaryMeterset
+                total = float(before.DeliveredPrimaryMeterset) + float(after.DeliveredPrimaryMeterset)
+                assert total == pytest.approx(float(after.SpecifiedPrimaryMeterset))
+    assert resumed == 1
     # Left-out deliveries are reported by reason and row, not guessed.
     skipped: dict[str, set[int]] = {}
     for issue in report["Skipped"]:

@@ -36,7 +36,8 @@ def test_converted_mosaiq_clinic_harvests_to_ground_truth(tmp_path: Path) -> Non
         report_path = tmp_path / "report.json"
         code = cli.main(["mosaiq", "--db", f"sqlite:///{tmp_path / 'clinic' / DATABASE}",
                          "--from", truth.first_day, "--to", truth.last_day,
-                         "--send", f"{aux.aet}@{LOCALHOST}:{aux.port}", "--report", str(report_path)])
+                         "--send", f"{aux.aet}@{LOCALHOST}:{aux.port}", "--report", str(report_path),
+                         "--salt", "e2e-site"])
         report = json.loads(report_path.read_text())
         assert code == 0 and report["Sent"] == len(truth.records), report["Errors"]
 
