@@ -307,8 +307,14 @@ def test_missing_required_table_and_unreachable_database(mosaiq_clinic: tuple[Pa
     assert report["Errors"][0]["Reason"] == "missing-table" and "Dose_Hst" in report["Errors"][0]["Detail"]
     code, report = _convert(tmp_path / "no" / "such" / "dir.sqlite", tmp_path / "out2")
     assert code == 1 and report["Errors"][0]["Reason"] == "unreachable"
-    out = capsys.readouterr().out
-    assert "1 missing-table" in out and "1 unreachable" in out
+    captured = capsys.readouterr()
+    assert "1 missing-table" in captured.out and "1 unreachable" in captured.out
+    assert "required table Dose_Hst is absent" in captured.err
+    assert cli.main(["mosaiq", "--db", "nosuchdb://u:secret@host/x", "--from", "20240101", "--to", "20240101",
+                     "--out", str(tmp_path / "out3"), "--salt", "s"]) == 1
+    captured = capsys.readouterr()
+    assert "1 bad-url" in captured.out and "unknown kind of database" in captured.err
+    assert "secret" not in captured.out + captured.err
 
 
 def test_leaf_blob_decoding() -> None:
