@@ -182,6 +182,7 @@ def plan_records(patient: PatientInfo, deliveries: Sequence[Delivery], sites: di
                     out.errors.append(missing)
                     bad.append(missing)
             if bad:
+                out.errors += bad  # also those of a delivery past midnight, outside the window's days
                 out.errors.append(Problem("Dose_Hst", "DHS_ID=" + ",".join(str(d.dhs_id) for d in items),
                                           "record-not-written",
                                           f"record of plan {plan_uid} not written: {len(bad)} bad value(s) in "

@@ -11,6 +11,7 @@ import shutil
 import sqlite3
 import subprocess
 from collections import Counter
+from dataclasses import replace
 from datetime import date, datetime
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from rtharvest.converters.mosaiq.models import (
     FieldType,
     FieldVersion,
     PatientInfo,
+    Problem,
     TerminationStatus,
     VerifyStatus,
 )
@@ -343,3 +345,14 @@ def test_sessions_midnight_and_two_plans_rule() -> None:
     assert out.sessions == 2
     summary = [(r.session.day.isoformat(), r.plan_uid, [b.fraction for b in r.beams]) for r in out.records]
     assert summary == [("2024-03-04", "1.2.3", [1, 1]), ("2024-03-05", "1.2.3", [2]), ("2024-03-05", "9.8.7", [2])]
+
+
+def test_bad_row_past_midnight_is_reported_with_its_session() -> None:
+    patient = PatientInfo(1, "MRN", "A^B", "")
+    late = datetime(2024, 3, 4, 23, 50)
+    tail = replace(_delivery(2, late + SESSION_GAP / 2, fld=11),
+                   problems=(Problem("Dose_Hst", "DHS_ID=2", "unknown-enum", "Termination_Status_Enum 9 ..."),))
+    out = plan_records(patient, [_delivery(1, late), tail], {}, date(2024, 3, 4), date(2024, 3, 4))
+    assert out.records == [] and out.sessions == 1
+    assert [(p.key, p.reason) for p in out.errors] == [("DHS_ID=2", "unknown-enum"),
+                                                       ("DHS_ID=1,2", "record-not-written")]
