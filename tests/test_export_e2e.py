@@ -21,6 +21,7 @@ from typing import Any
 import pydicom
 import pytest
 
+from rtharvest.cli import main as cli_main
 from rtharvest.export.deid import Profile, SiteKey
 from rtharvest.export.verify import compare, expected_rows, manifest_of_copy, phi_values, scan_for_phi
 from rtharvest.launcher import OrthancProcess, free_port
@@ -129,11 +130,18 @@ def archive(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[OrthancP
         a.harvester.start()
         a.export = _wait_export(a.api, started["ID"])
 
-        # Site B: STOW-RS, complete plans only.
+        # Site B: STOW-RS, complete plans only, started and followed with the CLI.
         b = sites["SITEB"]
-        started = b.api.post("/rtharvest/exports", {"Harvest": b.harvest_id, "Destination": "CENTRALWEB",
-                                                    "Plans": "Complete"})
-        b.export = _wait_export(b.api, started["ID"])
+        assert b.harvester.credentials is not None
+        user, password = b.harvester.credentials
+        printed = io.StringIO()
+        code = cli_main(["--url", b.harvester.url, "--user", user, "export", "start", "--harvest", b.harvest_id,
+                         "--destination", "CENTRALWEB", "--plans", "Complete", "--wait", "--interval", "0.3",
+                         "--wait-timeout", "180"], out=printed, env={"RTHARVEST_PASSWORD": password})
+        assert code == 0, printed.getvalue()
+        export_id = printed.getvalue().splitlines()[0]
+        assert "verification passed" in printed.getvalue().splitlines()[-1]
+        b.export = b.api.get(f"/rtharvest/exports/{export_id}")
         yield central, sites
     finally:
         for site in sites.values():

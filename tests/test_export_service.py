@@ -202,3 +202,18 @@ def test_plan_filter_by_patient(site: Site, tmp_path: Path) -> None:
     patients = {pydicom.dcmread(p, stop_before_pixels=True).PatientID
                 for p in (tmp_path / "archive" / answer["ID"]).rglob("*.dcm")}
     assert patients == {service.pseudonym(pid)}
+
+
+def test_cli_builds_the_request_body() -> None:
+    from rtharvest.cli import CliError, build_parser
+    from rtharvest.export.cli import body_of
+
+    args = build_parser().parse_args(["export", "start", "--harvest", "H1", "--destination", "ARCHIVE", "--status",
+                                      "Complete", "--status", "Incomplete", "--dates", "keep", "--retain-institution"])
+    assert body_of(args) == {"Harvest": "H1", "Destination": "ARCHIVE",
+                             "Plans": {"Status": ["Complete", "Incomplete"]},
+                             "Profile": {"Dates": "keep", "RetainInstitutionIdentity": True}}
+    args = build_parser().parse_args(["export", "start", "--harvest", "H1", "--destination", "X", "--plans", "All",
+                                      "--patient", "P1"])
+    with pytest.raises(CliError):
+        body_of(args)
