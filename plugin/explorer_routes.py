@@ -25,6 +25,7 @@ from .httpapi import ApiError, HttpRequest, HttpResponse, Router
 ASSETS: dict[str, str] = {
     "harvests.js": "application/javascript; charset=utf-8",
     "charts.js": "application/javascript; charset=utf-8",
+    "exports.js": "application/javascript; charset=utf-8",
     "harvests.css": "text/css; charset=utf-8",
 }
 PAGE = "harvests.html"

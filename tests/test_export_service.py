@@ -217,3 +217,31 @@ def test_cli_builds_the_request_body() -> None:
                                       "--patient", "P1"])
     with pytest.raises(CliError):
         body_of(args)
+
+
+def test_routes_and_page_section(site: Site, tmp_path: Path) -> None:
+    from rtharvest import explorer_routes
+    from rtharvest.export.routes import register
+    from rtharvest.httpapi import HttpRequest, Router
+
+    service = _service(tmp_path, site)
+    router = Router()
+    register(router, service)
+    explorer_routes.register(router)
+    answer = router.handle(HttpRequest("GET", "/rtharvest/destinations"))
+    assert json.loads(answer.body) == {"Site": "SITEA", "Destinations": [
+        {"Name": "ARCHIVE", "Kind": "folder"}, {"Name": "PACS", "Kind": "dicom"}]}
+    bad = router.handle(HttpRequest("POST", "/rtharvest/exports", body=b'{"Harvest": "H1", "Destination": 3}'))
+    assert bad.status == 400 and json.loads(bad.body)["Error"].startswith("Destination:")
+    missing = router.handle(HttpRequest("GET", "/rtharvest/exports/0123456789abcdef"))
+    assert missing.status == 404 and "Error" in json.loads(missing.body)
+    created = json.loads(router.handle(HttpRequest("POST", "/rtharvest/exports",
+                                                   body=b'{"Harvest": "H1", "Destination": "ARCHIVE"}')).body)
+    listed = json.loads(router.handle(HttpRequest("GET", "/rtharvest/exports")).body)
+    assert [d["ID"] for d in listed] == [created["ID"]] and listed[0]["State"] == "Running"
+    cancelled = json.loads(router.handle(HttpRequest("POST", f"/rtharvest/exports/{created['ID']}/cancel")).body)
+    assert cancelled["State"] == "Cancelled" and not service.run_one()
+    page = router.handle(HttpRequest("GET", "/rtharvest/ui")).body.decode()
+    assert 'src="ui/exports.js"' in page and 'id="exports"' in page
+    script = router.handle(HttpRequest("GET", "/rtharvest/ui/exports.js"))
+    assert script.status == 200 and b"'exports?limit=50'" in script.body and b"innerHTML" not in script.body

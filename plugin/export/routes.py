@@ -32,7 +32,7 @@ def build_export_service(orthanc: Mapping[str, Any], config: HarvesterConfig, ev
 
 def register(router: Router, service: ExportService) -> None:
     """``POST/GET /rtharvest/exports``, ``GET /rtharvest/exports/{id}``, ``POST .../cancel``,
-    ``GET .../failed``."""
+    ``GET .../failed`` and ``GET /rtharvest/destinations`` (names and kinds an export may use)."""
 
     def create(request: HttpRequest) -> HttpResponse:
         return HttpResponse.json(service.create(request.json_object()))
@@ -50,6 +50,12 @@ def register(router: Router, service: ExportService) -> None:
         service.document(request.groups[0])
         return HttpResponse.json(service.failed_items(request.groups[0], request.query_int("limit", 100, 1, 10_000)))
 
+    def destinations(_: HttpRequest) -> HttpResponse:
+        settings = service.settings
+        return HttpResponse.json({"Site": settings.site, "Destinations": [
+            {"Name": name, "Kind": settings.kind_of(name)} for name in settings.destination_names()]})
+
+    router.add("GET", r"/rtharvest/destinations", destinations)
     router.add("POST", r"/rtharvest/exports", create)
     router.add("GET", r"/rtharvest/exports", list_exports)
     router.add("GET", rf"/rtharvest/exports/{_ID}", get_export)
