@@ -103,7 +103,7 @@ _PATIENT_CHARACTERISTICS = frozenset({"PatientSex", "PatientAge", "PatientSize",
                                       "PatientSexNeutered", "SmokingStatus", "PregnancyStatus"})
 _INSTITUTION = frozenset({"InstitutionName", "InstitutionAddress", "InstitutionalDepartmentName",
                           "InstitutionCodeSequence", "InstitutionalDepartmentTypeCodeSequence"})
-_SITE_RE = re.compile(r"^[A-Za-z0-9_-]{1,16}$")
+SITE_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,16}$")
 _TEXT_RE = re.compile(r"^[ -~]{1,64}$")
 
 
@@ -209,7 +209,7 @@ class SiteKey:
     secret: bytes = field(repr=False)
 
     def __post_init__(self) -> None:
-        if not _SITE_RE.match(self.site):
+        if not SITE_PATTERN.match(self.site):
             raise ProfileError("Site", f"must be 1-16 letters, digits, '-' or '_', got {self.site[:30]!r}")
         if len(self.secret) < 16:
             raise ProfileError("Secret", "must be at least 16 bytes")
