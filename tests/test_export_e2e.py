@@ -167,6 +167,7 @@ def _check_site(site: SiteRun, received: list[pydicom.Dataset]) -> None:
     assert doc["State"] == "Completed", doc
     assert doc["Verification"]["Passed"], doc["Verification"]
     assert doc["Verification"]["PhiHitCount"] == 0 and doc["Verification"]["PhiValuesChecked"] > 0
+    assert doc["Verification"]["Unexpected"] == 0 and doc["Verification"]["ManifestDifferences"] == []
     progress = doc["Progress"]
     assert progress["InstancesSent"] == progress["InstancesTotal"] == progress["InstancesVerified"] > 0
     # The archive holds exactly what was sent: no duplicate, nothing missing.

@@ -33,7 +33,7 @@ class Site:
     """A "harvest" that kept the whole clinic."""
 
     def __init__(self, root: Path) -> None:
-        self.truth = generate(root, SynthOptions(patients=5, seed=11))
+        self.truth = generate(root, SynthOptions(patients=3, seed=11))
         self.files = {uid: root / info.path for uid, info in self.truth.objects.items()}
         self.refs = {uid: extract_from_bytes(p.read_bytes()) for uid, p in self.files.items()}
         self.manifest = manifest_of_copy(self.refs.values(), "H1")
@@ -45,9 +45,10 @@ class Site:
         self.reads += 1
         return self.files[orthanc_id].read_bytes()
 
-    def check(self, harvest_id: str) -> None:
-        if harvest_id != "H1":
+    def check(self, harvest_id: str) -> str:
+        if harvest_id not in ("H1", "RUNNING"):
             raise ApiError(404, f"unknown harvest {harvest_id!r}")
+        return "Completed" if harvest_id == "H1" else "Running"
 
 
 @pytest.fixture(scope="module")
@@ -173,6 +174,7 @@ def test_same_input_same_output_across_exports(site: Site, tmp_path: Path) -> No
 @pytest.mark.parametrize("body, field, status", [
     ({"Destination": "ARCHIVE"}, "Harvest", 400),
     ({"Harvest": "nope", "Destination": "ARCHIVE"}, "Harvest", 404),
+    ({"Harvest": "RUNNING", "Destination": "ARCHIVE"}, "Harvest", 409),
     ({"Harvest": "H1"}, "Destination", 400),
     ({"Harvest": "H1", "Destination": "MOON"}, "Destination", 400),
     ({"Harvest": "H1", "Destination": "ARCHIVE", "Plans": "Some"}, "Plans", 400),

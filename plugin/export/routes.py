@@ -27,7 +27,8 @@ def build_export_service(orthanc: Mapping[str, Any], config: HarvesterConfig, ev
     policy = RetryPolicy(max_attempts=config.max_attempts, base_delay=config.backoff_base,
                          max_delay=max(config.backoff_max, config.backoff_base))
     return ExportService(settings, events, manifest.build, lambda h: tracker.objects(h, Decision.KEPT),
-                         harvests.get, policy=policy, lease_seconds=config.lease_seconds)
+                         lambda h: harvests.visible_state(harvests.get(h)), policy=policy,
+                         lease_seconds=config.lease_seconds)
 
 
 def register(router: Router, service: ExportService) -> None:
