@@ -475,7 +475,7 @@ class ExportService:
             except Exception as exc:
                 errors[sop_uid] = f"stored copy unreadable: {type(exc).__name__}"
                 continue
-            out = deidentify(ds, key, profile, self.pseudonym(str(ds.get("PatientID", ""))))
+            out = deidentify(ds, key, profile, self.pseudonym(str(ds.get("PatientID", ""))), in_place=True)
             new_of[sop_uid] = (str(out.SOPInstanceUID), str(out.get("StudyInstanceUID", "")),
                                str(out.get("SeriesInstanceUID", "")))
             outgoing.append(out)
