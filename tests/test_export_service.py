@@ -256,3 +256,37 @@ def test_routes_and_page_section(site: Site, tmp_path: Path) -> None:
     assert 'src="ui/exports.js"' in page and 'id="exports"' in page
     script = router.handle(HttpRequest("GET", "/rtharvest/ui/exports.js"))
     assert script.status == 200 and b"'exports?limit=50'" in script.body and b"innerHTML" not in script.body
+
+
+class Picky(Folder):
+    """A folder that refuses one object the first time it sees it (a destination rejecting an instance)."""
+
+    def __init__(self, name: str, root: Path) -> None:
+        super().__init__(name, root)
+        self.refused: str | None = None
+        self.sent: list[str] = []
+
+    def send(self, datasets: Sequence[Dataset]) -> dict[str, str]:
+        uids = [str(ds.SOPInstanceUID) for ds in datasets]
+        if self.refused is None:
+            self.refused = uids[-1]
+            self.sent += uids[:-1]
+            return {**super().send(datasets[:-1]), self.refused: "C-STORE status 0xA700"}
+        self.sent += uids
+        return super().send(datasets)
+
+
+def test_a_refused_instance_is_retried_alone(site: Site, tmp_path: Path) -> None:
+    service = _service(tmp_path, site, batch=10)
+    picky = Picky("ARCHIVE", tmp_path / "archive")
+    service.destination_of = lambda name, export_id: picky
+    answer = service.create({"Harvest": "H1", "Destination": "ARCHIVE", "Plans": {"PatientIDs": [_busiest(site)]}})
+    assert service.run_one()  # the whole selection goes once; one instance is refused
+    doc = service.document(answer["ID"])
+    assert doc["State"] == "Running" and doc["Progress"]["InstancesFailed"] == 1
+    assert service.failed_items(answer["ID"]) == [{"SOPInstanceUID": picky.refused, "Error": "C-STORE status 0xA700"}]
+    _drain(service)
+    doc = service.document(answer["ID"])
+    assert doc["State"] == "Completed" and doc["Progress"]["InstancesFailed"] == 0
+    assert len(picky.sent) == len(set(picky.sent)) == doc["Progress"]["InstancesTotal"]  # the refused one alone again
+    assert doc["Progress"]["InstancesResent"] == 1
