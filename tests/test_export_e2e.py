@@ -226,3 +226,7 @@ def test_two_sites_one_archive_separable_without_collisions(archive: tuple[Ortha
     assert not originals & (pa | pb)
     api = RestClient(central.url, None)
     assert len(api.get("/patients")) == len(pa) + len(pb)
+    for site in sites.values():
+        status = site.api.get("/rtharvest/status")
+        assert status["ExportWorkerAlive"] is True
+        assert site.api.get("/rtharvest/destinations")["Site"] == site.name
