@@ -28,7 +28,9 @@ from .report import ConversionReport
 from .sink import DestinationRefused, FolderSink, Peer, Sink, StoreSink
 
 #: Subcommand -> module implementing it. A converter registers itself here.
-CONVERTERS: dict[str, str] = {}
+CONVERTERS: dict[str, str] = {
+    "pinnacle": "rtharvest.converters.pinnacle.cli",
+}
 
 
 def _peer(text: str) -> Peer:
