@@ -99,6 +99,10 @@ class BeamTruth:
     bank_b: list[list[float]]
     peak: Point
     peak_gy: float  # per fraction at the hot spot
+    beam_type: str = "STATIC"
+    #: Per DICOM control point: the Pinnacle control point it comes from and its cumulative meterset weight.
+    cp_source: list[int] = field(default_factory=list)
+    cumulative: list[float] = field(default_factory=list)
 
 
 @dataclass
@@ -470,19 +474,28 @@ def write_patient(root: Path, case: PinnacleCase) -> PatientTruth:
             fluence = xdr
             binaries[fluence] = b"\x00" * 16
             xdr += 1
-            for b_no in range(2):
+            # The Boost trial adds a clockwise dynamic arc (three control points, weights 0.5/0.5/0).
+            for b_no in range(3 if plan_no == 1 else 2):
                 number = b_no + 1
+                arc = b_no == 2
                 mu = round(110.0 + 17.5 * b_no + 3.0 * t_no + 5.0 * plan_no, 1)
                 of, ttf, rx = 1.02, 0.98, 200.0
                 normalized = rx / (mu * of * ttf)
                 peak = (20.0 + 10 * b_no, -10.0 - 5 * t_no, zs[5] + 5.0 * b_no)
                 peak_gy = 1.0 + 0.25 * b_no + 0.1 * t_no
                 gantries = [0.0 + 90 * b_no + 10 * t_no, 0.0 + 90 * b_no + 10 * t_no]
+                weights = [0.5, 0.5]
+                if arc:
+                    gantries, weights = [180.0, 270.0, 0.0], [0.5, 0.5, 0.0]
                 cps_text = []
                 bt = BeamTruth(
                     f"B{number} {trial_name}", number, truth.pois["Iso_RX"], [], mu, [], [], [], peak, peak_gy
                 )
-                for seg in range(2):
+                if arc:
+                    bt.beam_type, bt.cp_source, bt.cumulative = "DYNAMIC", [0, 1, 2], [0.0, 0.5, 1.0]
+                else:
+                    bt.cp_source, bt.cumulative = [0, 0, 1, 1], [0.0, 0.5, 0.5, 1.0]
+                for seg in range(len(gantries)):
                     leaves = _mlc(seg, b_no)
                     jaws = (5.0 + seg, 6.0, 4.5, 5.5 - 0.5 * seg)
                     bt.gantry.append(gantries[seg])
@@ -499,7 +512,7 @@ def write_patient(root: Path, case: PinnacleCase) -> PatientTruth:
                         f"              RightJawPosition = {_fmt(jaws[1])};",
                         f"              TopJawPosition = {_fmt(jaws[2])};",
                         f"              BottomJawPosition = {_fmt(jaws[3])};",
-                        "              Weight = 0.5;",
+                        f"              Weight = {_fmt(weights[seg])};",
                         "              MLCLeafPositions ={ RawData ={ NumberOfDimensions = 2;",
                         f"                NumberOfPoints = {len(leaves)};",
                         "                Points[] ={",
@@ -536,7 +549,7 @@ def write_patient(root: Path, case: PinnacleCase) -> PatientTruth:
                     '      MachineNameAndVersion = "SynthLinac: 2";',
                     '      MachineEnergyName = "6X";',
                     '      Modality = "Photons";',
-                    '      SetBeamType = "Step & Shoot MLC";',
+                    f'      SetBeamType = "{"Dynamic Arc" if arc else "Step & Shoot MLC"}";',
                     "      SSD = 92.5;",
                     f"      DoseVolume = \\XDR:{dose_index}\\;",
                     "      MonitorUnitInfo ={",

@@ -56,10 +56,10 @@ def test_multi_patient_tar_and_a_folder_of_tars_in_one_command(institution: Path
     ids = _patient_ids(tmp_path / "out")
     # Patient 1 arrives twice with the same UIDs: the same files, written once.
     assert set(ids) == {"PIN001HFSNEW", "PIN002FFPOLD", "PIN003HFPNEW"}
-    per_patient = 12 + 2 + 3 + 3 * 3  # CT slices, RTSTRUCTs, RTPLANs, RTDOSEs (2 beams + sum per trial)
+    per_patient = 12 + 2 + 3 + 3 + 3 + 4  # CT slices, RTSTRUCTs, RTPLANs, RTDOSEs (beams + sum per trial)
     assert ids["PIN001HFSNEW"] == ids["PIN002FFPOLD"] == per_patient
     assert ids["PIN003HFPNEW"] == per_patient  # the 12 original slices
-    assert report["Written"] == {"CT": 48, "RTDOSE": 36, "RTPLAN": 12, "RTSTRUCT": 8}
+    assert report["Written"] == {"CT": 48, "RTDOSE": 40, "RTPLAN": 12, "RTSTRUCT": 8}
 
 
 def test_institution_and_patient_folders(institution: Path, tmp_path: Path) -> None:

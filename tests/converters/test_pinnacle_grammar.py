@@ -19,6 +19,8 @@ Trial ={
   Empty = ;
   Bare = red;
   Tool = Pinnacle^3;
+  Version = 9.0m;
+  Words = Launch Pad 9.10;
   BeamList ={
     Beam ={ Name = "1"; DoseVolume = \\XDR:3\\; };
     Beam ={ Name = "2"; DoseVolume = \\XDR:7\\; };
@@ -48,6 +50,7 @@ def test_every_form_of_the_grammar(tmp_path: Path) -> None:
     assert first.path("DoseGrid", "Dimension", "X") == 12
     assert first.get("Empty") is None and "Empty" in [k for k, _ in first.entries]
     assert first.text("Bare") == "red" and first.text("Tool") == "Pinnacle^3"
+    assert first.get("Version") == "9.0m" and first.get("Words") == "Launch Pad 9.10"
     beams = first.obj("BeamList")
     assert isinstance(beams, Obj)
     assert [b.get("DoseVolume") for b in beams.objs("Beam")] == [XdrRef(3), XdrRef(7)]

@@ -37,8 +37,16 @@ def test_converted_pinnacle_plan_is_harvested_as_a_complete_chain(tmp_path: Path
     harvester = None
     try:
         # 1. Convert straight into the auxiliary PACS, and once more into a folder to know what was sent.
-        code = cli.main(["pinnacle", str(patient_dir), "--send", f"PINAUX@{LOCALHOST}:{aux.port}",
-                         "--report", str(tmp_path / "sent.json")])
+        code = cli.main(
+            [
+                "pinnacle",
+                str(patient_dir),
+                "--send",
+                f"PINAUX@{LOCALHOST}:{aux.port}",
+                "--report",
+                str(tmp_path / "sent.json"),
+            ]
+        )
         sent = json.loads((tmp_path / "sent.json").read_text())
         assert code == 0 and sent["Sent"] == sum(sent["Written"].values()) > 0, sent
         assert cli.main(["pinnacle", str(patient_dir), "--out", str(tmp_path / "copy")]) == 0
@@ -49,22 +57,38 @@ def test_converted_pinnacle_plan_is_harvested_as_a_complete_chain(tmp_path: Path
         plans = {str(ds.RTPlanLabel): ds for ds in converted.values() if ds.Modality == "RTPLAN"}
         treated = plans["Trial_1"]
         structure_uid = str(treated.ReferencedStructureSetSequence[0].ReferencedSOPInstanceUID)
-        doses = {uid for uid, ds in converted.items() if ds.Modality == "RTDOSE"
-                 and str(ds.ReferencedRTPlanSequence[0].ReferencedSOPInstanceUID) == str(treated.SOPInstanceUID)}
+        doses = {
+            uid
+            for uid, ds in converted.items()
+            if ds.Modality == "RTDOSE"
+            and str(ds.ReferencedRTPlanSequence[0].ReferencedSOPInstanceUID) == str(treated.SOPInstanceUID)
+        }
         assert len(doses) == 3
 
         # 2. A treatment record of one fraction of that plan, stored next to it.
-        beams = tuple(iods.Beam(int(b.BeamNumber), str(b.BeamName), float(b.ControlPointSequence[0].GantryAngle),
-                                100.0) for b in treated.BeamSequence)
+        beams = tuple(
+            iods.Beam(int(b.BeamNumber), str(b.BeamName), float(b.ControlPointSequence[0].GantryAngle), 100.0)
+            for b in treated.BeamSequence
+        )
         spec = iods.PlanSpec(label="Trial_1", intent="CURATIVE", fractions=25, beams=beams, machine="SynthLinac")
-        patient = iods.Patient(case.mrn, str(treated.PatientName), str(treated.PatientBirthDate),
-                               str(treated.PatientSex))
+        patient = iods.Patient(
+            case.mrn, str(treated.PatientName), str(treated.PatientBirthDate), str(treated.PatientSex)
+        )
         study = iods.Study(iods.make_uid("pin-e2e", "study"), "20200110", "080000", "Treatment", "9", "")
         series = iods.Series(iods.make_uid("pin-e2e", "series"), 90, "RTRECORD", "Records", "20200110", "080000")
         record_uid = iods.make_uid("pin-e2e", "record")
-        record = iods.treatment_record(record_uid, patient, study, series, plan_uid=str(treated.SOPInstanceUID),
-                                       plan_class=SopClass.RT_PLAN.value, spec=spec, fraction=1,
-                                       date="20200110", time="080000")
+        record = iods.treatment_record(
+            record_uid,
+            patient,
+            study,
+            series,
+            plan_uid=str(treated.SOPInstanceUID),
+            plan_class=SopClass.RT_PLAN.value,
+            spec=spec,
+            fraction=1,
+            date="20200110",
+            time="080000",
+        )
         record_path = tmp_path / "record.dcm"
         record_path.write_bytes(iods.encode(record))
         assert store_to_scp([record_path], LOCALHOST, aux.port, aux.aet) == 1
@@ -72,8 +96,9 @@ def test_converted_pinnacle_plan_is_harvested_as_a_complete_chain(tmp_path: Path
         # 3. Harvest the patient from the auxiliary PACS.
         harvester = start_harvester(tmp_path / "harvester", harvest_port, {"ORTHANC_SRC": aux})
         api = RestClient(harvester.url, harvester.credentials)
-        answer = api.post("/rtharvest/harvests", {"Source": "ORTHANC_SRC", "PatientIDs": [case.mrn],
-                                                  "Label": "pinnacle e2e"})
+        answer = api.post(
+            "/rtharvest/harvests", {"Source": "ORTHANC_SRC", "PatientIDs": [case.mrn], "Label": "pinnacle e2e"}
+        )
         doc = wait_completed(api, str(answer["ID"]))
         stored = set(stored_sop_uids(api))
         expected = {record_uid, str(treated.SOPInstanceUID), structure_uid, *truth.slice_uids, *doses}
