@@ -158,3 +158,16 @@ def test_a_broken_patient_is_reported_with_its_position_and_the_batch_goes_on(
     (error,) = [e for e in report["Errors"] if e["Reason"] == "syntax-error"]
     assert error["Key"].endswith("Patient_2") and "plan.Trial:5:" in error["Detail"]
     assert set(_patient_ids(tmp_path / "out")) == {"PIN001HFSNEW"}
+
+
+def test_synth_cli_writes_patients_truth_and_tar(tmp_path: Path) -> None:
+    from rtharvest.synth import cli as synth_cli
+
+    assert synth_cli.main(["pinnacle", "--out", str(tmp_path / "src"), "--tar", str(tmp_path / "all.tgz")]) == 0
+    truth = json.loads((tmp_path / "src" / "pinnacle_truth.json").read_text())
+    assert {(t["orientation"], t["pre9"]) for t in truth} == {
+        (o, p) for o in ("HFS", "HFP", "FFS", "FFP") for p in (True, False)
+    }
+    with tarfile.open(tmp_path / "all.tgz") as tar:
+        patients = {m.name for m in tar.getmembers() if m.name.endswith("/Patient")}
+    assert len(patients) == len(truth) == 8

@@ -306,3 +306,25 @@ def test_a_beam_without_its_dose_binary_is_reported(converted: dict[str, Convert
     assert [e.reason for e in report.errors] == ["missing-dose"]
     assert victim.name in report.errors[0].detail
     assert report.written["RTDOSE"] == 2 * 3 + 2  # Boost's other beams; no plan sum from part of the beams
+
+
+def test_orientation_from_patient_setup_and_unknown_version(converted: dict[str, Converted], tmp_path: Path) -> None:
+    """Without header patient_position the PatientSetup decides; without any version 9.0+ is assumed (warned)."""
+    c = next(c for c in converted.values() if c.truth.orientation == "HFP" and not c.truth.pre9)
+    copy = tmp_path / c.truth.folder
+    shutil.copytree(c.folder, copy)
+    header = copy / "ImageSet_0.header"
+    header.write_text("".join(line for line in header.read_text().splitlines(True) if "patient_position" not in line))
+    for info in copy.glob("Plan_*/plan.PlanInfo"):
+        info.unlink()
+    patient = copy / "Patient"
+    patient.write_bytes(patient.read_bytes().replace(b"WriteVersion", b"Written"))
+    for roi in copy.glob("Plan_*/plan.roi"):
+        roi.write_bytes(roi.read_bytes().replace(b"Pinnacle Versions", b"Versions"))
+    report = ConversionReport("pinnacle")
+    convert_patient(copy, FolderSink(tmp_path / "out"), report, Options(), c.truth.folder)
+    assert any("no Pinnacle version found" in w for w in report.warnings)
+    structure = next(dcmread(p) for p in (tmp_path / "out").rglob("*.dcm") if dcmread(p).Modality == "RTSTRUCT")
+    names = {int(r.ROINumber): str(r.ROIName) for r in structure.StructureSetROISequence}
+    ptv = next(i for i in structure.ROIContourSequence if names[int(i.ReferencedROINumber)] == "PTV")
+    assert _close(np.asarray(ptv.ContourSequence[0].ContourData, float).reshape(-1, 3), c.truth.contours["PTV"][0])
