@@ -99,6 +99,10 @@ class PatientConverter:
         self.options = options
         self.key = key
 
+    def _relative(self, message: str) -> str:
+        """``message`` with the patient folder's parents left out (paths inside the archive remain)."""
+        return message.replace(str(self.patient.folder.parent) + "/", "")
+
     def uid(self, kind: str, *keys: object) -> str:
         """A derived UID of this patient."""
         return str(derived_uid(self.options.salt, kind, self.patient.mrn, self.patient.internal_id, *keys))
@@ -155,6 +159,8 @@ class PatientConverter:
     def run(self) -> None:
         """Convert every selected trial of every plan."""
         patient = self.patient
+        for problem in patient.problems:
+            self.report.error("plan", self.key, problem.reason, self._relative(str(problem)))
         refs_by_set: dict[int, ImageRefs] = {}
         for plan in patient.plans:
             selected = [t for t in plan.trials if self.options.wants(plan, t)]

@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 
+from .errors import PinnacleError
+
 Point = tuple[float, float, float]
 
 
@@ -271,8 +273,12 @@ class Patient:
     image_sets: dict[int, ImageSet]
     plans: list[Plan]
     version: Version = field(default_factory=lambda: Version(0, 0, known=False))
+    #: Image sets and plans that could not be read (each names its file); the others still convert.
+    problems: list[PinnacleError] = field(default_factory=list)
 
     @property
     def dicom_name(self) -> str:
         """PatientName as DICOM PN (``Last^First^Middle``)."""
-        return "^".join([self.last_name, self.first_name, self.middle_name]).rstrip("^")
+        parts = ["".join(c for c in part if c not in "\\^=" and ord(c) >= 32).strip()[:64]
+                 for part in (self.last_name, self.first_name, self.middle_name)]
+        return "^".join(parts).rstrip("^")

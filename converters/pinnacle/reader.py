@@ -17,7 +17,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from .errors import PinnacleFormatError
+from .errors import PinnacleError, PinnacleFormatError
 from .freeformat import parse_free_file
 from .grammar import Obj, Value, XdrRef, decode, parse_file
 from .models import (
@@ -393,14 +393,23 @@ def read_patient(folder: Path) -> Patient:
     if isinstance(written, str) and (found := parse_version(written)):
         version = found
     image_sets = {}
+    problems: list[PinnacleError] = []
+    # An unreadable image set or plan is recorded and the rest of the patient still converts.
     for holder in root.objs("ImageSetList"):
         for entry in holder.objs("ImageSet") or holder.children():
-            image_set = read_image_set(folder, entry)
+            try:
+                image_set = read_image_set(folder, entry)
+            except PinnacleError as exc:
+                problems.append(exc)
+                continue
             image_sets[image_set.number] = image_set
     plans = []
     for holder in root.objs("PlanList"):
         for entry in holder.objs("Plan") or holder.children():
-            plans.append(read_plan(folder, entry, version))
+            try:
+                plans.append(read_plan(folder, entry, version))
+            except PinnacleError as exc:
+                problems.append(exc)
     mrn = root.text("MedicalRecordNumber")
     if not mrn:
         raise PinnacleFormatError(f"{folder / 'Patient'}: MedicalRecordNumber is missing (it is the DICOM PatientID)")
@@ -415,5 +424,6 @@ def read_patient(folder: Path) -> Patient:
         sex=_SEX.get(root.text("Gender").lower(), ""),
         image_sets=image_sets,
         plans=plans,
+        problems=problems,
         version=version,
     )

@@ -129,35 +129,32 @@ def test_malicious_tar_cannot_write_outside_and_the_good_patient_converts(instit
     assert list(work.iterdir()) == []  # the extraction folder is removed
 
 
-def test_a_broken_patient_is_reported_with_its_position_and_the_batch_goes_on(
+def test_broken_plans_and_patients_are_reported_with_their_position_and_the_batch_goes_on(
     institution: Path, tmp_path: Path
 ) -> None:
     batch = tmp_path / "Institution_9" / "Mount_0"
-    shutil.copytree(institution / _members(1), batch / "Patient_1")
-    shutil.copytree(institution / _members(2), batch / "Patient_2")
+    for n in (1, 2, 3):
+        shutil.copytree(institution / _members(n), batch / f"Patient_{n}")
     trial = batch / "Patient_2" / "Plan_1" / "plan.Trial"
     lines = trial.read_bytes().split(b"\n")
-    lines[3] = lines[3].replace(b";", b"", 1)  # a missing ';' on line 4
+    lines[3] = lines[3].replace(b";", b"", 1)  # a missing ';' on line 4: Plan_1 fails, Plan_0 converts
     trial.write_bytes(b"\n".join(lines))
+    patient = batch / "Patient_3" / "Patient"
+    patient.write_bytes(patient.read_bytes().replace(b"MedicalRecordNumber", b"Unrelated"))
     (tmp_path / "broken.tar.gz").write_bytes(b"this is not a tar")
-    code = cli.main(
-        [
-            "pinnacle",
-            str(tmp_path / "Institution_9"),
-            str(tmp_path / "broken.tar.gz"),
-            str(tmp_path / "nowhere"),
-            "--out",
-            str(tmp_path / "out"),
-            "--report",
-            str(tmp_path / "r.json"),
-        ]
-    )
+    code = cli.main(["pinnacle", str(tmp_path / "Institution_9"), str(tmp_path / "broken.tar.gz"),
+                     str(tmp_path / "nowhere"), "--out", str(tmp_path / "out"), "--report", str(tmp_path / "r.json")])
     report = json.loads((tmp_path / "r.json").read_text())
     assert code == 0
-    assert report["ErrorsByReason"] == {"bad-archive": 1, "not-found": 1, "syntax-error": 1}
+    assert report["ErrorsByReason"] == {"bad-archive": 1, "bad-pinnacle-data": 1, "not-found": 1, "syntax-error": 1}
     (error,) = [e for e in report["Errors"] if e["Reason"] == "syntax-error"]
-    assert error["Key"].endswith("Patient_2") and "plan.Trial:5:" in error["Detail"]
-    assert set(_patient_ids(tmp_path / "out")) == {"PIN001HFSNEW"}
+    assert error["Scope"] == "plan" and error["Key"].endswith("Patient_2")
+    assert "Patient_2/Plan_1/plan.Trial:5:" in error["Detail"]
+    (error,) = [e for e in report["Errors"] if e["Reason"] == "bad-pinnacle-data"]
+    assert error["Scope"] == "patient" and "MedicalRecordNumber" in error["Detail"]
+    ids = _patient_ids(tmp_path / "out")
+    assert set(ids) == {"PIN001HFSNEW", "PIN002FFPOLD"}
+    assert ids["PIN002FFPOLD"] == 12 + 1 + 2 + 3 + 3  # CT, Plan_0's structure set, two plans, their doses
 
 
 def test_synth_cli_writes_patients_truth_and_tar(tmp_path: Path) -> None:

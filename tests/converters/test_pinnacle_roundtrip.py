@@ -328,3 +328,12 @@ def test_orientation_from_patient_setup_and_unknown_version(converted: dict[str,
     names = {int(r.ROINumber): str(r.ROIName) for r in structure.StructureSetROISequence}
     ptv = next(i for i in structure.ROIContourSequence if names[int(i.ReferencedROINumber)] == "PTV")
     assert _close(np.asarray(ptv.ContourSequence[0].ContourData, float).reshape(-1, 3), c.truth.contours["PTV"][0])
+
+
+def test_pinnacle_text_becomes_valid_dicom_text() -> None:
+    from rtharvest.converters.pinnacle.models import Patient
+    from rtharvest.converters.pinnacle.writers import text
+
+    assert text("Plan\\A\tlong name", 9) == "Plan A lo"
+    patient = Patient(Path("."), "1", "1", "M\u00fcller^Jr", "A\\nna", "", "", "", {}, [])
+    assert patient.dicom_name == "M\u00fcllerJr^Anna"
