@@ -189,11 +189,16 @@ class PatientConverter:
             self.report.warn(f"{self.key}/Plan_{plan.number}: {message}")
         self.sink.write(result.dataset)
         self.report.wrote("RTSTRUCT")
+        names = [t.name for t in plan.trials]
         for trial in trials:
-            self._trial(ctx, plan, trial, frame, structures_uid)
+            # Pinnacle keeps trial names unique within a plan; should a file repeat one, its position tells
+            # the trials apart (names alone keep UIDs stable when another trial is deleted).
+            index = next(i for i, t in enumerate(plan.trials) if t is trial)
+            key = trial.name if names.count(trial.name) == 1 else f"{trial.name}#{index}"
+            self._trial(ctx, plan, trial, frame, structures_uid, key)
 
-    def _trial(self, ctx: Context, plan: Plan, trial: Trial, frame: Frame, structures_uid: str) -> None:
-        keys = (plan.number, trial.name)
+    def _trial(self, ctx: Context, plan: Plan, trial: Trial, frame: Frame, structures_uid: str, key: str) -> None:
+        keys = (plan.number, key)
         plan_uid = self.uid("rtplan", *keys)
         refs = [self.uid("dose-reference", *keys, n) for n in range(1, len(trial.prescriptions) + 1)]
         self.sink.write(

@@ -252,13 +252,13 @@ def read_trial(item: Obj, source: str) -> Trial:
     prescriptions = []
     for holder in item.objs("PrescriptionList"):
         for rx in holder.objs("Prescription") or holder.children():
-            prescriptions.append(
-                Prescription(
-                    name=rx.text("Name"),
-                    dose_per_fraction=rx.num("PrescriptionDose", 0.0) or 0.0,
-                    fractions=int(rx.num("NumberOfFractions", 1) or 1),
-                )
-            )
+            fractions = max(int(rx.num("NumberOfFractions", 1) or 1), 1)
+            dose = rx.num("PrescriptionDose", 0.0) or 0.0
+            # PrescriptionPeriod says whether the dose is per fraction (the default) or for the course.
+            period = rx.text("PrescriptionPeriod").lower()
+            if any(word in period for word in ("overall", "total", "course")):
+                dose /= fractions
+            prescriptions.append(Prescription(name=rx.text("Name"), dose_per_fraction=dose, fractions=fractions))
     beams = []
     for holder in item.objs("BeamList"):
         for i, beam in enumerate(holder.objs("Beam") or holder.children()):
@@ -375,7 +375,7 @@ _SEX = {"male": "M", "female": "F", "m": "M", "f": "F", "other": "O", "o": "O"}
 
 
 def _birth_date(text: str) -> str:
-    digits = re.findall(r"\d+", text)
+    digits = re.findall(r"\d+", text)[:3]  # a time may follow the date
     if len(digits) == 3:
         if len(digits[0]) == 4:
             year, month, day = digits

@@ -337,3 +337,20 @@ def test_pinnacle_text_becomes_valid_dicom_text() -> None:
     assert text("Plan\\A\tlong name", 9) == "Plan A lo"
     patient = Patient(Path("."), "1", "1", "M\u00fcller^Jr", "A\\nna", "", "", "", {}, [])
     assert patient.dicom_name == "M\u00fcllerJr^Anna"
+
+
+def test_course_prescription_and_repeated_trial_names(converted: dict[str, Converted], tmp_path: Path) -> None:
+    c = next(iter(converted.values()))
+    copy = tmp_path / c.truth.folder
+    shutil.copytree(c.folder, copy)
+    trial_file = copy / "Plan_0" / "plan.Trial"
+    text = trial_file.read_bytes().replace(b'Name = "Trial 2"', b'Name = "Trial_1"')
+    text = text.replace(b"PrescriptionDose = 200;", b'PrescriptionDose = 5000;\n PrescriptionPeriod = "Overall";')
+    trial_file.write_bytes(text)
+    convert_patient(copy, FolderSink(tmp_path / "out"), ConversionReport("pinnacle"), Options(), c.truth.folder)
+    plans = [dcmread(p) for p in (tmp_path / "out").rglob("*.dcm") if dcmread(p).Modality == "RTPLAN"]
+    assert len({str(p.SOPInstanceUID) for p in plans}) == 3
+    assert sorted(str(p.RTPlanLabel) for p in plans) == ["Boost", "Trial_1", "Trial_1"]
+    for plan in plans:
+        if plan.RTPlanLabel == "Trial_1":  # 5000 cGy over 25 fractions = 200 cGy per fraction, 50 Gy in all
+            assert float(plan.DoseReferenceSequence[0].TargetPrescriptionDose) == pytest.approx(50.0)
