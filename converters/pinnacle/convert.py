@@ -18,7 +18,7 @@ from pydicom.errors import InvalidDicomError
 from ..report import ConversionReport
 from ..sink import Sink
 from ..uids import derived_uid
-from .coords import Frame, slice_z
+from .coords import Frame, frame_mismatch, slice_z
 from .errors import PinnacleFormatError
 from .models import ImageSet, Orientation, Patient, Plan, Trial
 from .reader import read_patient
@@ -65,8 +65,20 @@ def _orientation(image_set: ImageSet, plan: Plan | None) -> Orientation:
     return Orientation.HFS
 
 
-def _original_slices(image_set: ImageSet) -> list[tuple[Path, SliceRef, str, str, str]]:
-    """Every Part-10 file in ``ImageSet_N.DICOM``: (path, slice, study, series, FoR)."""
+@dataclass(frozen=True)
+class Original:
+    """One original CT slice kept in ``ImageSet_N.DICOM``."""
+
+    path: Path
+    ref: SliceRef
+    study: str
+    series: str
+    for_uid: str
+    position: tuple[float, float, float] | None
+
+
+def _original_slices(image_set: ImageSet) -> list[Original]:
+    """Every Part-10 file in ``ImageSet_N.DICOM``."""
     assert image_set.dicom_dir is not None
     found = []
     for path in sorted(image_set.dicom_dir.iterdir()):
@@ -76,14 +88,17 @@ def _original_slices(image_set: ImageSet) -> list[tuple[Path, SliceRef, str, str
             ds = dcmread(path, stop_before_pixels=True)
         except (InvalidDicomError, OSError, ValueError) as exc:
             raise PinnacleFormatError(f"{path}: not a DICOM file ({exc})") from exc
-        z = float(ds.ImagePositionPatient[2]) if "ImagePositionPatient" in ds else 0.0
+        ipp = ds.get("ImagePositionPatient")
+        position = (float(ipp[0]), float(ipp[1]), float(ipp[2])) if ipp is not None and len(ipp) == 3 else None
+        ref = SliceRef(str(ds.SOPClassUID), str(ds.SOPInstanceUID), position[2] if position else 0.0)
         found.append(
-            (
+            Original(
                 path,
-                SliceRef(str(ds.SOPClassUID), str(ds.SOPInstanceUID), z),
+                ref,
                 str(ds.StudyInstanceUID),
                 str(ds.SeriesInstanceUID),
                 str(ds.get("FrameOfReferenceUID", "")),
+                position,
             )
         )
     return found
@@ -113,16 +128,17 @@ class PatientConverter:
             originals = _original_slices(image_set)
             if originals:
                 wanted = {s.instance_uid for s in image_set.slices if s.instance_uid}
-                kept = {ref.sop_uid for _, ref, *_ in originals}
+                kept = {o.ref.sop_uid for o in originals}
                 if wanted and not wanted <= kept:
                     self.report.warn(
                         f"{self.key}: {image_set.name}.DICOM lacks {len(wanted - kept)} slice(s) named in ImageInfo"
                     )
-                for path, *_ in originals:
-                    self.sink.write_file(path)  # unchanged: the scanner's own objects
+                self._check_frame(image_set, frame, originals[0])
+                for original in originals:
+                    self.sink.write_file(original.path)  # unchanged: the scanner's own objects
                 self.report.wrote("CT", len(originals))
-                _, _, study, series, for_uid = originals[0]
-                return ImageRefs(study, series, for_uid, tuple(ref for _, ref, *_ in originals), thickness)
+                first = originals[0]
+                return ImageRefs(first.study, first.series, first.for_uid, tuple(o.ref for o in originals), thickness)
         study = image_set.uid("study_uid") or self.uid("study", image_set.number)
         for_uid = image_set.uid("frame_uid") or self.uid("frame-of-reference", image_set.number)
         if image_set.img_path is not None:
@@ -155,6 +171,18 @@ class PatientConverter:
             SliceRef(s.class_uid or CT_CLASS, s.instance_uid, slice_z(s.table_position)) for s in image_set.slices
         )
         return ImageRefs(study, series, for_uid, slices, thickness)
+
+    def _check_frame(self, image_set: ImageSet, frame: Frame, original: Original) -> None:
+        """Warn when the orientation mapping (and pre-9.0 offset) does not put the image on the original CT."""
+        if original.position is None:
+            return
+        distance = frame_mismatch(frame, image_set.header, original.position)
+        tolerance = max(5.0 * image_set.header.x_pixdim, 0.5)  # half a pixel in mm
+        if distance > tolerance:
+            self.report.warn(
+                f"{self.key}: {image_set.name} maps {distance:.1f} mm away from its original CT "
+                f"({frame.orientation.value}, offset {frame.y_offset:.2f} cm): check the Pinnacle version"
+            )
 
     def run(self) -> None:
         """Convert every selected trial of every plan."""

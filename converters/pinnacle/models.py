@@ -279,6 +279,8 @@ class Patient:
     @property
     def dicom_name(self) -> str:
         """PatientName as DICOM PN (``Last^First^Middle``)."""
-        parts = ["".join(c for c in part if c not in "\\^=" and ord(c) >= 32).strip()[:64]
-                 for part in (self.last_name, self.first_name, self.middle_name)]
+        parts = [
+            "".join(c for c in part if c not in "\\^=" and ord(c) >= 32).strip()[:64]
+            for part in (self.last_name, self.first_name, self.middle_name)
+        ]
         return "^".join(parts).rstrip("^")

@@ -226,7 +226,7 @@ def ct_from_img(
         if struct.pack("=h", 1) == b"\x00\x01":  # DICOM pixel data is little-endian here
             voxels.byteswap()
         z_pinn = h.z_start + k * h.z_pixdim
-        first = frame.image_point((h.x_start, h.y_start + (h.y_dim - 1) * h.y_pixdim, z_pinn))
+        first = frame.first_voxel(h, z_pinn)
         z = slice_z(image_set.slices[k].table_position) if len(image_set.slices) == h.z_dim else first[2]
         ds = base(
             ctx,

@@ -38,7 +38,6 @@ _IOP = {"HFS": (1, 0, 0, 0, 1, 0), "HFP": (-1, 0, 0, 0, -1, 0), "FFS": (-1, 0, 0
 
 COLS, ROWS, SLICES = 24, 20, 12
 PIXEL_MM, SLICE_MM = 12.5, 5.0
-COUCH_HEIGHT_CM = 12.5
 #: Machine leaf pairs as (centre, width) in cm, listed from +Y to −Y (the order Pinnacle may use).
 LEAF_PAIRS = [
     (7.5, 1.0),
@@ -160,7 +159,7 @@ class PatientTruth:
 
 
 def _to_pinnacle(p: Point, orientation: str, y_shift: float = 0.0) -> Point:
-    """DICOM mm → Pinnacle cm (minus ``y_shift``, the pre-9.0 offset, for plan coordinates)."""
+    """DICOM mm → Pinnacle cm, minus ``y_shift`` (the pre-9.0 offset of Pinnacle's frame)."""
     sx, sy, sz = _SIGNS[orientation]
     return (sx * p[0] / 10.0, sy * p[1] / 10.0 - y_shift, sz * p[2] / 10.0)
 
@@ -195,7 +194,7 @@ def _write(path: Path, text: str) -> None:
     path.write_bytes(text.encode("latin-1"))
 
 
-def _header(case: PinnacleCase, x_start: float, y_start: float, z_start: float) -> str:
+def _header(case: PinnacleCase, x_start: float, y_start: float, z_start: float, couch: float) -> str:
     lines = [
         f"byte_order = {1 if case.pre9 else 0};",
         'read_conversion : "";',
@@ -219,7 +218,7 @@ def _header(case: PinnacleCase, x_start: float, y_start: float, z_start: float) 
         "comment :",
         "manufacturer : rtharvest",
         "model : synthetic",
-        f"couch_height = {_fmt(COUCH_HEIGHT_CM if case.pre9 else 0.0)};",
+        f"couch_height = {_fmt(couch)};",
     ]
     return "\n".join(lines) + "\n"
 
@@ -319,12 +318,18 @@ def write_patient(root: Path, case: PinnacleCase) -> PatientTruth:
     x_start = min(c[0] for c in corners)
     y_start = min(c[1] for c in corners)
     z_start = min(c[2] for c in corners)
-    y_shift = 0.0
+    # Before 9.0 Pinnacle's whole y frame (image header, contours, points, dose grid) sat ``y_shift`` below the
+    # DICOM one: the image centred on Pinnacle's own y origin, its DICOM y given by the couch height. The
+    # file values are the true ones minus y_shift, and the couch height is the one that makes the documented
+    # offset formula equal y_shift.
+    y_shift, written_y_start, couch = 0.0, y_start, 0.0
     if case.pre9:
         y_pix = PIXEL_MM / 10
-        y_shift = -y_start + COUCH_HEIGHT_CM + y_pix - (ROWS - 1) * y_pix / 2.0
+        written_y_start = -(ROWS - 1) * y_pix / 2.0 + 1.7
+        y_shift = y_start - written_y_start
+        couch = y_shift + written_y_start - y_pix + (ROWS - 1) * y_pix / 2.0
     name = "ImageSet_0"
-    _write(folder / f"{name}.header", _header(case, x_start, y_start, z_start))
+    _write(folder / f"{name}.header", _header(case, x_start, written_y_start, z_start, couch))
     # ImageInfo: one item per slice in Pinnacle's order (ascending Pinnacle z), original UIDs kept.
     pin_order = sorted(range(SLICES), key=lambda k: _to_pinnacle(positions[k], o)[2])
     info = ["ImageInfoList ={"]

@@ -354,3 +354,17 @@ def test_course_prescription_and_repeated_trial_names(converted: dict[str, Conve
     for plan in plans:
         if plan.RTPlanLabel == "Trial_1":  # 5000 cGy over 25 fractions = 200 cGy per fraction, 50 Gy in all
             assert float(plan.DoseReferenceSequence[0].TargetPrescriptionDose) == pytest.approx(50.0)
+
+
+def test_frame_is_checked_against_the_original_ct(converted: dict[str, Converted], tmp_path: Path) -> None:
+    """The converted cases map onto their original CT; a pre-9.0 patient read as current does not, and says so."""
+    for c in converted.values():
+        assert not [w for w in c.report.warnings if "original CT" in w], c.report.warnings
+    c = next(c for c in converted.values() if c.truth.pre9 and c.truth.with_dicom)
+    copy = tmp_path / c.truth.folder
+    shutil.copytree(c.folder, copy)
+    for info in copy.glob("Plan_*/plan.PlanInfo"):
+        info.write_text('PinnacleVersionDescription = "Pinnacle 16.2";\n')
+    report = ConversionReport("pinnacle")
+    convert_patient(copy, FolderSink(tmp_path / "out"), report, Options(), c.truth.folder)
+    assert [w for w in report.warnings if "mm away from its original CT" in w]
