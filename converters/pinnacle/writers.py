@@ -495,7 +495,9 @@ def _beam_item(
             point.NominalBeamEnergy = ds_text(beam.energy)
         point.BeamLimitingDevicePositionSequence = _seq(_positions(beam, i, machine if with_mlc else None))
         point.GantryAngle = _angle(cp.gantry)
-        point.GantryRotationDirection = ("CC" if beam.gantry_ccw else "CW") if beam.beam_type == "DYNAMIC" else "NONE"
+        # The direction applies to the segment that follows the control point: none after the last one.
+        rotating = beam.beam_type == "DYNAMIC" and n < len(steps) - 1
+        point.GantryRotationDirection = ("CC" if beam.gantry_ccw else "CW") if rotating else "NONE"
         point.BeamLimitingDeviceAngle = _angle(cp.collimator)
         point.BeamLimitingDeviceRotationDirection = "NONE"
         if n == 0:
