@@ -310,6 +310,15 @@ def read_pois(path: Path) -> list[Poi]:
     ]
 
 
+def _sad(machine: Obj) -> float:
+    """Source-axis distance (cm): SAD or its spelled-out forms; 100 cm when the file does not say."""
+    for key in ("SAD", "SourceToAxisDistance", "SourceAxisDistance"):
+        value = machine.num(key)
+        if value:
+            return value
+    return 100.0
+
+
 def read_machines(path: Path) -> dict[str, Machine]:
     """``plan.Pinnacle.Machines``: every Machine with its leaf pairs (file order kept)."""
     root = parse_file(path)
@@ -321,7 +330,7 @@ def read_machines(path: Path) -> dict[str, Machine]:
             LeafPair(_num(p, "Y", str(path)), _num(p, "Width", str(path)))
             for p in (pairs_obj.children() if pairs_obj is not None else [])
         )
-        machines[name] = Machine(name=name, sad=item.num("SAD", 100.0) or 100.0, leaf_pairs=pairs)
+        machines[name] = Machine(name=name, sad=_sad(item), leaf_pairs=pairs)
     return machines
 
 
