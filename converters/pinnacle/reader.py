@@ -136,6 +136,9 @@ def read_image_set(folder: Path, entry: Obj) -> ImageSet:
     """One ImageSet of the Patient file and its ``ImageSet_N.*`` files."""
     number = int(entry.num("ImageSetID", 0) or 0)
     name = entry.text("ImageName") or f"ImageSet_{number}"
+    if not (folder / f"{name}.header").is_file():
+        # ImageName is the file stem in every archive seen; should it hold a display name, the ID names the files.
+        name = f"ImageSet_{number}"
     base = folder / name
     header = read_header(_require(base.with_name(name + ".header")))
     info = base.with_name(name + ".ImageInfo")
