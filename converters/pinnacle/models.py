@@ -254,8 +254,10 @@ class Plan:
     setup_position: Orientation | None = None
 
     def binary(self, index: int) -> Path:
-        """The file of binary attribute ``index`` (``plan.Trial.binary.NNN``)."""
-        return self.folder / f"plan.Trial.binary.{index:03d}"
+        """The file of binary attribute ``index`` (``plan.Trial.binary.NNN``; unpadded names are accepted)."""
+        padded = self.folder / f"plan.Trial.binary.{index:03d}"
+        plain = self.folder / f"plan.Trial.binary.{index}"
+        return plain if not padded.exists() and plain.exists() else padded
 
 
 @dataclass
