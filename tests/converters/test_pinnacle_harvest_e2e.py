@@ -22,7 +22,7 @@ from rtharvest.synth.loader import store_to_scp
 from rtharvest.synth.pinnacle import PinnacleCase, write_institution
 
 from ..conftest import start_harvester
-from ..harvesting import stored_sop_uids, wait_completed
+from ..harvesting import assert_provenance, stored_sop_uids, wait_completed
 from ..servers import LOCALHOST, RestClient, start_orthanc_source
 
 pytestmark = pytest.mark.servers
@@ -104,6 +104,13 @@ def test_converted_pinnacle_plan_is_harvested_as_a_complete_chain(tmp_path: Path
         expected = {record_uid, str(treated.SOPInstanceUID), structure_uid, *truth.slice_uids, *doses}
         assert stored == expected, (sorted(expected - stored), sorted(stored - expected))
         assert doc["PlansCollected"] == 1
+        assert_provenance(api, stored_sop_uids(api), str(answer["ID"]), {"ORTHANC_SRC"})
+        # The manifest calls the converted plan complete and names exactly the converted chain.
+        (row,) = api.get(f"/rtharvest/harvests/{answer['ID']}/manifest")["Plans"]
+        assert row["Status"] == "Complete", row
+        assert row["PlanUID"] == str(treated.SOPInstanceUID) and row["StructureSetUID"] == structure_uid
+        assert set(row["DoseUIDs"]) == doses and row["Missing"] == []
+        assert row["PlanningSeriesUIDs"] == [truth.series_uid]
     finally:
         if harvester is not None:
             harvester.stop()
