@@ -19,7 +19,7 @@ from ..report import ConversionReport
 from ..sink import Sink
 from ..uids import derived_uid
 from .coords import Frame, frame_mismatch, slice_z
-from .errors import PinnacleFormatError
+from .errors import PinnacleError, PinnacleFormatError
 from .models import ImageSet, Orientation, Patient, Plan, Trial
 from .reader import read_patient
 from .writers import (
@@ -195,19 +195,25 @@ class PatientConverter:
             if not selected:
                 self.report.skip("plan", f"{self.key}/Plan_{plan.number}", "not-selected")
                 continue
-            image_set = patient.image_sets.get(plan.primary_image_set)
-            if image_set is None:
-                raise PinnacleFormatError(
-                    f"{plan.folder}: primary image set {plan.primary_image_set} is not in the Patient file"
-                )
-            frame = Frame.for_plan(_orientation(image_set, plan), plan.version, image_set.header)
-            if not plan.version.known:
-                self.report.warn(f"{self.key}/Plan_{plan.number}: no Pinnacle version found; assumed 9.0 or later")
-            date = study_date(image_set)
-            if image_set.number not in refs_by_set:
-                refs_by_set[image_set.number] = self._image_refs(image_set, frame, date)
-            ctx = Context(patient, date, refs_by_set[image_set.number])
-            self._plan(ctx, plan, selected, frame)
+            # A plan that cannot be converted is reported; the patient's other plans still are.
+            try:
+                self._convert_plan(plan, selected, refs_by_set)
+            except PinnacleError as exc:
+                self.report.error("plan", f"{self.key}/Plan_{plan.number}", exc.reason, self._relative(str(exc)))
+
+    def _convert_plan(self, plan: Plan, selected: list[Trial], refs_by_set: dict[int, ImageRefs]) -> None:
+        image_set = self.patient.image_sets.get(plan.primary_image_set)
+        if image_set is None:
+            raise PinnacleFormatError(
+                f"{plan.folder}: primary image set {plan.primary_image_set} is missing or unreadable"
+            )
+        frame = Frame.for_plan(_orientation(image_set, plan), plan.version, image_set.header)
+        if not plan.version.known:
+            self.report.warn(f"{self.key}/Plan_{plan.number}: no Pinnacle version found; assumed 9.0 or later")
+        date = study_date(image_set)
+        if image_set.number not in refs_by_set:
+            refs_by_set[image_set.number] = self._image_refs(image_set, frame, date)
+        self._plan(Context(self.patient, date, refs_by_set[image_set.number]), plan, selected, frame)
 
     def _plan(self, ctx: Context, plan: Plan, trials: list[Trial], frame: Frame) -> None:
         iso_names = {b.isocenter_name for t in plan.trials for b in t.beams}

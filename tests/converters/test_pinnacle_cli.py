@@ -142,8 +142,18 @@ def test_broken_plans_and_patients_are_reported_with_their_position_and_the_batc
     patient = batch / "Patient_3" / "Patient"
     patient.write_bytes(patient.read_bytes().replace(b"MedicalRecordNumber", b"Unrelated"))
     (tmp_path / "broken.tar.gz").write_bytes(b"this is not a tar")
-    code = cli.main(["pinnacle", str(tmp_path / "Institution_9"), str(tmp_path / "broken.tar.gz"),
-                     str(tmp_path / "nowhere"), "--out", str(tmp_path / "out"), "--report", str(tmp_path / "r.json")])
+    code = cli.main(
+        [
+            "pinnacle",
+            str(tmp_path / "Institution_9"),
+            str(tmp_path / "broken.tar.gz"),
+            str(tmp_path / "nowhere"),
+            "--out",
+            str(tmp_path / "out"),
+            "--report",
+            str(tmp_path / "r.json"),
+        ]
+    )
     report = json.loads((tmp_path / "r.json").read_text())
     assert code == 0
     assert report["ErrorsByReason"] == {"bad-archive": 1, "bad-pinnacle-data": 1, "not-found": 1, "syntax-error": 1}

@@ -369,3 +369,16 @@ def test_frame_is_checked_against_the_original_ct(converted: dict[str, Converted
     report = ConversionReport("pinnacle")
     convert_patient(copy, FolderSink(tmp_path / "out"), report, Options(), c.truth.folder)
     assert [w for w in report.warnings if "mm away from its original CT" in w]
+
+
+def test_a_plan_that_cannot_be_converted_leaves_the_others(converted: dict[str, Converted], tmp_path: Path) -> None:
+    c = next(iter(converted.values()))
+    copy = tmp_path / c.truth.folder
+    shutil.copytree(c.folder, copy)
+    trial = copy / "Plan_1" / "plan.Trial"
+    trial.write_bytes(trial.read_bytes().replace(b'IsocenterName = "Iso_RX"', b'IsocenterName = "Nowhere"'))
+    report = ConversionReport("pinnacle")
+    convert_patient(copy, FolderSink(tmp_path / "out"), report, Options(), c.truth.folder)
+    (error,) = report.errors
+    assert error.scope == "plan" and error.key.endswith("Plan_1") and "'Nowhere'" in error.detail
+    assert report.written["RTPLAN"] == 2 and report.written["RTDOSE"] == 6
