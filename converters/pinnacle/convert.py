@@ -143,6 +143,7 @@ class PatientConverter:
         for_uid = image_set.uid("frame_uid") or self.uid("frame-of-reference", image_set.number)
         if image_set.img_path is not None:
             n = image_set.header.z_dim
+            self._check_table_positions(image_set, frame)
             series = self.uid("ct-series", image_set.number)
             sops = [self.uid("ct-image", image_set.number, k) for k in range(n)]
             refs = ImageRefs(study, series, for_uid, (), thickness)
@@ -171,6 +172,19 @@ class PatientConverter:
             SliceRef(s.class_uid or CT_CLASS, s.instance_uid, slice_z(s.table_position)) for s in image_set.slices
         )
         return ImageRefs(study, series, for_uid, slices, thickness)
+
+    def _check_table_positions(self, image_set: ImageSet, frame: Frame) -> None:
+        """Warn when ImageInfo's TablePosition and the header's z_start put the first slice apart."""
+        header = image_set.header
+        if len(image_set.slices) != header.z_dim or not image_set.slices:
+            return
+        from_header = frame.point((0.0, 0.0, header.z_start))[2]
+        from_table = slice_z(image_set.slices[0].table_position)
+        if abs(from_header - from_table) > 5.0 * header.z_pixdim:
+            self.report.warn(
+                f"{self.key}: {image_set.name} TablePosition and header z_start differ by "
+                f"{abs(from_header - from_table):.1f} mm; slices follow TablePosition"
+            )
 
     def _check_frame(self, image_set: ImageSet, frame: Frame, original: Original) -> None:
         """Warn when the orientation mapping (and pre-9.0 offset) does not put the image on the original CT."""

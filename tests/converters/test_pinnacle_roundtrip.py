@@ -382,3 +382,19 @@ def test_a_plan_that_cannot_be_converted_leaves_the_others(converted: dict[str, 
     (error,) = report.errors
     assert error.scope == "plan" and error.key.endswith("Plan_1") and "'Nowhere'" in error.detail
     assert report.written["RTPLAN"] == 2 and report.written["RTDOSE"] == 6
+
+
+def test_table_positions_that_disagree_with_the_header_are_reported(
+    converted: dict[str, Converted], tmp_path: Path
+) -> None:
+    c = next(c for c in converted.values() if c.truth.with_img and not c.truth.with_dicom)
+    for conv in converted.values():
+        assert not [w for w in conv.report.warnings if "TablePosition" in w], conv.report.warnings
+    copy = tmp_path / c.truth.folder
+    shutil.copytree(c.folder, copy)
+    header = copy / "ImageSet_0.header"
+    lines = header.read_text().splitlines()
+    header.write_text("\n".join("z_start = 42.5;" if line.startswith("z_start") else line for line in lines) + "\n")
+    report = ConversionReport("pinnacle")
+    convert_patient(copy, FolderSink(tmp_path / "out"), report, Options(), c.truth.folder)
+    assert [w for w in report.warnings if "TablePosition and header z_start differ" in w]
