@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import __version__, explorer_routes, sdk
-from .config import Backend, ConfigError, HarvesterConfig, QueryModel, load_config
+from .config import Backend, ConfigError, HarvesterConfig, QueryModel
 from .db import Database
 from .eventlog import EventLog, EventLogHandler, Level
 from .export import routes as export_routes
@@ -25,6 +25,7 @@ from .httpapi import ApiError, HttpRequest, HttpResponse, Router
 from .ingest import Ingest
 from .jobqueue import JobQueue, JobState, RetryPolicy, SourceLimits
 from .manifest import ManifestService
+from .preflight import RecordingConfiguration, load_checked, with_warnings
 from .rest import build_routes
 from .strategies import SourceCapability
 from .tracking import Tracker
@@ -95,9 +96,9 @@ def _capability(config: HarvesterConfig, name: str, supports_sequence_keys: bool
 def _build_sources(config: HarvesterConfig, authorization: str) -> dict[str, SourceAccess]:
     from .dimse.via_orthanc import OrthancRestBackend
     from .dimse.via_pynetdicom import PynetdicomBackend
-    from .loopback import LoopbackClient
+    from .loopback import LoopbackClient, loopback_url
 
-    client = LoopbackClient(f"http://127.0.0.1:{config.http_port}", authorization, timeout=60.0)
+    client = LoopbackClient(loopback_url(config.ssl, config.http_port), authorization, timeout=60.0)
     sources: dict[str, SourceAccess] = {}
     for name, modality in config.modalities.items():
         settings = config.source(name)
@@ -179,10 +180,10 @@ def _on_started() -> None:
     # Before any worker claims: a SIGKILLed run leaves leases that would otherwise wait LeaseSeconds.
     _reclaim_leases_of_dead_runs(rt)
     from .localstore import OrthancLocalStore
-    from .loopback import LoopbackClient
+    from .loopback import LoopbackClient, loopback_url
 
     token = sdk.loopback_authorization()
-    store = OrthancLocalStore(LoopbackClient(f"http://127.0.0.1:{rt.config.http_port}", token, timeout=60.0))
+    store = OrthancLocalStore(LoopbackClient(loopback_url(rt.config.ssl, rt.config.http_port), token, timeout=60.0))
     assert rt.tracker and rt.events and rt.ingest and rt.harvests
     rt.harvester = Harvester(
         rt.queue, rt.tracker, rt.events, rt.ingest, store, _build_sources(rt.config, token), rt.harvests.routing,
@@ -277,13 +278,25 @@ def _error_router(error: str) -> Router:
     return router
 
 
+def _orthanc_version() -> str | None:
+    """The running Orthanc's version, or None when it cannot be asked yet."""
+    try:
+        return sdk.versions().orthanc
+    except Exception:  # the start-up checks then skip what depends on the version
+        log.info("Orthanc's version is not available at start-up; version-specific checks skipped")
+        return None
+
+
 def install() -> Runtime:
     """Register everything with Orthanc. Called once by the PythonScript entry."""
     global _runtime
     sdk.install_log_handler()
     try:
-        config = load_config(sdk.configuration(), sdk.configuration_dir())
-        _runtime = build_runtime(config, sdk.configuration())
+        recording = RecordingConfiguration(sdk.configuration())
+        config = load_checked(recording, sdk.configuration_dir(), _orthanc_version())
+        _runtime = build_runtime(config, recording.orthanc)
+        # Every section parser has run now: what none of them read is a typo or a stale setting.
+        _runtime.config = with_warnings(config, recording.unknown_keys())
     except (ConfigError, OSError) as exc:
         # Keep the plugin loaded so /rtharvest/status can tell the operator what to fix.
         error = str(exc)
@@ -294,6 +307,8 @@ def install() -> Runtime:
         _runtime.log_handler = EventLogHandler(_runtime.events)
         _runtime.log_handler.setLevel(logging.WARNING)
         logging.getLogger("rtharvest").addHandler(_runtime.log_handler)
+        for warning in _runtime.config.warnings:  # named keys, on the page and in Orthanc's log
+            log.warning("configuration: %s", warning)
         ingest = _runtime.ingest
         sdk.register_on_stored_instance(lambda inst: ingest.on_stored(inst.instance_id, inst.data, inst.remote_aet))
     sdk.extend_explorer(explorer_routes.explorer_extension())

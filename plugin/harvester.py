@@ -248,7 +248,9 @@ class Harvester:
                               harvest_id=job.harvest_id, job_id=job.id)
             self.tracker.drop_expectations(job.id)
             return
-        level = Level.ERROR if updated.state.value == "failed" else Level.WARNING
+        # A retry is scheduled: nothing for a person to do yet (INFO). Failed for good: a manual-intervention
+        # item (ERROR), shown in the page's warnings.
+        level = Level.ERROR if updated.state.value == "failed" else Level.INFO
         what = "failed for good" if updated.state.value == "failed" else f"failed (attempt {updated.attempts})"
         self.events.write(level, "harvester", f"{job.kind} {what}: {message}", harvest_id=job.harvest_id,
                           job_id=job.id, source=job.source, dimse_status=status)
@@ -538,11 +540,7 @@ class Harvester:
                                       harvest_id=item.harvest_id, sop_uid=item.sop_uid)
                 continue
             first = current.get("HarvestId")
-            if first and first != item.harvest_id:
-                # A duplicate keeps its first provenance; the repeat is only logged.
-                self.events.write(Level.INFO, "provenance", f"already harvested by {first}; first provenance "
-                                  "kept", harvest_id=item.harvest_id, sop_uid=item.sop_uid)
-            elif not first:
+            if not first:  # a duplicate keeps its first provenance (counted in the harvest's summary event)
                 try:
                     for name, value in item.metadata().items():
                         self.store.set_metadata(item.orthanc_id, name, value)
@@ -579,9 +577,6 @@ class Harvester:
                     except LookupError:
                         pass
                     self.tracker.forget_orthanc_id(harvest_id, sop_uid)
-            if removed:
-                self.events.write(Level.INFO, "harvester", f"removed {removed} candidate(s) retrieved only to "
-                                  "inspect their references", harvest_id=harvest_id)
             with self.tracker.db.transaction():
                 if harvest_id not in self.tracker.harvests_to_clean():
                     continue  # reopened meanwhile
@@ -590,6 +585,12 @@ class Harvester:
                 if self.tracker.pending_provenance_of(harvest_id):
                     continue
                 self.tracker.mark_cleanup(harvest_id)
+                counts = self.tracker.decision_counts(harvest_id)
+            # One summary instead of an event per instance (a re-harvest plans everything from the store).
+            self.events.write(Level.INFO, "harvester", f"harvest finished: {counts.kept} instance(s) kept "
+                              f"({counts.moved} moved, {counts.kept - counts.moved} already in the store), "
+                              f"{counts.rejected} candidate(s) inspected and rejected, {removed} removed from "
+                              "the store", harvest_id=harvest_id)
 
 
 def _fetches_its_series(op: Operation) -> bool:

@@ -19,6 +19,7 @@ import os
 import random
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import sysconfig
@@ -186,8 +187,8 @@ class OrthancProcess:
 
     @property
     def url(self) -> str:
-        """Base URL of the HTTP API on loopback."""
-        return f"http://127.0.0.1:{self.http_port}"
+        """Base URL of the HTTP API on loopback (``https`` when the configuration enables SSL)."""
+        return f"{'https' if self.config.get('SslEnabled') else 'http'}://127.0.0.1:{self.http_port}"
 
     @property
     def credentials(self) -> tuple[str, str] | None:
@@ -223,8 +224,10 @@ class OrthancProcess:
     def is_ready(self) -> bool:
         """Whether ``GET /system`` answers, from this very Orthanc (its DICOM port, not another server's)."""
         request = urllib.request.Request(self.url + "/system", headers=self._auth_header())
+        # Loopback to a server whose certificate names its public host, not 127.0.0.1.
+        context = ssl._create_unverified_context() if self.url.startswith("https") else None  # noqa: S323
         try:
-            with urllib.request.urlopen(request, timeout=2) as response:
+            with urllib.request.urlopen(request, timeout=2, context=context) as response:
                 system = json.loads(response.read())
         except (urllib.error.URLError, OSError, ValueError):
             return False

@@ -11,6 +11,7 @@ from ..harvests import HarvestService
 from ..httpapi import HttpRequest, HttpResponse, Router
 from ..jobqueue import RetryPolicy
 from ..manifest import ManifestService
+from ..openapi import Param, RouteDoc
 from ..tracking import Decision, Tracker
 from .service import ExportService
 from .settings import load_settings
@@ -50,8 +51,21 @@ def register(router: Router, service: ExportService) -> None:
         service.document(request.groups[0])
         return HttpResponse.json(service.failed_items(request.groups[0], request.query_int("limit", 100, 1, 10_000)))
 
-    router.add("POST", r"/rtharvest/exports", create)
-    router.add("GET", r"/rtharvest/exports", list_exports)
-    router.add("GET", rf"/rtharvest/exports/{_ID}", get_export)
-    router.add("POST", rf"/rtharvest/exports/{_ID}/cancel", cancel)
-    router.add("GET", rf"/rtharvest/exports/{_ID}/failed", failed)
+    export_id = Param("id", "export ID", "path")
+    limit = Param("limit", "at most this many items (1-10000, default 100)", type="integer")
+    unknown = (404, "unknown export")
+    router.add("POST", r"/rtharvest/exports", create, RouteDoc(
+        "Start a de-identified export of a harvest's plans",
+        body='{"Harvest": ID, "Destination": NAME, "Plans": "Complete" | "All", "Profile": {...}}',
+        response='{"ID", "State"}', tag="exports", errors=((400, "invalid request body, naming the field"),)))
+    router.add("GET", r"/rtharvest/exports", list_exports, RouteDoc(
+        "Exports with state and progress", (limit,), response="[export, ...]", tag="exports"))
+    router.add("GET", rf"/rtharvest/exports/{_ID}", get_export, RouteDoc(
+        "One export with state and progress (instances sent, failed, verified)", (export_id,), tag="exports",
+        errors=(unknown,)))
+    router.add("POST", rf"/rtharvest/exports/{_ID}/cancel", cancel, RouteDoc(
+        "Cancel an export", (export_id,), tag="exports",
+        errors=(unknown, (409, "not possible in the export's state"))))
+    router.add("GET", rf"/rtharvest/exports/{_ID}/failed", failed, RouteDoc(
+        "Items of an export that failed, with why", (export_id, limit), response="[item, ...]", tag="exports",
+        errors=(unknown,)))
