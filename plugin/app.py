@@ -26,7 +26,9 @@ from .ingest import Ingest
 from .jobqueue import JobQueue, JobState, RetryPolicy, SourceLimits
 from .manifest import ManifestService
 from .preflight import RecordingConfiguration, load_checked, with_warnings
-from .rest import build_routes
+from .rest import build_routes, build_schedule_routes
+from .schedule import ScheduleError
+from .schedules import ScheduleRunner, ScheduleService
 from .strategies import SourceCapability
 from .tracking import Tracker
 
@@ -47,6 +49,8 @@ class Runtime:
     harvests: HarvestService | None = None
     ingest: Ingest | None = None
     harvester: Harvester | None = None
+    schedules: ScheduleService | None = None
+    scheduler: ScheduleRunner | None = None
     log_handler: EventLogHandler | None = None
     started: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
@@ -66,6 +70,7 @@ def status_document(runtime: Runtime) -> dict[str, Any]:
         "PythonPluginVersion": versions.python_plugin,
         "Started": runtime.started,
         "WorkersAlive": runtime.harvester.alive if runtime.harvester else 0,
+        "SchedulerAlive": bool(runtime.scheduler and runtime.scheduler.alive),
     }
     if runtime.config_error:
         doc["ConfigurationError"] = runtime.config_error
@@ -73,6 +78,7 @@ def status_document(runtime: Runtime) -> dict[str, Any]:
         doc["Aet"] = runtime.config.aet
         doc["Sources"] = sorted(runtime.config.modalities)
         doc["Workers"] = runtime.config.workers
+        doc["StoreIndex"] = runtime.config.store_index
         if runtime.config.warnings:
             doc["ConfigurationWarnings"] = list(runtime.config.warnings)
     if runtime.queue is not None:
@@ -196,14 +202,20 @@ def _on_started() -> None:
     rt.harvester.start()
     if "exports" in rt.extra:
         rt.extra["exports"].start(store.read)
+    if rt.schedules is not None:
+        rt.scheduler = ScheduleRunner(rt.schedules)
+        rt.scheduler.start()
     _start_log_retention(rt)
     rt.started = True
-    rt.events.write(Level.INFO, "app", f"rtharvest {__version__} started with {rt.config.workers} worker(s)")
+    rt.events.write(Level.INFO, "app", f"rtharvest {__version__} started with {rt.config.workers} worker(s), "
+                   f"store index {rt.config.store_index}")
 
 
 def _on_stopped() -> None:
     rt = _runtime
     assert rt is not None
+    if rt.scheduler is not None:
+        rt.scheduler.stop()
     if rt.harvester is not None:
         rt.harvester.stop()
     if "exports" in rt.extra:
@@ -243,9 +255,15 @@ def build_runtime(config: HarvesterConfig, orthanc: Mapping[str, Any] | None = N
         return next((m.name for m in config.modalities.values() if m.aet == aet), None)
 
     ingest = Ingest(db, queue, tracker, events, harvests.routing, source_of_aet)
+
+    try:
+        schedules = ScheduleService.from_config(config, db, harvests, queue, events)
+    except (ValueError, ScheduleError) as exc:
+        db.close()
+        raise ConfigError(str(exc)) from None
     router = Router()
     runtime = Runtime(router=router, config=config, db=db, queue=queue, events=events, tracker=tracker,
-                      harvests=harvests, ingest=ingest)
+                      harvests=harvests, ingest=ingest, schedules=schedules)
 
     def read_file(orthanc_id: str) -> bytes:
         if runtime.harvester is None:
@@ -254,6 +272,12 @@ def build_runtime(config: HarvesterConfig, orthanc: Mapping[str, Any] | None = N
 
     manifest = ManifestService(tracker, queue, read_file)
     build_routes(router, harvests, queue, events, lambda: status_document(runtime), manifest=manifest)
+
+    def wake_scheduler() -> None:
+        if runtime.scheduler is not None:
+            runtime.scheduler.wake()
+
+    build_schedule_routes(router, schedules, wake_scheduler)
     explorer_routes.register(router)
     exports = export_routes.build_export_service(orthanc or {}, config, events, manifest, tracker, harvests)
     export_routes.register(router, exports)
@@ -275,6 +299,7 @@ def _error_router(error: str) -> Router:
     explorer_routes.register(router)
     for method, pattern in (("POST", r"/rtharvest/harvests"), ("GET", r"/rtharvest/harvests"),
                             ("GET", r"/rtharvest/jobs"), ("GET", r"/rtharvest/log"),
+                            ("GET", r"/rtharvest/schedules"), ("POST", r"/rtharvest/schedules"),
                             ("POST", r"/rtharvest/exports"), ("GET", r"/rtharvest/exports")):
         router.add(method, pattern, unavailable)
     return router
