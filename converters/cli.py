@@ -31,6 +31,7 @@ from .sink import DestinationRefused, FolderSink, Peer, Sink, StoreSink
 CONVERTERS: dict[str, str] = {
     "mim": "rtharvest.converters.mim.cli",
     "mosaiq": "rtharvest.converters.mosaiq.cli",
+    "pinnacle": "rtharvest.converters.pinnacle.cli",
 }
 
 
