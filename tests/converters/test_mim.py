@@ -227,3 +227,26 @@ def test_cli_unpacks_folders_and_reports_bad_files_per_file(clinic: Session, tmp
 def test_cli_nothing_convertible_is_exit_1(tmp_path: Path) -> None:
     (tmp_path / "bad.dcm").write_bytes(b"nope")
     assert cli.main(["mim", str(tmp_path / "bad.dcm"), str(tmp_path / "absent.dcm"), "--out", str(tmp_path / "o")]) == 1
+
+
+@pytest.mark.servers
+def test_cli_sends_the_unpacked_objects_to_an_auxiliary_orthanc(clinic: Session, tmp_path: Path) -> None:
+    from rtharvest.launcher import free_port
+
+    from ..servers import RestClient, start_orthanc_source
+
+    root, _, sessions = clinic
+    aux = start_orthanc_source(tmp_path / "aux", free_port(), name="AUXPACS", aet="AUXPACS")
+    try:
+        code = cli.main(["mim", str(root / "sessions"), "--send", f"AUXPACS@127.0.0.1:{aux.port}",
+                         "--report", str(tmp_path / "r.json")])
+        assert code == 0
+        report = json.loads((tmp_path / "r.json").read_text())
+        expected = {uid for s in sessions for uid in s.embedded_uids}
+        assert report["Sent"] == len(expected)
+        assert aux.orthanc is not None
+        api = RestClient(aux.orthanc.url, aux.orthanc.credentials)
+        found = api.post("/tools/find", {"Level": "Instance", "Query": {}, "Expand": True})
+        assert {i["MainDicomTags"]["SOPInstanceUID"] for i in found} == expected
+    finally:
+        aux.stop()
