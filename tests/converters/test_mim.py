@@ -250,3 +250,16 @@ def test_cli_sends_the_unpacked_objects_to_an_auxiliary_orthanc(clinic: Session,
         assert {i["MainDicomTags"]["SOPInstanceUID"] for i in found} == expected
     finally:
         aux.stop()
+
+
+def test_defined_length_un_in_an_explicit_vr_file_is_parsed_too() -> None:
+    """Quirk beyond the three encodings: an archive that re-encoded the session as Explicit VR kept the UN's
+    defined length (PS3.5 6.2.2: its items stay Implicit VR Little Endian)."""
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    raw, _ = _latin1_session(SessionEncoding.IMPLICIT_UN)
+    raw.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    reread = pydicom.dcmread(BytesIO(encode_session(raw)))
+    assert reread.get_item(0x00132050).VR == "UN"
+    (obj,) = unpack(reread).objects
+    assert obj.dataset.StructureSetLabel == "Hüfte"
