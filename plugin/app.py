@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import __version__, explorer_routes, sdk
-from .config import Backend, ConfigError, HarvesterConfig, QueryModel, load_config
+from .config import Backend, ConfigError, HarvesterConfig, QueryModel, SourceSettings, load_config
 from .db import Database
 from .eventlog import EventLog, EventLogHandler, Level
 from .harvester import Harvester, SourceAccess
@@ -23,6 +23,7 @@ from .httpapi import ApiError, HttpRequest, HttpResponse, Router
 from .ingest import Ingest
 from .jobqueue import JobQueue, JobState, RetryPolicy, SourceLimits
 from .manifest import ManifestService
+from .politeness import SourceGate
 from .rest import build_routes
 from .strategies import SourceCapability
 from .tracking import Tracker
@@ -75,6 +76,10 @@ def status_document(runtime: Runtime) -> dict[str, Any]:
     if runtime.queue is not None:
         counts = runtime.queue.counts()
         doc["Queue"] = {state.value: counts.get(state, 0) for state in JobState}
+    if runtime.harvester is not None:
+        # Associations this harvester opened per source: open now, most at once, in total.
+        doc["SourceActivity"] = {name: {"Open": a.open, "Peak": a.peak, "Operations": a.total, "Waited": a.waited}
+                                 for name, a in sorted(runtime.harvester.gate.activity().items())}
     if runtime.ingest is not None:
         doc["Arrivals"] = runtime.ingest.arrivals
         doc["UnsolicitedArrivals"] = runtime.ingest.unsolicited
@@ -186,6 +191,7 @@ def _on_started() -> None:
         rt.queue, rt.tracker, rt.events, rt.ingest, store, _build_sources(rt.config, token), rt.harvests.routing,
         workers=rt.config.workers, lease_seconds=rt.config.lease_seconds,
         delete_rejected=rt.config.candidate_policy.value == "delete",
+        gate=SourceGate(*source_limits(rt.config)),
     )
     rt.ingest.on_enqueue = rt.harvests.on_enqueue = rt.harvester.wake
     rt.harvester.start()
@@ -212,13 +218,20 @@ def _on_stopped() -> None:
         rt.db.close()
 
 
+def source_limits(config: HarvesterConfig) -> tuple[dict[str, SourceLimits], SourceLimits]:
+    """Politeness settings per source and for sources without their own section."""
+    def limits(s: SourceSettings) -> SourceLimits:
+        return SourceLimits(s.max_concurrent, s.quiet_hours, s.time_zone)
+
+    return {name: limits(s) for name, s in config.sources.items()}, limits(config.source_defaults)
+
+
 def build_runtime(config: HarvesterConfig) -> Runtime:
     """Open the database and build every service (no threads, no Orthanc calls: testable outside)."""
     os.makedirs(config.database_path.parent, exist_ok=True)
     db = Database(str(config.database_path))
     db.migrate()
-    limits = {name: SourceLimits(s.max_concurrent, s.quiet_hours) for name, s in config.sources.items()}
-    defaults = SourceLimits(config.source_defaults.max_concurrent, config.source_defaults.quiet_hours)
+    limits, defaults = source_limits(config)
     policy = RetryPolicy(max_attempts=config.max_attempts, base_delay=config.backoff_base,
                          max_delay=max(config.backoff_max, config.backoff_base))
     queue = JobQueue(db, policy, limits, defaults)

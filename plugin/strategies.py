@@ -154,6 +154,25 @@ def _walk_to_series(patient_id: str | None, study_uid: str | None, series_keys: 
     return steps
 
 
+def unbounded_search(op: Operation) -> str | None:
+    """Why ``op`` would become a source-wide scan, or None when its search is bounded.
+
+    A reverse search is bounded by the patient (or, for doses, the plan's study) and a frame-of-reference
+    search by the patient and the FoR. PatientID is type 2 in the patient module: an object may carry it
+    empty, and an empty matching key means "every patient" to an SCP. Such a search is never sent.
+    """
+    if isinstance(op, FindReferencing) and not op.patient_id and not op.study_uid:
+        return (f"{op.hop}: the referenced object has no PatientID and no study to search in; searching "
+                f"anyway would list every {op.modality} of the source")
+    if isinstance(op, FindSeriesInFrameOfReference):
+        if not op.for_uid:
+            return f"{op.hop}: no FrameOfReferenceUID to search for"
+        if not op.patient_id:
+            return (f"{op.hop}: the image has no PatientID; searching its frame of reference anyway would "
+                    "list every series of the source")
+    return None
+
+
 def search_steps(op: Operation, capability: SourceCapability) -> tuple[SearchStep, ...]:
     """The C-FIND/C-MOVE chain that executes ``op`` on a source of the given capability."""
     if isinstance(op, FindTreatmentRecords):
