@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import __version__, explorer_routes, sdk
-from .config import Backend, ConfigError, HarvesterConfig, QueryModel, SourceSettings, load_config
+from .config import Backend, ConfigError, HarvesterConfig, SourceSettings, load_config
 from .db import Database
 from .eventlog import EventLog, EventLogHandler, Level
 from .harvester import Harvester, SourceAccess
@@ -25,7 +25,7 @@ from .jobqueue import JobQueue, JobState, RetryPolicy, SourceLimits
 from .manifest import ManifestService
 from .politeness import SourceGate
 from .rest import build_routes
-from .strategies import SourceCapability
+from .strategies import discovery_description, record_discovery_bound
 from .tracking import Tracker
 
 log = logging.getLogger("rtharvest.app")
@@ -73,6 +73,13 @@ def status_document(runtime: Runtime) -> dict[str, Any]:
         doc["Workers"] = runtime.config.workers
         if runtime.config.warnings:
             doc["ConfigurationWarnings"] = list(runtime.config.warnings)
+        # How each source's treatment records are found, and whether a dated window bounds that search.
+        doc["RecordDiscovery"] = {
+            name: {"Method": discovery_description(cap),
+                   "Unbounded": record_discovery_bound(cap, True, False, "19000101")}
+            for name in sorted(runtime.config.modalities)
+            for cap in (runtime.config.source(name).capability(),)
+        }
     if runtime.queue is not None:
         counts = runtime.queue.counts()
         doc["Queue"] = {state.value: counts.get(state, 0) for state in JobState}
@@ -84,15 +91,6 @@ def status_document(runtime: Runtime) -> dict[str, Any]:
         doc["Arrivals"] = runtime.ingest.arrivals
         doc["UnsolicitedArrivals"] = runtime.ingest.unsolicited
     return doc
-
-
-def _capability(config: HarvesterConfig, name: str, supports_sequence_keys: bool) -> SourceCapability:
-    settings = config.source(name)
-    return SourceCapability(
-        relational=settings.model is QueryModel.RELATIONAL,
-        sequence_return_keys=settings.sequence_return_keys and supports_sequence_keys,
-        instance_return_keys=settings.instance_return_keys,
-    )
 
 
 def _build_sources(config: HarvesterConfig, authorization: str) -> dict[str, SourceAccess]:
@@ -109,7 +107,7 @@ def _build_sources(config: HarvesterConfig, authorization: str) -> dict[str, Sou
             backend = PynetdicomBackend(modality, config.aet)
         else:
             backend = OrthancRestBackend(client, name, config.aet)
-        sources[name] = SourceAccess(name, backend, _capability(config, name, backend.supports_sequence_keys),
+        sources[name] = SourceAccess(name, backend, settings.capability(backend.supports_sequence_keys),
                                      settings.find_timeout, settings.move_timeout)
     return sources
 

@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+from .strategies import DEFAULT_LOOK_BACK_DAYS, RecordDiscovery, SourceCapability
+
 
 class ConfigError(ValueError):
     """orthanc.json holds a value the harvester cannot use; the message names the setting."""
@@ -74,6 +76,20 @@ class SourceSettings:
     time_zone: str | None = None
     find_timeout: float = 60.0
     move_timeout: float = 600.0
+    #: How a dated window's treatment records are found (see :class:`RecordDiscovery`).
+    record_discovery: RecordDiscovery = RecordDiscovery.STUDY_DATE
+    #: StudyDate pre-filter: how many days before the window a record's study may be dated.
+    look_back_days: int = DEFAULT_LOOK_BACK_DAYS
+
+    def capability(self, supports_sequence_keys: bool = False) -> SourceCapability:
+        """What the search strategies may use at this source (sequence keys only if the backend sends them)."""
+        return SourceCapability(
+            relational=self.model is QueryModel.RELATIONAL,
+            sequence_return_keys=self.sequence_return_keys and supports_sequence_keys,
+            instance_return_keys=self.instance_return_keys,
+            record_discovery=self.record_discovery,
+            look_back_days=self.look_back_days,
+        )
 
     def __post_init__(self) -> None:
         if self.max_concurrent < 1:
@@ -194,6 +210,8 @@ def _source_settings(section: Any, where: str, base: SourceSettings) -> SourceSe
         time_zone=time_zone,
         find_timeout=_number(section, "FindTimeout", base.find_timeout, where, 0.1),
         move_timeout=_number(section, "MoveTimeout", base.move_timeout, where, 0.1),
+        record_discovery=_enum(section, "RecordDiscovery", RecordDiscovery, base.record_discovery, where),
+        look_back_days=_integer(section, "StudyDateLookBackDays", base.look_back_days, where, 0),
     )
 
 
