@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,6 +18,7 @@ from . import __version__, explorer_routes, sdk
 from .config import Backend, ConfigError, HarvesterConfig, SourceSettings, load_config
 from .db import Database
 from .eventlog import EventLog, EventLogHandler, Level
+from .export import routes as export_routes
 from .harvester import Harvester, SourceAccess
 from .harvests import HarvestService
 from .httpapi import ApiError, HttpRequest, HttpResponse, Router
@@ -193,6 +195,8 @@ def _on_started() -> None:
     )
     rt.ingest.on_enqueue = rt.harvests.on_enqueue = rt.harvester.wake
     rt.harvester.start()
+    if "exports" in rt.extra:
+        rt.extra["exports"].start(store.read)
     _start_log_retention(rt)
     rt.started = True
     rt.events.write(Level.INFO, "app", f"rtharvest {__version__} started with {rt.config.workers} worker(s)")
@@ -203,6 +207,8 @@ def _on_stopped() -> None:
     assert rt is not None
     if rt.harvester is not None:
         rt.harvester.stop()
+    if "exports" in rt.extra:
+        rt.extra["exports"].stop()
     if "retention_stop" in rt.extra:
         rt.extra["retention_stop"].set()
         rt.extra["retention_thread"].join(10)
@@ -224,8 +230,12 @@ def source_limits(config: HarvesterConfig) -> tuple[dict[str, SourceLimits], Sou
     return {name: limits(s) for name, s in config.sources.items()}, limits(config.source_defaults)
 
 
-def build_runtime(config: HarvesterConfig) -> Runtime:
-    """Open the database and build every service (no threads, no Orthanc calls: testable outside)."""
+def build_runtime(config: HarvesterConfig, orthanc: Mapping[str, Any] | None = None) -> Runtime:
+    """Open the database and build every service (no threads, no Orthanc calls: testable outside).
+
+    ``orthanc`` is the whole configuration (for sections other than ``RtHarvest``'s harvest settings,
+    such as ``RtHarvest.Export`` and ``DicomWeb.Servers``).
+    """
     os.makedirs(config.database_path.parent, exist_ok=True)
     db = Database(str(config.database_path))
     db.migrate()
@@ -250,9 +260,12 @@ def build_runtime(config: HarvesterConfig) -> Runtime:
             raise ApiError(503, "the harvester is still starting; try again in a few seconds")
         return runtime.harvester.store.read(orthanc_id)
 
-    build_routes(router, harvests, queue, events, lambda: status_document(runtime),
-                 manifest=ManifestService(tracker, queue, read_file))
+    manifest = ManifestService(tracker, queue, read_file)
+    build_routes(router, harvests, queue, events, lambda: status_document(runtime), manifest=manifest)
     explorer_routes.register(router)
+    exports = export_routes.build_export_service(orthanc or {}, config, events, manifest, tracker, harvests)
+    export_routes.register(router, exports)
+    runtime.extra["exports"] = exports
     return runtime
 
 
@@ -269,7 +282,8 @@ def _error_router(error: str) -> Router:
     router.add("GET", "/rtharvest/status", status)
     explorer_routes.register(router)
     for method, pattern in (("POST", r"/rtharvest/harvests"), ("GET", r"/rtharvest/harvests"),
-                            ("GET", r"/rtharvest/jobs"), ("GET", r"/rtharvest/log")):
+                            ("GET", r"/rtharvest/jobs"), ("GET", r"/rtharvest/log"),
+                            ("POST", r"/rtharvest/exports"), ("GET", r"/rtharvest/exports")):
         router.add(method, pattern, unavailable)
     return router
 
@@ -280,7 +294,7 @@ def install() -> Runtime:
     sdk.install_log_handler()
     try:
         config = load_config(sdk.configuration(), sdk.configuration_dir())
-        _runtime = build_runtime(config)
+        _runtime = build_runtime(config, sdk.configuration())
     except (ConfigError, OSError) as exc:
         # Keep the plugin loaded so /rtharvest/status can tell the operator what to fix.
         error = str(exc)

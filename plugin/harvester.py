@@ -246,24 +246,30 @@ class Harvester:
             self._fail(job, owner, f"internal error: {type(exc).__name__}: {exc}", True, None)
         else:
             try:
-                self.queue.complete(job.id, owner, note=outcome.note())
+                # One transaction: once the job (and maybe its harvest) is finished, nothing more can
+                # arrive in its name.
+                with self.tracker.db.transaction():
+                    self.tracker.drop_expectations(job.id)
+                    self.queue.complete(job.id, owner, note=outcome.note())
             except QueueError as exc:
                 self.events.write(Level.WARNING, "harvester", f"could not complete job: {exc}",
                                   harvest_id=job.harvest_id, job_id=job.id)
-            self.tracker.drop_expectations(job.id)
+                self.tracker.drop_expectations(job.id)
 
     def _fail(self, job: Job, owner: str, message: str, retryable: bool, status: int | None) -> None:
         try:
-            updated = self.queue.fail(job.id, owner, message, dimse_status=status, retryable=retryable)
+            with self.tracker.db.transaction():  # as in run(): expectations end with the attempt
+                self.tracker.drop_expectations(job.id)
+                updated = self.queue.fail(job.id, owner, message, dimse_status=status, retryable=retryable)
         except QueueError as exc:
             self.events.write(Level.WARNING, "harvester", f"could not record failure: {exc}",
                               harvest_id=job.harvest_id, job_id=job.id)
+            self.tracker.drop_expectations(job.id)
             return
         level = Level.ERROR if updated.state.value == "failed" else Level.WARNING
         what = "failed for good" if updated.state.value == "failed" else f"failed (attempt {updated.attempts})"
         self.events.write(level, "harvester", f"{job.kind} {what}: {message}", harvest_id=job.harvest_id,
                           job_id=job.id, source=job.source, dimse_status=status)
-        self.tracker.drop_expectations(job.id)
 
     # -- executing an operation ---------------------------------------------------------------------
 
@@ -486,7 +492,7 @@ class Harvester:
             if exc.dimse_status is None or not 0xB000 <= exc.dimse_status <= 0xBFFF:
                 raise
             warning = exc
-        arrived = self._arrived(job.harvest_id, missing)
+        arrived = self._settle_arrivals(job, op, target, missing)
         still = [uid for uid in missing if uid not in arrived]
         if still:
             failed = sum(max(r.failed, 0) for r in results)
@@ -521,31 +527,59 @@ class Harvester:
             busy &= self.tracker.in_flight(list(busy), job.id)
         return arrived
 
-    def _arrived(self, harvest_id: str, uids: Sequence[str]) -> set[str]:
-        # OnStoredInstance runs before the C-STORE response, so once the move returned every delivered
-        # instance is in the store; the tracker saw those it could parse, the store has them all.
-        found: set[str] = set()
-        for uid in uids:
-            if self.tracker.has_object(harvest_id, uid) or self.store.lookup(uid) is not None:
-                found.add(uid)
-        return found
+    def _settle_arrivals(self, job: Job, op: Operation, target: Target, uids: Sequence[str]) -> set[str]:
+        """Which of ``uids`` arrived; every one that did has a decision of this harvest when this returns.
+
+        OnStoredInstance runs before the C-STORE response, so once the move returned every delivered
+        instance is in the store and was seen by ingest. One stored without a decision means ingest failed
+        for it (a busy database, a bug) or could not parse it: it is planned from the store now, so the
+        chain goes on; if that fails too, the job fails with the reason instead of completing silently.
+        """
+        decided = {uid for uid in uids if self.tracker.has_object(job.harvest_id, uid)}
+        undecided = {uid: oid for uid in uids if uid not in decided and (oid := self.store.lookup(uid)) is not None}
+        if not undecided:
+            return decided
+        first = next(iter(undecided))
+        self.events.write(Level.WARNING, "harvester", f"{op.hop}: {len(undecided)} stored instance(s) had no "
+                          "decision after the move (ingest failed); planning them from the store",
+                          harvest_id=job.harvest_id, job_id=job.id, sop_uid=first, source=target.source)
+        try:
+            self._plan_local(job, op, target.source, undecided, target.candidate, moved=True, shared=False)
+        except JobFailure as exc:
+            raise JobFailure(f"ingest failed for {len(undecided)} stored instance(s) after the move; "
+                             f"{exc.message}", retryable=True) from None
+        unplanned = [uid for uid in undecided if not self.tracker.has_object(job.harvest_id, uid)]
+        if unplanned:
+            raise JobFailure(f"{op.hop}: {len(unplanned)} stored instance(s) have no decision after planning "
+                             f"them from the store (first {unplanned[0]})", retryable=True)
+        return decided | set(undecided)
 
     def _plan_local(self, job: Job, op: Operation, source: str, existing: Mapping[str, str],
-                    candidate: bool) -> None:
-        """Plan from stored copies, as if they had just arrived (nothing moves)."""
+                    candidate: bool, *, moved: bool = False, shared: bool = True) -> None:
+        """Plan from stored copies, as if they had just arrived (nothing moves unless ``moved``: they were
+        moved by this job and only their planning failed on arrival).
+
+        ``shared``: the copies are images of one series found locally, which share every series-level
+        fact the planner uses, so only the first is read. Otherwise each one is read (arrivals whose
+        ingest failed may be anything, unreadable ones included).
+        """
         # A copy this harvest rejected for another rule (a candidate) may be exactly what this rule wants.
         todo = {uid: oid for uid, oid in existing.items() if not self.tracker.has_kept(job.harvest_id, uid)}
         if not todo:
             return
-        first_uid = next(iter(todo))
-        refs = extract_from_bytes(self.store.read(todo[first_uid]))
-        expectation = Expectation(job.harvest_id, first_uid, job.id, source, op.role.value, op.hop, candidate,
-                                  op.to_dict())
-        self.ingest.process(refs, todo[first_uid], [expectation], moved=False)
-        # The other images of a series share every series-level fact the planner uses.
-        for uid, oid in list(todo.items())[1:]:
-            self.ingest.process(dataclasses.replace(refs, sop_uid=uid), oid,
-                                [dataclasses.replace(expectation, sop_uid=uid)], moved=False)
+        refs = None
+        for uid, oid in todo.items():
+            if refs is None or not shared:
+                refs = extract_from_bytes(self.store.read(oid))
+            expectation = Expectation(job.harvest_id, uid, job.id, source, op.role.value, op.hop, candidate,
+                                      op.to_dict())
+            try:
+                # The SOP UID is the store's (an unreadable copy yields none, and it must still get a decision).
+                self.ingest.process(dataclasses.replace(refs, sop_uid=uid), oid, [expectation], moved=moved)
+            except Exception as exc:
+                log.exception("planning stored instance %s for job %s failed", uid, job.id)
+                raise JobFailure(f"{op.hop}: planning stored instance {uid} from the store failed: "
+                                 f"{type(exc).__name__}: {exc}", retryable=True) from None
 
     # -- maintenance: provenance, end-of-harvest cleanup --------------------------------------------
 
@@ -597,28 +631,39 @@ class Harvester:
         return bool(items)
 
     def finish_harvests(self) -> None:
-        """After a harvest's last job: delete (or keep, per policy) candidates nobody claimed."""
-        for harvest in self.queue.list_harvests():
-            if harvest.state != HarvestState.COMPLETED:
-                if self.tracker.cleanup_done(harvest.id) and harvest.state == HarvestState.RUNNING:
-                    self.tracker.mark_cleanup(harvest.id, False)
-                continue
-            if self.tracker.cleanup_done(harvest.id) or self.tracker.pending_provenance(1):
-                continue
+        """After a harvest's last job (Completed, or Cancelled once its running jobs ended): delete (or
+        keep, per policy) the candidates nobody claimed, then mark it clean (it shows ``Completed`` only
+        then).
+
+        A late candidate cannot slip past this by design: an arrival is attributed to a harvest only
+        through the expectation of a running job, expectations go in the same transaction as the job's
+        completion or failure, and every new decision un-marks the harvest in its own transaction. The mark
+        is written only in a transaction that finds the harvest finished, with no unclaimed candidate and
+        no provenance of its own left; otherwise the next pass tries again.
+        """
+        for harvest_id in self.tracker.harvests_to_clean():
+            if self.tracker.pending_provenance_of(harvest_id):
+                continue  # this harvest's own provenance first; other harvests' backlog does not matter
             removed = 0
-            for sop_uid, orthanc_id in self.tracker.rejected_unclaimed(harvest.id):
-                if not self.delete_rejected:
-                    continue
-                try:
-                    self.store.delete(orthanc_id)
-                    removed += 1
-                except LookupError:
-                    pass
-                self.tracker.forget_orthanc_id(harvest.id, sop_uid)
+            if self.delete_rejected:
+                for sop_uid, orthanc_id in self.tracker.rejected_unclaimed(harvest_id):
+                    try:
+                        self.store.delete(orthanc_id)
+                        removed += 1
+                    except LookupError:
+                        pass
+                    self.tracker.forget_orthanc_id(harvest_id, sop_uid)
             if removed:
                 self.events.write(Level.INFO, "harvester", f"removed {removed} candidate(s) retrieved only to "
-                                  "inspect their references", harvest_id=harvest.id)
-            self.tracker.mark_cleanup(harvest.id)
+                                  "inspect their references", harvest_id=harvest_id)
+            with self.tracker.db.transaction():
+                if harvest_id not in self.tracker.harvests_to_clean():
+                    continue  # reopened meanwhile
+                if self.delete_rejected and self.tracker.rejected_unclaimed(harvest_id):
+                    continue  # decided meanwhile: the next pass removes it
+                if self.tracker.pending_provenance_of(harvest_id):
+                    continue
+                self.tracker.mark_cleanup(harvest_id)
 
 
 def _fetches_its_series(op: Operation) -> bool:

@@ -12,7 +12,7 @@ from .config import HarvesterConfig
 from .eventlog import EventLog, Level
 from .httpapi import ApiError
 from .ingest import HarvestRouting, job_for
-from .jobqueue import Harvest, HarvestState, JobQueue
+from .jobqueue import EnqueueItem, Harvest, HarvestState, JobQueue
 from .planner import PATIENT_ID_MISMATCH, HarvestContext, start_operations
 from .strategies import discovery_description, record_discovery_bound
 from .tracking import Tracker
@@ -101,12 +101,15 @@ class HarvestService:
         """Create a harvest and enqueue its treatment-record queries."""
         source, lookup, window, label = parse_start_request(body, self.config)
         params = {"LookupSources": list(lookup), "Window": window.to_dict()}
-        harvest = self.queue.create_harvest(source, label, params)
-        routing = HarvestRouting(harvest.id, window, source, lookup)
+
+        def seed(harvest_id: str) -> list[EnqueueItem]:
+            routing = HarvestRouting(harvest_id, window, source, lookup)
+            return [job_for(routing, op) for op in start_operations(HarvestContext(window, harvest_id))]
+
+        # One transaction: a crash cannot leave a harvest without its seed jobs.
+        harvest = self.queue.create_harvest(source, label, params, seed=seed)
         with self._lock:
-            self._routing[harvest.id] = routing
-        ops = start_operations(HarvestContext(window, harvest.id))
-        self.queue.enqueue_many(job_for(routing, op) for op in ops)
+            self._routing[harvest.id] = HarvestRouting(harvest.id, window, source, lookup)
         if self.on_enqueue is not None:
             self.on_enqueue()
         self.events.write(Level.INFO, "harvests", f"harvest started at {source} (lookup: {', '.join(lookup)}; "
@@ -168,6 +171,9 @@ class HarvestService:
             "Progress": self.queue.progress(harvest.id).as_contract(),
         }
         doc.update(self.tracker.summary_counts(harvest.id))
+        # Arrivals whose decision failed on the C-STORE path (each is then planned from the store by its
+        # job, or the job fails): non-zero means "read the log", even when every job completed.
+        doc["IngestFailures"] = self.events.count(min_level=Level.ERROR, harvest_id=harvest.id, component="ingest")
         doc["RecordDiscovery"] = self.discovery(harvest)
         mismatches = self.tracker.rejections_like(harvest.id, PATIENT_ID_MISMATCH)
         doc["PatientIDMismatches"] = {"Count": sum(mismatches.values()), "Reasons": mismatches}

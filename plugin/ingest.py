@@ -98,6 +98,8 @@ class Ingest:
         self._lock = threading.Lock()
         self.arrivals = 0
         self.unsolicited = 0
+        #: Arrivals whose decision could not be recorded on the C-STORE path (see :meth:`on_stored`).
+        self.failures = 0
         self._reported_unsolicited = 0
         self._planned_series: set[tuple[str, str, str]] = set()
         #: Called after follow-up jobs were committed (the harvester wakes its idle workers).
@@ -105,7 +107,8 @@ class Ingest:
         self._last_unsolicited_from = ""
 
     def on_stored(self, orthanc_id: str, data: bytes, remote_aet: str) -> None:
-        """OnStoredInstance: parse, attribute, plan, enqueue (never raises)."""
+        """OnStoredInstance: parse, attribute, plan, enqueue (never raises; a failure is logged with the
+        harvest and job that expected the instance)."""
         refs = extract_from_bytes(data)
         source = (self._source_of_aet(remote_aet) if remote_aet else None) or remote_aet or None
         if not refs.sop_uid:
@@ -126,7 +129,20 @@ class Ingest:
             # Well-formed ones are counted, not logged one by one: a clinic pushing a study must not cost a
             # database write per image on the C-STORE path. The maintenance thread reports the count.
             return
-        self.process(refs, orthanc_id, expectations, moved=True)
+        try:
+            self.process(refs, orthanc_id, expectations, moved=True)
+        except Exception as exc:
+            # Orthanc keeps the instance whatever happens here (the callback cannot refuse it), so a failed
+            # decision must not end the chain silently: the worker that moved it finds it in the store
+            # without a decision and plans it from there, or fails the job with this reason. Logged through
+            # the event-log handler, which queues instead of writing (the database may be what failed).
+            with self._lock:
+                self.failures += 1
+            for exp in expectations:
+                log.error("ingest of stored instance %s failed (%s: %s); the job that moved it plans it from "
+                          "the store", orthanc_id, type(exc).__name__, exc,
+                          extra={"harvest_id": exp.harvest_id, "job_id": exp.job_id, "sop_uid": refs.sop_uid,
+                                 "series_uid": refs.series_uid, "component": "ingest"})
 
     def _series_planned(self, exp: Expectation, refs: ObjectRefs, op: Operation) -> bool:
         """True when another image of this series, wanted by the same operation, was planned already.

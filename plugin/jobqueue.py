@@ -19,9 +19,12 @@ Job life cycle (``JobState``)::
        +----release------+
     pending/waiting --cancel harvest--> cancelled
 
-An attempt is counted when a job is *claimed*, not when it fails: a job whose execution kills the
-process (a poison job) then still reaches the attempts cap through lease expiries instead of crashing
-the harvester forever. :meth:`JobQueue.release` gives the attempt back (clean shutdown).
+An attempt is counted when a job is *claimed*, not when it fails. :meth:`JobQueue.release` gives the
+attempt back (clean shutdown). A lease recovered because the harvester itself died (a restart declares
+the previous run's leases dead: :meth:`JobQueue.recover_stale_leases` with ``owner_prefix``) also gives
+the attempt back — the source did nothing wrong — and counts a *crash* instead: attempts count what the
+source did, crashes what the harvester did. A job whose execution kills the process every time (a poison
+job) still ends, FAILED once it spent :attr:`RetryPolicy.max_crashes`, with a message that says so.
 
 Harvest states are the exact strings of the REST contract (``Running``, ``Paused``, ``Completed``,
 ``Cancelled``). Only jobs of ``Running`` harvests are claimed. A harvest becomes ``Completed`` when no job
@@ -47,6 +50,7 @@ from zoneinfo import ZoneInfo
 from .db import Database, register_schema
 
 __all__ = [
+    "CRASH_BUDGET_SPENT",
     "EnqueueItem",
     "Harvest",
     "HarvestProgress",
@@ -168,6 +172,8 @@ class Job:
     created_at: float
     updated_at: float
     note: str | None = None
+    #: Times the harvester stopped (crash, kill) while this job was leased; not counted in ``attempts``.
+    crashes: int = 0
 
 
 @dataclass(frozen=True)
@@ -231,6 +237,8 @@ class RetryPolicy:
     """
 
     max_attempts: int = 10
+    #: Harvester restarts a job may live through (its lease recovered as dead) before it fails for good.
+    max_crashes: int = 50
     base_delay: float = 5.0
     factor: float = 2.0
     max_delay: float = 600.0
@@ -239,6 +247,8 @@ class RetryPolicy:
     def __post_init__(self) -> None:
         if not isinstance(self.max_attempts, int) or self.max_attempts < 1:
             raise ValueError(f"max_attempts must be an integer >= 1, got {self.max_attempts!r}")
+        if not isinstance(self.max_crashes, int) or self.max_crashes < 1:
+            raise ValueError(f"max_crashes must be an integer >= 1, got {self.max_crashes!r}")
         if self.base_delay < 0:
             raise ValueError(f"base_delay must be >= 0 seconds, got {self.base_delay!r}")
         if self.factor < 1:
@@ -375,11 +385,17 @@ register_schema(
         "CREATE INDEX harvests_created ON harvests (created_at)",
     ],
 )
+# A schema of its own (not "jobqueue" version 2), so it cannot collide with other additions to the queue.
+register_schema("jobqueue_crashes", 1, ["ALTER TABLE jobs ADD COLUMN crashes INTEGER NOT NULL DEFAULT 0"])
+
+#: ``last_error`` prefix of a job failed because the harvester kept dying while running it (the manifest
+#: reports it as the harvester's failure, never the source's).
+CRASH_BUDGET_SPENT = "harvester stopped"
 
 _JOB_COLUMNS = (
     "id, harvest_id, kind, source, payload, dedupe_key, priority, state, attempts, max_attempts,"
     " next_attempt_at, lease_owner, lease_expires_at, last_error, dimse_status, created_at, updated_at,"
-    " note"
+    " note, crashes"
 )
 _HARVEST_COLUMNS = "id, source, label, params, state, created_at, updated_at"
 
@@ -438,6 +454,7 @@ def _row_to_job(row: tuple[Any, ...]) -> Job:
         created_at=float(row[15]),
         updated_at=float(row[16]),
         note=row[17],
+        crashes=int(row[18]),
     )
 
 
@@ -491,9 +508,14 @@ class JobQueue:
     # -- harvests ----------------------------------------------------------------------------------
 
     def create_harvest(
-        self, source: str, label: str = "", params: Mapping[str, Any] | None = None
+        self, source: str, label: str = "", params: Mapping[str, Any] | None = None,
+        seed: Callable[[str], Iterable[EnqueueItem]] | None = None,
     ) -> Harvest:
-        """Create a ``Running`` harvest with a fresh random id (16 hex digits)."""
+        """Create a ``Running`` harvest with a fresh random id (16 hex digits).
+
+        ``seed(harvest_id)`` gives its first jobs, enqueued in the same transaction: a crash can never
+        leave a harvest Running without jobs.
+        """
         if not source:
             raise ValueError("a harvest needs a source (a DicomModalities name)")
         now = self.clock()
@@ -508,6 +530,9 @@ class JobQueue:
                     " VALUES (?, ?, ?, ?, ?, ?, ?)",
                     (hid, source, label or "", params_json, HarvestState.RUNNING.value, now, now),
                 )
+                if seed is not None:
+                    self._enqueue_in_tx(seed(hid))
+                    self._update_completion(hid)
             return Harvest(hid, source, label or "", json.loads(params_json), HarvestState.RUNNING, now, now)
 
     def get_harvest(self, harvest_id: str) -> Harvest:
@@ -747,37 +772,60 @@ class JobQueue:
             return _row_to_job(row)
 
     def _reclaim_expired(self, now: float, owner_prefix: str | None = None) -> int:
-        """Expired (or declared dead) leases: back to pending, or failed once the attempts cap is spent.
+        """Expired (or declared dead) leases: back to pending, or failed once a budget is spent.
 
-        Jobs of cancelled harvests become cancelled instead.
+        A lease that merely *expired* (its worker may be alive but stuck on a source) counts as the attempt
+        it was: failed at the attempts cap. A lease *declared dead* (``owner_prefix``: its process is known
+        to be gone) gives the attempt back and counts a crash instead: failed at ``max_crashes``. Jobs of
+        cancelled harvests become cancelled instead.
         """
-        stale = [
+        expired = {
             int(r[0])
             for r in self.db.query(
                 "SELECT id FROM jobs WHERE state = 'leased' AND lease_expires_at <= ?", (now,)
             )
-        ]
+        }
+        dead: set[int] = set()
         if owner_prefix is not None:
             # Compared in Python, not with LIKE/substr: no wildcard or NUL in a prefix can widen the match.
-            stale += [
+            dead = {
                 int(jid)
                 for jid, owner in self.db.query("SELECT id, lease_owner FROM jobs WHERE state = 'leased'")
                 if isinstance(owner, str) and owner.startswith(owner_prefix)
-            ]
-        if not stale:
+            }
+        expired -= dead
+        if not expired and not dead:
             return 0  # the common case costs one probe of a tiny partial index
-        return self.db.execute(
-            "UPDATE jobs SET"
-            " state = CASE"
-            "   WHEN (SELECT state FROM harvests WHERE id = jobs.harvest_id) = 'Cancelled' THEN 'cancelled'"
-            "   WHEN attempts >= max_attempts THEN 'failed' ELSE 'pending' END,"
-            " last_error = CASE WHEN attempts >= max_attempts"
-            "   THEN 'lease of ' || coalesce(lease_owner, '?') || ' expired after ' || attempts"
-            "        || ' attempts (worker died?); attempts cap reached' ELSE last_error END,"
-            " next_attempt_at = :now, lease_owner = NULL, lease_expires_at = NULL, updated_at = :now"
-            " WHERE state = 'leased' AND id IN (SELECT value FROM json_each(:ids))",
-            {"now": now, "ids": json.dumps(sorted(set(stale)))},
-        )
+        n = 0
+        if expired:
+            n += self.db.execute(
+                "UPDATE jobs SET"
+                " state = CASE"
+                "   WHEN (SELECT state FROM harvests WHERE id = jobs.harvest_id) = 'Cancelled' THEN 'cancelled'"
+                "   WHEN attempts >= max_attempts THEN 'failed' ELSE 'pending' END,"
+                " last_error = CASE WHEN attempts >= max_attempts"
+                "   THEN 'lease of ' || coalesce(lease_owner, '?') || ' expired after ' || attempts"
+                "        || ' attempts (worker stuck?); attempts cap reached' ELSE last_error END,"
+                " next_attempt_at = :now, lease_owner = NULL, lease_expires_at = NULL, updated_at = :now"
+                " WHERE state = 'leased' AND id IN (SELECT value FROM json_each(:ids))",
+                {"now": now, "ids": json.dumps(sorted(expired))},
+            )
+        if dead:
+            n += self.db.execute(
+                "UPDATE jobs SET crashes = crashes + 1, attempts = max(attempts - 1, 0),"
+                " state = CASE"
+                "   WHEN (SELECT state FROM harvests WHERE id = jobs.harvest_id) = 'Cancelled' THEN 'cancelled'"
+                "   WHEN crashes + 1 >= :max_crashes THEN 'failed' ELSE 'pending' END,"
+                " last_error = CASE WHEN crashes + 1 >= :max_crashes"
+                "   THEN :prefix || ' ' || (crashes + 1) || ' times while running this job (crash budget'"
+                "        || ' spent; not a failure of the source: find what stops the harvester)'"
+                "   ELSE last_error END,"
+                " next_attempt_at = :now, lease_owner = NULL, lease_expires_at = NULL, updated_at = :now"
+                " WHERE state = 'leased' AND id IN (SELECT value FROM json_each(:ids))",
+                {"now": now, "ids": json.dumps(sorted(dead)), "max_crashes": self.policy.max_crashes,
+                 "prefix": CRASH_BUDGET_SPENT},
+            )
+        return n
 
     def recover_stale_leases(self, owner_prefix: str | None = None) -> int:
         """Return expired leases to pending (failed if the attempts cap is spent); call on startup.
@@ -942,7 +990,7 @@ class JobQueue:
             now = self.clock()
             row = self.db.query_one(
                 _returning_job(
-                    "UPDATE jobs SET state = 'pending', attempts = 0, max_attempts = ?,"
+                    "UPDATE jobs SET state = 'pending', attempts = 0, crashes = 0, max_attempts = ?,"
                     " next_attempt_at = ?, updated_at = ? WHERE id = ?"
                 ),
                 (self.policy.max_attempts, now, now, job_id),

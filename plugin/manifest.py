@@ -32,7 +32,8 @@ from typing import Any
 
 from .classify import INVALID_INTENTS, classify_plan, registration_type
 from .httpapi import ApiError, HttpResponse
-from .planner import PATIENT_ID_MISMATCH
+from .jobqueue import CRASH_BUDGET_SPENT
+from .planner import PATIENT_ID_MISMATCH, promised_doses, promised_images
 from .references import ObjectKind, ObjectRefs, PlanRefs, RegistrationRefs, StructureSetRefs, extract_from_bytes
 from .sopclass import Modality, modality_of
 from .tracking import Decision, ObjectRecord
@@ -70,6 +71,8 @@ _SEARCH_WHAT = {
 _SEARCH_KINDS = frozenset({"FindReferencing", "FindSeriesInFrameOfReference"})
 #: Orphans listed at most (the count is always exact).
 MAX_ORPHANS = 1000
+#: Missing images of one series named one by one up to this many; beyond, one entry counts them.
+MAX_IMAGES_NAMED = 3
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -106,6 +109,8 @@ class FailureInfo:
         if self.is_not_found():
             return NOT_FOUND
         error = (self.last_error or "no error recorded").strip()
+        if error.startswith(CRASH_BUDGET_SPENT):
+            return f"harvester failure: {error}"  # the harvester kept dying, the source was never at fault
         if self.dimse_status is not None and f"{self.dimse_status:04X}" not in error.upper():
             error += f" (DIMSE status 0x{self.dimse_status:04X})"
         plural = "attempt" if self.attempts == 1 else "attempts"
@@ -554,6 +559,9 @@ class _Builder:
         """Steps 2-10 for a followed plan, from the stored objects' own references."""
         row.dose_uids = sorted(self.doses_of_plan.get(row.plan_uid, []))
         self._search_failures(row, [row.plan_uid])
+        for dose_uid in promised_doses(plan):
+            if dose_uid not in self.kept:
+                row.missing.append(MissingLink("RTDOSE", dose_uid, self.absent_reason(dose_uid)))
         # Step 2: the plan's structure set, or (TomoTherapy) the one its dose names.
         ss_uid = plan.structure_set_uids[0] if plan.structure_set_uids else None
         if ss_uid is None:
@@ -575,6 +583,7 @@ class _Builder:
             return
         planning = self._planning_series(row, ss)
         row.planning_series_uids = sorted(planning)
+        self._promised_images(row, promised_images(ss))
         planning_fors = {f for f in (self.series[u].for_uid for u in planning) if f}
         # Step 8: series sharing a planning FoR.
         row.planning_for_series_uids = sorted(
@@ -587,6 +596,7 @@ class _Builder:
         for uid in regs:
             reg = self.registrations[uid]
             moving = self._registered_series(row, reg, planning, planning_fors)
+            self._promised_images(row, promised_images(reg))
             for s in moving:
                 if s not in registered:
                     registered.append(s)
@@ -609,6 +619,39 @@ class _Builder:
             if failure is not None and (failure.harvest_id is None or harvests == {failure.harvest_id}):
                 self._failure_for(uid, ("RetrieveSeries",))
                 row.missing.append(MissingLink("SERIES", uid, "partially stored: " + failure.reason()))
+
+    def _promised_images(self, row: PlanRow, promised: Mapping[str, str | None]) -> None:
+        """Name the images an object promises that the store lacks (rule: ``planner.promised_images``).
+
+        Grouped per series (the promising object's listing, else the series of the image's stored
+        neighbours is unknown: one group): up to :data:`MAX_IMAGES_NAMED` are named one by one, more
+        become one entry counting them with the first few UIDs. Images of a series already reported
+        missing as a whole are not repeated.
+        """
+        reported = {m.uid for m in row.missing}
+        by_series: dict[str, list[str]] = {}
+        for uid, series_uid in promised.items():
+            if uid in self.kept or uid in reported or (series_uid is not None and series_uid in reported):
+                continue
+            by_series.setdefault(series_uid or "", []).append(uid)
+        for series_uid, absent in by_series.items():
+            if len(absent) <= MAX_IMAGES_NAMED:
+                row.missing.extend(MissingLink("IMAGE", uid, self._image_reason(uid, series_uid)) for uid in absent)
+                continue
+            listed = sum(1 for s in promised.values() if s == series_uid) if series_uid else len(promised)
+            first = ", ".join(absent[:MAX_IMAGES_NAMED])
+            row.missing.append(MissingLink(
+                "IMAGES", series_uid or absent[0], f"{len(absent)} of {listed} referenced image(s) not stored "
+                f"(first: {first}): {self._image_reason(absent[0], series_uid)}"))
+
+    def _image_reason(self, uid: str, series_uid: str) -> str:
+        """Why a promised image is absent: its own failed retrieve, else its series' (a series retrieve
+        that failed part-way explains it better than "dangling"), else :meth:`absent_reason`."""
+        direct = self._failure_for(uid, ("RetrieveInstance", "RetrieveSeries"), use=False)
+        series_failure = self._failure_for(series_uid, ("RetrieveSeries",), use=False) if series_uid else None
+        if direct is None and series_failure is not None:
+            return series_failure.reason()
+        return self.absent_reason(uid)
 
     def _planning_series(self, row: PlanRow, ss: StructureSetRefs) -> list[str]:
         """Steps 5-6: RTReferencedSeriesSequence series, then the first contour's series."""

@@ -28,7 +28,7 @@ from .operations import (
     RetrieveSeries,
     Role,
 )
-from .references import ObjectKind, ObjectRefs, Problem, ProblemCode
+from .references import ObjectKind, ObjectRefs, PlanRefs, Problem, ProblemCode, RegistrationRefs, StructureSetRefs
 from .sopclass import IMAGE_MODALITIES
 from .strategies import SearchStep, SourceCapability, search_steps
 
@@ -39,6 +39,8 @@ __all__ = [
     "SearchStep",
     "SourceCapability",
     "plan_arrival",
+    "promised_doses",
+    "promised_images",
     "search_steps",
     "start_operations",
 ]
@@ -380,3 +382,38 @@ def _image_followups(refs: ObjectRefs, role: Role, planning_fors: tuple[str, ...
                                             "SERIES->FOR")]
         return _decide(refs, True, "registered series image", ops, problems)
     return _decide(refs, True, f"{role.value.lower()} image", (), problems)
+
+
+# ---------------------------------------------------------------------------------------------------
+# What an object promises (validation asks the planner, so the rules live here only)
+
+
+def promised_images(obj: StructureSetRefs | RegistrationRefs) -> dict[str, str | None]:
+    """Every image a structure set or a registration names, mapped to its series UID when the object
+    says which series holds it (``None`` otherwise), in reference order.
+
+    The planner fetches the *series* of these images (rules 6 and 9), so a source holding all of them
+    delivers all of them; one that holds only part of a series delivers only that part, and these are
+    the images a harvest of that plan must hold to be ``Complete`` (``docs/harvest-rules.md``):
+
+    * a structure set: every image of its RTReferencedSeriesSequence listings and every contour's
+      ContourImageSequence image;
+    * a registration: every image of its ReferencedSeriesSequence / StudiesContainingOther...
+      listings and every image its (Deformable)RegistrationSequence items name.
+    """
+    out: dict[str, str | None] = {}
+    listings = obj.referenced_series
+    for ref in listings:
+        for uid in ref.instance_uids:
+            out.setdefault(uid, ref.series_uid)
+    named = obj.contour_image_uids if isinstance(obj, StructureSetRefs) else tuple(
+        uid for item in obj.items for uid in item.image_uids)
+    for uid in named:
+        out.setdefault(uid, None)
+    return out
+
+
+def promised_doses(plan: PlanRefs) -> tuple[str, ...]:
+    """Doses a plan names itself (ReferencedDoseSequence). The dose search (rule 5) finds every dose that
+    names the plan; one the plan names that is not stored makes the plan ``Incomplete``."""
+    return plan.dose_uids

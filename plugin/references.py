@@ -137,6 +137,8 @@ class StructureSetRefs:
     first_contour_roi_number: int | None
     roi_count: int
     contoured_roi_count: int
+    #: Every image a contour names (ROIContourSequence > ContourSequence > ContourImageSequence), in order.
+    contour_image_uids: tuple[str, ...] = ()
 
     def series_listing(self, image_uid: str) -> SeriesRef | None:
         """The referenced series whose ContourImageSequence lists ``image_uid``, if any."""
@@ -450,6 +452,7 @@ def _structure_set(r: _Reader, ds: Dataset) -> StructureSetRefs:
     first_uid: str | None = None
     first_roi: int | None = None
     contoured = 0
+    contour_images: dict[str, None] = {}
     for i, rc in enumerate(r.seq(ds, "ROIContourSequence", "ROIContourSequence", required=True)):
         path = f"ROIContourSequence[{i}]"
         number = r.integer(rc, "ReferencedROINumber", f"{path}.ReferencedROINumber")
@@ -459,16 +462,15 @@ def _structure_set(r: _Reader, ds: Dataset) -> StructureSetRefs:
         contours = r.seq(rc, "ContourSequence", f"{path}.ContourSequence")
         if contours:
             contoured += 1
-        if first_uid is not None:
-            continue
         # The first ROI is often an empty placeholder (e.g. an unused BODY): take the first contour
-        # that actually names an image, in ROI then contour order, as the paper's step 5 does.
+        # that actually names an image, in ROI then contour order, as the paper's step 5 does. Every
+        # other contour image is collected too: validation checks that each one is stored.
         for j, contour in enumerate(contours):
             cpath = f"{path}.ContourSequence[{j}]"
             imgs = r.ref_uids(contour, "ContourImageSequence", f"{cpath}.ContourImageSequence")
-            if imgs:
+            if imgs and first_uid is None:
                 first_uid, first_roi = imgs[0], number
-                break
+            contour_images.update(dict.fromkeys(imgs))
     if first_uid is None:
         r.add(ProblemCode.NO_CONTOURS, "ROIContourSequence",
               "no contour references an image: the planning image cannot be found from the contours")
@@ -477,7 +479,8 @@ def _structure_set(r: _Reader, ds: Dataset) -> StructureSetRefs:
         r.add(ProblemCode.DANGLING_REFERENCE, "ROIContourSequence",
               f"first contour image {first_uid} is not listed in any RTReferencedSeriesSequence item",
               "ContourImageSequence")
-    return StructureSetRefs(tuple(fors), tuple(series), first_uid, first_roi, len(rois), contoured)
+    return StructureSetRefs(tuple(fors), tuple(series), first_uid, first_roi, len(rois), contoured,
+                            tuple(contour_images))
 
 
 def _dose(r: _Reader, ds: Dataset) -> DoseRefs:

@@ -8,7 +8,7 @@ from typing import Any
 from .eventlog import EventLog, Level, parse_since
 from .harvests import HarvestService
 from .httpapi import ApiError, HttpRequest, HttpResponse, Router
-from .jobqueue import Job, JobQueue, JobState, QueueError
+from .jobqueue import HarvestState, Job, JobQueue, JobState, QueueError
 
 _ID = r"([0-9a-zA-Z_-]{1,64})"
 
@@ -28,6 +28,7 @@ def job_document(job: Job) -> dict[str, Any]:
         "State": job.state.value,
         "Attempts": job.attempts,
         "MaxAttempts": job.max_attempts,
+        "Crashes": job.crashes,
         "LastError": job.last_error,
         "DimseStatus": None if job.dimse_status is None else f"0x{job.dimse_status:04X}",
         "Note": job.note,
@@ -47,8 +48,18 @@ def build_routes(router: Router, harvests: HarvestService, queue: JobQueue, even
         return HttpResponse.json({"ID": harvest.id, "State": harvests.visible_state(harvest)})
 
     def list_harvests(request: HttpRequest) -> HttpResponse:
+        # Paged, newest first: ?limit= (at most 10,000 per page) and ?offset= reach every harvest.
         limit = request.query_int("limit", 100, 1, 10_000)
-        return HttpResponse.json([harvests.document(h) for h in queue.list_harvests(limit=limit)])
+        offset = request.query_int("offset", 0, 0, 1 << 62)
+        state = request.query.get("state") or None
+        if state is not None:
+            try:
+                state = HarvestState.parse(state).value
+            except ValueError:
+                allowed = ", ".join(s.value for s in HarvestState)
+                raise ApiError(400, f"state must be one of {allowed}, got {state[:40]!r}") from None
+        found = queue.list_harvests(state=state, limit=limit, offset=offset)
+        return HttpResponse.json([harvests.document(h) for h in found])
 
     def get_harvest(request: HttpRequest) -> HttpResponse:
         return HttpResponse.json(harvests.document(harvests.get(request.groups[0])))

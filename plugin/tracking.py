@@ -254,11 +254,17 @@ class Tracker:
         unless it was a rejection and this one keeps it: another rule wants the object after all).
         """
         existing = self.db.query_one(
-            "SELECT decision, moved FROM rth_objects WHERE harvest_id = ? AND sop_uid = ?",
+            "SELECT decision, moved, orthanc_id FROM rth_objects WHERE harvest_id = ? AND sop_uid = ?",
             (obj.harvest_id, obj.sop_uid),
         )
         now = time.time()
         if existing is not None and not (existing[0] == Decision.REJECTED and obj.decision is Decision.KEPT):
+            if obj.orthanc_id and existing[2] is None:
+                # Stored again after the clean-up deleted it (another search of the harvest moved it in):
+                # the decision stays, but the copy is back and the clean-up must see it.
+                self.db.execute("UPDATE rth_objects SET orthanc_id = ?, moved = max(moved, ?) WHERE harvest_id = ?"
+                                " AND sop_uid = ?", (obj.orthanc_id, int(obj.moved), obj.harvest_id, obj.sop_uid))
+                self.db.execute("DELETE FROM rth_cleanup WHERE harvest_id = ?", (obj.harvest_id,))
             return False
         if existing is not None and existing[1] and not obj.moved:
             # Moved in as a candidate, claimed from the store by another rule: it was still moved by us.
@@ -273,6 +279,10 @@ class Tracker:
              obj.sop_class_uid, obj.frame_of_reference_uid, json.dumps(list(obj.plan_uids)), obj.treatment_date,
              json.dumps(list(obj.problems)), now),
         )
+        # A new decision changes what the harvest holds: its end-of-harvest clean-up (and so its visible
+        # "Completed") must run again. In the same transaction as the decision, so a clean-up that
+        # started before it can never mark the harvest clean (see ``Harvester.finish_harvests``).
+        self.db.execute("DELETE FROM rth_cleanup WHERE harvest_id = ?", (obj.harvest_id,))
         if obj.decision is Decision.KEPT and obj.orthanc_id:
             self.db.execute(
                 "INSERT INTO rth_provenance_outbox (orthanc_id, harvest_id, sop_uid, source, job_id, hop,"
@@ -347,6 +357,25 @@ class Tracker:
         """The instance was deleted from the store: keep the decision, drop the dangling Orthanc id."""
         self.db.execute("UPDATE rth_objects SET orthanc_id = NULL WHERE harvest_id = ? AND sop_uid = ?",
                         (harvest_id, sop_uid))
+
+    def harvests_to_clean(self) -> list[str]:
+        """Finished harvests (Completed, or Cancelled with no job still running) not yet cleaned up, and
+        forget the clean-up of harvests running again. Every harvest, however many (no listing cap)."""
+        with self.db.transaction():
+            self.db.execute("DELETE FROM rth_cleanup WHERE harvest_id IN"
+                            " (SELECT id FROM harvests WHERE state IN ('Running', 'Paused'))")
+            rows = self.db.query(
+                "SELECT h.id FROM harvests h WHERE h.state IN ('Completed', 'Cancelled')"
+                " AND NOT EXISTS (SELECT 1 FROM rth_cleanup c WHERE c.harvest_id = h.id)"
+                " AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.harvest_id = h.id"
+                "                 AND j.state IN ('pending', 'waiting', 'leased'))"
+                " ORDER BY h.created_at")
+        return [str(r[0]) for r in rows]
+
+    def pending_provenance_of(self, harvest_id: str) -> bool:
+        """Whether provenance of this harvest's kept instances is still to be written."""
+        return self.db.query_one("SELECT 1 FROM rth_provenance_outbox WHERE harvest_id = ? LIMIT 1",
+                                 (harvest_id,)) is not None
 
     def cleanup_done(self, harvest_id: str) -> bool:
         """Whether the end-of-harvest cleanup ran."""

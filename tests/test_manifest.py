@@ -308,9 +308,10 @@ def test_partially_stored_series(synth: Synth) -> None:
                           None, 9, "h")
     row = _row(build_manifest("h", objects, synth.read_refs, [*failures, partial]), plan.plan_uid)
     assert row["Status"] == "Incomplete"
-    assert row["Missing"] == [{"What": "SERIES", "UID": series,
-                               "Reason": "partially stored: failed after 10 attempts: 1 of 8 instance(s) did not "
-                                         "arrive"}]
+    why = "failed after 10 attempts: 1 of 8 instance(s) did not arrive"
+    # The structure set lists the image: it is named, with the series retrieve's reason.
+    assert row["Missing"] == [{"What": "IMAGE", "UID": first.sop_uid, "Reason": why},
+                              {"What": "SERIES", "UID": series, "Reason": "partially stored: " + why}]
 
 
 def test_unreadable_stored_objects_are_reported(synth: Synth) -> None:

@@ -902,6 +902,12 @@ def generate(out_dir: Path, options: SynthOptions, *, overwrite: bool = False) -
 
     ``out_dir/dicom`` must not hold files already unless ``overwrite`` is set (then it is replaced).
     """
+    return generate_with_knowledge(out_dir, options, overwrite=overwrite)[0]
+
+
+def generate_with_knowledge(out_dir: Path, options: SynthOptions, *,
+                            overwrite: bool = False) -> tuple[GroundTruth, Knowledge]:
+    """:func:`generate`, also returning the generator's facts (for clinics derived from this one)."""
     if options.patients < 1:
         raise ValueError("patients must be at least 1")
     if options.ct_slices < 2:
@@ -936,4 +942,4 @@ def generate(out_dir: Path, options: SynthOptions, *, overwrite: bool = False) -
         dangling=clinic.dangling,
     )
     (root / "ground_truth.json").write_text(truth.to_json(), encoding="utf-8")
-    return truth
+    return truth, clinic.k

@@ -1,0 +1,192 @@
+"""From MOSAIQ deliveries to treatment records: the rules, each stated where it is applied.
+
+Pure functions over :mod:`.models`; no SQL, no DICOM encoding. :func:`plan_records` takes every
+delivery of one patient (all dates, so that sessions crossing midnight and fraction ordinals come out
+the same whatever window is asked for) and returns the records of the sessions inside the window,
+plus what it skipped or could not convert, each naming the MOSAIQ row.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import date, datetime, timedelta
+
+from .models import Delivery, DeliveryType, PatientInfo, Problem, SiteInfo, TerminationStatus
+
+#: A delivery on a later calendar day still belongs to the open session of its site when it follows the
+#: previous delivery by less than this: a session that runs past midnight stays one session (and one
+#: record per plan), dated by its first delivery. Two sessions of one site on one calendar day are not
+#: told apart (MOSAIQ counts one fraction per site and day); they form one session.
+SESSION_GAP = timedelta(hours=2)
+
+
+@dataclass(frozen=True)
+class Session:
+    """The treatment deliveries of one site in one sitting; ``number`` is its 1-based ordinal in the site."""
+
+    sit_set_id: int
+    number: int
+    day: date
+    deliveries: tuple[Delivery, ...]
+
+
+@dataclass(frozen=True)
+class BeamItem:
+    """One TreatmentSessionBeamSequence item: one delivered field."""
+
+    delivery: Delivery
+    beam_number: int
+    beam_name: str
+    fraction: int
+    delivery_type: DeliveryType
+    specified_meterset: float | None
+    delivered_meterset: float
+
+
+@dataclass(frozen=True)
+class RecordSpec:
+    """One RT Beams Treatment Record: the deliveries of one plan in one session on one machine."""
+
+    patient: PatientInfo
+    site: SiteInfo | None
+    session: Session
+    plan_uid: str
+    machine: str
+    beams: tuple[BeamItem, ...]
+
+    @property
+    def started(self) -> datetime:
+        """When the first beam of the record was delivered (TreatmentDate/Time)."""
+        return self.beams[0].delivery.when
+
+    @property
+    def key(self) -> str:
+        """The MOSAIQ rows behind this record, for reports."""
+        return "Dose_Hst DHS_ID=" + ",".join(str(b.delivery.dhs_id) for b in self.beams)
+
+
+@dataclass
+class Outcome:
+    """What :func:`plan_records` made of one patient's deliveries."""
+
+    records: list[RecordSpec] = field(default_factory=list)
+    sessions: int = 0
+    skipped: list[Problem] = field(default_factory=list)
+    errors: list[Problem] = field(default_factory=list)
+
+
+def _sessions(deliveries: Sequence[Delivery]) -> list[Session]:
+    """Rule: a session is the deliveries of one site (``TxField.SIT_Set_ID`` of the delivered field
+    version) on one treatment day, the day of its first delivery; see :data:`SESSION_GAP` for midnight."""
+    by_site: dict[int, list[Delivery]] = {}
+    for d in sorted(deliveries, key=lambda d: (d.when, d.dhs_id)):
+        assert d.field is not None
+        by_site.setdefault(d.field.sit_set_id, []).append(d)
+    out: list[Session] = []
+    for site, items in sorted(by_site.items()):
+        groups: list[list[Delivery]] = []
+        for d in items:
+            if groups:
+                current = groups[-1]
+                same_day = d.when.date() == current[0].when.date()
+                if same_day or d.when - current[-1].when < SESSION_GAP:
+                    current.append(d)
+                    continue
+            groups.append([d])
+        out += [Session(site, n, g[0].when.date(), tuple(g)) for n, g in enumerate(groups, start=1)]
+    return out
+
+
+def _beams(session: Session, deliveries: Sequence[Delivery]) -> tuple[BeamItem, ...]:
+    items: list[BeamItem] = []
+    given: dict[int, float] = {}  # meterset delivered so far per field set in this record
+    interrupted: set[int] = set()
+    for d in deliveries:
+        f = d.field
+        assert f is not None
+        delivered = d.meterset if d.meterset is not None else 0.0
+        # Rule: a field delivered again after an interrupted delivery (PartiallyTreated, or a termination
+        # other than NORMAL) in the same session completes that fraction: CONTINUATION, same fraction
+        # number, and what remained of the field's meterset as the specified meterset.
+        continuation = f.fld_set_id in interrupted
+        specified = f.meterset
+        if continuation and specified is not None:
+            specified = max(specified - given.get(f.fld_set_id, 0.0), 0.0)
+        items.append(BeamItem(
+            delivery=d,
+            beam_number=f.beam_number,
+            beam_name=f.beam_name or f.label or f.name,
+            # Rule: the fraction number is MOSAIQ's own per-site count (Dose_Hst.Fx_Number_InEffect) when it
+            # is recorded, otherwise the session's ordinal among the site's sessions.
+            fraction=d.fraction_in_effect if d.fraction_in_effect else session.number,
+            delivery_type=DeliveryType.CONTINUATION if continuation else DeliveryType.TREATMENT,
+            specified_meterset=specified,
+            delivered_meterset=delivered,
+        ))
+        given[f.fld_set_id] = given.get(f.fld_set_id, 0.0) + delivered
+        if d.partially_treated or d.termination is not TerminationStatus.NORMAL:
+            interrupted.add(f.fld_set_id)
+        else:
+            interrupted.discard(f.fld_set_id)
+    return tuple(items)
+
+
+def plan_records(patient: PatientInfo, deliveries: Sequence[Delivery], sites: dict[int, SiteInfo],
+                 date_from: date, date_to: date) -> Outcome:
+    """Records of the sessions dated ``date_from``..``date_to`` (inclusive) from all of a patient's deliveries."""
+    out = Outcome()
+
+    def in_window(day: date) -> bool:
+        return date_from <= day <= date_to
+
+    treatments: list[Delivery] = []
+    for d in deliveries:
+        if in_window(d.when.date()):
+            out.errors += d.problems
+        if d.field is None:
+            continue  # no TxField row: reported above as a problem of the Dose_Hst row
+        if d.qa_mode:
+            # Rule: a delivery made in QA mode (TrackTreatment.WasQAMode) is not a treatment.
+            if in_window(d.when.date()):
+                out.skipped.append(Problem("Dose_Hst", f"DHS_ID={d.dhs_id}", "qa-mode", "delivered in QA mode"))
+            continue
+        if d.field.field_type.is_setup:
+            # Rule: setup fields (Type_Enum 3 setup, 4 kV setup) position the patient; they treat nothing.
+            if in_window(d.when.date()):
+                out.skipped.append(Problem("Dose_Hst", f"DHS_ID={d.dhs_id}", "setup-field",
+                                           f"TxField FLD_ID={d.field.fld_id} is a setup field"))
+            continue
+        treatments.append(d)
+
+    for session in _sessions(treatments):
+        if not in_window(session.day):
+            continue
+        out.sessions += 1
+        groups: dict[tuple[str, str], list[Delivery]] = {}
+        for d in session.deliveries:
+            f = d.field
+            assert f is not None
+            if not f.plan_uid or f.beam_number <= 0:
+                # Rule: a field not imported from DICOM (no OriginalPlanUID, OriginalBeamNumber 0) has no plan
+                # to reference: the delivery is reported, never attached to a guessed plan.
+                out.skipped.append(Problem("Dose_Hst", f"DHS_ID={d.dhs_id}", "no-plan-uid",
+                                           f"TxField FLD_ID={f.fld_id} was not imported from DICOM"))
+                continue
+            # Rule: one record per plan in a session (ReferencedRTPlanSequence holds one plan), and per
+            # machine (TreatmentMachineSequence holds one machine: the one actually used).
+            groups.setdefault((f.plan_uid, d.machine or ""), []).append(d)
+        for (plan_uid, machine), items in groups.items():
+            bad = [p for d in items for p in d.problems]
+            if bad:
+                out.errors.append(Problem("Dose_Hst", "DHS_ID=" + ",".join(str(d.dhs_id) for d in items),
+                                          "record-not-written",
+                                          f"record of plan {plan_uid} not written: {len(bad)} bad value(s) in "
+                                          "its deliveries (see the errors naming those rows)"))
+                continue
+            site = sites.get(items[0].sit_id) if items[0].sit_id is not None else None
+            out.records.append(RecordSpec(patient, site, session, plan_uid, machine, _beams(session, items)))
+    out.records.sort(key=lambda r: (r.started, r.plan_uid, r.machine))
+    # A bad row shared by many deliveries (a field's control point) is reported once.
+    out.errors = list(dict.fromkeys(out.errors))
+    return out

@@ -1,0 +1,402 @@
+"""Read deliveries from a MOSAIQ database through SQLAlchemy Core (SQL Server in production, SQLite in tests).
+
+Every query uses the table objects of :mod:`.schema`, so SQLAlchemy quotes MOSAIQ's mixed-case names
+for each dialect. Values are checked and typed here: a non-numeric enum or a malformed leaf blob
+becomes a :class:`~.models.Problem` on the delivery that needs it (naming table, row and column), never
+an exception that would stop other deliveries or patients.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterable, Sequence
+from datetime import date, datetime, time, timedelta
+from typing import Any
+
+from sqlalchemy import Engine, and_, inspect, select
+from sqlalchemy.engine import RowMapping
+
+from . import schema as s
+from .models import (
+    ControlPoint,
+    Delivery,
+    FieldType,
+    FieldVersion,
+    PatientInfo,
+    PlanLocation,
+    Problem,
+    SiteInfo,
+    TerminationStatus,
+    VerifyStatus,
+)
+
+
+class MissingTable(RuntimeError):
+    """A table the converter cannot work without is absent."""
+
+
+class BadValue(ValueError):
+    """One column of one row holds something the converter cannot use."""
+
+    def __init__(self, problem: Problem) -> None:
+        super().__init__(str(problem))
+        self.problem = problem
+
+
+#: Leaf positions are stored in 1/100 cm; DICOM wants mm.
+_LEAF_UNIT_MM = 0.1
+#: Batch size of ``IN (...)`` lists (SQL Server accepts at most 2100 parameters per statement).
+_CHUNK = 500
+
+
+def _chunks(values: Sequence[Any]) -> Iterable[Sequence[Any]]:
+    for start in range(0, len(values), _CHUNK):
+        yield values[start:start + _CHUNK]
+
+
+def _text(value: object) -> str:
+    """A char/varchar column without MOSAIQ's space padding."""
+    return "" if value is None else str(value).strip()
+
+
+def _number(value: object, table: str, key: str, column: str, *, integer: bool) -> float | int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        return int(value)
+    if isinstance(value, int | float) and not (integer and isinstance(value, float) and not value.is_integer()):
+        return int(value) if integer else float(value)
+    text = str(value).strip()
+    try:
+        return int(text) if integer else float(text)
+    except ValueError:
+        kind = "an integer" if integer else "a number"
+        raise BadValue(Problem(table, key, "non-numeric-value", f"{column} {value!r} is not {kind}")) from None
+
+
+def _int(value: object, table: str, key: str, column: str) -> int | None:
+    number = _number(value, table, key, column, integer=True)
+    return None if number is None else int(number)
+
+
+def _float(value: object, table: str, key: str, column: str) -> float | None:
+    number = _number(value, table, key, column, integer=False)
+    return None if number is None else float(number)
+
+
+def _enum(kind: type[Any], value: object, table: str, key: str, column: str, default: Any = None) -> Any:
+    number = _int(value, table, key, column)
+    if number is None:
+        if default is not None:
+            return default
+        raise BadValue(Problem(table, key, "missing-enum", f"{column} is NULL"))
+    try:
+        return kind(number)
+    except ValueError:
+        raise BadValue(Problem(table, key, "unknown-enum", f"{column} {number} is not a known value")) from None
+
+
+def leaf_positions_mm(blob: object, table: str, key: str, column: str) -> tuple[float, ...] | None:
+    """Decode a MOSAIQ leaf blob: little-endian int16 values in 1/100 cm, returned in mm.
+
+    An odd byte count is padded with one zero byte (MOSAIQ writes such blobs; open readers pad them the
+    same way). A value that is not binary, or an empty blob, is not a leaf set. The sign convention of
+    the banks has not been checked against a real linac log: values are taken as IEC X coordinates.
+    """
+    if blob is None:
+        return None
+    if isinstance(blob, memoryview):
+        blob = blob.tobytes()
+    if not isinstance(blob, bytes | bytearray):
+        raise BadValue(Problem(table, key, "malformed-leaf-blob", f"{column} is {type(blob).__name__}, not binary"))
+    data = bytes(blob)
+    if not data:
+        return None
+    if len(data) % 2:
+        data += b"\x00"
+    values = struct.unpack(f"<{len(data) // 2}h", data)
+    return tuple(round(v * _LEAF_UNIT_MM, 2) for v in values)
+
+
+def _leaves(row: RowMapping, table: str, key: str) -> tuple[float, ...] | None:
+    a = leaf_positions_mm(row["A_Leaf_Set"], table, key, "A_Leaf_Set")
+    b = leaf_positions_mm(row["B_Leaf_Set"], table, key, "B_Leaf_Set")
+    if a is None and b is None:
+        return None
+    if a is None or b is None or len(a) != len(b):
+        counts = f"{len(a) if a else 0} A leaves, {len(b) if b else 0} B leaves"
+        raise BadValue(Problem(table, key, "malformed-leaf-blob", f"leaf banks differ in size ({counts})"))
+    return a + b
+
+
+def _point(row: RowMapping, table: str, key: str, energy: bool) -> ControlPoint:
+    return ControlPoint(
+        point=_int(row["Point"], table, key, "Point") or 0,
+        index=_float(row["Index"], table, key, "Index"),
+        gantry=_float(row["Gantry_Ang"], table, key, "Gantry_Ang"),
+        collimator=_float(row["Coll_Ang"], table, key, "Coll_Ang"),
+        energy=_float(row["Energy"], table, key, "Energy") if energy else None,
+        leaves_mm=_leaves(row, table, key),
+    )
+
+
+def _points(rows: Iterable[RowMapping], table: str, id_column: str, energy: bool) -> tuple[
+        dict[int, list[ControlPoint]], dict[int, Problem]]:
+    """Control points by owner id; an owner with a bad point gets a problem instead of points."""
+    points: dict[int, list[ControlPoint]] = {}
+    problems: dict[int, Problem] = {}
+    for row in rows:
+        owner = int(row[id_column])
+        key = f"{id_column}={owner} Point={row['Point']}"
+        if owner in problems:
+            continue
+        try:
+            points.setdefault(owner, []).append(_point(row, table, key, energy))
+        except BadValue as exc:
+            problems[owner] = exc.problem
+            points.pop(owner, None)
+    for owner, cps in points.items():
+        cps.sort(key=lambda cp: cp.point)
+        counts = {len(cp.leaves_mm) for cp in cps if cp.leaves_mm is not None}
+        if len(counts) > 1:
+            problems[owner] = Problem(table, f"{id_column}={owner}", "malformed-leaf-blob",
+                                      f"leaf counts differ between control points: {sorted(counts)}")
+    return points, problems
+
+
+def _day_start(day: date) -> datetime:
+    return datetime.combine(day, time())
+
+
+class MosaiqReader:
+    """Queries one MOSAIQ database. ``check()`` first: it says which optional tables are absent."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.present: set[str] = set()
+
+    def check(self) -> list[str]:
+        """Connect, require the tables of :data:`~.schema.REQUIRED`; return warnings for absent optional ones.
+
+        Raises :class:`MissingTable` naming the first absent required table, and SQLAlchemy's
+        ``OperationalError`` (or the driver's error) when the database cannot be reached.
+        """
+        names = {name.lower(): name for name in inspect(self.engine).get_table_names()}
+        self.present = {t for t in (*s.REQUIRED, *s.OPTIONAL) if t.lower() in names}
+        for table in s.REQUIRED:
+            if table not in self.present:
+                raise MissingTable(f"required table {table} is absent from the MOSAIQ database")
+        effects = {
+            "TxFieldPoint": "control points carry no gantry angle, energy or MLC positions",
+            "FLD_HST": "the delivered meterset is Dose_Hst.Meterset, delivered control points are the planned ones",
+            "TxFieldPoint_Hst": "delivered control points are the planned ones (TxFieldPoint)",
+            "DCMStudy": "records go to a per-site study instead of the plan's study",
+            "DCMSeries": "records go to a per-site study instead of the plan's study",
+            "DCMInstance": "records go to a per-site study instead of the plan's study",
+        }
+        return [f"table {t} is absent: {effects[t]}" for t in s.OPTIONAL if t not in self.present]
+
+    # -- patients -----------------------------------------------------------------------------------
+
+    def patients(self, date_from: date, date_to: date, patient_ids: Sequence[str] = ()) -> list[PatientInfo]:
+        """Patients with a delivery between ``date_from`` and ``date_to`` (inclusive, local days).
+
+        A day of margin on each side keeps sessions that cross midnight into or out of the window
+        (:mod:`.mapping` decides which session dates are in the window).
+        """
+        dh, ident = s.Dose_Hst, s.Ident
+        query = (
+            select(ident.c.Pat_Id1, ident.c.IDA)
+            .where(ident.c.Version == 0)
+            .where(ident.c.Pat_Id1.in_(
+                select(dh.c.Pat_ID1).where(dh.c.Tx_DtTm >= _day_start(date_from - timedelta(days=1)),
+                                           dh.c.Tx_DtTm < _day_start(date_to + timedelta(days=2)))))
+            .order_by(ident.c.Pat_Id1)
+        )
+        with self.engine.connect() as conn:
+            rows = list(conn.execute(query).mappings())
+            wanted = {p.strip() for p in patient_ids}
+            chosen = [r for r in rows if not wanted or _text(r["IDA"]) in wanted]
+            ids = [int(r["Pat_Id1"]) for r in chosen]
+            details: dict[int, RowMapping] = {}
+            for chunk in _chunks(ids):
+                for row in conn.execute(select(s.Patient).where(s.Patient.c.Pat_ID1.in_(chunk))).mappings():
+                    details[int(row["Pat_ID1"])] = row
+        out: list[PatientInfo] = []
+        for row in chosen:
+            pat = int(row["Pat_Id1"])
+            detail = details.get(pat)
+            name, birth = "", ""
+            if detail is not None:
+                parts = [_text(detail["Last_Name"]), _text(detail["First_Name"]), _text(detail["MIddle_Name"])]
+                name = "^".join(parts).rstrip("^")
+                born = detail["Birth_DtTm"]
+                birth = born.strftime("%Y%m%d") if isinstance(born, datetime | date) else ""
+            out.append(PatientInfo(pat, _text(row["IDA"]), name, birth))
+        return out
+
+    # -- deliveries ---------------------------------------------------------------------------------
+
+    def deliveries(self, patient: PatientInfo) -> list[Delivery]:
+        """Every ``Dose_Hst`` row of the patient, joined to the exact ``TxField`` version it delivered.
+
+        Rule: the join is on ``Dose_Hst.FLD_ID = TxField.FLD_ID`` with no condition on
+        ``TxField.Version``: a field edited after delivery keeps the delivered row as a history version
+        (Version != 0), and that row (its meterset, its OriginalPlanUID) is what was delivered.
+        The machine is ``Dose_Hst.Machine_ID_Staff_ID`` (the machine actually used), not the field's
+        planned machine.
+        """
+        dh, tx, tt, staff = s.Dose_Hst, s.TxField, s.TrackTreatment, s.Staff
+        query = (
+            select(dh, tx.c.FLD_ID.label("tx_FLD_ID"), tx.c.FLD_SET_ID, tx.c.Version.label("tx_Version"),
+                   tx.c.SIT_Set_ID, tx.c.Field_Label, tx.c.Field_Name, tx.c.Meterset.label("tx_Meterset"),
+                   tx.c.Type_Enum.label("tx_Type_Enum"), tx.c.OriginalPlanUID, tx.c.OriginalBeamName,
+                   tx.c.OriginalBeamNumber, tt.c.WasQAMode, staff.c.Last_Name.label("machine_name"))
+            .select_from(dh.outerjoin(tx, tx.c.FLD_ID == dh.c.FLD_ID)
+                         .outerjoin(tt, tt.c.DHS_ID == dh.c.DHS_ID)
+                         .outerjoin(staff, staff.c.Staff_ID == dh.c.Machine_ID_Staff_ID))
+            .where(dh.c.Pat_ID1 == patient.pat_id1)
+            .order_by(dh.c.Tx_DtTm, dh.c.DHS_ID)
+        )
+        with self.engine.connect() as conn:
+            rows = list(conn.execute(query).mappings())
+            dhs_ids = [int(r["DHS_ID"]) for r in rows]
+            fld_ids = sorted({int(r["FLD_ID"]) for r in rows if r["FLD_ID"] is not None})
+            fld_hst: dict[int, RowMapping] = {}
+            if "FLD_HST" in self.present:
+                for chunk in _chunks(dhs_ids):
+                    for row in conn.execute(select(s.FLD_HST).where(s.FLD_HST.c.DHS_ID.in_(chunk))).mappings():
+                        fld_hst.setdefault(int(row["DHS_ID"]), row)
+            planned: tuple[dict[int, list[ControlPoint]], dict[int, Problem]] = ({}, {})
+            if "TxFieldPoint" in self.present:
+                point_rows: list[RowMapping] = []
+                for chunk in _chunks(fld_ids):
+                    point_rows += conn.execute(
+                        select(s.TxFieldPoint).where(s.TxFieldPoint.c.FLD_ID.in_(chunk))).mappings()
+                planned = _points(point_rows, "TxFieldPoint", "FLD_ID", energy=True)
+            delivered: tuple[dict[int, list[ControlPoint]], dict[int, Problem]] = ({}, {})
+            if "TxFieldPoint_Hst" in self.present and fld_hst:
+                fhs_ids = sorted(int(r["FHS_ID"]) for r in fld_hst.values())
+                hst_rows: list[RowMapping] = []
+                for chunk in _chunks(fhs_ids):
+                    hst_rows += conn.execute(
+                        select(s.TxFieldPoint_Hst).where(s.TxFieldPoint_Hst.c.FHS_ID.in_(chunk))).mappings()
+                delivered = _points(hst_rows, "TxFieldPoint_Hst", "FHS_ID", energy=False)
+        return [self._delivery(row, fld_hst.get(int(row["DHS_ID"])), planned, delivered) for row in rows]
+
+    def _delivery(self, row: RowMapping, hst: RowMapping | None,
+                  planned: tuple[dict[int, list[ControlPoint]], dict[int, Problem]],
+                  delivered: tuple[dict[int, list[ControlPoint]], dict[int, Problem]]) -> Delivery:
+        dhs_id = int(row["DHS_ID"])
+        key = f"DHS_ID={dhs_id}"
+        problems: list[Problem] = []
+
+        def attempt(default: Any, make: Any) -> Any:
+            try:
+                return make()
+            except BadValue as exc:
+                problems.append(exc.problem)
+                return default
+
+        when = row["Tx_DtTm"]
+        if not isinstance(when, datetime):
+            problems.append(Problem("Dose_Hst", key, "bad-date", f"Tx_DtTm {when!r} is not a date and time"))
+            when = datetime(1900, 1, 1)
+        field: FieldVersion | None = None
+        if row["tx_FLD_ID"] is not None:
+            fkey = f"FLD_ID={row['tx_FLD_ID']}"
+            field = attempt(None, lambda: FieldVersion(
+                fld_id=int(row["tx_FLD_ID"]),
+                fld_set_id=_int(row["FLD_SET_ID"], "TxField", fkey, "FLD_SET_ID") or 0,
+                version=_int(row["tx_Version"], "TxField", fkey, "Version") or 0,
+                sit_set_id=_int(row["SIT_Set_ID"], "TxField", fkey, "SIT_Set_ID") or 0,
+                label=_text(row["Field_Label"]),
+                name=_text(row["Field_Name"]),
+                meterset=_float(row["tx_Meterset"], "TxField", fkey, "Meterset"),
+                field_type=_enum(FieldType, row["tx_Type_Enum"], "TxField", fkey, "Type_Enum"),
+                plan_uid=_text(row["OriginalPlanUID"]),
+                beam_name=_text(row["OriginalBeamName"]),
+                beam_number=_int(row["OriginalBeamNumber"], "TxField", fkey, "OriginalBeamNumber") or 0,
+            ))
+        elif row["FLD_ID"] is not None:
+            problems.append(Problem("Dose_Hst", key, "unknown-field", f"FLD_ID {row['FLD_ID']} has no TxField row"))
+        else:
+            problems.append(Problem("Dose_Hst", key, "unknown-field", "FLD_ID is NULL"))
+        meterset = attempt(None, lambda: _float(row["Meterset"], "Dose_Hst", key, "Meterset"))
+        points: list[ControlPoint] | None = None
+        if hst is not None:
+            meterset = attempt(meterset, lambda: _float(hst["Meterset"], "FLD_HST", f"FHS_ID={hst['FHS_ID']}",
+                                                        "Meterset")) if hst["Meterset"] is not None else meterset
+            fhs = int(hst["FHS_ID"])
+            if fhs in delivered[1]:
+                problems.append(delivered[1][fhs])
+            points = delivered[0].get(fhs)
+        if not points and field is not None:
+            if field.fld_id in planned[1]:
+                problems.append(planned[1][field.fld_id])
+            points = planned[0].get(field.fld_id)
+        machine = _text(row["machine_name"]) or None
+        return Delivery(
+            dhs_id=dhs_id,
+            pat_id1=int(row["Pat_ID1"]),
+            sit_id=attempt(None, lambda: _int(row["SIT_ID"], "Dose_Hst", key, "SIT_ID")),
+            when=when,
+            field=field,
+            machine=machine,
+            meterset=meterset,
+            termination=attempt(TerminationStatus.UNKNOWN, lambda: _enum(
+                TerminationStatus, row["Termination_Status_Enum"], "Dose_Hst", key, "Termination_Status_Enum",
+                default=TerminationStatus.UNKNOWN)),
+            verification=attempt(VerifyStatus.UNSPECIFIED, lambda: _enum(
+                VerifyStatus, row["Termination_Verify_Status_Enum"], "Dose_Hst", key,
+                "Termination_Verify_Status_Enum", default=VerifyStatus.UNSPECIFIED)),
+            partially_treated=bool(attempt(0, lambda: _int(row["PartiallyTreated"], "Dose_Hst", key,
+                                                           "PartiallyTreated") or 0)),
+            qa_mode=bool(attempt(0, lambda: _int(row["WasQAMode"], "TrackTreatment", f"DHS_ID={dhs_id}",
+                                                 "WasQAMode") or 0)),
+            fraction_in_effect=attempt(None, lambda: _int(row["Fx_Number_InEffect"], "Dose_Hst", key,
+                                                          "Fx_Number_InEffect")),
+            control_points=tuple(points or ()),
+            problems=tuple(problems),
+        )
+
+    # -- sites and plans ----------------------------------------------------------------------------
+
+    def sites(self, pat_id1: int) -> dict[int, SiteInfo]:
+        """Every version of the patient's sites by SIT_ID (deliveries name the exact version)."""
+        out: dict[int, SiteInfo] = {}
+        with self.engine.connect() as conn:
+            for row in conn.execute(select(s.Site).where(s.Site.c.Pat_ID1 == pat_id1)).mappings():
+                key = f"SIT_ID={row['SIT_ID']}"
+                try:
+                    fractions = _int(row["Fractions"], "Site", key, "Fractions")
+                except BadValue:
+                    fractions = None  # Type 2 in the record: an unreadable value is left empty
+                out[int(row["SIT_ID"])] = SiteInfo(int(row["SIT_ID"]), int(row["SIT_SET_ID"] or 0),
+                                                   _text(row["Site_Name"]), fractions)
+        return out
+
+    def plan_locations(self, plan_uids: Iterable[str]) -> dict[str, PlanLocation]:
+        """Study and series of the plans the DCM tables know (empty when those tables are absent).
+
+        ``OriginalPlanUID`` is space padded and DCM columns may be too: both sides are compared stripped.
+        """
+        if not {"DCMStudy", "DCMSeries", "DCMInstance"} <= self.present:
+            return {}
+        wanted = sorted(set(plan_uids))
+        inst, ser, stu = s.DCMInstance, s.DCMSeries, s.DCMStudy
+        out: dict[str, PlanLocation] = {}
+        with self.engine.connect() as conn:
+            for chunk in _chunks(wanted):
+                padded = [*chunk, *(uid.ljust(64) for uid in chunk)]
+                query = (
+                    select(inst.c.SOPInstanceUID, inst.c.SOPClassUID, ser.c.SeriesInstanceUID, stu.c.StudyInstanceUID)
+                    .select_from(inst.join(ser, ser.c.DCMSeries_ID == inst.c.DCMSeries_ID)
+                                 .join(stu, stu.c.DCMStudy_ID == ser.c.DCMStudy_ID))
+                    .where(and_(inst.c.SOPInstanceUID.in_(padded)))
+                )
+                for row in conn.execute(query).mappings():
+                    study, series = _text(row["StudyInstanceUID"]), _text(row["SeriesInstanceUID"])
+                    if study and series:
+                        out[_text(row["SOPInstanceUID"])] = PlanLocation(study, series, _text(row["SOPClassUID"]))
+        return out

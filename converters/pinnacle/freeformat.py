@@ -1,0 +1,106 @@
+"""Pinnacle's two line-oriented formats: ``plan.roi`` and ``ImageSet_N.header``.
+
+``plan.roi`` (``//`` comments, one statement per line)::
+
+    roi={
+        name: BODY                      -- ``key: text`` up to the end of the line
+        flags =   135168;               -- ``key = value;``
+        num_curve = 1;
+        curve={
+            num_points = 3;
+            points={
+                -12.9 2.1 -10.6         -- x y z in cm, one point per line (any count per line is read)
+            };
+        };
+    };
+
+``ImageSet_N.header`` mixes ``key = value;`` and ``key : value`` lines at the top level. Both parse into
+the same :class:`~.grammar.Obj` tree as the object text (a ``points`` block becomes a list of floats).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from .errors import PinnacleSyntaxError
+from .grammar import Obj, Value, decode
+
+_OPEN = re.compile(r"^([A-Za-z_][\w]*)\s*=\s*\{\s*$")
+_CLOSE = re.compile(r"^\}\s*;?\s*$")
+_ASSIGN = re.compile(r"^([A-Za-z_][\w.]*)\s*=\s*(.*?)\s*;\s*$")
+_COLON = re.compile(r"^([A-Za-z_][\w.]*)\s*:\s*(.*?)\s*$")
+#: Blocks whose content is whitespace/comma separated numbers.
+_NUMERIC_BLOCKS = frozenset({"points"})
+
+
+def _scalar(text: str) -> Value:
+    text = text.strip()
+    if len(text) >= 2 and text[0] == text[-1] == '"':
+        return text[1:-1]
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
+def parse_free_text(text: str, source: str = "<text>") -> Obj:
+    """Parse ``plan.roi``/header text into an :class:`Obj`; errors name ``source``, line and column."""
+    root = Obj()
+    stack: list[tuple[str, Obj | list[float], int]] = [("", root, 0)]
+    for number, raw in enumerate(text.splitlines(), start=1):
+        cut = raw.find("//")
+        line = raw if cut < 0 else raw[:cut]
+        stripped = line.strip()
+        if not stripped:
+            continue
+        column = len(line) - len(line.lstrip()) + 1
+        name, node, _ = stack[-1]
+        if isinstance(node, list):
+            if _CLOSE.match(stripped):
+                stack.pop()
+                parent = stack[-1][1]
+                assert isinstance(parent, Obj)
+                parent.entries.append((name, node))
+                continue
+            for offset, word in _words(stripped):
+                try:
+                    node.append(float(word))
+                except ValueError:
+                    raise PinnacleSyntaxError(
+                        source, number, column + offset, f"expected a coordinate in {name}, found {word!r}"
+                    ) from None
+            continue
+        if match := _OPEN.match(stripped):
+            key = match.group(1)
+            stack.append((key, [] if key in _NUMERIC_BLOCKS else Obj(), number))
+        elif _CLOSE.match(stripped):
+            if len(stack) == 1:
+                raise PinnacleSyntaxError(source, number, column, "'}' without an open block")
+            stack.pop()
+            parent = stack[-1][1]
+            assert isinstance(parent, Obj)
+            parent.entries.append((name, node))
+        elif match := _ASSIGN.match(stripped):
+            node.entries.append((match.group(1), _scalar(match.group(2))))
+        elif match := _COLON.match(stripped):
+            node.entries.append((match.group(1), _scalar(match.group(2).rstrip(";").rstrip())))
+        else:
+            raise PinnacleSyntaxError(source, number, column, f"cannot read {stripped[:40]!r}")
+    if len(stack) > 1:
+        name, _, opened = stack[-1]
+        raise PinnacleSyntaxError(source, opened, 1, f"block {name!r} opened here is not closed")
+    return root
+
+
+def _words(text: str) -> list[tuple[int, str]]:
+    return [(m.start(), m.group(0)) for m in re.finditer(r"[^\s,]+", text)]
+
+
+def parse_free_file(path: Path, source: str | None = None) -> Obj:
+    """Parse one ``plan.roi`` or ImageSet header file (Latin-1)."""
+    return parse_free_text(decode(path.read_bytes()), source or str(path))

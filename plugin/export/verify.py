@@ -1,0 +1,244 @@
+"""Verification of an exported copy (pure): the reference walk re-run on what the destination holds, the
+comparison with the site's manifest under pseudonyms, and the PHI scan.
+
+The walk is the project's own: :func:`manifest_of_copy` turns the exported objects' references into the
+tracker rows :func:`rtharvest.manifest.build_manifest` reads, so the copy is judged by the very rule that
+judged the harvest (one rule, one place). :func:`expected_rows` maps the site's manifest through the
+site key (UIDs, pseudonyms, shifted dates) and :func:`compare` lists every difference.
+
+A copy cannot know what only the site's job history knew: a missing link whose reason is a failed
+*search* or a *partially stored* series (the object or series itself is present) is not visible in the
+copy, so those links are left out of the expected rows (:func:`knowable`).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
+
+from ..manifest import Manifest, build_manifest
+from ..references import ObjectKind, ObjectRefs
+from ..sopclass import Modality
+from ..tracking import Decision, ObjectRecord
+from .deid import DatePolicy, DescriptorPolicy, Profile, SiteKey, shift_date
+
+__all__ = ["PhiHit", "Verification", "compare", "expected_rows", "knowable", "manifest_of_copy", "phi_values",
+           "scan_for_phi"]
+
+#: Row fields compared between the site's manifest and the copy's (UIDs mapped, dates shifted).
+ROW_FIELDS = ("PatientID", "PlanUID", "PlanIntent", "Status", "Treatments", "FirstTreatment", "LastTreatment",
+              "RecordUIDs", "StructureSetUID", "DoseUIDs", "PlanningSeriesUIDs", "PlanningForSeriesUIDs",
+              "RegistrationUIDs", "RegistrationTypes", "RegisteredSeriesUIDs", "RegisteredForSeriesUIDs",
+              "Missing")
+_UID_LISTS = ("RecordUIDs", "DoseUIDs", "PlanningSeriesUIDs", "PlanningForSeriesUIDs", "RegistrationUIDs",
+              "RegisteredSeriesUIDs", "RegisteredForSeriesUIDs")
+
+
+def _record(refs: ObjectRefs, harvest_id: str) -> ObjectRecord:
+    is_record = refs.record is not None
+    return ObjectRecord(
+        harvest_id=harvest_id, sop_uid=refs.sop_uid, orthanc_id=refs.sop_uid, decision=Decision.KEPT, reason="",
+        role="RECORD" if is_record else "", hop="", source="", job_id=None, moved=False,
+        patient_id=refs.patient_id, study_uid=refs.study_uid, series_uid=refs.series_uid, modality=refs.modality,
+        sop_class_uid=refs.sop_class_uid, frame_of_reference_uid=refs.frame_of_reference_uid,
+        plan_uids=refs.record.plan_uids if refs.record else (),
+        treatment_date=refs.record.treatment_date if refs.record else None)
+
+
+def manifest_of_copy(objects: Iterable[ObjectRefs], label: str = "export") -> Manifest:
+    """The manifest of an exported copy: every readable object kept, every treatment record a seed."""
+    by_uid = {r.sop_uid: r for r in objects if r.kind is not ObjectKind.UNREADABLE and r.sop_uid}
+    rows = [_record(r, label) for r in by_uid.values()]
+    return build_manifest(label, rows, lambda obj: by_uid.get(obj.sop_uid))
+
+
+def knowable(link: Mapping[str, Any]) -> bool:
+    """Whether a missing link of the site's manifest can be seen in a copy (see the module docstring)."""
+    reason = str(link.get("Reason", ""))
+    return not reason.startswith(("search ", "partially stored"))
+
+
+def expected_rows(site_rows: Sequence[Mapping[str, Any]], key: SiteKey, profile: Profile,
+                  pseudonym_of: Callable[[str], str]) -> list[dict[str, Any]]:
+    """The site's plan rows as the copy must show them (only :data:`ROW_FIELDS`, plus ``PlanLabel`` when
+    descriptors are kept)."""
+    out = []
+    for row in site_rows:
+        pid = str(row.get("PatientID") or "")
+        shift = key.day_shift(pid, profile.max_shift_days)
+
+        def date(value: Any, shift: int = shift) -> Any:
+            if not value or profile.dates is DatePolicy.KEEP:
+                return value
+            return shift_date(str(value), shift) if profile.dates is DatePolicy.SHIFT else "19000101"
+
+        missing = [{"What": m["What"], "UID": key.uid(m["UID"])} for m in row.get("Missing", []) if knowable(m)]
+        status = row["Status"]
+        if status == "Incomplete" and not missing:
+            status = "Complete"
+        exp: dict[str, Any] = {
+            "PatientID": pseudonym_of(pid), "PlanUID": key.uid(row["PlanUID"]), "PlanIntent": row.get("PlanIntent"),
+            "Status": status, "Treatments": row.get("Treatments"),
+            "FirstTreatment": date(row.get("FirstTreatment")), "LastTreatment": date(row.get("LastTreatment")),
+            "StructureSetUID": key.uid(row["StructureSetUID"]) if row.get("StructureSetUID") else None,
+            "RegistrationTypes": {key.uid(u): t for u, t in (row.get("RegistrationTypes") or {}).items()},
+            "Missing": sorted(missing, key=lambda m: (m["What"], m["UID"])),
+        }
+        for name in _UID_LISTS:
+            exp[name] = sorted(key.uid(u) for u in row.get(name) or [])
+        if profile.descriptors is DescriptorPolicy.KEEP:
+            exp["PlanLabel"] = row.get("PlanLabel")
+        out.append(exp)
+    return out
+
+
+def _comparable(row: Mapping[str, Any], with_label: bool) -> dict[str, Any]:
+    got = {name: row.get(name) for name in ROW_FIELDS}
+    for name in _UID_LISTS:
+        got[name] = sorted(got[name] or [])
+    got["Missing"] = sorted(({"What": m["What"], "UID": m["UID"]} for m in row.get("Missing", [])),
+                            key=lambda m: (m["What"], m["UID"]))
+    got["RegistrationTypes"] = dict(got["RegistrationTypes"] or {})
+    if with_label:
+        got["PlanLabel"] = row.get("PlanLabel")
+    return got
+
+
+def compare(expected: Sequence[Mapping[str, Any]], copy_rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Every difference between the expected rows and the copy's rows (empty: equal). Rows of the copy
+    whose plan is not expected (a record also naming a plan outside the selection) are ignored."""
+    problems: list[str] = []
+    got = {r["PlanUID"]: r for r in copy_rows}
+    for exp in expected:
+        row = got.get(exp["PlanUID"])
+        if row is None:
+            problems.append(f"plan {exp['PlanUID']}: absent from the copy")
+            continue
+        actual = _comparable(row, "PlanLabel" in exp)
+        for name, value in exp.items():
+            if actual.get(name) != value:
+                problems.append(f"plan {exp['PlanUID']}: {name} is {actual.get(name)!r}, expected {value!r}")
+    return problems
+
+
+# ---------------------------------------------------------------------------------------------------
+# PHI scan
+
+
+@dataclass(frozen=True)
+class PhiHit:
+    """A site PHI value found in an exported object (the value itself is never reported)."""
+
+    sop_uid: str
+    attribute: str
+    kind: str
+
+
+def phi_values(originals: Iterable[Dataset], profile: Profile) -> dict[str, str]:
+    """Identifying values of the site's originals → what they are (``PatientID``, ``PatientName``, ...).
+
+    Whole values are looked for as substrings. Person names are also looked for component by component
+    (``DOE``, ``JOHN``; at least 4 characters) as whole words (kind ``...:component``), except components
+    shared by more than half of the patients (a common prefix identifies nobody: the synthetic clinic
+    names everyone ``SYNTH^...``). Institution names only when the profile removes them; birth dates always.
+    """
+    keywords = ["PatientID", "PatientName", "PatientBirthDate", "AccessionNumber", "OtherPatientIDs",
+                "ReferringPhysicianName", "OperatorsName", "PhysiciansOfRecord"]
+    if not profile.institution:
+        keywords += ["InstitutionName", "InstitutionAddress"]
+    found: dict[str, str] = {}
+    components: dict[str, str] = {}
+    patients_of: dict[str, set[str]] = {}
+    patients: set[str] = set()
+    for ds in originals:
+        pid = str(ds.get("PatientID", ""))
+        patients.add(pid)
+        for keyword in keywords:
+            value = ds.get(keyword)
+            if value is None or value == "":
+                continue
+            for v in (value if isinstance(value, (list, MultiValue)) else [value]):
+                text = str(v).strip().upper()
+                if len(text) >= 4:
+                    found.setdefault(text, keyword)
+                    if "^" in text:
+                        found.setdefault(text.replace("^", " ").strip(), keyword)
+                if keyword == "PatientName":
+                    for part in _WORD.findall(text):
+                        if len(part) >= 4:
+                            components.setdefault(part, keyword + ":component")
+                            patients_of.setdefault(part, set()).add(pid)
+    for part, kind in components.items():
+        if len(patients_of[part]) * 2 <= max(len(patients), 1) and part not in found:
+            found[part] = kind
+    return found
+
+
+_WORD = re.compile(r"[A-Z0-9]+")
+_BINARY_VRS = frozenset({"OB", "OW", "OF", "OD", "OL", "OV", "UN"})
+
+
+def scan_for_phi(ds: Dataset, values: Mapping[str, str]) -> list[PhiHit]:
+    """Every string element, at any depth, that contains one of ``values`` (case-insensitive)."""
+    hits: list[PhiHit] = []
+    sop = str(ds.get("SOPInstanceUID", ""))
+
+    def visit(dataset: Dataset, path: str) -> None:
+        for elem in dataset:
+            name = f"{path}{elem.keyword or str(elem.tag)}"
+            if elem.VR == "SQ":
+                for i, item in enumerate(elem.value or []):
+                    visit(item, f"{name}[{i}].")
+                continue
+            if elem.VR in _BINARY_VRS or elem.value is None:
+                continue
+            for v in (elem.value if isinstance(elem.value, (list, MultiValue)) else [elem.value]):
+                text = str(v).upper()
+                words = set(_WORD.findall(text))
+                for needle, kind in values.items():
+                    if (needle in words) if kind.endswith(":component") else (needle in text):
+                        hits.append(PhiHit(sop, name, kind))
+
+    visit(ds, "")
+    return hits
+
+
+@dataclass
+class Verification:
+    """What verifying one export found (REST ``Verification``)."""
+
+    instances_expected: int = 0
+    instances_found: int = 0
+    plans_compared: int = 0
+    differences: list[str] = field(default_factory=list)
+    phi_hits: list[PhiHit] = field(default_factory=list)
+    absent: list[str] = field(default_factory=list)
+    unexpected: int = 0
+    site_values: int = 0
+
+    @property
+    def ok(self) -> bool:
+        """Everything arrived, the manifests agree and no PHI was found."""
+        return not (self.differences or self.phi_hits or self.absent)
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON form (PHI hits name the object, the attribute and the kind of value, never the value)."""
+        return {
+            "Passed": self.ok, "InstancesExpected": self.instances_expected, "InstancesFound": self.instances_found,
+            "Absent": self.absent[:50], "AbsentCount": len(self.absent), "Unexpected": self.unexpected,
+            "PlansCompared": self.plans_compared, "ManifestDifferences": self.differences[:50],
+            "PhiValuesChecked": self.site_values,
+            "PhiHits": [{"SOPInstanceUID": h.sop_uid, "Attribute": h.attribute, "Kind": h.kind}
+                        for h in self.phi_hits[:50]],
+            "PhiHitCount": len(self.phi_hits),
+        }
+
+
+def is_record(refs: ObjectRefs) -> bool:
+    """Whether an object is a treatment record (by SOP class or Modality)."""
+    return refs.record is not None or (refs.modality or "").upper() == Modality.RTRECORD.value

@@ -1,0 +1,306 @@
+"""Pinnacle round trips: synthetic patients written from a DICOM-space truth, converted, compared with it.
+
+Every case of :func:`rtharvest.synth.pinnacle.all_cases` (HFS/HFP/FFS/FFP × Pinnacle 8.0 and 16.2, with and
+without ImageSet_N.DICOM and ImageSet_N.img) is converted once per module; the tests compare positions, not
+only arrays: CT ImagePositionPatient and a bone marker, every contour point (≤ 0.1 mm) and the slice it is
+placed on, POIs, isocentres, jaws and MLC, MU, the dose grid box, GridFrameOffsetVector and dose values at
+every voxel (which fails for a flipped or shifted grid).
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+from pydicom import Dataset, dcmread
+
+from rtharvest.converters.pinnacle.convert import Options, convert_patient
+from rtharvest.converters.pinnacle.reader import read_patient
+from rtharvest.converters.report import ConversionReport
+from rtharvest.converters.sink import FolderSink
+from rtharvest.synth.pinnacle import DOSE_SIGMA_MM, PatientTruth, PinnacleCase, all_cases, write_institution
+
+CASES = all_cases()
+TOL = 0.1  # mm
+
+
+@dataclass
+class Converted:
+    truth: PatientTruth
+    folder: Path
+    objects: dict[str, list[Dataset]]
+    files: dict[str, Path]
+    report: ConversionReport
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Converted]:
+    base = tmp_path_factory.mktemp("pinnacle")
+    truths = write_institution(base / "src", CASES)
+    out: dict[str, Converted] = {}
+    for truth in truths:
+        target = base / "dicom" / truth.mrn
+        report = ConversionReport("pinnacle")
+        folder = base / "src" / "Institution_1" / "Mount_0" / truth.folder
+        convert_patient(folder, FolderSink(target), report, Options(), truth.folder)
+        objects: dict[str, list[Dataset]] = {}
+        files: dict[str, Path] = {}
+        for path in sorted(target.rglob("*.dcm")):
+            ds = dcmread(path)
+            objects.setdefault(str(ds.Modality), []).append(ds)
+            files[str(ds.SOPInstanceUID)] = path
+        out[truth.mrn] = Converted(truth, folder, objects, files, report)
+    return out
+
+
+def _ids(case: PinnacleCase) -> str:
+    return (
+        f"{case.orientation}-{case.version}-{'dicom' if case.with_dicom else 'nodicom'}-"
+        f"{'img' if case.with_img else 'noimg'}"
+    )
+
+
+def _close(a: object, b: object, tol: float = TOL) -> bool:
+    return bool(np.allclose(np.asarray(a, float), np.asarray(b, float), atol=tol, rtol=0))
+
+
+def _slice_uid_by_z(c: Converted) -> dict[float, str]:
+    """SOP Instance UID of the CT slice at each DICOM z, from the converted CT or the truth's originals."""
+    cts = c.objects.get("CT", [])
+    if cts:
+        return {round(float(ds.ImagePositionPatient[2]), 3): str(ds.SOPInstanceUID) for ds in cts}
+    return {round(p[2], 3): uid for p, uid in zip(c.truth.slice_positions, c.truth.slice_uids, strict=True)}
+
+
+@pytest.mark.parametrize("case", CASES, ids=_ids)
+def test_ct(converted: dict[str, Converted], case: PinnacleCase) -> None:
+    c = converted[case.mrn]
+    cts = c.objects.get("CT", [])
+    if case.with_dicom:
+        # The original slices, byte for byte.
+        originals = {p.stem: p for p in (c.folder / "ImageSet_0.DICOM").iterdir()}
+        assert {str(ds.SOPInstanceUID) for ds in cts} == set(originals) == set(c.truth.slice_uids)
+        for uid, path in originals.items():
+            assert c.files[uid].read_bytes() == path.read_bytes()
+        return
+    if not case.with_img:
+        assert cts == []
+        return
+    assert len(cts) == len(c.truth.slice_positions)
+    truth_positions = sorted(c.truth.slice_positions, key=lambda p: p[2])
+    built = sorted(cts, key=lambda ds: float(ds.ImagePositionPatient[2]))
+    for ds, expected in zip(built, truth_positions, strict=True):
+        assert _close(ds.ImagePositionPatient, expected), (ds.ImagePositionPatient, expected)
+        assert _close(ds.ImageOrientationPatient, c.truth.orientation_cosines, 1e-6)
+        assert (ds.Rows, ds.Columns) == (20, 24)
+        assert str(ds.FrameOfReferenceUID) == c.truth.for_uid and str(ds.StudyInstanceUID) == c.truth.study_uid
+        assert float(ds.RescaleIntercept) == -1000
+    # The bone marker is where the truth put it (a flipped or transposed image puts it elsewhere).
+    bone = []
+    for ds in built:
+        hu = ds.pixel_array.astype(float) * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
+        row, col = np.asarray(ds.ImageOrientationPatient[:3], float), np.asarray(ds.ImageOrientationPatient[3:], float)
+        for j, i in zip(*np.nonzero(hu > 500), strict=True):
+            bone.append(
+                np.asarray(ds.ImagePositionPatient, float)
+                + i * float(ds.PixelSpacing[1]) * row
+                + j * float(ds.PixelSpacing[0]) * col
+            )
+        assert set(np.unique(hu)) <= {-1000.0, 0.0, 1000.0}
+    assert bone, "marker not found"
+    assert all(np.all(np.abs(p - np.asarray(c.truth.marker)) <= 12.5 + 1e-6) for p in bone)
+
+
+@pytest.mark.parametrize("case", CASES, ids=_ids)
+def test_structures(converted: dict[str, Converted], case: PinnacleCase) -> None:
+    c = converted[case.mrn]
+    by_z = _slice_uid_by_z(c)
+    structure_sets = c.objects["RTSTRUCT"]
+    assert len(structure_sets) == 2  # one per plan
+    for rs in structure_sets:
+        names = {int(r.ROINumber): str(r.ROIName) for r in rs.StructureSetROISequence}
+        kinds = {int(o.ReferencedROINumber): str(o.RTROIInterpretedType) for o in rs.RTROIObservationsSequence}
+        referenced = [
+            str(i.ReferencedSOPInstanceUID)
+            for i in rs.ReferencedFrameOfReferenceSequence[0]
+            .RTReferencedStudySequence[0]
+            .RTReferencedSeriesSequence[0]
+            .ContourImageSequence
+        ]
+        assert sorted(referenced) == sorted(by_z.values())
+        contours = {names[int(item.ReferencedROINumber)]: list(item.ContourSequence) for item in rs.ROIContourSequence}
+        for roi, expected in c.truth.contours.items():
+            got = contours[roi]
+            assert len(got) == len(expected)
+            for contour, points in zip(got, expected, strict=True):
+                data = np.asarray(contour.ContourData, float).reshape(-1, 3)
+                # The duplicated closing point of the Pinnacle file is gone; every point is where it was drawn.
+                assert len(data) == len(points) == int(contour.NumberOfContourPoints)
+                assert _close(data, points), (roi, data[:2], points[:2])
+                assert str(contour.ContourImageSequence[0].ReferencedSOPInstanceUID) == by_z[round(points[0][2], 3)]
+        for name, point in c.truth.pois.items():
+            (number,) = [n for n, v in names.items() if v == name]
+            item = next(i for i in rs.ROIContourSequence if int(i.ReferencedROINumber) == number)
+            assert item.ContourSequence[0].ContourGeometricType == "POINT"
+            assert _close(item.ContourSequence[0].ContourData, point)
+            assert kinds[number] == ("ISOCENTER" if name == "Iso_RX" else "MARKER")
+        assert kinds[next(n for n, v in names.items() if v == "PTV")] == "PTV"
+
+
+def _plans(c: Converted) -> dict[str, Dataset]:
+    return {str(ds.RTPlanLabel): ds for ds in c.objects["RTPLAN"]}
+
+
+@pytest.mark.parametrize("case", CASES, ids=_ids)
+def test_plans_beams_and_mlc(converted: dict[str, Converted], case: PinnacleCase) -> None:
+    c = converted[case.mrn]
+    plans = _plans(c)
+    structure_uids = {str(ds.SOPInstanceUID) for ds in c.objects["RTSTRUCT"]}
+    assert len(plans) == sum(len(p.trials) for p in c.truth.plans) == 3
+    for plan_truth in c.truth.plans:
+        for trial in plan_truth.trials:
+            rp = plans[trial.name]
+            assert str(rp.ReferencedStructureSetSequence[0].ReferencedSOPInstanceUID) in structure_uids
+            assert rp.PatientSetupSequence[0].PatientPosition == case.orientation
+            group = rp.FractionGroupSequence[0]
+            assert int(group.NumberOfFractionsPlanned) == trial.fractions
+            assert float(rp.DoseReferenceSequence[0].TargetPrescriptionDose) == pytest.approx(2.0 * trial.fractions)
+            meterset = {int(b.ReferencedBeamNumber): float(b.BeamMeterset) for b in group.ReferencedBeamSequence}
+            beams = {int(b.BeamNumber): b for b in rp.BeamSequence}
+            for bt in trial.beams:
+                beam = beams[bt.number]
+                assert meterset[bt.number] == pytest.approx(bt.mu, abs=1e-3)
+                mlc = next(d for d in beam.BeamLimitingDeviceSequence if d.RTBeamLimitingDeviceType == "MLCX")
+                assert _close(mlc.LeafPositionBoundaries, c.truth.leaf_boundaries, 1e-6)
+                assert int(mlc.NumberOfLeafJawPairs) == len(c.truth.leaf_boundaries) - 1
+                cps = list(beam.ControlPointSequence)
+                assert len(cps) == 2 * len(bt.jaws)  # step and shoot: two control points per segment
+                assert _close(cps[0].IsocenterPosition, bt.isocenter)
+                assert [float(cp.CumulativeMetersetWeight) for cp in cps] == [0, 0.5, 0.5, 1]
+                for seg in range(len(bt.jaws)):
+                    for cp in cps[2 * seg : 2 * seg + 2]:
+                        assert float(cp.GantryAngle) == pytest.approx(bt.gantry[seg] % 360)
+                        devices = {
+                            d.RTBeamLimitingDeviceType: [float(v) for v in d.LeafJawPositions]
+                            for d in cp.BeamLimitingDevicePositionSequence
+                        }
+                        x1, x2, y1, y2 = bt.jaws[seg]
+                        assert devices["ASYMX"] == pytest.approx([x1, x2]) and devices["ASYMY"] == pytest.approx(
+                            [y1, y2]
+                        )
+                        assert devices["MLCX"] == pytest.approx(bt.bank_a[seg] + bt.bank_b[seg], abs=1e-6)
+
+
+def _voxel_positions(ds: Dataset) -> np.ndarray:
+    """(frames, rows, cols, 3) DICOM positions of every dose voxel (frames offset along the slice normal)."""
+    row = np.asarray(ds.ImageOrientationPatient[:3], float)
+    col = np.asarray(ds.ImageOrientationPatient[3:], float)
+    normal = np.cross(row, col)
+    ipp = np.asarray(ds.ImagePositionPatient, float)
+    offsets = np.asarray(ds.GridFrameOffsetVector, float)
+    f, j, i = np.meshgrid(offsets, np.arange(ds.Rows), np.arange(ds.Columns), indexing="ij")
+    return (
+        ipp
+        + i[..., None] * float(ds.PixelSpacing[1]) * row
+        + j[..., None] * float(ds.PixelSpacing[0]) * col
+        + f[..., None] * normal
+    )
+
+
+@pytest.mark.parametrize("case", CASES, ids=_ids)
+def test_doses(converted: dict[str, Converted], case: PinnacleCase) -> None:
+    c = converted[case.mrn]
+    plans = _plans(c)
+    doses = c.objects["RTDOSE"]
+    for plan_truth in c.truth.plans:
+        for trial in plan_truth.trials:
+            plan_uid = str(plans[trial.name].SOPInstanceUID)
+            mine = [d for d in doses if str(d.ReferencedRTPlanSequence[0].ReferencedSOPInstanceUID) == plan_uid]
+            assert sorted(str(d.DoseSummationType) for d in mine) == ["BEAM", "BEAM", "PLAN"]
+            expected_sum = None
+            for ds in mine:
+                assert (ds.Rows, ds.Columns, int(ds.NumberOfFrames)) == (
+                    trial.dose_dims[1],
+                    trial.dose_dims[0],
+                    trial.dose_dims[2],
+                )
+                assert _close(
+                    ds.GridFrameOffsetVector, [k * trial.dose_spacing[2] for k in range(trial.dose_dims[2])], 1e-6
+                )
+                positions = _voxel_positions(ds)
+                flat = positions.reshape(-1, 3)
+                assert _close(flat.min(axis=0), trial.dose_min) and _close(flat.max(axis=0), trial.dose_max)
+                gy = ds.pixel_array.astype(float) * float(ds.DoseGridScaling)
+                if ds.DoseSummationType == "BEAM":
+                    number = int(
+                        ds.ReferencedRTPlanSequence[0]
+                        .ReferencedFractionGroupSequence[0]
+                        .ReferencedBeamSequence[0]
+                        .ReferencedBeamNumber
+                    )
+                    bt = next(b for b in trial.beams if b.number == number)
+                    dist2 = ((positions - np.asarray(bt.peak)) ** 2).sum(axis=-1)
+                    expected = bt.peak_gy * np.exp(-dist2 / (2 * DOSE_SIGMA_MM**2))
+                    expected_sum = expected * trial.fractions + (0 if expected_sum is None else expected_sum)
+                    # Within the 16-bit scaling step: a flipped, shifted or mis-scaled grid fails here.
+                    assert np.abs(gy - expected).max() <= float(ds.DoseGridScaling) * 1.01 + 1e-5 * bt.peak_gy
+                    hottest = positions.reshape(-1, 3)[int(np.argmax(gy))]
+                    assert math.dist(hottest, bt.peak) <= math.dist((0, 0, 0), trial.dose_spacing) / 2 + 1e-6
+            plan_dose = next(d for d in mine if d.DoseSummationType == "PLAN")
+            gy = plan_dose.pixel_array.astype(float) * float(plan_dose.DoseGridScaling)
+            assert expected_sum is not None
+            assert np.abs(gy - expected_sum).max() <= float(plan_dose.DoseGridScaling) * 1.01 + 1e-3
+
+
+def test_version_and_offset_come_from_the_files(converted: dict[str, Converted]) -> None:
+    for c in converted.values():
+        patient = read_patient(c.folder)
+        assert all(p.version.pre_9 == c.truth.pre9 for p in patient.plans)
+        assert {p.tool_type for p in patient.plans} == {"Pinnacle^3", "Pinnacle"}  # one plan lacks ToolType
+
+
+def test_outputs_pass_dciodvfy(converted: dict[str, Converted]) -> None:
+    checked = 0
+    for c in converted.values():
+        for modality, objects in c.objects.items():
+            if modality == "CT" and c.truth.with_dicom:
+                continue  # the scanner's own files
+            path = c.files[str(objects[0].SOPInstanceUID)]
+            result = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, check=False)
+            errors = [line for line in (result.stdout + result.stderr).splitlines() if line.startswith("Error")]
+            assert not errors, f"{modality} {c.truth.mrn}: {errors}"
+            checked += 1
+    built = sum(1 for case in CASES if case.with_img and not case.with_dicom)
+    assert checked == 3 * len(CASES) + built
+
+
+def test_rerun_is_byte_identical_and_trials_can_be_chosen(converted: dict[str, Converted], tmp_path: Path) -> None:
+    c = next(c for c in converted.values() if c.truth.with_img and not c.truth.with_dicom)
+    again = FolderSink(tmp_path / "again")
+    convert_patient(c.folder, again, ConversionReport("pinnacle"), Options(), c.truth.folder)
+    for path in (tmp_path / "again").rglob("*.dcm"):
+        assert path.read_bytes() == c.files[path.stem].read_bytes()
+    assert len(list((tmp_path / "again").rglob("*.dcm"))) == len(c.files)
+    chosen = tmp_path / "chosen"
+    report = ConversionReport("pinnacle")
+    convert_patient(c.folder, FolderSink(chosen), report, Options(trials=["Plan 0/Trial 2"]), c.truth.folder)
+    labels = [str(dcmread(p).RTPlanLabel) for p in chosen.rglob("*.dcm") if dcmread(p).Modality == "RTPLAN"]
+    assert labels == ["Trial 2"] and report.written["RTDOSE"] == 3
+
+
+def test_a_beam_without_its_dose_binary_is_reported(converted: dict[str, Converted], tmp_path: Path) -> None:
+    c = next(iter(converted.values()))
+    copy = tmp_path / c.truth.folder
+    shutil.copytree(c.folder, copy)
+    victim = sorted((copy / "Plan_1").glob("plan.Trial.binary.*"), key=lambda p: p.stat().st_size)[-1]
+    victim.unlink()
+    report = ConversionReport("pinnacle")
+    convert_patient(copy, FolderSink(tmp_path / "out"), report, Options(), c.truth.folder)
+    assert [e.reason for e in report.errors] == ["missing-dose"]
+    assert victim.name in report.errors[0].detail
+    assert report.written["RTDOSE"] == 2 * 3 + 1  # the other beam; no plan sum from half the beams

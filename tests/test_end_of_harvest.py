@@ -1,0 +1,241 @@
+"""End of a harvest: clean-up of inspected candidates, what ``Completed`` waits for, creation with seeding.
+
+Harvests run through the real worker/ingest/tracker path over an in-memory strict hierarchical source
+(tests/fakes.py), which forces the harvester to move candidates only to inspect them (doses of the trial
+plan, REGs of other frames of reference, records outside the window).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from rtharvest.classify import HarvestWindow
+from rtharvest.db import Database
+from rtharvest.ingest import job_for
+from rtharvest.jobqueue import EnqueueItem, JobQueue
+from rtharvest.operations import CriterionKind, FindReferencing, ReferenceCriterion, Role
+from rtharvest.strategies import SourceCapability
+from tests.fakes import World
+from tests.planner_fixtures import MiniClinic, dose, uid
+
+WINDOW_2020 = HarvestWindow("20200101", "20201231", ("MINI1",))
+STRICT = SourceCapability(relational=False, sequence_return_keys=False, instance_return_keys=False)
+#: How often the concurrent clean-up test repeats (RTHARVEST_RACE_RUNS raises it for a soak).
+RACE_RUNS = int(os.environ.get("RTHARVEST_RACE_RUNS", "10"))
+
+
+@pytest.fixture
+def clinic() -> MiniClinic:
+    return MiniClinic()
+
+
+@pytest.fixture
+def world(tmp_path: Path, clinic: MiniClinic) -> Iterator[World]:
+    w = World(tmp_path / "q.sqlite", clinic.datasets(), STRICT)
+    yield w
+    w.close()
+
+
+def test_completed_harvest_deletes_its_candidates(world: World) -> None:
+    hid = world.start(WINDOW_2020)
+    world.run()
+    before = world.candidates_in_store(hid)
+    assert before, "the strict source moved no candidate: the test proves nothing"
+    assert not world.completed(hid)
+    world.finish()
+    assert world.completed(hid) and world.candidates_in_store(hid) == set()
+
+
+def test_cancelled_harvest_is_cleaned_like_a_completed_one(world: World) -> None:
+    hid = world.start(WINDOW_2020)
+    for _ in range(12):  # part of the harvest, candidates included
+        job = world.queue.claim("t:1:w0", 60.0)
+        assert job is not None
+        world.harvester.run(job, "t:1:w0")
+    assert world.candidates_in_store(hid)
+    # A job still running when the harvest is cancelled: the clean-up waits for it.
+    running = world.queue.claim("t:1:w0", 60.0)
+    assert running is not None
+    world.queue.cancel(hid)
+    world.finish()
+    assert not world.tracker.cleanup_done(hid)
+    world.harvester.run(running, "t:1:w0")
+    world.finish()
+    assert world.tracker.cleanup_done(hid)
+    assert world.candidates_in_store(hid) == set()
+    assert world.queue.get_harvest(hid).state.value == "Cancelled"
+
+
+def test_completed_waits_for_its_own_provenance_only(tmp_path: Path, clinic: MiniClinic) -> None:
+    world = World(tmp_path / "q.sqlite", clinic.datasets(), STRICT)
+    try:
+        a = world.start(WINDOW_2020)
+        world.run()
+        b = world.start(HarvestWindow("20230101", "20231231", ("MINI1",)))
+        world.run()
+        # B's provenance cannot be written yet (its instances' metadata writes fail); A's can.
+        from rtharvest.tracking import Decision
+
+        a_ids = {o.orthanc_id for o in world.tracker.objects(a, Decision.KEPT)}
+        b_ids = {o.orthanc_id for o in world.tracker.objects(b, Decision.KEPT)} - a_ids
+        assert b_ids
+        real = world.store.set_metadata
+
+        def refuse_b(orthanc_id: str, name: str, value: str) -> None:
+            if orthanc_id in b_ids:
+                raise OSError("metadata write refused")
+            real(orthanc_id, name, value)
+
+        world.store.set_metadata = refuse_b  # type: ignore[method-assign]
+        world.harvester.write_provenance()
+        assert world.tracker.pending_provenance_of(b) and not world.tracker.pending_provenance_of(a)
+        world.harvester.finish_harvests()
+        assert world.completed(a) and not world.completed(b)
+        world.store.set_metadata = real  # type: ignore[method-assign]
+        world.finish()
+        assert world.completed(b)
+    finally:
+        world.close()
+
+
+def test_clean_up_reaches_every_harvest_beyond_a_thousand(tmp_path: Path) -> None:
+    db = Database(str(tmp_path / "q.sqlite"))
+    world_q = JobQueue(db)
+    from rtharvest.tracking import Tracker
+
+    tracker = Tracker(db)
+    ids = [world_q.create_harvest("SRC").id for _ in range(1_205)]
+    for hid in ids:
+        world_q.update_completion(hid)
+    assert set(tracker.harvests_to_clean()) == set(ids)
+    db.close()
+
+
+def test_creating_and_seeding_a_harvest_is_one_transaction(tmp_path: Path) -> None:
+    db = Database(str(tmp_path / "q.sqlite"))
+    q = JobQueue(db)
+
+    def seed_then_crash(harvest_id: str) -> list[EnqueueItem]:
+        raise RuntimeError("killed between creating and seeding")
+
+    with pytest.raises(RuntimeError):
+        q.create_harvest("SRC", seed=seed_then_crash)
+    assert q.list_harvests() == [] and db.scalar("SELECT count(*) FROM jobs") == 0
+    h = q.create_harvest("SRC", seed=lambda hid: [EnqueueItem(hid, "FindTreatmentRecords", "SRC", {"n": 1})])
+    assert q.get_harvest(h.id).state.value == "Running" and q.counts(h.id)
+    db.close()
+
+
+def late_candidate_search(world: World, harvest_id: str, clinic: MiniClinic, n: int = 0) -> EnqueueItem:
+    """A dose search of a plan no dose names, after a new dose (of another plan) reached the source: at a
+    strict source every dose of the study is a candidate, the new one is moved in and rejected."""
+    world.source.add(dose(f"late-dose-{n}", clinic.patient, clinic.plan_study, uid("other-plan", n)))
+    op = FindReferencing("RTDOSE", clinic.patient, clinic.plan_study,
+                         ReferenceCriterion(CriterionKind.PLAN, (uid("no-such-plan", n),)), Role.DOSE, "RTPLAN->RTDOSE")
+    return job_for(world.routes[harvest_id], op)
+
+
+def test_candidate_arriving_after_clean_up_started_is_never_left_once_completed(world: World,
+                                                                                  clinic: MiniClinic) -> None:
+    """While the clean-up deletes the first candidate, the harvest reopens and a job moves new candidates
+    in (a retried or late job): the clean-up must not mark the harvest clean; the next pass removes them."""
+    hid = world.start(WINDOW_2020)
+    world.run()
+    while world.harvester.write_provenance():
+        pass
+    injected: list[set[str]] = []
+    before = world.candidates_in_store(hid)
+
+    def arrive_meanwhile(_: str) -> None:
+        if injected:
+            return
+        world.store.before_delete = None
+        world.queue.enqueue_many([late_candidate_search(world, hid, clinic)])
+        world.run()  # another worker thread would do this concurrently
+        injected.append(world.candidates_in_store(hid) - before)
+
+    world.store.before_delete = arrive_meanwhile
+    world.harvester.finish_harvests()
+    assert injected and injected[0], "the late search moved no candidate"
+    assert not world.completed(hid), "marked clean with a candidate that arrived during the clean-up"
+    assert world.candidates_in_store(hid) & injected[0]
+    world.harvester.finish_harvests()
+    assert world.completed(hid) and world.candidates_in_store(hid) == set()
+
+
+def race_once(world: World, clinic: MiniClinic, late: int = 2) -> tuple[int, list[set[str]]]:
+    """Run a harvest with a worker thread and a maintenance thread; each time it shows Completed, reopen
+    it with a late search (``late`` times). Returns (late searches made, violations seen): a violation is a
+    moment at which the harvest showed Completed (the same clean-up mark before and after the look) while
+    an inspected candidate was in the store."""
+    hid = world.start(WINDOW_2020)
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def worker() -> None:
+        try:
+            while not stop.is_set():
+                job = world.queue.claim("t:1:w0", 60.0)
+                if job is None:
+                    stop.wait(0.001)
+                    continue
+                world.harvester.run(job, "t:1:w0")
+        except BaseException as exc:  # reported by the main thread
+            errors.append(exc)
+
+    def maintenance() -> None:
+        try:
+            while not stop.is_set():
+                world.harvester.write_provenance()
+                world.harvester.finish_harvests()
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker), threading.Thread(target=maintenance)]
+    for t in threads:
+        t.start()
+    violations: list[set[str]] = []
+    late_searches = 0
+    deadline = time.monotonic() + 60
+    mark = "SELECT done_at FROM rth_cleanup WHERE harvest_id = ?"
+    try:
+        while time.monotonic() < deadline and not errors:
+            done_at = world.db.scalar(mark, (hid,))
+            state = world.queue.get_harvest(hid).state.value
+            stored = world.candidates_in_store(hid)
+            still = world.db.scalar(mark, (hid,))
+            if done_at is not None and done_at == still and state == "Completed" and stored:
+                violations.append(stored)
+            if done_at is not None and still is not None and state == "Completed":
+                if late_searches == late:
+                    break
+                # Reopen it with a search that brings candidates, right as it looks finished.
+                world.queue.enqueue_many([late_candidate_search(world, hid, clinic, late_searches)])
+                late_searches += 1
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(30)
+    assert not errors, errors
+    assert world.candidates_in_store(hid) == set() or late_searches < late
+    return late_searches, violations
+
+
+def test_completed_never_shows_with_a_candidate_in_the_store_under_concurrency(tmp_path: Path,
+                                                                                clinic: MiniClinic) -> None:
+    """A worker thread, the maintenance thread and late searches race; whenever the harvest shows
+    Completed, no inspected candidate is in the store. Repeated RACE_RUNS times."""
+    for run in range(RACE_RUNS):
+        world = World(tmp_path / f"q{run}.sqlite", clinic.datasets(), STRICT)
+        try:
+            late_searches, violations = race_once(world, clinic)
+        finally:
+            world.close()
+        assert late_searches == 2, f"run {run}: the harvest did not complete in time"
+        assert violations == [], f"run {run}: Completed with candidates in the store: {violations}"

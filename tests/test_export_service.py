@@ -1,0 +1,204 @@
+"""The export service over a synthetic clinic "harvest", without Orthanc: selection, folder destination,
+resume after a failure mid-export without duplicates, verification and REST validation.
+
+The harvest side (manifest, tracker rows, stored files) is the clinic itself, read the way the plugin
+reads its store; the destination is a real folder.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pydicom
+import pytest
+from pydicom.dataset import Dataset
+
+from rtharvest.db import Database
+from rtharvest.eventlog import EventLog
+from rtharvest.export.destinations import DestinationError, Folder
+from rtharvest.export.service import ExportService
+from rtharvest.export.settings import ExportSettings
+from rtharvest.export.verify import manifest_of_copy
+from rtharvest.httpapi import ApiError
+from rtharvest.jobqueue import RetryPolicy
+from rtharvest.references import extract_from_bytes
+from rtharvest.synth.generator import SynthOptions, generate
+from rtharvest.tracking import Decision, ObjectRecord
+
+
+class Site:
+    """A "harvest" that kept the whole clinic."""
+
+    def __init__(self, root: Path) -> None:
+        self.truth = generate(root, SynthOptions(patients=5, seed=11))
+        self.files = {uid: root / info.path for uid, info in self.truth.objects.items()}
+        self.refs = {uid: extract_from_bytes(p.read_bytes()) for uid, p in self.files.items()}
+        self.manifest = manifest_of_copy(self.refs.values(), "H1")
+        self.records = [ObjectRecord("H1", uid, uid, Decision.KEPT, "", "", "", "SRC", None, True,
+                                     series_uid=r.series_uid) for uid, r in self.refs.items()]
+        self.reads = 0
+
+    def read(self, orthanc_id: str) -> bytes:
+        self.reads += 1
+        return self.files[orthanc_id].read_bytes()
+
+    def check(self, harvest_id: str) -> None:
+        if harvest_id != "H1":
+            raise ApiError(404, f"unknown harvest {harvest_id!r}")
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory: pytest.TempPathFactory) -> Site:
+    return Site(tmp_path_factory.mktemp("export-site"))
+
+
+def _service(tmp: Path, site: Site, batch: int = 40) -> ExportService:
+    settings = ExportSettings(site="SITEA", database_path=tmp / "exports.sqlite", calling_aet="HARVEST",
+                              modalities={"PACS": ("PACS", "127.0.0.1", 1)}, batch_size=batch,
+                              folders={"ARCHIVE": tmp / "archive"})
+    events = EventLog(Database(str(tmp / "events.sqlite")))
+    service = ExportService(settings, events, lambda h: site.manifest, lambda h: site.records, site.check,
+                            policy=RetryPolicy(max_attempts=3, base_delay=0.0, max_delay=0.0))
+    service.read_file = site.read
+    return service
+
+
+def _drain(service: ExportService, limit: int = 50) -> None:
+    for _ in range(limit):
+        if not service.run_one():
+            return
+    raise AssertionError("export jobs did not finish")
+
+
+def test_folder_export_is_complete_verified_and_deidentified(site: Site, tmp_path: Path) -> None:
+    service = _service(tmp_path, site)
+    answer = service.create({"Harvest": "H1", "Destination": "ARCHIVE", "Plans": "All"})
+    assert answer["State"] == "Running"
+    _drain(service)
+    doc = service.document(answer["ID"])
+    assert doc["State"] == "Completed", doc
+    progress = doc["Progress"]
+    stored = {r.sop_uid for r in site.records}
+    assert progress["InstancesTotal"] == progress["InstancesSent"] == progress["InstancesVerified"]
+    assert progress["InstancesTotal"] <= len(stored)
+    assert doc["Verification"]["Passed"] and doc["Verification"]["PhiHitCount"] == 0
+    assert doc["Verification"]["PhiValuesChecked"] >= 3 * len({r.patient_id for r in site.refs.values()})
+    assert doc["Verification"]["PlansCompared"] == len(site.manifest.plans)
+    folder = tmp_path / "archive" / answer["ID"]
+    files = list(folder.rglob("*.dcm"))
+    assert len(files) == progress["InstancesSent"]
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["Site"] == "SITEA" and manifest["Verification"]["Passed"]
+    site_ids = {r.patient_id for r in site.refs.values()}
+    text = (folder / "manifest.json").read_text()
+    assert not any(pid and pid in text for pid in site_ids)  # the manifest beside the files is de-identified
+    assert {p["PatientID"].split("-")[0] for p in manifest["Plans"]} == {"SITEA"}
+    # The pseudonym mapping stays in the site's database only.
+    mapping = dict(service.db.query("SELECT patient_id, pseudonym FROM rth_pseudonyms"))
+    assert set(mapping) == {r.patient_id for r in site.refs.values() if r.patient_id} & set(mapping)
+    assert {p["PatientID"] for p in manifest["Plans"]} <= set(mapping.values())
+
+
+def test_complete_only_exports_the_complete_plans(site: Site, tmp_path: Path) -> None:
+    service = _service(tmp_path, site)
+    answer = service.create({"Harvest": "H1", "Destination": "ARCHIVE"})
+    _drain(service)
+    doc = service.document(answer["ID"])
+    complete = [p for p in site.manifest.plans if p.status == "Complete"]
+    assert 0 < len(complete) < len(site.manifest.plans)
+    assert doc["State"] == "Completed" and doc["Progress"]["PlansSelected"] == len(complete)
+    manifest = json.loads((tmp_path / "archive" / answer["ID"] / "manifest.json").read_text())
+    assert {p["Status"] for p in manifest["Plans"] if p["PlanUID"] in {service.key().uid(c.plan_uid)
+                                                                       for c in complete}} == {"Complete"}
+
+
+class Flaky(Folder):
+    """A folder that goes away after ``good`` batches (a destination outage in the middle of an export)."""
+
+    def __init__(self, name: str, root: Path, good: int) -> None:
+        super().__init__(name, root)
+        self.good = good
+        self.batches = 0
+        self.sent: list[str] = []
+
+    def send(self, datasets: Sequence[Dataset]) -> dict[str, str]:
+        self.batches += 1
+        if self.batches > self.good:
+            raise DestinationError("ARCHIVE: connection refused")
+        self.sent += [str(ds.SOPInstanceUID) for ds in datasets]
+        return super().send(datasets)
+
+
+def test_failure_mid_export_resumes_without_resending(site: Site, tmp_path: Path) -> None:
+    service = _service(tmp_path, site, batch=25)
+    flaky = Flaky("ARCHIVE", tmp_path / "archive", good=2)
+    real = service.destination_of
+
+    def destination(name: str, export_id: str) -> Any:
+        flaky.root = tmp_path / "archive" / export_id
+        return flaky if name == "ARCHIVE" else real(name, export_id)
+
+    service.destination_of = destination
+    answer = service.create({"Harvest": "H1", "Destination": "ARCHIVE", "Plans": "All"})
+    assert service.run_one()
+    doc = service.document(answer["ID"])
+    assert doc["State"] == "Running" and doc["Progress"]["InstancesSent"] == 50
+    flaky.good = 10**6  # the destination is back
+    _drain(service)
+    doc = service.document(answer["ID"])
+    assert doc["State"] == "Completed", doc
+    assert len(flaky.sent) == len(set(flaky.sent)) == doc["Progress"]["InstancesTotal"]  # nothing sent twice
+    assert doc["Progress"]["InstancesResent"] == 0
+
+
+def test_same_input_same_output_across_exports(site: Site, tmp_path: Path) -> None:
+    service = _service(tmp_path, site)
+    first = service.create({"Harvest": "H1", "Destination": "ARCHIVE"})["ID"]
+    second = service.create({"Harvest": "H1", "Destination": "ARCHIVE"})["ID"]
+    _drain(service)
+
+    def names(export_id: str) -> set[str]:
+        return {p.relative_to(tmp_path / "archive" / export_id).as_posix()
+                for p in (tmp_path / "archive" / export_id).rglob("*.dcm")}
+
+    assert names(first) == names(second) and names(first)
+    one = sorted((tmp_path / "archive" / first).rglob("*.dcm"))[0]
+    other = tmp_path / "archive" / second / one.relative_to(tmp_path / "archive" / first)
+    assert pydicom.dcmread(one) == pydicom.dcmread(other)
+
+
+@pytest.mark.parametrize("body, field, status", [
+    ({"Destination": "ARCHIVE"}, "Harvest", 400),
+    ({"Harvest": "nope", "Destination": "ARCHIVE"}, "Harvest", 404),
+    ({"Harvest": "H1"}, "Destination", 400),
+    ({"Harvest": "H1", "Destination": "MOON"}, "Destination", 400),
+    ({"Harvest": "H1", "Destination": "ARCHIVE", "Plans": "Some"}, "Plans", 400),
+    ({"Harvest": "H1", "Destination": "ARCHIVE", "Plans": {"Status": ["Great"]}}, "Plans.Status", 400),
+    ({"Harvest": "H1", "Destination": "ARCHIVE", "Plans": {"Colour": ["x"]}}, "Plans.Colour", 400),
+    ({"Harvest": "H1", "Destination": "ARCHIVE", "Profile": {"Dates": "fuzz"}}, "Profile.Dates", 400),
+    ({"Harvest": "H1", "Destination": "ARCHIVE", "Extra": 1}, "Extra", 400),
+])
+def test_bad_bodies_name_the_field(site: Site, tmp_path: Path, body: dict[str, Any], field: str, status: int) -> None:
+    service = _service(tmp_path, site)
+    with pytest.raises(ApiError) as err:
+        service.create(body)
+    assert err.value.status == status
+    assert err.value.message.startswith(field + ":"), err.value.message
+    assert service.list_exports() == []
+
+
+def test_plan_filter_by_patient(site: Site, tmp_path: Path) -> None:
+    service = _service(tmp_path, site)
+    pid = site.manifest.plans[0].patient_id
+    assert pid
+    answer = service.create({"Harvest": "H1", "Destination": "ARCHIVE", "Plans": {"PatientIDs": [pid]}})
+    _drain(service)
+    doc = service.document(answer["ID"])
+    assert doc["State"] == "Completed"
+    assert doc["Progress"]["PlansSelected"] == sum(1 for p in site.manifest.plans if p.patient_id == pid)
+    patients = {pydicom.dcmread(p, stop_before_pixels=True).PatientID
+                for p in (tmp_path / "archive" / answer["ID"]).rglob("*.dcm")}
+    assert patients == {service.pseudonym(pid)}
