@@ -4,6 +4,7 @@ time zone, jobs given back until a source may be contacted, and searches that wo
 from __future__ import annotations
 
 import threading
+import time
 from datetime import UTC, datetime
 from datetime import time as dtime
 from pathlib import Path
@@ -207,3 +208,31 @@ def test_searches_with_an_empty_key_are_not_sent(op: object, reason: str) -> Non
 )
 def test_bounded_searches_are_sent(op: object) -> None:
     assert unbounded_search(op) is None  # type: ignore[arg-type]
+
+
+def test_leases_are_extended_while_an_operation_runs(tmp_path: Path) -> None:
+    """A C-MOVE that outlasts the lease it started with keeps its job: the maintenance thread extends it."""
+    from rtharvest.harvester import Harvester
+
+    db = Database(str(tmp_path / "q.db"))
+    try:
+        clock = Clock()
+        q = JobQueue(db, RetryPolicy(jitter=0.0), clock=clock, local_time=utc_time)
+        h = q.create_harvest("ARIA")
+        q.enqueue(h.id, "move", "ARIA", {}, "a")
+        job = q.claim("w0", 30)
+        assert job is not None and job.lease_expires_at == clock.now + 30
+        harvester = Harvester(q, None, None, None, None, {}, lambda _: None,  # type: ignore[arg-type]
+                              lease_seconds=30)
+        harvester._in_operation[job.id] = ("w0", time.monotonic() - 11)  # a third of the lease ago
+        clock.now += 25  # the move still runs, 5 s before the lease would expire
+        harvester.extend_leases()
+        [leased] = q.list_jobs(harvest_id=h.id, state="leased")
+        assert leased.lease_expires_at == clock.now + 30
+        # Not again until another third of the lease has passed.
+        clock.now += 1
+        harvester.extend_leases()
+        [leased] = q.list_jobs(harvest_id=h.id, state="leased")
+        assert leased.lease_expires_at == clock.now - 1 + 30
+    finally:
+        db.close()
