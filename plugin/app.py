@@ -87,7 +87,8 @@ def status_document(runtime: Runtime) -> dict[str, Any]:
         doc["Queue"] = {state.value: counts.get(state, 0) for state in JobState}
     if runtime.harvester is not None:
         # Associations this harvester opened per source: open now, most at once, in total.
-        doc["SourceActivity"] = {name: {"Open": a.open, "Peak": a.peak, "Operations": a.total, "Waited": a.waited}
+        doc["SourceActivity"] = {name: {"Open": a.open, "Peak": a.peak, "Operations": a.total, "Waited": a.waited,
+                                        "Finds": a.finds, "Moves": a.moves}
                                  for name, a in sorted(runtime.harvester.gate.activity().items())}
     if runtime.ingest is not None:
         doc["Arrivals"] = runtime.ingest.arrivals

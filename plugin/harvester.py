@@ -350,7 +350,7 @@ class Harvester:
     # -- every DIMSE operation goes through here: politeness, pause, lease ----------------------------
 
     @contextlib.contextmanager
-    def _contact(self, job: Job, owner: str, source: str) -> Iterator[None]:
+    def _contact(self, job: Job, owner: str, source: str, kind: str) -> Iterator[None]:
         """Around one C-FIND or C-MOVE to ``source``: the harvest must still be running, the operation
         counts against the source's MaxConcurrent and QuietHours, and the job's lease is extended while
         the operation runs (a move may outlast the lease it started with)."""
@@ -361,7 +361,7 @@ class Harvester:
         def heartbeat() -> None:
             self.queue.heartbeat(job.id, owner, self.lease_seconds)
 
-        with self.gate.slot(source, waiting=heartbeat, stop=self._stop):
+        with self.gate.slot(source, waiting=heartbeat, stop=self._stop, kind=kind):
             heartbeat()
             with self._leases_lock:
                 self._in_operation[job.id] = (owner, time.monotonic())
@@ -393,11 +393,11 @@ class Harvester:
 
     def _find(self, job: Job, owner: str, access: SourceAccess, level: QueryLevel,
               identifier: Mapping[str, Any]) -> list[Mapping[str, Any]]:
-        with self._contact(job, owner, access.name):
+        with self._contact(job, owner, access.name, "find"):
             return list(access.backend.find(level, identifier, timeout=access.find_timeout))
 
     def _move(self, job: Job, owner: str, access: SourceAccess, level: QueryLevel, **kwargs: Any) -> MoveResult:
-        with self._contact(job, owner, access.name):
+        with self._contact(job, owner, access.name, "move"):
             result: MoveResult = access.backend.move(level, timeout=access.move_timeout, **kwargs)
             return result
 

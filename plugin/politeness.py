@@ -41,6 +41,8 @@ class SourceActivity:
     peak: int = 0
     total: int = 0
     waited: int = 0
+    finds: int = 0
+    moves: int = 0
 
 
 def _machine_local_time(ts: float) -> dtime:
@@ -70,12 +72,12 @@ class SourceGate:
 
     @contextmanager
     def slot(self, source: str, *, waiting: Callable[[], None] | None = None,
-             stop: threading.Event | None = None) -> Iterator[None]:
+             stop: threading.Event | None = None, kind: str = "") -> Iterator[None]:
         """Hold one of the source's ``MaxConcurrent`` slots for one DIMSE operation.
 
         Waits while the source is saturated (calling ``waiting`` about twice a second, e.g. to extend a
         job's lease). Raises :class:`SourceUnavailable` when the source is in its quiet hours or ``stop``
-        is set.
+        is set. ``kind`` (``"find"`` or ``"move"``) is counted for the status route and benchmarks.
         """
         limits = self.limits_for(source)
         waited = False
@@ -93,6 +95,8 @@ class SourceGate:
                     activity.total += 1
                     activity.peak = max(activity.peak, activity.open)
                     activity.waited += int(waited)
+                    activity.finds += int(kind == "find")
+                    activity.moves += int(kind == "move")
                     break
                 waited = True
                 self._cond.wait(0.5)
@@ -108,4 +112,5 @@ class SourceGate:
     def activity(self) -> dict[str, SourceActivity]:
         """A copy of the per-source counters (for ``GET /rtharvest/status``)."""
         with self._cond:
-            return {name: SourceActivity(a.open, a.peak, a.total, a.waited) for name, a in self._activity.items()}
+            return {name: SourceActivity(a.open, a.peak, a.total, a.waited, a.finds, a.moves)
+                    for name, a in self._activity.items()}

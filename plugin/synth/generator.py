@@ -140,6 +140,12 @@ class SynthOptions:
     #: more than half a year, such as machine QA, keep one study each). Adds the window
     #: ``course_cut`` (see :meth:`_Clinic.windows`).
     course_record_study: bool = False
+    #: Metadata-light history patients (``HISnnnn``) added to the RT patients: one course each (an RT Plan
+    #: without structure set or dose and 3-5 treatment records), spread evenly over 2012-2022. For
+    #: discovery benchmarks: a clinic with years of records whose window cost must not grow with them.
+    history_patients: int = 0
+    #: Further windows ``(name, From, To)`` whose ground truth is computed along with the built-in ones.
+    windows: tuple[tuple[str, str, str], ...] = ()
 
 
 def _d(day: date) -> str:
@@ -493,6 +499,29 @@ class _Clinic:
             uids.append(sop_uid)
         return uids
 
+    def history_patient(self, index: int) -> None:
+        """One metadata-light patient: a plan in a planning study and a few treatment records."""
+        opt = self.opt
+        rng = random.Random(f"rtharvest-synth/{opt.seed}/history/{index}")
+        pid = f"HIS{index + 1:04d}"
+        patient = Patient(pid, f"HISTORY^{_SURNAMES[index % len(_SURNAMES)]}{index}",
+                          f"{rng.randint(1935, 1975)}{rng.randint(1, 12):02d}{rng.randint(1, 28):02d}",
+                          rng.choice("MF"))
+        ctx = _PatientCtx(10_000 + index, patient, rng, frozenset(), _SITES[rng.randrange(len(_SITES))])
+        span = (_LAST_START - _FIRST_DAY).days
+        start = _weekday(_FIRST_DAY + timedelta(days=int(span * (index + rng.uniform(0.1, 0.9))
+                                                          / opt.history_patients)))
+        pstudy = self.study(ctx, start - timedelta(days=rng.randint(5, 15)), 600, "RT planning")
+        spec = PlanSpec(label=f"{ctx.site[0]}_H", intent="CURATIVE", fractions=rng.randint(3, 5),
+                        beams=self.beams(rng, "photon"), machine="LINAC1", ion=False, tomo=False,
+                        structure_set_uid=None, geometry="TREATMENT_DEVICE", for_uid=self.uid(pid, "for", "history"),
+                        dose_per_fraction=2.0)
+        plan_uid, plan_class = self.plan(ctx, pstudy, spec, "plan", start - timedelta(days=2))
+        days = _weekdays(start, spec.fractions)
+        self.records(ctx, plan_uid, plan_class, spec, days, 1, "record")
+        self.courses.append(_Course(plan_uid, plan_class, spec, ctx, [_d(d) for d in days],
+                                    self.record_study_day(days)))
+
     def record_study_day(self, days: Sequence[date]) -> str | None:
         """StudyDate of a course's shared record study (``course_record_study``), else None."""
         if not self.opt.course_record_study or not days or (days[-1] - days[0]).days > 180:
@@ -841,6 +870,7 @@ class _Clinic:
         defs.append(("patient", None, None, [focus.pid]))
         if self.opt.course_record_study:
             defs.append(("course_cut", *_course_cut_window(self.courses)))
+        defs.extend((name, lo, hi, None) for name, lo, hi in self.opt.windows)
         every = set(self.k.present)
         out: list[Window] = []
         for name, lo, hi, ids in defs:
@@ -927,6 +957,8 @@ def generate_with_knowledge(out_dir: Path, options: SynthOptions, *,
     if options.include_traps:
         clinic.phantom()
         clinic.non_rt_patient()
+    for index in range(options.history_patients):
+        clinic.history_patient(index)
     windows = clinic.windows()
     objects = {uid: replace(p.ds_info, traps=tuple(p.traps)) for uid, p in clinic.pending.items()}
     truth = GroundTruth(
