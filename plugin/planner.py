@@ -101,13 +101,23 @@ def patient_id_mismatch(found: str | None, searched: str) -> str:
 
 def start_operations(ctx: HarvestContext) -> tuple[Operation, ...]:
     """The seed queries (rule 1): one records search per listed patient, else one per calendar month of
-    the window (separate jobs: each has its own timeout, retries and a small answer list)."""
+    the window (separate jobs: each has its own timeout, retries and a small answer list); a window of more
+    than :data:`MAX_CHUNKS` months is cut into that many runs of whole months."""
     if ctx.window.patient_ids:
         return tuple(FindTreatmentRecords(ctx.window, pid) for pid in ctx.window.patient_ids)
     chunks = month_chunks(ctx.window.date_from, ctx.window.date_to)
+    if len(chunks) > MAX_CHUNKS:
+        # A long window (years) in runs of several months: each job still holds a bounded answer list,
+        # without a C-FIND per month of history.
+        per = -(-len(chunks) // MAX_CHUNKS)
+        chunks = [(chunks[i][0], chunks[min(i + per, len(chunks)) - 1][1]) for i in range(0, len(chunks), per)]
     if len(chunks) <= 1:
         return (FindTreatmentRecords(ctx.window, None),)
     return tuple(FindTreatmentRecords(ctx.window, None, chunk_from=lo, chunk_to=hi) for lo, hi in chunks)
+
+
+#: At most this many record-search jobs for one dated window.
+MAX_CHUNKS = 24
 
 
 def month_chunks(date_from: str | None, date_to: str | None) -> list[tuple[str, str]]:

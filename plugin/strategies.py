@@ -384,11 +384,17 @@ def filter_answers(step: SearchStep, op: Operation, answers: Iterable[Mapping[st
     out: list[Mapping[str, Any]] = []
     seen_series: set[str] = set()
     wanted_modality = dict(step.keys).get("Modality")
+    wanted_patient = dict(step.keys).get("PatientID")
     for a in answers:
         if not all(_passes(f, op, a) for f in step.filters if f is not AnswerFilter.ONE_PER_SERIES):
             continue
         # An SCP that ignores a matching key answers a superset; drop what it shows to be different.
         if wanted_modality and a.get("Modality") and str(a.get("Modality")) != wanted_modality:
+            continue
+        # dcmqrscp ignores PatientID on SERIES-level queries (it answers every patient's series, each with its
+        # own PatientID). IDs that differ only in case or padding go on: the planner keeps them out and counts
+        # them (a source matching loosely must not make a harvest silently empty).
+        if wanted_patient and a.get("PatientID") and _loose_id(str(a.get("PatientID"))) != _loose_id(wanted_patient):
             continue
         if AnswerFilter.ONE_PER_SERIES in step.filters:
             series = str(a.get(_SERIES, ""))
@@ -397,6 +403,10 @@ def filter_answers(step: SearchStep, op: Operation, answers: Iterable[Mapping[st
             seen_series.add(series)
         out.append(a)
     return out
+
+
+def _loose_id(patient_id: str) -> str:
+    return patient_id.strip().casefold()
 
 
 def _passes(f: AnswerFilter, op: Operation, a: Mapping[str, Any]) -> bool:

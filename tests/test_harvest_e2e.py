@@ -103,7 +103,8 @@ def test_slow_source_does_not_stall_ingestion(clinic: Clinic, loaded: GroundTrut
         # Everything of the other harvest was stored while the slow C-FIND was still outstanding.
         assert elapsed < delay, f"harvest took {elapsed:.1f} s, the slow C-FIND hangs {delay} s"
         running = clinic.api.get(f"/rtharvest/jobs?harvest={slow_id}&state=leased")
-        assert [j["Kind"] for j in running] == ["FindTreatmentRecords"]
+        # Only its record searches (one per part of the window, MaxConcurrent at once) hang at the source.
+        assert running and {j["Kind"] for j in running} == {"FindTreatmentRecords"}, running
         assert_store_equals_truth(clinic.api, window)
         wait_completed(clinic.api, slow_id, deadline_s=delay + 30)
     clinic.restart_harvester(fresh=True)
