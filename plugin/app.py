@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import __version__, explorer_routes, sdk
-from .config import Backend, ConfigError, HarvesterConfig, SourceSettings, load_config
+from .config import Backend, ConfigError, HarvesterConfig, SourceSettings
 from .db import Database
 from .eventlog import EventLog, EventLogHandler, Level
 from .export import routes as export_routes
@@ -26,7 +26,10 @@ from .ingest import Ingest
 from .jobqueue import JobQueue, JobState, RetryPolicy, SourceLimits
 from .manifest import ManifestService
 from .politeness import SourceGate
-from .rest import build_routes
+from .preflight import RecordingConfiguration, load_checked, with_warnings
+from .rest import build_routes, build_schedule_routes
+from .schedule import ScheduleError
+from .schedules import ScheduleRunner, ScheduleService
 from .strategies import discovery_description, record_discovery_bound
 from .tracking import Tracker
 
@@ -47,6 +50,8 @@ class Runtime:
     harvests: HarvestService | None = None
     ingest: Ingest | None = None
     harvester: Harvester | None = None
+    schedules: ScheduleService | None = None
+    scheduler: ScheduleRunner | None = None
     log_handler: EventLogHandler | None = None
     started: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
@@ -66,6 +71,7 @@ def status_document(runtime: Runtime) -> dict[str, Any]:
         "PythonPluginVersion": versions.python_plugin,
         "Started": runtime.started,
         "WorkersAlive": runtime.harvester.alive if runtime.harvester else 0,
+        "SchedulerAlive": bool(runtime.scheduler and runtime.scheduler.alive),
     }
     if runtime.config_error:
         doc["ConfigurationError"] = runtime.config_error
@@ -73,6 +79,7 @@ def status_document(runtime: Runtime) -> dict[str, Any]:
         doc["Aet"] = runtime.config.aet
         doc["Sources"] = sorted(runtime.config.modalities)
         doc["Workers"] = runtime.config.workers
+        doc["StoreIndex"] = runtime.config.store_index
         if runtime.config.warnings:
             doc["ConfigurationWarnings"] = list(runtime.config.warnings)
         # How each source's treatment records are found, and whether a dated window bounds that search.
@@ -90,6 +97,8 @@ def status_document(runtime: Runtime) -> dict[str, Any]:
         doc["SourceActivity"] = {name: {"Open": a.open, "Peak": a.peak, "Operations": a.total, "Waited": a.waited,
                                         "Finds": a.finds, "Moves": a.moves}
                                  for name, a in sorted(runtime.harvester.gate.activity().items())}
+    if "exports" in runtime.extra:
+        doc["ExportWorkerAlive"] = runtime.extra["exports"].alive
     if runtime.ingest is not None:
         doc["Arrivals"] = runtime.ingest.arrivals
         doc["UnsolicitedArrivals"] = runtime.ingest.unsolicited
@@ -99,9 +108,9 @@ def status_document(runtime: Runtime) -> dict[str, Any]:
 def _build_sources(config: HarvesterConfig, authorization: str) -> dict[str, SourceAccess]:
     from .dimse.via_orthanc import OrthancRestBackend
     from .dimse.via_pynetdicom import PynetdicomBackend
-    from .loopback import LoopbackClient
+    from .loopback import LoopbackClient, loopback_url
 
-    client = LoopbackClient(f"http://127.0.0.1:{config.http_port}", authorization, timeout=60.0)
+    client = LoopbackClient(loopback_url(config.ssl, config.http_port), authorization, timeout=60.0)
     sources: dict[str, SourceAccess] = {}
     for name, modality in config.modalities.items():
         settings = config.source(name)
@@ -183,10 +192,10 @@ def _on_started() -> None:
     # Before any worker claims: a SIGKILLed run leaves leases that would otherwise wait LeaseSeconds.
     _reclaim_leases_of_dead_runs(rt)
     from .localstore import OrthancLocalStore
-    from .loopback import LoopbackClient
+    from .loopback import LoopbackClient, loopback_url
 
     token = sdk.loopback_authorization()
-    store = OrthancLocalStore(LoopbackClient(f"http://127.0.0.1:{rt.config.http_port}", token, timeout=60.0))
+    store = OrthancLocalStore(LoopbackClient(loopback_url(rt.config.ssl, rt.config.http_port), token, timeout=60.0))
     assert rt.tracker and rt.events and rt.ingest and rt.harvests
     rt.harvester = Harvester(
         rt.queue, rt.tracker, rt.events, rt.ingest, store, _build_sources(rt.config, token), rt.harvests.routing,
@@ -198,14 +207,20 @@ def _on_started() -> None:
     rt.harvester.start()
     if "exports" in rt.extra:
         rt.extra["exports"].start(store.read)
+    if rt.schedules is not None:
+        rt.scheduler = ScheduleRunner(rt.schedules)
+        rt.scheduler.start()
     _start_log_retention(rt)
     rt.started = True
-    rt.events.write(Level.INFO, "app", f"rtharvest {__version__} started with {rt.config.workers} worker(s)")
+    rt.events.write(Level.INFO, "app", f"rtharvest {__version__} started with {rt.config.workers} worker(s), "
+                   f"store index {rt.config.store_index}")
 
 
 def _on_stopped() -> None:
     rt = _runtime
     assert rt is not None
+    if rt.scheduler is not None:
+        rt.scheduler.stop()
     if rt.harvester is not None:
         rt.harvester.stop()
     if "exports" in rt.extra:
@@ -252,9 +267,15 @@ def build_runtime(config: HarvesterConfig, orthanc: Mapping[str, Any] | None = N
         return next((m.name for m in config.modalities.values() if m.aet == aet), None)
 
     ingest = Ingest(db, queue, tracker, events, harvests.routing, source_of_aet)
+
+    try:
+        schedules = ScheduleService.from_config(config, db, harvests, queue, events)
+    except (ValueError, ScheduleError) as exc:
+        db.close()
+        raise ConfigError(str(exc)) from None
     router = Router()
     runtime = Runtime(router=router, config=config, db=db, queue=queue, events=events, tracker=tracker,
-                      harvests=harvests, ingest=ingest)
+                      harvests=harvests, ingest=ingest, schedules=schedules)
 
     def read_file(orthanc_id: str) -> bytes:
         if runtime.harvester is None:
@@ -263,6 +284,12 @@ def build_runtime(config: HarvesterConfig, orthanc: Mapping[str, Any] | None = N
 
     manifest = ManifestService(tracker, queue, read_file)
     build_routes(router, harvests, queue, events, lambda: status_document(runtime), manifest=manifest)
+
+    def wake_scheduler() -> None:
+        if runtime.scheduler is not None:
+            runtime.scheduler.wake()
+
+    build_schedule_routes(router, schedules, wake_scheduler)
     explorer_routes.register(router)
     exports = export_routes.build_export_service(orthanc or {}, config, events, manifest, tracker, harvests)
     export_routes.register(router, exports)
@@ -284,9 +311,19 @@ def _error_router(error: str) -> Router:
     explorer_routes.register(router)
     for method, pattern in (("POST", r"/rtharvest/harvests"), ("GET", r"/rtharvest/harvests"),
                             ("GET", r"/rtharvest/jobs"), ("GET", r"/rtharvest/log"),
+                            ("GET", r"/rtharvest/schedules"), ("POST", r"/rtharvest/schedules"),
                             ("POST", r"/rtharvest/exports"), ("GET", r"/rtharvest/exports")):
         router.add(method, pattern, unavailable)
     return router
+
+
+def _orthanc_version() -> str | None:
+    """The running Orthanc's version, or None when it cannot be asked yet."""
+    try:
+        return sdk.versions().orthanc
+    except Exception:  # the start-up checks then skip what depends on the version
+        log.info("Orthanc's version is not available at start-up; version-specific checks skipped")
+        return None
 
 
 def install() -> Runtime:
@@ -294,8 +331,11 @@ def install() -> Runtime:
     global _runtime
     sdk.install_log_handler()
     try:
-        config = load_config(sdk.configuration(), sdk.configuration_dir())
-        _runtime = build_runtime(config, sdk.configuration())
+        recording = RecordingConfiguration(sdk.configuration())
+        config = load_checked(recording, sdk.configuration_dir(), _orthanc_version())
+        _runtime = build_runtime(config, recording.orthanc)
+        # Every section parser has run now: what none of them read is a typo or a stale setting.
+        _runtime.config = with_warnings(config, recording.unknown_keys())
     except (ConfigError, OSError) as exc:
         # Keep the plugin loaded so /rtharvest/status can tell the operator what to fix.
         error = str(exc)
@@ -306,6 +346,8 @@ def install() -> Runtime:
         _runtime.log_handler = EventLogHandler(_runtime.events)
         _runtime.log_handler.setLevel(logging.WARNING)
         logging.getLogger("rtharvest").addHandler(_runtime.log_handler)
+        for warning in _runtime.config.warnings:  # named keys, on the page and in Orthanc's log
+            log.warning("configuration: %s", warning)
         ingest = _runtime.ingest
         sdk.register_on_stored_instance(lambda inst: ingest.on_stored(inst.instance_id, inst.data, inst.remote_aet))
     sdk.extend_explorer(explorer_routes.explorer_extension())

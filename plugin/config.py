@@ -11,12 +11,14 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import time
+from datetime import datetime, time
 from enum import Enum, StrEnum
 from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+from .postgres import check_section, index_enabled
+from .schedule import ScheduleError, parse_schedule
 from .strategies import DEFAULT_LOOK_BACK_DAYS, RecordDiscovery, SourceCapability
 
 
@@ -119,6 +121,12 @@ class HarvesterConfig:
     source_defaults: SourceSettings = field(default_factory=SourceSettings)
     #: Settings that were ignored, with why (shown by /rtharvest/status).
     warnings: tuple[str, ...] = ()
+    #: Where Orthanc keeps its index: "SQLite" (default) or "PostgreSQL" (the index plugin).
+    store_index: str = "SQLite"
+    #: ``RtHarvest.Schedules``: recurring incremental harvests (validated definitions).
+    schedules: tuple[Mapping[str, Any], ...] = ()
+    #: ``RtHarvest.ScheduleNow``: a fixed "now" for the scheduler (tests, dry runs); None: the wall clock.
+    schedule_now: str | None = None
 
     def source(self, name: str) -> SourceSettings:
         """Settings for source ``name`` (its own section, else the defaults)."""
@@ -268,6 +276,32 @@ def load_config(orthanc: Mapping[str, Any], config_dir: Path | None = None) -> H
             # Deployments override DicomModalities (environment, tests) without editing RtHarvest.
             warnings.append(f"{where}.Sources.{name} ignored: no DicomModalities entry of that name")
 
+    if index_enabled(orthanc):
+        warnings.extend(check_section(orthanc["PostgreSQL"]))
+
+    schedules_raw = section.get("Schedules", [])
+    if not isinstance(schedules_raw, list):
+        raise ConfigError(f"{where}.Schedules: expected a list of schedule objects")
+    names: set[str] = set()
+    for i, definition in enumerate(schedules_raw):
+        try:
+            parsed = parse_schedule(definition, list(modalities), where=f"{where}.Schedules[{i}]")
+        except ScheduleError as exc:
+            raise ConfigError(str(exc)) from None
+        if parsed.id in names:
+            raise ConfigError(f"{where}.Schedules[{i}].Name: {parsed.id!r} is used twice")
+        names.add(parsed.id)
+    schedule_now = section.get("ScheduleNow")
+    if schedule_now is not None:
+        try:
+            moment = datetime.fromisoformat(str(schedule_now).replace("Z", "+00:00"))
+        except ValueError:
+            moment = None
+        if moment is None or moment.tzinfo is None:
+            raise ConfigError(f"{where}.ScheduleNow: an ISO 8601 time with its zone, e.g. \"2030-01-02T01:30:00Z\" "
+                              f"(for tests only; leave it out to use the clock), got {schedule_now!r}")
+        warnings.append(f"{where}.ScheduleNow is set: schedules see the time as {schedule_now} (testing only)")
+
     storage = Path(str(orthanc.get("StorageDirectory", "OrthancStorage")))
     db_raw = section.get("DatabasePath")
     if db_raw is None:
@@ -304,4 +338,7 @@ def load_config(orthanc: Mapping[str, Any], config_dir: Path | None = None) -> H
         sources=sources,
         source_defaults=defaults,
         warnings=tuple(warnings),
+        store_index="PostgreSQL" if index_enabled(orthanc) else "SQLite",
+        schedules=tuple(schedules_raw),
+        schedule_now=None if schedule_now is None else str(schedule_now),
     )

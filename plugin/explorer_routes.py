@@ -20,11 +20,13 @@ from functools import cache
 from importlib import resources
 
 from .httpapi import ApiError, HttpRequest, HttpResponse, Router
+from .openapi import Param, RouteDoc
 
 #: Served assets and their content types (the allow-list of ``/rtharvest/ui/{file}``).
 ASSETS: dict[str, str] = {
     "harvests.js": "application/javascript; charset=utf-8",
     "charts.js": "application/javascript; charset=utf-8",
+    "exports.js": "application/javascript; charset=utf-8",
     "harvests.css": "text/css; charset=utf-8",
 }
 PAGE = "harvests.html"
@@ -60,5 +62,9 @@ def explorer_extension() -> str:
 
 def register(router: Router) -> None:
     """Add the page routes to ``router`` (they read no database: safe on the error router too)."""
-    router.add("GET", UI_ROUTE, ui_page)
-    router.add("GET", ASSET_ROUTE, ui_asset)
+    router.add("GET", UI_ROUTE, ui_page, RouteDoc("The harvester's page: harvests, failed jobs, warnings, manifest, "
+                                                  "charts", response="HTML page", content_type="text/html",
+                                                  tag="page"))
+    router.add("GET", ASSET_ROUTE, ui_asset, RouteDoc(
+        "A script or style sheet of the page", (Param("name", "asset file name", "path"),),
+        response="JavaScript or CSS", content_type="text/plain", tag="page", errors=((404, "unknown asset"),)))

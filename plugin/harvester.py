@@ -163,6 +163,8 @@ class Harvester:
         self._wake = threading.Event()
         self._threads: list[threading.Thread] = []
         self._owner_prefix = f"{socket.gethostname()}:{os.getpid()}"
+        #: Job ID → instances it moved whose ingest failed and that it planned from the store (for its note).
+        self._replanned: dict[int, int] = {}
 
     # -- lifecycle ----------------------------------------------------------------------------------
 
@@ -248,15 +250,19 @@ class Harvester:
             try:
                 # One transaction: once the job (and maybe its harvest) is finished, nothing more can
                 # arrive in its name.
+                note = outcome.note()
+                if replanned := self._replanned.pop(job.id, 0):
+                    note += f"; {replanned} planned from the store after their ingest failed (see the log)"
                 with self.tracker.db.transaction():
                     self.tracker.drop_expectations(job.id)
-                    self.queue.complete(job.id, owner, note=outcome.note())
+                    self.queue.complete(job.id, owner, note=note)
             except QueueError as exc:
                 self.events.write(Level.WARNING, "harvester", f"could not complete job: {exc}",
                                   harvest_id=job.harvest_id, job_id=job.id)
                 self.tracker.drop_expectations(job.id)
 
     def _fail(self, job: Job, owner: str, message: str, retryable: bool, status: int | None) -> None:
+        self._replanned.pop(job.id, None)
         try:
             with self.tracker.db.transaction():  # as in run(): expectations end with the attempt
                 self.tracker.drop_expectations(job.id)
@@ -266,7 +272,9 @@ class Harvester:
                               harvest_id=job.harvest_id, job_id=job.id)
             self.tracker.drop_expectations(job.id)
             return
-        level = Level.ERROR if updated.state.value == "failed" else Level.WARNING
+        # A retry is scheduled: nothing for a person to do yet (INFO). Failed for good: a manual-intervention
+        # item (ERROR), shown in the page's warnings.
+        level = Level.ERROR if updated.state.value == "failed" else Level.INFO
         what = "failed for good" if updated.state.value == "failed" else f"failed (attempt {updated.attempts})"
         self.events.write(level, "harvester", f"{job.kind} {what}: {message}", harvest_id=job.harvest_id,
                           job_id=job.id, source=job.source, dimse_status=status)
@@ -548,6 +556,7 @@ class Harvester:
         except JobFailure as exc:
             raise JobFailure(f"ingest failed for {len(undecided)} stored instance(s) after the move; "
                              f"{exc.message}", retryable=True) from None
+        self._replanned[job.id] = self._replanned.get(job.id, 0) + len(undecided)
         unplanned = [uid for uid in undecided if not self.tracker.has_object(job.harvest_id, uid)]
         if unplanned:
             raise JobFailure(f"{op.hop}: {len(unplanned)} stored instance(s) have no decision after planning "
@@ -612,11 +621,7 @@ class Harvester:
                                       harvest_id=item.harvest_id, sop_uid=item.sop_uid)
                 continue
             first = current.get("HarvestId")
-            if first and first != item.harvest_id:
-                # A duplicate keeps its first provenance; the repeat is only logged.
-                self.events.write(Level.INFO, "provenance", f"already harvested by {first}; first provenance "
-                                  "kept", harvest_id=item.harvest_id, sop_uid=item.sop_uid)
-            elif not first:
+            if not first:  # a duplicate keeps its first provenance (counted in the harvest's summary event)
                 try:
                     for name, value in item.metadata().items():
                         self.store.set_metadata(item.orthanc_id, name, value)
@@ -653,9 +658,6 @@ class Harvester:
                     except LookupError:
                         pass
                     self.tracker.forget_orthanc_id(harvest_id, sop_uid)
-            if removed:
-                self.events.write(Level.INFO, "harvester", f"removed {removed} candidate(s) retrieved only to "
-                                  "inspect their references", harvest_id=harvest_id)
             with self.tracker.db.transaction():
                 if harvest_id not in self.tracker.harvests_to_clean():
                     continue  # reopened meanwhile
@@ -664,6 +666,12 @@ class Harvester:
                 if self.tracker.pending_provenance_of(harvest_id):
                     continue
                 self.tracker.mark_cleanup(harvest_id)
+                counts = self.tracker.decision_counts(harvest_id)
+            # One summary instead of an event per instance (a re-harvest plans everything from the store).
+            self.events.write(Level.INFO, "harvester", f"harvest finished: {counts.kept} instance(s) kept "
+                              f"({counts.moved} moved, {counts.kept - counts.moved} already in the store), "
+                              f"{counts.rejected} candidate(s) inspected and rejected, {removed} removed from "
+                              "the store", harvest_id=harvest_id)
 
 
 def _fetches_its_series(op: Operation) -> bool:

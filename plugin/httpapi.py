@@ -144,6 +144,7 @@ Handler = Callable[[HttpRequest], HttpResponse]
 class _Route:
     pattern: re.Pattern[str]
     methods: dict[str, Handler]
+    docs: dict[str, Any] = field(default_factory=dict)
 
 
 class Router:
@@ -152,10 +153,21 @@ class Router:
     def __init__(self) -> None:
         self._routes: dict[str, _Route] = {}
 
-    def add(self, method: str, pattern: str, handler: Handler) -> None:
-        """Register ``handler`` for ``method`` on ``pattern`` (a full-match regex with groups)."""
+    def add(self, method: str, pattern: str, handler: Handler, doc: Any = None) -> None:
+        """Register ``handler`` for ``method`` on ``pattern`` (a full-match regex with groups).
+
+        ``doc`` (an :class:`rtharvest.openapi.RouteDoc`) describes the route in ``/rtharvest/openapi.json``;
+        describe every route where you register it (tests/test_openapi.py fails on one without).
+        """
         route = self._routes.setdefault(pattern, _Route(re.compile(pattern), {}))
         route.methods[method.upper()] = handler
+        if doc is not None:
+            route.docs[method.upper()] = doc
+
+    def described(self) -> list[tuple[str, str, Any]]:
+        """Every (method, pattern, doc or None), in registration order."""
+        return [(method, pattern, route.docs.get(method))
+                for pattern, route in self._routes.items() for method in route.methods]
 
     @property
     def patterns(self) -> list[str]:

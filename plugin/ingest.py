@@ -84,6 +84,22 @@ def _problem_summary(refs: ObjectRefs, limit: int = 8) -> str:
     return "; ".join(parts) + (f"; and {more} more" if more > 0 else "") if parts else "no details"
 
 
+def _event_level(keep: bool, candidate: bool, image: bool, moved: bool) -> Level | None:
+    """How loud a decision is in the event log (``None``: not logged; it is in ``rth_objects`` anyway).
+
+    Warnings are for what needs a person: an object asked for by UID that turned out not to be what its
+    reference promised. Rejecting a candidate is the expected outcome of inspecting it (INFO; nothing for
+    the slices of a series brought in for one image, which are claimed by the series request). Images
+    kept, and decisions planned from copies already in the store (a re-harvest), are summed up once when
+    the harvest finishes instead of one event per instance.
+    """
+    if not keep:
+        if not candidate:
+            return Level.WARNING
+        return None if image else Level.INFO
+    return Level.INFO if moved and not image else None
+
+
 class Ingest:
     """Turns arrivals into decisions and follow-up jobs."""
 
@@ -218,8 +234,8 @@ class Ingest:
                     if refs.kind.value == "IMAGE" and refs.series_uid:
                         planned.append((exp.harvest_id, refs.series_uid, op.dedupe_key()))
                 results.append((exp.harvest_id, decision.keep))
-                if first and (not decision.keep or refs.kind.value != "IMAGE"):
-                    level = Level.INFO if decision.keep else Level.WARNING
+                level = _event_level(decision.keep, exp.candidate, refs.kind.value == "IMAGE", moved)
+                if first and level is not None:
                     verb = "kept" if decision.keep else "rejected"
                     messages.append((level, exp.harvest_id, f"{exp.hop} {refs.kind.value.lower()} {verb}: "
                                      f"{decision.reason}", exp.job_id))

@@ -24,6 +24,12 @@ from typing import Any
 __all__ = ["LoopbackClient", "LoopbackError"]
 
 
+
+def loopback_url(ssl_enabled: bool, http_port: int) -> str:
+    """This Orthanc's REST API on 127.0.0.1, in the scheme it serves (with ``SslEnabled`` only HTTPS)."""
+    return f"{'https' if ssl_enabled else 'http'}://127.0.0.1:{http_port}"
+
+
 class LoopbackError(Exception):
     """A call to the harvester's REST API failed.
 

@@ -311,6 +311,21 @@ def _iso_date(value: str | None) -> str:
     return value or ""
 
 
+#: First characters that make a spreadsheet read a cell as a formula (OWASP "CSV injection").
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_cell(value: object) -> object:
+    """A CSV cell that no spreadsheet evaluates: text starting like a formula gets a leading ``'``.
+
+    DICOM text (PlanLabel, PatientID) comes from whoever wrote the object; ``=HYPERLINK(...)`` in a plan
+    label must stay text when a researcher opens the manifest in a spreadsheet. Numbers are left alone.
+    """
+    if isinstance(value, str) and value.startswith(_FORMULA_START):
+        return "'" + value
+    return value
+
+
 def _csv_list(values: Iterable[str]) -> str:
     # ";" separates list items; a ";" inside an item (only free-text reasons can hold one) would split it.
     return ";".join(str(v).replace(";", ",") for v in values)
@@ -359,7 +374,7 @@ class Manifest:
         writer = csv.writer(out, lineterminator="\n")
         writer.writerow(CSV_COLUMNS)
         for p in self.plans:
-            writer.writerow([
+            writer.writerow(csv_cell(cell) for cell in [
                 self.harvest_id or "",
                 p.patient_id or "",
                 p.plan_uid,

@@ -1,5 +1,8 @@
 """Hop planner: an arrived object (and the operation that asked for it) in, the decision out.
 
+Reasons and problem messages end up in the event log: they name objects by UID and never quote a
+PatientID, a name, a birth date or a treatment date.
+
 Implements the harvest rules of ``docs/harvest-rules.md`` (the paper's ten steps, section 2.1, plus
 TomoTherapy doses, ion plans, deformable REGs, re-plans, planning MR and PET/CT frames of reference)
 as a pure function. Each arrival is judged against the operation that retrieved it: candidates that
@@ -184,18 +187,19 @@ def _seed_record(refs: ObjectRefs, ctx: HarvestContext, patient_id: str | None) 
     if patient_id is not None and refs.patient_id != patient_id:
         return _decide(refs, False, patient_id_mismatch(refs.patient_id, patient_id))
     if not ctx.window.includes_patient(refs.patient_id):
-        return _decide(refs, False, f"patient {refs.patient_id} is not in the window's PatientIDs")
+        return _decide(refs, False, "record of a patient not in the window's PatientIDs")
     date = refs.record.treatment_date
     if not ctx.window.includes(refs.patient_id, date):
         # Sources that ignore TreatmentDate matching (most non-relational ones) return every record.
-        return _decide(refs, False, f"treatment date {date or '(none)'} outside the window")
+        why = "treatment date outside the window" if date else "record without TreatmentDate: outside the window"
+        return _decide(refs, False, why)
     if not refs.record.plan_uids:
         return _decide(refs, True, "seed record without a plan reference (nothing to follow)")
     ops: list[Operation] = [
         RetrieveInstance(uid, refs.patient_id, None, None, "RTPLAN", Role.PLAN, "RTRECORD->RTPLAN")
         for uid in refs.record.plan_uids
     ]
-    return _decide(refs, True, f"seed record treated {date}", ops)
+    return _decide(refs, True, "seed record treated in the window", ops)
 
 
 def _instance(refs: ObjectRefs, op: RetrieveInstance) -> Decision:
@@ -204,8 +208,8 @@ def _instance(refs: ObjectRefs, op: RetrieveInstance) -> Decision:
     problems: list[Problem] = []
     if op.patient_id is not None and refs.patient_id is not None and refs.patient_id != op.patient_id:
         # Kept: the reference is explicit and sources may format patient IDs differently (MIM vs ARIA).
-        problems.append(_problem(ProblemCode.INCONSISTENT, "PatientID", f"referenced object belongs to "
-                                 f"patient {refs.patient_id}, the referencing one to {op.patient_id}"))
+        problems.append(_problem(ProblemCode.INCONSISTENT, "PatientID", "referenced object belongs to another "
+                                 "patient than the referencing one (PatientID differs)"))
     if op.role is Role.PLAN:
         return _plan(refs, problems)
     if op.role is Role.STRUCTURE_SET:

@@ -144,6 +144,15 @@ class ObjectRecord:
 
 
 @dataclass(frozen=True)
+class DecisionCounts:
+    """How many instances a harvest kept (and of those, moved in itself) and rejected."""
+
+    kept: int
+    moved: int
+    rejected: int
+
+
+@dataclass(frozen=True)
 class ProvenanceItem:
     """Metadata to write on one stored instance (names of CONTRACT.md)."""
 
@@ -169,6 +178,11 @@ class ProvenanceItem:
             "HarvestedAt": self.harvested_at,
             "HarvestId": self.harvest_id,
         }
+
+
+#: Harvests marked clean that are running again (a job was enqueued or retried since).
+_REOPENED = ("SELECT c.harvest_id FROM rth_cleanup c JOIN harvests h ON h.id = c.harvest_id"
+             " WHERE h.state IN ('Running', 'Paused')")
 
 
 def iso_utc(epoch: float) -> str:
@@ -361,16 +375,24 @@ class Tracker:
     def harvests_to_clean(self) -> list[str]:
         """Finished harvests (Completed, or Cancelled with no job still running) not yet cleaned up, and
         forget the clean-up of harvests running again. Every harvest, however many (no listing cap)."""
-        with self.db.transaction():
-            self.db.execute("DELETE FROM rth_cleanup WHERE harvest_id IN"
-                            " (SELECT id FROM harvests WHERE state IN ('Running', 'Paused'))")
-            rows = self.db.query(
-                "SELECT h.id FROM harvests h WHERE h.state IN ('Completed', 'Cancelled')"
-                " AND NOT EXISTS (SELECT 1 FROM rth_cleanup c WHERE c.harvest_id = h.id)"
-                " AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.harvest_id = h.id"
-                "                 AND j.state IN ('pending', 'waiting', 'leased'))"
-                " ORDER BY h.created_at")
+        if self.db.query_one(_REOPENED) is not None:  # read first: the maintenance loop runs 4 times a second
+            with self.db.transaction():
+                self.db.execute("DELETE FROM rth_cleanup WHERE harvest_id IN (" + _REOPENED + ")")  # noqa: S608
+        rows = self.db.query(
+            "SELECT h.id FROM harvests h WHERE h.state IN ('Completed', 'Cancelled')"
+            " AND NOT EXISTS (SELECT 1 FROM rth_cleanup c WHERE c.harvest_id = h.id)"
+            " AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.harvest_id = h.id"
+            "                 AND j.state IN ('pending', 'waiting', 'leased'))"
+            " ORDER BY h.created_at")
         return [str(r[0]) for r in rows]
+
+    def decision_counts(self, harvest_id: str) -> DecisionCounts:
+        """Kept / kept and moved / rejected decisions of a harvest (its summary event)."""
+        row = self.db.query_one(
+            "SELECT coalesce(sum(decision = 'kept'), 0), coalesce(sum(decision = 'kept' AND moved = 1), 0),"
+            " coalesce(sum(decision = 'rejected'), 0) FROM rth_objects WHERE harvest_id = ?", (harvest_id,))
+        assert row is not None
+        return DecisionCounts(int(row[0]), int(row[1]), int(row[2]))
 
     def pending_provenance_of(self, harvest_id: str) -> bool:
         """Whether provenance of this harvest's kept instances is still to be written."""

@@ -16,6 +16,7 @@ import json
 import os
 import shutil
 import signal
+import ssl
 import subprocess
 import sys
 import time
@@ -196,6 +197,8 @@ class RestClient:
 
     def __init__(self, url: str, credentials: tuple[str, str] | None) -> None:
         self.url = url.rstrip("/")
+        # A loopback HTTPS server's certificate names its public host, not 127.0.0.1.
+        self.context = ssl._create_unverified_context() if self.url.startswith("https") else None  # noqa: S323
         self.headers: dict[str, str] = {}
         if credentials:
             token = base64.b64encode(f"{credentials[0]}:{credentials[1]}".encode()).decode()
@@ -208,7 +211,7 @@ class RestClient:
         req = urllib.request.Request(self.url + path, data=data, method=method,
                                      headers={**self.headers, **(headers or {})})
         try:
-            with urllib.request.urlopen(req, timeout=timeout) as resp:
+            with urllib.request.urlopen(req, timeout=timeout, context=self.context) as resp:
                 status, payload = resp.status, resp.read()
         except urllib.error.HTTPError as exc:
             status, payload = exc.code, exc.read()
@@ -228,3 +231,107 @@ class RestClient:
         status, result = self.request("POST", path, body if body is not None else {})
         assert status == 200, f"POST {path} -> {status}: {result}"
         return result
+
+
+def _postgres_bin(name: str) -> str:
+    """A PostgreSQL server program (Debian keeps them in /usr/lib/postgresql/<major>/bin, off PATH)."""
+    found = shutil.which(name)
+    if found:
+        return found
+    candidates = sorted(Path("/usr/lib/postgresql").glob(f"*/bin/{name}"),
+                        key=lambda p: int(p.parent.parent.name) if p.parent.parent.name.isdigit() else 0)
+    if not candidates:
+        raise RuntimeError(f"{name} not found: install Debian's postgresql")
+    return str(candidates[-1])
+
+
+@dataclass
+class PostgresCluster:
+    """A throw-away PostgreSQL cluster on loopback (its own data directory and port, stopped by PID)."""
+
+    data_dir: Path
+    port: int
+    process: subprocess.Popen[bytes]
+    user: str
+
+    def url(self, database: str) -> str:
+        """Connection URL for ``database`` (trust authentication on loopback: no password)."""
+        return f"postgresql://{self.user}@{LOCALHOST}:{self.port}/{database}"
+
+    def create_database(self, name: str) -> str:
+        """Create an empty database and return its URL."""
+        subprocess.run([_postgres_bin("createdb"), "-h", LOCALHOST, "-p", str(self.port), "-U", self.user, name],
+                       check=True, capture_output=True, timeout=60)
+        return self.url(name)
+
+    def psql(self, database: str, sql: str) -> str:
+        """Run one SQL statement and return the unaligned output."""
+        done = subprocess.run([_postgres_bin("psql"), "-h", LOCALHOST, "-p", str(self.port), "-U", self.user,
+                               "-d", database, "-At", "-c", sql], check=True, capture_output=True, timeout=60)
+        return done.stdout.decode().strip()
+
+    def dump(self, database: str, path: Path) -> None:
+        """``pg_dump -Fc``: a consistent snapshot of one database, taken while it is in use."""
+        subprocess.run([_postgres_bin("pg_dump"), "-h", LOCALHOST, "-p", str(self.port), "-U", self.user, "-Fc",
+                        "-f", str(path), database], check=True, capture_output=True, timeout=600)
+
+    def restore(self, path: Path, database: str) -> str:
+        """Create ``database`` from a ``pg_dump -Fc`` file; returns its URL."""
+        url = self.create_database(database)
+        subprocess.run([_postgres_bin("pg_restore"), "-h", LOCALHOST, "-p", str(self.port), "-U", self.user,
+                        "-d", database, "--no-owner", str(path)], check=True, capture_output=True, timeout=600)
+        return url
+
+    def stop(self) -> None:
+        """Fast shutdown (SIGINT) by PID, SIGKILL after a grace period; the data directory is removed."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGINT)
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(10)
+        shutil.rmtree(self.data_dir.parent, ignore_errors=True)
+
+
+def start_postgres(deadline_s: float = 60.0) -> PostgresCluster:
+    """initdb a cluster in a temporary directory and start ``postgres`` on a free port.
+
+    PostgreSQL refuses to run as root, and tests run as root in CI: then the cluster belongs to the
+    ``postgres`` system user (created by the Debian package) and runs under ``runuser``. Its directory is
+    made outside pytest's private temporary tree, which that user could not enter.
+    """
+    import tempfile
+
+    as_root = os.geteuid() == 0
+    top = Path(tempfile.mkdtemp(prefix="rtharvest-pg-"))
+    data = top / "data"
+    prefix: list[str] = []
+    if as_root:
+        import pwd
+
+        entry = pwd.getpwnam("postgres")
+        os.chown(top, entry.pw_uid, entry.pw_gid)
+        prefix = ["runuser", "-u", "postgres", "--"]
+    user = "postgres"
+    subprocess.run([*prefix, _postgres_bin("initdb"), "-D", str(data), "-U", user, "--auth=trust", "-E", "UTF8",
+                    "--no-sync", "--locale=C"], check=True, capture_output=True, timeout=120)
+    port = free_port()
+    log = open(top / "postgres.log", "ab")  # noqa: SIM115 - kept open for the process lifetime
+    process = subprocess.Popen(
+        [*prefix, _postgres_bin("postgres"), "-D", str(data), "-p", str(port), "-k", str(top),
+         "-c", f"listen_addresses={LOCALHOST}", "-c", "fsync=off", "-c", "max_connections=50"],
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    cluster = PostgresCluster(data, port, process, user)
+    ready = _postgres_bin("pg_isready")
+    deadline = time.monotonic() + deadline_s
+    while True:
+        if process.poll() is not None:
+            raise RuntimeError(f"postgres exited with code {process.returncode}: "
+                               + (top / "postgres.log").read_text(errors="replace")[-2000:])
+        if subprocess.run([ready, "-h", LOCALHOST, "-p", str(port), "-U", user, "-q"]).returncode == 0:
+            return cluster
+        if time.monotonic() > deadline:
+            cluster.stop()
+            raise RuntimeError(f"postgres did not accept connections within {deadline_s} s")
+        time.sleep(0.1)

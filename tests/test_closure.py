@@ -20,8 +20,7 @@ from rtharvest.classify import HarvestWindow, registration_type
 from rtharvest.operations import FindReferencing, RetrieveInstance, RetrieveSeries, Role
 from rtharvest.simulation import FakeSource, SimulationResult, simulate_harvest
 from rtharvest.strategies import SourceCapability
-
-generator = pytest.importorskip("rtharvest.synth.generator")
+from rtharvest.synth import generator
 
 CAPABILITIES = [SourceCapability(r, s, i) for r in (True, False) for s in (True, False) for i in (True, False)]
 #: (patients, seed): the brief's clinic, and one big enough for every feature to land on its own patient.

@@ -3,6 +3,8 @@ shape of source behaviour and checks the decision, the job's state and the log i
 
 from __future__ import annotations
 
+import logging
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,7 +13,10 @@ import pytest
 
 from rtharvest.classify import HarvestWindow
 from rtharvest.eventlog import Level
+from rtharvest.ingest import job_for
 from rtharvest.jobqueue import JobState
+from rtharvest.operations import RetrieveSeries, Role
+from rtharvest.strategies import QueryLevel
 from rtharvest.tracking import Decision
 from tests.fakes import World
 from tests.planner_fixtures import MiniClinic
@@ -59,7 +64,6 @@ def test_ingest_failure_in_on_stored_is_planned_from_the_store(world: World, cli
 
     world.ingest.process = flaky  # type: ignore[method-assign]
     handler_events: list[tuple[int, str, dict]] = []
-    import logging
 
     class Capture(logging.Handler):
         def emit(self, record: logging.LogRecord) -> None:
@@ -85,6 +89,7 @@ def test_ingest_failure_in_on_stored_is_planned_from_the_store(world: World, cli
     assert errors[0][1]["harvest_id"] == hid and errors[0][1]["sop_uid"] == plan_uid
     plan_job = world.queue.get_job(errors[0][1]["job_id"])
     assert plan_job.state is JobState.DONE and plan_job.payload["sop_uid"] == plan_uid
+    assert "1 planned from the store after their ingest failed" in (plan_job.note or "")
     warnings = [e for e in world.events.query(harvest_id=hid, min_level=Level.WARNING) if e.job_id == plan_job.id]
     assert any("no decision after the move" in e.message for e in warnings)
     assert world.ingest.failures == 1
@@ -116,3 +121,129 @@ def test_ingest_failure_that_persists_fails_the_job_visibly(world: World, clinic
     assert "ingest failed for 1 stored instance(s) after the move" in first_failure[0].message
     assert not world.tracker.has_object(hid, plan_uid)
     assert clinic.ss.SOPInstanceUID not in kept(world, hid)
+
+
+# -- signal, not noise -------------------------------------------------------------------------------
+
+
+def test_a_fault_free_harvest_warns_about_nothing(world: World, clinic: MiniClinic) -> None:
+    """The slices a contour image's series brings as candidates, the candidates a search inspects and the
+    re-planning of stored copies are expected: no WARNING. The one ERROR is the plan no source holds."""
+    hid = world.start(WINDOW_2020)
+    world.run()
+    world.finish()
+    # The whole-series path ran: slices other than the contour image were moved as candidates first.
+    slices = {o.sop_uid: o for o in world.tracker.objects(hid) if o.series_uid == clinic.ct_sim[0].SeriesInstanceUID}
+    assert len(slices) == len(clinic.ct_sim) and all(o.decision is Decision.KEPT for o in slices.values())
+    assert any(len(uids) == len(clinic.ct_sim) for _, uids in world.backend.moves)
+    loud = world.events.query(harvest_id=hid, min_level=Level.WARNING)
+    assert [(e.level, e.component) for e in loud] == [(Level.ERROR, "harvester")], loud
+    assert clinic.missing_plan_uid in loud[0].message and "failed for good" in loud[0].message
+
+
+def test_a_re_harvest_writes_one_summary_event(world: World, clinic: MiniClinic) -> None:
+    first = world.start(WINDOW_2020)
+    world.run()
+    world.finish()
+    again = world.start(WINDOW_2020)
+    world.run()
+    world.finish()
+    assert kept(world, again) == kept(world, first)
+    events = world.events.query(harvest_id=again, limit=10_000)
+    per_instance = [e for e in events if e.sop_uid is not None]
+    assert per_instance == [], per_instance[:3]
+    summaries = [e for e in events if e.message.startswith("harvest finished:")]
+    assert len(summaries) == 1
+    n = len(kept(world, again))
+    assert f"{n} instance(s) kept (0 moved, {n} already in the store)" in summaries[0].message
+    # Nothing of the re-harvest needs a person except the plan that is still missing.
+    assert [e.level for e in events if e.level >= Level.WARNING] == [Level.ERROR]
+
+
+# -- moves: partial warnings, in-flight instances ------------------------------------------------------
+
+
+def series_job(world: World, harvest_id: str, series: list) -> None:  # type: ignore[type-arg]
+    first = series[0]
+    op = RetrieveSeries(first.PatientID, first.StudyInstanceUID, first.SeriesInstanceUID, Role.PLANNING_SERIES,
+                        "RTSTRUCT->SERIES")
+    world.queue.enqueue_many([job_for(world.routes[harvest_id], op)])
+
+
+def test_a_warning_status_is_checked_by_arrival_and_only_the_rest_moves_again(world: World,
+                                                                              clinic: MiniClinic) -> None:
+    hid = world.start(HarvestWindow("20990101", "20990102", ("NOBODY",)))  # a harvest with no records
+    world.run()
+    series_job(world, hid, clinic.ct_sim)
+    withheld = clinic.ct_sim[2].SOPInstanceUID
+    world.backend.move_status, world.backend.withhold = 0xB000, {withheld}
+    job = world.queue.claim("t:1:w0", 60.0)
+    assert job is not None and job.kind == "RetrieveSeries"
+    world.harvester.run(job, "t:1:w0")
+    after = world.queue.get_job(job.id)
+    assert after.state is JobState.WAITING and after.dimse_status == 0xB000
+    assert "1 of 4 instance(s) did not arrive" in (after.last_error or "") and withheld in (after.last_error or "")
+    world.backend.move_status, world.backend.withhold = None, set()
+    world.run()
+    done = world.queue.get_job(job.id)
+    assert done.state is JobState.DONE and done.attempts == 2
+    # The retry moved only the missing slice, by instance (the other moves are the FoR series' follow-ups).
+    ct_uids = {i.SOPInstanceUID for i in clinic.ct_sim}
+    later = [m for m in world.backend.moves[1:] if set(m[1]) & ct_uids]
+    assert later == [(QueryLevel.IMAGE, (withheld,))]
+    assert {i.SOPInstanceUID for i in clinic.ct_sim} <= kept(world, hid)
+
+
+def test_a_warning_status_with_everything_delivered_completes(world: World, clinic: MiniClinic) -> None:
+    hid = world.start(HarvestWindow("20990101", "20990102", ("NOBODY",)))
+    world.run()
+    series_job(world, hid, clinic.ct_sim)
+    world.backend.move_status = 0xB007
+    world.run()
+    jobs = world.queue.list_jobs(harvest_id=hid)
+    mine = [j for j in jobs if j.payload.get("series_uid") == clinic.ct_sim[0].SeriesInstanceUID]
+    assert [(j.state, j.attempts) for j in mine] == [(JobState.DONE, 1)]
+    assert all(j.state is JobState.DONE for j in jobs)  # the follow-ups' moves answered 0xB007 too
+
+
+def test_instances_another_job_is_moving_are_awaited_not_moved_twice(world: World, clinic: MiniClinic) -> None:
+    """Two harvests want the same series at once: the second waits for the first one's move and plans the
+    arrived copies from the store; the source sends the series once."""
+    h1 = world.start(HarvestWindow("20990101", "20990102", ("NOBODY",)))
+    h2 = world.start(HarvestWindow("20990101", "20990102", ("NOBODY2",)))
+    world.run()
+    series_job(world, h1, clinic.ct_sim)
+    series_job(world, h2, clinic.ct_sim)
+    waiting = threading.Event()
+    real_in_flight = world.tracker.in_flight
+
+    def in_flight(uids, exclude_job):  # type: ignore[no-untyped-def]
+        busy = real_in_flight(uids, exclude_job)
+        if busy:
+            waiting.set()  # the second job found the first one's instances in flight
+        return busy
+
+    world.tracker.in_flight = in_flight  # type: ignore[method-assign]
+    real_move = world.backend.move
+
+    def slow_move(*args, **kwargs):  # type: ignore[no-untyped-def]
+        assert waiting.wait(10), "the second job never looked for in-flight instances"
+        return real_move(*args, **kwargs)
+
+    world.backend.move = slow_move  # type: ignore[method-assign]
+    first = world.queue.claim("t:1:w0", 60.0)
+    second = world.queue.claim("t:1:w1", 60.0)
+    assert first is not None and second is not None and first.harvest_id == h1
+    mover = threading.Thread(target=world.harvester.run, args=(first, "t:1:w0"))
+    mover.start()
+    world.harvester.run(second, "t:1:w1")
+    mover.join(10)
+    assert not mover.is_alive()
+    assert [lvl for lvl, _ in world.backend.moves] == [QueryLevel.SERIES]
+    # Whichever recorded its expectations first moved; the other waited and planned the stored copies.
+    notes = sorted((world.queue.get_job(j.id).state, world.queue.get_job(j.id).note or "") for j in (first, second))
+    assert all(state is JobState.DONE for state, _ in notes)
+    assert sorted("4 instance(s) moved, 0 already stored" in n for _, n in notes) == [False, True]
+    assert sum("0 instance(s) moved, 4 already stored" in n for _, n in notes) == 1, notes
+    expected = {i.SOPInstanceUID for i in clinic.ct_sim}
+    assert expected <= kept(world, h1) and expected <= kept(world, h2)

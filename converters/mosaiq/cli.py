@@ -12,6 +12,7 @@ are reported with their table and key and the other records and patients still c
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Iterable
 from datetime import date, datetime
 from typing import Any
@@ -66,6 +67,9 @@ def _report_problems(report: ConversionReport, problems: Iterable[Problem], skip
 
 def run(args: argparse.Namespace, sink: Sink, report: ConversionReport) -> None:
     """Convert every session of the window; hand each record to ``sink``."""
+    if args.salt == DEFAULT_SALT:
+        report.warn(f"--salt not given: UIDs use the default salt {DEFAULT_SALT!r}; give each site its own, "
+                    "and keep it, so that two sites never share a UID and re-runs stay identical")
     if args.date_from > args.date_to:
         report.error("arguments", "--from/--to", "bad-window", "--from is after --to")
         return
@@ -73,10 +77,14 @@ def run(args: argparse.Namespace, sink: Sink, report: ConversionReport) -> None:
     try:
         engine = create_engine(args.db)
     except NoSuchModuleError as exc:
-        report.error("database", url, "no-driver", f"{exc}; for SQL Server install the extra: rtharvest[mosaiq]")
+        _fatal(report, url, "bad-url", f"unknown kind of database in the URL ({exc})")
         return
-    except (ArgumentError, ImportError) as exc:
-        report.error("database", url, "bad-url", f"cannot use the database URL: {exc}")
+    except ImportError as exc:
+        _fatal(report, url, "no-driver", f"the database driver is not installed ({exc}); for SQL Server: "
+               "pip install 'rtharvest[mosaiq]' (pymssql)")
+        return
+    except ArgumentError as exc:
+        _fatal(report, url, "bad-url", f"cannot use the database URL: {exc}")
         return
     reader = MosaiqReader(engine)
     try:
@@ -84,11 +92,13 @@ def run(args: argparse.Namespace, sink: Sink, report: ConversionReport) -> None:
             report.warn(warning)
         patients = reader.patients(args.date_from, args.date_to, args.patient)
     except MissingTable as exc:
-        report.error("database", url, "missing-table", str(exc))
+        _fatal(report, url, "missing-table", str(exc))
         return
     except SQLAlchemyError as exc:
-        report.error("database", url, "unreachable", f"cannot read the MOSAIQ database: {_reason(exc)}")
+        _fatal(report, url, "unreachable", f"cannot read the MOSAIQ database at {url}: {_reason(exc)}")
         return
+    for absent in sorted({p.strip() for p in args.patient} - {p.patient_id for p in patients}):
+        report.skip("patient", f"IDA={absent}", "no-deliveries", "no delivery in the window for this patient ID")
     records: list[dict[str, Any]] = []
     report.extra["Records"] = records
     progress = Progress(len(patients), "mosaiq patients")
@@ -119,6 +129,12 @@ def run(args: argparse.Namespace, sink: Sink, report: ConversionReport) -> None:
             progress.step()
     finally:
         progress.close()
+
+
+def _fatal(report: ConversionReport, url: str, reason: str, detail: str) -> None:
+    """An error that stops the run: in the report and on stderr (the URL is shown without its password)."""
+    report.error("database", url, reason, detail)
+    print(f"rtharvest-convert mosaiq: {detail}", file=sys.stderr)
 
 
 def _reason(exc: SQLAlchemyError) -> str:

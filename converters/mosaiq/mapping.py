@@ -100,19 +100,16 @@ def _sessions(deliveries: Sequence[Delivery]) -> list[Session]:
 
 def _beams(session: Session, deliveries: Sequence[Delivery]) -> tuple[BeamItem, ...]:
     items: list[BeamItem] = []
-    given: dict[int, float] = {}  # meterset delivered so far per field set in this record
     interrupted: set[int] = set()
     for d in deliveries:
         f = d.field
         assert f is not None
-        delivered = d.meterset if d.meterset is not None else 0.0
+        assert d.meterset is not None  # checked by plan_records
         # Rule: a field delivered again after an interrupted delivery (PartiallyTreated, or a termination
-        # other than NORMAL) in the same session completes that fraction: CONTINUATION, same fraction
-        # number, and what remained of the field's meterset as the specified meterset.
+        # other than NORMAL) in the same session resumes that fraction: CONTINUATION, same fraction number.
+        # The specified meterset stays the field's whole meterset (PS3.3 C.8.8.21.2.1: the delivered
+        # metersets of the interrupted and resumed deliveries add up to it).
         continuation = f.fld_set_id in interrupted
-        specified = f.meterset
-        if continuation and specified is not None:
-            specified = max(specified - given.get(f.fld_set_id, 0.0), 0.0)
         items.append(BeamItem(
             delivery=d,
             beam_number=f.beam_number,
@@ -121,10 +118,9 @@ def _beams(session: Session, deliveries: Sequence[Delivery]) -> tuple[BeamItem, 
             # is recorded, otherwise the session's ordinal among the site's sessions.
             fraction=d.fraction_in_effect if d.fraction_in_effect else session.number,
             delivery_type=DeliveryType.CONTINUATION if continuation else DeliveryType.TREATMENT,
-            specified_meterset=specified,
-            delivered_meterset=delivered,
+            specified_meterset=f.meterset,
+            delivered_meterset=d.meterset,
         ))
-        given[f.fld_set_id] = given.get(f.fld_set_id, 0.0) + delivered
         if d.partially_treated or d.termination is not TerminationStatus.NORMAL:
             interrupted.add(f.fld_set_id)
         else:
@@ -142,7 +138,7 @@ def plan_records(patient: PatientInfo, deliveries: Sequence[Delivery], sites: di
 
     treatments: list[Delivery] = []
     for d in deliveries:
-        if in_window(d.when.date()):
+        if in_window(d.when.date()) or any(p.reason == "bad-date" for p in d.problems):
             out.errors += d.problems
         if d.field is None:
             continue  # no TxField row: reported above as a problem of the Dose_Hst row
@@ -167,7 +163,7 @@ def plan_records(patient: PatientInfo, deliveries: Sequence[Delivery], sites: di
         for d in session.deliveries:
             f = d.field
             assert f is not None
-            if not f.plan_uid or f.beam_number <= 0:
+            if not f.plan_uid or (f.beam_number <= 0 and not d.problems):
                 # Rule: a field not imported from DICOM (no OriginalPlanUID, OriginalBeamNumber 0) has no plan
                 # to reference: the delivery is reported, never attached to a guessed plan.
                 out.skipped.append(Problem("Dose_Hst", f"DHS_ID={d.dhs_id}", "no-plan-uid",
@@ -178,7 +174,15 @@ def plan_records(patient: PatientInfo, deliveries: Sequence[Delivery], sites: di
             groups.setdefault((f.plan_uid, d.machine or ""), []).append(d)
         for (plan_uid, machine), items in groups.items():
             bad = [p for d in items for p in d.problems]
+            for d in items:
+                if d.meterset is None and not d.problems:
+                    # The delivered meterset is what a record is for: never written as a guess.
+                    missing = Problem("Dose_Hst", f"DHS_ID={d.dhs_id}", "no-meterset",
+                                      "Meterset is NULL and no FLD_HST row gives the delivered meterset")
+                    out.errors.append(missing)
+                    bad.append(missing)
             if bad:
+                out.errors += bad  # also those of a delivery past midnight, outside the window's days
                 out.errors.append(Problem("Dose_Hst", "DHS_ID=" + ",".join(str(d.dhs_id) for d in items),
                                           "record-not-written",
                                           f"record of plan {plan_uid} not written: {len(bad)} bad value(s) in "

@@ -39,7 +39,7 @@ class TerminationStatus(IntEnum):
 
     @property
     def dicom(self) -> str:
-        """The enumerated value of PS3.3 C.8.8.14 (NORMAL, OPERATOR, MACHINE, UNKNOWN)."""
+        """The enumerated value of PS3.3 C.8.8.21 (NORMAL, OPERATOR, MACHINE, UNKNOWN)."""
         return self.name
 
 

@@ -13,8 +13,9 @@ from collections.abc import Iterable, Sequence
 from datetime import date, datetime, time, timedelta
 from typing import Any
 
-from sqlalchemy import Engine, and_, inspect, select
-from sqlalchemy.engine import RowMapping
+from sqlalchemy import Engine, Table, and_, inspect, null, select
+from sqlalchemy.engine import Connection, RowMapping
+from sqlalchemy.sql.elements import ColumnElement
 
 from . import schema as s
 from .models import (
@@ -174,6 +175,7 @@ class MosaiqReader:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self.present: set[str] = set()
+        self.columns: dict[str, set[str]] = {}
 
     def check(self) -> list[str]:
         """Connect, require the tables of :data:`~.schema.REQUIRED`; return warnings for absent optional ones.
@@ -181,11 +183,28 @@ class MosaiqReader:
         Raises :class:`MissingTable` naming the first absent required table, and SQLAlchemy's
         ``OperationalError`` (or the driver's error) when the database cannot be reached.
         """
-        names = {name.lower(): name for name in inspect(self.engine).get_table_names()}
-        self.present = {t for t in (*s.REQUIRED, *s.OPTIONAL) if t.lower() in names}
-        for table in s.REQUIRED:
-            if table not in self.present:
-                raise MissingTable(f"required table {table} is absent from the MOSAIQ database")
+        inspector = inspect(self.engine)
+        names = {name.lower(): name for name in inspector.get_table_names()}
+        warnings: list[str] = []
+        self.present = set()
+        self.columns = {}
+        for table in (*s.REQUIRED, *s.OPTIONAL):
+            if table.lower() not in names:
+                if table in s.REQUIRED:
+                    raise MissingTable(f"required table {table} is absent from the MOSAIQ database")
+                continue
+            have = {c["name"].lower() for c in inspector.get_columns(names[table.lower()])}
+            lacking = [c for c in s.KEY_COLUMNS[table] if c.lower() not in have]
+            if lacking:
+                if table in s.REQUIRED:
+                    raise MissingTable(f"table {table} lacks the required column(s) {', '.join(lacking)}")
+                warnings.append(f"table {table} lacks {', '.join(lacking)}: treated as absent")
+                continue
+            self.present.add(table)
+            self.columns[table] = {c.name for c in s.metadata.tables[table].columns if c.name.lower() in have}
+            absent = [c.name for c in s.metadata.tables[table].columns if c.name not in self.columns[table]]
+            if absent:
+                warnings.append(f"table {table} lacks {', '.join(absent)}: read as empty")
         effects = {
             "TxFieldPoint": "control points carry no gantry angle, energy or MLC positions",
             "FLD_HST": "the delivered meterset is Dose_Hst.Meterset, delivered control points are the planned ones",
@@ -194,7 +213,26 @@ class MosaiqReader:
             "DCMSeries": "records go to a per-site study instead of the plan's study",
             "DCMInstance": "records go to a per-site study instead of the plan's study",
         }
-        return [f"table {t} is absent: {effects[t]}" for t in s.OPTIONAL if t not in self.present]
+        return warnings + [f"table {t} is absent: {effects[t]}" for t in s.OPTIONAL if t not in self.present]
+
+    def _col(self, table: Table, name: str, label: str | None = None) -> ColumnElement[Any]:
+        """A declared column, or NULL under its name when this database lacks it (see :meth:`check`)."""
+        if name in self.columns.get(table.name, ()):
+            column: ColumnElement[Any] = table.c[name]
+            return column.label(label) if label else column
+        return null().label(label or name)
+
+    def _all(self, table: Table) -> list[ColumnElement[Any]]:
+        return [self._col(table, c.name) for c in table.columns]
+
+    def _rows_in(self, conn: Connection, table: Table, column: str, keys: Sequence[int]) -> list[RowMapping]:
+        """Rows of ``table`` whose ``column`` is one of ``keys`` (none when the table is absent)."""
+        if table.name not in self.present:
+            return []
+        rows: list[RowMapping] = []
+        for chunk in _chunks(keys):
+            rows += conn.execute(select(*self._all(table)).where(table.c[column].in_(chunk))).mappings()
+        return rows
 
     # -- patients -----------------------------------------------------------------------------------
 
@@ -207,7 +245,8 @@ class MosaiqReader:
         dh, ident = s.Dose_Hst, s.Ident
         query = (
             select(ident.c.Pat_Id1, ident.c.IDA)
-            .where(ident.c.Version == 0)
+            # The current identity (Version 0); the Version filter is right here, unlike for TxField.
+            .where(ident.c.Version == 0 if "Version" in self.columns["Ident"] else ident.c.Pat_Id1.is_not(None))
             .where(ident.c.Pat_Id1.in_(
                 select(dh.c.Pat_ID1).where(dh.c.Tx_DtTm >= _day_start(date_from - timedelta(days=1)),
                                            dh.c.Tx_DtTm < _day_start(date_to + timedelta(days=2)))))
@@ -216,11 +255,12 @@ class MosaiqReader:
         with self.engine.connect() as conn:
             rows = list(conn.execute(query).mappings())
             wanted = {p.strip() for p in patient_ids}
-            chosen = [r for r in rows if not wanted or _text(r["IDA"]) in wanted]
+            unique = {int(r["Pat_Id1"]): r for r in rows}  # one identity per patient, even if Ident repeats
+            chosen = [r for r in unique.values() if not wanted or _text(r["IDA"]) in wanted]
             ids = [int(r["Pat_Id1"]) for r in chosen]
             details: dict[int, RowMapping] = {}
             for chunk in _chunks(ids):
-                for row in conn.execute(select(s.Patient).where(s.Patient.c.Pat_ID1.in_(chunk))).mappings():
+                for row in conn.execute(select(*self._all(s.Patient)).where(s.Patient.c.Pat_ID1.in_(chunk))).mappings():
                     details[int(row["Pat_ID1"])] = row
         out: list[PatientInfo] = []
         for row in chosen:
@@ -248,10 +288,12 @@ class MosaiqReader:
         """
         dh, tx, tt, staff = s.Dose_Hst, s.TxField, s.TrackTreatment, s.Staff
         query = (
-            select(dh, tx.c.FLD_ID.label("tx_FLD_ID"), tx.c.FLD_SET_ID, tx.c.Version.label("tx_Version"),
-                   tx.c.SIT_Set_ID, tx.c.Field_Label, tx.c.Field_Name, tx.c.Meterset.label("tx_Meterset"),
-                   tx.c.Type_Enum.label("tx_Type_Enum"), tx.c.OriginalPlanUID, tx.c.OriginalBeamName,
-                   tx.c.OriginalBeamNumber, tt.c.WasQAMode, staff.c.Last_Name.label("machine_name"))
+            select(*self._all(dh), self._col(tx, "FLD_ID", "tx_FLD_ID"), self._col(tx, "FLD_SET_ID"),
+                   self._col(tx, "Version", "tx_Version"), self._col(tx, "SIT_Set_ID"), self._col(tx, "Field_Label"),
+                   self._col(tx, "Field_Name"), self._col(tx, "Meterset", "tx_Meterset"),
+                   self._col(tx, "Type_Enum", "tx_Type_Enum"), self._col(tx, "OriginalPlanUID"),
+                   self._col(tx, "OriginalBeamName"), self._col(tx, "OriginalBeamNumber"), self._col(tt, "WasQAMode"),
+                   self._col(staff, "Last_Name", "machine_name"))
             .select_from(dh.outerjoin(tx, tx.c.FLD_ID == dh.c.FLD_ID)
                          .outerjoin(tt, tt.c.DHS_ID == dh.c.DHS_ID)
                          .outerjoin(staff, staff.c.Staff_ID == dh.c.Machine_ID_Staff_ID))
@@ -263,25 +305,13 @@ class MosaiqReader:
             dhs_ids = [int(r["DHS_ID"]) for r in rows]
             fld_ids = sorted({int(r["FLD_ID"]) for r in rows if r["FLD_ID"] is not None})
             fld_hst: dict[int, RowMapping] = {}
-            if "FLD_HST" in self.present:
-                for chunk in _chunks(dhs_ids):
-                    for row in conn.execute(select(s.FLD_HST).where(s.FLD_HST.c.DHS_ID.in_(chunk))).mappings():
-                        fld_hst.setdefault(int(row["DHS_ID"]), row)
-            planned: tuple[dict[int, list[ControlPoint]], dict[int, Problem]] = ({}, {})
-            if "TxFieldPoint" in self.present:
-                point_rows: list[RowMapping] = []
-                for chunk in _chunks(fld_ids):
-                    point_rows += conn.execute(
-                        select(s.TxFieldPoint).where(s.TxFieldPoint.c.FLD_ID.in_(chunk))).mappings()
-                planned = _points(point_rows, "TxFieldPoint", "FLD_ID", energy=True)
-            delivered: tuple[dict[int, list[ControlPoint]], dict[int, Problem]] = ({}, {})
-            if "TxFieldPoint_Hst" in self.present and fld_hst:
-                fhs_ids = sorted(int(r["FHS_ID"]) for r in fld_hst.values())
-                hst_rows: list[RowMapping] = []
-                for chunk in _chunks(fhs_ids):
-                    hst_rows += conn.execute(
-                        select(s.TxFieldPoint_Hst).where(s.TxFieldPoint_Hst.c.FHS_ID.in_(chunk))).mappings()
-                delivered = _points(hst_rows, "TxFieldPoint_Hst", "FHS_ID", energy=False)
+            for row in self._rows_in(conn, s.FLD_HST, "DHS_ID", dhs_ids):
+                fld_hst.setdefault(int(row["DHS_ID"]), row)
+            planned = _points(self._rows_in(conn, s.TxFieldPoint, "FLD_ID", fld_ids), "TxFieldPoint", "FLD_ID",
+                              energy=True)
+            fhs_ids = sorted(int(r["FHS_ID"]) for r in fld_hst.values())
+            delivered = _points(self._rows_in(conn, s.TxFieldPoint_Hst, "FHS_ID", fhs_ids), "TxFieldPoint_Hst",
+                                "FHS_ID", energy=False)
         return [self._delivery(row, fld_hst.get(int(row["DHS_ID"])), planned, delivered) for row in rows]
 
     def _delivery(self, row: RowMapping, hst: RowMapping | None,
@@ -305,19 +335,23 @@ class MosaiqReader:
         field: FieldVersion | None = None
         if row["tx_FLD_ID"] is not None:
             fkey = f"FLD_ID={row['tx_FLD_ID']}"
-            field = attempt(None, lambda: FieldVersion(
+            # Each column on its own: a bad value marks the delivery (so its record is not written) but
+            # the field still places the delivery in its session and plan.
+            field = FieldVersion(
                 fld_id=int(row["tx_FLD_ID"]),
-                fld_set_id=_int(row["FLD_SET_ID"], "TxField", fkey, "FLD_SET_ID") or 0,
-                version=_int(row["tx_Version"], "TxField", fkey, "Version") or 0,
-                sit_set_id=_int(row["SIT_Set_ID"], "TxField", fkey, "SIT_Set_ID") or 0,
+                fld_set_id=attempt(0, lambda: _int(row["FLD_SET_ID"], "TxField", fkey, "FLD_SET_ID") or 0),
+                version=attempt(0, lambda: _int(row["tx_Version"], "TxField", fkey, "Version") or 0),
+                sit_set_id=attempt(0, lambda: _int(row["SIT_Set_ID"], "TxField", fkey, "SIT_Set_ID") or 0),
                 label=_text(row["Field_Label"]),
                 name=_text(row["Field_Name"]),
-                meterset=_float(row["tx_Meterset"], "TxField", fkey, "Meterset"),
-                field_type=_enum(FieldType, row["tx_Type_Enum"], "TxField", fkey, "Type_Enum"),
+                meterset=attempt(None, lambda: _float(row["tx_Meterset"], "TxField", fkey, "Meterset")),
+                field_type=attempt(FieldType.STATIC, lambda: _enum(FieldType, row["tx_Type_Enum"], "TxField", fkey,
+                                                                   "Type_Enum")),
                 plan_uid=_text(row["OriginalPlanUID"]),
                 beam_name=_text(row["OriginalBeamName"]),
-                beam_number=_int(row["OriginalBeamNumber"], "TxField", fkey, "OriginalBeamNumber") or 0,
-            ))
+                beam_number=attempt(0, lambda: _int(row["OriginalBeamNumber"], "TxField", fkey,
+                                                    "OriginalBeamNumber") or 0),
+            )
         elif row["FLD_ID"] is not None:
             problems.append(Problem("Dose_Hst", key, "unknown-field", f"FLD_ID {row['FLD_ID']} has no TxField row"))
         else:
@@ -366,7 +400,7 @@ class MosaiqReader:
         """Every version of the patient's sites by SIT_ID (deliveries name the exact version)."""
         out: dict[int, SiteInfo] = {}
         with self.engine.connect() as conn:
-            for row in conn.execute(select(s.Site).where(s.Site.c.Pat_ID1 == pat_id1)).mappings():
+            for row in conn.execute(select(*self._all(s.Site)).where(s.Site.c.Pat_ID1 == pat_id1)).mappings():
                 key = f"SIT_ID={row['SIT_ID']}"
                 try:
                     fractions = _int(row["Fractions"], "Site", key, "Fractions")
@@ -390,7 +424,8 @@ class MosaiqReader:
             for chunk in _chunks(wanted):
                 padded = [*chunk, *(uid.ljust(64) for uid in chunk)]
                 query = (
-                    select(inst.c.SOPInstanceUID, inst.c.SOPClassUID, ser.c.SeriesInstanceUID, stu.c.StudyInstanceUID)
+                    select(inst.c.SOPInstanceUID, self._col(inst, "SOPClassUID"), ser.c.SeriesInstanceUID,
+                           stu.c.StudyInstanceUID)
                     .select_from(inst.join(ser, ser.c.DCMSeries_ID == inst.c.DCMSeries_ID)
                                  .join(stu, stu.c.DCMStudy_ID == ser.c.DCMStudy_ID))
                     .where(and_(inst.c.SOPInstanceUID.in_(padded)))

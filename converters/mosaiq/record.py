@@ -11,7 +11,7 @@ Choices forced by the standard or by known non-conformances of other generators:
 * control points go in ControlPointDeliverySequence (3008,0040), never ControlPointSequence: at least the
   start point and the end point of each delivered field;
 * the record's series is its own (one per patient and plan), never the plan's series;
-* termination and verification statuses are the enumerated values of C.8.8.14 (see :mod:`.models`).
+* termination and verification statuses are the enumerated values of C.8.8.21 (see :mod:`.models`).
 """
 
 from __future__ import annotations
@@ -53,10 +53,12 @@ def study_uid(salt: str, spec: RecordSpec, location: PlanLocation | None) -> str
 
 
 def record_uids(salt: str, spec: RecordSpec) -> tuple[UID, UID]:
-    """(series, instance): the series is per patient and plan, the instance per delivered rows."""
+    """(series, instance): the series is per patient and plan; the instance is the record of one session,
+    plan and machine, named by the session's first delivery (its DHS_ID), so a session converted again
+    after more deliveries keeps its UID (the auxiliary PACS must then overwrite, see docs/operations.md)."""
     series = derived_uid(salt, "mosaiq-record-series", spec.patient.pat_id1, spec.plan_uid)
     instance = derived_uid(salt, "mosaiq-record", spec.patient.pat_id1, spec.plan_uid, spec.machine,
-                           *(b.delivery.dhs_id for b in spec.beams))
+                           spec.session.deliveries[0].dhs_id)
     return series, instance
 
 

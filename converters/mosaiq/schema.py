@@ -13,7 +13,43 @@ check: they are an assumption kept here, in one place, to adjust against a real 
 
 from __future__ import annotations
 
-from sqlalchemy import Column, DateTime, Float, Integer, LargeBinary, MetaData, SmallInteger, String, Table
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Column, DateTime, Dialect, Float, Integer, LargeBinary, MetaData, SmallInteger, String, Table
+from sqlalchemy.types import TypeDecorator, TypeEngine
+
+
+class LocalDateTime(TypeDecorator[Any]):
+    """MOSAIQ's ``datetime`` columns: local time without zone.
+
+    SQL Server drivers return ``datetime`` objects. SQLite has no date type: a copy or a test database may
+    hold ISO text with a space or a ``T`` separator, with or without fractions; all of them are read
+    here (SQLAlchemy's own SQLite DateTime accepts only its own format). Text that is no date comes back
+    unchanged, for the reader to report with its row. A zone, if any, is dropped: MOSAIQ times are local.
+    """
+
+    impl = DateTime
+    cache_ok = True
+
+    def load_dialect_impl(self, dialect: Dialect) -> TypeEngine[Any]:
+        return dialect.type_descriptor(String(32) if dialect.name == "sqlite" else DateTime())
+
+    def process_bind_param(self, value: Any, dialect: Dialect) -> Any:
+        if dialect.name == "sqlite" and isinstance(value, datetime):
+            return value.isoformat(sep=" ")
+        return value
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> Any:
+        if isinstance(value, str):
+            try:
+                value = datetime.fromisoformat(value.strip())
+            except ValueError:
+                return value
+        if isinstance(value, datetime) and value.tzinfo is not None:
+            value = value.replace(tzinfo=None)
+        return value
+
 
 metadata = MetaData()
 
@@ -24,7 +60,7 @@ Ident = Table(
 Patient = Table(
     "Patient", metadata,
     Column("Pat_ID1", Integer, primary_key=True), Column("Last_Name", String(30)), Column("First_Name", String(30)),
-    Column("MIddle_Name", String(30)), Column("Birth_DtTm", DateTime),
+    Column("MIddle_Name", String(30)), Column("Birth_DtTm", LocalDateTime),
 )
 Site = Table(
     "Site", metadata,
@@ -43,14 +79,14 @@ TxField = Table(
 )
 TxFieldPoint = Table(
     "TxFieldPoint", metadata,
-    Column("TFP_ID", Integer, primary_key=True), Column("FLD_ID", Integer), Column("Point", SmallInteger),
+    Column("FLD_ID", Integer), Column("Point", SmallInteger),
     Column("Index", Float), Column("A_Leaf_Set", LargeBinary), Column("B_Leaf_Set", LargeBinary),
     Column("Gantry_Ang", Float), Column("Coll_Ang", Float), Column("Energy", Float),
 )
 Dose_Hst = Table(
     "Dose_Hst", metadata,
     Column("DHS_ID", Integer, primary_key=True), Column("Pat_ID1", Integer), Column("SIT_ID", Integer),
-    Column("FLD_ID", Integer), Column("Tx_DtTm", DateTime), Column("Fractions_Tx", Integer),
+    Column("FLD_ID", Integer), Column("Tx_DtTm", LocalDateTime), Column("Fractions_Tx", Integer),
     Column("Fx_Number_InEffect", Integer), Column("Dose_Tx_Act", Float), Column("Machine_ID_Staff_ID", Integer),
     Column("Meterset", Float), Column("Termination_Status_Enum", SmallInteger),
     Column("Termination_Verify_Status_Enum", SmallInteger), Column("PartiallyTreated", SmallInteger),
@@ -63,13 +99,13 @@ FLD_HST = Table(
 )
 TxFieldPoint_Hst = Table(
     "TxFieldPoint_Hst", metadata,
-    Column("TFH_ID", Integer, primary_key=True), Column("FHS_ID", Integer), Column("Point", SmallInteger),
+    Column("FHS_ID", Integer), Column("Point", SmallInteger),
     Column("Index", Float), Column("A_Leaf_Set", LargeBinary), Column("B_Leaf_Set", LargeBinary),
     Column("Gantry_Ang", Float), Column("Coll_Ang", Float),
 )
 TrackTreatment = Table(
     "TrackTreatment", metadata,
-    Column("TTX_ID", Integer, primary_key=True), Column("DHS_ID", Integer), Column("WasQAMode", SmallInteger),
+    Column("DHS_ID", Integer), Column("WasQAMode", SmallInteger),
     Column("WasBeamComplete", SmallInteger),
 )
 Staff = Table(
@@ -97,3 +133,21 @@ DCMInstance = Table(
 REQUIRED = ("Ident", "Patient", "Site", "TxField", "Dose_Hst", "TrackTreatment", "Staff")
 #: Without these the output degrades (a warning says how), the run goes on.
 OPTIONAL = ("TxFieldPoint", "FLD_HST", "TxFieldPoint_Hst", "DCMStudy", "DCMSeries", "DCMInstance")
+
+#: Columns without which a table is unusable. A required table lacking one stops the run; an optional
+#: one is then treated as absent. Any other declared column may be missing: it reads as NULL (warned).
+KEY_COLUMNS: dict[str, tuple[str, ...]] = {
+    "Ident": ("Pat_Id1", "IDA"),
+    "Patient": ("Pat_ID1",),
+    "Site": ("SIT_ID", "Pat_ID1"),
+    "TxField": ("FLD_ID", "SIT_Set_ID", "OriginalPlanUID", "OriginalBeamNumber", "Type_Enum"),
+    "Dose_Hst": ("DHS_ID", "Pat_ID1", "FLD_ID", "Tx_DtTm"),
+    "TrackTreatment": ("DHS_ID", "WasQAMode"),
+    "Staff": ("Staff_ID", "Last_Name"),
+    "TxFieldPoint": ("FLD_ID", "Point"),
+    "FLD_HST": ("FHS_ID", "DHS_ID"),
+    "TxFieldPoint_Hst": ("FHS_ID", "Point"),
+    "DCMStudy": ("DCMStudy_ID", "StudyInstanceUID"),
+    "DCMSeries": ("DCMSeries_ID", "DCMStudy_ID", "SeriesInstanceUID"),
+    "DCMInstance": ("DCMSeries_ID", "SOPInstanceUID"),
+}

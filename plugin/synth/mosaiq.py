@@ -256,7 +256,6 @@ def generate_mosaiq(out_dir: Path, options: SynthOptions | None = None, *, overw
     traps: list[Trap] = []
 
     # --- trap placement (deterministic: by course order) ----------------------------------------------
-    courses: list[list[_Session]] = []
     by_course: dict[tuple[str, str], list[_Session]] = {}
     for s in sessions:
         by_course.setdefault((s.patient_id, s.plan_uid), []).append(s)
@@ -283,8 +282,9 @@ def generate_mosaiq(out_dir: Path, options: SynthOptions | None = None, *, overw
         plan = k.plans.get(plan_uid)
         if plan is None or not plan.label.endswith("_2"):
             continue
-        first_course = next((c for (p2, u2), c in sorted(by_course.items()) if p2 == pid and k.plans.get(u2)
-                      and k.plans[u2].label == plan.label[:-2] + "_1"), None)
+        first_label = plan.label[:-2] + "_1"
+        first_course = next((c for (p2, u2), c in sorted(by_course.items())
+                             if p2 == pid and u2 in k.plans and k.plans[u2].label == first_label), None)
         if first_course is not None:
             course[0].when = first_course[-1].when + timedelta(minutes=30)
             two_plans = (first_course[-1], course[0])
@@ -315,6 +315,7 @@ def generate_mosaiq(out_dir: Path, options: SynthOptions | None = None, *, overw
     setup_fields: dict[tuple[str, str], int] = {}
     manual_field: int | None = None
     dcm_plans: dict[str, str] = {}
+    points_of: dict[int, list[dict[str, Any]]] = {}
     records: list[ExpectedRecord] = []
     skipped: dict[str, list[int]] = {"qa-mode": [], "setup-field": [], "no-plan-uid": []}
     new_records: dict[str, KRecord] = {}
@@ -332,9 +333,10 @@ def generate_mosaiq(out_dir: Path, options: SynthOptions | None = None, *, overw
               OriginalPlanUID=plan_uid.ljust(64) if imported else None,
               OriginalBeamName=beam.name if imported else None, OriginalBeamNumber=beam.number if imported else 0)
         for point, index in ((0, 0.0), (1, 1.0)):
-            w.add("TxFieldPoint", TFP_ID=w.new_id("TxFieldPoint"), FLD_ID=fld, Point=point, Index=index,
-                  A_Leaf_Set=_leaf_blob(10, 50.0 + beam.number, -1), B_Leaf_Set=_leaf_blob(10, 50.0 + beam.number, 1),
-                  Gantry_Ang=beam.gantry, Coll_Ang=0.0, Energy=6.0)
+            row = dict(Point=point, Index=index, A_Leaf_Set=_leaf_blob(10, 50.0 + beam.number, -1),
+                       B_Leaf_Set=_leaf_blob(10, 50.0 + beam.number, 1), Gantry_Ang=beam.gantry, Coll_Ang=0.0)
+            points_of.setdefault(fld, []).append(row)
+            w.add("TxFieldPoint", FLD_ID=fld, Energy=6.0, **row)
         return fld
 
     def deliver(s: _Session, fld: int, when: datetime, meterset: float, *, fraction: int | None,
@@ -348,7 +350,9 @@ def generate_mosaiq(out_dir: Path, options: SynthOptions | None = None, *, overw
               PartiallyTreated=int(partially), Type_Enum=1)
         fhs = w.new_id("FLD_HST", 80000)
         w.add("FLD_HST", FHS_ID=fhs, DHS_ID=dhs, Meterset=meterset, Control_Points=2)
-        w.add("TrackTreatment", TTX_ID=w.new_id("TrackTreatment"), DHS_ID=dhs, WasQAMode=int(qa),
+        for row in points_of[fld]:  # delivered as planned
+            w.add("TxFieldPoint_Hst", FHS_ID=fhs, **row)
+        w.add("TrackTreatment", DHS_ID=dhs, WasQAMode=int(qa),
               WasBeamComplete=int(not partially))
         return dhs
 

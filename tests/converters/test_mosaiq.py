@@ -11,6 +11,7 @@ import shutil
 import sqlite3
 import subprocess
 from collections import Counter
+from dataclasses import replace
 from datetime import date, datetime
 from pathlib import Path
 
@@ -25,15 +26,17 @@ from rtharvest.converters.mosaiq.models import (
     FieldType,
     FieldVersion,
     PatientInfo,
+    Problem,
     TerminationStatus,
     VerifyStatus,
 )
 from rtharvest.converters.mosaiq.reader import BadValue, leaf_positions_mm
+from rtharvest.synth.cli import main as synth_main
 from rtharvest.synth.generator import SynthOptions
 from rtharvest.synth.mosaiq import DATABASE, ExpectedRecord, MosaiqTruth, generate_mosaiq
 
 #: dicom3tools spells two TreatmentVerificationStatus terms VERIFED / NOT_VERIFED and so rejects the
-#: standard's VERIFIED / NOT_VERIFIED (PS3.3 C.8.8.14.1). Exactly these messages are tolerated.
+#: standard's VERIFIED / NOT_VERIFIED (PS3.3 C.8.8.21). Exactly these messages are tolerated.
 DCIODVFY_MISSPELLING = ("Unrecognized enumerated value <VERIFIED> for value 1 of attribute "
                         "<Treatment Verification Status>",
                         "Unrecognized enumerated value <NOT_VERIFIED> for value 1 of attribute "
@@ -50,7 +53,7 @@ def _convert(db: Path, out: Path, *extra: str, date_from: str = "20100101", date
         int, dict]:
     report = out.with_suffix(".json")
     code = cli.main(["mosaiq", "--db", f"sqlite:///{db}", "--from", date_from, "--to", date_to,
-                     "--out", str(out), "--report", str(report), *extra])
+                     "--out", str(out), "--report", str(report), "--salt", "test-site", *extra])
     return code, json.loads(report.read_text())
 
 
@@ -79,10 +82,8 @@ def _expected_beams(record: ExpectedRecord) -> list[tuple[int, int, float, str, 
             for b in record.beams]
 
 
-def test_records_equal_ground_truth_of_deliveries(mosaiq_clinic: tuple[Path, MosaiqTruth],
-                                                   converted: tuple[list[Path], dict]) -> None:
-    root, truth = mosaiq_clinic
-    files, report = converted
+def _assert_records_equal(truth: MosaiqTruth, files: list[Path]) -> None:
+    """Every record written equals one expected record, beam by beam, and nothing else was written."""
     produced: dict[tuple[str, str, str, str], list[Dataset]] = {}
     for path in files:
         ds = dcmread(path)
@@ -105,23 +106,59 @@ def test_records_equal_ground_truth_of_deliveries(mosaiq_clinic: tuple[Path, Mos
                 points = beam.ControlPointDeliverySequence
                 assert len(points) >= 2 and float(points[0].DeliveredMeterset) == 0
                 assert float(points[-1].DeliveredMeterset) == float(beam.DeliveredPrimaryMeterset)
+                # The delivered control points: gantry angle and the MLC of 10 leaf pairs, in mm.
+                assert "GantryAngle" in points[0] and "GantryAngle" in points[-1]
+                mlc = [d for d in beam.BeamLimitingDeviceLeafPairsSequence if d.RTBeamLimitingDeviceType == "MLCX"]
+                assert [d.NumberOfLeafJawPairs for d in mlc] == [10]
+                positions = points[0].BeamLimitingDevicePositionSequence[0].LeafJawPositions
+                assert len(positions) == 20 and float(positions[0]) < 0 < float(positions[-1])
             # A series of its own; the plan's study when the DCM tables know the plan.
             assert ds.SeriesInstanceUID != plan_series.get(record.plan_uid)
             if record.plan_study_uid is not None:
                 assert ds.StudyInstanceUID == record.plan_study_uid
             else:
                 assert ds.StudyInstanceUID not in {i.study_uid for i in truth.dicom_truth.objects.values()}
+
+
+def test_records_equal_ground_truth_of_deliveries(mosaiq_clinic: tuple[Path, MosaiqTruth],
+                                                   converted: tuple[list[Path], dict]) -> None:
+    root, truth = mosaiq_clinic
+    files, report = converted
+    _assert_records_equal(truth, files)
     # Every trap of the clinic is present in what was compared.
     kinds = {t.kind for t in truth.traps}
     assert {"history_version", "qa_mode", "setup_field", "partial_treatment", "machine_change",
             "two_plans_one_site", "padded_plan_uid", "not_imported_field", "midnight_session"} <= kinds
     assert any(b.delivery_type == "CONTINUATION" for r in truth.records for b in r.beams)
+    # Interrupted and resumed deliveries of a beam add up to its specified meterset (PS3.3 C.8.8.21.2.1).
+    resumed = 0
+    for path in files:
+        items = dcmread(path).TreatmentSessionBeamSequence
+        for before, after in zip(items, items[1:], strict=False):
+            if after.TreatmentDeliveryType == "CONTINUATION":
+                resumed += 1
+                assert before.ReferencedBeamNumber == after.ReferencedBeamNumber
+                assert before.SpecifiedPrimaryMeterset == after.SpecifiedPrimaryMeterset
+                total = float(before.DeliveredPrimaryMeterset) + float(after.DeliveredPrimaryMeterset)
+                assert total == pytest.approx(float(after.SpecifiedPrimaryMeterset))
+    assert resumed == 1
     # Left-out deliveries are reported by reason and row, not guessed.
     skipped: dict[str, set[int]] = {}
     for issue in report["Skipped"]:
         skipped.setdefault(issue["Reason"], set()).add(int(issue["Key"].split("=")[1]))
     assert skipped == {reason: set(ids) for reason, ids in truth.skipped.items()}
     assert report["Errors"] == [] and report["Warnings"] == []
+
+
+@pytest.mark.parametrize(("patients", "seed"), [(3, 3), (9, 11)])
+def test_other_clinic_shapes(patients: int, seed: int, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    if patients == 3:  # through the command line, as an operator would
+        assert synth_main(["mosaiq", "--out", str(tmp_path / "clinic"), "--patients", "3", "--seed", "3"]) == 0
+        assert "rtharvest-convert mosaiq --db sqlite:///" in capsys.readouterr().out
+    truth = generate_mosaiq(tmp_path / "clinic", SynthOptions(patients=patients, seed=seed), overwrite=True)
+    code, report = _convert(truth.database, tmp_path / "out", date_from=truth.first_day, date_to=truth.last_day)
+    assert code == 0 and report["Errors"] == []
+    _assert_records_equal(truth, sorted((tmp_path / "out").rglob("*.dcm")))
 
 
 def test_records_pass_dciodvfy(converted: tuple[list[Path], dict]) -> None:
@@ -153,21 +190,26 @@ def test_window_and_patient_filter(mosaiq_clinic: tuple[Path, MosaiqTruth], tmp_
     midnight = next(t for t in truth.traps if t.kind == "midnight_session")
     record = next(r for r in truth.records if r.patient_id == midnight.patient_id and r.plan_uid in midnight.uids
                   and len(r.beams) >= 3 and r.treatment_date == _midnight_day(root, r))
-    code, report = _convert(root / DATABASE, tmp_path / "one", "--patient", record.patient_id,
+    code, report = _convert(root / DATABASE, tmp_path / "one", "--patient", record.patient_id, "--patient", "NOBODY",
                             date_from=record.treatment_date, date_to=record.treatment_date)
     assert code == 0
+    assert [(i["Key"], i["Reason"]) for i in report["Skipped"] if i["Scope"] == "patient"] == [
+        ("IDA=NOBODY", "no-deliveries")]
     files = list((tmp_path / "one").rglob("*.dcm"))
     # The session that runs past midnight is one record on the day it started, with all its beams.
     assert len(files) == 1
     ds = dcmread(files[0])
     assert ds.TreatmentDate == record.treatment_date and _beams(ds) == _expected_beams(record)
-    # The day after holds its tail, which belongs to the earlier session: no record.
-    next_day = (datetime.strptime(record.treatment_date, "%Y%m%d").date().toordinal() + 1)
-    after = date.fromordinal(next_day).strftime("%Y%m%d")
+    # The day after holds its tail, which belongs to the earlier session: only that day's own sessions.
+    after = date.fromordinal(datetime.strptime(record.treatment_date, "%Y%m%d").date().toordinal() + 1)
+    day_after = after.strftime("%Y%m%d")
     code, report = _convert(root / DATABASE, tmp_path / "after", "--patient", record.patient_id,
-                            date_from=after, date_to=after)
-    dates = {str(dcmread(p).TreatmentDate) for p in (tmp_path / "after").rglob("*.dcm")}
-    assert record.treatment_date not in dates
+                            date_from=day_after, date_to=day_after)
+    assert code == 0
+    expected_after = [r for r in truth.records if r.patient_id == record.patient_id and r.treatment_date == day_after]
+    produced_after = [dcmread(p) for p in (tmp_path / "after").rglob("*.dcm")]
+    assert sorted(len(ds.TreatmentSessionBeamSequence) for ds in produced_after) == sorted(
+        len(r.beams) for r in expected_after)
 
 
 def _midnight_day(root: Path, record: ExpectedRecord) -> str:
@@ -185,18 +227,33 @@ def test_bad_rows_are_named_and_other_patients_convert(mosaiq_clinic: tuple[Path
     other = next(r for r in truth.records if r.patient_id != victim.patient_id and len(r.beams) >= 2)
     with sqlite3.connect(db) as conn:
         conn.execute("UPDATE Dose_Hst SET Termination_Status_Enum = 'abc' WHERE DHS_ID = ?", (victim.dhs_ids[0],))
-        (fld,) = conn.execute("SELECT FLD_ID FROM Dose_Hst WHERE DHS_ID = ?", (other.dhs_ids[-1],)).fetchone()
-        conn.execute("UPDATE TxFieldPoint SET A_Leaf_Set = X'0100' WHERE FLD_ID = ? AND Point = 1", (fld,))
-        hit = {dhs for (dhs,) in conn.execute("SELECT DHS_ID FROM Dose_Hst WHERE FLD_ID = ?", (fld,))}
+        # A delivery whose time is not a time (here a setup field's): reported whatever the window.
+        undated = truth.skipped["setup-field"][0]
+        conn.execute("UPDATE Dose_Hst SET Tx_DtTm = 'soon' WHERE DHS_ID = ?", (undated,))
+        # No delivered meterset anywhere for one delivery: its record is not written with a guess.
+        unmetered = next(r for r in truth.records if r.patient_id == victim.patient_id and r is not victim)
+        conn.execute("UPDATE Dose_Hst SET Meterset = NULL WHERE DHS_ID = ?", (unmetered.dhs_ids[0],))
+        conn.execute("DELETE FROM FLD_HST WHERE DHS_ID = ?", (unmetered.dhs_ids[0],))
+        (fhs,) = conn.execute("SELECT FHS_ID FROM FLD_HST WHERE DHS_ID = ?", (other.dhs_ids[-1],)).fetchone()
+        conn.execute("UPDATE TxFieldPoint_Hst SET A_Leaf_Set = X'0100' WHERE FHS_ID = ? AND Point = 1", (fhs,))
+        third = next(r for r in truth.records if r.patient_id not in (victim.patient_id, other.patient_id))
+        (typed,) = conn.execute("SELECT FLD_ID FROM Dose_Hst WHERE DHS_ID = ?", (third.dhs_ids[0],)).fetchone()
+        conn.execute("UPDATE TxField SET Type_Enum = 'zz' WHERE FLD_ID = ?", (typed,))
+        hit = {dhs for (dhs,) in conn.execute("SELECT DHS_ID FROM Dose_Hst WHERE FLD_ID = ?", (typed,))}
+        hit.add(other.dhs_ids[-1])
     code, report = _convert(db, tmp_path / "out")
     assert code == 0
     details = [f"{e['Scope']} {e['Key']}: {e['Detail']}" for e in report["Errors"]]
     assert f"Dose_Hst DHS_ID={victim.dhs_ids[0]}: Termination_Status_Enum 'abc' is not an integer" in details
-    # The malformed blob is named once, though every delivery of that field needs it.
-    blob = [d for d in details if d.startswith(f"TxFieldPoint FLD_ID={fld}") and "leaf banks differ" in d]
-    assert len(blob) == 1, details
+    assert f"TxField FLD_ID={typed}: Type_Enum 'zz' is not an integer" in details
+    assert f"Dose_Hst DHS_ID={undated}: Tx_DtTm 'soon' is not a date and time" in details
+    assert f"TxFieldPoint_Hst FHS_ID={fhs} Point=1: leaf banks differ in size (1 A leaves, 10 B leaves)" in details
+    # A bad TxField row is named once, though every delivery of that field needs it.
+    assert sum(d.startswith(f"TxField FLD_ID={typed}:") for d in details) == 1
     # Exactly the records holding those rows are missing (one error each); everything else converted.
-    lost = [r for r in truth.records if r is victim or hit & set(r.dhs_ids)]
+    assert f"Dose_Hst DHS_ID={unmetered.dhs_ids[0]}: Meterset is NULL and no FLD_HST row gives the delivered " \
+        "meterset" in details
+    lost = [r for r in truth.records if r is victim or r is unmetered or hit & set(r.dhs_ids)]
     assert report["Written"]["RTRECORD"] == len(truth.records) - len(lost)
     assert report["ErrorsByReason"]["record-not-written"] == len(lost)
     assert len({r.patient_id for r in truth.records} - {r.patient_id for r in lost}) >= 1
@@ -216,6 +273,30 @@ def test_absent_optional_tables_degrade_with_warnings(mosaiq_clinic: tuple[Path,
     assert not {str(dcmread(p).StudyInstanceUID) for p in (tmp_path / "out").rglob("*.dcm")} & plan_studies
 
 
+def test_absent_columns_read_as_empty_key_columns_required(mosaiq_clinic: tuple[Path, MosaiqTruth],
+                                                             tmp_path: Path) -> None:
+    root, truth = mosaiq_clinic
+    db = tmp_path / "old.sqlite"
+    shutil.copy(root / DATABASE, db)
+    with sqlite3.connect(db) as conn:  # an older schema: columns this converter can do without
+        conn.execute("ALTER TABLE TxFieldPoint DROP COLUMN Energy")
+        conn.execute("ALTER TABLE Dose_Hst DROP COLUMN Fractions_Tx")
+        conn.execute("ALTER TABLE Ident DROP COLUMN Version")
+        # Times written by another tool: ISO text with a T separator.
+        conn.execute("UPDATE Dose_Hst SET Tx_DtTm = replace(Tx_DtTm, ' ', 'T')")
+    code, report = _convert(db, tmp_path / "out")
+    assert code == 0 and report["Errors"] == []
+    assert "table TxFieldPoint lacks Energy: read as empty" in report["Warnings"]
+    files = sorted((tmp_path / "out").rglob("*.dcm"))
+    _assert_records_equal(truth, files)
+    assert all("NominalBeamEnergy" not in dcmread(p).TreatmentSessionBeamSequence[0].ControlPointDeliverySequence[0]
+               for p in files)
+    with sqlite3.connect(db) as conn:
+        conn.execute("ALTER TABLE Dose_Hst DROP COLUMN Tx_DtTm")
+    code, report = _convert(db, tmp_path / "out2")
+    assert code == 1 and report["Errors"][0]["Detail"] == "table Dose_Hst lacks the required column(s) Tx_DtTm"
+
+
 def test_missing_required_table_and_unreachable_database(mosaiq_clinic: tuple[Path, MosaiqTruth],
                                                           tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     root, _ = mosaiq_clinic
@@ -228,8 +309,14 @@ def test_missing_required_table_and_unreachable_database(mosaiq_clinic: tuple[Pa
     assert report["Errors"][0]["Reason"] == "missing-table" and "Dose_Hst" in report["Errors"][0]["Detail"]
     code, report = _convert(tmp_path / "no" / "such" / "dir.sqlite", tmp_path / "out2")
     assert code == 1 and report["Errors"][0]["Reason"] == "unreachable"
-    out = capsys.readouterr().out
-    assert "1 missing-table" in out and "1 unreachable" in out
+    captured = capsys.readouterr()
+    assert "1 missing-table" in captured.out and "1 unreachable" in captured.out
+    assert "required table Dose_Hst is absent" in captured.err
+    assert cli.main(["mosaiq", "--db", "nosuchdb://u:secret@host/x", "--from", "20240101", "--to", "20240101",
+                     "--out", str(tmp_path / "out3"), "--salt", "s"]) == 1
+    captured = capsys.readouterr()
+    assert "1 bad-url" in captured.out and "unknown kind of database" in captured.err
+    assert "secret" not in captured.out + captured.err
 
 
 def test_leaf_blob_decoding() -> None:
@@ -258,3 +345,14 @@ def test_sessions_midnight_and_two_plans_rule() -> None:
     assert out.sessions == 2
     summary = [(r.session.day.isoformat(), r.plan_uid, [b.fraction for b in r.beams]) for r in out.records]
     assert summary == [("2024-03-04", "1.2.3", [1, 1]), ("2024-03-05", "1.2.3", [2]), ("2024-03-05", "9.8.7", [2])]
+
+
+def test_bad_row_past_midnight_is_reported_with_its_session() -> None:
+    patient = PatientInfo(1, "MRN", "A^B", "")
+    late = datetime(2024, 3, 4, 23, 50)
+    tail = replace(_delivery(2, late + SESSION_GAP / 2, fld=11),
+                   problems=(Problem("Dose_Hst", "DHS_ID=2", "unknown-enum", "Termination_Status_Enum 9 ..."),))
+    out = plan_records(patient, [_delivery(1, late), tail], {}, date(2024, 3, 4), date(2024, 3, 4))
+    assert out.records == [] and out.sessions == 1
+    assert [(p.key, p.reason) for p in out.errors] == [("DHS_ID=2", "unknown-enum"),
+                                                       ("DHS_ID=1,2", "record-not-written")]

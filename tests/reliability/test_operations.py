@@ -11,7 +11,7 @@ from rtharvest.synth.groundtruth import GroundTruth
 
 from ..conftest import Clinic
 from ..harvesting import start_harvest, wait_completed
-from .helpers import queue_db
+from .helpers import db_rows, queue_db
 
 pytestmark = pytest.mark.servers
 
@@ -45,7 +45,11 @@ def test_online_backup_while_harvesting_is_consistent(clinic: Clinic, loaded: Gr
     middle of a harvest opens as a consistent database."""
     clinic.restart_harvester(fresh=True)
     harvest_id = start_harvest(clinic.api, loaded.window("all"), "ORTHANC_SRC")
-    time.sleep(1.5)
+    deadline = time.monotonic() + 30
+    while not db_rows(queue_db(clinic), "SELECT 1 FROM jobs WHERE harvest_id = ? AND state = 'done' LIMIT 1",
+                      (harvest_id,)):  # the harvest is under way: jobs done, others still to run
+        assert time.monotonic() < deadline, "the harvest did not start"
+        time.sleep(0.05)
     source = sqlite3.connect(f"file:{queue_db(clinic)}?mode=ro", uri=True)
     target = sqlite3.connect(tmp_path / "backup.sqlite")
     source.backup(target)

@@ -5,8 +5,8 @@
 * only configured AETs may store into the harvester: an unknown calling AET is refused, a configured AET
   calling from another host than its DicomModalities entry is refused (DicomCheckModalityHost), the same
   AET from its own host is accepted; no modality may query (C-FIND) or retrieve (C-MOVE, C-GET) from it;
-* after a harvest, none of the synthetic clinic's PatientName values appears in the event log, the job
-  table's messages or Orthanc's log file;
+* after harvests (one at a strict source), none of the synthetic clinic's PatientIDs, names, birth dates or
+  treatment dates appears in the event log, the job table's messages or Orthanc's log file;
 * injection strings fed through every filter of every route and every text field of a start request
   change nothing and are stored verbatim where they are data.
 """
@@ -36,7 +36,7 @@ from rtharvest.synth.groundtruth import GroundTruth
 from rtharvest.synth.loader import dicom_files
 
 from ..conftest import Clinic
-from ..harvesting import start_harvest, wait_completed
+from ..harvesting import wait_completed
 from ..servers import LOCALHOST, DicomSource, RestClient
 
 pytestmark = pytest.mark.servers
@@ -162,24 +162,52 @@ def test_no_modality_may_query_or_retrieve_from_the_harvester(clinic: Clinic, lo
                 assoc.release()
 
 
-def _patient_names(out: Path) -> set[str]:
-    names: set[str] = set()
+def _phi_values(out: Path) -> tuple[set[str], set[str]]:
+    """(words, dates) of the synthetic clinic that must never be logged: PatientID, PatientName and its
+    parts, PatientBirthDate, TreatmentDate."""
+    words: set[str] = set()
+    dates: set[str] = set()
     for path in dicom_files(out):
-        name = str(pydicom.dcmread(path, stop_before_pixels=True).get("PatientName", "") or "")
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        name = str(ds.get("PatientName", "") or "")
         if name:
-            names.add(name)
-            names.update(part for part in re.split(r"[\^=]", name) if len(part) >= 4)
-    return names
+            words.add(name)
+            words.update(part for part in re.split(r"[\^=]", name) if len(part) >= 4)
+        words.add(str(ds.get("PatientID", "") or ""))
+        for kw in ("PatientBirthDate", "TreatmentDate"):
+            dates.add(str(ds.get(kw, "") or ""))
+    return words - {""}, dates - {""}
 
 
-def test_no_patient_names_in_logs(clinic: Clinic, loaded: GroundTruth,
-                                  synthetic: tuple[Path, GroundTruth]) -> None:
+def _free_date(start: str, taken: set[str], step: int) -> str:
+    """The nearest calendar date from ``start`` (YYYYMMDD) in direction ``step`` that no patient has."""
+    from datetime import date, timedelta
+
+    d = date(int(start[:4]), int(start[4:6]), int(start[6:]))
+    while d.strftime("%Y%m%d") in taken:
+        d += timedelta(days=step)
+    return d.strftime("%Y%m%d")
+
+
+def test_no_phi_in_logs(clinic: Clinic, loaded: GroundTruth, synthetic: tuple[Path, GroundTruth]) -> None:
+    """Harvests of a clinic whose PHI is known (one at a strict source, which moves other patients' and
+    out-of-window records in only to reject them); every event, every job's error and note and every line
+    of Orthanc's log is scanned for each PatientID, name, birth date and treatment date."""
     out, _ = synthetic
-    names = _patient_names(out)
-    assert names, "the synthetic clinic has no PatientName values to look for"
+    words, dates = _phi_values(out)
+    assert words and dates, "the synthetic clinic has no PHI values to look for"
     clinic.restart_harvester(fresh=True)
-    harvest_id = start_harvest(clinic.api, loaded.window("all"), "ORTHANC_SRC")
-    wait_completed(clinic.api, harvest_id)
+    # Window bounds are the operator's input, logged with the harvest: chosen off every patient's dates.
+    year = loaded.window("year")
+    assert year.date_from and year.date_to
+    windows = [("ORTHANC_SRC", "20100101", "20231231"),
+               ("DCMQRSCP_STRICT", _free_date(year.date_from, dates, 1), _free_date(year.date_to, dates, -1))]
+    for source, date_from, date_to in windows:
+        harvest_id = clinic.api.post("/rtharvest/harvests", {"Source": source, "From": date_from,
+                                                              "To": date_to})["ID"]
+        wait_completed(clinic.api, harvest_id)
+    rejected = clinic.api.get("/rtharvest/log?level=debug&limit=10000&component=ingest")
+    assert any("rejected" in e["Message"] for e in rejected), "nothing rejected: the scan proves little"
     texts = [str(e) for e in clinic.api.get("/rtharvest/log?level=debug&limit=10000")]
     db = Path(clinic.harvester.config["RtHarvest"]["DatabasePath"])
     conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
@@ -189,11 +217,15 @@ def test_no_patient_names_in_logs(clinic: Clinic, loaded: GroundTruth,
     finally:
         conn.close()
     clinic.harvester.stop()  # flush Orthanc's log
-    texts.append(clinic.harvester.log_path.read_text(errors="replace"))
+    texts += clinic.harvester.log_path.read_text(errors="replace").splitlines()
     clinic.restart_harvester(fresh=False)
-    blob = "\n".join(texts)
-    leaked = sorted(n for n in names if n in blob)
-    assert not leaked, f"PatientName values in the logs: {leaked[:5]}"
+    leaked: dict[str, str] = {}
+    for text in texts:
+        for value in words | dates:
+            # Dates are digits: one inside a UID (digits and dots) is not a date.
+            if re.search(rf"(?<![\w.]){re.escape(value)}(?![\w.])", text):
+                leaked.setdefault(value, text[:300])
+    assert not leaked, f"PHI values in the logs: {list(leaked.items())[:5]}"
 
 
 def test_injection_strings_through_every_filter(clinic: Clinic, loaded: GroundTruth) -> None:

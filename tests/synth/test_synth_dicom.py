@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 from collections import defaultdict
 from pathlib import Path
@@ -14,8 +13,7 @@ from synthclinic import Clinic
 
 from rtharvest.sopclass import SopClass
 from rtharvest.synth.iods import STUDY_COMPONENT_SOP_CLASS
-
-DCIODVFY = shutil.which("dciodvfy")
+from tests.tooling import required_tool
 
 
 def _samples(clinic: Clinic) -> dict[str, Path]:
@@ -35,15 +33,15 @@ def _samples(clinic: Clinic) -> dict[str, Path]:
     return picked
 
 
-@pytest.mark.skipif(DCIODVFY is None, reason="dciodvfy (dicom3tools) not installed")
 @pytest.mark.parametrize("edition", ["default", "-new"])
 def test_dciodvfy_reports_no_errors(clinic: Clinic, edition: str) -> None:
+    dciodvfy = required_tool("dciodvfy")
     samples = _samples(clinic)
     kinds = {clinic.truth.objects[uid].sop_class_uid for uid in samples}
     assert len(kinds) == 11, "every generated IOD kind is sampled"
     failures: list[str] = []
     for uid, path in samples.items():
-        args = [str(DCIODVFY), *([] if edition == "default" else [edition]), str(path)]
+        args = [dciodvfy, *([] if edition == "default" else [edition]), str(path)]
         result = subprocess.run(args, capture_output=True, text=True, check=False)
         output = result.stdout + result.stderr
         errors = [line for line in output.splitlines() if line.startswith("Error")]

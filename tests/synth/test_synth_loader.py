@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,6 +13,7 @@ from synthclinic import Clinic
 
 from rtharvest.synth.cli import main
 from rtharvest.synth.loader import LoadError, dicom_files, index_for_dcmqrscp, store_to_scp
+from tests.tooling import required_tool
 
 
 class _Scp:
@@ -77,8 +77,8 @@ def test_store_to_scp_raises_when_nobody_listens(clinic: Clinic) -> None:
         store_to_scp(dicom_files(clinic.root)[:1], "127.0.0.1", _free_port(), "NOBODY")
 
 
-@pytest.mark.skipif(shutil.which("dcmqridx") is None, reason="dcmqridx (dcmtk) not installed")
 def test_index_for_dcmqrscp(clinic: Clinic, tmp_path: Path) -> None:
+    required_tool("dcmqridx")
     files = dicom_files(clinic.root)
     storage = tmp_path / "storage"
     assert index_for_dcmqrscp(files, storage) == len(files)
@@ -101,9 +101,9 @@ def test_cli_generate_and_load(tmp_path: Path, scp: _Scp, capsys: pytest.Capture
     files = dicom_files(out)
     assert main(["load", str(out), "--scp", f"127.0.0.1:{scp.port}", "--aet", "TESTSCP"]) == 0
     assert len(scp.received) == len(files)
-    if shutil.which("dcmqridx"):
-        assert main(["load", str(out), "--dcmqrscp-dir", str(tmp_path / "store")]) == 0
-        assert (tmp_path / "store" / "index.dat").exists()
+    required_tool("dcmqridx")
+    assert main(["load", str(out), "--dcmqrscp-dir", str(tmp_path / "store")]) == 0
+    assert (tmp_path / "store" / "index.dat").exists()
     assert main(["load", str(tmp_path / "nothing"), "--dcmqrscp-dir", str(tmp_path / "s2")]) == 1
 
 
