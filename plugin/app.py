@@ -84,6 +84,8 @@ def status_document(runtime: Runtime) -> dict[str, Any]:
     if runtime.queue is not None:
         counts = runtime.queue.counts()
         doc["Queue"] = {state.value: counts.get(state, 0) for state in JobState}
+    if "exports" in runtime.extra:
+        doc["ExportWorkerAlive"] = runtime.extra["exports"].alive
     if runtime.ingest is not None:
         doc["Arrivals"] = runtime.ingest.arrivals
         doc["UnsolicitedArrivals"] = runtime.ingest.unsolicited

@@ -156,6 +156,8 @@ class Harvester:
         self._wake = threading.Event()
         self._threads: list[threading.Thread] = []
         self._owner_prefix = f"{socket.gethostname()}:{os.getpid()}"
+        #: Job ID → instances it moved whose ingest failed and that it planned from the store (for its note).
+        self._replanned: dict[int, int] = {}
 
     # -- lifecycle ----------------------------------------------------------------------------------
 
@@ -230,15 +232,19 @@ class Harvester:
             try:
                 # One transaction: once the job (and maybe its harvest) is finished, nothing more can
                 # arrive in its name.
+                note = outcome.note()
+                if replanned := self._replanned.pop(job.id, 0):
+                    note += f"; {replanned} planned from the store after their ingest failed (see the log)"
                 with self.tracker.db.transaction():
                     self.tracker.drop_expectations(job.id)
-                    self.queue.complete(job.id, owner, note=outcome.note())
+                    self.queue.complete(job.id, owner, note=note)
             except QueueError as exc:
                 self.events.write(Level.WARNING, "harvester", f"could not complete job: {exc}",
                                   harvest_id=job.harvest_id, job_id=job.id)
                 self.tracker.drop_expectations(job.id)
 
     def _fail(self, job: Job, owner: str, message: str, retryable: bool, status: int | None) -> None:
+        self._replanned.pop(job.id, None)
         try:
             with self.tracker.db.transaction():  # as in run(): expectations end with the attempt
                 self.tracker.drop_expectations(job.id)
@@ -477,6 +483,7 @@ class Harvester:
         except JobFailure as exc:
             raise JobFailure(f"ingest failed for {len(undecided)} stored instance(s) after the move; "
                              f"{exc.message}", retryable=True) from None
+        self._replanned[job.id] = self._replanned.get(job.id, 0) + len(undecided)
         unplanned = [uid for uid in undecided if not self.tracker.has_object(job.harvest_id, uid)]
         if unplanned:
             raise JobFailure(f"{op.hop}: {len(unplanned)} stored instance(s) have no decision after planning "

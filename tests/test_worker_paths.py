@@ -89,6 +89,7 @@ def test_ingest_failure_in_on_stored_is_planned_from_the_store(world: World, cli
     assert errors[0][1]["harvest_id"] == hid and errors[0][1]["sop_uid"] == plan_uid
     plan_job = world.queue.get_job(errors[0][1]["job_id"])
     assert plan_job.state is JobState.DONE and plan_job.payload["sop_uid"] == plan_uid
+    assert "1 planned from the store after their ingest failed" in (plan_job.note or "")
     warnings = [e for e in world.events.query(harvest_id=hid, min_level=Level.WARNING) if e.job_id == plan_job.id]
     assert any("no decision after the move" in e.message for e in warnings)
     assert world.ingest.failures == 1
