@@ -511,11 +511,23 @@ class Harvester:
         if not missing:
             return 0, len(existing)
         named = str(ident.get(_SOP) or "")
-        self.tracker.expect(
-            Expectation(job.harvest_id, uid, job.id, target.source, op.role.value, op.hop,
-                        target.candidate or (target.level == QueryLevel.IMAGE and uid != named), op.to_dict())
+        expectations = {
+            uid: Expectation(job.harvest_id, uid, job.id, target.source, op.role.value, op.hop,
+                             target.candidate or (target.level == QueryLevel.IMAGE and uid != named), op.to_dict())
             for uid in missing
-        )
+        }
+        busy = self.tracker.expect_unless_in_flight(list(expectations.values()), job.id)
+        if busy:
+            # Another job started moving some of them between our look and our claim: wait for its move,
+            # plan what arrived, and claim the rest (its move ended without them).
+            meanwhile = self._await_in_flight(job, owner, sorted(busy), series, access.move_timeout)
+            if meanwhile:
+                self._plan_local(job, op, target.source, meanwhile, target.candidate)
+                existing.update(meanwhile)
+                missing = [uid for uid in missing if uid not in meanwhile]
+            self.tracker.expect(expectations[uid] for uid in missing if uid in busy)
+            if not missing:
+                return 0, len(existing)
         self.queue.heartbeat(job.id, owner, self.lease_seconds)
         patient = str(ident.get(_PATIENT) or "") or _patient_of(op)
         results: list[MoveResult] = []

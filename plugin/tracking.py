@@ -215,6 +215,18 @@ class Tracker:
                 rows,
             )
 
+    def expect_unless_in_flight(self, items: Sequence[Expectation], job_id: int) -> set[str]:
+        """Record the expectations of instances no other running job is moving, in one write transaction.
+
+        Returns the SOP UIDs another leased job already expects (their expectations are not recorded). The
+        check and the insert must be atomic: two jobs that both checked first and recorded after would both
+        find nothing in flight and move the same instances twice.
+        """
+        with self.db.transaction():
+            busy = self.in_flight([e.sop_uid for e in items], job_id)
+            self.expect(e for e in items if e.sop_uid not in busy)
+        return busy
+
     def expectations_for(self, sop_uid: str) -> list[Expectation]:
         """Every expectation of this instance, oldest first."""
         rows = self.db.query(
