@@ -9,7 +9,7 @@
 set -euo pipefail
 cd "$(dirname "$(readlink -f "$0")")"
 
-APT_PACKAGES=(orthanc orthanc-python dcmtk dicom3tools python3 python3-venv python3-pip ca-certificates chromium sqlite3)
+APT_PACKAGES=(orthanc orthanc-python orthanc-dicomweb orthanc-postgresql postgresql dcmtk dicom3tools python3 python3-venv python3-pip ca-certificates chromium sqlite3)
 VENV=.venv
 
 log() { printf '\033[1m[rtharvest]\033[0m %s\n' "$*" >&2; }

@@ -30,6 +30,7 @@ from .sink import DestinationRefused, FolderSink, Peer, Sink, StoreSink
 #: Subcommand -> module implementing it. A converter registers itself here.
 CONVERTERS: dict[str, str] = {
     "mosaiq": "rtharvest.converters.mosaiq.cli",
+    "pinnacle": "rtharvest.converters.pinnacle.cli",
 }
 
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import __version__, explorer_routes, sdk
-from .config import Backend, ConfigError, HarvesterConfig, QueryModel
+from .config import Backend, ConfigError, HarvesterConfig, SourceSettings
 from .db import Database
 from .eventlog import EventLog, EventLogHandler, Level
 from .export import routes as export_routes
@@ -25,9 +25,12 @@ from .httpapi import ApiError, HttpRequest, HttpResponse, Router
 from .ingest import Ingest
 from .jobqueue import JobQueue, JobState, RetryPolicy, SourceLimits
 from .manifest import ManifestService
+from .politeness import SourceGate
 from .preflight import RecordingConfiguration, load_checked, with_warnings
-from .rest import build_routes
-from .strategies import SourceCapability
+from .rest import build_routes, build_schedule_routes
+from .schedule import ScheduleError
+from .schedules import ScheduleRunner, ScheduleService
+from .strategies import discovery_description, record_discovery_bound
 from .tracking import Tracker
 
 log = logging.getLogger("rtharvest.app")
@@ -47,6 +50,8 @@ class Runtime:
     harvests: HarvestService | None = None
     ingest: Ingest | None = None
     harvester: Harvester | None = None
+    schedules: ScheduleService | None = None
+    scheduler: ScheduleRunner | None = None
     log_handler: EventLogHandler | None = None
     started: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
@@ -66,6 +71,7 @@ def status_document(runtime: Runtime) -> dict[str, Any]:
         "PythonPluginVersion": versions.python_plugin,
         "Started": runtime.started,
         "WorkersAlive": runtime.harvester.alive if runtime.harvester else 0,
+        "SchedulerAlive": bool(runtime.scheduler and runtime.scheduler.alive),
     }
     if runtime.config_error:
         doc["ConfigurationError"] = runtime.config_error
@@ -73,24 +79,30 @@ def status_document(runtime: Runtime) -> dict[str, Any]:
         doc["Aet"] = runtime.config.aet
         doc["Sources"] = sorted(runtime.config.modalities)
         doc["Workers"] = runtime.config.workers
+        doc["StoreIndex"] = runtime.config.store_index
         if runtime.config.warnings:
             doc["ConfigurationWarnings"] = list(runtime.config.warnings)
+        # How each source's treatment records are found, and whether a dated window bounds that search.
+        doc["RecordDiscovery"] = {
+            name: {"Method": discovery_description(cap),
+                   "Unbounded": record_discovery_bound(cap, True, False, "19000101")}
+            for name in sorted(runtime.config.modalities)
+            for cap in (runtime.config.source(name).capability(),)
+        }
     if runtime.queue is not None:
         counts = runtime.queue.counts()
         doc["Queue"] = {state.value: counts.get(state, 0) for state in JobState}
+    if runtime.harvester is not None:
+        # Associations this harvester opened per source: open now, most at once, in total.
+        doc["SourceActivity"] = {name: {"Open": a.open, "Peak": a.peak, "Operations": a.total, "Waited": a.waited,
+                                        "Finds": a.finds, "Moves": a.moves}
+                                 for name, a in sorted(runtime.harvester.gate.activity().items())}
+    if "exports" in runtime.extra:
+        doc["ExportWorkerAlive"] = runtime.extra["exports"].alive
     if runtime.ingest is not None:
         doc["Arrivals"] = runtime.ingest.arrivals
         doc["UnsolicitedArrivals"] = runtime.ingest.unsolicited
     return doc
-
-
-def _capability(config: HarvesterConfig, name: str, supports_sequence_keys: bool) -> SourceCapability:
-    settings = config.source(name)
-    return SourceCapability(
-        relational=settings.model is QueryModel.RELATIONAL,
-        sequence_return_keys=settings.sequence_return_keys and supports_sequence_keys,
-        instance_return_keys=settings.instance_return_keys,
-    )
 
 
 def _build_sources(config: HarvesterConfig, authorization: str) -> dict[str, SourceAccess]:
@@ -107,7 +119,7 @@ def _build_sources(config: HarvesterConfig, authorization: str) -> dict[str, Sou
             backend = PynetdicomBackend(modality, config.aet)
         else:
             backend = OrthancRestBackend(client, name, config.aet)
-        sources[name] = SourceAccess(name, backend, _capability(config, name, backend.supports_sequence_keys),
+        sources[name] = SourceAccess(name, backend, settings.capability(backend.supports_sequence_keys),
                                      settings.find_timeout, settings.move_timeout)
     return sources
 
@@ -189,19 +201,26 @@ def _on_started() -> None:
         rt.queue, rt.tracker, rt.events, rt.ingest, store, _build_sources(rt.config, token), rt.harvests.routing,
         workers=rt.config.workers, lease_seconds=rt.config.lease_seconds,
         delete_rejected=rt.config.candidate_policy.value == "delete",
+        gate=SourceGate(*source_limits(rt.config)),
     )
     rt.ingest.on_enqueue = rt.harvests.on_enqueue = rt.harvester.wake
     rt.harvester.start()
     if "exports" in rt.extra:
         rt.extra["exports"].start(store.read)
+    if rt.schedules is not None:
+        rt.scheduler = ScheduleRunner(rt.schedules)
+        rt.scheduler.start()
     _start_log_retention(rt)
     rt.started = True
-    rt.events.write(Level.INFO, "app", f"rtharvest {__version__} started with {rt.config.workers} worker(s)")
+    rt.events.write(Level.INFO, "app", f"rtharvest {__version__} started with {rt.config.workers} worker(s), "
+                   f"store index {rt.config.store_index}")
 
 
 def _on_stopped() -> None:
     rt = _runtime
     assert rt is not None
+    if rt.scheduler is not None:
+        rt.scheduler.stop()
     if rt.harvester is not None:
         rt.harvester.stop()
     if "exports" in rt.extra:
@@ -219,6 +238,14 @@ def _on_stopped() -> None:
         rt.db.close()
 
 
+def source_limits(config: HarvesterConfig) -> tuple[dict[str, SourceLimits], SourceLimits]:
+    """Politeness settings per source and for sources without their own section."""
+    def limits(s: SourceSettings) -> SourceLimits:
+        return SourceLimits(s.max_concurrent, s.quiet_hours, s.time_zone)
+
+    return {name: limits(s) for name, s in config.sources.items()}, limits(config.source_defaults)
+
+
 def build_runtime(config: HarvesterConfig, orthanc: Mapping[str, Any] | None = None) -> Runtime:
     """Open the database and build every service (no threads, no Orthanc calls: testable outside).
 
@@ -228,8 +255,7 @@ def build_runtime(config: HarvesterConfig, orthanc: Mapping[str, Any] | None = N
     os.makedirs(config.database_path.parent, exist_ok=True)
     db = Database(str(config.database_path))
     db.migrate()
-    limits = {name: SourceLimits(s.max_concurrent, s.quiet_hours) for name, s in config.sources.items()}
-    defaults = SourceLimits(config.source_defaults.max_concurrent, config.source_defaults.quiet_hours)
+    limits, defaults = source_limits(config)
     policy = RetryPolicy(max_attempts=config.max_attempts, base_delay=config.backoff_base,
                          max_delay=max(config.backoff_max, config.backoff_base))
     queue = JobQueue(db, policy, limits, defaults)
@@ -241,9 +267,15 @@ def build_runtime(config: HarvesterConfig, orthanc: Mapping[str, Any] | None = N
         return next((m.name for m in config.modalities.values() if m.aet == aet), None)
 
     ingest = Ingest(db, queue, tracker, events, harvests.routing, source_of_aet)
+
+    try:
+        schedules = ScheduleService.from_config(config, db, harvests, queue, events)
+    except (ValueError, ScheduleError) as exc:
+        db.close()
+        raise ConfigError(str(exc)) from None
     router = Router()
     runtime = Runtime(router=router, config=config, db=db, queue=queue, events=events, tracker=tracker,
-                      harvests=harvests, ingest=ingest)
+                      harvests=harvests, ingest=ingest, schedules=schedules)
 
     def read_file(orthanc_id: str) -> bytes:
         if runtime.harvester is None:
@@ -252,6 +284,12 @@ def build_runtime(config: HarvesterConfig, orthanc: Mapping[str, Any] | None = N
 
     manifest = ManifestService(tracker, queue, read_file)
     build_routes(router, harvests, queue, events, lambda: status_document(runtime), manifest=manifest)
+
+    def wake_scheduler() -> None:
+        if runtime.scheduler is not None:
+            runtime.scheduler.wake()
+
+    build_schedule_routes(router, schedules, wake_scheduler)
     explorer_routes.register(router)
     exports = export_routes.build_export_service(orthanc or {}, config, events, manifest, tracker, harvests)
     export_routes.register(router, exports)
@@ -273,6 +311,7 @@ def _error_router(error: str) -> Router:
     explorer_routes.register(router)
     for method, pattern in (("POST", r"/rtharvest/harvests"), ("GET", r"/rtharvest/harvests"),
                             ("GET", r"/rtharvest/jobs"), ("GET", r"/rtharvest/log"),
+                            ("GET", r"/rtharvest/schedules"), ("POST", r"/rtharvest/schedules"),
                             ("POST", r"/rtharvest/exports"), ("GET", r"/rtharvest/exports")):
         router.add(method, pattern, unavailable)
     return router

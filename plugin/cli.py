@@ -483,6 +483,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     st = sub.add_parser("status", help="plugin, workers and queue")
     st.set_defaults(func=cmd_server_status)
+    from .export.cli import add_parser as add_export_parser  # here: that module imports this one
+
+    add_export_parser(sub)
     return p
 
 

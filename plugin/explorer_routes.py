@@ -26,6 +26,7 @@ from .openapi import Param, RouteDoc
 ASSETS: dict[str, str] = {
     "harvests.js": "application/javascript; charset=utf-8",
     "charts.js": "application/javascript; charset=utf-8",
+    "exports.js": "application/javascript; charset=utf-8",
     "harvests.css": "text/css; charset=utf-8",
 }
 PAGE = "harvests.html"

@@ -30,6 +30,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from .postgres import PostgresError, PostgresTarget, find_index_plugin, index_enabled, parse_url, plugins_with_index
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = REPO_ROOT / "docker" / "orthanc.json"
 ORTHANC_BINARY = "/usr/sbin/Orthanc"
@@ -99,8 +101,13 @@ def effective_config(
     modalities: Mapping[str, Any] | None = None,
     overrides: Mapping[str, Any] | None = None,
     plugin: bool = True,
+    postgres: PostgresTarget | None = None,
 ) -> dict[str, Any]:
-    """The configuration Orthanc actually gets: ``base`` with local paths, ports and modalities applied."""
+    """The configuration Orthanc actually gets: ``base`` with local paths, ports and modalities applied.
+
+    ``postgres`` (or an enabled ``PostgreSQL`` section in ``base``) puts Orthanc's index in PostgreSQL: the
+    section gets the settings known to work and ``Plugins`` the index library found on this machine.
+    """
     config = copy.deepcopy(dict(base))
     storage = run_dir / "storage"
     config["StorageDirectory"] = str(storage)
@@ -130,8 +137,17 @@ def effective_config(
         config["Plugins"] = []
         config.pop("PythonScript", None)
         config.pop("RtHarvest", None)
+    if postgres is not None:
+        section = config.get("PostgreSQL")
+        config["PostgreSQL"] = postgres.section(section if isinstance(section, Mapping) else None)
     for dotted, value in (overrides or {}).items():
         set_dotted(config, dotted, value)
+    if index_enabled(config):
+        library = find_index_plugin()
+        if library is None:
+            raise LaunchError("the configuration enables the PostgreSQL index but its plugin is not installed: "
+                              "apt-get install orthanc-postgresql")
+        config["Plugins"] = plugins_with_index([str(p) for p in config.get("Plugins", [])], library)
     return config
 
 
@@ -167,6 +183,7 @@ class OrthancProcess:
         plugin: bool = True,
         env: Mapping[str, str] | None = None,
         verbose: bool = False,
+        postgres: str | PostgresTarget | None = None,
     ) -> None:
         self.run_dir = Path(run_dir).resolve()
         if isinstance(config, Path):
@@ -178,6 +195,7 @@ class OrthancProcess:
         self.config = effective_config(
             base, config_dir, run_dir=self.run_dir, http_port=self.http_port, dicom_port=self.dicom_port,
             aet=aet, modalities=modalities, overrides=overrides, plugin=plugin,
+            postgres=parse_url(postgres) if isinstance(postgres, str) else postgres,
         )
         self.aet = str(self.config.get("DicomAet", "ORTHANC"))
         self.plugin = plugin
@@ -310,6 +328,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", action="append", default=[], metavar="DOTTED.KEY=JSON",
                         help="override any setting, e.g. --set RtHarvest.Workers=2")
     parser.add_argument("--no-plugin", action="store_true", help="plain Orthanc (e.g. a demo source)")
+    parser.add_argument("--postgres", default=None, metavar="URL",
+                        help="keep Orthanc's index in PostgreSQL: postgresql://user:password@host:5432/database "
+                             "(default: the config's PostgreSQL section if it has EnableIndex: true, else SQLite)")
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds to wait until ready")
     parser.add_argument("--verbose", action="store_true")
     args = parser.parse_args(argv)
@@ -327,22 +348,26 @@ def main(argv: list[str] | None = None) -> int:
         except json.JSONDecodeError:
             overrides[key] = raw
     modalities = dict(args.modality) if args.modality else None
-    proc = OrthancProcess(
-        args.run_dir, args.config,
-        http_port=args.http_port if args.http_port is not None else int(base.get("HttpPort", 8042)),
-        dicom_port=args.dicom_port if args.dicom_port is not None else int(base.get("DicomPort", 4242)),
-        aet=args.aet, modalities=modalities, overrides=overrides, plugin=not args.no_plugin,
-        verbose=args.verbose,
-    )
     try:
+        proc = OrthancProcess(
+            args.run_dir, args.config,
+            http_port=args.http_port if args.http_port is not None else int(base.get("HttpPort", 8042)),
+            dicom_port=args.dicom_port if args.dicom_port is not None else int(base.get("DicomPort", 4242)),
+            aet=args.aet, modalities=modalities, overrides=overrides, plugin=not args.no_plugin,
+            verbose=args.verbose, postgres=args.postgres,
+        )
         proc.start(args.timeout)
-    except LaunchError as exc:
+    except (LaunchError, PostgresError) as exc:
         print(f"rtharvest-orthanc: {exc}", file=sys.stderr)
         return 1
     creds = proc.credentials
     print(f"Orthanc is ready: {proc.url}/app/explorer.html  (AET {proc.aet}, DICOM port {proc.dicom_port})")
     if creds:
         print(f"  log in as {creds[0]!r} (password in {args.config}: change it before real use)")
+    if index_enabled(proc.config):
+        section = proc.config["PostgreSQL"]
+        print(f"  index: PostgreSQL {section.get('Username')}@{section.get('Host')}:{section.get('Port')}/"
+              f"{section.get('Database')}; images: {proc.config['StorageDirectory']}")
     print(f"  log: {proc.log_path}   stop: Ctrl-C", flush=True)
     stop = False
 

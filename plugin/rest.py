@@ -11,6 +11,7 @@ from .harvests import HarvestService
 from .httpapi import ApiError, HttpRequest, HttpResponse, Router
 from .jobqueue import HarvestState, Job, JobQueue, JobState, QueueError
 from .openapi import Param, RouteDoc, openapi_document
+from .schedules import ScheduleService
 
 _ID = r"([0-9a-zA-Z_-]{1,64})"
 
@@ -153,7 +154,9 @@ def build_routes(router: Router, harvests: HarvestService, queue: JobQueue, even
     unknown_harvest = (404, "unknown harvest")
     router.add("GET", r"/rtharvest/status", get_status, RouteDoc(
         "Plugin, Orthanc and Python-plugin versions, queue counts by state, workers alive, configuration "
-        "errors and warnings", tag="status"))
+        "errors and warnings; per source RecordDiscovery {Method, Unbounded} (how a window's treatment records "
+        "are found and what the window does not bound) and SourceActivity {Open, Peak, Operations, Waited, "
+        "Finds, Moves} (associations of this harvester, counted against MaxConcurrent)", tag="status"))
     router.add("GET", r"/rtharvest/openapi.json", get_openapi, RouteDoc(
         "This OpenAPI 3 description of every /rtharvest route", tag="status"))
     router.add("POST", r"/rtharvest/harvests", start, RouteDoc(
@@ -166,7 +169,9 @@ def build_routes(router: Router, harvests: HarvestService, queue: JobQueue, even
         tag="harvests", errors=((400, "bad state, limit or offset"),)))
     router.add("GET", rf"/rtharvest/harvests/{_ID}", get_harvest, RouteDoc(
         "One harvest: ID, Source, LookupSources, Label, State, CreatedAt, From, To, PatientIDs, Progress, "
-        "Patients, PlansReferenced, PlansCollected, IngestFailures", (harvest_id,), tag="harvests",
+        "Patients, PlansReferenced, PlansCollected, IngestFailures, RecordDiscovery {Method, Unbounded}, "
+        "PatientIDMismatches {Count, Reasons} (records a source returned for another PatientID, kept out)",
+        (harvest_id,), tag="harvests",
         errors=(unknown_harvest,)))
     for action in ("pause", "resume", "cancel"):
         router.add("POST", rf"/rtharvest/harvests/{_ID}/{action}", control(action), RouteDoc(
@@ -175,7 +180,8 @@ def build_routes(router: Router, harvests: HarvestService, queue: JobQueue, even
     manifest_format = Param("format", "json (default) or csv (one row per plan)")
     router.add("GET", rf"/rtharvest/harvests/{_ID}/manifest", get_manifest, RouteDoc(
         "The harvest's manifest: Summary and, per treated plan, Status (Complete, Incomplete, Missing, "
-        "Invalid) with every missing link and why", (harvest_id, manifest_format),
+        "Invalid) with every missing link and why; Summary.PatientIDMismatches counts records kept out because "
+        "their PatientID differs from the one searched", (harvest_id, manifest_format),
         response='{"Harvest", "Summary", "Plans", ...} or CSV', tag="manifest",
         errors=(unknown_harvest, (400, "bad format"))))
     router.add("GET", r"/rtharvest/manifest", get_store_manifest, RouteDoc(
@@ -196,3 +202,44 @@ def build_routes(router: Router, harvests: HarvestService, queue: JobQueue, even
          Param("since", "ISO 8601 time or a duration such as 1h"), Param("component", "e.g. ingest, harvester"),
          Param("source", "a DicomModalities name"), limit), response="[event, ...]", tag="log",
         errors=((400, "bad level, since or limit"),)))
+
+
+def build_schedule_routes(router: Router, schedules: ScheduleService, wake: Callable[[], None]) -> None:
+    """``GET/POST /rtharvest/schedules`` and ``GET/DELETE /rtharvest/schedules/{id}``."""
+
+    def list_schedules(_: HttpRequest) -> HttpResponse:
+        return HttpResponse.json([schedules.document(s) for s in schedules.all()])
+
+    def create(request: HttpRequest) -> HttpResponse:
+        schedule = schedules.create(request.json_object())
+        wake()
+        return HttpResponse.json(schedules.document(schedule))
+
+    def get_one(request: HttpRequest) -> HttpResponse:
+        return HttpResponse.json(schedules.document(schedules.get(request.groups[0])))
+
+    def delete(request: HttpRequest) -> HttpResponse:
+        schedules.delete(request.groups[0])
+        return HttpResponse.json({"ID": request.groups[0], "Deleted": True})
+
+    schedule_id = Param("id", "schedule ID (its Name)", "path")
+    document = ('{"ID", "Name", "Source", "LookupSources", "At", "TimeZone", "OverlapDays", "From", "Label", '
+                '"Origin": "config"|"api", "CreatedAt", "CoveredTo", "NextRun", "Waiting", "Runs": [{"Harvest", '
+                '"Slot", "From", "To", "State"}, ...]}')
+    router.add("GET", r"/rtharvest/schedules", list_schedules, RouteDoc(
+        "Recurring incremental harvests (RtHarvest.Schedules and those created over REST) with their runs",
+        response=f"[{document}, ...]", tag="schedules"))
+    router.add("POST", r"/rtharvest/schedules", create, RouteDoc(
+        "Create a schedule: every day at At (TimeZone) it harvests from the end of the last completed window "
+        "minus OverlapDays to yesterday; each run is an ordinary harvest",
+        body='{"Name": ID, "Source": NAME, "LookupSources": [NAME, ...], "At": "HH:MM", "TimeZone": IANA, '
+             '"OverlapDays": 7, "From": "YYYYMMDD", "Label": "..."}: Source, At and TimeZone required',
+        response=document, tag="schedules",
+        errors=((400, "invalid definition, naming the field"), (409, "a schedule of that Name exists"))))
+    router.add("GET", rf"/rtharvest/schedules/{_ID}", get_one, RouteDoc(
+        "One schedule with its runs", (schedule_id,), response=document, tag="schedules",
+        errors=((404, "unknown schedule"),)))
+    router.add("DELETE", rf"/rtharvest/schedules/{_ID}", delete, RouteDoc(
+        "Delete a schedule created over REST (its harvests stay)", (schedule_id,), response='{"ID", "Deleted"}',
+        tag="schedules", errors=((404, "unknown schedule"),
+                                 (409, "defined in orthanc.json: remove it there and restart"))))

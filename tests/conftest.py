@@ -53,15 +53,23 @@ class Clinic:
     api: RestClient
     sources: dict[str, DicomSource]
     base: Path
+    #: The overrides the running harvester was started with (kept by restarts on the same store).
+    overrides: dict | None = None
 
     def restart_harvester(self, fresh: bool = True, extra_sources: dict[str, DicomSource] | None = None,
-                          overrides: dict | None = None) -> None:
-        """Stop the harvester and start it again on the same ports (a new store when ``fresh``)."""
+                          overrides: dict | None = None, run_dir: Path | None = None) -> None:
+        """Stop the harvester and start it again on the same ports (a new store when ``fresh``, or ``run_dir``).
+
+        A restart on the same store (``fresh=False``) without ``overrides`` keeps the running harvester's
+        (e.g. its PostgreSQL index).
+        """
+        if overrides is None and not fresh:
+            overrides = self.overrides
+        self.overrides = overrides
         self.harvester.stop()
-        run_dir = self.harvester.run_dir
-        if fresh:
+        if run_dir is None:  # else a prepared directory (e.g. restored from a backup)
             index = len(list(self.base.glob("harvester*")))
-            run_dir = self.base / f"harvester{index}"
+            run_dir = self.base / f"harvester{index}" if fresh else self.harvester.run_dir
         sources = {**self.sources, **(extra_sources or {})}
         self.harvester = start_harvester(run_dir, self.harvester.dicom_port, sources,
                                          http_port=self.harvester.http_port, overrides=overrides)

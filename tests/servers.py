@@ -162,8 +162,9 @@ def start_dcmqrscp(run_dir: Path, harvest_port: int, strict: bool = False, name:
 
 
 def start_pynetdicom_qrscp(run_dir: Path, harvest_port: int, name: str = "PYNETDICOM",
-                           aet: str = "PYQR") -> DicomSource:
-    """pynetdicom's Q/R SCP application with the harvester as its one move destination."""
+                           aet: str = "PYQR", patient_id_nocase: bool = False) -> DicomSource:
+    """pynetdicom's Q/R SCP application with the harvester as its one move destination (matching PatientID
+    case-insensitively with ``patient_id_nocase``)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     port = free_port()
     ini = run_dir / "qrscp.ini"
@@ -183,8 +184,9 @@ def start_pynetdicom_qrscp(run_dir: Path, harvest_port: int, name: str = "PYNETD
     )
     log = open(run_dir / "qrscp.log", "ab")  # noqa: SIM115 - kept open for the process lifetime
     wrapper = Path(__file__).with_name("qrscp_nodelay.py")
+    env = dict(os.environ, QRSCP_PATIENT_ID_NOCASE="1" if patient_id_nocase else "0")
     process = subprocess.Popen([sys.executable, str(wrapper), "-c", str(ini)], stdout=log,
-                               stderr=subprocess.STDOUT, cwd=run_dir, start_new_session=True)
+                               stderr=subprocess.STDOUT, cwd=run_dir, start_new_session=True, env=env)
     wait_for_echo(port, aet, process=process)
     return DicomSource(name=name, aet=aet, port=port, kind="pynetdicom", process=process,
                        storage=run_dir / "instances")
@@ -229,3 +231,107 @@ class RestClient:
         status, result = self.request("POST", path, body if body is not None else {})
         assert status == 200, f"POST {path} -> {status}: {result}"
         return result
+
+
+def _postgres_bin(name: str) -> str:
+    """A PostgreSQL server program (Debian keeps them in /usr/lib/postgresql/<major>/bin, off PATH)."""
+    found = shutil.which(name)
+    if found:
+        return found
+    candidates = sorted(Path("/usr/lib/postgresql").glob(f"*/bin/{name}"),
+                        key=lambda p: int(p.parent.parent.name) if p.parent.parent.name.isdigit() else 0)
+    if not candidates:
+        raise RuntimeError(f"{name} not found: install Debian's postgresql")
+    return str(candidates[-1])
+
+
+@dataclass
+class PostgresCluster:
+    """A throw-away PostgreSQL cluster on loopback (its own data directory and port, stopped by PID)."""
+
+    data_dir: Path
+    port: int
+    process: subprocess.Popen[bytes]
+    user: str
+
+    def url(self, database: str) -> str:
+        """Connection URL for ``database`` (trust authentication on loopback: no password)."""
+        return f"postgresql://{self.user}@{LOCALHOST}:{self.port}/{database}"
+
+    def create_database(self, name: str) -> str:
+        """Create an empty database and return its URL."""
+        subprocess.run([_postgres_bin("createdb"), "-h", LOCALHOST, "-p", str(self.port), "-U", self.user, name],
+                       check=True, capture_output=True, timeout=60)
+        return self.url(name)
+
+    def psql(self, database: str, sql: str) -> str:
+        """Run one SQL statement and return the unaligned output."""
+        done = subprocess.run([_postgres_bin("psql"), "-h", LOCALHOST, "-p", str(self.port), "-U", self.user,
+                               "-d", database, "-At", "-c", sql], check=True, capture_output=True, timeout=60)
+        return done.stdout.decode().strip()
+
+    def dump(self, database: str, path: Path) -> None:
+        """``pg_dump -Fc``: a consistent snapshot of one database, taken while it is in use."""
+        subprocess.run([_postgres_bin("pg_dump"), "-h", LOCALHOST, "-p", str(self.port), "-U", self.user, "-Fc",
+                        "-f", str(path), database], check=True, capture_output=True, timeout=600)
+
+    def restore(self, path: Path, database: str) -> str:
+        """Create ``database`` from a ``pg_dump -Fc`` file; returns its URL."""
+        url = self.create_database(database)
+        subprocess.run([_postgres_bin("pg_restore"), "-h", LOCALHOST, "-p", str(self.port), "-U", self.user,
+                        "-d", database, "--no-owner", str(path)], check=True, capture_output=True, timeout=600)
+        return url
+
+    def stop(self) -> None:
+        """Fast shutdown (SIGINT) by PID, SIGKILL after a grace period; the data directory is removed."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGINT)
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(10)
+        shutil.rmtree(self.data_dir.parent, ignore_errors=True)
+
+
+def start_postgres(deadline_s: float = 60.0) -> PostgresCluster:
+    """initdb a cluster in a temporary directory and start ``postgres`` on a free port.
+
+    PostgreSQL refuses to run as root, and tests run as root in CI: then the cluster belongs to the
+    ``postgres`` system user (created by the Debian package) and runs under ``runuser``. Its directory is
+    made outside pytest's private temporary tree, which that user could not enter.
+    """
+    import tempfile
+
+    as_root = os.geteuid() == 0
+    top = Path(tempfile.mkdtemp(prefix="rtharvest-pg-"))
+    data = top / "data"
+    prefix: list[str] = []
+    if as_root:
+        import pwd
+
+        entry = pwd.getpwnam("postgres")
+        os.chown(top, entry.pw_uid, entry.pw_gid)
+        prefix = ["runuser", "-u", "postgres", "--"]
+    user = "postgres"
+    subprocess.run([*prefix, _postgres_bin("initdb"), "-D", str(data), "-U", user, "--auth=trust", "-E", "UTF8",
+                    "--no-sync", "--locale=C"], check=True, capture_output=True, timeout=120)
+    port = free_port()
+    log = open(top / "postgres.log", "ab")  # noqa: SIM115 - kept open for the process lifetime
+    process = subprocess.Popen(
+        [*prefix, _postgres_bin("postgres"), "-D", str(data), "-p", str(port), "-k", str(top),
+         "-c", f"listen_addresses={LOCALHOST}", "-c", "fsync=off", "-c", "max_connections=50"],
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    cluster = PostgresCluster(data, port, process, user)
+    ready = _postgres_bin("pg_isready")
+    deadline = time.monotonic() + deadline_s
+    while True:
+        if process.poll() is not None:
+            raise RuntimeError(f"postgres exited with code {process.returncode}: "
+                               + (top / "postgres.log").read_text(errors="replace")[-2000:])
+        if subprocess.run([ready, "-h", LOCALHOST, "-p", str(port), "-U", user, "-q"]).returncode == 0:
+            return cluster
+        if time.monotonic() > deadline:
+            cluster.stop()
+            raise RuntimeError(f"postgres did not accept connections within {deadline_s} s")
+        time.sleep(0.1)

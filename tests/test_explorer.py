@@ -299,3 +299,34 @@ def _up(base: str) -> bool:
         return True
     except OSError:
         return False
+
+
+@pytest.mark.browser
+def test_schedules_on_the_page(api: ApiServer, tmp_path: Path) -> None:
+    """The page lists schedules with their last run, creates one from its form and deletes it."""
+    from .browser.cdp import Browser
+
+    api.schedules.create({"Name": "nightly", "Source": "ARIA", "LookupSources": ["ARIA", "MIM"], "At": "01:00",
+                          "TimeZone": "Europe/Zurich", "OverlapDays": 3})
+    with Browser(tmp_path / "profile") as browser:
+        browser.navigate(f"{api.url}/rtharvest/ui")
+        browser.wait_for("document.querySelectorAll('#schedules tbody tr').length === 1")
+        cells = browser.evaluate("Array.from(document.querySelectorAll('#schedules tbody tr td'))"
+                                 ".map(td => td.textContent)")
+        assert cells[:5] == ["nightly", "ARIA, MIM", "01:00 Europe/Zurich", "3 d", "—"] and cells[6] == "never"
+        fill = ("(() => {{ const e = document.getElementById('{id}'); e.value = {value!r}; }})()")
+        browser.evaluate("document.getElementById('new-schedule-toggle').click()")
+        for element, value in (("ns-name", "evening"), ("ns-at", "22:30"), ("ns-tz", "America/New_York"),
+                               ("ns-overlap", "2"), ("ns-from", "2024-01-01")):
+            browser.evaluate(fill.format(id=element, value=value))
+        browser.evaluate("document.querySelector('#new-schedule button[type=submit]').click()")
+        browser.wait_for("document.querySelectorAll('#schedules tbody tr').length === 2")
+        created = api.schedules.get("evening")
+        assert (created.time_zone, created.overlap_days, str(created.first_from)) == ("America/New_York", 2,
+                                                                                      "2024-01-01")
+        browser.evaluate("document.querySelector('#schedules button[data-schedule=\"evening\"]').click()")
+        browser.wait_for("document.querySelectorAll('#schedules tbody tr').length === 1")
+        assert [s.id for s in api.schedules.all()] == ["nightly"]
+        browser.screenshot(tmp_path / "page-schedules.png", full_page=False)
+        errors = [c for c in browser.console if c.startswith(("error", "exception"))]
+        assert errors == []

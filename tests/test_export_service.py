@@ -25,15 +25,15 @@ from rtharvest.export.verify import manifest_of_copy
 from rtharvest.httpapi import ApiError
 from rtharvest.jobqueue import RetryPolicy
 from rtharvest.references import extract_from_bytes
-from rtharvest.synth.generator import SynthOptions, generate
+from rtharvest.synth.groundtruth import GroundTruth
 from rtharvest.tracking import Decision, ObjectRecord
 
 
 class Site:
     """A "harvest" that kept the whole clinic."""
 
-    def __init__(self, root: Path) -> None:
-        self.truth = generate(root, SynthOptions(patients=5, seed=11))
+    def __init__(self, root: Path, truth: GroundTruth) -> None:
+        self.truth = truth
         self.files = {uid: root / info.path for uid, info in self.truth.objects.items()}
         self.refs = {uid: extract_from_bytes(p.read_bytes()) for uid, p in self.files.items()}
         self.manifest = manifest_of_copy(self.refs.values(), "H1")
@@ -45,14 +45,15 @@ class Site:
         self.reads += 1
         return self.files[orthanc_id].read_bytes()
 
-    def check(self, harvest_id: str) -> None:
-        if harvest_id != "H1":
+    def check(self, harvest_id: str) -> str:
+        if harvest_id not in ("H1", "RUNNING"):
             raise ApiError(404, f"unknown harvest {harvest_id!r}")
+        return "Completed" if harvest_id == "H1" else "Running"
 
 
 @pytest.fixture(scope="module")
-def site(tmp_path_factory: pytest.TempPathFactory) -> Site:
-    return Site(tmp_path_factory.mktemp("export-site"))
+def site(synthetic: tuple[Path, GroundTruth]) -> Site:
+    return Site(*synthetic)
 
 
 def _service(tmp: Path, site: Site, batch: int = 40) -> ExportService:
@@ -64,6 +65,14 @@ def _service(tmp: Path, site: Site, batch: int = 40) -> ExportService:
                             policy=RetryPolicy(max_attempts=3, base_delay=0.0, max_delay=0.0))
     service.read_file = site.read
     return service
+
+
+def _busiest(site: Site) -> str:
+    """The patient with the most plans (a small export that still has several batches)."""
+    counts: dict[str, int] = {}
+    for row in site.manifest.plans:
+        counts[row.patient_id or ""] = counts.get(row.patient_id or "", 0) + 1
+    return max(sorted(counts), key=lambda p: counts[p])
 
 
 def _drain(service: ExportService, limit: int = 50) -> None:
@@ -133,7 +142,7 @@ class Flaky(Folder):
 
 
 def test_failure_mid_export_resumes_without_resending(site: Site, tmp_path: Path) -> None:
-    service = _service(tmp_path, site, batch=25)
+    service = _service(tmp_path, site, batch=10)
     flaky = Flaky("ARCHIVE", tmp_path / "archive", good=2)
     real = service.destination_of
 
@@ -142,10 +151,10 @@ def test_failure_mid_export_resumes_without_resending(site: Site, tmp_path: Path
         return flaky if name == "ARCHIVE" else real(name, export_id)
 
     service.destination_of = destination
-    answer = service.create({"Harvest": "H1", "Destination": "ARCHIVE", "Plans": "All"})
+    answer = service.create({"Harvest": "H1", "Destination": "ARCHIVE", "Plans": {"PatientIDs": [_busiest(site)]}})
     assert service.run_one()
     doc = service.document(answer["ID"])
-    assert doc["State"] == "Running" and doc["Progress"]["InstancesSent"] == 50
+    assert doc["State"] == "Running" and doc["Progress"]["InstancesSent"] == 20 < doc["Progress"]["InstancesTotal"]
     flaky.good = 10**6  # the destination is back
     _drain(service)
     doc = service.document(answer["ID"])
@@ -156,8 +165,9 @@ def test_failure_mid_export_resumes_without_resending(site: Site, tmp_path: Path
 
 def test_same_input_same_output_across_exports(site: Site, tmp_path: Path) -> None:
     service = _service(tmp_path, site)
-    first = service.create({"Harvest": "H1", "Destination": "ARCHIVE"})["ID"]
-    second = service.create({"Harvest": "H1", "Destination": "ARCHIVE"})["ID"]
+    body = {"Harvest": "H1", "Destination": "ARCHIVE", "Plans": {"PatientIDs": [_busiest(site)]}}
+    first = service.create(body)["ID"]
+    second = service.create(body)["ID"]
     _drain(service)
 
     def names(export_id: str) -> set[str]:
@@ -173,6 +183,7 @@ def test_same_input_same_output_across_exports(site: Site, tmp_path: Path) -> No
 @pytest.mark.parametrize("body, field, status", [
     ({"Destination": "ARCHIVE"}, "Harvest", 400),
     ({"Harvest": "nope", "Destination": "ARCHIVE"}, "Harvest", 404),
+    ({"Harvest": "RUNNING", "Destination": "ARCHIVE"}, "Harvest", 409),
     ({"Harvest": "H1"}, "Destination", 400),
     ({"Harvest": "H1", "Destination": "MOON"}, "Destination", 400),
     ({"Harvest": "H1", "Destination": "ARCHIVE", "Plans": "Some"}, "Plans", 400),
@@ -202,3 +213,80 @@ def test_plan_filter_by_patient(site: Site, tmp_path: Path) -> None:
     patients = {pydicom.dcmread(p, stop_before_pixels=True).PatientID
                 for p in (tmp_path / "archive" / answer["ID"]).rglob("*.dcm")}
     assert patients == {service.pseudonym(pid)}
+
+
+def test_cli_builds_the_request_body() -> None:
+    from rtharvest.cli import CliError, build_parser
+    from rtharvest.export.cli import body_of
+
+    args = build_parser().parse_args(["export", "start", "--harvest", "H1", "--destination", "ARCHIVE", "--status",
+                                      "Complete", "--status", "Incomplete", "--dates", "keep", "--retain-institution"])
+    assert body_of(args) == {"Harvest": "H1", "Destination": "ARCHIVE",
+                             "Plans": {"Status": ["Complete", "Incomplete"]},
+                             "Profile": {"Dates": "keep", "RetainInstitutionIdentity": True}}
+    args = build_parser().parse_args(["export", "start", "--harvest", "H1", "--destination", "X", "--plans", "All",
+                                      "--patient", "P1"])
+    with pytest.raises(CliError):
+        body_of(args)
+
+
+def test_routes_and_page_section(site: Site, tmp_path: Path) -> None:
+    from rtharvest import explorer_routes
+    from rtharvest.export.routes import register
+    from rtharvest.httpapi import HttpRequest, Router
+
+    service = _service(tmp_path, site)
+    router = Router()
+    register(router, service)
+    explorer_routes.register(router)
+    answer = router.handle(HttpRequest("GET", "/rtharvest/destinations"))
+    assert json.loads(answer.body) == {"Site": "SITEA", "Destinations": [
+        {"Name": "ARCHIVE", "Kind": "folder"}, {"Name": "PACS", "Kind": "dicom"}]}
+    bad = router.handle(HttpRequest("POST", "/rtharvest/exports", body=b'{"Harvest": "H1", "Destination": 3}'))
+    assert bad.status == 400 and json.loads(bad.body)["Error"].startswith("Destination:")
+    missing = router.handle(HttpRequest("GET", "/rtharvest/exports/0123456789abcdef"))
+    assert missing.status == 404 and "Error" in json.loads(missing.body)
+    created = json.loads(router.handle(HttpRequest("POST", "/rtharvest/exports",
+                                                   body=b'{"Harvest": "H1", "Destination": "ARCHIVE"}')).body)
+    listed = json.loads(router.handle(HttpRequest("GET", "/rtharvest/exports")).body)
+    assert [d["ID"] for d in listed] == [created["ID"]] and listed[0]["State"] == "Running"
+    cancelled = json.loads(router.handle(HttpRequest("POST", f"/rtharvest/exports/{created['ID']}/cancel")).body)
+    assert cancelled["State"] == "Cancelled" and not service.run_one()
+    page = router.handle(HttpRequest("GET", "/rtharvest/ui")).body.decode()
+    assert 'src="ui/exports.js"' in page and 'id="exports"' in page
+    script = router.handle(HttpRequest("GET", "/rtharvest/ui/exports.js"))
+    assert script.status == 200 and b"'exports?limit=50'" in script.body and b"innerHTML" not in script.body
+
+
+class Picky(Folder):
+    """A folder that refuses one object the first time it sees it (a destination rejecting an instance)."""
+
+    def __init__(self, name: str, root: Path) -> None:
+        super().__init__(name, root)
+        self.refused: str | None = None
+        self.sent: list[str] = []
+
+    def send(self, datasets: Sequence[Dataset]) -> dict[str, str]:
+        uids = [str(ds.SOPInstanceUID) for ds in datasets]
+        if self.refused is None:
+            self.refused = uids[-1]
+            self.sent += uids[:-1]
+            return {**super().send(datasets[:-1]), self.refused: "C-STORE status 0xA700"}
+        self.sent += uids
+        return super().send(datasets)
+
+
+def test_a_refused_instance_is_retried_alone(site: Site, tmp_path: Path) -> None:
+    service = _service(tmp_path, site, batch=10)
+    picky = Picky("ARCHIVE", tmp_path / "archive")
+    service.destination_of = lambda name, export_id: picky
+    answer = service.create({"Harvest": "H1", "Destination": "ARCHIVE", "Plans": {"PatientIDs": [_busiest(site)]}})
+    assert service.run_one()  # the whole selection goes once; one instance is refused
+    doc = service.document(answer["ID"])
+    assert doc["State"] == "Running" and doc["Progress"]["InstancesFailed"] == 1
+    assert service.failed_items(answer["ID"]) == [{"SOPInstanceUID": picky.refused, "Error": "C-STORE status 0xA700"}]
+    _drain(service)
+    doc = service.document(answer["ID"])
+    assert doc["State"] == "Completed" and doc["Progress"]["InstancesFailed"] == 0
+    assert len(picky.sent) == len(set(picky.sent)) == doc["Progress"]["InstancesTotal"]  # the refused one alone again
+    assert doc["Progress"]["InstancesResent"] == 1

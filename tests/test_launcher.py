@@ -4,12 +4,22 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from rtharvest.launcher import (
     DEFAULT_CONFIG,
     effective_config,
     load_json_config,
     plugin_environment,
     set_dotted,
+)
+from rtharvest.postgres import (
+    PostgresError,
+    check_section,
+    find_index_plugin,
+    index_enabled,
+    parse_url,
+    plugins_with_index,
 )
 
 
@@ -44,3 +54,40 @@ def test_set_dotted_creates_objects() -> None:
     cfg: dict = {}
     set_dotted(cfg, "RtHarvest.Sources.ARIA.MaxConcurrent", 3)
     assert cfg == {"RtHarvest": {"Sources": {"ARIA": {"MaxConcurrent": 3}}}}
+
+
+def test_postgres_url_becomes_the_index_section_with_the_settings_that_work(tmp_path: Path) -> None:
+    target = parse_url("postgresql://orthanc:s%40cret@db.example:6543/pacs")
+    assert (target.host, target.port, target.database, target.username, target.password) == (
+        "db.example", 6543, "pacs", "orthanc", "s@cret")
+    assert "s@cret" not in target.redacted_url
+    config = effective_config(load_json_config(DEFAULT_CONFIG), DEFAULT_CONFIG.parent, run_dir=tmp_path,
+                              postgres=target)
+    section = config["PostgreSQL"]
+    assert section["EnableIndex"] is True and section["EnableStorage"] is False
+    assert section["Lock"] is True and section["IndexConnectionsCount"] == 1
+    assert (section["Host"], section["Port"], section["Database"]) == ("db.example", 6543, "pacs")
+    library = find_index_plugin()
+    assert library is not None, "orthanc-postgresql is in run.sh's APT_PACKAGES"
+    # Loaded exactly once: by the plugins folder it lives in, or by its own path.
+    assert any(Path(p) == library or Path(p) == library.parent for p in config["Plugins"])
+    # The one configuration names the compose service and keeps the index off unless asked for.
+    assert index_enabled(load_json_config(DEFAULT_CONFIG)) is False
+    assert load_json_config(DEFAULT_CONFIG)["PostgreSQL"]["Host"] == "postgres"
+
+
+@pytest.mark.parametrize("url", ["mysql://u@h/db", "postgresql://u@h/", "postgresql:///db", "postgresql://u@h:x/db"])
+def test_bad_postgres_url_is_a_clear_error(url: str) -> None:
+    with pytest.raises(PostgresError, match="PostgreSQL URL|expected postgresql"):
+        parse_url(url)
+
+
+def test_index_plugin_is_added_by_path_when_no_plugin_folder_holds_it(tmp_path: Path) -> None:
+    library = tmp_path / "lib" / "libOrthancPostgreSQLIndex.so.4.0"
+    library.parent.mkdir()
+    library.write_bytes(b"")
+    assert find_index_plugin([str(tmp_path / "none.so"), str(tmp_path / "lib" / "libOrthancPostgreSQLIndex.so*")]) \
+        == library
+    assert plugins_with_index(["/usr/share/orthanc/plugins/libOrthancPython.so"], library)[-1] == str(library)
+    assert plugins_with_index([str(library.parent)], library) == [str(library.parent)]
+    assert check_section({"IndexConnectionsCount": 4, "Lock": True})[0].startswith("PostgreSQL.IndexConnectionsCount")

@@ -18,8 +18,8 @@ from pydicom.errors import InvalidDicomError
 from ..report import ConversionReport
 from ..sink import Sink
 from ..uids import derived_uid
-from .coords import Frame, slice_z
-from .errors import PinnacleFormatError
+from .coords import Frame, frame_mismatch, slice_z
+from .errors import PinnacleError, PinnacleFormatError
 from .models import ImageSet, Orientation, Patient, Plan, Trial
 from .reader import read_patient
 from .writers import (
@@ -65,8 +65,20 @@ def _orientation(image_set: ImageSet, plan: Plan | None) -> Orientation:
     return Orientation.HFS
 
 
-def _original_slices(image_set: ImageSet) -> list[tuple[Path, SliceRef, str, str, str]]:
-    """Every Part-10 file in ``ImageSet_N.DICOM``: (path, slice, study, series, FoR)."""
+@dataclass(frozen=True)
+class Original:
+    """One original CT slice kept in ``ImageSet_N.DICOM``."""
+
+    path: Path
+    ref: SliceRef
+    study: str
+    series: str
+    for_uid: str
+    position: tuple[float, float, float] | None
+
+
+def _original_slices(image_set: ImageSet) -> list[Original]:
+    """Every Part-10 file in ``ImageSet_N.DICOM``."""
     assert image_set.dicom_dir is not None
     found = []
     for path in sorted(image_set.dicom_dir.iterdir()):
@@ -76,14 +88,17 @@ def _original_slices(image_set: ImageSet) -> list[tuple[Path, SliceRef, str, str
             ds = dcmread(path, stop_before_pixels=True)
         except (InvalidDicomError, OSError, ValueError) as exc:
             raise PinnacleFormatError(f"{path}: not a DICOM file ({exc})") from exc
-        z = float(ds.ImagePositionPatient[2]) if "ImagePositionPatient" in ds else 0.0
+        ipp = ds.get("ImagePositionPatient")
+        position = (float(ipp[0]), float(ipp[1]), float(ipp[2])) if ipp is not None and len(ipp) == 3 else None
+        ref = SliceRef(str(ds.SOPClassUID), str(ds.SOPInstanceUID), position[2] if position else 0.0)
         found.append(
-            (
+            Original(
                 path,
-                SliceRef(str(ds.SOPClassUID), str(ds.SOPInstanceUID), z),
+                ref,
                 str(ds.StudyInstanceUID),
                 str(ds.SeriesInstanceUID),
                 str(ds.get("FrameOfReferenceUID", "")),
+                position,
             )
         )
     return found
@@ -99,6 +114,10 @@ class PatientConverter:
         self.options = options
         self.key = key
 
+    def _relative(self, message: str) -> str:
+        """``message`` with the patient folder's parents left out (paths inside the archive remain)."""
+        return message.replace(str(self.patient.folder.parent) + "/", "")
+
     def uid(self, kind: str, *keys: object) -> str:
         """A derived UID of this patient."""
         return str(derived_uid(self.options.salt, kind, self.patient.mrn, self.patient.internal_id, *keys))
@@ -109,20 +128,22 @@ class PatientConverter:
             originals = _original_slices(image_set)
             if originals:
                 wanted = {s.instance_uid for s in image_set.slices if s.instance_uid}
-                kept = {ref.sop_uid for _, ref, *_ in originals}
+                kept = {o.ref.sop_uid for o in originals}
                 if wanted and not wanted <= kept:
                     self.report.warn(
                         f"{self.key}: {image_set.name}.DICOM lacks {len(wanted - kept)} slice(s) named in ImageInfo"
                     )
-                for path, *_ in originals:
-                    self.sink.write_file(path)  # unchanged: the scanner's own objects
+                self._check_frame(image_set, frame, originals[0])
+                for original in originals:
+                    self.sink.write_file(original.path)  # unchanged: the scanner's own objects
                 self.report.wrote("CT", len(originals))
-                _, _, study, series, for_uid = originals[0]
-                return ImageRefs(study, series, for_uid, tuple(ref for _, ref, *_ in originals), thickness)
+                first = originals[0]
+                return ImageRefs(first.study, first.series, first.for_uid, tuple(o.ref for o in originals), thickness)
         study = image_set.uid("study_uid") or self.uid("study", image_set.number)
         for_uid = image_set.uid("frame_uid") or self.uid("frame-of-reference", image_set.number)
         if image_set.img_path is not None:
             n = image_set.header.z_dim
+            self._check_table_positions(image_set, frame)
             series = self.uid("ct-series", image_set.number)
             sops = [self.uid("ct-image", image_set.number, k) for k in range(n)]
             refs = ImageRefs(study, series, for_uid, (), thickness)
@@ -152,28 +173,61 @@ class PatientConverter:
         )
         return ImageRefs(study, series, for_uid, slices, thickness)
 
+    def _check_table_positions(self, image_set: ImageSet, frame: Frame) -> None:
+        """Warn when ImageInfo's TablePosition and the header's z_start put the first slice apart."""
+        header = image_set.header
+        if len(image_set.slices) != header.z_dim or not image_set.slices:
+            return
+        from_header = frame.point((0.0, 0.0, header.z_start))[2]
+        from_table = slice_z(image_set.slices[0].table_position)
+        if abs(from_header - from_table) > 5.0 * header.z_pixdim:
+            self.report.warn(
+                f"{self.key}: {image_set.name} TablePosition and header z_start differ by "
+                f"{abs(from_header - from_table):.1f} mm; slices follow TablePosition"
+            )
+
+    def _check_frame(self, image_set: ImageSet, frame: Frame, original: Original) -> None:
+        """Warn when the orientation mapping (and pre-9.0 offset) does not put the image on the original CT."""
+        if original.position is None:
+            return
+        distance = frame_mismatch(frame, image_set.header, original.position)
+        tolerance = max(5.0 * image_set.header.x_pixdim, 0.5)  # half a pixel in mm
+        if distance > tolerance:
+            self.report.warn(
+                f"{self.key}: {image_set.name} maps {distance:.1f} mm away from its original CT "
+                f"({frame.orientation.value}, offset {frame.y_offset:.2f} cm): check the Pinnacle version"
+            )
+
     def run(self) -> None:
         """Convert every selected trial of every plan."""
         patient = self.patient
+        for problem in patient.problems:
+            self.report.error("plan", self.key, problem.reason, self._relative(str(problem)))
         refs_by_set: dict[int, ImageRefs] = {}
         for plan in patient.plans:
             selected = [t for t in plan.trials if self.options.wants(plan, t)]
             if not selected:
                 self.report.skip("plan", f"{self.key}/Plan_{plan.number}", "not-selected")
                 continue
-            image_set = patient.image_sets.get(plan.primary_image_set)
-            if image_set is None:
-                raise PinnacleFormatError(
-                    f"{plan.folder}: primary image set {plan.primary_image_set} is not in the Patient file"
-                )
-            frame = Frame.for_plan(_orientation(image_set, plan), plan.version, image_set.header)
-            if not plan.version.known:
-                self.report.warn(f"{self.key}/Plan_{plan.number}: no Pinnacle version found; assumed 9.0 or later")
-            date = study_date(image_set)
-            if image_set.number not in refs_by_set:
-                refs_by_set[image_set.number] = self._image_refs(image_set, frame, date)
-            ctx = Context(patient, date, refs_by_set[image_set.number])
-            self._plan(ctx, plan, selected, frame)
+            # A plan that cannot be converted is reported; the patient's other plans still are.
+            try:
+                self._convert_plan(plan, selected, refs_by_set)
+            except PinnacleError as exc:
+                self.report.error("plan", f"{self.key}/Plan_{plan.number}", exc.reason, self._relative(str(exc)))
+
+    def _convert_plan(self, plan: Plan, selected: list[Trial], refs_by_set: dict[int, ImageRefs]) -> None:
+        image_set = self.patient.image_sets.get(plan.primary_image_set)
+        if image_set is None:
+            raise PinnacleFormatError(
+                f"{plan.folder}: primary image set {plan.primary_image_set} is missing or unreadable"
+            )
+        frame = Frame.for_plan(_orientation(image_set, plan), plan.version, image_set.header)
+        if not plan.version.known:
+            self.report.warn(f"{self.key}/Plan_{plan.number}: no Pinnacle version found; assumed 9.0 or later")
+        date = study_date(image_set)
+        if image_set.number not in refs_by_set:
+            refs_by_set[image_set.number] = self._image_refs(image_set, frame, date)
+        self._plan(Context(self.patient, date, refs_by_set[image_set.number]), plan, selected, frame)
 
     def _plan(self, ctx: Context, plan: Plan, trials: list[Trial], frame: Frame) -> None:
         iso_names = {b.isocenter_name for t in plan.trials for b in t.beams}
@@ -183,11 +237,16 @@ class PatientConverter:
             self.report.warn(f"{self.key}/Plan_{plan.number}: {message}")
         self.sink.write(result.dataset)
         self.report.wrote("RTSTRUCT")
+        names = [t.name for t in plan.trials]
         for trial in trials:
-            self._trial(ctx, plan, trial, frame, structures_uid)
+            # Pinnacle keeps trial names unique within a plan; should a file repeat one, its position tells
+            # the trials apart (names alone keep UIDs stable when another trial is deleted).
+            index = next(i for i, t in enumerate(plan.trials) if t is trial)
+            key = trial.name if names.count(trial.name) == 1 else f"{trial.name}#{index}"
+            self._trial(ctx, plan, trial, frame, structures_uid, key)
 
-    def _trial(self, ctx: Context, plan: Plan, trial: Trial, frame: Frame, structures_uid: str) -> None:
-        keys = (plan.number, trial.name)
+    def _trial(self, ctx: Context, plan: Plan, trial: Trial, frame: Frame, structures_uid: str, key: str) -> None:
+        keys = (plan.number, key)
         plan_uid = self.uid("rtplan", *keys)
         refs = [self.uid("dose-reference", *keys, n) for n in range(1, len(trial.prescriptions) + 1)]
         self.sink.write(

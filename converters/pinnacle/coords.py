@@ -8,11 +8,14 @@ original CT in tests)::
 
 CT slices sit at DICOM z = −10 × TablePosition (ImageInfo), in every orientation.
 
-Pre-9.0 data: Pinnacle before 9.0 stored plan coordinates (contours, POIs, isocentres, dose grid) with a
-y offset relative to the image; the true Pinnacle y is ``y + offset`` with
-``offset = −y_start + couch_height + y_pixdim − (y_dim − 1)·y_pixdim/2`` (header values, cm). The offset
-lives in Pinnacle's image frame, so it is added *before* the orientation's sign flip; for HFS this gives
-the documented ``y_DICOM = −10y − 10·offset``. Images themselves are not shifted.
+Pre-9.0 data: Pinnacle before 9.0 kept its own y origin (the image centred on it, the DICOM position
+given by the couch height), so its whole frame (image header, contours, POIs, isocentres, dose grid: a
+planner drew the contours on that image, they stay aligned with it) sits ``offset`` below the DICOM one:
+the true Pinnacle y is ``y + offset`` with ``offset = −y_start + couch_height + y_pixdim − (y_dim − 1)·y_pixdim/2``
+(header values, cm). The offset lives in Pinnacle's frame, so it is added *before* the orientation's sign
+flip; for HFS this gives the documented ``y_DICOM = −10y − 10·offset``, and it puts the image centre at
+DICOM y = −10·(couch_height + y_pixdim) (sign per orientation). When the original CT is in the archive,
+:func:`frame_mismatch` checks the result against it.
 
 Image and dose voxels are stored with X fastest and row 0 at the maximum Pinnacle y, so the DICOM row
 direction is ``(sx, 0, 0)`` and the column direction ``(0, −sy, 0)``.
@@ -56,14 +59,13 @@ class Frame:
         return SIGNS[self.orientation]
 
     def point(self, p: Point) -> Point:
-        """A plan point (contour, POI, isocentre, dose voxel centre), cm → DICOM mm."""
+        """A Pinnacle point (voxel centre, contour point, POI, isocentre, dose voxel), cm → DICOM mm."""
         sx, sy, sz = self.signs
         return (10.0 * sx * p[0], 10.0 * sy * (p[1] + self.y_offset), 10.0 * sz * p[2])
 
-    def image_point(self, p: Point) -> Point:
-        """An image voxel centre (never offset), cm → DICOM mm."""
-        sx, sy, sz = self.signs
-        return (10.0 * sx * p[0], 10.0 * sy * p[1], 10.0 * sz * p[2])
+    def first_voxel(self, header: ImageHeader, z_pinn: float) -> Point:
+        """DICOM position of the first stored voxel (x_start, maximum y) of the slice at Pinnacle ``z_pinn``."""
+        return self.point((header.x_start, header.y_start + (header.y_dim - 1) * header.y_pixdim, z_pinn))
 
     def orientation_cosines(self) -> list[float]:
         """ImageOrientationPatient of Pinnacle's voxel layout (X fastest, row 0 at maximum y)."""
@@ -79,3 +81,13 @@ class Frame:
 def slice_z(table_position: float) -> float:
     """DICOM z (mm) of a CT slice from its ImageInfo TablePosition (cm)."""
     return -10.0 * table_position
+
+
+def frame_mismatch(frame: Frame, header: ImageHeader, original_ipp: Point) -> float:
+    """Distance (mm, in x and y) between where ``frame`` puts the image and an original slice's IPP.
+
+    Both describe the first stored voxel of a slice, so a correct orientation and pre-9.0 offset give 0
+    (z is left out: it comes from TablePosition, not from this mapping).
+    """
+    mapped = frame.first_voxel(header, 0.0)
+    return float(((mapped[0] - original_ipp[0]) ** 2 + (mapped[1] - original_ipp[1]) ** 2) ** 0.5)

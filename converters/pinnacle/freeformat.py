@@ -29,9 +29,11 @@ from .grammar import Obj, Value, decode
 _OPEN = re.compile(r"^([A-Za-z_][\w]*)\s*=\s*\{\s*$")
 _CLOSE = re.compile(r"^\}\s*;?\s*$")
 _ASSIGN = re.compile(r"^([A-Za-z_][\w.]*)\s*=\s*(.*?)\s*;\s*$")
-_COLON = re.compile(r"^([A-Za-z_][\w.]*)\s*:\s*(.*?)\s*$")
-#: Blocks whose content is whitespace/comma separated numbers.
-_NUMERIC_BLOCKS = frozenset({"points"})
+_COLON = re.compile(r"^([A-Za-z_][\w. ]*?)\s*:\s*(.*?)\s*$")
+_NUMBERS = re.compile(r"^[-+0-9.eE,\s]+$")
+#: Blocks whose content is whitespace/comma separated numbers (contour points; the surface meshes that
+#: newer versions add after the curves).
+_NUMERIC_BLOCKS = frozenset({"points", "vertices", "triangles"})
 
 
 def _scalar(text: str) -> Value:
@@ -85,6 +87,9 @@ def parse_free_text(text: str, source: str = "<text>") -> Obj:
             parent = stack[-1][1]
             assert isinstance(parent, Obj)
             parent.entries.append((name, node))
+        elif _NUMBERS.match(stripped) and any(ch.isdigit() for ch in stripped):
+            # Bare numbers in a block not known to be numeric (another mesh list): kept, not an error.
+            node.entries.append(("values", [float(w) for _, w in _words(stripped)]))
         elif match := _ASSIGN.match(stripped):
             node.entries.append((match.group(1), _scalar(match.group(2))))
         elif match := _COLON.match(stripped):

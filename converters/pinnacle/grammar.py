@@ -346,20 +346,31 @@ class Parser:
             value = None
         elif self.tok.kind == "STRING":
             value = self._next().text
-        elif self.tok.kind == "NUMBER":
-            value = _number(self._next().text)
         elif self.tok.kind == "XDR":
             value = XdrRef(int(self._next().text))
-        elif self.tok.kind == "WORD":
-            # Bare words (``Color = red;``); several words up to ';' form one text value.
-            words = [self._next().text]
-            while self.tok.kind in ("WORD", "NUMBER"):
-                words.append(self._next().text)
-            value = " ".join(words)
+        elif self.tok.kind in ("WORD", "NUMBER"):
+            value = self._bare_value()
         else:
             raise self._error(f"expected a value for {'.'.join(keys)!r}, found {self.tok.text!r}")
         self._expect(";", f"after the value of {'.'.join(keys)!r}")
         obj.set_path(keys, value)
+
+    def _bare_value(self) -> Value:
+        """A number, or unquoted text up to ';' (``Color = red;``, ``Version = 9.0m;``) kept as written."""
+        first = self._next()
+        if first.kind == "NUMBER" and not (self.tok.kind in ("WORD", "NUMBER") and self._touches(first)):
+            return _number(first.text)
+        text, last = first.text, first
+        while self.tok.kind in ("WORD", "NUMBER") or (self._is(".") and self._touches(last)):
+            token = self._next()
+            text += ("" if self._touches(last, token) else " ") + token.text
+            last = token
+        return text
+
+    def _touches(self, before: Token, after: Token | None = None) -> bool:
+        """Whether ``after`` (default: the current token) follows ``before`` with no blank between."""
+        after = after or self.tok
+        return after.line == before.line and after.column == before.column + len(before.text)
 
     def _array(self) -> list[float]:
         values: list[float] = []

@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 
+from .errors import PinnacleError
+
 Point = tuple[float, float, float]
 
 
@@ -252,8 +254,10 @@ class Plan:
     setup_position: Orientation | None = None
 
     def binary(self, index: int) -> Path:
-        """The file of binary attribute ``index`` (``plan.Trial.binary.NNN``)."""
-        return self.folder / f"plan.Trial.binary.{index:03d}"
+        """The file of binary attribute ``index`` (``plan.Trial.binary.NNN``; unpadded names are accepted)."""
+        padded = self.folder / f"plan.Trial.binary.{index:03d}"
+        plain = self.folder / f"plan.Trial.binary.{index}"
+        return plain if not padded.exists() and plain.exists() else padded
 
 
 @dataclass
@@ -271,8 +275,14 @@ class Patient:
     image_sets: dict[int, ImageSet]
     plans: list[Plan]
     version: Version = field(default_factory=lambda: Version(0, 0, known=False))
+    #: Image sets and plans that could not be read (each names its file); the others still convert.
+    problems: list[PinnacleError] = field(default_factory=list)
 
     @property
     def dicom_name(self) -> str:
         """PatientName as DICOM PN (``Last^First^Middle``)."""
-        return "^".join([self.last_name, self.first_name, self.middle_name]).rstrip("^")
+        parts = [
+            "".join(c for c in part if c not in "\\^=" and ord(c) >= 32).strip()[:64]
+            for part in (self.last_name, self.first_name, self.middle_name)
+        ]
+        return "^".join(parts).rstrip("^")

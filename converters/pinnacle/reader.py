@@ -17,7 +17,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from .errors import PinnacleFormatError
+from .errors import PinnacleError, PinnacleFormatError
 from .freeformat import parse_free_file
 from .grammar import Obj, Value, XdrRef, decode, parse_file
 from .models import (
@@ -136,6 +136,9 @@ def read_image_set(folder: Path, entry: Obj) -> ImageSet:
     """One ImageSet of the Patient file and its ``ImageSet_N.*`` files."""
     number = int(entry.num("ImageSetID", 0) or 0)
     name = entry.text("ImageName") or f"ImageSet_{number}"
+    if not (folder / f"{name}.header").is_file():
+        # ImageName is the file stem in every archive seen; should it hold a display name, the ID names the files.
+        name = f"ImageSet_{number}"
     base = folder / name
     header = read_header(_require(base.with_name(name + ".header")))
     info = base.with_name(name + ".ImageInfo")
@@ -252,13 +255,13 @@ def read_trial(item: Obj, source: str) -> Trial:
     prescriptions = []
     for holder in item.objs("PrescriptionList"):
         for rx in holder.objs("Prescription") or holder.children():
-            prescriptions.append(
-                Prescription(
-                    name=rx.text("Name"),
-                    dose_per_fraction=rx.num("PrescriptionDose", 0.0) or 0.0,
-                    fractions=int(rx.num("NumberOfFractions", 1) or 1),
-                )
-            )
+            fractions = max(int(rx.num("NumberOfFractions", 1) or 1), 1)
+            dose = rx.num("PrescriptionDose", 0.0) or 0.0
+            # PrescriptionPeriod says whether the dose is per fraction (the default) or for the course.
+            period = rx.text("PrescriptionPeriod").lower()
+            if any(word in period for word in ("overall", "total", "course")):
+                dose /= fractions
+            prescriptions.append(Prescription(name=rx.text("Name"), dose_per_fraction=dose, fractions=fractions))
     beams = []
     for holder in item.objs("BeamList"):
         for i, beam in enumerate(holder.objs("Beam") or holder.children()):
@@ -310,6 +313,15 @@ def read_pois(path: Path) -> list[Poi]:
     ]
 
 
+def _sad(machine: Obj) -> float:
+    """Source-axis distance (cm): SAD or its spelled-out forms; 100 cm when the file does not say."""
+    for key in ("SAD", "SourceToAxisDistance", "SourceAxisDistance"):
+        value = machine.num(key)
+        if value:
+            return value
+    return 100.0
+
+
 def read_machines(path: Path) -> dict[str, Machine]:
     """``plan.Pinnacle.Machines``: every Machine with its leaf pairs (file order kept)."""
     root = parse_file(path)
@@ -321,7 +333,7 @@ def read_machines(path: Path) -> dict[str, Machine]:
             LeafPair(_num(p, "Y", str(path)), _num(p, "Width", str(path)))
             for p in (pairs_obj.children() if pairs_obj is not None else [])
         )
-        machines[name] = Machine(name=name, sad=item.num("SAD", 100.0) or 100.0, leaf_pairs=pairs)
+        machines[name] = Machine(name=name, sad=_sad(item), leaf_pairs=pairs)
     return machines
 
 
@@ -375,7 +387,7 @@ _SEX = {"male": "M", "female": "F", "m": "M", "f": "F", "other": "O", "o": "O"}
 
 
 def _birth_date(text: str) -> str:
-    digits = re.findall(r"\d+", text)
+    digits = re.findall(r"\d+", text)[:3]  # a time may follow the date
     if len(digits) == 3:
         if len(digits[0]) == 4:
             year, month, day = digits
@@ -393,14 +405,23 @@ def read_patient(folder: Path) -> Patient:
     if isinstance(written, str) and (found := parse_version(written)):
         version = found
     image_sets = {}
+    problems: list[PinnacleError] = []
+    # An unreadable image set or plan is recorded and the rest of the patient still converts.
     for holder in root.objs("ImageSetList"):
         for entry in holder.objs("ImageSet") or holder.children():
-            image_set = read_image_set(folder, entry)
+            try:
+                image_set = read_image_set(folder, entry)
+            except PinnacleError as exc:
+                problems.append(exc)
+                continue
             image_sets[image_set.number] = image_set
     plans = []
     for holder in root.objs("PlanList"):
         for entry in holder.objs("Plan") or holder.children():
-            plans.append(read_plan(folder, entry, version))
+            try:
+                plans.append(read_plan(folder, entry, version))
+            except PinnacleError as exc:
+                problems.append(exc)
     mrn = root.text("MedicalRecordNumber")
     if not mrn:
         raise PinnacleFormatError(f"{folder / 'Patient'}: MedicalRecordNumber is missing (it is the DICOM PatientID)")
@@ -415,5 +436,6 @@ def read_patient(folder: Path) -> Patient:
         sex=_SEX.get(root.text("Gender").lower(), ""),
         image_sets=image_sets,
         plans=plans,
+        problems=problems,
         version=version,
     )

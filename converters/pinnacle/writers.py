@@ -100,6 +100,12 @@ def ds_text(value: float) -> str:
     return text if len(text) <= 16 else f"{value:.6g}"
 
 
+def text(value: str, limit: int) -> str:
+    """Pinnacle text as an SH/LO value: no backslash (the DICOM value separator) or control characters."""
+    cleaned = "".join(" " if ch == "\\" or ord(ch) < 32 else ch for ch in value).strip()
+    return cleaned[:limit].rstrip()
+
+
 def _seq(items: Iterable[Dataset]) -> DicomSequence:
     return DicomSequence(list(items))
 
@@ -173,7 +179,7 @@ def base(
     ds.Modality = modality
     ds.Manufacturer = MANUFACTURER
     ds.ReferringPhysicianName = ""
-    ds.SeriesDescription = description[:64]
+    ds.SeriesDescription = text(description, 64)
     ds.OperatorsName = ""  # Type 2 in the RT Series module
     ds.ManufacturerModelName = "Pinnacle3"
     ds.SoftwareVersions = [str(ctx.patient.version), CONVERTER_NAME]
@@ -220,7 +226,7 @@ def ct_from_img(
         if struct.pack("=h", 1) == b"\x00\x01":  # DICOM pixel data is little-endian here
             voxels.byteswap()
         z_pinn = h.z_start + k * h.z_pixdim
-        first = frame.image_point((h.x_start, h.y_start + (h.y_dim - 1) * h.y_pixdim, z_pinn))
+        first = frame.first_voxel(h, z_pinn)
         z = slice_z(image_set.slices[k].table_position) if len(image_set.slices) == h.z_dim else first[2]
         ds = base(
             ctx,
@@ -285,8 +291,8 @@ def structure_set(
     """RT Structure Set of a plan: every ROI of ``plan.roi`` and every POI of ``plan.Points``."""
     ds = base(ctx, SopClass.RT_STRUCTURE_SET.value, sop_uid, "RTSTRUCT", series_uid, 2, f"{plan.name} structures")
     _frame_of_reference(ds, ctx)
-    ds.StructureSetLabel = (plan.name or "Pinnacle")[:16]
-    ds.StructureSetName = plan.name[:64]
+    ds.StructureSetLabel = text(plan.name or "Pinnacle", 16)
+    ds.StructureSetName = text(plan.name, 64)
     ds.StructureSetDate = ctx.study_date
     ds.StructureSetTime = ""
     refs = ctx.refs
@@ -324,7 +330,7 @@ def structure_set(
             _item(
                 ROINumber=number,
                 ReferencedFrameOfReferenceUID=UID(refs.for_uid),
-                ROIName=name[:64],
+                ROIName=text(name, 64),
                 ROIGenerationAlgorithm="MANUAL",
             )
         )
@@ -435,11 +441,11 @@ def _beam_item(
     machine = _machine(plan, beam)
     item = _item(
         BeamNumber=number,
-        BeamName=beam.name[:64],
+        BeamName=text(beam.name, 64),
         BeamType=beam.beam_type,
         RadiationType=beam.modality,
         PrimaryDosimeterUnit="MU",
-        TreatmentMachineName=(beam.machine_name or "UNKNOWN")[:16],
+        TreatmentMachineName=text(beam.machine_name or "UNKNOWN", 16),
         SourceAxisDistance=ds_text(10 * (machine.sad if machine else 100.0)),
         ReferencedPatientSetupNumber=1,
         TreatmentDeliveryType="TREATMENT",
@@ -489,7 +495,9 @@ def _beam_item(
             point.NominalBeamEnergy = ds_text(beam.energy)
         point.BeamLimitingDevicePositionSequence = _seq(_positions(beam, i, machine if with_mlc else None))
         point.GantryAngle = _angle(cp.gantry)
-        point.GantryRotationDirection = ("CC" if beam.gantry_ccw else "CW") if beam.beam_type == "DYNAMIC" else "NONE"
+        # The direction applies to the segment that follows the control point: none after the last one.
+        rotating = beam.beam_type == "DYNAMIC" and n < len(steps) - 1
+        point.GantryRotationDirection = ("CC" if beam.gantry_ccw else "CW") if rotating else "NONE"
         point.BeamLimitingDeviceAngle = _angle(cp.collimator)
         point.BeamLimitingDeviceRotationDirection = "NONE"
         if n == 0:
@@ -548,8 +556,8 @@ def rt_plan(
     """RT Plan of one trial: prescription, fraction groups, beams and control points."""
     ds = base(ctx, SopClass.RT_PLAN.value, sop_uid, "RTPLAN", series_uid, 3, f"{plan.name} / {trial.name}")
     _frame_of_reference(ds, ctx)
-    ds.RTPlanLabel = trial.name[:16] or "Trial"
-    ds.RTPlanName = f"{plan.name}: {trial.name}"[:64]
+    ds.RTPlanLabel = text(trial.name, 16) or "Trial"
+    ds.RTPlanName = text(f"{plan.name}: {trial.name}", 64)
     ds.RTPlanDate = ctx.study_date
     ds.RTPlanTime = ""
     ds.RTPlanGeometry = "PATIENT"
@@ -562,7 +570,7 @@ def rt_plan(
                 DoseReferenceNumber=n,
                 DoseReferenceUID=UID(dose_reference_uids[n - 1]),
                 DoseReferenceStructureType="SITE",
-                DoseReferenceDescription=rx.name[:64],
+                DoseReferenceDescription=text(rx.name, 64),
                 DoseReferenceType="TARGET",
                 TargetPrescriptionDose=ds_text(rx.dose_per_fraction * rx.fractions / 100.0),
             )

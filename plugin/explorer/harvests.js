@@ -17,7 +17,7 @@
   var state = {
     harvests: [], rows: new Map(), selected: null, // harvest id, '*' for the whole store, or null
     manifest: null, manifestFor: null, manifestAt: 0, manifestKey: '', manifestLoading: false,
-    failed: [], log: [], status: null, period: 'Monthly', periodChosen: false, polling: false
+    failed: [], log: [], schedules: [], status: null, period: 'Monthly', periodChosen: false, polling: false
   };
 
   function $(id) { return document.getElementById(id); }
@@ -410,6 +410,51 @@
     $('log-empty').hidden = state.log.length > 0;
   }
 
+  // -- schedules -------------------------------------------------------------------------------------
+
+  function renderSchedules() {
+    var tbody = document.querySelector('#schedules tbody');
+    clear(tbody);
+    state.schedules.forEach(function (sc) {
+      var last = (sc.Runs || [])[sc.Runs.length - 1];
+      var lastCell = last ? [h('a', { href: '#harvest=' + encodeURIComponent(last.Harvest), text: dicomDate(last.From) + ' – ' + dicomDate(last.To),
+        onclick: function (ev) { ev.preventDefault(); select(last.Harvest); } }), ' ', chip(last.State)] : ['never'];
+      var actions = sc.Origin === 'api'
+        ? [h('button', { type: 'button', text: 'Delete', 'data-schedule': sc.ID, onclick: function () { deleteSchedule(sc.ID); } })]
+        : [h('span', { className: 'muted', title: 'defined in orthanc.json (RtHarvest.Schedules)', text: 'orthanc.json' })];
+      tbody.appendChild(h('tr', { 'data-id': sc.ID }, [
+        h('td', { text: sc.ID }), h('td', { text: (sc.LookupSources || []).join(', ') }),
+        h('td', { text: sc.At + ' ' + sc.TimeZone }), h('td', { text: sc.OverlapDays + ' d' }),
+        h('td', { text: dicomDate(sc.CoveredTo) || '—' }),
+        h('td', { text: created(sc.NextRun), title: sc.Waiting || '' }),
+        h('td', {}, lastCell), h('td', { text: sc.Origin }), h('td', {}, actions)
+      ]));
+    });
+    $('schedules-empty').hidden = state.schedules.length > 0;
+  }
+
+  function deleteSchedule(id) {
+    api('DELETE', 'schedules/' + encodeURIComponent(id)).then(function () {
+      toast('Schedule ' + id + ' deleted (its harvests are kept)');
+      poll();
+    }).catch(function (err) { toast('Not deleted: ' + err.message, true); });
+  }
+
+  function submitSchedule(ev) {
+    ev.preventDefault();
+    var body = { Name: $('ns-name').value.trim(), Source: $('ns-source').value, At: $('ns-at').value,
+      TimeZone: $('ns-tz').value.trim(), OverlapDays: parseInt($('ns-overlap').value || '0', 10) };
+    var lookup = $('ns-lookup').value.split(/[\s,;]+/).filter(Boolean);
+    if (lookup.length) { body.LookupSources = lookup; }
+    var from = $('ns-from').value.replace(/-/g, '');
+    if (from) { body.From = from; }
+    api('POST', 'schedules', body).then(function (answer) {
+      toast('Schedule ' + answer.ID + ' created: next run ' + created(answer.NextRun) + ' UTC');
+      $('new-schedule').hidden = true;
+      poll();
+    }).catch(function (err) { toast('Not created: ' + err.message, true); });
+  }
+
   function renderStatus() {
     var s = state.status;
     if (!s) { return; }
@@ -419,12 +464,13 @@
       ' · queue: ' + ['pending', 'leased', 'waiting', 'failed'].map(function (k) { return k + ' ' + (q[k] || 0); }).join(', ');
     $('server-status').textContent = text;
     if (s.ConfigurationError) { banner('Configuration error, harvesting disabled: ' + s.ConfigurationError); }
-    var sel = $('nh-source');
     var sources = s.Sources || [];
-    if (sel.options.length !== sources.length) {
-      clear(sel);
-      sources.forEach(function (name) { sel.appendChild(h('option', { value: name, text: name })); });
-    }
+    [$('nh-source'), $('ns-source')].forEach(function (sel) {
+      if (sel.options.length !== sources.length) {
+        clear(sel);
+        sources.forEach(function (name) { sel.appendChild(h('option', { value: name, text: name })); });
+      }
+    });
   }
 
   // -- polling ---------------------------------------------------------------------------------------
@@ -435,7 +481,8 @@
     var requests = [
       api('GET', 'harvests').then(function (list) { state.harvests = list || []; renderHarvests(); }),
       api('GET', 'status').then(function (s) { state.status = s; renderStatus(); }),
-      api('GET', 'log?level=warning&limit=20').then(function (events) { state.log = events || []; renderLog(); })
+      api('GET', 'log?level=warning&limit=20').then(function (events) { state.log = events || []; renderLog(); }),
+      api('GET', 'schedules').then(function (list) { state.schedules = list || []; renderSchedules(); })
     ];
     if (state.selected) {
       var target = state.selected;
@@ -484,6 +531,10 @@
     $('new-harvest-toggle').addEventListener('click', function () { $('new-harvest').hidden = !$('new-harvest').hidden; });
     $('nh-cancel').addEventListener('click', function () { $('new-harvest').hidden = true; });
     $('new-harvest').addEventListener('submit', submitHarvest);
+    $('new-schedule-toggle').addEventListener('click', function () { $('new-schedule').hidden = !$('new-schedule').hidden; });
+    $('ns-cancel').addEventListener('click', function () { $('new-schedule').hidden = true; });
+    $('new-schedule').addEventListener('submit', submitSchedule);
+    try { $('ns-tz').value = Intl.DateTimeFormat().resolvedOptions().timeZone || 'UTC'; } catch (e) { $('ns-tz').value = 'UTC'; }
     $('show-store').addEventListener('click', function () { select('*'); });
     $('manifest-refresh').addEventListener('click', function () { loadManifest(true); });
     $('period').addEventListener('change', function () {

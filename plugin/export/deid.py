@@ -25,7 +25,7 @@ from an HMAC-SHA256 of the original UID keyed with the site's secret: the same U
 new UID (across objects, studies and export runs), so every reference (record → plan → structure set →
 contour images, dose → plan, registration → series and frames of reference, shared frames of reference)
 still resolves; two sites with different secrets never produce the same UID, even for the same original
-(a patient treated at both). Private attributes are removed (pydicom's ``remove_private_tags``).
+(a patient treated at both). Private attributes are removed at every depth.
 
 PatientID and PatientName become the patient's pseudonym (``<SITE>-<10 hex digits>``, from the same key);
 the Clinical Trial Subject module (``ClinicalTrialSiteID``, ``ClinicalTrialSubjectID``, sponsor and
@@ -45,6 +45,7 @@ from enum import StrEnum
 from typing import Any
 
 from dicomanonymizer.dicom_anonymization_databases import dicomfields_2026c as _ps315
+from pydicom.datadict import dictionary_VR, keyword_for_tag
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
@@ -103,7 +104,7 @@ _PATIENT_CHARACTERISTICS = frozenset({"PatientSex", "PatientAge", "PatientSize",
                                       "PatientSexNeutered", "SmokingStatus", "PregnancyStatus"})
 _INSTITUTION = frozenset({"InstitutionName", "InstitutionAddress", "InstitutionalDepartmentName",
                           "InstitutionCodeSequence", "InstitutionalDepartmentTypeCodeSequence"})
-_SITE_RE = re.compile(r"^[A-Za-z0-9_-]{1,16}$")
+SITE_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,16}$")
 _TEXT_RE = re.compile(r"^[ -~]{1,64}$")
 
 
@@ -209,7 +210,7 @@ class SiteKey:
     secret: bytes = field(repr=False)
 
     def __post_init__(self) -> None:
-        if not _SITE_RE.match(self.site):
+        if not SITE_PATTERN.match(self.site):
             raise ProfileError("Site", f"must be 1-16 letters, digits, '-' or '_', got {self.site[:30]!r}")
         if len(self.secret) < 16:
             raise ProfileError("Secret", "must be at least 16 bytes")
@@ -375,26 +376,41 @@ def _apply_basic(elem: DataElement, action: str, ctx: _Context, ds: Dataset) -> 
         _dummy(elem, ctx)
 
 
-def _action_for(elem: DataElement, ctx: _Context) -> str | None:
-    keyword = elem.keyword
+def _action_for(tag: BaseTag, keyword: str, vr: str, ctx: _Context) -> str | None:
     if keyword in ctx.overrides:
         return ctx.overrides[keyword]
-    action = table_action(elem.tag)
-    if action is None and elem.VR == "UI" and keyword.endswith(_UID_SUFFIXES):
+    action = table_action(tag)
+    if action is None and vr == "UI" and keyword.endswith(_UID_SUFFIXES):
         return "U"  # a reference the table does not list by name: remapped all the same
     return action
+
+
+def _vr_of(raw: Any, tag: BaseTag) -> str:
+    vr = getattr(raw, "VR", None)
+    if vr:
+        return str(vr)
+    try:
+        return str(dictionary_VR(tag))
+    except KeyError:
+        return "UN"
 
 
 def _walk(ds: Dataset, ctx: _Context) -> None:
     for tag in list(ds.keys()):
         if tag.is_private:
-            continue  # removed as a whole afterwards
+            del ds[tag]  # PS3.15: private attributes are removed (no Retain Safe Private option)
+            continue
+        # Decide from the tag and VR before touching the value: converting every raw value (contour
+        # points, LUTs) would cost more than the whole de-identification.
+        raw = ds.get_item(tag)
+        vr = _vr_of(raw, tag)
+        action = _action_for(tag, keyword_for_tag(tag), vr, ctx)
+        if (action is None or action == _KEEP) and vr != "SQ":
+            continue
         elem = ds[tag]
-        action = _action_for(elem, ctx)
         if action is None or action == _KEEP:
-            if elem.VR == "SQ":
-                for item in elem.value:
-                    _walk(item, ctx)
+            for item in elem.value or []:
+                _walk(item, ctx)
             continue
         if elem.VR in ("DA", "DT", "TM") and action not in ("X", "U"):
             _date(elem, action, ctx, ds)
@@ -416,18 +432,19 @@ def _overrides(profile: Profile) -> dict[str, str]:
     return out
 
 
-def deidentify(ds: Dataset, key: SiteKey, profile: Profile, pseudonym: str | None = None) -> Dataset:
-    """A de-identified deep copy of ``ds`` (``ds`` itself is left untouched).
+def deidentify(ds: Dataset, key: SiteKey, profile: Profile, pseudonym: str | None = None, *,
+               in_place: bool = False) -> Dataset:
+    """A de-identified deep copy of ``ds`` (``ds`` itself is left untouched unless ``in_place``).
 
     ``pseudonym`` defaults to ``key.pseudonym(PatientID)``; pass the one stored in the site's database
-    when the mapping is kept there.
+    when the mapping is kept there. ``in_place`` saves the copy when the caller parsed ``ds`` only to
+    export it.
     """
     patient_id = str(ds.get("PatientID", "") or "")
-    out = copy.deepcopy(ds)
+    out = ds if in_place else copy.deepcopy(ds)
     ctx = _Context(key, profile, pseudonym or key.pseudonym(patient_id),
                    key.day_shift(patient_id, profile.max_shift_days), _overrides(profile))
     _walk(out, ctx)
-    out.remove_private_tags()
     out.PatientID = ctx.pseudonym
     out.PatientName = ctx.pseudonym
     out.PatientIdentityRemoved = "YES"
@@ -449,7 +466,7 @@ def deidentify(ds: Dataset, key: SiteKey, profile: Profile, pseudonym: str | Non
         out.ClinicalTrialProtocolName = ""  # Type 2 of the Clinical Trial Subject module
     meta = getattr(ds, "file_meta", None)
     if meta is not None:
-        out.file_meta = copy.deepcopy(meta)
+        out.file_meta = meta if in_place else copy.deepcopy(meta)
         if "SOPInstanceUID" in out:
             out.file_meta.MediaStorageSOPInstanceUID = out.SOPInstanceUID
     return out

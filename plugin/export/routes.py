@@ -28,12 +28,13 @@ def build_export_service(orthanc: Mapping[str, Any], config: HarvesterConfig, ev
     policy = RetryPolicy(max_attempts=config.max_attempts, base_delay=config.backoff_base,
                          max_delay=max(config.backoff_max, config.backoff_base))
     return ExportService(settings, events, manifest.build, lambda h: tracker.objects(h, Decision.KEPT),
-                         harvests.get, policy=policy, lease_seconds=config.lease_seconds)
+                         lambda h: harvests.visible_state(harvests.get(h)), policy=policy,
+                         lease_seconds=config.lease_seconds)
 
 
 def register(router: Router, service: ExportService) -> None:
     """``POST/GET /rtharvest/exports``, ``GET /rtharvest/exports/{id}``, ``POST .../cancel``,
-    ``GET .../failed``."""
+    ``GET .../failed`` and ``GET /rtharvest/destinations`` (names and kinds an export may use)."""
 
     def create(request: HttpRequest) -> HttpResponse:
         return HttpResponse.json(service.create(request.json_object()))
@@ -51,18 +52,33 @@ def register(router: Router, service: ExportService) -> None:
         service.document(request.groups[0])
         return HttpResponse.json(service.failed_items(request.groups[0], request.query_int("limit", 100, 1, 10_000)))
 
+    def destinations(_: HttpRequest) -> HttpResponse:
+        settings = service.settings
+        return HttpResponse.json({"Site": settings.site, "Destinations": [
+            {"Name": name, "Kind": settings.kind_of(name)} for name in settings.destination_names()]})
+
     export_id = Param("id", "export ID", "path")
     limit = Param("limit", "at most this many items (1-10000, default 100)", type="integer")
     unknown = (404, "unknown export")
+    router.add("GET", r"/rtharvest/destinations", destinations, RouteDoc(
+        "The site name and every destination an export may name, with its kind (dicom, dicomweb, folder)",
+        response='{"Site", "Destinations": [{"Name", "Kind"}, ...]}', tag="exports"))
     router.add("POST", r"/rtharvest/exports", create, RouteDoc(
-        "Start a de-identified export of a harvest's plans",
-        body='{"Harvest": ID, "Destination": NAME, "Plans": "Complete" | "All", "Profile": {...}}',
-        response='{"ID", "State"}', tag="exports", errors=((400, "invalid request body, naming the field"),)))
+        "Start a de-identified export of a harvest's plans (PS3.15 Basic Profile with the options of Profile)",
+        body='{"Harvest": ID, "Destination": NAME, "Plans": "Complete" | "All" | {"Status": [...], '
+             '"PlanIntent": [...], "PlanUIDs": [...], "PatientIDs": [...]}, "Profile": {"Dates": "shift" | "keep" | '
+             '"remove", "Descriptors": "keep" | "clean", "RetainPatientCharacteristics": bool, '
+             '"RetainInstitutionIdentity": bool, "MaxShiftDays": int, "Sponsor": str, "Protocol": str}, '
+             '"Label": str}',
+        response='{"ID", "State"}', tag="exports",
+        errors=((400, "invalid request body, naming the field"), (404, "Harvest: unknown harvest"),
+                (409, "Harvest: not Completed yet"))))
     router.add("GET", r"/rtharvest/exports", list_exports, RouteDoc(
-        "Exports with state and progress", (limit,), response="[export, ...]", tag="exports"))
+        "Exports with state and progress, newest first", (limit,), response="[export, ...]", tag="exports"))
     router.add("GET", rf"/rtharvest/exports/{_ID}", get_export, RouteDoc(
-        "One export with state and progress (instances sent, failed, verified)", (export_id,), tag="exports",
-        errors=(unknown,)))
+        "One export: State (Running, Completed, VerificationFailed, Failed, Paused, Cancelled), Progress "
+        "(PlansSelected, InstancesTotal, InstancesSent, InstancesFailed, InstancesPending, InstancesVerified, "
+        "InstancesResent), Verification, Errors", (export_id,), tag="exports", errors=(unknown,)))
     router.add("POST", rf"/rtharvest/exports/{_ID}/cancel", cancel, RouteDoc(
         "Cancel an export", (export_id,), tag="exports",
         errors=(unknown, (409, "not possible in the export's state"))))

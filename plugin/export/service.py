@@ -50,6 +50,8 @@ log = logging.getLogger("rtharvest.export")
 __all__ = ["ExportService", "PlanFilter", "parse_plans"]
 
 SEND, VERIFY = "ExportSend", "ExportVerify"
+#: A harvest is exported once its manifest no longer changes.
+EXPORTABLE_HARVEST_STATES = ("Completed", "Cancelled")
 
 _SCHEMA = [
     """CREATE TABLE rth_exports (
@@ -156,7 +158,8 @@ class ExportService:
     """Creates, runs and reports exports.
 
     ``harvest_manifest(harvest_id)`` builds the site's manifest, ``harvest_objects(harvest_id)`` lists the
-    harvest's tracker rows, ``check_harvest(harvest_id)`` raises :class:`ApiError` 404 for an unknown one;
+    harvest's tracker rows, ``check_harvest(harvest_id)`` answers the harvest's visible state (raising
+    :class:`ApiError` 404 for an unknown one);
     ``read_file(orthanc_id)`` (set by :meth:`start`) reads a stored instance.
     """
 
@@ -178,6 +181,7 @@ class ExportService:
         #: ``(name, export_id) -> Destination`` (the settings' lookup; replaceable in tests).
         self.destination_of: Callable[[str, str], Destination] = settings.destination
         self._key: SiteKey | None = None
+        self._pseudonyms: dict[str, str] = {}
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
@@ -204,16 +208,19 @@ class ExportService:
 
     def pseudonym(self, patient_id: str) -> str:
         """The patient's pseudonym, recorded in the site's database on first use."""
+        cached = self._pseudonyms.get(patient_id)
+        if cached is not None:
+            return cached
         key = self.key()
         with self.db.transaction():
             found = self.db.scalar("SELECT pseudonym FROM rth_pseudonyms WHERE site = ? AND patient_id = ?",
                                    (key.site, patient_id))
-            if found is not None:
-                return str(found)
-            pseudonym = key.pseudonym(patient_id)
-            self.db.execute("INSERT INTO rth_pseudonyms (site, patient_id, pseudonym, created_at) VALUES (?, ?, ?, ?)",
-                            (key.site, patient_id, pseudonym, time.time()))
-            return pseudonym
+            if found is None:
+                found = key.pseudonym(patient_id)
+                self.db.execute("INSERT INTO rth_pseudonyms (site, patient_id, pseudonym, created_at)"
+                                " VALUES (?, ?, ?, ?)", (key.site, patient_id, found, time.time()))
+        self._pseudonyms[patient_id] = str(found)
+        return str(found)
 
     # -- REST ------------------------------------------------------------------------------------------
 
@@ -242,9 +249,12 @@ class ExportService:
         if not isinstance(label, str) or len(label) > 200:
             raise ApiError(400, "Label: a string of at most 200 characters")
         try:
-            self.check_harvest(harvest_id)
+            harvest_state = self.check_harvest(harvest_id)
         except ApiError as exc:
             raise ApiError(exc.status, f"Harvest: {exc.message}") from None
+        if harvest_state not in EXPORTABLE_HARVEST_STATES:
+            raise ApiError(409, f"Harvest: {harvest_id} is {harvest_state}; export it once it is Completed "
+                                "(its manifest is final then)")
         params = {"Harvest": harvest_id, "Plans": plans.spec, "Profile": profile.to_json()}
         export = self.queue.create_harvest(destination, label or f"export of {harvest_id}", params)
         with self.db.transaction():
@@ -465,7 +475,7 @@ class ExportService:
             except Exception as exc:
                 errors[sop_uid] = f"stored copy unreadable: {type(exc).__name__}"
                 continue
-            out = deidentify(ds, key, profile, self.pseudonym(str(ds.get("PatientID", ""))))
+            out = deidentify(ds, key, profile, self.pseudonym(str(ds.get("PatientID", ""))), in_place=True)
             new_of[sop_uid] = (str(out.SOPInstanceUID), str(out.get("StudyInstanceUID", "")),
                                str(out.get("SeriesInstanceUID", "")))
             outgoing.append(out)

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import ConfigError, HarvesterConfig
-from .deid import _SITE_RE
+from .deid import SITE_PATTERN
 from .destinations import Destination, DicomNode, DicomWebServer, Folder
 
 __all__ = ["ExportSettings", "load_settings"]
@@ -90,7 +90,7 @@ def load_settings(orthanc: Mapping[str, Any], config: HarvesterConfig) -> Export
     if not isinstance(section, Mapping):
         raise ConfigError(f"{where}: expected an object")
     site = section.get("Site", config.aet)
-    if not isinstance(site, str) or not _SITE_RE.match(site):
+    if not isinstance(site, str) or not SITE_PATTERN.match(site):
         raise ConfigError(f"{where}.Site: 1-16 letters, digits, '-' or '_', got {str(site)[:30]!r}")
     secret_raw = section.get("Secret")
     if secret_raw is not None and (not isinstance(secret_raw, str) or len(secret_raw) < 16):

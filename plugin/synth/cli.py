@@ -6,6 +6,7 @@ Examples::
     rtharvest-synth load /tmp/clinic --scp 127.0.0.1:4242 --aet ORTHANC
     rtharvest-synth load /tmp/clinic --dcmqrscp-dir /var/lib/dcmqrscp/SOURCE
     rtharvest-synth mosaiq --out /tmp/mosaiq-clinic      # deliveries in mosaiq.sqlite instead of RTRECORDs
+    rtharvest-synth pinnacle --out /tmp/pinnacle --tar /tmp/pinnacle.tar.gz
 
 Exit codes: 0 success, 1 load/generation failure, 2 usage error.
 """
@@ -48,6 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--slices", type=_positive, default=SynthOptions.ct_slices, help="slices per image series")
     gen.add_argument("--matrix", type=_positive, default=SynthOptions.matrix, help="CT rows=columns (e.g. 512)")
     gen.add_argument("--no-traps", action="store_true", help="leave out every trap")
+    gen.add_argument("--history-patients", type=int, default=0,
+                     help="metadata-light patients (plan and a few records each) spread over 2012-2022")
+    gen.add_argument("--course-record-study", action="store_true",
+                     help="records of a course in one study dated before its first fraction (adds window course_cut)")
     gen.add_argument("--force", action="store_true", help="replace an existing DIR/dicom")
     mosaiq = sub.add_parser("mosaiq", help="the same clinic with photon deliveries in a MOSAIQ SQLite database")
     mosaiq.add_argument("--out", type=Path, required=True, help="output directory")
@@ -61,13 +66,32 @@ def build_parser() -> argparse.ArgumentParser:
     target.add_argument("--dcmqrscp-dir", type=Path, metavar="STORAGE", help="copy + dcmqridx into STORAGE")
     load.add_argument("--aet", help="called AE title of the SCP (with --scp)")
     load.add_argument("--calling-aet", default="SYNTH")
+    pin = sub.add_parser("pinnacle", help="write synthetic Pinnacle patients (every orientation and version)")
+    pin.add_argument("--out", type=Path, required=True, help="output directory (Institution_1/Mount_0/Patient_N)")
+    pin.add_argument("--tar", type=Path, help="also pack every patient into this .tar/.tar.gz")
     return parser
+
+
+def _pinnacle(args: argparse.Namespace) -> int:
+    import json
+
+    from rtharvest.synth.pinnacle import all_cases, write_institution, write_tar
+
+    truths = write_institution(args.out, all_cases())
+    (args.out / "pinnacle_truth.json").write_text(json.dumps([t.to_dict() for t in truths], indent=1) + "\n")
+    if args.tar is not None:
+        members = [f"Institution_1/Mount_0/{t.folder}" for t in truths]
+        write_tar(args.tar, args.out, members)
+    print(f"wrote {len(truths)} Pinnacle patients and pinnacle_truth.json to {args.out}")
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the process exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command == "pinnacle":
+        return _pinnacle(args)
     if args.command == "generate":
         options = SynthOptions(
             patients=args.patients,
@@ -75,6 +99,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             ct_slices=args.slices,
             matrix=args.matrix,
             include_traps=not args.no_traps,
+            course_record_study=args.course_record_study,
+            history_patients=max(0, args.history_patients),
         )
         started = time.monotonic()
         try:

@@ -256,7 +256,6 @@ def generate_mosaiq(out_dir: Path, options: SynthOptions | None = None, *, overw
     traps: list[Trap] = []
 
     # --- trap placement (deterministic: by course order) ----------------------------------------------
-    courses: list[list[_Session]] = []
     by_course: dict[tuple[str, str], list[_Session]] = {}
     for s in sessions:
         by_course.setdefault((s.patient_id, s.plan_uid), []).append(s)
@@ -283,8 +282,9 @@ def generate_mosaiq(out_dir: Path, options: SynthOptions | None = None, *, overw
         plan = k.plans.get(plan_uid)
         if plan is None or not plan.label.endswith("_2"):
             continue
-        first_course = next((c for (p2, u2), c in sorted(by_course.items()) if p2 == pid and k.plans.get(u2)
-                      and k.plans[u2].label == plan.label[:-2] + "_1"), None)
+        first_label = plan.label[:-2] + "_1"
+        first_course = next((c for (p2, u2), c in sorted(by_course.items())
+                             if p2 == pid and u2 in k.plans and k.plans[u2].label == first_label), None)
         if first_course is not None:
             course[0].when = first_course[-1].when + timedelta(minutes=30)
             two_plans = (first_course[-1], course[0])

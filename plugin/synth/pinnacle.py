@@ -38,7 +38,6 @@ _IOP = {"HFS": (1, 0, 0, 0, 1, 0), "HFP": (-1, 0, 0, 0, -1, 0), "FFS": (-1, 0, 0
 
 COLS, ROWS, SLICES = 24, 20, 12
 PIXEL_MM, SLICE_MM = 12.5, 5.0
-COUCH_HEIGHT_CM = 12.5
 #: Machine leaf pairs as (centre, width) in cm, listed from +Y to −Y (the order Pinnacle may use).
 LEAF_PAIRS = [
     (7.5, 1.0),
@@ -99,6 +98,10 @@ class BeamTruth:
     bank_b: list[list[float]]
     peak: Point
     peak_gy: float  # per fraction at the hot spot
+    beam_type: str = "STATIC"
+    #: Per DICOM control point: the Pinnacle control point it comes from and its cumulative meterset weight.
+    cp_source: list[int] = field(default_factory=list)
+    cumulative: list[float] = field(default_factory=list)
 
 
 @dataclass
@@ -156,7 +159,7 @@ class PatientTruth:
 
 
 def _to_pinnacle(p: Point, orientation: str, y_shift: float = 0.0) -> Point:
-    """DICOM mm → Pinnacle cm (minus ``y_shift``, the pre-9.0 offset, for plan coordinates)."""
+    """DICOM mm → Pinnacle cm, minus ``y_shift`` (the pre-9.0 offset of Pinnacle's frame)."""
     sx, sy, sz = _SIGNS[orientation]
     return (sx * p[0] / 10.0, sy * p[1] / 10.0 - y_shift, sz * p[2] / 10.0)
 
@@ -191,7 +194,7 @@ def _write(path: Path, text: str) -> None:
     path.write_bytes(text.encode("latin-1"))
 
 
-def _header(case: PinnacleCase, x_start: float, y_start: float, z_start: float) -> str:
+def _header(case: PinnacleCase, x_start: float, y_start: float, z_start: float, couch: float) -> str:
     lines = [
         f"byte_order = {1 if case.pre9 else 0};",
         'read_conversion : "";',
@@ -215,7 +218,7 @@ def _header(case: PinnacleCase, x_start: float, y_start: float, z_start: float) 
         "comment :",
         "manufacturer : rtharvest",
         "model : synthetic",
-        f"couch_height = {_fmt(COUCH_HEIGHT_CM if case.pre9 else 0.0)};",
+        f"couch_height = {_fmt(couch)};",
     ]
     return "\n".join(lines) + "\n"
 
@@ -315,12 +318,18 @@ def write_patient(root: Path, case: PinnacleCase) -> PatientTruth:
     x_start = min(c[0] for c in corners)
     y_start = min(c[1] for c in corners)
     z_start = min(c[2] for c in corners)
-    y_shift = 0.0
+    # Before 9.0 Pinnacle's whole y frame (image header, contours, points, dose grid) sat ``y_shift`` below the
+    # DICOM one: the image centred on Pinnacle's own y origin, its DICOM y given by the couch height. The
+    # file values are the true ones minus y_shift, and the couch height is the one that makes the documented
+    # offset formula equal y_shift.
+    y_shift, written_y_start, couch = 0.0, y_start, 0.0
     if case.pre9:
         y_pix = PIXEL_MM / 10
-        y_shift = -y_start + COUCH_HEIGHT_CM + y_pix - (ROWS - 1) * y_pix / 2.0
+        written_y_start = -(ROWS - 1) * y_pix / 2.0 + 1.7
+        y_shift = y_start - written_y_start
+        couch = y_shift + written_y_start - y_pix + (ROWS - 1) * y_pix / 2.0
     name = "ImageSet_0"
-    _write(folder / f"{name}.header", _header(case, x_start, y_start, z_start))
+    _write(folder / f"{name}.header", _header(case, x_start, written_y_start, z_start, couch))
     # ImageInfo: one item per slice in Pinnacle's order (ascending Pinnacle z), original UIDs kept.
     pin_order = sorted(range(SLICES), key=lambda k: _to_pinnacle(positions[k], o)[2])
     info = ["ImageInfoList ={"]
@@ -470,19 +479,28 @@ def write_patient(root: Path, case: PinnacleCase) -> PatientTruth:
             fluence = xdr
             binaries[fluence] = b"\x00" * 16
             xdr += 1
-            for b_no in range(2):
+            # The Boost trial adds a clockwise dynamic arc (three control points, weights 0.5/0.5/0).
+            for b_no in range(3 if plan_no == 1 else 2):
                 number = b_no + 1
+                arc = b_no == 2
                 mu = round(110.0 + 17.5 * b_no + 3.0 * t_no + 5.0 * plan_no, 1)
                 of, ttf, rx = 1.02, 0.98, 200.0
                 normalized = rx / (mu * of * ttf)
                 peak = (20.0 + 10 * b_no, -10.0 - 5 * t_no, zs[5] + 5.0 * b_no)
                 peak_gy = 1.0 + 0.25 * b_no + 0.1 * t_no
                 gantries = [0.0 + 90 * b_no + 10 * t_no, 0.0 + 90 * b_no + 10 * t_no]
+                weights = [0.5, 0.5]
+                if arc:
+                    gantries, weights = [180.0, 270.0, 0.0], [0.5, 0.5, 0.0]
                 cps_text = []
                 bt = BeamTruth(
                     f"B{number} {trial_name}", number, truth.pois["Iso_RX"], [], mu, [], [], [], peak, peak_gy
                 )
-                for seg in range(2):
+                if arc:
+                    bt.beam_type, bt.cp_source, bt.cumulative = "DYNAMIC", [0, 1, 2], [0.0, 0.5, 1.0]
+                else:
+                    bt.cp_source, bt.cumulative = [0, 0, 1, 1], [0.0, 0.5, 0.5, 1.0]
+                for seg in range(len(gantries)):
                     leaves = _mlc(seg, b_no)
                     jaws = (5.0 + seg, 6.0, 4.5, 5.5 - 0.5 * seg)
                     bt.gantry.append(gantries[seg])
@@ -499,7 +517,7 @@ def write_patient(root: Path, case: PinnacleCase) -> PatientTruth:
                         f"              RightJawPosition = {_fmt(jaws[1])};",
                         f"              TopJawPosition = {_fmt(jaws[2])};",
                         f"              BottomJawPosition = {_fmt(jaws[3])};",
-                        "              Weight = 0.5;",
+                        f"              Weight = {_fmt(weights[seg])};",
                         "              MLCLeafPositions ={ RawData ={ NumberOfDimensions = 2;",
                         f"                NumberOfPoints = {len(leaves)};",
                         "                Points[] ={",
@@ -536,7 +554,7 @@ def write_patient(root: Path, case: PinnacleCase) -> PatientTruth:
                     '      MachineNameAndVersion = "SynthLinac: 2";',
                     '      MachineEnergyName = "6X";',
                     '      Modality = "Photons";',
-                    '      SetBeamType = "Step & Shoot MLC";',
+                    f'      SetBeamType = "{"Dynamic Arc" if arc else "Step & Shoot MLC"}";',
                     "      SSD = 92.5;",
                     f"      DoseVolume = \\XDR:{dose_index}\\;",
                     "      MonitorUnitInfo ={",

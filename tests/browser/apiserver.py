@@ -27,7 +27,8 @@ from rtharvest.harvests import HarvestService
 from rtharvest.httpapi import HttpRequest, HttpResponse, Router
 from rtharvest.jobqueue import JobQueue, RetryPolicy
 from rtharvest.manifest import ManifestService
-from rtharvest.rest import build_routes
+from rtharvest.rest import build_routes, build_schedule_routes
+from rtharvest.schedules import ScheduleService
 from rtharvest.tracking import Tracker
 
 SOURCES = {"ARIA": ["ARIA", "127.0.0.1", 11112], "MIM": ["MIM", "127.0.0.1", 11113]}
@@ -54,6 +55,8 @@ class ApiServer:
         self.router = Router()
         build_routes(self.router, self.harvests, self.queue, self.events, self.status, manifest=self.manifest)
         explorer_routes.register(self.router)
+        self.schedules = ScheduleService.from_config(self.config, self.db, self.harvests, self.queue, self.events)
+        build_schedule_routes(self.router, self.schedules, lambda: None)
         # The whole-store manifest route proposed to the lead (CONTRACT: "usable for the whole store").
         self.router.add("GET", r"/rtharvest/manifest", self._store_manifest)
         self._lock = threading.Lock()

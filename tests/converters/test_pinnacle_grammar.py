@@ -19,6 +19,8 @@ Trial ={
   Empty = ;
   Bare = red;
   Tool = Pinnacle^3;
+  Version = 9.0m;
+  Words = Launch Pad 9.10;
   BeamList ={
     Beam ={ Name = "1"; DoseVolume = \\XDR:3\\; };
     Beam ={ Name = "2"; DoseVolume = \\XDR:7\\; };
@@ -48,6 +50,7 @@ def test_every_form_of_the_grammar(tmp_path: Path) -> None:
     assert first.path("DoseGrid", "Dimension", "X") == 12
     assert first.get("Empty") is None and "Empty" in [k for k, _ in first.entries]
     assert first.text("Bare") == "red" and first.text("Tool") == "Pinnacle^3"
+    assert first.get("Version") == "9.0m" and first.get("Words") == "Launch Pad 9.10"
     beams = first.obj("BeamList")
     assert isinstance(beams, Obj)
     assert [b.get("DoseVolume") for b in beams.objs("Beam")] == [XdrRef(3), XdrRef(7)]
@@ -106,6 +109,18 @@ ROI = """// Region of Interest file
                    0 0 0
                    };
                  };
+           surface_mesh={
+                   allow_adaptation = 1;
+                   vertices={
+                     0.1 0.2 0.3
+                   };
+                   triangles={
+                     0 1 2
+                   };
+                   normals={
+                     1 0 0
+                   };
+           };
  }; // End of ROI
 """
 
@@ -118,17 +133,19 @@ def test_plan_roi_free_format() -> None:
     curves = roi.objs("curve")
     assert curves[0].get("points") == [-12.9, 2.1, -10.6, 1.0, 2.0, 3.0]
     assert curves[1].num("num_points") == 1
+    mesh = roi.obj("surface_mesh")
+    assert mesh is not None and mesh.get("triangles") == [0.0, 1.0, 2.0]
 
 
 def test_header_mixes_equals_and_colon() -> None:
     root = parse_free_text(
         'byte_order = 0;\nx_dim = 512;\nread_conversion : "";\npatient_position : HFP\n'
-        "db_name : PINNACLE3\nx_pixdim = 0.097656;\ncomment :\n",
+        "db_name : PINNACLE3\nx_pixdim = 0.097656;\ncomment :\nSeries Description : head: neck\n",
         "ImageSet_0.header",
     )
     assert root.num("x_dim") == 512 and root.text("patient_position") == "HFP"
     assert root.num("x_pixdim") == pytest.approx(0.097656) and root.text("read_conversion") == ""
-    assert root.text("comment") == ""
+    assert root.text("comment") == "" and root.text("Series Description") == "head: neck"
 
 
 @pytest.mark.parametrize(

@@ -179,21 +179,21 @@ def test_plans_beams_and_mlc(converted: dict[str, Converted], case: PinnacleCase
                 assert _close(mlc.LeafPositionBoundaries, c.truth.leaf_boundaries, 1e-6)
                 assert int(mlc.NumberOfLeafJawPairs) == len(c.truth.leaf_boundaries) - 1
                 cps = list(beam.ControlPointSequence)
-                assert len(cps) == 2 * len(bt.jaws)  # step and shoot: two control points per segment
+                assert str(beam.BeamType) == bt.beam_type
+                assert len(cps) == len(bt.cp_source)  # step and shoot: two control points per segment
                 assert _close(cps[0].IsocenterPosition, bt.isocenter)
-                assert [float(cp.CumulativeMetersetWeight) for cp in cps] == [0, 0.5, 0.5, 1]
-                for seg in range(len(bt.jaws)):
-                    for cp in cps[2 * seg : 2 * seg + 2]:
-                        assert float(cp.GantryAngle) == pytest.approx(bt.gantry[seg] % 360)
-                        devices = {
-                            d.RTBeamLimitingDeviceType: [float(v) for v in d.LeafJawPositions]
-                            for d in cp.BeamLimitingDevicePositionSequence
-                        }
-                        x1, x2, y1, y2 = bt.jaws[seg]
-                        assert devices["ASYMX"] == pytest.approx([x1, x2]) and devices["ASYMY"] == pytest.approx(
-                            [y1, y2]
-                        )
-                        assert devices["MLCX"] == pytest.approx(bt.bank_a[seg] + bt.bank_b[seg], abs=1e-6)
+                assert [float(cp.CumulativeMetersetWeight) for cp in cps] == bt.cumulative
+                for n, (cp, seg) in enumerate(zip(cps, bt.cp_source, strict=True)):
+                    assert float(cp.GantryAngle) == pytest.approx(bt.gantry[seg] % 360)
+                    arcing = bt.beam_type == "DYNAMIC" and n < len(cps) - 1
+                    assert cp.GantryRotationDirection == ("CW" if arcing else "NONE")
+                    devices = {
+                        d.RTBeamLimitingDeviceType: [float(v) for v in d.LeafJawPositions]
+                        for d in cp.BeamLimitingDevicePositionSequence
+                    }
+                    x1, x2, y1, y2 = bt.jaws[seg]
+                    assert devices["ASYMX"] == pytest.approx([x1, x2]) and devices["ASYMY"] == pytest.approx([y1, y2])
+                    assert devices["MLCX"] == pytest.approx(bt.bank_a[seg] + bt.bank_b[seg], abs=1e-6)
 
 
 def _voxel_positions(ds: Dataset) -> np.ndarray:
@@ -221,7 +221,7 @@ def test_doses(converted: dict[str, Converted], case: PinnacleCase) -> None:
         for trial in plan_truth.trials:
             plan_uid = str(plans[trial.name].SOPInstanceUID)
             mine = [d for d in doses if str(d.ReferencedRTPlanSequence[0].ReferencedSOPInstanceUID) == plan_uid]
-            assert sorted(str(d.DoseSummationType) for d in mine) == ["BEAM", "BEAM", "PLAN"]
+            assert sorted(str(d.DoseSummationType) for d in mine) == ["BEAM"] * len(trial.beams) + ["PLAN"]
             expected_sum = None
             for ds in mine:
                 assert (ds.Rows, ds.Columns, int(ds.NumberOfFrames)) == (
@@ -270,13 +270,16 @@ def test_outputs_pass_dciodvfy(converted: dict[str, Converted]) -> None:
         for modality, objects in c.objects.items():
             if modality == "CT" and c.truth.with_dicom:
                 continue  # the scanner's own files
-            path = c.files[str(objects[0].SOPInstanceUID)]
-            result = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, check=False)
-            errors = [line for line in (result.stdout + result.stderr).splitlines() if line.startswith("Error")]
-            assert not errors, f"{modality} {c.truth.mrn}: {errors}"
-            checked += 1
+            # Every plan (static, step-and-shoot and arc beams); one object of each other modality.
+            chosen = objects if modality == "RTPLAN" else objects[:1]
+            for ds in chosen:
+                path = c.files[str(ds.SOPInstanceUID)]
+                result = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, check=False)
+                errors = [line for line in (result.stdout + result.stderr).splitlines() if line.startswith("Error")]
+                assert not errors, f"{modality} {c.truth.mrn}: {errors}"
+                checked += 1
     built = sum(1 for case in CASES if case.with_img and not case.with_dicom)
-    assert checked == 3 * len(CASES) + built
+    assert checked == (2 + 3) * len(CASES) + built
 
 
 def test_rerun_is_byte_identical_and_trials_can_be_chosen(converted: dict[str, Converted], tmp_path: Path) -> None:
@@ -303,4 +306,95 @@ def test_a_beam_without_its_dose_binary_is_reported(converted: dict[str, Convert
     convert_patient(copy, FolderSink(tmp_path / "out"), report, Options(), c.truth.folder)
     assert [e.reason for e in report.errors] == ["missing-dose"]
     assert victim.name in report.errors[0].detail
-    assert report.written["RTDOSE"] == 2 * 3 + 1  # the other beam; no plan sum from half the beams
+    assert report.written["RTDOSE"] == 2 * 3 + 2  # Boost's other beams; no plan sum from part of the beams
+
+
+def test_orientation_from_patient_setup_and_unknown_version(converted: dict[str, Converted], tmp_path: Path) -> None:
+    """Without header patient_position the PatientSetup decides; without any version 9.0+ is assumed (warned)."""
+    c = next(c for c in converted.values() if c.truth.orientation == "HFP" and not c.truth.pre9)
+    copy = tmp_path / c.truth.folder
+    shutil.copytree(c.folder, copy)
+    header = copy / "ImageSet_0.header"
+    header.write_text("".join(line for line in header.read_text().splitlines(True) if "patient_position" not in line))
+    for info in copy.glob("Plan_*/plan.PlanInfo"):
+        info.unlink()
+    patient = copy / "Patient"
+    patient.write_bytes(patient.read_bytes().replace(b"WriteVersion", b"Written"))
+    for roi in copy.glob("Plan_*/plan.roi"):
+        roi.write_bytes(roi.read_bytes().replace(b"Pinnacle Versions", b"Versions"))
+    report = ConversionReport("pinnacle")
+    convert_patient(copy, FolderSink(tmp_path / "out"), report, Options(), c.truth.folder)
+    assert any("no Pinnacle version found" in w for w in report.warnings)
+    structure = next(dcmread(p) for p in (tmp_path / "out").rglob("*.dcm") if dcmread(p).Modality == "RTSTRUCT")
+    names = {int(r.ROINumber): str(r.ROIName) for r in structure.StructureSetROISequence}
+    ptv = next(i for i in structure.ROIContourSequence if names[int(i.ReferencedROINumber)] == "PTV")
+    assert _close(np.asarray(ptv.ContourSequence[0].ContourData, float).reshape(-1, 3), c.truth.contours["PTV"][0])
+
+
+def test_pinnacle_text_becomes_valid_dicom_text() -> None:
+    from rtharvest.converters.pinnacle.models import Patient
+    from rtharvest.converters.pinnacle.writers import text
+
+    assert text("Plan\\A\tlong name", 9) == "Plan A lo"
+    patient = Patient(Path("."), "1", "1", "M\u00fcller^Jr", "A\\nna", "", "", "", {}, [])
+    assert patient.dicom_name == "M\u00fcllerJr^Anna"
+
+
+def test_course_prescription_and_repeated_trial_names(converted: dict[str, Converted], tmp_path: Path) -> None:
+    c = next(iter(converted.values()))
+    copy = tmp_path / c.truth.folder
+    shutil.copytree(c.folder, copy)
+    trial_file = copy / "Plan_0" / "plan.Trial"
+    text = trial_file.read_bytes().replace(b'Name = "Trial 2"', b'Name = "Trial_1"')
+    text = text.replace(b"PrescriptionDose = 200;", b'PrescriptionDose = 5000;\n PrescriptionPeriod = "Overall";')
+    trial_file.write_bytes(text)
+    convert_patient(copy, FolderSink(tmp_path / "out"), ConversionReport("pinnacle"), Options(), c.truth.folder)
+    plans = [dcmread(p) for p in (tmp_path / "out").rglob("*.dcm") if dcmread(p).Modality == "RTPLAN"]
+    assert len({str(p.SOPInstanceUID) for p in plans}) == 3
+    assert sorted(str(p.RTPlanLabel) for p in plans) == ["Boost", "Trial_1", "Trial_1"]
+    for plan in plans:
+        if plan.RTPlanLabel == "Trial_1":  # 5000 cGy over 25 fractions = 200 cGy per fraction, 50 Gy in all
+            assert float(plan.DoseReferenceSequence[0].TargetPrescriptionDose) == pytest.approx(50.0)
+
+
+def test_frame_is_checked_against_the_original_ct(converted: dict[str, Converted], tmp_path: Path) -> None:
+    """The converted cases map onto their original CT; a pre-9.0 patient read as current does not, and says so."""
+    for c in converted.values():
+        assert not [w for w in c.report.warnings if "original CT" in w], c.report.warnings
+    c = next(c for c in converted.values() if c.truth.pre9 and c.truth.with_dicom)
+    copy = tmp_path / c.truth.folder
+    shutil.copytree(c.folder, copy)
+    for info in copy.glob("Plan_*/plan.PlanInfo"):
+        info.write_text('PinnacleVersionDescription = "Pinnacle 16.2";\n')
+    report = ConversionReport("pinnacle")
+    convert_patient(copy, FolderSink(tmp_path / "out"), report, Options(), c.truth.folder)
+    assert [w for w in report.warnings if "mm away from its original CT" in w]
+
+
+def test_a_plan_that_cannot_be_converted_leaves_the_others(converted: dict[str, Converted], tmp_path: Path) -> None:
+    c = next(iter(converted.values()))
+    copy = tmp_path / c.truth.folder
+    shutil.copytree(c.folder, copy)
+    trial = copy / "Plan_1" / "plan.Trial"
+    trial.write_bytes(trial.read_bytes().replace(b'IsocenterName = "Iso_RX"', b'IsocenterName = "Nowhere"'))
+    report = ConversionReport("pinnacle")
+    convert_patient(copy, FolderSink(tmp_path / "out"), report, Options(), c.truth.folder)
+    (error,) = report.errors
+    assert error.scope == "plan" and error.key.endswith("Plan_1") and "'Nowhere'" in error.detail
+    assert report.written["RTPLAN"] == 2 and report.written["RTDOSE"] == 6
+
+
+def test_table_positions_that_disagree_with_the_header_are_reported(
+    converted: dict[str, Converted], tmp_path: Path
+) -> None:
+    c = next(c for c in converted.values() if c.truth.with_img and not c.truth.with_dicom)
+    for conv in converted.values():
+        assert not [w for w in conv.report.warnings if "TablePosition" in w], conv.report.warnings
+    copy = tmp_path / c.truth.folder
+    shutil.copytree(c.folder, copy)
+    header = copy / "ImageSet_0.header"
+    lines = header.read_text().splitlines()
+    header.write_text("\n".join("z_start = 42.5;" if line.startswith("z_start") else line for line in lines) + "\n")
+    report = ConversionReport("pinnacle")
+    convert_patient(copy, FolderSink(tmp_path / "out"), report, Options(), c.truth.folder)
+    assert [w for w in report.warnings if "TablePosition and header z_start differ" in w]

@@ -1,0 +1,166 @@
+"""``rtharvest export ...``: the export commands of the ``rtharvest`` CLI (over the REST API)::
+
+    rtharvest export start --harvest 0123456789abcdef --destination CENTRAL --plans Complete --wait
+    rtharvest export start --harvest H --destination ARCHIVE --status Complete --status Incomplete --dates keep
+    rtharvest export list
+    rtharvest export status EXPORT_ID
+    rtharvest export wait EXPORT_ID
+    rtharvest export cancel EXPORT_ID
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+import urllib.parse
+from collections.abc import Callable
+from typing import IO, Any
+
+from ..cli import EXIT_OK, EXIT_TIMEOUT, Client, CliError, _dump, _positive, _table
+
+__all__ = ["add_parser"]
+
+#: States after which an export changes no more.
+FINAL = ("Completed", "VerificationFailed", "Failed", "Cancelled")
+
+
+def _path(export_id: str, suffix: str = "") -> str:
+    return "/rtharvest/exports/" + urllib.parse.quote(export_id, safe="") + suffix
+
+
+def _progress(doc: dict[str, Any]) -> str:
+    p = doc.get("Progress") or {}
+    text = (f"{doc.get('State')}: {p.get('InstancesSent', 0)}/{p.get('InstancesTotal', 0)} sent, "
+            f"{p.get('InstancesFailed', 0)} failed, {p.get('InstancesVerified', 0)} verified, "
+            f"{p.get('PlansSelected', 0)} plan(s)")
+    verification = doc.get("Verification")
+    if verification:
+        text += (f"; verification {'passed' if verification.get('Passed') else 'FAILED'} "
+                 f"({verification.get('AbsentCount', 0)} absent, {len(verification.get('ManifestDifferences', []))}"
+                 f" manifest difference(s), {verification.get('PhiHitCount', 0)} PHI hit(s))")
+    return text
+
+
+def body_of(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``POST /rtharvest/exports`` body the options describe."""
+    body: dict[str, Any] = {"Harvest": args.harvest, "Destination": args.destination}
+    filters = {name: values for name, values in (("Status", args.status), ("PlanIntent", args.intent),
+                                                 ("PlanUIDs", args.plan), ("PatientIDs", args.patient)) if values}
+    if filters and args.plans:
+        raise CliError("--plans and the filters (--status, --intent, --plan, --patient) exclude each other", 2)
+    body["Plans"] = filters or args.plans or "Complete"
+    profile: dict[str, Any] = {}
+    if args.dates:
+        profile["Dates"] = args.dates
+    if args.descriptors:
+        profile["Descriptors"] = args.descriptors
+    if args.retain_institution:
+        profile["RetainInstitutionIdentity"] = True
+    if args.retain_patient_characteristics:
+        profile["RetainPatientCharacteristics"] = True
+    if profile:
+        body["Profile"] = profile
+    if args.label:
+        body["Label"] = args.label
+    return body
+
+
+def wait(client: Client, export_id: str, timeout: float | None, interval: float, out: IO[str], as_json: bool,
+         clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep) -> int:
+    """Poll until the export reaches a final state; exit 1 unless it is Completed."""
+    deadline = None if timeout is None else clock() + timeout
+    last = ""
+    while True:
+        doc = client.json("GET", _path(export_id))
+        line = _progress(doc)
+        if line != last:
+            print(line, file=out, flush=True)
+            last = line
+        if doc.get("State") in FINAL:
+            break
+        if deadline is not None and clock() >= deadline:
+            raise CliError(f"export {export_id} is still {doc.get('State')} after {timeout:g} s", EXIT_TIMEOUT)
+        sleep(interval)
+    if as_json:
+        _dump(doc, out)
+    if doc.get("State") != "Completed":
+        raise CliError(f"export {export_id} ended {doc.get('State')}: {'; '.join(doc.get('Errors') or []) or 'see '}"
+                       f"rtharvest export status {export_id}")
+    return EXIT_OK
+
+
+def cmd_export(client: Client, args: argparse.Namespace, out: IO[str]) -> int:
+    """``export start|status|list|wait|cancel``."""
+    if args.export_action == "start":
+        answer = client.json("POST", "/rtharvest/exports", body=body_of(args))
+        if args.json:
+            _dump(answer, out)
+        else:
+            print(answer.get("ID"), file=out)
+        if args.wait:
+            return wait(client, str(answer.get("ID")), args.timeout_wait, args.interval, out, args.json)
+        return EXIT_OK
+    if args.export_action == "list":
+        docs = client.json("GET", "/rtharvest/exports", {"limit": args.limit})
+        if args.json:
+            _dump(docs, out)
+            return EXIT_OK
+        rows = []
+        for d in docs:
+            p = d.get("Progress") or {}
+            rows.append((d.get("ID"), d.get("State"), d.get("Harvest"), d.get("Destination"), d.get("CreatedAt"),
+                         f"{p.get('InstancesSent', 0)}/{p.get('InstancesTotal', 0)}", p.get("InstancesVerified", 0)))
+        if not rows:
+            print("no exports yet (start one with: rtharvest export start --harvest ID --destination NAME)", file=out)
+            return EXIT_OK
+        _table(rows, ("ID", "STATE", "HARVEST", "DESTINATION", "CREATED", "SENT", "VERIFIED"), out)
+        return EXIT_OK
+    if args.export_action == "wait":
+        return wait(client, args.id, args.timeout_wait, args.interval, out, args.json)
+    if args.export_action == "cancel":
+        answer = client.json("POST", _path(args.id, "/cancel"), body={})
+        print(f"{answer.get('ID')}: {answer.get('State')}", file=out)
+        return EXIT_OK
+    doc = client.json("GET", _path(args.id))
+    if args.json:
+        _dump(doc, out)
+    else:
+        print(f"Export {doc.get('ID')} of harvest {doc.get('Harvest')} to {doc.get('Destination')} "
+              f"({doc.get('DestinationKind')}), site {doc.get('Site')}", file=out)
+        print(f"  {_progress(doc)}", file=out)
+        for error in doc.get("Errors") or []:
+            print(f"  error: {error}", file=out)
+    return EXIT_OK
+
+
+def add_parser(sub: Any) -> None:
+    """Add ``export`` to the ``rtharvest`` sub-commands."""
+    e = sub.add_parser("export", help="de-identified export of a harvest's plans to a research archive")
+    es = e.add_subparsers(dest="export_action", required=True, metavar="ACTION")
+    start = es.add_parser("start", help="start an export")
+    start.add_argument("--harvest", required=True, metavar="ID")
+    start.add_argument("--destination", required=True, metavar="NAME",
+                       help="a DicomModalities entry (C-STORE), a DICOMweb server (STOW-RS) or an export folder")
+    start.add_argument("--plans", choices=("Complete", "All"), help="which plans (default Complete)")
+    start.add_argument("--status", action="append", help="filter: plan status (repeatable)")
+    start.add_argument("--intent", action="append", help="filter: PlanIntent (repeatable)")
+    start.add_argument("--plan", action="append", metavar="UID", help="filter: plan UID (repeatable)")
+    start.add_argument("--patient", action="append", metavar="ID", help="filter: PatientID (repeatable)")
+    start.add_argument("--dates", choices=("shift", "keep", "remove"), help="date option (default shift)")
+    start.add_argument("--descriptors", choices=("keep", "clean"), help="RT descriptors (default keep)")
+    start.add_argument("--retain-institution", action="store_true")
+    start.add_argument("--retain-patient-characteristics", action="store_true")
+    start.add_argument("--label")
+    start.add_argument("--wait", action="store_true", help="then wait until it ends")
+    start.add_argument("--wait-timeout", dest="timeout_wait", type=_positive)
+    start.add_argument("--interval", type=_positive, default=2.0)
+    ls = es.add_parser("list", help="exports, newest first")
+    ls.add_argument("--limit", type=int, default=100)
+    for action, text in (("status", "one export's progress and verification"), ("cancel", "stop an export")):
+        c = es.add_parser(action, help=text)
+        c.add_argument("id", metavar="ID")
+    w = es.add_parser("wait", help="wait until an export ends (exit 1 unless Completed)")
+    w.add_argument("id", metavar="ID")
+    w.add_argument("--timeout", dest="timeout_wait", type=_positive)
+    w.add_argument("--interval", type=_positive, default=2.0)
+    e.set_defaults(func=cmd_export)
