@@ -357,6 +357,17 @@ class Tracker:
             "INSERT INTO rth_rejections (sop_uid, operation_key, reason, created_at) VALUES (?, ?, ?, ?)"
             " ON CONFLICT DO NOTHING", (sop_uid, operation_key, reason, time.time()))
 
+    def forget_rejection(self, sop_uid: str, operation_key: str) -> None:
+        """The candidate turned out to matter for this operation after all (a MIM session whose content a
+        harvest keeps): inspect it again next time."""
+        self.db.execute("DELETE FROM rth_rejections WHERE sop_uid = ? AND operation_key = ?", (sop_uid, operation_key))
+
+    def source_of(self, harvest_id: str, sop_uid: str) -> str | None:
+        """The source an object of this harvest came from, if the harvest decided on it."""
+        row = self.db.query_one("SELECT source FROM rth_objects WHERE harvest_id = ? AND sop_uid = ?",
+                                (harvest_id, sop_uid))
+        return None if row is None else str(row[0])
+
     def known_rejections(self, operation_key: str, sop_uids: Sequence[str]) -> dict[str, str]:
         """Which of ``sop_uids`` were already inspected and rejected for this operation, with why."""
         found: dict[str, str] = {}

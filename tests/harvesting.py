@@ -58,7 +58,8 @@ def assert_store_equals_truth(api: RestClient, window: Window) -> dict[str, str]
     extra = sorted(set(stored) & forbidden)
     assert not missing, f"{len(missing)} expected instance(s) missing, e.g. {missing[:5]}"
     assert not extra, f"{len(extra)} forbidden instance(s) collected, e.g. {extra[:5]}"
-    assert set(stored) == expected
+    unexpected = sorted(set(stored) - expected)
+    assert not unexpected, f"{len(unexpected)} unexpected instance(s) stored, e.g. {unexpected[:5]}"
     return stored
 
 
