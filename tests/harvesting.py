@@ -26,7 +26,11 @@ def wait_completed(api: RestClient, harvest_id: str, deadline_s: float = 240.0) 
             return doc
         time.sleep(0.5)
     errors = api.get(f"/rtharvest/log?harvest={harvest_id}&level=warning&limit=20")
-    raise AssertionError(f"harvest not completed in {deadline_s} s: {doc}\nerrors: {errors}")
+    open_jobs = [j for state in ("leased", "waiting", "pending")
+                 for j in api.get(f"/rtharvest/jobs?harvest={harvest_id}&state={state}&limit=20")]
+    recent = [e["Message"] for e in api.get(f"/rtharvest/log?harvest={harvest_id}&level=info&limit=20")]
+    raise AssertionError(f"harvest not completed in {deadline_s} s: {doc}\nerrors: {errors}\nopen jobs: {open_jobs}"
+                         f"\nrecent events: {recent}")
 
 
 def start_harvest(api: RestClient, window: Window, source: str, lookup: list[str] | None = None) -> str:
