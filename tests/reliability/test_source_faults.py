@@ -72,7 +72,8 @@ def test_faulty_sources_fail_within_the_cap_and_do_not_stall_the_rest(clinic: Cl
                     for name, (_, backend, *_rest) in FAULTS.items()}
         clinic.restart_harvester(fresh=True, extra_sources=extra, overrides=settings)
         window = loaded.window("all")
-        # One month around the answer's TreatmentDate: a dated window becomes one record-search job per month, and each fault is judged on one job.
+        # One month around the answer's TreatmentDate: a dated window becomes one record-search job per
+        # month, and each fault is judged on one job.
         faulty = {name: clinic.api.post("/rtharvest/harvests", {"Source": name, "From": "20150101",
                                                                  "To": "20150131"})["ID"] for name in FAULTS}
         t0 = time.monotonic()
