@@ -61,9 +61,8 @@ def run(url: str | None, *argv: str, env: dict[str, str] | None = None,
     return code, buffer.getvalue(), err
 
 
-def start(api: ApiServer, *extra: str) -> str:
-    code, out, _ = run(api.url, "harvest", "start", "--source", "ARIA", "--from", "20200101", "--to", "2020-12-31",
-                       *extra)
+def start(api: ApiServer, *extra: str, to: str = "2020-12-31") -> str:
+    code, out, _ = run(api.url, "harvest", "start", "--source", "ARIA", "--from", "20200101", "--to", to, *extra)
     assert code == 0, out
     return out.strip()
 
@@ -249,9 +248,12 @@ def test_manifest_json_and_csv(api: ApiServer, clinic: tuple[Path, object], tmp_
 def _finish_later(api: ApiServer, hid: str, delay: float) -> threading.Thread:
     def finish() -> None:
         time.sleep(delay)
+        # A dated window is searched month by month: every one of its record-search jobs finishes.
         job = api.queue.claim("worker", 60)
         assert job is not None
-        api.queue.complete(job.id, "worker", note="no records")
+        while job is not None:
+            api.queue.complete(job.id, "worker", note="no records")
+            job = api.queue.claim("worker", 60)
         api.tracker.mark_cleanup(hid)
 
     t = threading.Thread(target=finish, daemon=True)
@@ -260,7 +262,7 @@ def _finish_later(api: ApiServer, hid: str, delay: float) -> threading.Thread:
 
 
 def test_wait_plain_lines(api: ApiServer) -> None:
-    hid = start(api)
+    hid = start(api, to="20200131")  # one month: one record-search job
     t = _finish_later(api, hid, 0.6)
     code, out, _ = run(api.url, "harvest", "wait", hid, "--interval", "0.1", "--timeout", "20")
     t.join()
@@ -272,7 +274,7 @@ def test_wait_plain_lines(api: ApiServer) -> None:
 
 
 def test_wait_progress_bar_on_a_tty(api: ApiServer) -> None:
-    hid = start(api)
+    hid = start(api, to="20200131")  # one month: one record-search job
     t = _finish_later(api, hid, 0.4)
     tty = Tty()
     code, out, _ = run(api.url, "harvest", "wait", hid, "--interval", "0.1", out=tty)
