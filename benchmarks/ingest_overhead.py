@@ -69,6 +69,13 @@ def store(server: OrthancProcess, files: list[Path]) -> float:
     return seconds
 
 
+def cpu_seconds(server: OrthancProcess) -> float:
+    """CPU time (user + system) the server's process has used so far: less sensitive to other load than
+    wall time, and it includes work done off the C-STORE path."""
+    fields = Path(f"/proc/{server.pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def empty(api: RestClient) -> None:
     for patient in api.get("/patients"):
         api.request("DELETE", f"/patients/{patient}")
@@ -121,6 +128,7 @@ def main() -> None:
             store(server, files[:20])
             empty(apis[name])
         times: dict[str, list[float]] = {name: [] for name in servers}
+        cpu0 = {name: cpu_seconds(server) for name, server in servers.items()}
         for r in range(rounds):
             names = list(servers)
             order = names[r % len(names):] + names[:r % len(names)]  # each goes first in turn
@@ -134,6 +142,9 @@ def main() -> None:
             print(f"round {r + 1}: " + ", ".join(f"{name} {len(files) / times[name][-1]:6.1f} inst/s"
                                                  for name in servers)
                   + f"; plugin cost this round {1 - times['plain'][-1] / times['plugin'][-1]:.1%}", flush=True)
+        time.sleep(1.0)  # work deferred until arrivals pause (the plugin's inspection) is counted too
+        cpu_ms = {name: (cpu_seconds(server) - cpu0[name]) * 1000 / (rounds * len(files))
+                  for name, server in servers.items()}
         arrivals = apis["plugin"].get("/rtharvest/status").get("Arrivals")
         rate = {name: len(files) / statistics.median(t) for name, t in times.items()}
         with_plugin, without = rate["plugin"], rate["plain"]
@@ -146,6 +157,12 @@ def main() -> None:
         results.add("with_plugin_per_s", round(with_plugin, 1))
         results.add("without_plugin_per_s", round(without, 1))
         results.add("rounds", rounds)
+        print("  Orthanc CPU per instance (store + delete, whole run): "
+              + ", ".join(f"{name} {ms:.2f} ms" for name, ms in cpu_ms.items())
+              + "; plugin adds " + ", ".join(f"{name} {cpu_ms[name] - cpu_ms['plain']:+.2f} ms"
+                                            for name in cpu_ms if name != "plain"))
+        for name, ms in cpu_ms.items():
+            results.add(f"cpu_ms_per_instance_{name}", round(ms, 3))
         results.add("per_round_cost_min_max", [round(costs[0], 3), round(costs[-1], 3)])
         if "baseline" in rate:
             base_costs = sorted(1 - p / q for p, q in zip(times["plain"], times["baseline"], strict=True))
