@@ -1,6 +1,6 @@
 """Run every benchmark of rtharvest one after the other and print the figures table for benchmarks/README.md.
 
-    .venv/bin/python benchmarks/run_all.py [--quick] [--only wire,ingest,scale,queue,store]
+    .venv/bin/python benchmarks/run_all.py [--quick] [--only wire,ingest,scale,queue,store,discovery]
 
 Each benchmark runs as its own process (so peak memory and servers never mix), prints its own output,
 and leaves a JSON summary that this script turns into the Markdown table of README.md (date, machine,
@@ -28,9 +28,10 @@ BENCHMARKS = {
     "scale": ("scale_simulation.py", []),
     "queue": ("queue_throughput.py", []),
     "store": ("store_scale.py", []),
+    "discovery": ("discovery.py", []),
 }
 QUICK = {"wire": ["--quick"], "ingest": ["--quick"], "scale": ["--quick"],
-         "queue": ["--jobs", "4000", "--events", "40000"], "store": ["--quick"]}
+         "queue": ["--jobs", "4000", "--events", "40000"], "store": ["--quick"], "discovery": ["--quick"]}
 
 
 def queue_figures(text: str) -> dict[str, str]:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import __version__, explorer_routes, sdk
-from .config import Backend, ConfigError, HarvesterConfig, QueryModel
+from .config import Backend, ConfigError, HarvesterConfig, SourceSettings
 from .db import Database
 from .eventlog import EventLog, EventLogHandler, Level
 from .export import routes as export_routes
@@ -25,11 +25,12 @@ from .httpapi import ApiError, HttpRequest, HttpResponse, Router
 from .ingest import Ingest
 from .jobqueue import JobQueue, JobState, RetryPolicy, SourceLimits
 from .manifest import ManifestService
+from .politeness import SourceGate
 from .preflight import RecordingConfiguration, load_checked, with_warnings
 from .rest import build_routes, build_schedule_routes
 from .schedule import ScheduleError
 from .schedules import ScheduleRunner, ScheduleService
-from .strategies import SourceCapability
+from .strategies import discovery_description, record_discovery_bound
 from .tracking import Tracker
 
 log = logging.getLogger("rtharvest.app")
@@ -81,24 +82,27 @@ def status_document(runtime: Runtime) -> dict[str, Any]:
         doc["StoreIndex"] = runtime.config.store_index
         if runtime.config.warnings:
             doc["ConfigurationWarnings"] = list(runtime.config.warnings)
+        # How each source's treatment records are found, and whether a dated window bounds that search.
+        doc["RecordDiscovery"] = {
+            name: {"Method": discovery_description(cap),
+                   "Unbounded": record_discovery_bound(cap, True, False, "19000101")}
+            for name in sorted(runtime.config.modalities)
+            for cap in (runtime.config.source(name).capability(),)
+        }
     if runtime.queue is not None:
         counts = runtime.queue.counts()
         doc["Queue"] = {state.value: counts.get(state, 0) for state in JobState}
+    if runtime.harvester is not None:
+        # Associations this harvester opened per source: open now, most at once, in total.
+        doc["SourceActivity"] = {name: {"Open": a.open, "Peak": a.peak, "Operations": a.total, "Waited": a.waited,
+                                        "Finds": a.finds, "Moves": a.moves}
+                                 for name, a in sorted(runtime.harvester.gate.activity().items())}
     if "exports" in runtime.extra:
         doc["ExportWorkerAlive"] = runtime.extra["exports"].alive
     if runtime.ingest is not None:
         doc["Arrivals"] = runtime.ingest.arrivals
         doc["UnsolicitedArrivals"] = runtime.ingest.unsolicited
     return doc
-
-
-def _capability(config: HarvesterConfig, name: str, supports_sequence_keys: bool) -> SourceCapability:
-    settings = config.source(name)
-    return SourceCapability(
-        relational=settings.model is QueryModel.RELATIONAL,
-        sequence_return_keys=settings.sequence_return_keys and supports_sequence_keys,
-        instance_return_keys=settings.instance_return_keys,
-    )
 
 
 def _build_sources(config: HarvesterConfig, authorization: str) -> dict[str, SourceAccess]:
@@ -115,7 +119,7 @@ def _build_sources(config: HarvesterConfig, authorization: str) -> dict[str, Sou
             backend = PynetdicomBackend(modality, config.aet)
         else:
             backend = OrthancRestBackend(client, name, config.aet)
-        sources[name] = SourceAccess(name, backend, _capability(config, name, backend.supports_sequence_keys),
+        sources[name] = SourceAccess(name, backend, settings.capability(backend.supports_sequence_keys),
                                      settings.find_timeout, settings.move_timeout)
     return sources
 
@@ -197,6 +201,7 @@ def _on_started() -> None:
         rt.queue, rt.tracker, rt.events, rt.ingest, store, _build_sources(rt.config, token), rt.harvests.routing,
         workers=rt.config.workers, lease_seconds=rt.config.lease_seconds,
         delete_rejected=rt.config.candidate_policy.value == "delete",
+        gate=SourceGate(*source_limits(rt.config)),
     )
     rt.ingest.on_enqueue = rt.harvests.on_enqueue = rt.harvester.wake
     rt.harvester.start()
@@ -233,6 +238,14 @@ def _on_stopped() -> None:
         rt.db.close()
 
 
+def source_limits(config: HarvesterConfig) -> tuple[dict[str, SourceLimits], SourceLimits]:
+    """Politeness settings per source and for sources without their own section."""
+    def limits(s: SourceSettings) -> SourceLimits:
+        return SourceLimits(s.max_concurrent, s.quiet_hours, s.time_zone)
+
+    return {name: limits(s) for name, s in config.sources.items()}, limits(config.source_defaults)
+
+
 def build_runtime(config: HarvesterConfig, orthanc: Mapping[str, Any] | None = None) -> Runtime:
     """Open the database and build every service (no threads, no Orthanc calls: testable outside).
 
@@ -242,8 +255,7 @@ def build_runtime(config: HarvesterConfig, orthanc: Mapping[str, Any] | None = N
     os.makedirs(config.database_path.parent, exist_ok=True)
     db = Database(str(config.database_path))
     db.migrate()
-    limits = {name: SourceLimits(s.max_concurrent, s.quiet_hours) for name, s in config.sources.items()}
-    defaults = SourceLimits(config.source_defaults.max_concurrent, config.source_defaults.quiet_hours)
+    limits, defaults = source_limits(config)
     policy = RetryPolicy(max_attempts=config.max_attempts, base_delay=config.backoff_base,
                          max_delay=max(config.backoff_max, config.backoff_base))
     queue = JobQueue(db, policy, limits, defaults)

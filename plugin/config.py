@@ -15,9 +15,11 @@ from datetime import datetime, time
 from enum import Enum, StrEnum
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from .postgres import check_section, index_enabled
 from .schedule import ScheduleError, parse_schedule
+from .strategies import DEFAULT_LOOK_BACK_DAYS, RecordDiscovery, SourceCapability
 
 
 class ConfigError(ValueError):
@@ -72,8 +74,24 @@ class SourceSettings:
     instance_return_keys: bool = False
     max_concurrent: int = 2
     quiet_hours: tuple[time, time] | None = None
+    #: IANA time zone of ``quiet_hours`` (``"Europe/Zurich"``); None: the machine's local time.
+    time_zone: str | None = None
     find_timeout: float = 60.0
     move_timeout: float = 600.0
+    #: How a dated window's treatment records are found (see :class:`RecordDiscovery`).
+    record_discovery: RecordDiscovery = RecordDiscovery.STUDY_DATE
+    #: StudyDate pre-filter: how many days before the window a record's study may be dated.
+    look_back_days: int = DEFAULT_LOOK_BACK_DAYS
+
+    def capability(self, supports_sequence_keys: bool = False) -> SourceCapability:
+        """What the search strategies may use at this source (sequence keys only if the backend sends them)."""
+        return SourceCapability(
+            relational=self.model is QueryModel.RELATIONAL,
+            sequence_return_keys=self.sequence_return_keys and supports_sequence_keys,
+            instance_return_keys=self.instance_return_keys,
+            record_discovery=self.record_discovery,
+            look_back_days=self.look_back_days,
+        )
 
     def __post_init__(self) -> None:
         if self.max_concurrent < 1:
@@ -174,6 +192,16 @@ def _source_settings(section: Any, where: str, base: SourceSettings) -> SourceSe
             quiet = (_parse_time(raw[0], f"{where}.QuietHours[0]"), _parse_time(raw[1], f"{where}.QuietHours[1]"))
         else:
             raise ConfigError(f"{where}.QuietHours: expected [\"HH:MM\", \"HH:MM\"] or null, got {raw!r}")
+    time_zone = section.get("TimeZone", base.time_zone)
+    if time_zone is not None:
+        if not isinstance(time_zone, str) or not time_zone:
+            raise ConfigError(f"{where}.TimeZone: expected an IANA time zone name such as \"Europe/Zurich\", "
+                              f"got {time_zone!r}")
+        try:
+            ZoneInfo(time_zone)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ConfigError(f"{where}.TimeZone: unknown time zone {time_zone!r} (IANA names such as "
+                              "\"Europe/Zurich\" or \"UTC\")") from None
     seq = section.get("SequenceReturnKeys", base.sequence_return_keys)
     if not isinstance(seq, bool):
         raise ConfigError(f"{where}.SequenceReturnKeys: expected true or false, got {seq!r}")
@@ -187,8 +215,11 @@ def _source_settings(section: Any, where: str, base: SourceSettings) -> SourceSe
         instance_return_keys=inst,
         max_concurrent=_integer(section, "MaxConcurrent", base.max_concurrent, where, 1),
         quiet_hours=quiet,
+        time_zone=time_zone,
         find_timeout=_number(section, "FindTimeout", base.find_timeout, where, 0.1),
         move_timeout=_number(section, "MoveTimeout", base.move_timeout, where, 0.1),
+        record_discovery=_enum(section, "RecordDiscovery", RecordDiscovery, base.record_discovery, where),
+        look_back_days=_integer(section, "StudyDateLookBackDays", base.look_back_days, where, 0),
     )
 
 
@@ -282,6 +313,14 @@ def load_config(orthanc: Mapping[str, Any], config_dir: Path | None = None) -> H
     if not database_path.is_absolute() and config_dir is not None:
         database_path = config_dir / database_path
 
+    lease_seconds = _number(section, "LeaseSeconds", 900.0, where, 1.0)
+    # A move that outlives its job's lease would be taken over by another worker and run twice at once.
+    # Workers extend the lease while a move runs, but a worker that dies mid-move cannot: the lease must
+    # outlast the longest move the configuration allows.
+    for key, settings in (("SourceDefaults", defaults), *((f"Sources.{n}", s) for n, s in sources.items())):
+        if settings.move_timeout >= lease_seconds:
+            raise ConfigError(f"{where}.{key}.MoveTimeout ({settings.move_timeout:g} s) must be shorter than "
+                              f"{where}.LeaseSeconds ({lease_seconds:g} s)")
     return HarvesterConfig(
         aet=str(orthanc.get("DicomAet", "ORTHANC")),
         dicom_port=int(orthanc.get("DicomPort", 4242)),
@@ -292,7 +331,7 @@ def load_config(orthanc: Mapping[str, Any], config_dir: Path | None = None) -> H
         max_attempts=_integer(section, "MaxAttempts", 10, where, 1),
         backoff_base=_number(section, "BackoffSeconds", 5.0, where, 0.0),
         backoff_max=_number(section, "BackoffMaxSeconds", 600.0, where, 0.0),
-        lease_seconds=_number(section, "LeaseSeconds", 900.0, where, 1.0),
+        lease_seconds=lease_seconds,
         log_retention_days=_integer(section, "LogRetentionDays", 365, where, 1),
         candidate_policy=_enum(section, "CandidatePolicy", CandidatePolicy, CandidatePolicy.DELETE, where),
         modalities=modalities,

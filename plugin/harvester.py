@@ -15,20 +15,21 @@ release the GIL, so a slow source never stalls the ingestion of instances arrivi
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
 import socket
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from .dimse.base import MoveResult, SourceError
 from .eventlog import EventLog, Level
 from .ingest import HarvestRouting, Ingest
-from .jobqueue import Job, JobQueue, QueueError
+from .jobqueue import HarvestState, Job, JobQueue, QueueError, SourceLimits
 from .operations import (
     FindReferencing,
     FindSeriesInFrameOfReference,
@@ -39,8 +40,9 @@ from .operations import (
     Role,
     operation_from_dict,
 )
+from .politeness import SourceGate, SourceUnavailable
 from .references import extract_from_bytes
-from .strategies import QueryLevel, SourceCapability, execute
+from .strategies import QueryLevel, SourceCapability, execute, unbounded_search
 from .tracking import Decision, Expectation, ObjectRecord, ProvenanceItem, Tracker
 
 log = logging.getLogger("rtharvest.harvester")
@@ -138,6 +140,7 @@ class Harvester:
         lease_seconds: float = 900.0,
         delete_rejected: bool = True,
         poll_interval: float = 0.2,
+        gate: SourceGate | None = None,
     ) -> None:
         self.queue = queue
         self.tracker = tracker
@@ -150,7 +153,11 @@ class Harvester:
         self.lease_seconds = lease_seconds
         self.delete_rejected = delete_rejected
         self.poll_interval = poll_interval
+        self.gate = gate or SourceGate({}, SourceLimits(max_concurrent=1_000_000))
         self._stop = threading.Event()
+        # Jobs inside a DIMSE operation (job id -> owner, last lease extension), for extend_leases().
+        self._in_operation: dict[int, tuple[str, float]] = {}
+        self._leases_lock = threading.Lock()
         # Set whenever new jobs are enqueued, so an idle worker starts the next hop at once instead of at
         # its next poll (a chain of ten hops would otherwise wait ten poll intervals).
         self._wake = threading.Event()
@@ -224,6 +231,17 @@ class Harvester:
             spent = exc.retry_limit is not None and job.attempts >= exc.retry_limit
             message = f"{exc} (gave up after {job.attempts} attempts)" if exc.retryable and spent else str(exc)
             self._fail(job, owner, message, exc.retryable and not spent, exc.dimse_status)
+        except SourceUnavailable as exc:
+            # Quiet hours of a source this job must talk to, or the harvest was paused: give the job back
+            # without counting the attempt; it runs again when the source may be contacted.
+            try:
+                self.queue.release(job.id, owner, not_before=exc.until, note=f"waiting: {exc.reason}")
+            except QueueError:
+                pass
+            self.tracker.drop_expectations(job.id)
+            if exc.until is not None:
+                self.events.write(Level.INFO, "harvester", f"{job.kind} deferred: {exc.reason}",
+                                  harvest_id=job.harvest_id, job_id=job.id, source=job.source)
         except QueueError as exc:  # lease lost (e.g. expired while a source hung): someone else runs it
             self.events.write(Level.WARNING, "harvester", f"job lease lost: {exc}", harvest_id=job.harvest_id,
                               job_id=job.id)
@@ -280,7 +298,11 @@ class Harvester:
                 self._plan_local(job, op, routing.source_for(op), {op.sop_uid: orthanc_id}, False)
                 outcome.local += 1
                 return outcome
-        names = (routing.source,) if isinstance(op, FindTreatmentRecords) else routing.lookup_sources
+        unbounded = unbounded_search(op)
+        if unbounded is not None:
+            # Reported with the plan (manifest Missing) instead of scanning a whole source by accident.
+            raise JobFailure(f"not sent: {unbounded}", retryable=False)
+        names = routing.sources_of(op)
         # An object named by UID is taken from the first lookup source that has it. A reverse search
         # (doses or records of a plan, REGs of a FoR, series sharing a FoR) asks every lookup source: a
         # FoR's series are often split between the PACS and the fusion system. What one source delivered
@@ -327,14 +349,67 @@ class Harvester:
             local = self._local_frame_of_reference(level, identifier)
             if local is not None:
                 return local
-            self.queue.heartbeat(job.id, owner, self.lease_seconds)
-            return list(access.backend.find(level, identifier, timeout=access.find_timeout))
+            return self._find(job, owner, access, level, identifier)
 
         def retrieve(level: QueryLevel, identifier: dict[str, Any], candidate: bool) -> None:
             targets.append(Target(access.name, level, dict(identifier), candidate))
 
         execute(op, access.capability, find, retrieve)
         return targets
+
+    # -- every DIMSE operation goes through here: politeness, pause, lease ----------------------------
+
+    @contextlib.contextmanager
+    def _contact(self, job: Job, owner: str, source: str, kind: str) -> Iterator[None]:
+        """Around one C-FIND or C-MOVE to ``source``: the harvest must still be running, the operation
+        counts against the source's MaxConcurrent and QuietHours, and the job's lease is extended while
+        the operation runs (a move may outlast the lease it started with)."""
+        state = self.queue.get_harvest(job.harvest_id).state
+        if state != HarvestState.RUNNING:
+            raise SourceUnavailable(f"harvest {state.value.lower()}")
+
+        def heartbeat() -> None:
+            self.queue.heartbeat(job.id, owner, self.lease_seconds)
+
+        with self.gate.slot(source, waiting=heartbeat, stop=self._stop, kind=kind):
+            heartbeat()
+            with self._leases_lock:
+                self._in_operation[job.id] = (owner, time.monotonic())
+            try:
+                yield
+            finally:
+                with self._leases_lock:
+                    self._in_operation.pop(job.id, None)
+
+    def extend_leases(self) -> None:
+        """Extend the lease of every job whose DIMSE operation has run for a third of LeaseSeconds.
+
+        A C-MOVE of a large series may outlast the lease it started with; without this another worker
+        would take the job over and move the same series again while the first move still runs.
+        """
+        now = time.monotonic()
+        interval = max(1.0, self.lease_seconds / 3)
+        with self._leases_lock:
+            due = [(job_id, owner) for job_id, (owner, since) in self._in_operation.items() if now - since >= interval]
+            for job_id, owner in due:
+                self._in_operation[job_id] = (owner, now)
+        for job_id, owner in due:
+            try:
+                self.queue.heartbeat(job_id, owner, self.lease_seconds)
+            except QueueError:
+                pass  # lost already; the worker finds out when it completes
+            except Exception:
+                log.exception("extending the lease of job %s failed", job_id)
+
+    def _find(self, job: Job, owner: str, access: SourceAccess, level: QueryLevel,
+              identifier: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+        with self._contact(job, owner, access.name, "find"):
+            return list(access.backend.find(level, identifier, timeout=access.find_timeout))
+
+    def _move(self, job: Job, owner: str, access: SourceAccess, level: QueryLevel, **kwargs: Any) -> MoveResult:
+        with self._contact(job, owner, access.name, "move"):
+            result: MoveResult = access.backend.move(level, timeout=access.move_timeout, **kwargs)
+            return result
 
     def _local_frame_of_reference(self, level: QueryLevel,
                                   identifier: Mapping[str, Any]) -> list[Mapping[str, Any]] | None:
@@ -370,8 +445,8 @@ class Harvester:
                 # an instance-level C-MOVE per remaining slice later. The other slices arrive as candidates
                 # of this request: the series request then claims them from the store, and if it never
                 # comes (the image is not CT/MR/PT) the end-of-harvest cleanup removes them.
-                listing = access.backend.find(QueryLevel.IMAGE, {_STUDY: study, _SERIES: series, _SOP: ""},
-                                              timeout=access.find_timeout)
+                listing = self._find(job, owner, access, QueryLevel.IMAGE,
+                                     {_STUDY: study, _SERIES: series, _SOP: ""})
                 others = sorted({str(a.get(_SOP)) for a in listing if a.get(_SOP)} - {sop})
                 stored = self.store.series_instances(series) if others else {}
                 if others and not stored:
@@ -379,8 +454,7 @@ class Harvester:
         else:
             if not series:
                 raise JobFailure(f"{op.hop}: the source answered without SeriesInstanceUID", retryable=False)
-            listing = access.backend.find(QueryLevel.IMAGE, {_STUDY: study, _SERIES: series, _SOP: ""},
-                                          timeout=access.find_timeout)
+            listing = self._find(job, owner, access, QueryLevel.IMAGE, {_STUDY: study, _SERIES: series, _SOP: ""})
             wanted = sorted({str(a.get(_SOP)) for a in listing if a.get(_SOP)})
             if not wanted:
                 raise _NotHere(f"series {series} lists no instances at {target.source}")
@@ -417,12 +491,11 @@ class Harvester:
             if not whole_series or len(missing) < len(wanted):
                 # Only what is missing moves: instance-level C-MOVEs when part of the series is stored, all in
                 # one call (one association).
-                results.append(access.backend.move(QueryLevel.IMAGE, patient_id=patient, study_uid=study,
-                                                   series_uid=series, sop_uids=missing,
-                                                   timeout=access.move_timeout))
+                results.append(self._move(job, owner, access, QueryLevel.IMAGE, patient_id=patient,
+                                          study_uid=study, series_uid=series, sop_uids=missing))
             else:
-                results.append(access.backend.move(QueryLevel.SERIES, patient_id=patient, study_uid=study,
-                                                   series_uid=series, timeout=access.move_timeout))
+                results.append(self._move(job, owner, access, QueryLevel.SERIES, patient_id=patient,
+                                          study_uid=study, series_uid=series))
         except SourceError as exc:
             # A warning (0xB000: some sub-operations failed) still delivered the rest: what arrived is checked
             # below, and what did not is retried, so only that part moves again.
@@ -526,6 +599,7 @@ class Harvester:
     def _maintenance_loop(self) -> None:
         while not self._stop.is_set():
             try:
+                self.extend_leases()
                 busy = self.write_provenance()
                 self.finish_harvests()
                 self.ingest.report_unsolicited()

@@ -13,7 +13,8 @@ from .eventlog import EventLog, Level
 from .httpapi import ApiError
 from .ingest import HarvestRouting, job_for
 from .jobqueue import EnqueueItem, Harvest, HarvestState, JobQueue
-from .planner import HarvestContext, start_operations
+from .planner import PATIENT_ID_MISMATCH, HarvestContext, start_operations
+from .strategies import discovery_description, record_discovery_bound
 from .tracking import Tracker
 
 _FIELDS = ("Source", "LookupSources", "From", "To", "PatientIDs", "Label")
@@ -114,6 +115,10 @@ class HarvestService:
         self.events.write(Level.INFO, "harvests", f"harvest started at {source} (lookup: {', '.join(lookup)}; "
                           f"window {window.date_range() or 'any date'}, {len(window.patient_ids)} patient(s))",
                           harvest_id=harvest.id, source=source)
+        unbounded = self.discovery(harvest)["Unbounded"]
+        if unbounded:
+            self.events.write(Level.WARNING, "harvests", f"finding the records is not bounded by the window at "
+                              f"{source}: {unbounded}", harvest_id=harvest.id, source=source)
         return self.queue.get_harvest(harvest.id)
 
     def routing(self, harvest_id: str) -> HarvestRouting | None:
@@ -169,7 +174,21 @@ class HarvestService:
         # Arrivals whose decision failed on the C-STORE path (each is then planned from the store by its
         # job, or the job fails): non-zero means "read the log", even when every job completed.
         doc["IngestFailures"] = self.events.count(min_level=Level.ERROR, harvest_id=harvest.id, component="ingest")
+        doc["RecordDiscovery"] = self.discovery(harvest)
+        mismatches = self.tracker.rejections_like(harvest.id, PATIENT_ID_MISMATCH)
+        doc["PatientIDMismatches"] = {"Count": sum(mismatches.values()), "Reasons": mismatches}
         return doc
+
+    def discovery(self, harvest: Harvest) -> dict[str, Any]:
+        """How this harvest's treatment records are found at its source, and what the window does not bound."""
+        if harvest.source not in self.config.modalities:
+            return {"Method": "unknown: the source is no longer configured", "Unbounded": None}
+        cap = self.config.source(harvest.source).capability()
+        window = harvest.params.get("Window", {})
+        patients = bool(window.get("PatientIDs"))
+        dated = bool(window.get("From") or window.get("To"))
+        method = ("one search per listed patient" if patients else discovery_description(cap))
+        return {"Method": method, "Unbounded": record_discovery_bound(cap, dated, patients, window.get("From"))}
 
     def control(self, harvest_id: str, action: str) -> Harvest:
         """pause / resume / cancel, with 404 and 409 for impossible requests."""

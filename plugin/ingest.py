@@ -30,7 +30,7 @@ from .classify import HarvestWindow
 from .db import Database
 from .eventlog import EventLog, Level
 from .jobqueue import EnqueueItem, JobQueue
-from .operations import FindTreatmentRecords, Operation, operation_from_dict
+from .operations import FindReferencing, FindTreatmentRecords, Operation, operation_from_dict
 from .planner import Arrival, HarvestContext, plan_arrival
 from .references import ObjectRefs, ProblemCode, extract_from_bytes, peek_sop_instance_uid
 from .tracking import Decision, Expectation, ObjectRecord, Tracker
@@ -48,8 +48,19 @@ class HarvestRouting:
     lookup_sources: tuple[str, ...]
 
     def source_for(self, op: Operation) -> str:
-        """The queue's ``source`` of a job (politeness is counted against it)."""
-        return self.source if isinstance(op, FindTreatmentRecords) else self.lookup_sources[0]
+        """The queue's ``source`` of a job: the first source it contacts."""
+        return self.sources_of(op)[0]
+
+    def sources_of(self, op: Operation) -> tuple[str, ...]:
+        """Every source ``op`` may contact, in order (each DIMSE operation counts against its own)."""
+        if isinstance(op, FindTreatmentRecords):
+            return (self.source,)
+        if (isinstance(op, FindReferencing) and op.modality == "RTRECORD"
+                and self.source not in self.lookup_sources):
+            # Step 4 (every record of a plan): the records live where the seed records came from, even
+            # when LookupSources leaves the record-and-verify system out.
+            return (self.source, *self.lookup_sources)
+        return self.lookup_sources
 
 
 def job_for(routing: HarvestRouting, op: Operation, priority: int = 0) -> EnqueueItem:

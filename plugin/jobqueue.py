@@ -45,6 +45,7 @@ from datetime import datetime
 from datetime import time as dtime
 from enum import StrEnum
 from typing import Any
+from zoneinfo import ZoneInfo
 
 from .db import Database, register_schema
 
@@ -276,12 +277,15 @@ class SourceLimits:
     """Politeness towards one source (a DICOM modality).
 
     ``max_concurrent``: leased jobs at once against this source, over all workers and processes.
-    ``quiet_hours``: ``(start, end)`` daily window in local time during which no job for this source is
-    started (jobs already running finish). ``end < start`` wraps midnight: ``(22:00, 06:00)``.
+    ``quiet_hours``: ``(start, end)`` daily window during which no job for this source is started and
+    no association to it is opened (jobs already talking to it finish their current operation).
+    ``end < start`` wraps midnight: ``(22:00, 06:00)``. ``time_zone``: the IANA zone the times are
+    in (``None``: the queue's local time, by default the machine's).
     """
 
     max_concurrent: int = 2
     quiet_hours: tuple[dtime, dtime] | None = None
+    time_zone: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_concurrent, int) or self.max_concurrent < 1:
@@ -302,6 +306,29 @@ class SourceLimits:
         if start < end:
             return start <= now < end
         return now >= start or now < end  # wraps midnight
+
+    def _zone(self) -> ZoneInfo | None:
+        return ZoneInfo(self.time_zone) if self.time_zone else None
+
+    def time_of_day(self, ts: float, local_time: Callable[[float], dtime]) -> dtime:
+        """Time of day at epoch ``ts`` in this source's time zone (``local_time`` when it has none)."""
+        zone = self._zone()
+        return datetime.fromtimestamp(ts, zone).time() if zone is not None else local_time(ts)
+
+    def quiet_at(self, ts: float, local_time: Callable[[float], dtime]) -> bool:
+        """Whether epoch ``ts`` falls in the quiet hours."""
+        return self.quiet_hours is not None and self.is_quiet(self.time_of_day(ts, local_time))
+
+    def quiet_until(self, ts: float, local_time: Callable[[float], dtime]) -> float | None:
+        """Epoch seconds when the quiet hours around ``ts`` end, or None when ``ts`` is not quiet."""
+        if self.quiet_hours is None or not self.quiet_at(ts, local_time):
+            return None
+        now = self.time_of_day(ts, local_time)
+        end = self.quiet_hours[1]
+        # Seconds from now to the next ``end`` on the wall clock (within a day; DST shifts are absorbed
+        # by the caller checking again when the moment comes).
+        seconds = ((end.hour * 3600 + end.minute * 60) - (now.hour * 3600 + now.minute * 60 + now.second)) % 86400
+        return ts + float(seconds or 86400)
 
 
 def _local_time_of(ts: float) -> dtime:
@@ -696,14 +723,13 @@ class JobQueue:
         ):
             if leased >= self.limits_for(source).max_concurrent:
                 blocked.add(source)
-        tod = self.local_time(now)
         allowed: list[str] | None = None
         for source, lim in self.limits.items():
-            if lim.is_quiet(tod):
+            if lim.quiet_at(now, self.local_time):
                 blocked.add(source)
-        if self.default_limits.is_quiet(tod):
+        if self.default_limits.quiet_at(now, self.local_time):
             # Every source without its own limits is quiet: only explicitly configured ones may run.
-            allowed = [s for s, lim in self.limits.items() if not lim.is_quiet(tod) and s not in blocked]
+            allowed = [s for s, lim in self.limits.items() if s not in blocked]
         return sorted(blocked), allowed
 
     def claim(
@@ -913,21 +939,27 @@ class JobQueue:
             self._update_completion(job.harvest_id)
             return _row_to_job(row)
 
-    def release(self, job_id: int, owner: str) -> Job:
-        """Give a leased job back without counting the attempt (clean shutdown, quiet hours began)."""
+    def release(self, job_id: int, owner: str, not_before: float | None = None, note: str | None = None) -> Job:
+        """Give a leased job back without counting the attempt (clean shutdown, quiet hours began).
+
+        ``not_before`` (epoch seconds) keeps it from being claimed earlier (e.g. the end of a source's
+        quiet hours); ``note`` replaces its last error so the jobs list says why it waits.
+        """
         with self.db.transaction():
             job = self._leased_job(job_id, owner)
             now = self.clock()
             cancelled = self._harvest_state(job.harvest_id) == HarvestState.CANCELLED
+            due = now if not_before is None else max(now, not_before)
             row = self.db.query_one(
                 _returning_job(
                     "UPDATE jobs SET state = ?, attempts = max(attempts - 1, 0), lease_owner = NULL,"
-                    " lease_expires_at = NULL, next_attempt_at = min(next_attempt_at, ?), updated_at = ?"
-                    " WHERE id = ?"
+                    " lease_expires_at = NULL, next_attempt_at = ?, last_error = coalesce(?, last_error),"
+                    " updated_at = ? WHERE id = ?"
                 ),
                 (
                     (JobState.CANCELLED if cancelled else JobState.PENDING).value,
-                    now,
+                    due if not_before is not None else min(job.next_attempt_at, now),
+                    note,
                     now,
                     job_id,
                 ),

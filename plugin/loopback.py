@@ -17,6 +17,7 @@ import http.client
 import json
 import ssl
 import threading
+import time
 import urllib.parse
 from typing import Any
 
@@ -51,6 +52,12 @@ class LoopbackError(Exception):
         self.path = path
 
 
+#: Methods whose repetition has no further effect (RFC 9110, 9.2.2): resent after a dropped connection.
+_IDEMPOTENT = frozenset({"GET", "HEAD", "PUT", "DELETE", "OPTIONS"})
+#: A keep-alive connection idle longer than this is not used for a non-idempotent request.
+_IDLE_REUSE_SECONDS = 0.5
+
+
 class LoopbackClient:
     """JSON over HTTP to Orthanc's REST API (normally the harvester itself on 127.0.0.1).
 
@@ -72,8 +79,13 @@ class LoopbackClient:
         # a new TCP connection for each costs more than the request itself.
         self._local = threading.local()
 
-    def _connection(self, timeout: float) -> tuple[http.client.HTTPConnection, bool]:
+    def _connection(self, timeout: float, fresh: bool) -> tuple[http.client.HTTPConnection, bool]:
         conn: http.client.HTTPConnection | None = getattr(self._local, "conn", None)
+        if conn is not None and fresh and time.monotonic() - getattr(self._local, "used", 0.0) > _IDLE_REUSE_SECONDS:
+            # Orthanc closes idle keep-alive connections after about a second; a request that is not safe
+            # to send twice goes on a fresh connection rather than risk the server closing this one under it.
+            self._drop_connection()
+            conn = None
         reused = conn is not None
         if conn is None:
             if self._https:
@@ -96,23 +108,28 @@ class LoopbackClient:
 
     def _send(self, method: str, path: str, data: bytes | None, headers: dict[str, str],
               timeout: float) -> tuple[int, str, bytes]:
+        idempotent = method.upper() in _IDEMPOTENT
         for attempt in (1, 2):
-            conn, reused = self._connection(timeout)
+            conn, reused = self._connection(timeout, fresh=not idempotent)
+            sent = False
             try:
                 conn.request(method, self._prefix + path, body=data, headers=headers)
+                sent = True
                 response = conn.getresponse()
                 payload = response.read()
             except (ConnectionResetError, BrokenPipeError, http.client.RemoteDisconnected,
                     http.client.CannotSendRequest, http.client.BadStatusLine):
                 self._drop_connection()
-                # The server closed an idle keep-alive connection before reading this request: it was
-                # never processed, so sending it again on a fresh connection is safe.
-                if reused and attempt == 1:
+                # The server closed an idle keep-alive connection. A request it could not have read (the
+                # send failed) or one that is safe to repeat goes again on a fresh connection; a POST that
+                # was sent may have been processed (a C-MOVE started), so it is never sent blindly twice.
+                if reused and attempt == 1 and (idempotent or not sent):
                     continue
                 raise
             except BaseException:
                 self._drop_connection()
                 raise
+            self._local.used = time.monotonic()
             if response.will_close:
                 self._drop_connection()
             return response.status, response.reason, payload

@@ -33,7 +33,7 @@ from typing import Any
 from .classify import INVALID_INTENTS, classify_plan, registration_type
 from .httpapi import ApiError, HttpResponse
 from .jobqueue import CRASH_BUDGET_SPENT
-from .planner import promised_doses, promised_images
+from .planner import PATIENT_ID_MISMATCH, promised_doses, promised_images
 from .references import ObjectKind, ObjectRefs, PlanRefs, RegistrationRefs, StructureSetRefs, extract_from_bytes
 from .sopclass import Modality, modality_of
 from .tracking import Decision, ObjectRecord
@@ -244,6 +244,8 @@ class Summary:
     treatment_records: int = 0
     orphans: int = 0
     failed_jobs: int = 0
+    #: Records kept out because their PatientID differs from the one searched: reason -> count.
+    patient_id_mismatches: dict[str, int] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         """The contract's ``Summary`` (``PlansByStatus``, ``OrphanObjects`` and ``FailedJobs`` are extras)."""
@@ -261,6 +263,8 @@ class Summary:
             "TreatmentRecords": self.treatment_records,
             "OrphanObjects": self.orphans,
             "FailedJobs": self.failed_jobs,
+            "PatientIDMismatches": {"Count": sum(self.patient_id_mismatches.values()),
+                                    "Reasons": dict(self.patient_id_mismatches)},
         }
 
 
@@ -444,6 +448,13 @@ class _Builder:
             if obj.role == "RECORD":
                 self.seeds.setdefault(obj.sop_uid, obj)
         self.kinds = {uid: _kind_of(obj) for uid, obj in self.kept.items()}
+        # Records a source returned for a patient search whose PatientID differs (case, padding): kept out.
+        mismatched: dict[str, str] = {}
+        for obj in objects:
+            if obj.decision is Decision.REJECTED and obj.reason.startswith(PATIENT_ID_MISMATCH) \
+                    and obj.sop_uid not in self.kept:
+                mismatched.setdefault(obj.sop_uid, obj.reason)
+        self.patient_id_mismatches = dict(sorted(Counter(mismatched.values()).items()))
         self.series: dict[str, _Series] = {}
         self.series_of_for: dict[str, list[str]] = {}
         for obj in objects:
@@ -772,6 +783,7 @@ class _Builder:
             treatment_records=sum(1 for uid in self.kept if self.kinds[uid] == Modality.RTRECORD.value),
             orphans=orphans,
             failed_jobs=len(self.failures),
+            patient_id_mismatches=self.patient_id_mismatches,
         )
 
 

@@ -135,17 +135,31 @@ class FindTreatmentRecords(_OperationBase):
     patient_id: str | None = None
     role: Role = Role.RECORD
     hop: str = "WINDOW->RTRECORD"
+    #: The part of the window's dates this job searches (``YYYYMMDD``, inclusive); None: the whole window.
+    #: A long window is searched month by month, as separate jobs, so each answer list stays small.
+    chunk_from: str | None = None
+    chunk_to: str | None = None
     kind: ClassVar[OperationKind] = OperationKind.FIND_TREATMENT_RECORDS
 
     def dedupe_key(self) -> str:
-        """Same window and patient → same key."""
+        """Same window, patient and chunk → same key."""
         w = self.window
-        return "|".join((self.kind.value, w.date_from or "", w.date_to or "", self.patient_id or "*"))
+        parts = [self.kind.value, w.date_from or "", w.date_to or "", self.patient_id or "*"]
+        if self.chunk_from or self.chunk_to:
+            parts.append(f"{self.chunk_from or ''}-{self.chunk_to or ''}")
+        return "|".join(parts)
+
+    def search_range(self) -> tuple[str | None, str | None]:
+        """The dates this job searches: its chunk, else the window's."""
+        if self.chunk_from or self.chunk_to:
+            return self.chunk_from, self.chunk_to
+        return self.window.date_from, self.window.date_to
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> FindTreatmentRecords:
         """Inverse of :meth:`to_dict`."""
-        return cls(HarvestWindow.from_dict(d["window"]), d.get("patient_id"), Role(d["role"]), d["hop"])
+        return cls(HarvestWindow.from_dict(d["window"]), d.get("patient_id"), Role(d["role"]), d["hop"],
+                   d.get("chunk_from"), d.get("chunk_to"))
 
 
 @dataclass(frozen=True)

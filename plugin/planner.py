@@ -16,6 +16,7 @@ depend on the individual image, so later images produce operations with the same
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import date, timedelta
 
 from .classify import HarvestWindow, PlanClass, classify_plan, is_standard_intent
 from .operations import (
@@ -83,11 +84,59 @@ class Decision:
     problems: tuple[Problem, ...] = ()
 
 
+#: Start of the reason of a record dropped because its PatientID is not the one searched; the harvest
+#: document and the manifest count these, so that a harvest of 0 patients is never silent.
+PATIENT_ID_MISMATCH = "PatientID mismatch"
+
+
+def patient_id_mismatch(found: str | None, searched: str) -> str:
+    """Why a record of the searched patient's search is kept out (no PatientID in the text: it is PHI)."""
+    if not found:
+        how = "the record has no PatientID"
+    elif found.strip() == searched.strip():
+        how = "the IDs differ only in padding (spaces)"
+    elif found.strip().casefold() == searched.strip().casefold():
+        how = "the IDs differ only in letter case (the source matches PatientID case-insensitively)"
+    else:
+        how = "the record belongs to another patient (the source does not match PatientID exactly)"
+    return f"{PATIENT_ID_MISMATCH}: {how}; kept out, as two patients may differ only so"
+
+
 def start_operations(ctx: HarvestContext) -> tuple[Operation, ...]:
-    """The seed queries (rule 1): one records search per listed patient, or one for the whole source."""
+    """The seed queries (rule 1): one records search per listed patient, else one per calendar month of
+    the window (separate jobs: each has its own timeout, retries and a small answer list); a window of more
+    than :data:`MAX_CHUNKS` months is cut into that many runs of whole months."""
     if ctx.window.patient_ids:
         return tuple(FindTreatmentRecords(ctx.window, pid) for pid in ctx.window.patient_ids)
-    return (FindTreatmentRecords(ctx.window, None),)
+    chunks = month_chunks(ctx.window.date_from, ctx.window.date_to)
+    if len(chunks) > MAX_CHUNKS:
+        # A long window (years) in runs of several months: each job still holds a bounded answer list,
+        # without a C-FIND per month of history.
+        per = -(-len(chunks) // MAX_CHUNKS)
+        chunks = [(chunks[i][0], chunks[min(i + per, len(chunks)) - 1][1]) for i in range(0, len(chunks), per)]
+    if len(chunks) <= 1:
+        return (FindTreatmentRecords(ctx.window, None),)
+    return tuple(FindTreatmentRecords(ctx.window, None, chunk_from=lo, chunk_to=hi) for lo, hi in chunks)
+
+
+#: At most this many record-search jobs for one dated window.
+MAX_CHUNKS = 24
+
+
+def month_chunks(date_from: str | None, date_to: str | None) -> list[tuple[str, str]]:
+    """``[from, to]`` cut at calendar month boundaries (inclusive ``YYYYMMDD`` pairs); ``[]`` when a bound is
+    open (an open range cannot be cut)."""
+    if not date_from or not date_to:
+        return []
+    chunks: list[tuple[str, str]] = []
+    lo = date(int(date_from[:4]), int(date_from[4:6]), int(date_from[6:]))
+    end = date(int(date_to[:4]), int(date_to[4:6]), int(date_to[6:]))
+    while lo <= end:
+        next_month = (lo.replace(day=1) + timedelta(days=32)).replace(day=1)
+        hi = min(end, next_month - timedelta(days=1))
+        chunks.append((lo.strftime("%Y%m%d"), hi.strftime("%Y%m%d")))
+        lo = next_month
+    return chunks
 
 
 def plan_arrival(arrival: Arrival, ctx: HarvestContext) -> Decision:
@@ -136,7 +185,7 @@ def _seed_record(refs: ObjectRefs, ctx: HarvestContext, patient_id: str | None) 
     if refs.kind is not ObjectKind.RECORD or refs.record is None:
         return _decide(refs, False, f"records search returned a {refs.kind.value} object")
     if patient_id is not None and refs.patient_id != patient_id:
-        return _decide(refs, False, "record of another patient than the one searched")
+        return _decide(refs, False, patient_id_mismatch(refs.patient_id, patient_id))
     if not ctx.window.includes_patient(refs.patient_id):
         return _decide(refs, False, "record of a patient not in the window's PatientIDs")
     date = refs.record.treatment_date

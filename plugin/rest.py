@@ -154,7 +154,9 @@ def build_routes(router: Router, harvests: HarvestService, queue: JobQueue, even
     unknown_harvest = (404, "unknown harvest")
     router.add("GET", r"/rtharvest/status", get_status, RouteDoc(
         "Plugin, Orthanc and Python-plugin versions, queue counts by state, workers alive, configuration "
-        "errors and warnings", tag="status"))
+        "errors and warnings; per source RecordDiscovery {Method, Unbounded} (how a window's treatment records "
+        "are found and what the window does not bound) and SourceActivity {Open, Peak, Operations, Waited, "
+        "Finds, Moves} (associations of this harvester, counted against MaxConcurrent)", tag="status"))
     router.add("GET", r"/rtharvest/openapi.json", get_openapi, RouteDoc(
         "This OpenAPI 3 description of every /rtharvest route", tag="status"))
     router.add("POST", r"/rtharvest/harvests", start, RouteDoc(
@@ -167,7 +169,9 @@ def build_routes(router: Router, harvests: HarvestService, queue: JobQueue, even
         tag="harvests", errors=((400, "bad state, limit or offset"),)))
     router.add("GET", rf"/rtharvest/harvests/{_ID}", get_harvest, RouteDoc(
         "One harvest: ID, Source, LookupSources, Label, State, CreatedAt, From, To, PatientIDs, Progress, "
-        "Patients, PlansReferenced, PlansCollected, IngestFailures", (harvest_id,), tag="harvests",
+        "Patients, PlansReferenced, PlansCollected, IngestFailures, RecordDiscovery {Method, Unbounded}, "
+        "PatientIDMismatches {Count, Reasons} (records a source returned for another PatientID, kept out)",
+        (harvest_id,), tag="harvests",
         errors=(unknown_harvest,)))
     for action in ("pause", "resume", "cancel"):
         router.add("POST", rf"/rtharvest/harvests/{_ID}/{action}", control(action), RouteDoc(
@@ -176,7 +180,8 @@ def build_routes(router: Router, harvests: HarvestService, queue: JobQueue, even
     manifest_format = Param("format", "json (default) or csv (one row per plan)")
     router.add("GET", rf"/rtharvest/harvests/{_ID}/manifest", get_manifest, RouteDoc(
         "The harvest's manifest: Summary and, per treated plan, Status (Complete, Incomplete, Missing, "
-        "Invalid) with every missing link and why", (harvest_id, manifest_format),
+        "Invalid) with every missing link and why; Summary.PatientIDMismatches counts records kept out because "
+        "their PatientID differs from the one searched", (harvest_id, manifest_format),
         response='{"Harvest", "Summary", "Plans", ...} or CSV', tag="manifest",
         errors=(unknown_harvest, (400, "bad format"))))
     router.add("GET", r"/rtharvest/manifest", get_store_manifest, RouteDoc(

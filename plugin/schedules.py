@@ -100,8 +100,9 @@ class ScheduleService:
             ScheduleError: a schedule of the configuration is invalid.
         """
         def quiet_sources(now: datetime) -> frozenset[str]:
-            tod = queue.local_time(now.timestamp())
-            return frozenset(name for name in config.modalities if queue.limits_for(name).is_quiet(tod))
+            # Each source's quiet hours in its own TimeZone (the queue's local time when it has none).
+            return frozenset(name for name in config.modalities
+                             if queue.limits_for(name).quiet_at(now.timestamp(), queue.local_time))
 
         clock = fixed_clock(config.schedule_now) if config.schedule_now else wall_clock
         service = cls(db, harvests, queue, events, list(config.modalities), clock=clock, quiet_sources=quiet_sources)

@@ -20,6 +20,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
+from datetime import date, timedelta
 from enum import StrEnum
 from typing import Any
 
@@ -39,18 +40,37 @@ from .references import extract
 from .sopclass import IMAGE_MODALITIES
 
 
+class RecordDiscovery(StrEnum):
+    """How the treatment records of a dated window are found at a source (``RecordDiscovery`` setting)."""
+
+    #: The source matches TreatmentDate (an instance attribute) at IMAGE level: one C-FIND per chunk.
+    TREATMENT_DATE = "treatmentdate"
+    #: Studies dated in the window (plus a look-back: a course's record study may start weeks before its
+    #: first fraction in the window), then their record series. Any source that matches StudyDate.
+    STUDY_DATE = "studydate"
+    #: No date key at all: every record series of the source is listed (cost grows with its history).
+    SCAN = "scan"
+
+
+#: Default look-back of the StudyDate pre-filter (``StudyDateLookBackDays``).
+DEFAULT_LOOK_BACK_DAYS = 90
+
+
 @dataclass(frozen=True)
 class SourceCapability:
     """What a source's Q/R SCP can do.
 
     ``instance_return_keys``: the SCP returns instance attributes it does not index as return keys
     (FrameOfReferenceUID, TreatmentDate). When it does not, series are probed by retrieving one
-    instance and records are filtered on arrival.
+    instance and records are filtered on arrival. ``record_discovery`` and ``look_back_days``: how a
+    dated window's records are found (:class:`RecordDiscovery`).
     """
 
     relational: bool
     sequence_return_keys: bool
     instance_return_keys: bool = True
+    record_discovery: RecordDiscovery = RecordDiscovery.STUDY_DATE
+    look_back_days: int = DEFAULT_LOOK_BACK_DAYS
 
     def label(self) -> str:
         """Short human label (test ids, logs)."""
@@ -82,6 +102,8 @@ class AnswerFilter(StrEnum):
     FoR reliably, so the client filters what the query could not)."""
 
     WINDOW = "WINDOW"  # TreatmentDate in the window; answers without it pass (checked on arrival)
+    DATED_IN_WINDOW = "DATED_IN_WINDOW"  # TreatmentDate returned and in the window (the SCP matched it)
+    HAS_RECORDS = "HAS_RECORDS"  # a study whose returned ModalitiesInStudy lacks RTRECORD is skipped
     CRITERION = "CRITERION"  # returned reference sequences satisfy the operation's criterion
     MODALITY = "MODALITY"  # Modality among the operation's modalities
     EXCLUDE_SERIES = "EXCLUDE_SERIES"  # series not excluded by the operation
@@ -154,6 +176,25 @@ def _walk_to_series(patient_id: str | None, study_uid: str | None, series_keys: 
     return steps
 
 
+def unbounded_search(op: Operation) -> str | None:
+    """Why ``op`` would become a source-wide scan, or None when its search is bounded.
+
+    A reverse search is bounded by the patient (or, for doses, the plan's study) and a frame-of-reference
+    search by the patient and the FoR. PatientID is type 2 in the patient module: an object may carry it
+    empty, and an empty matching key means "every patient" to an SCP. Such a search is never sent.
+    """
+    if isinstance(op, FindReferencing) and not op.patient_id and not op.study_uid:
+        return (f"{op.hop}: the referenced object has no PatientID and no study to search in; searching "
+                f"anyway would list every {op.modality} of the source")
+    if isinstance(op, FindSeriesInFrameOfReference):
+        if not op.for_uid:
+            return f"{op.hop}: no FrameOfReferenceUID to search for"
+        if not op.patient_id:
+            return (f"{op.hop}: the image has no PatientID; searching its frame of reference anyway would "
+                    "list every series of the source")
+    return None
+
+
 def search_steps(op: Operation, capability: SourceCapability) -> tuple[SearchStep, ...]:
     """The C-FIND/C-MOVE chain that executes ``op`` on a source of the given capability."""
     if isinstance(op, FindTreatmentRecords):
@@ -168,29 +209,86 @@ def search_steps(op: Operation, capability: SourceCapability) -> tuple[SearchSte
 
 
 def _records_steps(op: FindTreatmentRecords, cap: SourceCapability) -> tuple[SearchStep, ...]:
+    lo, hi = op.search_range()
+    dated = bool(lo or hi)
+    pid = {"PatientID": op.patient_id} if op.patient_id else {}
+    if dated and cap.relational and cap.record_discovery is RecordDiscovery.TREATMENT_DATE:
+        # One query per chunk. Only records carry TreatmentDate, so nothing else matches the range; an SCP
+        # that ignored the key would answer with every instance, hence the answers must show their date.
+        return (_find(QueryLevel.IMAGE, {**pid, "TreatmentDate": f"{lo or ''}-{hi or ''}", "SOPClassUID": "",
+                                         _STUDY: "", _SERIES: "", _SOP: ""}, (), (AnswerFilter.DATED_IN_WINDOW,),
+                      "records by TreatmentDate (the source matches it)"),
+                _move(QueryLevel.IMAGE, note="retrieve the records"))
     # TreatmentDate is an instance attribute: relational SCPs (ARIA) match it; others ignore it, so the
     # answers are filtered here and, when the date is not even returned, on arrival.
-    date = op.window.date_range()
+    treatment = {"TreatmentDate": op.window.date_range()} if cap.relational else {"TreatmentDate": ""}
+    records = _find(QueryLevel.IMAGE, {_SOP: "", **treatment}, _SERIES_IDS, (AnswerFilter.WINDOW,),
+                    "records of each series; TreatmentDate matched or returned where the SCP does")
+    move = (_move(QueryLevel.IMAGE, note="retrieve the records") if cap.relational
+            else _move(QueryLevel.IMAGE, candidate=True, note="retrieve; window checked on arrival"))
+    # (TreatmentDate matching is a relational facility: a hierarchical source falls back to StudyDate.)
+    by_study_date = dated and cap.record_discovery is not RecordDiscovery.SCAN
+    if by_study_date or op.patient_id:
+        # Studies first: every SCP matches StudyDate and PatientID at STUDY level (dcmqrscp ignores PatientID
+        # on SERIES-level queries). A record's study is dated on or before its treatment, so only the first
+        # chunk looks back; later chunks list the studies dated within them, and each study once.
+        # ModalitiesInStudy as a return key lets a source that fills it (Orthanc) skip studies without records.
+        study_keys: dict[str, str] = {"PatientID": op.patient_id or "", _STUDY: "", "ModalitiesInStudy": ""}
+        if by_study_date:
+            first = lo is not None and lo == op.window.date_from
+            study_keys["StudyDate"] = f"{look_back(lo, cap.look_back_days) if first else lo or ''}-{hi or ''}"
+        return (_find(QueryLevel.STUDY, study_keys, (), (AnswerFilter.HAS_RECORDS,),
+                      "studies of the window (or of the patient)"),
+                _find(QueryLevel.SERIES, {_SERIES: "", "Modality": "RTRECORD"}, (_STUDY,), (),
+                      "record series of each study"),
+                records, move)
     if cap.relational:
         # Modality is a series attribute: many SCPs (dcmqrscp) silently ignore it at IMAGE level and would
         # answer with every instance. Select the record series first, then their records.
-        return (_find(QueryLevel.SERIES, {"PatientID": op.patient_id or "", "Modality": "RTRECORD", _STUDY: "",
-                                          _SERIES: ""}, (), (), "record series (of the patient)"),
-                _find(QueryLevel.IMAGE, {_SOP: "", "TreatmentDate": date}, _SERIES_IDS, (AnswerFilter.WINDOW,),
-                      "records by treatment date where the SCP matches it"),
-                _move(QueryLevel.IMAGE, note="retrieve the records"))
-    steps: list[SearchStep] = []
-    if op.patient_id is None:
-        steps.append(_find(QueryLevel.PATIENT, {"PatientID": ""}, (), (), "every patient of the source"))
-        steps.append(_find(QueryLevel.STUDY, {_STUDY: ""}, ("PatientID",), (), "studies of each patient"))
-        steps.append(_find(QueryLevel.SERIES, {_SERIES: "", "Modality": "RTRECORD"}, (_STUDY,), (),
-                           "record series of each study"))
-    else:
-        steps.extend(_walk_to_series(op.patient_id, None, {"Modality": "RTRECORD"}))
-    steps.append(_find(QueryLevel.IMAGE, {_SOP: "", "TreatmentDate": ""}, _SERIES_IDS, (AnswerFilter.WINDOW,),
-                       "records of each series; TreatmentDate as return key when the SCP gives it"))
-    steps.append(_move(QueryLevel.IMAGE, candidate=True, note="retrieve; window checked on arrival"))
-    return tuple(steps)
+        return (_find(QueryLevel.SERIES, {"Modality": "RTRECORD", _STUDY: "", _SERIES: ""}, (), (),
+                      "every record series of the source (no date key: RecordDiscovery scan)"),
+                records, move)
+    return (_find(QueryLevel.PATIENT, {"PatientID": ""}, (), (), "every patient of the source"),
+            _find(QueryLevel.STUDY, {_STUDY: ""}, ("PatientID",), (), "studies of each patient"),
+            _find(QueryLevel.SERIES, {_SERIES: "", "Modality": "RTRECORD"}, (_STUDY,), (),
+                  "record series of each study"),
+            records, move)
+
+
+def look_back(day: str | None, days: int) -> str:
+    """``day`` (YYYYMMDD) minus ``days``; ``""`` for an open bound."""
+    if not day:
+        return ""
+    start = date(int(day[:4]), int(day[4:6]), int(day[6:])) - timedelta(days=days)
+    return start.strftime("%Y%m%d")
+
+
+def record_discovery_bound(cap: SourceCapability, window_dated: bool, patient_list: bool,
+                           date_from: str | None) -> str | None:
+    """Why finding a window's records at a source of this capability is *not* bounded by the window, or
+    None when it is (shown by ``GET /rtharvest/status`` and the harvest document)."""
+    if patient_list:
+        return None  # one search per listed patient
+    if not window_dated:
+        return "no dates and no PatientIDs"
+    if cap.record_discovery is RecordDiscovery.SCAN:
+        return ("RecordDiscovery is 'scan': every record series of the source is listed, whatever the window "
+                "(cost grows with the source's history)")
+    if cap.record_discovery is RecordDiscovery.TREATMENT_DATE and cap.relational:
+        return None
+    if not date_from:
+        return "the window has no From date: every study dated before To is listed"
+    return None
+
+
+def discovery_description(cap: SourceCapability) -> str:
+    """One line saying how a source's records are found."""
+    if cap.record_discovery is RecordDiscovery.TREATMENT_DATE and cap.relational:
+        return "TreatmentDate matched by the source (one C-FIND per month of the window)"
+    if cap.record_discovery is RecordDiscovery.SCAN:
+        return "scan: every record series of the source is listed (not bounded by the window)"
+    return (f"StudyDate pre-filter with a look-back of {cap.look_back_days} day(s); records in studies dated "
+            "earlier, or without StudyDate, are found only through step 4 (every record of a collected plan)")
 
 
 def _instance_steps(op: RetrieveInstance, cap: SourceCapability) -> tuple[SearchStep, ...]:
@@ -286,11 +384,17 @@ def filter_answers(step: SearchStep, op: Operation, answers: Iterable[Mapping[st
     out: list[Mapping[str, Any]] = []
     seen_series: set[str] = set()
     wanted_modality = dict(step.keys).get("Modality")
+    wanted_patient = dict(step.keys).get("PatientID")
     for a in answers:
         if not all(_passes(f, op, a) for f in step.filters if f is not AnswerFilter.ONE_PER_SERIES):
             continue
         # An SCP that ignores a matching key answers a superset; drop what it shows to be different.
         if wanted_modality and a.get("Modality") and str(a.get("Modality")) != wanted_modality:
+            continue
+        # dcmqrscp ignores PatientID on SERIES-level queries (it answers every patient's series, each with its
+        # own PatientID). IDs that differ only in case or padding go on: the planner keeps them out and counts
+        # them (a source matching loosely must not make a harvest silently empty).
+        if wanted_patient and a.get("PatientID") and _loose_id(str(a.get("PatientID"))) != _loose_id(wanted_patient):
             continue
         if AnswerFilter.ONE_PER_SERIES in step.filters:
             series = str(a.get(_SERIES, ""))
@@ -301,12 +405,25 @@ def filter_answers(step: SearchStep, op: Operation, answers: Iterable[Mapping[st
     return out
 
 
+def _loose_id(patient_id: str) -> str:
+    return patient_id.strip().casefold()
+
+
 def _passes(f: AnswerFilter, op: Operation, a: Mapping[str, Any]) -> bool:
     if f is AnswerFilter.WINDOW:
         date = a.get("TreatmentDate")
         if not date or not isinstance(op, FindTreatmentRecords):
             return True  # not returned: decided on arrival
         return record_in_window(str(date), op.window)
+    if f is AnswerFilter.HAS_RECORDS:
+        modalities = a.get("ModalitiesInStudy")
+        if not modalities:
+            return True  # not returned: the series step decides
+        return "RTRECORD" in ([modalities] if isinstance(modalities, str) else list(modalities))
+    if f is AnswerFilter.DATED_IN_WINDOW:
+        date_value = a.get("TreatmentDate")
+        return bool(date_value) and isinstance(op, FindTreatmentRecords) and record_in_window(str(date_value),
+                                                                                              op.window)
     if f is AnswerFilter.CRITERION:
         if not isinstance(op, FindReferencing):
             return True
@@ -340,19 +457,22 @@ RetrieveFn = Callable[[QueryLevel, dict[str, Any], bool], None]
 
 def execute(op: Operation, capability: SourceCapability, find: FindFn, retrieve: RetrieveFn) -> int:
     """Run ``search_steps(op, capability)`` with the given DIMSE primitives; returns the number of
-    retrieve requests issued (0 means nothing was found)."""
-    answers: list[Mapping[str, Any]] = [{}]
-    moves = 0
-    for step in search_steps(op, capability):
+    retrieve requests issued (0 means nothing was found).
+
+    Depth first: each answer is followed to its retrieve before the next answer of the same step, so only
+    one answer list per step is held at a time (a month of studies, then one study's series), never a
+    whole level of the source.
+    """
+    steps = search_steps(op, capability)
+
+    def run(index: int, previous: Mapping[str, Any]) -> int:
+        step = steps[index]
         if step.action is StepAction.RETRIEVE:
-            for a in answers:
-                retrieve(step.level, step.identifier(a), step.candidate)
-                moves += 1
-            break
-        nxt: list[Mapping[str, Any]] = []
-        for a in answers:
-            nxt.extend(filter_answers(step, op, find(step.level, step.identifier(a))))
-        answers = nxt
-        if not answers:
-            break
-    return moves
+            retrieve(step.level, step.identifier(previous), step.candidate)
+            return 1
+        moves = 0
+        for answer in filter_answers(step, op, find(step.level, step.identifier(previous))):
+            moves += run(index + 1, answer)
+        return moves
+
+    return run(0, {}) if steps else 0

@@ -334,6 +334,13 @@ class Tracker:
             " AND role = 'PLAN'", (harvest_id,), 0)
         return {"Patients": int(patients), "PlansReferenced": int(referenced), "PlansCollected": int(collected)}
 
+    def rejections_like(self, harvest_id: str, prefix: str) -> dict[str, int]:
+        """Rejected objects of the harvest whose reason starts with ``prefix``: reason → count."""
+        rows = self.db.query(
+            "SELECT reason, count(DISTINCT sop_uid) FROM rth_objects WHERE harvest_id = ? AND decision = 'rejected'"
+            " AND substr(reason, 1, ?) = ? GROUP BY reason", (harvest_id, len(prefix), prefix))
+        return {str(r[0]): int(r[1]) for r in rows}
+
     def rejected_unclaimed(self, harvest_id: str) -> list[tuple[str, str]]:
         """(sop_uid, orthanc_id) this harvest moved in only to inspect and that no harvest keeps."""
         rows = self.db.query(

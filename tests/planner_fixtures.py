@@ -61,6 +61,7 @@ def record(name: str, patient: str, plan_uid: str | None, date: str, study: str 
     """A treatment record delivered on ``date`` (own study and series, as R&V systems do)."""
     cls = SopClass.RT_ION_BEAMS_TREATMENT_RECORD if ion else SopClass.RT_BEAMS_TREATMENT_RECORD
     ds = _base(cls.value, "RTRECORD", patient, study or uid(name, "study"), uid(name, "series"), uid(name))
+    ds.StudyDate = date  # type 2; R&V systems date the record's study (the StudyDate pre-filter needs it)
     ds.TreatmentDate = date
     ds.TreatmentTime = "101500"
     ds.ReferencedRTPlanSequence = _refs([plan_uid] if plan_uid else [], SopClass.RT_PLAN.value)

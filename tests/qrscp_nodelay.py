@@ -3,10 +3,12 @@
 The dcmtk peers in these tests run with ``TCP_NODELAY=1`` (PLATFORM.md); pynetdicom has no such switch,
 and with Nagle on each of its DIMSE messages waits ~40 ms for a delayed ACK. This wrapper only sets the
 socket option, then runs the unmodified application: ``python tests/qrscp_nodelay.py -c qrscp.ini``.
+With ``QRSCP_PATIENT_ID_NOCASE=1`` it also matches PatientID case-insensitively, as some PACS do.
 """
 
 from __future__ import annotations
 
+import os
 import runpy
 import socket
 import sys
@@ -38,6 +40,21 @@ def _get_request_nodelay(self: Any) -> tuple[socket.socket, tuple[str, int]]:
 
 transport.AssociationSocket._create_socket = _create_socket_nodelay  # type: ignore[method-assign]
 transport.AssociationServer.get_request = _get_request_nodelay  # type: ignore[method-assign]
+
+if os.environ.get("QRSCP_PATIENT_ID_NOCASE") == "1":
+    # Like some PACS: PatientID matched without regard to letter case (tests of identity mismatches).
+    from pynetdicom.apps.qrscp import db as _db
+    from sqlalchemy import func
+
+    _single = _db._search_single_value
+
+    def _single_nocase(elem: Any, session: Any, query: Any = None) -> Any:
+        if elem.keyword != "PatientID":
+            return _single(elem, session, query)
+        query = query or session.query(_db.Instance)
+        return query.filter(func.lower(_db.Instance.patient_id) == str(elem.value).lower())
+
+    _db._search_single_value = _single_nocase
 
 if __name__ == "__main__":
     sys.argv = ["qrscp", *sys.argv[1:]]

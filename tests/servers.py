@@ -162,8 +162,9 @@ def start_dcmqrscp(run_dir: Path, harvest_port: int, strict: bool = False, name:
 
 
 def start_pynetdicom_qrscp(run_dir: Path, harvest_port: int, name: str = "PYNETDICOM",
-                           aet: str = "PYQR") -> DicomSource:
-    """pynetdicom's Q/R SCP application with the harvester as its one move destination."""
+                           aet: str = "PYQR", patient_id_nocase: bool = False) -> DicomSource:
+    """pynetdicom's Q/R SCP application with the harvester as its one move destination (matching PatientID
+    case-insensitively with ``patient_id_nocase``)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     port = free_port()
     ini = run_dir / "qrscp.ini"
@@ -183,8 +184,9 @@ def start_pynetdicom_qrscp(run_dir: Path, harvest_port: int, name: str = "PYNETD
     )
     log = open(run_dir / "qrscp.log", "ab")  # noqa: SIM115 - kept open for the process lifetime
     wrapper = Path(__file__).with_name("qrscp_nodelay.py")
+    env = dict(os.environ, QRSCP_PATIENT_ID_NOCASE="1" if patient_id_nocase else "0")
     process = subprocess.Popen([sys.executable, str(wrapper), "-c", str(ini)], stdout=log,
-                               stderr=subprocess.STDOUT, cwd=run_dir, start_new_session=True)
+                               stderr=subprocess.STDOUT, cwd=run_dir, start_new_session=True, env=env)
     wait_for_echo(port, aet, process=process)
     return DicomSource(name=name, aet=aet, port=port, kind="pynetdicom", process=process,
                        storage=run_dir / "instances")

@@ -57,6 +57,9 @@ def test_source_settings_inherit_defaults(shipped: dict) -> None:
     assert aria.backend is Backend.PYNETDICOM and aria.model is QueryModel.HIERARCHICAL
     assert aria.max_concurrent == 3
     assert aria.quiet_hours == (time(7, 0), time(19, 30))
+    assert aria.time_zone is None  # the machine's local time unless TimeZone says otherwise
+    cfg["RtHarvest"]["SourceDefaults"]["TimeZone"] = "Europe/Zurich"
+    assert load_config(cfg).source("ARIA").time_zone == "Europe/Zurich"
     assert loaded.source("MIM") == loaded.source_defaults
 
 
@@ -72,6 +75,12 @@ def test_source_settings_inherit_defaults(shipped: dict) -> None:
         (("Sources", "ARIA", "Backend"), "telnet", "RtHarvest.Sources.ARIA.Backend"),
         (("Sources", "ARIA", "SequenceReturnKeys"), "yes", "SequenceReturnKeys: expected true or false"),
         (("Sources", "ARIA", "MaxConcurrent"), 0, "MaxConcurrent: must be at least 1"),
+        (("Sources", "ARIA", "TimeZone"), "Mars/Olympus", "RtHarvest.Sources.ARIA.TimeZone: unknown time zone"),
+        (("SourceDefaults", "TimeZone"), 2, "RtHarvest.SourceDefaults.TimeZone: expected an IANA time zone"),
+        # A move that outlives its lease would be run twice at once by two workers.
+        (("Sources", "MIM", "MoveTimeout"), 900, "RtHarvest.Sources.MIM.MoveTimeout (900 s) must be shorter than "
+                                                 "RtHarvest.LeaseSeconds (900 s)"),
+        (("LeaseSeconds",), 300, "RtHarvest.SourceDefaults.MoveTimeout (600 s) must be shorter than"),
     ],
 )
 def test_bad_values_are_named(shipped: dict, path: tuple[str, ...], value: object, message: str) -> None:

@@ -228,3 +228,16 @@ def test_dciodvfy_finds_no_new_errors(clinic: Clinic, tmp_path: Path) -> None:
         new = errors(dst) - errors(src)
         assert not new, f"{ds.Modality}: {sorted(new)[:5]}"
     assert {"RTPLAN", "RTSTRUCT", "CT"} <= seen
+
+
+def test_retain_options_keep_what_they_name(clinic: Clinic) -> None:
+    ds = next(d for d in clinic.datasets.values() if d.get("InstitutionName") and d.get("PatientSex"))
+    basic = deidentify(ds, SITE_A, Profile())
+    assert basic.InstitutionName == "ANONYMIZED" and not basic.PatientSex  # X/Z/D -> D, Z
+    kept = deidentify(ds, SITE_A, Profile(institution=True, patient_characteristics=True))
+    assert kept.InstitutionName == ds.InstitutionName and kept.PatientSex == ds.PatientSex
+    codes = [c.CodeValue for c in kept.DeidentificationMethodCodeSequence]
+    assert {"113100", "113107", "113108", "113112"} <= set(codes)
+    # A retained institution is not PHI to the scan; everything else still is.
+    values = phi_values([ds], Profile(institution=True))
+    assert "InstitutionName" not in values.values() and scan_for_phi(kept, values) == []

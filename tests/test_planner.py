@@ -22,7 +22,7 @@ from rtharvest.operations import (
     Role,
     operation_from_dict,
 )
-from rtharvest.planner import Arrival, Decision, HarvestContext, plan_arrival, start_operations
+from rtharvest.planner import MAX_CHUNKS, Arrival, Decision, HarvestContext, plan_arrival, start_operations
 from rtharvest.references import ObjectKind, ObjectRefs, extract
 from rtharvest.simulation import FakeSource, QueryRejected, simulate_harvest
 from rtharvest.strategies import (
@@ -59,7 +59,21 @@ def plan_op(uid_: str) -> RetrieveInstance:
 
 
 def test_start_operations() -> None:
-    assert start_operations(CTX) == (FindTreatmentRecords(CTX.window, None),)
+    # A dated window is searched month by month, as separate jobs.
+    chunks = start_operations(CTX)
+    assert [(o.chunk_from, o.chunk_to) for o in chunks] == [
+        (f"2020{m:02d}01", f"2020{m:02d}{d}") for m, d in zip(range(1, 13), (31, 29, 31, 30, 31, 30, 31, 31, 30,
+                                                                              31, 30, 31), strict=True)]
+    assert all(isinstance(o, FindTreatmentRecords) and o.window == CTX.window for o in chunks)
+    assert len({o.dedupe_key() for o in chunks}) == 12
+    short = HarvestContext(HarvestWindow("20200305", "20200320"))
+    assert start_operations(short) == (FindTreatmentRecords(short.window, None),)
+    decade = start_operations(HarvestContext(HarvestWindow("20120115", "20220710")))
+    spans = [(o.chunk_from, o.chunk_to) for o in decade if isinstance(o, FindTreatmentRecords)]
+    assert len(spans) <= MAX_CHUNKS and spans[0][0] == "20120115" and spans[-1][1] == "20220710"
+    assert all(a[1] < b[0] for a, b in zip(spans, spans[1:], strict=False))  # contiguous, no overlap
+    open_ended = HarvestContext(HarvestWindow("20200305", None))
+    assert start_operations(open_ended) == (FindTreatmentRecords(open_ended.window, None),)
     ctx = HarvestContext(HarvestWindow(None, None, ("A", "B")))
     assert [o.patient_id for o in start_operations(ctx)] == ["A", "B"]
 

@@ -49,6 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--slices", type=_positive, default=SynthOptions.ct_slices, help="slices per image series")
     gen.add_argument("--matrix", type=_positive, default=SynthOptions.matrix, help="CT rows=columns (e.g. 512)")
     gen.add_argument("--no-traps", action="store_true", help="leave out every trap")
+    gen.add_argument("--history-patients", type=int, default=0,
+                     help="metadata-light patients (plan and a few records each) spread over 2012-2022")
+    gen.add_argument("--course-record-study", action="store_true",
+                     help="records of a course in one study dated before its first fraction (adds window course_cut)")
     gen.add_argument("--force", action="store_true", help="replace an existing DIR/dicom")
     mosaiq = sub.add_parser("mosaiq", help="the same clinic with photon deliveries in a MOSAIQ SQLite database")
     mosaiq.add_argument("--out", type=Path, required=True, help="output directory")
@@ -95,6 +99,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             ct_slices=args.slices,
             matrix=args.matrix,
             include_traps=not args.no_traps,
+            course_record_study=args.course_record_study,
+            history_patients=max(0, args.history_patients),
         )
         started = time.monotonic()
         try:

@@ -135,6 +135,17 @@ class SynthOptions:
     ct_slices: int = 8
     matrix: int = 32
     include_traps: bool = True
+    #: Records of a course share one study dated at its simulation, 7-19 days before the first fraction
+    #: (ARIA-like), instead of one study per fraction dated on the fraction's day (deliveries spread over
+    #: more than half a year, such as machine QA, keep one study each). Adds the window
+    #: ``course_cut`` (see :meth:`_Clinic.windows`).
+    course_record_study: bool = False
+    #: Metadata-light history patients (``HISnnnn``) added to the RT patients: one course each (an RT Plan
+    #: without structure set or dose and 3-5 treatment records), spread evenly over 2012-2022. For
+    #: discovery benchmarks: a clinic with years of records whose window cost must not grow with them.
+    history_patients: int = 0
+    #: Further windows ``(name, From, To)`` whose ground truth is computed along with the built-in ones.
+    windows: tuple[tuple[str, str, str], ...] = ()
 
 
 def _d(day: date) -> str:
@@ -191,6 +202,8 @@ class _Course:
     spec: PlanSpec
     patient: _PatientCtx
     record_dates: list[str] = field(default_factory=list)
+    #: StudyDate of the course's record study (``course_record_study``), else None.
+    record_study_date: str | None = None
 
 
 class _Clinic:
@@ -442,11 +455,17 @@ class _Clinic:
         rng = ctx.rng
         base_minutes = rng.randint(8 * 60, 17 * 60)
         uids: list[str] = []
+        course_study: Study | None = None
+        study_day = self.record_study_day(days)
+        if study_day is not None:
+            course_study = Study(uid=self.uid(ctx.pid, "record-study", plan_uid, tag), date=study_day,
+                                 time="080000", description="Treatment records", study_id=f"T{first_fraction}",
+                                 accession="")
         for offset, day in enumerate(days):
             fraction = first_fraction + offset
             minutes = base_minutes + rng.randint(-25, 25)
             when = _time(minutes, rng.randint(0, 59))
-            study = Study(
+            study = course_study or Study(
                 uid=self.uid(ctx.pid, "record-study", plan_uid, tag, fraction),
                 date=_d(day),
                 time=when,
@@ -456,10 +475,10 @@ class _Clinic:
             )
             series = Series(
                 self.uid(ctx.pid, "record-series", plan_uid, tag, fraction),
-                1,
+                fraction if course_study else 1,
                 "RTRECORD",
                 f"Fraction {fraction}",
-                study.date,
+                _d(day),
                 when,
             )
             sop_uid = self.uid(series.uid, "rtrecord")
@@ -472,13 +491,43 @@ class _Clinic:
                 plan_class=plan_class,
                 spec=spec,
                 fraction=fraction,
-                date=study.date,
+                date=_d(day),
                 time=when,
             )
             self.write(ds, role, list(traps))
-            self.k.records[sop_uid] = KRecord(sop_uid, ctx.pid, plan_uid, study.date, when)
+            self.k.records[sop_uid] = KRecord(sop_uid, ctx.pid, plan_uid, _d(day), when)
             uids.append(sop_uid)
         return uids
+
+    def history_patient(self, index: int) -> None:
+        """One metadata-light patient: a plan in a planning study and a few treatment records."""
+        opt = self.opt
+        rng = random.Random(f"rtharvest-synth/{opt.seed}/history/{index}")
+        pid = f"HIS{index + 1:04d}"
+        patient = Patient(pid, f"HISTORY^{_SURNAMES[index % len(_SURNAMES)]}{index}",
+                          f"{rng.randint(1935, 1975)}{rng.randint(1, 12):02d}{rng.randint(1, 28):02d}",
+                          rng.choice("MF"))
+        ctx = _PatientCtx(10_000 + index, patient, rng, frozenset(), _SITES[rng.randrange(len(_SITES))])
+        span = (_LAST_START - _FIRST_DAY).days
+        start = _weekday(_FIRST_DAY + timedelta(days=int(span * (index + rng.uniform(0.1, 0.9))
+                                                          / opt.history_patients)))
+        pstudy = self.study(ctx, start - timedelta(days=rng.randint(5, 15)), 600, "RT planning")
+        spec = PlanSpec(label=f"{ctx.site[0]}_H", intent="CURATIVE", fractions=rng.randint(3, 5),
+                        beams=self.beams(rng, "photon"), machine="LINAC1", ion=False, tomo=False,
+                        structure_set_uid=None, geometry="TREATMENT_DEVICE", for_uid=self.uid(pid, "for", "history"),
+                        dose_per_fraction=2.0)
+        plan_uid, plan_class = self.plan(ctx, pstudy, spec, "plan", start - timedelta(days=2))
+        days = _weekdays(start, spec.fractions)
+        self.records(ctx, plan_uid, plan_class, spec, days, 1, "record")
+        self.courses.append(_Course(plan_uid, plan_class, spec, ctx, [_d(d) for d in days],
+                                    self.record_study_day(days)))
+
+    def record_study_day(self, days: Sequence[date]) -> str | None:
+        """StudyDate of a course's shared record study (``course_record_study``), else None."""
+        if not self.opt.course_record_study or not days or (days[-1] - days[0]).days > 180:
+            return None  # deliveries over years (machine QA) keep one study per delivery
+        # No random draw: every other object stays identical whatever this option says.
+        return _d(days[0] - timedelta(days=7 + (len(days) % 5) * 3))
 
     def registration(
         self,
@@ -639,7 +688,8 @@ class _Clinic:
         delivered = fractions if "replan" not in f else max(2, fractions // 2)
         days = _weekdays(start, delivered)
         self.records(ctx, plan_uid, plan_class, spec, days, 1, "record")
-        self.courses.append(_Course(plan_uid, plan_class, spec, ctx, [_d(d) for d in days]))
+        self.courses.append(_Course(plan_uid, plan_class, spec, ctx, [_d(d) for d in days],
+                                    self.record_study_day(days)))
         last_day = days[-1]
 
         if "trial_plan" in f:
@@ -676,7 +726,8 @@ class _Clinic:
             reg_uid = self.registration(ctx, rstudy, rimages, planning)
             rdays = _weekdays(replan_day + timedelta(days=rng.randint(2, 4)), fractions - delivered)
             self.records(ctx, rplan_uid, rplan_class, rspec, rdays, delivered + 1, "record")
-            self.courses.append(_Course(rplan_uid, rplan_class, rspec, ctx, [_d(d) for d in rdays]))
+            self.courses.append(_Course(rplan_uid, rplan_class, rspec, ctx, [_d(d) for d in rdays],
+                                        self.record_study_day(rdays)))
             self.flag(
                 "replan",
                 pid,
@@ -706,7 +757,8 @@ class _Clinic:
             )  # fmt: skip
             bdays = _weekdays(boost_day + timedelta(days=2), bspec.fractions)
             self.records(ctx, bplan_uid, bplan_class, bspec, bdays, 1, "record")
-            self.courses.append(_Course(bplan_uid, bplan_class, bspec, ctx, [_d(d) for d in bdays]))
+            self.courses.append(_Course(bplan_uid, bplan_class, bspec, ctx, [_d(d) for d in bdays],
+                                        self.record_study_day(bdays)))
             self.flag(
                 "dangling_structure_set",
                 pid,
@@ -816,6 +868,9 @@ class _Clinic:
         defs.append(("year", year_from, _d(start + timedelta(days=364)), None))
         focus = next((c.patient for c in self.courses if "replan" in c.patient.features), self.courses[0].patient)
         defs.append(("patient", None, None, [focus.pid]))
+        if self.opt.course_record_study:
+            defs.append(("course_cut", *_course_cut_window(self.courses)))
+        defs.extend((name, lo, hi, None) for name, lo, hi in self.opt.windows)
         every = set(self.k.present)
         out: list[Window] = []
         for name, lo, hi, ids in defs:
@@ -844,6 +899,20 @@ class _Clinic:
                 )
             )
         return out
+
+
+def _course_cut_window(courses: Sequence[_Course]) -> tuple[str, str, None]:
+    """A window that starts mid-course of a course whose record study is dated before it, and ends on the
+    record-study date of a later course whose fractions all come after it (both traps of a StudyDate
+    pre-filter)."""
+    cut = next((c for c in courses if len(c.record_dates) >= 6 and c.record_study_date), courses[0])
+    date_from = cut.record_dates[len(cut.record_dates) // 2]
+    later = sorted((c.record_study_date, c.record_dates[0]) for c in courses
+                   if c.record_study_date and c.record_study_date > date_from)
+    if later:
+        return date_from, later[0][0], None
+    start = date(int(date_from[:4]), int(date_from[4:6]), int(date_from[6:]))
+    return date_from, _d(start + timedelta(days=60)), None
 
 
 def _cos_sin(angle: float) -> tuple[float, float]:
@@ -888,6 +957,8 @@ def generate_with_knowledge(out_dir: Path, options: SynthOptions, *,
     if options.include_traps:
         clinic.phantom()
         clinic.non_rt_patient()
+    for index in range(options.history_patients):
+        clinic.history_patient(index)
     windows = clinic.windows()
     objects = {uid: replace(p.ds_info, traps=tuple(p.traps)) for uid, p in clinic.pending.items()}
     truth = GroundTruth(

@@ -46,6 +46,8 @@ def store_to_scp(files: Iterable[Path | str], host: str, port: int, called_aet: 
     if len(distinct) > 128:
         raise LoadError(f"{len(distinct)} SOP classes exceed the 128 presentation contexts of one association")
     ae = AE(ae_title=calling_aet)
+    # A loaded machine (CI, shared hosts) can keep an SCP from answering within pynetdicom's 30 s default.
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 180
     for sop_class in distinct:
         ae.add_requested_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
     assoc = ae.associate(host, port, ae_title=called_aet)

@@ -20,6 +20,7 @@ from typing import Any
 
 from pydicom.dataset import Dataset
 from pynetdicom import AE, evt
+from pynetdicom.pdu import A_RELEASE_RQ
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     CTImageStorage,
     PatientRootQueryRetrieveInformationModelFind,
@@ -65,6 +66,11 @@ class FaultScp:
         self.moves: list[Dataset] = []
         self.move_destinations: list[str] = []
         self.cancelled = 0
+        #: Associations peers hold (opened, release not yet requested): most at once, when each was opened.
+        self._open_assocs: set[int] = set()
+        self.max_connections_open = 0
+        self.connection_times: list[float] = []
+        self._conn_lock = threading.Lock()
         self._stop = threading.Event()
         self._server: Any = None
 
@@ -87,6 +93,9 @@ class FaultScp:
             (evt.EVT_C_FIND, self._on_find),
             (evt.EVT_C_MOVE, self._on_move),
             (evt.EVT_C_STORE, lambda event: 0x0000),
+            (evt.EVT_CONN_OPEN, self._on_open),
+            (evt.EVT_CONN_CLOSE, self._on_close),
+            (evt.EVT_PDU_RECV, self._on_pdu),
         ]
         self._server = ae.start_server((LOCALHOST, self.port), block=False, evt_handlers=handlers)
         return self
@@ -105,6 +114,28 @@ class FaultScp:
         self.stop()
 
     # --- handlers ------------------------------------------------------------------------------------
+
+    def _on_open(self, event: Any) -> None:
+        with self._conn_lock:
+            self._open_assocs.add(id(event.assoc))
+            self.max_connections_open = max(self.max_connections_open, len(self._open_assocs))
+            self.connection_times.append(time.time())
+
+    def _on_pdu(self, event: Any) -> None:
+        # The peer is done with an association once it asks to release it: from then on it may open the
+        # next one, before this SCP's own thread has seen the connection close.
+        if isinstance(event.pdu, A_RELEASE_RQ):
+            self._on_close(event)
+
+    def _on_close(self, event: Any) -> None:
+        with self._conn_lock:
+            self._open_assocs.discard(id(event.assoc))
+
+    @property
+    def connections_open(self) -> int:
+        """Associations a peer holds now."""
+        with self._conn_lock:
+            return len(self._open_assocs)
 
     def _sleep(self, event: Any) -> bool:
         """Sleep ``fault.delay``; True when a C-CANCEL for this request arrived meanwhile."""

@@ -277,3 +277,13 @@ def test_injection_strings_through_every_filter(clinic: Clinic, loaded: GroundTr
         "SELECT name FROM sqlite_master WHERE type = 'table'")}
     assert {"jobs", "harvests", "events"} <= tables
     assert clinic.api.get(f"/rtharvest/harvests/{harvest_id}")["Label"] == "before"
+
+
+def test_harvester_serves_no_dicomweb(clinic: Clinic) -> None:
+    """Debian's plugin folder loads the DICOMweb plugin; STOW-RS into the harvester would bypass the AET checks."""
+    plugins = clinic.api.get("/plugins")
+    status, _ = clinic.api.request("GET", "/dicom-web/studies")
+    assert status == 404, f"/dicom-web answered {status} (plugins loaded: {plugins})"
+    status, _ = clinic.api.request("POST", "/dicom-web/studies", raw=b"--x--",
+                                   headers={"Content-Type": 'multipart/related; type="application/dicom"; boundary=x'})
+    assert status == 404
