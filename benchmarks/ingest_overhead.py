@@ -29,6 +29,7 @@ import os
 import shutil
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -67,6 +68,47 @@ def store(server: OrthancProcess, files: list[Path]) -> float:
     if done.returncode != 0:
         raise RuntimeError(f"storescu failed ({done.returncode}): {done.stderr.strip()[-800:]}")
     return seconds
+
+
+# The OnStoredInstance handler alone, in a plain Python process (no Orthanc, no other load on its thread):
+# the CPU time of the calling thread per unexpected arrival is what the C-STORE path pays in Python, apart
+# from GetInstanceData's copy and the plugin's thread-state set-up (the same for every version).
+_CALLBACK_PROBE = r"""
+import json, sys, tempfile, time
+from pathlib import Path
+from rtharvest.db import Database
+from rtharvest.eventlog import EventLog
+from rtharvest.ingest import Ingest
+from rtharvest.jobqueue import JobQueue
+from rtharvest.tracking import Tracker
+files = [Path(p).read_bytes() for p in sys.argv[2:]]
+with tempfile.TemporaryDirectory() as tmp:
+    db = Database(str(Path(tmp) / "q.sqlite"))
+    db.migrate()
+    ingest = Ingest(db, JobQueue(db), Tracker(db), EventLog(db), lambda h: None, lambda a: None)
+    if hasattr(ingest, "start"):
+        ingest.start()  # as the plugin runs it (the harvester starts the ingest thread)
+    for i, data in enumerate(files[:20]):
+        ingest.on_stored(f"warm-{i}", data, "BENCHSCU")
+    cpu = []
+    for r in range(int(sys.argv[1])):
+        t0 = time.thread_time()
+        for i, data in enumerate(files):
+            ingest.on_stored(f"{r}-{i}", data, "BENCHSCU")
+        cpu.append((time.thread_time() - t0) / len(files))
+    if hasattr(ingest, "stop"):
+        ingest.stop()
+print(json.dumps(cpu))
+"""
+
+
+def callback_cpu_us(files: list[Path], passes: int, env: dict[str, str] | None) -> list[float]:
+    """CPU µs per call of the OnStoredInstance handler on its own thread, one figure per pass."""
+    done = subprocess.run([sys.executable, "-c", _CALLBACK_PROBE, str(passes), *map(str, files)],
+                          env=dict(os.environ, **(env or {})), capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"callback probe failed: {done.stderr.strip()[-800:]}")
+    return [v * 1e6 for v in json.loads(done.stdout.strip().splitlines()[-1])]
 
 
 def cpu_seconds(server: OrthancProcess) -> float:
@@ -108,12 +150,14 @@ def main() -> None:
         sender = {"AET": SENDER_AET, "Host": LOCALHOST, "Port": 1, "AllowEcho": True, "AllowFind": False,
                   "AllowMove": False, "AllowGet": False, "AllowStore": True}
         kinds: list[tuple[str, bool, dict[str, str] | None]] = [("plugin", True, None), ("plain", False, None)]
+        base_env: dict[str, str] | None = None
         if args.baseline:
             base = Path(args.baseline).resolve()
             if not (base / "rtharvest" / "__init__.py").is_file():
                 raise SystemExit(f"--baseline: {base}/rtharvest is not a package")
             site = plugin_environment()["PYTHONPATH"]
-            kinds.append(("baseline", True, {"PYTHONPATH": os.pathsep.join((str(base), site))}))
+            base_env = {"PYTHONPATH": os.pathsep.join((str(base), site))}
+            kinds.append(("baseline", True, base_env))
         for name, plugin, env in kinds:
             run_dir = workdir / f"orthanc-{name}"
             shutil.rmtree(run_dir, ignore_errors=True)
@@ -170,6 +214,13 @@ def main() -> None:
                   f"(per round {base_costs[0]:.1%} .. {base_costs[-1]:.1%})")
             results.add("baseline_per_s", round(rate["baseline"], 1))
             results.add("baseline_cost", round(1 - rate["baseline"] / without, 3))
+        probes = {"plugin": callback_cpu_us(files, rounds, None)}
+        if base_env is not None:
+            probes["baseline"] = callback_cpu_us(files, rounds, base_env)
+        print("  OnStoredInstance handler alone, CPU of its thread per unexpected arrival: " + ", ".join(
+            f"{name} median {statistics.median(v):.0f} µs ({min(v):.0f}..{max(v):.0f})" for name, v in probes.items()))
+        for name, v in probes.items():
+            results.add(f"callback_cpu_us_{name}", round(statistics.median(v)))
         results.goal("plugin cost (1 - with/without)", 1 - with_plugin / without, 0.10, "{:.1%}",
                      bound="OnStoredInstance work per instance (see README profile)")
         results.write(args.json)

@@ -219,9 +219,11 @@ class Ingest:
             if arrival.expectations:
                 self._expected.append(arrival)
                 self._queued += 1
+                self._cond.notify_all()
             else:
+                # No wake-up: inspection waits for a pause anyway, and waking the thread per arrival would
+                # make it compete with the C-STORE callbacks for the GIL.
                 self._to_inspect.append(arrival)
-            self._cond.notify_all()
         return True
 
     def _next(self) -> _Arrival | None:
@@ -240,7 +242,7 @@ class Ingest:
                         return self._to_inspect.popleft()
                     self._cond.wait(self.INSPECT_AFTER_QUIET_S - quiet)
                 else:
-                    self._cond.wait(1.0)
+                    self._cond.wait(self.INSPECT_AFTER_QUIET_S)  # unexpected arrivals come without a wake-up
 
     def _loop(self) -> None:
         while (arrival := self._next()) is not None:
@@ -263,8 +265,6 @@ class Ingest:
     def on_stored(self, orthanc_id: str, data: bytes, remote_aet: str) -> None:
         """OnStoredInstance: identify the arrival and hand it to the ingest thread (never raises; a failure
         is logged with the harvest and job that expected the instance)."""
-        with self._lock:
-            self._last_arrival = time.monotonic()
         sop_uid = peek_sop_instance_uid(data)
         if sop_uid is None:
             # No usable SOPInstanceUID where it belongs: the whole header says what is wrong (rare).
@@ -272,6 +272,7 @@ class Ingest:
             return
         expectations = tuple(self.tracker.expectations_for(sop_uid))
         with self._lock:
+            self._last_arrival = time.monotonic()
             self.arrivals += 1
             if not expectations:
                 self.unsolicited += 1

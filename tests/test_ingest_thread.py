@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import apsw
+import pydicom
 import pytest
 from pydicom.dataset import Dataset
 
@@ -65,6 +66,22 @@ def test_peek_reads_the_same_sop_uid_as_the_whole_header(clinic: MiniClinic) -> 
     for ds in clinic.datasets():
         data = dicom_bytes(ds)
         assert peek_sop_instance_uid(data) == extract_from_bytes(data).sop_uid == ds.SOPInstanceUID
+
+
+def test_peek_reads_implicit_vr_datasets(clinic: MiniClinic) -> None:
+    """Orthanc stores what the sender negotiated: the transfer syntax comes from the file meta."""
+    import copy
+
+    from pydicom.uid import ImplicitVRLittleEndian
+
+    for syntax in (ImplicitVRLittleEndian,):
+        ds = copy.deepcopy(clinic.ct_sim[0])
+        data = dicom_bytes(ds)
+        ds = pydicom.dcmread(io.BytesIO(data))
+        ds.file_meta.TransferSyntaxUID = syntax
+        buf = io.BytesIO()
+        ds.save_as(buf, implicit_vr=syntax.is_implicit_VR, little_endian=syntax.is_little_endian)
+        assert peek_sop_instance_uid(buf.getvalue()) == clinic.ct_sim[0].SOPInstanceUID, syntax.name
 
 
 def test_peek_reads_the_dataset_not_the_file_meta(clinic: MiniClinic) -> None:
