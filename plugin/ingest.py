@@ -212,7 +212,7 @@ class Ingest:
     def _defer(self, arrival: _Arrival) -> bool:
         """Hand ``arrival`` to the ingest thread; False when it is not running or the backlog is full."""
         with self._cond:
-            if (self._thread is None or self._stopping
+            if (self._thread is None or self._stopping or not self._thread.is_alive()
                     or self._backlog_bytes + len(arrival.data) > self.MAX_BACKLOG_BYTES):
                 return False
             self._backlog_bytes += len(arrival.data)
