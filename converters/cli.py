@@ -29,6 +29,7 @@ from .sink import DestinationRefused, FolderSink, Peer, Sink, StoreSink
 
 #: Subcommand -> module implementing it. A converter registers itself here.
 CONVERTERS: dict[str, str] = {
+    "mim": "rtharvest.converters.mim.cli",
     "mosaiq": "rtharvest.converters.mosaiq.cli",
     "pinnacle": "rtharvest.converters.pinnacle.cli",
 }

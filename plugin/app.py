@@ -266,7 +266,8 @@ def build_runtime(config: HarvesterConfig, orthanc: Mapping[str, Any] | None = N
     def source_of_aet(aet: str) -> str | None:
         return next((m.name for m in config.modalities.values() if m.aet == aet), None)
 
-    ingest = Ingest(db, queue, tracker, events, harvests.routing, source_of_aet)
+    ingest = Ingest(db, queue, tracker, events, harvests.routing, source_of_aet,
+                    unpack_mim_sessions=config.unpack_mim_sessions)
 
     try:
         schedules = ScheduleService.from_config(config, db, harvests, queue, events)

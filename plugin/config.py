@@ -127,6 +127,9 @@ class HarvesterConfig:
     schedules: tuple[Mapping[str, Any], ...] = ()
     #: ``RtHarvest.ScheduleNow``: a fixed "now" for the scheduler (tests, dry runs); None: the wall clock.
     schedule_now: str | None = None
+    #: ``UnpackMimSessions``: REG searches also retrieve Raw Data objects (MIM sessions), which are unpacked
+    #: in the harvester; their RTSTRUCT/REG objects are planned like any other.
+    unpack_mim_sessions: bool = False
 
     def source(self, name: str) -> SourceSettings:
         """Settings for source ``name`` (its own section, else the defaults)."""
@@ -321,6 +324,11 @@ def load_config(orthanc: Mapping[str, Any], config_dir: Path | None = None) -> H
         if settings.move_timeout >= lease_seconds:
             raise ConfigError(f"{where}.{key}.MoveTimeout ({settings.move_timeout:g} s) must be shorter than "
                               f"{where}.LeaseSeconds ({lease_seconds:g} s)")
+
+    unpack = section.get("UnpackMimSessions", False)
+    if not isinstance(unpack, bool):
+        raise ConfigError(f"{where}.UnpackMimSessions: expected true or false, got {unpack!r}")
+
     return HarvesterConfig(
         aet=str(orthanc.get("DicomAet", "ORTHANC")),
         dicom_port=int(orthanc.get("DicomPort", 4242)),
@@ -341,4 +349,5 @@ def load_config(orthanc: Mapping[str, Any], config_dir: Path | None = None) -> H
         store_index="PostgreSQL" if index_enabled(orthanc) else "SQLite",
         schedules=tuple(schedules_raw),
         schedule_now=None if schedule_now is None else str(schedule_now),
+        unpack_mim_sessions=unpack,
     )

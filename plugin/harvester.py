@@ -30,6 +30,7 @@ from .dimse.base import MoveResult, SourceError
 from .eventlog import EventLog, Level
 from .ingest import HarvestRouting, Ingest
 from .jobqueue import HarvestState, Job, JobQueue, QueueError, SourceLimits
+from .mimsessions import SessionGone, SessionUnpacker, session_search
 from .operations import (
     FindReferencing,
     FindSeriesInFrameOfReference,
@@ -38,6 +39,7 @@ from .operations import (
     RetrieveInstance,
     RetrieveSeries,
     Role,
+    UnpackMimSession,
     operation_from_dict,
 )
 from .politeness import SourceGate, SourceUnavailable
@@ -70,6 +72,9 @@ class LocalStore(Protocol):
 
     def delete(self, orthanc_id: str) -> None:
         """Remove an instance from the store."""
+
+    def upload(self, data: bytes) -> str:
+        """Store a DICOM file (unpacked MIM session objects); its Orthanc ID."""
 
 
 class _NotHere(Exception):
@@ -163,6 +168,7 @@ class Harvester:
         self._wake = threading.Event()
         self._threads: list[threading.Thread] = []
         self._owner_prefix = f"{socket.gethostname()}:{os.getpid()}"
+        self.sessions = SessionUnpacker(store, tracker, ingest, events)
         #: Job ID → instances it moved whose ingest failed and that it planned from the store (for its note).
         self._replanned: dict[int, int] = {}
 
@@ -292,6 +298,8 @@ class Harvester:
         except (KeyError, ValueError, TypeError) as exc:
             raise JobFailure(f"job payload is not a valid operation: {exc}", retryable=False) from None
         outcome = JobOutcome()
+        if isinstance(op, UnpackMimSession):
+            return self._unpack_session(job, op, routing.source_for(op))
         if isinstance(op, RetrieveInstance):
             orthanc_id = self.store.lookup(op.sop_uid)
             if orthanc_id is not None:
@@ -337,10 +345,37 @@ class Harvester:
             raise errors[0]
         if found_any:
             return outcome
+        if session_search(op, self.ingest.unpack_mim_sessions) is not None:
+            assert isinstance(op, RetrieveInstance)
+            if self._from_sessions(job, owner, op, names, outcome):
+                return outcome
         if isinstance(op, (RetrieveInstance, RetrieveSeries)):
             uid = op.sop_uid if isinstance(op, RetrieveInstance) else op.series_uid
             raise JobFailure(f"{op.hop}: {uid} not found at {', '.join(names)}", retryable=False)
         return outcome  # a search that finds nothing is a valid, final answer
+
+    def _from_sessions(self, job: Job, owner: str, op: RetrieveInstance, names: Sequence[str],
+                       outcome: JobOutcome) -> bool:
+        """An RTSTRUCT/REG no source holds as an object may sit inside a MIM session: retrieve the patient's
+        sessions as candidates for ``op`` (their unpacking judges the embedded objects against it)."""
+        search = session_search(op, True)
+        assert search is not None
+        for name in names:
+            access = self.sources[name]
+            for target in self._search(job, owner, search, access):
+                moved, local = self._fetch(job, owner, op, target)
+                outcome.targets += 1
+                outcome.moved += moved
+                outcome.local += local
+        return outcome.targets > 0
+
+    def _unpack_session(self, job: Job, op: UnpackMimSession, source: str) -> JobOutcome:
+        """A MIM session stored here: unpack it and plan what it carries (:mod:`rtharvest.mimsessions`)."""
+        try:
+            done = self.sessions.run(job, op, source)
+        except SessionGone as exc:
+            raise JobFailure(str(exc), retryable=False) from None
+        return JobOutcome(moved=done.stored, local=done.local, targets=done.objects)
 
     def _search(self, job: Job, owner: str, op: Operation, access: SourceAccess) -> list[Target]:
         targets: list[Target] = []
@@ -478,11 +513,23 @@ class Harvester:
         if not missing:
             return 0, len(existing)
         named = str(ident.get(_SOP) or "")
-        self.tracker.expect(
-            Expectation(job.harvest_id, uid, job.id, target.source, op.role.value, op.hop,
-                        target.candidate or (target.level == QueryLevel.IMAGE and uid != named), op.to_dict())
+        expectations = {
+            uid: Expectation(job.harvest_id, uid, job.id, target.source, op.role.value, op.hop,
+                             target.candidate or (target.level == QueryLevel.IMAGE and uid != named), op.to_dict())
             for uid in missing
-        )
+        }
+        busy = self.tracker.expect_unless_in_flight(list(expectations.values()), job.id)
+        if busy:
+            # Another job started moving some of them between our look and our claim: wait for its move,
+            # plan what arrived, and claim the rest (its move ended without them).
+            meanwhile = self._await_in_flight(job, owner, sorted(busy), series, access.move_timeout)
+            if meanwhile:
+                self._plan_local(job, op, target.source, meanwhile, target.candidate)
+                existing.update(meanwhile)
+                missing = [uid for uid in missing if uid not in meanwhile]
+            self.tracker.expect(expectations[uid] for uid in missing if uid in busy)
+            if not missing:
+                return 0, len(existing)
         self.queue.heartbeat(job.id, owner, self.lease_seconds)
         patient = str(ident.get(_PATIENT) or "") or _patient_of(op)
         results: list[MoveResult] = []

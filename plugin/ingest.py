@@ -77,6 +77,7 @@ _PRIORITY_BY_KIND = {
     "FindReferencing": 10,
     "RetrieveSeries": 15,
     "FindSeriesInFrameOfReference": 5,
+    "UnpackMimSession": 20,  # local work that continues a chain
 }
 
 
@@ -132,12 +133,15 @@ class Ingest:
     INSPECT_AFTER_QUIET_S = 0.2
 
     def __init__(self, db: Database, queue: JobQueue, tracker: Tracker, events: EventLog,
-                 routing_of: Callable[[str], HarvestRouting | None], source_of_aet: Callable[[str], str | None]):
+                 routing_of: Callable[[str], HarvestRouting | None], source_of_aet: Callable[[str], str | None],
+                 *, unpack_mim_sessions: bool = False):
         self.db = db
         self.queue = queue
         self.tracker = tracker
         self.events = events
         self._routing_of = routing_of
+        #: RtHarvest.UnpackMimSessions (the planner's HarvestContext carries it).
+        self.unpack_mim_sessions = unpack_mim_sessions
         self._source_of_aet = source_of_aet
         self._lock = threading.Lock()
         self.arrivals = 0
@@ -412,8 +416,8 @@ class Ingest:
                     messages.append((Level.ERROR, exp.harvest_id, f"expectation of job {exp.job_id} has a bad "
                                      f"operation: {exc}", exp.job_id))
                     continue
-                decision = plan_arrival(Arrival(refs, op, exp.candidate), HarvestContext(routing.window,
-                                                                                        exp.harvest_id))
+                context = HarvestContext(routing.window, exp.harvest_id, self.unpack_mim_sessions)
+                decision = plan_arrival(Arrival(refs, op, exp.candidate), context)
                 record = ObjectRecord(
                     harvest_id=exp.harvest_id, sop_uid=refs.sop_uid, orthanc_id=orthanc_id,
                     decision=Decision.KEPT if decision.keep else Decision.REJECTED, reason=decision.reason,

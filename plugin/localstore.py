@@ -44,6 +44,11 @@ class OrthancLocalStore:
         """Write one metadata value."""
         self.client.set_metadata(orthanc_id, name, value)
 
+    def upload(self, data: bytes) -> str:
+        """Store a DICOM file (``POST /instances``; OnStoredInstance runs before this returns); its Orthanc ID."""
+        answer = self.client.request("POST", "/instances", raw=data, content_type="application/dicom")
+        return str(answer["ID"])
+
     def delete(self, orthanc_id: str) -> None:
         """Remove an instance from the store (missing is fine)."""
         self.client.delete_instance(orthanc_id)

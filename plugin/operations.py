@@ -9,6 +9,7 @@ stays a pure function of (arrived object, operation).
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, fields
 from enum import Enum, StrEnum
 from typing import Any, ClassVar
@@ -42,6 +43,7 @@ class OperationKind(StrEnum):
     RETRIEVE_SERIES = "RetrieveSeries"
     FIND_REFERENCING = "FindReferencing"
     FIND_SERIES_IN_FOR = "FindSeriesInFrameOfReference"
+    UNPACK_MIM_SESSION = "UnpackMimSession"
 
 
 class CriterionKind(StrEnum):
@@ -271,14 +273,47 @@ class FindSeriesInFrameOfReference(_OperationBase):
                    d["hop"], _t(d.get("modalities")) or ("CT", "MR", "PT"))
 
 
+@dataclass(frozen=True)
+class UnpackMimSession(_OperationBase):
+    """Unpack the MIM session (a Raw Data object, ``sop_uid``) the harvester stores, and judge the RTSTRUCT
+    and REG objects it carries as if ``operation`` (JSON of the operation the session stands in for, e.g.
+    the REG search of a frame of reference) had retrieved them. Local work: no source is asked."""
+
+    sop_uid: str
+    patient_id: str | None
+    #: :meth:`to_dict` of the operation the embedded objects are judged against (JSON text: hashable).
+    operation: str
+    #: Dedupe key of the operation that brought the session in (its rejection is forgotten when the session
+    #: carried something the harvest keeps, so that a later harvest inspects it again).
+    arrived_under: str
+    role: Role
+    hop: str = "RAW->UNPACK"
+    kind: ClassVar[OperationKind] = OperationKind.UNPACK_MIM_SESSION
+
+    def dedupe_key(self) -> str:
+        """The session and the operation that brought it."""
+        return "|".join((self.kind.value, self.sop_uid, self.arrived_under))
+
+    def inner(self) -> Operation:
+        """The operation the embedded objects are judged against."""
+        return operation_from_dict(json.loads(self.operation))
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> UnpackMimSession:
+        """Inverse of :meth:`to_dict`."""
+        return cls(d["sop_uid"], d.get("patient_id"), d["operation"], d["arrived_under"], Role(d["role"]),
+                   d.get("hop", "RAW->UNPACK"))
+
+
 Operation = (
     FindTreatmentRecords | RetrieveInstance | RetrieveSeries | FindReferencing | FindSeriesInFrameOfReference
+    | UnpackMimSession
 )
 
 _CLASSES: dict[str, type[Any]] = {
     c.kind.value: c
     for c in (FindTreatmentRecords, RetrieveInstance, RetrieveSeries, FindReferencing,
-              FindSeriesInFrameOfReference)
+              FindSeriesInFrameOfReference, UnpackMimSession)
 }
 
 

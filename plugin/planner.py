@@ -15,7 +15,8 @@ depend on the individual image, so later images produce operations with the same
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import dataclass, replace
 from datetime import date, timedelta
 
 from .classify import HarvestWindow, PlanClass, classify_plan, is_standard_intent
@@ -30,9 +31,10 @@ from .operations import (
     RetrieveInstance,
     RetrieveSeries,
     Role,
+    UnpackMimSession,
 )
 from .references import ObjectKind, ObjectRefs, PlanRefs, Problem, ProblemCode, RegistrationRefs, StructureSetRefs
-from .sopclass import IMAGE_MODALITIES
+from .sopclass import IMAGE_MODALITIES, Modality, SopClass
 from .strategies import SearchStep, SourceCapability, search_steps
 
 __all__ = [
@@ -55,6 +57,9 @@ class HarvestContext:
 
     window: HarvestWindow
     harvest_id: str = ""
+    #: ``RtHarvest.UnpackMimSessions``: REG searches also look at Raw Data objects (MIM sessions), and a
+    #: session that arrives is unpacked (:class:`UnpackMimSession`) instead of being judged itself.
+    unpack_mim_sessions: bool = False
 
 
 @dataclass(frozen=True)
@@ -141,6 +146,16 @@ def month_chunks(date_from: str | None, date_to: str | None) -> list[tuple[str, 
 
 def plan_arrival(arrival: Arrival, ctx: HarvestContext) -> Decision:
     """Decide on an arrived object and plan the next operations (pure; see the module docstring)."""
+    if not ctx.unpack_mim_sessions:
+        return _plan_rules(arrival, ctx)
+    op = arrival.operation
+    if op is not None and arrival.refs.sop_class_uid == SopClass.RAW_DATA.value:
+        return _mim_session(arrival.refs, op)
+    decision = _plan_rules(arrival, ctx)
+    return _with_session_searches(decision) if decision.operations else decision
+
+
+def _plan_rules(arrival: Arrival, ctx: HarvestContext) -> Decision:
     refs, op = arrival.refs, arrival.operation
     if refs.kind is ObjectKind.UNREADABLE:
         if isinstance(op, (RetrieveInstance, RetrieveSeries)):
@@ -156,7 +171,41 @@ def plan_arrival(arrival: Arrival, ctx: HarvestContext) -> Decision:
         return _for_series(refs, op, arrival.candidate)
     if isinstance(op, RetrieveInstance):
         return _instance(refs, op)
+    if isinstance(op, UnpackMimSession):
+        return _decide(refs, False, "unpacking a session retrieves nothing itself")
     return _series(refs, op)
+
+
+# ---------------------------------------------------------------------------------------------------
+# MIM sessions (RtHarvest.UnpackMimSessions)
+
+
+def _mim_session(refs: ObjectRefs, op: Operation) -> Decision:
+    """A Raw Data object reached by any operation: unpack it and judge what it carries, not the container.
+
+    MIM keeps a session's REGs and RTSTRUCTs inside a Raw Data object, so the REG search of a FoR also
+    retrieves the patient's Raw Data objects (:func:`_with_session_searches`); their embedded objects are
+    judged against the REG search they stand in for. The container itself is not kept: it is a candidate
+    the end-of-harvest cleanup removes (the embedded objects keep its UID in their provenance).
+    """
+    inner: Operation = op
+    if isinstance(op, FindReferencing) and op.modality == Modality.RAW.value:
+        inner = replace(op, modality=Modality.REG.value, hop=op.hop.replace("->RAW", "->REG"))
+    unpack = UnpackMimSession(refs.sop_uid, refs.patient_id, json.dumps(inner.to_dict(), sort_keys=True),
+                              op.dedupe_key(), inner.role)
+    return _decide(refs, False, "Raw Data object (MIM session): unpacked, its RTSTRUCT/REG are judged on their "
+                   "own", [unpack])
+
+
+def _with_session_searches(decision: Decision) -> Decision:
+    """Every REG search also searches the same patient's Raw Data objects (MIM sessions carry REGs)."""
+    extra: list[Operation] = [
+        replace(o, modality=Modality.RAW.value, hop=o.hop.replace("->REG", "->RAW"))
+        for o in decision.operations if isinstance(o, FindReferencing) and o.modality == Modality.REG.value
+    ]
+    if not extra:
+        return decision
+    return replace(decision, operations=decision.operations + tuple(extra))
 
 
 # ---------------------------------------------------------------------------------------------------

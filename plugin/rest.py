@@ -38,6 +38,18 @@ def job_document(job: Job) -> dict[str, Any]:
     }
 
 
+def _state_query(request: HttpRequest, states: type[HarvestState] | type[JobState]) -> str | None:
+    """The ``?state=`` filter as the stored value (any case), or None; 400 naming the allowed ones."""
+    state = request.query.get("state") or None
+    if state is None:
+        return None
+    try:
+        return states.parse(state).value
+    except ValueError:
+        allowed = ", ".join(s.value for s in states)
+        raise ApiError(400, f"state must be one of {allowed}, got {state[:40]!r}") from None
+
+
 def build_routes(router: Router, harvests: HarvestService, queue: JobQueue, events: EventLog,
                  status: Callable[[], dict[str, Any]],
                  manifest: Callable[[str | None, str], HttpResponse] | None = None) -> None:
@@ -54,13 +66,7 @@ def build_routes(router: Router, harvests: HarvestService, queue: JobQueue, even
         # Paged, newest first: ?limit= (at most 10,000 per page) and ?offset= reach every harvest.
         limit = request.query_int("limit", 100, 1, 10_000)
         offset = request.query_int("offset", 0, 0, 1 << 62)
-        state = request.query.get("state") or None
-        if state is not None:
-            try:
-                state = HarvestState.parse(state).value
-            except ValueError:
-                allowed = ", ".join(s.value for s in HarvestState)
-                raise ApiError(400, f"state must be one of {allowed}, got {state[:40]!r}") from None
+        state = _state_query(request, HarvestState)
         found = queue.list_harvests(state=state, limit=limit, offset=offset)
         return HttpResponse.json([harvests.document(h) for h in found])
 
@@ -75,13 +81,7 @@ def build_routes(router: Router, harvests: HarvestService, queue: JobQueue, even
 
     def list_jobs(request: HttpRequest) -> HttpResponse:
         harvest = request.query.get("harvest") or None
-        state = request.query.get("state") or None
-        if state is not None:
-            try:
-                state = JobState.parse(state).value
-            except ValueError:
-                allowed = ", ".join(s.value for s in JobState)
-                raise ApiError(400, f"state must be one of {allowed}, got {state[:40]!r}") from None
+        state = _state_query(request, JobState)
         if harvest is not None:
             harvests.get(harvest)
         jobs = queue.list_jobs(harvest_id=harvest, state=state, limit=request.query_int("limit", 100, 1, 10_000),

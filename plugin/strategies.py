@@ -35,6 +35,7 @@ from .operations import (
     Operation,
     RetrieveInstance,
     RetrieveSeries,
+    UnpackMimSession,
 )
 from .references import extract
 from .sopclass import IMAGE_MODALITIES
@@ -205,6 +206,8 @@ def search_steps(op: Operation, capability: SourceCapability) -> tuple[SearchSte
         return _series_steps(op, capability)
     if isinstance(op, FindReferencing):
         return _referencing_steps(op, capability)
+    if isinstance(op, UnpackMimSession):
+        return ()  # local work: the harvester unpacks a stored session, no source is asked
     return _for_steps(op, capability)
 
 
@@ -324,7 +327,9 @@ def _series_steps(op: RetrieveSeries, cap: SourceCapability) -> tuple[SearchStep
 
 
 def _referencing_steps(op: FindReferencing, cap: SourceCapability) -> tuple[SearchStep, ...]:
-    seq = cap.sequence_return_keys
+    # A MIM session (Raw Data) keeps its REGs inside a private sequence: no return key can show what it
+    # references, so every session of the patient is a candidate.
+    seq = cap.sequence_return_keys and op.modality != "RAW"
     ret = {kw: "" for kw in CRITERION_RETURN_KEYS[op.criterion.kind]} if seq else {}
     filters = (AnswerFilter.CRITERION,) if seq else ()
     note = ("candidates with their reference sequences; keep those that match" if seq

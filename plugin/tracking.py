@@ -215,6 +215,18 @@ class Tracker:
                 rows,
             )
 
+    def expect_unless_in_flight(self, items: Sequence[Expectation], job_id: int) -> set[str]:
+        """Record the expectations of instances no other running job is moving, in one write transaction.
+
+        Returns the SOP UIDs another leased job already expects (their expectations are not recorded). The
+        check and the insert must be atomic: two jobs that both checked first and recorded after would both
+        find nothing in flight and move the same instances twice.
+        """
+        with self.db.transaction():
+            busy = self.in_flight([e.sop_uid for e in items], job_id)
+            self.expect(e for e in items if e.sop_uid not in busy)
+        return busy
+
     def expectations_for(self, sop_uid: str) -> list[Expectation]:
         """Every expectation of this instance, oldest first."""
         rows = self.db.query(
@@ -356,6 +368,17 @@ class Tracker:
         self.db.execute(
             "INSERT INTO rth_rejections (sop_uid, operation_key, reason, created_at) VALUES (?, ?, ?, ?)"
             " ON CONFLICT DO NOTHING", (sop_uid, operation_key, reason, time.time()))
+
+    def forget_rejection(self, sop_uid: str, operation_key: str) -> None:
+        """The candidate turned out to matter for this operation after all (a MIM session whose content a
+        harvest keeps): inspect it again next time."""
+        self.db.execute("DELETE FROM rth_rejections WHERE sop_uid = ? AND operation_key = ?", (sop_uid, operation_key))
+
+    def source_of(self, harvest_id: str, sop_uid: str) -> str | None:
+        """The source an object of this harvest came from, if the harvest decided on it."""
+        row = self.db.query_one("SELECT source FROM rth_objects WHERE harvest_id = ? AND sop_uid = ?",
+                                (harvest_id, sop_uid))
+        return None if row is None else str(row[0])
 
     def known_rejections(self, operation_key: str, sop_uids: Sequence[str]) -> dict[str, str]:
         """Which of ``sop_uids`` were already inspected and rejected for this operation, with why."""

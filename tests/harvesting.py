@@ -26,7 +26,11 @@ def wait_completed(api: RestClient, harvest_id: str, deadline_s: float = 240.0) 
             return doc
         time.sleep(0.5)
     errors = api.get(f"/rtharvest/log?harvest={harvest_id}&level=warning&limit=20")
-    raise AssertionError(f"harvest not completed in {deadline_s} s: {doc}\nerrors: {errors}")
+    open_jobs = [j for state in ("leased", "waiting", "pending")
+                 for j in api.get(f"/rtharvest/jobs?harvest={harvest_id}&state={state}&limit=20")]
+    recent = [e["Message"] for e in api.get(f"/rtharvest/log?harvest={harvest_id}&level=info&limit=20")]
+    raise AssertionError(f"harvest not completed in {deadline_s} s: {doc}\nerrors: {errors}\nopen jobs: {open_jobs}"
+                         f"\nrecent events: {recent}")
 
 
 def start_harvest(api: RestClient, window: Window, source: str, lookup: list[str] | None = None) -> str:
@@ -54,7 +58,8 @@ def assert_store_equals_truth(api: RestClient, window: Window) -> dict[str, str]
     extra = sorted(set(stored) & forbidden)
     assert not missing, f"{len(missing)} expected instance(s) missing, e.g. {missing[:5]}"
     assert not extra, f"{len(extra)} forbidden instance(s) collected, e.g. {extra[:5]}"
-    assert set(stored) == expected
+    unexpected = sorted(set(stored) - expected)
+    assert not unexpected, f"{len(unexpected)} unexpected instance(s) stored, e.g. {unexpected[:5]}"
     return stored
 
 

@@ -34,7 +34,9 @@ def test_shipped_config_validates_with_safe_defaults(shipped: dict) -> None:
     for modality in shipped["DicomModalities"].values():
         assert modality["AllowFind"] is False and modality["AllowMove"] is False
     names = set(shipped["UserMetadata"])
-    assert names == {"HarvestId", "HarvestSource", "HarvestJob", "HarvestHop", "HarvestedAt"}
+    # The contract's five, plus HarvestMimSession (the MIM session an unpacked REG/RTSTRUCT came from).
+    assert names == {"HarvestId", "HarvestSource", "HarvestJob", "HarvestHop", "HarvestedAt", "HarvestMimSession"}
+    assert cfg.unpack_mim_sessions is False
     assert all(index >= 1024 for index in shipped["UserMetadata"].values())
 
 

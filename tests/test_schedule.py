@@ -13,7 +13,7 @@ from rtharvest.db import Database
 from rtharvest.eventlog import EventLog
 from rtharvest.harvests import HarvestService
 from rtharvest.httpapi import ApiError
-from rtharvest.jobqueue import JobQueue
+from rtharvest.jobqueue import JobQueue, SourceLimits
 from rtharvest.schedule import Run, RunState, Schedule, ScheduleError, decide, parse_schedule, slot_at_or_before
 from rtharvest.schedules import ScheduleService
 from rtharvest.tracking import Tracker
@@ -144,11 +144,12 @@ def orthanc_config(tmp_path: Path, now: str, schedules: list[dict[str, Any]]) ->
 class Plugin:
     """The services a (re)started plugin builds on its database, as app.build_runtime wires them."""
 
-    def __init__(self, tmp_path: Path, now: str, schedules: list[dict[str, Any]]) -> None:
+    def __init__(self, tmp_path: Path, now: str, schedules: list[dict[str, Any]],
+                 limits: dict[str, SourceLimits] | None = None) -> None:
         config = load_config(orthanc_config(tmp_path, now, schedules))
         self.db = Database(str(config.database_path))
         self.db.migrate()
-        self.queue = JobQueue(self.db)
+        self.queue = JobQueue(self.db, limits=limits)
         events = EventLog(self.db)
         self.schedules = ScheduleService.from_config(config, self.db, HarvestService(config, self.queue,
                                                      Tracker(self.db), events), self.queue, events)
@@ -210,3 +211,18 @@ def test_bad_schedules_in_the_configuration_are_configuration_errors(tmp_path: P
         load_config(orthanc_config(tmp_path, "2030-01-05T01:30:00Z", [NIGHTLY, NIGHTLY]))
     with pytest.raises(ConfigError, match="ScheduleNow"):
         load_config(orthanc_config(tmp_path, "2030-01-05 01:30", [NIGHTLY]))
+
+
+def test_the_service_waits_for_the_quiet_hours_of_a_lookup_source_in_its_own_time_zone(tmp_path: Path) -> None:
+    # MIM (a lookup source) is quiet 00:00-06:00 in Zurich (23:00-05:00 UTC in winter).
+    quiet_mim = {"MIM": SourceLimits(1, (time(0, 0), time(6, 0)), ZURICH)}
+    plugin = Plugin(tmp_path, "2030-01-04T12:00:00Z", [NIGHTLY], quiet_mim)
+    plugin.schedules.clock = lambda: datetime(2030, 1, 5, 4, 59, tzinfo=UTC)  # 05:59 in Zurich: still quiet
+    plugin.schedules.tick()
+    assert plugin.queue.list_harvests() == []
+    assert plugin.schedules.document(plugin.schedules.get("nightly"))["Waiting"].startswith("waiting for the quiet")
+    plugin.schedules.clock = lambda: datetime(2030, 1, 5, 5, 1, tzinfo=UTC)  # 06:01 in Zurich
+    plugin.schedules.tick()
+    [harvest] = plugin.queue.list_harvests()
+    assert harvest.params["Window"]["To"] == "20300104"
+    plugin.db.close()

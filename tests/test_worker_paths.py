@@ -227,7 +227,7 @@ def test_instances_another_job_is_moving_are_awaited_not_moved_twice(world: Worl
     real_move = world.backend.move
 
     def slow_move(*args, **kwargs):  # type: ignore[no-untyped-def]
-        assert waiting.wait(10), "the second job never looked for in-flight instances"
+        assert waiting.wait(60), "the second job never looked for in-flight instances"
         return real_move(*args, **kwargs)
 
     world.backend.move = slow_move  # type: ignore[method-assign]
@@ -237,7 +237,7 @@ def test_instances_another_job_is_moving_are_awaited_not_moved_twice(world: Worl
     mover = threading.Thread(target=world.harvester.run, args=(first, "t:1:w0"))
     mover.start()
     world.harvester.run(second, "t:1:w1")
-    mover.join(10)
+    mover.join(60)
     assert not mover.is_alive()
     assert [lvl for lvl, _ in world.backend.moves] == [QueryLevel.SERIES]
     # Whichever recorded its expectations first moved; the other waited and planned the stored copies.

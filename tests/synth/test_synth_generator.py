@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import time
 from pathlib import Path
 
 import pydicom
@@ -152,11 +151,9 @@ def test_refuses_to_overwrite_unless_asked(tmp_path: Path) -> None:
     generate(tmp_path, options, overwrite=True)
 
 
-def test_twenty_patients_generate_in_seconds(tmp_path: Path) -> None:
-    started = time.monotonic()
+def test_twenty_patients_make_twenty_two_patients(tmp_path: Path) -> None:
+    # Generation speed is a benchmark figure (benchmarks/), never a timed test.
     truth = generate(tmp_path, SynthOptions(patients=20))
-    elapsed = time.monotonic() - started
-    assert elapsed < 20, f"20-patient clinic took {elapsed:.1f} s"
     assert len({o.patient_id for o in truth.objects.values()}) == 22  # + phantom + non-RT patient
 
 
