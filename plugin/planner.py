@@ -137,11 +137,19 @@ def month_chunks(date_from: str | None, date_to: str | None) -> list[tuple[str, 
     lo = date(int(date_from[:4]), int(date_from[4:6]), int(date_from[6:]))
     end = date(int(date_to[:4]), int(date_to[4:6]), int(date_to[6:]))
     while lo <= end:
-        next_month = (lo.replace(day=1) + timedelta(days=32)).replace(day=1)
+        if lo.year == date.max.year and lo.month == 12:  # DA allows 9999-12: no month after it
+            chunks.append((_da(lo), _da(end)))
+            break
+        next_month = date(lo.year + lo.month // 12, lo.month % 12 + 1, 1)
         hi = min(end, next_month - timedelta(days=1))
-        chunks.append((lo.strftime("%Y%m%d"), hi.strftime("%Y%m%d")))
+        chunks.append((_da(lo), _da(hi)))
         lo = next_month
     return chunks
+
+
+def _da(day: date) -> str:
+    # strftime("%Y") drops leading zeros of years before 1000 on glibc; DICOM DA needs all eight digits.
+    return f"{day.year:04d}{day.month:02d}{day.day:02d}"
 
 
 def plan_arrival(arrival: Arrival, ctx: HarvestContext) -> Decision:

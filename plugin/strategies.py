@@ -262,8 +262,10 @@ def look_back(day: str | None, days: int) -> str:
     """``day`` (YYYYMMDD) minus ``days``; ``""`` for an open bound."""
     if not day:
         return ""
-    start = date(int(day[:4]), int(day[4:6]), int(day[6:])) - timedelta(days=days)
-    return start.strftime("%Y%m%d")
+    end = date(int(day[:4]), int(day[4:6]), int(day[6:]))
+    # Clamped at 0001-01-01: a window starting at the beginning of the calendar has nothing before it.
+    start = end - timedelta(days=days) if (end - date.min).days > days else date.min
+    return f"{start.year:04d}{start.month:02d}{start.day:02d}"
 
 
 def record_discovery_bound(cap: SourceCapability, window_dated: bool, patient_list: bool,

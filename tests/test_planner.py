@@ -542,3 +542,15 @@ def test_patient_window() -> None:
     res = simulate_harvest(m.datasets(), HarvestWindow(None, None, (m.patient,)), cap)
     assert res.collected == (m.expected_2020() | m.expected_2023()) - {m.qa_plan.SOPInstanceUID,
                                                                        m.qa_record.SOPInstanceUID}
+
+
+def test_month_chunks_at_the_ends_of_the_calendar() -> None:
+    from rtharvest.planner import month_chunks
+    from rtharvest.strategies import look_back
+
+    assert month_chunks("99991215", "99991231") == [("99991215", "99991231")]
+    assert month_chunks("99991130", "99991231") == [("99991130", "99991130"), ("99991201", "99991231")]
+    assert month_chunks("00010101", "00010215") == [("00010101", "00010131"), ("00010201", "00010215")]
+    assert month_chunks("20241215", "20250110") == [("20241215", "20241231"), ("20250101", "20250110")]
+    assert look_back("00010110", 90) == "00010101"
+    assert look_back("20240301", 1) == "20240229"

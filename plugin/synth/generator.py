@@ -64,6 +64,7 @@ generator's own facts, following docs/harvest-rules.md).
 
 from __future__ import annotations
 
+import json
 import math
 import random
 import shutil
@@ -966,7 +967,8 @@ def generate_with_knowledge(out_dir: Path, options: SynthOptions, *,
             "Name": "rtharvest.synth",
             "Version": GENERATOR_VERSION,
             "Seed": options.seed,
-            "Options": asdict(options),
+            # Through JSON so the in-memory truth equals the one read back (tuples become lists).
+            "Options": json.loads(json.dumps(asdict(options))),
         },
         objects=objects,
         traps=clinic.traps,

@@ -41,9 +41,11 @@ def test_converted_mosaiq_clinic_harvests_to_ground_truth(tmp_path: Path) -> Non
         report = json.loads(report_path.read_text())
         assert code == 0 and report["Sent"] == len(truth.records), report["Errors"]
 
+        # Converted records sit in their plan's study, whose StudyDate is the planning date (often months before
+        # the fractions): the auxiliary Orthanc is asked by TreatmentDate, which it matches, not by StudyDate.
         harvester = start_harvester(tmp_path / "harvester", harvest_port, {"AUXPACS": aux}, overrides={
             "RtHarvest.Sources.AUXPACS": {"Backend": "orthanc", "QueryModel": "relational",
-                                          "InstanceReturnKeys": True}})
+                                          "InstanceReturnKeys": True, "RecordDiscovery": "TreatmentDate"}})
         api = RestClient(harvester.url, harvester.credentials)
         window = truth.window("all")
         harvest_id = start_harvest(api, window, "AUXPACS")  # type: ignore[arg-type]  # a MosaiqWindow has the same fields
