@@ -2,7 +2,7 @@
 
 A benchmark that prints, not a test:
 
-    .venv/bin/python benchmarks/ingest_overhead.py [--quick] [--instances 300] [--rounds 5]
+    .venv/bin/python benchmarks/ingest_overhead.py [--quick] [--instances 300] [--rounds 5] [--baseline DIR]
 
 Two Orthancs run side by side from the same ``docker/orthanc.json`` through the same launcher, one with
 the plugin and one without (``plugin=False``: no Python plugin at all); everything else is identical
@@ -11,10 +11,14 @@ the plugin and one without (``plugin=False``: no Python plugin at all); everythi
 emptied over REST so that every run stores new instances. The figure is the ratio of the median
 throughputs (goal: the plugin costs ≤ 10 %).
 
+``--baseline DIR``: a third Orthanc loads the plugin from another copy of the package (``DIR/rtharvest``,
+e.g. ``git archive main plugin`` unpacked and renamed) and runs in the same rounds, so a change is
+measured against the code before it side by side, on the same load.
+
 What the plugin does per instance here is its OnStoredInstance path for an arrival no harvest expects
-(parse the header, look up expectations in SQLite, count it); an expected arrival additionally runs the
-planner and commits a decision — that path is measured in the harvest (harvest_vs_wire.py) and the
-scale simulation (scale_simulation.py).
+(read the SOPInstanceUID, look up expectations in SQLite, count it; the header is inspected for problems
+on the ingest thread once arrivals pause); an expected arrival is decided on the ingest thread too — that
+path is measured in the harvest (harvest_vs_wire.py) and the scale simulation (scale_simulation.py).
 """
 
 from __future__ import annotations
@@ -25,12 +29,14 @@ import os
 import shutil
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 from _common import DEFAULT_CONFIG, HARVEST_AET, LOCALHOST, OrthancProcess, RestClient, Results, machine
 
+from rtharvest.launcher import plugin_environment
 from rtharvest.synth.generator import SynthOptions, generate
 from rtharvest.synth.groundtruth import GroundTruth
 from rtharvest.synth.loader import dicom_files
@@ -64,6 +70,54 @@ def store(server: OrthancProcess, files: list[Path]) -> float:
     return seconds
 
 
+# The OnStoredInstance handler alone, in a plain Python process (no Orthanc, no other load on its thread):
+# the CPU time of the calling thread per unexpected arrival is what the C-STORE path pays in Python, apart
+# from GetInstanceData's copy and the plugin's thread-state set-up (the same for every version).
+_CALLBACK_PROBE = r"""
+import json, sys, tempfile, time
+from pathlib import Path
+from rtharvest.db import Database
+from rtharvest.eventlog import EventLog
+from rtharvest.ingest import Ingest
+from rtharvest.jobqueue import JobQueue
+from rtharvest.tracking import Tracker
+files = [Path(p).read_bytes() for p in sys.argv[2:]]
+with tempfile.TemporaryDirectory() as tmp:
+    db = Database(str(Path(tmp) / "q.sqlite"))
+    db.migrate()
+    ingest = Ingest(db, JobQueue(db), Tracker(db), EventLog(db), lambda h: None, lambda a: None)
+    if hasattr(ingest, "start"):
+        ingest.start()  # as the plugin runs it (the harvester starts the ingest thread)
+    for i, data in enumerate(files[:20]):
+        ingest.on_stored(f"warm-{i}", data, "BENCHSCU")
+    cpu = []
+    for r in range(int(sys.argv[1])):
+        t0 = time.thread_time()
+        for i, data in enumerate(files):
+            ingest.on_stored(f"{r}-{i}", data, "BENCHSCU")
+        cpu.append((time.thread_time() - t0) / len(files))
+    if hasattr(ingest, "stop"):
+        ingest.stop()
+print(json.dumps(cpu))
+"""
+
+
+def callback_cpu_us(files: list[Path], passes: int, env: dict[str, str] | None) -> list[float]:
+    """CPU µs per call of the OnStoredInstance handler on its own thread, one figure per pass."""
+    done = subprocess.run([sys.executable, "-c", _CALLBACK_PROBE, str(passes), *map(str, files)],
+                          env=dict(os.environ, **(env or {})), capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"callback probe failed: {done.stderr.strip()[-800:]}")
+    return [v * 1e6 for v in json.loads(done.stdout.strip().splitlines()[-1])]
+
+
+def cpu_seconds(server: OrthancProcess) -> float:
+    """CPU time (user + system) the server's process has used so far: less sensitive to other load than
+    wall time, and it includes work done off the C-STORE path."""
+    fields = Path(f"/proc/{server.pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def empty(api: RestClient) -> None:
     for patient in api.get("/patients"):
         api.request("DELETE", f"/patients/{patient}")
@@ -75,6 +129,7 @@ def main() -> None:
     ap.add_argument("--instances", type=int, default=None, help="instances per run (default 300)")
     ap.add_argument("--rounds", type=int, default=None, help="runs per server (default 5)")
     ap.add_argument("--workdir", default=None)
+    ap.add_argument("--baseline", default=None, help="a directory holding another rtharvest package to measure too")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     count = args.instances or (150 if args.quick else 300)
@@ -94,21 +149,33 @@ def main() -> None:
         print(f"{len(files)} instances, {size / 1e6:.0f} MB per run", flush=True)
         sender = {"AET": SENDER_AET, "Host": LOCALHOST, "Port": 1, "AllowEcho": True, "AllowFind": False,
                   "AllowMove": False, "AllowGet": False, "AllowStore": True}
-        for name, plugin in (("plugin", True), ("plain", False)):
+        kinds: list[tuple[str, bool, dict[str, str] | None]] = [("plugin", True, None), ("plain", False, None)]
+        base_env: dict[str, str] | None = None
+        if args.baseline:
+            base = Path(args.baseline).resolve()
+            if not (base / "rtharvest" / "__init__.py").is_file():
+                raise SystemExit(f"--baseline: {base}/rtharvest is not a package")
+            site = plugin_environment()["PYTHONPATH"]
+            base_env = {"PYTHONPATH": os.pathsep.join((str(base), site))}
+            kinds.append(("baseline", True, base_env))
+        for name, plugin, env in kinds:
             run_dir = workdir / f"orthanc-{name}"
             shutil.rmtree(run_dir, ignore_errors=True)
             servers[name] = OrthancProcess(run_dir, DEFAULT_CONFIG, aet=HARVEST_AET, modalities={"BENCH": sender},
-                                           plugin=plugin).start()
+                                           plugin=plugin, env=env).start()
         apis = {name: RestClient(s.url, s.credentials) for name, s in servers.items()}
-        if "Plugin" not in apis["plugin"].get("/rtharvest/status"):
-            raise SystemExit("the plugin did not load")
+        for name in ("plugin", "baseline"):
+            if name in apis and "Plugin" not in apis[name].get("/rtharvest/status"):
+                raise SystemExit(f"the plugin did not load ({name})")
         # One warm-up store each (first-run caches, SQLite files), not counted.
         for name, server in servers.items():
             store(server, files[:20])
             empty(apis[name])
-        times: dict[str, list[float]] = {"plugin": [], "plain": []}
+        times: dict[str, list[float]] = {name: [] for name in servers}
+        cpu0 = {name: cpu_seconds(server) for name, server in servers.items()}
         for r in range(rounds):
-            order = ("plugin", "plain") if r % 2 == 0 else ("plain", "plugin")
+            names = list(servers)
+            order = names[r % len(names):] + names[:r % len(names)]  # each goes first in turn
             for name in order:
                 seconds = store(servers[name], files)
                 stored = apis[name].get("/statistics")["CountInstances"]
@@ -116,19 +183,44 @@ def main() -> None:
                     raise SystemExit(f"{name}: {stored} of {len(files)} stored")
                 times[name].append(seconds)
                 empty(apis[name])
-            print(f"round {r + 1}: with plugin {len(files) / times['plugin'][-1]:6.1f} inst/s, "
-                  f"without {len(files) / times['plain'][-1]:6.1f} inst/s", flush=True)
+            print(f"round {r + 1}: " + ", ".join(f"{name} {len(files) / times[name][-1]:6.1f} inst/s"
+                                                 for name in servers)
+                  + f"; plugin cost this round {1 - times['plain'][-1] / times['plugin'][-1]:.1%}", flush=True)
+        time.sleep(1.0)  # work deferred until arrivals pause (the plugin's inspection) is counted too
+        cpu_ms = {name: (cpu_seconds(server) - cpu0[name]) * 1000 / (rounds * len(files))
+                  for name, server in servers.items()}
         arrivals = apis["plugin"].get("/rtharvest/status").get("Arrivals")
-        with_plugin = len(files) / statistics.median(times["plugin"])
-        without = len(files) / statistics.median(times["plain"])
+        rate = {name: len(files) / statistics.median(t) for name, t in times.items()}
+        with_plugin, without = rate["plugin"], rate["plain"]
+        costs = sorted(1 - p / q for p, q in zip(times["plain"], times["plugin"], strict=True))
         print("\n-- figures --")
         print(f"  with plugin {with_plugin:.1f} inst/s ({with_plugin * size / len(files) / 1e6:.1f} MB/s), without "
               f"{without:.1f} inst/s ({without * size / len(files) / 1e6:.1f} MB/s); median of {rounds}; "
-              f"plugin counted {arrivals} arrivals")
+              f"plugin counted {arrivals} arrivals; per-round cost {costs[0]:.1%} .. {costs[-1]:.1%}")
         results.add("instances", len(files))
         results.add("with_plugin_per_s", round(with_plugin, 1))
         results.add("without_plugin_per_s", round(without, 1))
         results.add("rounds", rounds)
+        print("  Orthanc CPU per instance (store + delete, whole run): "
+              + ", ".join(f"{name} {ms:.2f} ms" for name, ms in cpu_ms.items())
+              + "; plugin adds " + ", ".join(f"{name} {cpu_ms[name] - cpu_ms['plain']:+.2f} ms"
+                                            for name in cpu_ms if name != "plain"))
+        for name, ms in cpu_ms.items():
+            results.add(f"cpu_ms_per_instance_{name}", round(ms, 3))
+        results.add("per_round_cost_min_max", [round(costs[0], 3), round(costs[-1], 3)])
+        if "baseline" in rate:
+            base_costs = sorted(1 - p / q for p, q in zip(times["plain"], times["baseline"], strict=True))
+            print(f"  baseline plugin {rate['baseline']:.1f} inst/s: cost {1 - rate['baseline'] / without:.1%} "
+                  f"(per round {base_costs[0]:.1%} .. {base_costs[-1]:.1%})")
+            results.add("baseline_per_s", round(rate["baseline"], 1))
+            results.add("baseline_cost", round(1 - rate["baseline"] / without, 3))
+        probes = {"plugin": callback_cpu_us(files, rounds, None)}
+        if base_env is not None:
+            probes["baseline"] = callback_cpu_us(files, rounds, base_env)
+        print("  OnStoredInstance handler alone, CPU of its thread per unexpected arrival: " + ", ".join(
+            f"{name} median {statistics.median(v):.0f} µs ({min(v):.0f}..{max(v):.0f})" for name, v in probes.items()))
+        for name, v in probes.items():
+            results.add(f"callback_cpu_us_{name}", round(statistics.median(v)))
         results.goal("plugin cost (1 - with/without)", 1 - with_plugin / without, 0.10, "{:.1%}",
                      bound="OnStoredInstance work per instance (see README profile)")
         results.write(args.json)

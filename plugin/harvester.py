@@ -189,6 +189,7 @@ class Harvester:
         t = threading.Thread(target=self._maintenance_loop, name="rtharvest-maintenance", daemon=True)
         t.start()
         self._threads.append(t)
+        self.ingest.start()  # arrivals are decided off the C-STORE path from now on
 
     def stop(self, timeout: float = 30.0) -> None:
         """Ask every thread to stop and join them (running jobs finish their current DIMSE call)."""
@@ -198,6 +199,7 @@ class Harvester:
         for t in self._threads:
             t.join(max(0.1, deadline - time.monotonic()))
         self._threads = [t for t in self._threads if t.is_alive()]
+        self.ingest.stop(max(0.1, deadline - time.monotonic()))
 
     def wake(self) -> None:
         """New work was enqueued: let idle workers look now."""
@@ -586,10 +588,12 @@ class Harvester:
         """Which of ``uids`` arrived; every one that did has a decision of this harvest when this returns.
 
         OnStoredInstance runs before the C-STORE response, so once the move returned every delivered
-        instance is in the store and was seen by ingest. One stored without a decision means ingest failed
-        for it (a busy database, a bug) or could not parse it: it is planned from the store now, so the
-        chain goes on; if that fails too, the job fails with the reason instead of completing silently.
+        instance is in the store and was seen by ingest, whose thread decides it: ``settle`` waits for that.
+        One stored without a decision means ingest failed for it (a busy database, a bug) or could not
+        parse it: it is planned from the store now, so the chain goes on; if that fails too, the job fails
+        with the reason instead of completing silently.
         """
+        self.ingest.settle(self.sources[target.source].move_timeout)
         decided = {uid for uid in uids if self.tracker.has_object(job.harvest_id, uid)}
         undecided = {uid: oid for uid in uids if uid not in decided and (oid := self.store.lookup(uid)) is not None}
         if not undecided:

@@ -1,9 +1,17 @@
 """The OnStoredInstance path: attribute an arriving object, let the planner decide, enqueue the next hops.
 
-Runs on Orthanc's C-STORE thread, before the C-STORE response is sent, so it does only local work:
-parse the header (no pixels), one indexed look-up of who expected the instance, the planner (pure), and
-one SQLite transaction recording the decision, the follow-up jobs and the provenance to write. It never
-issues a network operation and never calls ``orthanc.*`` (metadata and deletions are done by workers).
+Orthanc sends the C-STORE response only after OnStoredInstance returns, and plugin 4.0 holds the GIL for
+the whole callback, so :meth:`Ingest.on_stored` does as little as it can there: it reads the dataset's
+SOPInstanceUID (the file meta and a few elements, never the whole header) and makes one indexed look-up
+of who expects the instance. Everything else runs on the ingest thread (:meth:`Ingest.start`): parsing
+the header, the planner (pure), and the SQLite transaction recording the decision, the follow-up jobs
+and the provenance to write. Nothing here issues a network operation or calls ``orthanc.*``.
+
+Guarantees kept from the synchronous design: every expected arrival gets a decision before the job that
+moved it checks (:meth:`Ingest.settle`, called by the worker once its move returned); a decision that
+fails is logged with harvest and job and the worker plans the instance from the store; an arrival no
+harvest expects is inspected for header problems when arrivals pause (or counted as not inspected when
+the backlog is full). Without the thread (tests, start-up) everything runs inline, as before.
 
 The same :meth:`Ingest.process` plans from a local copy when a worker finds that an object it was about
 to retrieve is already stored: a re-harvest continues the chain without moving a byte.
@@ -11,8 +19,10 @@ to retrieve is already stored: a re-harvest continues the chain without moving a
 
 from __future__ import annotations
 
+import collections
 import logging
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -22,7 +32,7 @@ from .eventlog import EventLog, Level
 from .jobqueue import EnqueueItem, JobQueue
 from .operations import FindReferencing, FindTreatmentRecords, Operation, operation_from_dict
 from .planner import Arrival, HarvestContext, plan_arrival
-from .references import ObjectRefs, ProblemCode, extract_from_bytes
+from .references import ObjectRefs, ProblemCode, extract_from_bytes, peek_sop_instance_uid
 from .tracking import Decision, Expectation, ObjectRecord, Tracker
 
 log = logging.getLogger("rtharvest.ingest")
@@ -101,8 +111,26 @@ def _event_level(keep: bool, candidate: bool, image: bool, moved: bool) -> Level
     return Level.INFO if moved and not image else None
 
 
+@dataclass(frozen=True)
+class _Arrival:
+    """A stored instance waiting for the ingest thread (``expectations`` empty: only to inspect)."""
+
+    orthanc_id: str
+    data: bytes
+    remote_aet: str
+    sop_uid: str
+    expectations: tuple[Expectation, ...]
+
+
 class Ingest:
     """Turns arrivals into decisions and follow-up jobs."""
+
+    #: Bytes of arrivals the ingest thread may hold; past it an expected arrival is decided on the C-STORE
+    #: path (as without the thread) and an unexpected one is not inspected (counted in the report).
+    MAX_BACKLOG_BYTES = 128 * 1024 * 1024
+    #: Unexpected arrivals are inspected once no arrival came for this long (a push of a whole study
+    #: must not compete with its own C-STOREs for the GIL).
+    INSPECT_AFTER_QUIET_S = 0.2
 
     def __init__(self, db: Database, queue: JobQueue, tracker: Tracker, events: EventLog,
                  routing_of: Callable[[str], HarvestRouting | None], source_of_aet: Callable[[str], str | None],
@@ -118,38 +146,205 @@ class Ingest:
         self._lock = threading.Lock()
         self.arrivals = 0
         self.unsolicited = 0
-        #: Arrivals whose decision could not be recorded on the C-STORE path (see :meth:`on_stored`).
+        #: Arrivals whose decision could not be recorded on arrival (see :meth:`_decide`).
         self.failures = 0
+        #: Unexpected arrivals not inspected for header problems because the backlog was full.
+        self.uninspected = 0
         self._reported_unsolicited = 0
+        self._reported_uninspected = 0
         self._planned_series: set[tuple[str, str, str]] = set()
         #: Called after follow-up jobs were committed (the harvester wakes its idle workers).
         self.on_enqueue: Callable[[], None] | None = None
         self._last_unsolicited_from = ""
+        # The backlog of the ingest thread: expected arrivals (decided first, in order) and unexpected
+        # ones to inspect. ``_queued``/``_done`` count expected arrivals, for settle().
+        self._cond = threading.Condition(self._lock)
+        self._expected: collections.deque[_Arrival] = collections.deque()
+        self._to_inspect: collections.deque[_Arrival] = collections.deque()
+        self._backlog_bytes = 0
+        self._queued = 0
+        self._done = 0
+        self._last_arrival = 0.0
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+
+    # -- the ingest thread --------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the ingest thread: from now on arrivals are decided off the C-STORE path."""
+        with self._lock:
+            if self._thread is not None and self._thread.is_alive():
+                return
+            self._stopping = False
+            self._thread = threading.Thread(target=self._loop, name="rtharvest-ingest", daemon=True)
+            self._thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Decide what is waiting (inspections are dropped), then stop the thread; later arrivals run inline."""
+        with self._cond:
+            thread = self._thread
+            self._stopping = True
+            self._cond.notify_all()
+        if thread is not None:
+            thread.join(timeout)
+        with self._lock:
+            if self._thread is thread and (thread is None or not thread.is_alive()):
+                self._thread = None
+
+    @property
+    def running(self) -> bool:
+        """Whether arrivals are decided on the ingest thread."""
+        thread = self._thread
+        return thread is not None and thread.is_alive() and not self._stopping
+
+    def settle(self, timeout: float = 60.0) -> bool:
+        """Wait until every expected arrival stored so far has its decision (or failed trying).
+
+        A worker calls this once its move returned: every instance the move delivered went through
+        OnStoredInstance by then, so it is decided or waiting here. False if the deadline passed.
+        """
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            target = self._queued
+            while self._done < target:
+                left = deadline - time.monotonic()
+                if left <= 0 or self._thread is None or not self._thread.is_alive():
+                    return self._done >= target
+                self._cond.wait(min(left, 1.0))
+        return True
+
+    def _defer(self, arrival: _Arrival) -> bool:
+        """Hand ``arrival`` to the ingest thread; False when it is not running or the backlog is full."""
+        with self._cond:
+            if (self._thread is None or self._stopping or not self._thread.is_alive()
+                    or self._backlog_bytes + len(arrival.data) > self.MAX_BACKLOG_BYTES):
+                return False
+            self._backlog_bytes += len(arrival.data)
+            if arrival.expectations:
+                self._expected.append(arrival)
+                self._queued += 1
+                self._cond.notify_all()
+            else:
+                # No wake-up: inspection waits for a pause anyway, and waking the thread per arrival would
+                # make it compete with the C-STORE callbacks for the GIL.
+                self._to_inspect.append(arrival)
+        return True
+
+    def _next(self) -> _Arrival | None:
+        """The next arrival to work on; None when the thread should stop."""
+        with self._cond:
+            while True:
+                if self._expected:
+                    return self._expected.popleft()
+                if self._stopping:
+                    self._backlog_bytes -= sum(len(a.data) for a in self._to_inspect)
+                    self._to_inspect.clear()
+                    return None
+                if self._to_inspect:
+                    quiet = time.monotonic() - self._last_arrival
+                    if quiet >= self.INSPECT_AFTER_QUIET_S:
+                        return self._to_inspect.popleft()
+                    self._cond.wait(self.INSPECT_AFTER_QUIET_S - quiet)
+                else:
+                    self._cond.wait(self.INSPECT_AFTER_QUIET_S)  # unexpected arrivals come without a wake-up
+
+    def _loop(self) -> None:
+        while (arrival := self._next()) is not None:
+            try:
+                if arrival.expectations:
+                    self._decide(arrival)
+                else:
+                    self._inspect(arrival)
+            except Exception:  # _decide/_inspect log their own failures; this keeps the thread alive
+                log.exception("ingest thread failed on stored instance %s", arrival.orthanc_id)
+            finally:
+                with self._cond:
+                    self._backlog_bytes -= len(arrival.data)
+                    if arrival.expectations:
+                        self._done += 1
+                    self._cond.notify_all()
+
+    # -- arrivals -----------------------------------------------------------------------------------
 
     def on_stored(self, orthanc_id: str, data: bytes, remote_aet: str) -> None:
-        """OnStoredInstance: parse, attribute, plan, enqueue (never raises; a failure is logged with the
-        harvest and job that expected the instance)."""
-        refs = extract_from_bytes(data)
-        source = (self._source_of_aet(remote_aet) if remote_aet else None) or remote_aet or None
-        if not refs.sop_uid:
-            self.events.write(Level.WARNING, "ingest", f"stored instance {orthanc_id} is unreadable: "
-                              + _problem_summary(refs), source=source)
+        """OnStoredInstance: identify the arrival and hand it to the ingest thread (never raises; a failure
+        is logged with the harvest and job that expected the instance)."""
+        sop_uid = peek_sop_instance_uid(data)
+        if sop_uid is None:
+            # No usable SOPInstanceUID where it belongs: the whole header says what is wrong (rare).
+            self._on_stored_parsed(orthanc_id, data, remote_aet)
             return
-        expectations = self.tracker.expectations_for(refs.sop_uid)
+        expectations = tuple(self.tracker.expectations_for(sop_uid))
         with self._lock:
+            self._last_arrival = time.monotonic()
             self.arrivals += 1
-        if not expectations:
-            with self._lock:
+            if not expectations:
                 self.unsolicited += 1
                 self._last_unsolicited_from = remote_aet
-            if refs.problems:
-                self.events.write(Level.WARNING, "ingest", f"instance {orthanc_id} arrived that no harvest expects;"
-                                  f" its header has problems: {_problem_summary(refs)}", sop_uid=refs.sop_uid,
-                                  source=source)
-            # Well-formed ones are counted, not logged one by one: a clinic pushing a study must not cost a
-            # database write per image on the C-STORE path. The maintenance thread reports the count.
+        arrival = _Arrival(orthanc_id, data, remote_aet, sop_uid, expectations)
+        if self._defer(arrival):
             return
+        if expectations:
+            self._decide(arrival)
+        elif self.running:
+            with self._lock:
+                self.uninspected += 1  # the backlog is full: count, do not parse on the C-STORE path
+        else:
+            self._inspect(arrival)
+
+    def _on_stored_parsed(self, orthanc_id: str, data: bytes, remote_aet: str) -> None:
+        """The arrival whose identity only the whole header gives: parse, then decide or report, inline."""
+        refs = extract_from_bytes(data)
+        if not refs.sop_uid:
+            self._report_unreadable(orthanc_id, refs, remote_aet)
+            return
+        expectations = tuple(self.tracker.expectations_for(refs.sop_uid))
+        with self._lock:
+            self.arrivals += 1
+            if not expectations:
+                self.unsolicited += 1
+                self._last_unsolicited_from = remote_aet
+        if expectations:
+            self._decide(_Arrival(orthanc_id, data, remote_aet, refs.sop_uid, expectations), refs)
+        else:
+            self._report_problems(orthanc_id, refs, remote_aet)
+
+    def _source(self, remote_aet: str) -> str | None:
+        return (self._source_of_aet(remote_aet) if remote_aet else None) or remote_aet or None
+
+    def _report_unreadable(self, orthanc_id: str, refs: ObjectRefs, remote_aet: str) -> None:
+        self.events.write(Level.WARNING, "ingest", f"stored instance {orthanc_id} is unreadable: "
+                          + _problem_summary(refs), source=self._source(remote_aet))
+
+    def _report_problems(self, orthanc_id: str, refs: ObjectRefs, remote_aet: str) -> None:
+        # Well-formed unexpected arrivals are counted, not logged one by one: the maintenance thread
+        # reports the count (report_unsolicited).
+        if refs.problems:
+            self.events.write(Level.WARNING, "ingest", f"instance {orthanc_id} arrived that no harvest expects;"
+                              f" its header has problems: {_problem_summary(refs)}", sop_uid=refs.sop_uid,
+                              source=self._source(remote_aet))
+
+    def _inspect(self, arrival: _Arrival) -> None:
+        """An arrival no harvest expects: say so if its header has problems."""
+        refs = extract_from_bytes(arrival.data)
+        if not refs.sop_uid:
+            self._report_unreadable(arrival.orthanc_id, refs, arrival.remote_aet)
+        else:
+            self._report_problems(arrival.orthanc_id, refs, arrival.remote_aet)
+
+    def _decide(self, arrival: _Arrival, refs: ObjectRefs | None = None) -> None:
+        """Parse the header and decide for every harvest that expects the arrival (never raises)."""
+        orthanc_id, expectations = arrival.orthanc_id, arrival.expectations
+        sop_uid = arrival.sop_uid
         try:
+            if refs is None:
+                refs = extract_from_bytes(arrival.data)
+            if not refs.sop_uid:
+                # Unreadable past its identity: the job that moved it plans it from the store (and fails
+                # with the parser's reason if that cannot decide either).
+                self._report_unreadable(orthanc_id, refs, arrival.remote_aet)
+                return
+            sop_uid = refs.sop_uid
             self.process(refs, orthanc_id, expectations, moved=True)
         except Exception as exc:
             # Orthanc keeps the instance whatever happens here (the callback cannot refuse it), so a failed
@@ -161,8 +356,8 @@ class Ingest:
             for exp in expectations:
                 log.error("ingest of stored instance %s failed (%s: %s); the job that moved it plans it from "
                           "the store", orthanc_id, type(exc).__name__, exc,
-                          extra={"harvest_id": exp.harvest_id, "job_id": exp.job_id, "sop_uid": refs.sop_uid,
-                                 "series_uid": refs.series_uid, "component": "ingest"})
+                          extra={"harvest_id": exp.harvest_id, "job_id": exp.job_id, "sop_uid": sop_uid,
+                                 "series_uid": refs.series_uid if refs else None, "component": "ingest"})
 
     def _series_planned(self, exp: Expectation, refs: ObjectRefs, op: Operation) -> bool:
         """True when another image of this series, wanted by the same operation, was planned already.
@@ -188,12 +383,18 @@ class Ingest:
         with self._lock:
             new = self.unsolicited - self._reported_unsolicited
             self._reported_unsolicited = self.unsolicited
+            skipped = self.uninspected - self._reported_uninspected
+            self._reported_uninspected = self.uninspected
             aet = self._last_unsolicited_from
         if new:
             source = self._source_of_aet(aet) if aet else None
             origin = f"last from {source or aet}" if aet else "last through the REST API"
             self.events.write(Level.INFO, "ingest", f"{new} instance(s) arrived that no harvest expected ({origin});"
                               " stored by Orthanc, not part of any harvest", source=source)
+        if skipped:
+            self.events.write(Level.WARNING, "ingest", f"{skipped} instance(s) that no harvest expected were not "
+                              "checked for header problems: they arrived faster than the ingest thread could "
+                              "inspect them")
 
     def process(self, refs: ObjectRefs, orthanc_id: str | None, expectations: Sequence[Expectation],
                 moved: bool) -> list[tuple[str, bool]]:

@@ -132,8 +132,10 @@ class SessionUnpacker:
             if orthanc_id is None:
                 buffer = BytesIO()
                 obj.dataset.save_as(buffer, enforce_file_format=True)
-                # OnStoredInstance plans it before this call returns (the expectation names this job).
+                # OnStoredInstance queues it before this call returns (the expectation names this job) and the
+                # ingest thread plans it: settle waits for that.
                 orthanc_id = self.store.upload(buffer.getvalue())
+                self.ingest.settle()
                 stored += 1
                 planned = self.tracker.has_object(job.harvest_id, obj.sop_uid)
             else:
