@@ -241,3 +241,16 @@ def test_retain_options_keep_what_they_name(clinic: Clinic) -> None:
     # A retained institution is not PHI to the scan; everything else still is.
     values = phi_values([ds], Profile(institution=True))
     assert "InstitutionName" not in values.values() and scan_for_phi(kept, values) == []
+
+
+def test_phi_scan_matches_whole_values_not_digits_inside_uids() -> None:
+    """A numeric accession number or birth date inside the random digits of a ``2.25.`` UID is not PHI
+    (substring matching failed a clean export every few runs); the same value as a token of free text is."""
+    values = {"0010001": "AccessionNumber", "19660509": "PatientBirthDate", "SYN001": "PatientID"}
+    ds = Dataset()
+    ds.SOPInstanceUID = "2.25.31900100017766195566050912345678901234"
+    ds.StudyInstanceUID = "2.25.1"
+    ds.SeriesDescription = "SYN001X"  # a longer token is another value
+    assert scan_for_phi(ds, values) == []
+    ds.StudyDescription = "plan of syn001, acc 0010001 (dob 19660509)"
+    assert {h.kind for h in scan_for_phi(ds, values)} == {"PatientID", "AccessionNumber", "PatientBirthDate"}

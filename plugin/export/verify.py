@@ -183,10 +183,21 @@ _WORD = re.compile(r"[A-Z0-9]+")
 _BINARY_VRS = frozenset({"OB", "OW", "OF", "OD", "OL", "OV", "UN"})
 
 
+def _token_pattern(needle: str) -> re.Pattern[str]:
+    return re.compile(r"(?<![A-Z0-9])" + re.escape(needle) + r"(?![A-Z0-9])")
+
+
 def scan_for_phi(ds: Dataset, values: Mapping[str, str]) -> list[PhiHit]:
-    """Every string element, at any depth, that contains one of ``values`` (case-insensitive)."""
+    """Every string element, at any depth, that contains one of ``values`` (case-insensitive).
+
+    A value counts only as a whole token: not preceded or followed by a letter or digit. ``SYN001`` in
+    ``"plan of SYN001."`` is a hit; the accession number ``0010001`` inside the 39 random digits of a
+    ``2.25.`` UID (or a birth date inside a decimal string) is not: with thousands of UIDs in an export,
+    substring matching of short numeric values fails a clean export every few runs.
+    """
     hits: list[PhiHit] = []
     sop = str(ds.get("SOPInstanceUID", ""))
+    patterns = {needle: _token_pattern(needle) for needle in values}
 
     def visit(dataset: Dataset, path: str) -> None:
         for elem in dataset:
@@ -201,7 +212,8 @@ def scan_for_phi(ds: Dataset, values: Mapping[str, str]) -> list[PhiHit]:
                 text = str(v).upper()
                 words = set(_WORD.findall(text))
                 for needle, kind in values.items():
-                    if (needle in words) if kind.endswith(":component") else (needle in text):
+                    if (needle in words) if kind.endswith(":component") else \
+                            (needle in text and patterns[needle].search(text) is not None):
                         hits.append(PhiHit(sop, name, kind))
 
     visit(ds, "")
