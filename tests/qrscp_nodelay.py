@@ -4,14 +4,22 @@ The dcmtk peers in these tests run with ``TCP_NODELAY=1`` (PLATFORM.md); pynetdi
 and with Nagle on each of its DIMSE messages waits ~40 ms for a delayed ACK. This wrapper only sets the
 socket option, then runs the unmodified application: ``python tests/qrscp_nodelay.py -c qrscp.ini``.
 With ``QRSCP_PATIENT_ID_NOCASE=1`` it also matches PatientID case-insensitively, as some PACS do.
+With ``QRSCP_MOVE_DELAY=<seconds>`` each sub-operation of a C-MOVE of several instances waits that long
+before its C-STORE (a slow source that keeps sending pending responses); with ``QRSCP_MOVE_LOG=<path>``
+every C-MOVE request is appended there as one JSON line (level, UIDs, sub-operations, start and end
+time), so a test counts the moves the source itself received.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import runpy
 import socket
 import sys
+import threading
+import time
+from collections.abc import Iterator
 from typing import Any
 
 from pynetdicom import transport
@@ -55,6 +63,42 @@ if os.environ.get("QRSCP_PATIENT_ID_NOCASE") == "1":
         return query.filter(func.lower(_db.Instance.patient_id) == str(elem.value).lower())
 
     _db._search_single_value = _single_nocase
+
+_MOVE_DELAY = float(os.environ.get("QRSCP_MOVE_DELAY") or 0)
+_MOVE_LOG = os.environ.get("QRSCP_MOVE_LOG")
+if _MOVE_DELAY > 0 or _MOVE_LOG:
+    from pynetdicom.apps.qrscp import handlers as _handlers
+
+    _handle_move = _handlers.handle_move
+    _log_lock = threading.Lock()
+
+    def _slow_logged_move(event: Any, *args: Any) -> Iterator[Any]:
+        identifier = event.identifier
+        entry: dict[str, Any] = {
+            "Level": str(identifier.get("QueryRetrieveLevel", "")),
+            **{k: str(identifier.get(k, "")) for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")},
+            "Started": time.time(), "SubOperations": 0,
+        }
+        try:
+            for item in _handle_move(event, *args):
+                if isinstance(item, int):
+                    entry["Matches"] = item  # the handler announces its sub-operations before sending them
+                elif isinstance(item, tuple) and len(item) == 2 and item[0] == 0xFF00:
+                    entry["SubOperations"] += 1
+                    # Only moves of several instances are slowed: the slow move of a large series is what
+                    # a test wants, single-instance moves would only make it longer.
+                    deadline = time.monotonic() + (_MOVE_DELAY if entry.get("Matches", 0) > 1 else 0)
+                    while time.monotonic() < deadline and not event.is_cancelled:
+                        time.sleep(0.05)
+                yield item
+        finally:
+            entry["Ended"] = time.time()
+            if _MOVE_LOG:
+                with _log_lock, open(_MOVE_LOG, "a", encoding="utf-8") as log:
+                    log.write(json.dumps(entry) + "\n")
+
+    # qrscp.py imports the handler by name when it runs (below), so it picks this one up.
+    _handlers.handle_move = _slow_logged_move
 
 if __name__ == "__main__":
     sys.argv = ["qrscp", *sys.argv[1:]]

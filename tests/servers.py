@@ -162,9 +162,11 @@ def start_dcmqrscp(run_dir: Path, harvest_port: int, strict: bool = False, name:
 
 
 def start_pynetdicom_qrscp(run_dir: Path, harvest_port: int, name: str = "PYNETDICOM",
-                           aet: str = "PYQR", patient_id_nocase: bool = False) -> DicomSource:
+                           aet: str = "PYQR", patient_id_nocase: bool = False, move_delay: float = 0.0,
+                           move_log: Path | None = None) -> DicomSource:
     """pynetdicom's Q/R SCP application with the harvester as its one move destination (matching PatientID
-    case-insensitively with ``patient_id_nocase``)."""
+    case-insensitively with ``patient_id_nocase``; waiting ``move_delay`` seconds before each sub-operation
+    of a C-MOVE of several instances; appending every C-MOVE it receives to ``move_log`` as a JSON line)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     port = free_port()
     ini = run_dir / "qrscp.ini"
@@ -184,7 +186,8 @@ def start_pynetdicom_qrscp(run_dir: Path, harvest_port: int, name: str = "PYNETD
     )
     log = open(run_dir / "qrscp.log", "ab")  # noqa: SIM115 - kept open for the process lifetime
     wrapper = Path(__file__).with_name("qrscp_nodelay.py")
-    env = dict(os.environ, QRSCP_PATIENT_ID_NOCASE="1" if patient_id_nocase else "0")
+    env = dict(os.environ, QRSCP_PATIENT_ID_NOCASE="1" if patient_id_nocase else "0",
+               QRSCP_MOVE_DELAY=str(move_delay), QRSCP_MOVE_LOG=str(move_log or ""))
     process = subprocess.Popen([sys.executable, str(wrapper), "-c", str(ini)], stdout=log,
                                stderr=subprocess.STDOUT, cwd=run_dir, start_new_session=True, env=env)
     wait_for_echo(port, aet, process=process)
