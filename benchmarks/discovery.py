@@ -1,18 +1,29 @@
 """Discovery at clinic scale: does finding a window's records cost what the window holds, or the history?
 
     .venv/bin/python benchmarks/discovery.py [--quick] [--history 1000] [--sources orthanc,dcmqrscp]
+                                             [--compare] [--skip-whole]
 
 A synthetic clinic of a few full RT patients plus ``--history`` metadata-light patients (one course each:
 an RT Plan and 3-5 treatment records, courses spread evenly over 2012-2022, records of a course in one
-study dated at simulation) is served by a real source: a plain Orthanc (``RecordDiscovery: TreatmentDate``)
-and dcmqrscp (``RecordDiscovery: StudyDate``, look-back 90 days). For a one-week window, a one-month window
-and the whole history, a fresh harvester harvests the window; printed per source and window: C-FINDs and
+study dated at simulation) is served by a real source: a plain Orthanc (``orthanc``: ``RecordDiscovery:
+TreatmentDate``; ``orthanc-studydate``: the same Orthanc found by ``StudyDate``) and dcmqrscp
+(``RecordDiscovery: StudyDate``, look-back 90 days). For a one-week window, a one-month window and the
+whole history, a fresh harvester harvests the window; printed per source and window: C-FINDs and
 C-MOVEs the harvester sent (counted by its per-source gate, ``GET /rtharvest/status`` ``SourceActivity``),
 seconds, the harvester's peak resident memory (VmHWM of the Orthanc process), and whether the collected set
 equals the ground truth (computed by the generator from its own construction, not by the planner).
 
-Goals (issue 13): a one-month window costs ≤ 5 % of the whole history's C-FINDs and C-MOVEs.
-Not a test: the machine is shared; the figures are counts and a ratio measured in one run.
+``--compare``: the week and the month again, side by side, on a second source holding the same clinic
+minus every history patient with nothing in the month window (before and after it, look-back period
+included; the ground truth is the same); printed: how much that history outside the window adds to the
+window's C-FINDs and C-MOVEs. ``--skip-whole``: no whole-history harvest (the slow part at 1,000 patients).
+
+dcmqrscp (dcmtk 3.6.7) holds at most 500 studies per storage area (``DB_UpperMaxStudies``; beyond that
+``dcmqridx`` aborts): the script refuses a larger clinic for it, naming the limit.
+
+Goals (issue 13): a one-month window costs ≤ 5 % of the whole history's C-FINDs and C-MOVEs; history
+outside the window adds ≤ 10 % to the window's C-FINDs.
+Not a test: the machine is shared; the figures are counts and ratios measured in one run.
 """
 
 from __future__ import annotations
@@ -32,12 +43,19 @@ from rtharvest.synth.loader import dicom_files, index_for_dcmqrscp, store_to_scp
 from tests.servers import DicomSource, start_dcmqrscp, start_orthanc_source
 
 WINDOWS = (("week", "20170306", "20170312"), ("month", "20170301", "20170331"))
-SETTINGS = {
-    "BENCH_ORTHANC": {"Backend": "orthanc", "InstanceReturnKeys": True, "RecordDiscovery": "TreatmentDate",
-                      "MaxConcurrent": 4},
-    "BENCH_DCMQR": {"Backend": "orthanc", "RecordDiscovery": "StudyDate", "StudyDateLookBackDays": 90,
-                    "MaxConcurrent": 4},
+#: Source kind -> (harvester modality name, its RtHarvest.Sources settings).
+KINDS: dict[str, tuple[str, dict[str, Any]]] = {
+    "orthanc": ("BENCH_ORTHANC", {"Backend": "orthanc", "InstanceReturnKeys": True,
+                                  "RecordDiscovery": "TreatmentDate", "MaxConcurrent": 4}),
+    "orthanc-studydate": ("BENCH_ORTHANC_SD", {"Backend": "orthanc", "InstanceReturnKeys": True,
+                                               "RecordDiscovery": "StudyDate", "StudyDateLookBackDays": 90,
+                                               "MaxConcurrent": 4}),
+    "dcmqrscp": ("BENCH_DCMQR", {"Backend": "orthanc", "RecordDiscovery": "StudyDate", "StudyDateLookBackDays": 90,
+                                 "MaxConcurrent": 4}),
 }
+SETTINGS = dict(KINDS.values())
+#: dcmtk's compiled-in cap on studies per dcmqrscp storage area (dcmqrdbi.h DB_UpperMaxStudies).
+DCMQRSCP_MAX_STUDIES = 500
 
 
 def peak_rss_mb(pid: int | None) -> float:
@@ -80,57 +98,134 @@ def harvest(base: Path, port: int, source: DicomSource, window: Any) -> dict[str
         harvester.stop()
 
 
+def make_clinic(out: Path, patients: int, history: int) -> tuple[GroundTruth, list[Path]]:
+    """The seeded synthetic clinic and its files."""
+    t0 = time.perf_counter()
+    truth = generate(out, SynthOptions(patients=patients, seed=13, ct_slices=2, matrix=8, course_record_study=True,
+                                       history_patients=history, windows=WINDOWS), overwrite=True)
+    files = dicom_files(out)
+    print(f"generated {len(files):,} files ({patients} RT + {history} history patients) in "
+          f"{time.perf_counter() - t0:.0f} s", flush=True)
+    return truth, files
+
+
+def without_outside_history(truth: GroundTruth, files: list[Path]) -> tuple[list[Path], int]:
+    """The clinic minus every history patient with nothing in the month window (which holds the week):
+    the same windows' ground truth, without the history outside them. Returns the files and how many
+    history patients were left out."""
+    month = set(truth.window("month").expected)
+    history = {info.patient_id for info in truth.objects.values() if info.patient_id.startswith("HIS")}
+    inside = {truth.objects[uid].patient_id for uid in month if uid in truth.objects}
+    dropped = history - inside
+    kept = [f for f in files if f.stem not in truth.objects or truth.objects[f.stem].patient_id not in dropped]
+    return kept, len(dropped)
+
+
+def study_count(truth: GroundTruth) -> int:
+    return len({info.study_uid for info in truth.objects.values()})
+
+
+def start_source(kind: str, run_dir: Path, port: int, files: list[Path]) -> DicomSource:
+    """A source of ``kind`` holding ``files`` (dcmqrscp through its own indexer, the others over C-STORE)."""
+    name = KINDS[kind][0]
+    t0 = time.perf_counter()
+    if kind == "dcmqrscp":
+        source = start_dcmqrscp(run_dir, port, name=name, aet="BENCHDCMQR")
+        assert source.storage is not None
+        index_for_dcmqrscp(files, source.storage)
+    else:
+        source = start_orthanc_source(run_dir, port, name=name, aet=name.replace("_", "")[:16])
+        store_to_scp(files, LOCALHOST, source.port, source.aet)
+    print(f"  {kind}: loaded {len(files):,} files in {time.perf_counter() - t0:.0f} s", flush=True)
+    return source
+
+
+def added(with_history: int, without: int) -> float:
+    """What the history outside the window added, as a fraction of the window's cost without it."""
+    if without == 0:
+        return 0.0 if with_history == 0 else float("inf")
+    return (with_history - without) / without
+
+
+def show(kind: str, label: str, figures: dict[str, Any]) -> None:
+    print(f"  {kind:<17} {label:<15} {figures['finds']:>7} C-FIND {figures['moves']:>7} C-MOVE "
+          f"{figures['seconds']:>8.1f} s {figures['peak_mb']:>7.0f} MB  "
+          f"{'= truth' if figures['equal'] else 'MISMATCH'} ({figures['missing']} missing, "
+          f"{figures['extra']} extra)", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="100 history patients")
     ap.add_argument("--history", type=int, default=None, help="history patients (default 1000; quick 100)")
     ap.add_argument("--patients", type=int, default=6, help="full RT patients (default 6)")
-    ap.add_argument("--sources", default="orthanc,dcmqrscp")
+    ap.add_argument("--sources", default="orthanc,dcmqrscp", help=f"any of {', '.join(KINDS)}")
+    ap.add_argument("--compare", action="store_true",
+                    help="also the windows without history and with history outside the month only")
+    ap.add_argument("--skip-whole", action="store_true", help="no whole-history harvest")
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     history = args.history if args.history is not None else (100 if args.quick else 1000)
     kinds = [k.strip() for k in args.sources.split(",") if k.strip()]
+    for kind in kinds:
+        if kind not in KINDS:
+            ap.error(f"unknown source kind {kind!r} (one of {', '.join(KINDS)})")
     results = Results("discovery")
     print(f"machine: {machine()}", flush=True)
     work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="rth-bench-discovery-"))
     try:
-        t0 = time.perf_counter()
-        truth: GroundTruth = generate(work / "clinic", SynthOptions(
-            patients=args.patients, seed=13, ct_slices=2, matrix=8, course_record_study=True,
-            history_patients=history, windows=WINDOWS), overwrite=True)
-        files = dicom_files(work / "clinic")
-        print(f"generated {len(files):,} files ({args.patients} RT + {history} history patients) in "
-              f"{time.perf_counter() - t0:.0f} s", flush=True)
+        truth, files = make_clinic(work / "clinic", args.patients, history)
+        if "dcmqrscp" in kinds and study_count(truth) > DCMQRSCP_MAX_STUDIES:
+            ap.error(f"this clinic has {study_count(truth):,} studies; dcmqrscp (dcmtk) holds at most "
+                     f"{DCMQRSCP_MAX_STUDIES} per storage area: use --history ≤ {(DCMQRSCP_MAX_STUDIES - 60) // 2} "
+                     "for dcmqrscp")
+        inside_files: list[Path] = []
+        if args.compare:
+            inside_files, dropped = without_outside_history(truth, files)
+            print(f"compare: {dropped} of {history} history patients have nothing in the month window; the "
+                  f"clinic without them has {len(inside_files):,} files", flush=True)
         port = free_port()
         rows: list[tuple[str, str, dict[str, Any]]] = []
         for kind in kinds:
-            if kind == "orthanc":
-                source = start_orthanc_source(work / "src-orthanc", port, name="BENCH_ORTHANC", aet="BENCHORTHANC")
-                store_to_scp(files, LOCALHOST, source.port, source.aet)
-            elif kind == "dcmqrscp":
-                source = start_dcmqrscp(work / "src-dcmqr", port, name="BENCH_DCMQR", aet="BENCHDCMQR")
-                assert source.storage is not None
-                index_for_dcmqrscp(files, source.storage)
-            else:
-                ap.error(f"unknown source kind {kind!r}")
+            by: dict[str, dict[str, Any]] = {}
+            source = start_source(kind, work / f"src-{kind}", port, files)
             try:
-                for name in ("week", "month", "all"):
-                    window = truth.window(name)
-                    figures = harvest(work / f"harvester-{kind}-{name}", port, source, window)
-                    rows.append((kind, name, figures))
-                    print(f"  {kind:<9} {name:<6} {figures['finds']:>7} C-FIND {figures['moves']:>7} C-MOVE "
-                          f"{figures['seconds']:>8.1f} s {figures['peak_mb']:>7.0f} MB  "
-                          f"{'= truth' if figures['equal'] else 'MISMATCH'} ({figures['missing']} missing, "
-                          f"{figures['extra']} extra)", flush=True)
-                    results.add(f"{kind}_{name}", figures)
+                for name in ("week", "month"):
+                    by[name] = harvest(work / f"harvester-{kind}-{name}", port, source, truth.window(name))
+                    show(kind, name, by[name])
+                if args.compare:
+                    # Side by side, right after the windows above: the same windows on the same clinic without
+                    # the history patients that have nothing in them (a second source of the same kind).
+                    bare = start_source(kind, work / f"src-{kind}-bare", port, inside_files)
+                    try:
+                        for name in ("week", "month"):
+                            by[f"{name} bare"] = harvest(work / f"harvester-{kind}-bare-{name}", port, bare,
+                                                         truth.window(name))
+                            show(kind, f"{name} w/o outside", by[f"{name} bare"])
+                    finally:
+                        bare.stop()
+                    settings = KINDS[kind][1]
+                    bound = "" if settings["RecordDiscovery"] != "StudyDate" else (
+                        f"StudyDate pre-filter: history whose record study lies in the "
+                        f"{settings['StudyDateLookBackDays']}-day look-back is searched too")
+                    for name in ("week", "month"):
+                        for what in ("finds", "moves"):
+                            results.goal(f"{kind}: {name}, history outside adds to {what}",
+                                         added(by[name][what], by[f"{name} bare"][what]), 0.10, fmt="{:.1%}",
+                                         bound=bound)
+                if not args.skip_whole:
+                    by["all"] = harvest(work / f"harvester-{kind}-all", port, source, truth.window("all"))
+                    show(kind, "all", by["all"])
             finally:
                 source.stop()
-            by = {name: f for k, name, f in rows if k == kind}
-            for what in ("finds", "moves"):
-                whole = max(1, by["all"][what])
-                results.goal(f"{kind}: one month / whole history, {what}", by["month"][what] / whole, 0.05,
-                             fmt="{:.1%}")
+            for name, figures in by.items():
+                rows.append((kind, name, figures))
+                results.add(f"{kind}_{name.replace(' ', '_')}", figures)
+            if "all" in by:
+                for what in ("finds", "moves"):
+                    results.goal(f"{kind}: one month / whole history, {what}",
+                                 by["month"][what] / max(1, by["all"][what]), 0.05, fmt="{:.1%}")
         results.note("collected set equals the ground truth in every window: "
                      + str(all(f["equal"] for _, _, f in rows)))
     finally:
