@@ -29,9 +29,11 @@ Not a test: the machine is shared; the figures are counts and ratios measured in
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import tempfile
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +41,8 @@ from _common import LOCALHOST, RestClient, Results, free_port, machine, start_ha
 
 from rtharvest.synth.generator import SynthOptions, generate
 from rtharvest.synth.groundtruth import GroundTruth
-from rtharvest.synth.loader import dicom_files, index_for_dcmqrscp, store_to_scp
+from rtharvest.synth.groundtruth import load as load_truth
+from rtharvest.synth.loader import LoadError, dicom_files, index_for_dcmqrscp, store_to_scp
 from tests.servers import DicomSource, start_dcmqrscp, start_orthanc_source
 
 WINDOWS = (("week", "20170306", "20170312"), ("month", "20170301", "20170331"))
@@ -99,14 +102,41 @@ def harvest(base: Path, port: int, source: DicomSource, window: Any) -> dict[str
 
 
 def make_clinic(out: Path, patients: int, history: int) -> tuple[GroundTruth, list[Path]]:
-    """The seeded synthetic clinic and its files."""
+    """The seeded synthetic clinic and its files (reused from ``out`` when a kept ``--workdir`` holds the
+    same clinic: generating 1,000 history patients takes minutes)."""
     t0 = time.perf_counter()
-    truth = generate(out, SynthOptions(patients=patients, seed=13, ct_slices=2, matrix=8, course_record_study=True,
-                                       history_patients=history, windows=WINDOWS), overwrite=True)
+    options = SynthOptions(patients=patients, seed=13, ct_slices=2, matrix=8, course_record_study=True,
+                           history_patients=history, windows=WINDOWS)
+    kept = out / "ground_truth.json"
+    if kept.is_file() and load_truth(kept).generator.get("Options") == json.loads(json.dumps(asdict(options))):
+        truth = load_truth(kept)
+        verb = "reused"
+    else:
+        truth = generate(out, options, overwrite=True)
+        verb = "generated"
     files = dicom_files(out)
-    print(f"generated {len(files):,} files ({patients} RT + {history} history patients) in "
+    print(f"{verb} {len(files):,} files ({patients} RT + {history} history patients) in "
           f"{time.perf_counter() - t0:.0f} s", flush=True)
     return truth, files
+
+
+def store_robustly(files: list[Path], source: DicomSource, chunk: int = 500, tries: int = 3) -> None:
+    """C-STORE in chunks of one association each, a chunk retried when its association is lost.
+
+    On the shared machine a source Orthanc occasionally drops a long loading association ("no response");
+    storing again is harmless (the source overwrites), so the benchmark does not lose its setup to it.
+    """
+    for start in range(0, len(files), chunk):
+        part = files[start:start + chunk]
+        for attempt in range(1, tries + 1):
+            try:
+                store_to_scp(part, LOCALHOST, source.port, source.aet)
+                break
+            except LoadError as exc:
+                if attempt == tries:
+                    raise
+                print(f"  loading {source.name}: {exc}; storing files {start}-{start + len(part)} again",
+                      flush=True)
 
 
 def without_outside_history(truth: GroundTruth, files: list[Path]) -> tuple[list[Path], int]:
@@ -135,7 +165,7 @@ def start_source(kind: str, run_dir: Path, port: int, files: list[Path]) -> Dico
         index_for_dcmqrscp(files, source.storage)
     else:
         source = start_orthanc_source(run_dir, port, name=name, aet=name.replace("_", "")[:16])
-        store_to_scp(files, LOCALHOST, source.port, source.aet)
+        store_robustly(files, source)
     print(f"  {kind}: loaded {len(files):,} files in {time.perf_counter() - t0:.0f} s", flush=True)
     return source
 
@@ -185,22 +215,24 @@ def main() -> None:
             inside_files, dropped = without_outside_history(truth, files)
             print(f"compare: {dropped} of {history} history patients have nothing in the month window; the "
                   f"clinic without them has {len(inside_files):,} files", flush=True)
+        # Servers of this run under their own folder: a kept --workdir is reused for the clinic only.
+        run = work / time.strftime("run-%Y%m%d-%H%M%S")
         port = free_port()
         rows: list[tuple[str, str, dict[str, Any]]] = []
         for kind in kinds:
             by: dict[str, dict[str, Any]] = {}
-            source = start_source(kind, work / f"src-{kind}", port, files)
+            source = start_source(kind, run / f"src-{kind}", port, files)
             try:
                 for name in ("week", "month"):
-                    by[name] = harvest(work / f"harvester-{kind}-{name}", port, source, truth.window(name))
+                    by[name] = harvest(run / f"harvester-{kind}-{name}", port, source, truth.window(name))
                     show(kind, name, by[name])
                 if args.compare:
                     # Side by side, right after the windows above: the same windows on the same clinic without
                     # the history patients that have nothing in them (a second source of the same kind).
-                    bare = start_source(kind, work / f"src-{kind}-bare", port, inside_files)
+                    bare = start_source(kind, run / f"src-{kind}-bare", port, inside_files)
                     try:
                         for name in ("week", "month"):
-                            by[f"{name} bare"] = harvest(work / f"harvester-{kind}-bare-{name}", port, bare,
+                            by[f"{name} bare"] = harvest(run / f"harvester-{kind}-bare-{name}", port, bare,
                                                          truth.window(name))
                             show(kind, f"{name} w/o outside", by[f"{name} bare"])
                     finally:
@@ -215,7 +247,7 @@ def main() -> None:
                                          added(by[name][what], by[f"{name} bare"][what]), 0.10, fmt="{:.1%}",
                                          bound=bound)
                 if not args.skip_whole:
-                    by["all"] = harvest(work / f"harvester-{kind}-all", port, source, truth.window("all"))
+                    by["all"] = harvest(run / f"harvester-{kind}-all", port, source, truth.window("all"))
                     show(kind, "all", by["all"])
             finally:
                 source.stop()
