@@ -1,14 +1,14 @@
 """Discovery at clinic scale: does finding a window's records cost what the window holds, or the history?
 
     .venv/bin/python benchmarks/discovery.py [--quick] [--history 1000] [--sources orthanc,dcmqrscp]
-                                             [--compare] [--skip-whole]
+                                             [--compare] [--skip-whole] [--look-back DAYS] [--workdir DIR]
 
 A synthetic clinic of a few full RT patients plus ``--history`` metadata-light patients (one course each:
 an RT Plan and 3-5 treatment records, courses spread evenly over 2012-2022, records of a course in one
 study dated at simulation) is served by a real source: a plain Orthanc (``orthanc``: ``RecordDiscovery:
 TreatmentDate``; ``orthanc-studydate``: the same Orthanc found by ``StudyDate``) and dcmqrscp
-(``RecordDiscovery: StudyDate``, look-back 90 days). For a one-week window, a one-month window and the
-whole history, a fresh harvester harvests the window; printed per source and window: C-FINDs and
+(``RecordDiscovery: StudyDate``, look-back 90 days or ``--look-back``). For a one-week window, a one-month
+window and the whole history, a fresh harvester harvests the window; printed per source and window: C-FINDs and
 C-MOVEs the harvester sent (counted by its per-source gate, ``GET /rtharvest/status`` ``SourceActivity``),
 seconds, the harvester's peak resident memory (VmHWM of the Orthanc process), and whether the collected set
 equals the ground truth (computed by the generator from its own construction, not by the planner).
@@ -193,6 +193,8 @@ def main() -> None:
     ap.add_argument("--compare", action="store_true",
                     help="also the windows without history and with history outside the month only")
     ap.add_argument("--skip-whole", action="store_true", help="no whole-history harvest")
+    ap.add_argument("--look-back", type=int, default=None,
+                    help="StudyDateLookBackDays of the StudyDate sources (default 90)")
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
@@ -201,6 +203,10 @@ def main() -> None:
     for kind in kinds:
         if kind not in KINDS:
             ap.error(f"unknown source kind {kind!r} (one of {', '.join(KINDS)})")
+    if args.look_back is not None:
+        for _, settings in KINDS.values():
+            if "StudyDateLookBackDays" in settings:
+                settings["StudyDateLookBackDays"] = args.look_back
     results = Results("discovery")
     print(f"machine: {machine()}", flush=True)
     work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="rth-bench-discovery-"))
