@@ -632,15 +632,24 @@ class Harvester:
 
     def plan_stored(self, copies: Sequence[tuple[Expectation, str]], *, moved: bool, shared: bool = False) -> int:
         """Plan stored copies (``(expectation, Orthanc ID)``) for their expectations, as if they had just
-        arrived; returns how many were planned (those the harvest already keeps are skipped).
+        arrived; returns how many were planned.
 
         The one place where the store stands in for a move: a worker's look-up before moving, an ingest
         that failed on arrival, and the start-up reconciliation (:mod:`rtharvest.reconcile`) all come
         here. ``shared`` as in :meth:`_plan_local`. Raises :class:`JobFailure` naming the instance when
         one cannot be planned.
         """
-        # A copy this harvest rejected for another rule (a candidate) may be exactly what this rule wants.
-        todo = [(exp, oid) for exp, oid in copies if not self.tracker.has_kept(exp.harvest_id, exp.sop_uid)]
+        # Every stored copy is judged under its expectation's operation, also one the harvest already decided
+        # on: a copy rejected for another rule (a candidate) may be exactly what this rule wants, and one kept
+        # under another role still brings this role's hops (a CT that is one plan's planning series and
+        # another plan's registered series asks for the REGs of its FoR only as a planning series). The
+        # decision of a kept copy does not change (see ``Tracker.record``). For a series, the hops are the
+        # series' (planned once per series and operation), so one copy already kept stands for the others.
+        todo = list(copies)
+        if shared:
+            kept = [i for i, (exp, _) in enumerate(copies) if self.tracker.has_kept(exp.harvest_id, exp.sop_uid)]
+            skip = set(kept[1:])
+            todo = [copy for i, copy in enumerate(copies) if i not in skip]
         refs = None
         for exp, oid in todo:
             if refs is None or not shared:
