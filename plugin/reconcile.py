@@ -117,28 +117,34 @@ def _reconcile(harvester: Harvester, result: Reconciliation, stop: threading.Eve
     retrieving = list(_pending_retrieves(harvester))
     stored = harvester.store.lookup_many([e.sop_uid for e in moving + retrieving])
     seen: set[tuple[str, str]] = set()
+    planned: set[tuple[str, str]] = set()
     for expectations, moved in ((moving, True), (retrieving, False)):
         for expectation in expectations:
             if stop is not None and stop.is_set():
                 return
+            key = (expectation.harvest_id, expectation.sop_uid)
             counts = result.harvests.setdefault(expectation.harvest_id, HarvestReconciliation())
-            if (expectation.harvest_id, expectation.sop_uid) not in seen:
-                seen.add((expectation.harvest_id, expectation.sop_uid))
+            if key not in seen:
+                seen.add(key)
                 counts.checked += 1
                 result.checked += 1
             orthanc_id = stored.get(expectation.sop_uid)
             if orthanc_id is None:
                 continue  # missing indeed: its job moves it
+            if not moved and harvester.tracker.has_object(*key):
+                continue  # a previous run's move of it was planned above: the retrieve finds it decided
             try:
-                planned = harvester.plan_stored([(expectation, orthanc_id)], moved=moved)
+                harvester.plan_stored([(expectation, orthanc_id)], moved=moved)
             except JobFailure as exc:
                 # Its job plans it again (and fails with the reason if it still cannot).
                 counts.failed += 1
                 result.failed += 1
                 log.warning("start-up reconciliation: %s", exc.message)
                 continue
-            counts.planned_from_store += planned
-            result.planned_from_store += planned
+            if key not in planned:  # counted once per object (several jobs may have been moving it)
+                planned.add(key)
+                counts.planned_from_store += 1
+                result.planned_from_store += 1
     for harvest_id, counts in result.harvests.items():
         harvester.events.write(
             Level.INFO, "reconcile",
