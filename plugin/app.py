@@ -224,7 +224,8 @@ def _on_started() -> None:
 def _reconcile_then_start(rt: Runtime, stop: threading.Event) -> None:
     """Reconcile the queue against the store, then start the workers and the scheduler (startup thread)."""
     assert rt.config is not None and rt.harvester is not None and rt.events is not None
-    rt.reconciliation = reconcile(rt.harvester, stop)
+    assert rt.reconciliation is not None
+    reconcile(rt.harvester, stop, rt.reconciliation)
     if stop.is_set():
         return  # Orthanc is stopping: _on_stopped joins this thread before stopping what it started
     rt.harvester.start()

@@ -8,8 +8,9 @@ order). Before any worker claims a job, what the queue still believes missing is
 * **undecided expectations** — instances a previous run was moving for a job that is no longer running
   (no decision recorded): planned from the stored copy as arrivals of that job's move (``moved``), so a
   candidate it brought in only to inspect is still removed by the end-of-harvest clean-up;
-* **pending retrieves of one named instance** (``RetrieveInstance``) without a decision — planned from the stored copy
-  exactly as the worker would on its first look (nothing moved); the job then finds the decision made.
+* **pending retrieves of one named instance** (``RetrieveInstance``) without a decision — planned from
+  the stored copy exactly as the worker would on its first look (nothing moved); the job then finds the
+  decision made.
 
 Both go through :meth:`rtharvest.harvester.Harvester.plan_stored`, the one place where the store stands
 in for a move. Nothing here contacts a source. Each harvest with anything checked gets one summary event
@@ -91,13 +92,15 @@ def _pending_retrieves(harvester: Harvester) -> Iterator[Expectation]:
                 offset += _PAGE
 
 
-def reconcile(harvester: Harvester, stop: threading.Event | None = None) -> Reconciliation:
+def reconcile(harvester: Harvester, stop: threading.Event | None = None,
+              result: Reconciliation | None = None) -> Reconciliation:
     """Plan from the store what the queue believes missing and the store holds; never raises.
 
-    Call after the leases of dead runs were reclaimed and before the workers start.
+    Call after the leases of dead runs were reclaimed and before the workers start. ``result`` (filled in
+    as it goes, ``done`` last) lets the status route show the progress of a long reconciliation.
     """
     started = time.monotonic()
-    result = Reconciliation()
+    result = result if result is not None else Reconciliation()
     try:
         _reconcile(harvester, result, stop)
     except Exception as exc:  # the workers still find stored objects on their own; say why this failed
