@@ -19,7 +19,7 @@ included; the ground truth is the same); printed: how much that history outside 
 window's C-FINDs and C-MOVEs. ``--skip-whole``: no whole-history harvest (the slow part at 1,000 patients).
 
 dcmqrscp (dcmtk 3.6.7) holds at most 500 studies per storage area (``DB_UpperMaxStudies``; beyond that
-``dcmqridx`` aborts): the script refuses a larger clinic for it, naming the limit.
+``dcmqridx`` aborts): dcmqrscp serves a clinic of at most ``--dcmqrscp-history`` (220) history patients.
 
 Goals (issue 13): a one-month window costs ≤ 5 % of the whole history's C-FINDs and C-MOVEs; history
 outside the window adds ≤ 10 % to the window's C-FINDs.
@@ -59,6 +59,8 @@ KINDS: dict[str, tuple[str, dict[str, Any]]] = {
 SETTINGS = dict(KINDS.values())
 #: dcmtk's compiled-in cap on studies per dcmqrscp storage area (dcmqrdbi.h DB_UpperMaxStudies).
 DCMQRSCP_MAX_STUDIES = 500
+#: History patients that fit in it next to the RT patients (two studies each).
+DCMQRSCP_HISTORY = 220
 
 
 def peak_rss_mb(pid: int | None) -> float:
@@ -193,6 +195,9 @@ def main() -> None:
     ap.add_argument("--compare", action="store_true",
                     help="also the windows without history and with history outside the month only")
     ap.add_argument("--skip-whole", action="store_true", help="no whole-history harvest")
+    ap.add_argument("--dcmqrscp-history", type=int, default=DCMQRSCP_HISTORY,
+                    help=f"history patients of the dcmqrscp clinic at most (default {DCMQRSCP_HISTORY}: "
+                         f"dcmqrscp holds {DCMQRSCP_MAX_STUDIES} studies)")
     ap.add_argument("--look-back", type=int, default=None,
                     help="StudyDateLookBackDays of the StudyDate sources (default 90)")
     ap.add_argument("--workdir", default=None)
@@ -211,21 +216,33 @@ def main() -> None:
     print(f"machine: {machine()}", flush=True)
     work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="rth-bench-discovery-"))
     try:
-        truth, files = make_clinic(work / "clinic", args.patients, history)
-        if "dcmqrscp" in kinds and study_count(truth) > DCMQRSCP_MAX_STUDIES:
-            ap.error(f"this clinic has {study_count(truth):,} studies; dcmqrscp (dcmtk) holds at most "
-                     f"{DCMQRSCP_MAX_STUDIES} per storage area: use --history ≤ {(DCMQRSCP_MAX_STUDIES - 60) // 2} "
-                     "for dcmqrscp")
-        inside_files: list[Path] = []
-        if args.compare:
-            inside_files, dropped = without_outside_history(truth, files)
-            print(f"compare: {dropped} of {history} history patients have nothing in the month window; the "
-                  f"clinic without them has {len(inside_files):,} files", flush=True)
+        clinics: dict[int, tuple[GroundTruth, list[Path], list[Path]]] = {}
+
+        def clinic_of(kind: str) -> tuple[int, GroundTruth, list[Path], list[Path]]:
+            """The clinic a source kind serves (dcmqrscp's is capped), generated once per size."""
+            size = min(history, args.dcmqrscp_history) if kind == "dcmqrscp" else history
+            if size not in clinics:
+                truth, files = make_clinic(work / ("clinic" if size == history else f"clinic-{size}"),
+                                           args.patients, size)
+                if kind == "dcmqrscp" and study_count(truth) > DCMQRSCP_MAX_STUDIES:
+                    ap.error(f"this clinic has {study_count(truth):,} studies; dcmqrscp (dcmtk) holds at most "
+                             f"{DCMQRSCP_MAX_STUDIES} per storage area: lower --dcmqrscp-history")
+                inside_files: list[Path] = []
+                if args.compare:
+                    inside_files, dropped = without_outside_history(truth, files)
+                    print(f"compare: {dropped} of {size} history patients have nothing in the month window; "
+                          f"the clinic without them has {len(inside_files):,} files", flush=True)
+                clinics[size] = (truth, files, inside_files)
+            return (size, *clinics[size])
+
         # Servers of this run under their own folder: a kept --workdir is reused for the clinic only.
         run = work / time.strftime("run-%Y%m%d-%H%M%S")
         port = free_port()
         rows: list[tuple[str, str, dict[str, Any]]] = []
         for kind in kinds:
+            size, truth, files, inside_files = clinic_of(kind)
+            print(f"{kind}: {size} history patients", flush=True)
+            results.add(f"{kind}_history_patients", size)
             by: dict[str, dict[str, Any]] = {}
             source = start_source(kind, run / f"src-{kind}", port, files)
             try:
