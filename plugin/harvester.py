@@ -28,6 +28,7 @@ from typing import Any, Protocol
 
 from .dimse.base import MoveResult, SourceError
 from .eventlog import EventLog, Level
+from .findcache import FindCache, find_key
 from .ingest import HarvestRouting, Ingest
 from .jobqueue import HarvestState, Job, JobQueue, QueueError, SourceLimits
 from .mimsessions import SessionGone, SessionUnpacker, session_search
@@ -128,6 +129,19 @@ class JobOutcome:
                 f"{took:.2f} s")
 
 
+@dataclass
+class RoundTrips:
+    """The DIMSE operations one job sent, and the C-FINDs answered by earlier searches of its harvest."""
+
+    finds: int = 0
+    reused: int = 0
+    moves: int = 0
+
+    def note(self) -> str:
+        """For the job's note (where a harvest's round trips go: ``GET /rtharvest/jobs``)."""
+        return f"{self.finds} C-FIND ({self.reused} more answered by earlier searches), {self.moves} C-MOVE"
+
+
 class Harvester:
     """Runs jobs; owns the worker threads and the provenance writer."""
 
@@ -146,6 +160,7 @@ class Harvester:
         delete_rejected: bool = True,
         poll_interval: float = 0.2,
         gate: SourceGate | None = None,
+        finds: FindCache | None = None,
     ) -> None:
         self.queue = queue
         self.tracker = tracker
@@ -171,6 +186,10 @@ class Harvester:
         self.sessions = SessionUnpacker(store, tracker, ingest, events)
         #: Job ID → instances it moved whose ingest failed and that it planned from the store (for its note).
         self._replanned: dict[int, int] = {}
+        #: C-FIND answers of each running harvest, reused by its later jobs (:mod:`rtharvest.findcache`).
+        self.finds = finds if finds is not None else FindCache()
+        #: Job ID → the round trips of its current attempt (for its note).
+        self._round_trips: dict[int, RoundTrips] = {}
 
     # -- lifecycle ----------------------------------------------------------------------------------
 
@@ -258,7 +277,7 @@ class Harvester:
             try:
                 # One transaction: once the job (and maybe its harvest) is finished, nothing more can
                 # arrive in its name.
-                note = outcome.note()
+                note = f"{outcome.note()}; {self._round_trips.pop(job.id, RoundTrips()).note()}"
                 if replanned := self._replanned.pop(job.id, 0):
                     note += f"; {replanned} planned from the store after their ingest failed (see the log)"
                 with self.tracker.db.transaction():
@@ -271,6 +290,7 @@ class Harvester:
 
     def _fail(self, job: Job, owner: str, message: str, retryable: bool, status: int | None) -> None:
         self._replanned.pop(job.id, None)
+        self._round_trips.pop(job.id, None)
         try:
             with self.tracker.db.transaction():  # as in run(): expectations end with the attempt
                 self.tracker.drop_expectations(job.id)
@@ -438,10 +458,22 @@ class Harvester:
 
     def _find(self, job: Job, owner: str, access: SourceAccess, level: QueryLevel,
               identifier: Mapping[str, Any]) -> list[Mapping[str, Any]]:
-        with self._contact(job, owner, access.name, "find"):
-            return list(access.backend.find(level, identifier, timeout=access.find_timeout))
+        """One C-FIND, unless this harvest already asked this source the same question (then its answer)."""
+        trips = self._round_trips.setdefault(job.id, RoundTrips())
+
+        def ask() -> list[Mapping[str, Any]]:
+            with self._contact(job, owner, access.name, "find"):
+                trips.finds += 1
+                return list(access.backend.find(level, identifier, timeout=access.find_timeout))
+
+        retried = job.attempts > 1 or job.last_error is not None
+        answers, reused = self.finds.answers(find_key(job.harvest_id, access.name, level, identifier), ask,
+                                             fresh=retried)
+        trips.reused += reused
+        return answers
 
     def _move(self, job: Job, owner: str, access: SourceAccess, level: QueryLevel, **kwargs: Any) -> MoveResult:
+        self._round_trips.setdefault(job.id, RoundTrips()).moves += 1
         with self._contact(job, owner, access.name, "move"):
             result: MoveResult = access.backend.move(level, timeout=access.move_timeout, **kwargs)
             return result
@@ -718,6 +750,7 @@ class Harvester:
                     continue
                 self.tracker.mark_cleanup(harvest_id)
                 counts = self.tracker.decision_counts(harvest_id)
+            self.finds.forget(harvest_id)
             # One summary instead of an event per instance (a re-harvest plans everything from the store).
             self.events.write(Level.INFO, "harvester", f"harvest finished: {counts.kept} instance(s) kept "
                               f"({counts.moved} moved, {counts.kept - counts.moved} already in the store), "

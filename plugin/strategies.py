@@ -6,6 +6,10 @@ Two facts about real Q/R sources shape every search (``../shared/PLATFORM.md``):
   found by its SOP Instance UID alone. **Strict hierarchical** SCPs (dcmqrscp ``-XF -XM``, many PACS)
   reject any query below STUDY level that lacks the unique keys of the levels above, so references,
   which carry SOP UIDs only, must be resolved by walking PATIENT → STUDY → SERIES → IMAGE.
+* Some relational SCPs (Orthanc, ARIA) also **match keys of the levels above** the query level (StudyDate,
+  PatientID and Modality in an IMAGE-level query); others (dcmqrscp) ignore them there and answer a
+  superset. Where a source is known to match them (``upper_level_keys``), the records of a window and
+  the candidates of a reverse search are listed by one IMAGE-level C-FIND instead of one per series.
 * Some SCPs return **sequence attributes** asked as empty return keys (an empty
   ReferencedRTPlanSequence on an RTDOSE query returns the plan UID), which tells which dose or record
   references a plan without a retrieve. Without that, candidates are retrieved and
@@ -64,7 +68,8 @@ class SourceCapability:
     ``instance_return_keys``: the SCP returns instance attributes it does not index as return keys
     (FrameOfReferenceUID, TreatmentDate). When it does not, series are probed by retrieving one
     instance and records are filtered on arrival. ``record_discovery`` and ``look_back_days``: how a
-    dated window's records are found (:class:`RecordDiscovery`).
+    dated window's records are found (:class:`RecordDiscovery`). ``upper_level_keys`` (relational only):
+    the SCP matches series- and study-level keys (Modality, StudyDate, PatientID) in an IMAGE-level query.
     """
 
     relational: bool
@@ -72,6 +77,12 @@ class SourceCapability:
     instance_return_keys: bool = True
     record_discovery: RecordDiscovery = RecordDiscovery.STUDY_DATE
     look_back_days: int = DEFAULT_LOOK_BACK_DAYS
+    upper_level_keys: bool = False
+
+    @property
+    def image_level_search(self) -> bool:
+        """Whether an IMAGE-level C-FIND may select instances by series and study keys at this source."""
+        return self.relational and self.upper_level_keys
 
     def label(self) -> str:
         """Short human label (test ids, logs)."""
@@ -79,6 +90,8 @@ class SourceCapability:
                  "seqkeys" if self.sequence_return_keys else "noseq"]
         if not self.instance_return_keys:
             parts.append("noinst")
+        if self.image_level_search:
+            parts.append("upper")
         return "-".join(parts)
 
 
@@ -231,6 +244,15 @@ def _records_steps(op: FindTreatmentRecords, cap: SourceCapability) -> tuple[Sea
             else _move(QueryLevel.IMAGE, candidate=True, note="retrieve; window checked on arrival"))
     # (TreatmentDate matching is a relational facility: a hierarchical source falls back to StudyDate.)
     by_study_date = dated and cap.record_discovery is not RecordDiscovery.SCAN
+    if (by_study_date or op.patient_id) and cap.image_level_search:
+        # The source matches StudyDate, PatientID and Modality at IMAGE level: the records themselves, in one
+        # C-FIND per chunk (or per patient), instead of studies, then their record series, then their records.
+        keys: dict[str, str] = {"PatientID": op.patient_id or "", "Modality": "RTRECORD", _STUDY: "", _SERIES: "",
+                                _SOP: "", **treatment}
+        if by_study_date:
+            keys["StudyDate"] = _study_dates(op, cap)
+        return (_find(QueryLevel.IMAGE, keys, (), (AnswerFilter.WINDOW,),
+                      "records of the window's studies (or of the patient), selected at IMAGE level"), move)
     if by_study_date or op.patient_id:
         # Studies first: every SCP matches StudyDate and PatientID at STUDY level (dcmqrscp ignores PatientID
         # on SERIES-level queries). A record's study is dated on or before its treatment, so only the first
@@ -238,8 +260,7 @@ def _records_steps(op: FindTreatmentRecords, cap: SourceCapability) -> tuple[Sea
         # ModalitiesInStudy as a return key lets a source that fills it (Orthanc) skip studies without records.
         study_keys: dict[str, str] = {"PatientID": op.patient_id or "", _STUDY: "", "ModalitiesInStudy": ""}
         if by_study_date:
-            first = lo is not None and lo == op.window.date_from
-            study_keys["StudyDate"] = f"{look_back(lo, cap.look_back_days) if first else lo or ''}-{hi or ''}"
+            study_keys["StudyDate"] = _study_dates(op, cap)
         return (_find(QueryLevel.STUDY, study_keys, (), (AnswerFilter.HAS_RECORDS,),
                       "studies of the window (or of the patient)"),
                 _find(QueryLevel.SERIES, {_SERIES: "", "Modality": "RTRECORD"}, (_STUDY,), (),
@@ -256,6 +277,14 @@ def _records_steps(op: FindTreatmentRecords, cap: SourceCapability) -> tuple[Sea
             _find(QueryLevel.SERIES, {_SERIES: "", "Modality": "RTRECORD"}, (_STUDY,), (),
                   "record series of each study"),
             records, move)
+
+
+def _study_dates(op: FindTreatmentRecords, cap: SourceCapability) -> str:
+    """StudyDate range of a records search: a record's study is dated on or before its treatment, so only the
+    window's first chunk looks back; later chunks list the studies dated within them (each study once)."""
+    lo, hi = op.search_range()
+    first = lo is not None and lo == op.window.date_from
+    return f"{look_back(lo, cap.look_back_days) if first else lo or ''}-{hi or ''}"
 
 
 def look_back(day: str | None, days: int) -> str:
@@ -336,7 +365,12 @@ def _referencing_steps(op: FindReferencing, cap: SourceCapability) -> tuple[Sear
     filters = (AnswerFilter.CRITERION,) if seq else ()
     note = ("candidates with their reference sequences; keep those that match" if seq
             else "every candidate (the SCP returns no sequences)")
-    if cap.relational:
+    if cap.image_level_search:
+        # The source matches PatientID and Modality at IMAGE level: the candidates in one C-FIND.
+        steps = [_find(QueryLevel.IMAGE, {"PatientID": op.patient_id or "", "Modality": op.modality,
+                                          _STUDY: op.study_uid or "", _SERIES: "", _SOP: "", **ret}, (), filters,
+                       f"{op.modality} instances of the patient, {note}")]
+    elif cap.relational:
         # As for records: select the series by Modality (a series-level key), then their instances.
         steps = [_find(QueryLevel.SERIES, {"PatientID": op.patient_id or "", "Modality": op.modality,
                                            _STUDY: op.study_uid or "", _SERIES: ""}, (), (),
