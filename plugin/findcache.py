@@ -60,6 +60,8 @@ class FindCache:
         self._entries: OrderedDict[FindKey, Answers] = OrderedDict()
         self._size = 0
         self._in_flight: dict[FindKey, threading.Event] = {}
+        #: (harvest, source) → series UID → FrameOfReferenceUID, from any answer that showed both.
+        self._frames: dict[tuple[str, str], dict[str, str]] = {}
         self._lock = threading.Lock()
 
     def answers(self, key: FindKey, ask: Callable[[], Sequence[Mapping[str, Any]]],
@@ -108,11 +110,28 @@ class FindCache:
             _, old = self._entries.popitem(last=False)
             self._size -= _weight(old)
 
+    def note_frames_of_reference(self, harvest_id: str, source: str, answers: Sequence[Mapping[str, Any]]) -> None:
+        """Remember the FrameOfReferenceUID of every series an answer names together with its FoR (a series
+        has one FoR, PS3.3 C.7.4.1.1.1: one answer settles it for the harvest)."""
+        found = {str(a["SeriesInstanceUID"]): str(a["FrameOfReferenceUID"]) for a in answers
+                 if a.get("SeriesInstanceUID") and a.get("FrameOfReferenceUID")
+                 and isinstance(a.get("FrameOfReferenceUID"), str)}
+        if found:
+            with self._lock:
+                self._frames.setdefault((harvest_id, source), {}).update(found)
+
+    def frame_of_reference(self, harvest_id: str, source: str, series_uid: str) -> str | None:
+        """The FoR this harvest's answers from ``source`` showed for a series, or None."""
+        with self._lock:
+            return self._frames.get((harvest_id, source), {}).get(series_uid)
+
     def forget(self, harvest_id: str) -> None:
         """Drop a harvest's answers (it finished: the next harvest must ask the source again anyway)."""
         with self._lock:
             for key in [k for k in self._entries if k.harvest_id == harvest_id]:
                 self._size -= _weight(self._entries.pop(key))
+            for frames in [k for k in self._frames if k[0] == harvest_id]:
+                del self._frames[frames]
 
     def __len__(self) -> int:
         with self._lock:

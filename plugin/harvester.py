@@ -401,7 +401,7 @@ class Harvester:
         targets: list[Target] = []
 
         def find(level: QueryLevel, identifier: dict[str, Any]) -> list[Mapping[str, Any]]:
-            local = self._local_frame_of_reference(level, identifier)
+            local = self._local_frame_of_reference(job, access.name, level, identifier)
             if local is not None:
                 return local
             return self._find(job, owner, access, level, identifier)
@@ -470,6 +470,8 @@ class Harvester:
         answers, reused = self.finds.answers(find_key(job.harvest_id, access.name, level, identifier), ask,
                                              fresh=retried)
         trips.reused += reused
+        if "FrameOfReferenceUID" in identifier and not identifier["FrameOfReferenceUID"]:
+            self.finds.note_frames_of_reference(job.harvest_id, access.name, answers)
         return answers
 
     def _move(self, job: Job, owner: str, access: SourceAccess, level: QueryLevel, **kwargs: Any) -> MoveResult:
@@ -478,19 +480,24 @@ class Harvester:
             result: MoveResult = access.backend.move(level, timeout=access.move_timeout, **kwargs)
             return result
 
-    def _local_frame_of_reference(self, level: QueryLevel,
+    def _local_frame_of_reference(self, job: Job, source: str, level: QueryLevel,
                                   identifier: Mapping[str, Any]) -> list[Mapping[str, Any]] | None:
-        """Answer "the FrameOfReferenceUID of series S" from what is stored, when S is.
+        """Answer "the FrameOfReferenceUID of series S" without asking, when it is known: S is stored here,
+        or an earlier answer of this harvest from this source showed S with its FoR (a series-level answer
+        of a source that fills FoR there).
 
         FoR is an image-level attribute, so a source answers it by listing every image of the series (and
-        Orthanc reads each file to do so); for a series already here the answer is known locally.
+        Orthanc reads each file to do so); every image of a series shares one FoR (PS3.3 C.7.4.1.1.1).
         """
         series = identifier.get(_SERIES)
         if level != QueryLevel.IMAGE or identifier.get("FrameOfReferenceUID") != "" or not series:
             return None
         known = self.tracker.series_frame_of_reference(str(series))
         if known is None:
-            return None
+            answered = self.finds.frame_of_reference(job.harvest_id, source, str(series))
+            if answered is None:
+                return None
+            known = ("", answered)  # no SOP UID: the step after a FoR answer moves the whole series
         sop_uid, for_uid = known
         return [{_STUDY: identifier.get(_STUDY, ""), _SERIES: series, _SOP: sop_uid, "FrameOfReferenceUID": for_uid}]
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
 from collections.abc import Sequence as Seq
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import date, timedelta
 from enum import StrEnum
 from typing import Any
@@ -123,6 +123,7 @@ class AnswerFilter(StrEnum):
     EXCLUDE_SERIES = "EXCLUDE_SERIES"  # series not excluded by the operation
     FRAME_OF_REFERENCE = "FRAME_OF_REFERENCE"  # FrameOfReferenceUID equals the operation's FoR
     ONE_PER_SERIES = "ONE_PER_SERIES"  # only the first answer of each series goes on
+    NAMED_INSTANCE = "NAMED_INSTANCE"  # only the instance the operation names (in a series listing)
 
 
 @dataclass(frozen=True)
@@ -326,13 +327,21 @@ def discovery_description(cap: SourceCapability) -> str:
 
 
 def _instance_steps(op: RetrieveInstance, cap: SourceCapability) -> tuple[SearchStep, ...]:
+    if op.study_uid and op.series_uid:
+        # The referencing object names the image's series (a contour's RTReferencedSeriesSequence): list that
+        # series. The image is wanted for its series, whose request needs this very listing (one C-FIND for
+        # both, see rtharvest.findcache). A listing without the image (a wrong hint) falls back to
+        # fallback_steps: the image is then found by its UID alone, and its own Series UID decides.
+        return (_find(QueryLevel.IMAGE, {_STUDY: op.study_uid, _SERIES: op.series_uid, _SOP: ""}, (),
+                      (AnswerFilter.NAMED_INSTANCE,), "the series the reference names, listed"),
+                _move(QueryLevel.IMAGE))
+    return _instance_by_uid(op, cap)
+
+
+def _instance_by_uid(op: RetrieveInstance, cap: SourceCapability) -> tuple[SearchStep, ...]:
     if cap.relational:
         return (_find(QueryLevel.IMAGE, {_SOP: op.sop_uid, _STUDY: "", _SERIES: ""}, (), (),
                       "find by SOP Instance UID alone"),
-                _move(QueryLevel.IMAGE))
-    if op.study_uid and op.series_uid:
-        return (_find(QueryLevel.IMAGE, {_STUDY: op.study_uid, _SERIES: op.series_uid, _SOP: op.sop_uid}, (), (),
-                      "instance in the known series"),
                 _move(QueryLevel.IMAGE))
     if op.modality:
         steps = _walk_to_series(op.patient_id, op.study_uid, {"Modality": op.modality})
@@ -343,6 +352,14 @@ def _instance_steps(op: RetrieveInstance, cap: SourceCapability) -> tuple[Search
     steps.append(_find(QueryLevel.IMAGE, {_SOP: op.sop_uid}, _SERIES_IDS, (), "the instance in each series"))
     steps.append(_move(QueryLevel.IMAGE))
     return tuple(steps)
+
+
+def fallback_steps(op: Operation, capability: SourceCapability) -> tuple[SearchStep, ...]:
+    """The chain to run when :func:`search_steps` found nothing because it trusted a hint: an image whose
+    hinted series does not list it is searched by its UID (the hint of a structure set may be wrong)."""
+    if isinstance(op, RetrieveInstance) and op.study_uid and op.series_uid:
+        return _instance_by_uid(replace(op, study_uid=None, series_uid=None), capability)
+    return ()
 
 
 def _series_steps(op: RetrieveSeries, cap: SourceCapability) -> tuple[SearchStep, ...]:
@@ -387,8 +404,13 @@ def _referencing_steps(op: FindReferencing, cap: SourceCapability) -> tuple[Sear
 def _for_steps(op: FindSeriesInFrameOfReference, cap: SourceCapability) -> tuple[SearchStep, ...]:
     series_filters = (AnswerFilter.MODALITY, AnswerFilter.EXCLUDE_SERIES)
     if cap.relational:
+        # A source that returns instance attributes may fill FrameOfReferenceUID at SERIES level too (Orthanc
+        # reads it from one instance of each series). Every image of a series shares one FoR (PS3.3
+        # C.7.4.1.1.1), so such an answer settles the series without listing its images (the harvester
+        # answers the image step from it); a source that leaves it out gets the image step.
+        ret = {"FrameOfReferenceUID": ""} if cap.instance_return_keys else {}
         steps = [_find(QueryLevel.SERIES, {"PatientID": op.patient_id or "", _STUDY: "", _SERIES: "",
-                                           "Modality": ""}, (), series_filters, "series of the patient")]
+                                           "Modality": "", **ret}, (), series_filters, "series of the patient")]
     else:
         steps = _walk_to_series(op.patient_id, None, {"Modality": ""}, series_filters)
     if cap.instance_return_keys:
@@ -485,6 +507,8 @@ def _passes(f: AnswerFilter, op: Operation, a: Mapping[str, Any]) -> bool:
     if f is AnswerFilter.EXCLUDE_SERIES:
         excl = op.exclude_series if isinstance(op, (FindSeriesInFrameOfReference, FindReferencing)) else ()
         return str(a.get(_SERIES, "")) not in excl
+    if f is AnswerFilter.NAMED_INSTANCE:
+        return isinstance(op, RetrieveInstance) and str(a.get(_SOP, "")) == op.sop_uid
     if f is AnswerFilter.FRAME_OF_REFERENCE:
         # An answer without FoR is dropped: fetching a series of unknown FoR would risk an unrelated scan.
         return isinstance(op, FindSeriesInFrameOfReference) and str(a.get("FrameOfReferenceUID", "")) == op.for_uid
@@ -504,16 +528,19 @@ def execute(op: Operation, capability: SourceCapability, find: FindFn, retrieve:
     one answer list per step is held at a time (a month of studies, then one study's series), never a
     whole level of the source.
     """
-    steps = search_steps(op, capability)
 
-    def run(index: int, previous: Mapping[str, Any]) -> int:
+    def run(steps: tuple[SearchStep, ...], index: int, previous: Mapping[str, Any]) -> int:
         step = steps[index]
         if step.action is StepAction.RETRIEVE:
             retrieve(step.level, step.identifier(previous), step.candidate)
             return 1
         moves = 0
         for answer in filter_answers(step, op, find(step.level, step.identifier(previous))):
-            moves += run(index + 1, answer)
+            moves += run(steps, index + 1, answer)
         return moves
 
-    return run(0, {}) if steps else 0
+    steps = search_steps(op, capability)
+    moves = run(steps, 0, {}) if steps else 0
+    if not moves and (fallback := fallback_steps(op, capability)):
+        moves = run(fallback, 0, {})
+    return moves
