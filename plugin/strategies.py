@@ -322,8 +322,10 @@ def discovery_description(cap: SourceCapability) -> str:
         return "TreatmentDate matched by the source (one C-FIND per month of the window)"
     if cap.record_discovery is RecordDiscovery.SCAN:
         return "scan: every record series of the source is listed (not bounded by the window)"
-    return (f"StudyDate pre-filter with a look-back of {cap.look_back_days} day(s); records in studies dated "
-            "earlier, or without StudyDate, are found only through step 4 (every record of a collected plan)")
+    how = ("one IMAGE-level C-FIND per month of the window (UpperLevelKeys)" if cap.image_level_search
+           else "studies, then their record series")
+    return (f"StudyDate pre-filter with a look-back of {cap.look_back_days} day(s), {how}; records in studies "
+            "dated earlier, or without StudyDate, are found only through step 4 (every record of a collected plan)")
 
 
 def _instance_steps(op: RetrieveInstance, cap: SourceCapability) -> tuple[SearchStep, ...]:
