@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -64,11 +65,12 @@ class FindCache:
         self._frames: dict[tuple[str, str], dict[str, str]] = {}
         self._lock = threading.Lock()
 
-    def answers(self, key: FindKey, ask: Callable[[], Sequence[Mapping[str, Any]]],
-                fresh: bool = False) -> tuple[Answers, bool]:
+    def answers(self, key: FindKey, ask: Callable[[], Sequence[Mapping[str, Any]]], fresh: bool = False,
+                waiting: Callable[[], object] | None = None) -> tuple[Answers, bool]:
         """The answers to ``key``: remembered ones, or ``ask()``'s (then remembered). Returns (answers,
         reused). ``ask``'s exceptions propagate and nothing is remembered. ``fresh``: ask in any case (a
-        retried job must see the source as it is now) and remember that answer instead."""
+        retried job must see the source as it is now) and remember that answer instead. ``waiting`` is
+        called every few seconds while another job's identical question is in flight (a lease heartbeat)."""
         if fresh:
             result = list(ask())
             with self._lock:
@@ -80,13 +82,13 @@ class FindCache:
                 if hit is not None:
                     self._entries.move_to_end(key)
                     return list(hit), True
-                waiting = self._in_flight.get(key)
-                if waiting is None:
+                in_flight = self._in_flight.get(key)
+                if in_flight is None:
                     done = threading.Event()
                     self._in_flight[key] = done
                     break
             # Another job is asking this right now: its answer serves both (or, if it failed, ask again).
-            if not waiting.wait(self.wait_seconds):
+            if not self._wait(in_flight, waiting):
                 return list(ask()), False
         try:
             result = list(ask())
@@ -97,6 +99,15 @@ class FindCache:
             with self._lock:
                 self._in_flight.pop(key, None)
             done.set()
+
+    def _wait(self, in_flight: threading.Event, waiting: Callable[[], object] | None) -> bool:
+        deadline = time.monotonic() + self.wait_seconds
+        while not in_flight.wait(min(5.0, max(0.0, deadline - time.monotonic()))):
+            if time.monotonic() >= deadline:
+                return False
+            if waiting is not None:
+                waiting()
+        return True
 
     def _remember(self, key: FindKey, result: Answers) -> None:
         if len(result) > self.max_answers:

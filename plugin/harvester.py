@@ -248,6 +248,12 @@ class Harvester:
     def run(self, job: Job, owner: str) -> None:
         """Run one leased job to completion or failure (never raises)."""
         try:
+            self._run(job, owner)
+        finally:
+            self._round_trips.pop(job.id, None)
+
+    def _run(self, job: Job, owner: str) -> None:
+        try:
             outcome = self._execute(job, owner)
         except JobFailure as exc:
             self._fail(job, owner, exc.message, exc.retryable, exc.dimse_status)
@@ -468,7 +474,8 @@ class Harvester:
 
         retried = job.attempts > 1 or job.last_error is not None
         answers, reused = self.finds.answers(find_key(job.harvest_id, access.name, level, identifier), ask,
-                                             fresh=retried)
+                                             fresh=retried,
+                                             waiting=lambda: self.queue.heartbeat(job.id, owner, self.lease_seconds))
         trips.reused += reused
         if "FrameOfReferenceUID" in identifier and not identifier["FrameOfReferenceUID"]:
             self.finds.note_frames_of_reference(job.harvest_id, access.name, answers)
@@ -613,6 +620,10 @@ class Harvester:
         while busy and time.monotonic() < deadline and not self._stop.is_set():
             self._stop.wait(0.2)
             self.queue.heartbeat(job.id, owner, self.lease_seconds)
+            # Who is still moving is read *before* the store: a job that ended before this read had stored
+            # all it delivered, so the store read below sees it (read the other way round, a move ending
+            # between the two reads would leave its last instances looking missing, and they would move twice).
+            moving = self.tracker.in_flight(list(busy), job.id)
             # One index query for the whole series rather than one look-up per slice per poll.
             stored = self.store.series_instances(series) if series else {
                 uid: oid for uid in busy if (oid := self.store.lookup(uid)) is not None}
@@ -620,7 +631,7 @@ class Harvester:
                 if uid in stored:
                     arrived[uid] = stored[uid]
                     busy.discard(uid)
-            busy &= self.tracker.in_flight(list(busy), job.id)
+            busy &= moving
         return arrived
 
     def _settle_arrivals(self, job: Job, op: Operation, target: Target, uids: Sequence[str]) -> set[str]:
