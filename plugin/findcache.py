@@ -13,7 +13,7 @@ same series. Each repetition is a network round trip (10–50 ms to a hospital s
 * only answers the source gave: a failed C-FIND is not remembered, the next job asks again;
 * in memory: after a restart the cache is empty and jobs simply ask the source again (never a wrong
   answer, only a repeated one). It holds at most ``max_answers`` answers (least recently used first out)
-  and a harvest's entries are dropped when it finishes;
+  and a harvest's entries are dropped when its last job ends (a job reopening it asks again);
 * a job that failed before (an automatic or a manual retry) asks the source again: something was wrong,
   and an operator who fixed it at the source expects the retry to see it;
 * one question in flight at a time: a job asking what another job is asking right now waits for that

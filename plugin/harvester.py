@@ -289,6 +289,9 @@ class Harvester:
                 with self.tracker.db.transaction():
                     self.tracker.drop_expectations(job.id)
                     self.queue.complete(job.id, owner, note=note)
+                if self.queue.get_harvest(job.harvest_id).state == HarvestState.COMPLETED:
+                    # Its last job: a job that reopens the harvest later (a retry, a late search) asks again.
+                    self.finds.forget(job.harvest_id)
             except QueueError as exc:
                 self.events.write(Level.WARNING, "harvester", f"could not complete job: {exc}",
                                   harvest_id=job.harvest_id, job_id=job.id)
@@ -757,6 +760,7 @@ class Harvester:
         no provenance of its own left; otherwise the next pass tries again.
         """
         for harvest_id in self.tracker.harvests_to_clean():
+            self.finds.forget(harvest_id)  # finished: a job reopening it must see the sources as they are now
             if self.tracker.pending_provenance_of(harvest_id):
                 continue  # this harvest's own provenance first; other harvests' backlog does not matter
             removed = 0
