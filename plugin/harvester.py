@@ -623,8 +623,17 @@ class Harvester:
         fact the planner uses, so only the first is read. Otherwise each one is read (arrivals whose
         ingest failed may be anything, unreadable ones included).
         """
-        # A copy this harvest rejected for another rule (a candidate) may be exactly what this rule wants.
-        todo = {uid: oid for uid, oid in existing.items() if not self.tracker.has_kept(job.harvest_id, uid)}
+        # Every stored copy is judged under this job's operation, also one the harvest already decided on:
+        # a copy rejected for another rule (a candidate) may be exactly what this rule wants, and one kept
+        # under another role still brings this role's hops (a CT that is one plan's planning series and
+        # another plan's registered series asks for the REGs of its FoR only as a planning series). The
+        # decision of a kept copy does not change (see ``Tracker.record``). For a series, the hops are the
+        # series' (planned once per series and operation), so one copy already kept stands for the others.
+        todo = dict(existing)
+        if shared:
+            kept = [uid for uid in existing if self.tracker.has_kept(job.harvest_id, uid)]
+            for uid in kept[1:]:
+                del todo[uid]
         if not todo:
             return
         refs = None

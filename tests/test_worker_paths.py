@@ -247,3 +247,30 @@ def test_instances_another_job_is_moving_are_awaited_not_moved_twice(world: Worl
     assert sum("0 instance(s) moved, 4 already stored" in n for _, n in notes) == 1, notes
     expected = {i.SOPInstanceUID for i in clinic.ct_sim}
     assert expected <= kept(world, h1) and expected <= kept(world, h2)
+
+
+def test_a_series_kept_under_one_role_still_plans_the_hops_of_another(world: World, clinic: MiniClinic) -> None:
+    """A CT series can be one plan's planning series and another plan's registered series (a REG between the
+    two planning CTs). Whichever role's job stores it first, the other role's job still plans its own hops
+    from the stored copies: a planning series asks for the REGs and series of its FoR, a registered series
+    does not. (Skipping series already kept lost a REG and the MR it registers, intermittently.)"""
+    hid = world.start(HarvestWindow("20990101", "20990102", ("NOBODY",)))  # a harvest with no records
+    world.run()
+    first = clinic.ct_sim[0]
+    registered = RetrieveSeries(first.PatientID, first.StudyInstanceUID, first.SeriesInstanceUID,
+                                Role.REGISTERED_SERIES, "REG->SERIES", ("2.25.1",))
+    world.queue.enqueue_many([job_for(world.routes[hid], registered)])
+    world.run()
+    assert {i.SOPInstanceUID for i in clinic.ct_sim} <= kept(world, hid)
+
+    def reg_searches() -> list[str]:
+        return [j.payload.get("hop", "") for state in ("pending", "done", "failed")
+                for j in world.queue.list_jobs(harvest_id=hid, state=state) if j.kind == "FindReferencing"]
+
+    assert reg_searches() == []  # a registered series does not look for REGs
+    moves = len(world.backend.moves)
+    series_job(world, hid, clinic.ct_sim)  # the same series as a planning series
+    world.run()
+    ct_uids = {first.SeriesInstanceUID, *(i.SOPInstanceUID for i in clinic.ct_sim)}
+    assert not [m for m in world.backend.moves[moves:] if ct_uids & set(m[1])]  # the CT is not moved again
+    assert "FOR->REG" in reg_searches()
