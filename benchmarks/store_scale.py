@@ -2,7 +2,7 @@
 
 A benchmark that prints, not a test:
 
-    .venv/bin/python benchmarks/store_scale.py [--quick] [--instances 200000] [--chunks 10]
+    .venv/bin/python benchmarks/store_scale.py [--quick] [--instances 200000] [--chunks 10] [--parallel 1] [--together]
 
 Two harvesters (Orthanc + the rtharvest plugin, the same ``docker/orthanc.json`` through the same
 launcher) run at once: one keeps its index in SQLite (Orthanc's default), the other in a PostgreSQL
@@ -12,7 +12,10 @@ on the filesystem in both.
 
 1. **Ingest**: the same small synthetic CT instances (16×16 pixels: the index dominates, not the disk) are
    sent with dcmtk ``storescu`` (``TCP_NODELAY=1``) in chunks, alternately into each store, so both see
-   the same machine load; throughput is reported per chunk as the stores grow.
+   the same machine load; throughput is reported per chunk as the stores grow. ``--parallel N`` sends each
+   chunk over N concurrent associations (N ``storescu`` processes, each with its share of the chunk);
+   ``--together`` sends each chunk into both stores at the same time instead of one after the other
+   (both then see exactly the same machine load, and the run takes about half as long).
 2. **At size**: a harvest of the synthetic clinic from a source Orthanc into each full store (time), then
    the harvest's manifest, the whole-store manifest (``GET /rtharvest/manifest``) and the worker's
    per-instance store look-up (``/tools/find`` by SOPInstanceUID) are timed (medians), and the index size
@@ -29,6 +32,7 @@ import statistics
 import subprocess
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
 
@@ -61,13 +65,16 @@ def _uid(kind: int, n: int) -> str:
     return f"2.25.{kind}{n:038d}"
 
 
-def write_instances(folder: Path, start: int, count: int) -> None:
+def write_instances(folder: Path, start: int, count: int, parts: int = 1) -> None:
     """``count`` small CT instances (numbered from ``start``), 500 per series, 4 series per study/patient.
 
-    One file is made with pydicom; the others are that file with its UIDs and PatientID replaced byte for
-    byte (all of fixed length), which is ~100 times faster than serialising each.
+    The files go into ``parts`` subfolders ``part00``… of ``folder`` in contiguous runs (one association
+    each, see :func:`send`). One file is made with pydicom; the others are that file with its UIDs and
+    PatientID replaced byte for byte (all of fixed length), which is ~100 times faster than serialising each.
     """
-    folder.mkdir(parents=True, exist_ok=True)
+    part_folders = [folder / f"part{k:02d}" for k in range(parts)]
+    for part_folder in part_folders:
+        part_folder.mkdir(parents=True, exist_ok=True)
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = CTImageStorage, _uid(1, 0)
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
@@ -92,19 +99,31 @@ def write_instances(folder: Path, start: int, count: int) -> None:
                 .replace(_uid(3, 0).encode(), _uid(3, series_n).encode())
                 .replace(_uid(4, 0).encode(), _uid(4, study_n).encode())
                 .replace(b"BENCH00000000", f"BENCH{study_n:08d}".encode()))
-        (folder / f"{_uid(1, n)}.dcm").write_bytes(data)
+        part_folder = part_folders[(n - start) * parts // count]
+        (part_folder / f"{_uid(1, n)}.dcm").write_bytes(data)
+
+
+def chunk_files(folder: Path) -> list[Path]:
+    """The instance files of one chunk folder (all its parts), sorted."""
+    return sorted(folder.glob("part*/*.dcm"))
 
 
 def send(server: OrthancProcess, folder: Path) -> float:
-    """storescu a whole folder over one association; seconds."""
+    """storescu a chunk folder, one association per ``part*`` subfolder, all at once; seconds."""
     env = dict(os.environ, TCP_NODELAY="1")
     t0 = time.perf_counter()
-    done = subprocess.run(["storescu", "-aet", SENDER_AET, "-aec", HARVEST_AET, "+sd", "-xs", LOCALHOST,
-                           str(server.dicom_port), str(folder)], env=env, stdout=subprocess.DEVNULL,
-                          stderr=subprocess.PIPE, text=True)
+    senders = [subprocess.Popen(["storescu", "-aet", SENDER_AET, "-aec", HARVEST_AET, "+sd", "-xs", LOCALHOST,
+                                 str(server.dicom_port), str(part)], env=env, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True)
+               for part in sorted(folder.glob("part*"))]
+    failures = []
+    for sender in senders:
+        _, stderr = sender.communicate()
+        if sender.returncode != 0:
+            failures.append(f"storescu failed ({sender.returncode}): {stderr.strip()[-800:]}")
     seconds = time.perf_counter() - t0
-    if done.returncode != 0:
-        raise RuntimeError(f"storescu failed ({done.returncode}): {done.stderr.strip()[-800:]}")
+    if failures:
+        raise RuntimeError("; ".join(failures))
     return seconds
 
 
@@ -123,13 +142,16 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="20,000 instances in 4 chunks")
     ap.add_argument("--instances", type=int, default=None, help="instances per store (default 200,000)")
     ap.add_argument("--chunks", type=int, default=None, help="ingest chunks (default 10)")
+    ap.add_argument("--parallel", type=int, default=1, help="concurrent storescu associations per chunk (default 1)")
+    ap.add_argument("--together", action="store_true", help="ingest each chunk into both stores at once")
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     count = args.instances or (20_000 if args.quick else 200_000)
     chunks = args.chunks or (4 if args.quick else 10)
     results = Results("store_scale")
-    print(f"== store scale: SQLite vs PostgreSQL index, {count} instances each in {chunks} chunks ==")
+    print(f"== store scale: SQLite vs PostgreSQL index, {count} instances each in {chunks} chunks, "
+          f"{args.parallel} association(s) per chunk, {'both stores at once' if args.together else 'alternating'} ==")
     print(f"machine: {machine()}", flush=True)
     if shutil.which("storescu") is None:
         raise SystemExit("storescu not found: install Debian's dcmtk")
@@ -144,10 +166,11 @@ def main() -> None:
         folders = [workdir / "instances" / f"chunk{i:02d}" for i in range(chunks)]
         t0 = time.perf_counter()
         for i, folder in enumerate(folders):
-            if not folder.exists():
-                write_instances(folder, i * per_chunk, per_chunk)
+            if len(list(folder.glob("part*"))) != args.parallel or len(chunk_files(folder)) != per_chunk:
+                shutil.rmtree(folder, ignore_errors=True)
+                write_instances(folder, i * per_chunk, per_chunk, args.parallel)
         print(f"{per_chunk * chunks} instances written in {time.perf_counter() - t0:.0f} s "
-              f"({sum(f.stat().st_size for f in folders[0].iterdir()) / per_chunk:.0f} bytes each)", flush=True)
+              f"({sum(f.stat().st_size for f in chunk_files(folders[0])) / per_chunk:.0f} bytes each)", flush=True)
 
         clinic = workdir / "clinic"
         if not (clinic / "ground_truth.json").exists():
@@ -175,9 +198,15 @@ def main() -> None:
 
         rates: dict[str, list[float]] = {"sqlite": [], "postgresql": []}
         for i, folder in enumerate(folders):
-            order = ("sqlite", "postgresql") if i % 2 == 0 else ("postgresql", "sqlite")
-            for name in order:
-                rates[name].append(per_chunk / send(servers[name], folder))
+            if args.together:
+                with ThreadPoolExecutor(2) as pool:
+                    seconds = dict(zip(rates, pool.map(lambda n: send(servers[n], folder), rates), strict=True))  # noqa: B023
+                for name, took in seconds.items():
+                    rates[name].append(per_chunk / took)
+            else:
+                order = ("sqlite", "postgresql") if i % 2 == 0 else ("postgresql", "sqlite")
+                for name in order:
+                    rates[name].append(per_chunk / send(servers[name], folder))
             print(f"chunk {i + 1}/{chunks} (store {(i + 1) * per_chunk}): SQLite {rates['sqlite'][-1]:6.0f} inst/s, "
                   f"PostgreSQL {rates['postgresql'][-1]:6.0f} inst/s", flush=True)
         for name, api in apis.items():
@@ -188,7 +217,7 @@ def main() -> None:
         sizes = {"sqlite": (servers["sqlite"].run_dir / "storage" / "index").stat().st_size,
                  "postgresql": int(cluster.psql("orthanc_bench", "SELECT pg_database_size('orthanc_bench')"))}
         figures: dict[str, dict[str, float]] = {}
-        probe = [p.stem for p in sorted(folders[-1].iterdir())[:: max(1, per_chunk // 100)]]
+        probe = [p.stem for p in chunk_files(folders[-1])[:: max(1, per_chunk // 100)]]
         for name in ("sqlite", "postgresql"):
             server, api = servers[name], apis[name]
             # The source moves to HARVEST at harvest_port: give this harvester that port for its harvest.
@@ -235,6 +264,8 @@ def main() -> None:
             results.add(f"sqlite_{key}", round(figures["sqlite"][key], 4))
             results.add(f"postgresql_{key}", round(figures["postgresql"][key], 4))
         results.add("instances", per_chunk * chunks)
+        results.add("associations_per_chunk", args.parallel)
+        results.add("both_stores_at_once", args.together)
         results.note("ratios, not absolute rates, are what carries over: the machine is shared")
         results.write(args.json)
     finally:

@@ -27,6 +27,7 @@ from .jobqueue import JobQueue, JobState, RetryPolicy, SourceLimits
 from .manifest import ManifestService
 from .politeness import SourceGate
 from .preflight import RecordingConfiguration, load_checked, with_warnings
+from .reconcile import Reconciliation, reconcile
 from .rest import build_routes, build_schedule_routes
 from .schedule import ScheduleError
 from .schedules import ScheduleRunner, ScheduleService
@@ -52,6 +53,8 @@ class Runtime:
     harvester: Harvester | None = None
     schedules: ScheduleService | None = None
     scheduler: ScheduleRunner | None = None
+    #: The start-up reconciliation of the queue against the store (``Done`` once the workers may start).
+    reconciliation: Reconciliation | None = None
     log_handler: EventLogHandler | None = None
     started: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
@@ -99,6 +102,8 @@ def status_document(runtime: Runtime) -> dict[str, Any]:
                                  for name, a in sorted(runtime.harvester.gate.activity().items())}
     if "exports" in runtime.extra:
         doc["ExportWorkerAlive"] = runtime.extra["exports"].alive
+    if runtime.reconciliation is not None:
+        doc["StartupReconciliation"] = runtime.reconciliation.status()
     if runtime.ingest is not None:
         doc["Arrivals"] = runtime.ingest.arrivals
         doc["UnsolicitedArrivals"] = runtime.ingest.unsolicited
@@ -204,13 +209,29 @@ def _on_started() -> None:
         gate=SourceGate(*source_limits(rt.config)),
     )
     rt.ingest.on_enqueue = rt.harvests.on_enqueue = rt.harvester.wake
-    rt.harvester.start()
     if "exports" in rt.extra:
         rt.extra["exports"].start(store.read)
+    _start_log_retention(rt)
+    # The reconciliation talks to the store over loopback HTTP and may read many files: not on Orthanc's
+    # callback thread. The workers (and the scheduler, which enqueues work for them) start after it.
+    rt.reconciliation = Reconciliation()
+    stop = threading.Event()
+    thread = threading.Thread(target=_reconcile_then_start, args=(rt, stop), name="rtharvest-startup", daemon=True)
+    rt.extra["startup_stop"], rt.extra["startup_thread"] = stop, thread
+    thread.start()
+
+
+def _reconcile_then_start(rt: Runtime, stop: threading.Event) -> None:
+    """Reconcile the queue against the store, then start the workers and the scheduler (startup thread)."""
+    assert rt.config is not None and rt.harvester is not None and rt.events is not None
+    assert rt.reconciliation is not None
+    reconcile(rt.harvester, stop, rt.reconciliation)
+    if stop.is_set():
+        return  # Orthanc is stopping: _on_stopped joins this thread before stopping what it started
+    rt.harvester.start()
     if rt.schedules is not None:
         rt.scheduler = ScheduleRunner(rt.schedules)
         rt.scheduler.start()
-    _start_log_retention(rt)
     rt.started = True
     rt.events.write(Level.INFO, "app", f"rtharvest {__version__} started with {rt.config.workers} worker(s), "
                    f"store index {rt.config.store_index}")
@@ -219,6 +240,9 @@ def _on_started() -> None:
 def _on_stopped() -> None:
     rt = _runtime
     assert rt is not None
+    if "startup_thread" in rt.extra:
+        rt.extra["startup_stop"].set()
+        rt.extra["startup_thread"].join(30)
     if rt.scheduler is not None:
         rt.scheduler.stop()
     if rt.harvester is not None:

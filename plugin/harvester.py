@@ -58,6 +58,9 @@ class LocalStore(Protocol):
     def lookup(self, sop_uid: str) -> str | None:
         """Orthanc ID of the stored instance, or None."""
 
+    def lookup_many(self, sop_uids: Sequence[str]) -> dict[str, str]:
+        """SOPInstanceUID → Orthanc ID of those of ``sop_uids`` that are stored (batched index look-ups)."""
+
     def series_instances(self, series_uid: str) -> dict[str, str]:
         """SOPInstanceUID → Orthanc ID of the stored instances of a series."""
 
@@ -623,32 +626,57 @@ class Harvester:
         fact the planner uses, so only the first is read. Otherwise each one is read (arrivals whose
         ingest failed may be anything, unreadable ones included).
         """
-        # Every stored copy is judged under this job's operation, also one the harvest already decided on:
-        # a copy rejected for another rule (a candidate) may be exactly what this rule wants, and one kept
+        copies = [(Expectation(job.harvest_id, uid, job.id, source, op.role.value, op.hop, candidate, op.to_dict()),
+                   oid) for uid, oid in existing.items()]
+        self.plan_stored(copies, moved=moved, shared=shared)
+
+    def plan_stored(self, copies: Sequence[tuple[Expectation, str]], *, moved: bool, shared: bool = False) -> int:
+        """Plan stored copies (``(expectation, Orthanc ID)``) for their expectations, as if they had just
+        arrived; returns how many were planned.
+
+        The one place where the store stands in for a move: a worker's look-up before moving, an ingest
+        that failed on arrival, and the start-up reconciliation (:mod:`rtharvest.reconcile`) all come
+        here. ``shared`` as in :meth:`_plan_local`. Raises :class:`JobFailure` naming the instance when
+        one cannot be planned.
+        """
+        # Every stored copy is judged under its expectation's operation, also one the harvest already decided
+        # on: a copy rejected for another rule (a candidate) may be exactly what this rule wants, and one kept
         # under another role still brings this role's hops (a CT that is one plan's planning series and
         # another plan's registered series asks for the REGs of its FoR only as a planning series). The
         # decision of a kept copy does not change (see ``Tracker.record``). For a series, the hops are the
         # series' (planned once per series and operation), so one copy already kept stands for the others.
-        todo = dict(existing)
+        todo = list(copies)
         if shared:
-            kept = [uid for uid in existing if self.tracker.has_kept(job.harvest_id, uid)]
-            for uid in kept[1:]:
-                del todo[uid]
-        if not todo:
-            return
+            kept = [i for i, (exp, _) in enumerate(copies) if self.tracker.has_kept(exp.harvest_id, exp.sop_uid)]
+            skip = set(kept[1:])
+            todo = [copy for i, copy in enumerate(copies) if i not in skip]
         refs = None
-        for uid, oid in todo.items():
+        for exp, oid in todo:
             if refs is None or not shared:
                 refs = extract_from_bytes(self.store.read(oid))
-            expectation = Expectation(job.harvest_id, uid, job.id, source, op.role.value, op.hop, candidate,
-                                      op.to_dict())
             try:
                 # The SOP UID is the store's (an unreadable copy yields none, and it must still get a decision).
-                self.ingest.process(dataclasses.replace(refs, sop_uid=uid), oid, [expectation], moved=moved)
+                self.ingest.process(dataclasses.replace(refs, sop_uid=exp.sop_uid), oid, [exp], moved=moved)
             except Exception as exc:
-                log.exception("planning stored instance %s for job %s failed", uid, job.id)
-                raise JobFailure(f"{op.hop}: planning stored instance {uid} from the store failed: "
+                log.exception("planning stored instance %s for job %s failed", exp.sop_uid, exp.job_id)
+                raise JobFailure(f"{exp.hop}: planning stored instance {exp.sop_uid} from the store failed: "
                                  f"{type(exc).__name__}: {exc}", retryable=True) from None
+        return len(todo)
+
+    def local_expectation(self, job: Job) -> Expectation | None:
+        """A retrieve of one named instance (``RetrieveInstance``) as the expectation a worker plans it with
+        when the store holds it (see :meth:`_execute`); None for other jobs or a harvest without routing."""
+        routing = self.routing_of(job.harvest_id)
+        if routing is None or job.kind != RetrieveInstance.kind.value:
+            return None
+        try:
+            op = operation_from_dict(job.payload)
+        except (KeyError, ValueError, TypeError):
+            return None  # the worker fails it with the reason
+        if not isinstance(op, RetrieveInstance):
+            return None
+        return Expectation(job.harvest_id, op.sop_uid, job.id, routing.source_for(op), op.role.value, op.hop,
+                           False, op.to_dict())
 
     # -- maintenance: provenance, end-of-harvest cleanup --------------------------------------------
 

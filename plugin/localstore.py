@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from .loopback import LoopbackClient, LoopbackError
+
+#: SOP Instance UIDs per ``/tools/find`` of :meth:`OrthancLocalStore.lookup_many` (a UID is at most 64
+#: characters: one request body stays small, and the index answers a list match with one look-up each).
+LOOKUP_BATCH = 100
 
 
 class OrthancLocalStore:
@@ -14,6 +20,22 @@ class OrthancLocalStore:
     def lookup(self, sop_uid: str) -> str | None:
         """Orthanc ID of the stored instance, or None."""
         return self.client.find_instance(sop_uid)
+
+    def lookup_many(self, sop_uids: Sequence[str]) -> dict[str, str]:
+        """SOPInstanceUID → Orthanc ID of those of ``sop_uids`` that are stored, in batches of
+        :data:`LOOKUP_BATCH` (one ``/tools/find`` each: a backslash-separated value is DICOM's list of UID
+        matching, which Orthanc answers from its index)."""
+        wanted = sorted(set(sop_uids))
+        result: dict[str, str] = {}
+        for start in range(0, len(wanted), LOOKUP_BATCH):
+            batch = wanted[start:start + LOOKUP_BATCH]
+            found = self.client.post("/tools/find", {"Level": "Instance", "Expand": True,
+                                                     "Query": {"SOPInstanceUID": "\\".join(batch)}})
+            for entry in found or []:
+                uid = entry.get("MainDicomTags", {}).get("SOPInstanceUID")
+                if uid in batch:
+                    result[str(uid)] = str(entry["ID"])
+        return result
 
     def series_instances(self, series_uid: str) -> dict[str, str]:
         """SOPInstanceUID → Orthanc ID of the stored instances of a series (one index query)."""

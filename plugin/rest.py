@@ -156,7 +156,9 @@ def build_routes(router: Router, harvests: HarvestService, queue: JobQueue, even
         "Plugin, Orthanc and Python-plugin versions, queue counts by state, workers alive, configuration "
         "errors and warnings; per source RecordDiscovery {Method, Unbounded} (how a window's treatment records "
         "are found and what the window does not bound) and SourceActivity {Open, Peak, Operations, Waited, "
-        "Finds, Moves} (associations of this harvester, counted against MaxConcurrent)", tag="status"))
+        "Finds, Moves} (associations of this harvester, counted against MaxConcurrent); StartupReconciliation "
+        "{Done, Checked, PlannedFromStore, Failed, Seconds[, Error]} (objects the queue believed missing, checked "
+        "against the store before the workers started, and how many the store held)", tag="status"))
     router.add("GET", r"/rtharvest/openapi.json", get_openapi, RouteDoc(
         "This OpenAPI 3 description of every /rtharvest route", tag="status"))
     router.add("POST", r"/rtharvest/harvests", start, RouteDoc(

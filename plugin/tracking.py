@@ -254,6 +254,21 @@ class Tracker:
                 found.add(uid)
         return found
 
+    def undecided_expectations(self) -> list[Expectation]:
+        """Expectations of unfinished harvests (Running, Paused) that have no decision and whose job no
+        live run holds: instances a previous run was moving when it stopped (a crash, a kill, a queue
+        restored from a backup). Called at start-up, after the leases of dead runs were reclaimed, so a
+        job still ``leased`` then belongs to another live process and is left to it."""
+        rows = self.db.query(
+            "SELECT e.harvest_id, e.sop_uid, e.job_id, e.source, e.role, e.hop, e.candidate, e.operation"
+            " FROM rth_expectations e JOIN harvests h ON h.id = e.harvest_id"
+            " LEFT JOIN jobs j ON j.id = e.job_id"
+            " WHERE h.state IN ('Running', 'Paused') AND coalesce(j.state, '') != 'leased'"
+            " AND NOT EXISTS (SELECT 1 FROM rth_objects o WHERE o.harvest_id = e.harvest_id"
+            "                 AND o.sop_uid = e.sop_uid)"
+            " ORDER BY e.harvest_id, e.created_at, e.job_id")
+        return [Expectation(r[0], r[1], int(r[2]), r[3], r[4], r[5], bool(r[6]), json.loads(r[7])) for r in rows]
+
     def drop_expectations(self, job_id: int) -> None:
         """Forget a finished job's expectations (arrivals after that are unsolicited)."""
         self.db.execute("DELETE FROM rth_expectations WHERE job_id = ?", (job_id,))

@@ -79,6 +79,10 @@ class FakeStore:
     def lookup(self, sop_uid: str) -> str | None:
         return self.by_sop.get(sop_uid)
 
+    def lookup_many(self, sop_uids: Sequence[str]) -> dict[str, str]:
+        with self._lock:
+            return {uid: self.by_sop[uid] for uid in sop_uids if uid in self.by_sop}
+
     def series_instances(self, series_uid: str) -> dict[str, str]:
         with self._lock:
             return dict(self.series.get(series_uid, {}))

@@ -159,3 +159,79 @@ def test_backup_taken_while_harvesting_restores_to_a_complete_harvest(clinic: Cl
         assert indexed_instances(postgres, f"{database}_restored") == len(stored_sop_uids(clinic.api))
     finally:
         clinic.restart_harvester(fresh=True)
+
+
+#: What a queue database believes missing: undecided expectations of moving jobs and pending retrieves of
+#: named instances without a decision (what the start-up reconciliation checks against the store).
+_BELIEVED_MISSING = (
+    "SELECT count(*) FROM (SELECT e.sop_uid FROM rth_expectations e WHERE e.harvest_id = :h AND NOT EXISTS"
+    "  (SELECT 1 FROM rth_objects o WHERE o.harvest_id = e.harvest_id AND o.sop_uid = e.sop_uid)"
+    " UNION SELECT json_extract(j.payload, '$.sop_uid') FROM jobs j WHERE j.harvest_id = :h"
+    "  AND j.kind = 'RetrieveInstance' AND j.state IN ('pending', 'waiting') AND NOT EXISTS"
+    "  (SELECT 1 FROM rth_objects o WHERE o.harvest_id = j.harvest_id"
+    "   AND o.sop_uid = json_extract(j.payload, '$.sop_uid')))"
+)
+
+
+def test_queue_older_than_the_store_is_reconciled_on_start(clinic: Clinic, loaded: GroundTruth,
+                                                           postgres: PostgresCluster, tmp_path: Path) -> None:
+    """The queue is restored from a backup taken mid-harvest while the index and files hold the finished
+    harvest: on start, before any worker runs, what the queue believes missing is found in the store and
+    planned from the stored copies; the harvest completes equal to the ground truth without a C-MOVE."""
+    harvester_on_postgres(clinic, postgres)
+    try:
+        window = loaded.window("all")
+        harvest_id = start_harvest(clinic.api, window, SOURCE)
+        deadline = time.monotonic() + 120
+        while clinic.api.get("/statistics")["CountInstances"] < len(window.expected) // 4:
+            assert time.monotonic() < deadline, "the harvest stored nothing"
+            time.sleep(0.05)
+        # A consistent copy of the queue at a moment it believes something missing (a move in flight or a
+        # named retrieve pending), which the harvest then stores.
+        backup = tmp_path / "rtharvest.sqlite"
+        while True:
+            backup.unlink(missing_ok=True)
+            backup_queue(queue_db(clinic), backup)
+            with sqlite3.connect(backup) as conn:
+                believed_missing = int(conn.execute(_BELIEVED_MISSING, {"h": harvest_id}).fetchone()[0])
+                running = conn.execute("SELECT state FROM harvests WHERE id = ?", (harvest_id,)).fetchone()[0]
+            conn.close()
+            assert running == "Running", "the harvest ended before a backup believed anything missing"
+            if believed_missing:
+                break
+            time.sleep(0.02)
+        wait_completed(clinic.api, harvest_id)
+        stored = assert_store_equals_truth(clinic.api, window)
+
+        # Restore only the queue: the store (PostgreSQL index and files) is newer than it.
+        clinic.harvester.stop()
+        db = queue_db(clinic)
+        for leftover in (db, db.with_name(db.name + "-wal"), db.with_name(db.name + "-shm")):
+            leftover.unlink(missing_ok=True)
+        shutil.copy(backup, db)
+        clinic.restart_harvester(fresh=False)
+        deadline = time.monotonic() + 120
+        # Present from ORTHANC_STARTED on (the REST API answers a moment earlier), Done before the workers start.
+        while not (status := clinic.api.get("/rtharvest/status")).get("StartupReconciliation", {}).get("Done"):
+            assert time.monotonic() < deadline, status
+            time.sleep(0.1)
+        reconciliation = status["StartupReconciliation"]
+        print(f"\nbacked-up queue believed {believed_missing} missing; reconciliation: {reconciliation}")
+        assert reconciliation["Checked"] >= believed_missing > 0
+        assert reconciliation["PlannedFromStore"] > 0, reconciliation
+        assert reconciliation["Failed"] == 0 and "Error" not in reconciliation, reconciliation
+        events = clinic.api.get(f"/rtharvest/log?harvest={harvest_id}&level=info&limit=500")
+        summaries = [e["Message"] for e in events if e["Message"].startswith("start-up reconciliation:")]
+        assert len(summaries) == 1, summaries
+
+        doc = wait_completed(clinic.api, harvest_id)
+        status = clinic.api.get("/rtharvest/status")
+        # Nothing was moved again: the source saw no C-MOVE from the restarted harvester, nothing arrived.
+        assert status["SourceActivity"].get(SOURCE, {}).get("Moves", 0) == 0, status["SourceActivity"]
+        assert status["Arrivals"] == 0, status
+        assert_harvest_equals_truth(clinic, window, harvest_id, {SOURCE})
+        assert set(stored_sop_uids(clinic.api)) == set(stored)
+        assert doc["PlansCollected"] == window.summary.plans_collected
+        assert_jobs_sound(queue_db(clinic), harvest_id)
+    finally:
+        clinic.restart_harvester(fresh=True)
