@@ -82,6 +82,9 @@ class SourceSettings:
     record_discovery: RecordDiscovery = RecordDiscovery.STUDY_DATE
     #: StudyDate pre-filter: how many days before the window a record's study may be dated.
     look_back_days: int = DEFAULT_LOOK_BACK_DAYS
+    #: The source (relational) matches study- and series-level keys in IMAGE-level C-FINDs (Orthanc, ARIA).
+    #: Off by default: dcmqrscp ignores them there and would answer with every instance of the archive.
+    upper_level_keys: bool = False
 
     def capability(self, supports_sequence_keys: bool = False) -> SourceCapability:
         """What the search strategies may use at this source (sequence keys only if the backend sends them)."""
@@ -91,6 +94,7 @@ class SourceSettings:
             instance_return_keys=self.instance_return_keys,
             record_discovery=self.record_discovery,
             look_back_days=self.look_back_days,
+            upper_level_keys=self.upper_level_keys,
         )
 
     def __post_init__(self) -> None:
@@ -211,6 +215,9 @@ def _source_settings(section: Any, where: str, base: SourceSettings) -> SourceSe
     inst = section.get("InstanceReturnKeys", base.instance_return_keys)
     if not isinstance(inst, bool):
         raise ConfigError(f"{where}.InstanceReturnKeys: expected true or false, got {inst!r}")
+    upper = section.get("UpperLevelKeys", base.upper_level_keys)
+    if not isinstance(upper, bool):
+        raise ConfigError(f"{where}.UpperLevelKeys: expected true or false, got {upper!r}")
     return SourceSettings(
         backend=_enum(section, "Backend", Backend, base.backend, where),
         model=_enum(section, "QueryModel", QueryModel, base.model, where),
@@ -223,6 +230,7 @@ def _source_settings(section: Any, where: str, base: SourceSettings) -> SourceSe
         move_timeout=_number(section, "MoveTimeout", base.move_timeout, where, 0.1),
         record_discovery=_enum(section, "RecordDiscovery", RecordDiscovery, base.record_discovery, where),
         look_back_days=_integer(section, "StudyDateLookBackDays", base.look_back_days, where, 0),
+        upper_level_keys=upper,
     )
 
 

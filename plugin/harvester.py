@@ -28,6 +28,7 @@ from typing import Any, Protocol
 
 from .dimse.base import MoveResult, SourceError
 from .eventlog import EventLog, Level
+from .findcache import FindCache, find_key
 from .ingest import HarvestRouting, Ingest
 from .jobqueue import HarvestState, Job, JobQueue, QueueError, SourceLimits
 from .mimsessions import SessionGone, SessionUnpacker, session_search
@@ -131,6 +132,19 @@ class JobOutcome:
                 f"{took:.2f} s")
 
 
+@dataclass
+class RoundTrips:
+    """The DIMSE operations one job sent, and the C-FINDs answered by earlier searches of its harvest."""
+
+    finds: int = 0
+    reused: int = 0
+    moves: int = 0
+
+    def note(self) -> str:
+        """For the job's note (where a harvest's round trips go: ``GET /rtharvest/jobs``)."""
+        return f"{self.finds} C-FIND ({self.reused} more answered by earlier searches), {self.moves} C-MOVE"
+
+
 class Harvester:
     """Runs jobs; owns the worker threads and the provenance writer."""
 
@@ -149,6 +163,7 @@ class Harvester:
         delete_rejected: bool = True,
         poll_interval: float = 0.2,
         gate: SourceGate | None = None,
+        finds: FindCache | None = None,
     ) -> None:
         self.queue = queue
         self.tracker = tracker
@@ -174,6 +189,10 @@ class Harvester:
         self.sessions = SessionUnpacker(store, tracker, ingest, events)
         #: Job ID → instances it moved whose ingest failed and that it planned from the store (for its note).
         self._replanned: dict[int, int] = {}
+        #: C-FIND answers of each running harvest, reused by its later jobs (:mod:`rtharvest.findcache`).
+        self.finds = finds if finds is not None else FindCache()
+        #: Job ID → the round trips of its current attempt (for its note).
+        self._round_trips: dict[int, RoundTrips] = {}
 
     # -- lifecycle ----------------------------------------------------------------------------------
 
@@ -232,6 +251,12 @@ class Harvester:
     def run(self, job: Job, owner: str) -> None:
         """Run one leased job to completion or failure (never raises)."""
         try:
+            self._run(job, owner)
+        finally:
+            self._round_trips.pop(job.id, None)
+
+    def _run(self, job: Job, owner: str) -> None:
+        try:
             outcome = self._execute(job, owner)
         except JobFailure as exc:
             self._fail(job, owner, exc.message, exc.retryable, exc.dimse_status)
@@ -261,12 +286,15 @@ class Harvester:
             try:
                 # One transaction: once the job (and maybe its harvest) is finished, nothing more can
                 # arrive in its name.
-                note = outcome.note()
+                note = f"{outcome.note()}; {self._round_trips.pop(job.id, RoundTrips()).note()}"
                 if replanned := self._replanned.pop(job.id, 0):
                     note += f"; {replanned} planned from the store after their ingest failed (see the log)"
                 with self.tracker.db.transaction():
                     self.tracker.drop_expectations(job.id)
                     self.queue.complete(job.id, owner, note=note)
+                if self.queue.get_harvest(job.harvest_id).state == HarvestState.COMPLETED:
+                    # Its last job: a job that reopens the harvest later (a retry, a late search) asks again.
+                    self.finds.forget(job.harvest_id)
             except QueueError as exc:
                 self.events.write(Level.WARNING, "harvester", f"could not complete job: {exc}",
                                   harvest_id=job.harvest_id, job_id=job.id)
@@ -274,6 +302,7 @@ class Harvester:
 
     def _fail(self, job: Job, owner: str, message: str, retryable: bool, status: int | None) -> None:
         self._replanned.pop(job.id, None)
+        self._round_trips.pop(job.id, None)
         try:
             with self.tracker.db.transaction():  # as in run(): expectations end with the attempt
                 self.tracker.drop_expectations(job.id)
@@ -384,7 +413,7 @@ class Harvester:
         targets: list[Target] = []
 
         def find(level: QueryLevel, identifier: dict[str, Any]) -> list[Mapping[str, Any]]:
-            local = self._local_frame_of_reference(level, identifier)
+            local = self._local_frame_of_reference(job, access.name, level, identifier)
             if local is not None:
                 return local
             return self._find(job, owner, access, level, identifier)
@@ -441,27 +470,47 @@ class Harvester:
 
     def _find(self, job: Job, owner: str, access: SourceAccess, level: QueryLevel,
               identifier: Mapping[str, Any]) -> list[Mapping[str, Any]]:
-        with self._contact(job, owner, access.name, "find"):
-            return list(access.backend.find(level, identifier, timeout=access.find_timeout))
+        """One C-FIND, unless this harvest already asked this source the same question (then its answer)."""
+        trips = self._round_trips.setdefault(job.id, RoundTrips())
+
+        def ask() -> list[Mapping[str, Any]]:
+            with self._contact(job, owner, access.name, "find"):
+                trips.finds += 1
+                return list(access.backend.find(level, identifier, timeout=access.find_timeout))
+
+        retried = job.attempts > 1 or job.last_error is not None
+        answers, reused = self.finds.answers(find_key(job.harvest_id, access.name, level, identifier), ask,
+                                             fresh=retried,
+                                             waiting=lambda: self.queue.heartbeat(job.id, owner, self.lease_seconds))
+        trips.reused += reused
+        if "FrameOfReferenceUID" in identifier and not identifier["FrameOfReferenceUID"]:
+            self.finds.note_frames_of_reference(job.harvest_id, access.name, answers)
+        return answers
 
     def _move(self, job: Job, owner: str, access: SourceAccess, level: QueryLevel, **kwargs: Any) -> MoveResult:
+        self._round_trips.setdefault(job.id, RoundTrips()).moves += 1
         with self._contact(job, owner, access.name, "move"):
             result: MoveResult = access.backend.move(level, timeout=access.move_timeout, **kwargs)
             return result
 
-    def _local_frame_of_reference(self, level: QueryLevel,
+    def _local_frame_of_reference(self, job: Job, source: str, level: QueryLevel,
                                   identifier: Mapping[str, Any]) -> list[Mapping[str, Any]] | None:
-        """Answer "the FrameOfReferenceUID of series S" from what is stored, when S is.
+        """Answer "the FrameOfReferenceUID of series S" without asking, when it is known: S is stored here,
+        or an earlier answer of this harvest from this source showed S with its FoR (a series-level answer
+        of a source that fills FoR there).
 
         FoR is an image-level attribute, so a source answers it by listing every image of the series (and
-        Orthanc reads each file to do so); for a series already here the answer is known locally.
+        Orthanc reads each file to do so); every image of a series shares one FoR (PS3.3 C.7.4.1.1.1).
         """
         series = identifier.get(_SERIES)
         if level != QueryLevel.IMAGE or identifier.get("FrameOfReferenceUID") != "" or not series:
             return None
         known = self.tracker.series_frame_of_reference(str(series))
         if known is None:
-            return None
+            answered = self.finds.frame_of_reference(job.harvest_id, source, str(series))
+            if answered is None:
+                return None
+            known = ("", answered)  # no SOP UID: the step after a FoR answer moves the whole series
         sop_uid, for_uid = known
         return [{_STUDY: identifier.get(_STUDY, ""), _SERIES: series, _SOP: sop_uid, "FrameOfReferenceUID": for_uid}]
 
@@ -577,6 +626,10 @@ class Harvester:
         while busy and time.monotonic() < deadline and not self._stop.is_set():
             self._stop.wait(0.2)
             self.queue.heartbeat(job.id, owner, self.lease_seconds)
+            # Who is still moving is read *before* the store: a job that ended before this read had stored
+            # all it delivered, so the store read below sees it (read the other way round, a move ending
+            # between the two reads would leave its last instances looking missing, and they would move twice).
+            moving = self.tracker.in_flight(list(busy), job.id)
             # One index query for the whole series rather than one look-up per slice per poll.
             stored = self.store.series_instances(series) if series else {
                 uid: oid for uid in busy if (oid := self.store.lookup(uid)) is not None}
@@ -584,7 +637,7 @@ class Harvester:
                 if uid in stored:
                     arrived[uid] = stored[uid]
                     busy.discard(uid)
-            busy &= self.tracker.in_flight(list(busy), job.id)
+            busy &= moving
         return arrived
 
     def _settle_arrivals(self, job: Job, op: Operation, target: Target, uids: Sequence[str]) -> set[str]:
@@ -735,6 +788,7 @@ class Harvester:
         no provenance of its own left; otherwise the next pass tries again.
         """
         for harvest_id in self.tracker.harvests_to_clean():
+            self.finds.forget(harvest_id)  # finished: a job reopening it must see the sources as they are now
             if self.tracker.pending_provenance_of(harvest_id):
                 continue  # this harvest's own provenance first; other harvests' backlog does not matter
             removed = 0
@@ -755,6 +809,7 @@ class Harvester:
                     continue
                 self.tracker.mark_cleanup(harvest_id)
                 counts = self.tracker.decision_counts(harvest_id)
+            self.finds.forget(harvest_id)
             # One summary instead of an event per instance (a re-harvest plans everything from the store).
             self.events.write(Level.INFO, "harvester", f"harvest finished: {counts.kept} instance(s) kept "
                               f"({counts.moved} moved, {counts.kept - counts.moved} already in the store), "

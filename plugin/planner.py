@@ -124,8 +124,11 @@ def start_operations(ctx: HarvestContext) -> tuple[Operation, ...]:
     return tuple(FindTreatmentRecords(ctx.window, None, chunk_from=lo, chunk_to=hi) for lo, hi in chunks)
 
 
-#: At most this many record-search jobs for one dated window.
-MAX_CHUNKS = 24
+#: At most this many record-search jobs for one dated window. Every job costs at least one C-FIND whatever
+#: its months hold, so this is the window's fixed cost: a year runs month by month; a longer window (a
+#: first harvest of a clinic's history) in twelve runs of whole months, each still with its own timeout,
+#: retries and an answer list bounded by what a run of months holds.
+MAX_CHUNKS = 12
 
 
 def month_chunks(date_from: str | None, date_to: str | None) -> list[tuple[str, str]]:

@@ -21,7 +21,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from .config import Backend, ConfigError, HarvesterConfig, load_config
+from .config import Backend, ConfigError, HarvesterConfig, QueryModel, load_config
 
 __all__ = ["CRASHES_ON_HTTPS", "PROVENANCE_METADATA", "RecordingConfiguration", "load_checked", "startup_problems",
            "with_warnings"]
@@ -153,6 +153,11 @@ def startup_problems(orthanc: Mapping[str, Any], config: HarvesterConfig,
                 f"RtHarvest.Sources.{name}.SequenceReturnKeys is true but its Backend {settings.backend.value!r} "
                 "cannot send sequence keys (use \"pynetdicom\"); searches retrieve candidates instead")
     defaults = config.source_defaults
+    for name, settings in [*sorted(config.sources.items()), ("", defaults)]:
+        if settings.upper_level_keys and settings.model is not QueryModel.RELATIONAL:
+            where = f"RtHarvest.Sources.{name}" if name else "RtHarvest.SourceDefaults"
+            warnings.append(f"{where}.UpperLevelKeys is true but its QueryModel is "
+                            f"{settings.model.value!r}: ignored (a hierarchical source is searched level by level)")
     if defaults.sequence_return_keys and defaults.backend not in _SEQUENCE_KEY_BACKENDS:
         warnings.append(
             f"RtHarvest.SourceDefaults.SequenceReturnKeys is true but Backend {defaults.backend.value!r} cannot "

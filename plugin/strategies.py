@@ -6,6 +6,10 @@ Two facts about real Q/R sources shape every search (``../shared/PLATFORM.md``):
   found by its SOP Instance UID alone. **Strict hierarchical** SCPs (dcmqrscp ``-XF -XM``, many PACS)
   reject any query below STUDY level that lacks the unique keys of the levels above, so references,
   which carry SOP UIDs only, must be resolved by walking PATIENT → STUDY → SERIES → IMAGE.
+* Some relational SCPs (Orthanc, ARIA) also **match keys of the levels above** the query level (StudyDate,
+  PatientID and Modality in an IMAGE-level query); others (dcmqrscp) ignore them there and answer a
+  superset. Where a source is known to match them (``upper_level_keys``), the records of a window and
+  the candidates of a reverse search are listed by one IMAGE-level C-FIND instead of one per series.
 * Some SCPs return **sequence attributes** asked as empty return keys (an empty
   ReferencedRTPlanSequence on an RTDOSE query returns the plan UID), which tells which dose or record
   references a plan without a retrieve. Without that, candidates are retrieved and
@@ -19,7 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
 from collections.abc import Sequence as Seq
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import date, timedelta
 from enum import StrEnum
 from typing import Any
@@ -64,7 +68,8 @@ class SourceCapability:
     ``instance_return_keys``: the SCP returns instance attributes it does not index as return keys
     (FrameOfReferenceUID, TreatmentDate). When it does not, series are probed by retrieving one
     instance and records are filtered on arrival. ``record_discovery`` and ``look_back_days``: how a
-    dated window's records are found (:class:`RecordDiscovery`).
+    dated window's records are found (:class:`RecordDiscovery`). ``upper_level_keys`` (relational only):
+    the SCP matches series- and study-level keys (Modality, StudyDate, PatientID) in an IMAGE-level query.
     """
 
     relational: bool
@@ -72,6 +77,12 @@ class SourceCapability:
     instance_return_keys: bool = True
     record_discovery: RecordDiscovery = RecordDiscovery.STUDY_DATE
     look_back_days: int = DEFAULT_LOOK_BACK_DAYS
+    upper_level_keys: bool = False
+
+    @property
+    def image_level_search(self) -> bool:
+        """Whether an IMAGE-level C-FIND may select instances by series and study keys at this source."""
+        return self.relational and self.upper_level_keys
 
     def label(self) -> str:
         """Short human label (test ids, logs)."""
@@ -79,6 +90,8 @@ class SourceCapability:
                  "seqkeys" if self.sequence_return_keys else "noseq"]
         if not self.instance_return_keys:
             parts.append("noinst")
+        if self.image_level_search:
+            parts.append("upper")
         return "-".join(parts)
 
 
@@ -110,6 +123,7 @@ class AnswerFilter(StrEnum):
     EXCLUDE_SERIES = "EXCLUDE_SERIES"  # series not excluded by the operation
     FRAME_OF_REFERENCE = "FRAME_OF_REFERENCE"  # FrameOfReferenceUID equals the operation's FoR
     ONE_PER_SERIES = "ONE_PER_SERIES"  # only the first answer of each series goes on
+    NAMED_INSTANCE = "NAMED_INSTANCE"  # only the instance the operation names (in a series listing)
 
 
 @dataclass(frozen=True)
@@ -231,6 +245,15 @@ def _records_steps(op: FindTreatmentRecords, cap: SourceCapability) -> tuple[Sea
             else _move(QueryLevel.IMAGE, candidate=True, note="retrieve; window checked on arrival"))
     # (TreatmentDate matching is a relational facility: a hierarchical source falls back to StudyDate.)
     by_study_date = dated and cap.record_discovery is not RecordDiscovery.SCAN
+    if (by_study_date or op.patient_id) and cap.image_level_search:
+        # The source matches StudyDate, PatientID and Modality at IMAGE level: the records themselves, in one
+        # C-FIND per chunk (or per patient), instead of studies, then their record series, then their records.
+        keys: dict[str, str] = {"PatientID": op.patient_id or "", "Modality": "RTRECORD", _STUDY: "", _SERIES: "",
+                                _SOP: "", **treatment}
+        if by_study_date:
+            keys["StudyDate"] = _study_dates(op, cap)
+        return (_find(QueryLevel.IMAGE, keys, (), (AnswerFilter.WINDOW,),
+                      "records of the window's studies (or of the patient), selected at IMAGE level"), move)
     if by_study_date or op.patient_id:
         # Studies first: every SCP matches StudyDate and PatientID at STUDY level (dcmqrscp ignores PatientID
         # on SERIES-level queries). A record's study is dated on or before its treatment, so only the first
@@ -238,8 +261,7 @@ def _records_steps(op: FindTreatmentRecords, cap: SourceCapability) -> tuple[Sea
         # ModalitiesInStudy as a return key lets a source that fills it (Orthanc) skip studies without records.
         study_keys: dict[str, str] = {"PatientID": op.patient_id or "", _STUDY: "", "ModalitiesInStudy": ""}
         if by_study_date:
-            first = lo is not None and lo == op.window.date_from
-            study_keys["StudyDate"] = f"{look_back(lo, cap.look_back_days) if first else lo or ''}-{hi or ''}"
+            study_keys["StudyDate"] = _study_dates(op, cap)
         return (_find(QueryLevel.STUDY, study_keys, (), (AnswerFilter.HAS_RECORDS,),
                       "studies of the window (or of the patient)"),
                 _find(QueryLevel.SERIES, {_SERIES: "", "Modality": "RTRECORD"}, (_STUDY,), (),
@@ -256,6 +278,14 @@ def _records_steps(op: FindTreatmentRecords, cap: SourceCapability) -> tuple[Sea
             _find(QueryLevel.SERIES, {_SERIES: "", "Modality": "RTRECORD"}, (_STUDY,), (),
                   "record series of each study"),
             records, move)
+
+
+def _study_dates(op: FindTreatmentRecords, cap: SourceCapability) -> str:
+    """StudyDate range of a records search: a record's study is dated on or before its treatment, so only the
+    window's first chunk looks back; later chunks list the studies dated within them (each study once)."""
+    lo, hi = op.search_range()
+    first = lo is not None and lo == op.window.date_from
+    return f"{look_back(lo, cap.look_back_days) if first else lo or ''}-{hi or ''}"
 
 
 def look_back(day: str | None, days: int) -> str:
@@ -292,18 +322,28 @@ def discovery_description(cap: SourceCapability) -> str:
         return "TreatmentDate matched by the source (one C-FIND per month of the window)"
     if cap.record_discovery is RecordDiscovery.SCAN:
         return "scan: every record series of the source is listed (not bounded by the window)"
-    return (f"StudyDate pre-filter with a look-back of {cap.look_back_days} day(s); records in studies dated "
-            "earlier, or without StudyDate, are found only through step 4 (every record of a collected plan)")
+    how = ("one IMAGE-level C-FIND per month of the window (UpperLevelKeys)" if cap.image_level_search
+           else "studies, then their record series")
+    return (f"StudyDate pre-filter with a look-back of {cap.look_back_days} day(s), {how}; records in studies "
+            "dated earlier, or without StudyDate, are found only through step 4 (every record of a collected plan)")
 
 
 def _instance_steps(op: RetrieveInstance, cap: SourceCapability) -> tuple[SearchStep, ...]:
+    if op.study_uid and op.series_uid:
+        # The referencing object names the image's series (a contour's RTReferencedSeriesSequence): list that
+        # series. The image is wanted for its series, whose request needs this very listing (one C-FIND for
+        # both, see rtharvest.findcache). A listing without the image (a wrong hint) falls back to
+        # fallback_steps: the image is then found by its UID alone, and its own Series UID decides.
+        return (_find(QueryLevel.IMAGE, {_STUDY: op.study_uid, _SERIES: op.series_uid, _SOP: ""}, (),
+                      (AnswerFilter.NAMED_INSTANCE,), "the series the reference names, listed"),
+                _move(QueryLevel.IMAGE))
+    return _instance_by_uid(op, cap)
+
+
+def _instance_by_uid(op: RetrieveInstance, cap: SourceCapability) -> tuple[SearchStep, ...]:
     if cap.relational:
         return (_find(QueryLevel.IMAGE, {_SOP: op.sop_uid, _STUDY: "", _SERIES: ""}, (), (),
                       "find by SOP Instance UID alone"),
-                _move(QueryLevel.IMAGE))
-    if op.study_uid and op.series_uid:
-        return (_find(QueryLevel.IMAGE, {_STUDY: op.study_uid, _SERIES: op.series_uid, _SOP: op.sop_uid}, (), (),
-                      "instance in the known series"),
                 _move(QueryLevel.IMAGE))
     if op.modality:
         steps = _walk_to_series(op.patient_id, op.study_uid, {"Modality": op.modality})
@@ -314,6 +354,14 @@ def _instance_steps(op: RetrieveInstance, cap: SourceCapability) -> tuple[Search
     steps.append(_find(QueryLevel.IMAGE, {_SOP: op.sop_uid}, _SERIES_IDS, (), "the instance in each series"))
     steps.append(_move(QueryLevel.IMAGE))
     return tuple(steps)
+
+
+def fallback_steps(op: Operation, capability: SourceCapability) -> tuple[SearchStep, ...]:
+    """The chain to run when :func:`search_steps` found nothing because it trusted a hint: an image whose
+    hinted series does not list it is searched by its UID (the hint of a structure set may be wrong)."""
+    if isinstance(op, RetrieveInstance) and op.study_uid and op.series_uid:
+        return _instance_by_uid(replace(op, study_uid=None, series_uid=None), capability)
+    return ()
 
 
 def _series_steps(op: RetrieveSeries, cap: SourceCapability) -> tuple[SearchStep, ...]:
@@ -336,7 +384,12 @@ def _referencing_steps(op: FindReferencing, cap: SourceCapability) -> tuple[Sear
     filters = (AnswerFilter.CRITERION,) if seq else ()
     note = ("candidates with their reference sequences; keep those that match" if seq
             else "every candidate (the SCP returns no sequences)")
-    if cap.relational:
+    if cap.image_level_search:
+        # The source matches PatientID and Modality at IMAGE level: the candidates in one C-FIND.
+        steps = [_find(QueryLevel.IMAGE, {"PatientID": op.patient_id or "", "Modality": op.modality,
+                                          _STUDY: op.study_uid or "", _SERIES: "", _SOP: "", **ret}, (), filters,
+                       f"{op.modality} instances of the patient, {note}")]
+    elif cap.relational:
         # As for records: select the series by Modality (a series-level key), then their instances.
         steps = [_find(QueryLevel.SERIES, {"PatientID": op.patient_id or "", "Modality": op.modality,
                                            _STUDY: op.study_uid or "", _SERIES: ""}, (), (),
@@ -353,8 +406,13 @@ def _referencing_steps(op: FindReferencing, cap: SourceCapability) -> tuple[Sear
 def _for_steps(op: FindSeriesInFrameOfReference, cap: SourceCapability) -> tuple[SearchStep, ...]:
     series_filters = (AnswerFilter.MODALITY, AnswerFilter.EXCLUDE_SERIES)
     if cap.relational:
+        # A source that returns instance attributes may fill FrameOfReferenceUID at SERIES level too (Orthanc
+        # reads it from one instance of each series). Every image of a series shares one FoR (PS3.3
+        # C.7.4.1.1.1), so such an answer settles the series without listing its images (the harvester
+        # answers the image step from it); a source that leaves it out gets the image step.
+        ret = {"FrameOfReferenceUID": ""} if cap.instance_return_keys else {}
         steps = [_find(QueryLevel.SERIES, {"PatientID": op.patient_id or "", _STUDY: "", _SERIES: "",
-                                           "Modality": ""}, (), series_filters, "series of the patient")]
+                                           "Modality": "", **ret}, (), series_filters, "series of the patient")]
     else:
         steps = _walk_to_series(op.patient_id, None, {"Modality": ""}, series_filters)
     if cap.instance_return_keys:
@@ -451,6 +509,8 @@ def _passes(f: AnswerFilter, op: Operation, a: Mapping[str, Any]) -> bool:
     if f is AnswerFilter.EXCLUDE_SERIES:
         excl = op.exclude_series if isinstance(op, (FindSeriesInFrameOfReference, FindReferencing)) else ()
         return str(a.get(_SERIES, "")) not in excl
+    if f is AnswerFilter.NAMED_INSTANCE:
+        return isinstance(op, RetrieveInstance) and str(a.get(_SOP, "")) == op.sop_uid
     if f is AnswerFilter.FRAME_OF_REFERENCE:
         # An answer without FoR is dropped: fetching a series of unknown FoR would risk an unrelated scan.
         return isinstance(op, FindSeriesInFrameOfReference) and str(a.get("FrameOfReferenceUID", "")) == op.for_uid
@@ -470,16 +530,19 @@ def execute(op: Operation, capability: SourceCapability, find: FindFn, retrieve:
     one answer list per step is held at a time (a month of studies, then one study's series), never a
     whole level of the source.
     """
-    steps = search_steps(op, capability)
 
-    def run(index: int, previous: Mapping[str, Any]) -> int:
+    def run(steps: tuple[SearchStep, ...], index: int, previous: Mapping[str, Any]) -> int:
         step = steps[index]
         if step.action is StepAction.RETRIEVE:
             retrieve(step.level, step.identifier(previous), step.candidate)
             return 1
         moves = 0
         for answer in filter_answers(step, op, find(step.level, step.identifier(previous))):
-            moves += run(index + 1, answer)
+            moves += run(steps, index + 1, answer)
         return moves
 
-    return run(0, {}) if steps else 0
+    steps = search_steps(op, capability)
+    moves = run(steps, 0, {}) if steps else 0
+    if not moves and (fallback := fallback_steps(op, capability)):
+        moves = run(fallback, 0, {})
+    return moves

@@ -25,7 +25,8 @@ from .servers import (
 
 #: Per-source harvest settings the test harvester runs with (what a site would configure).
 SOURCE_SETTINGS = {
-    "ORTHANC_SRC": {"Backend": "orthanc", "QueryModel": "relational", "InstanceReturnKeys": True},
+    "ORTHANC_SRC": {"Backend": "orthanc", "QueryModel": "relational", "InstanceReturnKeys": True,
+                    "UpperLevelKeys": True},
     "DCMQRSCP": {"Backend": "orthanc", "QueryModel": "relational"},
     "DCMQRSCP_STRICT": {"Backend": "pynetdicom", "QueryModel": "hierarchical"},
     "PYNETDICOM": {"Backend": "pynetdicom", "QueryModel": "relational"},

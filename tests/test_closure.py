@@ -22,7 +22,9 @@ from rtharvest.simulation import FakeSource, SimulationResult, simulate_harvest
 from rtharvest.strategies import SourceCapability
 from rtharvest.synth import generator
 
-CAPABILITIES = [SourceCapability(r, s, i) for r in (True, False) for s in (True, False) for i in (True, False)]
+CAPABILITIES = [SourceCapability(r, s, i) for r in (True, False) for s in (True, False) for i in (True, False)] + [
+    # Relational sources that match study/series keys at IMAGE level (Orthanc, ARIA): one C-FIND per search.
+    SourceCapability(True, s, i, upper_level_keys=True) for s in (True, False) for i in (True, False)]
 #: (patients, seed): the brief's clinic, and one big enough for every feature to land on its own patient.
 CLINICS = [(6, 7), (13, 1)]
 

@@ -68,6 +68,22 @@ def test_sequence_return_keys_with_a_backend_that_cannot_send_them(shipped: dict
         "(use \"pynetdicom\"); searches retrieve candidates instead"]
 
 
+def test_upper_level_keys_reach_the_capability_and_are_ignored_on_hierarchical_sources(shipped: dict) -> None:
+    cfg = copy.deepcopy(shipped)
+    sources = cfg["RtHarvest"].setdefault("Sources", {})
+    sources["ARIA"] = {"QueryModel": "relational", "UpperLevelKeys": True}
+    sources["MIM"] = {"QueryModel": "hierarchical", "UpperLevelKeys": True}
+    checked = load_checked(cfg)
+    assert [w for w in checked.warnings if "UpperLevelKeys" in w] == [
+        "RtHarvest.Sources.MIM.UpperLevelKeys is true but its QueryModel is 'hierarchical': ignored (a "
+        "hierarchical source is searched level by level)"]
+    assert checked.sources["ARIA"].capability().image_level_search
+    assert not checked.sources["MIM"].capability().image_level_search
+    sources["ARIA"]["UpperLevelKeys"] = "yes"
+    with pytest.raises(ConfigError, match="UpperLevelKeys: expected true or false"):
+        load_checked(cfg)
+
+
 def test_ssl_enabled_makes_the_loopback_client_speak_https(shipped: dict) -> None:
     cfg = copy.deepcopy(shipped)
     plain = load_checked(cfg)

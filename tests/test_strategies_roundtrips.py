@@ -1,0 +1,118 @@
+"""Search chains that save round trips (rtharvest.strategies): pure, no source needed."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from rtharvest.classify import HarvestWindow
+from rtharvest.operations import (
+    CriterionKind,
+    FindReferencing,
+    FindSeriesInFrameOfReference,
+    FindTreatmentRecords,
+    ReferenceCriterion,
+    RetrieveInstance,
+    Role,
+)
+from rtharvest.strategies import (
+    AnswerFilter,
+    QueryLevel,
+    SourceCapability,
+    StepAction,
+    execute,
+    fallback_steps,
+    search_steps,
+)
+
+RELATIONAL = SourceCapability(relational=True, sequence_return_keys=False, instance_return_keys=True)
+UPPER = SourceCapability(relational=True, sequence_return_keys=False, instance_return_keys=True,
+                         upper_level_keys=True)
+HIERARCHICAL = SourceCapability(relational=False, sequence_return_keys=False, instance_return_keys=True)
+WINDOW = HarvestWindow("20200101", "20201231")
+
+
+def test_records_in_one_image_level_find_where_the_source_matches_upper_level_keys() -> None:
+    op = FindTreatmentRecords(WINDOW, None, chunk_from="20200101", chunk_to="20200131")
+    steps = search_steps(op, UPPER)
+    assert [(s.action, s.level) for s in steps] == [(StepAction.FIND, QueryLevel.IMAGE),
+                                                    (StepAction.RETRIEVE, QueryLevel.IMAGE)]
+    keys = dict(steps[0].keys)
+    assert keys["Modality"] == "RTRECORD"
+    assert keys["StudyDate"].endswith("-20200131") and keys["StudyDate"] < "2020"  # first chunk looks back
+    assert AnswerFilter.WINDOW in steps[0].filters
+    # A later chunk does not look back.
+    later = search_steps(FindTreatmentRecords(WINDOW, None, chunk_from="20200201", chunk_to="20200229"), UPPER)
+    assert dict(later[0].keys)["StudyDate"] == "20200201-20200229"
+    # A listed patient: by PatientID, no date key needed.
+    by_patient = dict(search_steps(FindTreatmentRecords(HarvestWindow(None, None, ("P1",)), "P1"), UPPER)[0].keys)
+    assert by_patient["PatientID"] == "P1" and "StudyDate" not in by_patient
+    # Without the capability (dcmqrscp ignores series keys at IMAGE level): studies, series, records.
+    assert [s.level for s in search_steps(op, RELATIONAL)][:3] == [QueryLevel.STUDY, QueryLevel.SERIES,
+                                                                   QueryLevel.IMAGE]
+
+
+def test_reverse_search_in_one_image_level_find() -> None:
+    op = FindReferencing("RTRECORD", "P1", None, ReferenceCriterion(CriterionKind.PLAN, ("1.2",)),
+                         Role.PLAN_RECORD, "RTPLAN->RTRECORD")
+    steps = search_steps(op, UPPER)
+    assert [s.level for s in steps] == [QueryLevel.IMAGE, QueryLevel.IMAGE]
+    assert dict(steps[0].keys)["PatientID"] == "P1" and dict(steps[0].keys)["Modality"] == "RTRECORD"
+    assert [s.level for s in search_steps(op, RELATIONAL)] == [QueryLevel.SERIES, QueryLevel.IMAGE, QueryLevel.IMAGE]
+
+
+def test_frame_of_reference_asked_at_series_level_only_where_instance_keys_are_returned() -> None:
+    op = FindSeriesInFrameOfReference("P1", "9.9", (), Role.PLANNING_FOR_SERIES, "SERIES->FOR")
+    assert "FrameOfReferenceUID" in dict(search_steps(op, RELATIONAL)[0].keys)
+    no_inst = SourceCapability(relational=True, sequence_return_keys=False, instance_return_keys=False)
+    assert "FrameOfReferenceUID" not in dict(search_steps(op, no_inst)[0].keys)
+
+
+def _hinted() -> RetrieveInstance:
+    return RetrieveInstance("sop-1", "P1", "study-1", "series-1", None, Role.PLANNING_IMAGE, "RTSTRUCT->IMAGE")
+
+
+def test_hinted_image_is_found_in_its_series_listing() -> None:
+    for cap in (RELATIONAL, HIERARCHICAL):
+        steps = search_steps(_hinted(), cap)
+        assert dict(steps[0].keys) == {"StudyInstanceUID": "study-1", "SeriesInstanceUID": "series-1",
+                                       "SOPInstanceUID": ""}
+        assert steps[0].filters == (AnswerFilter.NAMED_INSTANCE,)
+        # Its fallback ignores the hint.
+        fallback = fallback_steps(_hinted(), cap)
+        assert fallback and "series-1" not in str(fallback[0].keys)
+    unhinted = RetrieveInstance("sop-1", "P1", None, None, "RTPLAN", Role.PLAN, "RTRECORD->RTPLAN")
+    assert fallback_steps(unhinted, RELATIONAL) == ()
+
+
+def _run(answers: Mapping[tuple[str, str], list[dict[str, str]]], cap: SourceCapability) -> tuple[list[Any], list[Any]]:
+    asked: list[Any] = []
+    moved: list[Any] = []
+
+    def find(level: QueryLevel, ident: dict[str, Any]) -> list[dict[str, str]]:
+        asked.append((level, ident))
+        return answers.get((level.value, str(ident.get("SeriesInstanceUID"))), [])
+
+    def retrieve(level: QueryLevel, ident: dict[str, Any], candidate: bool) -> None:
+        moved.append(ident)
+
+    execute(_hinted(), cap, find, retrieve)
+    return asked, moved
+
+
+def test_listing_of_the_hinted_series_moves_only_the_named_image() -> None:
+    listing = [{"StudyInstanceUID": "study-1", "SeriesInstanceUID": "series-1", "SOPInstanceUID": s}
+               for s in ("sop-0", "sop-1", "sop-2")]
+    asked, moved = _run({("IMAGE", "series-1"): listing}, RELATIONAL)
+    assert len(asked) == 1
+    assert moved == [{"StudyInstanceUID": "study-1", "SeriesInstanceUID": "series-1", "SOPInstanceUID": "sop-1"}]
+
+
+def test_wrong_hint_falls_back_to_the_uid() -> None:
+    """The structure set names the wrong series: its listing lacks the image, which is then found by UID."""
+    elsewhere = [{"StudyInstanceUID": "study-2", "SeriesInstanceUID": "series-2", "SOPInstanceUID": "sop-1"}]
+    asked, moved = _run({("IMAGE", "series-1"): [{"StudyInstanceUID": "study-1", "SeriesInstanceUID": "series-1",
+                                                  "SOPInstanceUID": "sop-9"}],
+                         ("IMAGE", ""): elsewhere}, RELATIONAL)
+    assert len(asked) == 2 and asked[1][1]["SOPInstanceUID"] == "sop-1"
+    assert moved == [{"StudyInstanceUID": "study-2", "SeriesInstanceUID": "series-2", "SOPInstanceUID": "sop-1"}]
