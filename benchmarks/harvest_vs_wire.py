@@ -3,8 +3,9 @@
 A benchmark that prints, not a test:
 
     .venv/bin/python benchmarks/harvest_vs_wire.py [--quick] [--patients 3] [--slices 150] [--rounds 2]
+                                                   [--delay-ms 10]
 
-What it does, all on loopback and in one run:
+What it does, on loopback and in one run:
 
 1. generates a synthetic clinic of realistic size (512×512 images, ``--slices`` per image series; the
    generator gives every image series of the clinic that many slices) and stores it into a source Orthanc;
@@ -17,19 +18,29 @@ What it does, all on loopback and in one run:
      AET, retrieves exactly the instances the ground truth expects, with series-level C-MOVEs
      (``POST /modalities/ORTHANC_SRC/move``, Orthanc's own C-MOVE SCU, the path the harvester's
      ``orthanc`` backend uses), once one move at a time and once two at a time (the harvester's
-     ``MaxConcurrent`` for a source); the faster of the two is the wire time.
+     ``MaxConcurrent`` for a source); the faster of the two is the wire time;
+3. the same harvest and the same bare transfer again in a **latency scenario** (``--delay-ms``, default
+   10 ms each way; 0 leaves it out): every DICOM byte between the two servers passes a TCP delay line
+   (``_latency_proxy.py``, started and stopped here). The harvester's C-FIND/C-MOVE associations go to a
+   proxy in front of the source; the source's C-STOREs go to the port its modality entry names for the
+   harvester, where a second proxy now listens and forwards to the harvester (which listens on another
+   port in this scenario). So every round trip costs ``2 × delay`` more (and a new association one more
+   for the TCP handshake), as between a harvester and a hospital's system, while bulk data is not throttled.
+   Both scenarios run in every round, one after the other.
 
 Figures:
 
-* harvest time / bare time (goal ≤ 1.3), against the faster bare run;
+* harvest time / bare time (goal ≤ 1.3 on loopback and with the delay), each against the faster bare run
+  of its own scenario;
 * bytes moved / ground-truth bytes (goal ≤ 1.01). Bytes moved = the sizes (ground truth ``Bytes``) of the
   distinct instances the harvester recorded as arrived by C-MOVE (its tracker, ``rth_objects.moved = 1``),
   plus one mean instance size per duplicate arrival (the status route's ``Arrivals`` counter minus those
   distinct instances). Cross-checked against Orthanc's store statistics (``/statistics``), which after
   the clean-up hold the kept instances only;
-* DIMSE operations per patient: the source Orthanc runs with ``--verbose`` and logs one line per C-FIND it
-  answers ("DICOM C-Find request at level") and per C-MOVE ("Move-SCU request received"); the lines
-  written during each phase are counted;
+* DIMSE operations per patient (both scenarios): the source Orthanc runs with ``--verbose`` and logs one
+  line per C-FIND it answers ("DICOM C-Find request at level") and per C-MOVE ("Move-SCU request
+  received"); the lines written during each phase are counted. With the delay, also the associations the
+  proxy in front of the source accepted (each costs a handshake and a negotiation round trip);
 * the re-harvest's time and bytes moved (goal: 0 bytes).
 """
 
@@ -44,7 +55,9 @@ import statistics
 import tempfile
 import time
 from collections import defaultdict
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -62,6 +75,7 @@ from _common import (
     start_harvester,
     wait_until,
 )
+from _latency_proxy import LatencyProxy
 
 from rtharvest.synth.generator import SynthOptions, generate
 from rtharvest.synth.groundtruth import GroundTruth
@@ -96,6 +110,47 @@ class SourceLog:
             fh.seek(self.offset)
             data = fh.read()
         return len(FIND_LINE.findall(data)), len(MOVE_LINE.findall(data))
+
+
+@dataclass(frozen=True)
+class Route:
+    """How the harvester (or the bare Orthanc in its place) and the source reach each other in one scenario."""
+
+    source_port: int  # where the harvester's associations go: the source, or a proxy in front of it
+    dicom_port: int  # where the harvester listens (the source's C-STOREs arrive here, maybe through a proxy)
+    http_port: int
+    to_source: LatencyProxy | None = None
+    to_harvester: LatencyProxy | None = None
+
+    def associations(self) -> tuple[int, int]:
+        """Connections the proxies have accepted so far: (to the source, to the harvester)."""
+        return (self.to_source.connections if self.to_source else 0,
+                self.to_harvester.connections if self.to_harvester else 0)
+
+
+@dataclass
+class Scenario:
+    """One network between the two servers (loopback, or a delay each way) and what was measured on it."""
+
+    label: str
+    key: str  # prefix of its JSON figures ("" for loopback)
+    delay_s: float
+    inner_port: int  # where the harvester listens when a proxy takes the port the source knows
+    harvests: list[Phase] = field(default_factory=list)
+    agains: list[Phase] = field(default_factory=list)
+    bares: dict[int, list[Phase]] = field(default_factory=lambda: {1: [], 2: []})
+
+    @contextmanager
+    def route(self, source_port: int, harvest_port: int, http_port: int) -> Iterator[Route]:
+        """The servers' ports for this scenario; the proxies run while the context is open."""
+        if not self.delay_s:
+            yield Route(source_port, harvest_port, http_port)
+            return
+        # The source's modality entry for the harvester names `harvest_port`: the proxy takes that port and
+        # the harvester listens behind it, so the source needs no reconfiguration between scenarios.
+        with LatencyProxy(source_port, self.delay_s) as to_source, \
+                LatencyProxy(self.inner_port, self.delay_s, listen_port=harvest_port) as to_harvester:
+            yield Route(to_source.port, self.inner_port, http_port, to_source, to_harvester)
 
 
 def make_clinic(workdir: Path, patients: int, slices: int, seed: int) -> tuple[Path, GroundTruth]:
@@ -153,22 +208,26 @@ def run_harvest(api: RestClient, window: Any, label: str, deadline_s: float) -> 
     return harvest_id, time.perf_counter() - t0, doc
 
 
-def harvest_round(base: Path, index: int, ports: tuple[int, int], source: OrthancProcess, log: SourceLog,
+def harvest_round(base: Path, index: int, route: Route, log: SourceLog,
                   truth: GroundTruth, deadline_s: float) -> tuple[Phase, Phase]:
     window = truth.window("all")
-    src = DicomSource(name=SOURCE, aet=SOURCE_AET, port=source.dicom_port, kind="orthanc")
-    harvester = start_harvester(base / f"harvester{index}", ports[0], {SOURCE: src}, http_port=ports[1])
+    src = DicomSource(name=SOURCE, aet=SOURCE_AET, port=route.source_port, kind="orthanc")
+    harvester = start_harvester(base / f"harvester{index}", route.dicom_port, {SOURCE: src},
+                                http_port=route.http_port)
     try:
         api = RestClient(harvester.url, harvester.credentials)
         log.mark()
+        assoc_0 = route.associations()
         first_id, seconds, doc = run_harvest(api, window, f"bench {index}", deadline_s)
         finds, moves = log.counts()
+        assoc = tuple(b - a for a, b in zip(assoc_0, route.associations(), strict=True))
         arrivals_1 = int(api.get("/rtharvest/status")["Arrivals"])
         stats_1 = api.get("/statistics")
         stored = {i["MainDicomTags"]["SOPInstanceUID"]
                   for i in api.post("/tools/find", {"Level": "Instance", "Query": {}, "Expand": True})}
         harvest = Phase(seconds, finds, moves, {"id": first_id, "arrivals": arrivals_1, "stats": stats_1,
-                                                 "stored": stored, "doc": doc})
+                                                 "stored": stored, "doc": doc,
+                                                 "associations": assoc})
         log.mark()
         second_id, seconds2, _ = run_harvest(api, window, f"bench {index} again", deadline_s)
         finds2, moves2 = log.counts()
@@ -205,11 +264,10 @@ def bare_resources(truth: GroundTruth) -> list[tuple[str, list[dict[str, str]]]]
     return [(level, resources) for _, level, resources in moves]
 
 
-def bare_round(base: Path, index: int, ports: tuple[int, int], source: OrthancProcess, log: SourceLog,
-               truth: GroundTruth, concurrency: int) -> Phase:
-    entry = DicomSource(name=SOURCE, aet=SOURCE_AET, port=source.dicom_port, kind="orthanc").modality_entry
-    plain = OrthancProcess(base / f"bare{index}-c{concurrency}", DEFAULT_CONFIG, dicom_port=ports[0],
-                           http_port=ports[1], aet=HARVEST_AET, modalities={SOURCE: entry}, plugin=False)
+def bare_round(base: Path, index: int, route: Route, log: SourceLog, truth: GroundTruth, concurrency: int) -> Phase:
+    entry = DicomSource(name=SOURCE, aet=SOURCE_AET, port=route.source_port, kind="orthanc").modality_entry
+    plain = OrthancProcess(base / f"bare{index}-c{concurrency}", DEFAULT_CONFIG, dicom_port=route.dicom_port,
+                           http_port=route.http_port, aet=HARVEST_AET, modalities={SOURCE: entry}, plugin=False)
     plain.start()
     try:
         api = RestClient(plain.url, plain.credentials)
@@ -221,16 +279,42 @@ def bare_round(base: Path, index: int, ports: tuple[int, int], source: OrthancPr
             api.post(f"/modalities/{SOURCE}/move", {"Level": level, "Resources": resources,
                                                    "TargetAet": HARVEST_AET, "Timeout": 600})
 
+        assoc_0 = route.associations()
         t0 = time.perf_counter()
         with ThreadPoolExecutor(concurrency) as pool:
             list(pool.map(move, moves))
         seconds = time.perf_counter() - t0
         finds, moves_logged = log.counts()
+        assoc = tuple(b - a for a, b in zip(assoc_0, route.associations(), strict=True))
         stats = api.get("/statistics")
     finally:
         plain.stop()
     shutil.rmtree(plain.run_dir / "storage", ignore_errors=True)
-    return Phase(seconds, finds, moves_logged, {"stats": stats, "series_moves": len(moves)})
+    return Phase(seconds, finds, moves_logged, {"stats": stats, "series_moves": len(moves), "associations": assoc})
+
+
+def scenario_figures(sc: Scenario, n_patients: int, window: Any, results: Results) -> dict[str, Any]:
+    """Medians and per-patient DIMSE counts of one scenario; adds them to ``results`` under its key."""
+    h_time = statistics.median(h.seconds for h in sc.harvests)
+    bare_1 = statistics.median(b.seconds for b in sc.bares[1])
+    bare_2 = statistics.median(b.seconds for b in sc.bares[2])
+    last, bare = sc.harvests[-1], sc.bares[1][-1]
+    fig = {
+        "harvest_s": round(h_time, 3), "bare_1_s": round(bare_1, 3), "bare_2_s": round(bare_2, 3),
+        "ratio": h_time / min(bare_1, bare_2),
+        "finds_per_patient": round(last.finds / n_patients, 1),
+        "moves_per_patient": round(last.moves / n_patients, 1),
+        "bare_moves_per_patient": round(bare.moves / n_patients, 1),
+        "missing": len(set(window.expected) - last.extra["stored"]),
+        "forbidden": len(last.extra["stored"] & set(window.forbidden)),
+    }
+    if sc.delay_s:
+        fig["associations_per_patient"] = round(last.extra["associations"][0] / n_patients, 1)
+        fig["bare_associations_per_patient"] = round(bare.extra["associations"][0] / n_patients, 1)
+    for name, value in fig.items():
+        if name != "ratio":
+            results.add(sc.key + name, value)
+    return fig
 
 
 def main() -> None:
@@ -239,15 +323,21 @@ def main() -> None:
     ap.add_argument("--patients", type=int, default=None, help="RT patients (default 3; quick 2)")
     ap.add_argument("--slices", type=int, default=None, help="slices per image series (default 150; quick 100)")
     ap.add_argument("--rounds", type=int, default=None, help="harvest/bare pairs (default 2; quick 1)")
+    ap.add_argument("--delay-ms", type=float, default=10.0,
+                    help="one-way delay of the latency scenario (default 10; 0 leaves the scenario out)")
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--workdir", default=None, help="keeps the generated clinic between runs (default: temp)")
     ap.add_argument("--json", default=None, help="write the figures here (for run_all.py)")
     args = ap.parse_args()
+    if args.delay_ms < 0:
+        ap.error("--delay-ms must not be negative")
     patients = args.patients or (2 if args.quick else 3)
     slices = args.slices or (100 if args.quick else 150)
     rounds = args.rounds or (1 if args.quick else 2)
     results = Results("harvest_vs_wire")
-    print(f"== harvest vs wire: {patients} RT patients, 512x512, {slices} slices/series, {rounds} round(s) ==")
+    delay_label = f"{args.delay_ms:g} ms each way"
+    print(f"== harvest vs wire: {patients} RT patients, 512x512, {slices} slices/series, {rounds} round(s); "
+          f"loopback{' and ' + delay_label if args.delay_ms else ''} ==")
     print(f"machine: {machine()}", flush=True)
 
     tmp = tempfile.TemporaryDirectory(prefix="rth-bench-wire-")
@@ -279,35 +369,37 @@ def main() -> None:
               f"{time.perf_counter() - t0:.1f} s); window 'all' expects {len(expected):,} instances "
               f"({truth_bytes / 1e6:,.0f} MB) of {n_patients} patients", flush=True)
 
-        harvests: list[Phase] = []
-        agains: list[Phase] = []
-        bares: dict[int, list[Phase]] = {1: [], 2: []}
+        scenarios = [Scenario("loopback", "", 0.0, ports[0])]
+        if args.delay_ms:
+            scenarios.append(Scenario(delay_label, "delayed_", args.delay_ms / 1000, free_port()))
         for r in range(rounds):
-            def do_harvest(r: int = r) -> None:
-                h, a = harvest_round(workdir, r, ports, source, log, truth, deadline_s=1800)  # type: ignore[arg-type]
-                harvests.append(h)
-                agains.append(a)
-                print(f"round {r + 1}: harvest {h.seconds:6.2f} s ({h.finds} C-FIND, {h.moves} C-MOVE, "
-                      f"{len(h.extra['moved_uids'])} instances moved); re-harvest {a.seconds:5.2f} s "
-                      f"({a.finds} C-FIND, {a.moves} C-MOVE, {a.extra['arrivals']} arrivals)", flush=True)
+            for sc in scenarios:
+                with sc.route(source.dicom_port, ports[0], ports[1]) as route:
+                    base = workdir / sc.key.rstrip("_") if sc.key else workdir
 
-            def do_bare(r: int = r) -> None:
-                for c in (1, 2):
-                    b = bare_round(workdir, r, ports, source, log, truth, c)  # type: ignore[arg-type]
-                    bares[c].append(b)
-                    print(f"round {r + 1}: bare, {c} at a time {b.seconds:6.2f} s ({b.moves} C-MOVE for "
-                          f"{b.extra['series_moves']} series; {b.extra['stats']['CountInstances']} stored)",
-                          flush=True)
+                    def do_harvest(r: int = r, sc: Scenario = sc, route: Route = route, base: Path = base) -> None:
+                        h, a = harvest_round(base, r, route, log, truth, deadline_s=1800)
+                        sc.harvests.append(h)
+                        sc.agains.append(a)
+                        print(f"round {r + 1}, {sc.label}: harvest {h.seconds:6.2f} s ({h.finds} C-FIND, "
+                              f"{h.moves} C-MOVE, {len(h.extra['moved_uids'])} instances moved); re-harvest "
+                              f"{a.seconds:5.2f} s ({a.finds} C-FIND, {a.moves} C-MOVE, "
+                              f"{a.extra['arrivals']} arrivals)", flush=True)
 
-            for step in ((do_harvest, do_bare) if r % 2 == 0 else (do_bare, do_harvest)):
-                step()
+                    def do_bare(r: int = r, sc: Scenario = sc, route: Route = route, base: Path = base) -> None:
+                        for c in (1, 2):
+                            b = bare_round(base, r, route, log, truth, c)
+                            sc.bares[c].append(b)
+                            print(f"round {r + 1}, {sc.label}: bare, {c} at a time {b.seconds:6.2f} s "
+                                  f"({b.moves} C-MOVE for {b.extra['series_moves']} series; "
+                                  f"{b.extra['stats']['CountInstances']} stored)", flush=True)
+
+                    for step in ((do_harvest, do_bare) if r % 2 == 0 else (do_bare, do_harvest)):
+                        step()
 
         # -- figures ------------------------------------------------------------------------------
-        h_time = statistics.median(h.seconds for h in harvests)
-        bare_1 = statistics.median(b.seconds for b in bares[1])
-        bare_2 = statistics.median(b.seconds for b in bares[2])
-        wire = min(bare_1, bare_2)
-        last = harvests[-1]
+        loop_sc = scenarios[0]
+        last = loop_sc.harvests[-1]
         moved = set(last.extra["moved_uids"])
         moved_bytes = sum(truth.objects[u].size for u in moved if u in truth.objects)
         duplicates = max(0, last.extra["arrivals"] - len(moved))
@@ -316,10 +408,10 @@ def main() -> None:
         missing = expected - last.extra["stored"]
         forbidden = last.extra["stored"] & set(window.forbidden)
         stats = last.extra["stats"]
-        again = agains[-1]
+        again = loop_sc.agains[-1]
         again_bytes = sum(truth.objects[u].size for u in again.extra["moved_uids"] if u in truth.objects)
         again_bytes += max(0, again.extra["arrivals"] - len(again.extra["moved_uids"])) * mean_size
-        bare_stored = bares[1][-1].extra["stats"]["CountInstances"]
+        bare_stored = loop_sc.bares[1][-1].extra["stats"]["CountInstances"]
 
         print("\n-- figures --")
         stored_mb = int(stats["TotalUncompressedSize"]) / 1e6
@@ -330,39 +422,47 @@ def main() -> None:
               f"{sum(truth.objects[u].size for u in extra) / 1e6:.2f} MB), Arrivals={last.extra['arrivals']}"
               f" ({duplicates} duplicate C-STOREs)")
         print(f"  bare moves stored {bare_stored} instances (expected {len(expected)})")
-        print(f"  harvest {h_time:.2f} s; bare {bare_1:.2f} s one at a time, {bare_2:.2f} s two at a time"
-              f" (median of {rounds})")
         results.add("patients", n_patients)
         results.add("instances_expected", len(expected))
         results.add("bytes_expected", truth_bytes)
-        results.add("harvest_s", round(h_time, 3))
-        results.add("bare_1_s", round(bare_1, 3))
-        results.add("bare_2_s", round(bare_2, 3))
+        results.add("rounds", rounds)
+        results.add("delay_ms_each_way", args.delay_ms)
+        figs = {sc.label: scenario_figures(sc, n_patients, window, results) for sc in scenarios}
+        h_time = figs["loopback"]["harvest_s"]
         results.add("harvest_MBps", round(truth_bytes / 1e6 / h_time, 1))
-        results.add("bare_MBps", round(truth_bytes / 1e6 / wire, 1))
-        results.add("finds_per_patient", round(last.finds / n_patients, 1))
-        results.add("moves_per_patient", round(last.moves / n_patients, 1))
-        results.add("bare_moves_per_patient", round(bares[1][-1].moves / n_patients, 1))
+        results.add("bare_MBps", round(truth_bytes / 1e6 / (h_time / figs["loopback"]["ratio"]), 1))
         results.add("reharvest_s", round(again.seconds, 3))
         results.add("reharvest_finds_per_patient", round(again.finds / n_patients, 1))
         results.add("reharvest_moves", again.moves)
         results.add("reharvest_bytes", int(again_bytes))
-        results.add("missing", len(missing))
-        results.add("forbidden", len(forbidden))
-        results.add("rounds", rounds)
-        results.goal("harvest time / bare time", h_time / wire, 1.3, "{:.2f}",
-                     bound="see the profile in benchmarks/README.md")
+
+        print(f"\n  {'network':<18} {'harvest s':>9} {'bare s (1 | 2 at a time)':>25} {'harvest/bare':>12}"
+              f" {'C-FIND/pt':>9} {'C-MOVE/pt':>9} {'bare C-MOVE/pt':>14}")
+        for label, f in figs.items():
+            print(f"  {label:<18} {f['harvest_s']:>9.2f} {f['bare_1_s']:>13.2f} | {f['bare_2_s']:<9.2f}"
+                  f" {f['ratio']:>12.2f} {f['finds_per_patient']:>9.1f} {f['moves_per_patient']:>9.1f}"
+                  f" {f['bare_moves_per_patient']:>14.1f}")
+        print(f"  (median of {rounds} round(s); each ratio against the faster bare run of its own network)\n")
+        for label, f in figs.items():
+            results.goal(f"harvest time / bare time, {label}", f["ratio"], 1.3, "{:.2f}",
+                         bound="round trips: see benchmarks/README.md")
         results.goal("bytes moved / ground-truth bytes", moved_bytes_total / truth_bytes, 1.01, "{:.4f}",
                      bound="candidates retrieved only to inspect their references")
-        print(f"  {'DIMSE per patient (harvest)':<46} {last.finds / n_patients:>6.1f} C-FIND, "
-              f"{last.moves / n_patients:.1f} C-MOVE   (bare: {bares[1][-1].moves / n_patients:.1f} C-MOVE)")
-        print(f"  {'DIMSE per patient (re-harvest)':<46} {again.finds / n_patients:>6.1f} C-FIND, "
+        for label, f in figs.items():
+            print(f"  {'DIMSE per patient, ' + label:<46} {f['finds_per_patient']:>6.1f} C-FIND, "
+                  f"{f['moves_per_patient']:.1f} C-MOVE   (bare: {f['bare_moves_per_patient']:.1f} C-MOVE)")
+            if "associations_per_patient" in f:
+                print(f"  {'associations to the source per patient':<46} {f['associations_per_patient']:>6.1f}"
+                      f"   (bare: {f['bare_associations_per_patient']:.1f})")
+        print(f"  {'DIMSE per patient (re-harvest, loopback)':<46} {again.finds / n_patients:>6.1f} C-FIND, "
               f"{again.moves / n_patients:.1f} C-MOVE")
         print(f"  {'re-harvest time / first harvest time':<46} {again.seconds / h_time:>12.3f}   "
               f"({again.seconds:.2f} s)")
         results.goal("re-harvest bytes moved", again_bytes, 0, "{:.0f}", bound="instances moved twice")
-        if missing or forbidden:
-            results.note(f"store differs from the ground truth: {len(missing)} missing, {len(forbidden)} forbidden")
+        for label, f in figs.items():
+            if f["missing"] or f["forbidden"]:
+                results.note(f"{label}: store differs from the ground truth: {f['missing']} missing, "
+                             f"{f['forbidden']} forbidden")
         results.write(args.json)
     finally:
         if source is not None:

@@ -3,9 +3,11 @@
     .venv/bin/python benchmarks/run_all.py [--quick] [--only wire,ingest,scale,queue,store,discovery]
 
 Each benchmark runs as its own process (so peak memory and servers never mix), prints its own output,
-and leaves a JSON summary that this script turns into the Markdown table of README.md (date, machine,
-figures, goals). None of this is a test: the machines are shared and noisy, so the headline figures are
-ratios measured side by side in one run.
+and leaves a JSON summary that this script turns into one Markdown table (date, machine, figures, goals)
+for README.md; the wire benchmark's two goal rows, harvest time / bare time on loopback and with the
+delay (``--delay-ms`` of harvest_vs_wire.py, default 10 ms each way), come out side by side.
+None of this is a test: the machines are shared and noisy, so the headline figures are ratios measured
+side by side in one run.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from pathlib import Path
 from _common import machine
 
 HERE = Path(__file__).resolve().parent
-BENCHMARKS = {
+BENCHMARKS: dict[str, tuple[str, list[str]]] = {
     "wire": ("harvest_vs_wire.py", []),
     "ingest": ("ingest_overhead.py", []),
     "scale": ("scale_simulation.py", []),
@@ -88,6 +90,9 @@ def main() -> int:
             print(f"| {name} | {goal['label']} | {goal['shown']} | {goal['goal']} | {met} |")
         for key, value in summary.get("figures", {}).items():
             print(f"| {name} | {key} | {value} | | |")
+    for name, summary in summaries.items():
+        for note in summary.get("notes", []):
+            print(f"\n{name}: {note}")
     if failures:
         print(f"\nfailed: {', '.join(failures)}")
     return 1 if failures else 0
