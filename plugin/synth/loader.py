@@ -50,24 +50,31 @@ def store_to_scp(files: Iterable[Path | str], host: str, port: int, called_aet: 
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 180
     for sop_class in distinct:
         ae.add_requested_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
-    assoc = ae.associate(host, port, ae_title=called_aet)
-    if not assoc.is_established:
-        raise LoadError(f"association with {called_aet}@{host}:{port} was not established (rejected or no answer)")
-    no_delay(assoc)
     stored = 0
-    try:
-        for path in paths:
-            status = assoc.send_c_store(path)
-            if not status or "Status" not in status:
-                raise LoadError(f"C-STORE of {path}: no response from {called_aet} (association aborted?)")
-            code = int(status.Status)
-            # 0xB000/0xB006/0xB007 are warnings (coercion, elements discarded, data set mismatch): stored.
-            if code not in (0x0000, 0xB000, 0xB006, 0xB007):
-                raise LoadError(f"C-STORE of {path} failed with status 0x{code:04X}")
-            stored += 1
-    finally:
-        if assoc.is_established:
-            assoc.release()
+    aborted = 0
+    # A loaded SCP sometimes drops a long association mid-way; a C-STORE is idempotent (same UID), so the
+    # load goes on from the file that got no answer on a new association, a few times at most.
+    while stored < len(paths):
+        assoc = ae.associate(host, port, ae_title=called_aet)
+        if not assoc.is_established:
+            raise LoadError(f"association with {called_aet}@{host}:{port} was not established (rejected or no answer)")
+        no_delay(assoc)
+        try:
+            for path in paths[stored:]:
+                status = assoc.send_c_store(path)
+                if not status or "Status" not in status:
+                    aborted += 1
+                    if aborted > 3:
+                        raise LoadError(f"C-STORE of {path}: no response from {called_aet} (association aborted?)")
+                    break
+                code = int(status.Status)
+                # 0xB000/0xB006/0xB007 are warnings (coercion, elements discarded, data set mismatch): stored.
+                if code not in (0x0000, 0xB000, 0xB006, 0xB007):
+                    raise LoadError(f"C-STORE of {path} failed with status 0x{code:04X}")
+                stored += 1
+        finally:
+            if assoc.is_established:
+                assoc.release()
     return stored
 
 
