@@ -6,9 +6,12 @@ loopback. Usage errors exit 2, refusals 1 with the server's ``Error`` text, an u
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
+import re
+import shlex
 import socket
 import threading
 import time
@@ -317,3 +320,44 @@ def test_start_and_wait_reports_failed_jobs(api: ApiServer, capsys: pytest.Captu
 def test_console_script_is_declared() -> None:
     text = (Path(__file__).resolve().parent.parent / "pyproject.toml").read_text()
     assert 'rtharvest = "rtharvest.cli:main"' in text
+
+
+
+#: Placeholders the documentation writes where the parser wants a value of a given type.
+DOC_PLACEHOLDERS = {"JOB_ID": "7"}
+#: The first word after ``rtharvest`` that makes a code span a command example (the CLI's commands, and
+#: the harvest actions a wrong example might put first).
+DOC_COMMAND_WORDS = ("harvest", "manifest", "jobs", "log", "status", "export",
+                     "start", "pause", "resume", "cancel", "wait", "list")
+
+
+def documented_commands() -> list[tuple[str, str]]:
+    """``rtharvest COMMAND ...`` examples in README.md and docs/*.md (inline code and code blocks)."""
+    root = Path(__file__).resolve().parent.parent
+    pattern = re.compile(rf"(?:^\s*|`)(rtharvest (?:--\S+ \S+ )*(?:{'|'.join(DOC_COMMAND_WORDS)})\b[^`#\n]*)")
+    found = []
+    for path in [root / "README.md", *sorted((root / "docs").glob("*.md"))]:
+        for line in path.read_text(encoding="utf-8").splitlines():
+            found.extend((path.name, match.group(1).strip()) for match in pattern.finditer(line))
+    return found
+
+
+def test_documented_commands_parse() -> None:
+    # A command the documentation shows must be one the CLI accepts (operations.md once said
+    # `rtharvest pause ID` for `rtharvest harvest pause ID`).
+    commands = documented_commands()
+    assert any(command.startswith("rtharvest harvest pause") for _, command in commands)
+    parser = cli.build_parser()
+    wrong = []
+    for where, command in commands:
+        argv = [DOC_PLACEHOLDERS.get(arg, arg) for arg in shlex.split(command)[1:]]
+        if len(argv) == 1:
+            # A command named in prose (`rtharvest export`): it must exist; its --help exits 0.
+            argv.append("--help")
+        try:
+            with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
+                parser.parse_args(argv)
+        except SystemExit as exc:
+            if exc.code != 0:
+                wrong.append(f"{where}: {command}")
+    assert not wrong, wrong
