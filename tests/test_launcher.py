@@ -6,8 +6,10 @@ from pathlib import Path
 
 import pytest
 
+from rtharvest import launcher
 from rtharvest.launcher import (
     DEFAULT_CONFIG,
+    OrthancProcess,
     effective_config,
     load_json_config,
     plugin_environment,
@@ -80,6 +82,26 @@ def test_postgres_url_becomes_the_index_section_with_the_settings_that_work(tmp_
 def test_bad_postgres_url_is_a_clear_error(url: str) -> None:
     with pytest.raises(PostgresError, match="PostgreSQL URL|expected postgresql"):
         parse_url(url)
+
+
+def test_orthanc_process_with_postgres_url_configures_the_index_without_starting(tmp_path: Path) -> None:
+    # What `rtharvest-orthanc --postgres URL` builds: the URL becomes the PostgreSQL section.
+    proc = OrthancProcess(tmp_path, postgres="postgresql://u@h:6543/db")
+    section = proc.config["PostgreSQL"]
+    assert (section["Host"], section["Port"], section["Database"], section["Username"]) == ("h", 6543, "db", "u")
+    assert section["EnableIndex"] is True and index_enabled(proc.config)
+    # The constructor only computes the configuration: no process, nothing written yet.
+    assert proc.process is None and proc.pid is None
+    assert not proc.config_path.exists() and not (tmp_path / "storage").exists()
+
+
+def test_launcher_refuses_a_non_postgres_url_naming_the_problem(tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    code = launcher.main(["--postgres", "mysql://x/y", "--run-dir", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "rtharvest-orthanc:" in err and "'mysql'" in err and "postgresql://" in err
+    assert not (tmp_path / "orthanc.json").exists()  # Orthanc was not started
 
 
 def test_index_plugin_is_added_by_path_when_no_plugin_folder_holds_it(tmp_path: Path) -> None:
