@@ -226,3 +226,39 @@ def test_the_service_waits_for_the_quiet_hours_of_a_lookup_source_in_its_own_tim
     [harvest] = plugin.queue.list_harvests()
     assert harvest.params["Window"]["To"] == "20300104"
     plugin.db.close()
+
+
+def test_the_service_starts_no_second_run_while_the_previous_one_is_still_running(tmp_path: Path) -> None:
+    plugin = Plugin(tmp_path, "2030-01-04T23:00:00Z", [NIGHTLY])
+    plugin.schedules.clock = lambda: datetime(2030, 1, 5, 1, 30, tzinfo=UTC)
+    plugin.schedules.tick()
+    [first] = plugin.queue.list_harvests()
+    assert [r.state for r in plugin.schedules.runs("nightly")] == [RunState.RUNNING]
+
+    # The next night's slot comes while the first run still has work (its discovery job is pending).
+    plugin.schedules.clock = lambda: datetime(2030, 1, 6, 1, 30, tzinfo=UTC)
+    plugin.schedules.tick()
+    assert [h.id for h in plugin.queue.list_harvests()] == [first.id]
+    doc = plugin.schedules.document(plugin.schedules.get("nightly"))
+    assert doc["Waiting"] == f"waiting for run {first.id} to finish"
+    assert [r["State"] for r in doc["Runs"]] == ["Running"]
+    # Paused by an operator is still unfinished: no run starts beside it either.
+    plugin.queue.pause(first.id)
+    plugin.schedules.tick()
+    assert len(plugin.queue.list_harvests()) == 1
+    plugin.queue.resume(first.id)
+
+    # Its jobs done and the end-of-harvest cleanup run, it is Completed: the waiting slot fires once,
+    # from the end of the completed window minus the 2-day overlap, up to yesterday.
+    while (job := plugin.queue.claim("test-worker")) is not None:
+        assert job.harvest_id == first.id
+        plugin.queue.complete(job.id, "test-worker")
+    Tracker(plugin.db).mark_cleanup(first.id)
+    assert plugin.schedules.runs("nightly")[0].state is RunState.COMPLETED
+    plugin.schedules.tick()
+    plugin.schedules.tick()
+    second = [h for h in plugin.queue.list_harvests() if h.id != first.id]
+    assert len(second) == 1
+    assert (second[0].params["Window"]["From"], second[0].params["Window"]["To"]) == ("20300103", "20300105")
+    assert plugin.schedules.document(plugin.schedules.get("nightly"))["Waiting"] is None
+    plugin.db.close()
