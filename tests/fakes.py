@@ -64,6 +64,10 @@ class FakeStore:
         self._ids = itertools.count(1)
         #: Called with the Orthanc ID before each deletion (tests inject concurrent arrivals there).
         self.before_delete: Callable[[str], None] | None = None
+        #: OnStoredInstance of a REST upload (``World`` wires the ingest): called before upload() returns.
+        self.on_upload: Callable[[str, bytes], None] | None = None
+        #: SOP Instance UIDs stored through upload() (``POST /instances``), in order.
+        self.uploads: list[str] = []
         self._lock = threading.RLock()  # the workers and the maintenance thread share the store
 
     def put(self, sop_uid: str, series_uid: str, data: bytes) -> str:
@@ -78,6 +82,15 @@ class FakeStore:
 
     def lookup(self, sop_uid: str) -> str | None:
         return self.by_sop.get(sop_uid)
+
+    def upload(self, data: bytes) -> str:
+        """``POST /instances``: store a Part 10 file; OnStoredInstance (``on_upload``) runs before it returns."""
+        ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
+        oid = self.put(str(ds.SOPInstanceUID), str(ds.SeriesInstanceUID), data)
+        self.uploads.append(str(ds.SOPInstanceUID))
+        if self.on_upload is not None:
+            self.on_upload(oid, data)
+        return oid
 
     def lookup_many(self, sop_uids: Sequence[str]) -> dict[str, str]:
         with self._lock:
@@ -184,7 +197,7 @@ class World:
     """Queue, tracker, ingest and harvester on ``path`` with one fake source named ``SRC``."""
 
     def __init__(self, path: Path, datasets: Iterable[Dataset], capability: SourceCapability | None = None,
-                 max_attempts: int = 3) -> None:
+                 max_attempts: int = 3, store: FakeStore | None = None) -> None:
         self.db = Database(str(path))
         self.db.migrate()
         self.queue = JobQueue(self.db, RetryPolicy(max_attempts=max_attempts, base_delay=0.0, max_delay=0.0))
@@ -193,7 +206,9 @@ class World:
         self.routes: dict[str, HarvestRouting] = {}
         self.ingest = Ingest(self.db, self.queue, self.tracker, self.events, self.routes.get,
                              lambda aet: aet if aet == "SRC" else None)
-        self.store = FakeStore()
+        self.store = store if store is not None else FakeStore()
+        # A REST upload has no calling AET (the harvester stores unpacked MIM session objects so).
+        self.store.on_upload = lambda oid, data: self.on_stored(oid, data, "")
         cap = capability or SourceCapability(relational=True, sequence_return_keys=False,
                                              instance_return_keys=True)
         self.source = FakeSource(datasets, cap)
