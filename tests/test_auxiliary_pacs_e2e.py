@@ -106,6 +106,12 @@ def test_registrations_only_inside_mim_sessions_complete_the_chain(aux_clinic: A
         for series_uid in plan.registered_series_uids:
             assert any(truth.objects[u].series_uid == series_uid for u in stored), series_uid
     assert followed, "registered series were reached through the sessions' REGs"
+    # The structure set found only inside a session is the one the manifest names for its plan(s).
+    hidden_plans = [p.plan_uid for p in window.plans if p.structure_set_uid == aux_clinic.hidden_structure_set]
+    assert hidden_plans, "a plan of the window names the structure set hidden in a session"
+    for plan_uid in hidden_plans:
+        assert rows[plan_uid]["StructureSetUID"] == aux_clinic.hidden_structure_set, rows[plan_uid]
+        assert all(m["UID"] != aux_clinic.hidden_structure_set for m in rows[plan_uid]["Missing"]), rows[plan_uid]
     assert manifest["Summary"]["Registrations"] == window.summary.to_dict()["Registrations"]
 
     # A second harvest of the window finds the unpacked objects in the store: the sessions are inspected
@@ -118,3 +124,4 @@ def test_registrations_only_inside_mim_sessions_complete_the_chain(aux_clinic: A
     for plan in window.plans:
         assert sorted(again[plan.plan_uid]["RegistrationUIDs"]) == sorted(plan.registration_uids)
         assert again[plan.plan_uid]["Status"] == plan.status
+        assert again[plan.plan_uid]["StructureSetUID"] == plan.structure_set_uid
