@@ -290,3 +290,138 @@ def test_a_refused_instance_is_retried_alone(site: Site, tmp_path: Path) -> None
     assert doc["State"] == "Completed" and doc["Progress"]["InstancesFailed"] == 0
     assert len(picky.sent) == len(set(picky.sent)) == doc["Progress"]["InstancesTotal"]  # the refused one alone again
     assert doc["Progress"]["InstancesResent"] == 1
+
+
+# ---------------------------------------------------------------------------------------------------
+# Verification that fails: the check must see what a destination lost or leaked
+
+
+def _export_to(service: ExportService, tmp: Path, folder: Folder, plans: Any) -> dict[str, Any]:
+    """Run one export into ``folder`` (re-rooted under the export's ID) to its end; its document."""
+
+    def destination(name: str, export_id: str) -> Folder:
+        folder.root = tmp / "archive" / export_id
+        return folder
+
+    service.destination_of = destination
+    answer = service.create({"Harvest": "H1", "Destination": "ARCHIVE", "Plans": plans})
+    _drain(service)
+    return service.document(answer["ID"])
+
+
+class Dropping(Folder):
+    """A folder that silently loses the first RT Dose it is sent: it answers "stored" but never writes it."""
+
+    def __init__(self, name: str, root: Path) -> None:
+        super().__init__(name, root)
+        self.dropped: str | None = None
+
+    def send(self, datasets: Sequence[Dataset]) -> dict[str, str]:
+        kept = []
+        for ds in datasets:
+            if self.dropped is None and ds.Modality == "RTDOSE":
+                self.dropped = str(ds.SOPInstanceUID)
+                continue
+            kept.append(ds)
+        assert super().send(kept) == {}
+        return {}
+
+
+def test_verification_fails_when_the_destination_drops_an_object(site: Site, tmp_path: Path) -> None:
+    service = _service(tmp_path, site)
+    dropping = Dropping("ARCHIVE", tmp_path / "archive")
+    doc = _export_to(service, tmp_path, dropping, {"PatientIDs": [_busiest(site)]})
+    assert dropping.dropped is not None
+    assert doc["State"] == "VerificationFailed", doc
+    assert doc["Progress"]["InstancesSent"] == doc["Progress"]["InstancesTotal"]  # the destination said "stored"
+    verification = doc["Verification"]
+    assert verification["Passed"] is False and verification["PhiHitCount"] == 0
+    assert verification["AbsentCount"] == 1 and verification["Absent"] == [dropping.dropped]
+    assert verification["InstancesFound"] == verification["InstancesExpected"] - 1
+    # The difference names the plan whose dose is gone, and the dose.
+    original = service.db.scalar("SELECT sop_uid FROM rth_export_items WHERE new_uid = ?", (dropping.dropped,))
+    plans = [service.key().uid(p.plan_uid) for p in site.manifest.plans if original in p.dose_uids]
+    assert plans
+    named = [d for d in verification["ManifestDifferences"] if d.startswith(f"plan {plans[0]}: DoseUIDs")]
+    assert len(named) == 1 and dropping.dropped in named[0], verification["ManifestDifferences"]
+    assert not (tmp_path / "archive" / doc["ID"] / "manifest.json").read_text().count('"Passed": true')
+
+
+class Leaking(Folder):
+    """A folder that writes each object's original PatientID into its SeriesDescription (what a broken
+    de-identification step would leave)."""
+
+    def __init__(self, name: str, root: Path, original_of: dict[str, str]) -> None:
+        super().__init__(name, root)
+        self.original_of = original_of
+
+    def send(self, datasets: Sequence[Dataset]) -> dict[str, str]:
+        for ds in datasets:
+            ds.SeriesDescription = f"series of {self.original_of[str(ds.PatientID)]}"
+        return super().send(datasets)
+
+
+def test_verification_fails_when_the_copy_holds_a_patient_id(site: Site, tmp_path: Path) -> None:
+    service = _service(tmp_path, site)
+    patient = _busiest(site)
+    leaking = Leaking("ARCHIVE", tmp_path / "archive", {service.pseudonym(patient): patient})
+    doc = _export_to(service, tmp_path, leaking, {"PatientIDs": [patient]})
+    assert doc["State"] == "VerificationFailed", doc
+    verification = doc["Verification"]
+    # Only the leak is wrong: everything arrived and the manifests agree.
+    assert verification["AbsentCount"] == 0 and verification["ManifestDifferences"] == []
+    assert verification["PhiHitCount"] == verification["InstancesFound"] > 0
+    assert {(h["Attribute"], h["Kind"]) for h in verification["PhiHits"]} == {("SeriesDescription", "PatientID")}
+    # The report names the attribute and the kind, never the value.
+    assert patient not in json.dumps(verification)
+
+
+class Relabelling(Folder):
+    """A folder that files the first CT series it receives as MR (a destination rewriting Modality)."""
+
+    def __init__(self, name: str, root: Path) -> None:
+        super().__init__(name, root)
+        self.series: str | None = None
+
+    def send(self, datasets: Sequence[Dataset]) -> dict[str, str]:
+        for ds in datasets:
+            if self.series is None and ds.Modality == "CT":
+                self.series = str(ds.SeriesInstanceUID)
+            if str(ds.SeriesInstanceUID) == self.series:
+                ds.Modality = "MR"
+        return super().send(datasets)
+
+
+def test_verification_compares_the_table_1_counts(site: Site, tmp_path: Path) -> None:
+    service = _service(tmp_path, site)
+    patient = _busiest(site)
+    passed = _export_to(service, tmp_path, Folder("ARCHIVE", tmp_path / "archive"), {"PatientIDs": [patient]})
+    summary = passed["Verification"]["Summary"]
+    assert passed["State"] == "Completed" and summary["Site"] == summary["Copy"]
+    rows = [p for p in site.manifest.plans if p.patient_id == patient]
+    assert summary["Site"]["Patients"] == 1 and summary["Site"]["PlansReferenced"] == len(rows)
+    assert summary["Site"]["TreatmentRecords"] == len({u for p in rows for u in p.record_uids})
+    assert summary["Site"]["PlanningSeries"] == len({u for p in rows for u in p.planning_series_uids}) > 0
+    assert summary["Site"]["ImageSeries"].get("CT", 0) > 0
+    # A copy whose CT series became MR: the counts differ, and the verification says which.
+    relabelling = Relabelling("ARCHIVE", tmp_path / "archive")
+    failed = _export_to(service, tmp_path, relabelling, {"PatientIDs": [patient]})
+    assert relabelling.series is not None and failed["State"] == "VerificationFailed"
+    summary = failed["Verification"]["Summary"]
+    assert summary["Copy"]["ImageSeries"].get("CT", 0) == summary["Site"]["ImageSeries"]["CT"] - 1
+    assert summary["Copy"]["ImageSeries"].get("MR", 0) == summary["Site"]["ImageSeries"].get("MR", 0) + 1
+    assert any(d.startswith("Summary.ImageSeries is ") for d in failed["Verification"]["ManifestDifferences"])
+
+
+def test_a_generated_secret_survives_a_restart(site: Site, tmp_path: Path) -> None:
+    """Without a configured secret the site key is generated once and kept: a restarted plugin (a new
+    service on the same database) maps every UID and patient as before; another database does not."""
+    first = _service(tmp_path, site)
+    assert first.settings.secret is None
+    uid, again = "1.2.826.0.1.3680043.2.1125.1.42", _service(tmp_path, site)
+    assert again.key().uid(uid) == first.key().uid(uid)
+    assert again.key().pseudonym("SYN001") == first.key().pseudonym("SYN001")
+    assert first.db.scalar("SELECT count(*) FROM rth_site_keys") == 1
+    (tmp_path / "other").mkdir()
+    elsewhere = _service(tmp_path / "other", site)
+    assert elsewhere.key().uid(uid) != first.key().uid(uid)
