@@ -7,6 +7,7 @@ reads its store; the destination is a real folder.
 
 from __future__ import annotations
 
+import io
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -73,6 +74,12 @@ def _busiest(site: Site) -> str:
     for row in site.manifest.plans:
         counts[row.patient_id or ""] = counts.get(row.patient_id or "", 0) + 1
     return max(sorted(counts), key=lambda p: counts[p])
+
+
+def _plan_with_dose(site: Site) -> dict[str, list[str]]:
+    """``Plans`` selecting one Complete plan that has a dose (a small export)."""
+    row = next(p for p in site.manifest.plans if p.status == "Complete" and p.dose_uids)
+    return {"PlanUIDs": [row.plan_uid]}
 
 
 def _drain(service: ExportService, limit: int = 50) -> None:
@@ -330,7 +337,7 @@ class Dropping(Folder):
 def test_verification_fails_when_the_destination_drops_an_object(site: Site, tmp_path: Path) -> None:
     service = _service(tmp_path, site)
     dropping = Dropping("ARCHIVE", tmp_path / "archive")
-    doc = _export_to(service, tmp_path, dropping, {"PatientIDs": [_busiest(site)]})
+    doc = _export_to(service, tmp_path, dropping, _plan_with_dose(site))
     assert dropping.dropped is not None
     assert doc["State"] == "VerificationFailed", doc
     assert doc["Progress"]["InstancesSent"] == doc["Progress"]["InstancesTotal"]  # the destination said "stored"
@@ -425,3 +432,67 @@ def test_a_generated_secret_survives_a_restart(site: Site, tmp_path: Path) -> No
     (tmp_path / "other").mkdir()
     elsewhere = _service(tmp_path / "other", site)
     assert elsewhere.key().uid(uid) != first.key().uid(uid)
+
+
+def test_cli_list_status_wait_cancel(site: Site, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``rtharvest export list|status|wait|cancel`` over HTTP against the export routes (the plugin's own
+    router, served by the tests' loopback API server): a verified export, one whose verification failed,
+    and one cancelled before it ran."""
+    from rtharvest.cli import main as cli_main
+    from rtharvest.export.routes import register
+
+    from .browser.apiserver import ApiServer
+
+    service = _service(tmp_path, site)
+    plans = _plan_with_dose(site)
+    good = _export_to(service, tmp_path, Folder("ARCHIVE", tmp_path / "archive"), plans)
+    bad = _export_to(service, tmp_path, Dropping("ARCHIVE", tmp_path / "archive"), plans)
+    idle = service.create({"Harvest": "H1", "Destination": "ARCHIVE", "Plans": plans})["ID"]
+    assert (good["State"], bad["State"], service.state(idle)) == ("Completed", "VerificationFailed", "Running")
+    (tmp_path / "api").mkdir()
+    api = ApiServer(tmp_path / "api").start()
+    register(api.router, service)
+
+    def run(*argv: str, options: Sequence[str] = ()) -> tuple[int, list[str], str]:
+        out = io.StringIO()
+        code = cli_main(["--url", api.url, *options, "export", *argv], out=out, env={})
+        return code, out.getvalue().splitlines(), capsys.readouterr().err
+
+    try:
+        code, lines, _ = run("list")
+        assert code == 0 and lines[0].split()[:3] == ["ID", "STATE", "HARVEST"]
+        listed = {line.split()[0]: line.split() for line in lines[1:]}
+        assert set(listed) == {good["ID"], bad["ID"], idle}
+        total = good["Progress"]["InstancesTotal"]
+        assert listed[good["ID"]][1:4] == ["Completed", "H1", "ARCHIVE"] and f"{total}/{total}" in listed[good["ID"]]
+        assert listed[bad["ID"]][1] == "VerificationFailed" and listed[idle][1] == "Running"
+        assert listed[idle][-2:] == ["0/0", "0"]  # not selected yet: nothing to send
+
+        code, lines, _ = run("status", good["ID"])
+        assert code == 0
+        assert lines[0] == f"Export {good['ID']} of harvest H1 to ARCHIVE (folder), site SITEA"
+        assert lines[1].strip().startswith(f"Completed: {total}/{total} sent, 0 failed, {total} verified")
+        assert "verification passed (0 absent, 0 manifest difference(s), 0 PHI hit(s))" in lines[1]
+        code, lines, _ = run("status", bad["ID"])
+        assert code == 0 and "verification FAILED (1 absent" in lines[1]
+
+        code, lines, _ = run("wait", good["ID"], "--timeout", "5", "--interval", "0.1")
+        assert code == 0 and len(lines) == 1 and lines[0].startswith("Completed: ")
+        code, lines, err = run("wait", bad["ID"], "--timeout", "5", "--interval", "0.1")
+        assert code == 1 and lines[0].startswith("VerificationFailed: ")
+        assert f"export {bad['ID']} ended VerificationFailed" in err
+
+        code, lines, _ = run("cancel", idle)
+        assert code == 0 and lines == [f"{idle}: Cancelled"]
+        assert service.state(idle) == "Cancelled" and not service.run_one()
+        code, lines, err = run("wait", idle, "--timeout", "5")
+        assert code == 1 and lines[0].startswith("Cancelled: ") and "ended Cancelled" in err
+        code, lines, err = run("cancel", good["ID"])  # a finished export cannot be cancelled
+        assert code == 1 and lines == [] and "Completed" in err
+
+        code, lines, err = run("status", "0123456789abcdef")
+        assert code == 1 and lines == [] and "unknown export" in err
+        code, lines, _ = run("list", options=["--json"])
+        assert code == 0 and [d["ID"] for d in json.loads("\n".join(lines))] == [idle, bad["ID"], good["ID"]]
+    finally:
+        api.stop()
