@@ -2,8 +2,9 @@
 
 Site A exports by C-STORE and is SIGKILLed in the middle of sending; after the restart the export resumes
 and finishes without a duplicate. Site B exports by STOW-RS to the same Orthanc's DICOMweb plugin (Debian's
-``orthanc-dicomweb``). Both sites' clinics use the same PatientIDs (SYN001...): the archive must still hold
-two separable, complete datasets with no UID in common. Each test checks what the central archive holds
+``orthanc-dicomweb``). Both sites hold the same clinic (one generated clinic, loaded into both sources):
+the same PatientIDs (SYN001...) and the same original UIDs, the worst case for collisions. The archive
+must still hold two separable, complete datasets with no UID in common. Each test checks what the central archive holds
 with its own reading (REST downloads, the project's reference walk, a PHI scan against the originals),
 not only the plugin's own verification report.
 """
@@ -14,7 +15,7 @@ import io
 import time
 import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +54,8 @@ class SiteRun:
     harvest_id: str = ""
     export: dict[str, Any] | None = None
     kill_seen: dict[str, Any] | None = None
+    #: ``rtharvest export ...`` runs against the site's harvester: name -> (exit code, output lines).
+    cli: dict[str, tuple[int, list[str]]] = field(default_factory=dict)
 
     @property
     def key(self) -> SiteKey:
@@ -95,9 +98,10 @@ def archive(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[OrthancP
     sites: dict[str, SiteRun] = {}
     try:
         central_entry = DicomSource("CENTRAL", "CENTRAL", central.dicom_port, "orthanc")
-        for name, seed in (("SITEA", 7), ("SITEB", 8)):
-            root = base / name / "clinic"
-            truth = generate(root, SynthOptions(patients=3, seed=seed))
+        # One clinic for both sites: the same original UIDs reach the archive from two sites.
+        root = base / "clinic"
+        truth = generate(root, SynthOptions(patients=3, seed=7))
+        for name in ("SITEA", "SITEB"):
             port = free_port()
             source = start_orthanc_source(base / name / "source", port)
             store_to_scp(dicom_files(root), LOCALHOST, source.port, source.aet)
@@ -142,6 +146,13 @@ def archive(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[OrthancP
         export_id = printed.getvalue().splitlines()[0]
         assert "verification passed" in printed.getvalue().splitlines()[-1]
         b.export = b.api.get(f"/rtharvest/exports/{export_id}")
+        # The other export commands against the real plugin (cancel runs in test_export_service: a real
+        # worker would race it here).
+        for command in (["list"], ["status", export_id], ["wait", export_id, "--timeout", "30"]):
+            printed = io.StringIO()
+            code = cli_main(["--url", b.harvester.url, "--user", user, "export", *command], out=printed,
+                            env={"RTHARVEST_PASSWORD": password})
+            b.cli[command[0]] = (code, printed.getvalue().splitlines())
         yield central, sites
     finally:
         for site in sites.values():
@@ -204,6 +215,19 @@ def test_stow_rs_export_complete_plans(archive: tuple[OrthancProcess, dict[str, 
     b = sites["SITEB"]
     assert b.export is not None and b.export["DestinationKind"] == "dicomweb"
     _check_site(b, _central_objects(central)["SITEB"])
+    # rtharvest export list|status|wait against the harvester.
+    export_id, total = b.export["ID"], b.export["Progress"]["InstancesTotal"]
+    code, lines = b.cli["list"]
+    assert code == 0 and lines[0].split()[:4] == ["ID", "STATE", "HARVEST", "DESTINATION"] and len(lines) == 2
+    assert lines[1].split()[:4] == [export_id, "Completed", b.harvest_id, "CENTRALWEB"]
+    assert f"{total}/{total}" in lines[1].split()
+    code, lines = b.cli["status"]
+    assert code == 0
+    assert lines[0] == f"Export {export_id} of harvest {b.harvest_id} to CENTRALWEB (dicomweb), site SITEB"
+    assert lines[1].strip().startswith(f"Completed: {total}/{total} sent, 0 failed, {total} verified")
+    assert lines[1].endswith("verification passed (0 absent, 0 manifest difference(s), 0 PHI hit(s))")
+    code, lines = b.cli["wait"]
+    assert code == 0 and len(lines) == 1 and lines[0] == b.cli["status"][1][1].strip()
 
 
 def test_two_sites_one_archive_separable_without_collisions(archive: tuple[OrthancProcess, dict[str, SiteRun]]
@@ -212,18 +236,28 @@ def test_two_sites_one_archive_separable_without_collisions(archive: tuple[Ortha
     by_site = _central_objects(central)
     assert set(by_site) == {"SITEA", "SITEB"}  # every object names its site
     uids = {name: {str(ds.SOPInstanceUID) for ds in objs} for name, objs in by_site.items()}
+    # Both sites exported objects of the same originals (same clinic, same UIDs) ...
+    exported = {name: {u for u in site.truth.objects if site.key.uid(u) in uids[name]}
+                for name, site in sites.items()}
+    assert all(len(exported[name]) == len(uids[name]) for name in sites)  # each archived object traced back
+    shared = exported["SITEA"] & exported["SITEB"]
+    assert len(shared) == len(uids["SITEB"]) > 0  # B's complete plans are a part of A's "All"
+    # ... and the archive holds them under different UIDs, at every level.
     assert not uids["SITEA"] & uids["SITEB"]
+    originals = {name: site.originals() for name, site in sites.items()}
     for level in ("StudyInstanceUID", "SeriesInstanceUID", "FrameOfReferenceUID"):
         a = {str(ds.get(level)) for ds in by_site["SITEA"] if level in ds}
         b = {str(ds.get(level)) for ds in by_site["SITEB"] if level in ds}
         assert not a & b, level
+        orig_a = {str(ds.get(level)) for ds in originals["SITEA"] if level in ds}
+        assert orig_a and orig_a == {str(ds.get(level)) for ds in originals["SITEB"] if level in ds}, level
     # The clinics share PatientIDs (SYN001...); the archive's patients do not.
     pa = {str(ds.PatientID) for ds in by_site["SITEA"]}
     pb = {str(ds.PatientID) for ds in by_site["SITEB"]}
     assert pa and pb and not pa & pb
     assert all(p.startswith("SITEA-") for p in pa) and all(p.startswith("SITEB-") for p in pb)
-    originals = {str(ds.PatientID) for s in sites.values() for ds in s.originals()}
-    assert not originals & (pa | pb)
+    original_ids = {str(ds.PatientID) for objs in originals.values() for ds in objs}
+    assert not original_ids & (pa | pb)
     api = RestClient(central.url, None)
     assert len(api.get("/patients")) == len(pa) + len(pb)
     for site in sites.values():

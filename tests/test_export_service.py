@@ -7,6 +7,7 @@ reads its store; the destination is a real folder.
 
 from __future__ import annotations
 
+import io
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -73,6 +74,12 @@ def _busiest(site: Site) -> str:
     for row in site.manifest.plans:
         counts[row.patient_id or ""] = counts.get(row.patient_id or "", 0) + 1
     return max(sorted(counts), key=lambda p: counts[p])
+
+
+def _plan_with_dose(site: Site) -> dict[str, list[str]]:
+    """``Plans`` selecting one Complete plan that has a dose (a small export)."""
+    row = next(p for p in site.manifest.plans if p.status == "Complete" and p.dose_uids)
+    return {"PlanUIDs": [row.plan_uid]}
 
 
 def _drain(service: ExportService, limit: int = 50) -> None:
@@ -290,3 +297,202 @@ def test_a_refused_instance_is_retried_alone(site: Site, tmp_path: Path) -> None
     assert doc["State"] == "Completed" and doc["Progress"]["InstancesFailed"] == 0
     assert len(picky.sent) == len(set(picky.sent)) == doc["Progress"]["InstancesTotal"]  # the refused one alone again
     assert doc["Progress"]["InstancesResent"] == 1
+
+
+# ---------------------------------------------------------------------------------------------------
+# Verification that fails: the check must see what a destination lost or leaked
+
+
+def _export_to(service: ExportService, tmp: Path, folder: Folder, plans: Any) -> dict[str, Any]:
+    """Run one export into ``folder`` (re-rooted under the export's ID) to its end; its document."""
+
+    def destination(name: str, export_id: str) -> Folder:
+        folder.root = tmp / "archive" / export_id
+        return folder
+
+    service.destination_of = destination
+    answer = service.create({"Harvest": "H1", "Destination": "ARCHIVE", "Plans": plans})
+    _drain(service)
+    return service.document(answer["ID"])
+
+
+class Dropping(Folder):
+    """A folder that silently loses the first RT Dose it is sent: it answers "stored" but never writes it."""
+
+    def __init__(self, name: str, root: Path) -> None:
+        super().__init__(name, root)
+        self.dropped: str | None = None
+
+    def send(self, datasets: Sequence[Dataset]) -> dict[str, str]:
+        kept = []
+        for ds in datasets:
+            if self.dropped is None and ds.Modality == "RTDOSE":
+                self.dropped = str(ds.SOPInstanceUID)
+                continue
+            kept.append(ds)
+        assert super().send(kept) == {}
+        return {}
+
+
+def test_verification_fails_when_the_destination_drops_an_object(site: Site, tmp_path: Path) -> None:
+    service = _service(tmp_path, site)
+    dropping = Dropping("ARCHIVE", tmp_path / "archive")
+    doc = _export_to(service, tmp_path, dropping, _plan_with_dose(site))
+    assert dropping.dropped is not None
+    assert doc["State"] == "VerificationFailed", doc
+    assert doc["Progress"]["InstancesSent"] == doc["Progress"]["InstancesTotal"]  # the destination said "stored"
+    verification = doc["Verification"]
+    assert verification["Passed"] is False and verification["PhiHitCount"] == 0
+    assert verification["AbsentCount"] == 1 and verification["Absent"] == [dropping.dropped]
+    assert verification["InstancesFound"] == verification["InstancesExpected"] - 1
+    # The difference names the plan whose dose is gone, and the dose.
+    original = service.db.scalar("SELECT sop_uid FROM rth_export_items WHERE new_uid = ?", (dropping.dropped,))
+    plans = [service.key().uid(p.plan_uid) for p in site.manifest.plans if original in p.dose_uids]
+    assert plans
+    named = [d for d in verification["ManifestDifferences"] if d.startswith(f"plan {plans[0]}: DoseUIDs")]
+    assert len(named) == 1 and dropping.dropped in named[0], verification["ManifestDifferences"]
+    assert not (tmp_path / "archive" / doc["ID"] / "manifest.json").read_text().count('"Passed": true')
+
+
+class Leaking(Folder):
+    """A folder that writes each object's original PatientID into its SeriesDescription (what a broken
+    de-identification step would leave)."""
+
+    def __init__(self, name: str, root: Path, original_of: dict[str, str]) -> None:
+        super().__init__(name, root)
+        self.original_of = original_of
+
+    def send(self, datasets: Sequence[Dataset]) -> dict[str, str]:
+        for ds in datasets:
+            ds.SeriesDescription = f"series of {self.original_of[str(ds.PatientID)]}"
+        return super().send(datasets)
+
+
+def test_verification_fails_when_the_copy_holds_a_patient_id(site: Site, tmp_path: Path) -> None:
+    service = _service(tmp_path, site)
+    patient = _busiest(site)
+    leaking = Leaking("ARCHIVE", tmp_path / "archive", {service.pseudonym(patient): patient})
+    doc = _export_to(service, tmp_path, leaking, {"PatientIDs": [patient]})
+    assert doc["State"] == "VerificationFailed", doc
+    verification = doc["Verification"]
+    # Only the leak is wrong: everything arrived and the manifests agree.
+    assert verification["AbsentCount"] == 0 and verification["ManifestDifferences"] == []
+    assert verification["PhiHitCount"] == verification["InstancesFound"] > 0
+    assert {(h["Attribute"], h["Kind"]) for h in verification["PhiHits"]} == {("SeriesDescription", "PatientID")}
+    # The report names the attribute and the kind, never the value.
+    assert patient not in json.dumps(verification)
+
+
+class Relabelling(Folder):
+    """A folder that files the first CT series it receives as MR (a destination rewriting Modality)."""
+
+    def __init__(self, name: str, root: Path) -> None:
+        super().__init__(name, root)
+        self.series: str | None = None
+
+    def send(self, datasets: Sequence[Dataset]) -> dict[str, str]:
+        for ds in datasets:
+            if self.series is None and ds.Modality == "CT":
+                self.series = str(ds.SeriesInstanceUID)
+            if str(ds.SeriesInstanceUID) == self.series:
+                ds.Modality = "MR"
+        return super().send(datasets)
+
+
+def test_verification_compares_the_table_1_counts(site: Site, tmp_path: Path) -> None:
+    service = _service(tmp_path, site)
+    patient = _busiest(site)
+    passed = _export_to(service, tmp_path, Folder("ARCHIVE", tmp_path / "archive"), {"PatientIDs": [patient]})
+    summary = passed["Verification"]["Summary"]
+    assert passed["State"] == "Completed" and summary["Site"] == summary["Copy"]
+    rows = [p for p in site.manifest.plans if p.patient_id == patient]
+    assert summary["Site"]["Patients"] == 1 and summary["Site"]["PlansReferenced"] == len(rows)
+    assert summary["Site"]["TreatmentRecords"] == len({u for p in rows for u in p.record_uids})
+    assert summary["Site"]["PlanningSeries"] == len({u for p in rows for u in p.planning_series_uids}) > 0
+    assert summary["Site"]["ImageSeries"].get("CT", 0) > 0
+    # A copy whose CT series became MR: the counts differ, and the verification says which.
+    relabelling = Relabelling("ARCHIVE", tmp_path / "archive")
+    failed = _export_to(service, tmp_path, relabelling, {"PatientIDs": [patient]})
+    assert relabelling.series is not None and failed["State"] == "VerificationFailed"
+    summary = failed["Verification"]["Summary"]
+    assert summary["Copy"]["ImageSeries"].get("CT", 0) == summary["Site"]["ImageSeries"]["CT"] - 1
+    assert summary["Copy"]["ImageSeries"].get("MR", 0) == summary["Site"]["ImageSeries"].get("MR", 0) + 1
+    assert any(d.startswith("Summary.ImageSeries is ") for d in failed["Verification"]["ManifestDifferences"])
+
+
+def test_a_generated_secret_survives_a_restart(site: Site, tmp_path: Path) -> None:
+    """Without a configured secret the site key is generated once and kept: a restarted plugin (a new
+    service on the same database) maps every UID and patient as before; another database does not."""
+    first = _service(tmp_path, site)
+    assert first.settings.secret is None
+    uid, again = "1.2.826.0.1.3680043.2.1125.1.42", _service(tmp_path, site)
+    assert again.key().uid(uid) == first.key().uid(uid)
+    assert again.key().pseudonym("SYN001") == first.key().pseudonym("SYN001")
+    assert first.db.scalar("SELECT count(*) FROM rth_site_keys") == 1
+    (tmp_path / "other").mkdir()
+    elsewhere = _service(tmp_path / "other", site)
+    assert elsewhere.key().uid(uid) != first.key().uid(uid)
+
+
+def test_cli_list_status_wait_cancel(site: Site, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``rtharvest export list|status|wait|cancel`` over HTTP against the export routes (the plugin's own
+    router, served by the tests' loopback API server): a verified export, one whose verification failed,
+    and one cancelled before it ran."""
+    from rtharvest.cli import main as cli_main
+    from rtharvest.export.routes import register
+
+    from .browser.apiserver import ApiServer
+
+    service = _service(tmp_path, site)
+    plans = _plan_with_dose(site)
+    good = _export_to(service, tmp_path, Folder("ARCHIVE", tmp_path / "archive"), plans)
+    bad = _export_to(service, tmp_path, Dropping("ARCHIVE", tmp_path / "archive"), plans)
+    idle = service.create({"Harvest": "H1", "Destination": "ARCHIVE", "Plans": plans})["ID"]
+    assert (good["State"], bad["State"], service.state(idle)) == ("Completed", "VerificationFailed", "Running")
+    (tmp_path / "api").mkdir()
+    api = ApiServer(tmp_path / "api").start()
+    register(api.router, service)
+
+    def run(*argv: str, options: Sequence[str] = ()) -> tuple[int, list[str], str]:
+        out = io.StringIO()
+        code = cli_main(["--url", api.url, *options, "export", *argv], out=out, env={})
+        return code, out.getvalue().splitlines(), capsys.readouterr().err
+
+    try:
+        code, lines, _ = run("list")
+        assert code == 0 and lines[0].split()[:3] == ["ID", "STATE", "HARVEST"]
+        listed = {line.split()[0]: line.split() for line in lines[1:]}
+        assert set(listed) == {good["ID"], bad["ID"], idle}
+        total = good["Progress"]["InstancesTotal"]
+        assert listed[good["ID"]][1:4] == ["Completed", "H1", "ARCHIVE"] and f"{total}/{total}" in listed[good["ID"]]
+        assert listed[bad["ID"]][1] == "VerificationFailed" and listed[idle][1] == "Running"
+        assert listed[idle][-2:] == ["0/0", "0"]  # not selected yet: nothing to send
+
+        code, lines, _ = run("status", good["ID"])
+        assert code == 0
+        assert lines[0] == f"Export {good['ID']} of harvest H1 to ARCHIVE (folder), site SITEA"
+        assert lines[1].strip().startswith(f"Completed: {total}/{total} sent, 0 failed, {total} verified")
+        assert "verification passed (0 absent, 0 manifest difference(s), 0 PHI hit(s))" in lines[1]
+        code, lines, _ = run("status", bad["ID"])
+        assert code == 0 and "verification FAILED (1 absent" in lines[1]
+
+        code, lines, _ = run("wait", good["ID"], "--timeout", "5", "--interval", "0.1")
+        assert code == 0 and len(lines) == 1 and lines[0].startswith("Completed: ")
+        code, lines, err = run("wait", bad["ID"], "--timeout", "5", "--interval", "0.1")
+        assert code == 1 and lines[0].startswith("VerificationFailed: ")
+        assert f"export {bad['ID']} ended VerificationFailed" in err
+
+        code, lines, _ = run("cancel", idle)
+        assert code == 0 and lines == [f"{idle}: Cancelled"]
+        assert service.state(idle) == "Cancelled" and not service.run_one()
+        code, lines, err = run("wait", idle, "--timeout", "5")
+        assert code == 1 and lines[0].startswith("Cancelled: ") and "ended Cancelled" in err
+        code, lines, err = run("cancel", good["ID"])  # a finished export cannot be cancelled
+        assert code == 1 and lines == [] and "Completed" in err
+
+        code, lines, err = run("status", "0123456789abcdef")
+        assert code == 1 and lines == [] and "unknown export" in err
+        code, lines, _ = run("list", options=["--json"])
+        assert code == 0 and [d["ID"] for d in json.loads("\n".join(lines))] == [idle, bad["ID"], good["ID"]]
+    finally:
+        api.stop()

@@ -43,7 +43,16 @@ from ..tracking import Decision, ObjectRecord
 from .deid import Profile, ProfileError, SiteKey, deidentify
 from .destinations import Destination, DestinationError
 from .settings import ExportSettings
-from .verify import Verification, compare, expected_rows, manifest_of_copy, phi_values, scan_for_phi
+from .verify import (
+    Verification,
+    compare,
+    compare_summaries,
+    expected_rows,
+    manifest_of_copy,
+    phi_values,
+    scan_for_phi,
+    summary_of_rows,
+)
 
 log = logging.getLogger("rtharvest.export")
 
@@ -506,13 +515,16 @@ class ExportService:
         one_per_series: dict[str, str] = {}
         for r in items:
             one_per_series.setdefault(r[2] or r[0], r[1])
-        originals = []
-        for orthanc_id in one_per_series.values():
+        originals: dict[str, Any] = {}
+        for series_uid, orthanc_id in one_per_series.items():
             try:
-                originals.append(pydicom.dcmread(io.BytesIO(self.read_file(orthanc_id)), stop_before_pixels=True))
+                originals[series_uid] = pydicom.dcmread(io.BytesIO(self.read_file(orthanc_id)),
+                                                        stop_before_pixels=True)
             except Exception:
                 continue
-        values = phi_values(originals, profile)
+        values = phi_values(originals.values(), profile)
+        # The site's image series modalities under their new UIDs (the Table-1 ImageSeries of the selection).
+        site_modalities = {key.uid(uid): str(ds.get("Modality", "")) for uid, ds in originals.items()}
         result = Verification(instances_expected=len(expected), site_values=len(values))
         refs = []
         found: set[str] = set()
@@ -544,7 +556,15 @@ class ExportService:
                                         (key.site,)))
         wanted = expected_rows(site_rows, key, profile, lambda pid: pseudonyms.get(pid) or key.pseudonym(pid))
         result.plans_compared = len(wanted)
-        result.differences += compare(wanted, copy.to_json()["Plans"])
+        copy_rows = copy.to_json()["Plans"]
+        result.differences += compare(wanted, copy_rows)
+        # Table-1 counts of the selection, site against copy (the copy's modalities read from the copy).
+        copy_modalities = {r.series_uid: r.modality or "" for r in refs if r.series_uid}
+        wanted_plans = {w["PlanUID"] for w in wanted}
+        result.site_summary = summary_of_rows(wanted, site_modalities)
+        result.copy_summary = summary_of_rows([r for r in copy_rows if r["PlanUID"] in wanted_plans],
+                                              copy_modalities)
+        result.differences += compare_summaries(result.site_summary, result.copy_summary)
         doc = result.to_json()
         manifest_doc = copy.to_json()
         manifest_doc.pop("Failures", None)

@@ -4,7 +4,9 @@ comparison with the site's manifest under pseudonyms, and the PHI scan.
 The walk is the project's own: :func:`manifest_of_copy` turns the exported objects' references into the
 tracker rows :func:`rtharvest.manifest.build_manifest` reads, so the copy is judged by the very rule that
 judged the harvest (one rule, one place). :func:`expected_rows` maps the site's manifest through the
-site key (UIDs, pseudonyms, shifted dates) and :func:`compare` lists every difference.
+site key (UIDs, pseudonyms, shifted dates) and :func:`compare` lists every difference, row by row; the
+Table-1 counts of the selection (:func:`summary_of_rows`) are compared too (:func:`compare_summaries`), with
+the image series' modalities read from the site's originals on one side and from the copy on the other.
 
 A copy cannot know what only the site's job history knew: a missing link whose reason is a failed
 *search* or a *partially stored* series (the object or series itself is present) is not visible in the
@@ -21,14 +23,14 @@ from typing import Any
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 
-from ..manifest import Manifest, build_manifest
+from ..manifest import STATUSES, Manifest, build_manifest
 from ..references import ObjectKind, ObjectRefs
 from ..sopclass import Modality
 from ..tracking import Decision, ObjectRecord
 from .deid import DatePolicy, DescriptorPolicy, Profile, SiteKey, shift_date
 
-__all__ = ["PhiHit", "Verification", "compare", "expected_rows", "knowable", "manifest_of_copy", "phi_values",
-           "scan_for_phi"]
+__all__ = ["PhiHit", "Verification", "compare", "compare_summaries", "expected_rows", "knowable",
+           "manifest_of_copy", "phi_values", "scan_for_phi", "summary_of_rows"]
 
 #: Row fields compared between the site's manifest and the copy's (UIDs mapped, dates shifted).
 ROW_FIELDS = ("PatientID", "PlanUID", "PlanIntent", "Status", "Treatments", "FirstTreatment", "LastTreatment",
@@ -124,6 +126,69 @@ def compare(expected: Sequence[Mapping[str, Any]], copy_rows: Sequence[Mapping[s
             if actual.get(name) != value:
                 problems.append(f"plan {exp['PlanUID']}: {name} is {actual.get(name)!r}, expected {value!r}")
     return problems
+
+
+#: Image series lists of a row (the series whose modalities ``ImageSeries`` counts).
+_SERIES_LISTS = ("PlanningSeriesUIDs", "PlanningForSeriesUIDs", "RegisteredSeriesUIDs", "RegisteredForSeriesUIDs")
+
+
+def summary_of_rows(rows: Sequence[Mapping[str, Any]], modality_of_series: Mapping[str, str]) -> dict[str, Any]:
+    """The Table-1 counts of a selection of plan rows (JSON form), by the manifest's own definitions
+    (:class:`rtharvest.manifest.Summary`) restricted to what the rows name.
+
+    ``Patients``, ``PlansReferenced``, ``PlansCollected`` (not ``Missing``), ``SuccessRate`` (``Complete``
+    over the rows less ``Invalid``), ``PlansByIntent`` (collected plans, ``NONE`` without intent),
+    ``PlansByStatus``, ``InvalidPlans``, ``ImageSeries`` (distinct series of the rows' series lists by
+    modality, ``?`` when ``modality_of_series`` does not know it), ``PlanningSeries``, ``Registrations``
+    (each REG once, by its type for the first row naming it) and ``TreatmentRecords`` (distinct records).
+    Orphans, failed jobs and PatientID mismatches belong to a whole harvest, not to a selection of plans.
+    """
+    status: dict[str, int] = {}
+    intents: dict[str, int] = {}
+    reg_types: dict[str, str] = {}
+    series: set[str] = set()
+    planning: set[str] = set()
+    records: set[str] = set()
+    for row in rows:
+        status[row["Status"]] = status.get(row["Status"], 0) + 1
+        if row["Status"] != "Missing":
+            intent = row.get("PlanIntent") or "NONE"
+            intents[intent] = intents.get(intent, 0) + 1
+        types = row.get("RegistrationTypes") or {}
+        for uid in row.get("RegistrationUIDs") or []:
+            reg_types.setdefault(uid, types.get(uid, "?"))
+        for name in _SERIES_LISTS:
+            series.update(row.get(name) or [])
+        planning.update(row.get("PlanningSeriesUIDs") or [])
+        records.update(row.get("RecordUIDs") or [])
+    images: dict[str, int] = {}
+    for uid in series:
+        modality = modality_of_series.get(uid) or "?"
+        images[modality] = images.get(modality, 0) + 1
+    registrations: dict[str, int] = {}
+    for kind in reg_types.values():
+        registrations[kind] = registrations.get(kind, 0) + 1
+    invalid = status.get("Invalid", 0)
+    denominator = len(rows) - invalid
+    return {
+        "Patients": len({row.get("PatientID") for row in rows}),
+        "PlansReferenced": len(rows),
+        "PlansCollected": len(rows) - status.get("Missing", 0),
+        "SuccessRate": round(status.get("Complete", 0) / denominator, 4) if denominator else 0.0,
+        "PlansByIntent": dict(sorted(intents.items())),
+        "PlansByStatus": {s: status[s] for s in STATUSES if status.get(s)},
+        "InvalidPlans": invalid,
+        "ImageSeries": dict(sorted(images.items())),
+        "PlanningSeries": len(planning),
+        "Registrations": dict(sorted(registrations.items())),
+        "TreatmentRecords": len(records),
+    }
+
+
+def compare_summaries(expected: Mapping[str, Any], copy: Mapping[str, Any]) -> list[str]:
+    """Every count of :func:`summary_of_rows` that differs (``Summary.<name> is ..., expected ...``)."""
+    return [f"Summary.{name} is {copy.get(name)!r}, expected {value!r}"
+            for name, value in expected.items() if copy.get(name) != value]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -232,6 +297,9 @@ class Verification:
     absent: list[str] = field(default_factory=list)
     unexpected: int = 0
     site_values: int = 0
+    #: Table-1 counts of the selection: the site's (as the copy must show them) and the copy's.
+    site_summary: dict[str, Any] = field(default_factory=dict)
+    copy_summary: dict[str, Any] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -248,6 +316,7 @@ class Verification:
             "PhiHits": [{"SOPInstanceUID": h.sop_uid, "Attribute": h.attribute, "Kind": h.kind}
                         for h in self.phi_hits[:50]],
             "PhiHitCount": len(self.phi_hits),
+            "Summary": {"Site": self.site_summary, "Copy": self.copy_summary},
         }
 
 
