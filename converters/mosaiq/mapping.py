@@ -98,8 +98,8 @@ def _sessions(deliveries: Sequence[Delivery]) -> list[Session]:
     return out
 
 
-def _beams(session: Session, deliveries: Sequence[Delivery], plan_fraction: int) -> tuple[BeamItem, ...]:
-    """The beam items of one plan's deliveries in ``session``.
+def _beams(deliveries: Sequence[Delivery], plan_fraction: int) -> tuple[BeamItem, ...]:
+    """The beam items of one plan's deliveries in one session.
 
     Rule (CurrentFractionNumber): MOSAIQ's own fraction number, ``Dose_Hst.Fx_Number_InEffect``, when the
     row holds one (not NULL, not 0). Otherwise the fallback ``plan_fraction``: the ordinal of this session
@@ -216,7 +216,7 @@ def plan_records(patient: PatientInfo, deliveries: Sequence[Delivery], sites: di
                 continue
             site = sites.get(items[0].sit_id) if items[0].sit_id is not None else None
             fraction = plan_fraction[(session.sit_set_id, session.number, plan_uid)]
-            out.records.append(RecordSpec(patient, site, session, plan_uid, machine, _beams(session, items, fraction)))
+            out.records.append(RecordSpec(patient, site, session, plan_uid, machine, _beams(items, fraction)))
     out.records.sort(key=lambda r: (r.started, r.plan_uid, r.machine))
     # A bad row shared by many deliveries (a field's control point) is reported once.
     out.errors = list(dict.fromkeys(out.errors))
