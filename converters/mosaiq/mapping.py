@@ -98,7 +98,17 @@ def _sessions(deliveries: Sequence[Delivery]) -> list[Session]:
     return out
 
 
-def _beams(session: Session, deliveries: Sequence[Delivery]) -> tuple[BeamItem, ...]:
+def _beams(deliveries: Sequence[Delivery], plan_fraction: int) -> tuple[BeamItem, ...]:
+    """The beam items of one plan's deliveries in one session.
+
+    Rule (CurrentFractionNumber): MOSAIQ's own fraction number, ``Dose_Hst.Fx_Number_InEffect``, when the
+    row holds one (not NULL, not 0). Otherwise the fallback ``plan_fraction``: the ordinal of this session
+    among the sessions in which this plan was delivered (all dates, QA-mode, setup and imaging deliveries
+    not counted). CurrentFractionNumber counts the fractions of the referenced plan (PS3.3 C.8.8.21), so a
+    re-plan whose first fraction shares a session with the last fraction of the plan it replaces starts
+    at 1 there, while the earlier plan ends at its own count; a count of the site's sessions would give
+    both the same number.
+    """
     items: list[BeamItem] = []
     interrupted: set[int] = set()
     for d in deliveries:
@@ -114,9 +124,8 @@ def _beams(session: Session, deliveries: Sequence[Delivery]) -> tuple[BeamItem, 
             delivery=d,
             beam_number=f.beam_number,
             beam_name=f.beam_name or f.label or f.name,
-            # Rule: the fraction number is MOSAIQ's own per-site count (Dose_Hst.Fx_Number_InEffect) when it
-            # is recorded, otherwise the session's ordinal among the site's sessions.
-            fraction=d.fraction_in_effect if d.fraction_in_effect else session.number,
+            # Rule: Fx_Number_InEffect when recorded, else the plan's session ordinal (see the docstring).
+            fraction=d.fraction_in_effect if d.fraction_in_effect else plan_fraction,
             delivery_type=DeliveryType.CONTINUATION if continuation else DeliveryType.TREATMENT,
             specified_meterset=f.meterset,
             delivered_meterset=d.meterset,
@@ -153,9 +162,26 @@ def plan_records(patient: PatientInfo, deliveries: Sequence[Delivery], sites: di
                 out.skipped.append(Problem("Dose_Hst", f"DHS_ID={d.dhs_id}", "setup-field",
                                            f"TxField FLD_ID={d.field.fld_id} is a setup field"))
             continue
+        if d.field.field_type.is_imaging:
+            # Rule: imaging fields (Type_Enum 5 CT, 6 Port, 9 MV CT) image the patient; like setup fields they
+            # treat nothing, even when imported from DICOM with a plan UID and a beam number: no beam item.
+            if in_window(d.when.date()):
+                out.skipped.append(Problem("Dose_Hst", f"DHS_ID={d.dhs_id}", "imaging-field",
+                                           f"TxField FLD_ID={d.field.fld_id} is an imaging field "
+                                           f"(Type_Enum {int(d.field.field_type)} {d.field.field_type.name})"))
+            continue
         treatments.append(d)
 
-    for session in _sessions(treatments):
+    # The fallback fraction number of each (session, plan): its ordinal among the plan's sessions.
+    sessions = _sessions(treatments)
+    plan_fraction: dict[tuple[int, int, str], int] = {}
+    plan_sessions: dict[str, int] = {}
+    for session in sorted(sessions, key=lambda s: (s.deliveries[0].when, s.sit_set_id, s.number)):
+        for plan_uid in dict.fromkeys(d.field.plan_uid for d in session.deliveries if d.field and d.field.plan_uid):
+            plan_sessions[plan_uid] = plan_sessions.get(plan_uid, 0) + 1
+            plan_fraction[(session.sit_set_id, session.number, plan_uid)] = plan_sessions[plan_uid]
+
+    for session in sessions:
         if not in_window(session.day):
             continue
         out.sessions += 1
@@ -189,7 +215,8 @@ def plan_records(patient: PatientInfo, deliveries: Sequence[Delivery], sites: di
                                           "its deliveries (see the errors naming those rows)"))
                 continue
             site = sites.get(items[0].sit_id) if items[0].sit_id is not None else None
-            out.records.append(RecordSpec(patient, site, session, plan_uid, machine, _beams(session, items)))
+            fraction = plan_fraction[(session.sit_set_id, session.number, plan_uid)]
+            out.records.append(RecordSpec(patient, site, session, plan_uid, machine, _beams(items, fraction)))
     out.records.sort(key=lambda r: (r.started, r.plan_uid, r.machine))
     # A bad row shared by many deliveries (a field's control point) is reported once.
     out.errors = list(dict.fromkeys(out.errors))

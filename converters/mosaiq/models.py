@@ -8,25 +8,60 @@ from enum import Enum, IntEnum
 
 
 class FieldType(IntEnum):
-    """``TxField.Type_Enum``: how a field is delivered (3 and 4 deliver no treatment)."""
+    """``TxField.Type_Enum``: what kind of field this is.
 
+    The values and their names are those of pymedphys' MOSAIQ constants (``_mosaiq/constants.py``,
+    ``FIELD_TYPES``): the only public list we know of. 10 and 19 are absent there and stay unknown: a
+    field with such a type is reported (``unknown-enum``, by value) and its record is not written.
+    """
+
+    UNSPECIFIED = 0
     STATIC = 1
-    STEP_AND_SHOOT = 2
+    STEP_AND_SHOOT = 2  # "StepNShoot"
     SETUP = 3
-    KV_SETUP = 4
+    KV_SETUP = 4  # "kV Setup"
+    CT = 5
+    PORT = 6
+    FIXED = 7
+    DYNAMIC = 8
+    MV_CT = 9  # "MV CT"
     ARC = 11
+    SKIP_ARCS = 12  # "Skip Arcs"
     VMAT = 13
-    DYNAMIC_MLC = 14
+    DYNAMIC_MLC = 14  # "DMLC"
+    HELICAL = 15
+    FIXED_ANGLE = 16  # "Fixed Angle"
+    PATH = 17
+    SHOT = 18
+    USER_DEFINED = 20  # "User Defined"
+    PDR = 21
 
     @property
     def is_setup(self) -> bool:
-        """A setup (portal imaging) field: it positions the patient, it treats nothing."""
+        """A setup field (3 setup, 4 kV setup): it positions the patient, it treats nothing."""
         return self in (FieldType.SETUP, FieldType.KV_SETUP)
 
     @property
-    def beam_type(self) -> str:
-        """DICOM BeamType (300A,00C4): STATIC when the beam's shape stays fixed while it is on."""
-        return "STATIC" if self in (FieldType.STATIC, FieldType.STEP_AND_SHOOT) else "DYNAMIC"
+    def is_imaging(self) -> bool:
+        """An imaging field (5 CT, 6 Port, 9 MV CT): it images the patient (a portal image, a cone-beam or
+        MV CT), it treats nothing, even when it was imported with a plan UID and a beam number."""
+        return self in (FieldType.CT, FieldType.PORT, FieldType.MV_CT)
+
+    @property
+    def beam_type(self) -> str | None:
+        """DICOM BeamType (300A,00C4) when the field type says it, else None (decided from the control points).
+
+        STATIC when the beam's shape stays fixed while it is on (static, step-and-shoot); DYNAMIC for the
+        types whose names say the machine moves while the beam is on (dynamic, arcs, skip arcs, VMAT,
+        dynamic MLC, helical). The other names (unspecified, fixed, fixed angle, path, shot, user defined,
+        PDR) say nothing certain about it.
+        """
+        if self in (FieldType.STATIC, FieldType.STEP_AND_SHOOT):
+            return "STATIC"
+        if self in (FieldType.DYNAMIC, FieldType.ARC, FieldType.SKIP_ARCS, FieldType.VMAT, FieldType.DYNAMIC_MLC,
+                    FieldType.HELICAL):
+            return "DYNAMIC"
+        return None
 
 
 class TerminationStatus(IntEnum):

@@ -97,12 +97,19 @@ def _enum(kind: type[Any], value: object, table: str, key: str, column: str, def
         raise BadValue(Problem(table, key, "unknown-enum", f"{column} {number} is not a known value")) from None
 
 
-def leaf_positions_mm(blob: object, table: str, key: str, column: str) -> tuple[float, ...] | None:
+def leaf_positions_mm(blob: object, table: str, key: str, column: str,
+                      leaves: int | None = None) -> tuple[float, ...] | None:
     """Decode a MOSAIQ leaf blob: little-endian int16 values in 1/100 cm, returned in mm.
 
-    An odd byte count is padded with one zero byte (MOSAIQ writes such blobs; open readers pad them the
-    same way). A value that is not binary, or an empty blob, is not a leaf set. The sign convention of
-    the banks has not been checked against a real linac log: values are taken as IEC X coordinates.
+    A leaf blob is a fixed-width record: only its first ``leaves`` values (``TxFieldPoint.MLC_Leaves``)
+    are leaf positions, the rest is padding (pymedphys ``_mosaiq/delivery.py``, ``decode_msq_mlc``).
+    With ``leaves`` given the result is cut to that count, and a blob too short for it is malformed;
+    without it (no MLC_Leaves column or value) every value is returned.
+
+    An odd byte count is padded with one zero byte (such blobs are seen when a reader strips trailing
+    zero bytes; open readers pad them the same way). A value that is not binary, or an empty blob, is not
+    a leaf set. The sign convention of the banks has not been checked against a real linac log: values
+    are taken as IEC X coordinates.
     """
     if blob is None:
         return None
@@ -116,12 +123,21 @@ def leaf_positions_mm(blob: object, table: str, key: str, column: str) -> tuple[
     if len(data) % 2:
         data += b"\x00"
     values = struct.unpack(f"<{len(data) // 2}h", data)
+    if leaves is not None:
+        if len(values) < leaves:
+            raise BadValue(Problem(table, key, "malformed-leaf-blob",
+                                   f"{column} holds {len(values)} leaf value(s), fewer than MLC_Leaves {leaves}"))
+        values = values[:leaves]
     return tuple(round(v * _LEAF_UNIT_MM, 2) for v in values)
 
 
-def _leaves(row: RowMapping, table: str, key: str) -> tuple[float, ...] | None:
-    a = leaf_positions_mm(row["A_Leaf_Set"], table, key, "A_Leaf_Set")
-    b = leaf_positions_mm(row["B_Leaf_Set"], table, key, "B_Leaf_Set")
+def _leaves(row: RowMapping, table: str, key: str, count: int | None) -> tuple[float, ...] | None:
+    if count is not None and count < 0:
+        raise BadValue(Problem(table, key, "malformed-leaf-blob", f"MLC_Leaves {count} is negative"))
+    if count == 0:
+        return None  # no MLC: whatever the blobs hold is padding
+    a = leaf_positions_mm(row["A_Leaf_Set"], table, key, "A_Leaf_Set", count)
+    b = leaf_positions_mm(row["B_Leaf_Set"], table, key, "B_Leaf_Set", count)
     if a is None and b is None:
         return None
     if a is None or b is None or len(a) != len(b):
@@ -130,20 +146,24 @@ def _leaves(row: RowMapping, table: str, key: str) -> tuple[float, ...] | None:
     return a + b
 
 
-def _point(row: RowMapping, table: str, key: str, energy: bool) -> ControlPoint:
+def _point(row: RowMapping, table: str, key: str, energy: bool, count: int | None) -> ControlPoint:
     return ControlPoint(
         point=_int(row["Point"], table, key, "Point") or 0,
         index=_float(row["Index"], table, key, "Index"),
         gantry=_float(row["Gantry_Ang"], table, key, "Gantry_Ang"),
         collimator=_float(row["Coll_Ang"], table, key, "Coll_Ang"),
         energy=_float(row["Energy"], table, key, "Energy") if energy else None,
-        leaves_mm=_leaves(row, table, key),
+        leaves_mm=_leaves(row, table, key, count),
     )
 
 
-def _points(rows: Iterable[RowMapping], table: str, id_column: str, energy: bool) -> tuple[
-        dict[int, list[ControlPoint]], dict[int, Problem]]:
-    """Control points by owner id; an owner with a bad point gets a problem instead of points."""
+def _points(rows: Iterable[RowMapping], table: str, id_column: str, energy: bool,
+            leaf_counts: dict[int, int] | None = None) -> tuple[dict[int, list[ControlPoint]], dict[int, Problem]]:
+    """Control points by owner id; an owner with a bad point gets a problem instead of points.
+
+    The leaf count per bank is the row's own ``MLC_Leaves`` (TxFieldPoint), or ``leaf_counts[owner]`` when
+    given (TxFieldPoint_Hst, whose blobs are read with the count of the delivered field's points).
+    """
     points: dict[int, list[ControlPoint]] = {}
     problems: dict[int, Problem] = {}
     for row in rows:
@@ -152,7 +172,9 @@ def _points(rows: Iterable[RowMapping], table: str, id_column: str, energy: bool
         if owner in problems:
             continue
         try:
-            points.setdefault(owner, []).append(_point(row, table, key, energy))
+            count = (leaf_counts.get(owner) if leaf_counts is not None
+                     else _int(row["MLC_Leaves"], table, key, "MLC_Leaves"))
+            points.setdefault(owner, []).append(_point(row, table, key, energy, count))
         except BadValue as exc:
             problems[owner] = exc.problem
             points.pop(owner, None)
@@ -286,16 +308,15 @@ class MosaiqReader:
         The machine is ``Dose_Hst.Machine_ID_Staff_ID`` (the machine actually used), not the field's
         planned machine.
         """
-        dh, tx, tt, staff = s.Dose_Hst, s.TxField, s.TrackTreatment, s.Staff
+        dh, tx, staff = s.Dose_Hst, s.TxField, s.Staff
         query = (
             select(*self._all(dh), self._col(tx, "FLD_ID", "tx_FLD_ID"), self._col(tx, "FLD_SET_ID"),
                    self._col(tx, "Version", "tx_Version"), self._col(tx, "SIT_Set_ID"), self._col(tx, "Field_Label"),
                    self._col(tx, "Field_Name"), self._col(tx, "Meterset", "tx_Meterset"),
                    self._col(tx, "Type_Enum", "tx_Type_Enum"), self._col(tx, "OriginalPlanUID"),
-                   self._col(tx, "OriginalBeamName"), self._col(tx, "OriginalBeamNumber"), self._col(tt, "WasQAMode"),
+                   self._col(tx, "OriginalBeamName"), self._col(tx, "OriginalBeamNumber"),
                    self._col(staff, "Last_Name", "machine_name"))
             .select_from(dh.outerjoin(tx, tx.c.FLD_ID == dh.c.FLD_ID)
-                         .outerjoin(tt, tt.c.DHS_ID == dh.c.DHS_ID)
                          .outerjoin(staff, staff.c.Staff_ID == dh.c.Machine_ID_Staff_ID))
             .where(dh.c.Pat_ID1 == patient.pat_id1)
             .order_by(dh.c.Tx_DtTm, dh.c.DHS_ID)
@@ -307,14 +328,34 @@ class MosaiqReader:
             fld_hst: dict[int, RowMapping] = {}
             for row in self._rows_in(conn, s.FLD_HST, "DHS_ID", dhs_ids):
                 fld_hst.setdefault(int(row["DHS_ID"]), row)
-            planned = _points(self._rows_in(conn, s.TxFieldPoint, "FLD_ID", fld_ids), "TxFieldPoint", "FLD_ID",
-                              energy=True)
+            # Rule: TrackTreatment may hold several rows for one delivery; they are grouped per DHS_ID (one
+            # delivery stays one beam item), and the delivery was in QA mode if any of them says so.
+            tracks: dict[int, list[RowMapping]] = {}
+            for row in self._rows_in(conn, s.TrackTreatment, "DHS_ID", dhs_ids):
+                tracks.setdefault(int(row["DHS_ID"]), []).append(row)
+            point_rows = self._rows_in(conn, s.TxFieldPoint, "FLD_ID", fld_ids)
+            planned = _points(point_rows, "TxFieldPoint", "FLD_ID", energy=True)
+            # TxFieldPoint_Hst is not known to have MLC_Leaves: its blobs are cut to the leaf count of the
+            # delivered field's TxFieldPoint rows when those agree on one.
+            field_counts: dict[int, set[int | None]] = {}
+            for row in point_rows:
+                count = row["MLC_Leaves"]
+                field_counts.setdefault(int(row["FLD_ID"]), set()).add(
+                    int(count) if isinstance(count, int | float) and not isinstance(count, bool) else None)
+            fields_of = {int(r["DHS_ID"]): int(r["FLD_ID"]) for r in rows if r["FLD_ID"] is not None}
+            hst_counts: dict[int, int] = {}
+            for dhs, hst in fld_hst.items():
+                known = field_counts.get(fields_of.get(dhs, -1), set())
+                only = next(iter(known)) if len(known) == 1 else None
+                if only is not None:
+                    hst_counts[int(hst["FHS_ID"])] = only
             fhs_ids = sorted(int(r["FHS_ID"]) for r in fld_hst.values())
             delivered = _points(self._rows_in(conn, s.TxFieldPoint_Hst, "FHS_ID", fhs_ids), "TxFieldPoint_Hst",
-                                "FHS_ID", energy=False)
-        return [self._delivery(row, fld_hst.get(int(row["DHS_ID"])), planned, delivered) for row in rows]
+                                "FHS_ID", energy=False, leaf_counts=hst_counts)
+        return [self._delivery(row, fld_hst.get(int(row["DHS_ID"])), tracks.get(int(row["DHS_ID"]), []), planned,
+                               delivered) for row in rows]
 
-    def _delivery(self, row: RowMapping, hst: RowMapping | None,
+    def _delivery(self, row: RowMapping, hst: RowMapping | None, tracks: Sequence[RowMapping],
                   planned: tuple[dict[int, list[ControlPoint]], dict[int, Problem]],
                   delivered: tuple[dict[int, list[ControlPoint]], dict[int, Problem]]) -> Delivery:
         dhs_id = int(row["DHS_ID"])
@@ -386,8 +427,8 @@ class MosaiqReader:
                 "Termination_Verify_Status_Enum", default=VerifyStatus.UNSPECIFIED)),
             partially_treated=bool(attempt(0, lambda: _int(row["PartiallyTreated"], "Dose_Hst", key,
                                                            "PartiallyTreated") or 0)),
-            qa_mode=bool(attempt(0, lambda: _int(row["WasQAMode"], "TrackTreatment", f"DHS_ID={dhs_id}",
-                                                 "WasQAMode") or 0)),
+            qa_mode=any([bool(attempt(0, lambda t=t: _int(t["WasQAMode"], "TrackTreatment", f"DHS_ID={dhs_id}",
+                                                           "WasQAMode") or 0)) for t in tracks]),
             fraction_in_effect=attempt(None, lambda: _int(row["Fx_Number_InEffect"], "Dose_Hst", key,
                                                           "Fx_Number_InEffect")),
             control_points=tuple(points or ()),

@@ -89,6 +89,19 @@ def _control_point(index: int, cp: ControlPoint | None, beam: BeamItem, end: boo
     return item
 
 
+def _beam_type(beam: BeamItem) -> str:
+    """BeamType: from the field type when it says (see :attr:`~.models.FieldType.beam_type`), else DYNAMIC
+    exactly when the delivered control points differ in gantry angle, collimator angle or leaf positions
+    (PS3.3 C.8.8.14 and C.8.8.21: STATIC means all beam parameters stay unchanged during delivery)."""
+    d = beam.delivery
+    assert d.field is not None
+    known = d.field.field_type.beam_type
+    if known is not None:
+        return known
+    shapes = {(cp.gantry, cp.collimator, cp.leaves_mm) for cp in d.control_points}
+    return "DYNAMIC" if len(shapes) > 1 else "STATIC"
+
+
 def _beam(beam: BeamItem) -> Dataset:
     d = beam.delivery
     assert d.field is not None
@@ -98,7 +111,7 @@ def _beam(beam: BeamItem) -> Dataset:
     item = _item(
         ReferencedBeamNumber=beam.beam_number,
         BeamName=beam.beam_name[:64],
-        BeamType=d.field.field_type.beam_type,
+        BeamType=_beam_type(beam),
         RadiationType="PHOTON",
         CurrentFractionNumber=beam.fraction,
         TreatmentDeliveryType=beam.delivery_type.value,

@@ -8,7 +8,10 @@ Sources of the names: pymedphys ``_mosaiq`` (its types map of Ident, Patient, Si
 TxFieldPoint, TrackTreatment, Staff) and open MOSAIQ export scripts (Dose_Hst, FLD_HST). The
 ``DCMStudy/DCMSeries/DCMInstance`` column names are **not** confirmed by any public source we could
 check: they are an assumption kept here, in one place, to adjust against a real database.
-``Dose_Hst.Fx_Number_InEffect`` (the per-site fraction number MOSAIQ assigns) is used when present.
+``Dose_Hst.Fx_Number_InEffect`` (the fraction number MOSAIQ assigns) is used when present.
+``TxFieldPoint.MLC_Leaves`` (pymedphys' types map: smallint) is the number of leaves per bank; the leaf
+blobs are fixed-width records of which only the first ``MLC_Leaves`` values are leaves (pymedphys
+``_mosaiq/delivery.py``, ``decode_msq_mlc``). It is optional here: without it the whole blob is read.
 """
 
 from __future__ import annotations
@@ -80,8 +83,8 @@ TxField = Table(
 TxFieldPoint = Table(
     "TxFieldPoint", metadata,
     Column("FLD_ID", Integer), Column("Point", SmallInteger),
-    Column("Index", Float), Column("A_Leaf_Set", LargeBinary), Column("B_Leaf_Set", LargeBinary),
-    Column("Gantry_Ang", Float), Column("Coll_Ang", Float), Column("Energy", Float),
+    Column("Index", Float), Column("MLC_Leaves", SmallInteger), Column("A_Leaf_Set", LargeBinary),
+    Column("B_Leaf_Set", LargeBinary), Column("Gantry_Ang", Float), Column("Coll_Ang", Float), Column("Energy", Float),
 )
 Dose_Hst = Table(
     "Dose_Hst", metadata,

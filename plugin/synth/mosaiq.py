@@ -16,15 +16,23 @@ is computed from what this module wrote, following docs/harvest-rules.md through
 Traps (``Traps`` in the ground truth, each with the MOSAIQ rows it concerns):
 
 ``history_version``      a field edited after two fractions: those deliveries point at the old TxField
-                         row (Version 32000, another meterset); the current row is a new FLD_ID.
+                         row (Version 32000, another meterset, and another OriginalPlanUID: the field
+                         was first imported from a preliminary plan export that never reached the PACS);
+                         the current row is a new FLD_ID with the plan's UID. The first two sessions
+                         therefore make two records each: one of the preliminary plan, one of the plan.
 ``qa_mode``              a dry run in QA mode the day before the first fraction (TrackTreatment.WasQAMode).
 ``setup_field``          a kV setup field delivered before every session's first beam.
+``imaging_field``        a Port field (Type_Enum 6), imported with the plan's UID and a beam number,
+                         delivered once before a session's first beam: an image, not a treatment.
 ``partial_treatment``    a beam interrupted by the operator and completed (CONTINUATION); another
                          stopped by the machine and never completed.
 ``machine_change``       from mid-course on, the fractions are delivered on the other linac.
 ``two_plans_one_site``   a re-plan whose first fraction is delivered in the same session as the last
-                         fraction of the first plan (two records, one session).
+                         fraction of the first plan (two records, one session). Fx_Number_InEffect is
+                         NULL for that patient: the converter's fallback numbers each plan's fractions.
 ``padded_plan_uid``      every OriginalPlanUID is space padded to char(64).
+``padded_leaf_blob``     every leaf blob is a fixed-width record of 80 values of which the first
+                         TxFieldPoint.MLC_Leaves (10) are leaves, the rest zero padding.
 ``not_imported_field``   a manually created field (no OriginalPlanUID, OriginalBeamNumber 0).
 ``midnight_session``     a session starting at 23:52 whose last beam is delivered after midnight.
 ``no_dcm_rows``          plans of one patient absent from the DCM tables (records go to a per-site study).
@@ -45,6 +53,7 @@ from sqlalchemy import create_engine, insert
 
 from rtharvest.converters.mosaiq import schema
 from rtharvest.sopclass import SopClass
+from rtharvest.synth import iods
 from rtharvest.synth.generator import PHANTOM_ID, SynthOptions, generate_with_knowledge
 from rtharvest.synth.groundtruth import GroundTruth, Trap
 from rtharvest.synth.truth import Knowledge, KRecord, evaluate
@@ -193,8 +202,14 @@ def _expect(record: ExpectedRecord, beam: ExpectedBeam, dhs_id: int) -> None:
     record.dhs_ids.append(dhs_id)
 
 
-def _leaf_blob(pairs: int, opening_mm: float, sign: int) -> bytes:
-    return struct.pack(f"<{pairs}h", *(int(round(sign * opening_mm * 10)) for _ in range(pairs)))
+#: Leaf values per blob: MOSAIQ stores leaf sets as fixed-width records, padded beyond MLC_Leaves.
+_BLOB_VALUES = 80
+_LEAVES = 10
+
+
+def _leaf_blob(leaves: int, opening_mm: float, sign: int) -> bytes:
+    values = [int(round(sign * opening_mm * 10)) for _ in range(leaves)]
+    return struct.pack(f"<{_BLOB_VALUES}h", *values, *([0] * (_BLOB_VALUES - leaves)))
 
 
 class _Writer:
@@ -262,7 +277,7 @@ def generate_mosaiq(out_dir: Path, options: SynthOptions | None = None, *, overw
     courses = [c for key, c in sorted(by_course.items()) if key[0] != PHANTOM_ID]
     photon = [c for c in courses if not c[0].beams[0].dynamic]
     used: set[int] = set()
-    history = _pick(photon, used, 3)
+    history = _pick(photon, used, 3, beams=2)
     partial = _pick(photon, used, 3)
     change = _pick([c for c in photon if c[0].machine in _OTHER_LINAC], used, 4)
     midnight = _pick(photon, used, 2, beams=3)
@@ -317,12 +332,23 @@ def generate_mosaiq(out_dir: Path, options: SynthOptions | None = None, *, overw
     dcm_plans: dict[str, str] = {}
     points_of: dict[int, list[dict[str, Any]]] = {}
     records: list[ExpectedRecord] = []
-    skipped: dict[str, list[int]] = {"qa-mode": [], "setup-field": [], "no-plan-uid": []}
+    skipped: dict[str, list[int]] = {"qa-mode": [], "setup-field": [], "imaging-field": [], "no-plan-uid": []}
+    # The preliminary plan export the history version of the edited field was imported from (not in the PACS).
+    preliminary_plan = iods.make_uid("rtharvest-synth-mosaiq", options.seed, "preliminary", history[0].plan_uid)
+    port_session = partial[0]
+    # The fallback fraction number (see below): the ordinal of a session among the sessions of its plan.
+    plan_ordinal: dict[tuple[int, str], int] = {}
+    plan_count: dict[tuple[str, str], int] = {}
+    for s in sorted(sessions, key=lambda s: s.when):
+        for plan_uid in dict.fromkeys(preliminary_plan if b.number == s.old_version_beam else s.plan_uid
+                                      for b in s.beams):
+            plan_count[(s.patient_id, plan_uid)] = plan_count.get((s.patient_id, plan_uid), 0) + 1
+            plan_ordinal[(id(s), plan_uid)] = plan_count[(s.patient_id, plan_uid)]
     new_records: dict[str, KRecord] = {}
 
     def add_field(pid: str, plan_uid: str, site_set: int, beam: _Beam, machine: str, *, version: int = 0,
                   meterset: float | None = None, fld_set: int | None = None, type_enum: int | None = None,
-                  imported: bool = True) -> int:
+                  imported: bool = True, imported_from: str | None = None) -> int:
         fld = w.new_id("TxField", 5000)
         field_sets[fld] = fld_set or fld
         w.add("TxField", FLD_ID=fld, FLD_SET_ID=fld_set or fld, Version=version, Pat_ID1=patients[pid],
@@ -330,13 +356,13 @@ def generate_mosaiq(out_dir: Path, options: SynthOptions | None = None, *, overw
               Machine_ID_Staff_ID=machines[machine], Meterset=beam.meterset if meterset is None else meterset,
               MetersetUnit_Enum=1, Type_Enum=type_enum or (14 if beam.dynamic else 1), Modality_Enum=1,
               # char(64): MOSAIQ pads with spaces
-              OriginalPlanUID=plan_uid.ljust(64) if imported else None,
+              OriginalPlanUID=(imported_from or plan_uid).ljust(64) if imported else None,
               OriginalBeamName=beam.name if imported else None, OriginalBeamNumber=beam.number if imported else 0)
         for point, index in ((0, 0.0), (1, 1.0)):
-            row = dict(Point=point, Index=index, A_Leaf_Set=_leaf_blob(10, 50.0 + beam.number, -1),
-                       B_Leaf_Set=_leaf_blob(10, 50.0 + beam.number, 1), Gantry_Ang=beam.gantry, Coll_Ang=0.0)
+            row = dict(Point=point, Index=index, A_Leaf_Set=_leaf_blob(_LEAVES, 50.0 + beam.number, -1),
+                       B_Leaf_Set=_leaf_blob(_LEAVES, 50.0 + beam.number, 1), Gantry_Ang=beam.gantry, Coll_Ang=0.0)
             points_of.setdefault(fld, []).append(row)
-            w.add("TxFieldPoint", FLD_ID=fld, Energy=6.0, **row)
+            w.add("TxFieldPoint", FLD_ID=fld, Energy=6.0, MLC_Leaves=_LEAVES, **row)
         return fld
 
     def deliver(s: _Session, fld: int, when: datetime, meterset: float, *, fraction: int | None,
@@ -374,7 +400,7 @@ def generate_mosaiq(out_dir: Path, options: SynthOptions | None = None, *, overw
                 if s in history[:1] and beam.number == s.old_version_beam:
                     # The field as first planned, later edited: the delivered version becomes history.
                     old = add_field(s.patient_id, s.plan_uid, site_set, beam, s.machine, version=32000,
-                                    meterset=beam.meterset + 5.0)
+                                    meterset=beam.meterset + 5.0, imported_from=preliminary_plan)
                     old_fields[(s.plan_uid, beam.number)] = old
                     fields[(s.plan_uid, beam.number)] = add_field(s.patient_id, s.plan_uid, site_set, beam,
                                                                   s.machine, fld_set=old)
@@ -393,9 +419,13 @@ def generate_mosaiq(out_dir: Path, options: SynthOptions | None = None, *, overw
             dcm_plans[s.plan_uid] = plan.study_uid
 
         pat_index = sorted(patients).index(s.patient_id)
-        # MOSAIQ's own fraction number is recorded for every other patient (and where sessions merge);
-        # for the rest the converter must count the site's sessions itself.
-        write_fraction = pat_index % 2 == 0 or (two_plans is not None and s.patient_id == two_plans[0].patient_id)
+        # MOSAIQ's own fraction number (the DICOM record's CurrentFractionNumber) is recorded for every other
+        # patient; for the rest, and the patient of the two-plans trap, Fx_Number_InEffect is NULL and the
+        # expected number is the converter's documented fallback: the ordinal of the session among the
+        # sessions of the beam's plan in this database (a course whose first records the DICOM clinic lacks
+        # therefore starts at 1 here; a re-plan starts at 1 in the session it shares with the first plan).
+        merged = two_plans is not None and s.patient_id == two_plans[0].patient_id
+        write_fraction = pat_index % 2 == 0 and not merged
         fraction = s.fraction if write_fraction else None
         if s is history[0]:
             # Dry run in QA mode the day before: not a treatment.
@@ -407,14 +437,25 @@ def generate_mosaiq(out_dir: Path, options: SynthOptions | None = None, *, overw
         if (s.patient_id, site) in setup_fields:
             skipped["setup-field"].append(deliver(s, setup_fields[(s.patient_id, site)], when - timedelta(minutes=2),
                                                   0.0, fraction=fraction))
-        expected = ExpectedRecord(s.patient_id, s.plan_uid, s.when.strftime("%Y%m%d"), s.used_machine,
-                                  dcm_plans.get(s.plan_uid))
+        if s is port_session:
+            # A portal image before the first beam: imported with the plan (UID and beam number), yet no treatment.
+            port = add_field(s.patient_id, s.plan_uid, site_set, _Beam(91, "PORT", 2.0, s.beams[0].gantry, False),
+                             s.machine, type_enum=6)
+            skipped["imaging-field"].append(deliver(s, port, when - timedelta(minutes=1), 2.0, fraction=fraction))
+        # One record per plan in the session: the history version of the edited field is of the preliminary plan.
+        session_records: dict[str, tuple[ExpectedRecord, datetime]] = {}
         for i, beam in enumerate(s.beams):
             at = when + timedelta(minutes=5 * i)
             old = s.old_version_beam == beam.number and (s.plan_uid, beam.number) in old_fields
             fld = old_fields[(s.plan_uid, beam.number)] if old else fields[(s.plan_uid, beam.number)]
             planned = beam.meterset + 5.0 if old else beam.meterset
-            fx = s.fraction
+            plan_of_beam = preliminary_plan if old else s.plan_uid
+            fx = s.fraction if write_fraction else plan_ordinal[(id(s), plan_of_beam)]
+            if plan_of_beam not in session_records:
+                session_records[plan_of_beam] = (ExpectedRecord(
+                    s.patient_id, plan_of_beam, s.when.strftime("%Y%m%d"), s.used_machine,
+                    dcm_plans.get(plan_of_beam)), at)
+            expected = session_records[plan_of_beam][0]
 
             def item(mu: float, kind: str, term: int, dhs: int) -> None:
                 _expect(expected, ExpectedBeam(beam.number, fx, mu, kind, _TERMINATION[term],  # noqa: B023
@@ -437,10 +478,11 @@ def generate_mosaiq(out_dir: Path, options: SynthOptions | None = None, *, overw
                                      s.machine, imported=False)
             skipped["no-plan-uid"].append(deliver(s, manual_field, when + timedelta(minutes=5 * len(s.beams)), 120.0,
                                                   fraction=fraction))
-        records.append(expected)
-        placeholder = f"mosaiq-record:{len(records) - 1}"
-        new_records[placeholder] = KRecord(placeholder, s.patient_id, s.plan_uid, expected.treatment_date,
-                                           s.when.strftime("%H%M%S"))
+        for plan_uid, (expected, started) in session_records.items():
+            records.append(expected)
+            placeholder = f"mosaiq-record:{len(records) - 1}"
+            new_records[placeholder] = KRecord(placeholder, s.patient_id, plan_uid, expected.treatment_date,
+                                               started.strftime("%H%M%S"))
         (root / dicom_truth.objects[s.uid].path).unlink()
 
     w.save(root / DATABASE)
@@ -449,9 +491,13 @@ def generate_mosaiq(out_dir: Path, options: SynthOptions | None = None, *, overw
     def trap(kind: str, course: Sequence[_Session], text: str) -> None:
         traps.append(Trap(kind, course[0].patient_id, tuple(sorted({c.plan_uid for c in course})), text))
 
-    trap("history_version", history, "first two fractions delivered from a history version of one field")
+    traps.append(Trap("history_version", history[0].patient_id, (preliminary_plan, history[0].plan_uid),
+                      "first two fractions of one field delivered from its history version, whose "
+                      "OriginalPlanUID (the first UID) and meterset differ from the current version's"))
     trap("qa_mode", history[:1], "QA-mode dry run the day before the first fraction")
     trap("setup_field", sessions[:1], "kV setup field delivered before each session")
+    trap("imaging_field", [port_session], "a Port field (Type_Enum 6) with the plan's UID delivered before a session")
+    trap("padded_leaf_blob", sessions[:1], f"leaf blobs of {_BLOB_VALUES} values, MLC_Leaves {_LEAVES}")
     trap("partial_treatment", partial, "operator interruption completed by a continuation; machine stop not completed")
     trap("machine_change", change, "second half of the course delivered on the other linac")
     trap("midnight_session", midnight[1:2], "a session from 23:52 past midnight: one record, dated by its start")

@@ -18,8 +18,10 @@ from pathlib import Path
 import pytest
 from pydicom import dcmread
 from pydicom.dataset import Dataset
+from sqlalchemy import create_engine, insert
 
 from rtharvest.converters import cli
+from rtharvest.converters.mosaiq import schema
 from rtharvest.converters.mosaiq.mapping import SESSION_GAP, plan_records
 from rtharvest.converters.mosaiq.models import (
     Delivery,
@@ -30,7 +32,7 @@ from rtharvest.converters.mosaiq.models import (
     TerminationStatus,
     VerifyStatus,
 )
-from rtharvest.converters.mosaiq.reader import BadValue, leaf_positions_mm
+from rtharvest.converters.mosaiq.reader import BadValue, MosaiqReader, leaf_positions_mm
 from rtharvest.synth.cli import main as synth_main
 from rtharvest.synth.generator import SynthOptions
 from rtharvest.synth.mosaiq import DATABASE, ExpectedRecord, MosaiqTruth, generate_mosaiq
@@ -86,10 +88,10 @@ def _assert_records_equal(truth: MosaiqTruth, files: list[Path]) -> None:
     """Every record written equals one expected record, beam by beam, and nothing else was written."""
     produced: dict[tuple[str, str, str, str], list[Dataset]] = {}
     for path in files:
-        ds = dcmread(path)
-        key = _key(str(ds.PatientID), str(ds.ReferencedRTPlanSequence[0].ReferencedSOPInstanceUID),
-                   str(ds.TreatmentDate), str(ds.TreatmentMachineSequence[0].TreatmentMachineName))
-        produced.setdefault(key, []).append(ds)
+        read: Dataset = dcmread(path)
+        key = _key(str(read.PatientID), str(read.ReferencedRTPlanSequence[0].ReferencedSOPInstanceUID),
+                   str(read.TreatmentDate), str(read.TreatmentMachineSequence[0].TreatmentMachineName))
+        produced.setdefault(key, []).append(read)
     expected: dict[tuple[str, str, str, str], list[ExpectedRecord]] = {}
     for record in truth.records:
         key = _key(record.patient_id, record.plan_uid, record.treatment_date, record.machine)
@@ -247,7 +249,9 @@ def test_bad_rows_are_named_and_other_patients_convert(mosaiq_clinic: tuple[Path
     assert f"Dose_Hst DHS_ID={victim.dhs_ids[0]}: Termination_Status_Enum 'abc' is not an integer" in details
     assert f"TxField FLD_ID={typed}: Type_Enum 'zz' is not an integer" in details
     assert f"Dose_Hst DHS_ID={undated}: Tx_DtTm 'soon' is not a date and time" in details
-    assert f"TxFieldPoint_Hst FHS_ID={fhs} Point=1: leaf banks differ in size (1 A leaves, 10 B leaves)" in details
+    # Delivered leaf blobs are cut to the MLC_Leaves of the delivered field's TxFieldPoint rows (10).
+    assert f"TxFieldPoint_Hst FHS_ID={fhs} Point=1: A_Leaf_Set holds 1 leaf value(s), fewer than MLC_Leaves 10" \
+        in details
     # A bad TxField row is named once, though every delivery of that field needs it.
     assert sum(d.startswith(f"TxField FLD_ID={typed}:") for d in details) == 1
     # Exactly the records holding those rows are missing (one error each); everything else converted.
@@ -326,6 +330,13 @@ def test_leaf_blob_decoding() -> None:
     assert leaf_positions_mm(None, "TxFieldPoint", "k", "A_Leaf_Set") is None
     with pytest.raises(BadValue, match="TxFieldPoint k: A_Leaf_Set is str, not binary"):
         leaf_positions_mm("0102", "TxFieldPoint", "k", "A_Leaf_Set")
+    # A fixed-width record padded beyond MLC_Leaves: only the first MLC_Leaves values are leaves.
+    padded = b"\x64\x00\x9c\xff\x32\x00" + b"\x00\x00" * 77
+    assert len(leaf_positions_mm(padded, "TxFieldPoint", "k", "A_Leaf_Set") or ()) == 80
+    assert leaf_positions_mm(padded, "TxFieldPoint", "k", "A_Leaf_Set", leaves=3) == (10.0, -10.0, 5.0)
+    with pytest.raises(BadValue, match="A_Leaf_Set holds 80 leaf value\\(s\\), fewer than MLC_Leaves 81") as bad:
+        leaf_positions_mm(padded, "TxFieldPoint", "k", "A_Leaf_Set", leaves=81)
+    assert bad.value.problem.reason == "malformed-leaf-blob"
 
 
 def _delivery(dhs: int, when: datetime, plan: str = "1.2.3", site: int = 5, fld: int = 10) -> Delivery:
@@ -344,7 +355,13 @@ def test_sessions_midnight_and_two_plans_rule() -> None:
     out = plan_records(patient, deliveries, {}, date(2024, 3, 1), date(2024, 3, 31))
     assert out.sessions == 2
     summary = [(r.session.day.isoformat(), r.plan_uid, [b.fraction for b in r.beams]) for r in out.records]
-    assert summary == [("2024-03-04", "1.2.3", [1, 1]), ("2024-03-05", "1.2.3", [2]), ("2024-03-05", "9.8.7", [2])]
+    # Without Fx_Number_InEffect each plan counts its own sessions: the re-plan starts at 1 in the session it
+    # shares with the second fraction of the first plan.
+    assert summary == [("2024-03-04", "1.2.3", [1, 1]), ("2024-03-05", "1.2.3", [2]), ("2024-03-05", "9.8.7", [1])]
+    # MOSAIQ's own number, where recorded, wins over the fallback.
+    deliveries[3] = replace(deliveries[3], fraction_in_effect=6)
+    out = plan_records(patient, deliveries, {}, date(2024, 3, 5), date(2024, 3, 5))
+    assert [(r.plan_uid, [b.fraction for b in r.beams]) for r in out.records] == [("1.2.3", [2]), ("9.8.7", [6])]
 
 
 def test_bad_row_past_midnight_is_reported_with_its_session() -> None:
@@ -356,3 +373,149 @@ def test_bad_row_past_midnight_is_reported_with_its_session() -> None:
     assert out.records == [] and out.sessions == 1
     assert [(p.key, p.reason) for p in out.errors] == [("DHS_ID=2", "unknown-enum"),
                                                        ("DHS_ID=1,2", "record-not-written")]
+
+
+def test_two_plans_trap_uses_the_fallback_fraction_numbers(mosaiq_clinic: tuple[Path, MosaiqTruth],
+                                                            converted: tuple[list[Path], dict]) -> None:
+    root, truth = mosaiq_clinic
+    trap = next(t for t in truth.traps if t.kind == "two_plans_one_site")
+    shared_day = {r.treatment_date for r in truth.records if r.patient_id == trap.patient_id and r.plan_uid in trap.uids
+                  for other in truth.records if other.plan_uid in trap.uids and other.plan_uid != r.plan_uid
+                  and other.treatment_date == r.treatment_date}
+    assert len(shared_day) == 1
+    day = shared_day.pop()
+    shared = {r.plan_uid: r for r in truth.records if r.patient_id == trap.patient_id and r.treatment_date == day}
+    course = {uid: sorted(r.treatment_date for r in truth.records if r.plan_uid == uid) for uid in shared}
+    first, replan = sorted(shared, key=lambda uid: course[uid][0])
+    with sqlite3.connect(root / DATABASE) as db:
+        ids = [*shared[first].dhs_ids, *shared[replan].dhs_ids]
+        values = [db.execute("SELECT Fx_Number_InEffect FROM Dose_Hst WHERE DHS_ID = ?", (i,)).fetchone()
+                  for i in ids]
+    assert values and all(v is None for (v,) in values)  # MOSAIQ's number is absent: the fallback decides
+    # The first plan ends at its own count of sessions, the re-plan starts at 1 in the shared session.
+    assert {b.fraction for b in shared[first].beams} == {len(course[first])}
+    assert {b.fraction for b in shared[replan].beams} == {1}
+    files, _ = converted
+    by_plan = {}
+    for path in files:
+        ds = dcmread(path)
+        if ds.PatientID == trap.patient_id and ds.TreatmentDate == day:
+            by_plan[str(ds.ReferencedRTPlanSequence[0].ReferencedSOPInstanceUID)] = ds
+    assert {uid: {int(b.CurrentFractionNumber) for b in ds.TreatmentSessionBeamSequence}
+            for uid, ds in by_plan.items()} == {first: {len(course[first])}, replan: {1}}
+
+
+def test_history_version_gives_its_own_plan_uid_and_meterset(mosaiq_clinic: tuple[Path, MosaiqTruth],
+                                                             converted: tuple[list[Path], dict]) -> None:
+    root, truth = mosaiq_clinic
+    trap = next(t for t in truth.traps if t.kind == "history_version")
+    preliminary, plan = trap.uids
+    with sqlite3.connect(root / DATABASE) as db:
+        rows = db.execute("SELECT old.FLD_ID, old.OriginalPlanUID, old.Meterset, cur.OriginalPlanUID, cur.Meterset "
+                          "FROM TxField old JOIN TxField cur ON cur.FLD_SET_ID = old.FLD_SET_ID AND cur.Version = 0 "
+                          "WHERE old.Version = 32000").fetchall()
+        assert len(rows) == 1
+        old_fld, old_uid, old_mu, current_uid, current_mu = rows[0]
+        # The two versions of the field differ in plan UID and meterset (both space padded to char(64)).
+        assert (old_uid.strip(), current_uid.strip()) == (preliminary, plan) and old_mu != current_mu
+        delivered = {dhs for (dhs,) in db.execute(
+            "SELECT d.DHS_ID FROM Dose_Hst d JOIN TrackTreatment t ON t.DHS_ID = d.DHS_ID "
+            "WHERE d.FLD_ID = ? AND t.WasQAMode = 0", (old_fld,))}
+    assert len(delivered) == 2
+    files, _ = converted
+    seen = 0
+    for path in files:
+        ds = dcmread(path)
+        if ds.ReferencedRTPlanSequence[0].ReferencedSOPInstanceUID != preliminary:
+            continue
+        seen += 1
+        (beam,) = ds.TreatmentSessionBeamSequence
+        assert float(beam.SpecifiedPrimaryMeterset) == old_mu
+        assert float(beam.DeliveredPrimaryMeterset) == old_mu
+    assert seen == 2
+    assert {d for r in truth.records if r.plan_uid == preliminary for d in r.dhs_ids} == delivered
+
+
+def test_imaging_field_is_left_out_and_reported(mosaiq_clinic: tuple[Path, MosaiqTruth],
+                                                converted: tuple[list[Path], dict]) -> None:
+    root, truth = mosaiq_clinic
+    (port,) = truth.skipped["imaging-field"]
+    with sqlite3.connect(root / DATABASE) as db:
+        type_enum, uid, number = db.execute(
+            "SELECT f.Type_Enum, f.OriginalPlanUID, f.OriginalBeamNumber FROM Dose_Hst d JOIN TxField f "
+            "ON f.FLD_ID = d.FLD_ID WHERE d.DHS_ID = ?", (port,)).fetchone()
+    # A Port field imported with its plan: only its type tells it is no treatment.
+    assert type_enum == 6 and uid.strip() and number > 0
+    assert all(port not in r.dhs_ids for r in truth.records)
+    files, report = converted
+    assert [(i["Reason"], i["Detail"]) for i in report["Skipped"] if i["Key"] == f"DHS_ID={port}"] == [
+        ("imaging-field", f"TxField FLD_ID={_field_of(root, port)} is an imaging field (Type_Enum 6 PORT)")]
+    assert all(int(b.ReferencedBeamNumber) != number for p in files for b in dcmread(p).TreatmentSessionBeamSequence
+               if dcmread(p).ReferencedRTPlanSequence[0].ReferencedSOPInstanceUID == uid.strip())
+
+
+def _field_of(root: Path, dhs: int) -> int:
+    with sqlite3.connect(root / DATABASE) as db:
+        (fld,) = db.execute("SELECT FLD_ID FROM Dose_Hst WHERE DHS_ID = ?", (dhs,)).fetchone()
+    return int(fld)
+
+
+def _tiny_mosaiq(path: Path, fields: dict[int, int], deliveries: dict[int, tuple[int, list[int]]]) -> MosaiqReader:
+    """A MOSAIQ database of one patient: ``fields`` FLD_ID -> Type_Enum, ``deliveries`` DHS_ID -> (FLD_ID,
+    WasQAMode of each TrackTreatment row). Leaf blobs are 80-value records with MLC_Leaves 4."""
+    engine = create_engine(f"sqlite:///{path}")
+    schema.metadata.create_all(engine)
+    blob = b"".join(int(v).to_bytes(2, "little", signed=True) for v in [100, 200, 300, 400] + [0] * 76)
+    with engine.begin() as conn:
+        conn.execute(insert(schema.Ident), [{"Pat_Id1": 1, "IDA": "MRN1", "Version": 0}])
+        conn.execute(insert(schema.Patient), [{"Pat_ID1": 1, "Last_Name": "A", "First_Name": "B"}])
+        conn.execute(insert(schema.Site), [{"SIT_ID": 3, "SIT_SET_ID": 3, "Version": 0, "Pat_ID1": 1,
+                                            "Site_Name": "S", "Fractions": 5}])
+        conn.execute(insert(schema.Staff), [{"Staff_ID": 9, "Type": "Location", "Last_Name": "LINAC1"}])
+        conn.execute(insert(schema.TxField), [
+            {"FLD_ID": fld, "FLD_SET_ID": fld, "Version": 0, "Pat_ID1": 1, "SIT_Set_ID": 3, "Field_Label": "F",
+             "Meterset": 100.0, "Type_Enum": kind, "OriginalPlanUID": "1.2.3".ljust(64), "OriginalBeamNumber": fld}
+            for fld, kind in fields.items()])
+        conn.execute(insert(schema.TxFieldPoint), [
+            {"FLD_ID": fld, "Point": point, "Index": float(point), "MLC_Leaves": 4, "A_Leaf_Set": blob,
+             "B_Leaf_Set": blob, "Gantry_Ang": 0.0, "Coll_Ang": 0.0} for fld in fields for point in (0, 1)])
+        conn.execute(insert(schema.Dose_Hst), [
+            {"DHS_ID": dhs, "Pat_ID1": 1, "SIT_ID": 3, "FLD_ID": fld, "Tx_DtTm": datetime(2024, 3, 4, 9, dhs),
+             "Machine_ID_Staff_ID": 9, "Meterset": 100.0, "Termination_Status_Enum": 1}
+            for dhs, (fld, _) in deliveries.items()])
+        conn.execute(insert(schema.TrackTreatment), [
+            {"DHS_ID": dhs, "WasQAMode": qa} for dhs, (_, modes) in deliveries.items() for qa in modes])
+    reader = MosaiqReader(engine)
+    reader.check()
+    return reader
+
+
+def test_reader_groups_tracktreatment_rows_and_cuts_padded_leaf_blobs(tmp_path: Path) -> None:
+    # DHS 1: two TrackTreatment rows, neither QA; DHS 2: two rows, one of them QA.
+    reader = _tiny_mosaiq(tmp_path / "mq.sqlite", {1: 1, 2: 1}, {1: (1, [0, 0]), 2: (2, [0, 1])})
+    patient = reader.patients(date(2024, 3, 4), date(2024, 3, 4))[0]
+    deliveries = reader.deliveries(patient)
+    assert [(d.dhs_id, d.qa_mode) for d in deliveries] == [(1, False), (2, True)]
+    # Leaf blobs of 80 values with MLC_Leaves 4: four leaves per bank, in mm.
+    assert deliveries[0].control_points[0].leaves_mm == (10.0, 20.0, 30.0, 40.0) * 2
+    out = plan_records(patient, deliveries, {}, date(2024, 3, 4), date(2024, 3, 4))
+    assert [[b.delivery.dhs_id for b in r.beams] for r in out.records] == [[1]]
+    assert [(p.key, p.reason) for p in out.skipped] == [("DHS_ID=2", "qa-mode")]
+
+
+def test_reader_field_types_imaging_left_out_unknown_reported_by_value(tmp_path: Path) -> None:
+    # FLD 1 static, FLD 5 CT, FLD 6 Port, FLD 9 MV CT, FLD 10 an unknown Type_Enum (10 is in no public list).
+    reader = _tiny_mosaiq(tmp_path / "mq.sqlite", {1: 1, 5: 5, 6: 6, 9: 9, 10: 10},
+                          {1: (1, [0]), 2: (5, [0]), 3: (6, [0]), 4: (9, [0]), 5: (10, [0])})
+    patient = reader.patients(date(2024, 3, 4), date(2024, 3, 4))[0]
+    deliveries = reader.deliveries(patient)
+    assert [d.field.field_type for d in deliveries if d.field] == [
+        FieldType.STATIC, FieldType.CT, FieldType.PORT, FieldType.MV_CT, FieldType.STATIC]
+    out = plan_records(patient, deliveries, {}, date(2024, 3, 4), date(2024, 3, 4))
+    assert [(p.key, p.reason) for p in out.skipped] == [
+        ("DHS_ID=2", "imaging-field"), ("DHS_ID=3", "imaging-field"), ("DHS_ID=4", "imaging-field")]
+    assert [str(p) for p in out.errors if p.reason == "unknown-enum"] == [
+        "TxField FLD_ID=10: Type_Enum 10 is not a known value"]
+    # The delivery of the unknown type is not written (nor, as one record per session and plan, its record).
+    assert out.records == []
+    assert [p.reason for p in out.errors] == ["unknown-enum", "record-not-written"]
