@@ -17,7 +17,9 @@ datasets; nothing here touches the network. Choices made where Pinnacle and DICO
   the slice normal (row × column cosines), with ImagePositionPatient at the first frame.
 - **Jaws and MLC**: Pinnacle writes left/bottom jaw and left-bank leaf positions as distances towards −X/−Y;
   DICOM X1 = −10·left, X2 = 10·right, Y1 = −10·bottom, Y2 = 10·top. Leaf pairs follow the machine file's
-  LeafPairList and are reordered from −Y to +Y, with LeafPositionBoundaries from the same file.
+  LeafPairList and are reordered from −Y to +Y, with LeafPositionBoundaries from the same file. The
+  beam's machine is the entry named in its MachineNameAndVersion (or the file's only entry); a beam with
+  leaf positions whose leaf geometry does not resolve makes the plan an error, never a jaws-only field.
 - **Control points**: a static or step-and-shoot segment becomes two DICOM control points (same
   apertures, meterset weight before and after the segment's Weight); a dynamic beam has one DICOM control
   point per Pinnacle control point at the cumulative weight of the segments before it.
@@ -29,6 +31,7 @@ import struct
 from array import array
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence as DicomSequence
@@ -406,6 +409,11 @@ def _angle(value: float) -> str:
 
 
 def _machine(plan: Plan, beam: Beam) -> Machine | None:
+    """The beam's machine in ``plan.Pinnacle.Machines``: by the name in MachineNameAndVersion, or the only one.
+
+    The file holds the machines of this plan, so a single entry is the beam's whatever its name; with
+    several, only the exact name decides (``None`` otherwise: guessing could give the wrong leaf widths).
+    """
     if beam.machine_name in plan.machines:
         return plan.machines[beam.machine_name]
     if len(plan.machines) == 1:
@@ -413,7 +421,23 @@ def _machine(plan: Plan, beam: Beam) -> Machine | None:
     return None
 
 
-def _positions(beam: Beam, index: int, machine: Machine | None) -> list[Dataset]:
+def _require_leaf_geometry(plan: Plan, trial: Trial, beam: Beam, machine: Machine | None) -> None:
+    """Raise when the beam has MLC positions but no leaf geometry resolves (never drop the MLC silently)."""
+    if not any(cp.leaves for cp in beam.control_points) or (machine is not None and machine.leaf_pairs):
+        return
+    where = f"{plan.folder / 'plan.Trial'}: beam {beam.name!r} of trial {trial.name!r} has MLC leaf positions but"
+    machines_file = plan.folder / "plan.Pinnacle.Machines"
+    if machine is not None:
+        raise PinnacleFormatError(f"{where} machine {machine.name!r} of {machines_file} has no LeafPairList")
+    if not plan.machines:
+        raise PinnacleFormatError(f"{where} {machines_file} is missing or holds no machine")
+    names = ", ".join(repr(name) for name in sorted(plan.machines))
+    raise PinnacleFormatError(
+        f"{where} its machine {beam.machine_name!r} is not in {machines_file} (which holds {names})"
+    )
+
+
+def _positions(beam: Beam, index: int, machine: Machine | None, source: Path) -> list[Dataset]:
     cp = beam.control_points[index]
     out = [
         _item(
@@ -427,7 +451,8 @@ def _positions(beam: Beam, index: int, machine: Machine | None) -> list[Dataset]
         order = machine.pair_order()
         if len(cp.leaves) != len(order):
             raise PinnacleFormatError(
-                f"beam {beam.name!r}: {len(cp.leaves)} MLC leaf pairs, machine {machine.name!r} has {len(order)}"
+                f"{source}: beam {beam.name!r} control point {index} has {len(cp.leaves)} MLC leaf pairs, "
+                f"machine {machine.name!r} has {len(order)}"
             )
         bank_a = [ds_text(-10 * cp.leaves[i][0]) for i in order]
         bank_b = [ds_text(10 * cp.leaves[i][1]) for i in order]
@@ -439,6 +464,7 @@ def _beam_item(
     plan: Plan, trial: Trial, beam: Beam, frame: Frame, isocentre: tuple[float, float, float] | None, number: int
 ) -> Dataset:
     machine = _machine(plan, beam)
+    _require_leaf_geometry(plan, trial, beam, machine)
     item = _item(
         BeamNumber=number,
         BeamName=text(beam.name, 64),
@@ -493,7 +519,8 @@ def _beam_item(
         point = _item(ControlPointIndex=n, CumulativeMetersetWeight=ds_text(cumulative))
         if n == 0:
             point.NominalBeamEnergy = ds_text(beam.energy)
-        point.BeamLimitingDevicePositionSequence = _seq(_positions(beam, i, machine if with_mlc else None))
+        positions = _positions(beam, i, machine if with_mlc else None, plan.folder / "plan.Trial")
+        point.BeamLimitingDevicePositionSequence = _seq(positions)
         point.GantryAngle = _angle(cp.gantry)
         # The direction applies to the segment that follows the control point: none after the last one.
         rotating = beam.beam_type == "DYNAMIC" and n < len(steps) - 1

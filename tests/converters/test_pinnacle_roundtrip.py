@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import shutil
 import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -398,3 +399,83 @@ def test_table_positions_that_disagree_with_the_header_are_reported(
     report = ConversionReport("pinnacle")
     convert_patient(copy, FolderSink(tmp_path / "out"), report, Options(), c.truth.folder)
     assert [w for w in report.warnings if "TablePosition and header z_start differ" in w]
+
+
+def _decoy_machine(name: str) -> str:
+    """A machine with as many leaf pairs as SynthLinac but other widths: picking it gives wrong boundaries."""
+    pairs = "".join(f"      #{n} ={{ Y = {4.25 - 0.5 * n}; Width = 0.5; }};\n" for n in range(18))
+    head = f'Machine ={{\n  Name = "{name}";\n  SAD = 100;\n  MultiLeaf ={{\n    LeafPairList ={{\n'
+    return head + pairs + "    };\n  };\n};\n"
+
+
+def _convert_with_machines(
+    c: Converted, tmp_path: Path, edit: Callable[[str], str | None]
+) -> tuple[ConversionReport, list[Dataset]]:
+    """Convert a copy of ``c`` whose Plan_1 machine file is ``edit(text)`` (``None`` removes the file)."""
+    copy = tmp_path / c.truth.folder
+    shutil.copytree(c.folder, copy)
+    machines = copy / "Plan_1" / "plan.Pinnacle.Machines"
+    new = edit(machines.read_text(encoding="latin-1"))
+    if new is None:
+        machines.unlink()
+    else:
+        machines.write_text(new, encoding="latin-1")
+    report = ConversionReport("pinnacle")
+    convert_patient(copy, FolderSink(tmp_path / "out"), report, Options(), c.truth.folder)
+    plans = [ds for ds in (dcmread(p) for p in (tmp_path / "out").rglob("*.dcm")) if ds.Modality == "RTPLAN"]
+    return report, plans
+
+
+def _mlc_boundaries(plans: list[Dataset], label: str) -> list[list[float]]:
+    rp = next(p for p in plans if p.RTPlanLabel == label)
+    return [
+        [float(v) for v in d.LeafPositionBoundaries]
+        for beam in rp.BeamSequence
+        for d in beam.BeamLimitingDeviceSequence
+        if d.RTBeamLimitingDeviceType == "MLCX"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("edit", "expected"),
+    [
+        # The beams' machine renamed and a second machine added: no entry can be chosen.
+        (
+            lambda t: t.replace('"SynthLinac"', '"OtherLinac"') + _decoy_machine("ThirdLinac"),
+            "its machine 'SynthLinac' is not in",
+        ),
+        (lambda t: None, "plan.Pinnacle.Machines is missing"),
+        (lambda t: t.replace("LeafPairList", "NoLeaves"), "machine 'SynthLinac' of"),
+    ],
+    ids=["name-mismatch", "no-machine-file", "no-leaf-pairs"],
+)
+def test_mlc_without_leaf_geometry_is_an_error_not_an_open_field(
+    converted: dict[str, Converted], tmp_path: Path, edit: Callable[[str], str | None], expected: str
+) -> None:
+    c = next(iter(converted.values()))
+    report, plans = _convert_with_machines(c, tmp_path, edit)
+    (error,) = report.errors
+    assert error.scope == "plan" and error.key.endswith("Plan_1")
+    assert expected in error.detail and "Plan_1/plan.Trial: beam 'B1 Boost'" in error.detail, error.detail
+    # Plan_0's machine file is intact: its trials still convert, with their MLC.
+    assert sorted(str(p.RTPlanLabel) for p in plans) == ["Trial 2", "Trial_1"]
+    assert report.written["RTDOSE"] == 6
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        lambda t: _decoy_machine("Decoy") + t,  # several machines: the beam's own name decides
+        lambda t: t.replace('"SynthLinac"', '"Renamed"'),  # the file's only machine is the beam's
+    ],
+    ids=["by-name-among-several", "only-machine"],
+)
+def test_machine_is_found_by_name_or_as_the_only_one(
+    converted: dict[str, Converted], tmp_path: Path, edit: Callable[[str], str | None]
+) -> None:
+    c = next(iter(converted.values()))
+    report, plans = _convert_with_machines(c, tmp_path, edit)
+    assert report.errors == []
+    boundaries = _mlc_boundaries(plans, "Boost")
+    assert len(boundaries) == 3
+    assert all(_close(b, c.truth.leaf_boundaries, 1e-6) for b in boundaries)
