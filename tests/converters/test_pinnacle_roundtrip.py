@@ -479,3 +479,44 @@ def test_machine_is_found_by_name_or_as_the_only_one(
     boundaries = _mlc_boundaries(plans, "Boost")
     assert len(boundaries) == 3
     assert all(_close(b, c.truth.leaf_boundaries, 1e-6) for b in boundaries)
+
+
+def test_one_line_points_convert_and_a_short_curve_is_reported(converted: dict[str, Converted], tmp_path: Path) -> None:
+    """``points={ x y z ... };`` on one line keeps its contour; a curve shorter than num_points fails its plan."""
+    c = next(iter(converted.values()))
+    copy = tmp_path / c.truth.folder
+    shutil.copytree(c.folder, copy)
+    # Plan_0: every points block folded onto one line.
+    roi = copy / "Plan_0" / "plan.roi"
+    folded, block = [], None
+    for line in roi.read_text(encoding="latin-1").splitlines():
+        if line.strip() == "points={":
+            block = []
+        elif block is not None and line.strip() == "};":
+            folded.append("     points={ " + "  ".join(block) + " };")
+            block = None
+        elif block is not None:
+            block.append(line.strip())
+        else:
+            folded.append(line)
+    roi.write_text("\n".join(folded) + "\n", encoding="latin-1")
+    # Plan_1: the first curve loses its last point.
+    short = copy / "Plan_1" / "plan.roi"
+    lines = short.read_text(encoding="latin-1").splitlines()
+    first = lines.index("     points={")
+    close = lines.index("     };", first)
+    del lines[close - 1]
+    short.write_text("\n".join(lines) + "\n", encoding="latin-1")
+    report = ConversionReport("pinnacle")
+    convert_patient(copy, FolderSink(tmp_path / "out"), report, Options(), c.truth.folder)
+    (error,) = report.errors
+    assert error.reason == "syntax-error" and f"Plan_1/plan.roi:{first - 1}:" in error.detail, error.detail
+    assert "num_points = 12 but 11 points" in error.detail
+    (structures,) = [ds for ds in (dcmread(p) for p in (tmp_path / "out").rglob("*.dcm")) if ds.Modality == "RTSTRUCT"]
+    names = {int(r.ROINumber): str(r.ROIName) for r in structures.StructureSetROISequence}
+    for item in structures.ROIContourSequence:
+        name = names[int(item.ReferencedROINumber)]
+        if name in c.truth.contours:
+            got = [np.asarray(ct.ContourData, float).reshape(-1, 3) for ct in item.ContourSequence]
+            assert len(got) == len(c.truth.contours[name])
+            assert all(_close(g, e) for g, e in zip(got, c.truth.contours[name], strict=True))
