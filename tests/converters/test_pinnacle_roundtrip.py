@@ -520,3 +520,27 @@ def test_one_line_points_convert_and_a_short_curve_is_reported(converted: dict[s
             got = [np.asarray(ct.ContourData, float).reshape(-1, 3) for ct in item.ContourSequence]
             assert len(got) == len(c.truth.contours[name])
             assert all(_close(g, e) for g, e in zip(got, c.truth.contours[name], strict=True))
+
+
+def test_a_stray_file_among_the_original_slices_is_skipped_with_a_warning(
+    converted: dict[str, Converted], tmp_path: Path
+) -> None:
+    c = next(c for c in converted.values() if c.truth.with_dicom)
+    copy = tmp_path / c.truth.folder
+    shutil.copytree(c.folder, copy)
+    (copy / "ImageSet_0.DICOM" / "index.txt").write_text("slice list\n")
+    (copy / "ImageSet_0.DICOM" / "truncated.img").write_bytes(b"\x00" * 128 + b"DICM" + b"\x02\x00")
+    report = ConversionReport("pinnacle")
+    convert_patient(copy, FolderSink(tmp_path / "out"), report, Options(), c.truth.folder)
+    assert report.errors == []
+    stray = sorted(w for w in report.warnings if "skipped" in w)
+    assert len(stray) == 2, report.warnings
+    assert "ImageSet_0.DICOM/index.txt is not a DICOM file" in stray[0]
+    assert "ImageSet_0.DICOM/truncated.img" in stray[1]
+    # Every original slice still goes out unchanged, the stray files do not, and the plans reference the originals.
+    written = {p.stem: p for p in (tmp_path / "out").rglob("*.dcm")}
+    assert report.written["CT"] == len(c.truth.slice_uids) and set(c.truth.slice_uids) <= set(written)
+    assert report.written["RTPLAN"] == 3 and report.written["RTDOSE"] == 3 + 3 + 4
+    structure = next(ds for ds in map(dcmread, written.values()) if ds.Modality == "RTSTRUCT")
+    series = structure.ReferencedFrameOfReferenceSequence[0].RTReferencedStudySequence[0].RTReferencedSeriesSequence[0]
+    assert sorted(str(i.ReferencedSOPInstanceUID) for i in series.ContourImageSequence) == sorted(c.truth.slice_uids)
