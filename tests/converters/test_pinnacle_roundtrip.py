@@ -79,7 +79,7 @@ def _slice_uid_by_z(c: Converted) -> dict[float, str]:
 
 
 @pytest.mark.parametrize("case", CASES, ids=_ids)
-def test_ct(converted: dict[str, Converted], case: PinnacleCase) -> None:
+def test_ct(converted: dict[str, Converted], case: PinnacleCase, tmp_path: Path) -> None:
     c = converted[case.mrn]
     cts = c.objects.get("CT", [])
     if case.with_dicom:
@@ -88,18 +88,33 @@ def test_ct(converted: dict[str, Converted], case: PinnacleCase) -> None:
         assert {str(ds.SOPInstanceUID) for ds in cts} == set(originals) == set(c.truth.slice_uids)
         for uid, path in originals.items():
             assert c.files[uid].read_bytes() == path.read_bytes()
+        if case.with_img:
+            # The same patient without its originals: the CT rebuilt from the .img lands on the same truth.
+            copy = tmp_path / c.truth.folder
+            shutil.copytree(c.folder, copy)
+            shutil.rmtree(copy / "ImageSet_0.DICOM")
+            report = ConversionReport("pinnacle")
+            convert_patient(copy, FolderSink(tmp_path / "out"), report, Options(), c.truth.folder)
+            assert report.errors == [] and report.written["CT"] == len(c.truth.slice_positions)
+            rebuilt = [ds for ds in map(dcmread, (tmp_path / "out").rglob("*.dcm")) if ds.Modality == "CT"]
+            _check_rebuilt_ct(c.truth, rebuilt)
         return
     if not case.with_img:
         assert cts == []
         return
-    assert len(cts) == len(c.truth.slice_positions)
-    truth_positions = sorted(c.truth.slice_positions, key=lambda p: p[2])
+    _check_rebuilt_ct(c.truth, cts)
+
+
+def _check_rebuilt_ct(truth: PatientTruth, cts: list[Dataset]) -> None:
+    """A CT built from ImageSet_N.img: slice positions, orientation, UIDs, intercept and the bone marker."""
+    assert len(cts) == len(truth.slice_positions)
+    truth_positions = sorted(truth.slice_positions, key=lambda p: p[2])
     built = sorted(cts, key=lambda ds: float(ds.ImagePositionPatient[2]))
     for ds, expected in zip(built, truth_positions, strict=True):
         assert _close(ds.ImagePositionPatient, expected), (ds.ImagePositionPatient, expected)
-        assert _close(ds.ImageOrientationPatient, c.truth.orientation_cosines, 1e-6)
+        assert _close(ds.ImageOrientationPatient, truth.orientation_cosines, 1e-6)
         assert (ds.Rows, ds.Columns) == (20, 24)
-        assert str(ds.FrameOfReferenceUID) == c.truth.for_uid and str(ds.StudyInstanceUID) == c.truth.study_uid
+        assert str(ds.FrameOfReferenceUID) == truth.for_uid and str(ds.StudyInstanceUID) == truth.study_uid
         assert float(ds.RescaleIntercept) == -1000
     # The bone marker is where the truth put it (a flipped or transposed image puts it elsewhere).
     bone = []
@@ -114,7 +129,7 @@ def test_ct(converted: dict[str, Converted], case: PinnacleCase) -> None:
             )
         assert set(np.unique(hu)) <= {-1000.0, 0.0, 1000.0}
     assert bone, "marker not found"
-    assert all(np.all(np.abs(p - np.asarray(c.truth.marker)) <= 12.5 + 1e-6) for p in bone)
+    assert all(np.all(np.abs(p - np.asarray(truth.marker)) <= 12.5 + 1e-6) for p in bone)
 
 
 @pytest.mark.parametrize("case", CASES, ids=_ids)
@@ -362,14 +377,19 @@ def test_frame_is_checked_against_the_original_ct(converted: dict[str, Converted
     """The converted cases map onto their original CT; a pre-9.0 patient read as current does not, and says so."""
     for c in converted.values():
         assert not [w for w in c.report.warnings if "original CT" in w], c.report.warnings
-    c = next(c for c in converted.values() if c.truth.pre9 and c.truth.with_dicom)
-    copy = tmp_path / c.truth.folder
-    shutil.copytree(c.folder, copy)
-    for info in copy.glob("Plan_*/plan.PlanInfo"):
-        info.write_text('PinnacleVersionDescription = "Pinnacle 16.2";\n')
-    report = ConversionReport("pinnacle")
-    convert_patient(copy, FolderSink(tmp_path / "out"), report, Options(), c.truth.folder)
-    assert [w for w in report.warnings if "mm away from its original CT" in w]
+    pre9_checked = {c.truth.orientation for c in converted.values() if c.truth.pre9 and c.truth.with_dicom}
+    # The pre-9.0 offset is checked against an original CT supine and prone, head and feet first.
+    assert {"HFS", "HFP", "FFS"} <= pre9_checked
+    for c in converted.values():
+        if not (c.truth.pre9 and c.truth.with_dicom):
+            continue
+        copy = tmp_path / c.truth.folder
+        shutil.copytree(c.folder, copy)
+        for info in copy.glob("Plan_*/plan.PlanInfo"):
+            info.write_text('PinnacleVersionDescription = "Pinnacle 16.2";\n')
+        report = ConversionReport("pinnacle")
+        convert_patient(copy, FolderSink(tmp_path / c.truth.mrn), report, Options(), c.truth.folder)
+        assert [w for w in report.warnings if "mm away from its original CT" in w], c.truth.orientation
 
 
 def test_a_plan_that_cannot_be_converted_leaves_the_others(converted: dict[str, Converted], tmp_path: Path) -> None:
