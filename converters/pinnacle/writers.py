@@ -27,6 +27,8 @@ datasets; nothing here touches the network. Choices made where Pinnacle and DICO
 
 from __future__ import annotations
 
+import datetime
+import re
 import struct
 from array import array
 from collections.abc import Iterable, Sequence
@@ -121,8 +123,24 @@ def _item(**values: object) -> Dataset:
 
 
 def _date(text: str) -> str:
-    digits = "".join(c for c in text.split(" ")[0] if c.isdigit())
-    return digits if len(digits) == 8 else ""
+    """A DICOM DA from Pinnacle's date (``YYYYMMDD``, ``YYYY-MM-DD``, US ``MM/DD/YYYY``; a time may follow).
+
+    Anything that is not a real calendar date gives "" (StudyDate is Type 2: empty beats invented).
+    """
+    head = text.strip().split(" ")[0]
+    parts = re.findall(r"\d+", head)
+    if len(parts) == 1 and len(parts[0]) == 8:
+        year, month, day = parts[0][:4], parts[0][4:6], parts[0][6:]
+    elif len(parts) == 3 and len(parts[0]) == 4:
+        year, month, day = parts
+    elif len(parts) == 3 and len(parts[2]) == 4:
+        month, day, year = parts
+    else:
+        return ""
+    try:
+        return datetime.date(int(year), int(month), int(day)).strftime("%Y%m%d")
+    except ValueError:
+        return ""
 
 
 @dataclass(frozen=True)
@@ -728,5 +746,9 @@ def rt_dose(
 
 
 def study_date(image_set: ImageSet) -> str:
-    """StudyDate from the scan date (Pinnacle often keeps the date only: the time stays empty)."""
+    """StudyDate from ImageSet ScanTimeFromScanner, else the header's ``date``.
+
+    Pinnacle often keeps the date only, so every object's StudyTime (and Content/Structure Set/RT Plan
+    time) stays empty rather than invented.
+    """
     return _date(image_set.scan_date) or _date(image_set.header.scan_date)

@@ -564,3 +564,73 @@ def test_a_stray_file_among_the_original_slices_is_skipped_with_a_warning(
     structure = next(ds for ds in map(dcmread, written.values()) if ds.Modality == "RTSTRUCT")
     series = structure.ReferencedFrameOfReferenceSequence[0].RTReferencedStudySequence[0].RTReferencedSeriesSequence[0]
     assert sorted(str(i.ReferencedSOPInstanceUID) for i in series.ContourImageSequence) == sorted(c.truth.slice_uids)
+
+
+def test_date_only_scan_times_give_a_study_date_and_no_invented_time(converted: dict[str, Converted]) -> None:
+    """ScanTimeFromScanner holds a date only ("2020-01-02"): StudyDate is that day, every time stays empty."""
+    times = ("StudyTime", "ContentTime", "StructureSetTime", "RTPlanTime")
+    checked = 0
+    for c in converted.values():
+        for modality, objects in c.objects.items():
+            if modality == "CT" and c.truth.with_dicom:
+                continue  # the scanner's own slices keep their own date and time
+            for ds in objects:
+                assert ds.StudyDate == "20200102", (modality, ds.StudyDate)
+                assert all(ds.get(keyword, "") == "" for keyword in times), modality
+                checked += 1
+    assert checked > 0
+
+
+@pytest.mark.parametrize(
+    ("scan_time", "header_date", "expected"),
+    [
+        ('"2020-01-02"', "20191231", "20200102"),  # ImageSet ScanTimeFromScanner first
+        ('"01/02/2020"', "20191231", "20200102"),  # US order, as Pinnacle writes other dates
+        (None, "20191231", "20191231"),  # no scan time: the header's date
+        ('"2020-13-45"', "", ""),  # no real date anywhere: empty (Type 2), never a made-up one
+    ],
+)
+def test_study_date_sources(
+    converted: dict[str, Converted], tmp_path: Path, scan_time: str | None, header_date: str, expected: str
+) -> None:
+    c = next(c for c in converted.values() if not c.truth.with_dicom and c.truth.with_img)
+    copy = tmp_path / c.truth.folder
+    shutil.copytree(c.folder, copy)
+    patient = copy / "Patient"
+    text = patient.read_bytes()
+    new = b"" if scan_time is None else f"ScanTimeFromScanner = {scan_time};".encode()
+    patient.write_bytes(text.replace(b'ScanTimeFromScanner = "2020-01-02";', new))
+    header = copy / "ImageSet_0.header"
+    header.write_text(header.read_text().replace("date : 20200102", f"date : {header_date}"))
+    report = ConversionReport("pinnacle")
+    convert_patient(copy, FolderSink(tmp_path / "out"), report, Options(), c.truth.folder)
+    assert report.errors == []
+    objects = [dcmread(p) for p in (tmp_path / "out").rglob("*.dcm")]
+    assert {ds.Modality for ds in objects} == {"CT", "RTSTRUCT", "RTPLAN", "RTDOSE"}
+    assert {str(ds.StudyDate) for ds in objects} == {expected}
+    assert {str(ds.get("StudyTime", "")) for ds in objects} == {""}
+
+
+def test_ct_pixel_spacing_is_row_spacing_then_column_spacing(converted: dict[str, Converted], tmp_path: Path) -> None:
+    """A header with x_pixdim ≠ y_pixdim: PixelSpacing = [between rows (y), between columns (x)] (PS3.3 10.7.1.3)."""
+    c = next(c for c in converted.values() if not c.truth.with_dicom and c.truth.with_img)
+    copy = tmp_path / c.truth.folder
+    shutil.copytree(c.folder, copy)
+    header = copy / "ImageSet_0.header"
+    values = {"x_pixdim": 1.25, "y_pixdim": 0.8}
+    lines = [
+        f"{line.split('=')[0].strip()} = {values[line.split('=')[0].strip()]};"
+        if line.split("=")[0].strip() in values
+        else line
+        for line in header.read_text().splitlines()
+    ]
+    header.write_text("\n".join(lines) + "\n")
+    report = ConversionReport("pinnacle")
+    convert_patient(copy, FolderSink(tmp_path / "out"), report, Options(), c.truth.folder)
+    cts = [ds for ds in map(dcmread, (tmp_path / "out").rglob("*.dcm")) if ds.Modality == "CT"]
+    assert cts and report.errors == []
+    for ds in cts:
+        assert (ds.Rows, ds.Columns) == (20, 24)  # Rows = y_dim, Columns = x_dim
+        assert [float(v) for v in ds.PixelSpacing] == pytest.approx([8.0, 12.5])
+        # The row direction runs along Pinnacle x, the column direction along Pinnacle y.
+        assert abs(float(ds.ImageOrientationPatient[0])) == 1.0 and abs(float(ds.ImageOrientationPatient[4])) == 1.0
