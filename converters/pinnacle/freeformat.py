@@ -81,7 +81,7 @@ def parse_free_text(text: str, source: str = "<text>") -> Obj:
             node.entries.append((match.group(1), _coordinates(match.group(2), match.group(1), source, number, inner)))
         elif match := _OPEN.match(stripped):
             key = match.group(1)
-            stack.append((key, [] if key in _NUMERIC_BLOCKS else Obj(), number, column))
+            stack.append((key, [] if key in _NUMERIC_BLOCKS else Obj(line=number), number, column))
         elif _CLOSE.match(stripped):
             if len(stack) == 1:
                 raise PinnacleSyntaxError(source, number, column, "'}' without an open block")

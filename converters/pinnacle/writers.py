@@ -33,7 +33,6 @@ import struct
 from array import array
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence as DicomSequence
@@ -439,11 +438,17 @@ def _machine(plan: Plan, beam: Beam) -> Machine | None:
     return None
 
 
+def _beam_source(plan: Plan, beam: Beam) -> str:
+    """``…/plan.Trial:line`` of the beam's block (the file alone when the line is unknown)."""
+    path = plan.folder / "plan.Trial"
+    return f"{path}:{beam.line}" if beam.line else str(path)
+
+
 def _require_leaf_geometry(plan: Plan, trial: Trial, beam: Beam, machine: Machine | None) -> None:
     """Raise when the beam has MLC positions but no leaf geometry resolves (never drop the MLC silently)."""
     if not any(cp.leaves for cp in beam.control_points) or (machine is not None and machine.leaf_pairs):
         return
-    where = f"{plan.folder / 'plan.Trial'}: beam {beam.name!r} of trial {trial.name!r} has MLC leaf positions but"
+    where = f"{_beam_source(plan, beam)}: beam {beam.name!r} of trial {trial.name!r} has MLC leaf positions but"
     machines_file = plan.folder / "plan.Pinnacle.Machines"
     if machine is not None:
         raise PinnacleFormatError(f"{where} machine {machine.name!r} of {machines_file} has no LeafPairList")
@@ -455,7 +460,7 @@ def _require_leaf_geometry(plan: Plan, trial: Trial, beam: Beam, machine: Machin
     )
 
 
-def _positions(beam: Beam, index: int, machine: Machine | None, source: Path) -> list[Dataset]:
+def _positions(beam: Beam, index: int, machine: Machine | None, source: str) -> list[Dataset]:
     cp = beam.control_points[index]
     out = [
         _item(
@@ -537,7 +542,7 @@ def _beam_item(
         point = _item(ControlPointIndex=n, CumulativeMetersetWeight=ds_text(cumulative))
         if n == 0:
             point.NominalBeamEnergy = ds_text(beam.energy)
-        positions = _positions(beam, i, machine if with_mlc else None, plan.folder / "plan.Trial")
+        positions = _positions(beam, i, machine if with_mlc else None, _beam_source(plan, beam))
         point.BeamLimitingDevicePositionSequence = _seq(positions)
         point.GantryAngle = _angle(cp.gantry)
         # The direction applies to the segment that follows the control point: none after the last one.
@@ -643,7 +648,7 @@ def rt_plan(
         iso = pois.get(beam.isocenter_name)
         if iso is None:
             raise PinnacleFormatError(
-                f"{plan.folder}: beam {beam.name!r} names isocentre {beam.isocenter_name!r}, "
+                f"{_beam_source(plan, beam)}: beam {beam.name!r} names isocentre {beam.isocenter_name!r}, "
                 "which plan.Points does not hold"
             )
         beams.append(_beam_item(plan, trial, beam, frame, frame.point(iso), beam.number))
@@ -657,7 +662,9 @@ def rt_plan(
 def read_dose_binary(plan: Plan, trial: Trial, beam: Beam) -> list[float]:
     """The beam's dose values (cGy/MU, file order) through its DoseVolume ``\\XDR:n\\`` reference."""
     if beam.dose_volume is None:
-        raise PinnacleFormatError(f"{plan.folder}: beam {beam.name!r} of trial {trial.name!r} has no DoseVolume")
+        raise PinnacleFormatError(
+            f"{_beam_source(plan, beam)}: beam {beam.name!r} of trial {trial.name!r} has no DoseVolume"
+        )
     path = plan.binary(beam.dose_volume)
     nx, ny, nz = trial.dose_grid.dims
     if not path.is_file():

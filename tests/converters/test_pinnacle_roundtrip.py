@@ -10,6 +10,7 @@ every voxel (which fails for a flipped or shifted grid).
 from __future__ import annotations
 
 import math
+import re
 import shutil
 import subprocess
 from collections.abc import Callable
@@ -476,7 +477,9 @@ def test_mlc_without_leaf_geometry_is_an_error_not_an_open_field(
     report, plans = _convert_with_machines(c, tmp_path, edit)
     (error,) = report.errors
     assert error.scope == "plan" and error.key.endswith("Plan_1")
-    assert expected in error.detail and "Plan_1/plan.Trial: beam 'B1 Boost'" in error.detail, error.detail
+    # The file and line of the beam's block, as for syntax errors.
+    beam_line = (c.folder / "Plan_1" / "plan.Trial").read_text(encoding="latin-1").splitlines().index("    Beam ={") + 1
+    assert expected in error.detail and f"Plan_1/plan.Trial:{beam_line}: beam 'B1 Boost'" in error.detail, error.detail
     # Plan_0's machine file is intact: its trials still convert, with their MLC.
     assert sorted(str(p.RTPlanLabel) for p in plans) == ["Trial 2", "Trial_1"]
     assert report.written["RTDOSE"] == 6
@@ -634,3 +637,43 @@ def test_ct_pixel_spacing_is_row_spacing_then_column_spacing(converted: dict[str
         assert [float(v) for v in ds.PixelSpacing] == pytest.approx([8.0, 12.5])
         # The row direction runs along Pinnacle x, the column direction along Pinnacle y.
         assert abs(float(ds.ImageOrientationPatient[0])) == 1.0 and abs(float(ds.ImageOrientationPatient[4])) == 1.0
+
+
+@pytest.mark.parametrize(
+    ("file", "drop", "block", "message"),
+    [
+        (
+            "Plan_1/plan.Trial",
+            r"LeftJawPosition = [^;]*;",
+            "            #0 ={",
+            "trial 'Boost' beam 'B1 Boost' control point 0: LeftJawPosition is missing",
+        ),
+        ("Plan_1/plan.Points", r"YCoord = [^;]*;", "Poi ={", "Poi 'Iso_RX': YCoord is missing"),
+        (
+            "Plan_1/plan.Pinnacle.Machines",
+            r"Width = [^;]*;",
+            "      #0 ={",
+            "machine 'SynthLinac' leaf pair 0: Width is missing",
+        ),
+    ],
+    ids=["control-point", "poi", "leaf-pair"],
+)
+def test_content_errors_name_the_file_and_line(
+    converted: dict[str, Converted], tmp_path: Path, file: str, drop: str, block: str, message: str
+) -> None:
+    """A well-formed file missing a value fails its plan with ``file:line`` of the block that lacks it."""
+    c = next(iter(converted.values()))
+    copy = tmp_path / c.truth.folder
+    shutil.copytree(c.folder, copy)
+    path = copy / file
+    lines = path.read_text(encoding="latin-1").splitlines()
+    line = next(n for n, text in enumerate(lines, start=1) if text.startswith(block))
+    victim = next(n for n in range(line - 1, len(lines)) if re.search(drop, lines[n]))
+    lines[victim] = re.sub(drop, "", lines[victim], count=1)
+    path.write_text("\n".join(lines) + "\n", encoding="latin-1")
+    report = ConversionReport("pinnacle")
+    convert_patient(copy, FolderSink(tmp_path / "out"), report, Options(), c.truth.folder)
+    (error,) = report.errors
+    assert error.reason == "bad-pinnacle-data" and error.scope == "plan"
+    assert f"{file}:{line}: {message}" in error.detail, error.detail
+    assert report.written["RTPLAN"] == 2  # Plan_0 still converts
