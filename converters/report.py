@@ -137,6 +137,10 @@ class Progress:
             self.stream.write(f"\r{self.label} [{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total}")
             self.stream.flush()
 
+    def grow(self, count: int) -> None:
+        """Add ``count`` items to the total (a tar opened to find how many patients it holds)."""
+        self.total = max(self.total + count, self.done)
+
     def close(self) -> None:
         """End the bar's line."""
         if self._active:

@@ -54,10 +54,16 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--work-dir", type=Path, help="where tars are extracted (default: the system temp folder)")
 
 
-def _convert_folder(root: Path, label: str, sink: Sink, report: ConversionReport, options: Options) -> None:
+def _convert_folder(
+    root: Path, label: str, sink: Sink, report: ConversionReport, options: Options, bar: Progress
+) -> None:
+    """Convert every patient under ``root``; the bar, which counted this source as one item, moves per patient."""
     patients = find_patients(root)
     if not patients:
         report.skip("folder", label, "no-patients", "no Patient file found")
+        bar.step()
+        return
+    bar.grow(len(patients) - 1)
     for folder in patients:
         relative = folder.relative_to(root) if folder != root else Path(folder.name)
         key = f"{label}:{relative}"
@@ -70,13 +76,14 @@ def _convert_folder(root: Path, label: str, sink: Sink, report: ConversionReport
         except Exception as exc:  # noqa: BLE001 - one patient's unforeseen fault must not stop the batch
             log.debug("conversion of %s failed", key, exc_info=True)
             report.error("patient", key, "conversion-failed", f"{type(exc).__name__}: {exc}")
+        bar.step()
 
 
 def _convert_source(
-    source: Source, sink: Sink, report: ConversionReport, options: Options, work_dir: Path | None
+    source: Source, sink: Sink, report: ConversionReport, options: Options, work_dir: Path | None, bar: Progress
 ) -> None:
     if not source.is_tar:
-        _convert_folder(source.path, str(source.path), sink, report, options)
+        _convert_folder(source.path, str(source.path), sink, report, options, bar)
         return
     report.counts["archives"] += 1
     with tempfile.TemporaryDirectory(prefix="rtharvest-pinnacle-", dir=work_dir) as tmp:
@@ -84,10 +91,11 @@ def _convert_source(
             refused = safe_extract(source.path, Path(tmp))
         except (tarfile.TarError, EOFError, OSError) as exc:
             report.error("archive", source.path.name, "bad-archive", f"{source.path.name}: {exc}")
+            bar.step()
             return
         for message in refused:
             report.error("archive", source.path.name, "unsafe-archive-member", message)
-        _convert_folder(Path(tmp), source.path.name, sink, report, options)
+        _convert_folder(Path(tmp), source.path.name, sink, report, options, bar)
 
 
 def run(args: argparse.Namespace, sink: Sink, report: ConversionReport) -> None:
@@ -99,10 +107,11 @@ def run(args: argparse.Namespace, sink: Sink, report: ConversionReport) -> None:
             todo += sources([path])
         except FileNotFoundError as exc:
             report.error("path", str(path), "not-found", str(exc))
-    bar = Progress(len(todo), "pinnacle")
+    # One item per source until it is opened, then one per patient found in it: the bar moves per patient
+    # even inside a tar of many patients.
+    bar = Progress(len(todo), "pinnacle patients")
     try:
         for source in todo:
-            _convert_source(source, sink, report, options, args.work_dir)
-            bar.step()
+            _convert_source(source, sink, report, options, args.work_dir, bar)
     finally:
         bar.close()

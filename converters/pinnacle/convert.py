@@ -77,19 +77,33 @@ class Original:
     position: tuple[float, float, float] | None
 
 
-def _original_slices(image_set: ImageSet) -> list[Original]:
-    """Every Part-10 file in ``ImageSet_N.DICOM``."""
+#: What an original slice must carry for the RT objects to reference it.
+_ORIGINAL_KEYS = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
+
+
+def _original_slices(image_set: ImageSet) -> tuple[list[Original], list[str]]:
+    """Every Part-10 file in ``ImageSet_N.DICOM``, and why each other file there was left out.
+
+    A stray file (an index, a thumbnail, a truncated copy) is no reason to lose the plan: it is skipped and
+    the caller warns; the slices that ImageInfo names but the folder lacks are counted separately.
+    """
     assert image_set.dicom_dir is not None
-    found = []
+    found, skipped = [], []
     for path in sorted(image_set.dicom_dir.iterdir()):
         if not path.is_file():
             continue
+        where = f"{image_set.dicom_dir.name}/{path.name}"
         try:
             ds = dcmread(path, stop_before_pixels=True)
-        except (InvalidDicomError, OSError, ValueError) as exc:
-            raise PinnacleFormatError(f"{path}: not a DICOM file ({exc})") from exc
-        ipp = ds.get("ImagePositionPatient")
-        position = (float(ipp[0]), float(ipp[1]), float(ipp[2])) if ipp is not None and len(ipp) == 3 else None
+            ipp = ds.get("ImagePositionPatient")
+            position = (float(ipp[0]), float(ipp[1]), float(ipp[2])) if ipp is not None and len(ipp) == 3 else None
+        except (InvalidDicomError, OSError, ValueError, TypeError, EOFError) as exc:
+            skipped.append(f"{where} is not a DICOM file ({type(exc).__name__}): skipped")
+            continue
+        missing = [key for key in _ORIGINAL_KEYS if not ds.get(key)]
+        if missing:
+            skipped.append(f"{where} lacks {', '.join(missing)}: skipped")
+            continue
         ref = SliceRef(str(ds.SOPClassUID), str(ds.SOPInstanceUID), position[2] if position else 0.0)
         found.append(
             Original(
@@ -101,7 +115,7 @@ def _original_slices(image_set: ImageSet) -> list[Original]:
                 position,
             )
         )
-    return found
+    return found, skipped
 
 
 class PatientConverter:
@@ -125,7 +139,9 @@ class PatientConverter:
     def _image_refs(self, image_set: ImageSet, frame: Frame, date: str) -> ImageRefs:
         thickness = 10.0 * image_set.header.z_pixdim
         if image_set.dicom_dir is not None:
-            originals = _original_slices(image_set)
+            originals, skipped = _original_slices(image_set)
+            for message in skipped:
+                self.report.warn(f"{self.key}: {message}")
             if originals:
                 wanted = {s.instance_uid for s in image_set.slices if s.instance_uid}
                 kept = {o.ref.sop_uid for o in originals}

@@ -14,6 +14,10 @@
         };
     };
 
+A numeric block may also sit on one line (``points={ 1 2 3 };``). Counts are checked where the file
+declares them, so a contour can never be lost quietly: a ``curve`` whose ``num_points`` differs from the
+points read, or a ``roi`` whose ``num_curve`` differs from its curves, is an error at the block's line.
+
 ``ImageSet_N.header`` mixes ``key = value;`` and ``key : value`` lines at the top level. Both parse into
 the same :class:`~.grammar.Obj` tree as the object text (a ``points`` block becomes a list of floats).
 """
@@ -31,6 +35,7 @@ _CLOSE = re.compile(r"^\}\s*;?\s*$")
 _ASSIGN = re.compile(r"^([A-Za-z_][\w.]*)\s*=\s*(.*?)\s*;\s*$")
 _COLON = re.compile(r"^([A-Za-z_][\w. ]*?)\s*:\s*(.*?)\s*$")
 _NUMBERS = re.compile(r"^[-+0-9.eE,\s]+$")
+_ONE_LINE = re.compile(r"^([A-Za-z_][\w]*)\s*=\s*\{(.*)\}\s*;?\s*$")
 #: Blocks whose content is whitespace/comma separated numbers (contour points; the surface meshes that
 #: newer versions add after the curves).
 _NUMERIC_BLOCKS = frozenset({"points", "vertices", "triangles"})
@@ -53,7 +58,7 @@ def _scalar(text: str) -> Value:
 def parse_free_text(text: str, source: str = "<text>") -> Obj:
     """Parse ``plan.roi``/header text into an :class:`Obj`; errors name ``source``, line and column."""
     root = Obj()
-    stack: list[tuple[str, Obj | list[float], int]] = [("", root, 0)]
+    stack: list[tuple[str, Obj | list[float], int, int]] = [("", root, 0, 1)]
     for number, raw in enumerate(text.splitlines(), start=1):
         cut = raw.find("//")
         line = raw if cut < 0 else raw[:cut]
@@ -61,7 +66,7 @@ def parse_free_text(text: str, source: str = "<text>") -> Obj:
         if not stripped:
             continue
         column = len(line) - len(line.lstrip()) + 1
-        name, node, _ = stack[-1]
+        name, node, opened, opened_column = stack[-1]
         if isinstance(node, list):
             if _CLOSE.match(stripped):
                 stack.pop()
@@ -69,21 +74,19 @@ def parse_free_text(text: str, source: str = "<text>") -> Obj:
                 assert isinstance(parent, Obj)
                 parent.entries.append((name, node))
                 continue
-            for offset, word in _words(stripped):
-                try:
-                    node.append(float(word))
-                except ValueError:
-                    raise PinnacleSyntaxError(
-                        source, number, column + offset, f"expected a coordinate in {name}, found {word!r}"
-                    ) from None
+            node.extend(_coordinates(stripped, name, source, number, column))
             continue
-        if match := _OPEN.match(stripped):
+        if (match := _ONE_LINE.match(stripped)) and match.group(1) in _NUMERIC_BLOCKS:
+            inner = column + match.start(2)
+            node.entries.append((match.group(1), _coordinates(match.group(2), match.group(1), source, number, inner)))
+        elif match := _OPEN.match(stripped):
             key = match.group(1)
-            stack.append((key, [] if key in _NUMERIC_BLOCKS else Obj(), number))
+            stack.append((key, [] if key in _NUMERIC_BLOCKS else Obj(line=number), number, column))
         elif _CLOSE.match(stripped):
             if len(stack) == 1:
                 raise PinnacleSyntaxError(source, number, column, "'}' without an open block")
             stack.pop()
+            _check_counts(name, node, source, opened, opened_column)
             parent = stack[-1][1]
             assert isinstance(parent, Obj)
             parent.entries.append((name, node))
@@ -97,13 +100,43 @@ def parse_free_text(text: str, source: str = "<text>") -> Obj:
         else:
             raise PinnacleSyntaxError(source, number, column, f"cannot read {stripped[:40]!r}")
     if len(stack) > 1:
-        name, _, opened = stack[-1]
+        name, _, opened, _ = stack[-1]
         raise PinnacleSyntaxError(source, opened, 1, f"block {name!r} opened here is not closed")
     return root
 
 
 def _words(text: str) -> list[tuple[int, str]]:
     return [(m.start(), m.group(0)) for m in re.finditer(r"[^\s,]+", text)]
+
+
+def _coordinates(text: str, block: str, source: str, line: int, column: int) -> list[float]:
+    """The numbers of one line of a numeric block (``column`` is where ``text`` starts)."""
+    values = []
+    for offset, word in _words(text):
+        try:
+            values.append(float(word))
+        except ValueError:
+            raise PinnacleSyntaxError(
+                source, line, column + offset, f"expected a coordinate in {block}, found {word!r}"
+            ) from None
+    return values
+
+
+def _check_counts(name: str, block: Obj, source: str, line: int, column: int) -> None:
+    """A closed ``curve`` or ``roi`` holds as many points or curves as its ``num_points``/``num_curve`` says."""
+    if name == "curve":
+        declared, points = block.num("num_points"), block.get("points")
+        found = len(points) / 3 if isinstance(points, list) else 0
+        if declared is not None and declared != found:
+            raise PinnacleSyntaxError(
+                source, line, column, f"curve declares num_points = {declared:g} but {found:g} points were read"
+            )
+    elif name == "roi":
+        declared, curves = block.num("num_curve"), len(block.objs("curve"))
+        if declared is not None and declared != curves:
+            raise PinnacleSyntaxError(
+                source, line, column, f"roi declares num_curve = {declared:g} but {curves} curves were read"
+            )
 
 
 def parse_free_file(path: Path, source: str | None = None) -> Obj:

@@ -39,9 +39,18 @@ Value = Union[str, int, float, XdrRef, list[float], "Obj", None]
 
 @dataclass
 class Obj:
-    """One ``{ ... }`` block: ordered ``(key, value)`` entries, keys may repeat."""
+    """One ``{ ... }`` block: ordered ``(key, value)`` entries, keys may repeat.
+
+    ``line`` is where the block's key stands in its file (0 when unknown, e.g. the file itself), so that
+    content errors found later (a missing key, a wrong count) can name the line as syntax errors do.
+    """
 
     entries: list[tuple[str, Value]] = field(default_factory=list)
+    line: int = field(default=0, compare=False)
+
+    def at(self, source: str) -> str:
+        """``source:line`` of this block (``source`` alone when the line is unknown)."""
+        return f"{source}:{self.line}" if self.line else source
 
     def get(self, key: str, default: Value = None) -> Value:
         """The first value of ``key`` (``default`` when absent)."""
@@ -101,13 +110,13 @@ class Obj:
                 return default
         return default
 
-    def set_path(self, keys: list[str], value: Value) -> None:
-        """Assign ``value`` at a dotted path, creating intermediate blocks (``A .B .C = v``)."""
+    def set_path(self, keys: list[str], value: Value, line: int = 0) -> None:
+        """Assign ``value`` at a dotted path, creating intermediate blocks (``A .B .C = v``) at ``line``."""
         node = self
         for key in keys[:-1]:
             child = node.obj(key)
             if child is None:
-                child = Obj()
+                child = Obj(line=line)
                 node.entries.append((key, child))
             node = child
         node.entries.append((keys[-1], value))
@@ -335,12 +344,17 @@ class Parser:
         return parts, array
 
     def _entry(self, obj: Obj) -> None:
+        line = self.tok.line
         keys, array = self._key()
         self._expect("=", f"after key {'.'.join(keys)!r}")
         value: Value
         if self._is("{"):
             self._next()
-            value = self._array() if array else self._block()
+            if array:
+                value = self._array()
+            else:
+                value = self._block()
+                value.line = line
             self._expect("}", "to close the block")
         elif self._is(";"):
             value = None
@@ -353,7 +367,7 @@ class Parser:
         else:
             raise self._error(f"expected a value for {'.'.join(keys)!r}, found {self.tok.text!r}")
         self._expect(";", f"after the value of {'.'.join(keys)!r}")
-        obj.set_path(keys, value)
+        obj.set_path(keys, value, line)
 
     def _bare_value(self) -> Value:
         """A number, or unquoted text up to ';' (``Color = red;``, ``Version = 9.0m;``) kept as written."""

@@ -207,6 +207,7 @@ class Beam:
     mu_info: MonitorUnitInfo
     control_points: tuple[ControlPoint, ...]
     gantry_ccw: bool = False
+    line: int = 0  # of ``Beam ={`` in plan.Trial (0: unknown), for errors found while writing
 
 
 @dataclass(frozen=True)

@@ -120,7 +120,7 @@ def read_image_info(path: Path) -> list[SliceInfo]:
     for number, item in enumerate(items):
         slices.append(
             SliceInfo(
-                table_position=_num(item, "TablePosition", f"{path} ImageInfo {number}"),
+                table_position=_num(item, "TablePosition", f"{item.at(str(path))}: ImageInfo {number}"),
                 slice_number=int(item.num("SliceNumber", number + 1) or number + 1),
                 series_uid=item.text("SeriesUID"),
                 study_uid=item.text("StudyInstanceUID"),
@@ -201,13 +201,14 @@ def _energy(text: str) -> float:
     return float(match.group(0)) if match else 0.0
 
 
-def read_beam(item: Obj, index: int, source: str) -> Beam:
-    """One Beam of a trial's BeamList."""
+def read_beam(item: Obj, index: int, source: str, trial: str = "") -> Beam:
+    """One Beam of a trial's BeamList (``source`` is the file; errors name it and the line)."""
     name = item.text("Name") or f"Beam {index + 1}"
-    where = f"{source} beam {name!r}"
+    label = f"trial {trial!r} beam {name!r}" if trial else f"beam {name!r}"
+    where = f"{item.at(source)}: {label}"
     cplist = _find(item, "ControlPointList")
     cps = [
-        read_control_point(cp, f"{where} control point {i}")
+        read_control_point(cp, f"{cp.at(source)}: {label} control point {i}")
         for i, cp in enumerate(cplist.children() if cplist is not None else [])
     ]
     if not cps:
@@ -237,6 +238,7 @@ def read_beam(item: Obj, index: int, source: str) -> Beam:
         ),
         control_points=tuple(cps),
         gantry_ccw=bool(item.num("GantryIsCCW", 0)),
+        line=item.line,
     )
 
 
@@ -247,11 +249,10 @@ def _xyz(obj: Obj | None, source: str) -> tuple[float, float, float]:
 
 
 def read_trial(item: Obj, source: str) -> Trial:
-    """One Trial of ``plan.Trial``."""
+    """One Trial of ``plan.Trial`` (``source`` is the file; errors name it and the line)."""
     name = item.text("Name") or "Trial"
-    where = f"{source} trial {name!r}"
-    grid = item.obj("DoseGrid") or Obj()
-    dims = _xyz(grid.obj("Dimension"), f"{where} DoseGrid.Dimension")
+    grid = item.obj("DoseGrid") or Obj(line=item.line)
+    dims = _xyz(grid.obj("Dimension"), f"{grid.at(source)}: trial {name!r} DoseGrid.Dimension")
     prescriptions = []
     for holder in item.objs("PrescriptionList"):
         for rx in holder.objs("Prescription") or holder.children():
@@ -265,13 +266,13 @@ def read_trial(item: Obj, source: str) -> Trial:
     beams = []
     for holder in item.objs("BeamList"):
         for i, beam in enumerate(holder.objs("Beam") or holder.children()):
-            beams.append(read_beam(beam, i, where))
+            beams.append(read_beam(beam, i, source, name))
     return Trial(
         name=name,
         dose_grid=DoseGrid(
-            voxel=_xyz(grid.obj("VoxelSize"), f"{where} DoseGrid.VoxelSize"),
+            voxel=_xyz(grid.obj("VoxelSize"), f"{grid.at(source)}: trial {name!r} DoseGrid.VoxelSize"),
             dims=(int(dims[0]), int(dims[1]), int(dims[2])),
-            origin=_xyz(grid.obj("Origin"), f"{where} DoseGrid.Origin"),
+            origin=_xyz(grid.obj("Origin"), f"{grid.at(source)}: trial {name!r} DoseGrid.Origin"),
         ),
         prescriptions=prescriptions,
         beams=beams,
@@ -287,7 +288,9 @@ def read_rois(path: Path) -> list[Roi]:
         for curve in roi.objs("curve"):
             values = _points(curve.get("points"))
             if len(values) % 3:
-                raise PinnacleFormatError(f"{path}: ROI {roi.text('name')!r} has a point with missing coordinates")
+                raise PinnacleFormatError(
+                    f"{curve.at(str(path))}: ROI {roi.text('name')!r} has a point with missing coordinates"
+                )
             curves.append(Curve(tuple((values[i], values[i + 1], values[i + 2]) for i in range(0, len(values), 3))))
         rois.append(
             Roi(
@@ -307,10 +310,12 @@ def read_pois(path: Path) -> list[Poi]:
     items = root.objs("Poi")
     for holder in root.objs("PoiList"):
         items += holder.objs("Poi")
-    return [
-        Poi(p.text("Name"), (_num(p, "XCoord", str(path)), _num(p, "YCoord", str(path)), _num(p, "ZCoord", str(path))))
-        for p in items
-    ]
+    pois = []
+    for p in items:
+        where = f"{p.at(str(path))}: Poi {p.text('Name')!r}"
+        point = (_num(p, "XCoord", where), _num(p, "YCoord", where), _num(p, "ZCoord", where))
+        pois.append(Poi(p.text("Name"), point))
+    return pois
 
 
 def _sad(machine: Obj) -> float:
@@ -329,11 +334,11 @@ def read_machines(path: Path) -> dict[str, Machine]:
     for item in root.objs("Machine") or root.children():
         name = item.text("Name")
         pairs_obj = _find(item, "LeafPairList")
-        pairs = tuple(
-            LeafPair(_num(p, "Y", str(path)), _num(p, "Width", str(path)))
-            for p in (pairs_obj.children() if pairs_obj is not None else [])
-        )
-        machines[name] = Machine(name=name, sad=_sad(item), leaf_pairs=pairs)
+        pairs = []
+        for k, p in enumerate(pairs_obj.children() if pairs_obj is not None else []):
+            where = f"{p.at(str(path))}: machine {name!r} leaf pair {k}"
+            pairs.append(LeafPair(_num(p, "Y", where), _num(p, "Width", where)))
+        machines[name] = Machine(name=name, sad=_sad(item), leaf_pairs=tuple(pairs))
     return machines
 
 

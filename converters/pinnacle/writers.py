@@ -17,7 +17,9 @@ datasets; nothing here touches the network. Choices made where Pinnacle and DICO
   the slice normal (row × column cosines), with ImagePositionPatient at the first frame.
 - **Jaws and MLC**: Pinnacle writes left/bottom jaw and left-bank leaf positions as distances towards −X/−Y;
   DICOM X1 = −10·left, X2 = 10·right, Y1 = −10·bottom, Y2 = 10·top. Leaf pairs follow the machine file's
-  LeafPairList and are reordered from −Y to +Y, with LeafPositionBoundaries from the same file.
+  LeafPairList and are reordered from −Y to +Y, with LeafPositionBoundaries from the same file. The
+  beam's machine is the entry named in its MachineNameAndVersion (or the file's only entry); a beam with
+  leaf positions whose leaf geometry does not resolve makes the plan an error, never a jaws-only field.
 - **Control points**: a static or step-and-shoot segment becomes two DICOM control points (same
   apertures, meterset weight before and after the segment's Weight); a dynamic beam has one DICOM control
   point per Pinnacle control point at the cumulative weight of the segments before it.
@@ -25,6 +27,8 @@ datasets; nothing here touches the network. Choices made where Pinnacle and DICO
 
 from __future__ import annotations
 
+import datetime
+import re
 import struct
 from array import array
 from collections.abc import Iterable, Sequence
@@ -118,8 +122,24 @@ def _item(**values: object) -> Dataset:
 
 
 def _date(text: str) -> str:
-    digits = "".join(c for c in text.split(" ")[0] if c.isdigit())
-    return digits if len(digits) == 8 else ""
+    """A DICOM DA from Pinnacle's date (``YYYYMMDD``, ``YYYY-MM-DD``, US ``MM/DD/YYYY``; a time may follow).
+
+    Anything that is not a real calendar date gives "" (StudyDate is Type 2: empty beats invented).
+    """
+    head = text.strip().split(" ")[0]
+    parts = re.findall(r"\d+", head)
+    if len(parts) == 1 and len(parts[0]) == 8:
+        year, month, day = parts[0][:4], parts[0][4:6], parts[0][6:]
+    elif len(parts) == 3 and len(parts[0]) == 4:
+        year, month, day = parts
+    elif len(parts) == 3 and len(parts[2]) == 4:
+        month, day, year = parts
+    else:
+        return ""
+    try:
+        return datetime.date(int(year), int(month), int(day)).strftime("%Y%m%d")
+    except ValueError:
+        return ""
 
 
 @dataclass(frozen=True)
@@ -406,6 +426,11 @@ def _angle(value: float) -> str:
 
 
 def _machine(plan: Plan, beam: Beam) -> Machine | None:
+    """The beam's machine in ``plan.Pinnacle.Machines``: by the name in MachineNameAndVersion, or the only one.
+
+    The file holds the machines of this plan, so a single entry is the beam's whatever its name; with
+    several, only the exact name decides (``None`` otherwise: guessing could give the wrong leaf widths).
+    """
     if beam.machine_name in plan.machines:
         return plan.machines[beam.machine_name]
     if len(plan.machines) == 1:
@@ -413,7 +438,29 @@ def _machine(plan: Plan, beam: Beam) -> Machine | None:
     return None
 
 
-def _positions(beam: Beam, index: int, machine: Machine | None) -> list[Dataset]:
+def _beam_source(plan: Plan, beam: Beam) -> str:
+    """``…/plan.Trial:line`` of the beam's block (the file alone when the line is unknown)."""
+    path = plan.folder / "plan.Trial"
+    return f"{path}:{beam.line}" if beam.line else str(path)
+
+
+def _require_leaf_geometry(plan: Plan, trial: Trial, beam: Beam, machine: Machine | None) -> None:
+    """Raise when the beam has MLC positions but no leaf geometry resolves (never drop the MLC silently)."""
+    if not any(cp.leaves for cp in beam.control_points) or (machine is not None and machine.leaf_pairs):
+        return
+    where = f"{_beam_source(plan, beam)}: beam {beam.name!r} of trial {trial.name!r} has MLC leaf positions but"
+    machines_file = plan.folder / "plan.Pinnacle.Machines"
+    if machine is not None:
+        raise PinnacleFormatError(f"{where} machine {machine.name!r} of {machines_file} has no LeafPairList")
+    if not plan.machines:
+        raise PinnacleFormatError(f"{where} {machines_file} is missing or holds no machine")
+    names = ", ".join(repr(name) for name in sorted(plan.machines))
+    raise PinnacleFormatError(
+        f"{where} its machine {beam.machine_name!r} is not in {machines_file} (which holds {names})"
+    )
+
+
+def _positions(beam: Beam, index: int, machine: Machine | None, source: str) -> list[Dataset]:
     cp = beam.control_points[index]
     out = [
         _item(
@@ -427,7 +474,8 @@ def _positions(beam: Beam, index: int, machine: Machine | None) -> list[Dataset]
         order = machine.pair_order()
         if len(cp.leaves) != len(order):
             raise PinnacleFormatError(
-                f"beam {beam.name!r}: {len(cp.leaves)} MLC leaf pairs, machine {machine.name!r} has {len(order)}"
+                f"{source}: beam {beam.name!r} control point {index} has {len(cp.leaves)} MLC leaf pairs, "
+                f"machine {machine.name!r} has {len(order)}"
             )
         bank_a = [ds_text(-10 * cp.leaves[i][0]) for i in order]
         bank_b = [ds_text(10 * cp.leaves[i][1]) for i in order]
@@ -439,6 +487,7 @@ def _beam_item(
     plan: Plan, trial: Trial, beam: Beam, frame: Frame, isocentre: tuple[float, float, float] | None, number: int
 ) -> Dataset:
     machine = _machine(plan, beam)
+    _require_leaf_geometry(plan, trial, beam, machine)
     item = _item(
         BeamNumber=number,
         BeamName=text(beam.name, 64),
@@ -493,7 +542,8 @@ def _beam_item(
         point = _item(ControlPointIndex=n, CumulativeMetersetWeight=ds_text(cumulative))
         if n == 0:
             point.NominalBeamEnergy = ds_text(beam.energy)
-        point.BeamLimitingDevicePositionSequence = _seq(_positions(beam, i, machine if with_mlc else None))
+        positions = _positions(beam, i, machine if with_mlc else None, _beam_source(plan, beam))
+        point.BeamLimitingDevicePositionSequence = _seq(positions)
         point.GantryAngle = _angle(cp.gantry)
         # The direction applies to the segment that follows the control point: none after the last one.
         rotating = beam.beam_type == "DYNAMIC" and n < len(steps) - 1
@@ -598,7 +648,7 @@ def rt_plan(
         iso = pois.get(beam.isocenter_name)
         if iso is None:
             raise PinnacleFormatError(
-                f"{plan.folder}: beam {beam.name!r} names isocentre {beam.isocenter_name!r}, "
+                f"{_beam_source(plan, beam)}: beam {beam.name!r} names isocentre {beam.isocenter_name!r}, "
                 "which plan.Points does not hold"
             )
         beams.append(_beam_item(plan, trial, beam, frame, frame.point(iso), beam.number))
@@ -612,7 +662,9 @@ def rt_plan(
 def read_dose_binary(plan: Plan, trial: Trial, beam: Beam) -> list[float]:
     """The beam's dose values (cGy/MU, file order) through its DoseVolume ``\\XDR:n\\`` reference."""
     if beam.dose_volume is None:
-        raise PinnacleFormatError(f"{plan.folder}: beam {beam.name!r} of trial {trial.name!r} has no DoseVolume")
+        raise PinnacleFormatError(
+            f"{_beam_source(plan, beam)}: beam {beam.name!r} of trial {trial.name!r} has no DoseVolume"
+        )
     path = plan.binary(beam.dose_volume)
     nx, ny, nz = trial.dose_grid.dims
     if not path.is_file():
@@ -701,5 +753,9 @@ def rt_dose(
 
 
 def study_date(image_set: ImageSet) -> str:
-    """StudyDate from the scan date (Pinnacle often keeps the date only: the time stays empty)."""
+    """StudyDate from ImageSet ScanTimeFromScanner, else the header's ``date``.
+
+    Pinnacle often keeps the date only, so every object's StudyTime (and Content/Structure Set/RT Plan
+    time) stays empty rather than invented.
+    """
     return _date(image_set.scan_date) or _date(image_set.header.scan_date)

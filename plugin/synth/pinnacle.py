@@ -623,26 +623,30 @@ def write_patient(root: Path, case: PinnacleCase) -> PatientTruth:
     return truth
 
 
+#: (orientation, version) → (with ImageSet_N.DICOM, with ImageSet_N.img). The original CT is kept wherever
+#: the frame (orientation and pre-9.0 offset) has a mapping worth checking against it: every pre-9.0 case
+#: but FFP, and current HFP and FFP. Current HFS and pre-9.0 FFP keep only the .img, so the converter's
+#: own rebuilt CT is what the RT objects reference; current FFS keeps neither, so its objects must
+#: reference the original CT by ImageInfo's UIDs. The .img is kept beside the DICOM where there is one,
+#: so the rebuilt CT can be checked against the same truth in every orientation and version.
+CASE_FILES: dict[tuple[str, str], tuple[bool, bool]] = {
+    ("HFS", "8.0"): (True, True),
+    ("HFS", "16.2"): (False, True),
+    ("HFP", "8.0"): (True, True),
+    ("HFP", "16.2"): (True, True),
+    ("FFS", "8.0"): (True, True),
+    ("FFS", "16.2"): (False, False),
+    ("FFP", "8.0"): (False, True),
+    ("FFP", "16.2"): (True, True),
+}
+
+
 def all_cases() -> list[PinnacleCase]:
-    """Four orientations × (pre-9.0, current), with and without ImageSet_N.DICOM and .img."""
-    cases = []
-    number = 1
-    for orientation in ("HFS", "HFP", "FFS", "FFP"):
-        for version in ("8.0", "16.2"):
-            pre9 = version == "8.0"
-            # Current FFS keeps neither DICOM nor .img: its objects must reference the original CT UIDs.
-            with_dicom = orientation == "HFS" if pre9 else orientation != "FFS"
-            cases.append(
-                PinnacleCase(
-                    orientation,
-                    version,
-                    with_dicom=with_dicom,
-                    with_img=pre9 or orientation in ("HFP", "FFP"),
-                    number=number,
-                )
-            )
-            number += 1
-    return cases
+    """Four orientations × (pre-9.0, current), with and without ImageSet_N.DICOM and .img (:data:`CASE_FILES`)."""
+    return [
+        PinnacleCase(orientation, version, with_dicom=dicom, with_img=img, number=number)
+        for number, ((orientation, version), (dicom, img)) in enumerate(CASE_FILES.items(), start=1)
+    ]
 
 
 def write_institution(out: Path, cases: list[PinnacleCase], institution: int = 1) -> list[PatientTruth]:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import shutil
+import sys
 import tarfile
 from pathlib import Path
 
@@ -60,6 +62,27 @@ def test_multi_patient_tar_and_a_folder_of_tars_in_one_command(institution: Path
     assert ids["PIN001HFSNEW"] == ids["PIN002FFPOLD"] == per_patient
     assert ids["PIN003HFPNEW"] == per_patient  # the 12 original slices
     assert report["Written"] == {"CT": 48, "RTDOSE": 40, "RTPLAN": 12, "RTSTRUCT": 8}
+
+
+class Tty(io.StringIO):
+    """A terminal, as far as ``isatty`` is concerned (the progress bar draws only on one)."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_moves_per_patient_inside_a_multi_patient_tar(
+    institution: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    multi = write_tar(tmp_path / "three.tar", institution, [_members(1), _members(2), _members(3)])
+    (tmp_path / "broken.tgz").write_bytes(b"not a tar")
+    terminal = Tty()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    code = cli.main(["pinnacle", str(multi), str(tmp_path / "broken.tgz"), "--out", str(tmp_path / "out")])
+    assert code == 0
+    # Two sources; opening the tar finds three patients: one step per patient, then one for the bad tar.
+    steps = re.findall(r"\rpinnacle patients \[[#.]+\] (\d+)/(\d+)", terminal.getvalue())
+    assert steps == [("1", "4"), ("2", "4"), ("3", "4"), ("4", "4")], terminal.getvalue()
 
 
 def test_institution_and_patient_folders(institution: Path, tmp_path: Path) -> None:

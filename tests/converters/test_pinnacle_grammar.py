@@ -155,9 +155,32 @@ def test_header_mixes_equals_and_colon() -> None:
         ("roi={\n name: X\n", 1, "not closed"),
         ("};\n", 1, "without an open block"),
         ("x_dim = 512;\n what is this\n", 2, "cannot read"),
+        # A curve whose points are not all read (here: one on a line of its own block) is never dropped quietly.
+        (
+            "roi={\n num_curve = 1;\n curve={\n num_points = 2;\n points={ 1 2 3 };\n };\n};\n",
+            3,
+            "num_points = 2 but 1",
+        ),
+        ("roi={\n curve={\n  num_points = 1;\n };\n};\n", 2, "num_points = 1 but 0 points"),
+        (
+            "roi={\n num_curve = 2;\n curve={\n num_points = 1;\n points={\n 1 2 3\n };\n };\n};\n",
+            1,
+            "num_curve = 2 but 1",
+        ),
+        (" points={ 1 zz 3 };\n", 1, "expected a coordinate"),
     ],
 )
 def test_free_format_errors(text: str, line: int, message: str) -> None:
     with pytest.raises(PinnacleSyntaxError) as exc:
         parse_free_text(text, "plan.roi")
     assert exc.value.line == line and message in exc.value.message
+    assert str(exc.value).startswith(f"plan.roi:{line}:")
+
+
+def test_numeric_block_on_one_line() -> None:
+    root = parse_free_text("roi={\n num_curve = 1;\n curve={\n num_points = 2;\n points={ 1 2 3, 4 5 6 };\n };\n};\n")
+    (curve,) = root.objs("roi")[0].objs("curve")
+    assert curve.get("points") == [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]
+    with pytest.raises(PinnacleSyntaxError) as exc:
+        parse_free_text("  points={ 1 zz 3 };\n", "plan.roi")
+    assert (exc.value.line, exc.value.column) == (1, 14)

@@ -10,8 +10,10 @@ every voxel (which fails for a flipped or shifted grid).
 from __future__ import annotations
 
 import math
+import re
 import shutil
 import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,7 +80,7 @@ def _slice_uid_by_z(c: Converted) -> dict[float, str]:
 
 
 @pytest.mark.parametrize("case", CASES, ids=_ids)
-def test_ct(converted: dict[str, Converted], case: PinnacleCase) -> None:
+def test_ct(converted: dict[str, Converted], case: PinnacleCase, tmp_path: Path) -> None:
     c = converted[case.mrn]
     cts = c.objects.get("CT", [])
     if case.with_dicom:
@@ -87,18 +89,33 @@ def test_ct(converted: dict[str, Converted], case: PinnacleCase) -> None:
         assert {str(ds.SOPInstanceUID) for ds in cts} == set(originals) == set(c.truth.slice_uids)
         for uid, path in originals.items():
             assert c.files[uid].read_bytes() == path.read_bytes()
+        if case.with_img:
+            # The same patient without its originals: the CT rebuilt from the .img lands on the same truth.
+            copy = tmp_path / c.truth.folder
+            shutil.copytree(c.folder, copy)
+            shutil.rmtree(copy / "ImageSet_0.DICOM")
+            report = ConversionReport("pinnacle")
+            convert_patient(copy, FolderSink(tmp_path / "out"), report, Options(), c.truth.folder)
+            assert report.errors == [] and report.written["CT"] == len(c.truth.slice_positions)
+            rebuilt = [ds for ds in map(dcmread, (tmp_path / "out").rglob("*.dcm")) if ds.Modality == "CT"]
+            _check_rebuilt_ct(c.truth, rebuilt)
         return
     if not case.with_img:
         assert cts == []
         return
-    assert len(cts) == len(c.truth.slice_positions)
-    truth_positions = sorted(c.truth.slice_positions, key=lambda p: p[2])
+    _check_rebuilt_ct(c.truth, cts)
+
+
+def _check_rebuilt_ct(truth: PatientTruth, cts: list[Dataset]) -> None:
+    """A CT built from ImageSet_N.img: slice positions, orientation, UIDs, intercept and the bone marker."""
+    assert len(cts) == len(truth.slice_positions)
+    truth_positions = sorted(truth.slice_positions, key=lambda p: p[2])
     built = sorted(cts, key=lambda ds: float(ds.ImagePositionPatient[2]))
     for ds, expected in zip(built, truth_positions, strict=True):
         assert _close(ds.ImagePositionPatient, expected), (ds.ImagePositionPatient, expected)
-        assert _close(ds.ImageOrientationPatient, c.truth.orientation_cosines, 1e-6)
+        assert _close(ds.ImageOrientationPatient, truth.orientation_cosines, 1e-6)
         assert (ds.Rows, ds.Columns) == (20, 24)
-        assert str(ds.FrameOfReferenceUID) == c.truth.for_uid and str(ds.StudyInstanceUID) == c.truth.study_uid
+        assert str(ds.FrameOfReferenceUID) == truth.for_uid and str(ds.StudyInstanceUID) == truth.study_uid
         assert float(ds.RescaleIntercept) == -1000
     # The bone marker is where the truth put it (a flipped or transposed image puts it elsewhere).
     bone = []
@@ -113,7 +130,7 @@ def test_ct(converted: dict[str, Converted], case: PinnacleCase) -> None:
             )
         assert set(np.unique(hu)) <= {-1000.0, 0.0, 1000.0}
     assert bone, "marker not found"
-    assert all(np.all(np.abs(p - np.asarray(c.truth.marker)) <= 12.5 + 1e-6) for p in bone)
+    assert all(np.all(np.abs(p - np.asarray(truth.marker)) <= 12.5 + 1e-6) for p in bone)
 
 
 @pytest.mark.parametrize("case", CASES, ids=_ids)
@@ -361,14 +378,19 @@ def test_frame_is_checked_against_the_original_ct(converted: dict[str, Converted
     """The converted cases map onto their original CT; a pre-9.0 patient read as current does not, and says so."""
     for c in converted.values():
         assert not [w for w in c.report.warnings if "original CT" in w], c.report.warnings
-    c = next(c for c in converted.values() if c.truth.pre9 and c.truth.with_dicom)
-    copy = tmp_path / c.truth.folder
-    shutil.copytree(c.folder, copy)
-    for info in copy.glob("Plan_*/plan.PlanInfo"):
-        info.write_text('PinnacleVersionDescription = "Pinnacle 16.2";\n')
-    report = ConversionReport("pinnacle")
-    convert_patient(copy, FolderSink(tmp_path / "out"), report, Options(), c.truth.folder)
-    assert [w for w in report.warnings if "mm away from its original CT" in w]
+    pre9_checked = {c.truth.orientation for c in converted.values() if c.truth.pre9 and c.truth.with_dicom}
+    # The pre-9.0 offset is checked against an original CT supine and prone, head and feet first.
+    assert {"HFS", "HFP", "FFS"} <= pre9_checked
+    for c in converted.values():
+        if not (c.truth.pre9 and c.truth.with_dicom):
+            continue
+        copy = tmp_path / c.truth.folder
+        shutil.copytree(c.folder, copy)
+        for info in copy.glob("Plan_*/plan.PlanInfo"):
+            info.write_text('PinnacleVersionDescription = "Pinnacle 16.2";\n')
+        report = ConversionReport("pinnacle")
+        convert_patient(copy, FolderSink(tmp_path / c.truth.mrn), report, Options(), c.truth.folder)
+        assert [w for w in report.warnings if "mm away from its original CT" in w], c.truth.orientation
 
 
 def test_a_plan_that_cannot_be_converted_leaves_the_others(converted: dict[str, Converted], tmp_path: Path) -> None:
@@ -398,3 +420,260 @@ def test_table_positions_that_disagree_with_the_header_are_reported(
     report = ConversionReport("pinnacle")
     convert_patient(copy, FolderSink(tmp_path / "out"), report, Options(), c.truth.folder)
     assert [w for w in report.warnings if "TablePosition and header z_start differ" in w]
+
+
+def _decoy_machine(name: str) -> str:
+    """A machine with as many leaf pairs as SynthLinac but other widths: picking it gives wrong boundaries."""
+    pairs = "".join(f"      #{n} ={{ Y = {4.25 - 0.5 * n}; Width = 0.5; }};\n" for n in range(18))
+    head = f'Machine ={{\n  Name = "{name}";\n  SAD = 100;\n  MultiLeaf ={{\n    LeafPairList ={{\n'
+    return head + pairs + "    };\n  };\n};\n"
+
+
+def _convert_with_machines(
+    c: Converted, tmp_path: Path, edit: Callable[[str], str | None]
+) -> tuple[ConversionReport, list[Dataset]]:
+    """Convert a copy of ``c`` whose Plan_1 machine file is ``edit(text)`` (``None`` removes the file)."""
+    copy = tmp_path / c.truth.folder
+    shutil.copytree(c.folder, copy)
+    machines = copy / "Plan_1" / "plan.Pinnacle.Machines"
+    new = edit(machines.read_text(encoding="latin-1"))
+    if new is None:
+        machines.unlink()
+    else:
+        machines.write_text(new, encoding="latin-1")
+    report = ConversionReport("pinnacle")
+    convert_patient(copy, FolderSink(tmp_path / "out"), report, Options(), c.truth.folder)
+    plans = [ds for ds in (dcmread(p) for p in (tmp_path / "out").rglob("*.dcm")) if ds.Modality == "RTPLAN"]
+    return report, plans
+
+
+def _mlc_boundaries(plans: list[Dataset], label: str) -> list[list[float]]:
+    rp = next(p for p in plans if p.RTPlanLabel == label)
+    return [
+        [float(v) for v in d.LeafPositionBoundaries]
+        for beam in rp.BeamSequence
+        for d in beam.BeamLimitingDeviceSequence
+        if d.RTBeamLimitingDeviceType == "MLCX"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("edit", "expected"),
+    [
+        # The beams' machine renamed and a second machine added: no entry can be chosen.
+        (
+            lambda t: t.replace('"SynthLinac"', '"OtherLinac"') + _decoy_machine("ThirdLinac"),
+            "its machine 'SynthLinac' is not in",
+        ),
+        (lambda t: None, "plan.Pinnacle.Machines is missing"),
+        (lambda t: t.replace("LeafPairList", "NoLeaves"), "machine 'SynthLinac' of"),
+    ],
+    ids=["name-mismatch", "no-machine-file", "no-leaf-pairs"],
+)
+def test_mlc_without_leaf_geometry_is_an_error_not_an_open_field(
+    converted: dict[str, Converted], tmp_path: Path, edit: Callable[[str], str | None], expected: str
+) -> None:
+    c = next(iter(converted.values()))
+    report, plans = _convert_with_machines(c, tmp_path, edit)
+    (error,) = report.errors
+    assert error.scope == "plan" and error.key.endswith("Plan_1")
+    # The file and line of the beam's block, as for syntax errors.
+    beam_line = (c.folder / "Plan_1" / "plan.Trial").read_text(encoding="latin-1").splitlines().index("    Beam ={") + 1
+    assert expected in error.detail and f"Plan_1/plan.Trial:{beam_line}: beam 'B1 Boost'" in error.detail, error.detail
+    # Plan_0's machine file is intact: its trials still convert, with their MLC.
+    assert sorted(str(p.RTPlanLabel) for p in plans) == ["Trial 2", "Trial_1"]
+    assert report.written["RTDOSE"] == 6
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        lambda t: _decoy_machine("Decoy") + t,  # several machines: the beam's own name decides
+        lambda t: t.replace('"SynthLinac"', '"Renamed"'),  # the file's only machine is the beam's
+    ],
+    ids=["by-name-among-several", "only-machine"],
+)
+def test_machine_is_found_by_name_or_as_the_only_one(
+    converted: dict[str, Converted], tmp_path: Path, edit: Callable[[str], str | None]
+) -> None:
+    c = next(iter(converted.values()))
+    report, plans = _convert_with_machines(c, tmp_path, edit)
+    assert report.errors == []
+    boundaries = _mlc_boundaries(plans, "Boost")
+    assert len(boundaries) == 3
+    assert all(_close(b, c.truth.leaf_boundaries, 1e-6) for b in boundaries)
+
+
+def test_one_line_points_convert_and_a_short_curve_is_reported(converted: dict[str, Converted], tmp_path: Path) -> None:
+    """``points={ x y z ... };`` on one line keeps its contour; a curve shorter than num_points fails its plan."""
+    c = next(iter(converted.values()))
+    copy = tmp_path / c.truth.folder
+    shutil.copytree(c.folder, copy)
+    # Plan_0: every points block folded onto one line.
+    roi = copy / "Plan_0" / "plan.roi"
+    folded, block = [], None
+    for line in roi.read_text(encoding="latin-1").splitlines():
+        if line.strip() == "points={":
+            block = []
+        elif block is not None and line.strip() == "};":
+            folded.append("     points={ " + "  ".join(block) + " };")
+            block = None
+        elif block is not None:
+            block.append(line.strip())
+        else:
+            folded.append(line)
+    roi.write_text("\n".join(folded) + "\n", encoding="latin-1")
+    # Plan_1: the first curve loses its last point.
+    short = copy / "Plan_1" / "plan.roi"
+    lines = short.read_text(encoding="latin-1").splitlines()
+    first = lines.index("     points={")
+    close = lines.index("     };", first)
+    del lines[close - 1]
+    short.write_text("\n".join(lines) + "\n", encoding="latin-1")
+    report = ConversionReport("pinnacle")
+    convert_patient(copy, FolderSink(tmp_path / "out"), report, Options(), c.truth.folder)
+    (error,) = report.errors
+    assert error.reason == "syntax-error" and f"Plan_1/plan.roi:{first - 1}:" in error.detail, error.detail
+    assert "num_points = 12 but 11 points" in error.detail
+    (structures,) = [ds for ds in (dcmread(p) for p in (tmp_path / "out").rglob("*.dcm")) if ds.Modality == "RTSTRUCT"]
+    names = {int(r.ROINumber): str(r.ROIName) for r in structures.StructureSetROISequence}
+    for item in structures.ROIContourSequence:
+        name = names[int(item.ReferencedROINumber)]
+        if name in c.truth.contours:
+            got = [np.asarray(ct.ContourData, float).reshape(-1, 3) for ct in item.ContourSequence]
+            assert len(got) == len(c.truth.contours[name])
+            assert all(_close(g, e) for g, e in zip(got, c.truth.contours[name], strict=True))
+
+
+def test_a_stray_file_among_the_original_slices_is_skipped_with_a_warning(
+    converted: dict[str, Converted], tmp_path: Path
+) -> None:
+    c = next(c for c in converted.values() if c.truth.with_dicom)
+    copy = tmp_path / c.truth.folder
+    shutil.copytree(c.folder, copy)
+    (copy / "ImageSet_0.DICOM" / "index.txt").write_text("slice list\n")
+    (copy / "ImageSet_0.DICOM" / "truncated.img").write_bytes(b"\x00" * 128 + b"DICM" + b"\x02\x00")
+    report = ConversionReport("pinnacle")
+    convert_patient(copy, FolderSink(tmp_path / "out"), report, Options(), c.truth.folder)
+    assert report.errors == []
+    stray = sorted(w for w in report.warnings if "skipped" in w)
+    assert len(stray) == 2, report.warnings
+    assert "ImageSet_0.DICOM/index.txt is not a DICOM file" in stray[0]
+    assert "ImageSet_0.DICOM/truncated.img" in stray[1]
+    # Every original slice still goes out unchanged, the stray files do not, and the plans reference the originals.
+    written = {p.stem: p for p in (tmp_path / "out").rglob("*.dcm")}
+    assert report.written["CT"] == len(c.truth.slice_uids) and set(c.truth.slice_uids) <= set(written)
+    assert report.written["RTPLAN"] == 3 and report.written["RTDOSE"] == 3 + 3 + 4
+    structure = next(ds for ds in map(dcmread, written.values()) if ds.Modality == "RTSTRUCT")
+    series = structure.ReferencedFrameOfReferenceSequence[0].RTReferencedStudySequence[0].RTReferencedSeriesSequence[0]
+    assert sorted(str(i.ReferencedSOPInstanceUID) for i in series.ContourImageSequence) == sorted(c.truth.slice_uids)
+
+
+def test_date_only_scan_times_give_a_study_date_and_no_invented_time(converted: dict[str, Converted]) -> None:
+    """ScanTimeFromScanner holds a date only ("2020-01-02"): StudyDate is that day, every time stays empty."""
+    times = ("StudyTime", "ContentTime", "StructureSetTime", "RTPlanTime")
+    checked = 0
+    for c in converted.values():
+        for modality, objects in c.objects.items():
+            if modality == "CT" and c.truth.with_dicom:
+                continue  # the scanner's own slices keep their own date and time
+            for ds in objects:
+                assert ds.StudyDate == "20200102", (modality, ds.StudyDate)
+                assert all(ds.get(keyword, "") == "" for keyword in times), modality
+                checked += 1
+    assert checked > 0
+
+
+@pytest.mark.parametrize(
+    ("scan_time", "header_date", "expected"),
+    [
+        ('"2020-01-02"', "20191231", "20200102"),  # ImageSet ScanTimeFromScanner first
+        ('"01/02/2020"', "20191231", "20200102"),  # US order, as Pinnacle writes other dates
+        (None, "20191231", "20191231"),  # no scan time: the header's date
+        ('"2020-13-45"', "", ""),  # no real date anywhere: empty (Type 2), never a made-up one
+    ],
+)
+def test_study_date_sources(
+    converted: dict[str, Converted], tmp_path: Path, scan_time: str | None, header_date: str, expected: str
+) -> None:
+    c = next(c for c in converted.values() if not c.truth.with_dicom and c.truth.with_img)
+    copy = tmp_path / c.truth.folder
+    shutil.copytree(c.folder, copy)
+    patient = copy / "Patient"
+    text = patient.read_bytes()
+    new = b"" if scan_time is None else f"ScanTimeFromScanner = {scan_time};".encode()
+    patient.write_bytes(text.replace(b'ScanTimeFromScanner = "2020-01-02";', new))
+    header = copy / "ImageSet_0.header"
+    header.write_text(header.read_text().replace("date : 20200102", f"date : {header_date}"))
+    report = ConversionReport("pinnacle")
+    convert_patient(copy, FolderSink(tmp_path / "out"), report, Options(), c.truth.folder)
+    assert report.errors == []
+    objects = [dcmread(p) for p in (tmp_path / "out").rglob("*.dcm")]
+    assert {ds.Modality for ds in objects} == {"CT", "RTSTRUCT", "RTPLAN", "RTDOSE"}
+    assert {str(ds.StudyDate) for ds in objects} == {expected}
+    assert {str(ds.get("StudyTime", "")) for ds in objects} == {""}
+
+
+def test_ct_pixel_spacing_is_row_spacing_then_column_spacing(converted: dict[str, Converted], tmp_path: Path) -> None:
+    """A header with x_pixdim ≠ y_pixdim: PixelSpacing = [between rows (y), between columns (x)] (PS3.3 10.7.1.3)."""
+    c = next(c for c in converted.values() if not c.truth.with_dicom and c.truth.with_img)
+    copy = tmp_path / c.truth.folder
+    shutil.copytree(c.folder, copy)
+    header = copy / "ImageSet_0.header"
+    values = {"x_pixdim": 1.25, "y_pixdim": 0.8}
+    lines = [
+        f"{line.split('=')[0].strip()} = {values[line.split('=')[0].strip()]};"
+        if line.split("=")[0].strip() in values
+        else line
+        for line in header.read_text().splitlines()
+    ]
+    header.write_text("\n".join(lines) + "\n")
+    report = ConversionReport("pinnacle")
+    convert_patient(copy, FolderSink(tmp_path / "out"), report, Options(), c.truth.folder)
+    cts = [ds for ds in map(dcmread, (tmp_path / "out").rglob("*.dcm")) if ds.Modality == "CT"]
+    assert cts and report.errors == []
+    for ds in cts:
+        assert (ds.Rows, ds.Columns) == (20, 24)  # Rows = y_dim, Columns = x_dim
+        assert [float(v) for v in ds.PixelSpacing] == pytest.approx([8.0, 12.5])
+        # The row direction runs along Pinnacle x, the column direction along Pinnacle y.
+        assert abs(float(ds.ImageOrientationPatient[0])) == 1.0 and abs(float(ds.ImageOrientationPatient[4])) == 1.0
+
+
+@pytest.mark.parametrize(
+    ("file", "drop", "block", "message"),
+    [
+        (
+            "Plan_1/plan.Trial",
+            r"LeftJawPosition = [^;]*;",
+            "            #0 ={",
+            "trial 'Boost' beam 'B1 Boost' control point 0: LeftJawPosition is missing",
+        ),
+        ("Plan_1/plan.Points", r"YCoord = [^;]*;", "Poi ={", "Poi 'Iso_RX': YCoord is missing"),
+        (
+            "Plan_1/plan.Pinnacle.Machines",
+            r"Width = [^;]*;",
+            "      #0 ={",
+            "machine 'SynthLinac' leaf pair 0: Width is missing",
+        ),
+    ],
+    ids=["control-point", "poi", "leaf-pair"],
+)
+def test_content_errors_name_the_file_and_line(
+    converted: dict[str, Converted], tmp_path: Path, file: str, drop: str, block: str, message: str
+) -> None:
+    """A well-formed file missing a value fails its plan with ``file:line`` of the block that lacks it."""
+    c = next(iter(converted.values()))
+    copy = tmp_path / c.truth.folder
+    shutil.copytree(c.folder, copy)
+    path = copy / file
+    lines = path.read_text(encoding="latin-1").splitlines()
+    line = next(n for n, text in enumerate(lines, start=1) if text.startswith(block))
+    victim = next(n for n in range(line - 1, len(lines)) if re.search(drop, lines[n]))
+    lines[victim] = re.sub(drop, "", lines[victim], count=1)
+    path.write_text("\n".join(lines) + "\n", encoding="latin-1")
+    report = ConversionReport("pinnacle")
+    convert_patient(copy, FolderSink(tmp_path / "out"), report, Options(), c.truth.folder)
+    (error,) = report.errors
+    assert error.reason == "bad-pinnacle-data" and error.scope == "plan"
+    assert f"{file}:{line}: {message}" in error.detail, error.detail
+    assert report.written["RTPLAN"] == 2  # Plan_0 still converts
