@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from .dimse.base import MoveResult, SourceError
-from .eventlog import EventLog, Level
+from .eventlog import EventLog, Level, exception_summary
 from .findcache import FindCache, find_key
 from .ingest import HarvestRouting, Ingest
 from .jobqueue import HarvestState, Job, JobQueue, QueueError, SourceLimits
@@ -281,7 +281,9 @@ class Harvester:
                               job_id=job.id)
         except Exception as exc:  # a bug: fail the attempt visibly rather than kill the worker
             log.exception("job %s failed unexpectedly", job.id)
-            self._fail(job, owner, f"internal error: {type(exc).__name__}: {exc}", True, None)
+            # The type only (exception_summary): a bug's message may quote the dataset it choked on; the
+            # traceback's frames are in Orthanc's log.
+            self._fail(job, owner, f"internal error: {exception_summary(exc)}", True, None)
         else:
             try:
                 # One transaction: once the job (and maybe its harvest) is finished, nothing more can
@@ -328,7 +330,9 @@ class Harvester:
         try:
             op = operation_from_dict(job.payload)
         except (KeyError, ValueError, TypeError) as exc:
-            raise JobFailure(f"job payload is not a valid operation: {exc}", retryable=False) from None
+            # Payloads carry PatientIDs and dates, which a parsing error may quote: the type only.
+            raise JobFailure(f"job payload is not a valid {job.kind} operation: {exception_summary(exc)}",
+                             retryable=False) from None
         outcome = JobOutcome()
         if isinstance(op, UnpackMimSession):
             return self._unpack_session(job, op, routing.source_for(op))
@@ -713,7 +717,7 @@ class Harvester:
             except Exception as exc:
                 log.exception("planning stored instance %s for job %s failed", exp.sop_uid, exp.job_id)
                 raise JobFailure(f"{exp.hop}: planning stored instance {exp.sop_uid} from the store failed: "
-                                 f"{type(exc).__name__}: {exc}", retryable=True) from None
+                                 f"{exception_summary(exc)}", retryable=True) from None
         return len(todo)
 
     def local_expectation(self, job: Job) -> Expectation | None:
