@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 from .classify import HarvestWindow
 from .db import Database
-from .eventlog import EventLog, Level
+from .eventlog import EventLog, Level, exception_summary
 from .jobqueue import EnqueueItem, JobQueue
 from .operations import FindReferencing, FindTreatmentRecords, Operation, operation_from_dict
 from .planner import Arrival, HarvestContext, plan_arrival
@@ -268,13 +268,17 @@ class Ingest:
 
     def on_stored(self, orthanc_id: str, data: bytes, remote_aet: str) -> None:
         """OnStoredInstance: identify the arrival and hand it to the ingest thread (never raises; a failure
-        is logged with the harvest and job that expected the instance)."""
+        is logged with the harvest and job that expected the instance, or with its SOP UID only when
+        finding them is what failed)."""
         sop_uid = peek_sop_instance_uid(data)
         if sop_uid is None:
             # No usable SOPInstanceUID where it belongs: the whole header says what is wrong (rare).
             self._on_stored_parsed(orthanc_id, data, remote_aet)
             return
-        expectations = tuple(self.tracker.expectations_for(sop_uid))
+        found = self._expectations(orthanc_id, sop_uid)
+        if found is None:
+            return
+        expectations = found
         with self._lock:
             self._last_arrival = time.monotonic()
             self.arrivals += 1
@@ -292,13 +296,34 @@ class Ingest:
         else:
             self._inspect(arrival)
 
+    def _expectations(self, orthanc_id: str, sop_uid: str) -> tuple[Expectation, ...] | None:
+        """Who expects ``sop_uid``; None when the look-up failed (counted and logged, never raised).
+
+        Which harvest expected the instance is exactly what failed, so the log names the instance only.
+        The job that moved it (if any) finds it in the store without a decision and plans it from there
+        (``Harvester._settle_arrivals``); an instance nobody expected stays stored, as any unsolicited one.
+        """
+        try:
+            return tuple(self.tracker.expectations_for(sop_uid))
+        except Exception as exc:
+            with self._lock:
+                self.arrivals += 1
+                self.failures += 1
+            log.error("ingest of stored instance %s failed looking up the harvests that expect it (%s); a job "
+                      "that moved it plans it from the store", orthanc_id, exception_summary(exc),
+                      extra={"sop_uid": sop_uid, "component": "ingest"})
+            return None
+
     def _on_stored_parsed(self, orthanc_id: str, data: bytes, remote_aet: str) -> None:
         """The arrival whose identity only the whole header gives: parse, then decide or report, inline."""
         refs = extract_from_bytes(data)
         if not refs.sop_uid:
             self._report_unreadable(orthanc_id, refs, remote_aet)
             return
-        expectations = tuple(self.tracker.expectations_for(refs.sop_uid))
+        found = self._expectations(orthanc_id, refs.sop_uid)
+        if found is None:
+            return
+        expectations = found
         with self._lock:
             self.arrivals += 1
             if not expectations:
@@ -354,8 +379,8 @@ class Ingest:
             with self._lock:
                 self.failures += 1
             for exp in expectations:
-                log.error("ingest of stored instance %s failed (%s: %s); the job that moved it plans it from "
-                          "the store", orthanc_id, type(exc).__name__, exc,
+                log.error("ingest of stored instance %s failed (%s); the job that moved it plans it from "
+                          "the store", orthanc_id, exception_summary(exc),
                           extra={"harvest_id": exp.harvest_id, "job_id": exp.job_id, "sop_uid": sop_uid,
                                  "series_uid": refs.series_uid if refs else None, "component": "ingest"})
 
@@ -414,7 +439,7 @@ class Ingest:
                     op = operation_from_dict(exp.operation)
                 except (KeyError, ValueError, TypeError) as exc:
                     messages.append((Level.ERROR, exp.harvest_id, f"expectation of job {exp.job_id} has a bad "
-                                     f"operation: {exc}", exp.job_id))
+                                     f"operation: {exception_summary(exc)}", exp.job_id))
                     continue
                 context = HarvestContext(routing.window, exp.harvest_id, self.unpack_mim_sessions)
                 decision = plan_arrival(Arrival(refs, op, exp.candidate), context)
