@@ -193,6 +193,12 @@ class Harvester:
         self.finds = finds if finds is not None else FindCache()
         #: Job ID → the round trips of its current attempt (for its note).
         self._round_trips: dict[int, RoundTrips] = {}
+        self._last_expectation_purge = 0.0
+
+    #: How long an ended job's expectations attribute late arrivals to its harvest (``Expectation.late``):
+    #: a source still sending after a C-MOVE timeout finishes within minutes; later, an arrival is
+    #: unsolicited ("not part of any harvest").
+    LATE_ARRIVAL_GRACE_S = 3600.0
 
     # -- lifecycle ----------------------------------------------------------------------------------
 
@@ -744,11 +750,22 @@ class Harvester:
                 busy = self.write_provenance()
                 self.finish_harvests()
                 self.ingest.report_unsolicited()
+                self.purge_ended_expectations()
             except Exception:
                 log.exception("maintenance step failed")
                 busy = False
             if not busy:
                 self._stop.wait(0.25)
+
+    def purge_ended_expectations(self, every: float = 60.0) -> int:
+        """Forget ended jobs' expectations past the late-arrival grace period (at most once per ``every``
+        seconds); returns how many."""
+        now = time.monotonic()
+        if now - self._last_expectation_purge < every:
+            return 0
+        self._last_expectation_purge = now
+        with self.tracker.db.transaction():
+            return self.tracker.purge_ended_expectations(time.time() - self.LATE_ARRIVAL_GRACE_S)
 
     def write_provenance(self, batch: int = 200) -> bool:
         """Write pending provenance metadata; returns True if there was work."""
@@ -786,8 +803,9 @@ class Harvester:
         then).
 
         A late candidate cannot slip past this by design: an arrival is attributed to a harvest only
-        through the expectation of a running job, expectations go in the same transaction as the job's
-        completion or failure, and every new decision un-marks the harvest in its own transaction. The mark
+        through an expectation of one of its jobs (running, or ended within ``LATE_ARRIVAL_GRACE_S``: then
+        it is a rejected candidate), expectations end in the same transaction as the job's completion or
+        failure, and every new decision un-marks the harvest in its own transaction. The mark
         is written only in a transaction that finds the harvest finished, with no unclaimed candidate and
         no provenance of its own left; otherwise the next pass tries again.
         """

@@ -421,6 +421,24 @@ class Ingest:
                               "checked for header problems: they arrived faster than the ingest thread could "
                               "inspect them")
 
+    def _record_late(self, exp: Expectation, refs: ObjectRefs, orthanc_id: str | None,
+                     messages: list[tuple[Level, str, str, int | None]]) -> None:
+        """An arrival for a job that has ended (its source still sending after the move ended, e.g. after a
+        C-MOVE timeout): a rejected candidate of the harvest, not planned. The record reopens the harvest's
+        clean-up, which removes it unless some harvest keeps it; a retry of the job finds it in the store
+        and decides it under its rule (a keep replaces this rejection). A rule, not a guess: what the job
+        did not receive while it ran is what its result (and the manifest) says it did not receive."""
+        reason = f"arrived after job {exp.job_id} ended (the source was still sending); not part of the harvest"
+        first = self.tracker.record(ObjectRecord(
+            harvest_id=exp.harvest_id, sop_uid=refs.sop_uid, orthanc_id=orthanc_id, decision=Decision.REJECTED,
+            reason=reason, role=exp.role, hop=exp.hop, source=exp.source, job_id=exp.job_id, moved=True,
+            patient_id=refs.patient_id, study_uid=refs.study_uid, series_uid=refs.series_uid,
+            modality=refs.modality, sop_class_uid=refs.sop_class_uid,
+            frame_of_reference_uid=refs.frame_of_reference_uid))
+        if first and refs.kind.value != "IMAGE":  # no event per slice: the harvest's summary counts them
+            messages.append((Level.INFO, exp.harvest_id, f"{exp.hop} {refs.kind.value.lower()} {reason}",
+                             exp.job_id))
+
     def process(self, refs: ObjectRefs, orthanc_id: str | None, expectations: Sequence[Expectation],
                 moved: bool) -> list[tuple[str, bool]]:
         """Decide for every harvest that expects this object; returns ``(harvest_id, kept)`` pairs.
@@ -430,10 +448,18 @@ class Ingest:
         results: list[tuple[str, bool]] = []
         planned: list[tuple[str, str, str]] = []
         messages: list[tuple[Level, str, str, int | None]] = []
+        # A harvest that has a running job expecting the instance decides by that job: an ended job's
+        # expectation of the same instance adds nothing.
+        running = {e.harvest_id for e in expectations if not e.late}
         with self.db.transaction():
             for exp in expectations:
                 routing = self._routing_of(exp.harvest_id)
                 if routing is None:
+                    continue
+                if exp.late:
+                    if exp.harvest_id not in running:
+                        self._record_late(exp, refs, orthanc_id, messages)
+                        results.append((exp.harvest_id, False))
                     continue
                 try:
                     op = operation_from_dict(exp.operation)
