@@ -448,16 +448,17 @@ class Ingest:
         results: list[tuple[str, bool]] = []
         planned: list[tuple[str, str, str]] = []
         messages: list[tuple[Level, str, str, int | None]] = []
-        # A harvest that has a running job expecting the instance decides by that job: an ended job's
-        # expectation of the same instance adds nothing.
-        running = {e.harvest_id for e in expectations if not e.late}
+        # A running job (of any harvest) expecting the instance decides for its harvest, and the clean-up of
+        # whatever it rejects is that harvest's: an ended job's expectation then adds nothing (recording it
+        # would reopen an earlier, finished harvest for an instance a later one asked for).
+        running = any(not e.late for e in expectations)
         with self.db.transaction():
             for exp in expectations:
                 routing = self._routing_of(exp.harvest_id)
                 if routing is None:
                     continue
                 if exp.late:
-                    if exp.harvest_id not in running:
+                    if not running:
                         self._record_late(exp, refs, orthanc_id, messages)
                         results.append((exp.harvest_id, False))
                     continue

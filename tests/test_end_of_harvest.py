@@ -333,3 +333,17 @@ def test_an_instance_arriving_between_attempts_is_kept_by_the_retry(world: World
     assert world.queue.get_job(job.id).state.value == "done"
     assert all(plan_uid not in uids for _, uids in world.backend.moves[moves:]), "the plan moved again"
     assert world.completed(hid) and world.store.holds(plan_uid)
+
+
+def test_a_later_harvest_asking_for_the_instance_does_not_reopen_the_earlier_one(world: World,
+                                                                                 clinic: MiniClinic) -> None:
+    """Harvest A gave up on a candidate; harvest B (same window, within the grace period) asks for it and
+    receives it: B's running job decides it, and A (finished) records nothing and stays Completed."""
+    first, late_uid = harvest_with_a_candidate_that_never_arrived(world, clinic)
+    world.backend.withhold = set()
+    second = world.start(WINDOW_2020)
+    world.run()
+    world.finish()
+    assert world.tracker.has_object(second, late_uid), "the later harvest did not receive the candidate"
+    assert not world.tracker.has_object(first, late_uid), "the earlier harvest recorded the later one's arrival"
+    assert world.completed(first) and world.completed(second)
