@@ -19,15 +19,71 @@ import logging
 import queue
 import threading
 import time as _time
+import traceback
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import IntEnum
+from types import TracebackType
 from typing import Any
+
+import apsw
+from pydicom.errors import InvalidDicomError
 
 from .db import Database, register_schema
 
-__all__ = ["Event", "EventLog", "EventLogHandler", "Level", "NewEvent", "parse_since"]
+__all__ = ["Event", "EventLog", "EventLogHandler", "Level", "NewEvent", "PhiSafeFormatter", "exception_summary",
+           "parse_since"]
+
+#: Exceptions whose messages cannot quote a dataset, so they are shown in full:
+#:
+#: * ``apsw.Error``: SQLite's own texts ("database is locked", "UNIQUE constraint failed: rth_objects.sop_uid")
+#:   name our schema's tables, columns and constraints; SQLite never puts a bound value in a message (and
+#:   apsw's binding errors are ``TypeError``, not ``apsw.Error``).
+#: * ``InvalidDicomError``: pydicom raises it with fixed texts about the file's structure (no preamble or
+#:   'DICM' prefix, implicit/explicit VR mismatch), never with an element's value.
+#: * ``OSError`` (connection errors, timeouts, ``urllib`` errors): the operating system's text, an HTTP
+#:   status line or a URL of a configured peer, and for a file the path; the plugin opens only configured
+#:   paths (database, configuration) and reads stored instances through Orthanc, never a path built from a
+#:   dataset.
+#:
+#: Any other exception may quote what it failed on: pydicom's value errors do ("Invalid value for VR DA:
+#: '19700101'"), a ``KeyError`` is its key (a PatientID used as one), a ``ValueError`` of ``int()`` or of
+#: an enum quotes the text. Those show their type only.
+_MESSAGE_KEPT: tuple[type[BaseException], ...] = (apsw.Error, InvalidDicomError, OSError)
+
+
+def exception_summary(exc: BaseException) -> str:
+    """``exc`` as a job error, an event or a log line may show it: the type, and the message only when the
+    type's messages cannot carry dataset values (PHI); see ``_MESSAGE_KEPT``."""
+    name = type(exc).__name__
+    if isinstance(exc, _MESSAGE_KEPT):
+        text = str(exc)[:300]
+        return f"{name}: {text}" if text else name
+    return f"{name} (message withheld: it may quote the dataset)"
+
+
+class PhiSafeFormatter(logging.Formatter):
+    """A formatter whose tracebacks keep every frame (file, line, code) but end with
+    :func:`exception_summary` instead of the exception's message (Orthanc's log holds no PHI either)."""
+
+    def formatException(self, ei: tuple[type[BaseException], BaseException, TracebackType | None]  # noqa: N802
+                        | tuple[None, None, None]) -> str:
+        exc = ei[1]
+        if exc is None:
+            return ""
+        chain: list[BaseException] = []
+        seen: set[int] = set()
+        current: BaseException | None = exc
+        while current is not None and id(current) not in seen:
+            seen.add(id(current))
+            chain.append(current)
+            current = current.__cause__ or (None if current.__suppress_context__ else current.__context__)
+        parts = []
+        for item in reversed(chain):  # the oldest first, as Python prints them
+            frames = "".join(traceback.format_tb(item.__traceback__))
+            parts.append(f"Traceback (most recent call last):\n{frames}{exception_summary(item)}")
+        return "\n\nDuring the handling of the above exception, another occurred:\n\n".join(parts)
 
 
 class Level(IntEnum):
@@ -395,8 +451,8 @@ class EventLogHandler(logging.Handler):
     log storm) records are dropped and counted in :attr:`dropped`; :attr:`errors` counts failed writes.
 
     ``component`` is the ``extra={"component": ...}`` value, else the logger name without its
-    ``rtharvest.`` prefix. Exception text is reduced to the exception type and message (tracebacks go to
-    Orthanc's own log, not this table).
+    ``rtharvest.`` prefix. Exception text is reduced to :func:`exception_summary` (tracebacks go to
+    Orthanc's own log, not this table, through :class:`PhiSafeFormatter`).
     """
 
     def __init__(
@@ -429,7 +485,7 @@ class EventLogHandler(logging.Handler):
         message = record.getMessage()
         if record.exc_info and record.exc_info[1] is not None:
             exc = record.exc_info[1]
-            message = f"{message} [{type(exc).__name__}: {exc}]"
+            message = f"{message} [{exception_summary(exc)}]"
         ids: dict[str, Any] = {}
         for key in _ID_FIELDS:
             value = attrs.get(key)
@@ -464,7 +520,7 @@ class EventLogHandler(logging.Handler):
             self.dropped += 1
         except Exception as exc:  # a log call must never break the caller
             self.errors += 1
-            self.last_error = f"{type(exc).__name__}: {exc}"
+            self.last_error = exception_summary(exc)
 
     def _run(self) -> None:
         while True:
@@ -487,7 +543,7 @@ class EventLogHandler(logging.Handler):
                 except Exception as exc:  # e.g. BusyError after busy_timeout: drop, count
                     self.errors += 1
                     self.dropped += len(events)
-                    self.last_error = f"{type(exc).__name__}: {exc}"
+                    self.last_error = exception_summary(exc)
                 with self._pending_lock:
                     self._pending -= len(events)
                     self._pending_lock.notify_all()

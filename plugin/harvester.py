@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from .dimse.base import MoveResult, SourceError
-from .eventlog import EventLog, Level
+from .eventlog import EventLog, Level, exception_summary
 from .findcache import FindCache, find_key
 from .ingest import HarvestRouting, Ingest
 from .jobqueue import HarvestState, Job, JobQueue, QueueError, SourceLimits
@@ -193,6 +193,12 @@ class Harvester:
         self.finds = finds if finds is not None else FindCache()
         #: Job ID → the round trips of its current attempt (for its note).
         self._round_trips: dict[int, RoundTrips] = {}
+        self._last_expectation_purge = 0.0
+
+    #: How long an ended job's expectations attribute late arrivals to its harvest (``Expectation.late``):
+    #: a source still sending after a C-MOVE timeout finishes within minutes; later, an arrival is
+    #: unsolicited ("not part of any harvest").
+    LATE_ARRIVAL_GRACE_S = 3600.0
 
     # -- lifecycle ----------------------------------------------------------------------------------
 
@@ -281,7 +287,9 @@ class Harvester:
                               job_id=job.id)
         except Exception as exc:  # a bug: fail the attempt visibly rather than kill the worker
             log.exception("job %s failed unexpectedly", job.id)
-            self._fail(job, owner, f"internal error: {type(exc).__name__}: {exc}", True, None)
+            # The type only (exception_summary): a bug's message may quote the dataset it choked on; the
+            # traceback's frames are in Orthanc's log.
+            self._fail(job, owner, f"internal error: {exception_summary(exc)}", True, None)
         else:
             try:
                 # One transaction: once the job (and maybe its harvest) is finished, nothing more can
@@ -328,7 +336,9 @@ class Harvester:
         try:
             op = operation_from_dict(job.payload)
         except (KeyError, ValueError, TypeError) as exc:
-            raise JobFailure(f"job payload is not a valid operation: {exc}", retryable=False) from None
+            # Payloads carry PatientIDs and dates, which a parsing error may quote: the type only.
+            raise JobFailure(f"job payload is not a valid {job.kind} operation: {exception_summary(exc)}",
+                             retryable=False) from None
         outcome = JobOutcome()
         if isinstance(op, UnpackMimSession):
             return self._unpack_session(job, op, routing.source_for(op))
@@ -713,7 +723,7 @@ class Harvester:
             except Exception as exc:
                 log.exception("planning stored instance %s for job %s failed", exp.sop_uid, exp.job_id)
                 raise JobFailure(f"{exp.hop}: planning stored instance {exp.sop_uid} from the store failed: "
-                                 f"{type(exc).__name__}: {exc}", retryable=True) from None
+                                 f"{exception_summary(exc)}", retryable=True) from None
         return len(todo)
 
     def local_expectation(self, job: Job) -> Expectation | None:
@@ -740,11 +750,22 @@ class Harvester:
                 busy = self.write_provenance()
                 self.finish_harvests()
                 self.ingest.report_unsolicited()
+                self.purge_ended_expectations()
             except Exception:
                 log.exception("maintenance step failed")
                 busy = False
             if not busy:
                 self._stop.wait(0.25)
+
+    def purge_ended_expectations(self, every: float = 60.0) -> int:
+        """Forget ended jobs' expectations past the late-arrival grace period (at most once per ``every``
+        seconds); returns how many."""
+        now = time.monotonic()
+        if now - self._last_expectation_purge < every:
+            return 0
+        self._last_expectation_purge = now
+        with self.tracker.db.transaction():
+            return self.tracker.purge_ended_expectations(time.time() - self.LATE_ARRIVAL_GRACE_S)
 
     def write_provenance(self, batch: int = 200) -> bool:
         """Write pending provenance metadata; returns True if there was work."""
@@ -782,8 +803,9 @@ class Harvester:
         then).
 
         A late candidate cannot slip past this by design: an arrival is attributed to a harvest only
-        through the expectation of a running job, expectations go in the same transaction as the job's
-        completion or failure, and every new decision un-marks the harvest in its own transaction. The mark
+        through an expectation of one of its jobs (running, or ended within ``LATE_ARRIVAL_GRACE_S``: then
+        it is a rejected candidate), expectations end in the same transaction as the job's completion or
+        failure, and every new decision un-marks the harvest in its own transaction. The mark
         is written only in a transaction that finds the harvest finished, with no unclaimed candidate and
         no provenance of its own left; otherwise the next pass tries again.
         """

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 from .classify import HarvestWindow
 from .db import Database
-from .eventlog import EventLog, Level
+from .eventlog import EventLog, Level, exception_summary
 from .jobqueue import EnqueueItem, JobQueue
 from .operations import FindReferencing, FindTreatmentRecords, Operation, operation_from_dict
 from .planner import Arrival, HarvestContext, plan_arrival
@@ -268,13 +268,17 @@ class Ingest:
 
     def on_stored(self, orthanc_id: str, data: bytes, remote_aet: str) -> None:
         """OnStoredInstance: identify the arrival and hand it to the ingest thread (never raises; a failure
-        is logged with the harvest and job that expected the instance)."""
+        is logged with the harvest and job that expected the instance, or with its SOP UID only when
+        finding them is what failed)."""
         sop_uid = peek_sop_instance_uid(data)
         if sop_uid is None:
             # No usable SOPInstanceUID where it belongs: the whole header says what is wrong (rare).
             self._on_stored_parsed(orthanc_id, data, remote_aet)
             return
-        expectations = tuple(self.tracker.expectations_for(sop_uid))
+        found = self._expectations(orthanc_id, sop_uid)
+        if found is None:
+            return
+        expectations = found
         with self._lock:
             self._last_arrival = time.monotonic()
             self.arrivals += 1
@@ -292,13 +296,34 @@ class Ingest:
         else:
             self._inspect(arrival)
 
+    def _expectations(self, orthanc_id: str, sop_uid: str) -> tuple[Expectation, ...] | None:
+        """Who expects ``sop_uid``; None when the look-up failed (counted and logged, never raised).
+
+        Which harvest expected the instance is exactly what failed, so the log names the instance only.
+        The job that moved it (if any) finds it in the store without a decision and plans it from there
+        (``Harvester._settle_arrivals``); an instance nobody expected stays stored, as any unsolicited one.
+        """
+        try:
+            return tuple(self.tracker.expectations_for(sop_uid))
+        except Exception as exc:
+            with self._lock:
+                self.arrivals += 1
+                self.failures += 1
+            log.error("ingest of stored instance %s failed looking up the harvests that expect it (%s); a job "
+                      "that moved it plans it from the store", orthanc_id, exception_summary(exc),
+                      extra={"sop_uid": sop_uid, "component": "ingest"})
+            return None
+
     def _on_stored_parsed(self, orthanc_id: str, data: bytes, remote_aet: str) -> None:
         """The arrival whose identity only the whole header gives: parse, then decide or report, inline."""
         refs = extract_from_bytes(data)
         if not refs.sop_uid:
             self._report_unreadable(orthanc_id, refs, remote_aet)
             return
-        expectations = tuple(self.tracker.expectations_for(refs.sop_uid))
+        found = self._expectations(orthanc_id, refs.sop_uid)
+        if found is None:
+            return
+        expectations = found
         with self._lock:
             self.arrivals += 1
             if not expectations:
@@ -354,8 +379,8 @@ class Ingest:
             with self._lock:
                 self.failures += 1
             for exp in expectations:
-                log.error("ingest of stored instance %s failed (%s: %s); the job that moved it plans it from "
-                          "the store", orthanc_id, type(exc).__name__, exc,
+                log.error("ingest of stored instance %s failed (%s); the job that moved it plans it from "
+                          "the store", orthanc_id, exception_summary(exc),
                           extra={"harvest_id": exp.harvest_id, "job_id": exp.job_id, "sop_uid": sop_uid,
                                  "series_uid": refs.series_uid if refs else None, "component": "ingest"})
 
@@ -396,6 +421,24 @@ class Ingest:
                               "checked for header problems: they arrived faster than the ingest thread could "
                               "inspect them")
 
+    def _record_late(self, exp: Expectation, refs: ObjectRefs, orthanc_id: str | None,
+                     messages: list[tuple[Level, str, str, int | None]]) -> None:
+        """An arrival for a job that has ended (its source still sending after the move ended, e.g. after a
+        C-MOVE timeout): a rejected candidate of the harvest, not planned. The record reopens the harvest's
+        clean-up, which removes it unless some harvest keeps it; a retry of the job finds it in the store
+        and decides it under its rule (a keep replaces this rejection). A rule, not a guess: what the job
+        did not receive while it ran is what its result (and the manifest) says it did not receive."""
+        reason = f"arrived after job {exp.job_id} ended (the source was still sending); not part of the harvest"
+        first = self.tracker.record(ObjectRecord(
+            harvest_id=exp.harvest_id, sop_uid=refs.sop_uid, orthanc_id=orthanc_id, decision=Decision.REJECTED,
+            reason=reason, role=exp.role, hop=exp.hop, source=exp.source, job_id=exp.job_id, moved=True,
+            patient_id=refs.patient_id, study_uid=refs.study_uid, series_uid=refs.series_uid,
+            modality=refs.modality, sop_class_uid=refs.sop_class_uid,
+            frame_of_reference_uid=refs.frame_of_reference_uid))
+        if first and refs.kind.value != "IMAGE":  # no event per slice: the harvest's summary counts them
+            messages.append((Level.INFO, exp.harvest_id, f"{exp.hop} {refs.kind.value.lower()} {reason}",
+                             exp.job_id))
+
     def process(self, refs: ObjectRefs, orthanc_id: str | None, expectations: Sequence[Expectation],
                 moved: bool) -> list[tuple[str, bool]]:
         """Decide for every harvest that expects this object; returns ``(harvest_id, kept)`` pairs.
@@ -405,16 +448,25 @@ class Ingest:
         results: list[tuple[str, bool]] = []
         planned: list[tuple[str, str, str]] = []
         messages: list[tuple[Level, str, str, int | None]] = []
+        # A running job (of any harvest) expecting the instance decides for its harvest, and the clean-up of
+        # whatever it rejects is that harvest's: an ended job's expectation then adds nothing (recording it
+        # would reopen an earlier, finished harvest for an instance a later one asked for).
+        running = any(not e.late for e in expectations)
         with self.db.transaction():
             for exp in expectations:
                 routing = self._routing_of(exp.harvest_id)
                 if routing is None:
                     continue
+                if exp.late:
+                    if not running:
+                        self._record_late(exp, refs, orthanc_id, messages)
+                        results.append((exp.harvest_id, False))
+                    continue
                 try:
                     op = operation_from_dict(exp.operation)
                 except (KeyError, ValueError, TypeError) as exc:
                     messages.append((Level.ERROR, exp.harvest_id, f"expectation of job {exp.job_id} has a bad "
-                                     f"operation: {exc}", exp.job_id))
+                                     f"operation: {exception_summary(exc)}", exp.job_id))
                     continue
                 context = HarvestContext(routing.window, exp.harvest_id, self.unpack_mim_sessions)
                 decision = plan_arrival(Arrival(refs, op, exp.candidate), context)

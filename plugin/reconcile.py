@@ -26,7 +26,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from .eventlog import Level
+from .eventlog import Level, exception_summary
 from .harvester import Harvester, JobFailure
 from .jobqueue import HarvestState, JobState
 from .operations import OperationKind
@@ -105,7 +105,7 @@ def reconcile(harvester: Harvester, stop: threading.Event | None = None,
         _reconcile(harvester, result, stop)
     except Exception as exc:  # the workers still find stored objects on their own; say why this failed
         log.exception("start-up reconciliation failed")
-        result.error = f"{type(exc).__name__}: {exc}"
+        result.error = exception_summary(exc)  # planning reads datasets: no message that may quote one
         harvester.events.write(Level.ERROR, "reconcile", f"start-up reconciliation against the store failed: "
                                f"{result.error}; the workers still look every object up in the store first")
     result.seconds = time.monotonic() - started

@@ -24,6 +24,7 @@ from typing import Any
 
 import orthanc
 
+from .eventlog import PhiSafeFormatter
 from .httpapi import HttpRequest, HttpResponse, Router
 
 
@@ -48,7 +49,8 @@ def install_log_handler(level: int = logging.INFO) -> None:
     logger = logging.getLogger("rtharvest")
     if not any(isinstance(h, OrthancLogHandler) for h in logger.handlers):
         handler = OrthancLogHandler()
-        handler.setFormatter(logging.Formatter("rtharvest %(name)s: %(message)s"))
+        # Tracebacks keep their frames but not the exception's message, which may quote a dataset.
+        handler.setFormatter(PhiSafeFormatter("rtharvest %(name)s: %(message)s"))
         logger.addHandler(handler)
     logger.setLevel(level)
     logger.propagate = False

@@ -104,9 +104,27 @@ register_schema(
 )
 
 
+# An ended job's expectations stay for a grace period (``ended_at`` set), so that an instance its source
+# still sends after the move ended (a C-MOVE timeout) is attributed to the harvest as a late arrival rather
+# than stored as "not part of any harvest" (see ``Expectation.late``).
+register_schema(
+    "tracking_late_arrivals",
+    1,
+    [
+        "ALTER TABLE rth_expectations ADD COLUMN ended_at REAL",
+        "CREATE INDEX rth_expectations_ended ON rth_expectations(ended_at) WHERE ended_at IS NOT NULL",
+    ],
+)
+
+
 @dataclass(frozen=True)
 class Expectation:
-    """A worker's announcement that an instance is about to arrive for a harvest."""
+    """A worker's announcement that an instance is about to arrive for a harvest.
+
+    ``late``: the job that expected it has ended (and is not running again): an arrival now is what its
+    source sent after the move ended; the harvest records it as a rejected candidate (its clean-up removes
+    it unless a harvest keeps it, and a retry of the job plans it from the store first).
+    """
 
     harvest_id: str
     sop_uid: str
@@ -116,6 +134,7 @@ class Expectation:
     hop: str
     candidate: bool
     operation: dict[str, Any]
+    late: bool = False
 
 
 @dataclass(frozen=True)
@@ -211,7 +230,8 @@ class Tracker:
             self.db.executemany(
                 "INSERT INTO rth_expectations (harvest_id, sop_uid, job_id, source, role, hop, candidate,"
                 " operation, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
-                " ON CONFLICT (harvest_id, sop_uid, job_id) DO NOTHING",
+                # The next attempt of a job expects again what an earlier attempt expected.
+                " ON CONFLICT (harvest_id, sop_uid, job_id) DO UPDATE SET ended_at = NULL",
                 rows,
             )
 
@@ -228,13 +248,18 @@ class Tracker:
         return busy
 
     def expectations_for(self, sop_uid: str) -> list[Expectation]:
-        """Every expectation of this instance, oldest first."""
+        """Every expectation of this instance, oldest first; those of ended jobs (within the grace period,
+        see :meth:`purge_ended_expectations`) are ``late``, unless the job is leased again: then it is
+        running (a retry, or a reclaimed lease) and the arrival is its own."""
         rows = self.db.query(
-            "SELECT harvest_id, sop_uid, job_id, source, role, hop, candidate, operation"
-            " FROM rth_expectations WHERE sop_uid = ? ORDER BY created_at, job_id",
+            "SELECT e.harvest_id, e.sop_uid, e.job_id, e.source, e.role, e.hop, e.candidate, e.operation,"
+            " e.ended_at IS NOT NULL AND coalesce(j.state, '') != 'leased'"
+            " FROM rth_expectations e LEFT JOIN jobs j ON j.id = e.job_id WHERE e.sop_uid = ?"
+            " ORDER BY e.created_at, e.job_id",
             (sop_uid,),
         )
-        return [Expectation(r[0], r[1], int(r[2]), r[3], r[4], r[5], bool(r[6]), json.loads(r[7])) for r in rows]
+        return [Expectation(r[0], r[1], int(r[2]), r[3], r[4], r[5], bool(r[6]), json.loads(r[7]), bool(r[8]))
+                for r in rows]
 
     def series_frame_of_reference(self, series_uid: str) -> tuple[str, str] | None:
         """(a SOP UID, the FrameOfReferenceUID) of a series some harvest holds, or None."""
@@ -249,7 +274,7 @@ class Tracker:
         for uid in sop_uids:
             row = self.db.query_one(
                 "SELECT 1 FROM rth_expectations e JOIN jobs j ON j.id = e.job_id WHERE e.sop_uid = ?"
-                " AND e.job_id != ? AND j.state = 'leased' LIMIT 1", (uid, exclude_job))
+                " AND e.job_id != ? AND j.state = 'leased' AND e.ended_at IS NULL LIMIT 1", (uid, exclude_job))
             if row is not None:
                 found.add(uid)
         return found
@@ -263,15 +288,22 @@ class Tracker:
             "SELECT e.harvest_id, e.sop_uid, e.job_id, e.source, e.role, e.hop, e.candidate, e.operation"
             " FROM rth_expectations e JOIN harvests h ON h.id = e.harvest_id"
             " LEFT JOIN jobs j ON j.id = e.job_id"
-            " WHERE h.state IN ('Running', 'Paused') AND coalesce(j.state, '') != 'leased'"
+            " WHERE h.state IN ('Running', 'Paused') AND coalesce(j.state, '') != 'leased' AND e.ended_at IS NULL"
             " AND NOT EXISTS (SELECT 1 FROM rth_objects o WHERE o.harvest_id = e.harvest_id"
             "                 AND o.sop_uid = e.sop_uid)"
             " ORDER BY e.harvest_id, e.created_at, e.job_id")
         return [Expectation(r[0], r[1], int(r[2]), r[3], r[4], r[5], bool(r[6]), json.loads(r[7])) for r in rows]
 
     def drop_expectations(self, job_id: int) -> None:
-        """Forget a finished job's expectations (arrivals after that are unsolicited)."""
-        self.db.execute("DELETE FROM rth_expectations WHERE job_id = ?", (job_id,))
+        """End a job's expectations (its attempt finished): arrivals after that are late ones of its harvest
+        until :meth:`purge_ended_expectations` forgets them, then unsolicited."""
+        self.db.execute("UPDATE rth_expectations SET ended_at = ? WHERE job_id = ? AND ended_at IS NULL",
+                        (time.time(), job_id))
+
+    def purge_ended_expectations(self, ended_before: float) -> int:
+        """Forget expectations of jobs that ended before ``ended_before`` (the grace period for late
+        arrivals is over); returns how many."""
+        return self.db.execute("DELETE FROM rth_expectations WHERE ended_at < ?", (ended_before,))
 
     # -- objects ------------------------------------------------------------------------------------
 

@@ -248,27 +248,43 @@ def test_manifest_json_and_csv(api: ApiServer, clinic: tuple[Path, object], tmp_
     assert len(out.splitlines()) == len(window.plans) + 1
 
 
-def _finish_later(api: ApiServer, hid: str, delay: float) -> threading.Thread:
-    def finish() -> None:
-        time.sleep(delay)
-        # A dated window is searched month by month: every one of its record-search jobs finishes.
-        job = api.queue.claim("worker", 60)
-        assert job is not None
-        while job is not None:
-            api.queue.complete(job.id, "worker", note="no records")
-            job = api.queue.claim("worker", 60)
-        api.tracker.mark_cleanup(hid)
+class _FinishAfterFirstPoll:
+    """Finishes a harvest's record-search jobs once the server has answered the CLI's first poll of it, so
+    the CLI saw it Running first; the fake waits for that answer (an event, with a deadline), not a time."""
 
-    t = threading.Thread(target=finish, daemon=True)
-    t.start()
-    return t
+    def __init__(self, api: ApiServer, hid: str) -> None:
+        self.api, self.hid = api, hid
+        self.polled = api.answered("GET", f"/rtharvest/harvests/{hid}")
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            assert self.polled.wait(20), "the CLI never polled the harvest"
+            # A dated window is searched month by month: every one of its record-search jobs finishes.
+            job = self.api.queue.claim("worker", 60)
+            assert job is not None
+            while job is not None:
+                self.api.queue.complete(job.id, "worker", note="no records")
+                job = self.api.queue.claim("worker", 60)
+            self.api.tracker.mark_cleanup(self.hid)
+        except BaseException as exc:  # noqa: BLE001 - reported to the test by join()
+            self.error = exc
+
+    def join(self) -> None:
+        """Wait for the fake and re-raise what failed in it."""
+        self.thread.join(30)
+        assert not self.thread.is_alive(), "the fake worker did not finish"
+        if self.error is not None:
+            raise self.error
 
 
 def test_wait_plain_lines(api: ApiServer) -> None:
     hid = start(api, to="20200131")  # one month: one record-search job
-    t = _finish_later(api, hid, 0.6)
+    fake = _FinishAfterFirstPoll(api, hid)
     code, out, _ = run(api.url, "harvest", "wait", hid, "--interval", "0.1", "--timeout", "20")
-    t.join()
+    fake.join()
     assert code == 0
     lines = out.splitlines()
     assert lines[0].startswith("Running: 0/1 jobs done") and lines[-1].startswith("Completed: 1/1 jobs done (100%)")
@@ -278,12 +294,13 @@ def test_wait_plain_lines(api: ApiServer) -> None:
 
 def test_wait_progress_bar_on_a_tty(api: ApiServer) -> None:
     hid = start(api, to="20200131")  # one month: one record-search job
-    t = _finish_later(api, hid, 0.4)
+    fake = _FinishAfterFirstPoll(api, hid)
     tty = Tty()
-    code, out, _ = run(api.url, "harvest", "wait", hid, "--interval", "0.1", out=tty)
-    t.join()
+    code, out, _ = run(api.url, "harvest", "wait", hid, "--interval", "0.1", "--timeout", "20", out=tty)
+    fake.join()
     assert code == 0
-    assert out.startswith("\r[") and "100% 1/1 jobs" in out and out.endswith("Completed\n")
+    assert out.startswith("\r[") and "  0% 0/1 jobs" in out
+    assert "100% 1/1 jobs" in out and out.endswith("Completed\n")
 
 
 def test_wait_timeout_and_cancelled(api: ApiServer, capsys: pytest.CaptureFixture[str]) -> None:

@@ -21,7 +21,8 @@ from rtharvest.ingest import job_for
 from rtharvest.jobqueue import EnqueueItem, JobQueue
 from rtharvest.operations import CriterionKind, FindReferencing, ReferenceCriterion, Role
 from rtharvest.strategies import SourceCapability
-from tests.fakes import World
+from rtharvest.tracking import Decision
+from tests.fakes import World, dicom_bytes
 from tests.planner_fixtures import MiniClinic, dose, uid
 
 WINDOW_2020 = HarvestWindow("20200101", "20201231", ("MINI1",))
@@ -239,3 +240,110 @@ def test_completed_never_shows_with_a_candidate_in_the_store_under_concurrency(t
             world.close()
         assert late_searches == 2, f"run {run}: the harvest did not complete in time"
         assert violations == [], f"run {run}: Completed with candidates in the store: {violations}"
+
+
+# -- late arrivals: the source still sending after the job's move ended ------------------------------
+
+
+def send_late(world: World, sop_uid: str) -> str:
+    """The source delivers ``sop_uid`` now, outside any move (as after a C-MOVE timeout); its Orthanc ID."""
+    inst = world.source.instances[sop_uid]
+    data = dicom_bytes(inst.ds)
+    oid = world.store.put(sop_uid, inst.series_uid, data)
+    world.on_stored(oid, data, "SRC")
+    return oid
+
+
+def harvest_with_a_candidate_that_never_arrived(world: World, clinic: MiniClinic) -> tuple[str, str]:
+    """A completed and cleaned harvest whose dose search never received one of its candidates (a dose of
+    another plan in the plan's study, which the source lists but does not deliver): that job failed."""
+    late = dose("late-dose", clinic.patient, clinic.plan_study, uid("other-plan"))
+    world.source.add(late)
+    world.backend.withhold = {late.SOPInstanceUID}
+    hid = world.start(WINDOW_2020)
+    world.run()
+    world.finish()
+    assert world.completed(hid) and not world.store.holds(late.SOPInstanceUID)
+    failed = world.queue.list_jobs(harvest_id=hid, state="failed")
+    assert any(late.SOPInstanceUID in (j.last_error or "") for j in failed), "the candidate's job did not fail"
+    return hid, late.SOPInstanceUID
+
+
+def test_a_candidate_arriving_after_its_job_ended_is_rejected_and_cleaned_up(world: World,
+                                                                             clinic: MiniClinic) -> None:
+    """The source sends the candidate after the job gave up on it, and the harvest already shows
+    Completed: the arrival is the harvest's (a late, rejected candidate), so the harvest is not Completed
+    until its clean-up removed it. The same for a candidate it had inspected and removed already, sent
+    again."""
+    hid, late_uid = harvest_with_a_candidate_that_never_arrived(world, clinic)
+    removed_before = {o.sop_uid for o in world.tracker.objects(hid, Decision.REJECTED)
+                      if o.moved and o.orthanc_id is None}
+    assert removed_before, "the harvest removed no inspected candidate: the second half proves nothing"
+    send_late(world, late_uid)
+    again = sorted(removed_before)[0]
+    send_late(world, again)
+    decisions = {o.sop_uid: o for o in world.tracker.objects(hid)}
+    assert decisions[late_uid].decision is Decision.REJECTED and decisions[late_uid].moved
+    assert decisions[late_uid].reason.startswith("arrived after job ")
+    assert world.ingest.unsolicited == 0
+    assert not world.completed(hid), "Completed with a late arrival in the store"
+    assert {late_uid, again} <= world.candidates_in_store(hid)
+    world.finish()
+    assert world.completed(hid) and world.candidates_in_store(hid) == set()
+    assert not world.store.holds(late_uid) and not world.store.holds(again)
+
+
+def test_after_the_grace_period_a_late_arrival_is_not_part_of_the_harvest(world: World,
+                                                                          clinic: MiniClinic) -> None:
+    """Ended jobs' expectations are forgotten after ``Harvester.LATE_ARRIVAL_GRACE_S``: an arrival then is
+    unsolicited (stored, counted, part of no harvest) and the harvest stays Completed."""
+    hid, late_uid = harvest_with_a_candidate_that_never_arrived(world, clinic)
+    with world.db.transaction():
+        assert world.tracker.purge_ended_expectations(time.time() + 1) > 0
+    send_late(world, late_uid)
+    assert world.ingest.unsolicited == 1
+    assert not world.tracker.has_object(hid, late_uid)
+    assert world.completed(hid) and world.store.holds(late_uid)
+
+
+def test_an_instance_arriving_between_attempts_is_kept_by_the_retry(world: World, clinic: MiniClinic) -> None:
+    """The plan's retrieve fails (the source did not deliver it in time) and the plan arrives before the
+    retry runs: recorded as a late arrival meanwhile, it is what the retry finds in the store and keeps, so
+    the chain goes on and nothing moves twice."""
+    plan_uid = clinic.plan.SOPInstanceUID
+    world.backend.withhold = {plan_uid}
+    hid = world.start(WINDOW_2020)
+    while True:  # up to the plan's first (failed) attempt
+        job = world.queue.claim("t:1:w0", 60.0)
+        assert job is not None, "no job retrieved the plan"
+        world.harvester.run(job, "t:1:w0")
+        if job.payload.get("sop_uid") == plan_uid:
+            break
+    retry = world.queue.get_job(job.id)
+    assert retry.state.value in ("pending", "waiting") and retry.attempts == 1
+    world.backend.withhold = set()
+    send_late(world, plan_uid)
+    assert world.tracker.objects(hid, Decision.REJECTED)[-1].sop_uid == plan_uid
+    moves = len(world.backend.moves)
+    world.run()
+    world.finish()
+    decisions = {o.sop_uid: o for o in world.tracker.objects(hid)}
+    assert decisions[plan_uid].decision is Decision.KEPT and decisions[plan_uid].moved
+    assert clinic.ss.SOPInstanceUID in decisions and decisions[clinic.ss.SOPInstanceUID].decision is Decision.KEPT
+    assert world.queue.get_job(job.id).state.value == "done"
+    assert all(plan_uid not in uids for _, uids in world.backend.moves[moves:]), "the plan moved again"
+    assert world.completed(hid) and world.store.holds(plan_uid)
+
+
+def test_a_later_harvest_asking_for_the_instance_does_not_reopen_the_earlier_one(world: World,
+                                                                                 clinic: MiniClinic) -> None:
+    """Harvest A gave up on a candidate; harvest B (same window, within the grace period) asks for it and
+    receives it: B's running job decides it, and A (finished) records nothing and stays Completed."""
+    first, late_uid = harvest_with_a_candidate_that_never_arrived(world, clinic)
+    world.backend.withhold = set()
+    second = world.start(WINDOW_2020)
+    world.run()
+    world.finish()
+    assert world.tracker.has_object(second, late_uid), "the later harvest did not receive the candidate"
+    assert not world.tracker.has_object(first, late_uid), "the earlier harvest recorded the later one's arrival"
+    assert world.completed(first) and world.completed(second)

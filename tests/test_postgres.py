@@ -164,7 +164,8 @@ def test_backup_taken_while_harvesting_restores_to_a_complete_harvest(clinic: Cl
 #: What a queue database believes missing: undecided expectations of moving jobs and pending retrieves of
 #: named instances without a decision (what the start-up reconciliation checks against the store).
 _BELIEVED_MISSING = (
-    "SELECT count(*) FROM (SELECT e.sop_uid FROM rth_expectations e WHERE e.harvest_id = :h AND NOT EXISTS"
+    "SELECT count(*) FROM (SELECT e.sop_uid FROM rth_expectations e WHERE e.harvest_id = :h AND e.ended_at IS NULL"
+    "  AND NOT EXISTS"
     "  (SELECT 1 FROM rth_objects o WHERE o.harvest_id = e.harvest_id AND o.sop_uid = e.sop_uid)"
     " UNION SELECT json_extract(j.payload, '$.sop_uid') FROM jobs j WHERE j.harvest_id = :h"
     "  AND j.kind = 'RetrieveInstance' AND j.state IN ('pending', 'waiting') AND NOT EXISTS"

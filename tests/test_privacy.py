@@ -11,6 +11,7 @@ import re
 from pathlib import Path
 
 from rtharvest.classify import HarvestWindow
+from rtharvest.eventlog import EventLogHandler, PhiSafeFormatter
 from rtharvest.manifest import ManifestService, csv_cell
 from rtharvest.strategies import SourceCapability
 from tests.fakes import World
@@ -79,3 +80,66 @@ def test_events_and_log_lines_of_a_harvest_name_no_patient_and_no_treatment_date
         world.close()
     leaked = {v for v in phi for t in texts if re.search(rf"(?<![\w.]){re.escape(v)}(?![\w.])", t)}
     assert not leaked, f"{sorted(leaked)} in {[t for t in texts if any(v in t for v in leaked)][:5]}"
+
+
+def test_exception_messages_quoting_a_patient_id_stay_out_of_job_errors_events_and_orthancs_log(
+        tmp_path: Path) -> None:
+    """A bug whose exception message quotes the dataset it choked on (a PatientID here) must not carry it
+    into a job's error, an event or Orthanc's log: each shows the exception's type, and the traceback in
+    Orthanc's log keeps its frames. Three paths: an internal error in a job, an ingest failure on arrival,
+    and planning from the store failing after it."""
+    clinic = MiniClinic()
+    patient_id = clinic.plan.PatientID
+    plan_uid = clinic.plan.SOPInstanceUID
+    orthanc_log: list[str] = []
+
+    class OrthancLog(logging.Handler):  # what sdk.OrthancLogHandler sends, with its formatter
+        def emit(self, record: logging.LogRecord) -> None:
+            orthanc_log.append(self.format(record))
+
+    to_orthanc = OrthancLog(logging.DEBUG)
+    to_orthanc.setFormatter(PhiSafeFormatter("rtharvest %(name)s: %(message)s"))
+    world = World(tmp_path / "q.sqlite", clinic.datasets())
+    to_events = EventLogHandler(world.events)
+    to_events.setLevel(logging.WARNING)
+    logger = logging.getLogger("rtharvest")
+    logger.addHandler(to_orthanc)
+    logger.addHandler(to_events)
+    real_process, real_execute = world.ingest.process, world.harvester._execute
+    crashed: list[int] = []
+
+    def process(refs, orthanc_id, expectations, moved):  # type: ignore[no-untyped-def]
+        if refs.sop_uid == plan_uid:
+            raise ValueError(f"plan of patient {patient_id} does not compare")
+        return real_process(refs, orthanc_id, expectations, moved)
+
+    def execute(job, owner):  # type: ignore[no-untyped-def]
+        if job.kind == "FindTreatmentRecords" and not crashed:
+            crashed.append(job.id)
+            raise KeyError(patient_id)
+        return real_execute(job, owner)
+
+    world.ingest.process = process  # type: ignore[method-assign]
+    world.harvester._execute = execute  # type: ignore[method-assign]
+    try:
+        hid = world.start(HarvestWindow("20200101", "20201231", (patient_id,)))
+        world.run()
+        assert to_events.wait_flushed(10.0)
+        events = world.events.query(limit=100_000)
+        jobs = world.queue.list_jobs(harvest_id=hid, limit=100_000)
+    finally:
+        logger.removeHandler(to_orthanc)
+        logger.removeHandler(to_events)
+        to_events.close()
+        world.close()
+    errors = {j.id: j.last_error or "" for j in jobs}
+    # Each path ran (the test proves nothing otherwise) and says what kind of failure it was.
+    assert crashed and "internal error: KeyError" in errors[crashed[0]]
+    assert world.ingest.failures >= 1
+    assert any("from the store failed: ValueError" in e for e in errors.values())
+    assert any("ingest of stored instance" in line and "ValueError" in line for line in orthanc_log)
+    tracebacks = [line for line in orthanc_log if "Traceback (most recent call last)" in line]
+    assert tracebacks and all('File "' in t for t in tracebacks)  # frames kept
+    texts = [e.message for e in events] + orthanc_log + [f"{j.last_error} {j.note}" for j in jobs]
+    leaked = [t for t in texts if re.search(rf"(?<![\w.]){re.escape(patient_id)}(?![\w.])", t)]
+    assert not leaked, leaked[:3]

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import urllib.request
+from pathlib import Path
 from urllib.parse import quote
 
 import pytest
 
+from .browser.apiserver import ApiServer
 from .conftest import Clinic
 
 
@@ -78,3 +81,27 @@ def test_injection_strings_in_filters_are_harmless(clinic: Clinic) -> None:
         status, answer = clinic.api.request("GET", "/rtharvest/jobs?harvest=" + quote(evil))
         assert status == 404, answer
     assert clinic.api.get("/rtharvest/jobs") == jobs_before
+
+
+def test_harvest_list_pages_reach_every_harvest_once(tmp_path: Path) -> None:
+    """``GET /rtharvest/harvests`` is paged (default 100, newest first): two pages of a store with more
+    harvests than one page hold every harvest exactly once (no cap, no repeat, no gap across the boundary).
+    The real routes and queue over HTTP (tests/browser/apiserver.py); harvests are created through the
+    queue, which is all a harvest row needs."""
+    api = ApiServer(tmp_path).start()
+    try:
+        # Many in the same clock tick: the order must still be total for offsets to be stable.
+        created = [api.queue.create_harvest("ARIA", f"h{i}", {"LookupSources": ["ARIA"]}).id for i in range(130)]
+
+        def page(query: str) -> list[str]:
+            with urllib.request.urlopen(f"{api.url}/rtharvest/harvests?{query}", timeout=30) as resp:
+                return [h["ID"] for h in json.loads(resp.read())]
+
+        first = page("limit=100&offset=0")
+        second = page("limit=100&offset=100")
+        assert page("") == first  # the default page is the first 100
+    finally:
+        api.stop()
+    assert len(first) == 100 and len(second) == 30
+    assert len(set(first + second)) == 130 and set(first + second) == set(created)
+    assert first + second == created[::-1]  # newest first, the newest of a tie being the last created

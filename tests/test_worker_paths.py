@@ -12,7 +12,9 @@ import apsw
 import pytest
 
 from rtharvest.classify import HarvestWindow
-from rtharvest.eventlog import Level
+from rtharvest.config import load_config
+from rtharvest.eventlog import EventLogHandler, Level
+from rtharvest.harvests import HarvestService
 from rtharvest.ingest import job_for
 from rtharvest.jobqueue import JobState
 from rtharvest.operations import RetrieveSeries, Role
@@ -34,6 +36,25 @@ def world(tmp_path: Path, clinic: MiniClinic) -> Iterator[World]:
     w = World(tmp_path / "q.sqlite", clinic.datasets())
     yield w
     w.close()
+
+
+@pytest.fixture
+def logged_events(world: World) -> Iterator[EventLogHandler]:
+    """Log records into the event log, as the plugin wires them (``app.py``: WARNING and up)."""
+    handler = EventLogHandler(world.events)
+    handler.setLevel(logging.WARNING)
+    logging.getLogger("rtharvest").addHandler(handler)
+    yield handler
+    logging.getLogger("rtharvest").removeHandler(handler)
+    handler.close()
+
+
+def harvest_document(world: World, harvest_id: str) -> dict:  # type: ignore[type-arg]
+    """What ``GET /rtharvest/harvests/{id}`` answers, from the real service on the world's database."""
+    config = load_config({"DicomModalities": {"SRC": ["SRC", "127.0.0.1", 11112]},
+                          "StorageDirectory": str(Path(world.db.path).parent)})
+    service = HarvestService(config, world.queue, world.tracker, world.events)
+    return service.document(world.queue.get_harvest(harvest_id))
 
 
 def kept(world: World, harvest_id: str) -> set[str]:
@@ -121,6 +142,65 @@ def test_ingest_failure_that_persists_fails_the_job_visibly(world: World, clinic
     assert "ingest failed for 1 stored instance(s) after the move" in first_failure[0].message
     assert not world.tracker.has_object(hid, plan_uid)
     assert clinic.ss.SOPInstanceUID not in kept(world, hid)
+
+
+def test_an_ingest_failure_is_counted_in_the_harvest_document(world: World, clinic: MiniClinic,
+                                                               logged_events: EventLogHandler) -> None:
+    """The chain goes on (planned from the store), yet the harvest document says an ingest failed, so a
+    harvest whose jobs all completed still tells its reader to look at the log; a harvest without one says 0."""
+    plan_uid = clinic.plan.SOPInstanceUID
+    real = world.ingest.process
+    failed: list[str] = []
+
+    def flaky(refs, orthanc_id, expectations, moved):  # type: ignore[no-untyped-def]
+        if refs.sop_uid == plan_uid and moved and not failed:
+            failed.append(refs.sop_uid)
+            raise apsw.BusyError("database is locked")
+        return real(refs, orthanc_id, expectations, moved)
+
+    world.ingest.process = flaky  # type: ignore[method-assign]
+    hid = world.start(WINDOW_2020)
+    world.run()
+    again = world.start(WINDOW_2020)  # planned from the store: no arrival, no failure
+    world.run()
+    assert logged_events.wait_flushed(10.0) and logged_events.dropped == 0
+    assert failed == [plan_uid]
+    assert kept(world, hid) == clinic.expected_2020() - {clinic.qa_plan.SOPInstanceUID, clinic.qa_record.SOPInstanceUID}
+    assert harvest_document(world, hid)["IngestFailures"] == 1
+    assert harvest_document(world, again)["IngestFailures"] == 0
+
+
+def test_a_failed_expectation_look_up_on_arrival_is_counted_and_planned_from_the_store(
+        world: World, clinic: MiniClinic, logged_events: EventLogHandler) -> None:
+    """OnStoredInstance cannot even learn who expects the instance (the look-up raises): it neither raises
+    into Orthanc nor drops the instance silently. The failure is counted and logged with the SOP UID only
+    (no harvest is known), and the job that moved the plan finds it undecided in the store and plans it."""
+    plan_uid = clinic.plan.SOPInstanceUID
+    real = world.tracker.expectations_for
+    raised: list[str] = []
+
+    def failing_look_up(sop_uid: str):  # type: ignore[no-untyped-def]
+        if sop_uid == plan_uid and not raised:
+            raised.append(sop_uid)
+            raise apsw.BusyError("database is locked")
+        return real(sop_uid)
+
+    world.tracker.expectations_for = failing_look_up  # type: ignore[method-assign]
+    hid = world.start(WINDOW_2020)
+    world.run()
+    assert logged_events.wait_flushed(10.0) and logged_events.dropped == 0
+    assert raised == [plan_uid]
+    assert world.ingest.failures == 1
+    decisions = {o.sop_uid: o for o in world.tracker.objects(hid)}
+    assert decisions[plan_uid].decision is Decision.KEPT and decisions[plan_uid].moved
+    assert kept(world, hid) == clinic.expected_2020() - {clinic.qa_plan.SOPInstanceUID, clinic.qa_record.SOPInstanceUID}
+    plan_job = next(j for j in world.queue.list_jobs(harvest_id=hid) if j.payload.get("sop_uid") == plan_uid)
+    assert plan_job.state is JobState.DONE
+    assert "1 planned from the store after their ingest failed" in (plan_job.note or "")
+    logged = [e for e in world.events.query(min_level=Level.ERROR) if e.component == "ingest"]
+    assert len(logged) == 1
+    assert logged[0].sop_uid == plan_uid and logged[0].harvest_id is None and logged[0].job_id is None
+    assert "BusyError: database is locked" in logged[0].message
 
 
 # -- signal, not noise -------------------------------------------------------------------------------

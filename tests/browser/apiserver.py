@@ -60,8 +60,17 @@ class ApiServer:
         # The whole-store manifest route proposed to the lead (CONTRACT: "usable for the whole store").
         self.router.add("GET", r"/rtharvest/manifest", self._store_manifest)
         self._lock = threading.Lock()
+        self._watches: list[tuple[str, str, threading.Event]] = []
         self._server: ThreadingHTTPServer | None = None
         self.url = ""
+
+    def answered(self, method: str, path: str) -> threading.Event:
+        """An event set once a ``method path`` request (query ignored) has been answered: its response is
+        built, so a test can change the state afterwards knowing what the client saw before."""
+        event = threading.Event()
+        with self._lock:
+            self._watches.append((method, path, event))
+        return event
 
     def read_file(self, orthanc_id: str) -> bytes:
         return self.files[orthanc_id]
@@ -90,6 +99,9 @@ class ApiServer:
                               headers, body)
         with self._lock:
             response = self.router.handle(request)
+            for watched_method, watched_path, event in self._watches:
+                if watched_method == method and watched_path == parts.path:
+                    event.set()
         return response.status, {"Content-Type": response.content_type}, response.body
 
     def start(self) -> ApiServer:

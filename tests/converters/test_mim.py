@@ -32,8 +32,7 @@ from rtharvest.synth.mimsession import (
     clinic_sessions,
     encode_session,
 )
-
-DCIODVFY = shutil.which("dciodvfy")
+from tests.tooling import required_tool
 
 
 @pytest.fixture(scope="module")
@@ -49,9 +48,8 @@ def _known(truth: GroundTruth) -> set[str]:
     return set(truth.objects) | {i.series_uid for i in objects} | {i.study_uid for i in objects}
 
 
-def _dciodvfy_errors(path: Path) -> list[str]:
-    assert DCIODVFY is not None
-    result = subprocess.run([DCIODVFY, str(path)], capture_output=True, text=True, check=False)
+def _dciodvfy_errors(dciodvfy: str, path: Path) -> list[str]:
+    result = subprocess.run([dciodvfy, str(path)], capture_output=True, text=True, check=False)
     output = result.stdout + result.stderr
     errors = [line for line in output.splitlines() if line.startswith("Error")]
     if "Information Object Not found" in output:
@@ -59,10 +57,10 @@ def _dciodvfy_errors(path: Path) -> list[str]:
     return errors
 
 
-@pytest.mark.skipif(DCIODVFY is None, reason="dciodvfy (dicom3tools) not installed")
 @pytest.mark.parametrize("encoding", list(SessionEncoding))
 def test_sessions_unpack_to_conformant_objects_whose_references_resolve(
         clinic: tuple[Path, GroundTruth, list[SessionFixture]], encoding: SessionEncoding, tmp_path: Path) -> None:
+    dciodvfy = required_tool("dciodvfy")
     root, truth, sessions = clinic
     mine = [s for s in sessions if s.encoding is encoding]
     assert mine, f"the clinic has a session in encoding {encoding}"
@@ -90,7 +88,7 @@ def test_sessions_unpack_to_conformant_objects_whose_references_resolve(
             assert unresolved_references(ds, known) == [], "every reference names an object of the clinic"
             path = tmp_path / f"{obj.sop_uid}.dcm"
             ds.save_as(path, enforce_file_format=True)
-            assert _dciodvfy_errors(path) == [], f"{obj.modality} from a {encoding} session"
+            assert _dciodvfy_errors(dciodvfy, path) == [], f"{obj.modality} from a {encoding} session"
 
 
 def _latin1_session(encoding: SessionEncoding) -> tuple[Dataset, Dataset]:
