@@ -196,11 +196,12 @@ def _on_started() -> None:
         return
     # Before any worker claims: a SIGKILLed run leaves leases that would otherwise wait LeaseSeconds.
     _reclaim_leases_of_dead_runs(rt)
-    from .localstore import OrthancLocalStore
+    from .localstore import InProcessMetadata, OrthancLocalStore
     from .loopback import LoopbackClient, loopback_url
 
     token = sdk.loopback_authorization()
-    store = OrthancLocalStore(LoopbackClient(loopback_url(rt.config.ssl, rt.config.http_port), token, timeout=60.0))
+    store = OrthancLocalStore(LoopbackClient(loopback_url(rt.config.ssl, rt.config.http_port), token, timeout=60.0),
+                              InProcessMetadata(sdk.rest_get, sdk.rest_put))
     assert rt.tracker and rt.events and rt.ingest and rt.harvests
     rt.harvester = Harvester(
         rt.queue, rt.tracker, rt.events, rt.ingest, store, _build_sources(rt.config, token), rt.harvests.routing,

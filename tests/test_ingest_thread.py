@@ -235,3 +235,34 @@ def test_settle_waits_for_what_was_queued_and_stop_decides_it(tmp_path: Path, cl
     finally:
         w.ingest.stop()
         w.close()
+
+
+def test_idle_workers_are_woken_only_for_new_jobs(world: World, clinic: MiniClinic) -> None:
+    """An arrival wakes the idle workers only when its decision enqueued a job that did not exist yet: the
+    2nd..Nth slice of a series (and every object whose follow-ups are already queued) wakes nobody."""
+    wakes: list[int] = []
+    creating = 0
+    kept_arrivals = 0
+    real_enqueue, real_process = world.queue.enqueue_many, world.ingest.process
+
+    def enqueue_spy(items):  # type: ignore[no-untyped-def]
+        nonlocal creating
+        result = real_enqueue(items)
+        creating += any(new for _, new in result)
+        return result
+
+    def process_spy(refs, orthanc_id, expectations, moved):  # type: ignore[no-untyped-def]
+        nonlocal kept_arrivals
+        result = real_process(refs, orthanc_id, expectations, moved)
+        kept_arrivals += any(k for _, k in result)
+        return result
+
+    world.queue.enqueue_many = enqueue_spy  # type: ignore[method-assign]
+    world.ingest.process = process_spy  # type: ignore[method-assign]
+    world.ingest.on_enqueue = lambda: wakes.append(1)
+    hid = world.start(WINDOW_2020)
+    world.run()
+    world.finish()
+    assert kept(world, hid) == closure(clinic)
+    assert 0 < len(wakes) <= creating, (len(wakes), creating)
+    assert len(wakes) < kept_arrivals, "every kept arrival woke the workers"
