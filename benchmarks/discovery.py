@@ -6,12 +6,15 @@
 A synthetic clinic of a few full RT patients plus ``--history`` metadata-light patients (one course each:
 an RT Plan and 3-5 treatment records, courses spread evenly over 2012-2022, records of a course in one
 study dated at simulation) is served by a real source: a plain Orthanc (``orthanc``: ``RecordDiscovery:
-TreatmentDate``; ``orthanc-studydate``: the same Orthanc found by ``StudyDate``) and dcmqrscp
-(``RecordDiscovery: StudyDate``, look-back 90 days or ``--look-back``). For a one-week window, a one-month
-window and the whole history, a fresh harvester harvests the window; printed per source and window: C-FINDs and
-C-MOVEs the harvester sent (counted by its per-source gate, ``GET /rtharvest/status`` ``SourceActivity``),
-seconds, the harvester's peak resident memory (VmHWM of the Orthanc process), and whether the collected set
-equals the ground truth (computed by the generator from its own construction, not by the planner).
+TreatmentDate``; ``orthanc-upper``: the same Orthanc found by ``StudyDate`` with ``UpperLevelKeys``, one
+IMAGE-level C-FIND per month; ``orthanc-studydate``: found by ``StudyDate`` without ``UpperLevelKeys``, the
+walk studies -> record series -> records a source needs when it ignores series and study keys at IMAGE
+level) and dcmqrscp (``RecordDiscovery: StudyDate``, look-back 90 days or ``--look-back``). For a one-week
+window, a one-month window and the whole history, a fresh harvester harvests the window; printed per source
+and window: C-FINDs and C-MOVEs the harvester sent (counted by its per-source gate, ``GET /rtharvest/status``
+``SourceActivity``), seconds, the harvester's peak resident memory (VmHWM of the Orthanc process), and whether
+the collected set equals the ground truth (computed by the generator from its own construction, not by the
+planner).
 
 ``--compare``: the week and the month again, side by side, on a second source holding the same clinic
 minus every history patient with nothing in the month window (before and after it, look-back period
@@ -53,6 +56,10 @@ KINDS: dict[str, tuple[str, dict[str, Any]]] = {
     "orthanc-studydate": ("BENCH_ORTHANC_SD", {"Backend": "orthanc", "InstanceReturnKeys": True,
                                                "RecordDiscovery": "StudyDate", "StudyDateLookBackDays": 90,
                                                "MaxConcurrent": 4}),
+    # Orthanc matches StudyDate, PatientID and Modality in an IMAGE-level query: how a user configures it.
+    "orthanc-upper": ("BENCH_ORTHANC_UP", {"Backend": "orthanc", "InstanceReturnKeys": True, "UpperLevelKeys": True,
+                                           "RecordDiscovery": "StudyDate", "StudyDateLookBackDays": 90,
+                                           "MaxConcurrent": 4}),
     "dcmqrscp": ("BENCH_DCMQR", {"Backend": "orthanc", "RecordDiscovery": "StudyDate", "StudyDateLookBackDays": 90,
                                  "MaxConcurrent": 4}),
 }
@@ -261,9 +268,10 @@ def main() -> None:
                     finally:
                         bare.stop()
                     settings = KINDS[kind][1]
-                    bound = "" if settings["RecordDiscovery"] != "StudyDate" else (
-                        f"StudyDate pre-filter: history whose record study lies in the "
-                        f"{settings['StudyDateLookBackDays']}-day look-back is searched too")
+                    bound = "" if settings["RecordDiscovery"] != "StudyDate" or settings.get("UpperLevelKeys") else (
+                        f"StudyDate pre-filter without UpperLevelKeys: each record study dated in the window or its "
+                        f"{settings['StudyDateLookBackDays']}-day look-back costs one SERIES-level C-FIND and one "
+                        f"IMAGE-level C-FIND per record series, whoever's it is")
                     for name in ("week", "month"):
                         for what in ("finds", "moves"):
                             results.goal(f"{kind}: {name}, history outside adds to {what}",

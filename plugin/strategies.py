@@ -322,8 +322,12 @@ def discovery_description(cap: SourceCapability) -> str:
         return "TreatmentDate matched by the source (one C-FIND per month of the window)"
     if cap.record_discovery is RecordDiscovery.SCAN:
         return "scan: every record series of the source is listed (not bounded by the window)"
+    # Without UpperLevelKeys every record study dated in the window or its look-back is walked, whoever's
+    # courses it holds: what history near the window costs at such a source (benchmarks/README.md).
     how = ("one IMAGE-level C-FIND per month of the window (UpperLevelKeys)" if cap.image_level_search
-           else "studies, then their record series")
+           else "studies, then their record series (one C-FIND per record study dated in the window or its "
+                "look-back, and one per record series; UpperLevelKeys makes it one per month where the source "
+                "matches series and study keys at IMAGE level)")
     return (f"StudyDate pre-filter with a look-back of {cap.look_back_days} day(s), {how}; records in studies "
             "dated earlier, or without StudyDate, are found only through step 4 (every record of a collected plan)")
 

@@ -116,3 +116,49 @@ def test_wrong_hint_falls_back_to_the_uid() -> None:
                          ("IMAGE", ""): elsewhere}, RELATIONAL)
     assert len(asked) == 2 and asked[1][1]["SOPInstanceUID"] == "sop-1"
     assert moved == [{"StudyInstanceUID": "study-2", "SeriesInstanceUID": "series-2", "SOPInstanceUID": "sop-1"}]
+
+
+def _walk_cost(cap: SourceCapability) -> tuple[dict[str, int], list[Any]]:
+    """A window's records search at a source holding two record studies dated in the window's look-back: one
+    of a course treated in the window, one of a course that ended before it (3 record series each). The
+    source matches TreatmentDate (Orthanc), so the earlier course's series list no record. Returns the
+    C-FINDs per study (or "window" for a query naming no study) and the retrieves."""
+    window = HarvestWindow("20200301", "20200331")
+    dates = {"in": "20200302", "old": "20200120"}
+    finds: dict[str, int] = {}
+    moved: list[Any] = []
+
+    def record(study: str, series: int) -> dict[str, str]:
+        return {"StudyInstanceUID": study, "SeriesInstanceUID": f"{study}.{series}",
+                "SOPInstanceUID": f"{study}.{series}.1", "TreatmentDate": dates[study]}
+
+    def find(level: QueryLevel, ident: dict[str, Any]) -> list[dict[str, str]]:
+        study = str(ident.get("StudyInstanceUID") or "window")
+        finds[study] = finds.get(study, 0) + 1
+        if level is QueryLevel.STUDY:
+            return [{"StudyInstanceUID": s, "ModalitiesInStudy": "RTRECORD"} for s in dates]
+        if level is QueryLevel.SERIES:
+            return [{"StudyInstanceUID": study, "SeriesInstanceUID": f"{study}.{n}"} for n in (1, 2, 3)]
+        wanted = str(ident["TreatmentDate"]).split("-")
+        matches = [record(s, n) for s in dates for n in (1, 2, 3) if wanted[0] <= dates[s] <= wanted[1]]
+        return [a for a in matches if study == "window" or (a["StudyInstanceUID"] == study
+                                                            and a["SeriesInstanceUID"] == ident["SeriesInstanceUID"])]
+
+    def retrieve(level: QueryLevel, ident: dict[str, Any], candidate: bool) -> None:
+        moved.append(ident["SOPInstanceUID"])
+
+    execute(FindTreatmentRecords(window, None), cap, find, retrieve)
+    return finds, moved
+
+
+def test_without_upper_level_keys_each_record_study_in_the_look_back_is_walked() -> None:
+    """What history near a window costs a StudyDate search (benchmarks/README.md, "Discovery at clinic scale"):
+    without UpperLevelKeys a record study dated in the look-back costs one SERIES-level C-FIND plus one
+    IMAGE-level C-FIND per record series even when none of its records is in the window; with them, the
+    window's records come in one C-FIND whatever the look-back holds. Either way only in-window records move."""
+    walked, moved = _walk_cost(RELATIONAL)
+    assert walked == {"window": 1, "in": 4, "old": 4}
+    assert sorted(moved) == ["in.1.1", "in.2.1", "in.3.1"]
+    one, moved_upper = _walk_cost(UPPER)
+    assert one == {"window": 1}
+    assert sorted(moved_upper) == sorted(moved)
