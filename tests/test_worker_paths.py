@@ -69,21 +69,28 @@ def test_fault_free_harvest_keeps_the_closure(world: World, clinic: MiniClinic) 
     assert world.queue.counts(hid).get(JobState.FAILED, 0) == 1  # the plan no source holds
 
 
-def test_ingest_failure_in_on_stored_is_planned_from_the_store(world: World, clinic: MiniClinic) -> None:
-    """A decision that cannot be recorded on arrival (SQLite busy) no longer ends the chain: the job that
-    moved the plan plans it from the store, the chain reaches the images, and the failure is logged with the
-    harvest and job."""
-    plan_uid = clinic.plan.SOPInstanceUID
+def fail_first_ingest_of(world: World, sop_uid: str) -> list[str]:
+    """Make the ingest of the first moved arrival of ``sop_uid`` fail as SQLite busy would; the returned list
+    holds the UID once that happened."""
     real = world.ingest.process
     failed: list[str] = []
 
     def flaky(refs, orthanc_id, expectations, moved):  # type: ignore[no-untyped-def]
-        if refs.sop_uid == plan_uid and moved and not failed:
+        if refs.sop_uid == sop_uid and moved and not failed:
             failed.append(refs.sop_uid)
             raise apsw.BusyError("database is locked")
         return real(refs, orthanc_id, expectations, moved)
 
     world.ingest.process = flaky  # type: ignore[method-assign]
+    return failed
+
+
+def test_ingest_failure_in_on_stored_is_planned_from_the_store(world: World, clinic: MiniClinic) -> None:
+    """A decision that cannot be recorded on arrival (SQLite busy) no longer ends the chain: the job that
+    moved the plan plans it from the store, the chain reaches the images, and the failure is logged with the
+    harvest and job."""
+    plan_uid = clinic.plan.SOPInstanceUID
+    failed = fail_first_ingest_of(world, plan_uid)
     handler_events: list[tuple[int, str, dict]] = []
 
     class Capture(logging.Handler):
@@ -149,16 +156,7 @@ def test_an_ingest_failure_is_counted_in_the_harvest_document(world: World, clin
     """The chain goes on (planned from the store), yet the harvest document says an ingest failed, so a
     harvest whose jobs all completed still tells its reader to look at the log; a harvest without one says 0."""
     plan_uid = clinic.plan.SOPInstanceUID
-    real = world.ingest.process
-    failed: list[str] = []
-
-    def flaky(refs, orthanc_id, expectations, moved):  # type: ignore[no-untyped-def]
-        if refs.sop_uid == plan_uid and moved and not failed:
-            failed.append(refs.sop_uid)
-            raise apsw.BusyError("database is locked")
-        return real(refs, orthanc_id, expectations, moved)
-
-    world.ingest.process = flaky  # type: ignore[method-assign]
+    failed = fail_first_ingest_of(world, plan_uid)
     hid = world.start(WINDOW_2020)
     world.run()
     again = world.start(WINDOW_2020)  # planned from the store: no arrival, no failure
