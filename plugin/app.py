@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -352,9 +353,18 @@ def _orthanc_version() -> str | None:
         return None
 
 
+#: ``sys.setswitchinterval`` of the plugin's interpreter (see :func:`install`).
+GIL_SWITCH_INTERVAL_S = 0.0005
+
+
 def install() -> Runtime:
     """Register everything with Orthanc. Called once by the PythonScript entry."""
     global _runtime
+    # The C-STORE response waits for OnStoredInstance, which needs the GIL: while the ingest thread or a
+    # worker runs Python, the callback waits up to the switch interval (5 ms by default) before the
+    # interpreter hands the GIL over, once per arrival. 0.5 ms keeps that wait short; measured with
+    # benchmarks/harvest_vs_wire.py's clinic, two A/B runs of 4 rounds each: median harvest 4-11 % faster.
+    sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
     sdk.install_log_handler()
     try:
         recording = RecordingConfiguration(sdk.configuration())
