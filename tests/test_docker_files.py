@@ -12,6 +12,7 @@ ones are in the image's list of non-standard names (orthanc-builder ``docker/ort
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 from typing import Any
 
@@ -50,10 +51,13 @@ def _yaml_value(text: str) -> Any:
 
 
 def harvester_config(compose: dict[str, Any]) -> dict[str, Any]:
-    """docker/orthanc.json with the harvester service's PostgreSQL environment applied, as the image does."""
+    """docker/orthanc.json with the harvester service's PostgreSQL environment and DicomModalities applied, as
+    the image does (a JSON value replaces the whole section)."""
     config = copy.deepcopy(load_json_config(DEFAULT_CONFIG))
     for name, value in compose["services"]["harvester"]["environment"].items():
-        if name.startswith("ORTHANC__POSTGRESQL__"):
+        if name == "ORTHANC__DICOM_MODALITIES":
+            config["DicomModalities"] = json.loads(value)
+        elif name.startswith("ORTHANC__POSTGRESQL__"):
             assert name in IMAGE_PG_KEYS, f"{name} is not a PostgreSQL setting the Orthanc image knows"
             set_dotted(config, IMAGE_PG_KEYS[name], _yaml_value(str(value)))
     return config
@@ -113,3 +117,12 @@ def test_harvester_image_is_built_from_the_dockerfile_that_ships_orthanc_json(co
     assert mount.split(":", 1)[1] == shipped["StorageDirectory"]
     assert shipped["RtHarvest"]["DatabasePath"].startswith(shipped["StorageDirectory"] + "/")
     assert f'VOLUME ["{shipped["StorageDirectory"]}"]' in dockerfile
+
+
+def test_every_configured_source_is_a_modality_of_the_compose_harvester(compose: dict[str, Any]) -> None:
+    """The environment replaces DicomModalities as a whole: a source of RtHarvest.Sources missing from it
+    would be ignored (with a warning) inside the container although orthanc.json configures it."""
+    config = harvester_config(compose)
+    sources = set(config["RtHarvest"]["Sources"])
+    assert sources and sources <= set(config["DicomModalities"])
+    assert not [w for w in load_config(config).warnings if "Sources" in w]
