@@ -32,14 +32,7 @@ from .eventlog import EventLog, Level, exception_summary
 from .jobqueue import EnqueueItem, JobQueue
 from .operations import FindReferencing, FindTreatmentRecords, Operation, operation_from_dict
 from .planner import Arrival, HarvestContext, plan_arrival
-from .references import (
-    ObjectRefs,
-    ProblemCode,
-    extract_from_bytes,
-    peek_class_and_series,
-    peek_sop_instance_uid,
-)
-from .sopclass import IMAGE_CLASSES
+from .references import ObjectRefs, ProblemCode, extract_from_bytes, peek_sop_instance_uid
 from .tracking import Decision, Expectation, ObjectRecord, Tracker
 
 log = logging.getLogger("rtharvest.ingest")
@@ -87,8 +80,6 @@ _PRIORITY_BY_KIND = {
     "UnpackMimSession": 20,  # local work that continues a chain
 }
 
-
-_IMAGE_CLASS_UIDS = frozenset(c.value for c in IMAGE_CLASSES)
 
 _STRUCTURAL = frozenset({ProblemCode.UNREADABLE, ProblemCode.TRUNCATED, ProblemCode.NO_FILE_META})
 
@@ -162,10 +153,6 @@ class Ingest:
         self._reported_unsolicited = 0
         self._reported_uninspected = 0
         self._planned_series: set[tuple[str, str, str]] = set()
-        #: Image series of unsolicited arrivals already inspected (see :meth:`_inspect`), and how many
-        #: instances were not parsed because of it.
-        self._inspected_series: set[str] = set()
-        self.inspection_sampled = 0
         #: Called after follow-up jobs were committed (the harvester wakes its idle workers).
         self.on_enqueue: Callable[[], None] | None = None
         self._last_unsolicited_from = ""
@@ -363,23 +350,7 @@ class Ingest:
                               source=self._source(remote_aet))
 
     def _inspect(self, arrival: _Arrival) -> None:
-        """An arrival no harvest expects: say so if its header has problems.
-
-        Of a CT, MR or PET series only the first instance that arrives is parsed: the whole-header parse is
-        most of the plugin's CPU per unsolicited instance (measured with ``benchmarks/ingest_overhead.py``:
-        ~2 ms of the ~2.5 ms it added per instance, and half of its cost in C-STORE throughput), and the
-        slices of one series share the header problems this check finds (identity, frame of reference,
-        modality). Every other object (RT objects, any other class) is parsed whole.
-        """
-        sop_class, series = peek_class_and_series(arrival.data)
-        if sop_class in _IMAGE_CLASS_UIDS and series:
-            with self._lock:
-                if series in self._inspected_series:
-                    self.inspection_sampled += 1
-                    return
-                if len(self._inspected_series) > 100_000:
-                    self._inspected_series.clear()
-                self._inspected_series.add(series)
+        """An arrival no harvest expects: say so if its header has problems."""
         refs = extract_from_bytes(arrival.data)
         if not refs.sop_uid:
             self._report_unreadable(arrival.orthanc_id, refs, arrival.remote_aet)

@@ -722,54 +722,14 @@ def _with_problems(refs: ObjectRefs, extra: list[Problem]) -> ObjectRefs:
 
 _SOP_INSTANCE_UID_TAG = 0x00080018
 _TRANSFER_SYNTAX_UID_TAG = 0x00020010
-_MEDIA_STORAGE_SOP_CLASS_UID_TAG = 0x00020002
-_SOP_CLASS_UID_TAG = 0x00080016
-_SERIES_INSTANCE_UID_TAG = 0x0020000E
 
 
 def _past_file_meta(tag: int, vr: str | None, length: int) -> bool:
     return tag >> 16 != 0x0002
 
 
-def _peek_uids(data: bytes, wanted: frozenset[int]) -> dict[int, str] | None:
-    """The ``wanted`` UID elements of the file meta and of the dataset (read up to the last wanted tag) with pydicom's
-    element generator (no :class:`~pydicom.dataset.Dataset` is built); ``None`` when the file is unusual
-    (no preamble or file meta, a deflated or unknown transfer syntax, an unparsable start). Invalid UIDs
-    are left out, normalised as :func:`extract` normalises them."""
-    if len(data) < 132 or data[128:132] != b"DICM":
-        return None
-    raw: dict[int, bytes] = {}
-    try:
-        fp = io.BytesIO(data)
-        fp.seek(132)
-        for elem in data_element_generator(fp, False, True, stop_when=_past_file_meta):
-            if isinstance(elem.value, bytes):
-                raw[elem.tag] = elem.value
-        syntax = raw.get(_TRANSFER_SYNTAX_UID_TAG)
-        if syntax is None:
-            return None
-        ts = UID(syntax.decode("ascii", "replace").strip(" \x00"))
-        if not ts.is_transfer_syntax or ts.is_deflated:
-            return None
-
-        last = max(t for t in wanted if t >> 16 != 0x0002)
-
-        def past_last(tag: int, vr: str | None, length: int) -> bool:
-            return tag > last
-
-        for elem in data_element_generator(fp, ts.is_implicit_VR, ts.is_little_endian, stop_when=past_last):
-            if isinstance(elem.value, bytes) and elem.tag in wanted and elem.tag >> 16 != 0x0002:
-                raw[elem.tag] = elem.value
-    except Exception:  # never raises: the full parse explains what is wrong
-        return None
-    found: dict[int, str] = {}
-    for tag, value in raw.items():
-        if tag not in wanted:
-            continue
-        uid = value.decode("ascii", "replace").strip().strip("\x00").strip()
-        if uid and len(uid) <= 64 and _UID_RE.match(uid):
-            found[tag] = uid
-    return found
+def _past_sop_instance_uid(tag: int, vr: str | None, length: int) -> bool:
+    return tag > _SOP_INSTANCE_UID_TAG
 
 
 def peek_sop_instance_uid(data: bytes) -> str | None:
@@ -784,17 +744,28 @@ def peek_sop_instance_uid(data: bytes) -> str | None:
     unknown transfer syntax, no such attribute, an invalid UID, an unparsable start): the caller then
     reads the whole header, which says what is wrong.
     """
-    found = _peek_uids(data, frozenset({_SOP_INSTANCE_UID_TAG}))
-    return None if found is None else found.get(_SOP_INSTANCE_UID_TAG)
-
-
-def peek_class_and_series(data: bytes) -> tuple[str | None, str | None]:
-    """(SOPClassUID, SeriesInstanceUID) read as :func:`peek_sop_instance_uid` reads the SOP instance (the
-    elements up to (0020,000E), no Dataset built); the SOP class from the dataset, else the file meta's
-    MediaStorageSOPClassUID. ``(None, None)`` for an unusual file."""
-    found = _peek_uids(data, frozenset({_MEDIA_STORAGE_SOP_CLASS_UID_TAG, _SOP_CLASS_UID_TAG,
-                                        _SERIES_INSTANCE_UID_TAG}))
-    if found is None:
-        return None, None
-    return (found.get(_SOP_CLASS_UID_TAG) or found.get(_MEDIA_STORAGE_SOP_CLASS_UID_TAG),
-            found.get(_SERIES_INSTANCE_UID_TAG))
+    if len(data) < 132 or data[128:132] != b"DICM":
+        return None
+    try:
+        fp = io.BytesIO(data)
+        fp.seek(132)
+        syntax: bytes | None = None
+        for elem in data_element_generator(fp, False, True, stop_when=_past_file_meta):
+            if elem.tag == _TRANSFER_SYNTAX_UID_TAG and isinstance(elem.value, bytes):
+                syntax = elem.value
+        if syntax is None:
+            return None
+        ts = UID(syntax.decode("ascii", "replace").strip(" \x00"))
+        if not ts.is_transfer_syntax or ts.is_deflated:
+            return None
+        value: bytes | None = None
+        for elem in data_element_generator(fp, ts.is_implicit_VR, ts.is_little_endian,
+                                           stop_when=_past_sop_instance_uid):
+            if elem.tag == _SOP_INSTANCE_UID_TAG and isinstance(elem.value, bytes):
+                value = elem.value
+    except Exception:  # never raises: the full parse explains what is wrong
+        return None
+    if value is None:
+        return None
+    uid = value.decode("ascii", "replace").strip().strip("\x00").strip()  # as extract() normalises it
+    return uid if uid and len(uid) <= 64 and _UID_RE.match(uid) else None

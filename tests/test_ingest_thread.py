@@ -266,29 +266,3 @@ def test_idle_workers_are_woken_only_for_new_jobs(world: World, clinic: MiniClin
     assert kept(world, hid) == closure(clinic)
     assert 0 < len(wakes) <= creating, (len(wakes), creating)
     assert len(wakes) < kept_arrivals, "every kept arrival woke the workers"
-
-
-def test_of_an_unsolicited_image_series_only_the_first_instance_is_parsed(world: World, clinic: MiniClinic,
-                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    """The whole-header parse of unsolicited arrivals is done once per CT/MR/PET series (the slices share the
-    problems it finds) and for every other object; a series whose first slice is bad is still reported."""
-    import rtharvest.ingest as ingest_module
-
-    parsed: list[str] = []
-    real = ingest_module.extract_from_bytes
-
-    def counting(data: bytes):  # type: ignore[no-untyped-def]
-        refs = real(data)
-        parsed.append(refs.sop_uid)
-        return refs
-
-    monkeypatch.setattr(ingest_module, "extract_from_bytes", counting)
-    good = image_series("sampled-good", "OTHER", uid("sampled-study"), uid("sampled-for"), count=4)
-    bad = image_series("sampled-bad", "OTHER", uid("sampled-study"), None, count=3)  # images need a FoR
-    pushed = [*good, clinic.trial, *bad]
-    for i, ds in enumerate(pushed):  # the ingest thread is not started: inspected inline, in order
-        world.ingest.on_stored(f"sampled-{i}", dicom_bytes(ds), "PUSHER")
-    assert parsed == [good[0].SOPInstanceUID, clinic.trial.SOPInstanceUID, bad[0].SOPInstanceUID]
-    assert world.ingest.inspection_sampled == 5 and world.ingest.unsolicited == len(pushed)
-    warnings = [e.message for e in world.events.query(component="ingest", min_level=Level.WARNING)]
-    assert len(warnings) == 1 and "sampled-5" in warnings[0] and "FrameOfReferenceUID" in warnings[0]
