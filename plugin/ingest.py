@@ -275,10 +275,9 @@ class Ingest:
             # No usable SOPInstanceUID where it belongs: the whole header says what is wrong (rare).
             self._on_stored_parsed(orthanc_id, data, remote_aet)
             return
-        found = self._expectations(orthanc_id, sop_uid)
-        if found is None:
+        expectations = self._expectations(orthanc_id, sop_uid)
+        if expectations is None:
             return
-        expectations = found
         with self._lock:
             self._last_arrival = time.monotonic()
             self.arrivals += 1
@@ -320,10 +319,9 @@ class Ingest:
         if not refs.sop_uid:
             self._report_unreadable(orthanc_id, refs, remote_aet)
             return
-        found = self._expectations(orthanc_id, refs.sop_uid)
-        if found is None:
+        expectations = self._expectations(orthanc_id, refs.sop_uid)
+        if expectations is None:
             return
-        expectations = found
         with self._lock:
             self.arrivals += 1
             if not expectations:
