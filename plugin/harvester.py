@@ -81,6 +81,16 @@ class LocalStore(Protocol):
         """Store a DICOM file (unpacked MIM session objects); its Orthanc ID."""
 
 
+class _MovedByAnotherJob(Exception):
+    """Instances this job needs are being moved by another running job: the job goes back to the queue
+    (its attempt not counted) and looks again shortly, instead of holding one of the source's job slots
+    while it waits."""
+
+    def __init__(self, count: int) -> None:
+        super().__init__(f"waiting: {count} instance(s) are being moved by another job")
+        self.count = count
+
+
 class _NotHere(Exception):
     """This source does not hold the target after all: try the next lookup source."""
 
@@ -193,7 +203,12 @@ class Harvester:
         self.finds = finds if finds is not None else FindCache()
         #: Job ID → the round trips of its current attempt (for its note).
         self._round_trips: dict[int, RoundTrips] = {}
+        #: Job ID → when it first found its instances being moved by another job (monotonic seconds).
+        self._waiting_since: dict[int, float] = {}
         self._last_expectation_purge = 0.0
+
+    #: How soon a job given back while another job moves its instances is due again.
+    RECHECK_IN_FLIGHT_S = 0.25
 
     #: How long an ended job's expectations attribute late arrivals to its harvest (``Expectation.late``):
     #: a source still sending after a C-MOVE timeout finishes within minutes; later, an arrival is
@@ -256,14 +271,28 @@ class Harvester:
 
     def run(self, job: Job, owner: str) -> None:
         """Run one leased job to completion or failure (never raises)."""
+        waiting = False
         try:
-            self._run(job, owner)
+            waiting = self._run(job, owner)
         finally:
             self._round_trips.pop(job.id, None)
+            if not waiting:
+                self._waiting_since.pop(job.id, None)
 
-    def _run(self, job: Job, owner: str) -> None:
+    def _run(self, job: Job, owner: str) -> bool:
+        """Run the job; True when it was given back to wait for another job's move."""
         try:
             outcome = self._execute(job, owner)
+        except _MovedByAnotherJob as exc:
+            # Not an attempt: the job is due again shortly and then finds the instances stored (or moves
+            # what the other move did not deliver). Nothing is logged: the job's note says why it waits.
+            self.tracker.drop_expectations(job.id)
+            try:
+                self.queue.release(job.id, owner, not_before=time.time() + self.RECHECK_IN_FLIGHT_S,
+                                   note=str(exc))
+            except QueueError:
+                return False
+            return True
         except JobFailure as exc:
             self._fail(job, owner, exc.message, exc.retryable, exc.dimse_status)
         except SourceError as exc:
@@ -307,6 +336,7 @@ class Harvester:
                 self.events.write(Level.WARNING, "harvester", f"could not complete job: {exc}",
                                   harvest_id=job.harvest_id, job_id=job.id)
                 self.tracker.drop_expectations(job.id)
+        return False
 
     def _fail(self, job: Job, owner: str, message: str, retryable: bool, status: int | None) -> None:
         self._replanned.pop(job.id, None)
@@ -627,27 +657,26 @@ class Harvester:
 
     def _await_in_flight(self, job: Job, owner: str, missing: Sequence[str], series: str,
                          limit: float) -> dict[str, str]:
-        """Wait for instances another running job is moving (e.g. the series a contour image brought);
-        returns those that arrived meanwhile (SOP UID → Orthanc ID). Moving them again would only send
-        duplicates."""
+        """Instances another running job is moving (e.g. the series a contour image brought): those that
+        arrived already (SOP UID → Orthanc ID). Moving them again would only send duplicates, so while
+        some are still on their way the job is given back to the queue (:class:`_MovedByAnotherJob`)
+        rather than holding one of the source's job slots idle; after ``limit`` seconds of that (the
+        other move hangs) the job stops waiting and moves what is still missing itself."""
+        # Who is still moving is read *before* the store: a job that ended before this read had stored all
+        # it delivered, so the store read below sees it (read the other way round, a move ending between
+        # the two reads would leave its last instances looking missing, and they would move twice).
         busy = self.tracker.in_flight(missing, job.id)
-        arrived: dict[str, str] = {}
-        deadline = time.monotonic() + limit
-        while busy and time.monotonic() < deadline and not self._stop.is_set():
-            self._stop.wait(0.2)
-            self.queue.heartbeat(job.id, owner, self.lease_seconds)
-            # Who is still moving is read *before* the store: a job that ended before this read had stored
-            # all it delivered, so the store read below sees it (read the other way round, a move ending
-            # between the two reads would leave its last instances looking missing, and they would move twice).
-            moving = self.tracker.in_flight(list(busy), job.id)
-            # One index query for the whole series rather than one look-up per slice per poll.
-            stored = self.store.series_instances(series) if series else {
-                uid: oid for uid in busy if (oid := self.store.lookup(uid)) is not None}
-            for uid in list(busy):
-                if uid in stored:
-                    arrived[uid] = stored[uid]
-                    busy.discard(uid)
-            busy &= moving
+        if not busy:
+            return {}
+        # One index query for the whole series rather than one look-up per slice.
+        stored = self.store.series_instances(series) if series else {
+            uid: oid for uid in busy if (oid := self.store.lookup(uid)) is not None}
+        arrived = {uid: stored[uid] for uid in busy if uid in stored}
+        still = busy.difference(arrived)
+        if still and not self._stop.is_set():
+            since = self._waiting_since.setdefault(job.id, time.monotonic())
+            if time.monotonic() - since < limit:
+                raise _MovedByAnotherJob(len(still))
         return arrived
 
     def _settle_arrivals(self, job: Job, op: Operation, target: Target, uids: Sequence[str]) -> set[str]:

@@ -19,7 +19,7 @@ from rtharvest.ingest import job_for
 from rtharvest.jobqueue import JobState
 from rtharvest.operations import RetrieveSeries, Role
 from rtharvest.strategies import QueryLevel
-from rtharvest.tracking import Decision
+from rtharvest.tracking import Decision, Expectation
 from tests.fakes import World
 from tests.planner_fixtures import MiniClinic
 
@@ -285,13 +285,15 @@ def test_a_warning_status_with_everything_delivered_completes(world: World, clin
 
 
 def test_instances_another_job_is_moving_are_awaited_not_moved_twice(world: World, clinic: MiniClinic) -> None:
-    """Two harvests want the same series at once: the second waits for the first one's move and plans the
-    arrived copies from the store; the source sends the series once."""
+    """Two harvests want the same series at once: the second is given back to the queue while the first one
+    moves it (holding no job slot of the source), then plans the arrived copies from the store; the source
+    sends the series once."""
     h1 = world.start(HarvestWindow("20990101", "20990102", ("NOBODY",)))
     h2 = world.start(HarvestWindow("20990101", "20990102", ("NOBODY2",)))
     world.run()
     series_job(world, h1, clinic.ct_sim)
     series_job(world, h2, clinic.ct_sim)
+    world.harvester.RECHECK_IN_FLIGHT_S = 0.0  # due again at once, for world.run() below
     waiting = threading.Event()
     real_in_flight = world.tracker.in_flight
 
@@ -317,14 +319,50 @@ def test_instances_another_job_is_moving_are_awaited_not_moved_twice(world: Worl
     world.harvester.run(second, "t:1:w1")
     mover.join(60)
     assert not mover.is_alive()
+    # Whichever recorded its expectations first moved; the other went back to the queue, attempt not counted.
+    after = sorted((world.queue.get_job(j.id) for j in (first, second)), key=lambda j: j.state.value)
+    assert [j.state for j in after] == [JobState.DONE, JobState.PENDING]
+    assert after[1].attempts == 0 and "being moved by another job" in (after[1].last_error or "")
+    again = world.queue.claim("t:1:w1", 60.0)  # the series request outranks the follow-ups the move planned
+    assert again is not None and again.id == after[1].id
+    world.harvester.run(again, "t:1:w1")
     assert [lvl for lvl, _ in world.backend.moves] == [QueryLevel.SERIES]
-    # Whichever recorded its expectations first moved; the other waited and planned the stored copies.
     notes = sorted((world.queue.get_job(j.id).state, world.queue.get_job(j.id).note or "") for j in (first, second))
     assert all(state is JobState.DONE for state, _ in notes)
     assert sorted("4 instance(s) moved, 0 already stored" in n for _, n in notes) == [False, True]
     assert sum("0 instance(s) moved, 4 already stored" in n for _, n in notes) == 1, notes
     expected = {i.SOPInstanceUID for i in clinic.ct_sim}
     assert expected <= kept(world, h1) and expected <= kept(world, h2)
+
+
+def test_a_job_stops_waiting_for_a_move_that_never_ends_and_moves_itself(world: World,
+                                                                        clinic: MiniClinic) -> None:
+    """Another job holds the series' expectations but never delivers (its worker hangs): the job waiting for
+    it is given back each time it looks, for at most the source's move timeout; then it moves the series."""
+    h1 = world.start(HarvestWindow("20990101", "20990102", ("NOBODY",)))
+    h2 = world.start(HarvestWindow("20990101", "20990102", ("NOBODY2",)))
+    world.run()
+    series_job(world, h1, clinic.ct_sim)
+    series_job(world, h2, clinic.ct_sim)
+    hung = world.queue.claim("t:1:w0", 600.0)
+    assert hung is not None and hung.harvest_id == h1
+    world.tracker.expect([Expectation(h1, ds.SOPInstanceUID, hung.id, "SRC", Role.PLANNING_SERIES.value,
+                                      "RTSTRUCT->SERIES", False, hung.payload) for ds in clinic.ct_sim])
+    world.harvester.RECHECK_IN_FLIGHT_S = 0.0
+    waiter = world.queue.claim("t:1:w1", 60.0)
+    assert waiter is not None and waiter.harvest_id == h2
+    world.harvester.run(waiter, "t:1:w1")
+    job = world.queue.get_job(waiter.id)
+    assert (job.state, job.attempts) == (JobState.PENDING, 0) and world.backend.moves == []
+    # The move timeout (5 s in the fakes) has passed since it first found the series in flight.
+    world.harvester._waiting_since[waiter.id] -= 10.0
+    again = world.queue.claim("t:1:w1", 60.0)
+    assert again is not None and again.id == waiter.id
+    world.harvester.run(again, "t:1:w1")
+    assert world.queue.get_job(waiter.id).state is JobState.DONE
+    assert [lvl for lvl, _ in world.backend.moves] == [QueryLevel.SERIES]
+    assert {i.SOPInstanceUID for i in clinic.ct_sim} <= kept(world, h2)
+    assert waiter.id not in world.harvester._waiting_since
 
 
 def test_a_series_kept_under_one_role_still_plans_the_hops_of_another(world: World, clinic: MiniClinic) -> None:
@@ -352,3 +390,26 @@ def test_a_series_kept_under_one_role_still_plans_the_hops_of_another(world: Wor
     ct_uids = {first.SeriesInstanceUID, *(i.SOPInstanceUID for i in clinic.ct_sim)}
     assert not [m for m in world.backend.moves[moves:] if ct_uids & set(m[1])]  # the CT is not moved again
     assert "FOR->REG" in reg_searches()
+
+
+def test_jobs_are_ordered_critical_path_first_and_every_hop_has_its_rank(world: World, clinic: MiniClinic) -> None:
+    """Records, plans, structure sets and registrations (the searches that reveal more work) run before the
+    bulk image series they reveal, and a plan's later records and doses (leaves) last; every hop the
+    planner produces on a whole harvest has its own rank (none falls back to the default)."""
+    from rtharvest.ingest import _PRIORITY_BY_HOP, job_priority
+
+    hid = world.start(WINDOW_2020)
+    world.run()
+    jobs = world.queue.list_jobs(harvest_id=hid)
+    hops = {j.payload.get("hop") for j in jobs}
+    assert {"WINDOW->RTRECORD", "RTRECORD->RTPLAN", "RTPLAN->RTSTRUCT", "RTSTRUCT->SERIES", "FOR->REG",
+            "REG->SERIES", "SERIES->FOR", "RTPLAN->RTDOSE", "RTPLAN->RTRECORD"} <= hops
+    assert hops <= set(_PRIORITY_BY_HOP), hops - set(_PRIORITY_BY_HOP)
+    assert all(j.priority == _PRIORITY_BY_HOP[j.payload["hop"]] for j in jobs if j.kind != "UnpackMimSession")
+    rank = _PRIORITY_BY_HOP
+    assert (rank["WINDOW->RTRECORD"] > rank["RTRECORD->RTPLAN"] > rank["RTPLAN->RTSTRUCT"]
+            > rank["RTSTRUCT->SERIES"] > rank["FOR->REG"] > rank["REG->SERIES"] > rank["RTPLAN->RTDOSE"]
+            > rank["RTPLAN->RTRECORD"])
+    assert rank["SERIES->FOR"] > rank["RTPLAN->RTDOSE"]
+    op = RetrieveSeries("P", "1.2", "1.2.3", Role.PLANNING_SERIES, "RTSTRUCT->SERIES")
+    assert job_for(world.routes[hid], op).priority == job_priority(op) == rank["RTSTRUCT->SERIES"]
