@@ -63,22 +63,44 @@ class HarvestRouting:
         return self.lookup_sources
 
 
-def job_for(routing: HarvestRouting, op: Operation, priority: int = 0) -> EnqueueItem:
+def job_for(routing: HarvestRouting, op: Operation, priority: int | None = None) -> EnqueueItem:
     """The queue item that runs ``op`` for this harvest (deduplicated on the operation's key)."""
+    if priority is None:
+        priority = job_priority(op)
     return EnqueueItem(routing.harvest_id, op.kind.value, routing.source_for(op), op.to_dict(), op.dedupe_key(),
                        priority)
 
 
-# Later hops first: finishing one patient's chain before starting the next keeps partial results useful
-# and bounds the number of half-collected plans after an interruption.
-_PRIORITY_BY_KIND = {
-    "FindTreatmentRecords": 0,
-    "RetrieveInstance": 20,
-    "FindReferencing": 10,
-    "RetrieveSeries": 15,
-    "FindSeriesInFrameOfReference": 5,
-    "UnpackMimSession": 20,  # local work that continues a chain
+# Job order: the hops that start the longest remaining chain first (critical path first, the classic
+# list-scheduling rule). Bulk image moves take seconds each and the two or so associations a source allows
+# are the scarce resource: a cheap search that reveals the next series must not wait behind them, so
+# records, plans, structure sets and registrations go first, the image series they reveal next, and the
+# leaves (a plan's later records and its doses) last. Equal priorities run oldest first.
+_PRIORITY_BY_HOP = {
+    "WINDOW->RTRECORD": 70,
+    "RTRECORD->RTPLAN": 60,
+    "RTPLAN->RTSTRUCT": 50,
+    "RTDOSE->RTSTRUCT": 50,
+    "RTSTRUCT->IMAGE": 40,   # the planning series (its first slice starts the FoR searches)
+    "RTSTRUCT->SERIES": 40,
+    "IMAGE->SERIES": 40,
+    "FOR->REG": 35,          # registrations, then their series
+    "FOR->RAW": 35,
+    "REG->SERIES": 30,
+    "REG->IMAGE": 30,
+    "REG->FOR": 30,
+    "SERIES->FOR": 30,       # series sharing a FoR: leaves, but bulk
+    "RTPLAN->RTDOSE": 20,    # leaves (a TomoTherapy dose may still name the structure set)
+    "RTPLAN->RTRECORD": 10,
 }
+
+
+def job_priority(op: Operation) -> int:
+    """Queue priority of ``op`` (higher runs first): by its hop (:data:`_PRIORITY_BY_HOP`); unpacking a MIM
+    session is local work that stands in for a registration search, and goes with those."""
+    if op.kind.value == "UnpackMimSession":
+        return _PRIORITY_BY_HOP["FOR->REG"]
+    return _PRIORITY_BY_HOP.get(op.hop, 25)
 
 
 _STRUCTURAL = frozenset({ProblemCode.UNREADABLE, ProblemCode.TRUNCATED, ProblemCode.NO_FILE_META})
@@ -485,7 +507,7 @@ class Ingest:
                     self.tracker.remember_rejection(refs.sop_uid, op.dedupe_key(), decision.reason)
                 if decision.operations and not self._series_planned(exp, refs, op):
                     created = self.queue.enqueue_many(
-                        job_for(routing, o, _PRIORITY_BY_KIND.get(o.kind.value, 0)) for o in decision.operations
+                        job_for(routing, o) for o in decision.operations
                     )
                     enqueued = enqueued or any(new for _, new in created)
                     if refs.kind.value == "IMAGE" and refs.series_uid:
