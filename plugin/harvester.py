@@ -285,11 +285,12 @@ class Harvester:
             outcome = self._execute(job, owner)
         except _MovedByAnotherJob as exc:
             # Not an attempt: the job is due again shortly and then finds the instances stored (or moves
-            # what the other move did not deliver). Nothing is logged: the job's note says why it waits.
+            # what the other move did not deliver). No note and nothing logged: a job with a last error
+            # counts as retried and would ask its C-FINDs again instead of reusing the harvest's answers.
             self.tracker.drop_expectations(job.id)
+            log.debug("job %s: %s", job.id, exc)
             try:
-                self.queue.release(job.id, owner, not_before=time.time() + self.RECHECK_IN_FLIGHT_S,
-                                   note=str(exc))
+                self.queue.release(job.id, owner, not_before=time.time() + self.RECHECK_IN_FLIGHT_S)
             except QueueError:
                 return False
             return True

@@ -158,8 +158,11 @@ class FakeBackend:
     move_status: int | None = None
     withhold: set[str] = field(default_factory=set)
     moves: list[tuple[QueryLevel, tuple[str, ...]]] = field(default_factory=list)
+    #: Every C-FIND sent: (level, identifier).
+    finds: list[tuple[QueryLevel, dict[str, Any]]] = field(default_factory=list)
 
     def find(self, level: QueryLevel, keys: Mapping[str, Any], *, timeout: float | None = None) -> list[dict[str, Any]]:
+        self.finds.append((level, dict(keys)))
         try:
             return self.source.find(level, keys)
         except QueryRejected as exc:
