@@ -12,12 +12,16 @@ from __future__ import annotations
 
 import io
 import re
+import struct
 import warnings
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from typing import Any
 
 import pydicom
+from pydicom import filereader
+from pydicom.datadict import dictionary_VR, tag_for_keyword
+from pydicom.dataelem import DataElement, RawDataElement, convert_raw_data_element
 from pydicom.dataset import Dataset
 from pydicom.filereader import data_element_generator
 from pydicom.sequence import Sequence
@@ -228,6 +232,108 @@ def _tag_of(keyword: str) -> str:
     return f"({tag >> 16:04X},{tag & 0xFFFF:04X})"
 
 
+#: Read reference sequences item by item without building a pydicom Dataset per item (see _RawItem).
+#: A switch for the tests, which check that both ways give the same references and problems.
+FAST_SEQUENCES = True
+_ITEM_TAG, _SEQUENCE_DELIMITER_TAG, _UNDEFINED = 0xFFFEE000, 0xFFFEE0DD, 0xFFFFFFFF
+_SPECIFIC_CHARACTER_SET_TAG = 0x00080005
+
+
+class _RawItem:
+    """A sequence item whose elements stay raw (pydicom ``RawDataElement``) until one is read.
+
+    pydicom builds a ``Dataset`` for every item of a sequence the first time the sequence is read; a
+    structure set's ROIContourSequence → ContourSequence → ContourImageSequence or a registration's
+    ReferencedImageSequence hold thousands of items, and building them was most of the 30–70 ms a
+    structure set or REG took to parse. Here an item is a dict of its raw elements, and an element is
+    converted by pydicom's own ``convert_raw_data_element`` when it is read, so every value, error and
+    warning is the one the ``Dataset`` would give. Only what :class:`_Reader` asks of an item is offered.
+    """
+
+    __slots__ = ("elements", "encoding")
+
+    def __init__(self, elements: dict[int, RawDataElement | DataElement], encoding: Any) -> None:
+        self.elements = elements
+        self.encoding = encoding
+
+    def __contains__(self, keyword: str) -> bool:
+        tag = tag_for_keyword(keyword)
+        return tag is not None and tag in self.elements
+
+    def __getitem__(self, keyword: str) -> DataElement:
+        tag = tag_for_keyword(keyword)
+        if tag is None or tag not in self.elements:
+            raise KeyError(keyword)
+        elem = self.elements[tag]
+        if isinstance(elem, RawDataElement):
+            elem = self.elements[tag] = convert_raw_data_element(elem, encoding=self.encoding)
+        return elem
+
+
+#: What a sequence item is to :class:`_Reader`: a pydicom Dataset or a raw item.
+_Item = Dataset | _RawItem
+
+
+def _raw_items(ds: _Item, keyword: str) -> list[_RawItem] | None:
+    """The items of sequence ``keyword`` of ``ds`` as :class:`_RawItem`, or None when that is not how
+    it should be read: absent, already converted, deferred, not a sequence, an item with its own
+    character set, anything pydicom warns or fails about (the ``Dataset`` path then reads it, and reports
+    exactly what it always did)."""
+    if not FAST_SEQUENCES:
+        return None
+    try:
+        if isinstance(ds, _RawItem):
+            tag = tag_for_keyword(keyword)
+            elem = ds.elements.get(tag) if tag is not None else None
+            encoding = ds.encoding
+        else:
+            elem = ds.get_item(keyword)
+            encoding = ds._character_set
+        if not isinstance(elem, RawDataElement) or not isinstance(elem.value, bytes):
+            return None
+        if (elem.VR or dictionary_VR(elem.tag)) != "SQ":
+            return None
+        data, implicit, little = elem.value, elem.is_implicit_VR, elem.is_little_endian
+        header = struct.Struct("<HHL" if little else ">HHL")
+        items: list[_RawItem] = []
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            fp = io.BytesIO(data)
+            while fp.tell() < len(data):
+                raw = fp.read(8)
+                if len(raw) < 8:
+                    return None
+                group, element, length = header.unpack(raw)
+                tag = group << 16 | element
+                if tag == _SEQUENCE_DELIMITER_TAG:
+                    break
+                if tag != _ITEM_TAG:
+                    return None
+                start = fp.tell()
+                # As pydicom's read_dataset does for each item: an item may switch to implicit VR.
+                item_implicit = filereader._is_implicit_vr(fp, implicit, little, None, is_sequence=True)
+                fp.seek(start)
+                elements: dict[int, RawDataElement | DataElement] = {}
+                generator = data_element_generator(fp, item_implicit, little, None, None, encoding)
+                if length == _UNDEFINED:
+                    for e in generator:  # ends at the item delimiter
+                        elements[int(e.tag)] = e
+                else:
+                    while fp.tell() - start < length:
+                        e = next(generator)
+                        elements[int(e.tag)] = e
+                    if fp.tell() - start != length:
+                        return None
+                if _SPECIFIC_CHARACTER_SET_TAG in elements:
+                    return None
+                items.append(_RawItem(elements, encoding))
+        if caught:
+            return None
+        return items
+    except Exception:
+        return None
+
+
 class _Reader:
     """Collects problems while reading attributes defensively (any access may raise on bad data)."""
 
@@ -237,7 +343,7 @@ class _Reader:
     def add(self, code: ProblemCode, path: str, message: str, keyword: str = "") -> None:
         self.problems.append(Problem(code, path, message, _tag_of(keyword or path.rsplit(".", 1)[-1])))
 
-    def raw(self, ds: Dataset, keyword: str, path: str) -> tuple[bool, Any]:
+    def raw(self, ds: _Item, keyword: str, path: str) -> tuple[bool, Any]:
         """(present, value); a value pydicom cannot convert is reported and treated as absent."""
         try:
             if keyword not in ds:
@@ -247,7 +353,7 @@ class _Reader:
             self.add(ProblemCode.WRONG_VR, path, f"value cannot be decoded: {exc}", keyword)
             return False, None
 
-    def text(self, ds: Dataset, keyword: str, path: str, required: bool = False) -> str | None:
+    def text(self, ds: _Item, keyword: str, path: str, required: bool = False) -> str | None:
         """A single string value (CS/LO/SH/DA/TM...), stripped; ``None`` when absent or empty."""
         present, value = self.raw(ds, keyword, path)
         if not present or value is None or value == "":
@@ -268,7 +374,7 @@ class _Reader:
         text = str(value).strip().strip("\x00").strip()
         return text or None
 
-    def uid(self, ds: Dataset, keyword: str, path: str, required: bool = True) -> str | None:
+    def uid(self, ds: _Item, keyword: str, path: str, required: bool = True) -> str | None:
         """A UID value; wrong types are dropped, bad syntax is reported but kept (it is what is stored)."""
         present, value = self.raw(ds, keyword, path)
         if not present or value is None or value == "":
@@ -291,7 +397,7 @@ class _Reader:
             self.add(ProblemCode.INVALID_UID, path, f"{keyword} {uid!r} is not a valid UID", keyword)
         return uid
 
-    def date(self, ds: Dataset, keyword: str, path: str, required: bool = False) -> str | None:
+    def date(self, ds: _Item, keyword: str, path: str, required: bool = False) -> str | None:
         """A DA value as ``YYYYMMDD``; ACR-NEMA style ``YYYY.MM.DD`` is normalised (and reported)."""
         text = self.text(ds, keyword, path, required)
         if text is None:
@@ -305,9 +411,10 @@ class _Reader:
         self.add(ProblemCode.INVALID_DATE, path, f"{keyword} {text!r} is not a date")
         return None
 
-    def seq(self, ds: Dataset, keyword: str, path: str, required: bool = False) -> list[Dataset]:
+    def seq(self, ds: _Item, keyword: str, path: str, required: bool = False) -> list[_Item]:
         """Items of a sequence that are datasets; absent/empty/wrong-typed sequences are reported."""
-        present, value = self.raw(ds, keyword, path)
+        fast = _raw_items(ds, keyword)
+        present, value = (True, fast) if fast is not None else self.raw(ds, keyword, path)
         if not present:
             if required:
                 self.add(ProblemCode.MISSING_SEQUENCE, path, f"{keyword} is absent", keyword)
@@ -318,14 +425,14 @@ class _Reader:
             self.add(ProblemCode.WRONG_VR, path, f"{keyword} is {type(value).__name__}, expected a sequence",
                      keyword)
             return []
-        items = [item for item in value if isinstance(item, Dataset)]
+        items = [item for item in value if isinstance(item, (Dataset, _RawItem))]
         if len(items) != len(value):
             self.add(ProblemCode.WRONG_VR, path, f"{keyword} holds non-dataset items", keyword)
         if not items and required:
             self.add(ProblemCode.EMPTY_SEQUENCE, path, f"{keyword} has no items", keyword)
         return items
 
-    def ref_uids(self, ds: Dataset, keyword: str, path: str, required: bool = False,
+    def ref_uids(self, ds: _Item, keyword: str, path: str, required: bool = False,
                  max_items: int | None = None) -> tuple[str, ...]:
         """ReferencedSOPInstanceUID of every item of a reference sequence (deduplicated, in order)."""
         items = self.seq(ds, keyword, path, required)
@@ -339,7 +446,7 @@ class _Reader:
                 out.append(uid)
         return tuple(out)
 
-    def integer(self, ds: Dataset, keyword: str, path: str) -> int | None:
+    def integer(self, ds: _Item, keyword: str, path: str) -> int | None:
         present, value = self.raw(ds, keyword, path)
         if not present or value is None or value == "":
             return None
@@ -494,7 +601,7 @@ def _dose(r: _Reader, ds: Dataset) -> DoseRefs:
     return DoseRefs(plans, ss, summation)
 
 
-def _matrix_type(r: _Reader, item: Dataset, seq_kw: str, path: str) -> str | None:
+def _matrix_type(r: _Reader, item: _Item, seq_kw: str, path: str) -> str | None:
     for i, mreg in enumerate(r.seq(item, seq_kw, f"{path}.{seq_kw}")):
         for j, m in enumerate(r.seq(mreg, "MatrixSequence", f"{path}.{seq_kw}[{i}].MatrixSequence")):
             t = r.text(m, "FrameOfReferenceTransformationMatrixType",
@@ -522,7 +629,7 @@ def _registration(r: _Reader, ds: Dataset, deformable: bool) -> RegistrationRefs
     series: list[SeriesRef] = []
     own_study = r.uid(ds, "StudyInstanceUID", "StudyInstanceUID", required=False)
 
-    def add_series(study: str | None, items_: list[Dataset], path: str) -> None:
+    def add_series(study: str | None, items_: list[_Item], path: str) -> None:
         for k, se in enumerate(items_):
             spath = f"{path}[{k}]"
             series_uid = r.uid(se, "SeriesInstanceUID", f"{spath}.SeriesInstanceUID")
