@@ -248,6 +248,12 @@ class _RawItem:
     structure set or REG took to parse. Here an item is a dict of its raw elements, and an element is
     converted by pydicom's own ``convert_raw_data_element`` when it is read, so every value, error and
     warning is the one the ``Dataset`` would give. Only what :class:`_Reader` asks of an item is offered.
+
+    Applies to sequences with a defined length, whose bytes pydicom keeps raw until they are read.
+    Undefined-length sequences are parsed into Datasets while the file is read, as before. Orthanc 1.10.1
+    stores what arrives by C-STORE with defined lengths (checked: a structure set sent by pynetdicom with
+    undefined-length sequences and items came back from ``/instances/{id}/file`` with defined ones), so
+    every harvested or pushed instance is read this way.
     """
 
     __slots__ = ("elements", "encoding")
