@@ -207,6 +207,9 @@ class Harvester:
         self._waiting_since: dict[int, float] = {}
         self._last_expectation_purge = 0.0
 
+    #: How long an idle worker sleeps when no job is pending at all (enqueuing a job wakes it).
+    IDLE_WAIT_S = 2.0
+
     #: How soon a job given back while another job moves its instances is due again.
     RECHECK_IN_FLIGHT_S = 0.25
 
@@ -264,10 +267,23 @@ class Harvester:
                 self._stop.wait(1.0)
                 continue
             if job is None:
-                self._wake.wait(self.poll_interval)
+                self._wake.wait(self.idle_wait())
                 self._wake.clear()
                 continue
             self.run(job, owner)
+
+    def idle_wait(self) -> float:
+        """How long a worker that found nothing to claim waits before it looks again (enqueuing wakes it).
+
+        Pending jobs that are not due yet (a retry's backoff, a job waiting for another's move) or whose
+        source is saturated: ``poll_interval``. No pending job at all: ``IDLE_WAIT_S``, so an idle harvester
+        does not query its queue twenty times a second for months.
+        """
+        try:
+            pending = self.queue.has_pending()
+        except Exception:
+            pending = True  # the queue will say what is wrong at the next claim
+        return self.poll_interval if pending else max(self.poll_interval, self.IDLE_WAIT_S)
 
     def run(self, job: Job, owner: str) -> None:
         """Run one leased job to completion or failure (never raises)."""

@@ -617,6 +617,10 @@ class JobQueue:
         )
         return row is None
 
+    def has_pending(self) -> bool:
+        """Whether any job waits to run (pending or waiting, due or not, of any harvest)."""
+        return self.db.query_one("SELECT 1 FROM jobs WHERE state IN ('pending', 'waiting') LIMIT 1") is not None
+
     def is_harvest_finished(self, harvest_id: str) -> bool:
         """No job of the harvest is pending, waiting or leased."""
         self._harvest_state(harvest_id)

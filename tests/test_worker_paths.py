@@ -415,3 +415,46 @@ def test_jobs_are_ordered_critical_path_first_and_every_hop_has_its_rank(world: 
     assert rank["SERIES->FOR"] > rank["RTPLAN->RTDOSE"]
     op = RetrieveSeries("P", "1.2", "1.2.3", Role.PLANNING_SERIES, "RTSTRUCT->SERIES")
     assert job_for(world.routes[hid], op).priority == job_priority(op) == rank["RTSTRUCT->SERIES"]
+
+
+def test_an_idle_worker_sleeps_long_and_new_work_still_starts_at_once(world: World, clinic: MiniClinic) -> None:
+    """No pending job: the worker waits IDLE_WAIT_S instead of polling every poll_interval; a pending job
+    (even one not yet due) brings the short poll back; a new harvest wakes a sleeping worker at once."""
+    assert world.harvester.idle_wait() == world.harvester.IDLE_WAIT_S > world.harvester.poll_interval
+    hid = world.start(WINDOW_2020)
+    assert world.queue.has_pending()
+    assert world.harvester.idle_wait() == world.harvester.poll_interval
+    world.run()
+    assert world.queue.is_harvest_finished(hid) and not world.queue.has_pending()
+    assert world.harvester.idle_wait() == world.harvester.IDLE_WAIT_S
+
+    world.harvester.IDLE_WAIT_S = 600.0  # a worker that only polled would not see the next job for 10 min
+    world.harvester.worker_count = 1
+    sleeping = threading.Event()
+    real_idle_wait = world.harvester.idle_wait
+
+    def idle_wait() -> float:
+        seconds = real_idle_wait()
+        if seconds >= 600.0:
+            sleeping.set()
+        return seconds
+
+    world.harvester.idle_wait = idle_wait  # type: ignore[method-assign]
+    world.harvester.start()
+    try:
+        done = threading.Event()
+        real_complete = world.queue.complete
+
+        def complete(job_id, owner, note=None):  # type: ignore[no-untyped-def]
+            result = real_complete(job_id, owner, note=note)
+            done.set()
+            return result
+
+        world.queue.complete = complete  # type: ignore[method-assign]
+        assert sleeping.wait(30), "the idle worker never went to sleep"
+        h2 = world.start(HarvestWindow("20990101", "20990102", ("NOBODY",)))
+        world.harvester.wake()  # what HarvestService.on_enqueue does in the plugin (app.py)
+        assert done.wait(30), "the sleeping worker did not start the new harvest's job"
+        assert world.queue.is_harvest_finished(h2)
+    finally:
+        world.harvester.stop()
