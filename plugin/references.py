@@ -237,6 +237,7 @@ def _tag_of(keyword: str) -> str:
 FAST_SEQUENCES = True
 _ITEM_TAG, _SEQUENCE_DELIMITER_TAG, _UNDEFINED = 0xFFFEE000, 0xFFFEE0DD, 0xFFFFFFFF
 _SPECIFIC_CHARACTER_SET_TAG = 0x00080005
+_DEFLATED = "1.2.840.10008.1.2.1.99"
 
 
 class _RawItem:
@@ -280,11 +281,16 @@ class _RawItem:
 _Item = Dataset | _RawItem
 
 
-def _raw_items(ds: _Item, keyword: str) -> list[_RawItem] | None:
+def _raw_items(ds: _Item, keyword: str, source: bytes | None = None) -> list[_RawItem] | None:
     """The items of sequence ``keyword`` of ``ds`` as :class:`_RawItem`, or None when that is not how
-    it should be read: absent, already converted, deferred, not a sequence, an item with its own
-    character set, anything pydicom warns or fails about (the ``Dataset`` path then reads it, and reports
-    exactly what it always did)."""
+    it should be read: absent, already converted, not a sequence, an item with its own character set,
+    anything pydicom warns or fails about (the ``Dataset`` path then reads it, and reports exactly what it
+    always did).
+
+    ``source``: the bytes ``ds`` was read from, for a top-level sequence longer than ``defer_size`` (a
+    large structure set's ROIContourSequence): pydicom left its value unread, and loading it through the
+    Dataset would build every item; its bytes are taken from ``source`` at the element's offset instead.
+    """
     if not FAST_SEQUENCES:
         return None
     try:
@@ -293,13 +299,23 @@ def _raw_items(ds: _Item, keyword: str) -> list[_RawItem] | None:
             elem = ds.elements.get(tag) if tag is not None else None
             encoding = ds.encoding
         else:
-            elem = ds.get_item(keyword)
+            elem = ds.get_item(keyword, keep_deferred=True)
             encoding = ds._character_set
-        if not isinstance(elem, RawDataElement) or not isinstance(elem.value, bytes):
+        if not isinstance(elem, RawDataElement):
             return None
         if (elem.VR or dictionary_VR(elem.tag)) != "SQ":
             return None
-        data, implicit, little = elem.value, elem.is_implicit_VR, elem.is_little_endian
+        data = elem.value
+        if data is None and source is not None and isinstance(ds, Dataset) and elem.length not in (0, _UNDEFINED) \
+                and str(getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "")) != _DEFLATED:
+            # Deferred: the value's bytes are where pydicom left them (a deflated dataset was inflated
+            # into another buffer first, so its offsets do not point into ``source``).
+            data = source[elem.value_tell:elem.value_tell + elem.length]
+            if len(data) != elem.length:
+                return None
+        if not isinstance(data, bytes):
+            return None
+        implicit, little = elem.is_implicit_VR, elem.is_little_endian
         header = struct.Struct("<HHL" if little else ">HHL")
         items: list[_RawItem] = []
         with warnings.catch_warnings(record=True) as caught:
@@ -343,8 +359,10 @@ def _raw_items(ds: _Item, keyword: str) -> list[_RawItem] | None:
 class _Reader:
     """Collects problems while reading attributes defensively (any access may raise on bad data)."""
 
-    def __init__(self) -> None:
+    def __init__(self, source: bytes | None = None) -> None:
         self.problems: list[Problem] = []
+        #: The bytes the top-level dataset was read from (see :func:`_raw_items`).
+        self.source = source
 
     def add(self, code: ProblemCode, path: str, message: str, keyword: str = "") -> None:
         self.problems.append(Problem(code, path, message, _tag_of(keyword or path.rsplit(".", 1)[-1])))
@@ -419,7 +437,7 @@ class _Reader:
 
     def seq(self, ds: _Item, keyword: str, path: str, required: bool = False) -> list[_Item]:
         """Items of a sequence that are datasets; absent/empty/wrong-typed sequences are reported."""
-        fast = _raw_items(ds, keyword)
+        fast = _raw_items(ds, keyword, self.source)
         present, value = (True, fast) if fast is not None else self.raw(ds, keyword, path)
         if not present:
             if required:
@@ -708,13 +726,15 @@ def _kind(r: _Reader, sop_class: str, modality: str | None) -> ObjectKind:
     return kind
 
 
-def extract(ds: Dataset) -> ObjectRefs:
+def extract(ds: Dataset, source: bytes | None = None) -> ObjectRefs:
     """Reduce a dataset to its identity and outgoing references; never raises.
 
     Problems found on the way (missing or empty sequences, items without UIDs, wrong VRs, dangling
     internal references) are returned in ``problems``; the references that could be read are kept.
+    ``source``: the bytes ``ds`` was read from, if it was read from bytes (large reference sequences are
+    then read without loading them through the Dataset).
     """
-    r = _Reader()
+    r = _Reader(source)
     try:
         return _extract(r, ds)
     except Exception as exc:  # the contract is "never raises": report and degrade
@@ -784,8 +804,9 @@ def extract_from_bytes(data: bytes) -> ObjectRefs:
     """Parse a DICOM file (Part 10, or a bare dataset) without pixel data and :func:`extract` it.
 
     Unreadable or truncated input gives problems, never an exception. Bulk values such as pixel data
-    are not read (``stop_before_pixels``); large elements are deferred (never loaded: the references
-    live in small elements).
+    are not read (``stop_before_pixels``); large elements are deferred: never loaded, except a large
+    reference sequence (a structure set's ROIContourSequence), whose items are then read from ``data``
+    one by one (:func:`_raw_items`).
     """
     if not data:
         return _unreadable("empty input")
@@ -800,7 +821,7 @@ def extract_from_bytes(data: bytes) -> ObjectRefs:
                 ds = pydicom.dcmread(buf, stop_before_pixels=True, defer_size="64 KB", force=force)
                 if force and len(ds) == 0:
                     return _unreadable("not DICOM: no preamble and no parsable data element")
-                refs = extract(ds)
+                refs = extract(ds, data)
         except pydicom.errors.InvalidDicomError:
             continue  # no preamble/file meta: retry as a bare dataset (pydicom's rtstruct.dcm is one)
         except Exception as exc:

@@ -97,6 +97,26 @@ def test_the_fast_path_is_what_reads_a_structure_set_and_a_registration(rt_datas
     assert references._raw_items(read, "RegistrationSequence") is None
 
 
+def test_a_large_structure_set_reads_the_same_and_its_deferred_sequences_raw(rt_datasets: list[Dataset],
+                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """A clinical structure set is megabytes of contour points: its ROIContourSequence is longer than the
+    parse's defer_size, so pydicom leaves it unread and the fast path takes its bytes from the file."""
+    ss = copy.deepcopy(next(d for d in rt_datasets if d.Modality == "RTSTRUCT"))
+    for roi in ss.ROIContourSequence:
+        for contour in roi.get("ContourSequence", []):
+            contour.ContourData = [12.5, -3.25, 100.0] * 1000
+            contour.NumberOfContourPoints = 1000
+    for syntax in (ExplicitVRLittleEndian, ImplicitVRLittleEndian, ExplicitVRBigEndian):
+        data = encoded(ss, syntax, False)
+        assert len(data) > 128 * 1024
+        read = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, defer_size="64 KB")
+        assert read.get_item("ROIContourSequence", keep_deferred=True).value is None  # deferred
+        items = references._raw_items(read, "ROIContourSequence", data)
+        assert items is not None and len(items) == len(ss.ROIContourSequence)
+        slow, fast = both_ways(data, monkeypatch)
+        assert fast == slow and fast.structure_set is not None and fast.structure_set.contour_image_uids
+
+
 def test_pydicom_test_files_read_the_same(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in ("rtstruct.dcm", "rtplan.dcm", "rtdose.dcm"):
         data = Path(str(get_testdata_file(name))).read_bytes()
