@@ -605,7 +605,7 @@ class Harvester:
             existing = {uid: oid for uid, oid in self.store.series_instances(series).items() if uid in wanted}
         missing = [uid for uid in wanted if uid not in existing]
         if missing:
-            arrived_meanwhile = self._await_in_flight(job, owner, missing, series, access.move_timeout)
+            arrived_meanwhile = self._check_in_flight(job, missing, series, access.move_timeout)
             if arrived_meanwhile:
                 existing.update(arrived_meanwhile)
                 missing = [uid for uid in missing if uid not in arrived_meanwhile]
@@ -631,7 +631,7 @@ class Harvester:
         if busy:
             # Another job started moving some of them between our look and our claim: wait for its move,
             # plan what arrived, and claim the rest (its move ended without them).
-            meanwhile = self._await_in_flight(job, owner, sorted(busy), series, access.move_timeout)
+            meanwhile = self._check_in_flight(job, sorted(busy), series, access.move_timeout)
             if meanwhile:
                 self._plan_local(job, op, target.source, meanwhile, target.candidate)
                 existing.update(meanwhile)
@@ -672,7 +672,7 @@ class Harvester:
             )
         return len(missing), len(existing)
 
-    def _await_in_flight(self, job: Job, owner: str, missing: Sequence[str], series: str,
+    def _check_in_flight(self, job: Job, missing: Sequence[str], series: str,
                          limit: float) -> dict[str, str]:
         """Instances another running job is moving (e.g. the series a contour image brought): those that
         arrived already (SOP UID → Orthanc ID). Moving them again would only send duplicates, so while

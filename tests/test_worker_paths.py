@@ -443,14 +443,13 @@ def test_an_idle_worker_sleeps_long_and_new_work_still_starts_at_once(world: Wor
     world.harvester.start()
     try:
         done = threading.Event()
-        real_complete = world.queue.complete
+        real_run = world.harvester.run
 
-        def complete(job_id, owner, note=None):  # type: ignore[no-untyped-def]
-            result = real_complete(job_id, owner, note=note)
+        def run(job, owner):  # type: ignore[no-untyped-def]
+            real_run(job, owner)  # returns once the job's outcome is committed
             done.set()
-            return result
 
-        world.queue.complete = complete  # type: ignore[method-assign]
+        world.harvester.run = run  # type: ignore[method-assign]
         assert sleeping.wait(30), "the idle worker never went to sleep"
         h2 = world.start(HarvestWindow("20990101", "20990102", ("NOBODY",)))
         world.harvester.wake()  # what HarvestService.on_enqueue does in the plugin (app.py)
