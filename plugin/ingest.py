@@ -63,14 +63,6 @@ class HarvestRouting:
         return self.lookup_sources
 
 
-def job_for(routing: HarvestRouting, op: Operation, priority: int | None = None) -> EnqueueItem:
-    """The queue item that runs ``op`` for this harvest (deduplicated on the operation's key)."""
-    if priority is None:
-        priority = job_priority(op)
-    return EnqueueItem(routing.harvest_id, op.kind.value, routing.source_for(op), op.to_dict(), op.dedupe_key(),
-                       priority)
-
-
 # Job order: the hops that start the longest remaining chain first (critical path first, the classic
 # list-scheduling rule). Bulk image moves take seconds each and the two or so associations a source allows
 # are the scarce resource: a cheap search that reveals the next series must not wait behind them, so
@@ -101,6 +93,13 @@ def job_priority(op: Operation) -> int:
     if op.kind.value == "UnpackMimSession":
         return _PRIORITY_BY_HOP["FOR->REG"]
     return _PRIORITY_BY_HOP.get(op.hop, 25)
+
+
+def job_for(routing: HarvestRouting, op: Operation) -> EnqueueItem:
+    """The queue item that runs ``op`` for this harvest (deduplicated on the operation's key, ranked by
+    :func:`job_priority`)."""
+    return EnqueueItem(routing.harvest_id, op.kind.value, routing.source_for(op), op.to_dict(), op.dedupe_key(),
+                       job_priority(op))
 
 
 _STRUCTURAL = frozenset({ProblemCode.UNREADABLE, ProblemCode.TRUNCATED, ProblemCode.NO_FILE_META})

@@ -15,7 +15,7 @@ from rtharvest.classify import HarvestWindow
 from rtharvest.config import load_config
 from rtharvest.eventlog import EventLogHandler, Level
 from rtharvest.harvests import HarvestService
-from rtharvest.ingest import job_for
+from rtharvest.ingest import _PRIORITY_BY_HOP, job_for, job_priority
 from rtharvest.jobqueue import JobState
 from rtharvest.operations import RetrieveSeries, Role
 from rtharvest.strategies import QueryLevel
@@ -398,8 +398,6 @@ def test_jobs_are_ordered_critical_path_first_and_every_hop_has_its_rank(world: 
     """Records, plans, structure sets and registrations (the searches that reveal more work) run before the
     bulk image series they reveal, and a plan's later records and doses (leaves) last; every hop the
     planner produces on a whole harvest has its own rank (none falls back to the default)."""
-    from rtharvest.ingest import _PRIORITY_BY_HOP, job_priority
-
     hid = world.start(WINDOW_2020)
     world.run()
     jobs = world.queue.list_jobs(harvest_id=hid)
