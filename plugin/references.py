@@ -294,66 +294,76 @@ def _raw_items(ds: _Item, keyword: str, source: bytes | None = None) -> list[_Ra
     if not FAST_SEQUENCES:
         return None
     try:
-        if isinstance(ds, _RawItem):
-            tag = tag_for_keyword(keyword)
-            elem = ds.elements.get(tag) if tag is not None else None
-            encoding = ds.encoding
-        else:
-            elem = ds.get_item(keyword, keep_deferred=True)
-            encoding = ds._character_set
-        if not isinstance(elem, RawDataElement):
+        found = _sequence_bytes(ds, keyword, source)
+        if found is None:
             return None
-        if (elem.VR or dictionary_VR(elem.tag)) != "SQ":
-            return None
-        data = elem.value
-        if data is None and source is not None and isinstance(ds, Dataset) and elem.length not in (0, _UNDEFINED) \
-                and str(getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "")) != _DEFLATED:
-            # Deferred: the value's bytes are where pydicom left them (a deflated dataset was inflated
-            # into another buffer first, so its offsets do not point into ``source``).
-            data = source[elem.value_tell:elem.value_tell + elem.length]
-            if len(data) != elem.length:
-                return None
-        if not isinstance(data, bytes):
-            return None
-        implicit, little = elem.is_implicit_VR, elem.is_little_endian
-        header = struct.Struct("<HHL" if little else ">HHL")
-        items: list[_RawItem] = []
+        data, implicit, little, encoding = found
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            fp = io.BytesIO(data)
-            while fp.tell() < len(data):
-                raw = fp.read(8)
-                if len(raw) < 8:
-                    return None
-                group, element, length = header.unpack(raw)
-                tag = group << 16 | element
-                if tag == _SEQUENCE_DELIMITER_TAG:
-                    break
-                if tag != _ITEM_TAG:
-                    return None
-                start = fp.tell()
-                # As pydicom's read_dataset does for each item: an item may switch to implicit VR.
-                item_implicit = filereader._is_implicit_vr(fp, implicit, little, None, is_sequence=True)
-                fp.seek(start)
-                elements: dict[int, RawDataElement | DataElement] = {}
-                generator = data_element_generator(fp, item_implicit, little, None, None, encoding)
-                if length == _UNDEFINED:
-                    for e in generator:  # ends at the item delimiter
-                        elements[int(e.tag)] = e
-                else:
-                    while fp.tell() - start < length:
-                        e = next(generator)
-                        elements[int(e.tag)] = e
-                    if fp.tell() - start != length:
-                        return None
-                if _SPECIFIC_CHARACTER_SET_TAG in elements:
-                    return None
-                items.append(_RawItem(elements, encoding))
-        if caught:
-            return None
-        return items
+            items = _walk_items(data, implicit, little, encoding)
+        return None if caught else items
     except Exception:
         return None
+
+
+def _sequence_bytes(ds: _Item, keyword: str, source: bytes | None) -> tuple[bytes, bool, bool, Any] | None:
+    """(value bytes, implicit VR, little endian, character encoding) of an unconverted sequence, or None."""
+    if isinstance(ds, _RawItem):
+        tag = tag_for_keyword(keyword)
+        elem = ds.elements.get(tag) if tag is not None else None
+        encoding = ds.encoding
+    else:
+        elem = ds.get_item(keyword, keep_deferred=True)
+        encoding = ds._character_set
+    if not isinstance(elem, RawDataElement) or (elem.VR or dictionary_VR(elem.tag)) != "SQ":
+        return None
+    data = elem.value
+    if data is None and source is not None and isinstance(ds, Dataset) and elem.length not in (0, _UNDEFINED) \
+            and str(getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "")) != _DEFLATED:
+        # Deferred: the value's bytes are where pydicom left them (a deflated dataset was inflated into
+        # another buffer first, so its offsets do not point into ``source``).
+        data = source[elem.value_tell:elem.value_tell + elem.length]
+        if len(data) != elem.length:
+            return None
+    if not isinstance(data, bytes):
+        return None
+    return data, elem.is_implicit_VR, elem.is_little_endian, encoding
+
+
+def _walk_items(data: bytes, implicit: bool, little: bool, encoding: Any) -> list[_RawItem] | None:
+    """The items of a sequence value, each a dict of its raw elements, read as pydicom's
+    ``read_sequence``/``read_dataset`` would (None when anything is not as expected)."""
+    header = struct.Struct("<HHL" if little else ">HHL")
+    items: list[_RawItem] = []
+    fp = io.BytesIO(data)
+    while fp.tell() < len(data):
+        raw = fp.read(8)
+        if len(raw) < 8:
+            return None
+        group, element, length = header.unpack(raw)
+        tag = group << 16 | element
+        if tag == _SEQUENCE_DELIMITER_TAG:
+            break
+        if tag != _ITEM_TAG:
+            return None
+        start = fp.tell()
+        # As pydicom's read_dataset does for each item: an item may switch to implicit VR.
+        item_implicit = filereader._is_implicit_vr(fp, implicit, little, None, is_sequence=True)
+        fp.seek(start)
+        elements: dict[int, RawDataElement | DataElement] = {}
+        generator = data_element_generator(fp, item_implicit, little, None, None, encoding)
+        if length == _UNDEFINED:
+            elements.update((int(e.tag), e) for e in generator)  # ends at the item delimiter
+        else:
+            while fp.tell() - start < length:
+                e = next(generator)
+                elements[int(e.tag)] = e
+            if fp.tell() - start != length:
+                return None
+        if _SPECIFIC_CHARACTER_SET_TAG in elements:
+            return None
+        items.append(_RawItem(elements, encoding))
+    return items
 
 
 class _Reader:
