@@ -88,7 +88,6 @@ class _MovedByAnotherJob(Exception):
 
     def __init__(self, count: int) -> None:
         super().__init__(f"waiting: {count} instance(s) are being moved by another job")
-        self.count = count
 
 
 class _NotHere(Exception):
