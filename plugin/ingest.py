@@ -82,16 +82,20 @@ _PRIORITY_BY_HOP = {
     "REG->IMAGE": 30,
     "REG->FOR": 30,
     "SERIES->FOR": 30,       # series sharing a FoR: leaves, but bulk
-    "RTPLAN->RTDOSE": 20,    # leaves (a TomoTherapy dose may still name the structure set)
+    "RTPLAN->RTDOSE": 20,    # leaves, unless the plan names no structure set (see job_priority)
     "RTPLAN->RTRECORD": 10,
 }
 
 
 def job_priority(op: Operation) -> int:
     """Queue priority of ``op`` (higher runs first): by its hop (:data:`_PRIORITY_BY_HOP`); unpacking a MIM
-    session is local work that stands in for a registration search, and goes with those."""
+    session is local work that stands in for a registration search, and goes with those. The dose search
+    of a plan that names no structure set (TomoTherapy) is the only way to that plan's structure set and
+    so to its images: it ranks with the structure set retrieve, not with the leaves."""
     if op.kind.value == "UnpackMimSession":
         return _PRIORITY_BY_HOP["FOR->REG"]
+    if isinstance(op, FindReferencing) and op.hop == "RTPLAN->RTDOSE" and not op.plan_has_structure_set:
+        return _PRIORITY_BY_HOP["RTPLAN->RTSTRUCT"]
     return _PRIORITY_BY_HOP.get(op.hop, 25)
 
 

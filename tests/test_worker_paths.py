@@ -17,7 +17,7 @@ from rtharvest.eventlog import EventLogHandler, Level
 from rtharvest.harvests import HarvestService
 from rtharvest.ingest import _PRIORITY_BY_HOP, job_for, job_priority
 from rtharvest.jobqueue import JobState
-from rtharvest.operations import RetrieveSeries, Role
+from rtharvest.operations import CriterionKind, FindReferencing, ReferenceCriterion, RetrieveSeries, Role
 from rtharvest.strategies import QueryLevel
 from rtharvest.tracking import Decision, Expectation
 from tests.fakes import World
@@ -405,7 +405,8 @@ def test_jobs_are_ordered_critical_path_first_and_every_hop_has_its_rank(world: 
     assert {"WINDOW->RTRECORD", "RTRECORD->RTPLAN", "RTPLAN->RTSTRUCT", "RTSTRUCT->SERIES", "FOR->REG",
             "REG->SERIES", "SERIES->FOR", "RTPLAN->RTDOSE", "RTPLAN->RTRECORD"} <= hops
     assert hops <= set(_PRIORITY_BY_HOP), hops - set(_PRIORITY_BY_HOP)
-    assert all(j.priority == _PRIORITY_BY_HOP[j.payload["hop"]] for j in jobs if j.kind != "UnpackMimSession")
+    assert all(j.priority == _PRIORITY_BY_HOP[j.payload["hop"]] for j in jobs
+               if j.kind != "UnpackMimSession" and j.payload.get("plan_has_structure_set", True))
     rank = _PRIORITY_BY_HOP
     assert (rank["WINDOW->RTRECORD"] > rank["RTRECORD->RTPLAN"] > rank["RTPLAN->RTSTRUCT"]
             > rank["RTSTRUCT->SERIES"] > rank["FOR->REG"] > rank["REG->SERIES"] > rank["RTPLAN->RTDOSE"]
@@ -413,6 +414,11 @@ def test_jobs_are_ordered_critical_path_first_and_every_hop_has_its_rank(world: 
     assert rank["SERIES->FOR"] > rank["RTPLAN->RTDOSE"]
     op = RetrieveSeries("P", "1.2", "1.2.3", Role.PLANNING_SERIES, "RTSTRUCT->SERIES")
     assert job_for(world.routes[hid], op).priority == job_priority(op) == rank["RTSTRUCT->SERIES"]
+    # A TomoTherapy plan names no structure set: its dose search is how the structure set is found.
+    criterion = ReferenceCriterion(CriterionKind.PLAN, ("1.2.9",))
+    tomo = FindReferencing("RTDOSE", "P", None, criterion, Role.DOSE, "RTPLAN->RTDOSE", plan_has_structure_set=False)
+    usual = FindReferencing("RTDOSE", "P", None, criterion, Role.DOSE, "RTPLAN->RTDOSE")
+    assert job_priority(tomo) == rank["RTPLAN->RTSTRUCT"] > job_priority(usual) == rank["RTPLAN->RTDOSE"]
 
 
 def test_an_idle_worker_sleeps_long_and_new_work_still_starts_at_once(world: World, clinic: MiniClinic) -> None:
