@@ -1,6 +1,7 @@
-"""Reference sequences read item by item without a pydicom Dataset per item (``references._RawItem``) give
-exactly what the Dataset path gives: the same references, the same problems, the same parse warnings, on
-every RT object kind, in every encoding of sequences and items, and on the bad-input corpus."""
+"""Reference sequences read item by item without a pydicom Dataset per item (``references._RawItem``), and
+images read from their elements without a Dataset (``references.image_refs_from_bytes``), give exactly what
+the Dataset path gives: the same references, the same problems, the same parse warnings, on every object
+kind, in every encoding of sequences and items, and on the bad-input corpus."""
 
 from __future__ import annotations
 
@@ -46,6 +47,7 @@ def rt_datasets(clinic_files: list[Path]) -> list[Dataset]:
 def both_ways(data: bytes, monkeypatch: pytest.MonkeyPatch) -> tuple[ObjectRefs, ObjectRefs]:
     with monkeypatch.context() as m:
         m.setattr(references, "FAST_SEQUENCES", False)
+        m.setattr(references, "FAST_IMAGES", False)
         slow = extract_from_bytes(data)
     return slow, extract_from_bytes(data)
 
@@ -118,10 +120,73 @@ def test_a_large_structure_set_reads_the_same_and_its_deferred_sequences_raw(rt_
 
 
 def test_pydicom_test_files_read_the_same(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in ("rtstruct.dcm", "rtplan.dcm", "rtdose.dcm"):
+    for name in ("rtstruct.dcm", "rtplan.dcm", "rtdose.dcm", "CT_small.dcm", "MR_small.dcm",
+                 "MR_small_implicit.dcm", "MR_small_bigendian.dcm", "MR_small_padded.dcm", "MR_small_RLE.dcm",
+                 "MR_truncated.dcm", "JPEG2000.dcm", "SC_rgb_rle.dcm", "image_dfl.dcm"):
         data = Path(str(get_testdata_file(name))).read_bytes()
         slow, fast = both_ways(data, monkeypatch)
         assert fast == slow, name
+        if name in ("CT_small.dcm", "MR_small.dcm", "MR_small_implicit.dcm", "MR_small_bigendian.dcm"):
+            assert references.image_refs_from_bytes(data) == slow, name  # clean images: no Dataset built
+
+
+@pytest.fixture(scope="module")
+def images(clinic_files: list[Path]) -> list[Dataset]:
+    out = [ds for ds in (pydicom.dcmread(p) for p in clinic_files) if str(ds.get("Modality", "")) in ("CT", "MR", "PT")]
+    assert {str(ds.Modality) for ds in out} == {"CT", "MR", "PT"}
+    return out
+
+
+@pytest.mark.parametrize("syntax", [ExplicitVRLittleEndian, ImplicitVRLittleEndian, ExplicitVRBigEndian])
+@pytest.mark.parametrize("undefined_lengths", [False, True])
+def test_every_image_reads_the_same_in_every_encoding_and_a_clean_one_without_a_dataset(
+        images: list[Dataset], syntax: str, undefined_lengths: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    for ds in images:
+        data = encoded(ds, syntax, undefined_lengths)
+        slow, fast = both_ways(data, monkeypatch)
+        assert fast == slow and not slow.problems, (ds.Modality, syntax, undefined_lengths)
+        assert references.image_refs_from_bytes(data) == slow  # taken, not fallen back from
+
+
+def _variant(ds: Dataset, **changes: object) -> bytes:
+    out = copy.deepcopy(ds)
+    for keyword, value in changes.items():
+        if value is None:
+            del out[keyword]
+        else:
+            setattr(out, keyword, value)
+    buf = io.BytesIO()
+    out.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # some variants warn when they are encoded
+def test_an_image_with_anything_unusual_is_left_to_the_full_parse(images: list[Dataset],
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each variant has a problem the full parse reports (or a value only it decodes or normalises): the
+    image path declines, and what extract_from_bytes answers is the full parse's answer, problems included."""
+    ct = next(ds for ds in images if ds.Modality == "CT")
+    clean = _variant(ct)
+    variants = {
+        "no FoR": _variant(ct, FrameOfReferenceUID=None),
+        "empty series": _variant(ct, SeriesInstanceUID=""),
+        "invalid UID": _variant(ct, StudyInstanceUID="1.2.03.4"),
+        "two patient IDs": _variant(ct, PatientID=["A", "B"]),
+        "non-ASCII patient ID": _variant(ct, SpecificCharacterSet="ISO_IR 100", PatientID="Ä1"),
+        "modality of another class": _variant(ct, Modality="MR"),
+        "lower-case modality": _variant(ct, Modality="ct"),
+        "plan class": _variant(ct, SOPClassUID="1.2.840.10008.5.1.4.1.1.481.5"),
+        "unknown class": _variant(ct, SOPClassUID="1.2.3.4"),
+        "cut in the header": clean[:clean.index(b"\x20\x00\x52\x00") + 20],
+        "no file meta": clean[132:],
+    }
+    for name, data in variants.items():
+        assert references.image_refs_from_bytes(data) is None, name
+        slow, fast = both_ways(data, monkeypatch)
+        assert fast == slow, name
+        assert slow.problems or name in ("non-ASCII patient ID", "lower-case modality"), name
+    assert references.image_refs_from_bytes(clean) == both_ways(clean, monkeypatch)[0]
+    assert both_ways(variants["non-ASCII patient ID"], monkeypatch)[0].patient_id == "Ä1"
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")  # the mutations warn when they are encoded
