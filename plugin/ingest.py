@@ -67,15 +67,12 @@ class HarvestRouting:
 # list-scheduling rule). Bulk image moves take seconds each and the two or so associations a source allows
 # are the scarce resource: a cheap search that reveals the next series must not wait behind them, so
 # records, plans, structure sets and registrations go first, the image series they reveal next, and the
-# leaves (a plan's later records and its doses) last. A plan and its structure set are one small object
-# each and rank above the window's record searches: once a record names a plan, the two moves that reach
-# its images should not wait for the rest of the record sweep (up to 12 searches, each moving records,
-# most of them naming plans already known). Equal priorities run oldest first.
+# leaves (a plan's later records and its doses) last. Equal priorities run oldest first.
 _PRIORITY_BY_HOP = {
-    "RTRECORD->RTPLAN": 80,
-    "RTPLAN->RTSTRUCT": 75,
-    "RTDOSE->RTSTRUCT": 75,
     "WINDOW->RTRECORD": 70,
+    "RTRECORD->RTPLAN": 60,
+    "RTPLAN->RTSTRUCT": 50,
+    "RTDOSE->RTSTRUCT": 50,
     "RTSTRUCT->IMAGE": 40,   # the planning series (its first slice starts the FoR searches)
     "RTSTRUCT->SERIES": 40,
     "IMAGE->SERIES": 40,

@@ -395,10 +395,9 @@ def test_a_series_kept_under_one_role_still_plans_the_hops_of_another(world: Wor
 
 
 def test_jobs_are_ordered_critical_path_first_and_every_hop_has_its_rank(world: World, clinic: MiniClinic) -> None:
-    """Plans and structure sets (one small move each on the way to a patient's images), record searches
-    and registrations (the searches that reveal more work) run before the bulk image series they reveal,
-    and a plan's later records and doses (leaves) last; every hop the planner produces on a whole harvest
-    has its own rank (none falls back to the default)."""
+    """Records, plans, structure sets and registrations (the searches that reveal more work) run before the
+    bulk image series they reveal, and a plan's later records and doses (leaves) last; every hop the
+    planner produces on a whole harvest has its own rank (none falls back to the default)."""
     hid = world.start(WINDOW_2020)
     world.run()
     jobs = world.queue.list_jobs(harvest_id=hid)
@@ -409,7 +408,7 @@ def test_jobs_are_ordered_critical_path_first_and_every_hop_has_its_rank(world: 
     assert all(j.priority == _PRIORITY_BY_HOP[j.payload["hop"]] for j in jobs
                if j.kind != "UnpackMimSession" and j.payload.get("plan_has_structure_set", True))
     rank = _PRIORITY_BY_HOP
-    assert (rank["RTRECORD->RTPLAN"] > rank["RTPLAN->RTSTRUCT"] > rank["WINDOW->RTRECORD"]
+    assert (rank["WINDOW->RTRECORD"] > rank["RTRECORD->RTPLAN"] > rank["RTPLAN->RTSTRUCT"]
             > rank["RTSTRUCT->SERIES"] > rank["FOR->REG"] > rank["REG->SERIES"] > rank["RTPLAN->RTDOSE"]
             > rank["RTPLAN->RTRECORD"])
     assert rank["SERIES->FOR"] > rank["RTPLAN->RTDOSE"]
