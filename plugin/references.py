@@ -1002,8 +1002,7 @@ def image_refs_from_bytes(data: bytes) -> ObjectRefs | None:
         return None
     if caught or buf.short_read_at is not None or len(values) != len(_IMAGE_ATTRIBUTES):
         return None
-    text = {tag: _clean_text(value, vr == "UI") for (tag, vr), value in
-            ((item, values[item[0]]) for item in _IMAGE_ATTRIBUTES.items())}
+    text = {tag: _clean_text(values[tag], vr == "UI") for tag, vr in _IMAGE_ATTRIBUTES.items()}
     if any(v is None for v in text.values()):
         return None
     sop_class, modality = str(text[0x00080016]), str(text[0x00080060])
@@ -1011,7 +1010,7 @@ def image_refs_from_bytes(data: bytes) -> ObjectRefs | None:
         expected = modality_of(SopClass(sop_class).value)
     except ValueError:
         return None
-    if expected not in _IMAGE_KINDS or expected is None or modality != expected.value:
+    if expected is None or expected not in _IMAGE_KINDS or modality != expected.value:
         return None
     return ObjectRefs(str(text[0x00080018]), sop_class, modality, text[0x00100020], text[0x0020000D],
                       text[0x0020000E], text[0x00200052], ObjectKind.IMAGE)
