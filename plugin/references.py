@@ -882,6 +882,21 @@ def _past_sop_instance_uid(tag: int, vr: str | None, length: int) -> bool:
     return tag > _SOP_INSTANCE_UID_TAG
 
 
+def _dataset_syntax(fp: io.BytesIO) -> UID | None:
+    """Read the file meta of a Part 10 file (``fp`` holds the whole file, preamble included) and leave
+    ``fp`` at the dataset's first element; its transfer syntax, or ``None`` when there is none or it is
+    unknown or deflated (the element generator cannot read such a dataset). May raise on garbage."""
+    fp.seek(132)
+    syntax: bytes | None = None
+    for elem in data_element_generator(fp, False, True, stop_when=_past_file_meta):
+        if elem.tag == _TRANSFER_SYNTAX_UID_TAG and isinstance(elem.value, bytes):
+            syntax = elem.value
+    if syntax is None:
+        return None
+    ts = UID(syntax.decode("ascii", "replace").strip(" \x00"))
+    return ts if ts.is_transfer_syntax and not ts.is_deflated else None
+
+
 def peek_sop_instance_uid(data: bytes) -> str | None:
     """The dataset's SOPInstanceUID, read without parsing the rest of the header (or ``None``).
 
@@ -898,15 +913,8 @@ def peek_sop_instance_uid(data: bytes) -> str | None:
         return None
     try:
         fp = io.BytesIO(data)
-        fp.seek(132)
-        syntax: bytes | None = None
-        for elem in data_element_generator(fp, False, True, stop_when=_past_file_meta):
-            if elem.tag == _TRANSFER_SYNTAX_UID_TAG and isinstance(elem.value, bytes):
-                syntax = elem.value
-        if syntax is None:
-            return None
-        ts = UID(syntax.decode("ascii", "replace").strip(" \x00"))
-        if not ts.is_transfer_syntax or ts.is_deflated:
+        ts = _dataset_syntax(fp)
+        if ts is None:
             return None
         value: bytes | None = None
         for elem in data_element_generator(fp, ts.is_implicit_VR, ts.is_little_endian,
@@ -978,17 +986,10 @@ def image_refs_from_bytes(data: bytes) -> ObjectRefs | None:
     values: dict[int, bytes] = {}
     buf = _TrackingBuffer(data)
     try:
-        buf.seek(132)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            syntax: bytes | None = None
-            for elem in data_element_generator(buf, False, True, stop_when=_past_file_meta):
-                if elem.tag == _TRANSFER_SYNTAX_UID_TAG and isinstance(elem.value, bytes):
-                    syntax = elem.value
-            if syntax is None:
-                return None
-            ts = UID(syntax.decode("ascii", "replace").strip(" \x00"))
-            if not ts.is_transfer_syntax or ts.is_deflated:
+            ts = _dataset_syntax(buf)
+            if ts is None:
                 return None
             implicit = ts.is_implicit_VR
             for elem in data_element_generator(buf, implicit, ts.is_little_endian, stop_when=_at_pixels):
