@@ -193,6 +193,9 @@ class Harvester:
         # Set whenever new jobs are enqueued, so an idle worker starts the next hop at once instead of at
         # its next poll (a chain of ten hops would otherwise wait ten poll intervals).
         self._wake = threading.Event()
+        # Set when a harvest's last job ends, so its provenance and clean-up run (and it shows Completed) at
+        # once rather than at the maintenance thread's next look.
+        self._maintenance_wake = threading.Event()
         self._threads: list[threading.Thread] = []
         self._owner_prefix = f"{socket.gethostname()}:{os.getpid()}"
         self.sessions = SessionUnpacker(store, tracker, ingest, events)
@@ -240,6 +243,7 @@ class Harvester:
         """Ask every thread to stop and join them (running jobs finish their current DIMSE call)."""
         self._stop.set()
         self._wake.set()
+        self._maintenance_wake.set()
         deadline = time.monotonic() + timeout
         for t in self._threads:
             t.join(max(0.1, deadline - time.monotonic()))
@@ -348,6 +352,7 @@ class Harvester:
                 if self.queue.get_harvest(job.harvest_id).state == HarvestState.COMPLETED:
                     # Its last job: a job that reopens the harvest later (a retry, a late search) asks again.
                     self.finds.forget(job.harvest_id)
+                    self._maintenance_wake.set()
             except QueueError as exc:
                 self.events.write(Level.WARNING, "harvester", f"could not complete job: {exc}",
                                   harvest_id=job.harvest_id, job_id=job.id)
@@ -368,6 +373,8 @@ class Harvester:
             return
         # A retry is scheduled: nothing for a person to do yet (INFO). Failed for good: a manual-intervention
         # item (ERROR), shown in the page's warnings.
+        if updated.state.value == "failed":
+            self._maintenance_wake.set()  # maybe the harvest's last job: see run()
         level = Level.ERROR if updated.state.value == "failed" else Level.INFO
         what = "failed for good" if updated.state.value == "failed" else f"failed (attempt {updated.attempts})"
         self.events.write(level, "harvester", f"{job.kind} {what}: {message}", harvest_id=job.harvest_id,
@@ -788,8 +795,12 @@ class Harvester:
 
     # -- maintenance: provenance, end-of-harvest cleanup --------------------------------------------
 
+    #: How often the maintenance thread looks for provenance to write and harvests to finish when idle.
+    MAINTENANCE_INTERVAL_S = 0.25
+
     def _maintenance_loop(self) -> None:
         while not self._stop.is_set():
+            self._maintenance_wake.clear()  # a wake during the pass below makes the next pass start at once
             try:
                 self.extend_leases()
                 busy = self.write_provenance()
@@ -800,7 +811,7 @@ class Harvester:
                 log.exception("maintenance step failed")
                 busy = False
             if not busy:
-                self._stop.wait(0.25)
+                self._maintenance_wake.wait(self.MAINTENANCE_INTERVAL_S)
 
     def purge_ended_expectations(self, every: float = 60.0) -> int:
         """Forget ended jobs' expectations past the late-arrival grace period (at most once per ``every``

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -459,5 +460,23 @@ def test_an_idle_worker_sleeps_long_and_new_work_still_starts_at_once(world: Wor
         world.harvester.wake()  # what HarvestService.on_enqueue does in the plugin (app.py)
         assert done.wait(30), "the sleeping worker did not start the new harvest's job"
         assert world.queue.is_harvest_finished(h2)
+    finally:
+        world.harvester.stop()
+
+
+def test_a_harvest_is_cleaned_up_as_soon_as_its_last_job_ends(world: World, clinic: MiniClinic) -> None:
+    """The maintenance thread (provenance, end-of-harvest clean-up) is woken by a harvest's last job instead
+    of finding it at its next look: with a look every 10 minutes the harvest still shows Completed at once."""
+    world.harvester.MAINTENANCE_INTERVAL_S = 600.0
+    world.harvester.worker_count = 1
+    world.harvester.start()
+    try:
+        hid = world.start(WINDOW_2020)
+        world.harvester.wake()
+        deadline = time.monotonic() + 60
+        while not world.completed(hid):
+            assert time.monotonic() < deadline, "the harvest was not cleaned up after its last job"
+            time.sleep(0.05)
+        assert not world.tracker.pending_provenance(10)
     finally:
         world.harvester.stop()
