@@ -941,8 +941,6 @@ _IMAGE_ATTRIBUTES = {
 }
 #: Where ``dcmread(stop_before_pixels=True)`` stops: (7FE0,0008), (7FE0,0009) and (7FE0,0010).
 _PIXEL_TAGS = frozenset({0x7FE00008, 0x7FE00009, 0x7FE00010})
-_IMAGE_KINDS = frozenset({Modality.CT, Modality.MR, Modality.PT})
-
 
 #: One value of printable ASCII (no backslash: that separates values), NUL padding allowed.
 _PLAIN_VALUE = re.compile(rb"[\x20-\x5b\x5d-\x7e\x00]*\Z")
@@ -960,10 +958,8 @@ def _clean_text(value: bytes, uid: bool) -> str | None:
     text = value.decode("ascii").strip().strip("\x00").strip()
     if not text:
         return None
-    if uid and (len(text) > 64 or not _UID_RE.match(text)):
-        return None
-    if not uid and len(text) > 64:
-        return None
+    if len(text) > 64 or (uid and not _UID_RE.match(text)):
+        return None  # UI and LO hold at most 64 characters (PS3.5 §6.2)
     return text
 
 
@@ -1011,7 +1007,7 @@ def image_refs_from_bytes(data: bytes) -> ObjectRefs | None:
         expected = modality_of(SopClass(sop_class).value)
     except ValueError:
         return None
-    if expected is None or expected not in _IMAGE_KINDS or modality != expected.value:
+    if expected is None or expected.value not in IMAGE_MODALITIES or modality != expected.value:
         return None
     return ObjectRefs(str(text[0x00080018]), sop_class, modality, text[0x00100020], text[0x0020000D],
                       text[0x0020000E], text[0x00200052], ObjectKind.IMAGE)
