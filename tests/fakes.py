@@ -26,7 +26,7 @@ from pydicom.uid import ExplicitVRLittleEndian
 
 from rtharvest.classify import HarvestWindow
 from rtharvest.db import Database
-from rtharvest.dimse.base import MoveResult, SourceError, SourceErrorKind
+from rtharvest.dimse.base import InstanceKey, MoveResult, SourceError, SourceErrorKind
 from rtharvest.eventlog import EventLog
 from rtharvest.harvester import Harvester, SourceAccess
 from rtharvest.ingest import HarvestRouting, Ingest, job_for
@@ -171,15 +171,27 @@ class FakeBackend:
 
     def move(self, level: QueryLevel, *, patient_id: str | None, study_uid: str, series_uid: str | None = None,
              sop_uids: Sequence[str] = (), timeout: float | None = None) -> MoveResult:
+        if level is QueryLevel.IMAGE:
+            return self.move_instances([InstanceKey(study_uid, series_uid or "", sop) for sop in sop_uids])
         try:
-            if level is QueryLevel.IMAGE:
-                base = {"StudyInstanceUID": study_uid, "SeriesInstanceUID": series_uid or ""}
-                uids = [u for sop in sop_uids for u in self.source.retrieve(level, {**base, "SOPInstanceUID": sop})]
-            else:
-                uids = self.source.retrieve(level, {"StudyInstanceUID": study_uid, "SeriesInstanceUID": series_uid})
+            uids = self.source.retrieve(level, {"StudyInstanceUID": study_uid, "SeriesInstanceUID": series_uid})
         except QueryRejected as exc:
             raise SourceError(SourceErrorKind.BAD_REQUEST, str(exc), source=self.name, operation="move",
                               dimse_status=0xA900) from None
+        return self._deliver(level, uids)
+
+    def move_instances(self, instances: Sequence[InstanceKey], *, timeout: float | None = None) -> MoveResult:
+        try:
+            uids = [u for key in instances for u in self.source.retrieve(QueryLevel.IMAGE, {
+                "StudyInstanceUID": key.study_uid, "SeriesInstanceUID": key.series_uid,
+                "SOPInstanceUID": key.sop_uid})]
+        except QueryRejected as exc:
+            raise SourceError(SourceErrorKind.BAD_REQUEST, str(exc), source=self.name, operation="move",
+                              dimse_status=0xA900) from None
+        return self._deliver(QueryLevel.IMAGE, uids)
+
+    def _deliver(self, level: QueryLevel, uids: Sequence[str]) -> MoveResult:
+        """Store what one move call asked for (one entry in ``moves``), as the source would send it."""
         self.moves.append((level, tuple(uids)))
         sent = 0
         for uid in uids:

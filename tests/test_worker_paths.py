@@ -285,6 +285,44 @@ def test_a_warning_status_with_everything_delivered_completes(world: World, clin
     assert all(j.state is JobState.DONE for j in jobs)  # the follow-ups' moves answered 0xB007 too
 
 
+def test_the_window_s_records_move_in_one_call(world: World, clinic: MiniClinic) -> None:
+    """Each treatment record is its own study and series: the window's records of a patient still move in
+    one call (one association: its set-up and release are paid once, not once per record)."""
+    hid = world.start(WINDOW_2020)
+    job = world.queue.claim("t:1:w0", 60.0)
+    assert job is not None and job.kind == "FindTreatmentRecords"
+    world.harvester.run(job, "t:1:w0")
+    in_2020 = {r.SOPInstanceUID for r in clinic.records[:3]} | {clinic.orphan_record.SOPInstanceUID}
+    assert len({r.SeriesInstanceUID for r in clinic.records[:3]}) == 3
+    assert [(lvl, set(uids)) for lvl, uids in world.backend.moves] == [(QueryLevel.IMAGE, in_2020)]
+    done = world.queue.get_job(job.id)
+    assert done.state is JobState.DONE and "4 instance(s) moved" in (done.note or "")
+    assert "4 C-MOVE" in (done.note or "")  # one request per record, as the source counts them
+    assert in_2020 <= kept(world, hid)
+
+
+def test_a_record_missing_from_a_shared_move_fails_the_job_and_only_it_moves_again(world: World,
+                                                                                   clinic: MiniClinic) -> None:
+    hid = world.start(WINDOW_2020)
+    withheld = clinic.records[1].SOPInstanceUID
+    world.backend.withhold = {withheld}
+    job = world.queue.claim("t:1:w0", 60.0)
+    assert job is not None and job.kind == "FindTreatmentRecords"
+    world.harvester.run(job, "t:1:w0")
+    after = world.queue.get_job(job.id)
+    assert after.state is JobState.WAITING
+    assert "1 of 4 instance(s) did not arrive" in (after.last_error or "") and withheld in (after.last_error or "")
+    delivered = {clinic.records[0].SOPInstanceUID, clinic.records[2].SOPInstanceUID}
+    assert delivered <= kept(world, hid)  # what arrived was decided, not lost with the failed attempt
+    world.backend.withhold = set()
+    before = len(world.backend.moves)
+    retry = world.queue.claim("t:1:w0", 60.0)  # due at once: this world retries without backoff
+    assert retry is not None and retry.id == job.id
+    world.harvester.run(retry, "t:1:w0")
+    assert world.backend.moves[before:] == [(QueryLevel.IMAGE, (withheld,))]
+    assert world.queue.get_job(job.id).state is JobState.DONE
+
+
 def test_instances_another_job_is_moving_are_awaited_not_moved_twice(world: World, clinic: MiniClinic) -> None:
     """Two harvests want the same series at once: the second is given back to the queue while the first one
     moves it (holding no job slot of the source), then plans the arrived copies from the store; the source

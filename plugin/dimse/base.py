@@ -39,12 +39,14 @@ if TYPE_CHECKING:
 __all__ = [
     "UNKNOWN_COUNT",
     "FindAnswer",
+    "InstanceKey",
     "MoveResult",
     "QueryLevel",
     "SourceBackend",
     "SourceError",
     "SourceErrorKind",
     "Timeouts",
+    "check_instance_keys",
     "check_move_arguments",
     "classify_status",
     "is_multi_valued",
@@ -60,6 +62,16 @@ FindAnswer = dict[str, Any]
 
 #: Sub-operation count a backend cannot observe (Orthanc's REST move does not report them).
 UNKNOWN_COUNT = -1
+
+
+@dataclass(frozen=True)
+class InstanceKey:
+    """One instance as a Study Root IMAGE-level C-MOVE names it: every unique key down to the SOP UID
+    (strict hierarchical sources, and Orthanc's REST move, need the study and series keys too)."""
+
+    study_uid: str
+    series_uid: str
+    sop_uid: str
 
 
 @dataclass(frozen=True)
@@ -183,6 +195,24 @@ class SourceBackend(Protocol):
              sop_uids: Sequence[str] = (), timeout: float | None = None) -> MoveResult:
         """C-MOVE to the harvester's AET; :class:`SourceError` on failure (the caller verifies arrival)."""
         ...
+
+    def move_instances(self, instances: Sequence[InstanceKey], *, timeout: float | None = None) -> MoveResult:
+        """IMAGE-level C-MOVEs of instances of any series, one request per instance on one association
+        (e.g. a patient's treatment records, each in its own series): the association's set-up and
+        release are paid once instead of once per instance. Failures as in :meth:`move`."""
+        ...
+
+
+def check_instance_keys(instances: Sequence[InstanceKey], *, source: str) -> None:
+    """Raise :class:`SourceError` (BAD_REQUEST) unless every instance names its study, series and SOP UID."""
+    if not instances:
+        raise SourceError(SourceErrorKind.BAD_REQUEST, "an IMAGE-level move needs at least one instance",
+                          source=source, operation="move IMAGE")
+    for key in instances:
+        if not (key.study_uid and key.series_uid and key.sop_uid):
+            raise SourceError(SourceErrorKind.BAD_REQUEST,
+                              f"an IMAGE-level move needs study, series and SOP UID (got {key})",
+                              source=source, operation="move IMAGE")
 
 
 def sop_lookup_keys(sop_uid: str, **return_keys: Any) -> dict[str, Any]:

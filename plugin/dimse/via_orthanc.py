@@ -66,11 +66,13 @@ from ..loopback import LoopbackClient, LoopbackError
 from .base import (
     UNKNOWN_COUNT,
     FindAnswer,
+    InstanceKey,
     MoveResult,
     QueryLevel,
     SourceError,
     SourceErrorKind,
     Timeouts,
+    check_instance_keys,
     check_move_arguments,
     is_multi_valued,
     keyword_of,
@@ -158,7 +160,6 @@ class OrthancRestBackend:
         level = QueryLevel(level)
         check_move_arguments(level, source=self.name, patient_id=patient_id, study_uid=study_uid,
                              series_uid=series_uid, sop_uids=sop_uids)
-        operation = f"move {level.value}"
         timeout = self.timeouts.move if timeout is None else timeout
         resources: list[dict[str, str]]
         if level is QueryLevel.PATIENT:
@@ -168,11 +169,23 @@ class OrthancRestBackend:
         elif level is QueryLevel.SERIES:
             resources = [{"StudyInstanceUID": study_uid, "SeriesInstanceUID": str(series_uid)}]
         else:
-            resources = [{"StudyInstanceUID": study_uid, "SeriesInstanceUID": str(series_uid), "SOPInstanceUID": sop}
-                         for sop in sop_uids]
+            return self.move_instances([InstanceKey(study_uid, str(series_uid), sop) for sop in sop_uids],
+                                       timeout=timeout)
+        return self._move(level, resources, timeout)
+
+    def move_instances(self, instances: Sequence[InstanceKey], *, timeout: float | None = None) -> MoveResult:
+        """IMAGE-level C-MOVEs of instances of any series: one call, so one association (Orthanc's move
+        job keeps its connection for all its resources)."""
+        check_instance_keys(instances, source=self.name)
+        timeout = self.timeouts.move if timeout is None else timeout
+        resources = [{"StudyInstanceUID": key.study_uid, "SeriesInstanceUID": key.series_uid,
+                      "SOPInstanceUID": key.sop_uid} for key in instances]
+        return self._move(QueryLevel.IMAGE, resources, timeout)
+
+    def _move(self, level: QueryLevel, resources: list[dict[str, str]], timeout: float) -> MoveResult:
         body = {"Level": _ORTHANC_LEVEL[level], "Resources": resources, "TargetAet": self.harvester_aet,
                 "Timeout": _orthanc_timeout(timeout)}
-        self._call(operation, "POST", f"{self._path}/move", body, timeout)
+        self._call(f"move {level.value}", "POST", f"{self._path}/move", body, timeout)
         return MoveResult(status=0x0000, completed=UNKNOWN_COUNT, failed=UNKNOWN_COUNT, warning=UNKNOWN_COUNT)
 
     # --- helpers -------------------------------------------------------------------------------------

@@ -77,11 +77,13 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 from ..config import Modality
 from .base import (
     FindAnswer,
+    InstanceKey,
     MoveResult,
     QueryLevel,
     SourceError,
     SourceErrorKind,
     Timeouts,
+    check_instance_keys,
     check_move_arguments,
     is_multi_valued,
     keyword_of,
@@ -184,12 +186,31 @@ class PynetdicomBackend:
         level = QueryLevel(level)
         check_move_arguments(level, source=self.name, patient_id=patient_id, study_uid=study_uid,
                              series_uid=series_uid, sop_uids=sop_uids)
-        operation = f"move {level.value}"
+        if level is QueryLevel.IMAGE:
+            return self.move_instances([InstanceKey(study_uid, str(series_uid), sop) for sop in sop_uids],
+                                       timeout=timeout)
         model = PatientRootQueryRetrieveInformationModelMove if level is QueryLevel.PATIENT \
             else StudyRootQueryRetrieveInformationModelMove
-        timeout = self.timeouts.move if timeout is None else timeout
-        identifiers = _move_identifiers(level, patient_id, study_uid, series_uid, sop_uids)
+        return self._send_moves(level, model, _move_identifiers(level, patient_id, study_uid, series_uid), timeout)
 
+    def move_instances(self, instances: Sequence[InstanceKey], *, timeout: float | None = None) -> MoveResult:
+        """IMAGE-level C-MOVEs of instances of any series, each its own request on one association; failures
+        as in :meth:`move`."""
+        check_instance_keys(instances, source=self.name)
+        identifiers = []
+        for key in instances:
+            ds = Dataset()
+            ds.QueryRetrieveLevel = QueryLevel.IMAGE.value
+            ds.StudyInstanceUID = key.study_uid
+            ds.SeriesInstanceUID = key.series_uid
+            ds.SOPInstanceUID = key.sop_uid
+            identifiers.append(ds)
+        return self._send_moves(QueryLevel.IMAGE, StudyRootQueryRetrieveInformationModelMove, identifiers, timeout)
+
+    def _send_moves(self, level: QueryLevel, model: str, identifiers: Sequence[Dataset],
+                    timeout: float | None) -> MoveResult:
+        operation = f"move {level.value}"
+        timeout = self.timeouts.move if timeout is None else timeout
         completed = failed = warning = 0
         failed_uids: list[str] = []
         worst_warning = 0x0000
@@ -445,34 +466,18 @@ def answer_from_dataset(dataset: Dataset) -> FindAnswer:
     return answer
 
 
-def _move_identifiers(level: QueryLevel, patient_id: str | None, study_uid: str, series_uid: str | None,
-                      sop_uids: Sequence[str]) -> list[Dataset]:
-    def base() -> Dataset:
-        ds = Dataset()
-        ds.QueryRetrieveLevel = level.value
-        return ds
-
+def _move_identifiers(level: QueryLevel, patient_id: str | None, study_uid: str,
+                      series_uid: str | None) -> list[Dataset]:
+    """The one identifier of a PATIENT, STUDY or SERIES move (IMAGE: :meth:`PynetdicomBackend.move_instances`)."""
+    ds = Dataset()
+    ds.QueryRetrieveLevel = level.value
     if level is QueryLevel.PATIENT:
-        ds = base()
         ds.PatientID = patient_id
         return [ds]
-    if level is QueryLevel.STUDY:
-        ds = base()
-        ds.StudyInstanceUID = study_uid
-        return [ds]
+    ds.StudyInstanceUID = study_uid
     if level is QueryLevel.SERIES:
-        ds = base()
-        ds.StudyInstanceUID = study_uid
         ds.SeriesInstanceUID = series_uid
-        return [ds]
-    result = []
-    for sop in sop_uids:
-        ds = base()
-        ds.StudyInstanceUID = study_uid
-        ds.SeriesInstanceUID = series_uid
-        ds.SOPInstanceUID = sop
-        result.append(ds)
-    return result
+    return [ds]
 
 
 def _on_connected(event: Any, connected: list[bool]) -> None:

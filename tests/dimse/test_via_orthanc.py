@@ -16,7 +16,7 @@ from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import dcmwrite
 from pydicom.uid import generate_uid
 
-from rtharvest.dimse.base import QueryLevel, SourceError, SourceErrorKind, Timeouts
+from rtharvest.dimse.base import InstanceKey, QueryLevel, SourceError, SourceErrorKind, Timeouts
 from rtharvest.dimse.via_orthanc import OrthancRestBackend
 from rtharvest.launcher import free_port
 from rtharvest.loopback import LoopbackClient, LoopbackError
@@ -226,6 +226,30 @@ def test_unreachable_source_is_fast_and_retryable(loopback: LoopbackClient,
 def _fault_backend(loopback: LoopbackClient, register: Callable[[str, int], str], scp: FaultScp,
                    **kw: Any) -> OrthancRestBackend:
     return backend(loopback, register(scp.aet, scp.port), **kw)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_move_instances_of_several_series(clinic: Any, loopback: LoopbackClient, name: str) -> None:
+    """Single instances of different studies and series (a patient's treatment records) in one REST call."""
+    first = ct(f"OMANY-{name}")
+    other_study = ct(f"OMANY-{name}")
+    other_series = ct(f"OMANY-{name}", first.StudyInstanceUID)
+    wanted = [first, other_study, other_series]
+    store(clinic.sources[name], *wanted)
+    backend(loopback, name).move_instances(
+        [InstanceKey(ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID) for ds in wanted])
+    assert wait_for_arrival(clinic.api, [ds.SOPInstanceUID for ds in wanted]) == []
+
+
+def test_move_instances_share_one_association(loopback: LoopbackClient,
+                                              runtime_modality: Callable[[str, int], str]) -> None:
+    """Orthanc's move job keeps one association for all the resources of a call."""
+    keys = [InstanceKey(generate_uid(), generate_uid(), generate_uid()) for _ in range(3)]
+    with FaultScp() as scp:
+        _fault_backend(loopback, runtime_modality, scp).move_instances(keys)
+    assert len(scp.connection_times) == 1
+    assert [(m.QueryRetrieveLevel, m.StudyInstanceUID, m.SeriesInstanceUID, m.SOPInstanceUID) for m in scp.moves] \
+        == [("IMAGE", k.study_uid, k.series_uid, k.sop_uid) for k in keys]
 
 
 def test_rejected_association(loopback: LoopbackClient, runtime_modality: Callable[[str, int], str]) -> None:

@@ -14,7 +14,7 @@ import pytest
 from pydicom.uid import generate_uid
 
 from rtharvest.config import Modality
-from rtharvest.dimse.base import QueryLevel, SourceError, SourceErrorKind, Timeouts, sop_lookup_keys
+from rtharvest.dimse.base import InstanceKey, QueryLevel, SourceError, SourceErrorKind, Timeouts, sop_lookup_keys
 from rtharvest.dimse.via_pynetdicom import CANCEL_GRACE, PynetdicomBackend
 from rtharvest.launcher import free_port
 
@@ -200,6 +200,42 @@ def test_move_instances_and_series(clinic: Any, name: str) -> None:
                     series_uid=first.SeriesInstanceUID)
     assert (result.status, result.completed) == (0, 4)
     assert wait_for_arrival(clinic.api, [fourth.SOPInstanceUID]) == []
+
+
+def key_of(ds: Any) -> InstanceKey:
+    return InstanceKey(ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_move_instances_of_several_series(clinic: Any, name: str) -> None:
+    """Single instances of different studies and series (a patient's treatment records) in one call."""
+    first = ct(f"PMANY-{name}")
+    other_study = ct(f"PMANY-{name}")
+    other_series = ct(f"PMANY-{name}", first.StudyInstanceUID)
+    store(clinic.sources[name], first, other_study, other_series)
+    wanted = [first, other_study, other_series]
+    result = backend(clinic, name).move_instances([key_of(ds) for ds in wanted])
+    assert (result.status, result.completed, result.failed) == (0, 3, 0)
+    assert wait_for_arrival(clinic.api, [ds.SOPInstanceUID for ds in wanted]) == []
+
+
+def test_move_instances_share_one_association() -> None:
+    keys = [InstanceKey(generate_uid(), generate_uid(), generate_uid()) for _ in range(3)]
+    with FaultScp() as scp:
+        result = fault_backend(scp).move_instances(keys)
+    assert result.status == 0
+    assert len(scp.connection_times) == 1
+    assert [(m.QueryRetrieveLevel, m.StudyInstanceUID, m.SeriesInstanceUID, m.SOPInstanceUID) for m in scp.moves] \
+        == [("IMAGE", k.study_uid, k.series_uid, k.sop_uid) for k in keys]
+
+
+@pytest.mark.parametrize("keys", [[], [InstanceKey("1.2.3", "", "1.2.3.4")], [InstanceKey("", "1.2.3", "1.2.3.4")]])
+def test_move_instances_needs_every_unique_key(keys: list[InstanceKey]) -> None:
+    with FaultScp() as scp:
+        with pytest.raises(SourceError) as caught:
+            fault_backend(scp).move_instances(keys)
+    assert caught.value.kind is SourceErrorKind.BAD_REQUEST and not caught.value.retryable
+    assert scp.connection_times == []  # refused before any association
 
 
 @pytest.mark.parametrize("name", ALL)
