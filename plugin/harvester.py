@@ -91,7 +91,11 @@ class _MovedByAnotherJob(Exception):
 
 
 class _NotHere(Exception):
-    """This source does not hold the target after all: try the next lookup source."""
+    """This source does not hold the target after all: try the next lookup source. ``moved`` and ``local``:
+    what the search's other targets brought from this source before the job moves on."""
+
+    moved = 0
+    local = 0
 
 
 class JobFailure(Exception):
@@ -440,7 +444,9 @@ class Harvester:
                 found_any = True
                 if not search_all:
                     return outcome
-            except _NotHere:
+            except _NotHere as exc:
+                outcome.moved += exc.moved
+                outcome.local += exc.local
                 continue
             except SourceError as exc:
                 # Another lookup source may still have it; report this one only if none answers.
@@ -607,6 +613,7 @@ class Harvester:
         """
         moves: list[_Move] = []
         local = 0
+        not_here: _NotHere | None = None
         seen: set[tuple[str, str, str]] = set()
         for target in targets:
             key = (target.source, target.level.value,
@@ -614,19 +621,27 @@ class Harvester:
             if key in seen:  # an answer listed twice: one move
                 continue
             seen.add(key)
-            move, here = self._prepare(job, owner, op, target)
+            try:
+                move, here = self._prepare(job, owner, op, target)
+            except _NotHere as exc:
+                # The other targets still move from here; the job then asks the next source for this one.
+                not_here = not_here or exc
+                continue
             local += here
             if move is not None:
                 moves.append(move)
-        if not moves:
-            return 0, local
-        self.queue.heartbeat(job.id, owner, self.lease_seconds)
-        singles = [m for m in moves if m.level is QueryLevel.IMAGE]
-        batches = [singles] if singles else []
-        batches += [[m] for m in moves if m.level is not QueryLevel.IMAGE]
-        for batch in batches:
-            self._move_and_verify(job, owner, op, batch)
-        return sum(len(m.missing) for m in moves), local
+        if moves:
+            self.queue.heartbeat(job.id, owner, self.lease_seconds)
+            singles = [m for m in moves if m.level is QueryLevel.IMAGE]
+            batches = [singles] if singles else []
+            batches += [[m] for m in moves if m.level is not QueryLevel.IMAGE]
+            for batch in batches:
+                self._move_and_verify(job, owner, op, batch)
+        moved = sum(len(m.missing) for m in moves)
+        if not_here is not None:
+            not_here.moved, not_here.local = moved, local
+            raise not_here
+        return moved, local
 
     def _prepare(self, job: Job, owner: str, op: Operation, target: Target) -> tuple[_Move | None, int]:
         """Look one target up: plan what is stored, record the expectations of what must move; returns what

@@ -22,7 +22,7 @@ from rtharvest.operations import CriterionKind, FindReferencing, ReferenceCriter
 from rtharvest.strategies import QueryLevel
 from rtharvest.tracking import Decision, Expectation
 from tests.fakes import World
-from tests.planner_fixtures import MiniClinic
+from tests.planner_fixtures import MiniClinic, image_series
 
 WINDOW_2020 = HarvestWindow("20200101", "20201231", ("MINI1",))
 
@@ -321,6 +321,36 @@ def test_a_record_missing_from_a_shared_move_fails_the_job_and_only_it_moves_aga
     world.harvester.run(retry, "t:1:w0")
     assert world.backend.moves[before:] == [(QueryLevel.IMAGE, (withheld,))]
     assert world.queue.get_job(job.id).state is JobState.DONE
+
+
+@pytest.mark.parametrize("hidden", ["pet_sim", "extra"])
+def test_a_series_that_lists_no_instances_does_not_stop_the_others_of_its_search(tmp_path: Path,
+                                                                               clinic: MiniClinic,
+                                                                               hidden: str) -> None:
+    """A FoR search finds two more series; the source lists no instances for one of them (a series index
+    ahead of its images): the other still moves, whichever the source answered first."""
+    frame = clinic.ct_sim[0].FrameOfReferenceUID
+    extra = image_series("extra-mr", clinic.patient, clinic.plan_study, frame, "MR", 2)
+    world = World(tmp_path / "q.sqlite", [*clinic.datasets(), *extra])
+    try:
+        hidden_series = clinic.pet_sim if hidden == "pet_sim" else extra
+        gone = hidden_series[0].SeriesInstanceUID
+        real_find = world.backend.find
+
+        def find(level, keys, *, timeout=None):  # type: ignore[no-untyped-def]
+            answers = real_find(level, keys, timeout=timeout)
+            if level is QueryLevel.IMAGE and keys.get("SeriesInstanceUID") == gone:
+                return []
+            return answers
+
+        world.backend.find = find  # type: ignore[method-assign]
+        hid = world.start(WINDOW_2020)
+        world.run()
+        shown = extra if hidden == "pet_sim" else clinic.pet_sim
+        assert {ds.SOPInstanceUID for ds in shown} <= kept(world, hid)
+        assert not {ds.SOPInstanceUID for ds in hidden_series} & kept(world, hid)
+    finally:
+        world.close()
 
 
 def test_instances_another_job_is_moving_are_awaited_not_moved_twice(world: World, clinic: MiniClinic) -> None:
