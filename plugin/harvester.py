@@ -632,9 +632,11 @@ class Harvester:
                 moves.append(move)
         if moves:
             self.queue.heartbeat(job.id, owner, self.lease_seconds)
-            singles = [m for m in moves if m.level is QueryLevel.IMAGE]
-            batches = [singles] if singles else []
-            batches += [[m] for m in moves if m.level is not QueryLevel.IMAGE]
+            singles: dict[str, list[_Move]] = {}  # per source (one search's targets share one)
+            for m in moves:
+                if m.level is QueryLevel.IMAGE:
+                    singles.setdefault(m.target.source, []).append(m)
+            batches = [*singles.values(), *([m] for m in moves if m.level is not QueryLevel.IMAGE)]
             for batch in batches:
                 self._move_and_verify(job, owner, op, batch)
         moved = sum(len(m.missing) for m in moves)
