@@ -224,6 +224,9 @@ class Harvester:
         #: Job ID → when it first found its instances being moved by another job (monotonic seconds).
         self._waiting_since: dict[int, float] = {}
         self._last_expectation_purge = 0.0
+        #: Monotonic clock of the maintenance thread's provenance rule (tests give a fake one).
+        self.clock: Callable[[], float] = time.monotonic
+        self._provenance_deferred_since: float | None = None
 
     #: How long an idle worker sleeps when no job is pending at all (enqueuing a job wakes it).
     IDLE_WAIT_S = 2.0
@@ -874,14 +877,20 @@ class Harvester:
 
     #: How often the maintenance thread looks for provenance to write and harvests to finish when idle.
     MAINTENANCE_INTERVAL_S = 0.25
+    #: Provenance is written once arrivals have paused this long, ...
+    PROVENANCE_QUIET_S = 0.3
+    #: ... or once it has waited this long while they keep coming, or at once for a harvest whose jobs are
+    #: all done (it shows Completed only when its provenance is written).
+    PROVENANCE_MAX_LAG_S = 10.0
 
     def _maintenance_loop(self) -> None:
         while not self._stop.is_set():
             self._maintenance_wake.clear()  # a wake during the pass below makes the next pass start at once
             try:
                 self.extend_leases()
-                busy = self.write_provenance()
-                self.finish_harvests()
+                finishing = self.tracker.harvests_to_clean()
+                busy = self.write_provenance() if self.provenance_due(bool(finishing)) else False
+                self.finish_harvests(finishing)
                 self.ingest.report_unsolicited()
                 self.purge_ended_expectations()
             except Exception:
@@ -900,9 +909,31 @@ class Harvester:
         with self.tracker.db.transaction():
             return self.tracker.purge_ended_expectations(time.time() - self.LATE_ARRIVAL_GRACE_S)
 
+    def provenance_due(self, harvest_finishing: bool) -> bool:
+        """Whether the maintenance thread writes provenance now.
+
+        Each provenance value is an index transaction that holds the GIL (``orthanc.RestApiPut``) and
+        makes Orthanc hand an ``UpdatedMetadata`` change to the plugin's OnChange callback, which takes
+        the GIL again: five of each per instance. Written while instances stream in, they compete with the
+        C-STORE callbacks and the ingest thread for the GIL and the cores; written when arrivals pause they
+        do not (a quick harvest of the wire benchmark on loopback: see benchmarks/README.md). So they wait
+        for a pause of :data:`PROVENANCE_QUIET_S`, at most :data:`PROVENANCE_MAX_LAG_S` behind, and not at
+        all for a harvest whose jobs are all done.
+        """
+        now = self.clock()
+        since = self._provenance_deferred_since
+        if harvest_finishing or now - self.ingest.last_arrival >= self.PROVENANCE_QUIET_S \
+                or (since is not None and now - since >= self.PROVENANCE_MAX_LAG_S):
+            return True
+        if since is None:
+            self._provenance_deferred_since = now
+        return False
+
     def write_provenance(self, batch: int = 200) -> bool:
         """Write pending provenance metadata; returns True if there was work."""
         items = self.tracker.pending_provenance(batch)
+        if not items:
+            self._provenance_deferred_since = None  # caught up: the lag counts from the next deferral
         done: list[ProvenanceItem] = []
         for item in items:
             try:
@@ -930,7 +961,7 @@ class Harvester:
             self.tracker.provenance_done(done)
         return bool(items)
 
-    def finish_harvests(self) -> None:
+    def finish_harvests(self, finished: Sequence[str] | None = None) -> None:
         """After a harvest's last job (Completed, or Cancelled once its running jobs ended): delete (or
         keep, per policy) the candidates nobody claimed, then mark it clean (it shows ``Completed`` only
         then).
@@ -940,9 +971,10 @@ class Harvester:
         it is a rejected candidate), expectations end in the same transaction as the job's completion or
         failure, and every new decision un-marks the harvest in its own transaction. The mark
         is written only in a transaction that finds the harvest finished, with no unclaimed candidate and
-        no provenance of its own left; otherwise the next pass tries again.
+        no provenance of its own left; otherwise the next pass tries again. ``finished``: the harvests to
+        look at, when the caller has just asked :meth:`Tracker.harvests_to_clean`.
         """
-        for harvest_id in self.tracker.harvests_to_clean():
+        for harvest_id in self.tracker.harvests_to_clean() if finished is None else finished:
             self.finds.forget(harvest_id)  # finished: a job reopening it must see the sources as they are now
             if self.tracker.pending_provenance_of(harvest_id):
                 continue  # this harvest's own provenance first; other harvests' backlog does not matter

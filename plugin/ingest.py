@@ -217,6 +217,12 @@ class Ingest:
                 self._thread = None
 
     @property
+    def last_arrival(self) -> float:
+        """``time.monotonic()`` of the last arrival this process saw (0.0 before the first)."""
+        with self._lock:
+            return self._last_arrival
+
+    @property
     def running(self) -> bool:
         """Whether arrivals are decided on the ingest thread."""
         thread = self._thread

@@ -21,7 +21,7 @@ from rtharvest.jobqueue import JobState
 from rtharvest.operations import CriterionKind, FindReferencing, ReferenceCriterion, RetrieveSeries, Role
 from rtharvest.strategies import QueryLevel
 from rtharvest.tracking import Decision, Expectation
-from tests.fakes import World
+from tests.fakes import World, dicom_bytes
 from tests.planner_fixtures import MiniClinic, image_series
 
 WINDOW_2020 = HarvestWindow("20200101", "20201231", ("MINI1",))
@@ -351,6 +351,38 @@ def test_a_series_that_lists_no_instances_does_not_stop_the_others_of_its_search
         assert not {ds.SOPInstanceUID for ds in hidden_series} & kept(world, hid)
     finally:
         world.close()
+
+
+def test_provenance_waits_for_arrivals_to_pause_at_most_the_lag(world: World, clinic: MiniClinic) -> None:
+    """Provenance is written when arrivals pause, while they keep coming once it has waited the lag, and at
+    once for a harvest whose jobs are all done."""
+    hid = world.start(WINDOW_2020)
+    world.run()
+    h = world.harvester
+    last = world.ingest.last_arrival
+    assert last > 0 and world.tracker.pending_provenance_of(hid)
+    h.clock = lambda: last + 0.1  # instances still streaming in
+    assert not h.provenance_due(harvest_finishing=False)
+    assert h.provenance_due(harvest_finishing=True)
+    h.clock = lambda: last + h.PROVENANCE_QUIET_S
+    assert h.provenance_due(harvest_finishing=False)
+    while h.write_provenance():
+        pass
+    assert not world.tracker.pending_provenance_of(hid)
+    # Arrivals go on: deferred from the first look, due once that is the lag ago although they still come.
+    h.PROVENANCE_MAX_LAG_S = 0.05
+    world.on_stored("late-copy", dicom_bytes(clinic.unrelated[0]), "SRC")
+    first_look = world.ingest.last_arrival + 0.01
+    h.clock = lambda: first_look
+    assert not h.provenance_due(harvest_finishing=False)
+    world.on_stored("late-copy-2", dicom_bytes(clinic.unrelated[1]), "SRC")
+    now = max(world.ingest.last_arrival, first_look) + 0.05
+    h.clock = lambda: now
+    assert now - world.ingest.last_arrival < h.PROVENANCE_QUIET_S  # still streaming
+    assert h.provenance_due(harvest_finishing=False)
+    assert not h.write_provenance()  # nothing left to write: caught up
+    h.PROVENANCE_MAX_LAG_S = 10.0
+    assert not h.provenance_due(harvest_finishing=False)  # caught up: the lag starts again
 
 
 def test_instances_another_job_is_moving_are_awaited_not_moved_twice(world: World, clinic: MiniClinic) -> None:
