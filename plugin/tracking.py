@@ -332,11 +332,14 @@ class Tracker:
         )
         now = time.time()
         if existing is not None and not (existing[0] == Decision.REJECTED and obj.decision is Decision.KEPT):
-            if obj.orthanc_id and existing[2] is None:
-                # Stored again after the clean-up deleted it (another search of the harvest moved it in):
-                # the decision stays, but the copy is back and the clean-up must see it.
-                self.db.execute("UPDATE rth_objects SET orthanc_id = ?, moved = max(moved, ?) WHERE harvest_id = ?"
-                                " AND sop_uid = ?", (obj.orthanc_id, int(obj.moved), obj.harvest_id, obj.sop_uid))
+            if (obj.orthanc_id and existing[2] is None) or (obj.moved and not existing[1]):
+                # The decision stays, but the clean-up must see the copy this harvest brought in: stored again
+                # after the clean-up deleted it (another search of the harvest moved it in), or moved in by one
+                # of its jobs while another planned the just-stored copy first (the arrival's own decision was
+                # still queued on the ingest thread), which recorded it as found, not moved.
+                self.db.execute("UPDATE rth_objects SET orthanc_id = coalesce(orthanc_id, ?), moved = max(moved, ?)"
+                                " WHERE harvest_id = ? AND sop_uid = ?",
+                                (obj.orthanc_id, int(obj.moved), obj.harvest_id, obj.sop_uid))
                 self.db.execute("DELETE FROM rth_cleanup WHERE harvest_id = ?", (obj.harvest_id,))
             return False
         if existing is not None and existing[1] and not obj.moved:

@@ -7,6 +7,7 @@ plan, REGs of other frames of reference, records outside the window).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import threading
 import time
@@ -21,7 +22,7 @@ from rtharvest.ingest import job_for
 from rtharvest.jobqueue import EnqueueItem, JobQueue
 from rtharvest.operations import CriterionKind, FindReferencing, ReferenceCriterion, Role
 from rtharvest.strategies import SourceCapability
-from rtharvest.tracking import Decision
+from rtharvest.tracking import Decision, ObjectRecord
 from tests.fakes import World, dicom_bytes
 from tests.planner_fixtures import MiniClinic, dose, uid
 
@@ -51,6 +52,26 @@ def test_completed_harvest_deletes_its_candidates(world: World) -> None:
     assert not world.completed(hid)
     world.finish()
     assert world.completed(hid) and world.candidates_in_store(hid) == set()
+
+
+def test_a_candidate_planned_from_the_store_before_its_arrival_was_decided_is_still_cleaned_up(
+        world: World) -> None:
+    """One job moves a candidate in; before the ingest thread decided its arrival, another job of the harvest
+    finds the stored copy and rejects it as found, not moved. The arrival's decision (moved) comes second:
+    the copy is still this harvest's to clean up, not left in the store."""
+    hid = world.start(WINDOW_2020)
+    world.run()
+    world.finish()
+    with world.tracker.db.transaction():
+        found = ObjectRecord(hid, "1.2.3.9", "orthanc-9", Decision.REJECTED, "not referenced", "DOSE",
+                             "RTPLAN->RTDOSE", "SRC", 2, moved=False)
+        assert world.tracker.record(found)
+    assert world.tracker.rejected_unclaimed(hid) == []  # found in the store: not the harvest's to delete
+    with world.tracker.db.transaction():
+        arrived = dataclasses.replace(found, job_id=1, moved=True)
+        assert not world.tracker.record(arrived)  # the first decision stays ...
+    assert world.tracker.rejected_unclaimed(hid) == [("1.2.3.9", "orthanc-9")]  # ... but it was moved in
+    assert hid in world.tracker.harvests_to_clean()  # and the clean-up runs again
 
 
 def test_cancelled_harvest_is_cleaned_like_a_completed_one(world: World) -> None:
