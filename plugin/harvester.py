@@ -94,8 +94,10 @@ class _NotHere(Exception):
     """This source does not hold the target after all: try the next lookup source. ``moved`` and ``local``:
     what the search's other targets brought from this source before the job moves on."""
 
-    moved = 0
-    local = 0
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.moved = 0
+        self.local = 0
 
 
 class JobFailure(Exception):
@@ -571,18 +573,21 @@ class Harvester:
         return answers
 
     def _move(self, job: Job, owner: str, access: SourceAccess, level: QueryLevel, **kwargs: Any) -> MoveResult:
-        self._round_trips.setdefault(job.id, RoundTrips()).moves += 1
-        with self._contact(job, owner, access.name, "move"):
-            result: MoveResult = access.backend.move(level, timeout=access.move_timeout, **kwargs)
-            return result
+        return self._counted_move(job, owner, access, 1,
+                                  lambda: access.backend.move(level, timeout=access.move_timeout, **kwargs))
 
     def _move_instances(self, job: Job, owner: str, access: SourceAccess,
                         instances: Sequence[InstanceKey]) -> MoveResult:
         # One C-MOVE request per instance (one association): counted as the source counts them.
-        self._round_trips.setdefault(job.id, RoundTrips()).moves += len(instances)
+        return self._counted_move(job, owner, access, len(instances),
+                                  lambda: access.backend.move_instances(instances, timeout=access.move_timeout))
+
+    def _counted_move(self, job: Job, owner: str, access: SourceAccess, requests: int,
+                      move: Callable[[], MoveResult]) -> MoveResult:
+        """Run ``move`` through the source's gate, counting its ``requests`` C-MOVE requests for the job."""
+        self._round_trips.setdefault(job.id, RoundTrips()).moves += requests
         with self._contact(job, owner, access.name, "move"):
-            result: MoveResult = access.backend.move_instances(instances, timeout=access.move_timeout)
-            return result
+            return move()
 
     def _local_frame_of_reference(self, job: Job, source: str, level: QueryLevel,
                                   identifier: Mapping[str, Any]) -> list[Mapping[str, Any]] | None:

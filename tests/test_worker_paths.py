@@ -297,7 +297,7 @@ def test_the_window_s_records_move_in_one_call(world: World, clinic: MiniClinic)
     assert [(lvl, set(uids)) for lvl, uids in world.backend.moves] == [(QueryLevel.IMAGE, in_2020)]
     done = world.queue.get_job(job.id)
     assert done.state is JobState.DONE and "4 instance(s) moved" in (done.note or "")
-    assert "4 C-MOVE" in (done.note or "")  # one request per record, as the source counts them
+    assert "earlier searches), 4 C-MOVE" in (done.note or "")  # one request per record, as the source counts them
     assert in_2020 <= kept(world, hid)
 
 
