@@ -27,7 +27,7 @@ import csv
 import io
 from collections import Counter
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from .classify import INVALID_INTENTS, classify_plan, registration_type
@@ -158,6 +158,12 @@ class MissingLink:
         """``{"What", "UID", "Reason"}``."""
         return {"What": self.what, "UID": self.uid, "Reason": self.reason}
 
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> MissingLink:
+        """The inverse of :meth:`to_json`; ``Reason`` may be left out (an export's verification compares
+        links without the site's reasons, which a copy cannot know)."""
+        return cls(str(data["What"]), str(data["UID"]), str(data.get("Reason") or ""))
+
 
 @dataclass
 class PlanRow:
@@ -218,6 +224,25 @@ class PlanRow:
             "RegisteredForSeriesUIDs": list(self.registered_for_series_uids),
             "Missing": [m.to_json() for m in self.missing],
         }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> PlanRow:
+        """A row from its JSON form (:meth:`to_json`). The JSON form keeps only the first and last
+        TreatmentDate, so ``treatment_dates`` holds those two."""
+        dates = sorted({d for d in (data.get("FirstTreatment"), data.get("LastTreatment")) if d})
+        return cls(
+            patient_id=data.get("PatientID"), plan_uid=str(data["PlanUID"]), plan_label=data.get("PlanLabel"),
+            plan_intent=data.get("PlanIntent"), status=str(data.get("Status") or "Complete"),
+            record_uids=list(data.get("RecordUIDs") or []), treatment_dates=dates,
+            structure_set_uid=data.get("StructureSetUID"), dose_uids=list(data.get("DoseUIDs") or []),
+            planning_series_uids=list(data.get("PlanningSeriesUIDs") or []),
+            planning_for_series_uids=list(data.get("PlanningForSeriesUIDs") or []),
+            registration_uids=list(data.get("RegistrationUIDs") or []),
+            registration_types=dict(data.get("RegistrationTypes") or {}),
+            registered_series_uids=list(data.get("RegisteredSeriesUIDs") or []),
+            registered_for_series_uids=list(data.get("RegisteredForSeriesUIDs") or []),
+            missing=[MissingLink.from_json(m) for m in data.get("Missing") or []],
+        )
 
 
 @dataclass
@@ -760,31 +785,54 @@ class _Builder:
                 for uid, obj in self.kept.items() if uid not in accounted]
 
     def summary(self, rows: Sequence[PlanRow], orphans: int) -> Summary:
-        status = Counter(r.status for r in rows)
-        intents = Counter(r.plan_intent or "NONE" for r in rows if r.status != "Missing")
-        images = Counter(s.modality or "?" for s in self.series.values())
-        order = {m: i for i, m in enumerate(_IMAGE_ORDER)}
-        reg_types: dict[str, str] = {}
-        for r in rows:
-            for uid in r.registration_uids:
-                reg_types.setdefault(uid, r.registration_types.get(uid, "?"))
-        denominator = len(rows) - status["Invalid"]
-        return Summary(
+        # The plan counts as for any selection of rows; the whole harvest's patients (every seed), image
+        # series (every stored series, orphans' too) and records (every kept record) on top.
+        return replace(
+            summarize_plans(rows, {}),
             patients=len({s.patient_id for s in self.seeds.values()}),
-            plans_referenced=len(rows),
-            plans_collected=len(rows) - status["Missing"],
-            success_rate=round(status["Complete"] / denominator, 4) if denominator else 0.0,
-            plans_by_intent=dict(sorted(intents.items())),
-            plans_by_status={s: status[s] for s in STATUSES if status[s]},
-            invalid_plans=status["Invalid"],
-            image_series={m: images[m] for m in sorted(images, key=lambda m: (order.get(m, 99), m))},
-            planning_series=len({u for r in rows for u in r.planning_series_uids}),
-            registrations=dict(sorted(Counter(reg_types.values()).items())),
+            image_series=count_by_modality(s.modality for s in self.series.values()),
             treatment_records=sum(1 for uid in self.kept if self.kinds[uid] == Modality.RTRECORD.value),
             orphans=orphans,
             failed_jobs=len(self.failures),
             patient_id_mismatches=self.patient_id_mismatches,
         )
+
+
+def count_by_modality(modalities: Iterable[str | None]) -> dict[str, int]:
+    """Image series by modality (``?`` when unknown), CT, MR, PT first."""
+    images = Counter(m or "?" for m in modalities)
+    order = {m: i for i, m in enumerate(_IMAGE_ORDER)}
+    return {m: images[m] for m in sorted(images, key=lambda m: (order.get(m, 99), m))}
+
+
+def summarize_plans(rows: Sequence[PlanRow], modality_of_series: Mapping[str, str | None]) -> Summary:
+    """The Table-1 counts that a selection of plan rows shows by itself (:class:`Summary`'s rules): its
+    patients, plans, intents, statuses, registrations, planning series, treatment records (distinct
+    record UIDs) and image series (the distinct series its rows name, by ``modality_of_series``, ``?``
+    when unknown). Orphans, failed jobs and PatientID mismatches belong to a whole harvest: 0 here.
+    """
+    status = Counter(r.status for r in rows)
+    intents = Counter(r.plan_intent or "NONE" for r in rows if r.status != "Missing")
+    reg_types: dict[str, str] = {}
+    for r in rows:
+        for uid in r.registration_uids:
+            reg_types.setdefault(uid, r.registration_types.get(uid, "?"))
+    series = {u for r in rows for u in (*r.planning_series_uids, *r.planning_for_series_uids,
+                                         *r.registered_series_uids, *r.registered_for_series_uids)}
+    denominator = len(rows) - status["Invalid"]
+    return Summary(
+        patients=len({r.patient_id for r in rows}),
+        plans_referenced=len(rows),
+        plans_collected=len(rows) - status["Missing"],
+        success_rate=round(status["Complete"] / denominator, 4) if denominator else 0.0,
+        plans_by_intent=dict(sorted(intents.items())),
+        plans_by_status={s: status[s] for s in STATUSES if status[s]},
+        invalid_plans=status["Invalid"],
+        image_series=count_by_modality(modality_of_series.get(u) for u in series),
+        planning_series=len({u for r in rows for u in r.planning_series_uids}),
+        registrations=dict(sorted(Counter(reg_types.values()).items())),
+        treatment_records=len({u for r in rows for u in r.record_uids}),
+    )
 
 
 def _timeline(rows: Sequence[PlanRow]) -> tuple[list[PeriodCount], list[PeriodCount]]:

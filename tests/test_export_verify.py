@@ -101,3 +101,10 @@ def test_summary_of_rows_counts_the_selection() -> None:
     relabelled = summary_of_rows(rows, {**modalities, KEY.uid("1.2.3.20"): "MR"})
     assert compare_summaries(summary, relabelled) == [
         "Summary.ImageSeries is {'MR': 2}, expected {'CT': 1, 'MR': 1}"]
+
+
+def test_plan_row_json_round_trip() -> None:
+    missing = [MissingLink("RTDOSE", "1.2.3.3", "not found at source")]
+    row = _site_row("Incomplete", missing)
+    assert PlanRow.from_json(row).to_json() == row
+    assert PlanRow.from_json(row).missing == missing

@@ -23,7 +23,7 @@ from typing import Any
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 
-from ..manifest import STATUSES, Manifest, build_manifest
+from ..manifest import Manifest, PlanRow, build_manifest, summarize_plans
 from ..references import ObjectKind, ObjectRefs
 from ..sopclass import Modality
 from ..tracking import Decision, ObjectRecord
@@ -129,60 +129,18 @@ def compare(expected: Sequence[Mapping[str, Any]], copy_rows: Sequence[Mapping[s
 
 
 #: Image series lists of a row (the series whose modalities ``ImageSeries`` counts).
-_SERIES_LISTS = ("PlanningSeriesUIDs", "PlanningForSeriesUIDs", "RegisteredSeriesUIDs", "RegisteredForSeriesUIDs")
+#: The counts of :func:`summary_of_rows`: those a selection of plans shows by itself.
+SELECTION_COUNTS = ("Patients", "PlansReferenced", "PlansCollected", "SuccessRate", "PlansByIntent",
+                    "PlansByStatus", "InvalidPlans", "ImageSeries", "PlanningSeries", "Registrations",
+                    "TreatmentRecords")
 
 
 def summary_of_rows(rows: Sequence[Mapping[str, Any]], modality_of_series: Mapping[str, str]) -> dict[str, Any]:
-    """The Table-1 counts of a selection of plan rows (JSON form), by the manifest's own definitions
-    (:class:`rtharvest.manifest.Summary`) restricted to what the rows name.
-
-    ``Patients``, ``PlansReferenced``, ``PlansCollected`` (not ``Missing``), ``SuccessRate`` (``Complete``
-    over the rows less ``Invalid``), ``PlansByIntent`` (collected plans, ``NONE`` without intent),
-    ``PlansByStatus``, ``InvalidPlans``, ``ImageSeries`` (distinct series of the rows' series lists by
-    modality, ``?`` when ``modality_of_series`` does not know it), ``PlanningSeries``, ``Registrations``
-    (each REG once, by its type for the first row naming it) and ``TreatmentRecords`` (distinct records).
-    Orphans, failed jobs and PatientID mismatches belong to a whole harvest, not to a selection of plans.
-    """
-    status: dict[str, int] = {}
-    intents: dict[str, int] = {}
-    reg_types: dict[str, str] = {}
-    series: set[str] = set()
-    planning: set[str] = set()
-    records: set[str] = set()
-    for row in rows:
-        status[row["Status"]] = status.get(row["Status"], 0) + 1
-        if row["Status"] != "Missing":
-            intent = row.get("PlanIntent") or "NONE"
-            intents[intent] = intents.get(intent, 0) + 1
-        types = row.get("RegistrationTypes") or {}
-        for uid in row.get("RegistrationUIDs") or []:
-            reg_types.setdefault(uid, types.get(uid, "?"))
-        for name in _SERIES_LISTS:
-            series.update(row.get(name) or [])
-        planning.update(row.get("PlanningSeriesUIDs") or [])
-        records.update(row.get("RecordUIDs") or [])
-    images: dict[str, int] = {}
-    for uid in series:
-        modality = modality_of_series.get(uid) or "?"
-        images[modality] = images.get(modality, 0) + 1
-    registrations: dict[str, int] = {}
-    for kind in reg_types.values():
-        registrations[kind] = registrations.get(kind, 0) + 1
-    invalid = status.get("Invalid", 0)
-    denominator = len(rows) - invalid
-    return {
-        "Patients": len({row.get("PatientID") for row in rows}),
-        "PlansReferenced": len(rows),
-        "PlansCollected": len(rows) - status.get("Missing", 0),
-        "SuccessRate": round(status.get("Complete", 0) / denominator, 4) if denominator else 0.0,
-        "PlansByIntent": dict(sorted(intents.items())),
-        "PlansByStatus": {s: status[s] for s in STATUSES if status.get(s)},
-        "InvalidPlans": invalid,
-        "ImageSeries": dict(sorted(images.items())),
-        "PlanningSeries": len(planning),
-        "Registrations": dict(sorted(registrations.items())),
-        "TreatmentRecords": len(records),
-    }
+    """The Table-1 counts of a selection of plan rows (JSON form): :func:`rtharvest.manifest.summarize_plans`,
+    the manifest's own rule, restricted to :data:`SELECTION_COUNTS` (orphans, failed jobs and PatientID
+    mismatches belong to a whole harvest, not to a selection of plans)."""
+    doc = summarize_plans([PlanRow.from_json(r) for r in rows], modality_of_series).to_json()
+    return {name: doc[name] for name in SELECTION_COUNTS}
 
 
 def compare_summaries(expected: Mapping[str, Any], copy: Mapping[str, Any]) -> list[str]:
