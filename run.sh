@@ -54,12 +54,14 @@ setup() {
 lint() {
   "$VENV/bin/ruff" check .
   # The package folders are renamed at install time (plugin/ -> rtharvest), so mypy checks an
-  # installed copy of exactly what ships.
-  local site; site=$(mktemp -d)
+  # installed copy of exactly what ships, and then the tests against that same copy.
+  local site status=0; site=$(mktemp -d)
+  trap "rm -rf '$site'" EXIT  # also when pip or mypy fails
   "$VENV/bin/pip" install -q --no-deps --no-build-isolation --target "$site" . >/dev/null 2>&1
   rm -rf build
-  (cd "$site" && "$OLDPWD/$VENV/bin/mypy" --config-file "$OLDPWD/pyproject.toml" -p rtharvest)
-  rm -rf "$site"
+  (cd "$site" && "$OLDPWD/$VENV/bin/mypy" --config-file "$OLDPWD/pyproject.toml" -p rtharvest) || status=1
+  MYPYPATH="$site" "$VENV/bin/mypy" --config-file pyproject.toml tests || status=1
+  return "$status"
 }
 
 cmd=${1:-help}; shift || true

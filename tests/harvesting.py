@@ -3,11 +3,24 @@
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, Protocol
 
 from rtharvest.synth.groundtruth import Window
 
 from .servers import RestClient
+
+
+class WindowSpec(Protocol):
+    """What a harvest is started with: a ground truth's window (synth ``Window`` or ``MosaiqWindow``)."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def date_from(self) -> str | None: ...
+    @property
+    def date_to(self) -> str | None: ...
+    @property
+    def patient_ids(self) -> list[str] | None: ...
 
 
 def stored_sop_uids(api: RestClient) -> dict[str, str]:
@@ -33,7 +46,7 @@ def wait_completed(api: RestClient, harvest_id: str, deadline_s: float = 240.0) 
                          f"\nrecent events: {recent}")
 
 
-def start_harvest(api: RestClient, window: Window, source: str, lookup: list[str] | None = None) -> str:
+def start_harvest(api: RestClient, window: WindowSpec, source: str, lookup: list[str] | None = None) -> str:
     body: dict[str, Any] = {"Source": source, "Label": f"e2e {window.name}"}
     if window.date_from:
         body["From"] = window.date_from

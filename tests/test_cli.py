@@ -352,7 +352,7 @@ def documented_commands() -> list[tuple[str, str]]:
     """``rtharvest COMMAND ...`` examples in README.md and docs/*.md (inline code and code blocks)."""
     root = Path(__file__).resolve().parent.parent
     pattern = re.compile(rf"(?:^\s*|`)(rtharvest (?:--\S+ \S+ )*(?:{'|'.join(DOC_COMMAND_WORDS)})\b[^`#\n]*)")
-    found = []
+    found: list[tuple[str, str]] = []
     for path in [root / "README.md", *sorted((root / "docs").glob("*.md"))]:
         for line in path.read_text(encoding="utf-8").splitlines():
             found.extend((path.name, match.group(1).strip()) for match in pattern.finditer(line))

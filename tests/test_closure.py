@@ -9,6 +9,7 @@ empty operations name exactly the dangling references of the plan rows.
 from __future__ import annotations
 
 import json
+from collections.abc import Set
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,7 +53,7 @@ def run(clinic: Clinic, window: dict[str, Any], cap: SourceCapability) -> Simula
     return simulate_harvest(FakeSource(clinic.datasets, cap), HarvestWindow.from_dict(window), cap)
 
 
-def describe(clinic: Clinic, uids: set[str]) -> list[str]:
+def describe(clinic: Clinic, uids: Set[str]) -> list[str]:
     objs = clinic.truth["Objects"]
     return sorted(f"{objs[u]['PatientID']} {objs[u]['Modality']} {objs[u]['Role']} {objs[u]['Traps']}" for u in uids)
 

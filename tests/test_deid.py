@@ -108,7 +108,9 @@ def test_every_reference_is_rewritten_and_resolves(clinic: Clinic) -> None:
     for old_uid, ds in out.items():
         refs = extract(ds)
         if refs.record is not None:
-            for old_plan in extract(clinic.datasets[old_uid]).record.plan_uids:  # type: ignore[union-attr]
+            old_record = extract(clinic.datasets[old_uid]).record
+            assert old_record is not None  # the original of a record is a record
+            for old_plan in old_record.plan_uids:
                 if old_plan in original:
                     assert SITE_A.uid(old_plan) in refs.record.plan_uids
                     assert SITE_A.uid(old_plan) in new_uids
@@ -155,7 +157,7 @@ def test_dates_shift_consistently_per_patient(clinic: Clinic) -> None:
         if "StudyDate" in ds and ds.StudyDate:
             out = deidentify(ds, SITE_A, profile)
             by_patient.setdefault(str(ds.PatientID), []).append((ds.StudyDate, out.StudyDate))
-    shifts = Counter()
+    shifts: Counter[int] = Counter()
     for pid, pairs in by_patient.items():
         days = SITE_A.day_shift(pid, profile.max_shift_days)
         assert -3650 <= days <= -1

@@ -51,6 +51,12 @@ def only(ops: tuple[Operation, ...], cls: type[Any]) -> list[Any]:
     return [o for o in ops if isinstance(o, cls)]
 
 
+def chunk_span(op: Operation) -> tuple[str, str]:
+    """The dates a month-chunked records search covers."""
+    assert isinstance(op, FindTreatmentRecords) and op.chunk_from is not None and op.chunk_to is not None, op
+    return op.chunk_from, op.chunk_to
+
+
 def plan_op(uid_: str) -> RetrieveInstance:
     return RetrieveInstance(uid_, P, None, None, "RTPLAN", Role.PLAN, "RTRECORD->RTPLAN")
 
@@ -61,7 +67,7 @@ def plan_op(uid_: str) -> RetrieveInstance:
 def test_start_operations() -> None:
     # A dated window is searched month by month, as separate jobs.
     chunks = start_operations(CTX)
-    assert [(o.chunk_from, o.chunk_to) for o in chunks] == [
+    assert [chunk_span(o) for o in chunks] == [
         (f"2020{m:02d}01", f"2020{m:02d}{d}") for m, d in zip(range(1, 13), (31, 29, 31, 30, 31, 30, 31, 31, 30,
                                                                               31, 30, 31), strict=True)]
     assert all(isinstance(o, FindTreatmentRecords) and o.window == CTX.window for o in chunks)
@@ -69,7 +75,7 @@ def test_start_operations() -> None:
     short = HarvestContext(HarvestWindow("20200305", "20200320"))
     assert start_operations(short) == (FindTreatmentRecords(short.window, None),)
     decade = start_operations(HarvestContext(HarvestWindow("20120115", "20220710")))
-    spans = [(o.chunk_from, o.chunk_to) for o in decade if isinstance(o, FindTreatmentRecords)]
+    spans = [chunk_span(o) for o in decade if isinstance(o, FindTreatmentRecords)]
     assert len(spans) <= MAX_CHUNKS and spans[0][0] == "20120115" and spans[-1][1] == "20220710"
     assert all(a[1] < b[0] for a, b in zip(spans, spans[1:], strict=False))  # contiguous, no overlap
     open_ended = HarvestContext(HarvestWindow("20200305", None))

@@ -20,6 +20,7 @@ from rtharvest.operations import (
     FindReferencing,
     FindSeriesInFrameOfReference,
     FindTreatmentRecords,
+    Operation,
     ReferenceCriterion,
     RetrieveInstance,
     Role,
@@ -192,8 +193,8 @@ def test_records_of_a_plan_are_searched_at_the_source_too() -> None:
          "no FrameOfReferenceUID"),
     ],
 )
-def test_searches_with_an_empty_key_are_not_sent(op: object, reason: str) -> None:
-    why = unbounded_search(op)  # type: ignore[arg-type]
+def test_searches_with_an_empty_key_are_not_sent(op: Operation, reason: str) -> None:
+    why = unbounded_search(op)
     assert why is not None and reason in why
 
 
@@ -206,13 +207,18 @@ def test_searches_with_an_empty_key_are_not_sent(op: object, reason: str) -> Non
         RetrieveInstance("1.2.3", None, None, None, "RTPLAN", Role.PLAN, "RTRECORD->RTPLAN"),
     ],
 )
-def test_bounded_searches_are_sent(op: object) -> None:
-    assert unbounded_search(op) is None  # type: ignore[arg-type]
+def test_bounded_searches_are_sent(op: Operation) -> None:
+    assert unbounded_search(op) is None
 
 
 def test_leases_are_extended_while_an_operation_runs(tmp_path: Path) -> None:
     """A C-MOVE that outlasts the lease it started with keeps its job: the maintenance thread extends it."""
+    from rtharvest.eventlog import EventLog
     from rtharvest.harvester import Harvester
+    from rtharvest.ingest import Ingest
+    from rtharvest.tracking import Tracker
+
+    from .fakes import FakeStore
 
     db = Database(str(tmp_path / "q.db"))
     try:
@@ -222,8 +228,10 @@ def test_leases_are_extended_while_an_operation_runs(tmp_path: Path) -> None:
         q.enqueue(h.id, "move", "ARIA", {}, "a")
         job = q.claim("w0", 30)
         assert job is not None and job.lease_expires_at == clock.now + 30
-        harvester = Harvester(q, None, None, None, None, {}, lambda _: None,  # type: ignore[arg-type]
-                              lease_seconds=30)
+        # Real but idle collaborators: only the queue takes part in extending leases.
+        tracker, events = Tracker(db), EventLog(db)
+        ingest = Ingest(db, q, tracker, events, lambda _: None, lambda _: None)
+        harvester = Harvester(q, tracker, events, ingest, FakeStore(), {}, lambda _: None, lease_seconds=30)
         harvester._in_operation[job.id] = ("w0", time.monotonic() - 11)  # a third of the lease ago
         clock.now += 25  # the move still runs, 5 s before the lease would expire
         harvester.extend_leases()

@@ -15,7 +15,7 @@ import pydicom
 import pytest
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
-from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from rtharvest import references
 from rtharvest.references import ObjectRefs, extract_from_bytes
@@ -35,7 +35,7 @@ def clinic_files(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
 
 @pytest.fixture(scope="module")
 def rt_datasets(clinic_files: list[Path]) -> list[Dataset]:
-    out = []
+    out: list[Dataset] = []
     for path in clinic_files:
         ds = pydicom.dcmread(path)
         if str(ds.get("Modality", "")) in RT_MODALITIES:
@@ -60,7 +60,7 @@ def _sequences(ds: Dataset) -> Iterator[tuple[pydicom.DataElement, list[Dataset]
                 yield from _sequences(item)
 
 
-def encoded(ds: Dataset, syntax: str, undefined_lengths: bool) -> bytes:
+def encoded(ds: Dataset, syntax: UID, undefined_lengths: bool) -> bytes:
     out = copy.deepcopy(ds)
     out.file_meta.TransferSyntaxUID = syntax
     for elem, items in _sequences(out):
@@ -76,7 +76,7 @@ def encoded(ds: Dataset, syntax: str, undefined_lengths: bool) -> bytes:
 
 @pytest.mark.parametrize("syntax", [ExplicitVRLittleEndian, ImplicitVRLittleEndian, ExplicitVRBigEndian])
 @pytest.mark.parametrize("undefined_lengths", [False, True])
-def test_every_rt_object_reads_the_same_in_every_encoding(rt_datasets: list[Dataset], syntax: str,
+def test_every_rt_object_reads_the_same_in_every_encoding(rt_datasets: list[Dataset], syntax: UID,
                                                           undefined_lengths: bool,
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     for ds in rt_datasets:
@@ -132,7 +132,8 @@ def test_pydicom_test_files_read_the_same(monkeypatch: pytest.MonkeyPatch) -> No
 
 @pytest.fixture(scope="module")
 def images(clinic_files: list[Path]) -> list[Dataset]:
-    out = [ds for ds in (pydicom.dcmread(p) for p in clinic_files) if str(ds.get("Modality", "")) in ("CT", "MR", "PT")]
+    out: list[Dataset] = [ds for ds in (pydicom.dcmread(p) for p in clinic_files)
+                          if str(ds.get("Modality", "")) in ("CT", "MR", "PT")]
     assert {str(ds.Modality) for ds in out} == {"CT", "MR", "PT"}
     return out
 
@@ -140,7 +141,7 @@ def images(clinic_files: list[Path]) -> list[Dataset]:
 @pytest.mark.parametrize("syntax", [ExplicitVRLittleEndian, ImplicitVRLittleEndian, ExplicitVRBigEndian])
 @pytest.mark.parametrize("undefined_lengths", [False, True])
 def test_every_image_reads_the_same_in_every_encoding_and_a_clean_one_without_a_dataset(
-        images: list[Dataset], syntax: str, undefined_lengths: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+        images: list[Dataset], syntax: UID, undefined_lengths: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     for ds in images:
         data = encoded(ds, syntax, undefined_lengths)
         slow, fast = both_ways(data, monkeypatch)

@@ -29,8 +29,8 @@ def nightly(**changes: Any) -> Schedule:
     return Schedule(**base)
 
 
-def utc(*args: int) -> datetime:
-    return datetime(*args, tzinfo=UTC)
+def utc(year: int, month: int, day: int, hour: int = 0, minute: int = 0) -> datetime:
+    return datetime(year, month, day, hour, minute, tzinfo=UTC)
 
 
 def run(slot: datetime, start: date, end: date, state: RunState = RunState.COMPLETED) -> Run:
@@ -73,7 +73,8 @@ def test_missed_nights_run_once_when_orthanc_comes_back() -> None:
     due = decide(nightly(), runs, back)
     assert due.fire and due.slot == utc(2030, 1, 5, 0, 0)
     assert due.window == (date(2029, 12, 29), date(2030, 1, 4))  # the whole gap in one window
-    after = [*runs, run(due.slot, *due.window, RunState.RUNNING)]
+    start, end = due.window
+    after = [*runs, run(due.slot, start, end, RunState.RUNNING)]
     assert not decide(nightly(), after, back).fire
     after[-1] = run(due.slot, *due.window)
     assert not decide(nightly(), after, back + timedelta(hours=3)).fire

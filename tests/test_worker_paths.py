@@ -6,11 +6,13 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import apsw
 import pytest
+from pydicom.dataset import Dataset
 
 from rtharvest.classify import HarvestWindow
 from rtharvest.config import load_config
@@ -50,7 +52,7 @@ def logged_events(world: World) -> Iterator[EventLogHandler]:
     handler.close()
 
 
-def harvest_document(world: World, harvest_id: str) -> dict:  # type: ignore[type-arg]
+def harvest_document(world: World, harvest_id: str) -> dict[str, Any]:
     """What ``GET /rtharvest/harvests/{id}`` answers, from the real service on the world's database."""
     config = load_config({"DicomModalities": {"SRC": ["SRC", "127.0.0.1", 11112]},
                           "StorageDirectory": str(Path(world.db.path).parent)})
@@ -242,7 +244,7 @@ def test_a_re_harvest_writes_one_summary_event(world: World, clinic: MiniClinic)
 # -- moves: partial warnings, in-flight instances ------------------------------------------------------
 
 
-def series_job(world: World, harvest_id: str, series: list) -> None:  # type: ignore[type-arg]
+def series_job(world: World, harvest_id: str, series: Sequence[Dataset]) -> None:
     first = series[0]
     op = RetrieveSeries(first.PatientID, first.StudyInstanceUID, first.SeriesInstanceUID, Role.PLANNING_SERIES,
                         "RTSTRUCT->SERIES")

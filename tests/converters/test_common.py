@@ -13,6 +13,7 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import RTPlanStorage, generate_uid
 from pynetdicom import AE, evt
+from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.sop_class import RTPlanStorage as RTPlanContext  # type: ignore[attr-defined]
 
 from rtharvest.converters import cli
@@ -44,14 +45,17 @@ class _StoreSCP:
         ae.add_supported_context(RTPlanContext, ["1.2.840.10008.1.2", "1.2.840.10008.1.2.1"])
 
         def on_store(event: evt.Event) -> int:
+            assert isinstance(event.request, C_STORE)  # the only request an EVT_C_STORE handler sees
             self.received.append(str(event.request.AffectedSOPInstanceUID))
             return status
 
         def on_open(event: evt.Event) -> None:
             self.associations += 1
 
-        self.server = ae.start_server(("127.0.0.1", self.port), block=False,
-                                      evt_handlers=[(evt.EVT_C_STORE, on_store), (evt.EVT_REQUESTED, on_open)])
+        server = ae.start_server(("127.0.0.1", self.port), block=False,
+                                 evt_handlers=[(evt.EVT_C_STORE, on_store), (evt.EVT_REQUESTED, on_open)])
+        assert server is not None  # a non-blocking start returns the running server
+        self.server = server
 
     def stop(self) -> None:
         self.server.shutdown()

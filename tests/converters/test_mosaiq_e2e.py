@@ -48,7 +48,7 @@ def test_converted_mosaiq_clinic_harvests_to_ground_truth(tmp_path: Path) -> Non
                                           "InstanceReturnKeys": True, "RecordDiscovery": "TreatmentDate"}})
         api = RestClient(harvester.url, harvester.credentials)
         window = truth.window("all")
-        harvest_id = start_harvest(api, window, "AUXPACS")  # type: ignore[arg-type]  # a MosaiqWindow has the same fields
+        harvest_id = start_harvest(api, window, "AUXPACS")
         wait_completed(api, harvest_id)
 
         # Converted records are known to the truth by content (patient, plan, day, machine), not by UID.

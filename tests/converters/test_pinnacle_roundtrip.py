@@ -13,7 +13,7 @@ import math
 import re
 import shutil
 import subprocess
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -106,7 +106,7 @@ def test_ct(converted: dict[str, Converted], case: PinnacleCase, tmp_path: Path)
     _check_rebuilt_ct(c.truth, cts)
 
 
-def _check_rebuilt_ct(truth: PatientTruth, cts: list[Dataset]) -> None:
+def _check_rebuilt_ct(truth: PatientTruth, cts: Sequence[Dataset]) -> None:
     """A CT built from ImageSet_N.img: slice positions, orientation, UIDs, intercept and the bone marker."""
     assert len(cts) == len(truth.slice_positions)
     truth_positions = sorted(truth.slice_positions, key=lambda p: p[2])
@@ -443,7 +443,8 @@ def _convert_with_machines(
         machines.write_text(new, encoding="latin-1")
     report = ConversionReport("pinnacle")
     convert_patient(copy, FolderSink(tmp_path / "out"), report, Options(), c.truth.folder)
-    plans = [ds for ds in (dcmread(p) for p in (tmp_path / "out").rglob("*.dcm")) if ds.Modality == "RTPLAN"]
+    plans: list[Dataset] = [
+        ds for ds in (dcmread(p) for p in (tmp_path / "out").rglob("*.dcm")) if ds.Modality == "RTPLAN"]
     return report, plans
 
 
@@ -511,7 +512,8 @@ def test_one_line_points_convert_and_a_short_curve_is_reported(converted: dict[s
     shutil.copytree(c.folder, copy)
     # Plan_0: every points block folded onto one line.
     roi = copy / "Plan_0" / "plan.roi"
-    folded, block = [], None
+    folded: list[str] = []
+    block: list[str] | None = None
     for line in roi.read_text(encoding="latin-1").splitlines():
         if line.strip() == "points={":
             block = []

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import NotRequired, TypedDict
+
 import pytest
 from pydicom.dataset import Dataset
 
@@ -81,6 +84,24 @@ def test_backends_satisfy_the_protocol() -> None:
     assert isinstance(PynetdicomBackend(Modality("X", "X", "127.0.0.1", 1), "H"), SourceBackend)
 
 
+class MoveArgs(TypedDict):
+    """The UID arguments of :func:`check_move_arguments`."""
+
+    patient_id: str | None
+    study_uid: str
+    series_uid: str | None
+    sop_uids: Sequence[str]
+
+
+class MoveKeys(TypedDict):
+    """The UID arguments a case gives; the others default to none."""
+
+    patient_id: str | None
+    study_uid: str
+    series_uid: NotRequired[str | None]
+    sop_uids: NotRequired[Sequence[str]]
+
+
 @pytest.mark.parametrize(("level", "kw"), [
     (QueryLevel.PATIENT, {"patient_id": None, "study_uid": "1.2"}),
     (QueryLevel.STUDY, {"patient_id": None, "study_uid": ""}),
@@ -88,8 +109,8 @@ def test_backends_satisfy_the_protocol() -> None:
     (QueryLevel.IMAGE, {"patient_id": None, "study_uid": "1.2", "series_uid": "1.2.3"}),
     (QueryLevel.IMAGE, {"patient_id": None, "study_uid": "1.2", "series_uid": "1.2.3", "sop_uids": "1.2.3.4"}),
 ])
-def test_move_arguments_are_checked(level: QueryLevel, kw: dict[str, object]) -> None:
-    args: dict[str, object] = {"series_uid": None, "sop_uids": (), **kw}
+def test_move_arguments_are_checked(level: QueryLevel, kw: MoveKeys) -> None:
+    args: MoveArgs = {"series_uid": None, "sop_uids": (), **kw}
     with pytest.raises(SourceError) as caught:
         check_move_arguments(level, source="S", **args)
     assert caught.value.kind is K.BAD_REQUEST

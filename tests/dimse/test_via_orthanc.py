@@ -312,7 +312,7 @@ def test_loopback_instance_helpers(clinic: Any, loopback: LoopbackClient) -> Non
                                       headers={"Content-Type": "application/dicom"})
     assert status == 200, body
     orthanc_id = loopback.find_instance(ds.SOPInstanceUID)
-    assert orthanc_id == body["ID"]
+    assert orthanc_id is not None and orthanc_id == body["ID"]
     assert loopback.instance_exists(ds.SOPInstanceUID)
     assert not loopback.instance_exists(generate_uid())
     assert loopback.find_instance(ds.StudyInstanceUID) is None  # a study UID is not an instance

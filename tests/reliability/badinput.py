@@ -79,6 +79,12 @@ def _mutations() -> list[tuple[str, Callable[[Dataset], None]]]:
     def set_(keyword: str, value: object) -> Callable[[Dataset], None]:
         return lambda ds: setattr(ds, keyword, value)
 
+    def set_many(*pairs: tuple[str, object]) -> Callable[[Dataset], None]:
+        def apply(ds: Dataset) -> None:
+            for keyword, value in pairs:  # in order: the character set before the text it governs
+                setattr(ds, keyword, value)
+        return apply
+
     def drop(keyword: str) -> Callable[[Dataset], None]:
         return lambda ds: delattr(ds, keyword) if keyword in ds else None
 
@@ -131,14 +137,14 @@ def _mutations() -> list[tuple[str, Callable[[Dataset], None]]]:
         ("reference to empty UID", garbage_ref("ReferencedStructureSetSequence", "", STRUCT_CLASS)),
         ("reference with wrong class", garbage_ref("ReferencedRTPlanSequence", "1.2.3.4", CT_CLASS)),
         ("non-ASCII name, no charset", set_("PatientName", "Zoë^Ĳsbrand")),
-        ("Japanese name with UTF-8", lambda ds: (setattr(ds, "SpecificCharacterSet", "ISO_IR 192"),
-                                                 setattr(ds, "PatientName", "山田^太郎"))),
-        ("emoji in plan label", lambda ds: (setattr(ds, "SpecificCharacterSet", "ISO_IR 192"),
-                                            setattr(ds, "RTPlanLabel", "🙂plan"))),
+        ("Japanese name with UTF-8", set_many(("SpecificCharacterSet", "ISO_IR 192"),
+                                              ("PatientName", "山田^太郎"))),
+        ("emoji in plan label", set_many(("SpecificCharacterSet", "ISO_IR 192"),
+                                         ("RTPlanLabel", "🙂plan"))),
         ("unknown character set", set_("SpecificCharacterSet", "ISO_IR 999")),
         ("control characters in LO", set_("StudyDescription", "a\x00b\x07c\x1bd")),
-        ("right-to-left text", lambda ds: (setattr(ds, "SpecificCharacterSet", "ISO_IR 192"),
-                                           setattr(ds, "StudyDescription", "\u202etxet"))),
+        ("right-to-left text", set_many(("SpecificCharacterSet", "ISO_IR 192"),
+                                        ("StudyDescription", "\u202etxet"))),
         ("10 kB study description", set_("StudyDescription", "x" * 10_000)),
         ("1 MB plan label", set_("RTPlanLabel", "L" * 1_000_000)),
         ("1000-character patient ID", set_("PatientID", "P" * 1000)),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sqlite3
 import time
+from pathlib import Path
 
 import pytest
 
@@ -40,7 +41,7 @@ def test_log_retention_purges_old_events(clinic: Clinic) -> None:
     clinic.restart_harvester(fresh=True)
 
 
-def test_online_backup_while_harvesting_is_consistent(clinic: Clinic, loaded: GroundTruth, tmp_path) -> None:
+def test_online_backup_while_harvesting_is_consistent(clinic: Clinic, loaded: GroundTruth, tmp_path: Path) -> None:
     """The documented backup (SQLite's online backup API, as ``sqlite3 db ".backup file"`` does) taken in the
     middle of a harvest opens as a consistent database."""
     clinic.restart_harvester(fresh=True)

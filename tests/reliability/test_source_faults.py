@@ -87,14 +87,14 @@ def test_faulty_sources_fail_within_the_cap_and_do_not_stall_the_rest(clinic: Cl
         assert_harvest_equals_truth(clinic, window, healthy, {"ORTHANC_SRC"})
 
         for name, harvest_id in faulty.items():
-            _, _, attempts, status, words = FAULTS[name]
+            _, _, attempts, dimse_status, words = FAULTS[name]
             wait_completed(clinic.api, harvest_id, deadline_s=120)
             jobs = _jobs(clinic, harvest_id)
             assert len(jobs) == 1, (name, jobs)
             job = jobs[0]
             assert job["State"] == "failed", (name, job)
             assert job["Attempts"] == attempts, (name, job)
-            assert job["DimseStatus"] == status, (name, job)
+            assert job["DimseStatus"] == dimse_status, (name, job)
             assert any(w.lower() in job["LastError"].lower() for w in words), (name, job)
             assert name in job["LastError"], (name, job)
             errors = clinic.api.get(f"/rtharvest/log?harvest={harvest_id}&level=error")

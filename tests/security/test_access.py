@@ -63,7 +63,7 @@ def test_every_route_requires_authentication(clinic: Clinic, method: str, path: 
     anonymous = RestClient(clinic.harvester.url, None)
     wrong_password = RestClient(clinic.harvester.url, (creds[0], creds[1] + "x"))
     wrong_user = RestClient(clinic.harvester.url, ("intruder", creds[1]))
-    body = {} if method == "POST" else None
+    body: dict[str, Any] | None = {} if method == "POST" else None
     for client in (anonymous, wrong_password, wrong_user):
         status, answer = client.request(method, path, body)
         assert status == 401, (method, path, status, answer)
