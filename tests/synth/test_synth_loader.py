@@ -32,6 +32,7 @@ def scp() -> Iterator[_Scp]:
     """A Storage SCP on a free loopback port that records what it receives."""
     ae = AE(ae_title="TESTSCP")
     ae.supported_contexts = AllStoragePresentationContexts
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 180  # as the loader's: a loaded CI host stalls
     holder: list[_Scp] = []
 
     def on_store(event: evt.Event) -> int:
@@ -63,7 +64,10 @@ def test_store_to_scp_sends_everything(clinic: Clinic, scp: _Scp) -> None:
     files = dicom_files(clinic.root)
     count = store_to_scp(files, "127.0.0.1", scp.port, "TESTSCP")
     assert count == len(files)
-    assert sorted(scp.received) == sorted(clinic.truth.objects)
+    # Every object arrives; one may arrive twice when a loaded host drops the association before its
+    # response came back (the loader sends it again on a new association: a C-STORE is idempotent).
+    assert set(scp.received) == set(clinic.truth.objects)
+    assert len(scp.received) - len(files) <= 3  # at most one resend per dropped association (three at most)
 
 
 def test_store_to_scp_raises_on_failure_status(clinic: Clinic, scp: _Scp) -> None:
