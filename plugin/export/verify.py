@@ -128,7 +128,6 @@ def compare(expected: Sequence[Mapping[str, Any]], copy_rows: Sequence[Mapping[s
     return problems
 
 
-#: Image series lists of a row (the series whose modalities ``ImageSeries`` counts).
 #: The counts of :func:`summary_of_rows`: those a selection of plans shows by itself.
 SELECTION_COUNTS = ("Patients", "PlansReferenced", "PlansCollected", "SuccessRate", "PlansByIntent",
                     "PlansByStatus", "InvalidPlans", "ImageSeries", "PlanningSeries", "Registrations",
