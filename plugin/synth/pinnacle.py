@@ -416,7 +416,16 @@ def write_patient(root: Path, case: PinnacleCase) -> PatientTruth:
         "    LeafPairList ={",
     ]
     for n, (centre, width) in enumerate(LEAF_PAIRS):
-        machine.append(f"      #{n} ={{ Y = {_fmt(centre)}; Width = {_fmt(width)}; }};")
+        # Pinnacle's own layout: one MLCLeafPair per pair, file order = leaf order, the centre in YCenterPosition.
+        machine += [
+            "      MLCLeafPair ={",
+            f"        YCenterPosition = {_fmt(centre)};",
+            "        NegateLeafCoordinate = 0;",
+            f"        Width = {_fmt(width)};",
+            "        MinTipPosition = -20;",
+            "        MaxTipPosition = 20;",
+            "      };",
+        ]
     machine += ["    };", "  };", "};"]
     ordered = sorted(LEAF_PAIRS)
     truth.leaf_boundaries = [10 * (ordered[0][0] - ordered[0][1] / 2)] + [10 * (c + w / 2) for c, w in ordered]
@@ -518,6 +527,13 @@ def write_patient(root: Path, case: PinnacleCase) -> PatientTruth:
                         f"              TopJawPosition = {_fmt(jaws[2])};",
                         f"              BottomJawPosition = {_fmt(jaws[3])};",
                         f"              Weight = {_fmt(weights[seg])};",
+                        # As Pinnacle writes it, a block outline (its own RawData) comes before the leaves.
+                        "              ModifierList ={ BeamModifier ={ Name = \"BeamModifier_1\";",
+                        "                ContourList ={ CurvePainter ={ Curve ={ RawData ={",
+                        "                  NumberOfDimensions = 2; NumberOfPoints = 4;",
+                        "                  Points[] ={ -3,-3, 3,-3, 3,3, -3,3 };",
+                        "                }; }; }; };",
+                        "              }; };",
                         "              MLCLeafPositions ={ RawData ={ NumberOfDimensions = 2;",
                         f"                NumberOfPoints = {len(leaves)};",
                         "                Points[] ={",

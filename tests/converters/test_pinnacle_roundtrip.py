@@ -654,7 +654,7 @@ def test_ct_pixel_spacing_is_row_spacing_then_column_spacing(converted: dict[str
         (
             "Plan_1/plan.Pinnacle.Machines",
             r"Width = [^;]*;",
-            "      #0 ={",
+            "      MLCLeafPair ={",
             "machine 'SynthLinac' leaf pair 0: Width is missing",
         ),
     ],
