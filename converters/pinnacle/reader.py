@@ -175,11 +175,14 @@ def _leaf_positions(item: Obj, file: str, label: str) -> tuple[tuple[float, floa
         return ()
     values = _points(raw.get("Points"))
     if len(values) % 2:
-        raise PinnacleFormatError(f"{raw.at(file)}: {label} MLCLeafPositions has an odd count of values ({len(values)})")
+        raise PinnacleFormatError(
+            f"{raw.at(file)}: {label} MLCLeafPositions has an odd count of values ({len(values)})"
+        )
     declared = raw.num("NumberOfPoints")
     if declared is not None and int(declared) != len(values) // 2:
         raise PinnacleFormatError(
-            f"{raw.at(file)}: {label} MLCLeafPositions says NumberOfPoints = {int(declared)} but lists {len(values) // 2}"
+            f"{raw.at(file)}: {label} MLCLeafPositions says NumberOfPoints = {int(declared)} "
+            f"but lists {len(values) // 2}"
         )
     return tuple((values[i], values[i + 1]) for i in range(0, len(values), 2))
 

@@ -415,7 +415,7 @@ def write_patient(root: Path, case: PinnacleCase) -> PatientTruth:
         '    LeftBankName = "B";',
         "    LeafPairList ={",
     ]
-    for n, (centre, width) in enumerate(LEAF_PAIRS):
+    for centre, width in LEAF_PAIRS:
         # Pinnacle's own layout: one MLCLeafPair per pair, file order = leaf order, the centre in YCenterPosition.
         machine += [
             "      MLCLeafPair ={",

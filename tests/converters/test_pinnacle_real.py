@@ -1,0 +1,129 @@
+"""Pinnacle files as real archives hold them, next to the synthetic writer's round trips.
+
+``fixtures/pinnacle/v16.0-fragment`` is transcribed from a public Pinnacle 16.0 patient directory (origin in
+each file's header); ``fixtures/pinnacle/v7.4f-patient`` is a whole pre-9.0 patient directory in the 7.4f
+layout (photon MLC plan and electron plan, per-plan points).
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+from pydicom import Dataset, dcmread
+
+from rtharvest.converters.pinnacle.convert import Options, convert_patient
+from rtharvest.converters.pinnacle.grammar import parse_file
+from rtharvest.converters.pinnacle.reader import read_machines, read_trial
+from rtharvest.converters.pinnacle.writers import applicator_type
+from rtharvest.converters.report import ConversionReport
+from rtharvest.converters.sink import FolderSink
+
+FIXTURES = Path(__file__).parent / "fixtures" / "pinnacle"
+V16 = FIXTURES / "v16.0-fragment"
+PRE9 = FIXTURES / "v7.4f-patient" / "Patient_7"
+
+
+def test_v16_machine_leaf_pairs_are_mlcleafpair_with_ycenterposition() -> None:
+    (machine,) = read_machines(V16 / "plan.Pinnacle.Machines").values()
+    assert machine.name == "Clinac iX" and machine.sad == 100
+    assert len(machine.leaf_pairs) == 60
+    # NegateLeafCoordinate = 1: the first pair (YCenterPosition −19.5) is the one Pinnacle labels "Y = 19.50 cm".
+    assert machine.leaf_pairs[0].y_centre == 19.5 and machine.leaf_pairs[0].width == 1
+    assert machine.leaf_pairs[10].y_centre == 9.75 and machine.leaf_pairs[10].width == 0.5
+    boundaries = machine.boundaries_mm()
+    assert boundaries[0] == -200 and boundaries[-1] == 200 and len(boundaries) == 61
+    assert boundaries[10] == -100 and boundaries[50] == 100  # 1 cm outer, 0.5 cm inner leaves
+
+
+def test_v16_control_point_leaves_come_from_mlcleafpositions_not_the_block_outline_before_them() -> None:
+    root = parse_file(V16 / "plan.Trial")  # \XDR_COPY:5\ (a compensator's Thickness) parses too
+    (trial,) = [read_trial(t, str(V16 / "plan.Trial")) for t in root.objs("Trial")]
+    (beam,) = trial.beams
+    (cp,) = beam.control_points
+    assert len(cp.leaves) == 60  # not the 28 points of the ModifierList outline written before them
+    assert cp.leaves[9] == (10, 10) and cp.leaves[23] == (9.9, 10) and cp.leaves[41] == (-0.3, 6)
+    assert (cp.left_jaw, cp.right_jaw, cp.top_jaw, cp.bottom_jaw) == (10, 10, 11, 6)
+    assert beam.modality == "PHOTON" and beam.applicator == "" and not beam.gantry_ccw
+
+
+def _convert(folder: Path, out: Path) -> tuple[ConversionReport, dict[str, list[Dataset]]]:
+    report = ConversionReport("pinnacle")
+    convert_patient(folder, FolderSink(out), report, Options(), folder.name)
+    objects: dict[str, list[Dataset]] = {}
+    for path in sorted(out.rglob("*.dcm")):
+        ds = dcmread(path)
+        objects.setdefault(str(ds.Modality), []).append(ds)
+    return report, objects
+
+
+def test_pre9_patient_with_photon_mlc_and_electron_plans_converts_every_plan(tmp_path: Path) -> None:
+    report, objects = _convert(PRE9, tmp_path / "out")
+    assert report.errors == []
+    assert {k: len(v) for k, v in objects.items()} == {"CT": 3, "RTSTRUCT": 2, "RTPLAN": 2, "RTDOSE": 4}
+    plans = {str(ds.RTPlanLabel): ds for ds in objects["RTPLAN"]}
+    photon = plans["Trial_1"].BeamSequence[0]
+    assert photon.RadiationType == "PHOTON"
+    (mlc,) = [d for d in photon.BeamLimitingDeviceSequence if d.RTBeamLimitingDeviceType == "MLCX"]
+    assert mlc.NumberOfLeafJawPairs == 40 and float(mlc.LeafPositionBoundaries[0]) == -200
+    positions = photon.ControlPointSequence[0].BeamLimitingDevicePositionSequence
+    (leaves,) = [p for p in positions if p.RTBeamLimitingDeviceType == "MLCX"]
+    # Pair 17 of the file (YCenterPosition −3.5, DICOM pair 17 from −Y): left 3.5 → bank A −35, right 4 → B 40.
+    assert float(leaves.LeafJawPositions[17]) == -35 and float(leaves.LeafJawPositions[40 + 17]) == 40
+    electron = plans["Electrons"].BeamSequence[0]
+    assert electron.RadiationType == "ELECTRON"
+    assert [d.RTBeamLimitingDeviceType for d in electron.BeamLimitingDeviceSequence] == ["ASYMX", "ASYMY"]
+    assert electron.ApplicatorSequence[0].ApplicatorID == "10x10"
+    assert electron.ApplicatorSequence[0].ApplicatorType == "ELECTRON_SQUARE"
+    # plan.Points is per plan: the electron plan's structure set holds its own isocentre and calculation point.
+    names = {
+        str(ds.SeriesInstanceUID): sorted(str(r.ROIName) for r in ds.StructureSetROISequence)
+        for ds in objects["RTSTRUCT"]
+    }
+    assert sorted(names.values()) == [["BODY", "calc pt", "eBoost iso", "iso"], ["BODY", "iso"]]
+    (entry,) = report.extra["Patients"]
+    assert entry["Written"] == {"CT": 3, "RTDOSE": 4, "RTPLAN": 2, "RTSTRUCT": 2} and entry["FailedPlans"] == []
+
+
+def test_a_failing_plan_never_stops_the_patients_ct_structure_sets_or_other_plans(tmp_path: Path) -> None:
+    copy = tmp_path / "Patient_7"
+    shutil.copytree(PRE9, copy)
+    machines = copy / "Plan_0" / "plan.Pinnacle.Machines"
+    # Two machines, neither the beam's: the MLC plan's leaf geometry cannot resolve.
+    text = machines.read_text(encoding="latin-1").replace('Name = "Linac6"', 'Name = "Other"')
+    machines.write_text(text + 'Machine ={\n  Name = "Third";\n  SAD = 100;\n};\n', encoding="latin-1")
+    report, objects = _convert(copy, tmp_path / "out")
+    assert {k: len(v) for k, v in objects.items()} == {"CT": 3, "RTSTRUCT": 2, "RTPLAN": 1, "RTDOSE": 2}
+    (error,) = report.errors
+    assert error.scope == "plan" and error.key.endswith("Plan_0")
+    assert "Plan_0/plan.Trial:" in error.detail and "'Linac6' is not in" in error.detail
+    (entry,) = report.extra["Patients"]
+    (failed,) = entry["FailedPlans"]
+    assert failed["Plan"] == "Plan_0" and failed["Detail"] == error.detail
+
+
+def test_an_unreadable_trial_file_keeps_the_plans_structure_set_and_the_ct(tmp_path: Path) -> None:
+    copy = tmp_path / "Patient_7"
+    shutil.copytree(PRE9, copy)
+    for plan in ("Plan_0", "Plan_1"):
+        trial = copy / plan / "plan.Trial"
+        trial.write_text(trial.read_text(encoding="latin-1").replace("Gantry = ", "Gantry "), encoding="latin-1")
+    report, objects = _convert(copy, tmp_path / "out")
+    # No plan converts, yet the CT (planned on by both) and both structure sets are written.
+    assert {k: len(v) for k, v in objects.items()} == {"CT": 3, "RTSTRUCT": 2}
+    assert sorted(e.reason for e in report.errors) == ["syntax-error", "syntax-error"]
+    assert all("plan.Trial:" in e.detail for e in report.errors)
+
+
+@pytest.mark.parametrize(
+    ("name", "kind"),
+    [
+        ("10x10", "ELECTRON_SQUARE"),
+        ("6 x 10", "ELECTRON_RECT"),
+        ("Circle 5", "ELECTRON_CIRC"),
+        ("A15", "ELECTRON_SQUARE"),
+    ],
+)
+def test_electron_applicator_type_from_its_name(name: str, kind: str) -> None:
+    assert applicator_type(name) == kind
