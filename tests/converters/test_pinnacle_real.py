@@ -46,6 +46,8 @@ def test_v16_control_point_leaves_come_from_mlcleafpositions_not_the_block_outli
     assert cp.leaves[9] == (10, 10) and cp.leaves[23] == (9.9, 10) and cp.leaves[41] == (-0.3, 6)
     assert (cp.left_jaw, cp.right_jaw, cp.top_jaw, cp.bottom_jaw) == (10, 10, 11, 6)
     assert beam.modality == "PHOTON" and beam.applicator == "" and not beam.gantry_ccw
+    assert beam.dose_volume == 8  # the beam's own DoseVolume, not the trial's or a control point's binary
+    assert round(beam.mu_info.mu, 2) == round(126.27 / (1.10137 * 1.02155), 2)
 
 
 def _convert(folder: Path, out: Path) -> tuple[ConversionReport, dict[str, list[Dataset]]]:
