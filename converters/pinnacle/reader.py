@@ -383,8 +383,9 @@ def read_machines(path: Path) -> dict[str, Machine]:
     return machines
 
 
-def read_plan_version(folder: Path) -> Version | None:
-    """The version in ``plan.PlanInfo`` (PinnacleVersionDescription), if any."""
+def read_plan_version(folder: Path, from_patient: Version | None = None) -> Version | None:
+    """The plan's version: ``plan.PlanInfo`` (PinnacleVersionDescription), else ``from_patient`` (the
+    Patient file's entry for the plan), else the ``plan.roi`` header; ``None`` when none says."""
     info = folder / "plan.PlanInfo"
     if info.is_file():
         obj = parse_file(info)
@@ -392,6 +393,8 @@ def read_plan_version(folder: Path) -> Version | None:
             text = obj.text(key)
             if text and (found := parse_version(text)):
                 return found
+    if from_patient is not None:
+        return from_patient
     roi = folder / "plan.roi"
     if roi.is_file():
         head = decode(roi.read_bytes()[:2000])
@@ -411,7 +414,10 @@ def read_plan(patient_folder: Path, entry: Obj, patient_version: Version) -> Pla
     points_file = folder / "plan.Points"
     machines_file = folder / "plan.Pinnacle.Machines"
     setup_file = folder / "plan.PatientSetup"
-    version = read_plan_version(folder) or patient_version
+    # The plan's own version: plan.PlanInfo, else the Patient file's entry for the plan (Pinnacle 16 writes
+    # PinnacleVersionDescription there), else the plan.roi header, else the Patient file's.
+    entry_version = parse_version(entry.text("PinnacleVersionDescription"))
+    version = read_plan_version(folder, entry_version) or patient_version
     # The trials (beams, control points) and machines fail apart from the plan's ROIs and points: a beam the
     # converter cannot read costs its plan's RTPLANs and doses, never the plan's structure set.
     trials: list[Trial] = []

@@ -15,7 +15,8 @@ from pydicom import Dataset, dcmread
 
 from rtharvest.converters.pinnacle.convert import Options, convert_patient
 from rtharvest.converters.pinnacle.grammar import parse_file
-from rtharvest.converters.pinnacle.reader import read_machines, read_trial
+from rtharvest.converters.pinnacle.models import Version
+from rtharvest.converters.pinnacle.reader import read_machines, read_patient, read_trial
 from rtharvest.converters.pinnacle.writers import applicator_type
 from rtharvest.converters.report import ConversionReport
 from rtharvest.converters.sink import FolderSink
@@ -129,3 +130,19 @@ def test_an_unreadable_trial_file_keeps_the_plans_structure_set_and_the_ct(tmp_p
 )
 def test_electron_applicator_type_from_its_name(name: str, kind: str) -> None:
     assert applicator_type(name) == kind
+
+
+def test_v16_patient_file_and_the_plans_own_version(tmp_path: Path) -> None:
+    """The Patient file names each plan's version (PinnacleVersionDescription on its PlanList entry)."""
+    folder = tmp_path / "Patient_1"
+    (folder / "Plan_0").mkdir(parents=True)
+    shutil.copy(V16 / "Patient", folder / "Patient")
+    for name in ("plan.Trial", "plan.Pinnacle.Machines"):
+        shutil.copy(V16 / name, folder / "Plan_0" / name)
+    patient = read_patient(folder)
+    assert patient.mrn == "000000" and patient.version == Version(16, 2)  # Launch Pad: 16.2 wrote the file
+    (plan,) = patient.plans
+    assert plan.name == "BRAIN" and plan.tool_type == "Pinnacle^3" and plan.version == Version(16, 0)
+    assert plan.trial_error is None and [b.name for t in plan.trials for b in t.beams] == ["02 Lao Brain"]
+    # The image set's header is not part of the fragment: that is reported, the plan is still read.
+    assert [type(p).__name__ for p in patient.problems] == ["PinnacleFormatError"]
