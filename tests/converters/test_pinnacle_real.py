@@ -136,7 +136,8 @@ def test_v16_patient_file_and_the_plans_own_version(tmp_path: Path) -> None:
     """The Patient file names each plan's version (PinnacleVersionDescription on its PlanList entry)."""
     folder = tmp_path / "Patient_1"
     (folder / "Plan_0").mkdir(parents=True)
-    shutil.copy(V16 / "Patient", folder / "Patient")
+    for name in ("Patient", "ImageSet_0.header", "ImageSet_0.ImageInfo"):
+        shutil.copy(V16 / name, folder / name)
     for name in ("plan.Trial", "plan.Pinnacle.Machines"):
         shutil.copy(V16 / name, folder / "Plan_0" / name)
     patient = read_patient(folder)
@@ -144,5 +145,10 @@ def test_v16_patient_file_and_the_plans_own_version(tmp_path: Path) -> None:
     (plan,) = patient.plans
     assert plan.name == "BRAIN" and plan.tool_type == "Pinnacle^3" and plan.version == Version(16, 0)
     assert plan.trial_error is None and [b.name for t in plan.trials for b in t.beams] == ["02 Lao Brain"]
-    # The image set's header is not part of the fragment: that is reported, the plan is still read.
-    assert [type(p).__name__ for p in patient.problems] == ["PinnacleFormatError"]
+    assert patient.problems == []
+    # Header lines indented by tabs, "key : " with no value, TablePosition written "-8.".
+    image_set = patient.image_sets[0]
+    assert (image_set.header.x_dim, image_set.header.z_start, image_set.header.couch_height) == (512, -8.75, 28.1)
+    assert image_set.header.patient_position is not None and image_set.header.patient_position.value == "HFS"
+    assert [s.table_position for s in image_set.slices] == [-8.75, -8.5, -8.25, -8.0]
+    assert image_set.uid("frame_uid") == "1.2.840.113619.2.55.3.3535481354.111.3513513585.2"
