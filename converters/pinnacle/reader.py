@@ -398,7 +398,10 @@ def read_plan_version(folder: Path, from_patient: Version | None = None) -> Vers
     roi = folder / "plan.roi"
     if roi.is_file():
         head = decode(roi.read_bytes()[:2000])
-        match = re.search(r"Pinnacle Versions?:\s*v?(\d+)\.(\d+)", head)
+        # "// Pinnacle Treatment Planning System Version 16.0" heads the file (also "Pinnacle Version: 8.0");
+        # the file_stamp block of newer versions says "write_version: 16.0".
+        match = re.search(r"Pinnacle[^\n]*?Versions?:?\s*v?(\d+)\.(\d+)", head) or re.search(
+            r"write_version:\s*v?(\d+)\.(\d+)", head)
         if match:
             return Version(int(match.group(1)), int(match.group(2)))
     return None

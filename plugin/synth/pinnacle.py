@@ -370,7 +370,11 @@ def write_patient(root: Path, case: PinnacleCase) -> PatientTruth:
 
     # ROIs: circles (DICOM) on some slices; the second ROI repeats its first point at the end.
     rois = {"PTV": (20.0, -10.0, 30.0, [4, 5, 6, 7]), "Spinal Cord": (0.0, 40.0, 8.0, [2, 3, 4, 5, 6, 7, 8])}
-    roi_text = ["// Region of Interest file", f"// Pinnacle Versions: {case.version}", "// \u00e9t\u00e9 r\u00f4le"]
+    roi_text = [
+        "// Region of Interest file",
+        f"// Pinnacle Treatment Planning System Version {case.version}",
+        "// \u00e9t\u00e9 r\u00f4le",
+    ]
     for roi_name, (cx, cy, radius, slices) in rois.items():
         truth.contours[roi_name] = []
         roi_text += [

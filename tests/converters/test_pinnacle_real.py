@@ -15,8 +15,15 @@ from pydicom import Dataset, dcmread
 
 from rtharvest.converters.pinnacle.convert import Options, convert_patient
 from rtharvest.converters.pinnacle.grammar import parse_file
-from rtharvest.converters.pinnacle.models import Version
-from rtharvest.converters.pinnacle.reader import read_machines, read_patient, read_trial
+from rtharvest.converters.pinnacle.models import Poi, Version
+from rtharvest.converters.pinnacle.reader import (
+    read_machines,
+    read_patient,
+    read_plan_version,
+    read_pois,
+    read_rois,
+    read_trial,
+)
 from rtharvest.converters.pinnacle.writers import applicator_type
 from rtharvest.converters.report import ConversionReport
 from rtharvest.converters.sink import FolderSink
@@ -152,3 +159,14 @@ def test_v16_patient_file_and_the_plans_own_version(tmp_path: Path) -> None:
     assert image_set.header.patient_position is not None and image_set.header.patient_position.value == "HFS"
     assert [s.table_position for s in image_set.slices] == [-8.75, -8.5, -8.25, -8.0]
     assert image_set.uid("frame_uid") == "1.2.840.113619.2.55.3.3535481354.111.3513513585.2"
+
+
+def test_v16_roi_and_points_files() -> None:
+    """plan.roi as Pinnacle 16 writes it (file_stamp block, UID lines, surface and mean meshes after the
+    curves) and plan.Points; the roi header names the version."""
+    (roi,) = read_rois(V16 / "plan.roi")
+    assert (roi.name, roi.interpreted_type, roi.color) == ("bb", "ORGAN", "red")
+    (curve,) = roi.curves
+    assert len(curve.points) == 25 and curve.points[0] == (-1.07428, 11.914, 2.0)
+    assert read_pois(V16 / "plan.Points") == [Poi("iso", (-1.20199, 1.89459, 2.0))]
+    assert read_plan_version(V16) == Version(16, 0)
