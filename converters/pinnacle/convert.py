@@ -8,6 +8,7 @@ number, so a second run writes the same objects. Original CT slices keep their o
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -219,15 +220,23 @@ class PatientConverter:
 
         A plan that fails (unreadable trial, unknown machine, a beam the writer refuses) is reported with the
         file and line at fault; the patient's CT, the plan's own structure set and points, and every other
-        plan are still written. ``report.extra["Patients"]`` lists per patient what was written and why each
-        failed plan failed.
+        plan are still written. ``report.extra["Patients"]`` lists per patient what was written, why each
+        failed plan failed (``FailedPlans``) and any other error (``OtherErrors``: an unreadable image set).
         """
         patient = self.patient
         before = self.report.written.copy()
         failed: list[dict[str, str]] = []
+        other: list[dict[str, str]] = []
         for problem in patient.problems:
-            self.report.error("plan", self.key, problem.reason, self._relative(str(problem)))
-            failed.append({"Plan": "", "Reason": problem.reason, "Detail": self._relative(str(problem))})
+            detail = self._relative(str(problem))
+            self.report.error("plan", self.key, problem.reason, detail)
+            # A plan that could not even be read (its folder, ROIs or points) names its folder in the message.
+            folder = re.search(r"\b(Plan_\d+)\b", detail)
+            entry = {"Reason": problem.reason, "Detail": detail}
+            if folder:
+                failed.append({"Plan": folder.group(1), **entry})
+            else:
+                other.append(entry)
         refs_by_set: dict[int, ImageRefs] = {}
         for plan in patient.plans:
             selected = [t for t in plan.trials if self.options.wants(plan, t)]
@@ -253,9 +262,10 @@ class PatientConverter:
             except PinnacleError as exc:
                 detail = self._relative(str(exc))
                 self.report.error("image-set", f"{self.key}/{image_set.name}", exc.reason, detail)
+                other.append({"Reason": exc.reason, "Detail": detail})
         written = self.report.written - before
         self.report.extra.setdefault("Patients", []).append(
-            {"Key": self.key, "Written": dict(sorted(written.items())), "FailedPlans": failed}
+            {"Key": self.key, "Written": dict(sorted(written.items())), "FailedPlans": failed, "OtherErrors": other}
         )
 
     def _convert_plan(self, plan: Plan, selected: list[Trial], refs_by_set: dict[int, ImageRefs]) -> None:

@@ -113,17 +113,21 @@ def test_a_failing_plan_never_stops_the_patients_ct_structure_sets_or_other_plan
     assert failed["Plan"] == "Plan_0" and failed["Detail"] == error.detail
 
 
-def test_an_unreadable_trial_file_keeps_the_plans_structure_set_and_the_ct(tmp_path: Path) -> None:
+def test_unreadable_plan_files_keep_the_patients_ct_and_what_else_converts(tmp_path: Path) -> None:
     copy = tmp_path / "Patient_7"
     shutil.copytree(PRE9, copy)
     for plan in ("Plan_0", "Plan_1"):
         trial = copy / plan / "plan.Trial"
         trial.write_text(trial.read_text(encoding="latin-1").replace("Gantry = ", "Gantry "), encoding="latin-1")
+    (copy / "Plan_1" / "plan.Points").write_text("Poi ={ Name = ;", encoding="latin-1")  # unreadable: no RTSTRUCT
     report, objects = _convert(copy, tmp_path / "out")
-    # No plan converts, yet the CT (planned on by both) and both structure sets are written.
-    assert {k: len(v) for k, v in objects.items()} == {"CT": 3, "RTSTRUCT": 2}
+    # No plan converts, yet the CT (planned on by both) and Plan_0's structure set are written.
+    assert {k: len(v) for k, v in objects.items()} == {"CT": 3, "RTSTRUCT": 1}
     assert sorted(e.reason for e in report.errors) == ["syntax-error", "syntax-error"]
-    assert all("plan.Trial:" in e.detail for e in report.errors)
+    (entry,) = report.extra["Patients"]
+    assert sorted(f["Plan"] for f in entry["FailedPlans"]) == ["Plan_0", "Plan_1"] and entry["OtherErrors"] == []
+    details = {f["Plan"]: f["Detail"] for f in entry["FailedPlans"]}
+    assert "Plan_0/plan.Trial:" in details["Plan_0"] and "Plan_1/plan.Points:1:" in details["Plan_1"]
 
 
 @pytest.mark.parametrize(
