@@ -15,6 +15,7 @@ Which key is read for what (Pinnacle spells keys this way; absent optional keys 
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 from pathlib import Path
 
 from .errors import PinnacleError, PinnacleFormatError
@@ -240,6 +241,10 @@ def read_beam(item: Obj, index: int, source: str, trial: str = "") -> Beam:
     machine = item.text("MachineNameAndVersion") or item.text("MachineName")
     number = item.num("BeamNumber")
     electron = modality.startswith("electron")
+    if electron or item.num("UseMLC", 1) == 0:
+        # Leaf values a control point still carries are not delivered: an electron field is shaped by its
+        # applicator, and a photon beam with UseMLC = 0 by its jaws (and blocks).
+        cps = [replace(cp, leaves=()) for cp in cps]
     applicator = item.text("ElectronApplicatorName") if electron else ""
     ccw = manager.num("GantryIsCCW") if manager is not None else None
     if ccw is None:

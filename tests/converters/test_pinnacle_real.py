@@ -14,7 +14,7 @@ import pytest
 from pydicom import Dataset, dcmread
 
 from rtharvest.converters.pinnacle.convert import Options, convert_patient
-from rtharvest.converters.pinnacle.grammar import parse_file
+from rtharvest.converters.pinnacle.grammar import parse_file, parse_text
 from rtharvest.converters.pinnacle.models import Poi, Version
 from rtharvest.converters.pinnacle.reader import (
     read_machines,
@@ -174,3 +174,14 @@ def test_v16_roi_and_points_files() -> None:
     assert len(curve.points) == 25 and curve.points[0] == (-1.07428, 11.914, 2.0)
     assert read_pois(V16 / "plan.Points") == [Poi("iso", (-1.20199, 1.89459, 2.0))]
     assert read_plan_version(V16) == Version(16, 0)
+
+
+def test_leaves_of_a_beam_that_does_not_use_its_mlc_are_not_read() -> None:
+    text = (V16 / "plan.Trial").read_text(encoding="latin-1")
+    assert "UseMLC" not in text
+    root = parse_text(text.replace('SetBeamType = "Step & Shoot MLC";', 'SetBeamType = "Static"; UseMLC = 0;'))
+    (beam,) = read_trial(root.objs("Trial")[0], "plan.Trial").beams
+    assert beam.control_points[0].leaves == ()
+    electron = parse_text(text.replace('Modality = "Photons";', 'Modality = "Electrons";'))
+    (beam,) = read_trial(electron.objs("Trial")[0], "plan.Trial").beams
+    assert beam.modality == "ELECTRON" and beam.control_points[0].leaves == ()
