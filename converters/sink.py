@@ -116,12 +116,30 @@ class FolderSink:
         return None
 
 
+#: Offered for every object besides its own syntax: every Storage SCP must accept Implicit VR Little Endian
+#: (PS3.5 10.1), and some accept nothing else for RT objects (MIM's conformance statement lists no Explicit
+#: VR for RT Structure Set, Dose or Plan).
+UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+
+
+def proposed_syntaxes(own: str) -> list[str]:
+    """The transfer syntaxes offered for an object encoded in ``own``: its own first, then both uncompressed."""
+    return [own, *(str(ts) for ts in UNCOMPRESSED if ts != own)]
+
+
 class StoreSink:
-    """C-STORE to one node over as few associations as possible.
+    """C-STORE to one node over as few associations as possible, in a transfer syntax the node accepted.
+
+    Every SOP class is proposed in the object's own transfer syntax and in Explicit and Implicit VR Little
+    Endian (one presentation context each, so the receiver can accept any subset); pynetdicom sends in the
+    object's own syntax when that was accepted, else re-encodes it in an accepted uncompressed one
+    (Explicit and Implicit VR Little Endian convert into each other). A compressed object (an original CT
+    slice kept in an archive) whose syntax was refused cannot be re-encoded: that is a
+    :class:`DestinationRefused` naming the syntaxes.
 
     Presentation contexts must be proposed when the association opens, and converters learn their SOP
     classes and transfer syntaxes as they go; when an object needs a context the open association lacks,
-    the association is released and a new one proposes every context seen so far plus the new one.
+    the association is released and a new one proposes every context seen so far plus the new ones.
     """
 
     def __init__(self, peer: Peer, calling_aet: str = "RTHCONVERT", timeout_s: float = 60.0) -> None:
@@ -137,11 +155,11 @@ class StoreSink:
         return self._count
 
     def _association(self, sop_class: str, syntax: str) -> Association:
-        wanted = (sop_class, syntax)
-        if self._assoc is not None and self._assoc.is_established and wanted in self._contexts:
+        wanted = {(sop_class, ts) for ts in proposed_syntaxes(syntax)}
+        if self._assoc is not None and self._assoc.is_established and wanted <= self._contexts:
             return self._assoc
         self.close()
-        self._contexts.add(wanted)
+        self._contexts |= wanted
         if len(self._contexts) > 128:
             raise DestinationRefused("more than 128 SOP class/transfer syntax pairs for one association")
         ae = AE(ae_title=self.calling_aet)
@@ -157,7 +175,15 @@ class StoreSink:
 
     def _send(self, payload: Dataset | Path, sop_class: str, sop_instance: str, syntax: str) -> None:
         assoc = self._association(sop_class, syntax)
-        status = assoc.send_c_store(payload)
+        try:
+            status = assoc.send_c_store(payload)
+        except ValueError as exc:  # no accepted context the object is in or can be re-encoded into
+            accepted = sorted({UID(cx.transfer_syntax[0]).name for cx in assoc.accepted_contexts
+                               if cx.abstract_syntax == sop_class})
+            raise DestinationRefused(
+                f"C-STORE of {sop_instance}: {self.peer} accepted {', '.join(accepted) or 'no transfer syntax'} "
+                f"for SOP class {sop_class}; the object in {UID(syntax).name} cannot be sent in it ({exc})"
+            ) from None
         if not status or "Status" not in status:
             self.close()
             raise DestinationRefused(f"C-STORE of {sop_instance}: no answer from {self.peer}")

@@ -117,6 +117,9 @@ class SessionUnpacker:
             self.events.write(level, "mimsessions", f"Raw Data object {op.sop_uid} {what} ({exc})",
                               harvest_id=job.harvest_id, job_id=job.id, sop_uid=op.sop_uid)
             return UnpackOutcome()
+        for message in result.warnings:  # e.g. a session recognised by its content under another creator text
+            self.events.write(Level.WARNING, "mimsessions", f"MIM session {op.sop_uid}: {message}",
+                              harvest_id=job.harvest_id, job_id=job.id, sop_uid=op.sop_uid)
         for problem in [*result.errors, *result.skipped]:
             level = Level.WARNING if problem in result.errors else Level.INFO
             self.events.write(level, "mimsessions", f"MIM session {op.sop_uid}: {problem.detail} ({problem.reason})",

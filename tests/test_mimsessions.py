@@ -117,8 +117,11 @@ def test_a_damaged_session_is_a_warning_and_its_job_ends_with_nothing_planned(wo
 
 
 def test_another_vendors_raw_data_is_info_and_nothing_is_stored(world: World) -> None:
-    raw = session()
-    raw[0x00130020].value = "ACME RAW STORAGE"  # the block is another vendor's: no MIM creator at all
+    picture = Dataset()  # another vendor's block: a whole object, but no RT dataset
+    picture.SOPClassUID = "1.2.840.10008.5.1.4.1.1.7"
+    picture.SOPInstanceUID, picture.SeriesInstanceUID = uid("sc"), uid("scs")
+    raw = session([picture])
+    raw[0x00130020].value = "ACME RAW STORAGE"  # no MIM creator, and nothing that makes a session
     store_session(world, raw)
     hid = start_unpack(world)
     world.run()
@@ -126,6 +129,19 @@ def test_another_vendors_raw_data_is_info_and_nothing_is_stored(world: World) ->
     assert info.level is Level.INFO and f"Raw Data object {RAW_UID} is not a MIM session" in info.message
     assert world.store.uploads == [] and world.tracker.objects(hid) == []
     assert unpack_job(world, hid)[0] is JobState.DONE
+
+
+def test_a_session_under_another_creator_text_is_unpacked_with_a_warning_naming_it(world: World) -> None:
+    """The same rule as ``rtharvest-convert mim``: complete RT datasets in a group-0013 block are a session."""
+    raw = session()
+    raw[0x00130020].value = "ACME SESSION META"
+    store_session(world, raw)
+    hid = start_unpack(world)
+    world.run()
+    [warning] = [e for e in events(world, hid) if e.level is Level.WARNING]
+    assert "'ACME SESSION META'" in warning.message and warning.sop_uid == RAW_UID
+    [kept] = [o for o in world.tracker.objects(hid, Decision.KEPT) if o.sop_uid == SS.SOPInstanceUID]
+    assert kept.hop == "RAW->RTSTRUCT"
 
 
 def test_an_object_already_stored_is_planned_from_the_stored_copy_not_stored_again(world: World) -> None:

@@ -4,12 +4,16 @@ MIM stores the structure sets and registrations of a session inside a Raw Data o
 1.2.840.10008.5.1.4.1.1.66), as items of a private sequence of group 0013. Rules applied here
 (``../shared/CONVERTERS.md``; PS3.5 7.8 for private blocks, 6.2.2 for UN):
 
-* **Found through the private creator, never a fixed element number.** A private creator element
-  ``(0013,00xx)`` whose value starts with ``MIM`` (case-insensitive, spaces ignored) reserves the block
-  ``(0013,xx00-xxFF)``. No public sample exists, so the creator's exact text is an assumption; the
-  synthetic fixtures write ``"MIM Software Inc. Session Meta"`` (:mod:`rtharvest.synth.mimsession`). Every
-  element of the block whose value holds datasets with a SOPClassUID is a session sequence (rosamllib
-  reads offset ``0x50``, ``(0013,2050)``; other offsets are accepted too).
+* **Recognised by evidence, found through the private creator.** A private creator element
+  ``(0013,00xx)`` reserves the block ``(0013,xx00-xxFF)`` (never a fixed element number). A block is a
+  session block when one of its elements holds at least one *complete RT dataset* (an RT Structure Set,
+  Spatial Registration or Deformable Spatial Registration with its SOPInstanceUID and SeriesInstanceUID),
+  whatever the creator's text: no public document states MIM's spelling. A creator whose text does not
+  start with ``MIM`` gives a warning naming it. A block whose creator starts with ``MIM`` is read as a
+  session even without such an item (so a damaged session is reported as damaged). The synthetic fixtures
+  write ``"MIM Software Inc. Session Meta"`` (:mod:`rtharvest.synth.mimsession`); rosamllib reads offset
+  ``0x50``, ``(0013,2050)``; other offsets are accepted too. Another vendor's block that holds no complete
+  RT dataset (labels, numbers, partial items) is left alone.
 * **Three encodings.** An explicit-VR ``SQ``; a ``UN`` of undefined length (pydicom already reads its
   implicit-VR items as a sequence); and, in an Implicit VR file, a defined-length ``UN`` whose bytes are
   parsed here: as sequence items when they start with an Item tag, else as one bare dataset (implicit VR
@@ -111,24 +115,85 @@ def _text(value: object) -> str:
     return str(value or "").strip().strip("\x00")
 
 
-def mim_blocks(ds: Dataset) -> list[int]:
-    """Block numbers (``xx`` of ``(0013,00xx)``) reserved by a MIM private creator."""
-    blocks: list[int] = []
+def private_blocks(ds: Dataset) -> list[tuple[int, str]]:
+    """Every block of group 0013 reserved by a private creator: ``(xx of (0013,00xx), creator text)``."""
+    blocks: list[tuple[int, str]] = []
     for block in range(0x10, 0x100):
         tag = BaseTag((MIM_GROUP << 16) | block)
         if tag in ds:
             try:
                 value = ds[tag].value
-            except Exception:  # an undecodable creator is not MIM's
+            except Exception:  # an undecodable creator reserves nothing readable
                 continue
-            if _CREATOR.match(_text(value)):
-                blocks.append(block)
+            blocks.append((block, _text(value)))
     return blocks
 
 
+def mim_blocks(ds: Dataset) -> list[int]:
+    """Block numbers (``xx`` of ``(0013,00xx)``) whose creator text starts with ``MIM``."""
+    return [block for block, creator in private_blocks(ds) if _CREATOR.match(creator)]
+
+
+def is_complete_rt_dataset(item: Dataset) -> bool:
+    """An embedded RT Structure Set or (Deformable) Spatial Registration with its own instance and series UIDs."""
+    try:
+        return (_text(item.get("SOPClassUID", "")) in KEPT_SOP_CLASSES
+                and bool(_text(item.get("SOPInstanceUID", ""))) and bool(_text(item.get("SeriesInstanceUID", ""))))
+    except Exception:
+        return False
+
+
+@dataclass(frozen=True)
+class SessionBlock:
+    """A private block of group 0013 that carries a session: its number, creator text and embedded datasets."""
+
+    block: int
+    creator: str
+    items: tuple[Dataset, ...]
+
+    @property
+    def named_mim(self) -> bool:
+        """Whether the creator's text starts with ``MIM`` (else the block is a session by its content only)."""
+        return bool(_CREATOR.match(self.creator))
+
+
+def _block_items(ds: Dataset, block: int, charset: str | list[str], strict: bool) -> list[Dataset]:
+    """The datasets with a SOPClassUID held by the elements of ``block``; an unreadable element raises a
+    damaged :class:`MimSessionError` when ``strict`` (a MIM-named block), else counts as no dataset."""
+    items: list[Dataset] = []
+    tags = sorted(t for t in ds.keys() if t.group == MIM_GROUP and t.element >> 8 == block)
+    for tag in tags:
+        try:
+            found = _element_datasets(ds, tag, charset)
+        except Exception as exc:
+            if strict:
+                raise MimSessionError(f"private element {tag} of the MIM block cannot be read: {exc}",
+                                      damaged=True) from None
+            continue
+        items.extend(item for item in found if _has_sop_class(item))
+    return items
+
+
+def session_blocks(ds: Dataset) -> list[SessionBlock]:
+    """The blocks of group 0013 that carry a session (see the module docstring for the evidence)."""
+    charset = _charset(ds)
+    found: list[SessionBlock] = []
+    for block, creator in private_blocks(ds):
+        named = bool(_CREATOR.match(creator))
+        items = _block_items(ds, block, charset, strict=named)
+        if named or any(is_complete_rt_dataset(item) for item in items):
+            found.append(SessionBlock(block, creator, tuple(items)))
+    return found
+
+
 def is_mim_session(ds: Dataset) -> bool:
-    """A Raw Data object with a MIM private block."""
-    return _text(ds.get("SOPClassUID", "")) == SopClass.RAW_DATA.value and bool(mim_blocks(ds))
+    """A Raw Data object with a block of group 0013 that carries a session (by creator or by content)."""
+    if _text(ds.get("SOPClassUID", "")) != SopClass.RAW_DATA.value:
+        return False
+    try:
+        return bool(session_blocks(ds))
+    except MimSessionError:
+        return True  # a MIM-named block that cannot be read: a damaged session, reported as such by unpack
 
 
 def _charset(ds: Dataset) -> str | list[str]:
@@ -171,23 +236,17 @@ def _has_sop_class(item: Dataset) -> bool:
 
 def session_items(ds: Dataset) -> list[Dataset]:
     """The embedded datasets of a MIM session, in order; :class:`MimSessionError` when there are none."""
-    blocks = mim_blocks(ds)
+    return [item for block in _session_blocks_or_raise(ds) for item in block.items]
+
+
+def _session_blocks_or_raise(ds: Dataset) -> list[SessionBlock]:
+    blocks = session_blocks(ds)
     if not blocks:
-        raise MimSessionError("no MIM private creator in group 0013: not a MIM session")
-    charset = _charset(ds)
-    items: list[Dataset] = []
-    for block in blocks:
-        tags = sorted(t for t in ds.keys() if t.group == MIM_GROUP and t.element >> 8 == block)
-        for tag in tags:
-            try:
-                found = _element_datasets(ds, tag, charset)
-            except Exception as exc:
-                raise MimSessionError(f"private element {tag} of the MIM block cannot be read: {exc}",
-                                      damaged=True) from None
-            items.extend(item for item in found if _has_sop_class(item))
-    if not items:
+        raise MimSessionError("no private block of group 0013 carries a complete RT dataset (and no creator is "
+                              "MIM's): not a MIM session")
+    if not any(block.items for block in blocks):
         raise MimSessionError("the MIM private block holds no embedded dataset", damaged=True)
-    return items
+    return blocks
 
 
 def _standalone(item: Dataset, parent: Dataset) -> Dataset:
@@ -211,7 +270,12 @@ def unpack(ds: Dataset) -> UnpackResult:
         raise MimSessionError(f"SOP class {sop_class or '(none)'} is not Raw Data: not a MIM session")
     result = UnpackResult(_text(ds.get("SOPInstanceUID", "")))
     parent_pid = _text(ds.get("PatientID", ""))
-    for index, item in enumerate(session_items(ds)):
+    blocks = _session_blocks_or_raise(ds)
+    for block in blocks:
+        if not block.named_mim:
+            result.warnings.append(f"private creator {block.creator!r} of (0013,00{block.block:02X}) does not start "
+                                   "with 'MIM': read as a session because it holds complete RT datasets")
+    for index, item in enumerate(item for block in blocks for item in block.items):
         try:
             item_class = _text(item.get("SOPClassUID", ""))
             if item_class not in KEPT_SOP_CLASSES:

@@ -98,42 +98,120 @@ def _sessions(deliveries: Sequence[Delivery]) -> list[Session]:
     return out
 
 
-def _beams(deliveries: Sequence[Delivery], plan_fraction: int) -> tuple[BeamItem, ...]:
-    """The beam items of one plan's deliveries in one session.
+def _interrupted(d: Delivery) -> bool:
+    """A delivery that did not complete its field: PartiallyTreated, or a termination other than NORMAL."""
+    return d.partially_treated or d.termination is not TerminationStatus.NORMAL
+
+
+def _full(d: Delivery) -> bool:
+    """A delivery that alone gave its field's whole meterset (so it is no remainder of an interrupted one)."""
+    assert d.field is not None
+    planned, given = d.field.meterset, d.meterset
+    return planned is not None and given is not None and planned > 0 and given >= planned * 0.999
+
+
+@dataclass
+class _Fraction:
+    """The state of a plan's latest fraction while sessions are walked in time order."""
+
+    number: int
+    completed: set[int] = field(default_factory=set)  # fields (FLD_SET_ID) delivered to the end
+    interrupted: set[int] = field(default_factory=set)  # fields whose latest delivery was interrupted
+    in_effect: set[int] = field(default_factory=set)  # MOSAIQ's Fx_Number_InEffect values seen
+
+
+@dataclass
+class Fractions:
+    """Per (session, plan): the fallback fraction number and whether that part continues an earlier part;
+    per delivery: its TreatmentDeliveryType."""
+
+    number: dict[tuple[int, int, str], int] = field(default_factory=dict)
+    continues: set[tuple[int, int, str]] = field(default_factory=set)
+    delivery_type: dict[int, DeliveryType] = field(default_factory=dict)
+
+
+def fractions_of(sessions: Sequence[Session]) -> Fractions:
+    """What fraction each session of each plan delivers; the rules, in the order they are applied:
+
+    * A session of a plan is one fraction of it: the fallback number is the ordinal of the plan's
+      fractions (all dates; QA-mode, setup and imaging deliveries are not sessions), so a re-plan starts
+      at 1 (CurrentFractionNumber counts the fractions of the referenced plan, PS3.3 C.8.8.21).
+    * **MOSAIQ split a fraction**: the plan's previous fraction left a field interrupted (its last
+      delivery there PartiallyTreated or not terminated NORMAL), this session delivers that field again
+      but less than its whole meterset (a remainder), and it delivers no field that fraction already
+      completed. Then this session is the *continuation*
+      of that fraction: same number (the ordinal does not advance), every beam item CONTINUATION. Where
+      both parts carry MOSAIQ's own ``Fx_Number_InEffect``, it decides instead: equal numbers are one
+      fraction, different numbers two.
+    * Within one fraction (one session, or a session and its continuation, on any machine), a field
+      delivered again after an interrupted delivery is CONTINUATION; every other delivery TREATMENT.
+    """
+    out = Fractions()
+    latest: dict[str, _Fraction] = {}
+    counted: dict[str, int] = {}
+    for session in sorted(sessions, key=lambda s: (s.deliveries[0].when, s.sit_set_id, s.number)):
+        by_plan: dict[str, list[Delivery]] = {}
+        for d in session.deliveries:
+            if d.field is not None and d.field.plan_uid:
+                by_plan.setdefault(d.field.plan_uid, []).append(d)
+        for plan_uid, items in by_plan.items():
+            fields = {d.field.fld_set_id for d in items if d.field is not None}
+            in_effect = {d.fraction_in_effect for d in items if d.fraction_in_effect}
+            previous = latest.get(plan_uid)
+            continuation = False
+            if previous is not None:
+                if in_effect and previous.in_effect:
+                    continuation = bool(in_effect & previous.in_effect)  # MOSAIQ's own count decides
+                else:
+                    resumed = [d for d in items if d.field is not None and d.field.fld_set_id in previous.interrupted]
+                    continuation = (bool(resumed) and not fields & previous.completed
+                                    and not any(_full(d) for d in resumed))
+            key = (session.sit_set_id, session.number, plan_uid)
+            if continuation:
+                assert previous is not None
+                current = previous
+                out.continues.add(key)
+            else:
+                counted[plan_uid] = counted.get(plan_uid, 0) + 1
+                current = _Fraction(counted[plan_uid])
+                latest[plan_uid] = current
+            out.number[key] = current.number
+            current.in_effect |= in_effect
+            for d in sorted(items, key=lambda d: (d.when, d.dhs_id)):
+                assert d.field is not None
+                fld = d.field.fld_set_id
+                again = continuation or fld in current.interrupted
+                out.delivery_type[d.dhs_id] = DeliveryType.CONTINUATION if again else DeliveryType.TREATMENT
+                if _interrupted(d):
+                    current.interrupted.add(fld)
+                else:
+                    current.interrupted.discard(fld)
+                    current.completed.add(fld)
+    return out
+
+
+def _beams(deliveries: Sequence[Delivery], plan_fraction: int, fractions: Fractions) -> tuple[BeamItem, ...]:
+    """The beam items of one plan's deliveries in one session (on one machine).
 
     Rule (CurrentFractionNumber): MOSAIQ's own fraction number, ``Dose_Hst.Fx_Number_InEffect``, when the
-    row holds one (not NULL, not 0). Otherwise the fallback ``plan_fraction``: the ordinal of this session
-    among the sessions in which this plan was delivered (all dates, QA-mode, setup and imaging deliveries
-    not counted). CurrentFractionNumber counts the fractions of the referenced plan (PS3.3 C.8.8.21), so a
-    re-plan whose first fraction shares a session with the last fraction of the plan it replaces starts
-    at 1 there, while the earlier plan ends at its own count; a count of the site's sessions would give
-    both the same number.
+    row holds one (not NULL, not 0); otherwise ``plan_fraction`` from :func:`fractions_of`. The specified
+    meterset stays the field's whole meterset also for a continuation (PS3.3 C.8.8.21.2.1: the delivered
+    metersets of the interrupted and resumed deliveries add up to it).
     """
     items: list[BeamItem] = []
-    interrupted: set[int] = set()
     for d in deliveries:
         f = d.field
         assert f is not None
         assert d.meterset is not None  # checked by plan_records
-        # Rule: a field delivered again after an interrupted delivery (PartiallyTreated, or a termination
-        # other than NORMAL) in the same session resumes that fraction: CONTINUATION, same fraction number.
-        # The specified meterset stays the field's whole meterset (PS3.3 C.8.8.21.2.1: the delivered
-        # metersets of the interrupted and resumed deliveries add up to it).
-        continuation = f.fld_set_id in interrupted
         items.append(BeamItem(
             delivery=d,
             beam_number=f.beam_number,
             beam_name=f.beam_name or f.label or f.name,
-            # Rule: Fx_Number_InEffect when recorded, else the plan's session ordinal (see the docstring).
             fraction=d.fraction_in_effect if d.fraction_in_effect else plan_fraction,
-            delivery_type=DeliveryType.CONTINUATION if continuation else DeliveryType.TREATMENT,
+            delivery_type=fractions.delivery_type.get(d.dhs_id, DeliveryType.TREATMENT),
             specified_meterset=f.meterset,
             delivered_meterset=d.meterset,
         ))
-        if d.partially_treated or d.termination is not TerminationStatus.NORMAL:
-            interrupted.add(f.fld_set_id)
-        else:
-            interrupted.discard(f.fld_set_id)
     return tuple(items)
 
 
@@ -172,14 +250,9 @@ def plan_records(patient: PatientInfo, deliveries: Sequence[Delivery], sites: di
             continue
         treatments.append(d)
 
-    # The fallback fraction number of each (session, plan): its ordinal among the plan's sessions.
+    # The fallback fraction number of each (session, plan), continuations and delivery types: fractions_of.
     sessions = _sessions(treatments)
-    plan_fraction: dict[tuple[int, int, str], int] = {}
-    plan_sessions: dict[str, int] = {}
-    for session in sorted(sessions, key=lambda s: (s.deliveries[0].when, s.sit_set_id, s.number)):
-        for plan_uid in dict.fromkeys(d.field.plan_uid for d in session.deliveries if d.field and d.field.plan_uid):
-            plan_sessions[plan_uid] = plan_sessions.get(plan_uid, 0) + 1
-            plan_fraction[(session.sit_set_id, session.number, plan_uid)] = plan_sessions[plan_uid]
+    fractions = fractions_of(sessions)
 
     for session in sessions:
         if not in_window(session.day):
@@ -215,8 +288,9 @@ def plan_records(patient: PatientInfo, deliveries: Sequence[Delivery], sites: di
                                           "its deliveries (see the errors naming those rows)"))
                 continue
             site = sites.get(items[0].sit_id) if items[0].sit_id is not None else None
-            fraction = plan_fraction[(session.sit_set_id, session.number, plan_uid)]
-            out.records.append(RecordSpec(patient, site, session, plan_uid, machine, _beams(items, fraction)))
+            fraction = fractions.number[(session.sit_set_id, session.number, plan_uid)]
+            out.records.append(RecordSpec(patient, site, session, plan_uid, machine,
+                                          _beams(items, fraction, fractions)))
     out.records.sort(key=lambda r: (r.started, r.plan_uid, r.machine))
     # A bad row shared by many deliveries (a field's control point) is reported once.
     out.errors = list(dict.fromkeys(out.errors))

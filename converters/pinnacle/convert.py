@@ -8,6 +8,7 @@ number, so a second run writes the same objects. Original CT slices keep their o
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -215,21 +216,57 @@ class PatientConverter:
             )
 
     def run(self) -> None:
-        """Convert every selected trial of every plan."""
+        """Convert every image set and every selected trial of every plan, each apart from the others.
+
+        A plan that fails (unreadable trial, unknown machine, a beam the writer refuses) is reported with the
+        file and line at fault; the patient's CT, the plan's own structure set and points, and every other
+        plan are still written. ``report.extra["Patients"]`` lists per patient what was written, why each
+        failed plan failed (``FailedPlans``) and any other error (``OtherErrors``: an unreadable image set).
+        """
         patient = self.patient
+        before = self.report.written.copy()
+        failed: list[dict[str, str]] = []
+        other: list[dict[str, str]] = []
         for problem in patient.problems:
-            self.report.error("plan", self.key, problem.reason, self._relative(str(problem)))
+            detail = self._relative(str(problem))
+            self.report.error("plan", self.key, problem.reason, detail)
+            # A plan that could not even be read (its folder, ROIs or points) names its folder in the message.
+            folder = re.search(r"\b(Plan_\d+)\b", detail)
+            entry = {"Reason": problem.reason, "Detail": detail}
+            if folder:
+                failed.append({"Plan": folder.group(1), **entry})
+            else:
+                other.append(entry)
         refs_by_set: dict[int, ImageRefs] = {}
         for plan in patient.plans:
             selected = [t for t in plan.trials if self.options.wants(plan, t)]
-            if not selected:
+            wanted = not self.options.plans or plan.name in self.options.plans
+            if not selected and not (plan.trial_error is not None and wanted and not self.options.trials):
                 self.report.skip("plan", f"{self.key}/Plan_{plan.number}", "not-selected")
                 continue
             # A plan that cannot be converted is reported; the patient's other plans still are.
             try:
                 self._convert_plan(plan, selected, refs_by_set)
             except PinnacleError as exc:
-                self.report.error("plan", f"{self.key}/Plan_{plan.number}", exc.reason, self._relative(str(exc)))
+                detail = self._relative(str(exc))
+                self.report.error("plan", f"{self.key}/Plan_{plan.number}", exc.reason, detail)
+                failed.append({"Plan": f"Plan_{plan.number}", "Reason": exc.reason, "Detail": detail})
+        # Image sets no convertible plan was planned on are still the patient's CT: written in the frame their
+        # own header gives (orientation, and the patient's version for the pre-9.0 offset).
+        for image_set in patient.image_sets.values():
+            if image_set.number in refs_by_set:
+                continue
+            try:
+                frame = Frame.for_plan(_orientation(image_set, None), patient.version, image_set.header)
+                refs_by_set[image_set.number] = self._image_refs(image_set, frame, study_date(image_set))
+            except PinnacleError as exc:
+                detail = self._relative(str(exc))
+                self.report.error("image-set", f"{self.key}/{image_set.name}", exc.reason, detail)
+                other.append({"Reason": exc.reason, "Detail": detail})
+        written = self.report.written - before
+        self.report.extra.setdefault("Patients", []).append(
+            {"Key": self.key, "Written": dict(sorted(written.items())), "FailedPlans": failed, "OtherErrors": other}
+        )
 
     def _convert_plan(self, plan: Plan, selected: list[Trial], refs_by_set: dict[int, ImageRefs]) -> None:
         image_set = self.patient.image_sets.get(plan.primary_image_set)
@@ -253,6 +290,8 @@ class PatientConverter:
             self.report.warn(f"{self.key}/Plan_{plan.number}: {message}")
         self.sink.write(result.dataset)
         self.report.wrote("RTSTRUCT")
+        if plan.trial_error is not None:
+            raise plan.trial_error  # the structure set and points are written; the trials are not
         names = [t.name for t in plan.trials]
         for trial in trials:
             # Pinnacle keeps trial names unique within a plan; should a file repeat one, its position tells

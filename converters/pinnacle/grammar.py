@@ -236,10 +236,12 @@ class Lexer:
             elif ch == "\\":
                 end = text.find("\\", self.pos + 1)
                 body = text[self.pos + 1 : end] if end > 0 else ""
-                if not body.upper().startswith("XDR:") or not body[4:].strip().isdigit():
+                # ``\\XDR_COPY:n\\`` (Pinnacle 16, e.g. a compensator's Thickness) names binary n like ``\\XDR:n\\``.
+                kind, _, number = body.partition(":")
+                if kind.upper() not in ("XDR", "XDR_COPY") or not number.strip().isdigit():
                     raise self.error("malformed binary reference (expected \\XDR:n\\)", line, col)
                 self._advance(end + 1 - self.pos)
-                yield Token("XDR", body[4:].strip(), line, col)
+                yield Token("XDR", number.strip(), line, col)
             elif ch.isdigit() or (ch in "+-." and self._number_end() > self.pos):
                 end = self._number_end()
                 if end == self.pos:

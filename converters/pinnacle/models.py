@@ -208,6 +208,7 @@ class Beam:
     control_points: tuple[ControlPoint, ...]
     gantry_ccw: bool = False
     line: int = 0  # of ``Beam ={`` in plan.Trial (0: unknown), for errors found while writing
+    applicator: str = ""  # ElectronApplicatorName of an electron beam ("" for photons or "None")
 
 
 @dataclass(frozen=True)
@@ -253,6 +254,9 @@ class Plan:
     machines: dict[str, Machine]
     version: Version
     setup_position: Orientation | None = None
+    #: Why ``plan.Trial`` or ``plan.Pinnacle.Machines`` could not be read (``trials`` is then empty): the
+    #: plan's structure set and points are still written, its RTPLANs and doses are not.
+    trial_error: PinnacleError | None = None
 
     def binary(self, index: int) -> Path:
         """The file of binary attribute ``index`` (``plan.Trial.binary.NNN``; unpadded names are accepted)."""

@@ -15,6 +15,7 @@ Which key is read for what (Pinnacle spells keys this way; absent optional keys 
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 from pathlib import Path
 
 from .errors import PinnacleError, PinnacleFormatError
@@ -158,31 +159,38 @@ def read_image_set(folder: Path, entry: Obj) -> ImageSet:
     )
 
 
-def _find(obj: Obj, key: str) -> Obj | None:
-    """The first block named ``key`` anywhere below ``obj`` (depth first)."""
-    direct = obj.obj(key)
-    if direct is not None:
-        return direct
-    for child in obj.children():
-        found = _find(child, key)
-        if found is not None:
-            return found
-    return None
-
-
 def _points(value: Value) -> list[float]:
     if isinstance(value, list):
         return value
     return []
 
 
-def read_control_point(item: Obj, source: str) -> ControlPoint:
-    """One control point of a beam's ControlPointList."""
-    raw = _find(item, "RawData")
-    values = _points(raw.get("Points")) if raw is not None else []
+def _leaf_positions(item: Obj, file: str, label: str) -> tuple[tuple[float, float], ...]:
+    """``MLCLeafPositions ={ RawData ={ NumberOfPoints = n; Points[] ={ x1,x2, ... }; }; }`` of one control point.
+
+    Resolved through its parent keys only: the control point's ``ModifierList`` (blocks, MLC-conformed
+    outlines) holds ``RawData`` blocks too, written *before* the leaves, and is never read for them.
+    """
+    raw = item.path("MLCLeafPositions", "RawData")
+    if not isinstance(raw, Obj):
+        return ()
+    values = _points(raw.get("Points"))
     if len(values) % 2:
-        raise PinnacleFormatError(f"{source}: MLC points have an odd count ({len(values)})")
-    leaves = tuple((values[i], values[i + 1]) for i in range(0, len(values), 2))
+        raise PinnacleFormatError(
+            f"{raw.at(file)}: {label} MLCLeafPositions has an odd count of values ({len(values)})"
+        )
+    declared = raw.num("NumberOfPoints")
+    if declared is not None and int(declared) != len(values) // 2:
+        raise PinnacleFormatError(
+            f"{raw.at(file)}: {label} MLCLeafPositions says NumberOfPoints = {int(declared)} "
+            f"but lists {len(values) // 2}"
+        )
+    return tuple((values[i], values[i + 1]) for i in range(0, len(values), 2))
+
+
+def read_control_point(item: Obj, file: str, label: str = "control point") -> ControlPoint:
+    """One control point of a beam's ControlPointList (``file`` is plan.Trial; errors name its line and ``label``)."""
+    source = f"{item.at(file)}: {label}"
     return ControlPoint(
         gantry=item.num("Gantry", 0.0) or 0.0,
         collimator=item.num("Collimator", 0.0) or 0.0,
@@ -191,9 +199,21 @@ def read_control_point(item: Obj, source: str) -> ControlPoint:
         right_jaw=_num(item, "RightJawPosition", source),
         top_jaw=_num(item, "TopJawPosition", source),
         bottom_jaw=_num(item, "BottomJawPosition", source),
-        leaves=leaves,
+        leaves=_leaf_positions(item, file, label),
         weight=item.num("Weight", 1.0) or 0.0,
     )
+
+
+def _cp_manager(beam: Obj) -> Obj | None:
+    """``CPManager ={ CPManagerObject ={ ... ControlPointList ={...}; GantryIsCCW = 0; }; }`` of a beam.
+
+    Pinnacle nests the list in ``CPManagerObject``; a ``CPManager`` holding ``ControlPointList`` itself is
+    read as the same block.
+    """
+    manager = beam.obj("CPManager")
+    if manager is None:
+        return None
+    return manager.obj("CPManagerObject") or manager
 
 
 def _energy(text: str) -> float:
@@ -206,10 +226,11 @@ def read_beam(item: Obj, index: int, source: str, trial: str = "") -> Beam:
     name = item.text("Name") or f"Beam {index + 1}"
     label = f"trial {trial!r} beam {name!r}" if trial else f"beam {name!r}"
     where = f"{item.at(source)}: {label}"
-    cplist = _find(item, "ControlPointList")
+    manager = _cp_manager(item)
+    cplist = manager.obj("ControlPointList") if manager is not None else None
     cps = [
-        read_control_point(cp, f"{cp.at(source)}: {label} control point {i}")
-        for i, cp in enumerate(cplist.children() if cplist is not None else [])
+        read_control_point(cp, source, f"{label} control point {i}")
+        for i, cp in enumerate(cplist.items() or cplist.children() if cplist is not None else [])
     ]
     if not cps:
         raise PinnacleFormatError(f"{where}: no control points")
@@ -219,6 +240,15 @@ def read_beam(item: Obj, index: int, source: str, trial: str = "") -> Beam:
     modality = item.text("Modality", "Photons").lower()
     machine = item.text("MachineNameAndVersion") or item.text("MachineName")
     number = item.num("BeamNumber")
+    electron = modality.startswith("electron")
+    if electron or item.num("UseMLC", 1) == 0:
+        # Leaf values a control point still carries are not delivered: an electron field is shaped by its
+        # applicator, and a photon beam with UseMLC = 0 by its jaws (and blocks).
+        cps = [replace(cp, leaves=()) for cp in cps]
+    applicator = item.text("ElectronApplicatorName") if electron else ""
+    ccw = manager.num("GantryIsCCW") if manager is not None else None
+    if ccw is None:
+        ccw = item.num("GantryIsCCW", 0)
     return Beam(
         name=name,
         number=int(number) if number else index + 1,
@@ -226,7 +256,7 @@ def read_beam(item: Obj, index: int, source: str, trial: str = "") -> Beam:
         prescription_name=item.text("PrescriptionName"),
         machine_name=machine.split(":")[0].strip(),
         energy=_energy(item.text("MachineEnergyName")),
-        modality="ELECTRON" if modality.startswith("electron") else "PHOTON",
+        modality="ELECTRON" if electron else "PHOTON",
         beam_type="DYNAMIC" if ("arc" in kind or "dynamic" in kind or "vmat" in kind) else "STATIC",
         ssd=item.num("SSD"),
         dose_volume=dose_volume.index if isinstance(dose_volume, XdrRef) else None,
@@ -237,8 +267,9 @@ def read_beam(item: Obj, index: int, source: str, trial: str = "") -> Beam:
             total_transmission_fraction=mu.num("TotalTransmissionFraction", 1.0) or 1.0,
         ),
         control_points=tuple(cps),
-        gantry_ccw=bool(item.num("GantryIsCCW", 0)),
+        gantry_ccw=bool(ccw),
         line=item.line,
+        applicator="" if applicator.lower() in ("", "none") else applicator,
     )
 
 
@@ -327,23 +358,39 @@ def _sad(machine: Obj) -> float:
     return 100.0
 
 
+def _leaf_pair(pair: Obj, where: str) -> LeafPair:
+    """One ``MLCLeafPair``: ``YCenterPosition`` and ``Width`` (cm); ``NegateLeafCoordinate = 1`` flips the centre.
+
+    The flip is what Pinnacle itself shows: with ``NegateLeafCoordinate = 1`` the first pair of a file whose
+    ``YCenterPosition`` is −19.5 is labelled ``1. Y = 19.50 cm`` in each control point's RowLabelList.
+    """
+    centre = _num(pair, "YCenterPosition", where)
+    return LeafPair(-centre if pair.num("NegateLeafCoordinate", 0) else centre, _num(pair, "Width", where))
+
+
 def read_machines(path: Path) -> dict[str, Machine]:
-    """``plan.Pinnacle.Machines``: every Machine with its leaf pairs (file order kept)."""
+    """``plan.Pinnacle.Machines``: every machine (``#n ={...}`` or ``Machine ={...}``) with its leaf pairs.
+
+    Leaf pairs are ``MultiLeaf ={ LeafPairList ={ MLCLeafPair ={...}; MLCLeafPair ={...}; ... }; }`` in file
+    order, which is the order of every control point's ``MLCLeafPositions``. A machine without
+    ``MultiLeaf`` (an electron-only or jaw-only machine) has no leaf pairs.
+    """
     root = parse_file(path)
     machines = {}
-    for item in root.objs("Machine") or root.children():
+    for item in root.objs("Machine") or root.items():
         name = item.text("Name")
-        pairs_obj = _find(item, "LeafPairList")
+        pairs_obj = item.path("MultiLeaf", "LeafPairList")
         pairs = []
-        for k, p in enumerate(pairs_obj.children() if pairs_obj is not None else []):
-            where = f"{p.at(str(path))}: machine {name!r} leaf pair {k}"
-            pairs.append(LeafPair(_num(p, "Y", where), _num(p, "Width", where)))
+        if isinstance(pairs_obj, Obj):
+            for k, p in enumerate(pairs_obj.objs("MLCLeafPair")):
+                pairs.append(_leaf_pair(p, f"{p.at(str(path))}: machine {name!r} leaf pair {k}"))
         machines[name] = Machine(name=name, sad=_sad(item), leaf_pairs=tuple(pairs))
     return machines
 
 
-def read_plan_version(folder: Path) -> Version | None:
-    """The version in ``plan.PlanInfo`` (PinnacleVersionDescription), if any."""
+def read_plan_version(folder: Path, from_patient: Version | None = None) -> Version | None:
+    """The plan's version: ``plan.PlanInfo`` (PinnacleVersionDescription), else ``from_patient`` (the
+    Patient file's entry for the plan), else the ``plan.roi`` header; ``None`` when none says."""
     info = folder / "plan.PlanInfo"
     if info.is_file():
         obj = parse_file(info)
@@ -351,10 +398,15 @@ def read_plan_version(folder: Path) -> Version | None:
             text = obj.text(key)
             if text and (found := parse_version(text)):
                 return found
+    if from_patient is not None:
+        return from_patient
     roi = folder / "plan.roi"
     if roi.is_file():
         head = decode(roi.read_bytes()[:2000])
-        match = re.search(r"Pinnacle Versions?:\s*v?(\d+)\.(\d+)", head)
+        # "// Pinnacle Treatment Planning System Version 16.0" heads the file (also "Pinnacle Version: 8.0");
+        # the file_stamp block of newer versions says "write_version: 16.0".
+        match = re.search(r"Pinnacle[^\n]*?Versions?:?\s*v?(\d+)\.(\d+)", head) or re.search(
+            r"write_version:\s*v?(\d+)\.(\d+)", head)
         if match:
             return Version(int(match.group(1)), int(match.group(2)))
     return None
@@ -366,13 +418,25 @@ def read_plan(patient_folder: Path, entry: Obj, patient_version: Version) -> Pla
     folder = patient_folder / f"Plan_{number}"
     if not folder.is_dir():
         raise PinnacleFormatError(f"{folder}: plan folder missing")
-    trial_root = parse_file(_require(folder / "plan.Trial"))
-    trials = [read_trial(t, str(folder / "plan.Trial")) for t in trial_root.objs("Trial")]
     roi_file = folder / "plan.roi"
     points_file = folder / "plan.Points"
     machines_file = folder / "plan.Pinnacle.Machines"
     setup_file = folder / "plan.PatientSetup"
-    version = read_plan_version(folder) or patient_version
+    # The plan's own version: plan.PlanInfo, else the Patient file's entry for the plan (Pinnacle 16 writes
+    # PinnacleVersionDescription there), else the plan.roi header, else the Patient file's.
+    entry_version = parse_version(entry.text("PinnacleVersionDescription"))
+    version = read_plan_version(folder, entry_version) or patient_version
+    # The trials (beams, control points) and machines fail apart from the plan's ROIs and points: a beam the
+    # converter cannot read costs its plan's RTPLANs and doses, never the plan's structure set.
+    trials: list[Trial] = []
+    machines: dict[str, Machine] = {}
+    trial_error: PinnacleError | None = None
+    try:
+        trial_root = parse_file(_require(folder / "plan.Trial"))
+        trials = [read_trial(t, str(folder / "plan.Trial")) for t in trial_root.objs("Trial")]
+        machines = read_machines(machines_file) if machines_file.is_file() else {}
+    except PinnacleError as exc:
+        trials, machines, trial_error = [], {}, exc
     return Plan(
         number=number,
         name=entry.text("PlanName") or f"Plan_{number}",
@@ -382,9 +446,10 @@ def read_plan(patient_folder: Path, entry: Obj, patient_version: Version) -> Pla
         trials=trials,
         rois=read_rois(roi_file) if roi_file.is_file() else [],
         pois=read_pois(points_file) if points_file.is_file() else [],
-        machines=read_machines(machines_file) if machines_file.is_file() else {},
+        machines=machines,
         version=version,
         setup_position=_setup_orientation(parse_file(setup_file)) if setup_file.is_file() else None,
+        trial_error=trial_error,
     )
 
 

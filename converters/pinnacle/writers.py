@@ -483,11 +483,31 @@ def _positions(beam: Beam, index: int, machine: Machine | None, source: str) -> 
     return out
 
 
+def applicator_type(name: str) -> str:
+    """DICOM ApplicatorType of an electron applicator named as Pinnacle names it (``10x10``, ``6 x 10``, ``Circle 5``).
+
+    The machine file does not say the shape; the name does in every clinic's naming seen: equal sides are
+    ELECTRON_SQUARE, unequal ELECTRON_RECT, a circle ELECTRON_CIRC; anything else ELECTRON_SQUARE (the
+    common shape), which only the applicator's ID then qualifies.
+    """
+    lowered = name.lower()
+    if "circ" in lowered or "round" in lowered:
+        return "ELECTRON_CIRC"
+    match = re.search(r"(\d+(?:\.\d+)?)\s*[x*]\s*(\d+(?:\.\d+)?)", lowered)
+    if match and float(match.group(1)) != float(match.group(2)):
+        return "ELECTRON_RECT"
+    return "ELECTRON_SQUARE"
+
+
 def _beam_item(
     plan: Plan, trial: Trial, beam: Beam, frame: Frame, isocentre: tuple[float, float, float] | None, number: int
 ) -> Dataset:
     machine = _machine(plan, beam)
-    _require_leaf_geometry(plan, trial, beam, machine)
+    electron = beam.modality == "ELECTRON"
+    if not electron:
+        # An electron beam is shaped by its applicator (and cut-out), never by the MLC: leaf values that a
+        # file may still carry for it are not delivered and need no leaf geometry.
+        _require_leaf_geometry(plan, trial, beam, machine)
     item = _item(
         BeamNumber=number,
         BeamName=text(beam.name, 64),
@@ -508,7 +528,12 @@ def _beam_item(
         _item(RTBeamLimitingDeviceType="ASYMX", NumberOfLeafJawPairs=1),
         _item(RTBeamLimitingDeviceType="ASYMY", NumberOfLeafJawPairs=1),
     ]
-    with_mlc = machine is not None and bool(machine.leaf_pairs) and any(cp.leaves for cp in beam.control_points)
+    with_mlc = (
+        not electron
+        and machine is not None
+        and bool(machine.leaf_pairs)
+        and any(cp.leaves for cp in beam.control_points)
+    )
     if with_mlc:
         assert machine is not None
         devices.append(
@@ -519,6 +544,10 @@ def _beam_item(
             )
         )
     item.BeamLimitingDeviceSequence = _seq(devices)
+    if electron and beam.applicator:
+        item.ApplicatorSequence = _seq(
+            [_item(ApplicatorID=text(beam.applicator, 16), ApplicatorType=applicator_type(beam.applicator))]
+        )
     weights = [max(cp.weight, 0.0) for cp in beam.control_points]
     total = sum(weights) or 1.0
     # (Pinnacle control point index, cumulative weight) per DICOM control point.

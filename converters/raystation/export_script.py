@@ -1,7 +1,9 @@
-"""Export treated plans from RayStation to the auxiliary PACS (run this file from RayStation's script menu).
+"""Export treated plans from RayStation to the auxiliary PACS.
 
-Copy this file and ``selection.py`` side by side into RayStation's script folder (or run them from a
-checkout of rtharvest), edit the settings below, and run it in RayStation's CPython (3.6+) interpreter.
+RayStation runs a script from its script database as ONE file, with no folder around it: load the
+generated single file ``converters/raystation/rtharvest_raystation_export.py`` (this module and
+``selection.py`` combined by :mod:`.bundle`; a test keeps it in sync), edit the settings in your copy and run
+it in RayStation's CPython (3.6+) interpreter. This module is its source inside the package.
 
 For each patient (``PATIENT_IDS``, or the patients of the treated-plan list, or the open patient) every
 case's approved beam sets are selected (only those whose plan UID is in ``TREATED_PLANS`` when that file is
@@ -18,19 +20,8 @@ RayStation with fake objects (``tests/converters/test_raystation.py``).
 import json
 import logging
 import os
-import sys
 
-try:  # part of the rtharvest package
-    from .selection import Destination, export_patient, export_patients, load_treated_plans, summary_json
-except ImportError:  # a file in RayStation's script folder, next to selection.py
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from selection import (  # type: ignore[no-redef]
-        Destination,
-        export_patient,
-        export_patients,
-        load_treated_plans,
-        summary_json,
-    )
+from .selection import Destination, export_patient, export_patients, load_treated_plans, summary_json
 
 # --- settings (edit these) --------------------------------------------------------------------------------
 #: A DICOM node configured in RayStation (Clinic Settings), e.g. the auxiliary PACS.

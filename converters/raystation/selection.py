@@ -23,6 +23,9 @@ Rules (``../shared/CONVERTERS.md``; RayStation scripting documentation and the o
   exception carries (JSON ``{"Comment", "Warnings"}``), then call again with ``True``. An exception that
   carries no such JSON is a blocking error: the case is reported failed and the batch goes on.
 * The patient is saved (``patient.Save()``) before its export: RayStation exports only saved data.
+* A listed patient is looked up exactly: ``QueryPatientInfo`` filters are regular expressions, so the
+  filter is ``^`` + the escaped ID + ``$``, and of its answers exactly one must have that very PatientID
+  (none, or several, is a per-patient error and nothing is loaded).
 
 Compatibility: this module runs inside RayStation's CPython (3.6 or later) interpreter, so it imports only
 the standard library, uses no dataclasses and writes its annotations as strings.
@@ -32,6 +35,7 @@ import csv
 import io
 import json
 import logging
+import re
 from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple
 
@@ -339,6 +343,49 @@ def export_patient(patient: Any, treated: "Iterable[str] | None", destination: D
     return PatientOutcome(patient_id, exported, skipped, "; ".join(errors))
 
 
+class PatientLookupFailed(LookupError):
+    """No patient, or more than one, in RayStation's database has exactly the requested PatientID."""
+
+
+def patient_filter(patient_id: str) -> "dict[str, str]":
+    """``QueryPatientInfo``'s filter for exactly ``patient_id``.
+
+    RayStation matches filter values as regular expressions: ``"123"`` also finds ``"1234"``, and an ID with
+    regex characters (``$00002785``, ``A+B``) matches nothing or something else. The value is anchored and
+    escaped (``re.escape`` escapes only punctuation, which .NET and Python regular expressions both read as
+    the literal character).
+    """
+    return {"PatientID": "^" + re.escape(patient_id) + "$"}
+
+
+def find_patient_info(patient_db: Any, patient_id: str) -> Any:
+    """The one ``QueryPatientInfo`` answer whose PatientID equals ``patient_id`` exactly.
+
+    The answers are checked, not trusted: whatever the filter matched, only infos whose ``PatientID`` is
+    the requested one count, and there must be exactly one. :class:`PatientLookupFailed` says which case
+    failed (the message names no patient: the caller's log names patients by position).
+    """
+    infos = list(patient_db.QueryPatientInfo(Filter=patient_filter(patient_id)))
+    exact = [info for info in infos if str(_info_id(info)) == patient_id]
+    if not exact:
+        extra = f" ({len(infos)} other patient(s) matched the filter)" if infos else ""
+        raise PatientLookupFailed("not in the RayStation database" + extra)
+    if len(exact) > 1:
+        raise PatientLookupFailed(f"{len(exact)} patients in the RayStation database have this PatientID: "
+                                  "none is loaded")
+    return exact[0]
+
+
+def _info_id(info: Any) -> Any:
+    """``PatientID`` of a QueryPatientInfo answer (a dictionary in RayStation; an attribute is accepted)."""
+    if isinstance(info, dict):
+        return info.get("PatientID", "")
+    try:
+        return info["PatientID"]
+    except (TypeError, KeyError, IndexError):
+        return getattr(info, "PatientID", "")
+
+
 def export_patients(patient_db: Any, patient_ids: "list[str]", treated: "Iterable[str] | None",
                     destination: Destination, logger: "logging.Logger | None" = None,
                     load: "Callable[[Any], Any] | None" = None) -> "list[PatientOutcome]":
@@ -352,13 +399,14 @@ def export_patients(patient_db: Any, patient_ids: "list[str]", treated: "Iterabl
     for index, patient_id in enumerate(patient_ids, 1):
         label = f"patient {index}/{total}"
         try:
-            infos = list(patient_db.QueryPatientInfo(Filter={"PatientID": patient_id}))
-            if not infos:
-                outcomes.append(PatientOutcome(patient_id, [], [], "not in the RayStation database"))
-                out.warning("%s: not in the RayStation database", label)
+            try:
+                info = find_patient_info(patient_db, patient_id)
+            except PatientLookupFailed as exc:
+                outcomes.append(PatientOutcome(patient_id, [], [], str(exc)))
+                out.warning("%s: %s", label, exc)
                 continue
-            patient = load(infos[0]) if load is not None else patient_db.LoadPatient(PatientInfo=infos[0],
-                                                                                       AllowPatientUpgrade=False)
+            patient = load(info) if load is not None else patient_db.LoadPatient(PatientInfo=info,
+                                                                                 AllowPatientUpgrade=False)
             outcome = export_patient(patient, treated, destination, patient_id, out)
         except Exception as exc:  # a damaged patient must not stop the batch
             outcome = PatientOutcome(patient_id, [], [], f"{type(exc).__name__}: {exc}")

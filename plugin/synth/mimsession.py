@@ -8,7 +8,8 @@ seen in the field (:class:`SessionEncoding`).
 **Assumptions** (no vendor documentation is public):
 
 * The private creator is :data:`MIM_PRIVATE_CREATOR`; the unpacker
-  (:mod:`rtharvest.converters.mim`) accepts any creator of group 0013 whose value starts with ``MIM``.
+  (:mod:`rtharvest.converters.mim`) reads any group-0013 block that holds complete RT datasets, whatever
+  its creator's text (one not starting with ``MIM`` gives a warning).
 * The session sequence is element ``0x50`` of the creator's block (rosamllib reads ``(0013,2050)``, i.e.
   the block reserved at ``(0013,0020)``). These fixtures reserve block ``0x10`` for another creator (with
   an element at offset ``0x50`` too) and block ``0x20`` for MIM, with a session label before the

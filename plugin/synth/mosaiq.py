@@ -27,6 +27,9 @@ Traps (``Traps`` in the ground truth, each with the MOSAIQ rows it concerns):
 ``partial_treatment``    a beam interrupted by the operator and completed (CONTINUATION); another
                          stopped by the machine and never completed.
 ``machine_change``       from mid-course on, the fractions are delivered on the other linac.
+``resumed_elsewhere``    a beam stopped by a machine fault and its remainder delivered 40 minutes later on
+                         the other linac: the same fraction, split by MOSAIQ into two records (the second
+                         CONTINUATION, same fraction number).
 ``two_plans_one_site``   a re-plan whose first fraction is delivered in the same session as the last
                          fraction of the first plan (two records, one session). Fx_Number_InEffect is
                          NULL for that patient: the converter's fallback numbers each plan's fractions.
@@ -168,7 +171,9 @@ class _Session:
     fraction: int
     beams: list[_Beam]
     used_machine: str = ""
-    partial: str = ""  # "", "operator" (completed by a continuation), "machine" (never completed)
+    #: "", "operator" (completed by a continuation), "machine" (never completed), "resumed" (completed on the
+    #: other linac).
+    partial: str = ""
     old_version_beam: int = 0  # beam number delivered from the history version of its field
 
 
@@ -287,6 +292,8 @@ def generate_mosaiq(out_dir: Path, options: SynthOptions | None = None, *, overw
         s.used_machine = _OTHER_LINAC[s.machine]
     partial[1].partial = "operator"
     partial[2].partial = "machine"
+    if partial[0].used_machine in _OTHER_LINAC:
+        partial[0].partial = "resumed"
     for s in history[:2]:
         s.old_version_beam = s.beams[0].number
     midnight[1].when = datetime.combine(midnight[1].when.date(), datetime.min.time()) + timedelta(hours=23,
@@ -309,7 +316,8 @@ def generate_mosaiq(out_dir: Path, options: SynthOptions | None = None, *, overw
     # --- MOSAIQ rows ---------------------------------------------------------------------------------
     w = _Writer()
     machines: dict[str, int] = {}
-    for name in sorted({s.machine for s in sessions} | {s.used_machine for s in sessions}):
+    resumed_on = {_OTHER_LINAC[s.used_machine] for s in sessions if s.partial == "resumed"}
+    for name in sorted({s.machine for s in sessions} | {s.used_machine for s in sessions} | resumed_on):
         machines[name] = w.new_id("Staff", 900)
         w.add("Staff", Staff_ID=machines[name], Type="Location", Last_Name=name.ljust(30), Machine_Type=1)
     patients: dict[str, int] = {}
@@ -366,12 +374,12 @@ def generate_mosaiq(out_dir: Path, options: SynthOptions | None = None, *, overw
         return fld
 
     def deliver(s: _Session, fld: int, when: datetime, meterset: float, *, fraction: int | None,
-                termination: int = 1, partially: bool = False, qa: bool = False) -> int:
+                termination: int = 1, partially: bool = False, qa: bool = False, machine: str = "") -> int:
         dhs = w.new_id("Dose_Hst", 70000)
         verify = _verify_enum(dhs)
         w.add("Dose_Hst", DHS_ID=dhs, Pat_ID1=patients[s.patient_id], SIT_ID=sites[(s.patient_id, site)][0],
               FLD_ID=fld, Tx_DtTm=when, Fractions_Tx=1, Fx_Number_InEffect=fraction, Dose_Tx_Act=0.0,
-              Machine_ID_Staff_ID=machines[s.used_machine], Meterset=meterset,
+              Machine_ID_Staff_ID=machines[machine or s.used_machine], Meterset=meterset,
               Termination_Status_Enum=termination, Termination_Verify_Status_Enum=verify,
               PartiallyTreated=int(partially), Type_Enum=1)
         fhs = w.new_id("FLD_HST", 80000)
@@ -442,8 +450,19 @@ def generate_mosaiq(out_dir: Path, options: SynthOptions | None = None, *, overw
             port = add_field(s.patient_id, s.plan_uid, site_set, _Beam(91, "PORT", 2.0, s.beams[0].gantry, False),
                              s.machine, type_enum=6)
             skipped["imaging-field"].append(deliver(s, port, when - timedelta(minutes=1), 2.0, fraction=fraction))
-        # One record per plan in the session: the history version of the edited field is of the preliminary plan.
-        session_records: dict[str, tuple[ExpectedRecord, datetime]] = {}
+        # One record per plan and machine in the session: the history version of the edited field is of the
+        # preliminary plan; a beam resumed on the other linac is recorded there.
+        session_records: dict[tuple[str, str], tuple[ExpectedRecord, datetime]] = {}
+
+        def record_for(plan_uid: str, machine: str, at: datetime, *, session: _Session = s,
+                       found: dict[tuple[str, str], tuple[ExpectedRecord, datetime]] = session_records
+                       ) -> ExpectedRecord:
+            if (plan_uid, machine) not in found:
+                found[(plan_uid, machine)] = (ExpectedRecord(
+                    session.patient_id, plan_uid, session.when.strftime("%Y%m%d"), machine,
+                    dcm_plans.get(plan_uid)), at)
+            return found[(plan_uid, machine)][0]
+
         for i, beam in enumerate(s.beams):
             at = when + timedelta(minutes=5 * i)
             old = s.old_version_beam == beam.number and (s.plan_uid, beam.number) in old_fields
@@ -451,11 +470,7 @@ def generate_mosaiq(out_dir: Path, options: SynthOptions | None = None, *, overw
             planned = beam.meterset + 5.0 if old else beam.meterset
             plan_of_beam = preliminary_plan if old else s.plan_uid
             fx = s.fraction if write_fraction else plan_ordinal[(id(s), plan_of_beam)]
-            if plan_of_beam not in session_records:
-                session_records[plan_of_beam] = (ExpectedRecord(
-                    s.patient_id, plan_of_beam, s.when.strftime("%Y%m%d"), s.used_machine,
-                    dcm_plans.get(plan_of_beam)), at)
-            expected = session_records[plan_of_beam][0]
+            expected = record_for(plan_of_beam, s.used_machine, at)
 
             def item(mu: float, kind: str, term: int, dhs: int) -> None:
                 _expect(expected, ExpectedBeam(beam.number, fx, mu, kind, _TERMINATION[term],  # noqa: B023
@@ -467,6 +482,17 @@ def generate_mosaiq(out_dir: Path, options: SynthOptions | None = None, *, overw
                                                        partially=True))
                 rest = round(planned - first_mu, 1)
                 item(rest, "CONTINUATION", 1, deliver(s, fld, at + timedelta(minutes=2), rest, fraction=fraction))
+            elif s.partial == "resumed" and i == len(s.beams) - 1:
+                # Stopped by the machine; the remainder 40 minutes later on the other linac: one fraction in two
+                # records, the second CONTINUATION with the same fraction number.
+                first_mu = round(planned * 0.4, 1)
+                item(first_mu, "TREATMENT", 3, deliver(s, fld, at, first_mu, fraction=fraction, termination=3,
+                                                       partially=True))
+                other, later = _OTHER_LINAC[s.used_machine], at + timedelta(minutes=40)
+                rest = round(planned - first_mu, 1)
+                dhs = deliver(s, fld, later, rest, fraction=fraction, machine=other)
+                _expect(record_for(plan_of_beam, other, later),
+                        ExpectedBeam(beam.number, fx, rest, "CONTINUATION", "NORMAL", _VERIFY[_verify_enum(dhs)]), dhs)
             elif s.partial == "machine" and i == len(s.beams) - 1:
                 half = round(planned * 0.5, 1)
                 item(half, "TREATMENT", 3, deliver(s, fld, at, half, fraction=fraction, termination=3,
@@ -478,7 +504,7 @@ def generate_mosaiq(out_dir: Path, options: SynthOptions | None = None, *, overw
                                      s.machine, imported=False)
             skipped["no-plan-uid"].append(deliver(s, manual_field, when + timedelta(minutes=5 * len(s.beams)), 120.0,
                                                   fraction=fraction))
-        for plan_uid, (expected, started) in session_records.items():
+        for (plan_uid, _machine), (expected, started) in sorted(session_records.items(), key=lambda e: e[1][1]):
             records.append(expected)
             placeholder = f"mosaiq-record:{len(records) - 1}"
             new_records[placeholder] = KRecord(placeholder, s.patient_id, plan_uid, expected.treatment_date,
@@ -500,6 +526,9 @@ def generate_mosaiq(out_dir: Path, options: SynthOptions | None = None, *, overw
     trap("padded_leaf_blob", sessions[:1], f"leaf blobs of {_BLOB_VALUES} values, MLC_Leaves {_LEAVES}")
     trap("partial_treatment", partial, "operator interruption completed by a continuation; machine stop not completed")
     trap("machine_change", change, "second half of the course delivered on the other linac")
+    resumed = [s for s in partial[:1] if s.partial == "resumed"]
+    if resumed:
+        trap("resumed_elsewhere", resumed, "a beam stopped by the machine, its remainder given on the other linac")
     trap("midnight_session", midnight[1:2], "a session from 23:52 past midnight: one record, dated by its start")
     trap("not_imported_field", history[-1:], "a manual field without OriginalPlanUID delivered once")
     trap("padded_plan_uid", sessions[:1], "every OriginalPlanUID is space padded to 64 characters")

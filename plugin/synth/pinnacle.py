@@ -370,7 +370,11 @@ def write_patient(root: Path, case: PinnacleCase) -> PatientTruth:
 
     # ROIs: circles (DICOM) on some slices; the second ROI repeats its first point at the end.
     rois = {"PTV": (20.0, -10.0, 30.0, [4, 5, 6, 7]), "Spinal Cord": (0.0, 40.0, 8.0, [2, 3, 4, 5, 6, 7, 8])}
-    roi_text = ["// Region of Interest file", f"// Pinnacle Versions: {case.version}", "// \u00e9t\u00e9 r\u00f4le"]
+    roi_text = [
+        "// Region of Interest file",
+        f"// Pinnacle Treatment Planning System Version {case.version}",
+        "// \u00e9t\u00e9 r\u00f4le",
+    ]
     for roi_name, (cx, cy, radius, slices) in rois.items():
         truth.contours[roi_name] = []
         roi_text += [
@@ -415,8 +419,17 @@ def write_patient(root: Path, case: PinnacleCase) -> PatientTruth:
         '    LeftBankName = "B";',
         "    LeafPairList ={",
     ]
-    for n, (centre, width) in enumerate(LEAF_PAIRS):
-        machine.append(f"      #{n} ={{ Y = {_fmt(centre)}; Width = {_fmt(width)}; }};")
+    for centre, width in LEAF_PAIRS:
+        # Pinnacle's own layout: one MLCLeafPair per pair, file order = leaf order, the centre in YCenterPosition.
+        machine += [
+            "      MLCLeafPair ={",
+            f"        YCenterPosition = {_fmt(centre)};",
+            "        NegateLeafCoordinate = 0;",
+            f"        Width = {_fmt(width)};",
+            "        MinTipPosition = -20;",
+            "        MaxTipPosition = 20;",
+            "      };",
+        ]
     machine += ["    };", "  };", "};"]
     ordered = sorted(LEAF_PAIRS)
     truth.leaf_boundaries = [10 * (ordered[0][0] - ordered[0][1] / 2)] + [10 * (c + w / 2) for c, w in ordered]
@@ -518,6 +531,13 @@ def write_patient(root: Path, case: PinnacleCase) -> PatientTruth:
                         f"              TopJawPosition = {_fmt(jaws[2])};",
                         f"              BottomJawPosition = {_fmt(jaws[3])};",
                         f"              Weight = {_fmt(weights[seg])};",
+                        # As Pinnacle writes it, a block outline (its own RawData) comes before the leaves.
+                        "              ModifierList ={ BeamModifier ={ Name = \"BeamModifier_1\";",
+                        "                ContourList ={ CurvePainter ={ Curve ={ RawData ={",
+                        "                  NumberOfDimensions = 2; NumberOfPoints = 4;",
+                        "                  Points[] ={ -3,-3, 3,-3, 3,3, -3,3 };",
+                        "                }; }; }; };",
+                        "              }; };",
                         "              MLCLeafPositions ={ RawData ={ NumberOfDimensions = 2;",
                         f"                NumberOfPoints = {len(leaves)};",
                         "                Points[] ={",

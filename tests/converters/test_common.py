@@ -11,7 +11,13 @@ from types import ModuleType
 import pytest
 from pydicom import dcmread
 from pydicom.dataset import Dataset
-from pydicom.uid import RTPlanStorage, generate_uid
+from pydicom.uid import (
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEGBaseline8Bit,
+    RTPlanStorage,
+    generate_uid,
+)
 from pynetdicom import AE, evt
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.sop_class import RTPlanStorage as RTPlanContext  # type: ignore[attr-defined]
@@ -118,6 +124,64 @@ def test_store_sink_sends_over_one_association(scp: _StoreSCP, tmp_path: Path) -
     assert scp.received == [str(ds.SOPInstanceUID) for ds in plans] + [str(extra.SOPInstanceUID)]
     assert scp.associations == 1
     assert sink.count == 4
+
+
+class _ImplicitOnlySCP:
+    """A receiver like MIM for RT objects: RT Plan accepted in Implicit VR Little Endian only."""
+
+    def __init__(self) -> None:
+        self.received: list[tuple[str, str, str]] = []  # (SOP instance, transfer syntax, RTPlanLabel)
+        self.port = free_port()
+        ae = AE(ae_title="IMPLICIT")
+        ae.add_supported_context(RTPlanContext, [ImplicitVRLittleEndian])
+
+        def on_store(event: evt.Event) -> int:
+            ds = event.dataset
+            self.received.append((str(ds.SOPInstanceUID), str(event.context.transfer_syntax), str(ds.RTPlanLabel)))
+            return 0x0000
+
+        server = ae.start_server(("127.0.0.1", self.port), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)])
+        assert server is not None
+        self.server = server
+
+    def stop(self) -> None:
+        self.server.shutdown()
+
+
+def test_store_sink_sends_explicit_vr_objects_to_a_receiver_that_accepts_only_implicit_vr(tmp_path: Path) -> None:
+    """The sink proposes Explicit and Implicit VR Little Endian and re-encodes into what was accepted."""
+    scp = _ImplicitOnlySCP()
+    try:
+        sink = StoreSink(Peer("IMPLICIT", "127.0.0.1", scp.port))
+        ds = _plan("as dataset")
+        assert ds.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
+        sink.write(ds)
+        path = tmp_path / "p.dcm"
+        extra = _plan("as file")
+        extra.save_as(path, enforce_file_format=True)
+        sink.write_file(path)
+        sink.close()
+        assert scp.received == [
+            (str(ds.SOPInstanceUID), ImplicitVRLittleEndian, "as dataset"),
+            (str(extra.SOPInstanceUID), ImplicitVRLittleEndian, "as file"),
+        ]
+        assert sink.count == 2
+    finally:
+        scp.stop()
+
+
+def test_store_sink_names_a_compressed_syntax_the_receiver_refused() -> None:
+    scp = _ImplicitOnlySCP()
+    try:
+        sink = StoreSink(Peer("IMPLICIT", "127.0.0.1", scp.port))
+        ds = _plan()
+        ds.file_meta.TransferSyntaxUID = JPEGBaseline8Bit  # cannot be re-encoded without decoding pixels
+        with pytest.raises(DestinationRefused, match="accepted Implicit VR Little Endian .* JPEG Baseline"):
+            sink.write(ds)
+        sink.close()
+        assert scp.received == []
+    finally:
+        scp.stop()
 
 
 def test_store_sink_reports_a_refusal() -> None:

@@ -20,7 +20,13 @@ from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset
 
 from rtharvest.converters import cli
-from rtharvest.converters.mim import MimSessionError, unpack, unpack_bytes, unresolved_references
+from rtharvest.converters.mim import (
+    MimSessionError,
+    is_mim_session,
+    unpack,
+    unpack_bytes,
+    unresolved_references,
+)
 from rtharvest.synth.generator import SynthOptions, generate
 from rtharvest.synth.groundtruth import GroundTruth
 from rtharvest.synth.mimsession import (
@@ -149,9 +155,44 @@ def test_the_block_is_found_through_its_creator_not_a_fixed_element(clinic: tupl
     # The fixture's first block belongs to another creator and holds an element at the session's offset.
     assert raw[0x00130010].value != MIM_PRIVATE_CREATOR and 0x00131050 in raw
     assert len(unpack(raw).objects) == 2
-    # The same object with MIM's creator renamed is no session at all.
-    raw[0x00130020].value = "SOMEONE ELSE"
-    with pytest.raises(MimSessionError, match="no MIM private creator") as info:
+    # The other creator's block (a label at the session's offset) gives nothing and no warning.
+    assert unpack(raw).warnings == []
+
+
+@pytest.mark.parametrize("encoding", list(SessionEncoding))
+def test_a_session_under_another_creator_text_is_recognised_by_its_content(
+        clinic: tuple[Path, GroundTruth, list[SessionFixture]], encoding: SessionEncoding) -> None:
+    """No public document spells MIM's creator: complete RT datasets in a group-0013 block are the evidence."""
+    _, _, sessions = clinic
+    session = next(s for s in sessions if s.encoding is encoding)
+    raw = pydicom.dcmread(BytesIO(session.path.read_bytes()))
+    raw[0x00130020].value = "SESSION META 2"
+    assert is_mim_session(raw)
+    result = unpack(raw)
+    assert [o.sop_uid for o in result.objects] == list(session.embedded_uids)
+    (warning,) = result.warnings
+    assert "'SESSION META 2'" in warning and "(0013,0020)" in warning
+
+
+def test_a_block_of_partial_datasets_under_another_creator_is_left_alone() -> None:
+    """Decoy: items that are not whole RT datasets (no series, or not RT) make no session of a foreign block."""
+    parent = Dataset()
+    parent.PatientID = "P1"
+    parent.PatientName = "TEST^DECOY"
+    parent.StudyInstanceUID = "2.25.1003"
+    parent.StudyDate = "20200102"
+    parent.StudyTime = "101010"
+    partial = Dataset()
+    partial.SOPClassUID = "1.2.840.10008.5.1.4.1.1.481.3"
+    partial.SOPInstanceUID = "2.25.5001"  # an RTSTRUCT reference without its series: no whole dataset
+    picture = Dataset()
+    picture.SOPClassUID = "1.2.840.10008.5.1.4.1.1.7"
+    picture.SOPInstanceUID = "2.25.5002"
+    picture.SeriesInstanceUID = "2.25.5003"
+    raw = build_session("2.25.5000", parent, [partial, picture], SessionEncoding.EXPLICIT_SQ)
+    raw[0x00130020].value = "VENDOR X INDEX"
+    assert not is_mim_session(raw)
+    with pytest.raises(MimSessionError, match="not a MIM session") as info:
         unpack(raw)
     assert not info.value.damaged
 

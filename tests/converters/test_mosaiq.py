@@ -33,6 +33,7 @@ from rtharvest.converters.mosaiq.models import (
     VerifyStatus,
 )
 from rtharvest.converters.mosaiq.reader import BadValue, MosaiqReader, leaf_positions_mm
+from rtharvest.converters.mosaiq.record import build_record
 from rtharvest.synth.cli import main as synth_main
 from rtharvest.synth.generator import SynthOptions
 from rtharvest.synth.mosaiq import DATABASE, ExpectedRecord, MosaiqTruth, generate_mosaiq
@@ -519,3 +520,65 @@ def test_reader_field_types_imaging_left_out_unknown_reported_by_value(tmp_path:
     # The delivery of the unknown type is not written (nor, as one record per session and plan, its record).
     assert out.records == []
     assert [p.reason for p in out.errors] == ["unknown-enum", "record-not-written"]
+
+
+def _part(dhs: int, when: datetime, fld: int, given: float, *, plan: str = "1.2.3", machine: str = "LINAC1",
+          fx: int | None = None) -> Delivery:
+    """A delivery of field ``fld`` (100 MU planned) giving ``given`` MU; less than 100 is an interrupted one."""
+    stopped = given < 100.0
+    return replace(_delivery(dhs, when, plan=plan, fld=fld), machine=machine, meterset=given,
+                   termination=TerminationStatus.MACHINE if stopped else TerminationStatus.NORMAL,
+                   partially_treated=stopped, fraction_in_effect=fx)
+
+
+def _fractions(deliveries: list[Delivery]) -> list[tuple[str, str, list[int], list[str]]]:
+    out = plan_records(PatientInfo(1, "MRN", "A^B", ""), deliveries, {}, date(2024, 3, 1), date(2024, 3, 31))
+    assert not out.errors
+    return [(r.session.day.isoformat(), r.machine, [b.fraction for b in r.beams],
+             [b.delivery_type.value for b in r.beams]) for r in out.records]
+
+
+def test_a_fraction_mosaiq_split_over_two_days_is_one_fraction_with_a_continuation_record() -> None:
+    """Field 11 stops at 40 MU on day 1 (machine fault); its remaining 60 MU and field 12 follow on day 2."""
+    day1, day2, day3 = (datetime(2024, 3, d, 9, 0) for d in (4, 5, 6))
+    deliveries = [
+        _part(1, day1, 10, 100), _part(2, day1.replace(minute=5), 11, 40),
+        _part(3, day2, 11, 60), _part(4, day2.replace(minute=5), 12, 100),
+        _part(5, day3, 10, 100), _part(6, day3.replace(minute=5), 11, 100), _part(7, day3.replace(minute=9), 12, 100),
+    ]
+    assert _fractions(deliveries) == [
+        ("2024-03-04", "LINAC1", [1, 1], ["TREATMENT", "TREATMENT"]),
+        ("2024-03-05", "LINAC1", [1, 1], ["CONTINUATION", "CONTINUATION"]),
+        ("2024-03-06", "LINAC1", [2, 2, 2], ["TREATMENT", "TREATMENT", "TREATMENT"]),
+    ]
+    # The record written for day 2 says so in its own attributes.
+    out = plan_records(PatientInfo(1, "MRN", "A^B", ""), deliveries, {}, date(2024, 3, 5), date(2024, 3, 5))
+    (spec,) = out.records
+    (item, _) = build_record(spec, "salt", None).TreatmentSessionBeamSequence
+    assert item.CurrentFractionNumber == 1 and item.TreatmentDeliveryType == "CONTINUATION"
+
+
+def test_mosaiqs_own_fraction_number_decides_whether_a_later_part_continues() -> None:
+    day1, day2 = datetime(2024, 3, 4, 9, 0), datetime(2024, 3, 5, 9, 0)
+    same = [_part(1, day1, 10, 40, fx=7), _part(2, day2, 10, 60, fx=7)]
+    assert _fractions(same) == [("2024-03-04", "LINAC1", [7], ["TREATMENT"]),
+                                ("2024-03-05", "LINAC1", [7], ["CONTINUATION"])]
+    # MOSAIQ counted the second part as a fraction of its own: so is the record.
+    other = [_part(1, day1, 10, 40, fx=7), _part(2, day2, 10, 60, fx=8)]
+    assert _fractions(other) == [("2024-03-04", "LINAC1", [7], ["TREATMENT"]),
+                                 ("2024-03-05", "LINAC1", [8], ["TREATMENT"])]
+
+
+def test_a_field_resumed_on_another_machine_is_a_continuation_of_the_same_fraction() -> None:
+    start = datetime(2024, 3, 4, 9, 0)
+    deliveries = [_part(1, start, 10, 100), _part(2, start.replace(minute=5), 11, 40),
+                  _part(3, start.replace(minute=40), 11, 60, machine="LINAC2")]
+    assert _fractions(deliveries) == [("2024-03-04", "LINAC1", [1, 1], ["TREATMENT", "TREATMENT"]),
+                                      ("2024-03-04", "LINAC2", [1], ["CONTINUATION"])]
+
+
+def test_a_whole_delivery_after_an_interrupted_fraction_is_a_new_fraction() -> None:
+    """Without MOSAIQ's number, a field given its whole meterset again is no remainder: fraction 2."""
+    deliveries = [_part(1, datetime(2024, 3, 4, 9, 0), 10, 40), _part(2, datetime(2024, 3, 5, 9, 0), 10, 100)]
+    assert _fractions(deliveries) == [("2024-03-04", "LINAC1", [1], ["TREATMENT"]),
+                                      ("2024-03-05", "LINAC1", [2], ["TREATMENT"])]

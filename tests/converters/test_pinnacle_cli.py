@@ -181,13 +181,18 @@ def test_broken_plans_and_patients_are_reported_with_their_position_and_the_batc
     assert code == 0
     assert report["ErrorsByReason"] == {"bad-archive": 1, "bad-pinnacle-data": 1, "not-found": 1, "syntax-error": 1}
     (error,) = [e for e in report["Errors"] if e["Reason"] == "syntax-error"]
-    assert error["Scope"] == "plan" and error["Key"].endswith("Patient_2")
+    assert error["Scope"] == "plan" and error["Key"].endswith("Patient_2/Plan_1")
     assert "Patient_2/Plan_1/plan.Trial:5:" in error["Detail"]
     (error,) = [e for e in report["Errors"] if e["Reason"] == "bad-pinnacle-data"]
     assert error["Scope"] == "patient" and "MedicalRecordNumber" in error["Detail"]
     ids = _patient_ids(tmp_path / "out")
     assert set(ids) == {"PIN001HFSNEW", "PIN002FFPOLD"}
-    assert ids["PIN002FFPOLD"] == 12 + 1 + 2 + 3 + 3  # CT, Plan_0's structure set, two plans, their doses
+    # CT, both plans' structure sets (Plan_1's trials fail, not its ROIs and points), Plan_0's two RTPLANs and doses
+    assert ids["PIN002FFPOLD"] == 12 + 2 + 2 + 3 + 3
+    (entry,) = [p for p in report["Patients"] if p["Key"].endswith("Patient_2")]
+    assert entry["Written"] == {"CT": 12, "RTDOSE": 6, "RTPLAN": 2, "RTSTRUCT": 2}
+    (failed,) = entry["FailedPlans"]
+    assert failed["Plan"] == "Plan_1" and "Patient_2/Plan_1/plan.Trial:5:" in failed["Detail"]
 
 
 def test_synth_cli_writes_patients_truth_and_tar(tmp_path: Path) -> None:

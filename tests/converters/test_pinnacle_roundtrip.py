@@ -338,7 +338,7 @@ def test_orientation_from_patient_setup_and_unknown_version(converted: dict[str,
     patient = copy / "Patient"
     patient.write_bytes(patient.read_bytes().replace(b"WriteVersion", b"Written"))
     for roi in copy.glob("Plan_*/plan.roi"):
-        roi.write_bytes(roi.read_bytes().replace(b"Pinnacle Versions", b"Versions"))
+        roi.write_bytes(roi.read_bytes().replace(b"Pinnacle Treatment Planning System Version", b"Planning"))
     report = ConversionReport("pinnacle")
     convert_patient(copy, FolderSink(tmp_path / "out"), report, Options(), c.truth.folder)
     assert any("no Pinnacle version found" in w for w in report.warnings)
@@ -654,7 +654,7 @@ def test_ct_pixel_spacing_is_row_spacing_then_column_spacing(converted: dict[str
         (
             "Plan_1/plan.Pinnacle.Machines",
             r"Width = [^;]*;",
-            "      #0 ={",
+            "      MLCLeafPair ={",
             "machine 'SynthLinac' leaf pair 0: Width is missing",
         ),
     ],

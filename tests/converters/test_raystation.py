@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import ast
 import importlib
+import importlib.util
 import json
 import logging
+import re
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -14,16 +16,18 @@ from typing import Any
 
 import pytest
 
-from rtharvest.converters.raystation import selection
+from rtharvest.converters.raystation import bundle, selection
 from rtharvest.converters.raystation.selection import (
     BeamSetChoice,
     Destination,
     ExportFailed,
+    PatientLookupFailed,
     Skipped,
     TreatedPlan,
     export_arguments,
     export_case,
     export_patients,
+    find_patient_info,
     parse_treated_plans,
     select_beam_sets,
     summary_json,
@@ -168,8 +172,7 @@ def test_patients_are_saved_before_export_and_failures_do_not_stop_the_batch(cap
 
     class FakeDb:
         def QueryPatientInfo(self, Filter: dict[str, str]) -> list[dict[str, str]]:  # noqa: N802,N803
-            pid = Filter["PatientID"]
-            return [{"PatientID": pid}] if pid in patients or pid == "PID-B" else []
+            return [{"PatientID": pid} for pid in [*patients, "PID-B"] if re.search(Filter["PatientID"], pid)]
 
         def LoadPatient(self, PatientInfo: dict[str, str], AllowPatientUpgrade: bool) -> FakePatient:  # noqa: N802,N803
             assert AllowPatientUpgrade is False, "the script must never upgrade a patient's data"
@@ -235,3 +238,95 @@ def test_the_script_runs_in_raystations_interpreter_without_connect_at_import(mo
     assert callable(script.main) and isinstance(script.DESTINATION, Destination)
     with pytest.raises(ImportError, match="connect"):
         script.main()
+
+
+class RegexPatientDb:
+    """RayStation's PatientDB as far as the lookup goes: QueryPatientInfo matches its filter values as regular
+    expressions anywhere in the value (unanchored), so an exact lookup must anchor and escape."""
+
+    def __init__(self, ids: list[str], events: list[str]) -> None:
+        self.ids = ids
+        self.events = events
+        self.filters: list[str] = []
+        self.loaded: list[str] = []
+
+    def QueryPatientInfo(self, Filter: dict[str, str]) -> list[dict[str, str]]:  # noqa: N802,N803
+        self.filters.append(Filter["PatientID"])
+        return [{"PatientID": pid, "LastName": "X"} for pid in self.ids if re.search(Filter["PatientID"], pid)]
+
+    def LoadPatient(self, PatientInfo: dict[str, str], AllowPatientUpgrade: bool) -> FakePatient:  # noqa: N802,N803
+        self.loaded.append(PatientInfo["PatientID"])
+        return FakePatient([FakeCase(self.events)], self.events)
+
+
+def test_patient_lookup_is_exact_despite_prefixes_and_regex_characters() -> None:
+    db = RegexPatientDb(["1234", "123", "$00002785", "A+B", "AAB", "x$00002785"], [])
+    assert find_patient_info(db, "123")["PatientID"] == "123"  # not "1234", which an unanchored "123" finds first
+    assert find_patient_info(db, "$00002785")["PatientID"] == "$00002785"  # "$" is no end-of-text here
+    assert find_patient_info(db, "A+B")["PatientID"] == "A+B"  # "+" is no repetition ("AAB" stays out)
+    assert db.filters[:2] == ["^123$", "^\\$00002785$"]
+    with pytest.raises(PatientLookupFailed, match="not in the RayStation database"):
+        find_patient_info(db, "12")
+
+
+def test_patient_lookup_checks_the_answers_whatever_the_filter_matched() -> None:
+    class IgnoresFilter(RegexPatientDb):
+        def QueryPatientInfo(self, Filter: dict[str, str]) -> list[dict[str, str]]:  # noqa: N802,N803
+            return [{"PatientID": pid} for pid in self.ids]
+
+    db = IgnoresFilter(["1234", "123", "DUP", "DUP"], [])
+    assert find_patient_info(db, "123") == {"PatientID": "123"}
+    with pytest.raises(PatientLookupFailed, match="not in the RayStation database \\(4 other patient"):
+        find_patient_info(db, "12")
+    with pytest.raises(PatientLookupFailed, match="2 patients .* have this PatientID: none is loaded"):
+        find_patient_info(db, "DUP")
+
+
+def _load_bundle() -> Any:
+    """The shipped single-file script, loaded from its path as RayStation's script database would run it."""
+    spec = importlib.util.spec_from_file_location("rtharvest_raystation_export", bundle.BUNDLE)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_single_file_script_is_in_sync_with_its_sources() -> None:
+    """Regenerate with ``python -m rtharvest.converters.raystation.bundle`` when this fails."""
+    assert bundle.BUNDLE.read_text(encoding="utf-8") == bundle.build()
+
+
+def test_the_single_file_script_needs_nothing_beside_it() -> None:
+    text = bundle.BUNDLE.read_text(encoding="utf-8")
+    tree = ast.parse(text, feature_version=(3, 6))
+    allowed = set(sys.stdlib_module_names) - {"dataclasses"}
+    imported = _module_level_imports(tree)
+    assert "connect" not in imported and not [m for m in imported if m.split(".")[0] not in allowed], imported
+    assert "__file__" not in text and "import selection" not in text and "from .selection" not in text
+
+
+def test_the_single_file_script_exports_exactly_the_listed_patients_with_a_fake_connect(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    events: list[str] = []
+    db = RegexPatientDb(["1234", "123", "$00002785", "DUP", "DUP"], events)
+    connect = type(sys)("connect")
+    connect.get_current = lambda what: {"PatientDB": db}[what]  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "connect", connect)
+    script = _load_bundle()
+    assert "selection" not in script.__dict__ and callable(script.find_patient_info)
+    script.PATIENT_IDS = ["123", "$00002785", "12", "DUP"]
+    script.LOG_FILE = str(tmp_path / "export.log")
+    script.SUMMARY_FILE = str(tmp_path / "summary.json")
+    try:
+        failed = script.main()
+    finally:
+        logging.getLogger("rtharvest.raystation").handlers.clear()
+    assert db.loaded == ["123", "$00002785"]  # never "1234", never one of two "DUP"
+    assert failed == 2
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    errors = {p["PatientID"]: p["Error"] for p in summary["PerPatient"]}
+    assert errors["123"] == "" and errors["$00002785"] == ""
+    assert errors["12"].startswith("not in the RayStation database")
+    assert errors["DUP"].startswith("2 patients")
+    log = (tmp_path / "export.log").read_text()
+    assert "patient 4/4: 2 patients in the RayStation database" in log and "DUP" not in log
