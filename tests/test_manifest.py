@@ -181,7 +181,7 @@ def test_reads_only_rt_objects_once(synth: Synth) -> None:
     synth.reads.clear()
     build_manifest("h", objects, synth.read_refs, failures)
     kinds = {synth.truth.objects[u].modality for u in synth.reads}
-    assert kinds <= {"RTPLAN", "RTSTRUCT", "RTDOSE", "REG"}, kinds
+    assert kinds <= {"RTPLAN", "RTSTRUCT", "RTDOSE", "REG", "RTRECORD"}, kinds
     assert len(synth.reads) == len(set(synth.reads))
 
 
