@@ -361,7 +361,8 @@ class Orphan:
 
 CSV_COLUMNS = (
     "Harvest", "PatientID", "PlanUID", "PlanLabel", "PlanIntent", "Status", "Treatments", "Fractions",
-    "FractionsPlanned", "Records", "SummaryRecords", "FirstTreatment", "LastTreatment", "StructureSetUID", "DoseUIDs", "PlanningSeriesUIDs", "PlanningForSeriesUIDs",
+    "FractionsPlanned", "Records", "SummaryRecords", "FirstTreatment", "LastTreatment", "StructureSetUID",
+    "DoseUIDs", "PlanningSeriesUIDs", "PlanningForSeriesUIDs",
     "RegistrationUIDs", "RegistrationTypes", "RegisteredSeriesUIDs", "RegisteredForSeriesUIDs",
     "MissingWhat", "MissingUIDs", "MissingReasons",
 )

@@ -38,8 +38,8 @@ ROW_FIELDS = ("PatientID", "PlanUID", "PlanIntent", "Status", "Treatments", "Fra
               "StructureSetUID", "DoseUIDs", "PlanningSeriesUIDs", "PlanningForSeriesUIDs",
               "RegistrationUIDs", "RegistrationTypes", "RegisteredSeriesUIDs", "RegisteredForSeriesUIDs",
               "Missing")
-_UID_LISTS = ("RecordUIDs", "SummaryRecordUIDs", "DoseUIDs", "PlanningSeriesUIDs", "PlanningForSeriesUIDs", "RegistrationUIDs",
-              "RegisteredSeriesUIDs", "RegisteredForSeriesUIDs")
+_UID_LISTS = ("RecordUIDs", "SummaryRecordUIDs", "DoseUIDs", "PlanningSeriesUIDs", "PlanningForSeriesUIDs",
+              "RegistrationUIDs", "RegisteredSeriesUIDs", "RegisteredForSeriesUIDs")
 
 
 def _record(refs: ObjectRefs, harvest_id: str) -> ObjectRecord:
