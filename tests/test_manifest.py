@@ -366,6 +366,10 @@ def test_csv_one_row_per_plan(synth: Synth) -> None:
     for row, t in zip(rows, w.plans, strict=True):
         assert row["PlanUID"] == t.plan_uid and row["Status"] == t.status and row["Harvest"] == "h"
         assert int(row["Treatments"]) == t.treatments
+        # Fractions and delivery records kept apart, the summary records counted on their own.
+        assert (int(row["Fractions"]), int(row["Records"]), int(row["SummaryRecords"])) == (
+            t.fractions, t.records, t.summary_records)
+        assert row["FractionsPlanned"] == ("" if t.fractions_planned is None else str(t.fractions_planned))
         assert row["FirstTreatment"] == (f"{t.first_treatment[:4]}-{t.first_treatment[4:6]}-{t.first_treatment[6:]}"
                                          if t.first_treatment else "")
         assert (row["DoseUIDs"].split(";") if row["DoseUIDs"] else []) == t.dose_uids
@@ -383,6 +387,8 @@ def test_csv_loads_with_pandas(synth: Synth) -> None:
                         parse_dates=["FirstTreatment", "LastTreatment"])
     assert len(frame) == len(w.plans)
     assert list(frame["Status"]) == [t.status for t in w.plans]
+    assert frame["Fractions"].sum() == w.summary.fractions < frame["Records"].sum()
+    assert frame["SummaryRecords"].sum() == w.summary.summary_records > 0
 
 
 def test_empty_manifest() -> None:
