@@ -54,7 +54,8 @@ SOURCE = "ORTHANC_SRC"
 #: Colours of the time chart's bars (harvests.js).
 PATIENTS_RGB, PLANS_RGB = (0x4E, 0x79, 0xA7), (0xF2, 0x8E, 0x2B)
 SUMMARY_KEYS = ("Patients", "PlansReferenced", "PlansCollected", "SuccessRate", "PlansByIntent", "PlansByStatus",
-                "InvalidPlans", "ImageSeries", "PlanningSeries", "Registrations", "TreatmentRecords")
+                "InvalidPlans", "ImageSeries", "PlanningSeries", "Registrations", "TreatmentRecords", "Fractions",
+                "SummaryRecords")
 
 
 class HeldSource:
