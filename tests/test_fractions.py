@@ -16,8 +16,10 @@ from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import UID, ExplicitVRLittleEndian
 
 from rtharvest.fractions import RecordFacts, count_fractions, fractions_planned
-from rtharvest.references import ProblemCode, extract_from_bytes
+from rtharvest.manifest import build_manifest
+from rtharvest.references import ObjectKind, ObjectRefs, PlanRefs, ProblemCode, extract_from_bytes
 from rtharvest.sopclass import SopClass
+from rtharvest.tracking import Decision, ObjectRecord
 
 PLAN = "1.2.826.0.1.3680043.10.543.1"
 _SESSION_SEQUENCE = {
@@ -35,10 +37,10 @@ def _item(**values: object) -> Dataset:
     return ds
 
 
-def record(sop_class: SopClass, date: str | None, items: Sequence[tuple[int | None, str]],
-           group: int | None = 1, group_in_plan_ref: bool = False) -> RecordFacts:
+def record_refs(sop_class: SopClass, date: str | None, items: Sequence[tuple[int | None, str]],
+                group: int | None = 1, group_in_plan_ref: bool = False) -> ObjectRefs:
     """A record of ``sop_class`` for :data:`PLAN`, one session item per ``(CurrentFractionNumber or None,
-    TreatmentDeliveryType)``, written and read back; its :class:`RecordFacts`."""
+    TreatmentDeliveryType)``, written and read back by the extractor."""
     uid = f"1.2.826.0.1.3680043.10.543.2.{next(_counter)}"
     ds = Dataset()
     ds.file_meta = FileMetaDataset()
@@ -69,6 +71,14 @@ def record(sop_class: SopClass, date: str | None, items: Sequence[tuple[int | No
     ds.save_as(buffer, enforce_file_format=True)
     refs = extract_from_bytes(buffer.getvalue())
     assert refs.record is not None and refs.record.plan_uids == (PLAN,)
+    return refs
+
+
+def record(sop_class: SopClass, date: str | None, items: Sequence[tuple[int | None, str]],
+           group: int | None = 1, group_in_plan_ref: bool = False) -> RecordFacts:
+    """:func:`record_refs` as the count sees it."""
+    refs = record_refs(sop_class, date, items, group, group_in_plan_ref)
+    assert refs.record is not None
     summary = refs.sop_class_uid == SopClass.RT_TREATMENT_SUMMARY_RECORD.value
     return RecordFacts(refs.sop_uid, summary, refs.record.treatment_date, refs.record.delivery)
 
@@ -184,3 +194,43 @@ def test_nonstandard_delivery_type_is_reported() -> None:
     refs = extract_from_bytes(buffer.getvalue())
     assert any(p.code is ProblemCode.NONSTANDARD_VALUE and "TreatmentDeliveryType" in p.attribute
                for p in refs.problems), refs.problems
+
+
+def _row_of(refs: ObjectRefs) -> ObjectRecord:
+    assert refs.record is not None
+    return ObjectRecord(harvest_id="h", sop_uid=refs.sop_uid, orthanc_id=refs.sop_uid, decision=Decision.KEPT,
+                        reason="", role="RECORD", hop="RECORD", source="SRC", job_id=None, moved=True,
+                        patient_id="P1", study_uid=refs.study_uid, series_uid=refs.series_uid, modality="RTRECORD",
+                        sop_class_uid=refs.sop_class_uid, plan_uids=refs.record.plan_uids,
+                        treatment_date=refs.record.treatment_date)
+
+
+def test_manifest_of_a_brachy_course_with_a_summary_record() -> None:
+    """The issue's case, by hand: three HDR fractions (one in two parts) and the course's summary record,
+    dated a month before the first fraction (a system that writes it at the course's start). The plan shows
+    3 fractions of 4, 4 delivery records, 1 summary record; Table 1 and the charts ignore the summary."""
+    plan = ObjectRefs(PLAN, SopClass.RT_PLAN.value, "RTPLAN", "P1", "1.2.9.1", "1.2.9.2", None, ObjectKind.PLAN,
+                      plan=PlanRefs((), (), (), "CURATIVE", "HDR", "TREATMENT_DEVICE", False,
+                                    fraction_groups=((1, 4),)))
+    records = [record_refs(BRACHY, "20240205", [(1, T)]), record_refs(BRACHY, "20240212", [(2, T)]),
+               record_refs(BRACHY, "20240212", [(2, C)]), record_refs(BRACHY, "20240219", [(3, T)]),
+               record_refs(SopClass.RT_TREATMENT_SUMMARY_RECORD, "20240110", [])]
+    by_uid = {r.sop_uid: r for r in [plan, *records]}
+    plan_row = ObjectRecord(harvest_id="h", sop_uid=PLAN, orthanc_id=PLAN, decision=Decision.KEPT, reason="",
+                            role="PLAN", hop="RTRECORD->RTPLAN", source="SRC", job_id=None, moved=True,
+                            patient_id="P1", modality="RTPLAN", sop_class_uid=SopClass.RT_PLAN.value)
+    manifest = build_manifest("h", [plan_row, *(_row_of(r) for r in records)], lambda o: by_uid.get(o.sop_uid))
+    doc = manifest.to_json()
+    (row,) = doc["Plans"]
+    assert (row["Treatments"], row["Fractions"], row["FractionsPlanned"], row["Records"], row["SummaryRecords"]) \
+        == (3, 3, 4, 4, 1)
+    assert row["SummaryRecordUIDs"] == [records[-1].sop_uid] and records[-1].sop_uid not in row["RecordUIDs"]
+    assert (row["FirstTreatment"], row["LastTreatment"]) == ("20240205", "20240219")
+    summary = doc["Summary"]
+    assert (summary["TreatmentRecords"], summary["SummaryRecords"], summary["Fractions"]) == (4, 1, 3)
+    assert [c["Period"] for c in doc["Charts"]["Monthly"]] == ["2024-02"]
+    assert doc["Orphans"] == []
+    header, line = manifest.to_csv().splitlines()
+    cells = dict(zip(header.split(","), line.split(","), strict=True))
+    assert (cells["Treatments"], cells["Fractions"], cells["FractionsPlanned"], cells["Records"],
+            cells["SummaryRecords"]) == ("3", "3", "4", "4", "1")
