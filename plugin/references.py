@@ -569,7 +569,7 @@ _SESSION_SEQUENCES = {
 }
 _ALL_SESSION_SEQUENCES = ("TreatmentSessionBeamSequence", "TreatmentSessionIonBeamSequence",
                           "TreatmentSessionApplicationSetupSequence")
-#: TreatmentDeliveryType values of a delivery record (PS3.3 C.8.8.21/C.8.8.22/C.8.8.26).
+#: TreatmentDeliveryType values of a delivery record (PS3.3 RT Beams / Ion Beams / Brachy Session Record).
 _DELIVERY_TYPES = frozenset({"TREATMENT", "CONTINUATION"})
 
 

@@ -855,7 +855,7 @@ def treatment_record(
 
     ``beams``: the beams this record holds (default: all of the plan's). A system writing one record per
     beam gives one beam; a session interrupted and finished later gives the beams of each part, the
-    second with ``delivery_type`` CONTINUATION (PS3.3 C.8.8.21, TreatmentDeliveryType)."""
+    second with ``delivery_type`` CONTINUATION (PS3.3 RT Beams Session Record, TreatmentDeliveryType)."""
     sop_class = SopClass.RT_ION_BEAMS_TREATMENT_RECORD.value if spec.ion else SopClass.RT_BEAMS_TREATMENT_RECORD.value
     ds = base_dataset(
         sop_class,
