@@ -872,7 +872,8 @@ def summarize_plans(rows: Sequence[PlanRow], modality_of_series: Mapping[str, st
     """The Table-1 counts that a selection of plan rows shows by itself (:class:`Summary`'s rules): its
     patients, plans, intents, statuses, registrations, planning series, delivery and summary records
     (distinct record UIDs), fractions (each row's, summed) and image series (the distinct series its rows
-    name, by ``modality_of_series``, ``?`` when unknown). Orphans, failed jobs and PatientID mismatches belong to a whole harvest: 0 here.
+    name, by ``modality_of_series``, ``?`` when unknown). Orphans, failed jobs and PatientID mismatches
+    belong to a whole harvest: 0 here.
     """
     status = Counter(r.status for r in rows)
     intents = Counter(r.plan_intent or "NONE" for r in rows if r.status != "Missing")
