@@ -12,8 +12,9 @@ at source", "failed after N attempts: <last error>", a search that failed, a ser
 or a "dangling reference" when no job even tried (the reference was never reachable).
 
 The caller supplies the I/O: the harvest's :class:`~rtharvest.tracking.ObjectRecord` rows, a function
-reading one stored object's references (plans, structure sets, doses and registrations only: images and
-records carry what is needed in their rows) and the failed jobs. ``harvest_id=None`` builds the manifest
+reading one stored object's references (plans, structure sets, doses, registrations and delivery records:
+images carry what is needed in their rows, and a record's row has its plan and date but not what it
+delivered) and the failed jobs. ``harvest_id=None`` builds the manifest
 of the whole store, the union over harvests.
 
 The JSON form is CONTRACT.md's ``{"Harvest", "Summary", "Plans"}`` plus extras (``Charts`` for the
@@ -31,11 +32,12 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from .classify import INVALID_INTENTS, classify_plan, registration_type
+from .fractions import RecordFacts, count_fractions, fractions_planned
 from .httpapi import ApiError, HttpResponse
 from .jobqueue import CRASH_BUDGET_SPENT
 from .planner import PATIENT_ID_MISMATCH, promised_doses, promised_images
 from .references import ObjectKind, ObjectRefs, PlanRefs, RegistrationRefs, StructureSetRefs, extract_from_bytes
-from .sopclass import Modality, modality_of
+from .sopclass import Modality, SopClass, modality_of
 from .tracking import Decision, ObjectRecord
 
 __all__ = [
@@ -174,7 +176,9 @@ class PlanRow:
     plan_label: str | None = None
     plan_intent: str | None = None
     status: str = "Complete"
+    #: Delivery records (RT Beams, Ion Beams, Brachy Treatment Records) of the plan.
     record_uids: list[str] = field(default_factory=list)
+    #: TreatmentDate of each delivery record that has one, sorted.
     treatment_dates: list[str] = field(default_factory=list)
     structure_set_uid: str | None = None
     dose_uids: list[str] = field(default_factory=list)
@@ -185,25 +189,42 @@ class PlanRow:
     registered_series_uids: list[str] = field(default_factory=list)
     registered_for_series_uids: list[str] = field(default_factory=list)
     missing: list[MissingLink] = field(default_factory=list)
+    #: RT Treatment Summary Records of the plan: listed, never a fraction.
+    summary_record_uids: list[str] = field(default_factory=list)
+    #: Distinct fractions its delivery records deliver (rule: ``rtharvest.fractions``).
+    fractions: int = 0
+    #: NumberOfFractionsPlanned of the fraction group(s) delivered, from the plan (``None``: unknown).
+    fractions_planned: int | None = None
 
     @property
     def treatments(self) -> int:
-        """Treatment records found for the plan."""
+        """The contract's ``Treatments``: the fractions delivered (:attr:`fractions`), not records."""
+        return self.fractions
+
+    @property
+    def records(self) -> int:
+        """Delivery records found for the plan (summary records not included)."""
         return len(self.record_uids)
 
     @property
+    def summary_records(self) -> int:
+        """RT Treatment Summary Records found for the plan."""
+        return len(self.summary_record_uids)
+
+    @property
     def first_treatment(self) -> str | None:
-        """Earliest TreatmentDate (YYYYMMDD) of its records."""
+        """Earliest TreatmentDate (YYYYMMDD) of its delivery records: the first fraction's date."""
         return self.treatment_dates[0] if self.treatment_dates else None
 
     @property
     def last_treatment(self) -> str | None:
-        """Latest TreatmentDate (YYYYMMDD) of its records."""
+        """Latest TreatmentDate (YYYYMMDD) of its delivery records."""
         return self.treatment_dates[-1] if self.treatment_dates else None
 
     def to_json(self) -> dict[str, Any]:
-        """The contract's plan object (``RecordUIDs``, ``PlanningForSeriesUIDs``, ``RegistrationTypes``
-        and ``RegisteredForSeriesUIDs`` are extras)."""
+        """The contract's plan object. ``Treatments`` equals ``Fractions``; ``Fractions``,
+        ``FractionsPlanned``, ``Records``, ``SummaryRecords``, ``RecordUIDs``, ``SummaryRecordUIDs``,
+        ``PlanningForSeriesUIDs``, ``RegistrationTypes`` and ``RegisteredForSeriesUIDs`` are extras."""
         return {
             "PatientID": self.patient_id,
             "PlanUID": self.plan_uid,
@@ -211,9 +232,14 @@ class PlanRow:
             "PlanIntent": self.plan_intent,
             "Status": self.status,
             "Treatments": self.treatments,
+            "Fractions": self.fractions,
+            "FractionsPlanned": self.fractions_planned,
+            "Records": self.records,
+            "SummaryRecords": self.summary_records,
             "FirstTreatment": self.first_treatment,
             "LastTreatment": self.last_treatment,
             "RecordUIDs": list(self.record_uids),
+            "SummaryRecordUIDs": list(self.summary_record_uids),
             "StructureSetUID": self.structure_set_uid,
             "DoseUIDs": list(self.dose_uids),
             "PlanningSeriesUIDs": list(self.planning_series_uids),
@@ -242,6 +268,10 @@ class PlanRow:
             registered_series_uids=list(data.get("RegisteredSeriesUIDs") or []),
             registered_for_series_uids=list(data.get("RegisteredForSeriesUIDs") or []),
             missing=[MissingLink.from_json(m) for m in data.get("Missing") or []],
+            summary_record_uids=list(data.get("SummaryRecordUIDs") or []),
+            # A manifest written before Fractions existed said Treatments for the same place.
+            fractions=int(data.get("Fractions", data.get("Treatments")) or 0),
+            fractions_planned=None if data.get("FractionsPlanned") is None else int(data["FractionsPlanned"]),
         )
 
 
@@ -266,7 +296,12 @@ class Summary:
     image_series: dict[str, int] = field(default_factory=dict)
     planning_series: int = 0
     registrations: dict[str, int] = field(default_factory=dict)
+    #: Delivery records (RT Treatment Summary Records not included).
     treatment_records: int = 0
+    #: Fractions delivered, summed over the plans (each plan's distinct fractions).
+    fractions: int = 0
+    #: RT Treatment Summary Records.
+    summary_records: int = 0
     orphans: int = 0
     failed_jobs: int = 0
     #: Records kept out because their PatientID differs from the one searched: reason -> count.
@@ -286,6 +321,8 @@ class Summary:
             "PlanningSeries": self.planning_series,
             "Registrations": dict(self.registrations),
             "TreatmentRecords": self.treatment_records,
+            "Fractions": self.fractions,
+            "SummaryRecords": self.summary_records,
             "OrphanObjects": self.orphans,
             "FailedJobs": self.failed_jobs,
             "PatientIDMismatches": {"Count": sum(self.patient_id_mismatches.values()),
@@ -323,8 +360,9 @@ class Orphan:
 
 
 CSV_COLUMNS = (
-    "Harvest", "PatientID", "PlanUID", "PlanLabel", "PlanIntent", "Status", "Treatments", "FirstTreatment",
-    "LastTreatment", "StructureSetUID", "DoseUIDs", "PlanningSeriesUIDs", "PlanningForSeriesUIDs",
+    "Harvest", "PatientID", "PlanUID", "PlanLabel", "PlanIntent", "Status", "Treatments", "Fractions",
+    "FractionsPlanned", "Records", "SummaryRecords", "FirstTreatment", "LastTreatment", "StructureSetUID",
+    "DoseUIDs", "PlanningSeriesUIDs", "PlanningForSeriesUIDs",
     "RegistrationUIDs", "RegistrationTypes", "RegisteredSeriesUIDs", "RegisteredForSeriesUIDs",
     "MissingWhat", "MissingUIDs", "MissingReasons",
 )
@@ -407,6 +445,10 @@ class Manifest:
                 p.plan_intent or "",
                 p.status,
                 p.treatments,
+                p.fractions,
+                "" if p.fractions_planned is None else p.fractions_planned,
+                p.records,
+                p.summary_records,
                 _iso_date(p.first_treatment),
                 _iso_date(p.last_treatment),
                 p.structure_set_uid or "",
@@ -581,9 +623,26 @@ class _Builder:
             # Nothing was followed from the plan (rule 2): only its seed records belong to the row.
             seed_uids = {s.sop_uid for s in seeds}
             records = [r for r in records if r.sop_uid in seed_uids] or seeds
-        row.record_uids = [r.sop_uid for r in records]
-        row.treatment_dates = sorted(r.treatment_date for r in records if r.treatment_date)
+        self._treatments(row, records, plan)
         return row
+
+    def _treatments(self, row: PlanRow, records: Sequence[ObjectRecord], plan: PlanRefs | None) -> None:
+        """The plan's delivery and summary records, fractions and dates (rule: ``rtharvest.fractions``).
+
+        A record's delivery facts come from its stored copy (``read_refs``); one that cannot be read is
+        a delivery record without fraction number (counted by its date)."""
+        facts: list[RecordFacts] = []
+        for r in records:
+            summary = r.sop_class_uid == SopClass.RT_TREATMENT_SUMMARY_RECORD.value
+            refs = None if summary else self.refs(r.sop_uid)
+            delivery = refs.record.delivery if refs is not None and refs.record is not None else None
+            facts.append(RecordFacts(r.sop_uid, summary, r.treatment_date, delivery))
+            (row.summary_record_uids if summary else row.record_uids).append(r.sop_uid)
+        groups = plan.fraction_groups if plan is not None else ()
+        count = count_fractions(facts, groups[0][0] if len(groups) == 1 else None)
+        row.fractions = count.fractions
+        row.fractions_planned = fractions_planned(groups, count.groups) if groups else None
+        row.treatment_dates = sorted(f.treatment_date for f in facts if f.treatment_date and not f.summary)
 
     def _search_failures(self, row: PlanRow, uids: Iterable[str]) -> None:
         for uid in uids:
@@ -773,6 +832,7 @@ class _Builder:
         accounted: set[str] = set(self.seeds)
         for r in rows:
             accounted.update(r.record_uids)
+            accounted.update(r.summary_record_uids)
             accounted.add(r.plan_uid)
             if r.structure_set_uid:
                 accounted.add(r.structure_set_uid)
@@ -791,7 +851,10 @@ class _Builder:
             summarize_plans(rows, {}),
             patients=len({s.patient_id for s in self.seeds.values()}),
             image_series=count_by_modality(s.modality for s in self.series.values()),
-            treatment_records=sum(1 for uid in self.kept if self.kinds[uid] == Modality.RTRECORD.value),
+            treatment_records=sum(1 for uid in self.kept if self.kinds[uid] == Modality.RTRECORD.value
+                                  and self.kept[uid].sop_class_uid != SopClass.RT_TREATMENT_SUMMARY_RECORD.value),
+            summary_records=sum(1 for obj in self.kept.values()
+                                if obj.sop_class_uid == SopClass.RT_TREATMENT_SUMMARY_RECORD.value),
             orphans=orphans,
             failed_jobs=len(self.failures),
             patient_id_mismatches=self.patient_id_mismatches,
@@ -807,9 +870,10 @@ def count_by_modality(modalities: Iterable[str | None]) -> dict[str, int]:
 
 def summarize_plans(rows: Sequence[PlanRow], modality_of_series: Mapping[str, str | None]) -> Summary:
     """The Table-1 counts that a selection of plan rows shows by itself (:class:`Summary`'s rules): its
-    patients, plans, intents, statuses, registrations, planning series, treatment records (distinct
-    record UIDs) and image series (the distinct series its rows name, by ``modality_of_series``, ``?``
-    when unknown). Orphans, failed jobs and PatientID mismatches belong to a whole harvest: 0 here.
+    patients, plans, intents, statuses, registrations, planning series, delivery and summary records
+    (distinct record UIDs), fractions (each row's, summed) and image series (the distinct series its rows
+    name, by ``modality_of_series``, ``?`` when unknown). Orphans, failed jobs and PatientID mismatches
+    belong to a whole harvest: 0 here.
     """
     status = Counter(r.status for r in rows)
     intents = Counter(r.plan_intent or "NONE" for r in rows if r.status != "Missing")
@@ -832,6 +896,8 @@ def summarize_plans(rows: Sequence[PlanRow], modality_of_series: Mapping[str, st
         planning_series=len({u for r in rows for u in r.planning_series_uids}),
         registrations=dict(sorted(Counter(reg_types.values()).items())),
         treatment_records=len({u for r in rows for u in r.record_uids}),
+        fractions=sum(r.fractions for r in rows),
+        summary_records=len({u for r in rows for u in r.summary_record_uids}),
     )
 
 
@@ -873,8 +939,9 @@ def build_manifest(
     Args:
         harvest_id: put in ``Harvest``; ``None`` for the whole store.
         objects: the harvest's decisions (``Tracker.objects``); rejected ones are ignored.
-        read_refs: reads a *kept* object's references (called for plans, structure sets, doses and
-            registrations only, at most once each); ``None`` or an unreadable result when it cannot.
+        read_refs: reads a *kept* object's references (called for plans, structure sets, doses,
+            registrations and delivery records only, at most once each); ``None`` or an unreadable
+            result when it cannot.
         failures: failed jobs of the harvest(s), for the reasons of missing links.
         pending: target UIDs of jobs still pending (a missing link then says "not retrieved yet").
     """

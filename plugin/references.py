@@ -106,6 +106,34 @@ class SeriesRef:
 
 
 @dataclass(frozen=True)
+class SessionItem:
+    """One delivered beam or application setup of a treatment record (a TreatmentSessionBeamSequence,
+    TreatmentSessionIonBeamSequence or TreatmentSessionApplicationSetupSequence item): the fraction it
+    belongs to and whether it continues one an earlier record began."""
+
+    #: CurrentFractionNumber (Type 2: ``None`` when empty or absent).
+    fraction_number: int | None
+    #: TreatmentDeliveryType as written (``TREATMENT``, ``CONTINUATION``), ``None`` when empty.
+    delivery_type: str | None
+    #: ReferencedFractionGroupNumber of the item, where a writer puts it there.
+    fraction_group: int | None = None
+
+
+@dataclass(frozen=True)
+class DeliveryFacts:
+    """What a treatment record says it delivered (PS3.3 RT General Treatment Record and RT Beams / Ion
+    Beams / Brachy Session Record modules); counted into fractions by :mod:`rtharvest.fractions`."""
+
+    #: True for an RT Treatment Summary Record: a course's cumulative state, never a session.
+    summary: bool
+    #: ReferencedFractionGroupNumber: the ReferencedRTPlanSequence item's, else the session record
+    #: module's (top level); ``None`` when neither says.
+    fraction_group: int | None
+    #: The session's items (beams or application setups), in order.
+    sessions: tuple[SessionItem, ...] = ()
+
+
+@dataclass(frozen=True)
 class RecordRefs:
     """RT (Beams/Ion/Brachy/Summary) Treatment Record."""
 
@@ -114,6 +142,8 @@ class RecordRefs:
     treatment_time: str | None
     #: Where ``treatment_date`` came from: ``TreatmentDate`` or a fallback attribute.
     date_source: str = "TreatmentDate"
+    #: The record's delivery facts (``None`` only for records built without them).
+    delivery: DeliveryFacts | None = None
 
 
 @dataclass(frozen=True)
@@ -129,6 +159,8 @@ class PlanRefs:
     geometry: str | None
     is_ion: bool
     plan_date: str | None = None
+    #: FractionGroupSequence: (FractionGroupNumber, NumberOfFractionsPlanned or ``None``), in order.
+    fraction_groups: tuple[tuple[int, int | None], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -498,7 +530,7 @@ class _Reader:
 # Kind-specific extractors
 
 
-def _record(r: _Reader, ds: Dataset) -> RecordRefs:
+def _record(r: _Reader, ds: Dataset, sop_class: str) -> RecordRefs:
     # ReferencedRTPlanSequence is Type 2 in treatment records (may be empty) and holds at most one item.
     plans = r.ref_uids(ds, "ReferencedRTPlanSequence", "ReferencedRTPlanSequence", required=True, max_items=1)
     date = r.date(ds, "TreatmentDate", "TreatmentDate")
@@ -525,7 +557,49 @@ def _record(r: _Reader, ds: Dataset) -> RecordRefs:
         else:
             r.add(ProblemCode.MISSING_ATTRIBUTE, "TreatmentDate",
                   f"TreatmentDate empty; used {source} {date}")
-    return RecordRefs(plans, date, time, source)
+    return RecordRefs(plans, date, time, source, _delivery(r, ds, sop_class))
+
+
+#: The sequence holding a session's delivered items, by record class (PS3.3 RT Beams / Ion Beams /
+#: Brachy Session Record modules). A record of an unknown class is searched for all three.
+_SESSION_SEQUENCES = {
+    SopClass.RT_BEAMS_TREATMENT_RECORD.value: ("TreatmentSessionBeamSequence",),
+    SopClass.RT_ION_BEAMS_TREATMENT_RECORD.value: ("TreatmentSessionIonBeamSequence",),
+    SopClass.RT_BRACHY_TREATMENT_RECORD.value: ("TreatmentSessionApplicationSetupSequence",),
+}
+_ALL_SESSION_SEQUENCES = ("TreatmentSessionBeamSequence", "TreatmentSessionIonBeamSequence",
+                          "TreatmentSessionApplicationSetupSequence")
+#: TreatmentDeliveryType values of a delivery record (PS3.3 RT Beams / Ion Beams / Brachy Session Record).
+_DELIVERY_TYPES = frozenset({"TREATMENT", "CONTINUATION"})
+
+
+def _delivery(r: _Reader, ds: Dataset, sop_class: str) -> DeliveryFacts:
+    """The fraction group and per-item fraction numbers and delivery types of a record."""
+    if sop_class == SopClass.RT_TREATMENT_SUMMARY_RECORD.value:
+        return DeliveryFacts(summary=True, fraction_group=None)
+    group: int | None = None
+    for i, item in enumerate(r.seq(ds, "ReferencedRTPlanSequence", "ReferencedRTPlanSequence")):
+        group = r.integer(item, "ReferencedFractionGroupNumber",
+                          f"ReferencedRTPlanSequence[{i}].ReferencedFractionGroupNumber")
+        if group is not None:
+            break
+    if group is None:
+        group = r.integer(ds, "ReferencedFractionGroupNumber", "ReferencedFractionGroupNumber")
+    sessions: list[SessionItem] = []
+    for seq_kw in _SESSION_SEQUENCES.get(sop_class, _ALL_SESSION_SEQUENCES):
+        for i, item in enumerate(r.seq(ds, seq_kw, seq_kw)):
+            path = f"{seq_kw}[{i}]"
+            kind = r.text(item, "TreatmentDeliveryType", f"{path}.TreatmentDeliveryType")
+            if kind is not None:
+                kind = kind.upper()
+                if kind not in _DELIVERY_TYPES:
+                    r.add(ProblemCode.NONSTANDARD_VALUE, f"{path}.TreatmentDeliveryType",
+                          f"TreatmentDeliveryType {kind!r} is neither TREATMENT nor CONTINUATION: "
+                          "counted as TREATMENT")
+            sessions.append(SessionItem(
+                r.integer(item, "CurrentFractionNumber", f"{path}.CurrentFractionNumber"), kind,
+                r.integer(item, "ReferencedFractionGroupNumber", f"{path}.ReferencedFractionGroupNumber")))
+    return DeliveryFacts(summary=False, fraction_group=group, sessions=tuple(sessions))
 
 
 def _plan(r: _Reader, ds: Dataset, sop_class: str) -> PlanRefs:
@@ -555,7 +629,19 @@ def _plan(r: _Reader, ds: Dataset, sop_class: str) -> PlanRefs:
         geometry=geometry,
         is_ion=is_ion,
         plan_date=r.date(ds, "RTPlanDate", "RTPlanDate"),
+        fraction_groups=_fraction_groups(r, ds),
     )
+
+
+def _fraction_groups(r: _Reader, ds: Dataset) -> tuple[tuple[int, int | None], ...]:
+    """FractionGroupSequence (RT Fraction Scheme module): each group's number and fractions planned."""
+    groups: list[tuple[int, int | None]] = []
+    for i, item in enumerate(r.seq(ds, "FractionGroupSequence", "FractionGroupSequence")):
+        path = f"FractionGroupSequence[{i}]"
+        number = r.integer(item, "FractionGroupNumber", f"{path}.FractionGroupNumber")
+        if number is not None:
+            groups.append((number, r.integer(item, "NumberOfFractionsPlanned", f"{path}.NumberOfFractionsPlanned")))
+    return tuple(groups)
 
 
 def _has(ds: Dataset, keyword: str) -> bool:
@@ -775,7 +861,7 @@ def _extract(r: _Reader, ds: Dataset) -> ObjectRefs:
     for_uid = r.uid(ds, "FrameOfReferenceUID", "FrameOfReferenceUID", required=kind is ObjectKind.IMAGE)
     record = plan = structure_set = dose = registration = None
     if kind is ObjectKind.RECORD:
-        record = _record(r, ds)
+        record = _record(r, ds, sop_class)
     elif kind is ObjectKind.PLAN:
         plan = _plan(r, ds, sop_class)
     elif kind is ObjectKind.STRUCTURE_SET:

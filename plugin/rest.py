@@ -183,7 +183,9 @@ def build_routes(router: Router, harvests: HarvestService, queue: JobQueue, even
     router.add("GET", rf"/rtharvest/harvests/{_ID}/manifest", get_manifest, RouteDoc(
         "The harvest's manifest: Summary and, per treated plan, Status (Complete, Incomplete, Missing, "
         "Invalid) with every missing link and why; Summary.PatientIDMismatches counts records kept out because "
-        "their PatientID differs from the one searched", (harvest_id, manifest_format),
+        "their PatientID differs from the one searched; per plan Treatments equals Fractions (distinct fractions "
+        "delivered, counted from the records' content), beside FractionsPlanned, Records (delivery records) and "
+        "SummaryRecords (RT Treatment Summary Records, never a fraction)", (harvest_id, manifest_format),
         response='{"Harvest", "Summary", "Plans", ...} or CSV', tag="manifest",
         errors=(unknown_harvest, (400, "bad format"))))
     router.add("GET", r"/rtharvest/manifest", get_store_manifest, RouteDoc(

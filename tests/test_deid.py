@@ -84,7 +84,7 @@ def test_copy_manifest_equals_site_manifest_under_pseudonyms(clinic: Clinic, pro
     # Table-1 counts survive too (registration types, image series, records).
     s, c = site.to_json()["Summary"], copy.to_json()["Summary"]
     for name in ("Patients", "PlansReferenced", "PlansByStatus", "Registrations", "ImageSeries", "TreatmentRecords",
-                 "PlansByIntent", "PlanningSeries"):
+                 "PlansByIntent", "PlanningSeries", "Fractions", "SummaryRecords"):
         assert c[name] == s[name], name
 
 

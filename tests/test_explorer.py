@@ -141,6 +141,10 @@ def canned(api: ApiServer, tmp_path_factory: pytest.TempPathFactory) -> dict[str
     api.events.write(Level.ERROR, "harvester", "RetrieveInstance failed for good: not found at ARIA",
                      harvest_id=ids["all"], job_id=1)
     ids["plans"] = str(len(truth.window("all").plans))
+    summary = truth.window("all").summary
+    ids.update(patients=str(summary.patients), referenced=str(summary.plans_referenced),
+               success=f"{summary.success_rate * 100:.1f} %", fractions=str(summary.fractions),
+               records=str(summary.treatment_records))
     return ids
 
 
@@ -162,7 +166,10 @@ def test_page_in_chromium(api: ApiServer, canned: dict[str, str], tmp_path: Path
         cards = browser.evaluate("Object.fromEntries(Array.from(document.querySelectorAll('#summary .card'))"
                                  ".map(c => [c.querySelector('.label').textContent, c.querySelector('.value')"
                                  ".textContent]))")
-        assert cards["Patients"] == "7" and cards["Plans referenced"] == "11" and cards["Success rate"] == "77.8 %"
+        assert (cards["Patients"], cards["Plans referenced"], cards["Success rate"]) == (
+            canned["patients"], canned["referenced"], canned["success"])
+        # Fractions and delivery records apart (the HDR course's summary record is neither).
+        assert (cards["Fractions delivered"], cards["Treatment records"]) == (canned["fractions"], canned["records"])
         statuses = browser.evaluate("Array.from(document.querySelectorAll('#plans tbody tr'))"
                                     ".map(r => r.dataset.status)")
         assert sorted(set(statuses)) == ["Complete", "Incomplete", "Invalid", "Missing"]

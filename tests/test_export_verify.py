@@ -18,10 +18,12 @@ KEY = SiteKey("SITEA", b"k" * 32)
 
 
 def _site_row(status: str = "Complete", missing: list[MissingLink] | None = None) -> dict[str, Any]:
-    """A treated plan with a record, a structure set on a CT, a dose and a rigid MR registration."""
+    """A treated plan with two delivery records of two fractions (of 30 planned) and a summary record, a
+    structure set on a CT, a dose and a rigid MR registration."""
     return PlanRow(
         patient_id="SYN001", plan_uid="1.2.3.1", plan_label="PROSTATE", plan_intent="CURATIVE", status=status,
         record_uids=["1.2.3.10", "1.2.3.11"], treatment_dates=["20210301", "20210302"],
+        summary_record_uids=["1.2.3.12"], fractions=2, fractions_planned=30,
         structure_set_uid="1.2.3.2", dose_uids=["1.2.3.3"], planning_series_uids=["1.2.3.20"],
         registration_uids=["1.2.3.4"], registration_types={"1.2.3.4": "CT-MR"},
         registered_series_uids=["1.2.3.21"], missing=missing or []).to_json()
@@ -95,7 +97,8 @@ def test_summary_of_rows_counts_the_selection() -> None:
         "Patients": 1, "PlansReferenced": 2, "PlansCollected": 1, "SuccessRate": 0.5,
         "PlansByIntent": {"CURATIVE": 1}, "PlansByStatus": {"Complete": 1, "Missing": 1}, "InvalidPlans": 0,
         "ImageSeries": {"CT": 1, "MR": 1}, "PlanningSeries": 1, "Registrations": {"CT-MR": 1},
-        "TreatmentRecords": 2,
+        # Records are counted once by UID; fractions are each plan's own (two plans of two fractions).
+        "TreatmentRecords": 2, "Fractions": 4, "SummaryRecords": 1,
     }
     assert compare_summaries(summary, summary_of_rows(rows, modalities)) == []
     relabelled = summary_of_rows(rows, {**modalities, KEY.uid("1.2.3.20"): "MR"})
@@ -108,3 +111,20 @@ def test_plan_row_json_round_trip() -> None:
     row = _site_row("Incomplete", missing)
     assert PlanRow.from_json(row).to_json() == row
     assert PlanRow.from_json(row).missing == missing
+
+
+def test_compare_finds_changed_fraction_counts() -> None:
+    """Fractions, records and summary records travel with the row: a copy that lost a record, or counts
+    the summary record as a fraction, differs from the site."""
+    expected = _expected(_site_row())
+    plan = KEY.uid("1.2.3.1")
+    assert (expected[0]["Fractions"], expected[0]["FractionsPlanned"], expected[0]["Records"],
+            expected[0]["SummaryRecords"], expected[0]["Treatments"]) == (2, 30, 2, 1, 2)
+    assert expected[0]["SummaryRecordUIDs"] == [KEY.uid("1.2.3.12")]
+    faithful = _copy_of(expected[0])
+    assert compare(expected, [faithful]) == []
+    miscounted = {**faithful, "Fractions": 3, "Treatments": 3}
+    assert sorted(compare(expected, [miscounted])) == [f"plan {plan}: Fractions is 3, expected 2",
+                                                       f"plan {plan}: Treatments is 3, expected 2"]
+    no_summary = {**faithful, "SummaryRecords": 0, "SummaryRecordUIDs": []}
+    assert len(compare(expected, [no_summary])) == 2

@@ -135,12 +135,14 @@ def assert_rows_equal(manifest: Manifest, w: Window) -> None:
     for row, t in zip(got, w.plans, strict=True):
         expected = t.to_dict()
         where = (w.name, t.plan_uid, t.traps)
-        for key in ("PatientID", "PlanUID", "PlanLabel", "PlanIntent", "Status", "Treatments", "FirstTreatment",
-                    "LastTreatment", "StructureSetUID", "DoseUIDs", "PlanningSeriesUIDs", "PlanningForSeriesUIDs",
+        for key in ("PatientID", "PlanUID", "PlanLabel", "PlanIntent", "Status", "Treatments", "Fractions",
+                    "FractionsPlanned", "Records", "SummaryRecords", "FirstTreatment", "LastTreatment",
+                    "StructureSetUID", "DoseUIDs", "PlanningSeriesUIDs", "PlanningForSeriesUIDs",
                     "RegistrationUIDs", "RegistrationTypes", "RegisteredSeriesUIDs", "RegisteredForSeriesUIDs",
                     "Missing"):
             assert row[key] == expected[key], (*where, key)
         assert sorted(row["RecordUIDs"]) == sorted(t.record_uids), where
+        assert sorted(row["SummaryRecordUIDs"]) == sorted(t.summary_record_uids), where
 
 
 def assert_summary_equal(manifest: Manifest, w: Window) -> None:
@@ -169,7 +171,7 @@ def test_every_trap_is_covered(synth: Synth) -> None:
     """The comparison above sees every plan-level trap the generator built, in some window."""
     seen = {trap for w in synth.truth.windows for p in w.plans for trap in p.traps}
     for trap in ("qa_machine_plan", "qa_verification_plan", "missing_plan", "replan", "tomotherapy",
-                 "dangling_structure_set", "records_outside_window"):
+                 "dangling_structure_set", "records_outside_window", "hdr_brachy_course"):
         assert trap in seen, trap
     statuses = {p.status for w in synth.truth.windows for p in w.plans}
     assert statuses == {"Complete", "Incomplete", "Missing", "Invalid"}
@@ -181,7 +183,7 @@ def test_reads_only_rt_objects_once(synth: Synth) -> None:
     synth.reads.clear()
     build_manifest("h", objects, synth.read_refs, failures)
     kinds = {synth.truth.objects[u].modality for u in synth.reads}
-    assert kinds <= {"RTPLAN", "RTSTRUCT", "RTDOSE", "REG"}, kinds
+    assert kinds <= {"RTPLAN", "RTSTRUCT", "RTDOSE", "REG", "RTRECORD"}, kinds
     assert len(synth.reads) == len(set(synth.reads))
 
 
@@ -268,7 +270,9 @@ def test_missing_planning_series_reasons(synth: Synth) -> None:
 def test_missing_structure_set_and_plan(synth: Synth) -> None:
     w = synth.truth.window("all")
     objects, failures = perfect_harvest(synth, w, "h")
-    plan = _complete_plan(w)
+    # A plan whose structure set no other plan uses (the HDR course shares its patient's): dropping the
+    # plan leaves the structure set unexplained.
+    plan = _complete_plan(w, lambda p: sum(q.structure_set_uid == p.structure_set_uid for q in w.plans) == 1)
     assert plan.structure_set_uid
     dropped = _without(objects, lambda o: o.sop_uid == plan.structure_set_uid)
     row = _row(build_manifest("h", dropped, synth.read_refs, failures), plan.plan_uid)
@@ -362,6 +366,10 @@ def test_csv_one_row_per_plan(synth: Synth) -> None:
     for row, t in zip(rows, w.plans, strict=True):
         assert row["PlanUID"] == t.plan_uid and row["Status"] == t.status and row["Harvest"] == "h"
         assert int(row["Treatments"]) == t.treatments
+        # Fractions and delivery records kept apart, the summary records counted on their own.
+        assert (int(row["Fractions"]), int(row["Records"]), int(row["SummaryRecords"])) == (
+            t.fractions, t.records, t.summary_records)
+        assert row["FractionsPlanned"] == ("" if t.fractions_planned is None else str(t.fractions_planned))
         assert row["FirstTreatment"] == (f"{t.first_treatment[:4]}-{t.first_treatment[4:6]}-{t.first_treatment[6:]}"
                                          if t.first_treatment else "")
         assert (row["DoseUIDs"].split(";") if row["DoseUIDs"] else []) == t.dose_uids
@@ -379,6 +387,8 @@ def test_csv_loads_with_pandas(synth: Synth) -> None:
                         parse_dates=["FirstTreatment", "LastTreatment"])
     assert len(frame) == len(w.plans)
     assert list(frame["Status"]) == [t.status for t in w.plans]
+    assert frame["Fractions"].sum() == w.summary.fractions < frame["Records"].sum()
+    assert frame["SummaryRecords"].sum() == w.summary.summary_records > 0
 
 
 def test_empty_manifest() -> None:

@@ -54,7 +54,8 @@ SOURCE = "ORTHANC_SRC"
 #: Colours of the time chart's bars (harvests.js).
 PATIENTS_RGB, PLANS_RGB = (0x4E, 0x79, 0xA7), (0xF2, 0x8E, 0x2B)
 SUMMARY_KEYS = ("Patients", "PlansReferenced", "PlansCollected", "SuccessRate", "PlansByIntent", "PlansByStatus",
-                "InvalidPlans", "ImageSeries", "PlanningSeries", "Registrations", "TreatmentRecords")
+                "InvalidPlans", "ImageSeries", "PlanningSeries", "Registrations", "TreatmentRecords", "Fractions",
+                "SummaryRecords")
 
 
 class HeldSource:
@@ -151,11 +152,14 @@ def _assert_plan_equals(row: dict[str, Any], t: PlanTruth) -> None:
     assert row["StructureSetUID"] == t.structure_set_uid, where
     for key, expected in (("DoseUIDs", t.dose_uids), ("PlanningSeriesUIDs", t.planning_series_uids),
                           ("RegistrationUIDs", t.registration_uids),
-                          ("RegisteredSeriesUIDs", t.registered_series_uids), ("RecordUIDs", t.record_uids)):
+                          ("RegisteredSeriesUIDs", t.registered_series_uids), ("RecordUIDs", t.record_uids),
+                          ("SummaryRecordUIDs", t.summary_record_uids)):
         assert sorted(row[key]) == sorted(expected), (*where, key)
     assert row["RegistrationTypes"] == t.registration_types, where
     assert (row["Treatments"], row["FirstTreatment"], row["LastTreatment"]) == \
         (t.treatments, t.first_treatment, t.last_treatment), where
+    assert (row["Fractions"], row["FractionsPlanned"], row["Records"], row["SummaryRecords"]) == \
+        (t.fractions, t.fractions_planned, t.records, t.summary_records), where
     got_missing = sorted((m["What"], m["UID"], m["Reason"]) for m in row["Missing"])
     assert got_missing == sorted((m.what, m.uid, m.reason) for m in t.missing), where
 

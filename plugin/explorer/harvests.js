@@ -261,7 +261,9 @@
     box.appendChild(card('Plans collected', s.PlansCollected || 0));
     box.appendChild(card('Success rate', ((s.SuccessRate || 0) * 100).toFixed(1) + ' %', 'complete / patient plans'));
     box.appendChild(card('Invalid (QA) plans', s.InvalidPlans || 0));
-    box.appendChild(card('Treatment records', s.TreatmentRecords || 0));
+    box.appendChild(card('Fractions delivered', s.Fractions || 0, 'distinct fractions of the plans'));
+    box.appendChild(card('Treatment records', s.TreatmentRecords || 0,
+      'delivery records' + (s.SummaryRecords ? ' (+ ' + s.SummaryRecords + ' summary)' : '')));
     box.appendChild(card('Planning series', s.PlanningSeries || 0));
     box.appendChild(card('Image series', sum(s.ImageSeries), counts(s.ImageSeries)));
     box.appendChild(card('Registrations', sum(s.Registrations), counts(s.Registrations)));

@@ -142,7 +142,7 @@ def objects_of_rows(rows: Sequence[PlanRow], kept: Sequence[ObjectRecord]) -> di
             by_series.setdefault(obj.series_uid, []).append(obj)
     out: dict[str, ObjectRecord] = {}
     for row in rows:
-        uids = [*row.record_uids, row.plan_uid, *row.dose_uids, *row.registration_uids]
+        uids = [*row.record_uids, *row.summary_record_uids, row.plan_uid, *row.dose_uids, *row.registration_uids]
         if row.structure_set_uid:
             uids.append(row.structure_set_uid)
         for uid in uids:

@@ -33,12 +33,13 @@ __all__ = ["PhiHit", "Verification", "compare", "compare_summaries", "expected_r
            "manifest_of_copy", "phi_values", "scan_for_phi", "summary_of_rows"]
 
 #: Row fields compared between the site's manifest and the copy's (UIDs mapped, dates shifted).
-ROW_FIELDS = ("PatientID", "PlanUID", "PlanIntent", "Status", "Treatments", "FirstTreatment", "LastTreatment",
-              "RecordUIDs", "StructureSetUID", "DoseUIDs", "PlanningSeriesUIDs", "PlanningForSeriesUIDs",
+ROW_FIELDS = ("PatientID", "PlanUID", "PlanIntent", "Status", "Treatments", "Fractions", "FractionsPlanned",
+              "Records", "SummaryRecords", "FirstTreatment", "LastTreatment", "RecordUIDs", "SummaryRecordUIDs",
+              "StructureSetUID", "DoseUIDs", "PlanningSeriesUIDs", "PlanningForSeriesUIDs",
               "RegistrationUIDs", "RegistrationTypes", "RegisteredSeriesUIDs", "RegisteredForSeriesUIDs",
               "Missing")
-_UID_LISTS = ("RecordUIDs", "DoseUIDs", "PlanningSeriesUIDs", "PlanningForSeriesUIDs", "RegistrationUIDs",
-              "RegisteredSeriesUIDs", "RegisteredForSeriesUIDs")
+_UID_LISTS = ("RecordUIDs", "SummaryRecordUIDs", "DoseUIDs", "PlanningSeriesUIDs", "PlanningForSeriesUIDs",
+              "RegistrationUIDs", "RegisteredSeriesUIDs", "RegisteredForSeriesUIDs")
 
 
 def _record(refs: ObjectRefs, harvest_id: str) -> ObjectRecord:
@@ -85,7 +86,9 @@ def expected_rows(site_rows: Sequence[Mapping[str, Any]], key: SiteKey, profile:
             status = "Complete"
         exp: dict[str, Any] = {
             "PatientID": pseudonym_of(pid), "PlanUID": key.uid(row["PlanUID"]), "PlanIntent": row.get("PlanIntent"),
-            "Status": status, "Treatments": row.get("Treatments"),
+            "Status": status, "Treatments": row.get("Treatments"), "Fractions": row.get("Fractions"),
+            "FractionsPlanned": row.get("FractionsPlanned"), "Records": row.get("Records"),
+            "SummaryRecords": row.get("SummaryRecords"),
             "FirstTreatment": date(row.get("FirstTreatment")), "LastTreatment": date(row.get("LastTreatment")),
             "StructureSetUID": key.uid(row["StructureSetUID"]) if row.get("StructureSetUID") else None,
             "RegistrationTypes": {key.uid(u): t for u, t in (row.get("RegistrationTypes") or {}).items()},
@@ -131,7 +134,7 @@ def compare(expected: Sequence[Mapping[str, Any]], copy_rows: Sequence[Mapping[s
 #: The counts of :func:`summary_of_rows`: those a selection of plans shows by itself.
 SELECTION_COUNTS = ("Patients", "PlansReferenced", "PlansCollected", "SuccessRate", "PlansByIntent",
                     "PlansByStatus", "InvalidPlans", "ImageSeries", "PlanningSeries", "Registrations",
-                    "TreatmentRecords")
+                    "TreatmentRecords", "Fractions", "SummaryRecords")
 
 
 def summary_of_rows(rows: Sequence[Mapping[str, Any]], modality_of_series: Mapping[str, str]) -> dict[str, Any]:

@@ -17,7 +17,11 @@ Per RT patient (``SYNnnn``), varied by the seed:
   PET shares the CT's FoR without a REG of its own; for some a PET/CT whose PET is registered (CT-PT);
   for some a PET sharing the planning CT's FoR (PET/CT simulation, harvest step 8);
 * one RT Beams (or Ion Beams) Treatment Record per delivered fraction, each in its own study and
-  series, on consecutive weekdays of a course placed between 2012 and 2022.
+  series, on consecutive weekdays of a course placed between 2012 and 2022 (except where a trap below
+  writes a fraction as several records).
+
+With traps, one HDR brachytherapy course is added to the patient whose course the window ``year`` cuts
+(see the ``hdr_brachy_course`` trap).
 
 Traps (each listed in ground truth ``Traps`` with its ``Kind``; features are dealt round-robin over the
 patients, so a clinic of fewer than ~5 patients stacks several on one patient and may lose the
@@ -56,6 +60,19 @@ ion/TomoTherapy distinction):
 ``dangling_structure_set``
     A treated boost plan whose ReferencedStructureSetSequence names an RTSTRUCT absent from the source:
     status Incomplete, ``Missing`` names the RTSTRUCT; plan, dose and records are still collected.
+``record_per_beam``
+    That boost's machine writes one treatment record per beam: several records per fraction, each one
+    fraction (``Records`` > ``Fractions``).
+``fraction_in_two_parts``
+    The ion course's second fraction is interrupted: a TREATMENT record (TreatmentTerminationStatus
+    MACHINE) with the first beam(s), then a CONTINUATION record with the others; one fraction.
+``hdr_brachy_course``
+    An HDR course (RT Plan with brachy application setups, 4 fractions planned): three RT Brachy
+    Treatment Records, the last one after the window ``year`` (collected through step 4), and an RT
+    Treatment Summary Record. Fractions 3 of 4; the plan references the patient's planning RTSTRUCT.
+``summary_record``
+    That course's RT Treatment Summary Record: collected and listed (``SummaryRecordUIDs``), never a
+    fraction and never counted in ``TreatmentRecords``.
 
 Roles (``Objects[uid]["Role"]``) say what the object was built as; whether a window collects it is
 given by that window's ``Expected``/``Forbidden`` (computed by :mod:`rtharvest.synth.truth` from the
@@ -386,7 +403,8 @@ class _Clinic:
         ds = iods.plan(sop_uid, ctx.patient, study, series, spec=spec, date=_d(day), time=study.time)
         trap_list = list(traps)
         self.write(ds, role, trap_list)
-        self.k.plans[sop_uid] = KPlan(sop_uid, ctx.pid, spec.label, spec.intent, study.uid, spec.structure_set_uid)
+        self.k.plans[sop_uid] = KPlan(sop_uid, ctx.pid, spec.label, spec.intent, study.uid, spec.structure_set_uid,
+                                      spec.fractions)
         self.k.plan_traps[sop_uid] = trap_list
         return sop_uid, str(ds.SOPClassUID)
 
@@ -452,7 +470,14 @@ class _Clinic:
         role: str,
         traps: Iterable[str] = (),
         tag: str = "",
+        per_beam: bool = False,
+        split: int | None = None,
     ) -> list[str]:
+        """One record per delivered fraction on ``days`` (numbered from ``first_fraction``); ``per_beam``:
+        the machine writes one record per beam instead; ``split``: the fraction at that offset is delivered
+        in two parts (TREATMENT with the first beams, interrupted; CONTINUATION with the others 40 minutes
+        later). Extra records keep the fraction's series; no extra random draw, so the rest of the clinic
+        does not change with these options."""
         rng = ctx.rng
         base_minutes = rng.randint(8 * 60, 17 * 60)
         uids: list[str] = []
@@ -482,22 +507,36 @@ class _Clinic:
                 _d(day),
                 when,
             )
-            sop_uid = self.uid(series.uid, "rtrecord")
-            ds = iods.treatment_record(
-                sop_uid,
-                ctx.patient,
-                study,
-                series,
-                plan_uid=plan_uid,
-                plan_class=plan_class,
-                spec=spec,
-                fraction=fraction,
-                date=_d(day),
-                time=when,
-            )
-            self.write(ds, role, list(traps))
-            self.k.records[sop_uid] = KRecord(sop_uid, ctx.pid, plan_uid, _d(day), when)
-            uids.append(sop_uid)
+            # (beams, TreatmentDeliveryType, TreatmentTerminationStatus, minutes after the session start)
+            parts: list[tuple[tuple[Beam, ...] | None, str, str, int]] = [(None, "TREATMENT", "NORMAL", 0)]
+            if per_beam:
+                parts = [((beam,), "TREATMENT", "NORMAL", 3 * i) for i, beam in enumerate(spec.beams)]
+            elif split == offset and len(spec.beams) > 1:
+                half = len(spec.beams) // 2
+                parts = [(spec.beams[:half], "TREATMENT", "MACHINE", 0),
+                         (spec.beams[half:], "CONTINUATION", "NORMAL", 40)]
+            for part, (beams, delivery_type, termination, later) in enumerate(parts):
+                sop_uid = self.uid(series.uid, "rtrecord", *([part] if part else []))
+                part_when = when if not later else _time(minutes + later, int(when[4:]))
+                ds = iods.treatment_record(
+                    sop_uid,
+                    ctx.patient,
+                    study,
+                    series,
+                    plan_uid=plan_uid,
+                    plan_class=plan_class,
+                    spec=spec,
+                    fraction=fraction,
+                    date=_d(day),
+                    time=part_when,
+                    beams=beams,
+                    delivery_type=delivery_type,
+                    termination=termination,
+                    instance_number=fraction if not part else 100 * fraction + part,
+                )
+                self.write(ds, role, list(traps))
+                self.k.records[sop_uid] = KRecord(sop_uid, ctx.pid, plan_uid, _d(day), part_when, fraction=fraction)
+                uids.append(sop_uid)
         return uids
 
     def history_patient(self, index: int) -> None:
@@ -688,7 +727,12 @@ class _Clinic:
             )
         delivered = fractions if "replan" not in f else max(2, fractions // 2)
         days = _weekdays(start, delivered)
-        self.records(ctx, plan_uid, plan_class, spec, days, 1, "record")
+        # The ion gantry interrupts the second fraction: a TREATMENT record, then a CONTINUATION record.
+        split = 1 if opt.include_traps and kind == "ion" and len(days) > 1 and len(spec.beams) > 1 else None
+        ruids = self.records(ctx, plan_uid, plan_class, spec, days, 1, "record", split=split)
+        if split is not None:
+            self.flag("fraction_in_two_parts", pid, ruids[1:3],
+                      "one fraction written as two records: TREATMENT (interrupted) then CONTINUATION")
         self.courses.append(_Course(plan_uid, plan_class, spec, ctx, [_d(d) for d in days],
                                     self.record_study_day(days)))
         last_day = days[-1]
@@ -757,7 +801,9 @@ class _Clinic:
                 per_beam=False,
             )  # fmt: skip
             bdays = _weekdays(boost_day + timedelta(days=2), bspec.fractions)
-            self.records(ctx, bplan_uid, bplan_class, bspec, bdays, 1, "record")
+            # The boost machine's record-and-verify system writes one record per beam.
+            buids = self.records(ctx, bplan_uid, bplan_class, bspec, bdays, 1, "record", per_beam=True)
+            self.flag("record_per_beam", pid, buids, "one treatment record per beam: several records per fraction")
             self.courses.append(_Course(bplan_uid, bplan_class, bspec, ctx, [_d(d) for d in bdays],
                                         self.record_study_day(bdays)))
             self.flag(
@@ -793,6 +839,69 @@ class _Clinic:
                 "treatment records referencing an RT Plan that does not exist at the source",
             )
             self.dangling += [DanglingReference(absent_plan, uid, "missing_plan") for uid in muids]
+
+    def year_cut(self) -> _Course:
+        """The course the window ``year`` starts in the middle of (see :meth:`windows`)."""
+        return next((c for c in self.courses if len(c.record_dates) >= 4), self.courses[0])
+
+    def brachy_course(self) -> None:
+        """An HDR brachytherapy course (4 fractions planned, 3 delivered) for the patient whose course the
+        window ``year`` cuts: RT Brachy Treatment Records, two at the end of that window and one after it,
+        and an RT Treatment Summary Record after the third fraction (never a fraction)."""
+        rng = random.Random(f"rtharvest-synth/{self.opt.seed}/brachy")
+        cut = self.year_cut()
+        ctx = cut.patient
+        pid = ctx.pid
+        first = cut.record_dates[len(cut.record_dates) // 2]
+        year_to = date(int(first[:4]), int(first[4:6]), int(first[6:])) + timedelta(days=364)
+        days = [_weekday(year_to - timedelta(days=15)), _weekday(year_to - timedelta(days=8)),
+                _weekday(year_to + timedelta(days=6))]
+        base = next((c for c in self.courses if c.patient is ctx and c.spec.structure_set_uid in self.k.structure_sets),
+                    None)
+        spec = iods.BrachySpec(
+            label="HDR_BOOST", fractions=4,
+            channels=tuple(round(rng.uniform(60, 240), 1) for _ in range(3)),
+            source_date=_d(days[0] - timedelta(days=rng.randint(10, 60))),
+            structure_set_uid=base.spec.structure_set_uid if base else None,
+            for_uid=base.spec.for_uid if base else None,
+        )
+        plan_day = days[0] - timedelta(days=3)
+        study = self.study(ctx, plan_day, rng.randint(480, 960), "HDR brachytherapy")
+        series = self.series(ctx, study, "RTPLAN", "Plan HDR_BOOST")
+        plan_uid = self.uid(series.uid, "rtplan")
+        self.write(iods.brachy_plan(plan_uid, ctx.patient, study, series, spec=spec, date=_d(plan_day),
+                                    time=study.time), "plan", ["hdr_brachy_course"])
+        self.k.plans[plan_uid] = KPlan(plan_uid, pid, spec.label, spec.intent, study.uid, spec.structure_set_uid,
+                                       spec.fractions)
+        self.k.plan_traps[plan_uid] = ["hdr_brachy_course"]
+        uids: list[str] = []
+        delivered: list[tuple[str, str]] = []
+        for fraction, day in enumerate(days, start=1):
+            when = _time(rng.randint(8 * 60, 16 * 60), rng.randint(0, 59))
+            rstudy = Study(uid=self.uid(pid, "record-study", plan_uid, "hdr", fraction), date=_d(day), time=when,
+                           description="Treatment record", study_id=f"B{fraction}", accession="")
+            rseries = Series(self.uid(pid, "record-series", plan_uid, "hdr", fraction), 1, "RTRECORD",
+                             f"HDR fraction {fraction}", _d(day), when)
+            uid = self.uid(rseries.uid, "rtrecord")
+            self.write(iods.brachy_record(uid, ctx.patient, rstudy, rseries, plan_uid=plan_uid, spec=spec,
+                                          fraction=fraction, date=_d(day), time=when), "record", ["hdr_brachy_course"])
+            self.k.records[uid] = KRecord(uid, pid, plan_uid, _d(day), when, fraction=fraction)
+            uids.append(uid)
+            delivered.append((_d(day), when))
+        last_day, last_time = delivered[-1]
+        sstudy = Study(uid=self.uid(pid, "record-study", plan_uid, "summary"), date=last_day, time=last_time,
+                       description="Treatment summary", study_id="BS", accession="")
+        sseries = Series(self.uid(pid, "record-series", plan_uid, "summary"), 1, "RTRECORD", "HDR course summary",
+                         last_day, last_time)
+        summary_uid = self.uid(sseries.uid, "rtrecord", "summary")
+        self.write(iods.treatment_summary_record(summary_uid, ctx.patient, sstudy, sseries, plan_uid=plan_uid,
+                                                 plan_class=SopClass.RT_PLAN.value, fractions_planned=spec.fractions,
+                                                 delivered=delivered, brachy=True), "record", ["summary_record"])
+        self.k.records[summary_uid] = KRecord(summary_uid, pid, plan_uid, last_day, last_time, summary=True)
+        self.flag("hdr_brachy_course", pid, [plan_uid, *uids, summary_uid],
+                  "HDR brachytherapy course: RT Brachy Treatment Records (3 of 4 fractions) and a summary record")
+        self.flag("summary_record", pid, [summary_uid],
+                  "RT Treatment Summary Record: collected with its plan's records, never counted as a fraction")
 
     def phantom(self) -> None:
         """QA phantom: a verification plan (delivered once) and a MACHINE_QA plan (delivered yearly)."""
@@ -863,7 +972,7 @@ class _Clinic:
         defs: list[tuple[str, str | None, str | None, list[str] | None]] = [("all", all_dates[0], all_dates[-1], None)]
         # One year starting mid-course of the first course with several fractions, so that the
         # window cuts that plan's earlier records off (collected anyway through step 4).
-        cut = next((c for c in self.courses if len(c.record_dates) >= 4), self.courses[0])
+        cut = self.year_cut()
         year_from = cut.record_dates[len(cut.record_dates) // 2]
         start = date(int(year_from[:4]), int(year_from[4:6]), int(year_from[6:]))
         defs.append(("year", year_from, _d(start + timedelta(days=364)), None))
@@ -955,6 +1064,8 @@ def generate_with_knowledge(out_dir: Path, options: SynthOptions, *,
     clinic = _Clinic(root, options)
     for index, features in enumerate(_deal_features(options)):
         clinic.rt_patient(index, features)
+    if options.include_traps:
+        clinic.brachy_course()
     if options.include_traps:
         clinic.phantom()
         clinic.non_rt_patient()

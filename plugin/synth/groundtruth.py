@@ -171,10 +171,17 @@ class PlanTruth:
     registered_for_series_uids: list[str]
     missing: list[MissingItem] = field(default_factory=list)
     traps: list[str] = field(default_factory=list)
+    #: Distinct fractions delivered (``treatments`` equals it), delivery and summary records, and the
+    #: plan's NumberOfFractionsPlanned (``None`` when the plan is absent).
+    fractions: int = 0
+    records: int = 0
+    summary_records: int = 0
+    fractions_planned: int | None = None
+    summary_record_uids: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON form (``PlanningForSeriesUIDs``, ``RegisteredForSeriesUIDs`` and ``RegistrationTypes``
-        are extras beyond the required schema)."""
+        """JSON form (``PlanningForSeriesUIDs``, ``RegisteredForSeriesUIDs``, ``RegistrationTypes`` and the
+        fraction counts are extras beyond the required schema)."""
         return {
             "PatientID": self.patient_id,
             "PlanUID": self.plan_uid,
@@ -182,9 +189,14 @@ class PlanTruth:
             "PlanIntent": self.plan_intent,
             "Status": self.status,
             "Treatments": self.treatments,
+            "Fractions": self.fractions,
+            "FractionsPlanned": self.fractions_planned,
+            "Records": self.records,
+            "SummaryRecords": self.summary_records,
             "FirstTreatment": self.first_treatment,
             "LastTreatment": self.last_treatment,
             "RecordUIDs": self.record_uids,
+            "SummaryRecordUIDs": self.summary_record_uids,
             "StructureSetUID": self.structure_set_uid,
             "DoseUIDs": self.dose_uids,
             "PlanningSeriesUIDs": self.planning_series_uids,
@@ -220,6 +232,11 @@ class PlanTruth:
             registered_for_series_uids=list(data.get("RegisteredForSeriesUIDs", [])),
             missing=[MissingItem.from_dict(m) for m in data.get("Missing", [])],
             traps=list(data.get("Traps", [])),
+            fractions=int(data.get("Fractions", data["Treatments"])),
+            records=int(data.get("Records", len(data["RecordUIDs"]))),
+            summary_records=int(data.get("SummaryRecords", 0)),
+            fractions_planned=None if data.get("FractionsPlanned") is None else int(data["FractionsPlanned"]),
+            summary_record_uids=list(data.get("SummaryRecordUIDs", [])),
         )
 
 
@@ -243,6 +260,9 @@ class Summary:
     registrations: dict[str, int]
     treatment_records: int
     plans_by_status: dict[str, int] = field(default_factory=dict)
+    #: Fractions delivered, summed over the plans; RT Treatment Summary Records collected.
+    fractions: int = 0
+    summary_records: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         """JSON form (``PlansByStatus`` is an extra)."""
@@ -258,6 +278,8 @@ class Summary:
             "PlanningSeries": self.planning_series,
             "Registrations": self.registrations,
             "TreatmentRecords": self.treatment_records,
+            "Fractions": self.fractions,
+            "SummaryRecords": self.summary_records,
         }
 
     @classmethod
@@ -275,6 +297,8 @@ class Summary:
             registrations=dict(data["Registrations"]),
             treatment_records=int(data["TreatmentRecords"]),
             plans_by_status=dict(data.get("PlansByStatus", {})),
+            fractions=int(data.get("Fractions", 0)),
+            summary_records=int(data.get("SummaryRecords", 0)),
         )
 
 

@@ -846,8 +846,16 @@ def treatment_record(
     fraction: int,
     date: str,
     time: str,
+    beams: Sequence[Beam] | None = None,
+    delivery_type: str = "TREATMENT",
+    termination: str = "NORMAL",
+    instance_number: int | None = None,
 ) -> Dataset:
-    """RT Beams (or Ion Beams) Treatment Record of one delivered fraction of ``spec``."""
+    """RT Beams (or Ion Beams) Treatment Record of one delivered fraction of ``spec``.
+
+    ``beams``: the beams this record holds (default: all of the plan's). A system writing one record per
+    beam gives one beam; a session interrupted and finished later gives the beams of each part, the
+    second with ``delivery_type`` CONTINUATION (PS3.3 RT Beams Session Record, TreatmentDeliveryType)."""
     sop_class = SopClass.RT_ION_BEAMS_TREATMENT_RECORD.value if spec.ion else SopClass.RT_BEAMS_TREATMENT_RECORD.value
     ds = base_dataset(
         sop_class,
@@ -855,7 +863,7 @@ def treatment_record(
         patient,
         study,
         series,
-        instance_number=fraction,
+        instance_number=fraction if instance_number is None else instance_number,
         content_date=date,
         content_time=time,
         station=spec.machine,
@@ -876,15 +884,15 @@ def treatment_record(
     ds.NumberOfFractionsPlanned = spec.fractions
     ds.PrimaryDosimeterUnit = "MU"
     sessions = []
-    for beam in spec.beams:
+    for beam in spec.beams if beams is None else beams:
         item = _item(
             ReferencedBeamNumber=beam.number,
             BeamName=beam.name,
             BeamType="DYNAMIC" if spec.tomo else "STATIC",
             RadiationType="PROTON" if spec.ion else "PHOTON",
             CurrentFractionNumber=fraction,
-            TreatmentDeliveryType="TREATMENT",
-            TreatmentTerminationStatus="NORMAL",
+            TreatmentDeliveryType=delivery_type,
+            TreatmentTerminationStatus=termination,
             # dicom3tools 2022 lacks VERIFIED in its enumeration (it lists "NOT_VERIFED");
             # VERIFIED_OVR is a standard value it accepts.
             TreatmentVerificationStatus="VERIFIED_OVR",
@@ -942,6 +950,235 @@ def treatment_record(
         ds.TreatmentSessionIonBeamSequence = _seq(*sessions)
     else:
         ds.TreatmentSessionBeamSequence = _seq(*sessions)
+    return ds
+
+
+# --------------------------------------------------------------------------------------------------
+# HDR brachytherapy: plan, session records, treatment summary record
+
+
+@dataclass(frozen=True)
+class BrachySpec:
+    """An HDR afterloader plan: one Ir-192 source, one application setup of a few channels."""
+
+    label: str
+    fractions: int
+    channels: tuple[float, ...]  # total dwell time per channel (s)
+    machine: str = "AFTERLOADER1"
+    air_kerma_rate: float = 40000.0  # uGy/h at 1 m (source strength on the reference date)
+    source_date: str = "20120101"
+    intent: str = "CURATIVE"
+    structure_set_uid: str | None = None
+    for_uid: str | None = None
+    setup_type: str = "FLETCHER_SUIT"
+
+
+def _brachy_common(ds: Dataset, spec: BrachySpec) -> None:
+    ds.BrachyTreatmentTechnique = "INTRACAVITARY"
+    ds.BrachyTreatmentType = "HDR"
+
+
+def _source(spec: BrachySpec) -> Dataset:
+    return _item(
+        SourceNumber=1,
+        SourceType="POINT",
+        SourceIsotopeName="Ir-192",
+        SourceIsotopeHalfLife=_ds(73.8),
+        SourceStrengthUnits="AIR_KERMA_RATE",
+        ReferenceAirKermaRate=_ds(spec.air_kerma_rate),
+        SourceStrengthReferenceDate=spec.source_date,
+        SourceStrengthReferenceTime="120000",
+    )
+
+
+def _machine(spec: BrachySpec) -> Dataset:
+    return _item(
+        TreatmentMachineName=spec.machine,
+        Manufacturer=MANUFACTURER,
+        InstitutionName=INSTITUTION,
+        ManufacturerModelName="synthetic afterloader",
+        DeviceSerialNumber="0002",
+    )
+
+
+def brachy_plan(
+    sop_uid: str, patient: Patient, study: Study, series: Series, *, spec: BrachySpec, date: str, time: str
+) -> Dataset:
+    """RT Plan of an HDR course: RT Brachy Application Setups module, one fraction group."""
+    ds = base_dataset(
+        SopClass.RT_PLAN.value, sop_uid, patient, study, series, instance_number=1, content_date=date,
+        content_time=time,
+    )  # fmt: skip
+    if spec.for_uid is not None:
+        _frame_of_reference(ds, spec.for_uid)
+    ds.RTPlanLabel = spec.label
+    ds.RTPlanName = spec.label
+    ds.RTPlanDate = date
+    ds.RTPlanTime = time
+    ds.PlanIntent = spec.intent
+    ds.RTPlanGeometry = "PATIENT" if spec.structure_set_uid else "TREATMENT_DEVICE"
+    if spec.structure_set_uid is not None:
+        ds.ReferencedStructureSetSequence = _seq(
+            _item(ReferencedSOPClassUID=SopClass.RT_STRUCTURE_SET.value,
+                  ReferencedSOPInstanceUID=spec.structure_set_uid)
+        )
+    ds.FractionGroupSequence = _seq(
+        _item(
+            FractionGroupNumber=1,
+            NumberOfFractionsPlanned=spec.fractions,
+            NumberOfBeams=0,
+            NumberOfBrachyApplicationSetups=1,
+            ReferencedBrachyApplicationSetupSequence=_seq(_item(ReferencedBrachyApplicationSetupNumber=1)),
+        )
+    )
+    _brachy_common(ds, spec)
+    ds.TreatmentMachineSequence = _seq(_machine(spec))
+    ds.SourceSequence = _seq(_source(spec))
+    channels = []
+    for number, seconds in enumerate(spec.channels, start=1):
+        channels.append(
+            _item(
+                ChannelNumber=number,
+                ChannelLength=_ds(1200.0),
+                ChannelTotalTime=_ds(seconds),
+                SourceMovementType="STEPWISE",
+                SourceApplicatorStepSize=_ds(5.0),
+                TransferTubeNumber=number,
+                TransferTubeLength=_ds(1000.0),
+                ReferencedSourceNumber=1,
+                NumberOfControlPoints=2,
+                FinalCumulativeTimeWeight=_ds(1.0),
+                BrachyControlPointSequence=_seq(
+                    _item(ControlPointIndex=0, ControlPointRelativePosition=_ds(1190.0), CumulativeTimeWeight=_ds(0)),
+                    _item(ControlPointIndex=1, ControlPointRelativePosition=_ds(1190.0), CumulativeTimeWeight=_ds(1)),
+                ),
+            )
+        )
+    ds.ApplicationSetupSequence = _seq(
+        _item(
+            ApplicationSetupType=spec.setup_type,
+            ApplicationSetupNumber=1,
+            TotalReferenceAirKerma=_ds(round(spec.air_kerma_rate * sum(spec.channels) / 3600.0, 1)),
+            ChannelSequence=_seq(*channels),
+        )
+    )
+    _approve(ds, date, time)
+    return ds
+
+
+def brachy_record(
+    sop_uid: str,
+    patient: Patient,
+    study: Study,
+    series: Series,
+    *,
+    plan_uid: str,
+    spec: BrachySpec,
+    fraction: int,
+    date: str,
+    time: str,
+) -> Dataset:
+    """RT Brachy Treatment Record of one HDR fraction (RT Brachy Session Record module)."""
+    ds = base_dataset(
+        SopClass.RT_BRACHY_TREATMENT_RECORD.value, sop_uid, patient, study, series, instance_number=fraction,
+        content_date=date, content_time=time, station=spec.machine,
+    )  # fmt: skip
+    ds.TreatmentDate = date
+    ds.TreatmentTime = time
+    ds.ReferencedRTPlanSequence = _seq(
+        _item(ReferencedSOPClassUID=SopClass.RT_PLAN.value, ReferencedSOPInstanceUID=plan_uid)
+    )
+    ds.TreatmentMachineSequence = _seq(_machine(spec))
+    ds.ReferencedFractionGroupNumber = 1
+    ds.NumberOfFractionsPlanned = spec.fractions
+    _brachy_common(ds, spec)
+    source = _source(spec)
+    source.SourceManufacturer = MANUFACTURER
+    source.SourceSerialNumber = "IR0001"
+    ds.RecordedSourceSequence = _seq(source)
+    channels = []
+    for number, seconds in enumerate(spec.channels, start=1):
+        channels.append(
+            _item(
+                ChannelNumber=number,
+                ChannelLength=_ds(1200.0),
+                SpecifiedChannelTotalTime=_ds(seconds),
+                DeliveredChannelTotalTime=_ds(seconds),
+                SourceMovementType="STEPWISE",
+                TransferTubeNumber=number,
+                TransferTubeLength=_ds(1000.0),
+                ReferencedSourceNumber=1,
+                NumberOfControlPoints=2,
+                BrachyControlPointDeliveredSequence=_seq(
+                    *(
+                        _item(
+                            ReferencedControlPointIndex=index,
+                            TreatmentControlPointDate=date,
+                            TreatmentControlPointTime=time,
+                            ControlPointRelativePosition=_ds(1190.0),
+                        )
+                        for index in (0, 1)
+                    )
+                ),
+            )
+        )
+    ds.TreatmentSessionApplicationSetupSequence = _seq(
+        _item(
+            ApplicationSetupType=spec.setup_type,
+            ReferencedBrachyApplicationSetupNumber=1,
+            TotalReferenceAirKerma=_ds(round(spec.air_kerma_rate * sum(spec.channels) / 3600.0, 1)),
+            CurrentFractionNumber=fraction,
+            TreatmentDeliveryType="TREATMENT",
+            TreatmentTerminationStatus="NORMAL",
+            TreatmentVerificationStatus="VERIFIED_OVR",
+            RecordedChannelSequence=_seq(*channels),
+        )
+    )
+    return ds
+
+
+def treatment_summary_record(
+    sop_uid: str,
+    patient: Patient,
+    study: Study,
+    series: Series,
+    *,
+    plan_uid: str,
+    plan_class: str,
+    fractions_planned: int,
+    delivered: Sequence[tuple[str, str]],
+    brachy: bool,
+) -> Dataset:
+    """RT Treatment Summary Record of a course after the fractions ``delivered`` ((date, time) each): the
+    cumulative state (PS3.3 RT Treatment Summary Record module), not a session."""
+    last_date, last_time = delivered[-1]
+    ds = base_dataset(
+        SopClass.RT_TREATMENT_SUMMARY_RECORD.value, sop_uid, patient, study, series, instance_number=1,
+        content_date=last_date, content_time=last_time,
+    )  # fmt: skip
+    ds.TreatmentDate = last_date
+    ds.TreatmentTime = last_time
+    ds.ReferencedRTPlanSequence = _seq(
+        _item(ReferencedSOPClassUID=plan_class, ReferencedSOPInstanceUID=plan_uid)
+    )
+    ds.CurrentTreatmentStatus = "COMPLETED" if len(delivered) >= fractions_planned else "ON_TREATMENT"
+    ds.FirstTreatmentDate = delivered[0][0]
+    ds.MostRecentTreatmentDate = last_date
+    ds.FractionGroupSummarySequence = _seq(
+        _item(
+            ReferencedFractionGroupNumber=1,
+            FractionGroupType="BRACHY" if brachy else "EXTERNAL_BEAM",
+            NumberOfFractionsPlanned=fractions_planned,
+            NumberOfFractionsDelivered=len(delivered),
+            FractionStatusSummarySequence=_seq(
+                *(
+                    _item(ReferencedFractionNumber=n, TreatmentDate=day, TreatmentTime=when,
+                          TreatmentTerminationStatus="NORMAL")
+                    for n, (day, when) in enumerate(delivered, start=1)
+                )
+            ),
+        )
+    )
     return ds
 
 

@@ -175,12 +175,15 @@ class _Session:
     #: other linac).
     partial: str = ""
     old_version_beam: int = 0  # beam number delivered from the history version of its field
+    #: Further records of the same fraction (a machine writing one record per beam): one MOSAIQ session.
+    other_uids: list[str] = field(default_factory=list)
 
 
 def _read_sessions(root: Path, truth: GroundTruth) -> list[_Session]:
     """The photon records the DICOM clinic wrote (ion records stay DICOM)."""
     sessions: list[_Session] = []
-    for uid, info in truth.objects.items():
+    by_fraction: dict[tuple[str, str, int], _Session] = {}
+    for uid, info in sorted(truth.objects.items(), key=lambda item: item[1].path):
         if info.sop_class_uid != SopClass.RT_BEAMS_TREATMENT_RECORD.value:
             continue
         ds = dcmread(root / info.path)
@@ -189,10 +192,17 @@ def _read_sessions(root: Path, truth: GroundTruth) -> list[_Session]:
                  for b in ds.TreatmentSessionBeamSequence]
         ref = ds.ReferencedRTPlanSequence[0]
         when = datetime.strptime(f"{ds.TreatmentDate}{ds.TreatmentTime}", "%Y%m%d%H%M%S")
-        sessions.append(_Session(uid, str(ds.PatientID), str(ref.ReferencedSOPInstanceUID),
-                                 str(ref.ReferencedSOPClassUID), when,
-                                 str(ds.TreatmentMachineSequence[0].TreatmentMachineName),
-                                 int(ds.TreatmentSessionBeamSequence[0].CurrentFractionNumber), beams))
+        session = _Session(uid, str(ds.PatientID), str(ref.ReferencedSOPInstanceUID),
+                           str(ref.ReferencedSOPClassUID), when,
+                           str(ds.TreatmentMachineSequence[0].TreatmentMachineName),
+                           int(ds.TreatmentSessionBeamSequence[0].CurrentFractionNumber), beams)
+        same = by_fraction.setdefault((session.patient_id, session.plan_uid, session.fraction), session)
+        if same is not session:  # one record per beam: the fraction is one session of MOSAIQ deliveries
+            same.other_uids.append(uid)
+            same.beams = sorted([*same.beams, *beams], key=lambda b: b.number)
+            same.when = min(same.when, when)
+            continue
+        sessions.append(session)
     sessions.sort(key=lambda s: (s.patient_id, s.when, s.plan_uid))
     return sessions
 
@@ -509,7 +519,8 @@ def generate_mosaiq(out_dir: Path, options: SynthOptions | None = None, *, overw
             placeholder = f"mosaiq-record:{len(records) - 1}"
             new_records[placeholder] = KRecord(placeholder, s.patient_id, plan_uid, expected.treatment_date,
                                                started.strftime("%H%M%S"))
-        (root / dicom_truth.objects[s.uid].path).unlink()
+        for uid in (s.uid, *s.other_uids):
+            (root / dicom_truth.objects[uid].path).unlink()
 
     w.save(root / DATABASE)
 
@@ -537,7 +548,7 @@ def generate_mosaiq(out_dir: Path, options: SynthOptions | None = None, *, overw
     trap("no_dcm_rows", [s for s in sessions if s.patient_id == no_dcm_patient], "plans unknown to the DCM tables")
 
     # The harvest over the auxiliary PACS: same rules, with the converted records in place of the old ones.
-    converted = {s.uid for s in sessions}
+    converted = {uid for s in sessions for uid in (s.uid, *s.other_uids)}
     knowledge = replace(k, present=(k.present - converted) | set(new_records),
                         records={**{u: r for u, r in k.records.items() if u not in converted}, **new_records})
     windows: list[MosaiqWindow] = []

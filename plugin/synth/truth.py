@@ -50,6 +50,8 @@ class KPlan:
     intent: str | None
     study_uid: str
     structure_set_ref: str | None
+    #: NumberOfFractionsPlanned of its (only) fraction group, as the generator wrote it.
+    fractions_planned: int | None = None
 
 
 @dataclass
@@ -65,13 +67,20 @@ class KDose:
 
 @dataclass
 class KRecord:
-    """A treatment record; ``plan_uid`` may name a plan absent from the source."""
+    """A treatment record; ``plan_uid`` may name a plan absent from the source.
+
+    ``fraction``: which fraction of its plan the generator delivered with it (several records share one
+    when a session is written per beam or in two parts); ``None``: a fraction of its own. ``summary``: an
+    RT Treatment Summary Record, which delivers nothing.
+    """
 
     uid: str
     patient_id: str
     plan_uid: str
     date: str
     time: str
+    fraction: int | None = None
+    summary: bool = False
 
 
 @dataclass
@@ -136,8 +145,9 @@ def _follow_plan(k: Knowledge, plan: KPlan, seed: list[KRecord], row: PlanTruth)
         (r for r in k.records.values() if r.patient_id == plan.patient_id and r.plan_uid == plan.uid),
         key=lambda r: (r.date, r.time, r.uid),
     )
-    row.record_uids = [r.uid for r in records]
-    collected.update(row.record_uids)
+    row.record_uids = [r.uid for r in records if not r.summary]
+    row.summary_record_uids = [r.uid for r in records if r.summary]
+    collected.update(r.uid for r in records)
     # Step 3: doses naming the plan, searched in the plan's study.
     doses = sorted(
         (d for d in k.doses.values() if d.plan_uid == plan.uid and d.study_uid == plan.study_uid),
@@ -239,7 +249,8 @@ def evaluate(k: Knowledge, date_from: str | None, date_to: str | None, patient_i
             treatments=0,
             first_treatment=None,
             last_treatment=None,
-            record_uids=[r.uid for r in plan_seeds],
+            record_uids=[r.uid for r in plan_seeds if not r.summary],
+            summary_record_uids=[r.uid for r in plan_seeds if r.summary],
             structure_set_uid=None,
             dose_uids=[],
             planning_series_uids=[],
@@ -261,16 +272,28 @@ def evaluate(k: Knowledge, date_from: str | None, date_to: str | None, patient_i
             expected |= _follow_plan(k, plan, plan_seeds, row)
             if row.missing:
                 row.status = "Incomplete"
-        dates = sorted(k.records[uid].date for uid in row.record_uids)
-        row.treatments = len(dates)
-        row.first_treatment = dates[0] if dates else None
-        row.last_treatment = dates[-1] if dates else None
-        outside = [uid for uid in row.record_uids if not _in_window(k.records[uid], date_from, date_to, None)]
+        _fractions(k, plan, row)
+        outside = [uid for uid in (*row.record_uids, *row.summary_record_uids)
+                   if not _in_window(k.records[uid], date_from, date_to, None)]
         if outside and "records_outside_window" not in row.traps:
             row.traps.append("records_outside_window")
         rows.append(row)
     rows.sort(key=lambda r: (r.patient_id, r.first_treatment or "", r.plan_uid))
     return WindowResult(expected=expected, plans=rows, summary=_summary(k, seeds, rows, expected))
+
+
+def _fractions(k: Knowledge, plan: KPlan | None, row: PlanTruth) -> None:
+    """Fractions, records and dates of a row from what the generator delivered (not from DICOM)."""
+    delivered = [k.records[uid] for uid in row.record_uids]
+    row.fractions = len({("fraction", r.fraction) if r.fraction is not None else ("record", r.uid)
+                         for r in delivered})
+    row.treatments = row.fractions
+    row.records = len(delivered)
+    row.summary_records = len(row.summary_record_uids)
+    row.fractions_planned = plan.fractions_planned if plan is not None else None
+    dates = sorted(r.date for r in delivered)
+    row.first_treatment = dates[0] if dates else None
+    row.last_treatment = dates[-1] if dates else None
 
 
 def _summary(k: Knowledge, seeds: list[KRecord], rows: list[PlanTruth], expected: set[str]) -> Summary:
@@ -293,6 +316,8 @@ def _summary(k: Knowledge, seeds: list[KRecord], rows: list[PlanTruth], expected
         image_series={m: image_series[m] for m in IMAGE_MODALITIES if image_series[m]},
         planning_series=len(planning),
         registrations=dict(sorted(Counter(reg_types.values()).items())),
-        treatment_records=sum(1 for uid in expected if uid in k.records),
+        treatment_records=sum(1 for uid in expected if uid in k.records and not k.records[uid].summary),
+        fractions=sum(r.fractions for r in rows),
+        summary_records=sum(1 for uid in expected if uid in k.records and k.records[uid].summary),
         plans_by_status={s: status[s] for s in ("Complete", "Incomplete", "Missing", "Invalid") if status[s]},
     )

@@ -38,7 +38,7 @@ def test_dciodvfy_reports_no_errors(clinic: Clinic, edition: str) -> None:
     dciodvfy = required_tool("dciodvfy")
     samples = _samples(clinic)
     kinds = {clinic.truth.objects[uid].sop_class_uid for uid in samples}
-    assert len(kinds) == 11, "every generated IOD kind is sampled"
+    assert len(kinds) == 13, "every generated IOD kind is sampled"
     failures: list[str] = []
     for uid, path in samples.items():
         args = [dciodvfy, *([] if edition == "default" else [edition]), str(path)]
@@ -156,11 +156,18 @@ def test_doses_and_records_point_at_their_plans(clinic: Clinic) -> None:
         if ds.DoseSummationType == "BEAM":
             fraction = ds.ReferencedRTPlanSequence[0].ReferencedFractionGroupSequence[0]
             assert fraction.ReferencedBeamSequence[0].ReferencedBeamNumber >= 1
-    record_studies = set()
-    for info in truth.objects.values():
+    # Each session sits in its own study: records sharing one (one per beam, or a fraction in two parts)
+    # are one fraction of one plan.
+    session_of_study: dict[str, tuple[str, int | None]] = {}
+    for uid, info in truth.objects.items():
         if info.modality == "RTRECORD":
-            assert info.study_uid not in record_studies, "each record sits in its own study"
-            record_studies.add(info.study_uid)
+            ds = pydicom.dcmread(clinic.path(uid), stop_before_pixels=True)
+            items = [*ds.get("TreatmentSessionBeamSequence", []), *ds.get("TreatmentSessionIonBeamSequence", []),
+                     *ds.get("TreatmentSessionApplicationSetupSequence", [])]
+            fractions = {int(item.CurrentFractionNumber) for item in items}
+            assert len(fractions) <= 1, uid
+            session = (str(ds.ReferencedRTPlanSequence[0].ReferencedSOPInstanceUID), next(iter(fractions), None))
+            assert session_of_study.setdefault(info.study_uid, session) == session, "one session per study"
 
 
 def test_registrations_name_fixed_and_moving_frames(clinic: Clinic) -> None:

@@ -15,6 +15,10 @@ from rtharvest.synth.generator import SynthOptions, generate
 from rtharvest.synth.groundtruth import ROLES, load
 
 TRAP_KINDS = {
+    "record_per_beam",
+    "fraction_in_two_parts",
+    "hdr_brachy_course",
+    "summary_record",
     "trial_plan",
     "foreign_dose_in_study",
     "qa_verification_plan",
@@ -191,6 +195,8 @@ def test_every_iod_kind_is_generated(clinic: Clinic) -> None:
         SopClass.RT_DOSE,
         SopClass.RT_BEAMS_TREATMENT_RECORD,
         SopClass.RT_ION_BEAMS_TREATMENT_RECORD,
+        SopClass.RT_BRACHY_TREATMENT_RECORD,
+        SopClass.RT_TREATMENT_SUMMARY_RECORD,
         SopClass.SPATIAL_REGISTRATION,
         SopClass.DEFORMABLE_SPATIAL_REGISTRATION,
     ):
@@ -319,8 +325,12 @@ def test_summary_is_consistent_with_rows(clinic: Clinic) -> None:
         assert s.plans_referenced == len(window.plans)
         assert s.invalid_plans == sum(row.status == "Invalid" for row in window.plans)
         assert s.plans_collected == sum(row.status != "Missing" for row in window.plans)
+        summary_class = SopClass.RT_TREATMENT_SUMMARY_RECORD.value
         records = [uid for uid in expected if truth.objects[uid].sop_class_uid in RECORD_CLASSES]
-        assert s.treatment_records == len(records)
+        summaries = [uid for uid in records if truth.objects[uid].sop_class_uid == summary_class]
+        assert s.treatment_records == len(records) - len(summaries)
+        assert s.summary_records == len(summaries)
+        assert s.fractions == sum(row.fractions for row in window.plans)
         image_series = {
             truth.objects[uid].series_uid for uid in expected if truth.objects[uid].modality in ("CT", "MR", "PT")
         }
@@ -328,8 +338,9 @@ def test_summary_is_consistent_with_rows(clinic: Clinic) -> None:
         assert s.planning_series == len({u for row in window.plans for u in row.planning_series_uids})
         assert 0.0 <= s.success_rate <= 1.0
         for row in window.plans:
-            assert row.treatments == len(row.record_uids)
-            assert set(row.record_uids) <= expected
+            assert row.treatments == row.fractions <= row.records == len(row.record_uids)
+            assert row.summary_records == len(row.summary_record_uids)
+            assert set(row.record_uids) | set(row.summary_record_uids) <= expected
             if row.status != "Missing":
                 assert row.plan_uid in expected
 
@@ -343,3 +354,34 @@ def test_without_traps(tmp_path: Path) -> None:
     assert {row.status for row in window.plans} == {"Complete"}
     assert not truth.dangling
     assert not {o.role for o in truth.objects.values()} & {"trial", "qa", "unrelated"}
+
+
+def test_fractions_of_the_truth_match_the_records_written(clinic: Clinic) -> None:
+    """The generator's fractions (what it meant to deliver) agree with the records' content as written:
+    distinct CurrentFractionNumbers of each plan's delivery records; summary records deliver none."""
+    window = clinic.truth.window("all")
+    summary_class = SopClass.RT_TREATMENT_SUMMARY_RECORD.value
+    for row in window.plans:
+        numbers: set[int] = set()
+        for uid in row.record_uids:
+            assert clinic.truth.objects[uid].sop_class_uid != summary_class
+            ds = pydicom.dcmread(clinic.path(uid), stop_before_pixels=True)
+            items = [*ds.get("TreatmentSessionBeamSequence", []), *ds.get("TreatmentSessionIonBeamSequence", []),
+                     *ds.get("TreatmentSessionApplicationSetupSequence", [])]
+            numbers |= {int(item.CurrentFractionNumber) for item in items}
+        assert len(numbers) == row.fractions, (row.plan_label, row.traps)
+        for uid in row.summary_record_uids:
+            assert clinic.truth.objects[uid].sop_class_uid == summary_class
+    by_trap = {t: [p for p in window.plans if t in p.traps] for t in ("hdr_brachy_course", "dangling_structure_set")}
+    (hdr,) = by_trap["hdr_brachy_course"]
+    assert (hdr.fractions, hdr.fractions_planned, hdr.records, hdr.summary_records) == (3, 4, 3, 1)
+    (boost,) = by_trap["dangling_structure_set"]
+    assert boost.records > boost.fractions == boost.fractions_planned, "one record per beam"
+    (two_parts,) = clinic.truth.traps_of("fraction_in_two_parts")
+    ion = next(p for p in window.plans if two_parts.uids[0] in p.record_uids)
+    assert set(two_parts.uids) <= set(ion.record_uids) and ion.records == ion.fractions + 1
+    # The HDR course's last fraction and its summary record lie after the window "year", collected anyway.
+    year = clinic.truth.window("year")
+    (hdr_year,) = [p for p in year.plans if "hdr_brachy_course" in p.traps]
+    assert "records_outside_window" in hdr_year.traps and hdr_year.fractions == 3
+    assert hdr_year.last_treatment is not None and year.date_to is not None and hdr_year.last_treatment > year.date_to

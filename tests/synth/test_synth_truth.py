@@ -79,3 +79,25 @@ def test_dangling_structure_set_makes_plan_incomplete() -> None:
     assert [(m.what, m.uid) for m in row.missing] == [("RTSTRUCT", "ss")]
     assert not row.planning_series_uids and "ct1" not in result.expected
     assert {r.patient_id for r in result.plans} == {"P"}
+
+
+def test_fractions_are_what_the_generator_delivered() -> None:
+    """Records sharing a delivered fraction (per beam, continuation) are one fraction; a summary record is
+    collected and listed apart, never a fraction nor a treatment record; its date is no treatment date."""
+    k = _knowledge()
+    k.plans["plan"].fractions_planned = 30
+    k.records = {
+        "r1a": KRecord("r1a", "P", "plan", "20150101", "080000", fraction=1),
+        "r1b": KRecord("r1b", "P", "plan", "20150101", "080300", fraction=1),
+        "r2": KRecord("r2", "P", "plan", "20150102", "080000", fraction=2),
+        "r2c": KRecord("r2c", "P", "plan", "20150102", "084000", fraction=2),
+        "r3": KRecord("r3", "P", "plan", "20150105", "080000"),  # no fraction stated: its own
+        "sum": KRecord("sum", "P", "plan", "20150301", "090000", summary=True),
+    }
+    k.present |= set(k.records)
+    result = evaluate(k, "20150101", "20150131", None)
+    row = next(r for r in result.plans if r.plan_uid == "plan")
+    assert (row.fractions, row.treatments, row.records, row.summary_records, row.fractions_planned) == (3, 3, 5, 1, 30)
+    assert row.summary_record_uids == ["sum"] and "sum" not in row.record_uids and "sum" in result.expected
+    assert (row.first_treatment, row.last_treatment) == ("20150101", "20150105")
+    assert (result.summary.treatment_records, result.summary.summary_records, result.summary.fractions) == (5, 1, 3)
