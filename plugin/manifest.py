@@ -30,7 +30,7 @@ from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from .classify import INVALID_INTENTS, classify_plan, registration_type
+from .classify import INVALID_REASONS, classify_plan, registration_type
 from .httpapi import ApiError, HttpResponse
 from .jobqueue import CRASH_BUDGET_SPENT
 from .planner import PATIENT_ID_MISMATCH, promised_doses, promised_images
@@ -185,6 +185,8 @@ class PlanRow:
     registered_series_uids: list[str] = field(default_factory=list)
     registered_for_series_uids: list[str] = field(default_factory=list)
     missing: list[MissingLink] = field(default_factory=list)
+    #: Why an ``Invalid`` plan is invalid (``classify.INVALID_REASONS``); None for the other statuses.
+    invalid_reason: str | None = None
 
     @property
     def treatments(self) -> int:
@@ -210,6 +212,7 @@ class PlanRow:
             "PlanLabel": self.plan_label,
             "PlanIntent": self.plan_intent,
             "Status": self.status,
+            "InvalidReason": self.invalid_reason,
             "Treatments": self.treatments,
             "FirstTreatment": self.first_treatment,
             "LastTreatment": self.last_treatment,
@@ -242,6 +245,7 @@ class PlanRow:
             registered_series_uids=list(data.get("RegisteredSeriesUIDs") or []),
             registered_for_series_uids=list(data.get("RegisteredForSeriesUIDs") or []),
             missing=[MissingLink.from_json(m) for m in data.get("Missing") or []],
+            invalid_reason=data.get("InvalidReason"),
         )
 
 
@@ -326,7 +330,7 @@ CSV_COLUMNS = (
     "Harvest", "PatientID", "PlanUID", "PlanLabel", "PlanIntent", "Status", "Treatments", "FirstTreatment",
     "LastTreatment", "StructureSetUID", "DoseUIDs", "PlanningSeriesUIDs", "PlanningForSeriesUIDs",
     "RegistrationUIDs", "RegistrationTypes", "RegisteredSeriesUIDs", "RegisteredForSeriesUIDs",
-    "MissingWhat", "MissingUIDs", "MissingReasons",
+    "MissingWhat", "MissingUIDs", "MissingReasons", "InvalidReason",
 )
 
 
@@ -420,6 +424,7 @@ class Manifest:
                 _csv_list(m.what for m in p.missing),
                 _csv_list(m.uid for m in p.missing),
                 _csv_list(m.reason for m in p.missing),
+                p.invalid_reason or "",
             ])
         return out.getvalue()
 
@@ -570,8 +575,10 @@ class _Builder:
             row.missing.append(MissingLink("RTPLAN", plan_uid, UNREADABLE))
         else:
             row.plan_label, row.plan_intent = plan.label, plan.intent
-            if classify_plan(plan) in set(INVALID_INTENTS.values()):
+            plan_class = classify_plan(plan)
+            if plan_class in INVALID_REASONS:
                 row.status = "Invalid"
+                row.invalid_reason = INVALID_REASONS[plan_class]
             else:
                 self._follow(row, plan)
                 row.status = "Incomplete" if row.missing else "Complete"
