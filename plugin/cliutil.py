@@ -114,6 +114,8 @@ def _http_error_message(exc: urllib.error.HTTPError, method: str, path: str) -> 
                 + (f": {detail}" if detail else ""))
     if exc.code == 403:
         return f"forbidden (403): this user may not {method} {path}" + (f": {detail}" if detail else "")
+    if exc.code == 405 and not detail:  # Orthanc sends a 405 without a body; Allow names the methods
+        detail = f"{method} is not allowed here; use {exc.headers.get('Allow') or 'another method'}"
     if not detail:
         detail = exc.reason if isinstance(exc.reason, str) else "no details"
         if exc.code == 404:

@@ -494,3 +494,18 @@ def test_documented_commands_parse() -> None:
             if exc.code != 0:
                 wrong.append(f"{where}: {command}")
     assert not wrong, wrong
+
+
+def test_a_bodiless_405_names_the_allowed_methods() -> None:
+    """Orthanc sends a 405 without a body (its plugin interface cannot add one): the message comes from the
+    ``Allow`` header."""
+    import email.message
+    import urllib.error
+
+    from rtharvest.cliutil import _http_error_message
+
+    headers = email.message.Message()
+    headers["Allow"] = "GET"
+    exc = urllib.error.HTTPError("http://x/rtharvest/status", 405, "Method Not Allowed", headers, io.BytesIO(b""))
+    assert _http_error_message(exc, "POST", "/rtharvest/status") == \
+        "server refused POST /rtharvest/status (405): POST is not allowed here; use GET"
