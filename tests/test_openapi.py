@@ -153,6 +153,12 @@ def test_every_answer_is_one_the_description_lists(clinic: Clinic) -> None:
                         wrong.append(f"{where}: 200 content type not listed")
                 elif answer.media != "application/json" or not answer.error():
                     wrong.append(f"{where}: not a JSON {{'Error'}} ({answer.body[:120]!r})")
+        # A method the path does not take: 405, and Allow names exactly the documented ones.
+        other = next(m for m in ("PUT", "DELETE", "POST", "GET") if m.lower() not in methods)
+        answer = exchange(clinic.api, other, concrete, b"{}" if other in ("PUT", "POST") else None)
+        if answer.status != 405 or answer.allow != ", ".join(sorted(m.upper() for m in methods)):
+            wrong.append(f"{other} {concrete} -> {answer.status}, Allow {answer.allow!r}: expected 405 naming "
+                         f"{sorted(methods)}")
     assert not wrong, "\n".join(wrong)
     # The walk reached handlers, not only refusals: real documents, and the refusals the issue was about.
     assert ("get", "/rtharvest/harvests/{id}/manifest", 200) in seen
