@@ -30,6 +30,16 @@ INVALID_INTENTS: dict[str, PlanClass] = {
     "MACHINE_QA": PlanClass.MACHINE_QA,
     "SERVICE": PlanClass.NON_PATIENT,
 }
+#: Why a plan of an invalid class is ``Invalid`` in the manifest (its ``InvalidReason``): what the intent means
+#: and that the harvest keeps the plan but follows none of its links (harvest rule 2).
+INVALID_REASONS: dict[PlanClass, str] = {
+    PlanClass.VERIFICATION: "PlanIntent VERIFICATION: a verification (phantom/QA) plan, not a patient treatment; "
+                            "collected, its links not followed",
+    PlanClass.MACHINE_QA: "PlanIntent MACHINE_QA: a machine QA plan, not a patient treatment; collected, its links "
+                          "not followed",
+    PlanClass.NON_PATIENT: "PlanIntent SERVICE: a machine service delivery, not a patient treatment; collected, its "
+                           "links not followed",
+}
 #: Defined terms that are followed (absent intent is followed too).
 VALID_INTENTS = frozenset({"CURATIVE", "PALLIATIVE", "PROPHYLACTIC", "RESEARCH"})
 

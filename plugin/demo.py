@@ -98,7 +98,8 @@ def _summary(manifest: dict[str, Any], truth: GroundTruth, stored: set[str]) -> 
           f"{len(stored - expected)} unexpected")
     for plan in manifest["Plans"]:
         if plan["Status"] != "Complete":
-            missing = "; ".join(f"{m['What']} {m['Reason']}" for m in plan.get("Missing", []))
+            missing = plan.get("InvalidReason") or "; ".join(f"{m['What']} {m['Reason']}"
+                                                             for m in plan.get("Missing", []))
             print(f"  plan {plan['PlanUID'][-12:]} of {plan['PatientID']}: {plan['Status']} {missing}")
 
 

@@ -67,4 +67,5 @@ def register(router: Router) -> None:
                                                   tag="page"))
     router.add("GET", ASSET_ROUTE, ui_asset, RouteDoc(
         "A script or style sheet of the page", (Param("name", "asset file name", "path"),),
-        response="JavaScript or CSS", content_type="text/plain", tag="page", errors=((404, "unknown asset"),)))
+        response="JavaScript or CSS", content_type="application/javascript", other_content_types=("text/css",),
+        tag="page", errors=((404, "unknown asset"),)))

@@ -115,11 +115,12 @@ class HttpRequest:
 
 @dataclass(frozen=True)
 class HttpResponse:
-    """What a handler answers: status, body and content type."""
+    """What a handler answers: status, body, content type and any further headers (``Allow`` of a 405)."""
 
     status: int
     body: bytes
     content_type: str = "application/json"
+    headers: tuple[tuple[str, str], ...] = ()
 
     @staticmethod
     def json(value: Any, status: int = 200) -> HttpResponse:
@@ -135,6 +136,26 @@ class HttpResponse:
     def error(status: int, message: str) -> HttpResponse:
         """The contract's error body ``{"Error": message}``."""
         return HttpResponse.json({"Error": message}, status)
+
+    @staticmethod
+    def method_not_allowed(method: str, path: str, allowed: list[str]) -> HttpResponse:
+        """405 naming the methods ``path`` takes, in the body and in the ``Allow`` header (RFC 9110)."""
+        answer = HttpResponse.error(405, f"{method} is not allowed on {path}; use {', '.join(allowed)}")
+        return HttpResponse(answer.status, answer.body, answer.content_type, (("Allow", ", ".join(allowed)),))
+
+    @property
+    def allow(self) -> list[str]:
+        """The methods of an ``Allow`` header (empty when there is none)."""
+        return [m.strip() for name, value in self.headers if name.lower() == "allow" for m in value.split(",")]
+
+
+#: The Orthanc callback pattern that sends every other ``/rtharvest/...`` path to :meth:`Router.handle`, so an
+#: unknown route answers the API's ``{"Error"}`` 404 instead of Orthanc's own error format. Registered last:
+#: Orthanc gives a request to the first registered pattern that matches it.
+CATCH_ALL = r"/rtharvest(/.*)?"
+
+#: What an unknown ``/rtharvest`` path answers, after the path.
+UNKNOWN_ROUTE_HINT = "; the routes are listed by GET /rtharvest/openapi.json"
 
 
 Handler = Callable[[HttpRequest], HttpResponse]
@@ -182,11 +203,11 @@ class Router:
         """Run the handler of ``pattern`` for the request's method, turning errors into JSON answers."""
         route = self._routes.get(pattern)
         if route is None:
-            return HttpResponse.error(404, f"no route {request.path}")
+            return HttpResponse.error(404, f"no route {request.path[:200]}{UNKNOWN_ROUTE_HINT}")
         handler = route.methods.get(request.method.upper())
         if handler is None:
-            allowed = ", ".join(sorted(route.methods))
-            return HttpResponse.error(405, f"{request.method} is not allowed on {request.path}; use {allowed}")
+            return HttpResponse.method_not_allowed(request.method.upper()[:20], request.path[:200],
+                                                   sorted(route.methods))
         try:
             return handler(request)
         except ApiError as exc:
@@ -204,4 +225,4 @@ class Router:
                 req = HttpRequest(request.method, request.path, match.groups(), request.query,
                                   request.headers, request.body)
                 return self.dispatch(pattern, req)
-        return HttpResponse.error(404, f"no route {request.path}")
+        return HttpResponse.error(404, f"no route {request.path[:200]}{UNKNOWN_ROUTE_HINT}")

@@ -31,7 +31,7 @@ from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from .classify import INVALID_INTENTS, classify_plan, registration_type
+from .classify import INVALID_REASONS, classify_plan, registration_type
 from .fractions import RecordFacts, count_fractions, fractions_planned
 from .httpapi import ApiError, HttpResponse
 from .jobqueue import CRASH_BUDGET_SPENT
@@ -195,6 +195,8 @@ class PlanRow:
     fractions: int = 0
     #: NumberOfFractionsPlanned of the fraction group(s) delivered, from the plan (``None``: unknown).
     fractions_planned: int | None = None
+    #: Why an ``Invalid`` plan is invalid (``classify.INVALID_REASONS``); None for the other statuses.
+    invalid_reason: str | None = None
 
     @property
     def treatments(self) -> int:
@@ -231,6 +233,7 @@ class PlanRow:
             "PlanLabel": self.plan_label,
             "PlanIntent": self.plan_intent,
             "Status": self.status,
+            "InvalidReason": self.invalid_reason,
             "Treatments": self.treatments,
             "Fractions": self.fractions,
             "FractionsPlanned": self.fractions_planned,
@@ -272,6 +275,7 @@ class PlanRow:
             # A manifest written before Fractions existed said Treatments for the same place.
             fractions=int(data.get("Fractions", data.get("Treatments")) or 0),
             fractions_planned=None if data.get("FractionsPlanned") is None else int(data["FractionsPlanned"]),
+            invalid_reason=data.get("InvalidReason"),
         )
 
 
@@ -364,7 +368,7 @@ CSV_COLUMNS = (
     "FractionsPlanned", "Records", "SummaryRecords", "FirstTreatment", "LastTreatment", "StructureSetUID",
     "DoseUIDs", "PlanningSeriesUIDs", "PlanningForSeriesUIDs",
     "RegistrationUIDs", "RegistrationTypes", "RegisteredSeriesUIDs", "RegisteredForSeriesUIDs",
-    "MissingWhat", "MissingUIDs", "MissingReasons",
+    "MissingWhat", "MissingUIDs", "MissingReasons", "InvalidReason",
 )
 
 
@@ -462,6 +466,7 @@ class Manifest:
                 _csv_list(m.what for m in p.missing),
                 _csv_list(m.uid for m in p.missing),
                 _csv_list(m.reason for m in p.missing),
+                p.invalid_reason or "",
             ])
         return out.getvalue()
 
@@ -612,8 +617,10 @@ class _Builder:
             row.missing.append(MissingLink("RTPLAN", plan_uid, UNREADABLE))
         else:
             row.plan_label, row.plan_intent = plan.label, plan.intent
-            if classify_plan(plan) in set(INVALID_INTENTS.values()):
+            plan_class = classify_plan(plan)
+            if plan_class in INVALID_REASONS:
                 row.status = "Invalid"
+                row.invalid_reason = INVALID_REASONS[plan_class]
             else:
                 self._follow(row, plan)
                 row.status = "Incomplete" if row.missing else "Complete"

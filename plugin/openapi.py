@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["Param", "RouteDoc", "openapi_document", "path_template"]
+__all__ = ["Param", "RouteDoc", "error_statuses", "openapi_document", "path_template"]
 
 
 @dataclass(frozen=True)
@@ -37,8 +37,12 @@ class RouteDoc:
     response: str = "JSON document"
     content_type: str = "application/json"
     tag: str = "rtharvest"
-    #: Error statuses the route may answer, with what they mean (each answers ``{"Error": ...}``).
+    #: Error statuses the route may answer, with what they mean (each answers ``{"Error": ...}``). A 400 for
+    #: a bad body (routes with ``body``) or a bad integer parameter, the 500 of a bug and Orthanc's 401 are
+    #: added by :func:`openapi_document` when not listed here.
     errors: tuple[tuple[int, str], ...] = ()
+    #: Further content types of the successful answer (a manifest as CSV, a style sheet besides scripts).
+    other_content_types: tuple[str, ...] = ()
 
 
 def path_template(pattern: str, names: list[str]) -> str:
@@ -82,20 +86,36 @@ def _parameter(p: Param) -> dict[str, Any]:
             "schema": {"type": p.type}}
 
 
+def error_statuses(doc: RouteDoc) -> list[tuple[int, str]]:
+    """Every ``{"Error"}`` answer of the route besides 200: its own ``errors``, then what every route of
+    its kind may answer (a bad body or integer parameter, a bug), each status once."""
+    found = dict(doc.errors)
+    integers = [p.name for p in doc.params if p.where == "query" and p.type == "integer"]
+    if doc.body is not None and 400 not in found:
+        found[400] = "the body is not a JSON object, or a field is invalid (the message names it)"
+    if integers and 400 not in found:
+        found[400] = f"{' or '.join(integers)} is not an integer in range"
+    found.setdefault(500, "a bug in the plugin (the message says to read Orthanc's log)")
+    return sorted(found.items())
+
+
 def _operation(method: str, doc: RouteDoc) -> dict[str, Any]:
     op: dict[str, Any] = {
         "summary": doc.summary,
         "operationId": None,
         "tags": [doc.tag],
         "parameters": [_parameter(p) for p in doc.params],
-        "responses": {"200": {"description": doc.response, "content": {doc.content_type: {}}}},
+        "responses": {"200": {"description": doc.response, "content": {
+            ct: {} for ct in (doc.content_type, *doc.other_content_types)}}},
     }
     if doc.body is not None:
         op["requestBody"] = {"required": True, "description": doc.body,
                              "content": {"application/json": {"schema": {"type": "object"}}}}
-    for status, meaning in (*doc.errors, (401, "no or wrong credentials (Orthanc's authentication)")):
+    for status, meaning in error_statuses(doc):
         op["responses"][str(status)] = {"description": meaning, "content": {
             "application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+    # Orthanc answers 401 itself, before the plugin sees the request: a challenge without a body.
+    op["responses"]["401"] = {"description": "no or wrong credentials (Orthanc's authentication; no body)"}
     return op
 
 
@@ -116,8 +136,11 @@ def openapi_document(routes: list[tuple[str, str, RouteDoc | None]], version: st
         "openapi": "3.0.3",
         "info": {"title": "rtharvest", "version": version,
                  "description": "Harvests complete radiotherapy datasets from clinical DICOM systems. Every "
-                                "route sits behind Orthanc's authentication; errors answer 4xx with "
-                                "{\"Error\": \"...\"}."},
+                                "route sits behind Orthanc's authentication; errors answer 4xx (a bug 500) "
+                                "with {\"Error\": \"...\"} as application/json. Any other /rtharvest path "
+                                "answers 404 the same way; a method a path does not take answers 405 with "
+                                "an Allow header naming those it takes (Orthanc sends a 405 without a "
+                                "body)."},
         "security": [{"basicAuth": []}],
         "paths": dict(sorted(paths.items())),
         "components": {

@@ -180,17 +180,20 @@ def build_routes(router: Router, harvests: HarvestService, queue: JobQueue, even
             f"{action.capitalize()} a harvest", (harvest_id,), response='{"ID", "State"}', tag="harvests",
             errors=(unknown_harvest, (409, "not possible in the harvest's state"))))
     manifest_format = Param("format", "json (default) or csv (one row per plan)")
+    # The manifest reads stored files through the harvester, which exists once Orthanc has started.
+    starting = (503, "the harvester is still starting: try again in a few seconds")
     router.add("GET", rf"/rtharvest/harvests/{_ID}/manifest", get_manifest, RouteDoc(
         "The harvest's manifest: Summary and, per treated plan, Status (Complete, Incomplete, Missing, "
         "Invalid) with every missing link and why; Summary.PatientIDMismatches counts records kept out because "
         "their PatientID differs from the one searched; per plan Treatments equals Fractions (distinct fractions "
         "delivered, counted from the records' content), beside FractionsPlanned, Records (delivery records) and "
         "SummaryRecords (RT Treatment Summary Records, never a fraction)", (harvest_id, manifest_format),
-        response='{"Harvest", "Summary", "Plans", ...} or CSV', tag="manifest",
-        errors=(unknown_harvest, (400, "bad format"))))
+        response='{"Harvest", "Summary", "Plans", ...} or CSV', tag="manifest", other_content_types=("text/csv",),
+        errors=(unknown_harvest, (400, "bad format"), starting)))
     router.add("GET", r"/rtharvest/manifest", get_store_manifest, RouteDoc(
         "The manifest of the whole store (every harvest merged)", (manifest_format,), tag="manifest",
-        response='{"Harvest": null, "Summary", "Plans", ...} or CSV', errors=((400, "bad format"),)))
+        response='{"Harvest": null, "Summary", "Plans", ...} or CSV', other_content_types=("text/csv",),
+        errors=((400, "bad format"), starting)))
     router.add("GET", r"/rtharvest/jobs", list_jobs, RouteDoc(
         "Jobs with kind, hop, target UID, state, attempts, crashes, last error, DIMSE status, note",
         (Param("harvest", "only this harvest's jobs"), Param("state", "pending, leased, waiting, done, failed "

@@ -19,13 +19,14 @@ import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import orthanc
 
 from .eventlog import PhiSafeFormatter
-from .httpapi import HttpRequest, HttpResponse, Router
+from .httpapi import CATCH_ALL, HttpRequest, HttpResponse, Router
 
 
 class OrthancLogHandler(logging.Handler):
@@ -156,30 +157,46 @@ def _request_from_orthanc(uri: str, request: dict[str, Any]) -> HttpRequest:
     )
 
 
-def _answer(output: Any, response: HttpResponse, allowed: list[str]) -> None:
+def _answer(output: Any, response: HttpResponse) -> None:
+    if response.status == 405:
+        # Orthanc reserves 405 for this call: it sets the Allow header and sends no body (its HttpOutput
+        # refuses a 405 through SendHttpStatus, and clears other headers here).
+        output.SendMethodNotAllowed(", ".join(response.allow))
+        return
+    for name, value in response.headers:
+        output.SetHttpHeader(name, value)
     if response.status == 200:
         output.AnswerBuffer(response.body, response.content_type)
-    elif response.status == 405:
-        # Orthanc reserves 405 for this call (it sets the Allow header); it carries no body.
-        output.SendMethodNotAllowed(",".join(allowed))
     else:
-        # SendHttpStatus carries a body for error statuses (the contract's JSON error). Plugin 4.0 takes
-        # (status, str, size-in-bytes) and refuses bytes.
+        # SendHttpStatus carries a body for error statuses (the contract's JSON error) but no content type of
+        # its own: the header set before it is sent with it. Plugin 4.0 takes (status, str, size-in-bytes)
+        # and refuses bytes.
+        output.SetHttpHeader("Content-Type", response.content_type)
         output.SendHttpStatus(response.status, response.body.decode("utf-8", "replace"), len(response.body))
 
 
 def register_router(router: Router) -> None:
-    """Register one Orthanc REST callback per route pattern of ``router``."""
-    for pattern in router.patterns:
-        def callback(output: Any, uri: str, _pattern: str = pattern, **request: Any) -> None:
-            try:
-                response = router.dispatch(_pattern, _request_from_orthanc(uri, request))
-            except Exception:  # the router already guards handlers; this guards the adapter itself
-                logging.getLogger("rtharvest.sdk").exception("REST adapter failed on %s", uri)
-                response = HttpResponse.error(500, "internal error in the rtharvest plugin")
-            _answer(output, response, router.allowed(_pattern))
+    """Register one Orthanc REST callback per route pattern of ``router``, then the catch-all.
 
-        orthanc.RegisterRestCallback(pattern, callback)
+    Orthanc hands a request to the first registered pattern that matches its URI, so :data:`CATCH_ALL`
+    comes last: any other ``/rtharvest/...`` path reaches :meth:`Router.handle` and answers the API's
+    ``{"Error"}`` 404 rather than Orthanc's own error document.
+    """
+
+    def make_callback(answer: Callable[[HttpRequest], HttpResponse]) -> Callable[..., None]:
+        def callback(output: Any, uri: str, **request: Any) -> None:
+            try:
+                response = answer(_request_from_orthanc(uri, request))
+            except Exception:  # the router already guards handlers; this guards the adapter itself
+                logging.getLogger("rtharvest.sdk").exception("REST adapter failed on %s", uri[:200])
+                response = HttpResponse.error(500, "internal error in the rtharvest plugin")
+            _answer(output, response)
+
+        return callback
+
+    for pattern in router.patterns:
+        orthanc.RegisterRestCallback(pattern, make_callback(partial(router.dispatch, pattern)))
+    orthanc.RegisterRestCallback(CATCH_ALL, make_callback(router.handle))
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,8 @@ import json
 import re
 import shlex
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -21,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from rtharvest import cli
-from rtharvest.eventlog import Level
+from rtharvest.eventlog import Level, NewEvent
 from rtharvest.synth.generator import SynthOptions, generate
 
 from .browser.apiserver import ApiServer, fail_job, load_harvest
@@ -231,7 +233,7 @@ def test_manifest_json_and_csv(api: ApiServer, clinic: tuple[Path, object], tmp_
     root, truth = clinic
     hid = load_harvest(api, root, truth)
     window = truth.window("all")  # type: ignore[attr-defined]
-    code, out, _ = run(api.url, "manifest", hid)
+    code, out, _ = run(api.url, "manifest", hid, "--json")
     assert code == 0
     doc = json.loads(out)
     assert doc["Harvest"] == hid
@@ -246,6 +248,117 @@ def test_manifest_json_and_csv(api: ApiServer, clinic: tuple[Path, object], tmp_
     code, out, _ = run(api.url, "manifest", "--all", "--csv")
     assert code == 0 and out.splitlines()[0].startswith("Harvest,PatientID,PlanUID")
     assert len(out.splitlines()) == len(window.plans) + 1
+
+
+def test_manifest_summary_by_default(api: ApiServer, clinic: tuple[Path, object], tmp_path: Path) -> None:
+    """``manifest ID`` prints a screenful (counts, then the plans that are not Complete, Missing first, each
+    with why); ``--json`` before or after the command prints the document; ``-o`` writes the document."""
+    root, truth = clinic
+    hid = load_harvest(api, root, truth)
+    window = truth.window("all")  # type: ignore[attr-defined]
+    doc = json.loads(run(api.url, "manifest", hid, "--json")[1])
+    assert json.loads(run(api.url, "--json", "manifest", hid)[1]) == doc
+    code, out, _ = run(api.url, "manifest", hid)
+    assert code == 0
+    lines = out.splitlines()
+    summary = doc["Summary"]
+    assert lines[0].startswith(f"Manifest of harvest {hid}: {summary['PlansReferenced']} treated plan(s) referenced, "
+                               f"{summary['PlansCollected']} collected, {summary['Patients']} patient(s)")
+    by_status = {p.status: 0 for p in window.plans}
+    for plan in window.plans:
+        by_status[plan.status] += 1
+    for status, count in by_status.items():
+        assert f"{status} {count}" in lines[1]
+    not_complete = [p for p in doc["Plans"] if p["Status"] != "Complete"]
+    assert not_complete, "the synthetic clinic has Missing/Incomplete plans"
+    assert f"Plans that are not Complete ({len(not_complete)}):" in out
+    rows = [line.split() for line in lines if line.split() and line.split()[0] in ("Missing", "Incomplete", "Invalid")]
+    assert [r[0] for r in rows] == sorted((r[0] for r in rows), key=["Missing", "Incomplete", "Invalid"].index)
+    missing = next(p for p in doc["Plans"] if p["Missing"])
+    assert missing["Missing"][0]["Reason"] in out and len(lines) < 40
+    target = tmp_path / "m.json"
+    code, out, _ = run(api.url, "manifest", hid, "-o", str(target))
+    assert code == 0 and out == "" and json.loads(target.read_text()) == doc
+    assert run(api.url, "manifest", hid, "--csv", "--json")[0] == 2
+
+
+def test_closed_pipe_ends_quietly(api: ApiServer, tmp_path: Path) -> None:
+    """``rtharvest log | head -1``: head stops reading after one line; the command ends without a
+    traceback and exit 0, like any filter whose reader went away (output far beyond a pipe's buffer)."""
+    api.events.write_many(NewEvent(Level.WARNING, "harvester", f"event {i} " + "x" * 300) for i in range(2500))
+    script = (f"{shlex.quote(sys.executable)} -m rtharvest.cli --url {api.url} log --limit 5000 | head -1; "
+              "echo \"status ${PIPESTATUS[0]}\" >&2")
+    done = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert done.stdout.count("\n") == 1 and "event 2499" in done.stdout
+    assert done.stderr.strip() == "status 0", done.stderr
+
+
+def test_schedule_commands(api: ApiServer, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(api.url, "schedule", "list")
+    assert code == 0 and out.startswith("no schedules")
+    code, out, _ = run(api.url, "schedule", "add", "--name", "nightly-aria", "--source", "ARIA", "--lookup", "ARIA,MIM",
+                       "--at", "01:00", "--timezone", "Europe/Zurich", "--overlap-days", "3", "--from", "2024-01-01")
+    assert code == 0, out
+    assert out.splitlines()[0] == ("Schedule nightly-aria (api): daily at 01:00 Europe/Zurich from ARIA (lookup: ARIA, "
+                                   "MIM), overlap 3 day(s)")
+    stored = api.schedules.get("nightly-aria").definition()
+    assert stored["LookupSources"] == ["ARIA", "MIM"] and stored["From"] == "20240101" and stored["OverlapDays"] == 3
+    code, out, _ = run(api.url, "schedule", "list")
+    header, row = out.splitlines()
+    assert header.split()[:3] == ["ID", "ORIGIN", "SOURCE"] and row.split()[:3] == ["nightly-aria", "api", "ARIA"]
+    assert json.loads(run(api.url, "schedule", "show", "nightly-aria", "--json")[1])["ID"] == "nightly-aria"
+    code, _, err = run(api.url, "schedule", "add", "--name", "nightly-aria", "--source", "ARIA", "--at", "02:00",
+                       "--timezone", "UTC", capsys=capsys)
+    assert code == 1 and "(409)" in err and "exists" in err
+    assert run(api.url, "schedule", "delete", "nightly-aria")[:2] == (0, "nightly-aria: deleted (its harvests are "
+                                                                          "kept)\n")
+    code, _, err = run(api.url, "schedule", "show", "nightly-aria", capsys=capsys)
+    assert code == 1 and "unknown schedule" in err
+    assert run(api.url, "schedule", "add", "--source", "ARIA", "--at", "01:00")[0] == 2  # --timezone missing
+
+
+@pytest.mark.parametrize("command", [(), ("harvest",), ("manifest",), ("jobs",), ("log",), ("schedule",), ("export",)])
+def test_help_gives_examples_and_exit_codes(command: tuple[str, ...], capsys: pytest.CaptureFixture[str]) -> None:
+    assert run(None, *command, "--help")[0] == 0
+    text = capsys.readouterr().out
+    examples = text.split("examples:\n", 1)[1].splitlines()
+    assert examples and examples[0].strip().startswith("rtharvest ")
+    if command in ((), ("harvest",), ("export",)):
+        assert "5  completed with failures" in text and "1  the server refused" in text
+
+
+def test_help_examples_parse(capsys: pytest.CaptureFixture[str]) -> None:
+    """Every example ``--help`` shows is a command line the parser accepts."""
+    parser = cli.build_parser()
+    shown: list[str] = []
+    for command in ((), ("harvest",), ("manifest",), ("jobs",), ("log",), ("schedule",), ("export",)):
+        run(None, *command, "--help")
+        text = capsys.readouterr().out.split("examples:\n", 1)[1]
+        shown += [line.strip() for line in text.splitlines() if line.strip().startswith("rtharvest ")]
+    assert len(shown) >= 20
+    for line in shown:
+        argv = [a for a in shlex.split(line.split("#")[0].split("|")[0])[1:]]
+        argv = [DOC_PLACEHOLDERS.get(a, a) for a in argv]
+        with contextlib.redirect_stderr(io.StringIO()):
+            parser.parse_args(argv)  # SystemExit(2) on a wrong example
+
+
+def test_export_commands_do_not_import_the_main_cli() -> None:
+    """``rtharvest.export.cli`` takes what it shares with ``rtharvest.cli`` from ``rtharvest.cliutil``: no
+    import cycle (it used to borrow cli's private helpers while cli imported it)."""
+    code = "import sys, rtharvest.export.cli; print('rtharvest.cli' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout.strip() == "False", done.stderr
+
+
+def test_jobs_not_found_are_not_shown_as_attempts(api: ApiServer) -> None:
+    """A job whose object no source holds failed for good at once: "1/3" tries would read as two more to
+    come."""
+    hid = start(api)
+    fail_job(api.queue, hid, "RTRECORD->RTPLAN: 1.2.3 not found at ARIA")
+    code, out, _ = run(api.url, "jobs", "--harvest", hid, "--state", "failed")
+    row = out.splitlines()[1]
+    assert code == 0 and "not found" in row.split("ARIA")[0] and "1/3" not in row
 
 
 class _FinishAfterFirstPoll:
@@ -287,7 +400,8 @@ def test_wait_plain_lines(api: ApiServer) -> None:
     fake.join()
     assert code == 0
     lines = out.splitlines()
-    assert lines[0].startswith("Running: 0/1 jobs done") and lines[-1].startswith("Completed: 1/1 jobs done (100%)")
+    assert lines[0].startswith("Running: 0 of 1 jobs done, 0 failed")
+    assert lines[-1].startswith("Completed: 1 of 1 jobs done, 0 failed, 0 running, 0 pending")
     assert len(lines) == len(set(lines))  # a line only when something changed
     assert "\r" not in out
 
@@ -299,8 +413,8 @@ def test_wait_progress_bar_on_a_tty(api: ApiServer) -> None:
     code, out, _ = run(api.url, "harvest", "wait", hid, "--interval", "0.1", "--timeout", "20", out=tty)
     fake.join()
     assert code == 0
-    assert out.startswith("\r[") and "  0% 0/1 jobs" in out
-    assert "100% 1/1 jobs" in out and out.endswith("Completed\n")
+    assert out.startswith("\r[") and "] 0 of 1 jobs done, 0 failed" in out
+    assert "] 1 of 1 jobs done, 0 failed, 0 running  Completed" in out and out.endswith("Completed\n")
 
 
 def test_wait_timeout_and_cancelled(api: ApiServer, capsys: pytest.CaptureFixture[str]) -> None:
@@ -309,7 +423,7 @@ def test_wait_timeout_and_cancelled(api: ApiServer, capsys: pytest.CaptureFixtur
     assert code == 4 and "still Running after 0.3 s" in err
     run(api.url, "harvest", "cancel", hid)
     code, out, err = run(api.url, "harvest", "wait", hid, capsys=capsys)
-    assert code == 1 and "was cancelled" in err and out.startswith("Cancelled:")
+    assert code == cli.EXIT_NOT_COMPLETED == 6 and "was cancelled" in err and out.startswith("Cancelled:")
 
 
 def test_start_and_wait_reports_failed_jobs(api: ApiServer, capsys: pytest.CaptureFixture[str]) -> None:
@@ -328,10 +442,12 @@ def test_start_and_wait_reports_failed_jobs(api: ApiServer, capsys: pytest.Captu
     code, out, err = run(api.url, "harvest", "start", "--source", "ARIA", "--patient", "P1", "--wait",
                          "--interval", "0.1", capsys=capsys)
     t.join()
-    assert code == 0
+    # Completed, but not everything it set out to fetch: neither success (0) nor a refusal (1).
+    assert code == cli.EXIT_FAILURES == 5
     hid = out.splitlines()[0]
-    assert out.splitlines()[-1].startswith("Completed:")
-    assert f"1 job(s) failed; see: rtharvest jobs --harvest {hid} --state failed" in err
+    assert out.splitlines()[-1].startswith("Completed: 0 of 1 jobs done, 1 failed")
+    assert f"harvest {hid} completed with 1 failed job(s) of 1; see: rtharvest jobs --harvest {hid} --state failed" \
+        in err
 
 
 def test_console_script_is_declared() -> None:
@@ -341,10 +457,10 @@ def test_console_script_is_declared() -> None:
 
 
 #: Placeholders the documentation writes where the parser wants a value of a given type.
-DOC_PLACEHOLDERS = {"JOB_ID": "7"}
+DOC_PLACEHOLDERS = {"JOB_ID": "7", "EXPORT_ID": "0123456789abcdef"}
 #: The first word after ``rtharvest`` that makes a code span a command example (the CLI's commands, and
 #: the harvest actions a wrong example might put first).
-DOC_COMMAND_WORDS = ("harvest", "manifest", "jobs", "log", "status", "export",
+DOC_COMMAND_WORDS = ("harvest", "manifest", "jobs", "log", "status", "export", "schedule",
                      "start", "pause", "resume", "cancel", "wait", "list")
 
 
@@ -378,3 +494,18 @@ def test_documented_commands_parse() -> None:
             if exc.code != 0:
                 wrong.append(f"{where}: {command}")
     assert not wrong, wrong
+
+
+def test_a_bodiless_405_names_the_allowed_methods() -> None:
+    """Orthanc sends a 405 without a body (its plugin interface cannot add one): the message comes from the
+    ``Allow`` header."""
+    import email.message
+    import urllib.error
+
+    from rtharvest.cliutil import _http_error_message
+
+    headers = email.message.Message()
+    headers["Allow"] = "GET"
+    exc = urllib.error.HTTPError("http://x/rtharvest/status", 405, "Method Not Allowed", headers, io.BytesIO(b""))
+    assert _http_error_message(exc, "POST", "/rtharvest/status") == \
+        "server refused POST /rtharvest/status (405): POST is not allowed here; use GET"

@@ -220,11 +220,11 @@ def test_stow_rs_export_complete_plans(archive: tuple[OrthancProcess, dict[str, 
     code, lines = b.cli["list"]
     assert code == 0 and lines[0].split()[:4] == ["ID", "STATE", "HARVEST", "DESTINATION"] and len(lines) == 2
     assert lines[1].split()[:4] == [export_id, "Completed", b.harvest_id, "CENTRALWEB"]
-    assert f"{total}/{total}" in lines[1].split()
+    assert f"{total} of {total}" in lines[1]
     code, lines = b.cli["status"]
     assert code == 0
     assert lines[0] == f"Export {export_id} of harvest {b.harvest_id} to CENTRALWEB (dicomweb), site SITEB"
-    assert lines[1].strip().startswith(f"Completed: {total}/{total} sent, 0 failed, {total} verified")
+    assert lines[1].strip().startswith(f"Completed: {total} of {total} instances sent, 0 failed, {total} verified")
     assert lines[1].endswith("verification passed (0 absent, 0 manifest difference(s), 0 PHI hit(s))")
     code, lines = b.cli["wait"]
     assert code == 0 and len(lines) == 1 and lines[0] == b.cli["status"][1][1].strip()

@@ -464,14 +464,16 @@ def test_cli_list_status_wait_cancel(site: Site, tmp_path: Path, capsys: pytest.
         listed = {line.split()[0]: line.split() for line in lines[1:]}
         assert set(listed) == {good["ID"], bad["ID"], idle}
         total = good["Progress"]["InstancesTotal"]
-        assert listed[good["ID"]][1:4] == ["Completed", "H1", "ARCHIVE"] and f"{total}/{total}" in listed[good["ID"]]
+        assert listed[good["ID"]][1:4] == ["Completed", "H1", "ARCHIVE"]
+        assert f"{total} of {total}" in " ".join(listed[good["ID"]])
         assert listed[bad["ID"]][1] == "VerificationFailed" and listed[idle][1] == "Running"
-        assert listed[idle][-2:] == ["0/0", "0"]  # not selected yet: nothing to send
+        assert listed[idle][-5:] == ["0", "of", "0", "0", "0"]  # not selected yet: nothing to send
 
         code, lines, _ = run("status", good["ID"])
         assert code == 0
         assert lines[0] == f"Export {good['ID']} of harvest H1 to ARCHIVE (folder), site SITEA"
-        assert lines[1].strip().startswith(f"Completed: {total}/{total} sent, 0 failed, {total} verified")
+        assert lines[1].strip().startswith(f"Completed: {total} of {total} instances sent, 0 failed, {total} "
+                                           "verified")
         assert "verification passed (0 absent, 0 manifest difference(s), 0 PHI hit(s))" in lines[1]
         code, lines, _ = run("status", bad["ID"])
         assert code == 0 and "verification FAILED (1 absent" in lines[1]
@@ -479,14 +481,14 @@ def test_cli_list_status_wait_cancel(site: Site, tmp_path: Path, capsys: pytest.
         code, lines, _ = run("wait", good["ID"], "--timeout", "5", "--interval", "0.1")
         assert code == 0 and len(lines) == 1 and lines[0].startswith("Completed: ")
         code, lines, err = run("wait", bad["ID"], "--timeout", "5", "--interval", "0.1")
-        assert code == 1 and lines[0].startswith("VerificationFailed: ")
-        assert f"export {bad['ID']} ended VerificationFailed" in err
+        assert code == 5 and lines[0].startswith("VerificationFailed: ")  # completed with failures
+        assert f"export {bad['ID']} completed with failures (VerificationFailed" in err
 
         code, lines, _ = run("cancel", idle)
         assert code == 0 and lines == [f"{idle}: Cancelled"]
         assert service.state(idle) == "Cancelled" and not service.run_one()
         code, lines, err = run("wait", idle, "--timeout", "5")
-        assert code == 1 and lines[0].startswith("Cancelled: ") and "ended Cancelled" in err
+        assert code == 6 and lines[0].startswith("Cancelled: ") and "ended Cancelled" in err
         code, lines, err = run("cancel", good["ID"])  # a finished export cannot be cancelled
         assert code == 1 and lines == [] and "Completed" in err
 

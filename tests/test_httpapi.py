@@ -48,6 +48,8 @@ def test_unknown_route_and_method() -> None:
     assert _call("GET", "/nothing")[0] == 404
     status, answer = _call("DELETE", "/things")
     assert status == 405 and "POST" in answer["Error"]
+    response = _router().handle(HttpRequest("PUT", "/things/x"))
+    assert response.allow == ["GET"] and response.content_type == "application/json"
 
 
 def test_a_bug_answers_500_with_a_message_not_a_traceback() -> None:

@@ -26,6 +26,7 @@ from rtharvest.manifest import (
     PENDING,
     FailureInfo,
     Manifest,
+    PlanRow,
     build_manifest,
     failure_from_job,
 )
@@ -377,6 +378,26 @@ def test_csv_one_row_per_plan(synth: Synth) -> None:
         assert (row["MissingReasons"].split(";") if row["MissingReasons"] else []) == [m.reason for m in t.missing]
         assert len(row["RegistrationTypes"].split(";") if row["RegistrationTypes"] else []) == len(
             t.registration_uids)
+
+
+def test_invalid_plans_state_why(synth: Synth) -> None:
+    """Each ``Invalid`` plan carries its ``InvalidReason`` (the PlanIntent that makes it QA or service, and
+    that it was not followed) in the JSON and the CSV; no other plan has one."""
+    w = synth.truth.window("all")
+    objects, failures = perfect_harvest(synth, w, "h")
+    manifest = build_manifest("h", objects, synth.read_refs, failures)
+    plans = manifest.to_json()["Plans"]
+    invalid = [p for p in plans if p["Status"] == "Invalid"]
+    assert invalid, "the synthetic clinic has QA plans"
+    for plan in plans:
+        if plan["Status"] == "Invalid":
+            assert plan["InvalidReason"].startswith(f"PlanIntent {plan['PlanIntent'].strip().upper()}: ")
+            assert "not a patient treatment" in plan["InvalidReason"]
+        else:
+            assert plan["InvalidReason"] is None
+    rows = list(csv.DictReader(io.StringIO(manifest.to_csv())))
+    assert [r["InvalidReason"] for r in rows] == [p["InvalidReason"] or "" for p in plans]
+    assert PlanRow.from_json(invalid[0]).invalid_reason == invalid[0]["InvalidReason"]
 
 
 def test_csv_loads_with_pandas(synth: Synth) -> None:

@@ -245,13 +245,13 @@ def test_cli_against_the_real_server(harvested: Harvested, tmp_path: Path) -> No
     code, out, err = cli("harvest", "list")
     assert code == 0, err
     line = next(x for x in out.splitlines() if x.startswith(hid))
-    assert "Completed" in line and SOURCE in line and f"{window.summary.plans_collected}/{plans}" in line, line
+    assert "Completed" in line and SOURCE in line and f"{window.summary.plans_collected} of {plans}" in line, line
 
     code, out, err = cli("harvest", "status", hid)
     assert code == 0, err
     assert f"Harvest {hid}" in out and f"window   {window.date_from}-{window.date_to}" in out, out
     assert "Completed: " in out, out
-    assert f"{window.summary.patients} patient(s), plans {window.summary.plans_collected}/{plans} collected" in out
+    assert f"{window.summary.patients} patient(s), plans {window.summary.plans_collected} of {plans} collected" in out
     code, out, _ = cli("--json", "harvest", "status", hid)
     assert code == 0 and json.loads(out) == api.get(f"/rtharvest/harvests/{hid}")
 
@@ -265,8 +265,11 @@ def test_cli_against_the_real_server(harvested: Harvested, tmp_path: Path) -> No
     code, _, err = cli("manifest", "--all", "--csv", "-o", str(target))
     assert code == 0 and f"wrote {target}" in err
     assert len(pd.read_csv(target)) == plans
-    code, out, _ = cli("manifest", hid)
+    code, out, _ = cli("manifest", hid, "--json")
     assert code == 0 and json.loads(out)["Summary"]["PlansReferenced"] == plans
+    code, out, _ = cli("manifest", hid)  # a summary: counts, then the plans that are not Complete and why
+    assert code == 0 and out.startswith(f"Manifest of harvest {hid}: {plans} treated plan(s) referenced")
+    assert all(uid in out for uid in dangling) and len(out.splitlines()) < 40
 
     # Failed jobs: exactly the clinic's dangling references, not found at the source at the first attempt.
     code, out, err = cli("jobs", "--harvest", hid, "--state", "failed")
@@ -293,8 +296,10 @@ def test_cli_against_the_real_server(harvested: Harvested, tmp_path: Path) -> No
     second = out.strip()
     assert len(second) == len(hid) and second != hid, out
     code, out, err = cli("harvest", "wait", second, "--interval", "0.3", "--timeout", "120", timeout=150)
-    assert code == 0, err
+    # The dangling references fail again: completed with failures (5), not refused (1).
+    assert code == 5, err
     assert out.splitlines()[-1].startswith("Completed:"), out
+    assert f"harvest {second} completed with {len(dangling)} failed job(s)" in err
     assert f"see: rtharvest jobs --harvest {second} --state failed" in err
     doc = api.get(f"/rtharvest/harvests/{second}")
     assert doc["State"] == "Completed" and doc["Label"] == "cli re-harvest"
@@ -348,11 +353,11 @@ def test_explorer_page_in_chromium(harvested: Harvested, tmp_path: Path) -> None
         browser.wait_for(f"document.querySelectorAll('#plans tbody tr').length === {len(window.plans)}")
         row = f"document.querySelector('#harvests tr[data-id=\"{hid}\"]')"
 
-        # The harvest is listed, Completed; the page offers no pause/resume for a finished harvest.
+        # The harvest is listed, Completed; the page offers no pause/resume/cancel for a finished harvest.
         assert browser.evaluate(f"{row}.querySelector('.chip').textContent") == "Completed"
         assert browser.evaluate(f"{row}.classList.contains('selected')") is True
         assert browser.evaluate(f"['pause', 'resume', 'cancel'].map(a => {row}.querySelector("
-                                "'button[data-action=\"' + a + '\"]').disabled)") == [True, True, True]
+                                "'button[data-action=\"' + a + '\"]').hidden)") == [True, True, True]
         assert browser.evaluate(f"{row}.children[8].textContent") == \
             f"{summary.plans_collected} / {summary.plans_referenced}"
 
@@ -366,7 +371,7 @@ def test_explorer_page_in_chromium(harvested: Harvested, tmp_path: Path) -> None
         assert cards["Success rate"] == f"{summary.success_rate * 100:.1f} %"
         assert cards["Treatment records"] == str(summary.treatment_records)
         rows = browser.evaluate("Array.from(document.querySelectorAll('#plans tbody tr')).map(r => "
-                                "[r.children[0].textContent, r.dataset.status, r.children[12].textContent])")
+                                "[r.children[0].textContent, r.dataset.status, r.children[4].textContent])")
         assert Counter((p, s) for p, s, _ in rows) == Counter((t.patient_id, t.status) for t in window.plans)
         missing = [m for _, s, m in rows if s in ("Incomplete", "Missing")]
         assert len(missing) == 2 and all("not found at source" in m for m in missing), missing
@@ -383,13 +388,14 @@ def test_explorer_page_in_chromium(harvested: Harvested, tmp_path: Path) -> None
 
         assert {label: value for _, label, value in bars("chart-intent")} == summary.plans_by_intent
         assert {label: value for _, label, value in bars("chart-status")} == summary.plans_by_status
-        period = browser.evaluate("document.getElementById('period').value")
-        cut = 4 if period == "Yearly" else 7
+        period = browser.evaluate("document.getElementById('chart-time').dataset.bin")
         firsts = {t.plan_uid: (t.patient_id, t.first_treatment) for t in window.plans
                   if t.status != "Invalid" and t.first_treatment}
 
         def when(date: str) -> str:
-            return f"{date[:4]}-{date[4:6]}"[:cut]
+            if period == "Quarterly":
+                return f"{date[:4]}-Q{(int(date[4:6]) - 1) // 3 + 1}"
+            return f"{date[:4]}-{date[4:6]}"[:4 if period == "Yearly" else 7]
 
         patient_first: dict[str, str] = {}
         for patient, date in firsts.values():
@@ -426,12 +432,12 @@ def test_explorer_page_in_chromium(harvested: Harvested, tmp_path: Path) -> None
             browser.evaluate(f"{held_row}.querySelector('button[data-action=\"{action}\"]').click()")
 
         chip_is("Running")
-        browser.wait_for(f"!{held_row}.querySelector('button[data-action=\"pause\"]').disabled")
+        browser.wait_for(f"!{held_row}.querySelector('button[data-action=\"pause\"]').hidden")
         click("pause")
         _wait(lambda: api.get(f"/rtharvest/harvests/{held_id}")["State"] == "Paused", what="Paused over REST")
         chip_is("Paused")
-        assert browser.evaluate(f"{held_row}.querySelector('button[data-action=\"resume\"]').disabled") is False
-        assert browser.evaluate(f"{held_row}.querySelector('button[data-action=\"pause\"]').disabled") is True
+        assert browser.evaluate(f"{held_row}.querySelector('button[data-action=\"resume\"]').hidden") is False
+        assert browser.evaluate(f"{held_row}.querySelector('button[data-action=\"pause\"]').hidden") is True
         browser.wait_for("document.getElementById('toast').textContent.indexOf('Paused') >= 0")
         _screenshot(browser, tmp_path, "ui-e2e-paused.png", full_page=False)
         click("resume")
@@ -478,3 +484,193 @@ def test_explorer_page_in_chromium(harvested: Harvested, tmp_path: Path) -> None
         browser.wait_for(f"document.querySelectorAll('#plans tbody tr').length === {len(window.plans)}")
         assert browser.evaluate("document.getElementById('banner').hidden") is True
     shutil.rmtree(tmp_path / "profile", ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------------
+# 4. The plans table and the export form, at 1,400 and 1,000 px (the page's real routes on the tests'
+#    loopback API server: a clinic of ten years and 51 plans, more than one page of the table)
+
+#: Plans per page of the table (harvests.js PLAN_PAGE).
+PLAN_PAGE = 25
+STATUS_ORDER = ("Missing", "Incomplete", "Invalid", "Complete")
+
+
+@dataclass
+class PageClinic:
+    api: Any
+    harvest_id: str
+    manifest: dict[str, Any]
+    root: Path
+
+
+@pytest.fixture(scope="module")
+def page_clinic(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PageClinic]:
+    from rtharvest.synth.generator import SynthOptions, generate
+
+    from .browser.apiserver import ApiServer, load_harvest
+
+    root = tmp_path_factory.mktemp("page-clinic")
+    truth = generate(root / "clinic", SynthOptions(patients=6, history_patients=40, ct_slices=2, matrix=8))
+    (root / "api").mkdir()
+    api = ApiServer(root / "api").start()
+    try:
+        hid = load_harvest(api, root / "clinic", truth, label="ten years, 51 plans")
+        manifest = json.loads(api.manifest(hid, "json").body)
+        assert len(manifest["Plans"]) > 2 * PLAN_PAGE
+        yield PageClinic(api, hid, manifest, root)
+    finally:
+        api.stop()
+
+
+def _statuses_on_page(browser: Any) -> list[str]:
+    return list(browser.evaluate("Array.from(document.querySelectorAll('#plans tbody tr')).map(r => r.dataset.status)"))
+
+
+@pytest.mark.browser
+@pytest.mark.parametrize("width", [1400, 1000])
+def test_plans_table_pages_without_wrapping(page_clinic: PageClinic, tmp_path: Path, width: int) -> None:
+    """The plans table pages (no inner scroll box), Missing and Incomplete plans first and filterable; UIDs
+    and dates stay on one line and the page is no wider than the window; the chart picks years for ten
+    years and says QA plans are left out; a Completed harvest offers no pause/resume/cancel; a not-found
+    job says so instead of "1/3 attempts"; an Invalid plan says why."""
+    from .browser.cdp import Browser
+    from .browser.layout import PAGE_OVERFLOW, PLANS_BOX_SCROLLS, wrapped_values
+
+    api, hid, plans = page_clinic.api, page_clinic.harvest_id, page_clinic.manifest["Plans"]
+    expected = sorted((p["Status"] for p in plans), key=STATUS_ORDER.index)
+    with Browser(tmp_path / "profile", width, 1000) as browser:
+        browser.set_viewport(width, 1000)
+        browser.navigate(f"{api.url}/rtharvest/ui#harvest={hid}")
+        browser.wait_for(f"document.querySelectorAll('#plans tbody tr').length === {PLAN_PAGE}")
+        browser.wait_for("document.querySelectorAll('#failed-jobs tbody tr').length > 0")
+
+        # Pages, in status order, every plan once; Previous goes back.
+        seen = _statuses_on_page(browser)
+        assert browser.evaluate("document.getElementById('plans-pager').hidden") is False
+        assert browser.evaluate("document.getElementById('plans-prev').disabled") is True
+        while not browser.evaluate("document.getElementById('plans-next').disabled"):
+            before = browser.evaluate("document.getElementById('plans-page').textContent")
+            browser.evaluate("document.getElementById('plans-next').click()")
+            browser.wait_for(f"document.getElementById('plans-page').textContent !== {json.dumps(before)}")
+            seen += _statuses_on_page(browser)
+        assert seen == expected
+        assert browser.evaluate("document.getElementById('plans-page').textContent") == \
+            f"plans {2 * PLAN_PAGE + 1}–{len(plans)} of {len(plans)} · page 3 of 3"
+        browser.evaluate("document.getElementById('plans-prev').click()")
+        assert browser.evaluate("document.getElementById('plans-page').textContent").endswith("page 2 of 3")
+
+        # Filterable: Missing plans alone, the page counter back to the first page.
+        browser.evaluate("(() => { const s = document.getElementById('f-status'); s.value = 'Missing';"
+                         " s.dispatchEvent(new Event('change')); })()")
+        missing = [p for p in plans if p["Status"] == "Missing"]
+        assert _statuses_on_page(browser) == ["Missing"] * len(missing) and missing
+        assert browser.evaluate("document.getElementById('plans-pager').hidden") is True
+        browser.evaluate("(() => { const s = document.getElementById('f-status'); s.value = '';"
+                         " s.dispatchEvent(new Event('change')); })()")
+        assert _statuses_on_page(browser) == expected[:PLAN_PAGE]
+
+        # An Invalid plan says why (the manifest's InvalidReason) on the page where it is listed.
+        browser.evaluate("(() => { const s = document.getElementById('f-status'); s.value = 'Invalid';"
+                         " s.dispatchEvent(new Event('change')); })()")
+        reasons = browser.evaluate("Array.from(document.querySelectorAll('#plans tbody tr .invalid-reason'))"
+                                   ".map(d => d.textContent)")
+        assert reasons == [p["InvalidReason"] for p in plans if p["Status"] == "Invalid"] and reasons
+        browser.evaluate("(() => { const s = document.getElementById('f-status'); s.value = '';"
+                         " s.dispatchEvent(new Event('change')); })()")
+
+        # Values on one line, the layout within the window, no scroll box around the table.
+        assert browser.evaluate(wrapped_values("#plans .uid, #plans td.date, #plans td.uid-text, #harvests .uid,"
+                                               " #failed-jobs .uid, #failed-jobs td.not-found")) == []
+        assert browser.evaluate(PAGE_OVERFLOW) <= 0
+        assert browser.evaluate(PLANS_BOX_SCROLLS) <= 0
+
+        # The chart: years for a span of ten years, and what it counts.
+        assert browser.evaluate("document.getElementById('chart-time').dataset.bin") == "Yearly"
+        note = browser.evaluate("document.getElementById('chart-time-note').textContent")
+        invalid = sum(1 for p in plans if p["Status"] == "Invalid")
+        assert "years for this span" in note and f"QA plans left out: {invalid} plan(s)" in note
+        browser.evaluate("(() => { const s = document.getElementById('period'); s.value = 'Quarterly';"
+                         " s.dispatchEvent(new Event('change')); })()")
+        labels = browser.evaluate("Array.from(new Set(Array.from(document.querySelectorAll("
+                                  "'#chart-time svg rect[data-label]')).map(r => r.dataset.label)))")
+        assert labels[0].startswith(page_clinic.manifest["Charts"]["Monthly"][0]["Period"][:4] + "-Q")
+        drawn = browser.evaluate("Array.from(document.querySelectorAll('#chart-time svg rect[data-series=\"Plans\"]'))"
+                                 ".reduce((a, r) => a + Number(r.dataset.value), 0)")
+        assert drawn == sum(c["Plans"] for c in page_clinic.manifest["Charts"]["Monthly"])
+
+        # Controls only where they apply; a not-found job says so.
+        row = f"document.querySelector('#harvests tr[data-id=\"{hid}\"]')"
+        assert browser.evaluate(f"Array.from({row}.querySelectorAll('button')).filter(b => !b.hidden)"
+                                ".map(b => b.dataset.action)") == ["view"]
+        cells = browser.evaluate("Array.from(document.querySelectorAll('#failed-jobs tbody tr'))"
+                                 ".map(r => r.children[5].textContent)")
+        assert cells and set(cells) == {"not found"}
+        _screenshot(browser, tmp_path, f"ui-table-{width}.png")
+        assert [c for c in browser.console if c.startswith(("error", "exception"))] == []
+
+
+@pytest.mark.browser
+def test_export_form_starts_an_export_of_the_selected_harvest(page_clinic: PageClinic, tmp_path: Path) -> None:
+    """"New export…" with the Harvest field left empty exports the selected harvest (the placeholder's
+    promise; the field was `required`, so the browser refused the form); the export runs to its folder
+    and the page shows it Completed and verified. With nothing selected, the form says what is missing."""
+    from rtharvest.export.routes import register
+    from rtharvest.export.service import ExportService
+    from rtharvest.export.settings import ExportSettings
+    from rtharvest.jobqueue import RetryPolicy
+    from rtharvest.synth.generator import SynthOptions, generate
+    from rtharvest.tracking import Decision
+
+    from .browser.apiserver import load_harvest
+    from .browser.cdp import Browser
+
+    # A harvest of its own: a small clinic of RT patients (no metadata-light history patients).
+    api = page_clinic.api
+    truth = generate(tmp_path / "clinic", SynthOptions(patients=3, seed=5, ct_slices=2, matrix=8))
+    hid = load_harvest(api, tmp_path / "clinic", truth, label="to export")
+    settings = ExportSettings(site="SITEA", database_path=tmp_path / "exports.sqlite", calling_aet="HARVEST",
+                              modalities={}, folders={"RESEARCH": tmp_path / "research"})
+    service = ExportService(settings, api.events, api.manifest.build,
+                            lambda h: api.tracker.objects(h, Decision.KEPT),
+                            lambda h: api.harvests.visible_state(api.harvests.get(h)),
+                            policy=RetryPolicy(max_attempts=3, base_delay=0.0, max_delay=0.0))
+    service.read_file = api.read_file
+    register(api.router, service)
+    with Browser(tmp_path / "profile", 1000, 1000) as browser:
+        browser.set_viewport(1000, 1000)
+        # Nothing selected (the whole store): an empty Harvest field is named, nothing is sent.
+        browser.navigate(f"{api.url}/rtharvest/ui#store")
+        browser.wait_for("document.getElementById('detail-title').textContent === 'Whole store'")
+        browser.evaluate("document.getElementById('new-export-toggle').click()")
+        browser.wait_for("document.getElementById('ne-destination').options.length === 1")
+        assert browser.evaluate("document.getElementById('ne-harvest').required") is False
+        browser.evaluate("document.querySelector('#new-export button[type=submit]').click()")
+        assert "Choose a harvest" in browser.wait_for("!document.getElementById('ne-error').hidden &&"
+                                                      " document.getElementById('ne-error').textContent")
+        assert service.list_exports(10) == []
+
+        # The harvest selected (its View button): the same empty field exports it.
+        browser.evaluate("document.getElementById('new-export-toggle').click()")
+        browser.evaluate(f"document.querySelector('#harvests tr[data-id=\"{hid}\"] button[data-action=\"view\"]')"
+                         ".click()")
+        browser.wait_for(f"window.rtharvestPage.state.selected === {json.dumps(hid)}")
+        browser.evaluate("document.getElementById('new-export-toggle').click()")
+        browser.wait_for("document.getElementById('ne-destination').value === 'RESEARCH'")
+        assert hid in browser.evaluate("document.getElementById('ne-harvest').placeholder")
+        browser.evaluate("document.querySelector('#new-export button[type=submit]').click()")
+        browser.wait_for("document.getElementById('new-export').hidden")
+        (export,) = service.list_exports(10)
+        assert export["Harvest"] == hid and export["Destination"] == "RESEARCH"
+        for _ in range(200):
+            if not service.run_one():
+                break
+        done = service.document(export["ID"])
+        assert done["State"] == "Completed", json.dumps(done["Verification"])[:3000]
+        browser.wait_for("(() => { const r = document.querySelector('#exports tbody tr');"
+                         " return r && r.children[1].textContent === 'Completed'; })()", timeout=30)
+        cells = browser.evaluate("Array.from(document.querySelector('#exports tbody tr').children)"
+                                 ".map(td => td.textContent)")
+        assert cells[0] == export["ID"] and cells[2] == hid and cells[8].startswith("passed")
+        assert any((tmp_path / "research").rglob("*.dcm"))
+        _screenshot(browser, tmp_path, "ui-export-1000.png")
+        assert [c for c in browser.console if c.startswith(("error", "exception"))] == []

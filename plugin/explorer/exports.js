@@ -68,23 +68,40 @@
     }).catch(function () {});
   }
 
+  function selectedHarvest() {
+    var page = window.rtharvestPage;
+    return page && page.state.selected && page.state.selected !== '*' ? page.state.selected : '';
+  }
+
+  function formError(message) {
+    $('ne-error').textContent = message || '';
+    $('ne-error').hidden = !message;
+  }
+
   function submit(ev) {
     ev.preventDefault();
-    var page = window.rtharvestPage;
-    var harvest = $('ne-harvest').value.trim() || (page && page.state.selected !== '*' ? page.state.selected : '');
+    // The Harvest field may stay empty: the placeholder promises the selected harvest.
+    var harvest = $('ne-harvest').value.trim() || selectedHarvest();
+    if (!harvest) { formError('Choose a harvest: select one in the list above or type its ID.'); return; }
     var body = { Harvest: harvest, Destination: $('ne-destination').value, Plans: $('ne-plans').value,
                  Profile: { Dates: $('ne-dates').value, Descriptors: $('ne-descriptors').value } };
     if ($('ne-label').value.trim()) { body.Label = $('ne-label').value.trim(); }
+    formError('');
     api('POST', 'exports', body).then(function () {
       $('new-export').hidden = true;
       poll();
-    }).catch(function (err) { window.alert('Export not started: ' + err.message); });
+    }).catch(function (err) { formError('Export not started: ' + err.message); });
   }
 
   function init() {
     $('new-export-toggle').addEventListener('click', function () {
       $('new-export').hidden = !$('new-export').hidden;
-      if (!$('new-export').hidden) { loadDestinations(); }
+      if (!$('new-export').hidden) {
+        var selected = selectedHarvest();
+        $('ne-harvest').placeholder = selected ? 'default: the selected one, ' + selected : 'harvest ID (none selected)';
+        formError('');
+        loadDestinations();
+      }
     });
     $('ne-cancel').addEventListener('click', function () { $('new-export').hidden = true; });
     $('new-export').addEventListener('submit', submit);

@@ -8,7 +8,9 @@
   'use strict';
 
   var POLL_MS = 2000, HIDDEN_POLL_MS = 10000, MANIFEST_MIN_MS = 10000, STORE_MANIFEST_MS = 30000;
-  var MAX_PLAN_ROWS = 1000;
+  var PLAN_PAGE = 25;  // plans per page of the table
+  // The plans that need a look come first: Missing, then Incomplete, Invalid, Complete.
+  var STATUS_ORDER = { Missing: 0, Incomplete: 1, Invalid: 2, Complete: 3 };
   var BASE = location.pathname.replace(/ui\/?$/, '');
   var COLORS = { patients: '#4e79a7', plans: '#f28e2b' };
   var STATUS_COLORS = { Complete: '#3b8a3e', Incomplete: '#d97b0d', Missing: '#c8372d', Invalid: '#8a96a3' };
@@ -17,7 +19,7 @@
   var state = {
     harvests: [], rows: new Map(), selected: null, // harvest id, '*' for the whole store, or null
     manifest: null, manifestFor: null, manifestAt: 0, manifestKey: '', manifestLoading: false,
-    failed: [], log: [], schedules: [], status: null, period: 'Monthly', periodChosen: false, polling: false
+    failed: [], log: [], schedules: [], status: null, period: 'auto', planPage: 0, polling: false
   };
 
   function $(id) { return document.getElementById(id); }
@@ -81,9 +83,11 @@
   // -- formatting ------------------------------------------------------------------------------------
 
   function dicomDate(d) { return d && d.length === 8 ? d.slice(0, 4) + '-' + d.slice(4, 6) + '-' + d.slice(6) : (d || ''); }
-  function shortUid(uid) { return uid && uid.length > 22 ? '…' + uid.slice(-18) : (uid || ''); }
+  // The end of a UID tells objects of one clinic apart; the whole UID is in the title.
+  function shortUid(uid) { return uid && uid.length > 16 ? '…' + uid.slice(-12) : (uid || ''); }
   function uidCell(uid) { return h('span', { className: 'uid', title: uid || '', text: shortUid(uid) }); }
   function chip(value) { return h('span', { className: 'chip ' + (value || ''), text: value || '?' }); }
+  function dateCell(d) { return h('td', { className: 'date', text: dicomDate(d) }); }
   function created(iso) { return iso ? iso.replace('T', ' ').replace('Z', '') : ''; }
 
   function windowText(doc) {
@@ -150,15 +154,17 @@
       bar.lastChild.style.left = (total ? 100 * done / total : 0) + '%';
       bar.lastChild.style.width = (total ? 100 * failed / total : 0) + '%';
       bar.title = done + ' done, ' + (p.JobsRunning || 0) + ' running, ' + (p.JobsPending || 0) + ' pending, ' + failed + ' failed';
-      c.progress.lastChild.textContent = done + '/' + total + ' jobs' + (p.JobsRunning ? ', ' + p.JobsRunning + ' running' : '') +
+      // Failed jobs are not done: "2 of 2 jobs" once read as finished with nothing lost.
+      c.progress.lastChild.textContent = done + ' of ' + total + ' jobs done' + (p.JobsRunning ? ', ' + p.JobsRunning + ' running' : '') +
         (failed ? ', ' + failed + ' failed' : '');
       c.patients.textContent = String(doc.Patients || 0);
       c.plans.textContent = (doc.PlansCollected || 0) + ' / ' + (doc.PlansReferenced || 0);
       c.plans.title = 'plans collected / referenced by treatment records';
+      // Only the controls that apply: a Completed or Cancelled harvest has none left.
       var final = doc.State === 'Completed' || doc.State === 'Cancelled';
-      row.buttons.pause.disabled = doc.State !== 'Running';
-      row.buttons.resume.disabled = doc.State !== 'Paused';
-      row.buttons.cancel.disabled = final;
+      row.buttons.pause.hidden = doc.State !== 'Running';
+      row.buttons.resume.hidden = doc.State !== 'Paused';
+      row.buttons.cancel.hidden = final;
       row.tr.classList.toggle('selected', state.selected === doc.ID);
       if (tbody.children[index] !== row.tr) { tbody.insertBefore(row.tr, tbody.children[index] || null); }
     });
@@ -186,6 +192,7 @@
     state.manifestFor = null;
     state.manifestKey = '';
     state.failed = [];
+    state.planPage = 0;
     history.replaceState(null, '', id === '*' ? '#store' : '#harvest=' + encodeURIComponent(id));
     $('detail').hidden = false;
     $('detail-title').textContent = id === '*' ? 'Whole store' : 'Harvest ' + id;
@@ -256,7 +263,8 @@
     }
     var s = m.Summary || {};
     var sum = function (o) { return Object.keys(o || {}).reduce(function (a, k) { return a + o[k]; }, 0); };
-    box.appendChild(card('Patients', s.Patients || 0));
+    var qaOnly = qaOnlyPatients(m.Plans || []);
+    box.appendChild(card('Patients', s.Patients || 0, qaOnly ? qaOnly + ' with only QA plans (not in the chart per period)' : null));
     box.appendChild(card('Plans referenced', s.PlansReferenced || 0));
     box.appendChild(card('Plans collected', s.PlansCollected || 0));
     box.appendChild(card('Success rate', ((s.SuccessRate || 0) * 100).toFixed(1) + ' %', 'complete / patient plans'));
@@ -271,16 +279,48 @@
     if (s.FailedJobs) { box.appendChild(card('Failed jobs', s.FailedJobs, 'see below', true)); }
   }
 
+  // Patients whose every treated plan is Invalid (QA, service): counted by the Patients card, left out of
+  // the chart per period (which counts patient treatments only).
+  function qaOnlyPatients(plans) {
+    var byPatient = {};
+    plans.forEach(function (p) {
+      var k = p.PatientID || '';
+      byPatient[k] = (k in byPatient ? byPatient[k] : true) && p.Status === 'Invalid';
+    });
+    return Object.keys(byPatient).filter(function (k) { return byPatient[k]; }).length;
+  }
+
+  // Quarters and years from the months: each patient is counted in the month of their first fraction
+  // only, so summing months never counts a patient twice.
+  function binMonths(monthly, bin) {
+    var out = [], index = {};
+    monthly.forEach(function (p) {
+      var label = bin === 'Yearly' ? p.Period.slice(0, 4)
+        : p.Period.slice(0, 4) + '-Q' + (Math.floor((parseInt(p.Period.slice(5, 7), 10) - 1) / 3) + 1);
+      if (!(label in index)) { index[label] = out.length; out.push({ Period: label, Patients: 0, Plans: 0 }); }
+      out[index[label]].Patients += p.Patients;
+      out[index[label]].Plans += p.Plans;
+    });
+    return out;
+  }
+
+  // The bin by the span: months up to two years, quarters up to eight, years beyond (a bar stays wide
+  // enough to see and to point at).
+  function autoBin(months) { return months <= 24 ? 'Monthly' : months <= 96 ? 'Quarterly' : 'Yearly'; }
+
+  var BIN_NAMES = { Monthly: 'month', Quarterly: 'quarter', Yearly: 'year' };
+
   function renderCharts(m) {
     var charts = (m && m.Charts) || {};
-    if (!state.periodChosen) {
-      // Ten years of months make hair-thin bars: start with years unless the user picked months.
-      state.period = (charts.Monthly || []).length > 36 ? 'Yearly' : 'Monthly';
-      $('period').value = state.period;
-    }
-    var periods = charts[state.period] || [];
+    var monthly = charts.Monthly || [];
+    var bin = state.period === 'auto' ? autoBin(monthly.length) : state.period;
+    var periods = bin === 'Monthly' ? monthly : binMonths(monthly, bin);
+    var qaPlans = ((m && m.Plans) || []).filter(function (p) { return p.Status === 'Invalid'; }).length;
+    $('chart-time-note').textContent = '(' + (state.period === 'auto' ? BIN_NAMES[bin] + 's for this span, ' : '') +
+      'by first fraction; QA plans left out' + (qaPlans ? ': ' + qaPlans + ' plan(s)' : '') + ')';
+    $('chart-time').dataset.bin = bin;
     RtCharts.bars($('chart-time'), {
-      title: 'Patients and plans per ' + (state.period === 'Monthly' ? 'month' : 'year'),
+      title: 'Patients and plans per ' + BIN_NAMES[bin],
       labels: periods.map(function (p) { return p.Period; }),
       series: [
         { name: 'Patients', color: COLORS.patients, values: periods.map(function (p) { return p.Patients; }) },
@@ -332,37 +372,48 @@
     plans.forEach(function (p) { var i = p.PlanIntent || 'NONE'; if (intents.indexOf(i) < 0) { intents.push(i); } });
     fillSelect($('f-intent'), intents.sort());
     var fs = $('f-status').value, fi = $('f-intent').value, fp = $('f-patient').value.trim().toLowerCase();
-    var shown = plans.filter(function (p) {
+    var shown = plans.map(function (p, i) { return { p: p, i: i }; }).filter(function (x) {
+      var p = x.p;
       return (!fs || p.Status === fs) && (!fi || (p.PlanIntent || 'NONE') === fi) &&
         (!fp || (p.PatientID || '').toLowerCase().indexOf(fp) >= 0);
-    });
-    shown.slice(0, MAX_PLAN_ROWS).forEach(function (p) {
+    }).sort(function (a, b) {
+      return ((STATUS_ORDER[a.p.Status] || 0) - (STATUS_ORDER[b.p.Status] || 0)) || a.i - b.i;
+    }).map(function (x) { return x.p; });
+    var pages = Math.max(1, Math.ceil(shown.length / PLAN_PAGE));
+    state.planPage = Math.min(Math.max(0, state.planPage), pages - 1);
+    var first = state.planPage * PLAN_PAGE;
+    shown.slice(first, first + PLAN_PAGE).forEach(function (p) {
       var regs = (p.RegistrationUIDs || []).map(function (u) { return (p.RegistrationTypes || {})[u] || '?'; });
       var missing = h('td', { className: 'missing-item' });
+      if (p.Status === 'Invalid') { missing.appendChild(h('div', { className: 'invalid-reason', text: p.InvalidReason || 'invalid plan' })); }
       (p.Missing || []).forEach(function (x) {
         missing.appendChild(h('div', { title: x.UID }, [h('b', { text: x.What }), ' ', uidCell(x.UID), ': ' + x.Reason]));
       });
       tbody.appendChild(h('tr', { 'data-status': p.Status }, [
-        h('td', { text: p.PatientID || '' }),
+        h('td', { className: 'uid-text', text: p.PatientID || '' }),
         h('td', {}, [h('div', { text: p.PlanLabel || '(no label)' }), uidCell(p.PlanUID)]),
         h('td', { text: p.PlanIntent || '' }),
         h('td', {}, [chip(p.Status)]),
+        missing,  // next to the status: what a Missing/Incomplete/Invalid plan lacks stays in view
         h('td', { text: String(p.Treatments || 0) }),
-        h('td', { text: dicomDate(p.FirstTreatment) }),
-        h('td', { text: dicomDate(p.LastTreatment) }),
+        dateCell(p.FirstTreatment),
+        dateCell(p.LastTreatment),
         h('td', {}, [uidCell(p.StructureSetUID)]),
         listCell(p.DoseUIDs),
         listCell(p.PlanningSeriesUIDs),
         h('td', { title: (p.RegistrationUIDs || []).join('\n'), text: regs.join(', ') }),
-        listCell(p.RegisteredSeriesUIDs),
-        missing
+        listCell(p.RegisteredSeriesUIDs)
       ]));
     });
     $('plans-count').textContent = m && !m.error ? '(' + shown.length + ' of ' + plans.length + ')' : '';
+    $('plans-pager').hidden = pages < 2;
+    $('plans-page').textContent = shown.length ? 'plans ' + (first + 1) + '–' + Math.min(first + PLAN_PAGE, shown.length) +
+      ' of ' + shown.length + ' · page ' + (state.planPage + 1) + ' of ' + pages : '';
+    $('plans-prev').disabled = state.planPage === 0;
+    $('plans-next').disabled = state.planPage >= pages - 1;
     var empty = $('plans-empty');
-    empty.hidden = shown.length > 0 && shown.length <= MAX_PLAN_ROWS;
-    empty.textContent = shown.length > MAX_PLAN_ROWS ? 'Showing the first ' + MAX_PLAN_ROWS + ' plans: download the CSV for all.'
-      : plans.length ? 'No plan matches the filters.' : (m && !m.error ? 'No treated plan found yet.' : '');
+    empty.hidden = shown.length > 0;
+    empty.textContent = plans.length ? 'No plan matches the filters.' : (m && !m.error ? 'No treated plan found yet.' : '');
   }
 
   function renderManifest() {
@@ -383,6 +434,15 @@
     }).catch(function (err) { toast('Retry failed: ' + err.message, true); });
   }
 
+  // A source that answered "no such object" is not asked again: "1/10" would promise nine more attempts.
+  function attemptsCell(j) {
+    if (/not found at/.test(j.LastError || '')) {
+      return h('td', { className: 'not-found', text: 'not found',
+        title: 'the source holds no such object: not retried by itself (' + j.Attempts + ' attempt(s)); Retry asks again' });
+    }
+    return h('td', { text: j.Attempts + '/' + j.MaxAttempts });
+  }
+
   function renderFailed() {
     var tbody = document.querySelector('#failed-jobs tbody');
     clear(tbody);
@@ -390,7 +450,7 @@
       tbody.appendChild(h('tr', {}, [
         h('td', { text: String(j.ID) }), h('td', { text: j.Kind || '' }), h('td', { text: j.Hop || '' }),
         h('td', { text: j.Source || '' }), h('td', {}, [uidCell(j.Target)]),
-        h('td', { text: j.Attempts + '/' + j.MaxAttempts }), h('td', { text: j.DimseStatus || '' }),
+        attemptsCell(j), h('td', { text: j.DimseStatus || '' }),
         h('td', { text: j.LastError || '' }),
         h('td', {}, [h('button', { type: 'button', text: 'Retry', 'data-job': String(j.ID), onclick: function () { retry(j); } })])
       ]));
@@ -541,11 +601,13 @@
     $('manifest-refresh').addEventListener('click', function () { loadManifest(true); });
     $('period').addEventListener('change', function () {
       state.period = $('period').value;
-      state.periodChosen = true;
       renderCharts(state.manifest);
     });
-    ['f-status', 'f-intent'].forEach(function (id) { $(id).addEventListener('change', function () { renderPlans(state.manifest); }); });
-    $('f-patient').addEventListener('input', function () { renderPlans(state.manifest); });
+    var refilter = function () { state.planPage = 0; renderPlans(state.manifest); };
+    ['f-status', 'f-intent'].forEach(function (id) { $(id).addEventListener('change', refilter); });
+    $('f-patient').addEventListener('input', refilter);
+    $('plans-prev').addEventListener('click', function () { state.planPage -= 1; renderPlans(state.manifest); });
+    $('plans-next').addEventListener('click', function () { state.planPage += 1; renderPlans(state.manifest); });
     var hash = decodeURIComponent(location.hash || '');
     var first = poll();
     if (hash === '#store') { select('*'); }

@@ -102,7 +102,7 @@ class ApiServer:
             for watched_method, watched_path, event in self._watches:
                 if watched_method == method and watched_path == parts.path:
                     event.set()
-        return response.status, {"Content-Type": response.content_type}, response.body
+        return response.status, {"Content-Type": response.content_type, **dict(response.headers)}, response.body
 
     def start(self) -> ApiServer:
         """Serve on a free loopback port in a daemon thread."""

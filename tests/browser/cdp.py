@@ -174,6 +174,13 @@ class Browser:
                 self.console.append("exception: " + str(details.get("exception", {}).get("description")
                                                         or details.get("text")))
 
+    def set_viewport(self, width: int, height: int) -> None:
+        """Lay the page out at exactly ``width`` x ``height`` CSS pixels (the window size flag is approximate:
+        scroll bars and the headless shell's own chrome take their share)."""
+        self.width, self.height = width, height
+        self.call("Emulation.setDeviceMetricsOverride", width=width, height=height, deviceScaleFactor=1,
+                  mobile=False)
+
     def navigate(self, url: str) -> None:
         """Open ``url`` and wait for its load event."""
         self.call("Page.navigate", url=url)
