@@ -7,8 +7,8 @@ The walk is the project's own rule: :func:`rtharvest.export.verify.manifest_of_c
 the archive judges a delivered plan exactly as the site judged it.
 
 The archive has no original to compare with, so its identifying-value scan (:func:`scan_identifying`)
-looks for what a de-identified object must not hold whatever the site: a PatientID that is not one of
-the delivery's pseudonyms, a person name other than the pseudonym or the profile's dummy, a DICOM-style
+looks for what a de-identified object must not hold whatever the site: a PatientID that is not a
+pseudonym of the delivering site, a person name other than the pseudonym or the profile's dummy, a DICOM-style
 name (``FAMILY^GIVEN``) inside free text, a birth date, and dates the profile cannot have produced
 (``Dates: remove`` leaves only the dummy 19000101; ``Dates: shift`` moves every date at least one day
 back, so a date on or after the day of delivery was not shifted). See docs/central.md.
@@ -29,7 +29,7 @@ from ..export.verify import ROW_FIELDS, PhiHit, compare, manifest_of_copy
 from ..httpapi import ApiError
 from ..references import ObjectRefs
 
-__all__ = ["Delivery", "PlanCheck", "check_plans", "parse_delivery", "scan_identifying"]
+__all__ = ["Delivery", "PlanCheck", "check_plans", "parse_delivery", "pseudonym_pattern", "scan_identifying"]
 
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 _EXPORT_ID = re.compile(r"^[0-9a-zA-Z_-]{1,64}$")
@@ -57,10 +57,6 @@ class Delivery:
     series_modalities: dict[str, str]
     site_verification: dict[str, Any]
 
-    def pseudonyms(self) -> set[str]:
-        """The PatientIDs the delivery's plans name."""
-        return {str(r["PatientID"]) for r in self.rows}
-
 
 def parse_delivery(body: Mapping[str, Any]) -> Delivery:
     """Validate ``POST /rtharvest/central/deliveries``; :class:`ApiError` 400 naming the field (never
@@ -81,7 +77,7 @@ def parse_delivery(body: Mapping[str, Any]) -> Delivery:
     plans = body.get("Plans")
     if not isinstance(plans, list) or not plans or len(plans) > MAX_PLANS:
         raise ApiError(400, f"Plans: a non-empty list of plan rows (at most {MAX_PLANS})")
-    pseudonym = re.compile(rf"^{re.escape(site)}-[0-9A-F]{{10}}$")
+    pseudonym = pseudonym_pattern(site)
     rows: list[dict[str, Any]] = []
     seen: set[str] = set()
     for i, row in enumerate(plans):
@@ -153,16 +149,22 @@ def _values(value: Any) -> list[Any]:
     return list(value) if isinstance(value, (list, MultiValue)) else [value]
 
 
-def scan_identifying(ds: Dataset, pseudonyms: set[str], profile: Profile, delivery_day: str) -> list[PhiHit]:
-    """Identifying values the archive can recognise in one delivered object (the values never reported).
+def pseudonym_pattern(site: str) -> re.Pattern[str]:
+    """A pseudonym of ``site`` (plugin/export/deid.py: ``<SITE>-<10 upper-case hex digits>``)."""
+    return re.compile(rf"^{re.escape(site)}-[0-9A-F]{{10}}$")
+
+
+def scan_identifying(ds: Dataset, site: str, profile: Profile, delivery_day: str) -> list[PhiHit]:
+    """Identifying values the archive can recognise in one object delivered by ``site`` (the values never
+    reported).
 
     ``delivery_day`` is YYYYMMDD of the arrival (the latest date a shifted date can be is the day before).
     """
     sop = str(ds.get("SOPInstanceUID", ""))
     hits: list[PhiHit] = []
     own = str(ds.get("PatientID", ""))
-    if own not in pseudonyms:
-        hits.append(PhiHit(sop, "PatientID", "not a pseudonym of the delivery"))
+    if not pseudonym_pattern(site).match(own):
+        hits.append(PhiHit(sop, "PatientID", "not a pseudonym of the site"))
     allowed_names = {"", DUMMY_TEXT, own}
 
     def visit(dataset: Dataset, path: str) -> None:

@@ -146,8 +146,13 @@ def _plan(row: Sequence[Any]) -> PlanEntry:
 
 
 def table_one(rows: Sequence[PlanRow], modalities: Mapping[str, str | None]) -> dict[str, Any]:
-    """The paper's Table 1 of a selection of plans (the manifest's own rule, :func:`summarize_plans`)."""
-    doc = summarize_plans(rows, modalities).to_json()
+    """The paper's Table 1 of a selection of plans (the manifest's own rule, :func:`summarize_plans`).
+
+    Rows are taken in the manifest's order (patient, first treatment, plan): a registration serving two
+    plans counts with its type for the first of them, as in the manifest of the copy a site verified.
+    """
+    ordered = sorted(rows, key=lambda r: (r.patient_id or "", r.first_treatment or "", r.plan_uid))
+    doc = summarize_plans(ordered, modalities).to_json()
     return {name: doc[name] for name in SELECTION_COUNTS}
 
 
@@ -212,7 +217,6 @@ class CentralService:
         now = self.clock()
         day = time.strftime("%Y%m%d", time.gmtime(now))
         held = store.lookup_many(delivery.instances)
-        pseudonyms = delivery.pseudonyms()
         refs: list[ObjectRefs] = []
         hits: list[PhiHit] = []
         quarantined_series: set[str] = set()
@@ -225,7 +229,12 @@ class CentralService:
             except Exception as exc:
                 problems.append(f"instance {uid}: not readable at the archive ({type(exc).__name__})")
                 continue
-            found = scan_identifying(ds, pseudonyms, delivery.profile, day)
+            owner = str(ds.get("PatientID", "")).rsplit("-", 1)[0]
+            if owner != site.name and owner in self.settings.sites:
+                # Another site's object: not this delivery's to judge, and never deleted on its account.
+                problems.append(f"instance {uid}: belongs to site {owner}, not to {site.name}")
+                continue
+            found = scan_identifying(ds, site.name, delivery.profile, day)
             if found:
                 hits += found
                 quarantined_series.add(str(ds.get("SeriesInstanceUID", "")))
