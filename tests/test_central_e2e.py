@@ -288,3 +288,26 @@ def test_a_withdrawn_plan_leaves_every_count(consortium: Consortium) -> None:
                                                  "Query": {"SOPInstanceUID": plan["PlanUID"]}}) == []
     sites = {s["Site"]: s for s in consortium.admin.get("/rtharvest/central/sites")}
     assert sites["SITEB"]["PlansWithdrawn"] == 1
+    # The site exports the plan again (its objects arrive again): the plan stays withdrawn, its objects go.
+    document = consortium.admin.get(f"/rtharvest/central/deliveries/{plan['Delivery']}/manifest")
+    assert plan["PlanUID"] in {r["PlanUID"] for r in document["Plans"]}
+    site_b = consortium.sites["SITEB"]
+    assert site_b.export is not None
+    again = site_b.api.post("/rtharvest/exports", {"Harvest": site_b.harvest_id, "Destination": "CENTRALWEB",
+                                                   "Plans": {"PlanUIDs": [_original_plan(site_b, plan)]}})
+    assert _wait_export(site_b.api, again["ID"])["State"] == "Completed"
+    [still] = [p for p in consortium.admin.get("/rtharvest/central/plans?site=SITEB")
+               if p["PlanUID"] == plan["PlanUID"]]
+    assert still["Withdrawn"]["Reason"] == "consent revoked"
+    assert consortium.admin.post("/tools/find", {"Level": "Instance",
+                                                 "Query": {"SOPInstanceUID": plan["PlanUID"]}}) == []
+    assert consortium.admin.get("/rtharvest/central/summary")["Sites"]["SITEB"] == after["Sites"]["SITEB"]
+
+
+def _original_plan(site: Site, plan: dict[str, Any]) -> str:
+    """The site's own UID of a de-identified plan (the site key maps originals to what the archive sees)."""
+    from rtharvest.export.deid import SiteKey
+    key = SiteKey(site.name, SECRETS[site.name].encode())
+    manifest = site.api.get(f"/rtharvest/harvests/{site.harvest_id}/manifest")
+    [original] = [p["PlanUID"] for p in manifest["Plans"] if key.uid(p["PlanUID"]) == plan["PlanUID"]]
+    return str(original)

@@ -279,8 +279,7 @@ class CentralService:
                     " site_row = excluded.site_row, held_row = excluded.held_row, site_status = excluded.site_status,"
                     " held_status = excluded.held_status, check_state = excluded.check_state,"
                     " differences = excluded.differences, first_treatment = excluded.first_treatment,"
-                    " checked_at = excluded.checked_at, withdrawn_at = NULL, withdrawn_reason = NULL,"
-                    " withdrawn_by = NULL",
+                    " checked_at = excluded.checked_at",
                     (site.name, check.plan_uid, delivery_id, row["PatientID"], json.dumps(row),
                      json.dumps(check.held) if check.held else None, row["Status"], check.held_status,
                      states[check.plan_uid], json.dumps(check.differences), row.get("FirstTreatment"), now))
@@ -289,6 +288,14 @@ class CentralService:
                 " quarantine = ? WHERE id = ?",
                 (state, now, len(held) - len(quarantined), json.dumps({"Absent": absent, "Other": problems}),
                  json.dumps(quarantine_doc), delivery_id))
+        # A withdrawn plan stays withdrawn (consent does not come back with a re-export): what arrived again
+        # of it is removed as at the withdrawal.
+        entries = {p.plan_uid: p for p in self.plans(site.name)}
+        again = [entries[c.plan_uid] for c in checks if entries[c.plan_uid].withdrawn_at is not None]
+        if again:
+            removed = self._remove(site.name, again, entries.values())
+            self.events.write(Level.WARNING, "central", f"delivery {delivery_id} from {site.name} named "
+                              f"{len(again)} withdrawn plan(s): {removed} instance(s) removed again")
         level = Level.INFO if state == CheckState.VERIFIED else Level.WARNING if state == CheckState.DIFFERENCES \
             else Level.ERROR
         self.events.write(level, "central", f"delivery {delivery_id} from {site.name} checked: {state}; "
@@ -425,23 +432,30 @@ class CentralService:
             raise ApiError(404, f"site {site} delivered no plan {plan_uid[:64]!r}")
         if entry.withdrawn_at is not None:
             raise ApiError(409, f"plan {plan_uid} of {site} was already withdrawn at {_iso(entry.withdrawn_at)}")
-        objects, series = self._held_of(site, [entry])
-        keep_objects, keep_series = self._held_of(site, [p for p in entries.values()
-                                                         if p.plan_uid != plan_uid and p.withdrawn_at is None])
+        deleted = self._remove(site, [entry], entries.values())
+        now = self.clock()
+        with self.db.transaction():
+            self.db.execute("UPDATE rth_central_plans SET withdrawn_at = ?, withdrawn_reason = ?, withdrawn_by = ?"
+                            " WHERE site = ? AND plan_uid = ?", (now, reason.strip(), by, site, plan_uid))
+        self.events.write(Level.WARNING, "central", f"plan {plan_uid} of {site} withdrawn: {deleted} instance(s) "
+                          "deleted")
+        return {"Site": site, "PlanUID": plan_uid, "Withdrawn": _iso(now), "InstancesDeleted": deleted}
+
+    def _remove(self, site: str, removed: Sequence[PlanEntry], every: Iterable[PlanEntry]) -> int:
+        """Delete the held objects of ``removed`` that no other active plan of the site names; how many."""
+        gone = {p.plan_uid for p in removed}
+        objects, series = self._held_of(site, removed)
+        keep_objects, keep_series = self._held_of(site, [p for p in every
+                                                         if p.plan_uid not in gone and p.withdrawn_at is None])
         doomed = sorted((objects | series) - keep_objects - keep_series)
         store = self.store()
         held = store.lookup_many(doomed)
         for orthanc_id in held.values():
             store.delete(orthanc_id)
-        now = self.clock()
         with self.db.transaction():
             self.db.executemany("DELETE FROM rth_central_instances WHERE site = ? AND sop_uid = ?",
                                 [(site, uid) for uid in doomed])
-            self.db.execute("UPDATE rth_central_plans SET withdrawn_at = ?, withdrawn_reason = ?, withdrawn_by = ?"
-                            " WHERE site = ? AND plan_uid = ?", (now, reason.strip(), by, site, plan_uid))
-        self.events.write(Level.WARNING, "central", f"plan {plan_uid} of {site} withdrawn: {len(held)} instance(s) "
-                          "deleted")
-        return {"Site": site, "PlanUID": plan_uid, "Withdrawn": _iso(now), "InstancesDeleted": len(held)}
+        return len(held)
 
     def _held_of(self, site: str, plans: Iterable[PlanEntry]) -> tuple[set[str], set[str]]:
         """(object UIDs, instance UIDs of the series) the plans' delivered rows name, as held."""
