@@ -106,6 +106,8 @@ def status_document(runtime: Runtime) -> dict[str, Any]:
                                  for name, a in sorted(runtime.harvester.gate.activity().items())}
     if "exports" in runtime.extra:
         doc["ExportWorkerAlive"] = runtime.extra["exports"].alive
+    if "central" in runtime.extra:
+        doc["Central"] = {"Sites": sorted(runtime.extra["central"].settings.sites)}
     if runtime.reconciliation is not None:
         doc["StartupReconciliation"] = runtime.reconciliation.status()
     if runtime.ingest is not None:

@@ -12,6 +12,7 @@ must leave every count.
 from __future__ import annotations
 
 import io
+import re
 import time
 import urllib.request
 from collections import Counter
@@ -180,6 +181,17 @@ def test_both_sites_delivered_and_the_pooled_table_is_their_sum(consortium: Cons
     assert "Consortium archive" in page and "charts/plans-by-year.svg" in page
     doc = consortium.admin.get("/rtharvest/openapi.json")
     assert doc["x-undescribed"] == [] and "/rtharvest/central/deliveries/{id}/check" in doc["paths"]
+    # Every central route answers (a POST with an empty body is refused with a described status).
+    dummy = {"id": "999999", "site": "NOSITE", "plan": "1.2.3"}
+    central_paths = {p: m for p, m in doc["paths"].items() if p.startswith("/rtharvest/central/")}
+    assert len(central_paths) == 10
+    for path, methods in central_paths.items():
+        concrete = re.sub(r"{(\w+)}", lambda m: dummy[m.group(1)], path)
+        for method, op in methods.items():
+            status, body = consortium.admin.request(method.upper(), concrete, {} if method == "post" else None)
+            assert status == 200 or (str(status) in op["responses"] and "Error" in body), (method, path, status, body)
+    status_doc = consortium.admin.get("/rtharvest/status")
+    assert status_doc["Central"] == {"Sites": ["SITEA", "SITEB"]} and "ConfigurationWarnings" not in status_doc
 
 
 def _delivery_of(consortium: Consortium, site: str) -> dict[str, Any]:
