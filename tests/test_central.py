@@ -135,6 +135,8 @@ class HeldFiles:
 
     def __init__(self, files: dict[str, bytes]) -> None:
         self.files = files
+        #: How every instance arrived (Orthanc's Origin and RemoteAET metadata).
+        self.arrival = {"Origin": "RestApi"}
 
     def lookup_many(self, sop_uids: Sequence[str]) -> dict[str, str]:
         return {u: u for u in sop_uids if u in self.files}
@@ -143,7 +145,7 @@ class HeldFiles:
         return self.files[orthanc_id]
 
     def metadata(self, orthanc_id: str) -> dict[str, str]:
-        return {"Origin": "RestApi"}
+        return dict(self.arrival)
 
     def delete(self, orthanc_id: str) -> None:
         self.files.pop(orthanc_id, None)
@@ -174,7 +176,8 @@ def delivered(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, bytes
 @pytest.fixture
 def service(tmp_path: Path, delivered: tuple[dict[str, bytes], dict[str, Any]]) -> Iterator[CentralService]:
     files, _ = delivered
-    settings = _central({"Enabled": True, "Sites": {"SITEA": {"Token": TOKEN}, "SITEB": {"Token": TOKEN + "b"}}})
+    settings = _central({"Enabled": True, "Sites": {"SITEA": {"AET": "SITEA_H", "Token": TOKEN},
+                                                     "SITEB": {"Token": TOKEN + "b"}}})
     db = Database(str(tmp_path / "central.sqlite"))
     store = HeldFiles(dict(files))
     yield CentralService(settings, db, EventLog(db), lambda: store, clock=lambda: 1_800_000_000.0)
@@ -241,3 +244,23 @@ def test_lost_object_and_withdrawal(service: CentralService,
         service.withdraw("SITEA", plan["PlanUID"], "again", None)
     with pytest.raises(ApiError, match="Reason: required"):
         service.withdraw("SITEA", body["Plans"][0]["PlanUID"], " ", None)
+
+
+def test_arrivals_from_another_aet_and_objects_of_another_site(
+        service: CentralService, delivered: tuple[dict[str, bytes], dict[str, Any]]) -> None:
+    _, body = delivered
+    store = service.store()
+    assert isinstance(store, HeldFiles)
+    store.arrival = {"Origin": "DicomProtocol", "RemoteAET": "SOMEONE"}
+    checked = service.deliver(body, SITE_A)
+    assert checked["State"] == "Differences"
+    assert len(checked["Problems"]) == min(len(body["Instances"]), 100)
+    assert checked["Problems"][0].endswith("arrived by C-STORE from another AET than the site's SITEA_H")
+    store.arrival = {"Origin": "DicomProtocol", "RemoteAET": "SITEA_H"}
+    assert service.recheck(checked["ID"])["State"] == "Verified"
+    # Site B names site A's objects: reported, neither judged nor deleted on B's account.
+    row = {**body["Plans"][0], "PatientID": SiteKey("SITEB", b"site-b-secret-9876543210").pseudonym("SYN001")}
+    answer = service.deliver({**body, "Site": "SITEB", "Plans": [row]}, {"rtharvest-site-token": TOKEN + "b"})
+    assert answer["InstancesQuarantined"] == 0 and answer["State"] == "Differences"
+    assert all(p.endswith("belongs to site SITEA, not to SITEB") for p in answer["Problems"])
+    assert set(body["Instances"]) <= set(store.files)
