@@ -286,6 +286,8 @@ def test_a_withdrawn_plan_leaves_every_count(consortium: Consortium) -> None:
     path = f"/rtharvest/central/sites/SITEB/plans/{plan['PlanUID']}/withdraw"
     status, body = consortium.admin.request("POST", path, {})
     assert status == 400 and "Reason" in body["Error"]
+    status, body = consortium.as_site("SITEA").request("POST", path, {"Reason": "not mine to withdraw"})
+    assert status == 403 and "a user of site SITEA cannot withdraw a plan of site SITEB" in body["Error"]
     answer = consortium.admin.post(path, {"Reason": "consent revoked"})
     assert answer["InstancesDeleted"] >= 1
     status, body = consortium.admin.request("POST", path, {"Reason": "again"})

@@ -230,7 +230,8 @@ def register(router: Router, service: CentralService) -> None:
         "Withdraw a delivered plan (e.g. consent revoked): its objects are deleted, the plan stays listed "
         "with the reason", (Param("site", "site name", "path"), Param("plan", "de-identified plan UID", "path")),
         body='{"Reason": str}', tag=tag,
-        errors=((400, "Reason missing"), (404, "unknown site or plan"), (409, "already withdrawn"))))
+        errors=((400, "Reason missing"), (403, "a user of another site"), (404, "unknown site or plan"),
+                (409, "already withdrawn"))))
     router.add("GET", r"/rtharvest/central/charts/plans-by-year\.svg", chart, RouteDoc(
         "SVG chart: plans per site and year of (shifted) first treatment", response="SVG image",
         content_type="image/svg+xml", tag=tag))

@@ -422,8 +422,14 @@ class CentralService:
 
     def withdraw(self, site: str, plan_uid: str, reason: Any, by: str | None) -> dict[str, Any]:
         """Remove a plan a site withdrew (e.g. consent revoked): its objects not shared with another of the
-        site's plans are deleted, the plan stays listed as withdrawn with the reason, out of every count."""
+        site's plans are deleted, the plan stays listed as withdrawn with the reason, out of every count.
+
+        ``by`` is the Orthanc user asking: the archive's own users may withdraw any site's plan, a site's
+        ``Users`` only their site's."""
         self._known(site)
+        other = next((s.name for s in self.settings.sites.values() if by is not None and by in s.users), None)
+        if other is not None and other != site:
+            raise ApiError(403, f"a user of site {other} cannot withdraw a plan of site {site}")
         if not isinstance(reason, str) or not reason.strip() or len(reason) > 500:
             raise ApiError(400, "Reason: required, why the plan is withdrawn (at most 500 characters)")
         entries = {p.plan_uid: p for p in self.plans(site)}
