@@ -22,7 +22,7 @@ import pydicom
 
 from ..db import Database, register_schema
 from ..eventlog import EventLog, Level
-from ..export.verify import SELECTION_COUNTS, PhiHit
+from ..export.verify import SELECTION_COUNTS, PhiHit, compare_summaries
 from ..httpapi import ApiError
 from ..manifest import PlanRow, summarize_plans
 from ..references import ObjectKind, ObjectRefs, extract
@@ -253,6 +253,14 @@ class CentralService:
         absent = sorted(set(delivery.instances) - set(held))
         quarantined = {h.sop_uid for h in hits}
         checks = check_plans(delivery.rows, refs, f"delivery {delivery_id}")
+        if delivery.summary:
+            # The site's Table-1 counts of its selection against the same counts of what is held.
+            held_rows = [PlanRow.from_json(c.held) if c.held else
+                         PlanRow.from_json({**r, "Status": "Missing", "Missing": []})
+                         for c, r in zip(checks, delivery.rows, strict=True)]
+            held_modalities = {r.series_uid: r.modality for r in refs if r.series_uid}
+            problems += compare_summaries({k: v for k, v in delivery.summary.items() if k in SELECTION_COUNTS},
+                                          table_one(held_rows, held_modalities))
         states = {c.plan_uid: self._verdict(c, delivery.rows, quarantined, quarantined_series) for c in checks}
         if hits:
             state = CheckState.QUARANTINED
