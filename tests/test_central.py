@@ -61,6 +61,8 @@ def test_central_settings() -> None:
         "http://archive:8042"
     with pytest.raises(ConfigError, match=r"X\.CENTRAL\.Url"):
         parse_endpoints({"CENTRAL": {"Url": "archive:8042"}}, "X")
+    with pytest.raises(ConfigError, match=r"X\.CENTRL: not an export destination \(known: CENTRAL\)"):
+        parse_endpoints({"CENTRL": {"Url": "http://archive:8042"}}, "X", {"CENTRAL"})
 
 
 # -- the delivery's shape ---------------------------------------------------------------------------------

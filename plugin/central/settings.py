@@ -26,7 +26,7 @@ keyed by the export destination whose exports are then announced to that archive
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -114,13 +114,17 @@ class CentralEndpoint:
     timeout: float = 300.0
 
 
-def parse_endpoints(value: Any, where: str) -> dict[str, CentralEndpoint]:
-    """``RtHarvest.Export.Central``: destination name → :class:`CentralEndpoint`."""
+def parse_endpoints(value: Any, where: str, destinations: Collection[str] | None = None
+                    ) -> dict[str, CentralEndpoint]:
+    """``RtHarvest.Export.Central``: destination name (one of ``destinations`` when given) →
+    :class:`CentralEndpoint`."""
     if not isinstance(value, Mapping):
         raise ConfigError(f"{where}: expected {{\"DESTINATION\": {{\"Url\", \"Username\", \"Password\", \"Token\"}}}}")
     out: dict[str, CentralEndpoint] = {}
     for name, entry in value.items():
         at = f"{where}.{name}"
+        if destinations is not None and name not in destinations:
+            raise ConfigError(f"{at}: not an export destination (known: {', '.join(sorted(destinations)) or 'none'})")
         if not isinstance(entry, Mapping) or not isinstance(entry.get("Url"), str) or \
                 not entry["Url"].startswith(("http://", "https://")):
             raise ConfigError(f"{at}.Url: the archive's Orthanc base URL (http:// or https://)")

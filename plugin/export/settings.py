@@ -125,4 +125,5 @@ def load_settings(orthanc: Mapping[str, Any], config: HarvesterConfig) -> Export
     return ExportSettings(site=site, database_path=db_path, calling_aet=config.aet, modalities=modalities,
                           secret=secret_raw.encode() if secret_raw else None, batch_size=batch,
                           folders={k: Path(v) for k, v in folders_raw.items()}, dicomweb=web,
-                          central=parse_endpoints(section.get("Central", {}), f"{where}.Central"))
+                          central=parse_endpoints(section.get("Central", {}), f"{where}.Central",
+                                                  {*modalities, *web, *folders_raw}))
