@@ -16,6 +16,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import __version__, explorer_routes, sdk
+from .central import routes as central_routes
+from .central.service import CentralService
+from .central.settings import load_central
 from .config import Backend, ConfigError, HarvesterConfig, SourceSettings
 from .db import Database
 from .eventlog import EventLog, EventLogHandler, Level
@@ -103,6 +106,8 @@ def status_document(runtime: Runtime) -> dict[str, Any]:
                                  for name, a in sorted(runtime.harvester.gate.activity().items())}
     if "exports" in runtime.extra:
         doc["ExportWorkerAlive"] = runtime.extra["exports"].alive
+    if "central" in runtime.extra:
+        doc["Central"] = {"Sites": sorted(runtime.extra["central"].settings.sites)}
     if runtime.reconciliation is not None:
         doc["StartupReconciliation"] = runtime.reconciliation.status()
     if runtime.ingest is not None:
@@ -278,6 +283,7 @@ def build_runtime(config: HarvesterConfig, orthanc: Mapping[str, Any] | None = N
     ``orthanc`` is the whole configuration (for sections other than ``RtHarvest``'s harvest settings,
     such as ``RtHarvest.Export`` and ``DicomWeb.Servers``).
     """
+    central_settings = load_central(orthanc or {})  # ConfigError before anything is opened
     os.makedirs(config.database_path.parent, exist_ok=True)
     db = Database(str(config.database_path))
     db.migrate()
@@ -321,6 +327,15 @@ def build_runtime(config: HarvesterConfig, orthanc: Mapping[str, Any] | None = N
     exports = export_routes.build_export_service(orthanc or {}, config, events, manifest, tracker, harvests)
     export_routes.register(router, exports)
     runtime.extra["exports"] = exports
+    if central_settings.enabled:
+        def held_store() -> Any:
+            if runtime.harvester is None:
+                raise ApiError(503, "the archive is still starting; try again in a few seconds")
+            return runtime.harvester.store
+
+        central = CentralService(central_settings, db, events, held_store)
+        central_routes.register(router, central)
+        runtime.extra["central"] = central
     return runtime
 
 

@@ -112,7 +112,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--http-port", type=int, default=8042)
     parser.add_argument("--dicom-port", type=int, default=4242)
     parser.add_argument("--exit", action="store_true", help="stop after printing the summary")
+    parser.add_argument("--consortium", action="store_true",
+                        help="two sites export to a consortium archive (rtharvest.central.demo)")
     args = parser.parse_args(argv)
+    if args.consortium:
+        from .central.demo import run_consortium
+
+        return run_consortium(args)
 
     run_dir = args.run_dir.resolve()
     truth = _clinic(run_dir / "clinic", args.patients, args.seed)

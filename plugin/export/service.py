@@ -33,6 +33,7 @@ from typing import Any
 
 import pydicom
 
+from ..central.client import announce, delivery_document
 from ..db import Database, register_schema
 from ..eventlog import EventLog, Level
 from ..httpapi import ApiError
@@ -570,6 +571,9 @@ class ExportService:
         manifest_doc.pop("Failures", None)
         destination.write_manifest({"Export": export_id, "Site": key.site, "Profile": profile.to_json(),
                                     "Verification": doc, **manifest_doc})
+        # A consortium archive configured for this destination learns what was delivered (rtharvest.central).
+        doc["Central"] = announce(self.settings.central.get(row[2]), delivery_document(
+            key.site, export_id, profile.to_json(), wanted, result.site_summary, expected, site_modalities, doc))
         with self.db.transaction():
             self.db.executemany("UPDATE rth_export_items SET verified = 1 WHERE export_id = ? AND new_uid = ?",
                                 [(export_id, uid) for uid in found])

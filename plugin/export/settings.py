@@ -7,7 +7,8 @@
     "DatabasePath": "...",                 // default: <DatabasePath without .sqlite>-exports.sqlite
     "BatchSize": 50,                       // instances per C-STORE association / STOW-RS request
     "Folders": {"ARCHIVE": "/data/exports"},
-    "DicomWeb": {"CENTRALWEB": {"Url": "http://host/dicom-web", "Username": "u", "Password": "p"}}
+    "DicomWeb": {"CENTRALWEB": {"Url": "http://host/dicom-web", "Username": "u", "Password": "p"}},
+    "Central": {"CENTRALWEB": {"Url": "http://host", "Username": "u", "Password": "p"}}  // see rtharvest.central
 }}
 ```
 
@@ -22,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..central.settings import CentralEndpoint, parse_endpoints
 from ..config import ConfigError, HarvesterConfig
 from .deid import SITE_PATTERN
 from .destinations import Destination, DicomNode, DicomWebServer, Folder
@@ -41,6 +43,8 @@ class ExportSettings:
     batch_size: int = 50
     folders: Mapping[str, Path] = field(default_factory=dict)
     dicomweb: Mapping[str, DicomWebServer] = field(default_factory=dict)
+    #: Destination name → the consortium archive its exports are announced to (``Central``).
+    central: Mapping[str, CentralEndpoint] = field(default_factory=dict)
 
     def destination_names(self) -> list[str]:
         """Every name an export may use."""
@@ -120,4 +124,6 @@ def load_settings(orthanc: Mapping[str, Any], config: HarvesterConfig) -> Export
     modalities = {name: (m.aet, m.host, m.port) for name, m in config.modalities.items()}
     return ExportSettings(site=site, database_path=db_path, calling_aet=config.aet, modalities=modalities,
                           secret=secret_raw.encode() if secret_raw else None, batch_size=batch,
-                          folders={k: Path(v) for k, v in folders_raw.items()}, dicomweb=web)
+                          folders={k: Path(v) for k, v in folders_raw.items()}, dicomweb=web,
+                          central=parse_endpoints(section.get("Central", {}), f"{where}.Central",
+                                                  {*modalities, *web, *folders_raw}))
