@@ -21,7 +21,7 @@ from ..cli import EXIT_OK, EXIT_TIMEOUT, Client, CliError, _dump, _positive, _ta
 __all__ = ["add_parser"]
 
 #: States after which an export changes no more.
-FINAL = ("Completed", "VerificationFailed", "Failed", "Cancelled")
+FINAL = ("Completed", "HeldBack", "VerificationFailed", "Failed", "Cancelled")
 
 
 def _path(export_id: str, suffix: str = "") -> str:

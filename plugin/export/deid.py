@@ -56,6 +56,7 @@ __all__ = [
     "RT_DESCRIPTORS",
     "DatePolicy",
     "DescriptorPolicy",
+    "PhiAction",
     "Profile",
     "ProfileError",
     "SiteKey",
@@ -82,6 +83,14 @@ class DatePolicy(StrEnum):
     SHIFT = "shift"
     KEEP = "keep"
     REMOVE = "remove"
+
+
+class PhiAction(StrEnum):
+    """What the check before sending (:mod:`rtharvest.export.presend`) does with an object in which it finds
+    an identifying value of the export's patients or of the site: clean the value out, or hold the object."""
+
+    CLEAN = "clean"
+    HOLD = "hold"
 
 
 class DescriptorPolicy(StrEnum):
@@ -120,9 +129,11 @@ class Profile:
     max_shift_days: int = 3650
     sponsor: str = "rtharvest"
     protocol: str = "RTHARVEST"
+    #: What the check before sending does with an identifying value found in a kept element.
+    on_phi: PhiAction = PhiAction.CLEAN
 
     _FIELDS = ("Dates", "Descriptors", "RetainPatientCharacteristics", "RetainInstitutionIdentity",
-               "MaxShiftDays", "Sponsor", "Protocol")
+               "MaxShiftDays", "Sponsor", "Protocol", "OnPhiFound")
 
     @classmethod
     def from_json(cls, body: Any, prefix: str = "Profile") -> Profile:
@@ -162,14 +173,15 @@ class Profile:
                    descriptors=choice("Descriptors", DescriptorPolicy, DescriptorPolicy.KEEP),
                    patient_characteristics=flag("RetainPatientCharacteristics"),
                    institution=flag("RetainInstitutionIdentity"), max_shift_days=days,
-                   sponsor=text("Sponsor", "rtharvest"), protocol=text("Protocol", "RTHARVEST"))
+                   sponsor=text("Sponsor", "rtharvest"), protocol=text("Protocol", "RTHARVEST"),
+                   on_phi=choice("OnPhiFound", PhiAction, PhiAction.CLEAN))
 
     def to_json(self) -> dict[str, Any]:
         """The REST form (every field, defaults included)."""
         return {"Dates": self.dates.value, "Descriptors": self.descriptors.value,
                 "RetainPatientCharacteristics": self.patient_characteristics,
                 "RetainInstitutionIdentity": self.institution, "MaxShiftDays": self.max_shift_days,
-                "Sponsor": self.sponsor, "Protocol": self.protocol}
+                "Sponsor": self.sponsor, "Protocol": self.protocol, "OnPhiFound": self.on_phi.value}
 
     def method(self) -> list[str]:
         """``DeidentificationMethod`` values (LO: at most 64 characters each)."""

@@ -52,6 +52,11 @@ def register(router: Router, service: ExportService) -> None:
         service.document(request.groups[0])
         return HttpResponse.json(service.failed_items(request.groups[0], request.query_int("limit", 100, 1, 10_000)))
 
+    def findings(request: HttpRequest) -> HttpResponse:
+        service.document(request.groups[0])
+        return HttpResponse.json(service.findings(request.groups[0], request.query_int("limit", 100, 1, 10_000),
+                                                  request.query_int("offset", 0, 0, 10_000_000)))
+
     def destinations(_: HttpRequest) -> HttpResponse:
         settings = service.settings
         return HttpResponse.json({"Site": settings.site, "Destinations": [
@@ -68,7 +73,8 @@ def register(router: Router, service: ExportService) -> None:
         body='{"Harvest": ID, "Destination": NAME, "Plans": "Complete" | "All" | {"Status": [...], '
              '"PlanIntent": [...], "PlanUIDs": [...], "PatientIDs": [...]}, "Profile": {"Dates": "shift" | "keep" | '
              '"remove", "Descriptors": "keep" | "clean", "RetainPatientCharacteristics": bool, '
-             '"RetainInstitutionIdentity": bool, "MaxShiftDays": int, "Sponsor": str, "Protocol": str}, '
+             '"RetainInstitutionIdentity": bool, "MaxShiftDays": int, "Sponsor": str, "Protocol": str, '
+             '"OnPhiFound": "clean" | "hold"}, '
              '"Label": str}',
         response='{"ID", "State"}', tag="exports",
         errors=((400, "invalid request body, naming the field"), (404, "Harvest: unknown harvest"),
@@ -76,12 +82,19 @@ def register(router: Router, service: ExportService) -> None:
     router.add("GET", r"/rtharvest/exports", list_exports, RouteDoc(
         "Exports with state and progress, newest first", (limit,), response="[export, ...]", tag="exports"))
     router.add("GET", rf"/rtharvest/exports/{_ID}", get_export, RouteDoc(
-        "One export: State (Running, Completed, VerificationFailed, Failed, Paused, Cancelled), Progress "
-        "(PlansSelected, InstancesTotal, InstancesSent, InstancesFailed, InstancesPending, InstancesVerified, "
-        "InstancesResent), Verification, Errors", (export_id,), tag="exports", errors=(unknown,)))
+        "One export: State (Running, Completed, HeldBack, VerificationFailed, Failed, Paused, Cancelled), "
+        "Progress (PlansSelected, InstancesTotal, InstancesSent, InstancesFailed, InstancesPending, InstancesHeld, "
+        "InstancesVerified, InstancesResent), PreSendCheck (what the check before sending cleaned or held: "
+        "SOPInstanceUID, Attribute, Kind, Action; never the value), Verification, Errors", (export_id,),
+        tag="exports", errors=(unknown,)))
     router.add("POST", rf"/rtharvest/exports/{_ID}/cancel", cancel, RouteDoc(
         "Cancel an export", (export_id,), tag="exports",
         errors=(unknown, (409, "not possible in the export's state"))))
     router.add("GET", rf"/rtharvest/exports/{_ID}/failed", failed, RouteDoc(
         "Items of an export that failed, with why", (export_id, limit), response="[item, ...]", tag="exports",
         errors=(unknown,)))
+    router.add("GET", rf"/rtharvest/exports/{_ID}/findings", findings, RouteDoc(
+        "Every cleaning and hold of the check before sending (de-identified SOPInstanceUID, Attribute, Kind, "
+        "Action: cleaned or held; never the value)",
+        (export_id, limit, Param("offset", "skip this many (default 0)", type="integer")),
+        response='[{"SOPInstanceUID", "Attribute", "Kind", "Action"}, ...]', tag="exports", errors=(unknown,)))

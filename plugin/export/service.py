@@ -42,6 +42,7 @@ from ..references import ObjectKind, extract
 from ..tracking import Decision, ObjectRecord
 from .deid import Profile, ProfileError, SiteKey, deidentify
 from .destinations import Destination, DestinationError
+from .presend import Finding, FindingAction, check_before_send, cleaned_label
 from .settings import ExportSettings
 from .verify import (
     Verification,
@@ -82,6 +83,27 @@ _SCHEMA = [
 ]
 
 register_schema("exports", 1, _SCHEMA)
+# The check before sending: an object may be held back (state 'held', never sent or retried), and every
+# cleaning or hold is listed by de-identified UID, attribute and kind of value (never the value).
+register_schema("exports", 2, [
+    """CREATE TABLE rth_export_items_v2 (
+        export_id TEXT NOT NULL, sop_uid TEXT NOT NULL, orthanc_id TEXT NOT NULL, series_uid TEXT,
+        new_uid TEXT, new_study TEXT, new_series TEXT,
+        state TEXT NOT NULL DEFAULT 'pending' CHECK (state IN ('pending', 'sent', 'failed', 'held')),
+        sends INTEGER NOT NULL DEFAULT 0, verified INTEGER NOT NULL DEFAULT 0, error TEXT,
+        PRIMARY KEY (export_id, sop_uid))""",
+    "INSERT INTO rth_export_items_v2 SELECT export_id, sop_uid, orthanc_id, series_uid, new_uid, new_study,"
+    " new_series, state, sends, verified, error FROM rth_export_items",
+    "DROP TABLE rth_export_items",
+    "ALTER TABLE rth_export_items_v2 RENAME TO rth_export_items",
+    "CREATE INDEX rth_export_items_state ON rth_export_items (export_id, state)",
+    """CREATE TABLE rth_export_findings (
+        export_id TEXT NOT NULL, new_uid TEXT NOT NULL, attribute TEXT NOT NULL, kind TEXT NOT NULL,
+        action TEXT NOT NULL CHECK (action IN ('cleaned', 'held')),
+        PRIMARY KEY (export_id, new_uid, attribute, kind))""",
+])
+#: Findings listed in an export's document (all are counted; ``GET .../findings`` pages through the rest).
+FINDINGS_LISTED = 200
 
 _BODY_FIELDS = ("Harvest", "Destination", "Plans", "Profile", "Label")
 _FILTER_FIELDS = ("Status", "PlanIntent", "PlanUIDs", "PatientIDs")
@@ -196,6 +218,8 @@ class ExportService:
         self._thread: threading.Thread | None = None
         self._owner = f"{socket.gethostname()}:{os.getpid()}:export"
         self._lock_fd: int | None = None
+        #: The originals :meth:`_phi_values` read last (series UID → dataset without pixels).
+        self._originals: dict[str, Any] = {}
 
     # -- site key and pseudonyms ---------------------------------------------------------------------
 
@@ -286,8 +310,8 @@ class ExportService:
         return row
 
     def state(self, export_id: str) -> str:
-        """``Running``, ``Completed`` (sent and verified), ``VerificationFailed``, ``Failed``, ``Paused`` or
-        ``Cancelled``."""
+        """``Running``, ``Completed`` (sent and verified), ``HeldBack`` (verified, but the check before
+        sending held objects back), ``VerificationFailed``, ``Failed``, ``Paused`` or ``Cancelled``."""
         harvest = self.queue.get_harvest(export_id)
         if harvest.state in (HarvestState.CANCELLED, HarvestState.PAUSED):
             return harvest.state.value
@@ -299,7 +323,20 @@ class ExportService:
         verification = self.db.scalar("SELECT verification FROM rth_exports WHERE id = ?", (export_id,))
         if verification is None:
             return "Running"
-        return "Completed" if json.loads(verification).get("Passed") else "VerificationFailed"
+        verdict = json.loads(verification)
+        held = self.db.scalar("SELECT count(*) FROM rth_export_items WHERE export_id = ? AND state = 'held'",
+                              (export_id,), 0)
+        if held and not verdict.get("PhiHitCount") and not verdict.get("AbsentCount"):
+            # Everything sent arrived and holds nothing identifying; the copy lacks the held objects (its
+            # manifest may differ from the site's for just that reason).
+            return "HeldBack"
+        return "Completed" if verdict.get("Passed") else "VerificationFailed"
+
+    def findings(self, export_id: str, limit: int = FINDINGS_LISTED, offset: int = 0) -> list[dict[str, Any]]:
+        """What the check before sending cleaned or held (de-identified UID, attribute, kind; never the value)."""
+        return [Finding(r[0], r[1], r[2], FindingAction(r[3])).to_json() for r in self.db.query(
+            "SELECT new_uid, attribute, kind, action FROM rth_export_findings WHERE export_id = ?"
+            " ORDER BY new_uid, attribute, kind LIMIT ? OFFSET ?", (export_id, limit, offset))]
 
     def document(self, export_id: str) -> dict[str, Any]:
         """``GET /rtharvest/exports/{id}``."""
@@ -323,13 +360,26 @@ class ExportService:
                 "InstancesSent": counts.get("sent", 0),
                 "InstancesFailed": counts.get("failed", 0),
                 "InstancesPending": counts.get("pending", 0),
+                "InstancesHeld": counts.get("held", 0),
                 "InstancesVerified": verified,
                 "InstancesResent": resent,
             },
             "Errors": [j.last_error for j in failed_jobs if j.last_error],
+            "PreSendCheck": self._presend_document(export_id, Profile.from_json(json.loads(row[5]))),
             "Verification": json.loads(row[9]) if row[9] else None,
             "VerifiedAt": _iso(row[10]),
         }
+
+    def _presend_document(self, export_id: str, profile: Profile) -> dict[str, Any]:
+        by_action = dict(self.db.query("SELECT action, count(*) FROM rth_export_findings WHERE export_id = ?"
+                                       " GROUP BY action", (export_id,)))
+        objects = dict(self.db.query("SELECT action, count(DISTINCT new_uid) FROM rth_export_findings"
+                                     " WHERE export_id = ? GROUP BY action", (export_id,)))
+        total = sum(by_action.values())
+        return {"OnPhiFound": profile.on_phi.value,
+                "Cleaned": by_action.get("cleaned", 0), "Held": by_action.get("held", 0),
+                "InstancesCleaned": objects.get("cleaned", 0), "InstancesHeld": objects.get("held", 0),
+                "Findings": self.findings(export_id), "FindingsCount": total}
 
     def list_exports(self, limit: int = 100) -> list[dict[str, Any]]:
         """``GET /rtharvest/exports``: newest first."""
@@ -457,14 +507,15 @@ class ExportService:
         destination = self.destination_of(destination_name, export_id)
         key = self.key()
         todo = [(r[0], r[1]) for r in self.db.query(
-            "SELECT sop_uid, orthanc_id FROM rth_export_items WHERE export_id = ? AND state != 'sent'"
+            "SELECT sop_uid, orthanc_id FROM rth_export_items WHERE export_id = ? AND state IN ('pending', 'failed')"
             " ORDER BY series_uid, sop_uid", (export_id,))]
+        values = self._phi_values(export_id, profile) if todo else {}
         size = self.settings.batch_size
         for start in range(0, len(todo), size):
             if self._stop.is_set():
                 raise _Stopped()
             self.queue.heartbeat(job.id, self._owner, self.lease_seconds)
-            self._send_batch(export_id, todo[start:start + size], destination, key, profile)
+            self._send_batch(export_id, todo[start:start + size], destination, key, profile, values)
         failed = self.db.scalar("SELECT count(*) FROM rth_export_items WHERE export_id = ? AND state = 'failed'",
                                 (export_id,), 0)
         if failed:
@@ -472,12 +523,33 @@ class ExportService:
                                    " LIMIT 1", (export_id,))
             raise _ItemsFailed(f"{failed} instance(s) not accepted by {destination_name}, e.g. {first}")
 
+    def _phi_values(self, export_id: str, profile: Profile) -> dict[str, str]:
+        """The identifying values of the export's patients and of the site, read from the originals (one
+        object per series: they are patient- and study-level values). The same values for the check before
+        sending and for the verification, whatever was sent or held."""
+        assert self.read_file is not None
+        one_per_series: dict[str, str] = {}
+        for sop_uid, orthanc_id, series_uid in self.db.query(
+                "SELECT sop_uid, orthanc_id, series_uid FROM rth_export_items WHERE export_id = ?"
+                " ORDER BY sop_uid", (export_id,)):
+            one_per_series.setdefault(series_uid or sop_uid, orthanc_id)
+        self._originals = {}
+        for series_uid, orthanc_id in one_per_series.items():
+            try:
+                self._originals[series_uid] = pydicom.dcmread(io.BytesIO(self.read_file(orthanc_id)),
+                                                              stop_before_pixels=True)
+            except Exception:
+                continue
+        return phi_values(self._originals.values(), profile)
+
     def _send_batch(self, export_id: str, batch: Sequence[tuple[str, str]], destination: Destination,
-                    key: SiteKey, profile: Profile) -> None:
+                    key: SiteKey, profile: Profile, values: Mapping[str, str]) -> None:
         assert self.read_file is not None
         outgoing = []
         errors: dict[str, str] = {}
         new_of: dict[str, tuple[str, str, str]] = {}
+        held: set[str] = set()
+        findings: list[Finding] = []
         for sop_uid, orthanc_id in batch:
             try:
                 ds = pydicom.dcmread(io.BytesIO(self.read_file(orthanc_id)))
@@ -487,14 +559,24 @@ class ExportService:
             out = deidentify(ds, key, profile, self.pseudonym(str(ds.get("PatientID", ""))), in_place=True)
             new_of[sop_uid] = (str(out.SOPInstanceUID), str(out.get("StudyInstanceUID", "")),
                                str(out.get("SeriesInstanceUID", "")))
-            outgoing.append(out)
+            send, found = check_before_send(out, values, profile.on_phi)
+            findings += found
+            if send:
+                outgoing.append(out)
+            else:
+                held.add(sop_uid)
         refused = destination.send(outgoing)  # raises DestinationError: nothing recorded, batch resent later
         updates = []
         for sop_uid, _ in batch:
             new = new_of.get(sop_uid)
             error = errors.get(sop_uid) or (refused.get(new[0]) if new else None)
-            updates.append(("failed" if error else "sent", error, *(new or (None, None, None)), export_id, sop_uid))
+            state = "held" if sop_uid in held else "failed" if error else "sent"
+            updates.append((state, error, *(new or (None, None, None)), export_id, sop_uid))
         with self.db.transaction():
+            self.db.executemany(
+                "INSERT OR REPLACE INTO rth_export_findings (export_id, new_uid, attribute, kind, action)"
+                " VALUES (?, ?, ?, ?, ?)", [(export_id, f.sop_uid, f.attribute, f.kind, f.action.value)
+                                            for f in findings])
             self.db.executemany(
                 "UPDATE rth_export_items SET state = ?, error = ?, new_uid = ?, new_study = ?, new_series = ?,"
                 " sends = sends + 1 WHERE export_id = ? AND sop_uid = ?", updates)
@@ -511,18 +593,8 @@ class ExportService:
         items = self.db.query("SELECT sop_uid, orthanc_id, series_uid, new_uid, new_study, new_series"
                               " FROM rth_export_items WHERE export_id = ? AND state = 'sent'", (export_id,))
         expected = {r[3]: r[0] for r in items}
-        # PHI of the originals: patient- and study-level values, so one object per series is enough.
-        one_per_series: dict[str, str] = {}
-        for r in items:
-            one_per_series.setdefault(r[2] or r[0], r[1])
-        originals: dict[str, Any] = {}
-        for series_uid, orthanc_id in one_per_series.items():
-            try:
-                originals[series_uid] = pydicom.dcmread(io.BytesIO(self.read_file(orthanc_id)),
-                                                        stop_before_pixels=True)
-            except Exception:
-                continue
-        values = phi_values(originals.values(), profile)
+        values = self._phi_values(export_id, profile)
+        originals = self._originals
         # The site's image series modalities under their new UIDs (the Table-1 ImageSeries of the selection).
         site_modalities = {key.uid(uid): str(ds.get("Modality", "")) for uid, ds in originals.items()}
         result = Verification(instances_expected=len(expected), site_values=len(values))
@@ -552,6 +624,9 @@ class ExportService:
         result.absent = sorted(set(expected) - found)
         copy = manifest_of_copy(refs, export_id)
         site_rows = json.loads(self.db.scalar("SELECT site_rows FROM rth_exports WHERE id = ?", (export_id,)) or "[]")
+        for site_row in site_rows:  # plan labels as the check before sending cleaned them
+            if site_row.get("PlanLabel"):
+                site_row["PlanLabel"] = cleaned_label(str(site_row["PlanLabel"]), values)
         pseudonyms = dict(self.db.query("SELECT patient_id, pseudonym FROM rth_pseudonyms WHERE site = ?",
                                         (key.site,)))
         wanted = expected_rows(site_rows, key, profile, lambda pid: pseudonyms.get(pid) or key.pseudonym(pid))

@@ -16,10 +16,11 @@ copy, so those links are left out of the expected rows (:func:`knowable`).
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 
@@ -30,7 +31,7 @@ from ..tracking import Decision, ObjectRecord
 from .deid import DatePolicy, DescriptorPolicy, Profile, SiteKey, shift_date
 
 __all__ = ["PhiHit", "Verification", "compare", "compare_summaries", "expected_rows", "knowable",
-           "manifest_of_copy", "phi_values", "scan_for_phi", "summary_of_rows"]
+           "find_phi", "manifest_of_copy", "phi_values", "scan_for_phi", "summary_of_rows"]
 
 #: Row fields compared between the site's manifest and the copy's (UIDs mapped, dates shifted).
 ROW_FIELDS = ("PatientID", "PlanUID", "PlanIntent", "Status", "Treatments", "FirstTreatment", "LastTreatment",
@@ -209,37 +210,49 @@ def _token_pattern(needle: str) -> re.Pattern[str]:
     return re.compile(r"(?<![A-Z0-9])" + re.escape(needle) + r"(?![A-Z0-9])")
 
 
-def scan_for_phi(ds: Dataset, values: Mapping[str, str]) -> list[PhiHit]:
-    """Every string element, at any depth, that contains one of ``values`` (case-insensitive).
+def find_phi(ds: Dataset, values: Mapping[str, str]) -> Iterator[tuple[str, Dataset, DataElement,
+                                                                       list[tuple[str, str]]]]:
+    """Every string element, at any depth, that contains one of ``values`` (case-insensitive):
+    ``(attribute path, dataset holding it, element, [(value, kind), ...])`` with one ``(value, kind)`` per
+    matching value of each item of a multi-valued element.
 
     A value counts only as a whole token: not preceded or followed by a letter or digit. ``SYN001`` in
     ``"plan of SYN001."`` is a hit; the accession number ``0010001`` inside the 39 random digits of a
     ``2.25.`` UID (or a birth date inside a decimal string) is not: with thousands of UIDs in an export,
     substring matching of short numeric values fails a clean export every few runs.
+
+    The one PHI scan of the export: the check before sending (:mod:`rtharvest.export.presend`) and the
+    verification of the copy (:func:`scan_for_phi`) both use it, so what one finds the other finds.
     """
-    hits: list[PhiHit] = []
-    sop = str(ds.get("SOPInstanceUID", ""))
     patterns = {needle: _token_pattern(needle) for needle in values}
 
-    def visit(dataset: Dataset, path: str) -> None:
-        for elem in dataset:
+    def visit(dataset: Dataset, path: str) -> Iterator[tuple[str, Dataset, DataElement, list[tuple[str, str]]]]:
+        for elem in list(dataset):
             name = f"{path}{elem.keyword or str(elem.tag)}"
             if elem.VR == "SQ":
                 for i, item in enumerate(elem.value or []):
-                    visit(item, f"{name}[{i}].")
+                    yield from visit(item, f"{name}[{i}].")
                 continue
             if elem.VR in _BINARY_VRS or elem.value is None:
                 continue
+            matched: list[tuple[str, str]] = []
             for v in (elem.value if isinstance(elem.value, (list, MultiValue)) else [elem.value]):
                 text = str(v).upper()
                 words = set(_WORD.findall(text))
                 for needle, kind in values.items():
                     if (needle in words) if kind.endswith(":component") else \
                             (needle in text and patterns[needle].search(text) is not None):
-                        hits.append(PhiHit(sop, name, kind))
+                        matched.append((needle, kind))
+            if matched:
+                yield name, dataset, elem, matched
 
-    visit(ds, "")
-    return hits
+    yield from visit(ds, "")
+
+
+def scan_for_phi(ds: Dataset, values: Mapping[str, str]) -> list[PhiHit]:
+    """Every hit of :func:`find_phi` as a :class:`PhiHit` (one per matching value and element item)."""
+    sop = str(ds.get("SOPInstanceUID", ""))
+    return [PhiHit(sop, name, kind) for name, _, _, matched in find_phi(ds, values) for _, kind in matched]
 
 
 @dataclass
