@@ -318,7 +318,8 @@ def build_runtime(config: HarvesterConfig, orthanc: Mapping[str, Any] | None = N
 
     build_schedule_routes(router, schedules, wake_scheduler)
     explorer_routes.register(router)
-    exports = export_routes.build_export_service(orthanc or {}, config, events, manifest, tracker, harvests)
+    exports = export_routes.build_export_service(orthanc or {}, config, events, manifest, tracker, harvests,
+                                                 schedules)
     export_routes.register(router, exports)
     runtime.extra["exports"] = exports
     return runtime

@@ -248,7 +248,8 @@ def test_routes_and_page_section(site: Site, tmp_path: Path) -> None:
     explorer_routes.register(router)
     answer = router.handle(HttpRequest("GET", "/rtharvest/destinations"))
     assert json.loads(answer.body) == {"Site": "SITEA", "Destinations": [
-        {"Name": "ARCHIVE", "Kind": "folder"}, {"Name": "PACS", "Kind": "dicom"}]}
+        {"Name": "ARCHIVE", "Kind": "folder", "ResearchArchive": False, "Allowed": True},
+        {"Name": "PACS", "Kind": "dicom", "ResearchArchive": False, "Allowed": True}]}
     bad = router.handle(HttpRequest("POST", "/rtharvest/exports", body=b'{"Harvest": "H1", "Destination": 3}'))
     assert bad.status == 400 and json.loads(bad.body)["Error"].startswith("Destination:")
     missing = router.handle(HttpRequest("GET", "/rtharvest/exports/0123456789abcdef"))
@@ -496,3 +497,15 @@ def test_cli_list_status_wait_cancel(site: Site, tmp_path: Path, capsys: pytest.
         assert code == 0 and [d["ID"] for d in json.loads("\n".join(lines))] == [idle, bad["ID"], good["ID"]]
     finally:
         api.stop()
+
+
+def test_a_destination_that_became_a_source_receives_nothing(site: Site, tmp_path: Path) -> None:
+    """Refused at send time too: a harvest started after the export was created now reads ARCHIVE."""
+    service = _service(tmp_path, site)
+    answer = service.create({"Harvest": "H1", "Destination": "ARCHIVE", "Plans": {"PatientIDs": [_busiest(site)]}})
+    service.clinical_sources = lambda: {"ARCHIVE": "the Source of harvest H2"}
+    _drain(service)
+    doc = service.document(answer["ID"])
+    assert doc["State"] == "Failed" and doc["Progress"]["InstancesSent"] == 0
+    assert doc["Errors"][0].startswith("ARCHIVE is the Source of harvest H2")
+    assert not list((tmp_path / "archive").rglob("*.dcm"))

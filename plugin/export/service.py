@@ -198,12 +198,15 @@ class ExportService:
                  harvest_manifest: Callable[[str], Manifest],
                  harvest_objects: Callable[[str], Sequence[ObjectRecord]],
                  check_harvest: Callable[[str], Any], *, policy: RetryPolicy | None = None,
-                 lease_seconds: float = 900.0) -> None:
+                 lease_seconds: float = 900.0,
+                 clinical_sources: Callable[[], Mapping[str, str]] | None = None) -> None:
         self.settings = settings
         self.events = events
         self.harvest_manifest = harvest_manifest
         self.harvest_objects = harvest_objects
         self.check_harvest = check_harvest
+        #: Names that are a clinical system (source or lookup source of a harvest or schedule) → why.
+        self.clinical_sources: Callable[[], Mapping[str, str]] = clinical_sources or dict
         os.makedirs(settings.database_path.parent, exist_ok=True)
         self.db = Database(str(settings.database_path))
         self.queue = JobQueue(self.db, policy or RetryPolicy())
@@ -257,6 +260,32 @@ class ExportService:
 
     # -- REST ------------------------------------------------------------------------------------------
 
+    def refusal(self, destination: str) -> str | None:
+        """Why ``destination`` may not receive exports (``None``: it may): a name that is a source or lookup
+        source of a harvest or schedule (or a configured source) is a clinical system, and de-identified
+        copies must never land there by accident, unless ``RtHarvest.Export.ResearchArchives`` marks it."""
+        if destination in self.settings.research_archives:
+            return None
+        why = self.clinical_sources().get(destination)
+        if why is None:
+            return None
+        return (f"{destination} is {why}, a clinical system; exports go only to research archives (list it in "
+                "RtHarvest.Export.ResearchArchives if it truly is one)")
+
+    def destinations(self) -> list[dict[str, Any]]:
+        """``GET /rtharvest/destinations``: every name, its kind, and whether an export may use it (and why not)."""
+        sources = self.clinical_sources()
+        out = []
+        for name in self.settings.destination_names():
+            doc: dict[str, Any] = {"Name": name, "Kind": self.settings.kind_of(name),
+                                   "ResearchArchive": name in self.settings.research_archives}
+            refused = None if doc["ResearchArchive"] or name not in sources else self.refusal(name)
+            doc["Allowed"] = refused is None
+            if refused:
+                doc["Refused"] = refused
+            out.append(doc)
+        return out
+
     def create(self, body: Mapping[str, Any]) -> dict[str, Any]:
         """Validate a ``POST /rtharvest/exports`` body and enqueue the export; ``{"ID", "State"}``."""
         unknown = sorted(set(body) - set(_BODY_FIELDS))
@@ -273,6 +302,9 @@ class ExportService:
         if kind is None:
             known = ", ".join(self.settings.destination_names()) or "none configured"
             raise ApiError(400, f"Destination: unknown destination {destination[:40]!r}; known: {known}")
+        refused = self.refusal(destination)
+        if refused:
+            raise ApiError(400, f"Destination: {refused}")
         plans = parse_plans(body.get("Plans"))
         try:
             profile = Profile.from_json(body.get("Profile"))
@@ -464,6 +496,8 @@ class ExportService:
                 self.queue.complete(job.id, self._owner, note="verified")
         except _Stopped:
             self.queue.release(job.id, self._owner)
+        except _Refused as exc:
+            self._fail(job, str(exc), False)
         except (DestinationError, _ItemsFailed) as exc:
             self._fail(job, str(exc), True)
         except QueueError as exc:
@@ -504,6 +538,9 @@ class ExportService:
         if not row[8]:
             self._select(export_id, harvest_id, PlanFilter(json.loads(row[4])))
         profile = Profile.from_json(json.loads(row[5]))
+        refused = self.refusal(destination_name)
+        if refused:  # became a source after the export was created: nothing is sent
+            raise _Refused(refused)
         destination = self.destination_of(destination_name, export_id)
         key = self.key()
         todo = [(r[0], r[1]) for r in self.db.query(
@@ -658,6 +695,10 @@ class ExportService:
 
 class _Stopped(Exception):
     """The plugin is stopping: give the job back."""
+
+
+class _Refused(Exception):
+    """The destination is a clinical system (see :meth:`ExportService.refusal`)."""
 
 
 class _ItemsFailed(Exception):

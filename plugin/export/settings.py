@@ -7,6 +7,8 @@
     "DatabasePath": "...",                 // default: <DatabasePath without .sqlite>-exports.sqlite
     "BatchSize": 50,                       // instances per C-STORE association / STOW-RS request
     "Folders": {"ARCHIVE": "/data/exports"},
+    "ResearchArchives": ["CENTRAL"],       // destinations allowed although a harvest or schedule uses them
+                                           // as a source (see ExportService.refusal)
     "DicomWeb": {"CENTRALWEB": {"Url": "http://host/dicom-web", "Username": "u", "Password": "p"}}
 }}
 ```
@@ -41,6 +43,9 @@ class ExportSettings:
     batch_size: int = 50
     folders: Mapping[str, Path] = field(default_factory=dict)
     dicomweb: Mapping[str, DicomWebServer] = field(default_factory=dict)
+    #: ``ResearchArchives``: destinations explicitly marked as research archives; only these may also be a
+    #: source or lookup source of a harvest or schedule.
+    research_archives: frozenset[str] = frozenset()
 
     def destination_names(self) -> list[str]:
         """Every name an export may use."""
@@ -117,7 +122,11 @@ def load_settings(orthanc: Mapping[str, Any], config: HarvesterConfig) -> Export
         raise ConfigError(f"{where}.DicomWeb: expected an object keyed by destination name")
     for name, value in own.items():
         web[name] = _dicomweb_entry(name, value, f"{where}.DicomWeb")
+    archives = section.get("ResearchArchives", [])
+    if not isinstance(archives, list) or not all(isinstance(a, str) and a for a in archives):
+        raise ConfigError(f"{where}.ResearchArchives: expected a list of destination names")
     modalities = {name: (m.aet, m.host, m.port) for name, m in config.modalities.items()}
     return ExportSettings(site=site, database_path=db_path, calling_aet=config.aet, modalities=modalities,
                           secret=secret_raw.encode() if secret_raw else None, batch_size=batch,
-                          folders={k: Path(v) for k, v in folders_raw.items()}, dicomweb=web)
+                          folders={k: Path(v) for k, v in folders_raw.items()}, dicomweb=web,
+                          research_archives=frozenset(archives))
