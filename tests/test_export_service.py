@@ -429,7 +429,11 @@ def test_a_generated_secret_survives_a_restart(site: Site, tmp_path: Path) -> No
     uid, again = "1.2.826.0.1.3680043.2.1125.1.42", _service(tmp_path, site)
     assert again.key().uid(uid) == first.key().uid(uid)
     assert again.key().pseudonym("SYN001") == first.key().pseudonym("SYN001")
-    assert first.db.scalar("SELECT count(*) FROM rth_site_keys") == 1
+    # Kept apart from the pseudonym map: its own file, readable by the owner only; nothing in the database.
+    assert first.db.scalar("SELECT count(*) FROM rth_site_keys") == 0
+    secret_file = tmp_path / "exports.secret"
+    assert secret_file.stat().st_mode & 0o777 == 0o600
+    assert bytes.fromhex(secret_file.read_text().strip()) == first.key().secret
     (tmp_path / "other").mkdir()
     elsewhere = _service(tmp_path / "other", site)
     assert elsewhere.key().uid(uid) != first.key().uid(uid)
@@ -509,3 +513,30 @@ def test_a_destination_that_became_a_source_receives_nothing(site: Site, tmp_pat
     assert doc["State"] == "Failed" and doc["Progress"]["InstancesSent"] == 0
     assert doc["Errors"][0].startswith("ARCHIVE is the Source of harvest H2")
     assert not list((tmp_path / "archive").rglob("*.dcm"))
+
+
+def test_an_older_database_keeps_its_secret_and_pseudonyms(site: Site, tmp_path: Path) -> None:
+    """A database of an older version: the secret in rth_site_keys, 10-hex pseudonyms. The secret moves to
+    its own file (same UIDs), recorded pseudonyms stay, new patients get 64-bit ones, and a pseudonym
+    another patient already has is drawn again."""
+    old = _service(tmp_path, site)
+    secret = bytes(range(32))
+    with old.db.transaction():
+        old.db.execute("INSERT INTO rth_site_keys (site, secret, created_at) VALUES ('SITEA', ?, 0)", (secret,))
+        old.db.execute("INSERT INTO rth_pseudonyms (site, patient_id, pseudonym, created_at)"
+                       " VALUES ('SITEA', 'OLD1', 'SITEA-0123456789', 0)")
+    service = _service(tmp_path, site)
+    assert service.key().secret == secret
+    assert service.db.scalar("SELECT count(*) FROM rth_site_keys") == 0
+    assert (tmp_path / "exports.secret").stat().st_mode & 0o777 == 0o600
+    assert service.pseudonym("OLD1") == "SITEA-0123456789"
+    new = service.pseudonym("NEW1")
+    assert new == service.key().pseudonym("NEW1") and len(new.split("-")[1]) == 16
+    # Another patient took NEW2's first pseudonym: NEW2 gets the next draw, still unique.
+    taken = service.key().pseudonym("NEW2")
+    with service.db.transaction():
+        service.db.execute("INSERT INTO rth_pseudonyms (site, patient_id, pseudonym, created_at)"
+                           " VALUES ('SITEA', 'OTHER', ?, 0)", (taken,))
+    assert service.pseudonym("NEW2") == service.key().pseudonym("NEW2", 1) != taken
+    restarted = _service(tmp_path, site)
+    assert restarted.key().secret == secret and restarted.pseudonym("NEW2") == service.pseudonym("NEW2")

@@ -27,7 +27,8 @@ contour images, dose → plan, registration → series and frames of reference, 
 still resolves; two sites with different secrets never produce the same UID, even for the same original
 (a patient treated at both). Private attributes are removed at every depth.
 
-PatientID and PatientName become the patient's pseudonym (``<SITE>-<10 hex digits>``, from the same key);
+PatientID and PatientName become the patient's pseudonym (``<SITE>-<16 hex digits>``: 64 bits, from the
+same key; pseudonyms an older version recorded with 10 hex digits stay as recorded);
 the Clinical Trial Subject module (``ClinicalTrialSiteID``, ``ClinicalTrialSubjectID``, sponsor and
 protocol) names the site, so datasets of several sites stay separable in one archive.
 """
@@ -215,7 +216,8 @@ class Profile:
 class SiteKey:
     """A site's name and secret; everything derived from them is deterministic.
 
-    The secret never leaves the site (it lives in the site's database, with the pseudonym mapping).
+    The secret never leaves the site (it lives in its own file, apart from the pseudonym mapping, or in the
+    configuration; see :mod:`rtharvest.export.settings`).
     """
 
     site: str
@@ -234,9 +236,12 @@ class SiteKey:
         """The site's replacement for ``uid``: ``2.25.`` + 128 bits of the keyed hash (≤ 44 characters)."""
         return "2.25." + str(int.from_bytes(self._digest("uid", uid.strip("\x00 "))[:16], "big"))
 
-    def pseudonym(self, patient_id: str) -> str:
-        """The patient's pseudonym: ``<SITE>-<10 upper-case hex digits>``."""
-        return f"{self.site}-{self._digest('patient', patient_id).hex()[:10].upper()}"
+    def pseudonym(self, patient_id: str, attempt: int = 0) -> str:
+        """The patient's pseudonym: ``<SITE>-<16 upper-case hex digits>`` (64 bits: a collision among a
+        million patients has a chance of about 3e-8). ``attempt`` > 0 draws another one for the rare patient
+        whose first pseudonym another patient of the site already has."""
+        value = patient_id if attempt == 0 else f"{patient_id}\x00{attempt}"
+        return f"{self.site}-{self._digest('patient', value).hex()[:16].upper()}"
 
     def day_shift(self, patient_id: str, max_days: int) -> int:
         """Days (negative) every date of this patient moves by under ``Dates: shift``."""

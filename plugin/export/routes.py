@@ -30,17 +30,17 @@ def clinical_sources(config: HarvesterConfig, harvests: HarvestService,
 
     def find() -> dict[str, str]:
         why: dict[str, str] = {}
-        for name in config.sources:
-            why.setdefault(name, "a source configured in RtHarvest.Sources")
-        for schedule in schedules.all() if schedules is not None else []:
-            why.setdefault(schedule.source, f"the Source of schedule {schedule.id}")
-            for name in schedule.lookup_sources:
-                why.setdefault(name, f"a lookup source of schedule {schedule.id}")
         for source, lookup, harvest_id in harvests.queue.db.query(
                 "SELECT source, json_extract(params, '$.LookupSources'), min(id) FROM harvests GROUP BY 1, 2"):
             why.setdefault(source, f"the Source of harvest {harvest_id}")
             for name in json.loads(lookup) if lookup else []:
                 why.setdefault(str(name), f"a lookup source of harvest {harvest_id}")
+        for schedule in schedules.all() if schedules is not None else []:
+            why.setdefault(schedule.source, f"the Source of schedule {schedule.id}")
+            for name in schedule.lookup_sources:
+                why.setdefault(name, f"a lookup source of schedule {schedule.id}")
+        for name in config.sources:
+            why.setdefault(name, "a source configured in RtHarvest.Sources")
         return why
 
     return find

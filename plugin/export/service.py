@@ -13,8 +13,8 @@ re-sends at most the batch in flight, and since the de-identified UIDs are deter
 receives the same SOP Instance UIDs again (Orthanc and DICOMweb servers replace, a folder overwrites the
 same file), never a second copy.
 
-The pseudonym mapping and the site's secret stay in this database; neither is ever exported, logged or
-answered over REST.
+The pseudonym mapping stays in this database and the site's secret in its own file (mode 0600) or the
+configuration (:attr:`ExportSettings.secret_path`); neither is ever exported, logged or answered over REST.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import pydicom
@@ -227,23 +228,37 @@ class ExportService:
     # -- site key and pseudonyms ---------------------------------------------------------------------
 
     def key(self) -> SiteKey:
-        """The site's key: the configured secret, else one generated once and kept in the database."""
+        """The site's key: the configured secret (environment or ``Secret``), else the one in the secret file
+        (generated once, mode 0600). A secret an older version kept in the database (``rth_site_keys``) moves
+        to the file on first use, so every UID and pseudonym stays the same and the database alone no longer
+        re-identifies anyone."""
         if self._key is None:
             site = self.settings.site
             secret = self.settings.secret
             if secret is None:
-                with self.db.transaction():
-                    stored = self.db.scalar("SELECT secret FROM rth_site_keys WHERE site = ?", (site,))
-                    if stored is None:
-                        stored = secrets.token_bytes(32)
-                        self.db.execute("INSERT INTO rth_site_keys (site, secret, created_at) VALUES (?, ?, ?)",
-                                        (site, stored, time.time()))
-                secret = bytes(stored)
+                secret = self._secret_from_file(site)
             self._key = SiteKey(site, secret)
         return self._key
 
+    def _secret_from_file(self, site: str) -> bytes:
+        path = self.settings.secret_path
+        stored = self.db.scalar("SELECT secret FROM rth_site_keys WHERE site = ?", (site,))
+        if not path.exists():
+            write_secret_file(path, bytes(stored) if stored is not None else secrets.token_bytes(32))
+        secret = read_secret_file(path)
+        if stored is not None:
+            if bytes(stored) != secret:
+                raise RuntimeError(f"the export secret of {path} differs from the one the export database "
+                                   "holds for this site; keep one (see docs/operations.md, Exports)")
+            with self.db.transaction():
+                self.db.execute("DELETE FROM rth_site_keys WHERE site = ?", (site,))
+            log.warning("the export secret moved from the export database to %s (mode 0600)", path)
+        return secret
+
     def pseudonym(self, patient_id: str) -> str:
-        """The patient's pseudonym, recorded in the site's database on first use."""
+        """The patient's pseudonym, recorded in the site's database on first use (a recorded one is never
+        changed: pseudonyms of an older version keep their 10 hex digits). A new pseudonym another patient
+        already has (possible, at 64 bits hardly ever) is drawn again."""
         cached = self._pseudonyms.get(patient_id)
         if cached is not None:
             return cached
@@ -251,10 +266,14 @@ class ExportService:
         with self.db.transaction():
             found = self.db.scalar("SELECT pseudonym FROM rth_pseudonyms WHERE site = ? AND patient_id = ?",
                                    (key.site, patient_id))
-            if found is None:
-                found = key.pseudonym(patient_id)
-                self.db.execute("INSERT INTO rth_pseudonyms (site, patient_id, pseudonym, created_at)"
-                                " VALUES (?, ?, ?, ?)", (key.site, patient_id, found, time.time()))
+            attempt = 0
+            while found is None:
+                candidate = key.pseudonym(patient_id, attempt)
+                if self.db.scalar("SELECT 1 FROM rth_pseudonyms WHERE pseudonym = ?", (candidate,)) is None:
+                    found = candidate
+                    self.db.execute("INSERT INTO rth_pseudonyms (site, patient_id, pseudonym, created_at)"
+                                    " VALUES (?, ?, ?, ?)", (key.site, patient_id, found, time.time()))
+                attempt += 1
         self._pseudonyms[patient_id] = str(found)
         return str(found)
 
@@ -691,6 +710,38 @@ class ExportService:
         self.events.write(level, "export", f"export {export_id} verified: {len(found)}/{len(expected)} instance(s), "
                           f"{len(result.differences)} manifest difference(s), {len(result.phi_hits)} PHI hit(s)",
                           harvest_id=row[1])
+
+
+def write_secret_file(path: Path, secret: bytes) -> None:
+    """Create ``path`` holding ``secret`` (hex), readable by the owner only, atomically: written to a
+    temporary file of mode 0600 first and linked into place, so a crash never leaves a half-written key and
+    two processes starting at once keep the first one's."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.write(fd, secret.hex().encode() + b"\n")
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        pass
+    finally:
+        os.unlink(tmp)
+
+
+def read_secret_file(path: Path) -> bytes:
+    """The secret of ``path``; a file others may read is restricted to its owner (and a warning logged)."""
+    mode = path.stat().st_mode
+    if mode & 0o077:
+        os.chmod(path, 0o600)
+        log.warning("%s was readable by others (mode %o); now 0600", path, mode & 0o777)
+    try:
+        return bytes.fromhex(path.read_text().strip())
+    except ValueError:
+        raise RuntimeError(f"{path}: not an export secret (hex digits expected)") from None
 
 
 class _Stopped(Exception):

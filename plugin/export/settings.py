@@ -3,7 +3,9 @@
 ```json
 "RtHarvest": {"Export": {
     "Site": "SITEA",                       // ClinicalTrialSiteID and pseudonym prefix (default: DicomAet)
-    "Secret": "...",                       // optional; else generated once and kept in the site's database
+    "Secret": "...",                       // optional (or RTHARVEST_EXPORT_SECRET in the environment); else
+    "SecretFile": "...",                   // generated once into this file, mode 0600 (default: next to
+                                           // DatabasePath, <name without .sqlite>.secret)
     "DatabasePath": "...",                 // default: <DatabasePath without .sqlite>-exports.sqlite
     "BatchSize": 50,                       // instances per C-STORE association / STOW-RS request
     "Folders": {"ARCHIVE": "/data/exports"},
@@ -19,6 +21,7 @@ Orthanc's own ``DicomWeb.Servers`` (STOW-RS), then ``RtHarvest.Export.Folders``.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +31,7 @@ from ..config import ConfigError, HarvesterConfig
 from .deid import SITE_PATTERN
 from .destinations import Destination, DicomNode, DicomWebServer, Folder
 
-__all__ = ["ExportSettings", "load_settings"]
+__all__ = ["SECRET_ENV", "ExportSettings", "load_settings"]
 
 
 @dataclass(frozen=True)
@@ -40,12 +43,22 @@ class ExportSettings:
     calling_aet: str
     modalities: Mapping[str, tuple[str, str, int]]
     secret: bytes | None = field(default=None, repr=False)
+    #: Where a generated secret is kept (``None``: :attr:`secret_path`'s default next to the database).
+    secret_file: Path | None = None
     batch_size: int = 50
     folders: Mapping[str, Path] = field(default_factory=dict)
     dicomweb: Mapping[str, DicomWebServer] = field(default_factory=dict)
     #: ``ResearchArchives``: destinations explicitly marked as research archives; only these may also be a
     #: source or lookup source of a harvest or schedule.
     research_archives: frozenset[str] = frozenset()
+
+    @property
+    def secret_path(self) -> Path:
+        """The file holding the generated secret: apart from the database and its pseudonym map, so one
+        copied file does not re-identify anyone."""
+        if self.secret_file is not None:
+            return self.secret_file
+        return self.database_path.with_name(self.database_path.stem + ".secret")
 
     def destination_names(self) -> list[str]:
         """Every name an export may use."""
@@ -87,8 +100,14 @@ def _dicomweb_entry(name: str, value: Any, where: str) -> DicomWebServer:
                       "or [url, username, password]")
 
 
-def load_settings(orthanc: Mapping[str, Any], config: HarvesterConfig) -> ExportSettings:
+#: The environment variable that gives the export secret (takes precedence over ``Secret``).
+SECRET_ENV = "RTHARVEST_EXPORT_SECRET"
+
+
+def load_settings(orthanc: Mapping[str, Any], config: HarvesterConfig,
+                  environ: Mapping[str, str] | None = None) -> ExportSettings:
     """Validate ``RtHarvest.Export``; :class:`ConfigError` names the setting."""
+    environ = os.environ if environ is None else environ
     rt = orthanc.get("RtHarvest", {})
     section = rt.get("Export", {}) if isinstance(rt, Mapping) else {}
     where = "RtHarvest.Export"
@@ -100,6 +119,13 @@ def load_settings(orthanc: Mapping[str, Any], config: HarvesterConfig) -> Export
     secret_raw = section.get("Secret")
     if secret_raw is not None and (not isinstance(secret_raw, str) or len(secret_raw) < 16):
         raise ConfigError(f"{where}.Secret: a string of at least 16 characters (or leave it out: one is generated)")
+    if environ.get(SECRET_ENV):
+        secret_raw = environ[SECRET_ENV]
+        if len(secret_raw) < 16:
+            raise ConfigError(f"{SECRET_ENV}: at least 16 characters")
+    secret_file = section.get("SecretFile")
+    if secret_file is not None and (not isinstance(secret_file, str) or not secret_file):
+        raise ConfigError(f"{where}.SecretFile: a file path")
     default_db = config.database_path.with_name(config.database_path.stem + "-exports.sqlite")
     db_path = Path(str(section.get("DatabasePath", default_db)))
     batch = section.get("BatchSize", 50)
@@ -129,4 +155,5 @@ def load_settings(orthanc: Mapping[str, Any], config: HarvesterConfig) -> Export
     return ExportSettings(site=site, database_path=db_path, calling_aet=config.aet, modalities=modalities,
                           secret=secret_raw.encode() if secret_raw else None, batch_size=batch,
                           folders={k: Path(v) for k, v in folders_raw.items()}, dicomweb=web,
-                          research_archives=frozenset(archives))
+                          research_archives=frozenset(archives),
+                          secret_file=Path(secret_file) if secret_file else None)
