@@ -37,6 +37,8 @@ DEFAULT_CONFIG = REPO_ROOT / "docker" / "orthanc.json"
 ORTHANC_BINARY = "/usr/sbin/Orthanc"
 DEBIAN_PYTHON_PLUGIN = "/usr/share/orthanc/plugins/libOrthancPython.so"
 ENTRY_SCRIPT_NAME = "rtharvest_entry.py"
+#: The first-run credential ``docker/orthanc.json`` ships with (tests/test_launcher.py checks they agree).
+FIRST_RUN_USER, FIRST_RUN_PASSWORD = "rtharvest", "change-me-on-first-run"
 
 
 class LaunchError(RuntimeError):
@@ -161,6 +163,19 @@ def plugin_environment(extra: Mapping[str, str] | None = None) -> dict[str, str]
     if extra:
         env.update(extra)
     return env
+
+
+def first_run_credential_warning(orthanc: Mapping[str, Any]) -> str | None:
+    """A warning while ``RegisteredUsers`` still holds the shipped first-run password (any user), else None.
+    Names the user, never the password."""
+    users = orthanc.get("RegisteredUsers")
+    if not isinstance(users, Mapping):
+        return None
+    unchanged = sorted(str(name) for name, password in users.items() if password == FIRST_RUN_PASSWORD)
+    if not unchanged:
+        return None
+    return (f"RegisteredUsers: user {unchanged[0]!r} still has the first-run password of docker/orthanc.json; "
+            "set a long random one before real use (docs/operations.md, The first-run password)")
 
 
 def write_private(path: Path, text: str) -> None:

@@ -9,9 +9,12 @@ import json
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from rtharvest.config import load_config
 from rtharvest.db import Database
 from rtharvest.eventlog import EventLog
+from rtharvest.export.destinations import DestinationError, DicomWebServer
 from rtharvest.export.routes import build_export_service, register
 from rtharvest.harvests import HarvestService
 from rtharvest.httpapi import HttpRequest, Router
@@ -24,11 +27,20 @@ NIGHTLY = {"Name": "nightly", "Source": "ARIA", "LookupSources": ["ARIA", "MIM"]
            "TimeZone": "UTC", "OverlapDays": 2, "From": "20300101"}
 
 
-def _router(tmp_path: Path, archives: list[str] | None = None) -> tuple[Router, HarvestService]:
+WEB = {"SECUREWEB": {"Url": "https://archive.example.org/dicom-web", "Username": "u", "Password": "p"},
+       "PLAINWEB": {"Url": "http://10.0.0.5/dicom-web", "Username": "u", "Password": "p"},
+       "LOCALWEB": {"Url": "http://127.0.0.1:1/dicom-web", "Username": "u", "Password": "p"},
+       "OPENWEB": {"Url": "http://10.0.0.6/dicom-web"}}
+
+
+def _router(tmp_path: Path, archives: list[str] | None = None,
+            plain_http: object = None) -> tuple[Router, HarvestService]:
     export: dict[str, Any] = {"Site": "SITEA", "Secret": "0123456789abcdef0123", "Folders": {
-        "FOLDER": str(tmp_path / "exports")}}
+        "FOLDER": str(tmp_path / "exports")}, "DicomWeb": WEB}
     if archives is not None:
         export["ResearchArchives"] = archives
+    if plain_http is not None:
+        export["AllowCredentialsOverHttp"] = plain_http
     orthanc = {
         "DicomModalities": {name: [name, "127.0.0.1", 11112 + i]
                             for i, name in enumerate(("ARIA", "MIM", "AUX", "CENTRAL", "PACS2"))},
@@ -72,7 +84,8 @@ def test_sources_of_harvests_schedules_and_configuration_are_refused(tmp_path: P
         assert status == 404 and body["Error"].startswith("Harvest:"), (name, body)
     listed = json.loads(router.handle(HttpRequest("GET", "/rtharvest/destinations")).body)
     allowed = {d["Name"]: d["Allowed"] for d in listed["Destinations"]}
-    assert allowed == {"ARIA": False, "MIM": False, "AUX": False, "PACS2": False, "CENTRAL": True, "FOLDER": True}
+    assert allowed == {"ARIA": False, "MIM": False, "AUX": False, "PACS2": False, "CENTRAL": True, "FOLDER": True,
+                       "SECUREWEB": True, "PLAINWEB": False, "LOCALWEB": False, "OPENWEB": True}
     aria = next(d for d in listed["Destinations"] if d["Name"] == "ARIA")
     assert aria["Refused"].startswith("ARIA is the Source of schedule nightly") and not aria["ResearchArchive"]
 
@@ -85,3 +98,26 @@ def test_a_source_marked_as_research_archive_is_allowed(tmp_path: Path) -> None:
     listed = json.loads(router.handle(HttpRequest("GET", "/rtharvest/destinations")).body)
     mim = next(d for d in listed["Destinations"] if d["Name"] == "MIM")
     assert mim["Allowed"] and mim["ResearchArchive"] and "Refused" not in mim
+
+
+@pytest.mark.parametrize(("setting", "allowed"), [
+    (None, {"SECUREWEB", "OPENWEB"}), ("loopback", {"SECUREWEB", "OPENWEB", "LOCALWEB"}),
+    (True, {"SECUREWEB", "OPENWEB", "LOCALWEB", "PLAINWEB"})])
+def test_dicomweb_credentials_over_plain_http_are_refused_unless_allowed(tmp_path: Path, setting: object,
+                                                                       allowed: set[str]) -> None:
+    router, _ = _router(tmp_path, plain_http=setting)
+    for name in WEB:
+        status, body = _post(router, name)
+        if name in allowed:
+            assert status == 404 and body["Error"].startswith("Harvest:"), (name, body)
+        else:
+            assert status == 400 and "Password over plain http://" in body["Error"], (name, body)
+            assert "AllowCredentialsOverHttp" in body["Error"] and "'p'" not in body["Error"]
+
+
+def test_a_dicomweb_client_never_sends_credentials_over_plain_http() -> None:
+    """Even built by hand, the client refuses before it connects (the message is the refusal, not a
+    connection error of the unroutable address)."""
+    server = DicomWebServer("PLAINWEB", "http://192.0.2.1:9/dicom-web", "u", "p", timeout=30)
+    with pytest.raises(DestinationError, match="over plain http://"):
+        list(server.fetch([("2.25.1", "2.25.2")]))

@@ -132,3 +132,15 @@ def test_the_written_config_is_readable_by_its_owner_only(tmp_path: Path) -> Non
     assert path.stat().st_mode & 0o777 == 0o600
     written = json.loads(path.read_text())
     assert written["PostgreSQL"]["Password"] == "secret-pw" and written["RegisteredUsers"]
+
+
+def test_the_first_run_credential_is_warned_about_until_changed() -> None:
+    shipped = json.loads(launcher.DEFAULT_CONFIG.read_text())
+    assert shipped["RegisteredUsers"] == {launcher.FIRST_RUN_USER: launcher.FIRST_RUN_PASSWORD}
+    warning = launcher.first_run_credential_warning(shipped)
+    assert warning is not None and repr(launcher.FIRST_RUN_USER) in warning
+    assert launcher.FIRST_RUN_PASSWORD not in warning
+    changed = {**shipped, "RegisteredUsers": {launcher.FIRST_RUN_USER: "a long random password 7f3k"}}
+    assert launcher.first_run_credential_warning(changed) is None
+    renamed = {**shipped, "RegisteredUsers": {"admin": launcher.FIRST_RUN_PASSWORD}}
+    assert "'admin'" in (launcher.first_run_credential_warning(renamed) or "")

@@ -283,6 +283,9 @@ class ExportService:
         """Why ``destination`` may not receive exports (``None``: it may): a name that is a source or lookup
         source of a harvest or schedule (or a configured source) is a clinical system, and de-identified
         copies must never land there by accident, unless ``RtHarvest.Export.ResearchArchives`` marks it."""
+        web = self.settings.dicomweb.get(destination)
+        if web is not None and self.settings.kind_of(destination) == "dicomweb" and web.credential_problem():
+            return web.credential_problem()
         if destination in self.settings.research_archives:
             return None
         why = self.clinical_sources().get(destination)
@@ -298,7 +301,7 @@ class ExportService:
         for name in self.settings.destination_names():
             doc: dict[str, Any] = {"Name": name, "Kind": self.settings.kind_of(name),
                                    "ResearchArchive": name in self.settings.research_archives}
-            refused = None if doc["ResearchArchive"] or name not in sources else self.refusal(name)
+            refused = self.refusal(name) if name in sources or name in self.settings.dicomweb else None
             doc["Allowed"] = refused is None
             if refused:
                 doc["Refused"] = refused

@@ -11,7 +11,9 @@
     "Folders": {"ARCHIVE": "/data/exports"},
     "ResearchArchives": ["CENTRAL"],       // destinations allowed although a harvest or schedule uses them
                                            // as a source (see ExportService.refusal)
-    "DicomWeb": {"CENTRALWEB": {"Url": "http://host/dicom-web", "Username": "u", "Password": "p"}}
+    "DicomWeb": {"CENTRALWEB": {"Url": "https://host/dicom-web", "Username": "u", "Password": "p"}},
+    "AllowCredentialsOverHttp": false      // true, or "loopback" (127.0.0.0/8, ::1, localhost): Basic
+                                           // credentials over plain http:// (default: refused)
 }}
 ```
 
@@ -29,7 +31,7 @@ from typing import Any
 
 from ..config import ConfigError, HarvesterConfig
 from .deid import SITE_PATTERN
-from .destinations import Destination, DicomNode, DicomWebServer, Folder
+from .destinations import Destination, DicomNode, DicomWebServer, Folder, PlainHttpCredentials
 
 __all__ = ["SECRET_ENV", "ExportSettings", "load_settings"]
 
@@ -86,16 +88,16 @@ class ExportSettings:
         raise KeyError(name)
 
 
-def _dicomweb_entry(name: str, value: Any, where: str) -> DicomWebServer:
+def _dicomweb_entry(name: str, value: Any, where: str, plain_http: PlainHttpCredentials) -> DicomWebServer:
     if isinstance(value, list) and value and all(isinstance(v, str) for v in value):
         # Orthanc's own DicomWeb.Servers short form: [url, username, password]
         url, user, password = (value + [None, None])[:3]
-        return DicomWebServer(name, url, user, password)
+        return DicomWebServer(name, url, user, password, plain_http=plain_http)
     if isinstance(value, Mapping) and isinstance(value.get("Url"), str):
         user, password = value.get("Username"), value.get("Password")
         if user is not None and not isinstance(user, str) or password is not None and not isinstance(password, str):
             raise ConfigError(f"{where}.{name}: Username and Password must be strings")
-        return DicomWebServer(name, value["Url"], user, password)
+        return DicomWebServer(name, value["Url"], user, password, plain_http=plain_http)
     raise ConfigError(f"{where}.{name}: expected {{\"Url\": ..., \"Username\": ..., \"Password\": ...}} "
                       "or [url, username, password]")
 
@@ -134,20 +136,25 @@ def load_settings(orthanc: Mapping[str, Any], config: HarvesterConfig,
     folders_raw = section.get("Folders", {})
     if not isinstance(folders_raw, Mapping) or not all(isinstance(v, str) and v for v in folders_raw.values()):
         raise ConfigError(f"{where}.Folders: expected {{\"NAME\": \"/path\"}}")
+    plain = section.get("AllowCredentialsOverHttp", False)
+    if plain not in (False, True, "loopback"):
+        raise ConfigError(f"{where}.AllowCredentialsOverHttp: false, true or \"loopback\"")
+    plain_http = PlainHttpCredentials.ALWAYS if plain is True else \
+        PlainHttpCredentials.LOOPBACK if plain == "loopback" else PlainHttpCredentials.NEVER
     web: dict[str, DicomWebServer] = {}
     orthanc_web = orthanc.get("DicomWeb", {})
     servers = orthanc_web.get("Servers", {}) if isinstance(orthanc_web, Mapping) else {}
     if isinstance(servers, Mapping):
         for name, value in servers.items():
             try:
-                web[name] = _dicomweb_entry(name, value, "DicomWeb.Servers")
+                web[name] = _dicomweb_entry(name, value, "DicomWeb.Servers", plain_http)
             except ConfigError:
                 continue  # Orthanc validates its own section; an entry we cannot use is simply not offered
     own = section.get("DicomWeb", {})
     if not isinstance(own, Mapping):
         raise ConfigError(f"{where}.DicomWeb: expected an object keyed by destination name")
     for name, value in own.items():
-        web[name] = _dicomweb_entry(name, value, f"{where}.DicomWeb")
+        web[name] = _dicomweb_entry(name, value, f"{where}.DicomWeb", plain_http)
     archives = section.get("ResearchArchives", [])
     if not isinstance(archives, list) or not all(isinstance(a, str) and a for a in archives):
         raise ConfigError(f"{where}.ResearchArchives: expected a list of destination names")
