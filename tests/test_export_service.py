@@ -540,3 +540,26 @@ def test_an_older_database_keeps_its_secret_and_pseudonyms(site: Site, tmp_path:
     assert service.pseudonym("NEW2") == service.key().pseudonym("NEW2", 1) != taken
     restarted = _service(tmp_path, site)
     assert restarted.key().secret == secret and restarted.pseudonym("NEW2") == service.pseudonym("NEW2")
+
+
+class Choking(Folder):
+    """A destination with a bug whose exception message quotes the original PatientID it was handed."""
+
+    def __init__(self, name: str, root: Path, original_of: dict[str, str]) -> None:
+        super().__init__(name, root)
+        self.original_of = original_of
+
+    def send(self, datasets: Sequence[Dataset]) -> dict[str, str]:
+        raise ValueError(f"cannot file patient {self.original_of[str(datasets[0].PatientID)]}")
+
+
+def test_an_internal_error_quoting_a_patient_stays_out_of_job_errors_and_events(site: Site, tmp_path: Path) -> None:
+    service = _service(tmp_path, site)
+    patient = _busiest(site)
+    choking = Choking("ARCHIVE", tmp_path / "archive", {service.pseudonym(patient): patient})
+    doc = _export_to(service, tmp_path, choking, {"PatientIDs": [patient]})
+    assert doc["State"] == "Failed"
+    assert doc["Errors"] and all(e.startswith("internal error: ValueError (message withheld") for e in doc["Errors"])
+    events = [e.message for e in service.events.query(limit=1000)]
+    assert any("internal error: ValueError" in m for m in events)
+    assert not any(patient in m for m in [*events, *doc["Errors"]])

@@ -10,8 +10,10 @@ import logging
 import re
 from pathlib import Path
 
+import pytest
+
 from rtharvest.classify import HarvestWindow
-from rtharvest.eventlog import EventLogHandler, PhiSafeFormatter
+from rtharvest.eventlog import EventLogHandler, Level, PhiSafeFormatter
 from rtharvest.manifest import ManifestService, csv_cell
 from rtharvest.strategies import SourceCapability
 from tests.fakes import World
@@ -143,3 +145,27 @@ def test_exception_messages_quoting_a_patient_id_stay_out_of_job_errors_events_a
     texts = [e.message for e in events] + orthanc_log + [f"{j.last_error} {j.note}" for j in jobs]
     leaked = [t for t in texts if re.search(rf"(?<![\w.]){re.escape(patient_id)}(?![\w.])", t)]
     assert not leaked, leaked[:3]
+
+
+def test_a_mim_session_error_quoting_the_patient_stays_out_of_the_event(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """The MIM path uses the same summary as the rest: an unpacking error whose message quotes the
+    session's patient shows its type only."""
+    from rtharvest import mimsessions
+    from rtharvest.converters.mim import MimSessionError
+    from tests import test_mimsessions as mim
+
+    def unpack(data: bytes) -> None:
+        raise MimSessionError(f"session of {mim.P} TEST^MIM has a bad item", damaged=True)
+
+    monkeypatch.setattr(mimsessions, "unpack_bytes", unpack)
+    world = World(tmp_path / "q.sqlite", [])
+    try:
+        mim.store_session(world, mim.session())
+        hid = mim.start_unpack(world)
+        world.run()
+        [warning] = [e for e in mim.events(world, hid) if e.level is Level.WARNING]
+    finally:
+        world.close()
+    assert "cannot be unpacked (MimSessionError (message withheld" in warning.message
+    assert mim.P not in warning.message and "TEST^MIM" not in warning.message

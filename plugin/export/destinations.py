@@ -37,6 +37,8 @@ from typing import Any, Protocol
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
+from ..eventlog import exception_summary
+
 __all__ = ["Destination", "DestinationError", "DicomNode", "DicomWebServer", "Folder", "PlainHttpCredentials", "encode"]
 
 
@@ -117,7 +119,7 @@ class DicomNode:
                 try:
                     status = assoc.send_c_store(ds)
                 except (ValueError, RuntimeError) as exc:  # no accepted context for this class/syntax
-                    failed[uid] = f"not sent: {exc}"
+                    failed[uid] = f"not sent: {exception_summary(exc)}"
                     continue
                 code = getattr(status, "Status", None) if status else None
                 if code is None:
@@ -242,7 +244,7 @@ class DicomWebServer:
             resp = conn.getresponse()
             return resp.status, resp.read(), resp.getheader("Content-Type", "")
         except OSError as exc:
-            raise DestinationError(f"{self.name}: {method} {path} failed: {exc}") from None
+            raise DestinationError(f"{self.name}: {method} {path} failed: {exception_summary(exc)}") from None
         finally:
             conn.close()
 
@@ -330,7 +332,7 @@ class Folder:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 _atomic_write(path, encode(ds))
             except OSError as exc:
-                failed[str(ds.SOPInstanceUID)] = f"write failed: {exc.strerror or exc}"
+                failed[str(ds.SOPInstanceUID)] = f"write failed: {exception_summary(exc)}"
         return failed
 
     def fetch(self, series: Iterable[tuple[str, str]]) -> Iterator[bytes]:

@@ -35,7 +35,7 @@ from typing import Any
 import pydicom
 
 from ..db import Database, register_schema
-from ..eventlog import EventLog, Level
+from ..eventlog import EventLog, Level, exception_summary
 from ..httpapi import ApiError
 from ..jobqueue import EnqueueItem, HarvestState, Job, JobQueue, JobState, QueueError, RetryPolicy
 from ..manifest import STATUSES, Manifest, PlanRow
@@ -523,10 +523,12 @@ class ExportService:
         except (DestinationError, _ItemsFailed) as exc:
             self._fail(job, str(exc), True)
         except QueueError as exc:
-            log.warning("export job %s lost its lease: %s", job.id, exc)
+            log.warning("export job %s lost its lease: %s", job.id, exception_summary(exc))
         except Exception as exc:  # a bug: fail the attempt visibly rather than kill the worker
             log.exception("export job %s failed unexpectedly", job.id)
-            self._fail(job, f"internal error: {type(exc).__name__}: {exc}", True)
+            # The type only (exception_summary): de-identification reads datasets, and a bug's message may
+            # quote the value it choked on; the job error and the event must not.
+            self._fail(job, f"internal error: {exception_summary(exc)}", True)
         return True
 
     def _fail(self, job: Job, message: str, retryable: bool) -> None:
@@ -613,7 +615,7 @@ class ExportService:
             try:
                 ds = pydicom.dcmread(io.BytesIO(self.read_file(orthanc_id)))
             except Exception as exc:
-                errors[sop_uid] = f"stored copy unreadable: {type(exc).__name__}"
+                errors[sop_uid] = f"stored copy unreadable: {exception_summary(exc)}"
                 continue
             out = deidentify(ds, key, profile, self.pseudonym(str(ds.get("PatientID", ""))), in_place=True)
             new_of[sop_uid] = (str(out.SOPInstanceUID), str(out.get("StudyInstanceUID", "")),
