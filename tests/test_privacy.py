@@ -169,3 +169,20 @@ def test_a_mim_session_error_quoting_the_patient_stays_out_of_the_event(tmp_path
         world.close()
     assert "cannot be unpacked (MimSessionError (message withheld" in warning.message
     assert mim.P not in warning.message and "TEST^MIM" not in warning.message
+
+
+def test_stored_problems_are_summaries_not_messages(tmp_path: Path) -> None:
+    """``rth_objects.problems`` keeps each problem's code and attribute: a message quoting a value typed by
+    hand (a PlanIntent holding a surname here) is not stored."""
+    clinic = MiniClinic()
+    clinic.plan.PlanIntent = "DOE_JOHN"
+    world = World(tmp_path / "q.sqlite", clinic.datasets())
+    try:
+        hid = world.start(HarvestWindow("20200101", "20201231", ("MINI1",)))
+        world.run()
+        [plan] = [o for o in world.tracker.objects(hid) if o.sop_uid == clinic.plan.SOPInstanceUID]
+        stored = world.db.query("SELECT problems FROM rth_objects WHERE sop_uid = ?", (plan.sop_uid,))
+    finally:
+        world.close()
+    assert "NONSTANDARD_VALUE PlanIntent" in plan.problems
+    assert not any("DOE_JOHN" in p for p in plan.problems) and "DOE_JOHN" not in str(stored)
