@@ -17,6 +17,7 @@ import pydicom
 import pytest
 from pydicom.dataset import Dataset
 
+from rtharvest.export.cli import _progress
 from rtharvest.export.deid import PhiAction, Profile
 from rtharvest.export.presend import REPLACEMENT, FindingAction, check_before_send
 from rtharvest.export.verify import phi_values, scan_for_phi
@@ -115,6 +116,8 @@ def test_hold_keeps_the_objects_at_the_site(planted: tuple[Site, int], tmp_path:
     assert {f["Action"] for f in doc["AllFindings"]} == {"held"} and len(held) == progress["InstancesHeld"]
     sent = {str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in folder.rglob("*.dcm")}
     assert len(sent) == progress["InstancesSent"] and not sent & held
+    line = _progress(doc)
+    assert line.startswith("HeldBack:") and f"{progress['InstancesHeld']} held back" in line
 
 
 def _values() -> dict[str, str]:

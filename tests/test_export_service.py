@@ -231,6 +231,9 @@ def test_cli_builds_the_request_body() -> None:
     assert body_of(args) == {"Harvest": "H1", "Destination": "ARCHIVE",
                              "Plans": {"Status": ["Complete", "Incomplete"]},
                              "Profile": {"Dates": "keep", "RetainInstitutionIdentity": True}}
+    args = build_parser().parse_args(["export", "start", "--harvest", "H1", "--destination", "ARCHIVE",
+                                      "--on-phi", "hold"])
+    assert body_of(args)["Profile"] == {"OnPhiFound": "hold"}
     args = build_parser().parse_args(["export", "start", "--harvest", "H1", "--destination", "X", "--plans", "All",
                                       "--patient", "P1"])
     with pytest.raises(CliError):
