@@ -159,3 +159,30 @@ def test_hold_leaves_the_object_untouched() -> None:
     send, findings = check_before_send(ds, _values(), PhiAction.HOLD)
     assert not send and {f.action for f in findings} == {FindingAction.HELD}
     assert str(ds.SeriesDescription) == "Alpha-PTV alphabet"
+
+
+def test_values_are_found_in_elements_not_yet_converted_whatever_their_encoding() -> None:
+    """A dataset read from bytes keeps its elements raw until used; the scan must find the same as in a
+    converted one: an ASCII value, a UTF-8 value (a word of letters of any script), and a value in a
+    multi-valued element."""
+    from io import BytesIO
+
+    from pydicom import dcmread
+
+    from rtharvest.export.verify import scan_for_phi
+
+    ds = _dataset()
+    ds.SpecificCharacterSet = "ISO_IR 192"
+    ds.SeriesDescription = "Müller-PTV"
+    ds.ImageType = ["ORIGINAL", "SYN001"]
+    buffer = BytesIO()
+    ds.save_as(buffer, implicit_vr=False, little_endian=True)
+    values = {"MÜLLER": "PatientName:component", "SYN001": "PatientID"}
+    raw = dcmread(BytesIO(buffer.getvalue()), force=True)
+    expected = {("SeriesDescription", "PatientName:component"), ("StudyDescription", "PatientID"),
+                ("ImageType", "PatientID")}
+    assert {(h.attribute, h.kind) for h in scan_for_phi(raw, values)} == expected
+    assert {(h.attribute, h.kind) for h in scan_for_phi(ds, values)} == expected
+    # And cleaned as a whole word in any case (the "-" separates words, "ü" is a letter).
+    send, _ = check_before_send(raw, values, PhiAction.CLEAN)
+    assert send and str(raw.SeriesDescription) == f"{REPLACEMENT}-PTV"

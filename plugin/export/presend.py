@@ -66,7 +66,7 @@ class Finding:
 
 def _word_pattern(needle: str) -> re.Pattern[str]:
     # The scan's whole-token rule (no letter or digit either side), case-insensitive.
-    return re.compile(r"(?<![A-Za-z0-9])" + re.escape(needle) + r"(?![A-Za-z0-9])", re.IGNORECASE)
+    return re.compile(r"(?<![^\W_])" + re.escape(needle) + r"(?![^\W_])", re.IGNORECASE)
 
 
 def _clean(text: str, needles: list[str]) -> str:

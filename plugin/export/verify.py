@@ -20,9 +20,11 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from pydicom.dataelem import DataElement
+from pydicom.datadict import dictionary_VR
+from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
+from pydicom.tag import BaseTag
 
 from ..manifest import Manifest, PlanRow, build_manifest, summarize_plans
 from ..references import ObjectKind, ObjectRefs
@@ -202,12 +204,23 @@ def phi_values(originals: Iterable[Dataset], profile: Profile) -> dict[str, str]
     return found
 
 
-_WORD = re.compile(r"[A-Z0-9]+")
+#: A word: letters and digits of any script ("MÜLLER" is one word, not "M" and "LLER"); "_", "^", "-",
+#: spaces and punctuation separate words.
+_WORD = re.compile(r"[^\W_]+")
 _BINARY_VRS = frozenset({"OB", "OW", "OF", "OD", "OL", "OV", "UN"})
+_STRING_VRS = frozenset({"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "LT", "PN", "SH", "ST", "TM", "UC", "UI",
+                         "UR", "UT"})
+
+
+def _dictionary_vr(tag: BaseTag) -> str:
+    try:
+        return str(dictionary_VR(tag))
+    except KeyError:
+        return "UN"
 
 
 def _token_pattern(needle: str) -> re.Pattern[str]:
-    return re.compile(r"(?<![A-Z0-9])" + re.escape(needle) + r"(?![A-Z0-9])")
+    return re.compile(r"(?<![^\W_])" + re.escape(needle) + r"(?![^\W_])")
 
 
 def find_phi(ds: Dataset, values: Mapping[str, str]) -> Iterator[tuple[str, Dataset, DataElement,
@@ -225,9 +238,29 @@ def find_phi(ds: Dataset, values: Mapping[str, str]) -> Iterator[tuple[str, Data
     verification of the copy (:func:`scan_for_phi`) both use it, so what one finds the other finds.
     """
     patterns = {needle: _token_pattern(needle) for needle in values}
+    components = {needle for needle, kind in values.items() if kind.endswith(":component")}
+    wholes = sorted((needle for needle in values if needle not in components), key=len, reverse=True)
+    # One pass over an element's whole text first (all items joined by a separator that is no token
+    # character, and no value holds it): most elements, contour points above all, hold none of the values,
+    # and testing each item against each value one by one would cost more than the de-identification.
+
+    def maybe(text: str) -> bool:
+        if components and not components.isdisjoint(_WORD.findall(text)):
+            return True
+        return any(patterns[needle].search(text) is not None for needle in wholes if needle in text)
 
     def visit(dataset: Dataset, path: str) -> Iterator[tuple[str, Dataset, DataElement, list[tuple[str, str]]]]:
-        for elem in list(dataset):
+        for tag in list(dataset.keys()):
+            raw = dataset.get_item(tag)
+            if isinstance(raw, RawDataElement):
+                # Not converted yet: an ASCII text value is tested as its bytes say, and converted (which
+                # costs more than the test) only when it may hold a value. Other encodings are converted.
+                vr = raw.VR or _dictionary_vr(tag)
+                if vr in _BINARY_VRS or raw.value is None:
+                    continue
+                if vr in _STRING_VRS and raw.value.isascii() and not maybe(raw.value.decode("ascii").upper()):
+                    continue
+            elem = dataset[tag]
             name = f"{path}{elem.keyword or str(elem.tag)}"
             if elem.VR == "SQ":
                 for i, item in enumerate(elem.value or []):
@@ -235,8 +268,11 @@ def find_phi(ds: Dataset, values: Mapping[str, str]) -> Iterator[tuple[str, Data
                 continue
             if elem.VR in _BINARY_VRS or elem.value is None:
                 continue
+            items = elem.value if isinstance(elem.value, (list, MultiValue)) else [elem.value]
+            if not maybe("\\".join(str(v) for v in items).upper()):
+                continue
             matched: list[tuple[str, str]] = []
-            for v in (elem.value if isinstance(elem.value, (list, MultiValue)) else [elem.value]):
+            for v in items:
                 text = str(v).upper()
                 words = set(_WORD.findall(text))
                 for needle, kind in values.items():
