@@ -169,8 +169,9 @@ def phi_values(originals: Iterable[Dataset], profile: Profile) -> dict[str, str]
 
     Whole values are looked for as substrings. Person names are also looked for component by component
     (``DOE``, ``JOHN``; at least 4 characters) as whole words (kind ``...:component``), except components
-    shared by more than half of the patients (a common prefix identifies nobody: the synthetic clinic
-    names everyone ``SYNTH^...``). Institution names only when the profile removes them; birth dates always.
+    shared by more than half of the patients of two or more (a common prefix identifies nobody: the
+    synthetic clinic names everyone ``SYNTH^...``; a single patient's components all identify, an export of
+    one patient is common). Institution names only when the profile removes them; birth dates always.
     """
     keywords = ["PatientID", "PatientName", "PatientBirthDate", "AccessionNumber", "OtherPatientIDs",
                 "ReferringPhysicianName", "OperatorsName", "PhysiciansOfRecord"]
@@ -199,7 +200,7 @@ def phi_values(originals: Iterable[Dataset], profile: Profile) -> dict[str, str]
                             components.setdefault(part, keyword + ":component")
                             patients_of.setdefault(part, set()).add(pid)
     for part, kind in components.items():
-        if len(patients_of[part]) * 2 <= max(len(patients), 1) and part not in found:
+        if (len(patients) < 2 or len(patients_of[part]) * 2 <= len(patients)) and part not in found:
             found[part] = kind
     return found
 
