@@ -121,3 +121,22 @@ def test_a_dicomweb_client_never_sends_credentials_over_plain_http() -> None:
     server = DicomWebServer("PLAINWEB", "http://192.0.2.1:9/dicom-web", "u", "p", timeout=30)
     with pytest.raises(DestinationError, match="over plain http://"):
         list(server.fetch([("2.25.1", "2.25.2")]))
+
+
+def test_the_secret_comes_from_the_environment_the_configuration_or_its_own_file(tmp_path: Path) -> None:
+    from rtharvest.config import ConfigError
+    from rtharvest.export.settings import SECRET_ENV, load_settings
+
+    orthanc: dict[str, Any] = {"DicomModalities": {}, "RtHarvest": {"DatabasePath": str(tmp_path / "q.sqlite"),
+                                                                    "Export": {"Secret": "configured-secret-0123"}}}
+    config = load_config(orthanc)
+    assert load_settings(orthanc, config, {}).secret == b"configured-secret-0123"
+    assert load_settings(orthanc, config, {SECRET_ENV: "environment-secret-01"}).secret == b"environment-secret-01"
+    with pytest.raises(ConfigError, match=SECRET_ENV) as refused:
+        load_settings(orthanc, config, {SECRET_ENV: "short"})
+    assert "'short'" not in str(refused.value)
+    orthanc["RtHarvest"]["Export"] = {"SecretFile": str(tmp_path / "keys" / "export.secret")}
+    settings = load_settings(orthanc, config, {})
+    assert settings.secret is None and settings.secret_path == tmp_path / "keys" / "export.secret"
+    default = load_settings({"RtHarvest": {"DatabasePath": str(tmp_path / "q.sqlite")}}, config, {})
+    assert default.secret_path == tmp_path / "q-exports.secret"
