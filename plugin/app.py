@@ -28,6 +28,7 @@ from .harvests import HarvestService
 from .httpapi import ApiError, HttpRequest, HttpResponse, Router
 from .ingest import Ingest
 from .jobqueue import JobQueue, JobState, RetryPolicy, SourceLimits
+from .launcher import first_run_credential_warning
 from .manifest import ManifestService
 from .politeness import SourceGate
 from .preflight import RecordingConfiguration, load_checked, with_warnings
@@ -324,7 +325,8 @@ def build_runtime(config: HarvesterConfig, orthanc: Mapping[str, Any] | None = N
 
     build_schedule_routes(router, schedules, wake_scheduler)
     explorer_routes.register(router)
-    exports = export_routes.build_export_service(orthanc or {}, config, events, manifest, tracker, harvests)
+    exports = export_routes.build_export_service(orthanc or {}, config, events, manifest, tracker, harvests,
+                                                 schedules)
     export_routes.register(router, exports)
     runtime.extra["exports"] = exports
     if central_settings.enabled:
@@ -386,7 +388,8 @@ def install() -> Runtime:
         config = load_checked(recording, sdk.configuration_dir(), _orthanc_version())
         _runtime = build_runtime(config, recording.orthanc)
         # Every section parser has run now: what none of them read is a typo or a stale setting.
-        _runtime.config = with_warnings(config, recording.unknown_keys())
+        credential = first_run_credential_warning(recording.orthanc)
+        _runtime.config = with_warnings(config, recording.unknown_keys() + ([credential] if credential else []))
     except (ConfigError, OSError) as exc:
         # Keep the plugin loaded so /rtharvest/status can tell the operator what to fix.
         error = str(exc)

@@ -4,8 +4,9 @@
 clinic included, with its ground truth), loads it into a plain Orthanc playing the record-and-verify
 system "ARIA", starts the harvester from ``docker/orthanc.json`` through the same launcher users and
 tests use, harvests every treatment record over REST, checks the store against the ground truth, prints
-the Table-1 summary, and keeps both servers running for a look in the browser until Ctrl-C
-(``--exit`` stops right after the summary).
+the Table-1 summary, exports the complete plans de-identified to a folder destination (``RESEARCH``; the
+source ``ARIA`` is refused as a destination) and prints the export's verification, and keeps both servers
+running for a look in the browser until Ctrl-C (``--exit`` stops right after the export).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from .synth.groundtruth import GroundTruth, load
 from .synth.loader import dicom_files, store_to_scp
 
 SOURCE_NAME = "ARIA"
+EXPORT_FOLDER = "RESEARCH"
 
 
 class _Api:
@@ -103,6 +105,36 @@ def _summary(manifest: dict[str, Any], truth: GroundTruth, stored: set[str]) -> 
             print(f"  plan {plan['PlanUID'][-12:]} of {plan['PatientID']}: {plan['Status']} {missing}")
 
 
+def _export(api: _Api, harvest_id: str, folder: Path, deadline_s: float) -> dict[str, Any]:
+    """Export the harvest's complete plans to the folder destination and print the outcome."""
+    listed = api.call("GET", "/rtharvest/destinations")["Destinations"]
+    print("\nDestinations an export may name:")
+    for d in listed:
+        print(f"  {d['Name']:<10} {d['Kind']:<9} " + ("allowed" if d["Allowed"] else f"refused: {d['Refused']}"))
+    print(f"Exporting the complete plans, de-identified, to {EXPORT_FOLDER} ({folder}) ...", flush=True)
+    export_id = api.call("POST", "/rtharvest/exports", {"Harvest": harvest_id, "Destination": EXPORT_FOLDER,
+                                                        "Label": "demo export"})["ID"]
+    deadline = time.monotonic() + deadline_s
+    doc: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        doc = api.call("GET", f"/rtharvest/exports/{export_id}")
+        if doc["State"] != "Running":
+            break
+        time.sleep(1.0)
+    else:
+        raise RuntimeError(f"the export did not finish within {deadline_s:.0f} s")
+    p, v, check = doc["Progress"], doc.get("Verification") or {}, doc["PreSendCheck"]
+    print(f"  {doc['State']}: {p['PlansSelected']} plan(s), {p['InstancesSent']}/{p['InstancesTotal']} instances "
+          f"sent, {p['InstancesVerified']} verified, {p['InstancesHeld']} held back")
+    print(f"  checked before sending: {check['Cleaned']} value(s) cleaned in {check['InstancesCleaned']} "
+          f"instance(s), {check['Held']} hold(s)")
+    print(f"  verification: {'passed' if v.get('Passed') else 'FAILED'}; {v.get('PlansCompared')} plans compared, "
+          f"{v.get('PhiHitCount')} PHI hit(s) among {v.get('PhiValuesChecked')} identifying values, "
+          f"{len(v.get('ManifestDifferences') or [])} manifest difference(s)")
+    print(f"  files: {folder / export_id}   (manifest.json beside them)")
+    return doc
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the demo; returns a process exit code."""
     parser = argparse.ArgumentParser(prog="rtharvest demo", description=__doc__.splitlines()[0])
@@ -124,6 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     truth = _clinic(run_dir / "clinic", args.patients, args.seed)
     source: OrthancProcess | None = None
     harvester: OrthancProcess | None = None
+    exported: dict[str, Any] | None = None
     try:
         source = _start_source(run_dir / "source-aria", args.dicom_port)
         stored = store_to_scp(dicom_files(run_dir / "clinic"), "127.0.0.1", source.dicom_port, SOURCE_NAME)
@@ -135,7 +168,9 @@ def main(argv: list[str] | None = None) -> int:
             modalities={SOURCE_NAME: {"AET": SOURCE_NAME, "Host": "127.0.0.1", "Port": source.dicom_port,
                                       "AllowEcho": True, "AllowStore": True, "AllowFind": False,
                                       "AllowMove": False}},
-            overrides={"RtHarvest.Sources": {SOURCE_NAME: {"InstanceReturnKeys": True, "MaxConcurrent": 4}}},
+            overrides={"RtHarvest.Sources": {SOURCE_NAME: {"InstanceReturnKeys": True, "MaxConcurrent": 4}},
+                       "RtHarvest.Export": {"Site": "DEMO",
+                                            "Folders": {EXPORT_FOLDER: str(run_dir / "exports")}}},
         ).start()
         api = _Api(harvester.url, harvester.credentials)
         window = truth.window("all")
@@ -148,11 +183,13 @@ def main(argv: list[str] | None = None) -> int:
         manifest = api.call("GET", f"/rtharvest/harvests/{harvest_id}/manifest")
         found = api.call("POST", "/tools/find", {"Level": "Instance", "Query": {}, "Expand": True})
         _summary(manifest, truth, {i["MainDicomTags"]["SOPInstanceUID"] for i in found})
+        exported = _export(api, harvest_id, run_dir / "exports", deadline_s=900)
         creds = harvester.credentials
         print(f"\nHarvester: {harvester.url}/rtharvest/ui   (Orthanc Explorer: {harvester.url}/app/explorer.html)")
         if creds:
             print(f"  user {creds[0]!r}, password {creds[1]!r} (the first-run credential of docker/orthanc.json)")
         print(f"  manifest: {harvester.url}/rtharvest/harvests/{harvest_id}/manifest?format=csv")
+        print(f"  export:   {harvester.url}/rtharvest/exports/{exported['ID']}")
         if not args.exit:
             print("Ctrl-C to stop.", flush=True)
             signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
@@ -168,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
             harvester.stop()
         if source is not None:
             source.stop()
-    return 0
+    return 0 if exported is None or exported["State"] == "Completed" else 1
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ from .eventlog import EventLog, Level, exception_summary
 from .jobqueue import EnqueueItem, JobQueue
 from .operations import FindReferencing, FindTreatmentRecords, Operation, operation_from_dict
 from .planner import Arrival, HarvestContext, plan_arrival
-from .references import ObjectRefs, ProblemCode, extract_from_bytes, peek_sop_instance_uid
+from .references import ObjectRefs, Problem, ProblemCode, extract_from_bytes, peek_sop_instance_uid
 from .tracking import Decision, Expectation, ObjectRecord, Tracker
 
 log = logging.getLogger("rtharvest.ingest")
@@ -109,13 +109,18 @@ def job_for(routing: HarvestRouting, op: Operation) -> EnqueueItem:
 _STRUCTURAL = frozenset({ProblemCode.UNREADABLE, ProblemCode.TRUNCATED, ProblemCode.NO_FILE_META})
 
 
+def problem_summary(p: Problem) -> str:
+    """One problem as events and ``rth_objects.problems`` keep it: its code and attribute path. Messages may
+    quote header values (a PlanIntent typed by hand, names: PHI), so one is added only for structural
+    problems and only when it quotes nothing."""
+    return (f"{p.code.value} {p.attribute}".strip()
+            + (f" ({p.message[:200]})" if p.code in _STRUCTURAL and not any(q in p.message for q in "'\"")
+               else ""))
+
+
 def _problem_summary(refs: ObjectRefs, limit: int = 8) -> str:
-    """Problem codes and attribute paths: parser messages may quote header values (names are PHI), so a
-    message is added only for structural problems and only when it quotes nothing."""
-    parts = [f"{p.code.value} {p.attribute}".strip()
-             + (f" ({p.message[:200]})" if p.code in _STRUCTURAL and not any(q in p.message for q in "'\"")
-                else "")
-             for p in refs.problems[:limit]]
+    """:func:`problem_summary` of the first ``limit`` problems."""
+    parts = [problem_summary(p) for p in refs.problems[:limit]]
     more = len(refs.problems) - limit
     return "; ".join(parts) + (f"; and {more} more" if more > 0 else "") if parts else "no details"
 
@@ -509,7 +514,7 @@ class Ingest:
                     frame_of_reference_uid=refs.frame_of_reference_uid,
                     plan_uids=refs.record.plan_uids if refs.record else (),
                     treatment_date=refs.record.treatment_date if refs.record else None,
-                    problems=tuple(f"{p.code.value}: {p.message}" for p in decision.problems),
+                    problems=tuple(problem_summary(p) for p in decision.problems),
                 )
                 first = self.tracker.record(record)
                 if exp.candidate and not decision.keep:

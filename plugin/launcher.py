@@ -37,6 +37,8 @@ DEFAULT_CONFIG = REPO_ROOT / "docker" / "orthanc.json"
 ORTHANC_BINARY = "/usr/sbin/Orthanc"
 DEBIAN_PYTHON_PLUGIN = "/usr/share/orthanc/plugins/libOrthancPython.so"
 ENTRY_SCRIPT_NAME = "rtharvest_entry.py"
+#: The first-run credential ``docker/orthanc.json`` ships with (tests/test_launcher.py checks they agree).
+FIRST_RUN_USER, FIRST_RUN_PASSWORD = "rtharvest", "change-me-on-first-run"
 
 
 class LaunchError(RuntimeError):
@@ -163,6 +165,32 @@ def plugin_environment(extra: Mapping[str, str] | None = None) -> dict[str, str]
     return env
 
 
+def first_run_credential_warning(orthanc: Mapping[str, Any]) -> str | None:
+    """A warning while ``RegisteredUsers`` still holds the shipped first-run password (any user), else None.
+    Names the user, never the password."""
+    users = orthanc.get("RegisteredUsers")
+    if not isinstance(users, Mapping):
+        return None
+    unchanged = sorted(str(name) for name, password in users.items() if password == FIRST_RUN_PASSWORD)
+    if not unchanged:
+        return None
+    return (f"RegisteredUsers: user {unchanged[0]!r} still has the first-run password of docker/orthanc.json; "
+            "set a long random one before real use (docs/operations.md, The first-run password)")
+
+
+def write_private(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` readable and writable by the owner only (mode 0600), whatever the umask;
+    an existing file is restricted before the new text goes in, so no password is ever readable by others."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+        data = text.encode("utf-8")
+        while data:
+            data = data[os.write(fd, data):]
+    finally:
+        os.close(fd)
+
+
 class OrthancProcess:
     """One Orthanc server started from an orthanc.json, with a deadline to become ready.
 
@@ -251,12 +279,19 @@ class OrthancProcess:
             return False
         return bool(system.get("DicomPort") == self.dicom_port)
 
+    def write_config(self) -> Path:
+        """Write the effective configuration Orthanc is started with (owner-only: it holds the
+        ``RegisteredUsers`` passwords and any PostgreSQL or DICOMweb password)."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        write_private(self.config_path, json.dumps(self.config, indent=2))
+        return self.config_path
+
     def start(self, timeout: float = 30.0) -> OrthancProcess:
         """Write the effective config, start Orthanc, and wait until it answers (or raise)."""
         if not Path(ORTHANC_BINARY).exists():
             raise LaunchError(f"{ORTHANC_BINARY} not found: install Debian's packages orthanc and orthanc-python")
         (self.run_dir / "storage").mkdir(parents=True, exist_ok=True)
-        self.config_path.write_text(json.dumps(self.config, indent=2), encoding="utf-8")
+        self.write_config()
         args = [ORTHANC_BINARY, str(self.config_path)]
         if self._verbose:
             args.insert(1, "--verbose")

@@ -23,7 +23,7 @@ from io import BytesIO
 from typing import Protocol
 
 from .converters.mim import MimSessionError, unpack_bytes
-from .eventlog import EventLog, Level
+from .eventlog import EventLog, Level, exception_summary
 from .ingest import Ingest
 from .jobqueue import Job
 from .operations import (
@@ -114,7 +114,8 @@ class SessionUnpacker:
             # (WARNING) and the harvest goes on without it.
             level, what = (Level.WARNING, "is a MIM session that cannot be unpacked") if exc.damaged else (
                 Level.INFO, "is not a MIM session")
-            self.events.write(level, "mimsessions", f"Raw Data object {op.sop_uid} {what} ({exc})",
+            self.events.write(level, "mimsessions", f"Raw Data object {op.sop_uid} {what} "
+                              f"({exception_summary(exc)})",
                               harvest_id=job.harvest_id, job_id=job.id, sop_uid=op.sop_uid)
             return UnpackOutcome()
         for message in result.warnings:  # e.g. a session recognised by its content under another creator text
@@ -169,4 +170,4 @@ class SessionUnpacker:
             if not self._metadata_warned:
                 self._metadata_warned = True
                 self.events.write(Level.WARNING, "mimsessions", f"cannot write {SESSION_METADATA} metadata "
-                                  f"(declare it in UserMetadata): {exc}")
+                                  f"(declare it in UserMetadata): {exception_summary(exc)}")

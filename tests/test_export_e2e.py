@@ -105,7 +105,9 @@ def archive(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[OrthancP
             port = free_port()
             source = start_orthanc_source(base / name / "source", port)
             store_to_scp(dicom_files(root), LOCALHOST, source.port, source.aet)
-            export_cfg = {"Site": name, "Secret": SECRETS[name], "BatchSize": 4,
+            # The tests' harvester lists every DICOM node as a source (RtHarvest.Sources), the archive too:
+            # without ResearchArchives the export to it would be refused as one to a clinical system.
+            export_cfg = {"Site": name, "Secret": SECRETS[name], "BatchSize": 4, "ResearchArchives": ["CENTRAL"],
                           "DicomWeb": {"CENTRALWEB": {"Url": central.url + "/dicom-web"}}}
             harvester = start_harvester(base / name / "harvester", port,
                                         {"ORTHANC_SRC": source, "CENTRAL": central_entry},

@@ -231,6 +231,9 @@ def test_cli_builds_the_request_body() -> None:
     assert body_of(args) == {"Harvest": "H1", "Destination": "ARCHIVE",
                              "Plans": {"Status": ["Complete", "Incomplete"]},
                              "Profile": {"Dates": "keep", "RetainInstitutionIdentity": True}}
+    args = build_parser().parse_args(["export", "start", "--harvest", "H1", "--destination", "ARCHIVE",
+                                      "--on-phi", "hold"])
+    assert body_of(args)["Profile"] == {"OnPhiFound": "hold"}
     args = build_parser().parse_args(["export", "start", "--harvest", "H1", "--destination", "X", "--plans", "All",
                                       "--patient", "P1"])
     with pytest.raises(CliError):
@@ -248,7 +251,8 @@ def test_routes_and_page_section(site: Site, tmp_path: Path) -> None:
     explorer_routes.register(router)
     answer = router.handle(HttpRequest("GET", "/rtharvest/destinations"))
     assert json.loads(answer.body) == {"Site": "SITEA", "Destinations": [
-        {"Name": "ARCHIVE", "Kind": "folder"}, {"Name": "PACS", "Kind": "dicom"}]}
+        {"Name": "ARCHIVE", "Kind": "folder", "ResearchArchive": False, "Allowed": True},
+        {"Name": "PACS", "Kind": "dicom", "ResearchArchive": False, "Allowed": True}]}
     bad = router.handle(HttpRequest("POST", "/rtharvest/exports", body=b'{"Harvest": "H1", "Destination": 3}'))
     assert bad.status == 400 and json.loads(bad.body)["Error"].startswith("Destination:")
     missing = router.handle(HttpRequest("GET", "/rtharvest/exports/0123456789abcdef"))
@@ -428,7 +432,11 @@ def test_a_generated_secret_survives_a_restart(site: Site, tmp_path: Path) -> No
     uid, again = "1.2.826.0.1.3680043.2.1125.1.42", _service(tmp_path, site)
     assert again.key().uid(uid) == first.key().uid(uid)
     assert again.key().pseudonym("SYN001") == first.key().pseudonym("SYN001")
-    assert first.db.scalar("SELECT count(*) FROM rth_site_keys") == 1
+    # Kept apart from the pseudonym map: its own file, readable by the owner only; nothing in the database.
+    assert first.db.scalar("SELECT count(*) FROM rth_site_keys") == 0
+    secret_file = tmp_path / "exports.secret"
+    assert secret_file.stat().st_mode & 0o777 == 0o600
+    assert bytes.fromhex(secret_file.read_text().strip()) == first.key().secret
     (tmp_path / "other").mkdir()
     elsewhere = _service(tmp_path / "other", site)
     assert elsewhere.key().uid(uid) != first.key().uid(uid)
@@ -498,3 +506,65 @@ def test_cli_list_status_wait_cancel(site: Site, tmp_path: Path, capsys: pytest.
         assert code == 0 and [d["ID"] for d in json.loads("\n".join(lines))] == [idle, bad["ID"], good["ID"]]
     finally:
         api.stop()
+
+
+def test_a_destination_that_became_a_source_receives_nothing(site: Site, tmp_path: Path) -> None:
+    """Refused at send time too: a harvest started after the export was created now reads ARCHIVE."""
+    service = _service(tmp_path, site)
+    answer = service.create({"Harvest": "H1", "Destination": "ARCHIVE", "Plans": {"PatientIDs": [_busiest(site)]}})
+    service.clinical_sources = lambda: {"ARCHIVE": "the Source of harvest H2"}
+    _drain(service)
+    doc = service.document(answer["ID"])
+    assert doc["State"] == "Failed" and doc["Progress"]["InstancesSent"] == 0
+    assert doc["Errors"][0].startswith("ARCHIVE is the Source of harvest H2")
+    assert not list((tmp_path / "archive").rglob("*.dcm"))
+
+
+def test_an_older_database_keeps_its_secret_and_pseudonyms(site: Site, tmp_path: Path) -> None:
+    """A database of an older version: the secret in rth_site_keys, 10-hex pseudonyms. The secret moves to
+    its own file (same UIDs), recorded pseudonyms stay, new patients get 64-bit ones, and a pseudonym
+    another patient already has is drawn again."""
+    old = _service(tmp_path, site)
+    secret = bytes(range(32))
+    with old.db.transaction():
+        old.db.execute("INSERT INTO rth_site_keys (site, secret, created_at) VALUES ('SITEA', ?, 0)", (secret,))
+        old.db.execute("INSERT INTO rth_pseudonyms (site, patient_id, pseudonym, created_at)"
+                       " VALUES ('SITEA', 'OLD1', 'SITEA-0123456789', 0)")
+    service = _service(tmp_path, site)
+    assert service.key().secret == secret
+    assert service.db.scalar("SELECT count(*) FROM rth_site_keys") == 0
+    assert (tmp_path / "exports.secret").stat().st_mode & 0o777 == 0o600
+    assert service.pseudonym("OLD1") == "SITEA-0123456789"
+    new = service.pseudonym("NEW1")
+    assert new == service.key().pseudonym("NEW1") and len(new.split("-")[1]) == 16
+    # Another patient took NEW2's first pseudonym: NEW2 gets the next draw, still unique.
+    taken = service.key().pseudonym("NEW2")
+    with service.db.transaction():
+        service.db.execute("INSERT INTO rth_pseudonyms (site, patient_id, pseudonym, created_at)"
+                           " VALUES ('SITEA', 'OTHER', ?, 0)", (taken,))
+    assert service.pseudonym("NEW2") == service.key().pseudonym("NEW2", 1) != taken
+    restarted = _service(tmp_path, site)
+    assert restarted.key().secret == secret and restarted.pseudonym("NEW2") == service.pseudonym("NEW2")
+
+
+class Choking(Folder):
+    """A destination with a bug whose exception message quotes the original PatientID it was handed."""
+
+    def __init__(self, name: str, root: Path, original_of: dict[str, str]) -> None:
+        super().__init__(name, root)
+        self.original_of = original_of
+
+    def send(self, datasets: Sequence[Dataset]) -> dict[str, str]:
+        raise ValueError(f"cannot file patient {self.original_of[str(datasets[0].PatientID)]}")
+
+
+def test_an_internal_error_quoting_a_patient_stays_out_of_job_errors_and_events(site: Site, tmp_path: Path) -> None:
+    service = _service(tmp_path, site)
+    patient = _busiest(site)
+    choking = Choking("ARCHIVE", tmp_path / "archive", {service.pseudonym(patient): patient})
+    doc = _export_to(service, tmp_path, choking, {"PatientIDs": [patient]})
+    assert doc["State"] == "Failed"
+    assert doc["Errors"] and all(e.startswith("internal error: ValueError (message withheld") for e in doc["Errors"])
+    events = [e.message for e in service.events.query(limit=1000)]
+    assert any("internal error: ValueError" in m for m in events)
+    assert not any(patient in m for m in [*events, *doc["Errors"]])

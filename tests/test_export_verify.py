@@ -128,3 +128,23 @@ def test_compare_finds_changed_fraction_counts() -> None:
                                                        f"plan {plan}: Treatments is 3, expected 2"]
     no_summary = {**faithful, "SummaryRecords": 0, "SummaryRecordUIDs": []}
     assert len(compare(expected, [no_summary])) == 2
+
+
+def test_a_single_patients_name_components_all_count() -> None:
+    """A prefix most patients share identifies nobody and is not looked for; but in an export of one
+    patient, every component of the name is."""
+    from pydicom.dataset import Dataset
+
+    from rtharvest.export.deid import Profile
+    from rtharvest.export.verify import phi_values
+
+    def patient(pid: str, name: str) -> Dataset:
+        ds = Dataset()
+        ds.PatientID, ds.PatientName = pid, name
+        return ds
+
+    one = phi_values([patient("P1", "SYNTH^ALPHA")], Profile())
+    assert one.get("SYNTH") == one.get("ALPHA") == "PatientName:component"
+    three = phi_values([patient("P1", "SYNTH^ALPHA"), patient("P2", "SYNTH^BRAVO"), patient("P3", "SYNTH^ECHO")],
+                       Profile())
+    assert "SYNTH" not in three and three.get("BRAVO") == "PatientName:component"

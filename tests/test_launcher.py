@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 
 import pytest
@@ -113,3 +115,32 @@ def test_index_plugin_is_added_by_path_when_no_plugin_folder_holds_it(tmp_path: 
     assert plugins_with_index(["/usr/share/orthanc/plugins/libOrthancPython.so"], library)[-1] == str(library)
     assert plugins_with_index([str(library.parent)], library) == [str(library.parent)]
     assert check_section({"IndexConnectionsCount": 4, "Lock": True})[0].startswith("PostgreSQL.IndexConnectionsCount")
+
+
+def test_the_written_config_is_readable_by_its_owner_only(tmp_path: Path) -> None:
+    """The effective orthanc.json holds the RegisteredUsers and PostgreSQL passwords: mode 0600 whatever the
+    umask, and a file left readable by an older run is restricted before the passwords go in."""
+    old = os.umask(0o022)
+    try:
+        proc = OrthancProcess(tmp_path / "run", postgres="postgresql://u:secret-pw@h:6543/db")
+        proc.config_path.parent.mkdir(parents=True)
+        proc.config_path.write_text("{}")
+        proc.config_path.chmod(0o644)
+        path = proc.write_config()
+    finally:
+        os.umask(old)
+    assert path.stat().st_mode & 0o777 == 0o600
+    written = json.loads(path.read_text())
+    assert written["PostgreSQL"]["Password"] == "secret-pw" and written["RegisteredUsers"]
+
+
+def test_the_first_run_credential_is_warned_about_until_changed() -> None:
+    shipped = json.loads(launcher.DEFAULT_CONFIG.read_text())
+    assert shipped["RegisteredUsers"] == {launcher.FIRST_RUN_USER: launcher.FIRST_RUN_PASSWORD}
+    warning = launcher.first_run_credential_warning(shipped)
+    assert warning is not None and repr(launcher.FIRST_RUN_USER) in warning
+    assert launcher.FIRST_RUN_PASSWORD not in warning
+    changed = {**shipped, "RegisteredUsers": {launcher.FIRST_RUN_USER: "a long random password 7f3k"}}
+    assert launcher.first_run_credential_warning(changed) is None
+    renamed = {**shipped, "RegisteredUsers": {"admin": launcher.FIRST_RUN_PASSWORD}}
+    assert "'admin'" in (launcher.first_run_credential_warning(renamed) or "")

@@ -10,8 +10,10 @@ import logging
 import re
 from pathlib import Path
 
+import pytest
+
 from rtharvest.classify import HarvestWindow
-from rtharvest.eventlog import EventLogHandler, PhiSafeFormatter
+from rtharvest.eventlog import EventLogHandler, Level, PhiSafeFormatter
 from rtharvest.manifest import ManifestService, csv_cell
 from rtharvest.strategies import SourceCapability
 from tests.fakes import World
@@ -143,3 +145,44 @@ def test_exception_messages_quoting_a_patient_id_stay_out_of_job_errors_events_a
     texts = [e.message for e in events] + orthanc_log + [f"{j.last_error} {j.note}" for j in jobs]
     leaked = [t for t in texts if re.search(rf"(?<![\w.]){re.escape(patient_id)}(?![\w.])", t)]
     assert not leaked, leaked[:3]
+
+
+def test_a_mim_session_error_quoting_the_patient_stays_out_of_the_event(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """The MIM path uses the same summary as the rest: an unpacking error whose message quotes the
+    session's patient shows its type only."""
+    from rtharvest import mimsessions
+    from rtharvest.converters.mim import MimSessionError
+    from tests import test_mimsessions as mim
+
+    def unpack(data: bytes) -> None:
+        raise MimSessionError(f"session of {mim.P} TEST^MIM has a bad item", damaged=True)
+
+    monkeypatch.setattr(mimsessions, "unpack_bytes", unpack)
+    world = World(tmp_path / "q.sqlite", [])
+    try:
+        mim.store_session(world, mim.session())
+        hid = mim.start_unpack(world)
+        world.run()
+        [warning] = [e for e in mim.events(world, hid) if e.level is Level.WARNING]
+    finally:
+        world.close()
+    assert "cannot be unpacked (MimSessionError (message withheld" in warning.message
+    assert mim.P not in warning.message and "TEST^MIM" not in warning.message
+
+
+def test_stored_problems_are_summaries_not_messages(tmp_path: Path) -> None:
+    """``rth_objects.problems`` keeps each problem's code and attribute: a message quoting a value typed by
+    hand (a PlanIntent holding a surname here) is not stored."""
+    clinic = MiniClinic()
+    clinic.plan.PlanIntent = "DOE_JOHN"
+    world = World(tmp_path / "q.sqlite", clinic.datasets())
+    try:
+        hid = world.start(HarvestWindow("20200101", "20201231", ("MINI1",)))
+        world.run()
+        [plan] = [o for o in world.tracker.objects(hid) if o.sop_uid == clinic.plan.SOPInstanceUID]
+        stored = world.db.query("SELECT problems FROM rth_objects WHERE sop_uid = ?", (plan.sop_uid,))
+    finally:
+        world.close()
+    assert "NONSTANDARD_VALUE PlanIntent" in plan.problems
+    assert not any("DOE_JOHN" in p for p in plan.problems) and "DOE_JOHN" not in str(stored)

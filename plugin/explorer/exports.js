@@ -63,8 +63,16 @@
         var opt = document.createElement('option');
         opt.value = d.Name;
         opt.textContent = d.Name + ' (' + d.Kind + ')';
+        // A clinical source (or credentials over plain http) cannot receive exports: shown, not selectable.
+        if (d.Allowed === false) {
+          opt.disabled = true;
+          opt.title = d.Refused || '';
+          opt.textContent += ' - refused';
+        }
         sel.appendChild(opt);
       });
+      var allowed = (doc.Destinations || []).filter(function (d) { return d.Allowed !== false; });
+      if (allowed.length) { sel.value = allowed[0].Name; }
     }).catch(function () {});
   }
 

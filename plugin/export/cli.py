@@ -39,7 +39,7 @@ from ..cliutil import (
 __all__ = ["add_parser"]
 
 #: States after which an export changes no more.
-FINAL = ("Completed", "VerificationFailed", "Failed", "Cancelled")
+FINAL = ("Completed", "HeldBack", "VerificationFailed", "Failed", "Cancelled")
 
 
 def _path(export_id: str, suffix: str = "") -> str:
@@ -51,6 +51,10 @@ def _progress(doc: dict[str, Any]) -> str:
     text = (f"{doc.get('State')}: {p.get('InstancesSent', 0)} of {p.get('InstancesTotal', 0)} instances sent, "
             f"{p.get('InstancesFailed', 0)} failed, {p.get('InstancesVerified', 0)} verified, "
             f"{p.get('PlansSelected', 0)} plan(s)")
+    check = doc.get("PreSendCheck") or {}
+    if check.get("FindingsCount"):
+        text += (f"; before sending: {check.get('InstancesCleaned', 0)} instance(s) cleaned, "
+                 f"{check.get('InstancesHeld', 0)} held back")
     verification = doc.get("Verification")
     if verification:
         text += (f"; verification {'passed' if verification.get('Passed') else 'FAILED'} "
@@ -73,6 +77,8 @@ def body_of(args: argparse.Namespace) -> dict[str, Any]:
         profile["Dates"] = args.dates
     if args.descriptors:
         profile["Descriptors"] = args.descriptors
+    if args.on_phi:
+        profile["OnPhiFound"] = args.on_phi
     if args.retain_institution:
         profile["RetainInstitutionIdentity"] = True
     if args.retain_patient_characteristics:
@@ -185,6 +191,9 @@ def add_parser(sub: Any, json_parent: Parser) -> None:
     start.add_argument("--patient", action="append", metavar="ID", help="filter: PatientID (repeatable)")
     start.add_argument("--dates", choices=("shift", "keep", "remove"), help="date option (default shift)")
     start.add_argument("--descriptors", choices=("keep", "clean"), help="RT descriptors (default keep)")
+    start.add_argument("--on-phi", choices=("clean", "hold"),
+                       help="an identifying value found in kept text before sending: clean it out (default) or "
+                            "hold the object back")
     start.add_argument("--retain-institution", action="store_true")
     start.add_argument("--retain-patient-characteristics", action="store_true")
     start.add_argument("--label")

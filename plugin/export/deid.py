@@ -27,7 +27,8 @@ contour images, dose → plan, registration → series and frames of reference, 
 still resolves; two sites with different secrets never produce the same UID, even for the same original
 (a patient treated at both). Private attributes are removed at every depth.
 
-PatientID and PatientName become the patient's pseudonym (``<SITE>-<10 hex digits>``, from the same key);
+PatientID and PatientName become the patient's pseudonym (``<SITE>-<16 hex digits>``: 64 bits, from the
+same key; pseudonyms an older version recorded with 10 hex digits stay as recorded);
 the Clinical Trial Subject module (``ClinicalTrialSiteID``, ``ClinicalTrialSubjectID``, sponsor and
 protocol) names the site, so datasets of several sites stay separable in one archive.
 """
@@ -56,6 +57,7 @@ __all__ = [
     "RT_DESCRIPTORS",
     "DatePolicy",
     "DescriptorPolicy",
+    "PhiAction",
     "Profile",
     "ProfileError",
     "SiteKey",
@@ -82,6 +84,14 @@ class DatePolicy(StrEnum):
     SHIFT = "shift"
     KEEP = "keep"
     REMOVE = "remove"
+
+
+class PhiAction(StrEnum):
+    """What the check before sending (:mod:`rtharvest.export.presend`) does with an object in which it finds
+    an identifying value of the export's patients or of the site: clean the value out, or hold the object."""
+
+    CLEAN = "clean"
+    HOLD = "hold"
 
 
 class DescriptorPolicy(StrEnum):
@@ -120,9 +130,11 @@ class Profile:
     max_shift_days: int = 3650
     sponsor: str = "rtharvest"
     protocol: str = "RTHARVEST"
+    #: What the check before sending does with an identifying value found in a kept element.
+    on_phi: PhiAction = PhiAction.CLEAN
 
     _FIELDS = ("Dates", "Descriptors", "RetainPatientCharacteristics", "RetainInstitutionIdentity",
-               "MaxShiftDays", "Sponsor", "Protocol")
+               "MaxShiftDays", "Sponsor", "Protocol", "OnPhiFound")
 
     @classmethod
     def from_json(cls, body: Any, prefix: str = "Profile") -> Profile:
@@ -162,14 +174,15 @@ class Profile:
                    descriptors=choice("Descriptors", DescriptorPolicy, DescriptorPolicy.KEEP),
                    patient_characteristics=flag("RetainPatientCharacteristics"),
                    institution=flag("RetainInstitutionIdentity"), max_shift_days=days,
-                   sponsor=text("Sponsor", "rtharvest"), protocol=text("Protocol", "RTHARVEST"))
+                   sponsor=text("Sponsor", "rtharvest"), protocol=text("Protocol", "RTHARVEST"),
+                   on_phi=choice("OnPhiFound", PhiAction, PhiAction.CLEAN))
 
     def to_json(self) -> dict[str, Any]:
         """The REST form (every field, defaults included)."""
         return {"Dates": self.dates.value, "Descriptors": self.descriptors.value,
                 "RetainPatientCharacteristics": self.patient_characteristics,
                 "RetainInstitutionIdentity": self.institution, "MaxShiftDays": self.max_shift_days,
-                "Sponsor": self.sponsor, "Protocol": self.protocol}
+                "Sponsor": self.sponsor, "Protocol": self.protocol, "OnPhiFound": self.on_phi.value}
 
     def method(self) -> list[str]:
         """``DeidentificationMethod`` values (LO: at most 64 characters each)."""
@@ -203,7 +216,8 @@ class Profile:
 class SiteKey:
     """A site's name and secret; everything derived from them is deterministic.
 
-    The secret never leaves the site (it lives in the site's database, with the pseudonym mapping).
+    The secret never leaves the site (it lives in its own file, apart from the pseudonym mapping, or in the
+    configuration; see :mod:`rtharvest.export.settings`).
     """
 
     site: str
@@ -222,9 +236,12 @@ class SiteKey:
         """The site's replacement for ``uid``: ``2.25.`` + 128 bits of the keyed hash (≤ 44 characters)."""
         return "2.25." + str(int.from_bytes(self._digest("uid", uid.strip("\x00 "))[:16], "big"))
 
-    def pseudonym(self, patient_id: str) -> str:
-        """The patient's pseudonym: ``<SITE>-<10 upper-case hex digits>``."""
-        return f"{self.site}-{self._digest('patient', patient_id).hex()[:10].upper()}"
+    def pseudonym(self, patient_id: str, attempt: int = 0) -> str:
+        """The patient's pseudonym: ``<SITE>-<16 upper-case hex digits>`` (64 bits: a collision among a
+        million patients has a chance of about 3e-8). ``attempt`` > 0 draws another one for the rare patient
+        whose first pseudonym another patient of the site already has."""
+        value = patient_id if attempt == 0 else f"{patient_id}\x00{attempt}"
+        return f"{self.site}-{self._digest('patient', value).hex()[:16].upper()}"
 
     def day_shift(self, patient_id: str, max_days: int) -> int:
         """Days (negative) every date of this patient moves by under ``Dates: shift``."""

@@ -23,19 +23,23 @@ import email.parser
 import email.policy
 import http.client
 import io
+import ipaddress
 import json
 import os
 import secrets
 import urllib.parse
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 from typing import Any, Protocol
 
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-__all__ = ["Destination", "DestinationError", "DicomNode", "DicomWebServer", "Folder", "encode"]
+from ..eventlog import exception_summary
+
+__all__ = ["Destination", "DestinationError", "DicomNode", "DicomWebServer", "Folder", "PlainHttpCredentials", "encode"]
 
 
 class DestinationError(Exception):
@@ -115,7 +119,7 @@ class DicomNode:
                 try:
                     status = assoc.send_c_store(ds)
                 except (ValueError, RuntimeError) as exc:  # no accepted context for this class/syntax
-                    failed[uid] = f"not sent: {exc}"
+                    failed[uid] = f"not sent: {exception_summary(exc)}"
                     continue
                 code = getattr(status, "Status", None) if status else None
                 if code is None:
@@ -176,6 +180,23 @@ class DicomNode:
 # DICOMweb
 
 
+class PlainHttpCredentials(StrEnum):
+    """``RtHarvest.Export.AllowCredentialsOverHttp``: where Basic credentials may travel over ``http://``."""
+
+    NEVER = "never"
+    LOOPBACK = "loopback"
+    ALWAYS = "always"
+
+
+def _is_loopback(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 @dataclass
 class DicomWebServer:
     """A DICOMweb service root (``Url``), with optional basic authentication."""
@@ -186,6 +207,21 @@ class DicomWebServer:
     password: str | None = field(default=None, repr=False)
     timeout: float = 120.0
     kind: str = "dicomweb"
+    plain_http: PlainHttpCredentials = PlainHttpCredentials.NEVER
+
+    def credential_problem(self) -> str | None:
+        """Why this server may not be used (``None``: it may): Basic credentials over plain ``http://`` travel
+        readable by anyone on the path, so they are refused unless the setting allows it."""
+        if self.username is None and self.password is None:
+            return None
+        parts = urllib.parse.urlsplit(self.url)
+        if parts.scheme == "https":
+            return None
+        if self.plain_http is PlainHttpCredentials.ALWAYS or (
+                self.plain_http is PlainHttpCredentials.LOOPBACK and _is_loopback(parts.hostname or "")):
+            return None
+        return (f"{self.name} would send its Username and Password over plain {parts.scheme}://; use an https:// "
+                "Url (or set RtHarvest.Export.AllowCredentialsOverHttp, docs/operations.md)")
 
     def _connection(self) -> tuple[http.client.HTTPConnection, str]:
         parts = urllib.parse.urlsplit(self.url)
@@ -196,6 +232,9 @@ class DicomWebServer:
 
     def _request(self, method: str, path: str, body: bytes | None, headers: dict[str, str]) -> tuple[int, bytes,
                                                                                                    str]:
+        problem = self.credential_problem()
+        if problem:
+            raise DestinationError(problem)
         if self.username is not None:
             token = base64.b64encode(f"{self.username}:{self.password or ''}".encode()).decode()
             headers["Authorization"] = f"Basic {token}"
@@ -205,7 +244,7 @@ class DicomWebServer:
             resp = conn.getresponse()
             return resp.status, resp.read(), resp.getheader("Content-Type", "")
         except OSError as exc:
-            raise DestinationError(f"{self.name}: {method} {path} failed: {exc}") from None
+            raise DestinationError(f"{self.name}: {method} {path} failed: {exception_summary(exc)}") from None
         finally:
             conn.close()
 
@@ -293,7 +332,7 @@ class Folder:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 _atomic_write(path, encode(ds))
             except OSError as exc:
-                failed[str(ds.SOPInstanceUID)] = f"write failed: {exc.strerror or exc}"
+                failed[str(ds.SOPInstanceUID)] = f"write failed: {exception_summary(exc)}"
         return failed
 
     def fetch(self, series: Iterable[tuple[str, str]]) -> Iterator[bytes]:

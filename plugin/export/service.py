@@ -13,8 +13,8 @@ re-sends at most the batch in flight, and since the de-identified UIDs are deter
 receives the same SOP Instance UIDs again (Orthanc and DICOMweb servers replace, a folder overwrites the
 same file), never a second copy.
 
-The pseudonym mapping and the site's secret stay in this database; neither is ever exported, logged or
-answered over REST.
+The pseudonym mapping stays in this database and the site's secret in its own file (mode 0600) or the
+configuration (:attr:`ExportSettings.secret_path`); neither is ever exported, logged or answered over REST.
 """
 
 from __future__ import annotations
@@ -29,13 +29,14 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import pydicom
 
 from ..central.client import announce, delivery_document
 from ..db import Database, register_schema
-from ..eventlog import EventLog, Level
+from ..eventlog import EventLog, Level, exception_summary
 from ..httpapi import ApiError
 from ..jobqueue import EnqueueItem, HarvestState, Job, JobQueue, JobState, QueueError, RetryPolicy
 from ..manifest import STATUSES, Manifest, PlanRow
@@ -43,6 +44,7 @@ from ..references import ObjectKind, extract
 from ..tracking import Decision, ObjectRecord
 from .deid import Profile, ProfileError, SiteKey, deidentify
 from .destinations import Destination, DestinationError
+from .presend import Finding, FindingAction, check_before_send, cleaned_label
 from .settings import ExportSettings
 from .verify import (
     Verification,
@@ -83,6 +85,27 @@ _SCHEMA = [
 ]
 
 register_schema("exports", 1, _SCHEMA)
+# The check before sending: an object may be held back (state 'held', never sent or retried), and every
+# cleaning or hold is listed by de-identified UID, attribute and kind of value (never the value).
+register_schema("exports", 2, [
+    """CREATE TABLE rth_export_items_v2 (
+        export_id TEXT NOT NULL, sop_uid TEXT NOT NULL, orthanc_id TEXT NOT NULL, series_uid TEXT,
+        new_uid TEXT, new_study TEXT, new_series TEXT,
+        state TEXT NOT NULL DEFAULT 'pending' CHECK (state IN ('pending', 'sent', 'failed', 'held')),
+        sends INTEGER NOT NULL DEFAULT 0, verified INTEGER NOT NULL DEFAULT 0, error TEXT,
+        PRIMARY KEY (export_id, sop_uid))""",
+    "INSERT INTO rth_export_items_v2 SELECT export_id, sop_uid, orthanc_id, series_uid, new_uid, new_study,"
+    " new_series, state, sends, verified, error FROM rth_export_items",
+    "DROP TABLE rth_export_items",
+    "ALTER TABLE rth_export_items_v2 RENAME TO rth_export_items",
+    "CREATE INDEX rth_export_items_state ON rth_export_items (export_id, state)",
+    """CREATE TABLE rth_export_findings (
+        export_id TEXT NOT NULL, new_uid TEXT NOT NULL, attribute TEXT NOT NULL, kind TEXT NOT NULL,
+        action TEXT NOT NULL CHECK (action IN ('cleaned', 'held')),
+        PRIMARY KEY (export_id, new_uid, attribute, kind))""",
+])
+#: Findings listed in an export's document (all are counted; ``GET .../findings`` pages through the rest).
+FINDINGS_LISTED = 200
 
 _BODY_FIELDS = ("Harvest", "Destination", "Plans", "Profile", "Label")
 _FILTER_FIELDS = ("Status", "PlanIntent", "PlanUIDs", "PatientIDs")
@@ -177,12 +200,15 @@ class ExportService:
                  harvest_manifest: Callable[[str], Manifest],
                  harvest_objects: Callable[[str], Sequence[ObjectRecord]],
                  check_harvest: Callable[[str], Any], *, policy: RetryPolicy | None = None,
-                 lease_seconds: float = 900.0) -> None:
+                 lease_seconds: float = 900.0,
+                 clinical_sources: Callable[[], Mapping[str, str]] | None = None) -> None:
         self.settings = settings
         self.events = events
         self.harvest_manifest = harvest_manifest
         self.harvest_objects = harvest_objects
         self.check_harvest = check_harvest
+        #: Names that are a clinical system (source or lookup source of a harvest or schedule) → why.
+        self.clinical_sources: Callable[[], Mapping[str, str]] = clinical_sources or dict
         os.makedirs(settings.database_path.parent, exist_ok=True)
         self.db = Database(str(settings.database_path))
         self.queue = JobQueue(self.db, policy or RetryPolicy())
@@ -197,27 +223,43 @@ class ExportService:
         self._thread: threading.Thread | None = None
         self._owner = f"{socket.gethostname()}:{os.getpid()}:export"
         self._lock_fd: int | None = None
+        #: The originals :meth:`_phi_values` read last (series UID → dataset without pixels).
+        self._originals: dict[str, Any] = {}
 
     # -- site key and pseudonyms ---------------------------------------------------------------------
 
     def key(self) -> SiteKey:
-        """The site's key: the configured secret, else one generated once and kept in the database."""
+        """The site's key: the configured secret (environment or ``Secret``), else the one in the secret file
+        (generated once, mode 0600). A secret an older version kept in the database (``rth_site_keys``) moves
+        to the file on first use, so every UID and pseudonym stays the same and the database alone no longer
+        re-identifies anyone."""
         if self._key is None:
             site = self.settings.site
             secret = self.settings.secret
             if secret is None:
-                with self.db.transaction():
-                    stored = self.db.scalar("SELECT secret FROM rth_site_keys WHERE site = ?", (site,))
-                    if stored is None:
-                        stored = secrets.token_bytes(32)
-                        self.db.execute("INSERT INTO rth_site_keys (site, secret, created_at) VALUES (?, ?, ?)",
-                                        (site, stored, time.time()))
-                secret = bytes(stored)
+                secret = self._secret_from_file(site)
             self._key = SiteKey(site, secret)
         return self._key
 
+    def _secret_from_file(self, site: str) -> bytes:
+        path = self.settings.secret_path
+        stored = self.db.scalar("SELECT secret FROM rth_site_keys WHERE site = ?", (site,))
+        if not path.exists():
+            write_secret_file(path, bytes(stored) if stored is not None else secrets.token_bytes(32))
+        secret = read_secret_file(path)
+        if stored is not None:
+            if bytes(stored) != secret:
+                raise RuntimeError(f"the export secret of {path} differs from the one the export database "
+                                   "holds for this site; keep one (see docs/operations.md, Exports)")
+            with self.db.transaction():
+                self.db.execute("DELETE FROM rth_site_keys WHERE site = ?", (site,))
+            log.warning("the export secret moved from the export database to %s (mode 0600)", path)
+        return secret
+
     def pseudonym(self, patient_id: str) -> str:
-        """The patient's pseudonym, recorded in the site's database on first use."""
+        """The patient's pseudonym, recorded in the site's database on first use (a recorded one is never
+        changed: pseudonyms of an older version keep their 10 hex digits). A new pseudonym another patient
+        already has (possible, at 64 bits hardly ever) is drawn again."""
         cached = self._pseudonyms.get(patient_id)
         if cached is not None:
             return cached
@@ -225,14 +267,47 @@ class ExportService:
         with self.db.transaction():
             found = self.db.scalar("SELECT pseudonym FROM rth_pseudonyms WHERE site = ? AND patient_id = ?",
                                    (key.site, patient_id))
-            if found is None:
-                found = key.pseudonym(patient_id)
-                self.db.execute("INSERT INTO rth_pseudonyms (site, patient_id, pseudonym, created_at)"
-                                " VALUES (?, ?, ?, ?)", (key.site, patient_id, found, time.time()))
+            attempt = 0
+            while found is None:
+                candidate = key.pseudonym(patient_id, attempt)
+                if self.db.scalar("SELECT 1 FROM rth_pseudonyms WHERE pseudonym = ?", (candidate,)) is None:
+                    found = candidate
+                    self.db.execute("INSERT INTO rth_pseudonyms (site, patient_id, pseudonym, created_at)"
+                                    " VALUES (?, ?, ?, ?)", (key.site, patient_id, found, time.time()))
+                attempt += 1
         self._pseudonyms[patient_id] = str(found)
         return str(found)
 
     # -- REST ------------------------------------------------------------------------------------------
+
+    def refusal(self, destination: str) -> str | None:
+        """Why ``destination`` may not receive exports (``None``: it may): a name that is a source or lookup
+        source of a harvest or schedule (or a configured source) is a clinical system, and de-identified
+        copies must never land there by accident, unless ``RtHarvest.Export.ResearchArchives`` marks it."""
+        web = self.settings.dicomweb.get(destination)
+        if web is not None and self.settings.kind_of(destination) == "dicomweb" and web.credential_problem():
+            return web.credential_problem()
+        if destination in self.settings.research_archives:
+            return None
+        why = self.clinical_sources().get(destination)
+        if why is None:
+            return None
+        return (f"{destination} is {why}, a clinical system; exports go only to research archives (list it in "
+                "RtHarvest.Export.ResearchArchives if it truly is one)")
+
+    def destinations(self) -> list[dict[str, Any]]:
+        """``GET /rtharvest/destinations``: every name, its kind, and whether an export may use it (and why not)."""
+        sources = self.clinical_sources()
+        out = []
+        for name in self.settings.destination_names():
+            doc: dict[str, Any] = {"Name": name, "Kind": self.settings.kind_of(name),
+                                   "ResearchArchive": name in self.settings.research_archives}
+            refused = self.refusal(name) if name in sources or name in self.settings.dicomweb else None
+            doc["Allowed"] = refused is None
+            if refused:
+                doc["Refused"] = refused
+            out.append(doc)
+        return out
 
     def create(self, body: Mapping[str, Any]) -> dict[str, Any]:
         """Validate a ``POST /rtharvest/exports`` body and enqueue the export; ``{"ID", "State"}``."""
@@ -250,6 +325,9 @@ class ExportService:
         if kind is None:
             known = ", ".join(self.settings.destination_names()) or "none configured"
             raise ApiError(400, f"Destination: unknown destination {destination[:40]!r}; known: {known}")
+        refused = self.refusal(destination)
+        if refused:
+            raise ApiError(400, f"Destination: {refused}")
         plans = parse_plans(body.get("Plans"))
         try:
             profile = Profile.from_json(body.get("Profile"))
@@ -287,8 +365,8 @@ class ExportService:
         return row
 
     def state(self, export_id: str) -> str:
-        """``Running``, ``Completed`` (sent and verified), ``VerificationFailed``, ``Failed``, ``Paused`` or
-        ``Cancelled``."""
+        """``Running``, ``Completed`` (sent and verified), ``HeldBack`` (verified, but the check before
+        sending held objects back), ``VerificationFailed``, ``Failed``, ``Paused`` or ``Cancelled``."""
         harvest = self.queue.get_harvest(export_id)
         if harvest.state in (HarvestState.CANCELLED, HarvestState.PAUSED):
             return harvest.state.value
@@ -300,7 +378,20 @@ class ExportService:
         verification = self.db.scalar("SELECT verification FROM rth_exports WHERE id = ?", (export_id,))
         if verification is None:
             return "Running"
-        return "Completed" if json.loads(verification).get("Passed") else "VerificationFailed"
+        verdict = json.loads(verification)
+        held = self.db.scalar("SELECT count(*) FROM rth_export_items WHERE export_id = ? AND state = 'held'",
+                              (export_id,), 0)
+        if held and not verdict.get("PhiHitCount") and not verdict.get("AbsentCount"):
+            # Everything sent arrived and holds nothing identifying; the copy lacks the held objects (its
+            # manifest may differ from the site's for just that reason).
+            return "HeldBack"
+        return "Completed" if verdict.get("Passed") else "VerificationFailed"
+
+    def findings(self, export_id: str, limit: int = FINDINGS_LISTED, offset: int = 0) -> list[dict[str, Any]]:
+        """What the check before sending cleaned or held (de-identified UID, attribute, kind; never the value)."""
+        return [Finding(r[0], r[1], r[2], FindingAction(r[3])).to_json() for r in self.db.query(
+            "SELECT new_uid, attribute, kind, action FROM rth_export_findings WHERE export_id = ?"
+            " ORDER BY new_uid, attribute, kind LIMIT ? OFFSET ?", (export_id, limit, offset))]
 
     def document(self, export_id: str) -> dict[str, Any]:
         """``GET /rtharvest/exports/{id}``."""
@@ -324,13 +415,26 @@ class ExportService:
                 "InstancesSent": counts.get("sent", 0),
                 "InstancesFailed": counts.get("failed", 0),
                 "InstancesPending": counts.get("pending", 0),
+                "InstancesHeld": counts.get("held", 0),
                 "InstancesVerified": verified,
                 "InstancesResent": resent,
             },
             "Errors": [j.last_error for j in failed_jobs if j.last_error],
+            "PreSendCheck": self._presend_document(export_id, Profile.from_json(json.loads(row[5]))),
             "Verification": json.loads(row[9]) if row[9] else None,
             "VerifiedAt": _iso(row[10]),
         }
+
+    def _presend_document(self, export_id: str, profile: Profile) -> dict[str, Any]:
+        by_action = dict(self.db.query("SELECT action, count(*) FROM rth_export_findings WHERE export_id = ?"
+                                       " GROUP BY action", (export_id,)))
+        objects = dict(self.db.query("SELECT action, count(DISTINCT new_uid) FROM rth_export_findings"
+                                     " WHERE export_id = ? GROUP BY action", (export_id,)))
+        total = sum(by_action.values())
+        return {"OnPhiFound": profile.on_phi.value,
+                "Cleaned": by_action.get("cleaned", 0), "Held": by_action.get("held", 0),
+                "InstancesCleaned": objects.get("cleaned", 0), "InstancesHeld": objects.get("held", 0),
+                "Findings": self.findings(export_id), "FindingsCount": total}
 
     def list_exports(self, limit: int = 100) -> list[dict[str, Any]]:
         """``GET /rtharvest/exports``: newest first."""
@@ -415,13 +519,17 @@ class ExportService:
                 self.queue.complete(job.id, self._owner, note="verified")
         except _Stopped:
             self.queue.release(job.id, self._owner)
+        except _Refused as exc:
+            self._fail(job, str(exc), False)
         except (DestinationError, _ItemsFailed) as exc:
             self._fail(job, str(exc), True)
         except QueueError as exc:
-            log.warning("export job %s lost its lease: %s", job.id, exc)
+            log.warning("export job %s lost its lease: %s", job.id, exception_summary(exc))
         except Exception as exc:  # a bug: fail the attempt visibly rather than kill the worker
             log.exception("export job %s failed unexpectedly", job.id)
-            self._fail(job, f"internal error: {type(exc).__name__}: {exc}", True)
+            # The type only (exception_summary): de-identification reads datasets, and a bug's message may
+            # quote the value it choked on; the job error and the event must not.
+            self._fail(job, f"internal error: {exception_summary(exc)}", True)
         return True
 
     def _fail(self, job: Job, message: str, retryable: bool) -> None:
@@ -455,17 +563,21 @@ class ExportService:
         if not row[8]:
             self._select(export_id, harvest_id, PlanFilter(json.loads(row[4])))
         profile = Profile.from_json(json.loads(row[5]))
+        refused = self.refusal(destination_name)
+        if refused:  # became a source after the export was created: nothing is sent
+            raise _Refused(refused)
         destination = self.destination_of(destination_name, export_id)
         key = self.key()
         todo = [(r[0], r[1]) for r in self.db.query(
-            "SELECT sop_uid, orthanc_id FROM rth_export_items WHERE export_id = ? AND state != 'sent'"
+            "SELECT sop_uid, orthanc_id FROM rth_export_items WHERE export_id = ? AND state IN ('pending', 'failed')"
             " ORDER BY series_uid, sop_uid", (export_id,))]
+        values = self._phi_values(export_id, profile) if todo else {}
         size = self.settings.batch_size
         for start in range(0, len(todo), size):
             if self._stop.is_set():
                 raise _Stopped()
             self.queue.heartbeat(job.id, self._owner, self.lease_seconds)
-            self._send_batch(export_id, todo[start:start + size], destination, key, profile)
+            self._send_batch(export_id, todo[start:start + size], destination, key, profile, values)
         failed = self.db.scalar("SELECT count(*) FROM rth_export_items WHERE export_id = ? AND state = 'failed'",
                                 (export_id,), 0)
         if failed:
@@ -473,29 +585,60 @@ class ExportService:
                                    " LIMIT 1", (export_id,))
             raise _ItemsFailed(f"{failed} instance(s) not accepted by {destination_name}, e.g. {first}")
 
+    def _phi_values(self, export_id: str, profile: Profile) -> dict[str, str]:
+        """The identifying values of the export's patients and of the site, read from the originals (one
+        object per series: they are patient- and study-level values). The same values for the check before
+        sending and for the verification, whatever was sent or held."""
+        assert self.read_file is not None
+        one_per_series: dict[str, str] = {}
+        for sop_uid, orthanc_id, series_uid in self.db.query(
+                "SELECT sop_uid, orthanc_id, series_uid FROM rth_export_items WHERE export_id = ?"
+                " ORDER BY sop_uid", (export_id,)):
+            one_per_series.setdefault(series_uid or sop_uid, orthanc_id)
+        self._originals = {}
+        for series_uid, orthanc_id in one_per_series.items():
+            try:
+                self._originals[series_uid] = pydicom.dcmread(io.BytesIO(self.read_file(orthanc_id)),
+                                                              stop_before_pixels=True)
+            except Exception:
+                continue
+        return phi_values(self._originals.values(), profile)
+
     def _send_batch(self, export_id: str, batch: Sequence[tuple[str, str]], destination: Destination,
-                    key: SiteKey, profile: Profile) -> None:
+                    key: SiteKey, profile: Profile, values: Mapping[str, str]) -> None:
         assert self.read_file is not None
         outgoing = []
         errors: dict[str, str] = {}
         new_of: dict[str, tuple[str, str, str]] = {}
+        held: set[str] = set()
+        findings: list[Finding] = []
         for sop_uid, orthanc_id in batch:
             try:
                 ds = pydicom.dcmread(io.BytesIO(self.read_file(orthanc_id)))
             except Exception as exc:
-                errors[sop_uid] = f"stored copy unreadable: {type(exc).__name__}"
+                errors[sop_uid] = f"stored copy unreadable: {exception_summary(exc)}"
                 continue
             out = deidentify(ds, key, profile, self.pseudonym(str(ds.get("PatientID", ""))), in_place=True)
             new_of[sop_uid] = (str(out.SOPInstanceUID), str(out.get("StudyInstanceUID", "")),
                                str(out.get("SeriesInstanceUID", "")))
-            outgoing.append(out)
+            send, found = check_before_send(out, values, profile.on_phi)
+            findings += found
+            if send:
+                outgoing.append(out)
+            else:
+                held.add(sop_uid)
         refused = destination.send(outgoing)  # raises DestinationError: nothing recorded, batch resent later
         updates = []
         for sop_uid, _ in batch:
             new = new_of.get(sop_uid)
             error = errors.get(sop_uid) or (refused.get(new[0]) if new else None)
-            updates.append(("failed" if error else "sent", error, *(new or (None, None, None)), export_id, sop_uid))
+            state = "held" if sop_uid in held else "failed" if error else "sent"
+            updates.append((state, error, *(new or (None, None, None)), export_id, sop_uid))
         with self.db.transaction():
+            self.db.executemany(
+                "INSERT OR REPLACE INTO rth_export_findings (export_id, new_uid, attribute, kind, action)"
+                " VALUES (?, ?, ?, ?, ?)", [(export_id, f.sop_uid, f.attribute, f.kind, f.action.value)
+                                            for f in findings])
             self.db.executemany(
                 "UPDATE rth_export_items SET state = ?, error = ?, new_uid = ?, new_study = ?, new_series = ?,"
                 " sends = sends + 1 WHERE export_id = ? AND sop_uid = ?", updates)
@@ -512,18 +655,8 @@ class ExportService:
         items = self.db.query("SELECT sop_uid, orthanc_id, series_uid, new_uid, new_study, new_series"
                               " FROM rth_export_items WHERE export_id = ? AND state = 'sent'", (export_id,))
         expected = {r[3]: r[0] for r in items}
-        # PHI of the originals: patient- and study-level values, so one object per series is enough.
-        one_per_series: dict[str, str] = {}
-        for r in items:
-            one_per_series.setdefault(r[2] or r[0], r[1])
-        originals: dict[str, Any] = {}
-        for series_uid, orthanc_id in one_per_series.items():
-            try:
-                originals[series_uid] = pydicom.dcmread(io.BytesIO(self.read_file(orthanc_id)),
-                                                        stop_before_pixels=True)
-            except Exception:
-                continue
-        values = phi_values(originals.values(), profile)
+        values = self._phi_values(export_id, profile)
+        originals = self._originals
         # The site's image series modalities under their new UIDs (the Table-1 ImageSeries of the selection).
         site_modalities = {key.uid(uid): str(ds.get("Modality", "")) for uid, ds in originals.items()}
         result = Verification(instances_expected=len(expected), site_values=len(values))
@@ -553,6 +686,9 @@ class ExportService:
         result.absent = sorted(set(expected) - found)
         copy = manifest_of_copy(refs, export_id)
         site_rows = json.loads(self.db.scalar("SELECT site_rows FROM rth_exports WHERE id = ?", (export_id,)) or "[]")
+        for site_row in site_rows:  # plan labels as the check before sending cleaned them
+            if site_row.get("PlanLabel"):
+                site_row["PlanLabel"] = cleaned_label(str(site_row["PlanLabel"]), values)
         pseudonyms = dict(self.db.query("SELECT patient_id, pseudonym FROM rth_pseudonyms WHERE site = ?",
                                         (key.site,)))
         wanted = expected_rows(site_rows, key, profile, lambda pid: pseudonyms.get(pid) or key.pseudonym(pid))
@@ -585,8 +721,44 @@ class ExportService:
                           harvest_id=row[1])
 
 
+def write_secret_file(path: Path, secret: bytes) -> None:
+    """Create ``path`` holding ``secret`` (hex), readable by the owner only, atomically: written to a
+    temporary file of mode 0600 first and linked into place, so a crash never leaves a half-written key and
+    two processes starting at once keep the first one's."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.write(fd, secret.hex().encode() + b"\n")
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        pass
+    finally:
+        os.unlink(tmp)
+
+
+def read_secret_file(path: Path) -> bytes:
+    """The secret of ``path``; a file others may read is restricted to its owner (and a warning logged)."""
+    mode = path.stat().st_mode
+    if mode & 0o077:
+        os.chmod(path, 0o600)
+        log.warning("%s was readable by others (mode %o); now 0600", path, mode & 0o777)
+    try:
+        return bytes.fromhex(path.read_text().strip())
+    except ValueError:
+        raise RuntimeError(f"{path}: not an export secret (hex digits expected)") from None
+
+
 class _Stopped(Exception):
     """The plugin is stopping: give the job back."""
+
+
+class _Refused(Exception):
+    """The destination is a clinical system (see :meth:`ExportService.refusal`)."""
 
 
 class _ItemsFailed(Exception):

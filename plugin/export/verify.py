@@ -16,12 +16,15 @@ copy, so those links are left out of the expected rows (:func:`knowable`).
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from pydicom.datadict import dictionary_VR
+from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
+from pydicom.tag import BaseTag
 
 from ..manifest import Manifest, PlanRow, build_manifest, summarize_plans
 from ..references import ObjectKind, ObjectRefs
@@ -30,7 +33,7 @@ from ..tracking import Decision, ObjectRecord
 from .deid import DatePolicy, DescriptorPolicy, Profile, SiteKey, shift_date
 
 __all__ = ["PhiHit", "Verification", "compare", "compare_summaries", "expected_rows", "knowable",
-           "manifest_of_copy", "phi_values", "scan_for_phi", "summary_of_rows"]
+           "find_phi", "manifest_of_copy", "phi_values", "scan_for_phi", "summary_of_rows"]
 
 #: Row fields compared between the site's manifest and the copy's (UIDs mapped, dates shifted).
 ROW_FIELDS = ("PatientID", "PlanUID", "PlanIntent", "Status", "Treatments", "Fractions", "FractionsPlanned",
@@ -169,8 +172,9 @@ def phi_values(originals: Iterable[Dataset], profile: Profile) -> dict[str, str]
 
     Whole values are looked for as substrings. Person names are also looked for component by component
     (``DOE``, ``JOHN``; at least 4 characters) as whole words (kind ``...:component``), except components
-    shared by more than half of the patients (a common prefix identifies nobody: the synthetic clinic
-    names everyone ``SYNTH^...``). Institution names only when the profile removes them; birth dates always.
+    shared by more than half of the patients of two or more (a common prefix identifies nobody: the
+    synthetic clinic names everyone ``SYNTH^...``; a single patient's components all identify, an export of
+    one patient is common). Institution names only when the profile removes them; birth dates always.
     """
     keywords = ["PatientID", "PatientName", "PatientBirthDate", "AccessionNumber", "OtherPatientIDs",
                 "ReferringPhysicianName", "OperatorsName", "PhysiciansOfRecord"]
@@ -199,50 +203,96 @@ def phi_values(originals: Iterable[Dataset], profile: Profile) -> dict[str, str]
                             components.setdefault(part, keyword + ":component")
                             patients_of.setdefault(part, set()).add(pid)
     for part, kind in components.items():
-        if len(patients_of[part]) * 2 <= max(len(patients), 1) and part not in found:
+        if (len(patients) < 2 or len(patients_of[part]) * 2 <= len(patients)) and part not in found:
             found[part] = kind
     return found
 
 
-_WORD = re.compile(r"[A-Z0-9]+")
+#: A word: letters and digits of any script ("MÜLLER" is one word, not "M" and "LLER"); "_", "^", "-",
+#: spaces and punctuation separate words.
+_WORD = re.compile(r"[^\W_]+")
 _BINARY_VRS = frozenset({"OB", "OW", "OF", "OD", "OL", "OV", "UN"})
+_STRING_VRS = frozenset({"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "LT", "PN", "SH", "ST", "TM", "UC", "UI",
+                         "UR", "UT"})
+
+
+def _dictionary_vr(tag: BaseTag) -> str:
+    try:
+        return str(dictionary_VR(tag))
+    except KeyError:
+        return "UN"
 
 
 def _token_pattern(needle: str) -> re.Pattern[str]:
-    return re.compile(r"(?<![A-Z0-9])" + re.escape(needle) + r"(?![A-Z0-9])")
+    return re.compile(r"(?<![^\W_])" + re.escape(needle) + r"(?![^\W_])")
 
 
-def scan_for_phi(ds: Dataset, values: Mapping[str, str]) -> list[PhiHit]:
-    """Every string element, at any depth, that contains one of ``values`` (case-insensitive).
+def find_phi(ds: Dataset, values: Mapping[str, str]) -> Iterator[tuple[str, Dataset, DataElement,
+                                                                       list[tuple[str, str]]]]:
+    """Every string element, at any depth, that contains one of ``values`` (case-insensitive):
+    ``(attribute path, dataset holding it, element, [(value, kind), ...])`` with one ``(value, kind)`` per
+    matching value of each item of a multi-valued element.
 
     A value counts only as a whole token: not preceded or followed by a letter or digit. ``SYN001`` in
     ``"plan of SYN001."`` is a hit; the accession number ``0010001`` inside the 39 random digits of a
     ``2.25.`` UID (or a birth date inside a decimal string) is not: with thousands of UIDs in an export,
     substring matching of short numeric values fails a clean export every few runs.
-    """
-    hits: list[PhiHit] = []
-    sop = str(ds.get("SOPInstanceUID", ""))
-    patterns = {needle: _token_pattern(needle) for needle in values}
 
-    def visit(dataset: Dataset, path: str) -> None:
-        for elem in dataset:
+    The one PHI scan of the export: the check before sending (:mod:`rtharvest.export.presend`) and the
+    verification of the copy (:func:`scan_for_phi`) both use it, so what one finds the other finds.
+    """
+    patterns = {needle: _token_pattern(needle) for needle in values}
+    components = {needle for needle, kind in values.items() if kind.endswith(":component")}
+    wholes = sorted((needle for needle in values if needle not in components), key=len, reverse=True)
+    # One pass over an element's whole text first (all items joined by a separator that is no token
+    # character, and no value holds it): most elements, contour points above all, hold none of the values,
+    # and testing each item against each value one by one would cost more than the de-identification.
+
+    def maybe(text: str) -> bool:
+        if components and not components.isdisjoint(_WORD.findall(text)):
+            return True
+        return any(patterns[needle].search(text) is not None for needle in wholes if needle in text)
+
+    def visit(dataset: Dataset, path: str) -> Iterator[tuple[str, Dataset, DataElement, list[tuple[str, str]]]]:
+        for tag in list(dataset.keys()):
+            raw = dataset.get_item(tag)
+            if isinstance(raw, RawDataElement):
+                # Not converted yet: an ASCII text value is tested as its bytes say, and converted (which
+                # costs more than the test) only when it may hold a value. Other encodings are converted.
+                vr = raw.VR or _dictionary_vr(tag)
+                if vr in _BINARY_VRS or raw.value is None:
+                    continue
+                if vr in _STRING_VRS and raw.value.isascii() and not maybe(raw.value.decode("ascii").upper()):
+                    continue
+            elem = dataset[tag]
             name = f"{path}{elem.keyword or str(elem.tag)}"
             if elem.VR == "SQ":
                 for i, item in enumerate(elem.value or []):
-                    visit(item, f"{name}[{i}].")
+                    yield from visit(item, f"{name}[{i}].")
                 continue
             if elem.VR in _BINARY_VRS or elem.value is None:
                 continue
-            for v in (elem.value if isinstance(elem.value, (list, MultiValue)) else [elem.value]):
+            items = elem.value if isinstance(elem.value, (list, MultiValue)) else [elem.value]
+            if not maybe("\\".join(str(v) for v in items).upper()):
+                continue
+            matched: list[tuple[str, str]] = []
+            for v in items:
                 text = str(v).upper()
                 words = set(_WORD.findall(text))
                 for needle, kind in values.items():
                     if (needle in words) if kind.endswith(":component") else \
                             (needle in text and patterns[needle].search(text) is not None):
-                        hits.append(PhiHit(sop, name, kind))
+                        matched.append((needle, kind))
+            if matched:
+                yield name, dataset, elem, matched
 
-    visit(ds, "")
-    return hits
+    yield from visit(ds, "")
+
+
+def scan_for_phi(ds: Dataset, values: Mapping[str, str]) -> list[PhiHit]:
+    """Every hit of :func:`find_phi` as a :class:`PhiHit` (one per matching value and element item)."""
+    sop = str(ds.get("SOPInstanceUID", ""))
+    return [PhiHit(sop, name, kind) for name, _, _, matched in find_phi(ds, values) for _, kind in matched]
 
 
 @dataclass

@@ -287,3 +287,12 @@ def test_harvester_serves_no_dicomweb(clinic: Clinic) -> None:
     status, _ = clinic.api.request("POST", "/dicom-web/studies", raw=b"--x--",
                                    headers={"Content-Type": 'multipart/related; type="application/dicom"; boundary=x'})
     assert status == 404
+
+
+def test_the_first_run_credential_is_warned_about(clinic: Clinic) -> None:
+    """The session's harvester runs docker/orthanc.json unchanged: the status and Orthanc's log say so (the
+    user, never the password)."""
+    warnings = clinic.api.get("/rtharvest/status").get("ConfigurationWarnings", [])
+    [warning] = [w for w in warnings if "first-run password" in w]
+    assert "change-me-on-first-run" not in warning
+    assert "first-run password" in clinic.harvester.log_path.read_text(errors="replace")
