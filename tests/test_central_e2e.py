@@ -98,7 +98,10 @@ def consortium(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Consortium]
             source = start_orthanc_source(base / name / "source", port)
             store_to_scp(dicom_files(root), LOCALHOST, source.port, source.aet)
             user = name.lower()
-            export_cfg: dict[str, Any] = {"Site": name, "Secret": SECRETS[name], "BatchSize": 20}
+            # The archive is a research archive on loopback: marked as such, and credentials may use http there.
+            export_cfg: dict[str, Any] = {"Site": name, "Secret": SECRETS[name], "BatchSize": 20,
+                                          "ResearchArchives": ["CENTRAL", "CENTRALWEB"],
+                                          "AllowCredentialsOverHttp": "loopback"}
             if name == "SITEA":
                 export_cfg["Central"] = {"CENTRAL": {"Url": central.url, "Username": user, "Password": USERS[user]}}
             else:

@@ -73,7 +73,9 @@ def run_consortium(args: argparse.Namespace) -> int:
             processes.append(source)
             stored = store_to_scp(dicom_files(run_dir / f"clinic-{name}"), HOST, source.dicom_port, source.aet)
             user = name.lower()
-            export: dict[str, Any] = {"Site": name}
+            # The demo's archive listens on loopback over plain http.
+            export: dict[str, Any] = {"Site": name, "ResearchArchives": ["CENTRAL", "CENTRALWEB"],
+                                      "AllowCredentialsOverHttp": "loopback"}
             if name == "SITEA":
                 destination = "CENTRAL"
                 export["Central"] = {"CENTRAL": {"Url": central.url, "Username": user, "Password": USERS[user]}}

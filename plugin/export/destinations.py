@@ -39,7 +39,8 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from ..eventlog import exception_summary
 
-__all__ = ["Destination", "DestinationError", "DicomNode", "DicomWebServer", "Folder", "PlainHttpCredentials", "encode"]
+__all__ = ["Destination", "DestinationError", "DicomNode", "DicomWebServer", "Folder", "PlainHttpCredentials", "encode",
+           "plain_http_problem"]
 
 
 class DestinationError(Exception):
@@ -197,6 +198,19 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+def plain_http_problem(name: str, url: str, policy: PlainHttpCredentials) -> str | None:
+    """Why credentials for ``url`` may not be sent (``None``: they may): over plain ``http://`` anyone on the
+    path reads them, so only ``https://``, or what ``policy`` (``AllowCredentialsOverHttp``) allows."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme == "https":
+        return None
+    if policy is PlainHttpCredentials.ALWAYS or (
+            policy is PlainHttpCredentials.LOOPBACK and _is_loopback(parts.hostname or "")):
+        return None
+    return (f"{name} would send its credentials over plain {parts.scheme}://; use an https:// "
+            "Url (or set RtHarvest.Export.AllowCredentialsOverHttp, docs/operations.md)")
+
+
 @dataclass
 class DicomWebServer:
     """A DICOMweb service root (``Url``), with optional basic authentication."""
@@ -214,14 +228,7 @@ class DicomWebServer:
         readable by anyone on the path, so they are refused unless the setting allows it."""
         if self.username is None and self.password is None:
             return None
-        parts = urllib.parse.urlsplit(self.url)
-        if parts.scheme == "https":
-            return None
-        if self.plain_http is PlainHttpCredentials.ALWAYS or (
-                self.plain_http is PlainHttpCredentials.LOOPBACK and _is_loopback(parts.hostname or "")):
-            return None
-        return (f"{self.name} would send its Username and Password over plain {parts.scheme}://; use an https:// "
-                "Url (or set RtHarvest.Export.AllowCredentialsOverHttp, docs/operations.md)")
+        return plain_http_problem(self.name, self.url, self.plain_http)
 
     def _connection(self) -> tuple[http.client.HTTPConnection, str]:
         parts = urllib.parse.urlsplit(self.url)

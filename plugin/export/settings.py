@@ -33,7 +33,7 @@ from typing import Any
 from ..central.settings import CentralEndpoint, parse_endpoints
 from ..config import ConfigError, HarvesterConfig
 from .deid import SITE_PATTERN
-from .destinations import Destination, DicomNode, DicomWebServer, Folder, PlainHttpCredentials
+from .destinations import Destination, DicomNode, DicomWebServer, Folder, PlainHttpCredentials, plain_http_problem
 
 __all__ = ["SECRET_ENV", "ExportSettings", "load_settings"]
 
@@ -163,10 +163,16 @@ def load_settings(orthanc: Mapping[str, Any], config: HarvesterConfig,
     if not isinstance(archives, list) or not all(isinstance(a, str) and a for a in archives):
         raise ConfigError(f"{where}.ResearchArchives: expected a list of destination names")
     modalities = {name: (m.aet, m.host, m.port) for name, m in config.modalities.items()}
+    central = parse_endpoints(section.get("Central", {}), f"{where}.Central", {*modalities, *web, *folders_raw})
+    for name, endpoint in central.items():
+        # The archive's user/password or token travel with every announcement: the same rule as DICOMweb.
+        if endpoint.username is not None or endpoint.password is not None or endpoint.token is not None:
+            problem = plain_http_problem(f"{where}.Central.{name}", endpoint.url, plain_http)
+            if problem:
+                raise ConfigError(problem)
     return ExportSettings(site=site, database_path=db_path, calling_aet=config.aet, modalities=modalities,
                           secret=secret_raw.encode() if secret_raw else None, batch_size=batch,
                           folders={k: Path(v) for k, v in folders_raw.items()}, dicomweb=web,
-                          central=parse_endpoints(section.get("Central", {}), f"{where}.Central",
-                                                  {*modalities, *web, *folders_raw}),
+                          central=central,
                           research_archives=frozenset(archives),
                           secret_file=Path(secret_file) if secret_file else None)
