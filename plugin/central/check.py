@@ -85,7 +85,7 @@ def parse_delivery(body: Mapping[str, Any]) -> Delivery:
             raise ApiError(400, f"Plans[{i}].PlanUID: required, a UID")
         if not isinstance(row.get("PatientID"), str) or not pseudonym.match(row["PatientID"]):
             # The value is not echoed: if it is not a pseudonym it may be a real PatientID.
-            raise ApiError(400, f"Plans[{i}].PatientID: not a pseudonym of site {site} (<SITE>-<10 hex digits>); "
+            raise ApiError(400, f"Plans[{i}].PatientID: not a pseudonym of site {site} (<SITE>-<16 hex digits>, 10 for an older site database); "
                                 "the delivery is refused")
         if row["PlanUID"] in seen:
             raise ApiError(400, f"Plans[{i}].PlanUID: delivered twice in one delivery")
@@ -150,8 +150,9 @@ def _values(value: Any) -> list[Any]:
 
 
 def pseudonym_pattern(site: str) -> re.Pattern[str]:
-    """A pseudonym of ``site`` (plugin/export/deid.py: ``<SITE>-<10 upper-case hex digits>``)."""
-    return re.compile(rf"^{re.escape(site)}-[0-9A-F]{{10}}$")
+    """A pseudonym of ``site`` (plugin/export/deid.py: ``<SITE>-<16 upper-case hex digits>``; a site database
+    older than the 64-bit pseudonyms keeps the 10 digits it recorded)."""
+    return re.compile(rf"^{re.escape(site)}-(?:[0-9A-F]{{16}}|[0-9A-F]{{10}})$")
 
 
 def scan_identifying(ds: Dataset, site: str, profile: Profile, delivery_day: str) -> list[PhiHit]:
