@@ -33,6 +33,8 @@ def job_document(job: Job) -> dict[str, Any]:
         "MaxAttempts": job.max_attempts,
         "Crashes": job.crashes,
         "LastError": job.last_error,
+        # Where the last failure was (StoreIndex, DiskFull, SourceTimeout...), None after a success.
+        "FaultClass": job.fault,
         "DimseStatus": None if job.dimse_status is None else f"0x{job.dimse_status:04X}",
         "Note": job.note,
     }
