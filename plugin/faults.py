@@ -7,8 +7,9 @@ refuses what the source sends. So a failure is blamed by *checking*, not by read
 
 * the store first (:meth:`HealthMonitor.store_fault`): Orthanc's index answers an index query over loopback
   within :data:`PROBE_TIMEOUT_S`, the storage directory exists and has ``MinFreeStorageMB`` free;
-* then the source, for connection-level errors (refused, unreachable, timed out): a C-ECHO. A source that
-  does not answer it is down; one that answers it refused this one operation.
+* then the source, when it could not be connected to (unreachable): a C-ECHO. A source that does not
+  answer it is down; one that answers it failed this one operation. A refusal (association rejected) or a
+  source that accepts and never answers is *up*: those spend attempts and end as manual-intervention items.
 
 A store fault or a source that is down is an *outage*: the job waits (``JobState.WAITING``, the reason
 and the fault class in its ``LastError``/``FaultClass``) without spending an attempt, with a backoff that

@@ -329,6 +329,12 @@ class Harvester:
     def _run(self, job: Job, owner: str) -> bool:
         """Run the job; True when it was given back to wait for another job's move."""
         try:
+            if self.health is not None:
+                # Every job reads the store; while it is known to be unavailable the job would only hang in
+                # a loopback call until its timeout (a minute per job, workers blocked): hold it back now.
+                outage = self.health.store_fault()
+                if outage is not None:
+                    raise outage
             outcome = self._execute(job, owner)
         except _MovedByAnotherJob as exc:
             # Not an attempt: the job is due again shortly and then finds the instances stored (or moves
@@ -405,7 +411,7 @@ class Harvester:
 
         The store is checked first: while Orthanc's index or disk is unavailable, every move "fails at the
         source" (its C-STOREs to the harvester are refused), and lookups over loopback time out. Then a
-        connection-level source error is checked with a C-ECHO: a source that does not answer it is down.
+        source that could not be connected to is checked with a C-ECHO: one that does not answer it is down.
         """
         if self.health is None:
             return False
@@ -418,7 +424,10 @@ class Harvester:
             return False
         fault = fault_of_source_error(source_error)
         self.health.source_error(source_error.source, fault, str(source_error))
-        if fault not in (FaultClass.SOURCE_REFUSED, FaultClass.SOURCE_TIMEOUT, FaultClass.SOURCE_UNREACHABLE):
+        # Only "no connection" can mean the source is down. A refusal is the source's answer (it is up: our
+        # AET unknown, or too busy), and a source that accepts and then never answers is up but stuck: both
+        # spend attempts and end as manual-intervention items rather than waiting for ever.
+        if fault is not FaultClass.SOURCE_UNREACHABLE:
             return False
         access = self.sources.get(source_error.source)
         if access is None or self._stop.is_set():
