@@ -486,6 +486,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .export.cli import add_parser as add_export_parser  # here: that module imports this one
 
     add_export_parser(sub)
+    from .backup import add_parser as add_backup_parser  # local commands: they read files, not REST
+
+    add_backup_parser(sub)
     return p
 
 

@@ -201,9 +201,9 @@ class HealthMonitor:
                                             "arriving instances cannot be stored")
         return None, ""
 
-    def store_fault(self) -> Outage | None:
-        """The store's outage now, if any (checked, or a check of the last seconds)."""
-        check = self.check_store()
+    def store_fault(self, max_age: float = STORE_CHECK_TTL_S) -> Outage | None:
+        """The store's outage now, if any (checked, or a check younger than ``max_age``)."""
+        check = self.check_store(max_age)
         return None if check.fault is None else Outage(check.fault, check.detail)
 
     def last_store_check(self) -> StoreCheck | None:

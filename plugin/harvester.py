@@ -415,7 +415,8 @@ class Harvester:
         """
         if self.health is None:
             return False
-        outage = self.health.store_fault()
+        # A fresh check (not the one of a few seconds ago): the failure may be the first sign of the outage.
+        outage = self.health.store_fault(max_age=1.0)
         if outage is not None:
             self._defer(job, owner, Outage(outage.fault, f"{outage.reason} (the job's own error: "
                                                          f"{_short(exc)})"))
