@@ -228,8 +228,8 @@ def build_schedule_routes(router: Router, schedules: ScheduleService, wake: Call
 
     schedule_id = Param("id", "schedule ID (its Name)", "path")
     document = ('{"ID", "Name", "Source", "LookupSources", "At", "TimeZone", "OverlapDays", "From", "Label", '
-                '"Origin": "config"|"api", "CreatedAt", "CoveredTo", "NextRun", "Waiting", "Runs": [{"Harvest", '
-                '"Slot", "From", "To", "State"}, ...]}')
+                '"Origin": "config"|"api", "CreatedAt", "CoveredTo", "NextRun", "Waiting", "Warnings", '
+                '"Runs": [{"Harvest", "Slot", "From", "To", "State"}, ...]}')
     router.add("GET", r"/rtharvest/schedules", list_schedules, RouteDoc(
         "Recurring incremental harvests (RtHarvest.Schedules and those created over REST) with their runs",
         response=f"[{document}, ...]", tag="schedules"))
