@@ -169,7 +169,8 @@ def build_routes(router: Router, harvests: HarvestService, queue: JobQueue, even
         response='{"ID", "State"}', tag="harvests", errors=((400, "invalid request body, naming the field"),)))
     router.add("GET", r"/rtharvest/harvests", list_harvests, RouteDoc(
         "Harvests with state and progress, newest first, paged",
-        (limit, offset, Param("state", "Running, Paused, Completed or Cancelled")), response="[harvest, ...]",
+        (limit, offset, Param("state", "Running (Waiting harvests included), Paused, Completed or Cancelled")),
+        response="[harvest, ...]",
         tag="harvests", errors=((400, "bad state, limit or offset"),)))
     router.add("GET", rf"/rtharvest/harvests/{_ID}", get_harvest, RouteDoc(
         "One harvest: ID, Source, LookupSources, Label, State, CreatedAt, From, To, PatientIDs, Progress, "
