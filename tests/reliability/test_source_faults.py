@@ -150,10 +150,12 @@ def test_source_killed_and_restarted_mid_move(clinic: Clinic, loaded: GroundTrut
     assert_harvest_equals_truth(clinic, window, harvest_id, {"ORTHANC_SRC"})
     jobs = assert_jobs_sound(path, harvest_id)
     # The outage spent no attempt (one at most went to the move the kill interrupted) and left no stale
-    # error on the jobs that then succeeded.
+    # error on the jobs that then succeeded (a held job may still fail for good afterwards: a dangling
+    # reference, checked by assert_jobs_sound).
     events = clinic.api.get(f"/rtharvest/log?harvest={harvest_id}&level=info&limit=1000")
     held = {e["Job"] for e in events if e.get("FaultClass") == "SourceUnreachable" and "waits" in e["Message"]}
     assert held, events
-    assert all(j["attempts"] <= 2 and j["last_error"] is None for j in jobs if j["id"] in held), \
-        [j for j in jobs if j["id"] in held]
+    spent = [(j["id"], j["kind"], j["attempts"], j["last_error"]) for j in jobs
+             if j["id"] in held and j["state"] == "done" and (j["attempts"] > 2 or j["last_error"] is not None)]
+    assert not spent, spent
     assert clinic.api.get("/rtharvest/status")["Health"]["Sources"]["ORTHANC_SRC"]["State"] == "Ok"
