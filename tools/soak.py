@@ -356,7 +356,9 @@ def main(argv: list[str] | None = None) -> int:
     base = args.workdir or Path(tempfile.mkdtemp(prefix="rtharvest-soak-"))
     base.mkdir(parents=True, exist_ok=True)
     rng = random.Random(args.seed)
-    print(f"soak: {args.patients} patients, {args.kills} kills x {args.rounds} round(s), seed {args.seed}, in {base}")
+    what = (f"operations for {args.minutes:g} min" if args.minutes is not None
+            else f"{args.kills} kills x {args.rounds} round(s)")
+    print(f"soak: {args.patients} patients, {what}, seed {args.seed}, in {base}")
     truth = generate(base / "clinic", SynthOptions(patients=args.patients, seed=args.seed))
     window = truth.window("all")
     harvest_port = free_port()
