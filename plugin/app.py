@@ -379,6 +379,11 @@ def build_runtime(config: HarvesterConfig, orthanc: Mapping[str, Any] | None = N
     def read_file(orthanc_id: str) -> bytes:
         if runtime.harvester is None:
             raise ApiError(503, "the harvester is still starting; try again in a few seconds")
+        check = health.last_store_check()
+        if check is not None and check.fault in (FaultClass.STORE_INDEX, FaultClass.LOOPBACK):
+            # Answer now rather than after a loopback timeout per object: the store cannot be read.
+            raise ApiError(503, f"the manifest reads stored objects and the store is unavailable ({check.fault.value}): "
+                           "try again when GET /rtharvest/status shows Health.StoreIndex.State Ok")
         return runtime.harvester.store.read(orthanc_id)
 
     manifest = ManifestService(tracker, queue, read_file)

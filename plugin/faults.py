@@ -261,9 +261,9 @@ class HealthMonitor:
         }
         if index_state == "Unavailable":
             doc["StoreIndex"]["CannotKnow"] = (
-                "what the store holds: instance counts, stored series and the stored part of manifests are "
-                "as of the last harvest step; jobs, harvests, schedules and the log are the harvester's own "
-                "and current")
+                "what the store holds: a manifest that must read a stored object answers 503 until the index is back, "
+                "and arrivals cannot be stored; harvests, jobs, schedules, exports' state and the log are the "
+                "harvester's own and current")
         snapshot = self.source_snapshot()
         doc_sources: dict[str, Any] = {}
         for name in sources:
