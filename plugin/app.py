@@ -382,8 +382,9 @@ def build_runtime(config: HarvesterConfig, orthanc: Mapping[str, Any] | None = N
         check = health.last_store_check()
         if check is not None and check.fault in (FaultClass.STORE_INDEX, FaultClass.LOOPBACK):
             # Answer now rather than after a loopback timeout per object: the store cannot be read.
-            raise ApiError(503, f"the manifest reads stored objects and the store is unavailable ({check.fault.value}): "
-                           "try again when GET /rtharvest/status shows Health.StoreIndex.State Ok")
+            raise ApiError(503, f"the manifest reads stored objects and the store is unavailable "
+                           f"({check.fault.value}): try again when GET /rtharvest/status shows "
+                           "Health.StoreIndex.State Ok")
         return runtime.harvester.store.read(orthanc_id)
 
     manifest = ManifestService(tracker, queue, read_file)
