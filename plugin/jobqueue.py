@@ -15,6 +15,7 @@ Job life cycle (``JobState``)::
 
     pending --claim--> leased --complete--> done
        ^                 |  \\--fail (retryable, attempts left)--> waiting --(backoff due)--> leased
+       |                 |  \\--defer (an outage: source down, store unavailable)--> waiting (attempt given back)
        |                 |   \\-fail (not retryable / cap reached)--> failed --retry--> pending
        +----release------+
     pending/waiting --cancel harvest--> cancelled
@@ -27,9 +28,10 @@ source did, crashes what the harvester did. A job whose execution kills the proc
 job) still ends, FAILED once it spent :attr:`RetryPolicy.max_crashes`, with a message that says so.
 
 Harvest states are the exact strings of the REST contract (``Running``, ``Paused``, ``Completed``,
-``Cancelled``). Only jobs of ``Running`` harvests are claimed. A harvest becomes ``Completed`` when no job
-is pending, waiting or leased (failed jobs stay listed for manual intervention) and goes back to
-``Running`` when a job is enqueued into it or a failed job is retried.
+``Cancelled``; REST also shows ``Waiting``, a ``Running`` harvest whose open jobs all wait for an outage:
+computed by ``HarvestService``, never stored). Only jobs of ``Running`` harvests are claimed. A harvest
+becomes ``Completed`` when no job is pending, waiting or leased (failed jobs stay listed for manual
+intervention) and goes back to ``Running`` when a job is enqueued into it or a failed job is retried.
 """
 
 from __future__ import annotations
