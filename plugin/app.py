@@ -23,6 +23,7 @@ from .config import Backend, ConfigError, HarvesterConfig, SourceSettings
 from .db import Database
 from .eventlog import EventLog, EventLogHandler, Level
 from .export import routes as export_routes
+from .faults import PROBE_TIMEOUT_S, FaultClass, HealthMonitor
 from .harvester import Harvester, SourceAccess
 from .harvests import HarvestService
 from .httpapi import ApiError, HttpRequest, HttpResponse, Router
@@ -31,7 +32,7 @@ from .jobqueue import JobQueue, JobState, RetryPolicy, SourceLimits
 from .launcher import first_run_credential_warning
 from .manifest import ManifestService
 from .politeness import SourceGate
-from .preflight import RecordingConfiguration, load_checked, with_warnings
+from .preflight import CRASHES_ON_HTTPS, RecordingConfiguration, load_checked, with_warnings
 from .reconcile import Reconciliation, reconcile
 from .rest import build_routes, build_schedule_routes
 from .schedule import ScheduleError
@@ -61,6 +62,10 @@ class Runtime:
     #: The start-up reconciliation of the queue against the store (``Done`` once the workers may start).
     reconciliation: Reconciliation | None = None
     log_handler: EventLogHandler | None = None
+    #: The store's and the sources' health (the status route's ``Health``; blames job failures).
+    health: HealthMonitor | None = None
+    #: Orthanc's versions, read once after start-up (never while answering: the index may be down).
+    versions: sdk.Versions | None = None
     started: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -69,14 +74,19 @@ _runtime: Runtime | None = None
 
 
 def status_document(runtime: Runtime) -> dict[str, Any]:
-    """The body of ``GET /rtharvest/status``."""
-    versions = sdk.versions()
+    """The body of ``GET /rtharvest/status``.
+
+    Answered from the plugin's own database and memory only, never by calling Orthanc: while Orthanc's
+    index is down every index call blocks (and an in-process one holds the GIL), and this is the route an
+    operator reads to find out why.
+    """
+    versions = runtime.versions
     doc: dict[str, Any] = {
         "Plugin": "rtharvest",
         "PluginVersion": __version__,
-        "OrthancVersion": versions.orthanc,
-        "OrthancApiVersion": versions.api,
-        "PythonPluginVersion": versions.python_plugin,
+        "OrthancVersion": versions.orthanc if versions else None,
+        "OrthancApiVersion": versions.api if versions else None,
+        "PythonPluginVersion": versions.python_plugin if versions else None,
         "Started": runtime.started,
         "WorkersAlive": runtime.harvester.alive if runtime.harvester else 0,
         "SchedulerAlive": bool(runtime.scheduler and runtime.scheduler.alive),
@@ -114,6 +124,18 @@ def status_document(runtime: Runtime) -> dict[str, Any]:
     if runtime.ingest is not None:
         doc["Arrivals"] = runtime.ingest.arrivals
         doc["UnsolicitedArrivals"] = runtime.ingest.unsolicited
+    if runtime.health is not None and runtime.config is not None:
+        waiting = runtime.queue.outage_waits() if runtime.queue is not None else {}
+        exports = runtime.extra.get("exports")
+        doc["Health"] = runtime.health.document(
+            sorted(runtime.config.modalities),
+            scheduler_alive=bool(runtime.scheduler and runtime.scheduler.alive) if runtime.schedules else None,
+            export_worker_alive=bool(exports.alive) if exports is not None else None,
+            workers_alive=runtime.harvester.alive if runtime.harvester else 0,
+            workers=runtime.config.workers, started=runtime.started,
+            waiting={fault: {"Jobs": n, "Reason": reason} for fault, (n, reason) in waiting.items()})
+    elif runtime.config_error:
+        doc["Health"] = {"Ok": False, "Problems": [f"configuration error: {runtime.config_error}"]}
     return doc
 
 
@@ -196,6 +218,39 @@ def _start_log_retention(rt: Runtime) -> None:
     thread.start()
 
 
+#: How often the store (index, disk) is checked in the background, so the status route shows a fault
+#: even while no job runs.
+HEALTH_PROBE_INTERVAL_SECONDS = 10.0
+
+
+def _start_health_probe(rt: Runtime) -> None:
+    """Check the store every :data:`HEALTH_PROBE_INTERVAL_SECONDS`; log each change of its state once."""
+    assert rt.health is not None and rt.events is not None
+    health, events = rt.health, rt.events
+    stop = threading.Event()
+
+    def loop() -> None:
+        previous: FaultClass | None = None
+        while not stop.is_set():
+            try:
+                check = health.check_store(max_age=0.0)
+                if check.fault != previous:
+                    if check.fault is not None:
+                        events.write(Level.ERROR, "health", f"{check.fault.value}: {check.detail}",
+                                     fault=check.fault.value)
+                    elif previous is not None:
+                        events.write(Level.WARNING, "health", f"the store is available again (was {previous.value}); "
+                                     "held-back jobs resume at their next try", fault=previous.value)
+                    previous = check.fault
+            except Exception:
+                log.exception("checking the store failed")
+            stop.wait(HEALTH_PROBE_INTERVAL_SECONDS)
+
+    thread = threading.Thread(target=loop, name="rtharvest-health", daemon=True)
+    rt.extra["health_stop"], rt.extra["health_thread"] = stop, thread
+    thread.start()
+
+
 def _on_started() -> None:
     rt = _runtime
     assert rt is not None
@@ -206,20 +261,33 @@ def _on_started() -> None:
     from .localstore import InProcessMetadata, OrthancLocalStore
     from .loopback import LoopbackClient, loopback_url
 
+    try:
+        rt.versions = sdk.versions()  # Orthanc serves requests now; read once, shown by the status route
+    except Exception:
+        log.warning("Orthanc's version could not be read at start-up")
     token = sdk.loopback_authorization()
-    store = OrthancLocalStore(LoopbackClient(loopback_url(rt.config.ssl, rt.config.http_port), token, timeout=60.0),
-                              InProcessMetadata(sdk.rest_get, sdk.rest_put))
-    assert rt.tracker and rt.events and rt.ingest and rt.harvests
+    url = loopback_url(rt.config.ssl, rt.config.http_port)
+    # Metadata in process is cheaper, but an in-process call holds the GIL for as long as the index takes:
+    # with PostgreSQL, an outage of the database server would freeze every Python thread and route of the
+    # plugin (the status route included) for the PostgreSQL plugin's reconnection attempts. Over loopback
+    # HTTP the wait releases the GIL and is bounded by the client's timeout.
+    in_process = InProcessMetadata(sdk.rest_get, sdk.rest_put) if rt.config.store_index == "SQLite" else None
+    store = OrthancLocalStore(LoopbackClient(url, token, timeout=60.0), in_process)
+    assert rt.tracker and rt.events and rt.ingest and rt.harvests and rt.health
+    probe_client = LoopbackClient(url, token, timeout=PROBE_TIMEOUT_S)
+    rt.health.index_probe = lambda: probe_client.get("/statistics")
     rt.harvester = Harvester(
         rt.queue, rt.tracker, rt.events, rt.ingest, store, _build_sources(rt.config, token), rt.harvests.routing,
         workers=rt.config.workers, lease_seconds=rt.config.lease_seconds,
         delete_rejected=rt.config.candidate_policy.value == "delete",
-        gate=SourceGate(*source_limits(rt.config)),
+        gate=SourceGate(*source_limits(rt.config)), health=rt.health,
+        outage_backoff_max=rt.config.outage_backoff_max,
     )
     rt.ingest.on_enqueue = rt.harvests.on_enqueue = rt.harvester.wake
     if "exports" in rt.extra:
         rt.extra["exports"].start(store.read)
     _start_log_retention(rt)
+    _start_health_probe(rt)
     # The reconciliation talks to the store over loopback HTTP and may read many files: not on Orthanc's
     # callback thread. The workers (and the scheduler, which enqueues work for them) start after it.
     rt.reconciliation = Reconciliation()
@@ -260,6 +328,9 @@ def _on_stopped() -> None:
     if "retention_stop" in rt.extra:
         rt.extra["retention_stop"].set()
         rt.extra["retention_thread"].join(10)
+    if "health_stop" in rt.extra:
+        rt.extra["health_stop"].set()
+        rt.extra["health_thread"].join(PROBE_TIMEOUT_S + 5)
     rt.started = False
     if rt.events is not None:
         rt.events.write(Level.INFO, "app", "rtharvest stopped")
@@ -308,12 +379,19 @@ def build_runtime(config: HarvesterConfig, orthanc: Mapping[str, Any] | None = N
         db.close()
         raise ConfigError(str(exc)) from None
     router = Router()
+    health = HealthMonitor(config.storage_directory, int(config.min_free_storage_mb * 2**20), config.store_index)
     runtime = Runtime(router=router, config=config, db=db, queue=queue, events=events, tracker=tracker,
-                      harvests=harvests, ingest=ingest, schedules=schedules)
+                      harvests=harvests, ingest=ingest, schedules=schedules, health=health)
 
     def read_file(orthanc_id: str) -> bytes:
         if runtime.harvester is None:
             raise ApiError(503, "the harvester is still starting; try again in a few seconds")
+        check = health.last_store_check()
+        if check is not None and check.fault in (FaultClass.STORE_INDEX, FaultClass.LOOPBACK):
+            # Answer now rather than after a loopback timeout per object: the store cannot be read.
+            raise ApiError(503, f"the manifest reads stored objects and the store is unavailable "
+                           f"({check.fault.value}): try again when GET /rtharvest/status shows "
+                           "Health.StoreIndex.State Ok")
         return runtime.harvester.store.read(orthanc_id)
 
     manifest = ManifestService(tracker, queue, read_file)
@@ -362,9 +440,13 @@ def _error_router(error: str) -> Router:
 
 
 def _orthanc_version() -> str | None:
-    """The running Orthanc's version, or None when it cannot be asked yet."""
+    """The running Orthanc's version when it is one the start-up checks know about, else None.
+
+    Asked with ``CheckVersionAdvanced``: at initialisation Orthanc refuses ``RestApiGet("/system")`` (it may
+    reach the index) and logs "Plugin trying to call the database during its initialization".
+    """
     try:
-        return sdk.versions().orthanc
+        return next((v for v in sorted(CRASHES_ON_HTTPS) if sdk.orthanc_is(v)), None)
     except Exception:  # the start-up checks then skip what depends on the version
         log.info("Orthanc's version is not available at start-up; version-specific checks skipped")
         return None

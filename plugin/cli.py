@@ -542,6 +542,9 @@ def build_parser() -> argparse.ArgumentParser:
     sc.set_defaults(func=cmd_schedule)
 
     add_export_parser(sub, js)
+    from .backup import add_parser as add_backup_parser  # local commands: they read files, not REST
+
+    add_backup_parser(sub)
     return p
 
 

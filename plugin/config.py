@@ -134,6 +134,13 @@ class HarvesterConfig:
     #: ``UnpackMimSessions``: REG searches also retrieve Raw Data objects (MIM sessions), which are unpacked
     #: in the harvester; their RTSTRUCT/REG objects are planned like any other.
     unpack_mim_sessions: bool = False
+    #: ``OutageBackoffMaxSeconds``: longest wait between two tries of a job held back by an outage (a source
+    #: or the store down); such waits never spend the job's attempts.
+    outage_backoff_max: float = 3600.0
+    #: Orthanc's ``StorageDirectory`` (resolved like ``DatabasePath``): where free space is checked.
+    storage_directory: Path = Path("OrthancStorage")
+    #: ``MinFreeStorageMB``: no move starts while the storage has less free space than this.
+    min_free_storage_mb: float = 1024.0
 
     def source(self, name: str) -> SourceSettings:
         """Settings for source ``name`` (its own section, else the defaults)."""
@@ -323,6 +330,8 @@ def load_config(orthanc: Mapping[str, Any], config_dir: Path | None = None) -> H
         raise ConfigError(f"{where}.DatabasePath: expected a file path")
     if not database_path.is_absolute() and config_dir is not None:
         database_path = config_dir / database_path
+    if not storage.is_absolute() and config_dir is not None:
+        storage = config_dir / storage
 
     lease_seconds = _number(section, "LeaseSeconds", 900.0, where, 1.0)
     # A move that outlives its job's lease would be taken over by another worker and run twice at once.
@@ -358,4 +367,7 @@ def load_config(orthanc: Mapping[str, Any], config_dir: Path | None = None) -> H
         schedules=tuple(schedules_raw),
         schedule_now=None if schedule_now is None else str(schedule_now),
         unpack_mim_sessions=unpack,
+        outage_backoff_max=_number(section, "OutageBackoffMaxSeconds", 3600.0, where, 1.0),
+        storage_directory=storage,
+        min_free_storage_mb=_number(section, "MinFreeStorageMB", 1024.0, where, 0.0),
     )

@@ -163,6 +163,8 @@ class Event:
     sop_uid: str | None = None
     series_uid: str | None = None
     dimse_status: int | None = None
+    #: Where the fault is (a :class:`rtharvest.faults.FaultClass` value) for events about a failure.
+    fault: str | None = None
 
     @property
     def iso(self) -> str:
@@ -185,6 +187,7 @@ class Event:
             ("SOPInstanceUID", self.sop_uid),
             ("SeriesInstanceUID", self.series_uid),
             ("DimseStatus", self.dimse_status),
+            ("FaultClass", self.fault),
         ):
             if value is not None:
                 out[key] = value
@@ -205,6 +208,7 @@ class NewEvent:
     series_uid: str | None = None
     dimse_status: int | None = None
     time: float | None = None
+    fault: str | None = None
 
 
 register_schema(
@@ -239,12 +243,15 @@ register_schema(
     ],
 )
 
+# Where a failure is (rtharvest.faults.FaultClass), so the log can be filtered by it.
+register_schema("eventlog_fault", 1, ["ALTER TABLE events ADD COLUMN fault TEXT"])
+
 _EVENT_COLUMNS = (
-    "id, time, level, component, message, harvest_id, job_id, source, sop_uid, series_uid, dimse_status"
+    "id, time, level, component, message, harvest_id, job_id, source, sop_uid, series_uid, dimse_status, fault"
 )
 _INSERT = (
     "INSERT INTO events (time, level, component, message, harvest_id, job_id, source, sop_uid,"
-    " series_uid, dimse_status) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    " series_uid, dimse_status, fault) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 
 
@@ -261,6 +268,7 @@ def _row_to_event(row: tuple[Any, ...]) -> Event:
         sop_uid=row[8],
         series_uid=row[9],
         dimse_status=None if row[10] is None else int(row[10]),
+        fault=row[11],
     )
 
 
@@ -287,6 +295,7 @@ class EventLog:
             ev.sop_uid,
             ev.series_uid,
             None if ev.dimse_status is None else int(ev.dimse_status),
+            None if ev.fault is None else str(ev.fault),
         )
 
     def write(
@@ -302,11 +311,12 @@ class EventLog:
         series_uid: str | None = None,
         dimse_status: int | None = None,
         time: float | None = None,
+        fault: str | None = None,
     ) -> int:
         """Store one event (committed on return); returns its id. Identifiers go in the keyword
         fields, never into ``message`` (see the module docstring on PHI)."""
         ev = NewEvent(level, component, message, harvest_id, job_id, source, sop_uid, series_uid,
-                      dimse_status, time)
+                      dimse_status, time, fault)
         with self.db.transaction():
             self.db.execute(_INSERT, self._params(ev))
             return self.db.last_insert_rowid()

@@ -28,9 +28,11 @@ from typing import Any, Protocol
 
 from .dimse.base import InstanceKey, MoveResult, SourceError
 from .eventlog import EventLog, Level, exception_summary
+from .faults import FaultClass, HealthMonitor, Outage, fault_of_source_error
 from .findcache import FindCache, find_key
 from .ingest import HarvestRouting, Ingest
 from .jobqueue import HarvestState, Job, JobQueue, QueueError, SourceLimits
+from .loopback import LoopbackError
 from .mimsessions import SessionGone, SessionUnpacker, session_search
 from .operations import (
     FindReferencing,
@@ -191,6 +193,8 @@ class Harvester:
         poll_interval: float = 0.2,
         gate: SourceGate | None = None,
         finds: FindCache | None = None,
+        health: HealthMonitor | None = None,
+        outage_backoff_max: float = 3600.0,
     ) -> None:
         self.queue = queue
         self.tracker = tracker
@@ -229,6 +233,9 @@ class Harvester:
         #: Monotonic clock of the maintenance thread's provenance rule (tests give a fake one).
         self.clock: Callable[[], float] = time.monotonic
         self._provenance_deferred_since: float | None = None
+        #: The store's and the sources' health: blames failures and holds jobs back during outages.
+        self.health = health
+        self.outage_backoff_max = outage_backoff_max
 
     #: How long an idle worker sleeps when no job is pending at all (enqueuing a job wakes it).
     IDLE_WAIT_S = 2.0
@@ -322,6 +329,12 @@ class Harvester:
     def _run(self, job: Job, owner: str) -> bool:
         """Run the job; True when it was given back to wait for another job's move."""
         try:
+            if self.health is not None:
+                # Every job reads the store; while it is known to be unavailable the job would only hang in
+                # a loopback call until its timeout (a minute per job, workers blocked): hold it back now.
+                outage = self.health.store_fault()
+                if outage is not None:
+                    raise outage
             outcome = self._execute(job, owner)
         except _MovedByAnotherJob as exc:
             # Not an attempt: the job is due again shortly and then finds the instances stored (or moves
@@ -334,13 +347,25 @@ class Harvester:
             except QueueError:
                 return False
             return True
+        except Outage as exc:
+            self._defer(job, owner, exc)
         except JobFailure as exc:
-            self._fail(job, owner, exc.message, exc.retryable, exc.dimse_status)
+            fault = FaultClass.SOURCE_FAILURE if exc.retryable else FaultClass.NOT_AVAILABLE
+            if not self._held_back(job, owner, exc, None):
+                self._fail(job, owner, exc.message, exc.retryable, exc.dimse_status, fault)
         except SourceError as exc:
-            # Some errors are worth fewer attempts than MaxAttempts (Cxxx "unable to process": retry_limit).
-            spent = exc.retry_limit is not None and job.attempts >= exc.retry_limit
-            message = f"{exc} (gave up after {job.attempts} attempts)" if exc.retryable and spent else str(exc)
-            self._fail(job, owner, message, exc.retryable and not spent, exc.dimse_status)
+            if not self._held_back(job, owner, exc, exc):
+                # Some errors are worth fewer attempts than MaxAttempts (Cxxx "unable to process": retry_limit).
+                spent = exc.retry_limit is not None and job.attempts >= exc.retry_limit
+                message = f"{exc} (gave up after {job.attempts} attempts)" if exc.retryable and spent else str(exc)
+                self._fail(job, owner, message, exc.retryable and not spent, exc.dimse_status,
+                           fault_of_source_error(exc))
+        except LoopbackError as exc:
+            if not self._held_back(job, owner, exc, None):
+                # Method, path and status only: Orthanc's message may quote what it was asked about.
+                what = "timed out" if exc.timed_out else (f"HTTP {exc.status}" if exc.status else "no connection")
+                self._fail(job, owner, f"the harvester's own REST API failed: {exc.method} {exc.path}: {what}",
+                           True, None, FaultClass.LOOPBACK)
         except SourceUnavailable as exc:
             # Quiet hours of a source this job must talk to, or the harvest was paused: give the job back
             # without counting the attempt; it runs again when the source may be contacted.
@@ -359,7 +384,8 @@ class Harvester:
             log.exception("job %s failed unexpectedly", job.id)
             # The type only (exception_summary): a bug's message may quote the dataset it choked on; the
             # traceback's frames are in Orthanc's log.
-            self._fail(job, owner, f"internal error: {exception_summary(exc)}", True, None)
+            if not self._held_back(job, owner, exc, None):
+                self._fail(job, owner, f"internal error: {exception_summary(exc)}", True, None, FaultClass.INTERNAL)
         else:
             try:
                 # One transaction: once the job (and maybe its harvest) is finished, nothing more can
@@ -380,13 +406,74 @@ class Harvester:
                 self.tracker.drop_expectations(job.id)
         return False
 
-    def _fail(self, job: Job, owner: str, message: str, retryable: bool, status: int | None) -> None:
+    def _held_back(self, job: Job, owner: str, exc: Exception, source_error: SourceError | None) -> bool:
+        """Whether the failure ``exc`` is an outage (then the job was deferred without spending its attempt).
+
+        The store is checked first: while Orthanc's index or disk is unavailable, every move "fails at the
+        source" (its C-STOREs to the harvester are refused), and lookups over loopback time out. Then a
+        source that could not be connected to is checked with a C-ECHO: one that does not answer it is down.
+        """
+        if self.health is None:
+            return False
+        # A fresh check (not the one of a few seconds ago): the failure may be the first sign of the outage.
+        outage = self.health.store_fault(max_age=1.0)
+        if outage is not None:
+            self._defer(job, owner, Outage(outage.fault, f"{outage.reason} (the job's own error: "
+                                                         f"{_short(exc)})"))
+            return True
+        if source_error is None:
+            return False
+        fault = fault_of_source_error(source_error)
+        self.health.source_error(source_error.source, fault, str(source_error))
+        # Only "no connection" can mean the source is down. A refusal is the source's answer (it is up: our
+        # AET unknown, or too busy), and a source that accepts and then never answers is up but stuck: both
+        # spend attempts and end as manual-intervention items rather than waiting for ever.
+        if fault is not FaultClass.SOURCE_UNREACHABLE:
+            return False
+        access = self.sources.get(source_error.source)
+        if access is None or self._stop.is_set():
+            return False
+        try:
+            access.backend.echo()
+        except SourceError as echo_error:
+            self.health.source_error(source_error.source, fault, str(source_error), down=True)
+            self._defer(job, owner, Outage(fault, f"source {source_error.source} is down (no answer to C-ECHO: "
+                                                  f"{echo_error.kind.value}); {source_error}"))
+            return True
+        except Exception:
+            log.exception("C-ECHO of %s failed unexpectedly", source_error.source)
+        return False
+
+    def _defer(self, job: Job, owner: str, outage: Outage) -> None:
+        """Hold the job back until the outage is likely over (no attempt spent), and say why."""
+        self._replanned.pop(job.id, None)
+        self._round_trips.pop(job.id, None)
+        try:
+            with self.tracker.db.transaction():
+                self.tracker.drop_expectations(job.id)
+                updated = self.queue.defer(job.id, owner, outage.fault.value, f"waiting: {outage}",
+                                           self.outage_backoff_max)
+        except QueueError as exc:
+            self.events.write(Level.WARNING, "harvester", f"could not hold the job back: {exc}",
+                              harvest_id=job.harvest_id, job_id=job.id)
+            self.tracker.drop_expectations(job.id)
+            return
+        delay = max(0.0, updated.next_attempt_at - time.time())
+        # The first hold of a job is a warning (a fault to look at); later ones of the same outage are INFO.
+        level = Level.WARNING if updated.outages == 1 else Level.INFO
+        self.events.write(level, "harvester", f"{job.kind} waits {delay:.0f} s for {outage} (attempt not "
+                          f"counted; held back {updated.outages} time(s))", harvest_id=job.harvest_id,
+                          job_id=job.id, source=job.source, fault=outage.fault.value)
+
+    def _fail(self, job: Job, owner: str, message: str, retryable: bool, status: int | None,
+              fault: FaultClass | None = None) -> None:
         self._replanned.pop(job.id, None)
         self._round_trips.pop(job.id, None)
         try:
             with self.tracker.db.transaction():  # as in run(): expectations end with the attempt
                 self.tracker.drop_expectations(job.id)
-                updated = self.queue.fail(job.id, owner, message, dimse_status=status, retryable=retryable)
+                updated = self.queue.fail(job.id, owner, message, dimse_status=status, retryable=retryable,
+                                          fault=None if fault is None else fault.value)
         except QueueError as exc:
             self.events.write(Level.WARNING, "harvester", f"could not record failure: {exc}",
                               harvest_id=job.harvest_id, job_id=job.id)
@@ -399,7 +486,8 @@ class Harvester:
         level = Level.ERROR if updated.state.value == "failed" else Level.INFO
         what = "failed for good" if updated.state.value == "failed" else f"failed (attempt {updated.attempts})"
         self.events.write(level, "harvester", f"{job.kind} {what}: {message}", harvest_id=job.harvest_id,
-                          job_id=job.id, source=job.source, dimse_status=status)
+                          job_id=job.id, source=job.source, dimse_status=status,
+                          fault=None if fault is None else fault.value)
 
     # -- executing an operation ---------------------------------------------------------------------
 
@@ -532,6 +620,8 @@ class Harvester:
             finally:
                 with self._leases_lock:
                     self._in_operation.pop(job.id, None)
+        if self.health is not None:
+            self.health.source_ok(source)
 
     def extend_leases(self) -> None:
         """Extend the lease of every job whose DIMSE operation has run for a third of LeaseSeconds.
@@ -731,6 +821,12 @@ class Harvester:
         """One move call for ``batch`` (one series, or single instances of any series), then every expected
         instance must have arrived and been decided."""
         access = self.sources[batch[0].target.source]
+        if self.health is not None:
+            # No move starts into a store that cannot keep it (index down, disk full): nothing would be lost
+            # (the source keeps its copy) but the attempt would be spent and the source blamed.
+            outage = self.health.store_fault()
+            if outage is not None:
+                raise outage
         results: list[MoveResult] = []
         warning: SourceError | None = None
         try:
@@ -1007,6 +1103,15 @@ class Harvester:
                               f"({counts.moved} moved, {counts.kept - counts.moved} already in the store), "
                               f"{counts.rejected} candidate(s) inspected and rejected, {removed} removed from "
                               "the store", harvest_id=harvest_id)
+
+
+def _short(exc: Exception) -> str:
+    """What failed, without a message that may quote a dataset (source errors are PHI-free by design)."""
+    if isinstance(exc, (SourceError, JobFailure)):
+        return str(exc)
+    if isinstance(exc, LoopbackError):
+        return f"{exc.method} {exc.path}: " + ("timed out" if exc.timed_out else f"HTTP {exc.status}")
+    return exception_summary(exc)
 
 
 def _fetches_its_series(op: Operation) -> bool:

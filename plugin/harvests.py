@@ -20,6 +20,8 @@ from .tracking import Tracker
 _FIELDS = ("Source", "LookupSources", "From", "To", "PatientIDs", "Label")
 MAX_PATIENT_IDS = 10_000
 MAX_LABEL = 200
+#: The visible state of a Running harvest whose every open job waits for an outage to end.
+WAITING = "Waiting"
 
 
 def _iso(epoch: float) -> str:
@@ -150,10 +152,25 @@ class HarvestService:
             raise ApiError(404, f"unknown harvest {harvest_id!r}; list harvests with GET /rtharvest/harvests") from None
 
     def visible_state(self, harvest: Harvest) -> str:
-        """Completed only once the end-of-harvest cleanup ran (the store is final then)."""
+        """Completed only once the end-of-harvest cleanup ran (the store is final then); ``Waiting`` while
+        it runs but every open job is held back by an outage (a source down, the store unavailable)."""
         if harvest.state == HarvestState.COMPLETED and not self.tracker.cleanup_done(harvest.id):
             return HarvestState.RUNNING.value
+        if harvest.state == HarvestState.RUNNING and self.outage_waits(harvest) is not None:
+            return WAITING
         return harvest.state.value
+
+    def outage_waits(self, harvest: Harvest) -> list[dict[str, Any]] | None:
+        """Why a running harvest waits: per fault class the jobs held back and the latest reason; None
+        when some open job is not held back by an outage (the harvest is making progress)."""
+        waits = self.queue.outage_waits(harvest.id)
+        if not waits:
+            return None
+        progress = self.queue.progress(harvest.id)
+        held = sum(n for n, _ in waits.values())
+        if held < progress.pending + progress.waiting + progress.running:
+            return None
+        return [{"FaultClass": fault, "Jobs": n, "Reason": reason} for fault, (n, reason) in sorted(waits.items())]
 
     def document(self, harvest: Harvest) -> dict[str, Any]:
         """The contract's harvest object."""
@@ -170,6 +187,8 @@ class HarvestService:
             "PatientIDs": window.get("PatientIDs", []),
             "Progress": self.queue.progress(harvest.id).as_contract(),
         }
+        if doc["State"] == WAITING:
+            doc["WaitingFor"] = self.outage_waits(harvest)
         doc.update(self.tracker.summary_counts(harvest.id))
         # Arrivals whose decision failed on the C-STORE path (each is then planned from the store by its
         # job, or the job fails): non-zero means "read the log", even when every job completed.

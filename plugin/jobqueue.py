@@ -15,6 +15,7 @@ Job life cycle (``JobState``)::
 
     pending --claim--> leased --complete--> done
        ^                 |  \\--fail (retryable, attempts left)--> waiting --(backoff due)--> leased
+       |                 |  \\--defer (an outage: source down, store unavailable)--> waiting (attempt given back)
        |                 |   \\-fail (not retryable / cap reached)--> failed --retry--> pending
        +----release------+
     pending/waiting --cancel harvest--> cancelled
@@ -27,9 +28,10 @@ source did, crashes what the harvester did. A job whose execution kills the proc
 job) still ends, FAILED once it spent :attr:`RetryPolicy.max_crashes`, with a message that says so.
 
 Harvest states are the exact strings of the REST contract (``Running``, ``Paused``, ``Completed``,
-``Cancelled``). Only jobs of ``Running`` harvests are claimed. A harvest becomes ``Completed`` when no job
-is pending, waiting or leased (failed jobs stay listed for manual intervention) and goes back to
-``Running`` when a job is enqueued into it or a failed job is retried.
+``Cancelled``; REST also shows ``Waiting``, a ``Running`` harvest whose open jobs all wait for an outage:
+computed by ``HarvestService``, never stored). Only jobs of ``Running`` harvests are claimed. A harvest
+becomes ``Completed`` when no job is pending, waiting or leased (failed jobs stay listed for manual
+intervention) and goes back to ``Running`` when a job is enqueued into it or a failed job is retried.
 """
 
 from __future__ import annotations
@@ -174,6 +176,10 @@ class Job:
     note: str | None = None
     #: Times the harvester stopped (crash, kill) while this job was leased; not counted in ``attempts``.
     crashes: int = 0
+    #: Where the last failure was (a :class:`rtharvest.faults.FaultClass` value), cleared on success.
+    fault: str | None = None
+    #: Consecutive times the job was held back by an outage (its backoff grows with it); 0 after a success.
+    outages: int = 0
 
 
 @dataclass(frozen=True)
@@ -387,6 +393,9 @@ register_schema(
 )
 # A schema of its own (not "jobqueue" version 2), so it cannot collide with other additions to the queue.
 register_schema("jobqueue_crashes", 1, ["ALTER TABLE jobs ADD COLUMN crashes INTEGER NOT NULL DEFAULT 0"])
+# Where a failure is, and how often in a row an outage held the job back (see JobQueue.defer).
+register_schema("jobqueue_faults", 1, ["ALTER TABLE jobs ADD COLUMN fault TEXT",
+                                       "ALTER TABLE jobs ADD COLUMN outages INTEGER NOT NULL DEFAULT 0"])
 
 #: ``last_error`` prefix of a job failed because the harvester kept dying while running it (the manifest
 #: reports it as the harvester's failure, never the source's).
@@ -395,7 +404,7 @@ CRASH_BUDGET_SPENT = "harvester stopped"
 _JOB_COLUMNS = (
     "id, harvest_id, kind, source, payload, dedupe_key, priority, state, attempts, max_attempts,"
     " next_attempt_at, lease_owner, lease_expires_at, last_error, dimse_status, created_at, updated_at,"
-    " note, crashes"
+    " note, crashes, fault, outages"
 )
 _HARVEST_COLUMNS = "id, source, label, params, state, created_at, updated_at"
 
@@ -455,6 +464,8 @@ def _row_to_job(row: tuple[Any, ...]) -> Job:
         updated_at=float(row[16]),
         note=row[17],
         crashes=int(row[18]),
+        fault=row[19],
+        outages=int(row[20]),
     )
 
 
@@ -896,7 +907,9 @@ class JobQueue:
             now = self.clock()
             row = self.db.query_one(
                 _returning_job(
+                    # A success clears the previous attempts' error (their history stays in the log).
                     "UPDATE jobs SET state = 'done', lease_owner = NULL, lease_expires_at = NULL,"
+                    " last_error = NULL, dimse_status = NULL, fault = NULL, outages = 0,"
                     " note = ?, updated_at = ? WHERE id = ?"
                 ),
                 (note, now, job_id),
@@ -912,6 +925,7 @@ class JobQueue:
         error: str,
         dimse_status: int | None = None,
         retryable: bool = True,
+        fault: str | None = None,
     ) -> Job:
         """Record a failed attempt of a leased job.
 
@@ -935,9 +949,10 @@ class JobQueue:
             row = self.db.query_one(
                 _returning_job(
                     "UPDATE jobs SET state = ?, next_attempt_at = ?, last_error = ?, dimse_status = ?,"
-                    " lease_owner = NULL, lease_expires_at = NULL, updated_at = ? WHERE id = ?"
+                    " fault = ?, outages = 0, lease_owner = NULL, lease_expires_at = NULL, updated_at = ?"
+                    " WHERE id = ?"
                 ),
-                (state.value, next_at, error, dimse_status, now, job_id),
+                (state.value, next_at, error, dimse_status, fault, now, job_id),
             )
             assert row is not None
             self._update_completion(job.harvest_id)
@@ -972,6 +987,49 @@ class JobQueue:
             if cancelled:
                 self._update_completion(job.harvest_id)
             return _row_to_job(row)
+
+    def defer(self, job_id: int, owner: str, fault: str, reason: str, max_delay: float) -> Job:
+        """Hold a leased job back for an outage (a source down, the store unavailable) without spending
+        the attempt: WAITING, due after a backoff that doubles with each consecutive outage of this job
+        (``policy.base_delay`` first) up to ``max_delay``; ``reason`` becomes its last error and ``fault``
+        its fault class, so the jobs list and the harvest say why it waits. It resumes by itself."""
+        with self.db.transaction():
+            job = self._leased_job(job_id, owner)
+            now = self.clock()
+            cancelled = self._harvest_state(job.harvest_id) == HarvestState.CANCELLED
+            outages = job.outages + 1
+            try:
+                raw = max(self.policy.base_delay, 1.0) * 2.0 ** (outages - 1)
+            except OverflowError:
+                raw = max_delay
+            delay = min(max_delay, raw)
+            if self.policy.jitter:
+                delay *= 1 + self._rng.uniform(-self.policy.jitter, self.policy.jitter)
+            row = self.db.query_one(
+                _returning_job(
+                    "UPDATE jobs SET state = ?, attempts = max(attempts - 1, 0), lease_owner = NULL,"
+                    " lease_expires_at = NULL, next_attempt_at = ?, last_error = ?, fault = ?, outages = ?,"
+                    " updated_at = ? WHERE id = ?"
+                ),
+                ((JobState.CANCELLED if cancelled else JobState.WAITING).value, now + max(0.0, delay), reason,
+                 fault, outages, now, job_id),
+            )
+            assert row is not None
+            if cancelled:
+                self._update_completion(job.harvest_id)
+            return _row_to_job(row)
+
+    def outage_waits(self, harvest_id: str | None = None) -> dict[str, tuple[int, str]]:
+        """Open jobs held back by an outage, per fault class: (count, the latest reason)."""
+        rows = self.db.query(
+            "SELECT fault, count(*), max(updated_at), (SELECT last_error FROM jobs AS k WHERE k.fault = j.fault"
+            "  AND k.state = 'waiting' AND k.outages > 0 AND (:h IS NULL OR k.harvest_id = :h)"
+            "  ORDER BY k.updated_at DESC LIMIT 1)"
+            " FROM jobs AS j WHERE state = 'waiting' AND outages > 0 AND fault IS NOT NULL"
+            " AND (:h IS NULL OR harvest_id = :h) GROUP BY fault",
+            {"h": harvest_id},
+        )
+        return {str(fault): (int(n), str(reason or "")) for fault, n, _, reason in rows}
 
     def retry(self, job_id: int) -> Job:
         """Give a FAILED job another ``policy.max_attempts`` attempts, due now.

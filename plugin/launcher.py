@@ -403,6 +403,9 @@ def main(argv: list[str] | None = None) -> int:
         section = proc.config["PostgreSQL"]
         print(f"  index: PostgreSQL {section.get('Username')}@{section.get('Host')}:{section.get('Port')}/"
               f"{section.get('Database')}; images: {proc.config['StorageDirectory']}")
+    queue = proc.config.get("RtHarvest", {}).get("DatabasePath")
+    if queue:  # what docs/operations.md ("Backing up and restoring") calls the queue database
+        print(f"  queue: {queue}")
     print(f"  log: {proc.log_path}   stop: Ctrl-C", flush=True)
     stop = False
 

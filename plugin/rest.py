@@ -33,6 +33,8 @@ def job_document(job: Job) -> dict[str, Any]:
         "MaxAttempts": job.max_attempts,
         "Crashes": job.crashes,
         "LastError": job.last_error,
+        # Where the last failure was (StoreIndex, DiskFull, SourceTimeout...), None after a success.
+        "FaultClass": job.fault,
         "DimseStatus": None if job.dimse_status is None else f"0x{job.dimse_status:04X}",
         "Note": job.note,
     }
@@ -167,7 +169,8 @@ def build_routes(router: Router, harvests: HarvestService, queue: JobQueue, even
         response='{"ID", "State"}', tag="harvests", errors=((400, "invalid request body, naming the field"),)))
     router.add("GET", r"/rtharvest/harvests", list_harvests, RouteDoc(
         "Harvests with state and progress, newest first, paged",
-        (limit, offset, Param("state", "Running, Paused, Completed or Cancelled")), response="[harvest, ...]",
+        (limit, offset, Param("state", "Running (Waiting harvests included), Paused, Completed or Cancelled")),
+        response="[harvest, ...]",
         tag="harvests", errors=((400, "bad state, limit or offset"),)))
     router.add("GET", rf"/rtharvest/harvests/{_ID}", get_harvest, RouteDoc(
         "One harvest: ID, Source, LookupSources, Label, State, CreatedAt, From, To, PatientIDs, Progress, "
@@ -231,8 +234,8 @@ def build_schedule_routes(router: Router, schedules: ScheduleService, wake: Call
 
     schedule_id = Param("id", "schedule ID (its Name)", "path")
     document = ('{"ID", "Name", "Source", "LookupSources", "At", "TimeZone", "OverlapDays", "From", "Label", '
-                '"Origin": "config"|"api", "CreatedAt", "CoveredTo", "NextRun", "Waiting", "Runs": [{"Harvest", '
-                '"Slot", "From", "To", "State"}, ...]}')
+                '"Origin": "config"|"api", "CreatedAt", "CoveredTo", "NextRun", "Waiting", "Warnings", '
+                '"Runs": [{"Harvest", "Slot", "From", "To", "State"}, ...]}')
     router.add("GET", r"/rtharvest/schedules", list_schedules, RouteDoc(
         "Recurring incremental harvests (RtHarvest.Schedules and those created over REST) with their runs",
         response=f"[{document}, ...]", tag="schedules"))

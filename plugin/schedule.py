@@ -141,6 +141,18 @@ def slot_after(schedule: Schedule, moment: datetime) -> datetime:
     raise AssertionError("a daily schedule has a slot within three days")
 
 
+def future_from(schedule: Schedule, now: datetime) -> str | None:
+    """A warning when ``From`` is after yesterday in the schedule's zone: the first window ends yesterday,
+    so nothing is harvested until the day after ``From`` (a typo such as 2030 for 2023 waits for years)."""
+    if schedule.first_from is None:
+        return None
+    yesterday = now.astimezone(schedule.zone).date() - timedelta(days=1)
+    if schedule.first_from <= yesterday:
+        return None
+    return (f"From {schedule.first_from:%Y%m%d} is in the future: nothing is harvested before "
+            f"{schedule.first_from + timedelta(days=1):%Y-%m-%d} (each run harvests up to yesterday)")
+
+
 def covered_to(runs: Sequence[Run]) -> date | None:
     """The end of the last completed window (None before the first completes)."""
     return max((r.window_to for r in runs if r.state is RunState.COMPLETED), default=None)

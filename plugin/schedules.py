@@ -23,7 +23,17 @@ from .eventlog import EventLog, Level
 from .harvests import HarvestService
 from .httpapi import ApiError
 from .jobqueue import JobQueue
-from .schedule import Decision, Run, RunState, Schedule, ScheduleError, covered_to, decide, parse_schedule
+from .schedule import (
+    Decision,
+    Run,
+    RunState,
+    Schedule,
+    ScheduleError,
+    covered_to,
+    decide,
+    future_from,
+    parse_schedule,
+)
 
 log = logging.getLogger("rtharvest.schedules")
 
@@ -153,6 +163,9 @@ class ScheduleService:
                             (schedule.id, json.dumps(schedule.definition()), schedule.created_at.timestamp()))
         self.events.write(Level.INFO, "schedules", f"schedule {schedule.id} created: daily at "
                           f"{schedule.at:%H:%M} {schedule.time_zone} from {schedule.source}")
+        warning = future_from(schedule, self.clock())
+        if warning is not None:
+            self.events.write(Level.WARNING, "schedules", f"schedule {schedule.id}: {warning}")
         return self.get(schedule.id)
 
     def delete(self, schedule_id: str) -> None:
@@ -265,6 +278,8 @@ class ScheduleService:
             "Runs": [{"Harvest": r.harvest_id, "Slot": _iso(r.slot), "From": _ymd(r.window_from),
                       "To": _ymd(r.window_to), "State": r.state.value} for r in runs[-runs_limit:]],
         })
+        warning = future_from(schedule, self.clock()) if covered is None else None
+        doc["Warnings"] = [warning] if warning else []
         return doc
 
 

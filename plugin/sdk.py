@@ -143,6 +143,18 @@ def versions() -> Versions:
     return Versions(str(system.get("Version", "unknown")), int(system.get("ApiVersion", 0)), str(plugin))
 
 
+def orthanc_is(version: str) -> bool:
+    """Whether the running Orthanc is exactly release ``version`` ("1.10.1"), asked without its database.
+
+    During plugin initialisation Orthanc refuses every call that may reach its index (``RestApiGet`` is one:
+    "Plugin trying to call the database during its initialization"); ``CheckVersionAdvanced`` compares the
+    core's version string only.
+    """
+    major, minor, revision = (int(part) for part in version.split("."))
+    return bool(orthanc.CheckVersionAdvanced(major, minor, revision)) and not bool(
+        orthanc.CheckVersionAdvanced(major, minor, revision + 1))
+
+
 def _request_from_orthanc(uri: str, request: dict[str, Any]) -> HttpRequest:
     body = request.get("body", b"")
     if isinstance(body, str):

@@ -256,6 +256,33 @@ class PostgresCluster:
     port: int
     process: subprocess.Popen[bytes]
     user: str
+    #: How the server was started (to start it again after :meth:`halt`).
+    command: tuple[str, ...] = ()
+
+    def halt(self) -> None:
+        """Stop the server (fast shutdown: clients are disconnected) and keep its data: an outage."""
+        self._interrupt()
+        self.process.wait(60)
+
+    def _interrupt(self) -> None:
+        # To the process group (its own session): runuser does not pass SIGINT on to postgres.
+        try:
+            os.killpg(self.process.pid, signal.SIGINT)
+        except ProcessLookupError:
+            pass
+
+    def resume(self, deadline_s: float = 60.0) -> None:
+        """Start the halted server again on the same data and port; returns when it accepts connections."""
+        with open(self.data_dir.parent / "postgres.log", "ab") as log:
+            self.process = subprocess.Popen(list(self.command), stdout=log, stderr=subprocess.STDOUT,
+                                            start_new_session=True)
+        deadline = time.monotonic() + deadline_s
+        while subprocess.run([_postgres_bin("pg_isready"), "-h", LOCALHOST, "-p", str(self.port), "-U", self.user,
+                              "-q"]).returncode != 0:
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("postgres did not come back: "
+                                   + (self.data_dir.parent / "postgres.log").read_text(errors="replace")[-2000:])
+            time.sleep(0.1)
 
     def url(self, database: str) -> str:
         """Connection URL for ``database`` (trust authentication on loopback: no password)."""
@@ -288,7 +315,7 @@ class PostgresCluster:
     def stop(self) -> None:
         """Fast shutdown (SIGINT) by PID, SIGKILL after a grace period; the data directory is removed."""
         if self.process.poll() is None:
-            self.process.send_signal(signal.SIGINT)
+            self._interrupt()
             try:
                 self.process.wait(30)
             except subprocess.TimeoutExpired:
@@ -321,11 +348,10 @@ def start_postgres(deadline_s: float = 60.0) -> PostgresCluster:
                     "--no-sync", "--locale=C"], check=True, capture_output=True, timeout=120)
     port = free_port()
     log = open(top / "postgres.log", "ab")  # noqa: SIM115 - kept open for the process lifetime
-    process = subprocess.Popen(
-        [*prefix, _postgres_bin("postgres"), "-D", str(data), "-p", str(port), "-k", str(top),
-         "-c", f"listen_addresses={LOCALHOST}", "-c", "fsync=off", "-c", "max_connections=50"],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    cluster = PostgresCluster(data, port, process, user)
+    command = (*prefix, _postgres_bin("postgres"), "-D", str(data), "-p", str(port), "-k", str(top),
+               "-c", f"listen_addresses={LOCALHOST}", "-c", "fsync=off", "-c", "max_connections=50")
+    process = subprocess.Popen(list(command), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    cluster = PostgresCluster(data, port, process, user, command)
     ready = _postgres_bin("pg_isready")
     deadline = time.monotonic() + deadline_s
     while True:

@@ -14,7 +14,16 @@ from rtharvest.eventlog import EventLog
 from rtharvest.harvests import HarvestService
 from rtharvest.httpapi import ApiError
 from rtharvest.jobqueue import JobQueue, SourceLimits
-from rtharvest.schedule import Run, RunState, Schedule, ScheduleError, decide, parse_schedule, slot_at_or_before
+from rtharvest.schedule import (
+    Run,
+    RunState,
+    Schedule,
+    ScheduleError,
+    decide,
+    future_from,
+    parse_schedule,
+    slot_at_or_before,
+)
 from rtharvest.schedules import ScheduleService
 from rtharvest.tracking import Tracker
 
@@ -151,7 +160,7 @@ class Plugin:
         self.db = Database(str(config.database_path))
         self.db.migrate()
         self.queue = JobQueue(self.db, limits=limits)
-        events = EventLog(self.db)
+        self.events = events = EventLog(self.db)
         self.schedules = ScheduleService.from_config(config, self.db, HarvestService(config, self.queue,
                                                      Tracker(self.db), events), self.queue, events)
 
@@ -262,4 +271,27 @@ def test_the_service_starts_no_second_run_while_the_previous_one_is_still_runnin
     assert len(second) == 1
     assert (second[0].params["Window"]["From"], second[0].params["Window"]["To"]) == ("20300103", "20300105")
     assert plugin.schedules.document(plugin.schedules.get("nightly"))["Waiting"] is None
+    plugin.db.close()
+
+
+def test_a_from_in_the_future_is_warned_about() -> None:
+    now = utc(2030, 1, 5, 12)
+    warning = future_from(nightly(first_from=date(2033, 1, 1)), now)
+    assert warning is not None and "20330101" in warning and "2033-01-02" in warning
+    # Yesterday is the last day a run harvests: From yesterday is fine, From today is not yet.
+    assert future_from(nightly(first_from=date(2030, 1, 4)), now) is None
+    assert future_from(nightly(first_from=date(2030, 1, 5)), now) is not None
+    assert future_from(nightly(first_from=None), now) is None
+
+
+def test_a_schedule_created_with_a_future_from_says_so_in_its_answer_and_the_log(tmp_path: Path) -> None:
+    plugin = Plugin(tmp_path, "2030-01-05T12:00:00Z", [])
+    created = plugin.schedules.create({"Name": "typo", "Source": "ARIA", "At": "01:00", "TimeZone": "UTC",
+                                       "From": "20330101"})
+    doc = plugin.schedules.document(created)
+    assert len(doc["Warnings"]) == 1 and "in the future" in doc["Warnings"][0]
+    assert any("in the future" in e.message and e.level.name == "WARNING" for e in plugin.events.query())
+    ok = plugin.schedules.create({"Name": "fine", "Source": "ARIA", "At": "01:00", "TimeZone": "UTC",
+                                  "From": "20300101"})
+    assert plugin.schedules.document(ok)["Warnings"] == []
     plugin.db.close()

@@ -85,8 +85,8 @@ def parse_delivery(body: Mapping[str, Any]) -> Delivery:
             raise ApiError(400, f"Plans[{i}].PlanUID: required, a UID")
         if not isinstance(row.get("PatientID"), str) or not pseudonym.match(row["PatientID"]):
             # The value is not echoed: if it is not a pseudonym it may be a real PatientID.
-            raise ApiError(400, f"Plans[{i}].PatientID: not a pseudonym of site {site} (<SITE>-<16 hex digits>, 10 for an older site database); "
-                                "the delivery is refused")
+            raise ApiError(400, f"Plans[{i}].PatientID: not a pseudonym of site {site} (<SITE>-<16 hex digits>, "
+                                "10 from an older site database); the delivery is refused")
         if row["PlanUID"] in seen:
             raise ApiError(400, f"Plans[{i}].PlanUID: delivered twice in one delivery")
         seen.add(row["PlanUID"])

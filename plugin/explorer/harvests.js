@@ -517,6 +517,20 @@
     }).catch(function (err) { toast('Not created: ' + err.message, true); });
   }
 
+  // What is wrong and where (the status route's Health: store index, storage, sources, threads), and how
+  // many jobs wait for it; empty when all is well.
+  function statusBanner(s) {
+    if (!s) { return ''; }
+    if (s.ConfigurationError) { return 'Configuration error, harvesting disabled: ' + s.ConfigurationError; }
+    var health = s.Health || {};
+    var parts = (health.Problems || []).slice();
+    var waiting = health.JobsWaitingForOutage || {};
+    Object.keys(waiting).forEach(function (fault) {
+      parts.push(waiting[fault].Jobs + ' job(s) waiting for ' + fault + ' (attempts not counted)');
+    });
+    return parts.length ? 'Fault: ' + parts.join(' · ') : '';
+  }
+
   function renderStatus() {
     var s = state.status;
     if (!s) { return; }
@@ -525,7 +539,7 @@
       ' · workers ' + (s.WorkersAlive !== undefined ? s.WorkersAlive : '?') + '/' + (s.Workers || '?') +
       ' · queue: ' + ['pending', 'leased', 'waiting', 'failed'].map(function (k) { return k + ' ' + (q[k] || 0); }).join(', ');
     $('server-status').textContent = text;
-    if (s.ConfigurationError) { banner('Configuration error, harvesting disabled: ' + s.ConfigurationError); }
+    banner(statusBanner(s));
     var sources = s.Sources || [];
     [$('nh-source'), $('ns-source')].forEach(function (sel) {
       if (sel.options.length !== sources.length) {
@@ -554,7 +568,7 @@
       }));
     }
     return Promise.all(requests).then(function () {
-      banner(state.status && state.status.ConfigurationError ? $('banner').textContent : '');
+      banner(statusBanner(state.status));
       loadManifest(false);
     }).catch(function (err) {
       banner('Cannot update from the server: ' + err.message + ' (retrying)');
