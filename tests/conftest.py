@@ -40,8 +40,10 @@ def start_harvester(run_dir: Path, dicom_port: int, sources: dict[str, DicomSour
     harvester = OrthancProcess(
         run_dir, DEFAULT_CONFIG, dicom_port=dicom_port, http_port=http_port, aet=HARVEST_AET,
         modalities={s.name: s.modality_entry for s in sources.values()},
+        # MinFreeStorageMB: the test stores are a few MB; a test machine's disk may have less than the
+        # production default free (tests/test_store_faults.py sets its own to test the guard).
         overrides={"RtHarvest.Sources": settings, "RtHarvest.BackoffSeconds": 0.5,
-                   "RtHarvest.BackoffMaxSeconds": 2, **(overrides or {})},
+                   "RtHarvest.BackoffMaxSeconds": 2, "RtHarvest.MinFreeStorageMB": 64, **(overrides or {})},
     )
     return harvester.start()
 
