@@ -52,20 +52,34 @@ def test_records_in_one_image_level_find_where_the_source_matches_upper_level_ke
                                                                    QueryLevel.IMAGE]
 
 
-def test_reverse_search_in_one_image_level_find() -> None:
+def test_reverse_search_in_one_image_level_find_per_study() -> None:
     op = FindReferencing("RTRECORD", "P1", None, ReferenceCriterion(CriterionKind.PLAN, ("1.2",)),
                          Role.PLAN_RECORD, "RTPLAN->RTRECORD")
     steps = search_steps(op, UPPER)
-    assert [s.level for s in steps] == [QueryLevel.IMAGE, QueryLevel.IMAGE]
-    assert dict(steps[0].keys)["PatientID"] == "P1" and dict(steps[0].keys)["Modality"] == "RTRECORD"
-    assert [s.level for s in search_steps(op, RELATIONAL)] == [QueryLevel.SERIES, QueryLevel.IMAGE, QueryLevel.IMAGE]
+    # The patient bounds the studies; below them UIDs do: no step but the first matches PatientID, so a
+    # candidate naming the plan is found whatever PatientID it carries (docs/harvest-rules.md, "Identity").
+    assert [s.level for s in steps] == [QueryLevel.STUDY, QueryLevel.IMAGE, QueryLevel.IMAGE]
+    assert dict(steps[0].keys)["PatientID"] == "P1" and dict(steps[1].keys)["Modality"] == "RTRECORD"
+    assert all("PatientID" not in dict(s.keys) for s in steps[1:])
+    relational = search_steps(op, RELATIONAL)
+    assert [s.level for s in relational] == [QueryLevel.STUDY, QueryLevel.SERIES, QueryLevel.IMAGE, QueryLevel.IMAGE]
+    assert all("PatientID" not in dict(s.keys) for s in relational[1:])
+    # A dose search is bounded by the plan's study alone.
+    dose = FindReferencing("RTDOSE", "P1", "st-1", ReferenceCriterion(CriterionKind.PLAN, ("1.2",)),
+                           Role.DOSE, "RTPLAN->RTDOSE")
+    for cap in (UPPER, RELATIONAL, HIERARCHICAL):
+        steps = search_steps(dose, cap)
+        assert dict(steps[0].keys)["StudyInstanceUID"] == "st-1"
+        assert all("PatientID" not in dict(s.keys) for s in steps), cap
 
 
 def test_frame_of_reference_asked_at_series_level_only_where_instance_keys_are_returned() -> None:
     op = FindSeriesInFrameOfReference("P1", "9.9", (), Role.PLANNING_FOR_SERIES, "SERIES->FOR")
-    assert "FrameOfReferenceUID" in dict(search_steps(op, RELATIONAL)[0].keys)
+    steps = search_steps(op, RELATIONAL)
+    assert dict(steps[0].keys)["PatientID"] == "P1" and "FrameOfReferenceUID" in dict(steps[1].keys)
+    assert "PatientID" not in dict(steps[1].keys)
     no_inst = SourceCapability(relational=True, sequence_return_keys=False, instance_return_keys=False)
-    assert "FrameOfReferenceUID" not in dict(search_steps(op, no_inst)[0].keys)
+    assert "FrameOfReferenceUID" not in dict(search_steps(op, no_inst)[1].keys)
 
 
 def _hinted() -> RetrieveInstance:
