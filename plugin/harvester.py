@@ -22,6 +22,7 @@ import os
 import socket
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -45,7 +46,8 @@ from .operations import (
 )
 from .politeness import SourceGate, SourceUnavailable
 from .references import extract_from_bytes
-from .strategies import QueryLevel, SourceCapability, execute, unbounded_search
+from .planner import ReasonCode, reason_text
+from .strategies import DiscardReason, QueryLevel, SourceCapability, execute, unbounded_search
 from .tracking import Decision, Expectation, ObjectRecord, ProvenanceItem, Tracker
 
 log = logging.getLogger("rtharvest.harvester")
@@ -506,7 +508,12 @@ class Harvester:
         def retrieve(level: QueryLevel, identifier: dict[str, Any], candidate: bool) -> None:
             targets.append(Target(access.name, level, dict(identifier), candidate))
 
-        execute(op, access.capability, find, retrieve)
+        discarded: Counter[DiscardReason] = Counter()
+        execute(op, access.capability, find, retrieve, discarded)
+        if discarded:
+            # Counted whatever happens next: a rule discarded them, and nothing a rule drops goes uncounted.
+            with self.tracker.db.transaction():
+                self.tracker.add_discards(job.harvest_id, {r.value: n for r, n in discarded.items()})
         return targets
 
     # -- every DIMSE operation goes through here: politeness, pause, lease ----------------------------
@@ -699,8 +706,9 @@ class Harvester:
             for uid, reason in known.items():
                 with self.tracker.db.transaction():
                     self.tracker.record(ObjectRecord(job.harvest_id, uid, None, Decision.REJECTED,
-                                                     f"inspected before: {reason}", op.role.value, op.hop,
-                                                     target.source, job.id, moved=False))
+                                                     reason_text(ReasonCode.INSPECTED_BEFORE, reason=reason),
+                                                     op.role.value, op.hop, target.source, job.id, moved=False,
+                                                     reason_code=ReasonCode.INSPECTED_BEFORE.value))
             missing = [uid for uid in missing if uid not in known]
         if not missing:
             return None, len(existing)

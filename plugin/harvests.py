@@ -13,7 +13,7 @@ from .eventlog import EventLog, Level
 from .httpapi import ApiError
 from .ingest import HarvestRouting, job_for
 from .jobqueue import EnqueueItem, Harvest, HarvestState, JobQueue
-from .planner import PATIENT_ID_MISMATCH, HarvestContext, start_operations
+from .planner import HarvestContext, ReasonCode, start_operations
 from .strategies import discovery_description, record_discovery_bound
 from .tracking import Tracker
 
@@ -175,8 +175,12 @@ class HarvestService:
         # job, or the job fails): non-zero means "read the log", even when every job completed.
         doc["IngestFailures"] = self.events.count(min_level=Level.ERROR, harvest_id=harvest.id, component="ingest")
         doc["RecordDiscovery"] = self.discovery(harvest)
-        mismatches = self.tracker.rejections_like(harvest.id, PATIENT_ID_MISMATCH)
+        mismatches = self.tracker.rejections_coded(harvest.id, ReasonCode.PATIENT_ID_MISMATCH.value)
         doc["PatientIDMismatches"] = {"Count": sum(mismatches.values()), "Reasons": mismatches}
+        # Every answer a search rule dropped and every arrival a rule rejected, by reason code: nothing a rule
+        # discards is silent (docs/harvest-rules.md, "Identity").
+        discarded = self.tracker.discards(harvest.id)
+        doc["Discarded"] = {"Count": sum(discarded.values()), "ByReason": discarded}
         return doc
 
     def discovery(self, harvest: Harvest) -> dict[str, Any]:

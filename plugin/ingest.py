@@ -31,7 +31,7 @@ from .db import Database
 from .eventlog import EventLog, Level, exception_summary
 from .jobqueue import EnqueueItem, JobQueue
 from .operations import FindReferencing, FindTreatmentRecords, Operation, operation_from_dict
-from .planner import Arrival, HarvestContext, plan_arrival
+from .planner import Arrival, HarvestContext, ReasonCode, plan_arrival, reason_text
 from .references import ObjectRefs, ProblemCode, extract_from_bytes, peek_sop_instance_uid
 from .tracking import Decision, Expectation, ObjectRecord, Tracker
 
@@ -457,13 +457,13 @@ class Ingest:
         clean-up, which removes it unless some harvest keeps it; a retry of the job finds it in the store
         and decides it under its rule (a keep replaces this rejection). A rule, not a guess: what the job
         did not receive while it ran is what its result (and the manifest) says it did not receive."""
-        reason = f"arrived after job {exp.job_id} ended (the source was still sending); not part of the harvest"
+        reason = reason_text(ReasonCode.ARRIVED_AFTER_JOB_ENDED, job=str(exp.job_id))
         first = self.tracker.record(ObjectRecord(
             harvest_id=exp.harvest_id, sop_uid=refs.sop_uid, orthanc_id=orthanc_id, decision=Decision.REJECTED,
             reason=reason, role=exp.role, hop=exp.hop, source=exp.source, job_id=exp.job_id, moved=True,
             patient_id=refs.patient_id, study_uid=refs.study_uid, series_uid=refs.series_uid,
             modality=refs.modality, sop_class_uid=refs.sop_class_uid,
-            frame_of_reference_uid=refs.frame_of_reference_uid))
+            frame_of_reference_uid=refs.frame_of_reference_uid, reason_code=ReasonCode.ARRIVED_AFTER_JOB_ENDED.value))
         if first and refs.kind.value != "IMAGE":  # no event per slice: the harvest's summary counts them
             messages.append((Level.INFO, exp.harvest_id, f"{exp.hop} {refs.kind.value.lower()} {reason}",
                              exp.job_id))
@@ -510,6 +510,7 @@ class Ingest:
                     plan_uids=refs.record.plan_uids if refs.record else (),
                     treatment_date=refs.record.treatment_date if refs.record else None,
                     problems=tuple(f"{p.code.value}: {p.message}" for p in decision.problems),
+                    reason_code=decision.code.value,
                 )
                 first = self.tracker.record(record)
                 if exp.candidate and not decision.keep:

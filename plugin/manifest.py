@@ -33,7 +33,7 @@ from typing import Any
 from .classify import INVALID_INTENTS, classify_plan, registration_type
 from .httpapi import ApiError, HttpResponse
 from .jobqueue import CRASH_BUDGET_SPENT
-from .planner import PATIENT_ID_MISMATCH, promised_doses, promised_images
+from .planner import IdMismatch, ReasonCode, id_mismatch, promised_doses, promised_images
 from .references import ObjectKind, ObjectRefs, PlanRefs, RegistrationRefs, StructureSetRefs, extract_from_bytes
 from .sopclass import Modality, modality_of
 from .tracking import Decision, ObjectRecord
@@ -55,6 +55,15 @@ NOT_FOUND = "not found at source"
 DANGLING = "dangling reference"
 PENDING = "not retrieved yet (job pending)"
 UNREADABLE = "stored copy could not be read"
+
+#: Why an object of a plan's row has another PatientID than the plan (``PlanRow.patient_id_mismatches``):
+#: collected all the same, as its UID links name the plan's chain (docs/harvest-rules.md, "Identity").
+MISMATCH_KEPT_TEXT: dict[IdMismatch, str] = {
+    IdMismatch.ABSENT: "no PatientID; collected by its UID link to the plan",
+    IdMismatch.PADDING: "PatientID differs from the plan's only in padding; collected by its UID link",
+    IdMismatch.CASE: "PatientID differs from the plan's only in letter case; collected by its UID link",
+    IdMismatch.OTHER: "PatientID differs from the plan's; collected by its UID link to the plan",
+}
 
 #: Modalities of objects that are not image series (ImageSeries counts the others).
 _NON_IMAGE_MODALITIES = frozenset(m.value for m in (Modality.RTRECORD, Modality.RTPLAN, Modality.RTSTRUCT,
@@ -185,6 +194,8 @@ class PlanRow:
     registered_series_uids: list[str] = field(default_factory=list)
     registered_for_series_uids: list[str] = field(default_factory=list)
     missing: list[MissingLink] = field(default_factory=list)
+    #: Objects of the row whose PatientID is not the plan's: collected by their UID links (the identity rule).
+    patient_id_mismatches: list[MissingLink] = field(default_factory=list)
 
     @property
     def treatments(self) -> int:
@@ -223,6 +234,7 @@ class PlanRow:
             "RegisteredSeriesUIDs": list(self.registered_series_uids),
             "RegisteredForSeriesUIDs": list(self.registered_for_series_uids),
             "Missing": [m.to_json() for m in self.missing],
+            "PatientIDMismatches": [m.to_json() for m in self.patient_id_mismatches],
         }
 
     @classmethod
@@ -242,6 +254,7 @@ class PlanRow:
             registered_series_uids=list(data.get("RegisteredSeriesUIDs") or []),
             registered_for_series_uids=list(data.get("RegisteredForSeriesUIDs") or []),
             missing=[MissingLink.from_json(m) for m in data.get("Missing") or []],
+            patient_id_mismatches=[MissingLink.from_json(m) for m in data.get("PatientIDMismatches") or []],
         )
 
 
@@ -476,7 +489,7 @@ class _Builder:
         # Records a source returned for a patient search whose PatientID differs (case, padding): kept out.
         mismatched: dict[str, str] = {}
         for obj in objects:
-            if obj.decision is Decision.REJECTED and obj.reason.startswith(PATIENT_ID_MISMATCH) \
+            if obj.decision is Decision.REJECTED and obj.reason_code == ReasonCode.PATIENT_ID_MISMATCH.value \
                     and obj.sop_uid not in self.kept:
                 mismatched.setdefault(obj.sop_uid, obj.reason)
         self.patient_id_mismatches = dict(sorted(Counter(mismatched.values()).items()))
@@ -583,7 +596,27 @@ class _Builder:
             records = [r for r in records if r.sop_uid in seed_uids] or seeds
         row.record_uids = [r.sop_uid for r in records]
         row.treatment_dates = sorted(r.treatment_date for r in records if r.treatment_date)
+        row.patient_id_mismatches = self._mismatches(row, plan_obj.patient_id if plan_obj else row.patient_id)
         return row
+
+    def _mismatches(self, row: PlanRow, plan_pid: str | None) -> list[MissingLink]:
+        """Every object of the row (a series once) whose PatientID is not the plan's, and how it differs."""
+        out: list[MissingLink] = []
+        objects = [("RTRECORD", u) for u in row.record_uids]
+        if row.structure_set_uid:
+            objects.append(("RTSTRUCT", row.structure_set_uid))
+        objects += [("RTDOSE", u) for u in row.dose_uids] + [("REG", u) for u in row.registration_uids]
+        for what, uid in objects:
+            obj = self.kept.get(uid)
+            kind = id_mismatch(obj.patient_id, plan_pid) if obj is not None else None
+            if kind is not None:
+                out.append(MissingLink(what, uid, MISMATCH_KEPT_TEXT[kind]))
+        for uid in dict.fromkeys((*row.planning_series_uids, *row.planning_for_series_uids,
+                                  *row.registered_series_uids, *row.registered_for_series_uids)):
+            kind = id_mismatch(self.series[uid].patient_id, plan_pid)
+            if kind is not None:
+                out.append(MissingLink("SERIES", uid, MISMATCH_KEPT_TEXT[kind]))
+        return out
 
     def _search_failures(self, row: PlanRow, uids: Iterable[str]) -> None:
         for uid in uids:
@@ -794,8 +827,20 @@ class _Builder:
             treatment_records=sum(1 for uid in self.kept if self.kinds[uid] == Modality.RTRECORD.value),
             orphans=orphans,
             failed_jobs=len(self.failures),
-            patient_id_mismatches=self.patient_id_mismatches,
+            patient_id_mismatches=self.all_mismatches(rows),
         )
+
+    def all_mismatches(self, rows: Sequence[PlanRow]) -> dict[str, int]:
+        """Records kept out (a PatientIDs search) and objects collected by UID whose PatientID is not their
+        plan's (each object or series once, whatever number of plans it serves): reason → count."""
+        counts = Counter(self.patient_id_mismatches)
+        seen: set[str] = set()
+        for r in rows:
+            for m in r.patient_id_mismatches:
+                if m.uid not in seen:
+                    seen.add(m.uid)
+                    counts[m.reason] += 1
+        return dict(sorted(counts.items()))
 
 
 def count_by_modality(modalities: Iterable[str | None]) -> dict[str, int]:
