@@ -44,9 +44,9 @@ from .operations import (
     UnpackMimSession,
     operation_from_dict,
 )
+from .planner import ReasonCode, reason_text
 from .politeness import SourceGate, SourceUnavailable
 from .references import extract_from_bytes
-from .planner import ReasonCode, reason_text
 from .strategies import DiscardReason, QueryLevel, SourceCapability, execute, unbounded_search
 from .tracking import Decision, Expectation, ObjectRecord, ProvenanceItem, Tracker
 

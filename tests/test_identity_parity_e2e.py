@@ -11,7 +11,6 @@ is the session's, restarted on a fresh store per source so that no harvest plans
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -73,7 +72,8 @@ def test_identity_traps_give_the_same_harvest_on_every_source_kind(
         collected = set(stored_sop_uids(clinic.api))
         results[name] = (collected, _comparable(manifest), manifest["Summary"]["PatientIDMismatches"])
         # Every object of the clinic is collected (each is linked by UID to a treated plan), nothing else.
-        assert collected == traps.expected, (name, sorted(traps.expected - collected), sorted(collected - traps.expected))
+        assert collected == traps.expected, (name, sorted(traps.expected - collected),
+                                             sorted(collected - traps.expected))
         # Each plan complete, and each object whose PatientID is not its plan's reported with that plan.
         rows = {row["PlanUID"]: row for row in manifest["Plans"]}
         assert set(rows) == set(traps.mismatched), name
