@@ -172,7 +172,8 @@ def build_routes(router: Router, harvests: HarvestService, queue: JobQueue, even
     router.add("GET", rf"/rtharvest/harvests/{_ID}", get_harvest, RouteDoc(
         "One harvest: ID, Source, LookupSources, Label, State, CreatedAt, From, To, PatientIDs, Progress, "
         "Patients, PlansReferenced, PlansCollected, IngestFailures, RecordDiscovery {Method, Unbounded}, "
-        "PatientIDMismatches {Count, Reasons} (records a source returned for another PatientID, kept out)",
+        "PatientIDMismatches {Count, Reasons} (records a source returned for another PatientID, kept out), "
+        "Discarded {Count, ByReason} (answers and arrivals a rule discarded, by reason code)",
         (harvest_id,), tag="harvests",
         errors=(unknown_harvest,)))
     for action in ("pause", "resume", "cancel"):
@@ -182,8 +183,9 @@ def build_routes(router: Router, harvests: HarvestService, queue: JobQueue, even
     manifest_format = Param("format", "json (default) or csv (one row per plan)")
     router.add("GET", rf"/rtharvest/harvests/{_ID}/manifest", get_manifest, RouteDoc(
         "The harvest's manifest: Summary and, per treated plan, Status (Complete, Incomplete, Missing, "
-        "Invalid) with every missing link and why; Summary.PatientIDMismatches counts records kept out because "
-        "their PatientID differs from the one searched", (harvest_id, manifest_format),
+        "Invalid) with every missing link and why, and PatientIDMismatches (objects collected by UID whose "
+        "PatientID is not the plan's); Summary.PatientIDMismatches counts those and the records kept out "
+        "because their PatientID differs from the one searched", (harvest_id, manifest_format),
         response='{"Harvest", "Summary", "Plans", ...} or CSV', tag="manifest",
         errors=(unknown_harvest, (400, "bad format"))))
     router.add("GET", r"/rtharvest/manifest", get_store_manifest, RouteDoc(
