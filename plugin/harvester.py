@@ -48,7 +48,7 @@ from .planner import ReasonCode, reason_text
 from .politeness import SourceGate, SourceUnavailable
 from .references import extract_from_bytes
 from .strategies import DiscardReason, QueryLevel, SourceCapability, execute, unbounded_search
-from .tracking import Decision, Expectation, ObjectRecord, ProvenanceItem, Tracker
+from .tracking import Decision, Expectation, FailureCode, ObjectRecord, ProvenanceItem, Tracker
 
 log = logging.getLogger("rtharvest.harvester")
 
@@ -105,11 +105,13 @@ class _NotHere(Exception):
 class JobFailure(Exception):
     """A job attempt failed; ``retryable`` says whether the queue should try again."""
 
-    def __init__(self, message: str, retryable: bool = True, dimse_status: int | None = None) -> None:
+    def __init__(self, message: str, retryable: bool = True, dimse_status: int | None = None,
+                 code: FailureCode | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.retryable = retryable
         self.dimse_status = dimse_status
+        self.code = code
 
 
 @dataclass(frozen=True)
@@ -337,7 +339,7 @@ class Harvester:
                 return False
             return True
         except JobFailure as exc:
-            self._fail(job, owner, exc.message, exc.retryable, exc.dimse_status)
+            self._fail(job, owner, exc.message, exc.retryable, exc.dimse_status, exc.code)
         except SourceError as exc:
             # Some errors are worth fewer attempts than MaxAttempts (Cxxx "unable to process": retry_limit).
             spent = exc.retry_limit is not None and job.attempts >= exc.retry_limit
@@ -382,12 +384,14 @@ class Harvester:
                 self.tracker.drop_expectations(job.id)
         return False
 
-    def _fail(self, job: Job, owner: str, message: str, retryable: bool, status: int | None) -> None:
+    def _fail(self, job: Job, owner: str, message: str, retryable: bool, status: int | None,
+              code: FailureCode | None = None) -> None:
         self._replanned.pop(job.id, None)
         self._round_trips.pop(job.id, None)
         try:
             with self.tracker.db.transaction():  # as in run(): expectations end with the attempt
                 self.tracker.drop_expectations(job.id)
+                self.tracker.note_failure(job.id, code)  # what the failure means, for the manifest
                 updated = self.queue.fail(job.id, owner, message, dimse_status=status, retryable=retryable)
         except QueueError as exc:
             self.events.write(Level.WARNING, "harvester", f"could not record failure: {exc}",
@@ -470,7 +474,8 @@ class Harvester:
                 return outcome
         if isinstance(op, (RetrieveInstance, RetrieveSeries)):
             uid = op.sop_uid if isinstance(op, RetrieveInstance) else op.series_uid
-            raise JobFailure(f"{op.hop}: {uid} not found at {', '.join(names)}", retryable=False)
+            raise JobFailure(f"{op.hop}: {uid} not found at {', '.join(names)}", retryable=False,
+                             code=FailureCode.NOT_FOUND)
         return outcome  # a search that finds nothing is a valid, final answer
 
     def _from_sessions(self, job: Job, owner: str, op: RetrieveInstance, names: Sequence[str],

@@ -131,8 +131,20 @@ register_schema(
             count INTEGER NOT NULL,
             PRIMARY KEY (harvest_id, reason)
         )""",
+        # Why a job failed, as a code (FailureCode), for the manifest's reasons: never read from its text.
+        """CREATE TABLE rth_job_failures (
+            job_id INTEGER PRIMARY KEY,
+            code TEXT NOT NULL
+        )""",
     ],
 )
+
+
+class FailureCode(StrEnum):
+    """What a failed job's error means to the manifest (its text is for people)."""
+
+    #: No source holds the object a retrieve by UID (or a series retrieve) asked for: a dangling reference.
+    NOT_FOUND = "NOT_FOUND"
 
 
 @dataclass(frozen=True)
@@ -423,6 +435,21 @@ class Tracker:
             "SELECT reason, count(DISTINCT sop_uid) FROM rth_objects WHERE harvest_id = ? AND decision = 'rejected'"
             " AND reason_code = ? GROUP BY reason", (harvest_id, code))
         return {str(r[0]): int(r[1]) for r in rows}
+
+    def note_failure(self, job_id: int, code: FailureCode | None) -> None:
+        """The meaning of the job's latest failure (``None``: none the manifest needs; a retry that fails
+        otherwise forgets an earlier code)."""
+        if code is None:
+            self.db.execute("DELETE FROM rth_job_failures WHERE job_id = ?", (job_id,))
+        else:
+            self.db.execute("INSERT OR REPLACE INTO rth_job_failures (job_id, code) VALUES (?, ?)",
+                            (job_id, code.value))
+
+    def failure_codes(self, job_ids: Iterable[int]) -> dict[int, FailureCode]:
+        """The failure codes of those jobs that have one."""
+        wanted = set(job_ids)
+        return {int(r[0]): FailureCode(r[1]) for r in self.db.query("SELECT job_id, code FROM rth_job_failures")
+                if int(r[0]) in wanted}
 
     def add_discards(self, harvest_id: str, counts: Mapping[str, int]) -> None:
         """Answers a search rule of the harvest discarded: reason → how many more."""
