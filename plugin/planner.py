@@ -27,6 +27,7 @@ from .operations import (
     FindReferencing,
     FindSeriesInFrameOfReference,
     FindTreatmentRecords,
+    Hop,
     Operation,
     ReferenceCriterion,
     RetrieveInstance,
@@ -288,7 +289,7 @@ def _mim_session(refs: ObjectRefs, op: Operation) -> Decision:
     """
     inner: Operation = op
     if isinstance(op, FindReferencing) and op.modality == Modality.RAW.value:
-        inner = replace(op, modality=Modality.REG.value, hop=op.hop.replace("->RAW", "->REG"))
+        inner = replace(op, modality=Modality.REG.value, hop=op.hop.as_registration_search())
     unpack = UnpackMimSession(refs.sop_uid, refs.patient_id, json.dumps(inner.to_dict(), sort_keys=True),
                               op.dedupe_key(), inner.role)
     return _reject(refs, ReasonCode.MIM_SESSION_UNPACKED, ops=[unpack])
@@ -297,7 +298,7 @@ def _mim_session(refs: ObjectRefs, op: Operation) -> Decision:
 def _with_session_searches(decision: Decision) -> Decision:
     """Every REG search also searches the same patient's Raw Data objects (MIM sessions carry REGs)."""
     extra: list[Operation] = [
-        replace(o, modality=Modality.RAW.value, hop=o.hop.replace("->REG", "->RAW"))
+        replace(o, modality=Modality.RAW.value, hop=o.hop.as_session_search())
         for o in decision.operations if isinstance(o, FindReferencing) and o.modality == Modality.REG.value
     ]
     if not extra:
@@ -346,7 +347,7 @@ def _seed_record(refs: ObjectRefs, ctx: HarvestContext, patient_id: str | None) 
     if not refs.record.plan_uids:
         return _decide(refs, True, "seed record without a plan reference (nothing to follow)")
     ops: list[Operation] = [
-        RetrieveInstance(uid, refs.patient_id, None, None, "RTPLAN", Role.PLAN, "RTRECORD->RTPLAN")
+        RetrieveInstance(uid, refs.patient_id, None, None, "RTPLAN", Role.PLAN, Hop.RECORD_PLAN)
         for uid in refs.record.plan_uids
     ]
     return _decide(refs, True, "seed record treated in the window", ops)
@@ -370,7 +371,7 @@ def _instance(refs: ObjectRefs, op: RetrieveInstance) -> Decision:
                            "kept, not followed", (), problems)
         series_role = Role.PLANNING_SERIES if op.role is Role.PLANNING_IMAGE else Role.REGISTERED_SERIES
         ops: list[Operation] = [RetrieveSeries(refs.patient_id, refs.study_uid, refs.series_uid, series_role,
-                                               "IMAGE->SERIES", op.planning_fors)]
+                                               Hop.IMAGE_SERIES, op.planning_fors)]
         return _decide(refs, True, f"{op.role.value.lower()}: fetch its series", ops, problems)
     # Any other role asked by UID: keep, follow as an image of that role.
     return _image_followups(refs, op.role, op.planning_fors, problems)
@@ -394,15 +395,15 @@ def _plan(refs: ObjectRefs, problems: list[Problem]) -> Decision:
     ops: list[Operation] = [
         # Rule 3 / step 4: every record of the patient naming the plan, whatever its date.
         FindReferencing("RTRECORD", pid, None, ReferenceCriterion(CriterionKind.PLAN, (uid,)),
-                        Role.PLAN_RECORD, "RTPLAN->RTRECORD"),
+                        Role.PLAN_RECORD, Hop.PLAN_RECORD),
     ]
     # Rule 4 / step 2.
     for ss in plan.structure_set_uids:
-        ops.append(RetrieveInstance(ss, pid, None, None, "RTSTRUCT", Role.STRUCTURE_SET, "RTPLAN->RTSTRUCT"))
+        ops.append(RetrieveInstance(ss, pid, None, None, "RTSTRUCT", Role.STRUCTURE_SET, Hop.PLAN_STRUCTURE_SET))
     # Rule 5 / step 3: doses point at plans, never the reverse (ReferencedDoseSequence is rarely filled
     # and never authoritative): search the plan's study for doses naming it.
     ops.append(FindReferencing("RTDOSE", pid, refs.study_uid, ReferenceCriterion(CriterionKind.PLAN, (uid,)),
-                               Role.DOSE, "RTPLAN->RTDOSE",
+                               Role.DOSE, Hop.PLAN_DOSE,
                                plan_has_structure_set=bool(plan.structure_set_uids)))
     kind = "ion plan" if plan.is_ion else "plan"
     why = f"treated {kind} ({plan.intent or 'no intent'})"
@@ -421,7 +422,7 @@ def _structure_set(refs: ObjectRefs, problems: list[Problem]) -> Decision:
     ss, pid = refs.structure_set, refs.patient_id
     ops: list[Operation] = [
         # Rule 6: the series named in RTReferencedSeriesSequence ...
-        RetrieveSeries(pid, s.study_uid, s.series_uid, Role.PLANNING_SERIES, "RTSTRUCT->SERIES")
+        RetrieveSeries(pid, s.study_uid, s.series_uid, Role.PLANNING_SERIES, Hop.STRUCTURE_SET_SERIES)
         for s in ss.referenced_series
     ]
     if ss.first_contour_image_uid:
@@ -432,7 +433,7 @@ def _structure_set(refs: ObjectRefs, problems: list[Problem]) -> Decision:
         ops.append(RetrieveInstance(ss.first_contour_image_uid, pid,
                                     listing.study_uid if listing else None,
                                     listing.series_uid if listing else None,
-                                    None, Role.PLANNING_IMAGE, "RTSTRUCT->IMAGE"))
+                                    None, Role.PLANNING_IMAGE, Hop.STRUCTURE_SET_IMAGE))
     if not ops:
         return _decide(refs, True, "structure set references no image series", (), problems)
     return _decide(refs, True, "structure set: fetch the planning series", ops, problems)
@@ -451,7 +452,7 @@ def _referencing(refs: ObjectRefs, op: FindReferencing) -> Decision:
         if not op.plan_has_structure_set:
             # TomoTherapy: the plan has no ReferencedStructureSetSequence, its dose names the RTSTRUCT.
             ops = [RetrieveInstance(ss, refs.patient_id, None, None, "RTSTRUCT", Role.STRUCTURE_SET,
-                                    "RTDOSE->RTSTRUCT") for ss in refs.dose.structure_set_uids]
+                                    Hop.DOSE_STRUCTURE_SET) for ss in refs.dose.structure_set_uids]
         return _decide(refs, True, f"dose of plan {', '.join(op.criterion.uids)}", ops)
     if op.role is Role.REGISTRATION and refs.registration is not None:
         return _registration(refs, op)
@@ -476,7 +477,7 @@ def _registration(refs: ObjectRefs, op: FindReferencing) -> Decision:
         series_for = next((f for f in (reg.for_of_image(i) for i in s.instance_uids) if f), None)
         if series_for is not None and series_for in planning_fors:
             continue
-        ops.append(RetrieveSeries(pid, s.study_uid, s.series_uid, Role.REGISTERED_SERIES, "REG->SERIES",
+        ops.append(RetrieveSeries(pid, s.study_uid, s.series_uid, Role.REGISTERED_SERIES, Hop.REG_SERIES,
                                   fors_key))
     for item in reg.items:
         if item.for_uid is not None and item.for_uid in planning_fors:
@@ -485,11 +486,11 @@ def _registration(refs: ObjectRefs, op: FindReferencing) -> Decision:
         if unlisted:
             # Images named only inside the item (no series-level reference): fetch one, then its series.
             ops.append(RetrieveInstance(unlisted[0], pid, None, None, None, Role.REGISTERED_IMAGE,
-                                        "REG->IMAGE", fors_key))
+                                        Hop.REG_IMAGE, fors_key))
         elif not item.image_uids and item.for_uid:
             # An item naming only a FoR: the registered series are that FoR's series (rule 9).
             ops.append(FindSeriesInFrameOfReference(pid, item.for_uid, (), Role.REGISTERED_FOR_SERIES,
-                                                    "REG->FOR"))
+                                                    Hop.REG_FOR))
     kind = "deformable registration" if reg.deformable else "registration"
     return _decide(refs, True, f"{kind} involving planning FoR {', '.join(sorted(planning_fors))}", ops)
 
@@ -533,10 +534,10 @@ def _image_followups(refs: ObjectRefs, role: Role, planning_fors: tuple[str, ...
         ops = [
             # Rule 7 / step 8: CT/MR/PT series sharing the planning FoR (PET/CT on the CT-sim side).
             FindSeriesInFrameOfReference(pid, for_uid, (refs.series_uid,), Role.PLANNING_FOR_SERIES,
-                                         "SERIES->FOR"),
+                                         Hop.SERIES_FOR),
             # Rule 8 / step 7: REGs (rigid or deformable) involving the planning FoR.
             FindReferencing("REG", pid, None, ReferenceCriterion(CriterionKind.FRAME_OF_REFERENCE, (for_uid,)),
-                            Role.REGISTRATION, "FOR->REG", exclude_series=(refs.series_uid,),
+                            Role.REGISTRATION, Hop.FOR_REG, exclude_series=(refs.series_uid,),
                             fixed_modality=refs.modality),
         ]
         return _decide(refs, True, "planning series image", ops, problems)
@@ -546,7 +547,7 @@ def _image_followups(refs: ObjectRefs, role: Role, planning_fors: tuple[str, ...
                            problems)
         # Rule 10 / step 10: series sharing the registered series' FoR (PET/CT on the registered side).
         ops = [FindSeriesInFrameOfReference(pid, for_uid, (refs.series_uid,), Role.REGISTERED_FOR_SERIES,
-                                            "SERIES->FOR")]
+                                            Hop.SERIES_FOR)]
         return _decide(refs, True, "registered series image", ops, problems)
     return _decide(refs, True, f"{role.value.lower()} image", (), problems)
 

@@ -11,6 +11,7 @@ from rtharvest.operations import (
     FindReferencing,
     FindSeriesInFrameOfReference,
     FindTreatmentRecords,
+    Hop,
     ReferenceCriterion,
     RetrieveInstance,
     Role,
@@ -54,7 +55,7 @@ def test_records_in_one_image_level_find_where_the_source_matches_upper_level_ke
 
 def test_reverse_search_in_one_image_level_find_per_study() -> None:
     op = FindReferencing("RTRECORD", "P1", None, ReferenceCriterion(CriterionKind.PLAN, ("1.2",)),
-                         Role.PLAN_RECORD, "RTPLAN->RTRECORD")
+                         Role.PLAN_RECORD, Hop.PLAN_RECORD)
     steps = search_steps(op, UPPER)
     # The patient bounds the studies; below them UIDs do: no step but the first matches PatientID, so a
     # candidate naming the plan is found whatever PatientID it carries (docs/harvest-rules.md, "Identity").
@@ -66,7 +67,7 @@ def test_reverse_search_in_one_image_level_find_per_study() -> None:
     assert all("PatientID" not in dict(s.keys) for s in relational[1:])
     # A dose search is bounded by the plan's study alone.
     dose = FindReferencing("RTDOSE", "P1", "st-1", ReferenceCriterion(CriterionKind.PLAN, ("1.2",)),
-                           Role.DOSE, "RTPLAN->RTDOSE")
+                           Role.DOSE, Hop.PLAN_DOSE)
     for cap in (UPPER, RELATIONAL, HIERARCHICAL):
         steps = search_steps(dose, cap)
         assert dict(steps[0].keys)["StudyInstanceUID"] == "st-1"
@@ -74,7 +75,7 @@ def test_reverse_search_in_one_image_level_find_per_study() -> None:
 
 
 def test_frame_of_reference_asked_at_series_level_only_where_instance_keys_are_returned() -> None:
-    op = FindSeriesInFrameOfReference("P1", "9.9", (), Role.PLANNING_FOR_SERIES, "SERIES->FOR")
+    op = FindSeriesInFrameOfReference("P1", "9.9", (), Role.PLANNING_FOR_SERIES, Hop.SERIES_FOR)
     steps = search_steps(op, RELATIONAL)
     assert dict(steps[0].keys)["PatientID"] == "P1" and "FrameOfReferenceUID" in dict(steps[1].keys)
     assert "PatientID" not in dict(steps[1].keys)
@@ -83,7 +84,7 @@ def test_frame_of_reference_asked_at_series_level_only_where_instance_keys_are_r
 
 
 def _hinted() -> RetrieveInstance:
-    return RetrieveInstance("sop-1", "P1", "study-1", "series-1", None, Role.PLANNING_IMAGE, "RTSTRUCT->IMAGE")
+    return RetrieveInstance("sop-1", "P1", "study-1", "series-1", None, Role.PLANNING_IMAGE, Hop.STRUCTURE_SET_IMAGE)
 
 
 def test_hinted_image_is_found_in_its_series_listing() -> None:
@@ -95,7 +96,7 @@ def test_hinted_image_is_found_in_its_series_listing() -> None:
         # Its fallback ignores the hint.
         fallback = fallback_steps(_hinted(), cap)
         assert fallback and "series-1" not in str(fallback[0].keys)
-    unhinted = RetrieveInstance("sop-1", "P1", None, None, "RTPLAN", Role.PLAN, "RTRECORD->RTPLAN")
+    unhinted = RetrieveInstance("sop-1", "P1", None, None, "RTPLAN", Role.PLAN, Hop.RECORD_PLAN)
     assert fallback_steps(unhinted, RELATIONAL) == ()
 
 
