@@ -96,6 +96,10 @@ class HarvestService:
         self._lock = threading.Lock()
         #: Called after jobs were enqueued (the harvester wakes its idle workers).
         self.on_enqueue: Callable[[], None] | None = None
+        #: A finished harvest's PatientID mismatches as its manifest counts them (records kept out and objects
+        #: collected by UID whose PatientID is not their plan's): reason -> count. Set by the app
+        #: (``ManifestService.patient_id_mismatches``); without it the document counts the records kept out.
+        self.manifest_mismatches: Callable[[str], dict[str, int]] | None = None
 
     def start(self, body: Mapping[str, Any]) -> Harvest:
         """Create a harvest and enqueue its treatment-record queries."""
@@ -175,7 +179,12 @@ class HarvestService:
         # job, or the job fails): non-zero means "read the log", even when every job completed.
         doc["IngestFailures"] = self.events.count(min_level=Level.ERROR, harvest_id=harvest.id, component="ingest")
         doc["RecordDiscovery"] = self.discovery(harvest)
-        mismatches = self.tracker.rejections_coded(harvest.id, ReasonCode.PATIENT_ID_MISMATCH.value)
+        if self.manifest_mismatches is not None and doc["State"] in (HarvestState.COMPLETED.value,
+                                                                     HarvestState.CANCELLED.value):
+            # Final: the manifest's count, which adds what was collected by UID (built once per harvest state).
+            mismatches = self.manifest_mismatches(harvest.id)
+        else:
+            mismatches = self.tracker.rejections_coded(harvest.id, ReasonCode.PATIENT_ID_MISMATCH.value)
         doc["PatientIDMismatches"] = {"Count": sum(mismatches.values()), "Reasons": mismatches}
         # Every answer a search rule dropped and every arrival a rule rejected, by reason code: nothing a rule
         # discards is silent (docs/harvest-rules.md, "Identity").

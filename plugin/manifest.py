@@ -1024,6 +1024,7 @@ class ManifestService:
         self.read_file = read_file
         self.cache_size = cache_size
         self._cache: dict[str, ObjectRefs] = {}
+        self._mismatches: dict[str, tuple[tuple[int, int, int], dict[str, int]]] = {}
 
     def read_refs(self, obj: ObjectRecord) -> ObjectRefs | None:
         """References of a stored object (``None`` when it was deleted or cannot be read)."""
@@ -1051,6 +1052,18 @@ class ManifestService:
         return build_manifest(harvest_id, objects, self.read_refs,
                               [failure_from_job(j, codes.get(int(j.id))) for j in failed],
                               pending=pending)
+
+    def patient_id_mismatches(self, harvest_id: str) -> dict[str, int]:
+        """``Summary.PatientIDMismatches.Reasons`` of a harvest's manifest, kept while the harvest's decisions
+        and failed jobs stay the same (the harvest document asks for it on every refresh)."""
+        counts = self.tracker.decision_counts(harvest_id)
+        failed = len(self.queue.list_jobs(harvest_id=harvest_id, state="failed", limit=1_000_000))
+        key = (counts.kept, counts.rejected, failed)
+        cached = self._mismatches.get(harvest_id)
+        if cached is None or cached[0] != key:
+            cached = (key, self.build(harvest_id).summary.patient_id_mismatches)
+            self._mismatches[harvest_id] = cached
+        return dict(cached[1])
 
     def __call__(self, harvest_id: str | None, fmt: str) -> HttpResponse:
         manifest = self.build(harvest_id)
