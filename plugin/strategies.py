@@ -143,9 +143,12 @@ class SearchStep:
     filters: tuple[AnswerFilter, ...] = ()
     candidate: bool = False
     note: str = ""
+    #: Run once for all surviving answers of the previous step, each ``bind`` keyword matching the list of
+    #: their values (DICOM list of UID matching, PS3.4 C.2.2.2.2), instead of once per answer.
+    gather: bool = False
 
     def identifier(self, previous: Mapping[str, Any]) -> dict[str, Any]:
-        """The request identifier for one previous answer."""
+        """The request identifier for one previous answer (for a ``gather`` step: the answers' values joined)."""
         ident: dict[str, Any] = dict(self.keys)
         for kw in self.bind:
             ident[kw] = previous.get(kw, "")
@@ -189,6 +192,10 @@ def _walk_to_series(patient_id: str | None, study_uid: str | None, series_keys: 
         steps.append(_find(QueryLevel.SERIES, {_SERIES: "", **series_keys}, (_STUDY,), filters,
                            "series of each study"))
     return steps
+
+
+def _gathered(step: SearchStep) -> SearchStep:
+    return replace(step, gather=True)
 
 
 def _patient_studies(patient_id: str | None) -> SearchStep:
@@ -399,11 +406,12 @@ def _referencing_steps(op: FindReferencing, cap: SourceCapability) -> tuple[Sear
     # that names the plan (or FoR) is the harvest's whatever PatientID it carries, so no step below matches
     # PatientID except the one listing the patient's studies, which every SCP matches.
     if cap.image_level_search:
-        # The source matches Modality at IMAGE level: the candidates of a study in one C-FIND.
+        # The source matches Modality at IMAGE level and a list of study UIDs: the candidates of the plan's
+        # study, or of all the patient's studies, in one C-FIND.
         image = _find(QueryLevel.IMAGE, {"Modality": op.modality, _STUDY: op.study_uid or "", _SERIES: "", _SOP: "",
                                          **ret}, () if op.study_uid else (_STUDY,), filters,
-                      f"{op.modality} instances of the study, {note}")
-        steps = [image] if op.study_uid else [_patient_studies(op.patient_id), image]
+                      f"{op.modality} instances of the study (or the patient's studies), {note}")
+        steps = [image] if op.study_uid else [_patient_studies(op.patient_id), _gathered(image)]
     else:
         steps = _walk_to_series(op.patient_id, op.study_uid, {"Modality": op.modality})
         steps.append(_find(QueryLevel.IMAGE, {_SOP: "", "SOPClassUID": "", **ret}, _SERIES_IDS, filters, note))
@@ -422,6 +430,9 @@ def _for_steps(op: FindSeriesInFrameOfReference, cap: SourceCapability) -> tuple
     # the image step.
     ret = {"FrameOfReferenceUID": ""} if cap.relational and cap.instance_return_keys else {}
     steps = _walk_to_series(op.patient_id, None, {"Modality": "", **ret}, series_filters)
+    if cap.image_level_search:
+        # A source matching lists of study UIDs: the series of all the patient's studies in one C-FIND.
+        steps[-1] = _gathered(steps[-1])
     if cap.instance_return_keys:
         steps.append(_find(QueryLevel.IMAGE, {_SOP: "", "FrameOfReferenceUID": ""}, _SERIES_IDS,
                            (AnswerFilter.FRAME_OF_REFERENCE, AnswerFilter.ONE_PER_SERIES),
@@ -586,8 +597,15 @@ def execute(op: Operation, capability: SourceCapability, find: FindFn, retrieve:
         if step.action is StepAction.RETRIEVE:
             retrieve(step.level, step.identifier(previous), step.candidate)
             return 1
+        answers = filter_answers(step, op, find(step.level, step.identifier(previous)), discarded)
+        following = steps[index + 1]
+        if following.gather:
+            if not answers:
+                return 0
+            return run(steps, index + 1, {kw: "\\".join(dict.fromkeys(str(a.get(kw, "")) for a in answers))
+                                          for kw in following.bind})
         moves = 0
-        for answer in filter_answers(step, op, find(step.level, step.identifier(previous)), discarded):
+        for answer in answers:
             moves += run(steps, index + 1, answer)
         return moves
 
