@@ -53,7 +53,7 @@ def test_records_in_one_image_level_find_where_the_source_matches_upper_level_ke
                                                                    QueryLevel.IMAGE]
 
 
-def test_reverse_search_in_one_image_level_find_per_study() -> None:
+def test_reverse_search_in_one_image_level_find_of_the_patients_studies() -> None:
     op = FindReferencing("RTRECORD", "P1", None, ReferenceCriterion(CriterionKind.PLAN, ("1.2",)),
                          Role.PLAN_RECORD, Hop.PLAN_RECORD)
     steps = search_steps(op, UPPER)
@@ -62,6 +62,18 @@ def test_reverse_search_in_one_image_level_find_per_study() -> None:
     assert [s.level for s in steps] == [QueryLevel.STUDY, QueryLevel.IMAGE, QueryLevel.IMAGE]
     assert dict(steps[0].keys)["PatientID"] == "P1" and dict(steps[1].keys)["Modality"] == "RTRECORD"
     assert all("PatientID" not in dict(s.keys) for s in steps[1:])
+    # One C-FIND names all the patient's studies (list of UID matching), not one per study.
+    asked: list[dict[str, Any]] = []
+
+    def find(level: QueryLevel, ident: dict[str, Any]) -> list[dict[str, str]]:
+        asked.append(ident)
+        if level is QueryLevel.STUDY:
+            return [{"StudyInstanceUID": s} for s in ("st-1", "st-2", "st-1")]
+        return [{"StudyInstanceUID": "st-2", "SeriesInstanceUID": "se", "SOPInstanceUID": "rec"}]
+
+    moved: list[dict[str, Any]] = []
+    execute(op, UPPER, find, lambda level, ident, candidate: moved.append(ident))
+    assert [a["StudyInstanceUID"] for a in asked] == ["", "st-1\\st-2"] and len(moved) == 1
     relational = search_steps(op, RELATIONAL)
     assert [s.level for s in relational] == [QueryLevel.STUDY, QueryLevel.SERIES, QueryLevel.IMAGE, QueryLevel.IMAGE]
     assert all("PatientID" not in dict(s.keys) for s in relational[1:])
