@@ -179,11 +179,15 @@ class HarvestService:
         # job, or the job fails): non-zero means "read the log", even when every job completed.
         doc["IngestFailures"] = self.events.count(min_level=Level.ERROR, harvest_id=harvest.id, component="ingest")
         doc["RecordDiscovery"] = self.discovery(harvest)
+        mismatches: dict[str, int] | None = None
         if self.manifest_mismatches is not None and doc["State"] in (HarvestState.COMPLETED.value,
                                                                      HarvestState.CANCELLED.value):
             # Final: the manifest's count, which adds what was collected by UID (built once per harvest state).
-            mismatches = self.manifest_mismatches(harvest.id)
-        else:
+            try:
+                mismatches = self.manifest_mismatches(harvest.id)
+            except ApiError:
+                mismatches = None  # the store cannot be read yet (start-up): the records kept out, as while running
+        if mismatches is None:
             mismatches = self.tracker.rejections_coded(harvest.id, ReasonCode.PATIENT_ID_MISMATCH.value)
         doc["PatientIDMismatches"] = {"Count": sum(mismatches.values()), "Reasons": mismatches}
         # Every answer a search rule dropped and every arrival a rule rejected, by reason code: nothing a rule
