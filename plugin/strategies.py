@@ -413,7 +413,11 @@ def _referencing_steps(op: FindReferencing, cap: SourceCapability) -> tuple[Sear
                       f"{op.modality} instances of the study (or the patient's studies), {note}")
         steps = [image] if op.study_uid else [_patient_studies(op.patient_id), _gathered(image)]
     else:
-        steps = _walk_to_series(op.patient_id, op.study_uid, {"Modality": op.modality})
+        # The series listing of a study is the same question for every search of the harvest (Modality selected
+        # here, FrameOfReferenceUID returned where the source fills it, as the FoR search asks): asked once.
+        listing = {"Modality": "", "FrameOfReferenceUID": ""} if cap.relational and cap.instance_return_keys \
+            else {"Modality": ""}
+        steps = _walk_to_series(op.patient_id, op.study_uid, listing, (AnswerFilter.MODALITY,))
         steps.append(_find(QueryLevel.IMAGE, {_SOP: "", "SOPClassUID": "", **ret}, _SERIES_IDS, filters, note))
     steps.append(_move(QueryLevel.IMAGE, candidate=not seq,
                        note="retrieve matches" if seq else "retrieve candidates; references checked on arrival"))
@@ -563,6 +567,8 @@ def _passes(f: AnswerFilter, op: Operation, a: Mapping[str, Any]) -> bool:
         mods: tuple[str, ...] | frozenset[str] = ()
         if isinstance(op, FindSeriesInFrameOfReference):
             mods = op.modalities
+        elif isinstance(op, FindReferencing):
+            mods = (op.modality,)
         elif isinstance(op, RetrieveInstance) and not op.modality:
             mods = IMAGE_MODALITIES
         return not mods or str(a.get("Modality", "")) in mods

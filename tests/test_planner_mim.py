@@ -25,7 +25,7 @@ from rtharvest.operations import (
 from rtharvest.planner import Arrival, HarvestContext, plan_arrival
 from rtharvest.references import extract
 from rtharvest.sopclass import SopClass
-from rtharvest.strategies import AnswerFilter, SourceCapability, StepAction, search_steps
+from rtharvest.strategies import AnswerFilter, QueryLevel, SourceCapability, StepAction, filter_answers, search_steps
 
 from .planner_fixtures import image_series, uid
 
@@ -85,7 +85,10 @@ def test_session_searches_never_filter_on_return_keys() -> None:
         steps = search_steps(raw_search, capability)
         assert not any(AnswerFilter.CRITERION in s.filters for s in steps)
         assert steps[-1].action is StepAction.RETRIEVE and steps[-1].candidate
-        assert any(("Modality", "RAW") in s.keys for s in steps)
+        # Raw Data series are selected (by the source, or from the study's shared series listing here).
+        series = next(s for s in steps if s.level is QueryLevel.SERIES)
+        answers = [{"SeriesInstanceUID": "a", "Modality": "RAW"}, {"SeriesInstanceUID": "b", "Modality": "REG"}]
+        assert [a["SeriesInstanceUID"] for a in filter_answers(series, raw_search, answers)] == ["a"]
     unpack = UnpackMimSession(uid("raw"), P, "{}", "k", Role.REGISTRATION)
     assert search_steps(unpack, SourceCapability(True, True)) == (), "unpacking asks no source"
 
