@@ -395,6 +395,7 @@ def build_runtime(config: HarvesterConfig, orthanc: Mapping[str, Any] | None = N
         return runtime.harvester.store.read(orthanc_id)
 
     manifest = ManifestService(tracker, queue, read_file)
+    harvests.manifest_mismatches = manifest.patient_id_mismatches
     build_routes(router, harvests, queue, events, lambda: status_document(runtime), manifest=manifest)
 
     def wake_scheduler() -> None:

@@ -22,6 +22,7 @@ import os
 import socket
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -45,10 +46,11 @@ from .operations import (
     UnpackMimSession,
     operation_from_dict,
 )
+from .planner import ReasonCode, reason_text
 from .politeness import SourceGate, SourceUnavailable
 from .references import extract_from_bytes
-from .strategies import QueryLevel, SourceCapability, execute, unbounded_search
-from .tracking import Decision, Expectation, ObjectRecord, ProvenanceItem, Tracker
+from .strategies import DiscardReason, QueryLevel, SourceCapability, execute, unbounded_search
+from .tracking import Decision, Expectation, FailureCode, ObjectRecord, ProvenanceItem, Tracker
 
 log = logging.getLogger("rtharvest.harvester")
 
@@ -105,11 +107,13 @@ class _NotHere(Exception):
 class JobFailure(Exception):
     """A job attempt failed; ``retryable`` says whether the queue should try again."""
 
-    def __init__(self, message: str, retryable: bool = True, dimse_status: int | None = None) -> None:
+    def __init__(self, message: str, retryable: bool = True, dimse_status: int | None = None,
+                 code: FailureCode | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.retryable = retryable
         self.dimse_status = dimse_status
+        self.code = code
 
 
 @dataclass(frozen=True)
@@ -352,7 +356,7 @@ class Harvester:
         except JobFailure as exc:
             fault = FaultClass.SOURCE_FAILURE if exc.retryable else FaultClass.NOT_AVAILABLE
             if not self._held_back(job, owner, exc, None):
-                self._fail(job, owner, exc.message, exc.retryable, exc.dimse_status, fault)
+                self._fail(job, owner, exc.message, exc.retryable, exc.dimse_status, fault, exc.code)
         except SourceError as exc:
             if not self._held_back(job, owner, exc, exc):
                 # Some errors are worth fewer attempts than MaxAttempts (Cxxx "unable to process": retry_limit).
@@ -466,12 +470,13 @@ class Harvester:
                           job_id=job.id, source=job.source, fault=outage.fault.value)
 
     def _fail(self, job: Job, owner: str, message: str, retryable: bool, status: int | None,
-              fault: FaultClass | None = None) -> None:
+              fault: FaultClass | None = None, code: FailureCode | None = None) -> None:
         self._replanned.pop(job.id, None)
         self._round_trips.pop(job.id, None)
         try:
             with self.tracker.db.transaction():  # as in run(): expectations end with the attempt
                 self.tracker.drop_expectations(job.id)
+                self.tracker.note_failure(job.id, code)  # what the failure means, for the manifest
                 updated = self.queue.fail(job.id, owner, message, dimse_status=status, retryable=retryable,
                                           fault=None if fault is None else fault.value)
         except QueueError as exc:
@@ -556,7 +561,8 @@ class Harvester:
                 return outcome
         if isinstance(op, (RetrieveInstance, RetrieveSeries)):
             uid = op.sop_uid if isinstance(op, RetrieveInstance) else op.series_uid
-            raise JobFailure(f"{op.hop}: {uid} not found at {', '.join(names)}", retryable=False)
+            raise JobFailure(f"{op.hop}: {uid} not found at {', '.join(names)}", retryable=False,
+                             code=FailureCode.NOT_FOUND)
         return outcome  # a search that finds nothing is a valid, final answer
 
     def _from_sessions(self, job: Job, owner: str, op: RetrieveInstance, names: Sequence[str],
@@ -594,7 +600,12 @@ class Harvester:
         def retrieve(level: QueryLevel, identifier: dict[str, Any], candidate: bool) -> None:
             targets.append(Target(access.name, level, dict(identifier), candidate))
 
-        execute(op, access.capability, find, retrieve)
+        discarded: Counter[DiscardReason] = Counter()
+        execute(op, access.capability, find, retrieve, discarded)
+        if discarded:
+            # Counted whatever happens next: a rule discarded them, and nothing a rule drops goes uncounted.
+            with self.tracker.db.transaction():
+                self.tracker.add_discards(job.harvest_id, {r.value: n for r, n in discarded.items()})
         return targets
 
     # -- every DIMSE operation goes through here: politeness, pause, lease ----------------------------
@@ -789,8 +800,9 @@ class Harvester:
             for uid, reason in known.items():
                 with self.tracker.db.transaction():
                     self.tracker.record(ObjectRecord(job.harvest_id, uid, None, Decision.REJECTED,
-                                                     f"inspected before: {reason}", op.role.value, op.hop,
-                                                     target.source, job.id, moved=False))
+                                                     reason_text(ReasonCode.INSPECTED_BEFORE, reason=reason),
+                                                     op.role.value, op.hop, target.source, job.id, moved=False,
+                                                     reason_code=ReasonCode.INSPECTED_BEFORE.value))
             missing = [uid for uid in missing if uid not in known]
         if not missing:
             return None, len(existing)

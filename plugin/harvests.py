@@ -13,7 +13,7 @@ from .eventlog import EventLog, Level
 from .httpapi import ApiError
 from .ingest import HarvestRouting, job_for
 from .jobqueue import EnqueueItem, Harvest, HarvestState, JobQueue
-from .planner import PATIENT_ID_MISMATCH, HarvestContext, start_operations
+from .planner import HarvestContext, ReasonCode, start_operations
 from .strategies import discovery_description, record_discovery_bound
 from .tracking import Tracker
 
@@ -98,6 +98,10 @@ class HarvestService:
         self._lock = threading.Lock()
         #: Called after jobs were enqueued (the harvester wakes its idle workers).
         self.on_enqueue: Callable[[], None] | None = None
+        #: A finished harvest's PatientID mismatches as its manifest counts them (records kept out and objects
+        #: collected by UID whose PatientID is not their plan's): reason -> count. Set by the app
+        #: (``ManifestService.patient_id_mismatches``); without it the document counts the records kept out.
+        self.manifest_mismatches: Callable[[str], dict[str, int]] | None = None
 
     def start(self, body: Mapping[str, Any]) -> Harvest:
         """Create a harvest and enqueue its treatment-record queries."""
@@ -194,8 +198,21 @@ class HarvestService:
         # job, or the job fails): non-zero means "read the log", even when every job completed.
         doc["IngestFailures"] = self.events.count(min_level=Level.ERROR, harvest_id=harvest.id, component="ingest")
         doc["RecordDiscovery"] = self.discovery(harvest)
-        mismatches = self.tracker.rejections_like(harvest.id, PATIENT_ID_MISMATCH)
+        mismatches: dict[str, int] | None = None
+        if self.manifest_mismatches is not None and doc["State"] in (HarvestState.COMPLETED.value,
+                                                                     HarvestState.CANCELLED.value):
+            # Final: the manifest's count, which adds what was collected by UID (built once per harvest state).
+            try:
+                mismatches = self.manifest_mismatches(harvest.id)
+            except ApiError:
+                mismatches = None  # the store cannot be read yet (start-up): the records kept out, as while running
+        if mismatches is None:
+            mismatches = self.tracker.rejections_coded(harvest.id, ReasonCode.PATIENT_ID_MISMATCH.value)
         doc["PatientIDMismatches"] = {"Count": sum(mismatches.values()), "Reasons": mismatches}
+        # Every answer a search rule dropped and every arrival a rule rejected, by reason code: nothing a rule
+        # discards is silent (docs/harvest-rules.md, "Identity").
+        discarded = self.tracker.discards(harvest.id)
+        doc["Discarded"] = {"Count": sum(discarded.values()), "ByReason": discarded}
         return doc
 
     def discovery(self, harvest: Harvest) -> dict[str, Any]:

@@ -30,8 +30,8 @@ from .classify import HarvestWindow
 from .db import Database
 from .eventlog import EventLog, Level, exception_summary
 from .jobqueue import EnqueueItem, JobQueue
-from .operations import FindReferencing, FindTreatmentRecords, Operation, operation_from_dict
-from .planner import Arrival, HarvestContext, plan_arrival
+from .operations import FindReferencing, FindTreatmentRecords, Hop, Operation, operation_from_dict
+from .planner import Arrival, HarvestContext, ReasonCode, plan_arrival, reason_text
 from .references import ObjectRefs, Problem, ProblemCode, extract_from_bytes, peek_sop_instance_uid
 from .tracking import Decision, Expectation, ObjectRecord, Tracker
 
@@ -69,21 +69,21 @@ class HarvestRouting:
 # records, plans, structure sets and registrations go first, the image series they reveal next, and the
 # leaves (a plan's later records and its doses) last. Equal priorities run oldest first.
 _PRIORITY_BY_HOP = {
-    "WINDOW->RTRECORD": 70,
-    "RTRECORD->RTPLAN": 60,
-    "RTPLAN->RTSTRUCT": 50,
-    "RTDOSE->RTSTRUCT": 50,
-    "RTSTRUCT->IMAGE": 40,   # the planning series (its first slice starts the FoR searches)
-    "RTSTRUCT->SERIES": 40,
-    "IMAGE->SERIES": 40,
-    "FOR->REG": 35,          # registrations, then their series
-    "FOR->RAW": 35,
-    "REG->SERIES": 30,
-    "REG->IMAGE": 30,
-    "REG->FOR": 30,
-    "SERIES->FOR": 30,       # series sharing a FoR: leaves, but bulk
-    "RTPLAN->RTDOSE": 20,    # leaves, unless the plan names no structure set (see job_priority)
-    "RTPLAN->RTRECORD": 10,
+    Hop.WINDOW_RECORD: 70,
+    Hop.RECORD_PLAN: 60,
+    Hop.PLAN_STRUCTURE_SET: 50,
+    Hop.DOSE_STRUCTURE_SET: 50,
+    Hop.STRUCTURE_SET_IMAGE: 40,   # the planning series (its first slice starts the FoR searches)
+    Hop.STRUCTURE_SET_SERIES: 40,
+    Hop.IMAGE_SERIES: 40,
+    Hop.FOR_REG: 35,          # registrations, then their series
+    Hop.FOR_RAW: 35,
+    Hop.REG_SERIES: 30,
+    Hop.REG_IMAGE: 30,
+    Hop.REG_FOR: 30,
+    Hop.SERIES_FOR: 30,       # series sharing a FoR: leaves, but bulk
+    Hop.PLAN_DOSE: 20,    # leaves, unless the plan names no structure set (see job_priority)
+    Hop.PLAN_RECORD: 10,
 }
 
 
@@ -93,9 +93,9 @@ def job_priority(op: Operation) -> int:
     of a plan that names no structure set (TomoTherapy) is the only way to that plan's structure set and
     so to its images: it ranks with the structure set retrieve, not with the leaves."""
     if op.kind.value == "UnpackMimSession":
-        return _PRIORITY_BY_HOP["FOR->REG"]
-    if isinstance(op, FindReferencing) and op.hop == "RTPLAN->RTDOSE" and not op.plan_has_structure_set:
-        return _PRIORITY_BY_HOP["RTPLAN->RTSTRUCT"]
+        return _PRIORITY_BY_HOP[Hop.FOR_REG]
+    if isinstance(op, FindReferencing) and op.hop is Hop.PLAN_DOSE and not op.plan_has_structure_set:
+        return _PRIORITY_BY_HOP[Hop.PLAN_STRUCTURE_SET]
     return _PRIORITY_BY_HOP.get(op.hop, 25)
 
 
@@ -462,13 +462,13 @@ class Ingest:
         clean-up, which removes it unless some harvest keeps it; a retry of the job finds it in the store
         and decides it under its rule (a keep replaces this rejection). A rule, not a guess: what the job
         did not receive while it ran is what its result (and the manifest) says it did not receive."""
-        reason = f"arrived after job {exp.job_id} ended (the source was still sending); not part of the harvest"
+        reason = reason_text(ReasonCode.ARRIVED_AFTER_JOB_ENDED, job=str(exp.job_id))
         first = self.tracker.record(ObjectRecord(
             harvest_id=exp.harvest_id, sop_uid=refs.sop_uid, orthanc_id=orthanc_id, decision=Decision.REJECTED,
             reason=reason, role=exp.role, hop=exp.hop, source=exp.source, job_id=exp.job_id, moved=True,
             patient_id=refs.patient_id, study_uid=refs.study_uid, series_uid=refs.series_uid,
             modality=refs.modality, sop_class_uid=refs.sop_class_uid,
-            frame_of_reference_uid=refs.frame_of_reference_uid))
+            frame_of_reference_uid=refs.frame_of_reference_uid, reason_code=ReasonCode.ARRIVED_AFTER_JOB_ENDED.value))
         if first and refs.kind.value != "IMAGE":  # no event per slice: the harvest's summary counts them
             messages.append((Level.INFO, exp.harvest_id, f"{exp.hop} {refs.kind.value.lower()} {reason}",
                              exp.job_id))
@@ -515,6 +515,7 @@ class Ingest:
                     plan_uids=refs.record.plan_uids if refs.record else (),
                     treatment_date=refs.record.treatment_date if refs.record else None,
                     problems=tuple(problem_summary(p) for p in decision.problems),
+                    reason_code=decision.code.value,
                 )
                 first = self.tracker.record(record)
                 if exp.candidate and not decision.keep:

@@ -29,16 +29,17 @@ import io
 from collections import Counter
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from enum import StrEnum
 from typing import Any
 
 from .classify import INVALID_REASONS, classify_plan, registration_type
 from .fractions import RecordFacts, count_fractions, fractions_planned
 from .httpapi import ApiError, HttpResponse
 from .jobqueue import CRASH_BUDGET_SPENT
-from .planner import PATIENT_ID_MISMATCH, promised_doses, promised_images
+from .planner import IdMismatch, ReasonCode, id_mismatch, promised_doses, promised_images
 from .references import ObjectKind, ObjectRefs, PlanRefs, RegistrationRefs, StructureSetRefs, extract_from_bytes
 from .sopclass import Modality, SopClass, modality_of
-from .tracking import Decision, ObjectRecord
+from .tracking import Decision, FailureCode, ObjectRecord
 
 __all__ = [
     "STATUSES",
@@ -53,10 +54,63 @@ __all__ = [
 ]
 
 STATUSES = ("Complete", "Incomplete", "Missing", "Invalid")
-NOT_FOUND = "not found at source"
-DANGLING = "dangling reference"
-PENDING = "not retrieved yet (job pending)"
-UNREADABLE = "stored copy could not be read"
+
+
+class MissingCause(StrEnum):
+    """Why a link is missing, as the code decisions read (``Missing[].Cause``); :data:`MISSING_TEXT` words it."""
+
+    NOT_FOUND = "NOT_FOUND"  # no source holds it
+    RETRIEVE_FAILED = "RETRIEVE_FAILED"  # its retrieve failed for good (errors, not absence)
+    HARVESTER_FAILURE = "HARVESTER_FAILURE"  # the harvester kept dying while running the job
+    SEARCH_FAILED = "SEARCH_FAILED"  # a search that could have found more failed: only the site can know
+    PARTIALLY_STORED = "PARTIALLY_STORED"  # a series retrieve failed part-way: only the site can know
+    PENDING = "PENDING"  # a job that would fetch it has not run yet
+    DANGLING = "DANGLING"  # no job even tried: the reference was never reachable
+    UNREADABLE = "UNREADABLE"  # stored, but its copy cannot be read
+
+
+#: The words of each cause (``str.format`` fields); no status or decision reads them.
+MISSING_TEXT: dict[MissingCause, str] = {
+    MissingCause.NOT_FOUND: "not found at source",
+    MissingCause.RETRIEVE_FAILED: "failed after {attempts} {plural}: {error}",
+    MissingCause.HARVESTER_FAILURE: "harvester failure: {error}",
+    MissingCause.SEARCH_FAILED: "search {why}",
+    MissingCause.PARTIALLY_STORED: "partially stored: {why}",
+    MissingCause.PENDING: "not retrieved yet (job pending)",
+    MissingCause.DANGLING: "dangling reference",
+    MissingCause.UNREADABLE: "stored copy could not be read",
+}
+#: ``What: IMAGES`` entries: several absent images of one series counted in one link.
+IMAGES_TEXT = "{absent} of {listed} referenced image(s) not stored (first: {first}): {why}"
+
+NOT_FOUND = MISSING_TEXT[MissingCause.NOT_FOUND]
+DANGLING = MISSING_TEXT[MissingCause.DANGLING]
+PENDING = MISSING_TEXT[MissingCause.PENDING]
+UNREADABLE = MISSING_TEXT[MissingCause.UNREADABLE]
+#: Causes a copy of the data can see too (an export's verification expects only these).
+VISIBLE_IN_A_COPY = frozenset(set(MissingCause) - {MissingCause.SEARCH_FAILED, MissingCause.PARTIALLY_STORED})
+
+
+@dataclass(frozen=True)
+class Why:
+    """A cause and its words."""
+
+    cause: MissingCause
+    text: str
+
+    @classmethod
+    def of(cls, cause: MissingCause, **fields: object) -> Why:
+        """The cause worded by :data:`MISSING_TEXT`."""
+        return cls(cause, MISSING_TEXT[cause].format(**fields))
+
+#: Why an object of a plan's row has another PatientID than the plan (``PlanRow.patient_id_mismatches``):
+#: collected all the same, as its UID links name the plan's chain (docs/harvest-rules.md, "Identity").
+MISMATCH_KEPT_TEXT: dict[IdMismatch, str] = {
+    IdMismatch.ABSENT: "no PatientID; collected by its UID link to the plan",
+    IdMismatch.PADDING: "PatientID differs from the plan's only in padding; collected by its UID link",
+    IdMismatch.CASE: "PatientID differs from the plan's only in letter case; collected by its UID link",
+    IdMismatch.OTHER: "PatientID differs from the plan's; collected by its UID link to the plan",
+}
 
 #: Modalities of objects that are not image series (ImageSeries counts the others).
 _NON_IMAGE_MODALITIES = frozenset(m.value for m in (Modality.RTRECORD, Modality.RTPLAN, Modality.RTSTRUCT,
@@ -97,6 +151,8 @@ class FailureInfo:
     dimse_status: int | None = None
     job_id: int | None = None
     harvest_id: str | None = None
+    #: What the failure means (the harvester's ``FailureCode``), never read from ``last_error``.
+    code: FailureCode | None = None
 
     def targets(self) -> frozenset[str]:
         """Every UID the job was after (a search may name several)."""
@@ -104,19 +160,24 @@ class FailureInfo:
 
     def is_not_found(self) -> bool:
         """True when the job failed because no source holds the object (not a transient error)."""
-        return "not found at" in (self.last_error or "")
+        return self.code is FailureCode.NOT_FOUND
 
-    def reason(self) -> str:
-        """The ``Missing[].Reason`` this failure gives."""
+    def why(self) -> Why:
+        """The cause and words of the ``Missing`` link this failure explains."""
         if self.is_not_found():
-            return NOT_FOUND
+            return Why.of(MissingCause.NOT_FOUND)
         error = (self.last_error or "no error recorded").strip()
         if error.startswith(CRASH_BUDGET_SPENT):
-            return f"harvester failure: {error}"  # the harvester kept dying, the source was never at fault
+            # The harvester kept dying, the source was never at fault (the queue writes this prefix itself).
+            return Why.of(MissingCause.HARVESTER_FAILURE, error=error)
         if self.dimse_status is not None and f"{self.dimse_status:04X}" not in error.upper():
             error += f" (DIMSE status 0x{self.dimse_status:04X})"
         plural = "attempt" if self.attempts == 1 else "attempts"
-        return f"failed after {self.attempts} {plural}: {error}"
+        return Why.of(MissingCause.RETRIEVE_FAILED, attempts=self.attempts, plural=plural, error=error)
+
+    def reason(self) -> str:
+        """The ``Missing[].Reason`` this failure gives."""
+        return self.why().text
 
     def to_json(self) -> dict[str, Any]:
         """JSON form (``Failures`` of the manifest)."""
@@ -132,8 +193,9 @@ class FailureInfo:
         }
 
 
-def failure_from_job(job: Any) -> FailureInfo:
-    """A :class:`FailureInfo` from a failed :class:`rtharvest.jobqueue.Job` (its payload is an operation)."""
+def failure_from_job(job: Any, code: FailureCode | None = None) -> FailureInfo:
+    """A :class:`FailureInfo` from a failed :class:`rtharvest.jobqueue.Job` (its payload is an operation) and
+    the meaning of its failure (``Tracker.failure_codes``)."""
     payload: Mapping[str, Any] = job.payload or {}
     criterion = payload.get("criterion") or {}
     target = (payload.get("sop_uid") or payload.get("series_uid") or payload.get("for_uid")
@@ -141,6 +203,7 @@ def failure_from_job(job: Any) -> FailureInfo:
     return FailureInfo(
         kind=str(job.kind), target_uid=str(target), role=payload.get("role"), attempts=int(job.attempts),
         last_error=job.last_error, dimse_status=job.dimse_status, job_id=int(job.id), harvest_id=job.harvest_id,
+        code=code,
     )
 
 
@@ -155,16 +218,29 @@ class MissingLink:
     what: str
     uid: str
     reason: str
+    #: The code of ``reason`` (``None`` for entries that are not missing links: identity mismatches).
+    cause: MissingCause | None = None
 
-    def to_json(self) -> dict[str, str]:
-        """``{"What", "UID", "Reason"}``."""
-        return {"What": self.what, "UID": self.uid, "Reason": self.reason}
+    @classmethod
+    def because(cls, what: str, uid: str, why: Why) -> MissingLink:
+        """A missing link with its cause."""
+        return cls(what, uid, why.text, why.cause)
+
+    def to_json(self, cause: bool = False) -> dict[str, str]:
+        """``{"What", "UID", "Reason"}``; with ``cause``, also ``Cause`` (the :class:`MissingCause` code) when it
+        has one: for readers that decide by it (an export's verification), not part of the manifest."""
+        out = {"What": self.what, "UID": self.uid, "Reason": self.reason}
+        if cause and self.cause is not None:
+            out["Cause"] = self.cause.value
+        return out
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> MissingLink:
         """The inverse of :meth:`to_json`; ``Reason`` may be left out (an export's verification compares
         links without the site's reasons, which a copy cannot know)."""
-        return cls(str(data["What"]), str(data["UID"]), str(data.get("Reason") or ""))
+        cause = data.get("Cause")
+        return cls(str(data["What"]), str(data["UID"]), str(data.get("Reason") or ""),
+                   MissingCause(cause) if cause else None)
 
 
 @dataclass
@@ -197,6 +273,8 @@ class PlanRow:
     fractions_planned: int | None = None
     #: Why an ``Invalid`` plan is invalid (``classify.INVALID_REASONS``); None for the other statuses.
     invalid_reason: str | None = None
+    #: Objects of the row whose PatientID is not the plan's: collected by their UID links (the identity rule).
+    patient_id_mismatches: list[MissingLink] = field(default_factory=list)
 
     @property
     def treatments(self) -> int:
@@ -223,10 +301,12 @@ class PlanRow:
         """Latest TreatmentDate (YYYYMMDD) of its delivery records."""
         return self.treatment_dates[-1] if self.treatment_dates else None
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self, causes: bool = False) -> dict[str, Any]:
         """The contract's plan object. ``Treatments`` equals ``Fractions``; ``Fractions``,
         ``FractionsPlanned``, ``Records``, ``SummaryRecords``, ``RecordUIDs``, ``SummaryRecordUIDs``,
-        ``PlanningForSeriesUIDs``, ``RegistrationTypes`` and ``RegisteredForSeriesUIDs`` are extras."""
+        ``PlanningForSeriesUIDs``, ``RegistrationTypes``, ``RegisteredForSeriesUIDs``, ``InvalidReason`` and
+        ``PatientIDMismatches`` are extras; ``causes`` adds each missing link's ``Cause`` code
+        (:meth:`MissingLink.to_json`)."""
         return {
             "PatientID": self.patient_id,
             "PlanUID": self.plan_uid,
@@ -251,7 +331,8 @@ class PlanRow:
             "RegistrationTypes": dict(self.registration_types),
             "RegisteredSeriesUIDs": list(self.registered_series_uids),
             "RegisteredForSeriesUIDs": list(self.registered_for_series_uids),
-            "Missing": [m.to_json() for m in self.missing],
+            "Missing": [m.to_json(causes) for m in self.missing],
+            "PatientIDMismatches": [m.to_json() for m in self.patient_id_mismatches],
         }
 
     @classmethod
@@ -276,6 +357,7 @@ class PlanRow:
             fractions=int(data.get("Fractions", data.get("Treatments")) or 0),
             fractions_planned=None if data.get("FractionsPlanned") is None else int(data["FractionsPlanned"]),
             invalid_reason=data.get("InvalidReason"),
+            patient_id_mismatches=[MissingLink.from_json(m) for m in data.get("PatientIDMismatches") or []],
         )
 
 
@@ -523,7 +605,7 @@ class _Builder:
         # Records a source returned for a patient search whose PatientID differs (case, padding): kept out.
         mismatched: dict[str, str] = {}
         for obj in objects:
-            if obj.decision is Decision.REJECTED and obj.reason.startswith(PATIENT_ID_MISMATCH) \
+            if obj.decision is Decision.REJECTED and obj.reason_code == ReasonCode.PATIENT_ID_MISMATCH.value \
                     and obj.sop_uid not in self.kept:
                 mismatched.setdefault(obj.sop_uid, obj.reason)
         self.patient_id_mismatches = dict(sorted(Counter(mismatched.values()).items()))
@@ -592,14 +674,14 @@ class _Builder:
         # A definite "not found" beats a transient error; otherwise the most persistent failure speaks.
         return next((f for f in found if f.is_not_found()), max(found, key=lambda f: f.attempts))
 
-    def absent_reason(self, uid: str) -> str:
+    def absent_reason(self, uid: str) -> Why:
         """Why an object a reference names is not stored."""
         failure = self._failure_for(uid, ("RetrieveInstance", "RetrieveSeries"))
         if failure is not None:
-            return failure.reason()
+            return failure.why()
         if uid in self.pending:
-            return PENDING
-        return DANGLING
+            return Why.of(MissingCause.PENDING)
+        return Why.of(MissingCause.DANGLING)
 
     # -- one plan ------------------------------------------------------------------------------------
 
@@ -610,11 +692,11 @@ class _Builder:
         plan = plan_refs.plan if plan_refs is not None else None
         if plan_obj is None:
             row.status = "Missing"
-            row.missing.append(MissingLink("RTPLAN", plan_uid, self.absent_reason(plan_uid)))
+            row.missing.append(MissingLink.because("RTPLAN", plan_uid, self.absent_reason(plan_uid)))
         elif plan is None:
             # Stored, but not readable as a plan: nothing can be followed or checked.
             row.status = "Incomplete"
-            row.missing.append(MissingLink("RTPLAN", plan_uid, UNREADABLE))
+            row.missing.append(MissingLink.because("RTPLAN", plan_uid, Why.of(MissingCause.UNREADABLE)))
         else:
             row.plan_label, row.plan_intent = plan.label, plan.intent
             plan_class = classify_plan(plan)
@@ -631,6 +713,7 @@ class _Builder:
             seed_uids = {s.sop_uid for s in seeds}
             records = [r for r in records if r.sop_uid in seed_uids] or seeds
         self._treatments(row, records, plan)
+        row.patient_id_mismatches = self._mismatches(row, plan_obj.patient_id if plan_obj else row.patient_id)
         return row
 
     def _treatments(self, row: PlanRow, records: Sequence[ObjectRecord], plan: PlanRefs | None) -> None:
@@ -651,13 +734,32 @@ class _Builder:
         row.fractions_planned = fractions_planned(groups, count.groups) if groups else None
         row.treatment_dates = sorted(f.treatment_date for f in facts if f.treatment_date and not f.summary)
 
+    def _mismatches(self, row: PlanRow, plan_pid: str | None) -> list[MissingLink]:
+        """Every object of the row (a series once) whose PatientID is not the plan's, and how it differs."""
+        out: list[MissingLink] = []
+        objects = [("RTRECORD", u) for u in (*row.record_uids, *row.summary_record_uids)]
+        if row.structure_set_uid:
+            objects.append(("RTSTRUCT", row.structure_set_uid))
+        objects += [("RTDOSE", u) for u in row.dose_uids] + [("REG", u) for u in row.registration_uids]
+        for what, uid in objects:
+            obj = self.kept.get(uid)
+            kind = id_mismatch(obj.patient_id, plan_pid) if obj is not None else None
+            if kind is not None:
+                out.append(MissingLink(what, uid, MISMATCH_KEPT_TEXT[kind]))
+        for uid in dict.fromkeys((*row.planning_series_uids, *row.planning_for_series_uids,
+                                  *row.registered_series_uids, *row.registered_for_series_uids)):
+            kind = id_mismatch(self.series[uid].patient_id, plan_pid)
+            if kind is not None:
+                out.append(MissingLink("SERIES", uid, MISMATCH_KEPT_TEXT[kind]))
+        return out
+
     def _search_failures(self, row: PlanRow, uids: Iterable[str]) -> None:
         for uid in uids:
             for f in self.failures_by_target.get(uid, ()):
                 if f.kind in _SEARCH_KINDS:
                     self.used_failures.add(id(f))
                     what = _SEARCH_WHAT.get(f.role or "", "SEARCH")
-                    link = MissingLink(what, uid, "search " + f.reason())
+                    link = MissingLink.because(what, uid, Why.of(MissingCause.SEARCH_FAILED, why=f.reason()))
                     if link not in row.missing:
                         row.missing.append(link)
 
@@ -667,7 +769,7 @@ class _Builder:
         self._search_failures(row, [row.plan_uid])
         for dose_uid in promised_doses(plan):
             if dose_uid not in self.kept:
-                row.missing.append(MissingLink("RTDOSE", dose_uid, self.absent_reason(dose_uid)))
+                row.missing.append(MissingLink.because("RTDOSE", dose_uid, self.absent_reason(dose_uid)))
         # Step 2: the plan's structure set, or (TomoTherapy) the one its dose names.
         ss_uid = plan.structure_set_uids[0] if plan.structure_set_uids else None
         if ss_uid is None:
@@ -680,12 +782,12 @@ class _Builder:
         if ss_uid is None:
             return
         if ss_uid not in self.kept:
-            row.missing.append(MissingLink("RTSTRUCT", ss_uid, self.absent_reason(ss_uid)))
+            row.missing.append(MissingLink.because("RTSTRUCT", ss_uid, self.absent_reason(ss_uid)))
             return
         ss_refs = self.refs(ss_uid)
         ss = ss_refs.structure_set if ss_refs is not None else None
         if ss is None:
-            row.missing.append(MissingLink("RTSTRUCT", ss_uid, UNREADABLE))
+            row.missing.append(MissingLink.because("RTSTRUCT", ss_uid, Why.of(MissingCause.UNREADABLE)))
             return
         planning = self._planning_series(row, ss)
         row.planning_series_uids = sorted(planning)
@@ -724,7 +826,8 @@ class _Builder:
             harvests = self.series[uid].harvests
             if failure is not None and (failure.harvest_id is None or harvests == {failure.harvest_id}):
                 self._failure_for(uid, ("RetrieveSeries",))
-                row.missing.append(MissingLink("SERIES", uid, "partially stored: " + failure.reason()))
+                row.missing.append(MissingLink.because("SERIES", uid, Why.of(MissingCause.PARTIALLY_STORED,
+                                                                             why=failure.reason())))
 
     def _promised_images(self, row: PlanRow, promised: Mapping[str, str | None]) -> None:
         """Name the images an object promises that the store lacks (rule: ``planner.promised_images``).
@@ -742,21 +845,23 @@ class _Builder:
             by_series.setdefault(series_uid or "", []).append(uid)
         for series_uid, absent in by_series.items():
             if len(absent) <= MAX_IMAGES_NAMED:
-                row.missing.extend(MissingLink("IMAGE", uid, self._image_reason(uid, series_uid)) for uid in absent)
+                row.missing.extend(MissingLink.because("IMAGE", uid, self._image_reason(uid, series_uid))
+                                   for uid in absent)
                 continue
             listed = sum(1 for s in promised.values() if s == series_uid) if series_uid else len(promised)
             first = ", ".join(absent[:MAX_IMAGES_NAMED])
+            why = self._image_reason(absent[0], series_uid)
             row.missing.append(MissingLink(
-                "IMAGES", series_uid or absent[0], f"{len(absent)} of {listed} referenced image(s) not stored "
-                f"(first: {first}): {self._image_reason(absent[0], series_uid)}"))
+                "IMAGES", series_uid or absent[0],
+                IMAGES_TEXT.format(absent=len(absent), listed=listed, first=first, why=why.text), why.cause))
 
-    def _image_reason(self, uid: str, series_uid: str) -> str:
+    def _image_reason(self, uid: str, series_uid: str) -> Why:
         """Why a promised image is absent: its own failed retrieve, else its series' (a series retrieve
         that failed part-way explains it better than "dangling"), else :meth:`absent_reason`."""
         direct = self._failure_for(uid, ("RetrieveInstance", "RetrieveSeries"), use=False)
         series_failure = self._failure_for(series_uid, ("RetrieveSeries",), use=False) if series_uid else None
         if direct is None and series_failure is not None:
-            return series_failure.reason()
+            return series_failure.why()
         return self.absent_reason(uid)
 
     def _planning_series(self, row: PlanRow, ss: StructureSetRefs) -> list[str]:
@@ -769,7 +874,7 @@ class _Builder:
             if series_uid in self.series:
                 planning.append(series_uid)
             else:
-                row.missing.append(MissingLink("SERIES", series_uid, self.absent_reason(series_uid)))
+                row.missing.append(MissingLink.because("SERIES", series_uid, self.absent_reason(series_uid)))
 
         for ref in ss.referenced_series:
             add(ref.series_uid)
@@ -783,7 +888,7 @@ class _Builder:
                 if listing is not None:
                     add(listing.series_uid)
                 else:
-                    row.missing.append(MissingLink("IMAGE", image_uid, self.absent_reason(image_uid)))
+                    row.missing.append(MissingLink.because("IMAGE", image_uid, self.absent_reason(image_uid)))
         return planning
 
     def _registered_series(self, row: PlanRow, reg: RegistrationRefs, planning: list[str],
@@ -799,7 +904,7 @@ class _Builder:
             if series_uid in self.series:
                 moving.append(series_uid)
             elif not any(m.uid == series_uid for m in row.missing):
-                row.missing.append(MissingLink("SERIES", series_uid, self.absent_reason(series_uid)))
+                row.missing.append(MissingLink.because("SERIES", series_uid, self.absent_reason(series_uid)))
 
         for ref in reg.referenced_series:
             listed.update(ref.instance_uids)
@@ -814,7 +919,7 @@ class _Builder:
                 if stored is not None and stored.series_uid:
                     add(stored.series_uid)
                 elif not any(m.uid == image_uid for m in row.missing):
-                    row.missing.append(MissingLink("IMAGE", image_uid, self.absent_reason(image_uid)))
+                    row.missing.append(MissingLink.because("IMAGE", image_uid, self.absent_reason(image_uid)))
             if not item.image_uids and item.for_uid:
                 by_for += [u for u in self.series_of_for.get(item.for_uid, []) if u not in planning]
         order = {m: i for i, m in enumerate(_IMAGE_ORDER)}
@@ -864,8 +969,20 @@ class _Builder:
                                 if obj.sop_class_uid == SopClass.RT_TREATMENT_SUMMARY_RECORD.value),
             orphans=orphans,
             failed_jobs=len(self.failures),
-            patient_id_mismatches=self.patient_id_mismatches,
+            patient_id_mismatches=self.all_mismatches(rows),
         )
+
+    def all_mismatches(self, rows: Sequence[PlanRow]) -> dict[str, int]:
+        """Records kept out (a PatientIDs search) and objects collected by UID whose PatientID is not their
+        plan's (each object or series once, whatever number of plans it serves): reason → count."""
+        counts = Counter(self.patient_id_mismatches)
+        seen: set[str] = set()
+        for r in rows:
+            for m in r.patient_id_mismatches:
+                if m.uid not in seen:
+                    seen.add(m.uid)
+                    counts[m.reason] += 1
+        return dict(sorted(counts.items()))
 
 
 def count_by_modality(modalities: Iterable[str | None]) -> dict[str, int]:
@@ -982,6 +1099,7 @@ class ManifestService:
         self.read_file = read_file
         self.cache_size = cache_size
         self._cache: dict[str, ObjectRefs] = {}
+        self._mismatches: dict[str, tuple[tuple[int, int, int], dict[str, int]]] = {}
 
     def read_refs(self, obj: ObjectRecord) -> ObjectRefs | None:
         """References of a stored object (``None`` when it was deleted or cannot be read)."""
@@ -1001,12 +1119,26 @@ class ManifestService:
         """The manifest of one harvest, or of every harvest (``None``)."""
         objects = self.tracker.objects(harvest_id)
         failed = self.queue.list_jobs(harvest_id=harvest_id, state="failed", limit=1_000_000)
+        codes = self.tracker.failure_codes(int(j.id) for j in failed)
         pending: set[str] = set()
         for state in ("pending", "waiting", "leased"):
             for job in self.queue.list_jobs(harvest_id=harvest_id, state=state, limit=1_000_000):
                 pending |= failure_from_job(job).targets()
-        return build_manifest(harvest_id, objects, self.read_refs, [failure_from_job(j) for j in failed],
+        return build_manifest(harvest_id, objects, self.read_refs,
+                              [failure_from_job(j, codes.get(int(j.id))) for j in failed],
                               pending=pending)
+
+    def patient_id_mismatches(self, harvest_id: str) -> dict[str, int]:
+        """``Summary.PatientIDMismatches.Reasons`` of a harvest's manifest, kept while the harvest's decisions
+        and failed jobs stay the same (the harvest document asks for it on every refresh)."""
+        counts = self.tracker.decision_counts(harvest_id)
+        failed = len(self.queue.list_jobs(harvest_id=harvest_id, state="failed", limit=1_000_000))
+        key = (counts.kept, counts.rejected, failed)
+        cached = self._mismatches.get(harvest_id)
+        if cached is None or cached[0] != key:
+            cached = (key, self.build(harvest_id).summary.patient_id_mismatches)
+            self._mismatches[harvest_id] = cached
+        return dict(cached[1])
 
     def __call__(self, harvest_id: str | None, fmt: str) -> HttpResponse:
         manifest = self.build(harvest_id)

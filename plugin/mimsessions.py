@@ -56,7 +56,7 @@ def session_search(op: Operation, enabled: bool) -> FindReferencing | None:
     if op.modality not in ("RTSTRUCT", "REG") and op.role is not Role.STRUCTURE_SET:
         return None
     return FindReferencing("RAW", op.patient_id, None, ReferenceCriterion(CriterionKind.FRAME_OF_REFERENCE, ()),
-                           op.role, op.hop.rsplit("->", 1)[0] + "->RAW")
+                           op.role, op.hop.as_session_search())
 
 
 class SessionStore(Protocol):

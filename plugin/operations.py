@@ -112,6 +112,43 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
+class Hop(StrEnum):
+    """The edge of the harvest rules an operation follows (``docs/harvest-rules.md``): from what, to what.
+    The value is what users see (``HarvestHop`` metadata, the log, job payloads); code compares members."""
+
+    WINDOW_RECORD = "WINDOW->RTRECORD"
+    RECORD_PLAN = "RTRECORD->RTPLAN"
+    PLAN_STRUCTURE_SET = "RTPLAN->RTSTRUCT"
+    PLAN_DOSE = "RTPLAN->RTDOSE"
+    PLAN_RECORD = "RTPLAN->RTRECORD"
+    DOSE_STRUCTURE_SET = "RTDOSE->RTSTRUCT"
+    STRUCTURE_SET_SERIES = "RTSTRUCT->SERIES"
+    STRUCTURE_SET_IMAGE = "RTSTRUCT->IMAGE"
+    IMAGE_SERIES = "IMAGE->SERIES"
+    SERIES_FOR = "SERIES->FOR"
+    FOR_REG = "FOR->REG"
+    REG_SERIES = "REG->SERIES"
+    REG_IMAGE = "REG->IMAGE"
+    REG_FOR = "REG->FOR"
+    #: MIM sessions: the Raw Data search standing in for a REG search, and unpacking a session.
+    FOR_RAW = "FOR->RAW"
+    RAW_UNPACK = "RAW->UNPACK"
+    #: The patient's sessions searched for a structure set (or REG) named by UID that no source holds.
+    PLAN_RAW = "RTPLAN->RAW"
+    DOSE_RAW = "RTDOSE->RAW"
+
+    def as_session_search(self) -> Hop:
+        """The hop of the Raw Data (MIM session) search that stands in for this one."""
+        return _SESSION_SEARCH.get(self, self)
+
+    def as_registration_search(self) -> Hop:
+        """The REG search a Raw Data search stands in for (the inverse of :meth:`as_session_search`)."""
+        return Hop.FOR_REG if self is Hop.FOR_RAW else self
+
+
+_SESSION_SEARCH = {Hop.FOR_REG: Hop.FOR_RAW, Hop.PLAN_STRUCTURE_SET: Hop.PLAN_RAW, Hop.DOSE_STRUCTURE_SET: Hop.DOSE_RAW}
+
+
 class _OperationBase:
     """Shared serialisation; subclasses are frozen dataclasses with ``role`` and ``hop`` fields."""
 
@@ -136,7 +173,7 @@ class FindTreatmentRecords(_OperationBase):
     window: HarvestWindow
     patient_id: str | None = None
     role: Role = Role.RECORD
-    hop: str = "WINDOW->RTRECORD"
+    hop: Hop = Hop.WINDOW_RECORD
     #: The part of the window's dates this job searches (``YYYYMMDD``, inclusive); None: the whole window.
     #: A long window is searched month by month, as separate jobs, so each answer list stays small.
     chunk_from: str | None = None
@@ -160,7 +197,7 @@ class FindTreatmentRecords(_OperationBase):
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> FindTreatmentRecords:
         """Inverse of :meth:`to_dict`."""
-        return cls(HarvestWindow.from_dict(d["window"]), d.get("patient_id"), Role(d["role"]), d["hop"],
+        return cls(HarvestWindow.from_dict(d["window"]), d.get("patient_id"), Role(d["role"]), Hop(d["hop"]),
                    d.get("chunk_from"), d.get("chunk_to"))
 
 
@@ -175,7 +212,7 @@ class RetrieveInstance(_OperationBase):
     series_uid: str | None
     modality: str | None
     role: Role
-    hop: str
+    hop: Hop
     #: Planning FoRs of the plan this object serves (registered images: series in them are step 8's).
     planning_fors: tuple[str, ...] = ()
     kind: ClassVar[OperationKind] = OperationKind.RETRIEVE_INSTANCE
@@ -188,7 +225,7 @@ class RetrieveInstance(_OperationBase):
     def from_dict(cls, d: dict[str, Any]) -> RetrieveInstance:
         """Inverse of :meth:`to_dict`."""
         return cls(d["sop_uid"], d.get("patient_id"), d.get("study_uid"), d.get("series_uid"),
-                   d.get("modality"), Role(d["role"]), d["hop"], _t(d.get("planning_fors")))
+                   d.get("modality"), Role(d["role"]), Hop(d["hop"]), _t(d.get("planning_fors")))
 
 
 @dataclass(frozen=True)
@@ -199,7 +236,7 @@ class RetrieveSeries(_OperationBase):
     study_uid: str | None
     series_uid: str
     role: Role
-    hop: str
+    hop: Hop
     #: Planning FoRs of the plan (a registered series in one of them needs no step-10 search).
     planning_fors: tuple[str, ...] = ()
     kind: ClassVar[OperationKind] = OperationKind.RETRIEVE_SERIES
@@ -211,7 +248,7 @@ class RetrieveSeries(_OperationBase):
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RetrieveSeries:
         """Inverse of :meth:`to_dict`."""
-        return cls(d.get("patient_id"), d.get("study_uid"), d["series_uid"], Role(d["role"]), d["hop"],
+        return cls(d.get("patient_id"), d.get("study_uid"), d["series_uid"], Role(d["role"]), Hop(d["hop"]),
                    _t(d.get("planning_fors")))
 
 
@@ -225,7 +262,7 @@ class FindReferencing(_OperationBase):
     study_uid: str | None
     criterion: ReferenceCriterion
     role: Role
-    hop: str
+    hop: Hop
     #: Dose search: did the plan name its own structure set? If not (TomoTherapy), the dose's
     #: ReferencedStructureSetSequence is followed (rule 4).
     plan_has_structure_set: bool = True
@@ -244,7 +281,7 @@ class FindReferencing(_OperationBase):
     def from_dict(cls, d: dict[str, Any]) -> FindReferencing:
         """Inverse of :meth:`to_dict`."""
         return cls(d["modality"], d.get("patient_id"), d.get("study_uid"),
-                   ReferenceCriterion.from_dict(d["criterion"]), Role(d["role"]), d["hop"],
+                   ReferenceCriterion.from_dict(d["criterion"]), Role(d["role"]), Hop(d["hop"]),
                    bool(d.get("plan_has_structure_set", True)), _t(d.get("exclude_series")),
                    d.get("fixed_modality"))
 
@@ -258,7 +295,7 @@ class FindSeriesInFrameOfReference(_OperationBase):
     for_uid: str
     exclude_series: tuple[str, ...]
     role: Role
-    hop: str
+    hop: Hop
     modalities: tuple[str, ...] = ("CT", "MR", "PT")
     kind: ClassVar[OperationKind] = OperationKind.FIND_SERIES_IN_FOR
 
@@ -270,7 +307,7 @@ class FindSeriesInFrameOfReference(_OperationBase):
     def from_dict(cls, d: dict[str, Any]) -> FindSeriesInFrameOfReference:
         """Inverse of :meth:`to_dict`."""
         return cls(d.get("patient_id"), d["for_uid"], _t(d.get("exclude_series")), Role(d["role"]),
-                   d["hop"], _t(d.get("modalities")) or ("CT", "MR", "PT"))
+                   Hop(d["hop"]), _t(d.get("modalities")) or ("CT", "MR", "PT"))
 
 
 @dataclass(frozen=True)
@@ -287,7 +324,7 @@ class UnpackMimSession(_OperationBase):
     #: carried something the harvest keeps, so that a later harvest inspects it again).
     arrived_under: str
     role: Role
-    hop: str = "RAW->UNPACK"
+    hop: Hop = Hop.RAW_UNPACK
     kind: ClassVar[OperationKind] = OperationKind.UNPACK_MIM_SESSION
 
     def dedupe_key(self) -> str:
@@ -302,7 +339,7 @@ class UnpackMimSession(_OperationBase):
     def from_dict(cls, d: dict[str, Any]) -> UnpackMimSession:
         """Inverse of :meth:`to_dict`."""
         return cls(d["sop_uid"], d.get("patient_id"), d["operation"], d["arrived_under"], Role(d["role"]),
-                   d.get("hop", "RAW->UNPACK"))
+                   Hop(d.get("hop", Hop.RAW_UNPACK)))
 
 
 Operation = (

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, replace
 from datetime import date, timedelta
+from enum import StrEnum
 
 from .classify import HarvestWindow, PlanClass, classify_plan, is_standard_intent
 from .operations import (
@@ -26,6 +27,7 @@ from .operations import (
     FindReferencing,
     FindSeriesInFrameOfReference,
     FindTreatmentRecords,
+    Hop,
     Operation,
     ReferenceCriterion,
     RetrieveInstance,
@@ -41,6 +43,8 @@ __all__ = [
     "Arrival",
     "Decision",
     "HarvestContext",
+    "IdMismatch",
+    "ReasonCode",
     "SearchStep",
     "SourceCapability",
     "plan_arrival",
@@ -49,6 +53,107 @@ __all__ = [
     "search_steps",
     "start_operations",
 ]
+
+
+class ReasonCode(StrEnum):
+    """Why the planner decided as it did: what counts and decisions read (``rth_objects.reason_code``,
+    ``Discarded.ByReason``); :data:`REASON_TEXT` holds the human text shown with it."""
+
+    KEPT = "KEPT"
+    UNREADABLE = "UNREADABLE"
+    UNPACK_RETRIEVES_NOTHING = "UNPACK_RETRIEVES_NOTHING"
+    MIM_SESSION_UNPACKED = "MIM_SESSION_UNPACKED"
+    UNSOLICITED = "UNSOLICITED"
+    NOT_A_RECORD = "NOT_A_RECORD"
+    #: A record of a PatientIDs search whose PatientID is not the one searched (kept out, counted in
+    #: ``PatientIDMismatches``: a harvest of 0 patients is never silent).
+    PATIENT_ID_MISMATCH = "PATIENT_ID_MISMATCH"
+    PATIENT_NOT_IN_WINDOW = "PATIENT_NOT_IN_WINDOW"
+    OUT_OF_WINDOW = "OUT_OF_WINDOW"
+    UNDATED_RECORD = "UNDATED_RECORD"
+    NOT_THE_REQUESTED_INSTANCE = "NOT_THE_REQUESTED_INSTANCE"
+    NOT_A_PLAN = "NOT_A_PLAN"
+    NOT_A_STRUCTURE_SET = "NOT_A_STRUCTURE_SET"
+    OTHER_KIND = "OTHER_KIND"
+    NOT_REFERENCING = "NOT_REFERENCING"
+    OTHER_MODALITY = "OTHER_MODALITY"
+    OTHER_FRAME_OF_REFERENCE = "OTHER_FRAME_OF_REFERENCE"
+    SERIES_ALREADY_COLLECTED = "SERIES_ALREADY_COLLECTED"
+    NOT_IN_THE_REQUESTED_SERIES = "NOT_IN_THE_REQUESTED_SERIES"
+    #: Set by ingest: an instance its source sent after the job that moved it ended.
+    ARRIVED_AFTER_JOB_ENDED = "ARRIVED_AFTER_JOB_ENDED"
+    #: Set by the harvester: a candidate an earlier harvest inspected and rejected for the same operation.
+    INSPECTED_BEFORE = "INSPECTED_BEFORE"
+
+
+#: The human text of each rejection (``str.format`` fields from the decision). Words only: no decision,
+#: count or status reads it.
+REASON_TEXT: dict[ReasonCode, str] = {
+    ReasonCode.UNREADABLE: "unreadable object: cannot be checked against the request",
+    ReasonCode.UNPACK_RETRIEVES_NOTHING: "unpacking a session retrieves nothing itself",
+    ReasonCode.MIM_SESSION_UNPACKED: "Raw Data object (MIM session): unpacked, its RTSTRUCT/REG are judged on "
+                                     "their own",
+    ReasonCode.UNSOLICITED: "unsolicited {kind}: not requested by this harvest",
+    ReasonCode.NOT_A_RECORD: "records search returned a {kind} object",
+    ReasonCode.PATIENT_ID_MISMATCH: "PatientID mismatch: {how}; kept out, as two patients may differ only so",
+    ReasonCode.PATIENT_NOT_IN_WINDOW: "record of a patient not in the window's PatientIDs",
+    ReasonCode.OUT_OF_WINDOW: "treatment date outside the window",
+    ReasonCode.UNDATED_RECORD: "record without TreatmentDate: outside the window",
+    ReasonCode.NOT_THE_REQUESTED_INSTANCE: "not the requested instance {uid}",
+    ReasonCode.NOT_A_PLAN: "referenced plan is not an RT plan",
+    ReasonCode.NOT_A_STRUCTURE_SET: "referenced structure set is not an RTSTRUCT",
+    ReasonCode.OTHER_KIND: "candidate is {kind}, searched {modality}",
+    ReasonCode.NOT_REFERENCING: "candidate {modality} does not reference {criterion} {uids}",
+    ReasonCode.OTHER_MODALITY: "{modality} is not one of {modalities}",
+    ReasonCode.OTHER_FRAME_OF_REFERENCE: "FoR {found} is not {uid}",
+    ReasonCode.SERIES_ALREADY_COLLECTED: "series already collected by another hop",
+    ReasonCode.NOT_IN_THE_REQUESTED_SERIES: "not in the requested series {uid}",
+    ReasonCode.ARRIVED_AFTER_JOB_ENDED: "arrived after job {job} ended (the source was still sending); not part "
+                                        "of the harvest",
+    ReasonCode.INSPECTED_BEFORE: "inspected before: {reason}",
+}
+
+
+def reason_text(code: ReasonCode, **fields: str) -> str:
+    """The human text of ``code`` with its fields."""
+    return REASON_TEXT[code].format(**fields)
+
+
+class IdMismatch(StrEnum):
+    """How a PatientID differs from the one it is compared with (the patient searched, or the plan)."""
+
+    ABSENT = "ABSENT"
+    PADDING = "PADDING"
+    CASE = "CASE"
+    OTHER = "OTHER"
+
+
+#: Human text of each kind of PatientID mismatch (no PatientID in it: it is PHI).
+MISMATCH_TEXT: dict[IdMismatch, str] = {
+    IdMismatch.ABSENT: "the record has no PatientID",
+    IdMismatch.PADDING: "the IDs differ only in padding (spaces)",
+    IdMismatch.CASE: "the IDs differ only in letter case (the source matches PatientID case-insensitively)",
+    IdMismatch.OTHER: "the record belongs to another patient (the source does not match PatientID exactly)",
+}
+
+
+def id_mismatch(found: str | None, expected: str | None) -> IdMismatch | None:
+    """How ``found`` differs from ``expected`` (None when equal)."""
+    if (found or "") == (expected or ""):
+        return None
+    if not found:
+        return IdMismatch.ABSENT
+    if found.strip() == (expected or "").strip():
+        return IdMismatch.PADDING
+    if found.strip().casefold() == (expected or "").strip().casefold():
+        return IdMismatch.CASE
+    return IdMismatch.OTHER
+
+
+def patient_id_mismatch(found: str | None, searched: str) -> str:
+    """Why a record of the searched patient's search is kept out (no PatientID in the text: it is PHI)."""
+    kind = id_mismatch(found, searched) or IdMismatch.OTHER
+    return MISMATCH_TEXT[kind]
 
 
 @dataclass(frozen=True)
@@ -87,24 +192,7 @@ class Decision:
     reason: str
     operations: tuple[Operation, ...] = ()
     problems: tuple[Problem, ...] = ()
-
-
-#: Start of the reason of a record dropped because its PatientID is not the one searched; the harvest
-#: document and the manifest count these, so that a harvest of 0 patients is never silent.
-PATIENT_ID_MISMATCH = "PatientID mismatch"
-
-
-def patient_id_mismatch(found: str | None, searched: str) -> str:
-    """Why a record of the searched patient's search is kept out (no PatientID in the text: it is PHI)."""
-    if not found:
-        how = "the record has no PatientID"
-    elif found.strip() == searched.strip():
-        how = "the IDs differ only in padding (spaces)"
-    elif found.strip().casefold() == searched.strip().casefold():
-        how = "the IDs differ only in letter case (the source matches PatientID case-insensitively)"
-    else:
-        how = "the record belongs to another patient (the source does not match PatientID exactly)"
-    return f"{PATIENT_ID_MISMATCH}: {how}; kept out, as two patients may differ only so"
+    code: ReasonCode = ReasonCode.KEPT
 
 
 def start_operations(ctx: HarvestContext) -> tuple[Operation, ...]:
@@ -171,7 +259,7 @@ def _plan_rules(arrival: Arrival, ctx: HarvestContext) -> Decision:
     if refs.kind is ObjectKind.UNREADABLE:
         if isinstance(op, (RetrieveInstance, RetrieveSeries)):
             return _decide(refs, True, "requested object is unreadable: kept as evidence, not followed")
-        return _decide(refs, False, "unreadable object: cannot be checked against the request")
+        return _reject(refs, ReasonCode.UNREADABLE)
     if op is None:
         return _unsolicited(refs, ctx)
     if isinstance(op, FindTreatmentRecords):
@@ -183,7 +271,7 @@ def _plan_rules(arrival: Arrival, ctx: HarvestContext) -> Decision:
     if isinstance(op, RetrieveInstance):
         return _instance(refs, op)
     if isinstance(op, UnpackMimSession):
-        return _decide(refs, False, "unpacking a session retrieves nothing itself")
+        return _reject(refs, ReasonCode.UNPACK_RETRIEVES_NOTHING)
     return _series(refs, op)
 
 
@@ -201,17 +289,16 @@ def _mim_session(refs: ObjectRefs, op: Operation) -> Decision:
     """
     inner: Operation = op
     if isinstance(op, FindReferencing) and op.modality == Modality.RAW.value:
-        inner = replace(op, modality=Modality.REG.value, hop=op.hop.replace("->RAW", "->REG"))
+        inner = replace(op, modality=Modality.REG.value, hop=op.hop.as_registration_search())
     unpack = UnpackMimSession(refs.sop_uid, refs.patient_id, json.dumps(inner.to_dict(), sort_keys=True),
                               op.dedupe_key(), inner.role)
-    return _decide(refs, False, "Raw Data object (MIM session): unpacked, its RTSTRUCT/REG are judged on their "
-                   "own", [unpack])
+    return _reject(refs, ReasonCode.MIM_SESSION_UNPACKED, ops=[unpack])
 
 
 def _with_session_searches(decision: Decision) -> Decision:
     """Every REG search also searches the same patient's Raw Data objects (MIM sessions carry REGs)."""
     extra: list[Operation] = [
-        replace(o, modality=Modality.RAW.value, hop=o.hop.replace("->REG", "->RAW"))
+        replace(o, modality=Modality.RAW.value, hop=o.hop.as_session_search())
         for o in decision.operations if isinstance(o, FindReferencing) and o.modality == Modality.REG.value
     ]
     if not extra:
@@ -227,6 +314,11 @@ def _decide(refs: ObjectRefs, keep: bool, reason: str, ops: list[Operation] | tu
     return Decision(keep, reason, tuple(ops), refs.problems + tuple(problems))
 
 
+def _reject(refs: ObjectRefs, code: ReasonCode, problems: list[Problem] | tuple[Problem, ...] = (),
+            ops: list[Operation] | tuple[Operation, ...] = (), **fields: str) -> Decision:
+    return Decision(False, reason_text(code, **fields), tuple(ops), refs.problems + tuple(problems), code)
+
+
 def _problem(code: ProblemCode, attribute: str, message: str) -> Problem:
     return Problem(code, attribute, message)
 
@@ -237,26 +329,25 @@ def _unsolicited(refs: ObjectRefs, ctx: HarvestContext) -> Decision:
     if refs.kind is ObjectKind.RECORD:
         decision = _seed_record(refs, ctx, None)
         if decision.keep:
-            return Decision(True, "unsolicited " + decision.reason, decision.operations, decision.problems)
-    return _decide(refs, False, f"unsolicited {refs.kind.value.lower()}: not requested by this harvest")
+            return replace(decision, reason="unsolicited " + decision.reason)
+    return _reject(refs, ReasonCode.UNSOLICITED, kind=refs.kind.value.lower())
 
 
 def _seed_record(refs: ObjectRefs, ctx: HarvestContext, patient_id: str | None) -> Decision:
     if refs.kind is not ObjectKind.RECORD or refs.record is None:
-        return _decide(refs, False, f"records search returned a {refs.kind.value} object")
+        return _reject(refs, ReasonCode.NOT_A_RECORD, kind=refs.kind.value)
     if patient_id is not None and refs.patient_id != patient_id:
-        return _decide(refs, False, patient_id_mismatch(refs.patient_id, patient_id))
+        return _reject(refs, ReasonCode.PATIENT_ID_MISMATCH, how=patient_id_mismatch(refs.patient_id, patient_id))
     if not ctx.window.includes_patient(refs.patient_id):
-        return _decide(refs, False, "record of a patient not in the window's PatientIDs")
+        return _reject(refs, ReasonCode.PATIENT_NOT_IN_WINDOW)
     date = refs.record.treatment_date
     if not ctx.window.includes(refs.patient_id, date):
         # Sources that ignore TreatmentDate matching (most non-relational ones) return every record.
-        why = "treatment date outside the window" if date else "record without TreatmentDate: outside the window"
-        return _decide(refs, False, why)
+        return _reject(refs, ReasonCode.OUT_OF_WINDOW if date else ReasonCode.UNDATED_RECORD)
     if not refs.record.plan_uids:
         return _decide(refs, True, "seed record without a plan reference (nothing to follow)")
     ops: list[Operation] = [
-        RetrieveInstance(uid, refs.patient_id, None, None, "RTPLAN", Role.PLAN, "RTRECORD->RTPLAN")
+        RetrieveInstance(uid, refs.patient_id, None, None, "RTPLAN", Role.PLAN, Hop.RECORD_PLAN)
         for uid in refs.record.plan_uids
     ]
     return _decide(refs, True, "seed record treated in the window", ops)
@@ -264,7 +355,7 @@ def _seed_record(refs: ObjectRefs, ctx: HarvestContext, patient_id: str | None) 
 
 def _instance(refs: ObjectRefs, op: RetrieveInstance) -> Decision:
     if refs.sop_uid != op.sop_uid:
-        return _decide(refs, False, f"not the requested instance {op.sop_uid}")
+        return _reject(refs, ReasonCode.NOT_THE_REQUESTED_INSTANCE, uid=op.sop_uid)
     problems: list[Problem] = []
     if op.patient_id is not None and refs.patient_id is not None and refs.patient_id != op.patient_id:
         # Kept: the reference is explicit and sources may format patient IDs differently (MIM vs ARIA).
@@ -280,7 +371,7 @@ def _instance(refs: ObjectRefs, op: RetrieveInstance) -> Decision:
                            "kept, not followed", (), problems)
         series_role = Role.PLANNING_SERIES if op.role is Role.PLANNING_IMAGE else Role.REGISTERED_SERIES
         ops: list[Operation] = [RetrieveSeries(refs.patient_id, refs.study_uid, refs.series_uid, series_role,
-                                               "IMAGE->SERIES", op.planning_fors)]
+                                               Hop.IMAGE_SERIES, op.planning_fors)]
         return _decide(refs, True, f"{op.role.value.lower()}: fetch its series", ops, problems)
     # Any other role asked by UID: keep, follow as an image of that role.
     return _image_followups(refs, op.role, op.planning_fors, problems)
@@ -290,7 +381,7 @@ def _plan(refs: ObjectRefs, problems: list[Problem]) -> Decision:
     if refs.kind is not ObjectKind.PLAN or refs.plan is None:
         problems.append(_problem(ProblemCode.INCONSISTENT, "SOPClassUID",
                                  f"record references {refs.sop_uid} as a plan but it is {refs.kind.value}"))
-        return _decide(refs, False, "referenced plan is not an RT plan", (), problems)
+        return _reject(refs, ReasonCode.NOT_A_PLAN, problems)
     plan = refs.plan
     cls = classify_plan(plan)
     if cls is not PlanClass.VALID:
@@ -304,15 +395,15 @@ def _plan(refs: ObjectRefs, problems: list[Problem]) -> Decision:
     ops: list[Operation] = [
         # Rule 3 / step 4: every record of the patient naming the plan, whatever its date.
         FindReferencing("RTRECORD", pid, None, ReferenceCriterion(CriterionKind.PLAN, (uid,)),
-                        Role.PLAN_RECORD, "RTPLAN->RTRECORD"),
+                        Role.PLAN_RECORD, Hop.PLAN_RECORD),
     ]
     # Rule 4 / step 2.
     for ss in plan.structure_set_uids:
-        ops.append(RetrieveInstance(ss, pid, None, None, "RTSTRUCT", Role.STRUCTURE_SET, "RTPLAN->RTSTRUCT"))
+        ops.append(RetrieveInstance(ss, pid, None, None, "RTSTRUCT", Role.STRUCTURE_SET, Hop.PLAN_STRUCTURE_SET))
     # Rule 5 / step 3: doses point at plans, never the reverse (ReferencedDoseSequence is rarely filled
     # and never authoritative): search the plan's study for doses naming it.
     ops.append(FindReferencing("RTDOSE", pid, refs.study_uid, ReferenceCriterion(CriterionKind.PLAN, (uid,)),
-                               Role.DOSE, "RTPLAN->RTDOSE",
+                               Role.DOSE, Hop.PLAN_DOSE,
                                plan_has_structure_set=bool(plan.structure_set_uids)))
     kind = "ion plan" if plan.is_ion else "plan"
     why = f"treated {kind} ({plan.intent or 'no intent'})"
@@ -327,11 +418,11 @@ def _structure_set(refs: ObjectRefs, problems: list[Problem]) -> Decision:
     if refs.kind is not ObjectKind.STRUCTURE_SET or refs.structure_set is None:
         problems.append(_problem(ProblemCode.INCONSISTENT, "SOPClassUID",
                                  f"{refs.sop_uid} referenced as a structure set is {refs.kind.value}"))
-        return _decide(refs, False, "referenced structure set is not an RTSTRUCT", (), problems)
+        return _reject(refs, ReasonCode.NOT_A_STRUCTURE_SET, problems)
     ss, pid = refs.structure_set, refs.patient_id
     ops: list[Operation] = [
         # Rule 6: the series named in RTReferencedSeriesSequence ...
-        RetrieveSeries(pid, s.study_uid, s.series_uid, Role.PLANNING_SERIES, "RTSTRUCT->SERIES")
+        RetrieveSeries(pid, s.study_uid, s.series_uid, Role.PLANNING_SERIES, Hop.STRUCTURE_SET_SERIES)
         for s in ss.referenced_series
     ]
     if ss.first_contour_image_uid:
@@ -342,7 +433,7 @@ def _structure_set(refs: ObjectRefs, problems: list[Problem]) -> Decision:
         ops.append(RetrieveInstance(ss.first_contour_image_uid, pid,
                                     listing.study_uid if listing else None,
                                     listing.series_uid if listing else None,
-                                    None, Role.PLANNING_IMAGE, "RTSTRUCT->IMAGE"))
+                                    None, Role.PLANNING_IMAGE, Hop.STRUCTURE_SET_IMAGE))
     if not ops:
         return _decide(refs, True, "structure set references no image series", (), problems)
     return _decide(refs, True, "structure set: fetch the planning series", ops, problems)
@@ -351,16 +442,17 @@ def _structure_set(refs: ObjectRefs, problems: list[Problem]) -> Decision:
 def _referencing(refs: ObjectRefs, op: FindReferencing) -> Decision:
     expected = KIND_OF_MODALITY.get(op.modality)
     if refs.kind is not expected:
-        return _decide(refs, False, f"candidate is {refs.kind.value}, searched {op.modality}")
+        return _reject(refs, ReasonCode.OTHER_KIND, kind=refs.kind.value, modality=op.modality)
     if not op.criterion.matches(refs):
         what = ", ".join(op.criterion.uids)
-        return _decide(refs, False, f"candidate {op.modality} does not reference {op.criterion.kind.value} {what}")
+        return _reject(refs, ReasonCode.NOT_REFERENCING, modality=op.modality, criterion=op.criterion.kind.value,
+                       uids=what)
     if op.role is Role.DOSE and refs.dose is not None:
         ops: list[Operation] = []
         if not op.plan_has_structure_set:
             # TomoTherapy: the plan has no ReferencedStructureSetSequence, its dose names the RTSTRUCT.
             ops = [RetrieveInstance(ss, refs.patient_id, None, None, "RTSTRUCT", Role.STRUCTURE_SET,
-                                    "RTDOSE->RTSTRUCT") for ss in refs.dose.structure_set_uids]
+                                    Hop.DOSE_STRUCTURE_SET) for ss in refs.dose.structure_set_uids]
         return _decide(refs, True, f"dose of plan {', '.join(op.criterion.uids)}", ops)
     if op.role is Role.REGISTRATION and refs.registration is not None:
         return _registration(refs, op)
@@ -385,7 +477,7 @@ def _registration(refs: ObjectRefs, op: FindReferencing) -> Decision:
         series_for = next((f for f in (reg.for_of_image(i) for i in s.instance_uids) if f), None)
         if series_for is not None and series_for in planning_fors:
             continue
-        ops.append(RetrieveSeries(pid, s.study_uid, s.series_uid, Role.REGISTERED_SERIES, "REG->SERIES",
+        ops.append(RetrieveSeries(pid, s.study_uid, s.series_uid, Role.REGISTERED_SERIES, Hop.REG_SERIES,
                                   fors_key))
     for item in reg.items:
         if item.for_uid is not None and item.for_uid in planning_fors:
@@ -394,22 +486,24 @@ def _registration(refs: ObjectRefs, op: FindReferencing) -> Decision:
         if unlisted:
             # Images named only inside the item (no series-level reference): fetch one, then its series.
             ops.append(RetrieveInstance(unlisted[0], pid, None, None, None, Role.REGISTERED_IMAGE,
-                                        "REG->IMAGE", fors_key))
+                                        Hop.REG_IMAGE, fors_key))
         elif not item.image_uids and item.for_uid:
             # An item naming only a FoR: the registered series are that FoR's series (rule 9).
             ops.append(FindSeriesInFrameOfReference(pid, item.for_uid, (), Role.REGISTERED_FOR_SERIES,
-                                                    "REG->FOR"))
+                                                    Hop.REG_FOR))
     kind = "deformable registration" if reg.deformable else "registration"
     return _decide(refs, True, f"{kind} involving planning FoR {', '.join(sorted(planning_fors))}", ops)
 
 
 def _for_series(refs: ObjectRefs, op: FindSeriesInFrameOfReference, candidate: bool) -> Decision:
     if refs.kind is not ObjectKind.IMAGE or (refs.modality or "") not in op.modalities:
-        return _decide(refs, False, f"{refs.modality or refs.kind.value} is not one of {'/'.join(op.modalities)}")
+        return _reject(refs, ReasonCode.OTHER_MODALITY, modality=refs.modality or refs.kind.value,
+                       modalities="/".join(op.modalities))
     if refs.frame_of_reference_uid != op.for_uid:
-        return _decide(refs, False, f"FoR {refs.frame_of_reference_uid or '(none)'} is not {op.for_uid}")
+        return _reject(refs, ReasonCode.OTHER_FRAME_OF_REFERENCE, found=refs.frame_of_reference_uid or "(none)",
+                       uid=op.for_uid)
     if refs.series_uid in op.exclude_series:
-        return _decide(refs, False, "series already collected by another hop")
+        return _reject(refs, ReasonCode.SERIES_ALREADY_COLLECTED)
     if candidate and refs.series_uid:
         # A probe instance (the source does not return FrameOfReferenceUID): its series belongs.
         return _decide(refs, True, f"probe: series shares FoR {op.for_uid}",
@@ -420,7 +514,7 @@ def _for_series(refs: ObjectRefs, op: FindSeriesInFrameOfReference, candidate: b
 
 def _series(refs: ObjectRefs, op: RetrieveSeries) -> Decision:
     if refs.series_uid != op.series_uid:
-        return _decide(refs, False, f"not in the requested series {op.series_uid}")
+        return _reject(refs, ReasonCode.NOT_IN_THE_REQUESTED_SERIES, uid=op.series_uid)
     return _image_followups(refs, op.role, op.planning_fors, [])
 
 
@@ -440,10 +534,10 @@ def _image_followups(refs: ObjectRefs, role: Role, planning_fors: tuple[str, ...
         ops = [
             # Rule 7 / step 8: CT/MR/PT series sharing the planning FoR (PET/CT on the CT-sim side).
             FindSeriesInFrameOfReference(pid, for_uid, (refs.series_uid,), Role.PLANNING_FOR_SERIES,
-                                         "SERIES->FOR"),
+                                         Hop.SERIES_FOR),
             # Rule 8 / step 7: REGs (rigid or deformable) involving the planning FoR.
             FindReferencing("REG", pid, None, ReferenceCriterion(CriterionKind.FRAME_OF_REFERENCE, (for_uid,)),
-                            Role.REGISTRATION, "FOR->REG", exclude_series=(refs.series_uid,),
+                            Role.REGISTRATION, Hop.FOR_REG, exclude_series=(refs.series_uid,),
                             fixed_modality=refs.modality),
         ]
         return _decide(refs, True, "planning series image", ops, problems)
@@ -453,7 +547,7 @@ def _image_followups(refs: ObjectRefs, role: Role, planning_fors: tuple[str, ...
                            problems)
         # Rule 10 / step 10: series sharing the registered series' FoR (PET/CT on the registered side).
         ops = [FindSeriesInFrameOfReference(pid, for_uid, (refs.series_uid,), Role.REGISTERED_FOR_SERIES,
-                                            "SERIES->FOR")]
+                                            Hop.SERIES_FOR)]
         return _decide(refs, True, "registered series image", ops, problems)
     return _decide(refs, True, f"{role.value.lower()} image", (), problems)
 

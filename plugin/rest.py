@@ -175,7 +175,8 @@ def build_routes(router: Router, harvests: HarvestService, queue: JobQueue, even
     router.add("GET", rf"/rtharvest/harvests/{_ID}", get_harvest, RouteDoc(
         "One harvest: ID, Source, LookupSources, Label, State, CreatedAt, From, To, PatientIDs, Progress, "
         "Patients, PlansReferenced, PlansCollected, IngestFailures, RecordDiscovery {Method, Unbounded}, "
-        "PatientIDMismatches {Count, Reasons} (records a source returned for another PatientID, kept out)",
+        "PatientIDMismatches {Count, Reasons} (records a source returned for another PatientID, kept out), "
+        "Discarded {Count, ByReason} (answers and arrivals a rule discarded, by reason code)",
         (harvest_id,), tag="harvests",
         errors=(unknown_harvest,)))
     for action in ("pause", "resume", "cancel"):
@@ -187,10 +188,11 @@ def build_routes(router: Router, harvests: HarvestService, queue: JobQueue, even
     starting = (503, "the harvester is still starting: try again in a few seconds")
     router.add("GET", rf"/rtharvest/harvests/{_ID}/manifest", get_manifest, RouteDoc(
         "The harvest's manifest: Summary and, per treated plan, Status (Complete, Incomplete, Missing, "
-        "Invalid) with every missing link and why; Summary.PatientIDMismatches counts records kept out because "
-        "their PatientID differs from the one searched; per plan Treatments equals Fractions (distinct fractions "
-        "delivered, counted from the records' content), beside FractionsPlanned, Records (delivery records) and "
-        "SummaryRecords (RT Treatment Summary Records, never a fraction)", (harvest_id, manifest_format),
+        "Invalid) with every missing link and why, and PatientIDMismatches (objects collected by UID whose "
+        "PatientID is not the plan's); Summary.PatientIDMismatches counts those and the records kept out "
+        "because their PatientID differs from the one searched; per plan Treatments equals Fractions (distinct "
+        "fractions delivered, counted from the records' content), beside FractionsPlanned, Records (delivery "
+        "records) and SummaryRecords (RT Treatment Summary Records, never a fraction)", (harvest_id, manifest_format),
         response='{"Harvest", "Summary", "Plans", ...} or CSV', tag="manifest", other_content_types=("text/csv",),
         errors=(unknown_harvest, (400, "bad format"), starting)))
     router.add("GET", r"/rtharvest/manifest", get_store_manifest, RouteDoc(

@@ -21,6 +21,7 @@ runs a chain against any ``find``/``retrieve`` pair (the simulation's fake SCP o
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass, replace
@@ -142,9 +143,12 @@ class SearchStep:
     filters: tuple[AnswerFilter, ...] = ()
     candidate: bool = False
     note: str = ""
+    #: Run once for all surviving answers of the previous step, each ``bind`` keyword matching the list of
+    #: their values (DICOM list of UID matching, PS3.4 C.2.2.2.2), instead of once per answer.
+    gather: bool = False
 
     def identifier(self, previous: Mapping[str, Any]) -> dict[str, Any]:
-        """The request identifier for one previous answer."""
+        """The request identifier for one previous answer (for a ``gather`` step: the answers' values joined)."""
         ident: dict[str, Any] = dict(self.keys)
         for kw in self.bind:
             ident[kw] = previous.get(kw, "")
@@ -184,11 +188,20 @@ def _walk_to_series(patient_id: str | None, study_uid: str | None, series_keys: 
         steps.append(_find(QueryLevel.SERIES, {_STUDY: study_uid, _SERIES: "", **series_keys}, (), filters,
                            "series of the known study"))
     else:
-        steps.append(_find(QueryLevel.STUDY, {"PatientID": patient_id or "", _STUDY: ""}, (), (),
-                           "studies of the patient"))
+        steps.append(_patient_studies(patient_id))
         steps.append(_find(QueryLevel.SERIES, {_SERIES: "", **series_keys}, (_STUDY,), filters,
                            "series of each study"))
     return steps
+
+
+def _gathered(step: SearchStep) -> SearchStep:
+    return replace(step, gather=True)
+
+
+def _patient_studies(patient_id: str | None) -> SearchStep:
+    """The studies holding an object with the patient's PatientID: every SCP matches PatientID at STUDY level
+    (the one level where the patient's ID bounds a search; below it, UIDs do)."""
+    return _find(QueryLevel.STUDY, {"PatientID": patient_id or "", _STUDY: ""}, (), (), "studies of the patient")
 
 
 def unbounded_search(op: Operation) -> str | None:
@@ -388,19 +401,23 @@ def _referencing_steps(op: FindReferencing, cap: SourceCapability) -> tuple[Sear
     filters = (AnswerFilter.CRITERION,) if seq else ()
     note = ("candidates with their reference sequences; keep those that match" if seq
             else "every candidate (the SCP returns no sequences)")
+    # Identity (docs/harvest-rules.md, "Identity"): the search is bounded by UIDs, never by the candidates'
+    # own PatientID: the plan's study (doses), else the studies holding the patient's objects. A candidate
+    # that names the plan (or FoR) is the harvest's whatever PatientID it carries, so no step below matches
+    # PatientID except the one listing the patient's studies, which every SCP matches.
     if cap.image_level_search:
-        # The source matches PatientID and Modality at IMAGE level: the candidates in one C-FIND.
-        steps = [_find(QueryLevel.IMAGE, {"PatientID": op.patient_id or "", "Modality": op.modality,
-                                          _STUDY: op.study_uid or "", _SERIES: "", _SOP: "", **ret}, (), filters,
-                       f"{op.modality} instances of the patient, {note}")]
-    elif cap.relational:
-        # As for records: select the series by Modality (a series-level key), then their instances.
-        steps = [_find(QueryLevel.SERIES, {"PatientID": op.patient_id or "", "Modality": op.modality,
-                                           _STUDY: op.study_uid or "", _SERIES: ""}, (), (),
-                       f"{op.modality} series of the patient"),
-                 _find(QueryLevel.IMAGE, {_SOP: "", **ret}, _SERIES_IDS, filters, note)]
+        # The source matches Modality at IMAGE level and a list of study UIDs: the candidates of the plan's
+        # study, or of all the patient's studies, in one C-FIND.
+        image = _find(QueryLevel.IMAGE, {"Modality": op.modality, _STUDY: op.study_uid or "", _SERIES: "", _SOP: "",
+                                         **ret}, () if op.study_uid else (_STUDY,), filters,
+                      f"{op.modality} instances of the study (or the patient's studies), {note}")
+        steps = [image] if op.study_uid else [_patient_studies(op.patient_id), _gathered(image)]
     else:
-        steps = _walk_to_series(op.patient_id, op.study_uid, {"Modality": op.modality})
+        # The series listing of a study is the same question for every search of the harvest (Modality selected
+        # here, FrameOfReferenceUID returned where the source fills it, as the FoR search asks): asked once.
+        listing = {"Modality": "", "FrameOfReferenceUID": ""} if cap.relational and cap.instance_return_keys \
+            else {"Modality": ""}
+        steps = _walk_to_series(op.patient_id, op.study_uid, listing, (AnswerFilter.MODALITY,))
         steps.append(_find(QueryLevel.IMAGE, {_SOP: "", "SOPClassUID": "", **ret}, _SERIES_IDS, filters, note))
     steps.append(_move(QueryLevel.IMAGE, candidate=not seq,
                        note="retrieve matches" if seq else "retrieve candidates; references checked on arrival"))
@@ -409,16 +426,17 @@ def _referencing_steps(op: FindReferencing, cap: SourceCapability) -> tuple[Sear
 
 def _for_steps(op: FindSeriesInFrameOfReference, cap: SourceCapability) -> tuple[SearchStep, ...]:
     series_filters = (AnswerFilter.MODALITY, AnswerFilter.EXCLUDE_SERIES)
-    if cap.relational:
-        # A source that returns instance attributes may fill FrameOfReferenceUID at SERIES level too (Orthanc
-        # reads it from one instance of each series). Every image of a series shares one FoR (PS3.3
-        # C.7.4.1.1.1), so such an answer settles the series without listing its images (the harvester
-        # answers the image step from it); a source that leaves it out gets the image step.
-        ret = {"FrameOfReferenceUID": ""} if cap.instance_return_keys else {}
-        steps = [_find(QueryLevel.SERIES, {"PatientID": op.patient_id or "", _STUDY: "", _SERIES: "",
-                                           "Modality": "", **ret}, (), series_filters, "series of the patient")]
-    else:
-        steps = _walk_to_series(op.patient_id, None, {"Modality": ""}, series_filters)
+    # The series of the studies holding the patient's objects, whatever PatientID each series carries (the
+    # FoR UID is the link; see _referencing_steps). A source that returns instance attributes may fill
+    # FrameOfReferenceUID at SERIES level too (Orthanc reads it from one instance of each series). Every
+    # image of a series shares one FoR (PS3.3 C.7.4.1.1.1), so such an answer settles the series without
+    # listing its images (the harvester answers the image step from it); a source that leaves it out gets
+    # the image step.
+    ret = {"FrameOfReferenceUID": ""} if cap.relational and cap.instance_return_keys else {}
+    steps = _walk_to_series(op.patient_id, None, {"Modality": "", **ret}, series_filters)
+    if cap.image_level_search:
+        # A source matching lists of study UIDs: the series of all the patient's studies in one C-FIND.
+        steps[-1] = _gathered(steps[-1])
     if cap.instance_return_keys:
         steps.append(_find(QueryLevel.IMAGE, {_SOP: "", "FrameOfReferenceUID": ""}, _SERIES_IDS,
                            (AnswerFilter.FRAME_OF_REFERENCE, AnswerFilter.ONE_PER_SERIES),
@@ -448,22 +466,64 @@ def answer_dataset(answer: Mapping[str, Any]) -> Dataset:
     return ds
 
 
-def filter_answers(step: SearchStep, op: Operation, answers: Iterable[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
-    """Apply the step's client-side filters to the answers of its C-FIND."""
+class DiscardReason(StrEnum):
+    """Why a rule discarded a C-FIND answer (counted per harvest: ``Discarded.ByReason``)."""
+
+    OUT_OF_WINDOW = "ANSWER_OUT_OF_WINDOW"  # TreatmentDate returned and outside the window
+    NO_RECORDS = "ANSWER_STUDY_WITHOUT_RECORDS"  # a study whose ModalitiesInStudy lacks RTRECORD
+    NOT_REFERENCING = "ANSWER_NOT_REFERENCING"  # returned reference sequences name neither plan nor FoR
+    OTHER_MODALITY = "ANSWER_OTHER_MODALITY"  # Modality not among those searched (a source ignoring the key)
+    EXCLUDED_SERIES = "ANSWER_SERIES_ALREADY_COLLECTED"  # a series another hop of the operation collects
+    OTHER_FRAME_OF_REFERENCE = "ANSWER_OTHER_FRAME_OF_REFERENCE"  # FrameOfReferenceUID not the one searched
+    OTHER_PATIENT = "ANSWER_OTHER_PATIENT"  # another PatientID at a step bounded by PatientID (no UID link)
+
+
+#: The discard reason of each answer filter; the filters missing here select (the image a reference names
+#: in its series' listing, one image per series), they do not judge, and are not counted.
+_DISCARD_OF_FILTER = {
+    AnswerFilter.WINDOW: DiscardReason.OUT_OF_WINDOW,
+    AnswerFilter.DATED_IN_WINDOW: DiscardReason.OUT_OF_WINDOW,
+    AnswerFilter.HAS_RECORDS: DiscardReason.NO_RECORDS,
+    AnswerFilter.CRITERION: DiscardReason.NOT_REFERENCING,
+    AnswerFilter.MODALITY: DiscardReason.OTHER_MODALITY,
+    AnswerFilter.EXCLUDE_SERIES: DiscardReason.EXCLUDED_SERIES,
+    AnswerFilter.FRAME_OF_REFERENCE: DiscardReason.OTHER_FRAME_OF_REFERENCE,
+}
+
+_SELECTING = frozenset({AnswerFilter.ONE_PER_SERIES, AnswerFilter.NAMED_INSTANCE})
+
+
+def filter_answers(step: SearchStep, op: Operation, answers: Iterable[Mapping[str, Any]],
+                   discarded: Counter[DiscardReason] | None = None) -> list[Mapping[str, Any]]:
+    """Apply the step's client-side filters to the answers of its C-FIND; each answer a rule discards is
+    counted in ``discarded`` by reason (selection within a listing is not a discard)."""
     out: list[Mapping[str, Any]] = []
     seen_series: set[str] = set()
     wanted_modality = dict(step.keys).get("Modality")
     wanted_patient = dict(step.keys).get("PatientID")
+
+    def drop(reason: DiscardReason) -> None:
+        if discarded is not None:
+            discarded[reason] += 1
+
     for a in answers:
-        if not all(_passes(f, op, a) for f in step.filters if f is not AnswerFilter.ONE_PER_SERIES):
+        failed = next((f for f in step.filters if f is not AnswerFilter.ONE_PER_SERIES and not _passes(f, op, a)),
+                      None)
+        if failed is not None:
+            if failed not in _SELECTING:
+                drop(_DISCARD_OF_FILTER[failed])
             continue
         # An SCP that ignores a matching key answers a superset; drop what it shows to be different.
         if wanted_modality and a.get("Modality") and str(a.get("Modality")) != wanted_modality:
+            drop(DiscardReason.OTHER_MODALITY)
             continue
-        # dcmqrscp ignores PatientID on SERIES-level queries (it answers every patient's series, each with its
-        # own PatientID). IDs that differ only in case or padding go on: the planner keeps them out and counts
-        # them (a source matching loosely must not make a harvest silently empty).
+        # PatientID is a matching key only where the patient bounds the search: the studies of a patient, the
+        # records of a PatientIDs window. Such an answer carries no UID link to the harvest (steps below a
+        # patient's studies never match PatientID: docs/harvest-rules.md, "Identity"). dcmqrscp ignores
+        # PatientID below STUDY level. IDs that differ only in case or padding go on: the planner keeps such
+        # records out and counts them (a source matching loosely must not make a harvest silently empty).
         if wanted_patient and a.get("PatientID") and _loose_id(str(a.get("PatientID"))) != _loose_id(wanted_patient):
+            drop(DiscardReason.OTHER_PATIENT)
             continue
         if AnswerFilter.ONE_PER_SERIES in step.filters:
             series = str(a.get(_SERIES, ""))
@@ -507,6 +567,8 @@ def _passes(f: AnswerFilter, op: Operation, a: Mapping[str, Any]) -> bool:
         mods: tuple[str, ...] | frozenset[str] = ()
         if isinstance(op, FindSeriesInFrameOfReference):
             mods = op.modalities
+        elif isinstance(op, FindReferencing):
+            mods = (op.modality,)
         elif isinstance(op, RetrieveInstance) and not op.modality:
             mods = IMAGE_MODALITIES
         return not mods or str(a.get("Modality", "")) in mods
@@ -526,13 +588,14 @@ FindFn = Callable[[QueryLevel, dict[str, Any]], Seq[Mapping[str, Any]]]
 RetrieveFn = Callable[[QueryLevel, dict[str, Any], bool], None]
 
 
-def execute(op: Operation, capability: SourceCapability, find: FindFn, retrieve: RetrieveFn) -> int:
+def execute(op: Operation, capability: SourceCapability, find: FindFn, retrieve: RetrieveFn,
+            discarded: Counter[DiscardReason] | None = None) -> int:
     """Run ``search_steps(op, capability)`` with the given DIMSE primitives; returns the number of
     retrieve requests issued (0 means nothing was found).
 
     Depth first: each answer is followed to its retrieve before the next answer of the same step, so only
     one answer list per step is held at a time (a month of studies, then one study's series), never a
-    whole level of the source.
+    whole level of the source. Answers a rule discards are counted in ``discarded``.
     """
 
     def run(steps: tuple[SearchStep, ...], index: int, previous: Mapping[str, Any]) -> int:
@@ -540,8 +603,15 @@ def execute(op: Operation, capability: SourceCapability, find: FindFn, retrieve:
         if step.action is StepAction.RETRIEVE:
             retrieve(step.level, step.identifier(previous), step.candidate)
             return 1
+        answers = filter_answers(step, op, find(step.level, step.identifier(previous)), discarded)
+        following = steps[index + 1]
+        if following.gather:
+            if not answers:
+                return 0
+            return run(steps, index + 1, {kw: "\\".join(dict.fromkeys(str(a.get(kw, "")) for a in answers))
+                                          for kw in following.bind})
         moves = 0
-        for answer in filter_answers(step, op, find(step.level, step.identifier(previous))):
+        for answer in answers:
             moves += run(steps, index + 1, answer)
         return moves
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
@@ -117,6 +117,36 @@ register_schema(
 )
 
 
+# What a rule decided, as a code (``planner.ReasonCode``): counts and decisions read the code, never the
+# human text of ``reason``. Answers a search rule discarded before anything moved are counted per harvest
+# and reason (``strategies.DiscardReason``): nothing a rule drops goes uncounted.
+register_schema(
+    "tracking_reason_codes",
+    1,
+    [
+        "ALTER TABLE rth_objects ADD COLUMN reason_code TEXT NOT NULL DEFAULT ''",
+        """CREATE TABLE rth_discards (
+            harvest_id TEXT NOT NULL,
+            reason TEXT NOT NULL,
+            count INTEGER NOT NULL,
+            PRIMARY KEY (harvest_id, reason)
+        )""",
+        # Why a job failed, as a code (FailureCode), for the manifest's reasons: never read from its text.
+        """CREATE TABLE rth_job_failures (
+            job_id INTEGER PRIMARY KEY,
+            code TEXT NOT NULL
+        )""",
+    ],
+)
+
+
+class FailureCode(StrEnum):
+    """What a failed job's error means to the manifest (its text is for people)."""
+
+    #: No source holds the object a retrieve by UID (or a series retrieve) asked for: a dangling reference.
+    NOT_FOUND = "NOT_FOUND"
+
+
 @dataclass(frozen=True)
 class Expectation:
     """A worker's announcement that an instance is about to arrive for a harvest.
@@ -160,6 +190,8 @@ class ObjectRecord:
     plan_uids: tuple[str, ...] = ()
     treatment_date: str | None = None
     problems: tuple[str, ...] = ()
+    #: The rule's code (``planner.ReasonCode`` value); ``reason`` is its human text.
+    reason_code: str = ""
 
 
 @dataclass(frozen=True)
@@ -348,12 +380,12 @@ class Tracker:
         self.db.execute(
             "INSERT OR REPLACE INTO rth_objects (harvest_id, sop_uid, orthanc_id, decision, reason, role, hop,"
             " source, job_id, moved, patient_id, study_uid, series_uid, modality, sop_class_uid,"
-            " frame_of_reference_uid, plan_uids, treatment_date, problems, arrived_at)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            " frame_of_reference_uid, plan_uids, treatment_date, problems, arrived_at, reason_code)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (obj.harvest_id, obj.sop_uid, obj.orthanc_id, obj.decision.value, obj.reason, obj.role, obj.hop,
              obj.source, obj.job_id, int(obj.moved), obj.patient_id, obj.study_uid, obj.series_uid, obj.modality,
              obj.sop_class_uid, obj.frame_of_reference_uid, json.dumps(list(obj.plan_uids)), obj.treatment_date,
-             json.dumps(list(obj.problems)), now),
+             json.dumps(list(obj.problems)), now, obj.reason_code),
         )
         # A new decision changes what the harvest holds: its end-of-harvest clean-up (and so its visible
         # "Completed") must run again. In the same transaction as the decision, so a clean-up that
@@ -373,13 +405,14 @@ class Tracker:
         sql = (
             "SELECT harvest_id, sop_uid, orthanc_id, decision, reason, role, hop, source, job_id, moved,"
             " patient_id, study_uid, series_uid, modality, sop_class_uid, frame_of_reference_uid, plan_uids,"
-            " treatment_date, problems FROM rth_objects WHERE (?1 IS NULL OR harvest_id = ?1)"
+            " treatment_date, problems, reason_code FROM rth_objects WHERE (?1 IS NULL OR harvest_id = ?1)"
             " AND (?2 IS NULL OR decision = ?2) ORDER BY arrived_at"
         )
         rows = self.db.query(sql, (harvest_id, None if decision is None else decision.value))
         return [
             ObjectRecord(r[0], r[1], r[2], Decision(r[3]), r[4], r[5], r[6], r[7], r[8], bool(r[9]), r[10], r[11],
-                         r[12], r[13], r[14], r[15], tuple(json.loads(r[16])), r[17], tuple(json.loads(r[18])))
+                         r[12], r[13], r[14], r[15], tuple(json.loads(r[16])), r[17], tuple(json.loads(r[18])),
+                         str(r[19] or ""))
             for r in rows
         ]
 
@@ -396,12 +429,48 @@ class Tracker:
             " AND role = 'PLAN'", (harvest_id,), 0)
         return {"Patients": int(patients), "PlansReferenced": int(referenced), "PlansCollected": int(collected)}
 
-    def rejections_like(self, harvest_id: str, prefix: str) -> dict[str, int]:
-        """Rejected objects of the harvest whose reason starts with ``prefix``: reason → count."""
+    def rejections_coded(self, harvest_id: str, code: str) -> dict[str, int]:
+        """Rejected objects of the harvest under the rule ``code``: reason text → count (distinct objects)."""
         rows = self.db.query(
             "SELECT reason, count(DISTINCT sop_uid) FROM rth_objects WHERE harvest_id = ? AND decision = 'rejected'"
-            " AND substr(reason, 1, ?) = ? GROUP BY reason", (harvest_id, len(prefix), prefix))
+            " AND reason_code = ? GROUP BY reason", (harvest_id, code))
         return {str(r[0]): int(r[1]) for r in rows}
+
+    def note_failure(self, job_id: int, code: FailureCode | None) -> None:
+        """The meaning of the job's latest failure (``None``: none the manifest needs; a retry that fails
+        otherwise forgets an earlier code)."""
+        if code is None:
+            self.db.execute("DELETE FROM rth_job_failures WHERE job_id = ?", (job_id,))
+        else:
+            self.db.execute("INSERT OR REPLACE INTO rth_job_failures (job_id, code) VALUES (?, ?)",
+                            (job_id, code.value))
+
+    def failure_codes(self, job_ids: Iterable[int]) -> dict[int, FailureCode]:
+        """The failure codes of those jobs that have one."""
+        wanted = set(job_ids)
+        return {int(r[0]): FailureCode(r[1]) for r in self.db.query("SELECT job_id, code FROM rth_job_failures")
+                if int(r[0]) in wanted}
+
+    def add_discards(self, harvest_id: str, counts: Mapping[str, int]) -> None:
+        """Answers a search rule of the harvest discarded: reason → how many more."""
+        for reason, count in counts.items():
+            if count:
+                self.db.execute(
+                    "INSERT INTO rth_discards (harvest_id, reason, count) VALUES (?, ?, ?)"
+                    " ON CONFLICT (harvest_id, reason) DO UPDATE SET count = count + excluded.count",
+                    (harvest_id, str(reason), int(count)))
+
+    def discards(self, harvest_id: str) -> dict[str, int]:
+        """Everything a rule of the harvest discarded, by reason code: answers dropped before a move
+        (:meth:`add_discards`) and arrivals rejected and kept by no other rule of the harvest."""
+        out: dict[str, int] = {str(r[0]): int(r[1]) for r in self.db.query(
+            "SELECT reason, count FROM rth_discards WHERE harvest_id = ?", (harvest_id,))}
+        for code, count in self.db.query(
+                "SELECT reason_code, count(DISTINCT sop_uid) FROM rth_objects WHERE harvest_id = ?"
+                " AND decision = 'rejected' GROUP BY reason_code", (harvest_id,)):
+            key = str(code or "UNCODED")
+            out[key] = out.get(key, 0) + int(count)
+        return dict(sorted(out.items()))
 
     def rejected_unclaimed(self, harvest_id: str) -> list[tuple[str, str]]:
         """(sop_uid, orthanc_id) this harvest moved in only to inspect and that no harvest keeps."""

@@ -20,7 +20,7 @@ from rtharvest.classify import HarvestWindow
 from rtharvest.db import Database
 from rtharvest.ingest import job_for
 from rtharvest.jobqueue import EnqueueItem, JobQueue
-from rtharvest.operations import CriterionKind, FindReferencing, ReferenceCriterion, Role
+from rtharvest.operations import CriterionKind, FindReferencing, Hop, ReferenceCriterion, Role
 from rtharvest.strategies import SourceCapability
 from rtharvest.tracking import Decision, ObjectRecord
 from tests.fakes import World, dicom_bytes
@@ -64,7 +64,7 @@ def test_a_candidate_planned_from_the_store_before_its_arrival_was_decided_is_st
     world.finish()
     with world.tracker.db.transaction():
         found = ObjectRecord(hid, "1.2.3.9", "orthanc-9", Decision.REJECTED, "not referenced", "DOSE",
-                             "RTPLAN->RTDOSE", "SRC", 2, moved=False)
+                             Hop.PLAN_DOSE, "SRC", 2, moved=False)
         assert world.tracker.record(found)
     assert world.tracker.rejected_unclaimed(hid) == []  # found in the store: not the harvest's to delete
     with world.tracker.db.transaction():
@@ -159,7 +159,7 @@ def late_candidate_search(world: World, harvest_id: str, clinic: MiniClinic, n: 
     strict source every dose of the study is a candidate, the new one is moved in and rejected."""
     world.source.add(dose(f"late-dose-{n}", clinic.patient, clinic.plan_study, uid("other-plan", n)))
     op = FindReferencing("RTDOSE", clinic.patient, clinic.plan_study,
-                         ReferenceCriterion(CriterionKind.PLAN, (uid("no-such-plan", n),)), Role.DOSE, "RTPLAN->RTDOSE")
+                         ReferenceCriterion(CriterionKind.PLAN, (uid("no-such-plan", n),)), Role.DOSE, Hop.PLAN_DOSE)
     return job_for(world.routes[harvest_id], op)
 
 

@@ -25,6 +25,7 @@ import pytest
 from rtharvest import explorer_routes
 from rtharvest.eventlog import Level
 from rtharvest.launcher import free_port
+from rtharvest.operations import Hop
 from rtharvest.synth.generator import SynthOptions, generate
 
 from .browser.apiserver import ApiServer, load_harvest
@@ -272,7 +273,7 @@ def test_extension_in_orthanc_explorer(tmp_path: Path) -> None:
         harvested = series[0]
         for instance in harvested["Instances"]:
             for name, value in (("HarvestId", "feedc0ffee123456"), ("HarvestSource", "ARIA"), ("HarvestJob", "42"),
-                                ("HarvestHop", "RTSTRUCT->SERIES"), ("HarvestedAt", "2024-05-01T12:00:00Z")):
+                                ("HarvestHop", Hop.STRUCTURE_SET_SERIES), ("HarvestedAt", "2024-05-01T12:00:00Z")):
                 urllib.request.urlopen(urllib.request.Request(f"{base}/instances/{instance}/metadata/{name}",
                                                               data=value.encode(), method="PUT"), timeout=10).read()
         with Browser(tmp_path / "profile", 1300, 1100) as browser:
@@ -285,7 +286,7 @@ def test_extension_in_orthanc_explorer(tmp_path: Path) -> None:
             browser.wait_for("document.querySelectorAll('#rtharvest-provenance li.rtharvest-item').length === "
                              f"{len(series)}")
             text = browser.evaluate("document.getElementById('rtharvest-provenance').textContent")
-            assert "feedc0ffee123456" in text and "RTSTRUCT->SERIES" in text and "2024-05-01T12:00:00Z" in text
+            assert "feedc0ffee123456" in text and Hop.STRUCTURE_SET_SERIES in text and "2024-05-01T12:00:00Z" in text
             assert ("not harvested by rtharvest" in text) == (len(series) > 1)
             link = browser.evaluate("document.querySelector('#rtharvest-provenance a').getAttribute('href')")
             assert link == "../rtharvest/ui#harvest=feedc0ffee123456"

@@ -12,7 +12,7 @@ from typing import Any
 
 from rtharvest.export.deid import Profile, SiteKey
 from rtharvest.export.verify import compare, compare_summaries, expected_rows, knowable, summary_of_rows
-from rtharvest.manifest import MissingLink, PlanRow
+from rtharvest.manifest import MissingCause, MissingLink, PlanRow
 
 KEY = SiteKey("SITEA", b"k" * 32)
 
@@ -26,7 +26,7 @@ def _site_row(status: str = "Complete", missing: list[MissingLink] | None = None
         summary_record_uids=["1.2.3.12"], fractions=2, fractions_planned=30,
         structure_set_uid="1.2.3.2", dose_uids=["1.2.3.3"], planning_series_uids=["1.2.3.20"],
         registration_uids=["1.2.3.4"], registration_types={"1.2.3.4": "CT-MR"},
-        registered_series_uids=["1.2.3.21"], missing=missing or []).to_json()
+        registered_series_uids=["1.2.3.21"], missing=missing or []).to_json(causes=True)
 
 
 def _copy_of(expected: dict[str, Any]) -> dict[str, Any]:
@@ -61,9 +61,11 @@ def test_compare_finds_a_changed_registration_type_or_status() -> None:
 def test_a_plan_incomplete_only_for_a_failed_search_is_expected_complete() -> None:
     """The copy cannot see that a search failed at the site (nor that a series was only partly stored):
     with nothing else missing, the plan must be Complete in the copy, and no missing link is expected."""
-    search = MissingLink("RTDOSE", "1.2.3.1", "search failed after 3 attempts: association aborted")
-    partial = MissingLink("SERIES", "1.2.3.20", "partially stored: failed after 3 attempts: timeout")
-    assert not knowable(search.to_json()) and not knowable(partial.to_json())
+    search = MissingLink("RTDOSE", "1.2.3.1", "search failed after 3 attempts: association aborted",
+                         MissingCause.SEARCH_FAILED)
+    partial = MissingLink("SERIES", "1.2.3.20", "partially stored: failed after 3 attempts: timeout",
+                          MissingCause.PARTIALLY_STORED)
+    assert not knowable(search.to_json(cause=True)) and not knowable(partial.to_json(cause=True))
     for links in ([search], [partial], [search, partial]):
         expected = _expected(_site_row("Incomplete", links))
         assert expected[0]["Status"] == "Complete" and expected[0]["Missing"] == []
@@ -75,9 +77,10 @@ def test_a_plan_incomplete_only_for_a_failed_search_is_expected_complete() -> No
 def test_a_plan_with_a_knowable_missing_link_stays_incomplete() -> None:
     """An object absent at the source is absent from the copy too: the plan stays Incomplete there, with
     the link under its new UID; links only the site can know are still left out."""
-    absent = MissingLink("RTSTRUCT", "1.2.3.2", "not found at source")
-    search = MissingLink("RTDOSE", "1.2.3.1", "search failed after 3 attempts: association aborted")
-    assert knowable(absent.to_json())
+    absent = MissingLink("RTSTRUCT", "1.2.3.2", "not found at source", MissingCause.NOT_FOUND)
+    search = MissingLink("RTDOSE", "1.2.3.1", "search failed after 3 attempts: association aborted",
+                         MissingCause.SEARCH_FAILED)
+    assert knowable(absent.to_json(cause=True))
     expected = _expected(_site_row("Incomplete", [absent, search]))
     assert expected[0]["Status"] == "Incomplete"
     assert expected[0]["Missing"] == [{"What": "RTSTRUCT", "UID": KEY.uid("1.2.3.2")}]

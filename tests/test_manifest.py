@@ -36,7 +36,7 @@ from rtharvest.simulation import FakeSource, simulate_harvest
 from rtharvest.strategies import SourceCapability
 from rtharvest.synth.generator import SynthOptions, generate
 from rtharvest.synth.groundtruth import GroundTruth, PlanTruth, Window
-from rtharvest.tracking import Decision, ObjectRecord
+from rtharvest.tracking import Decision, FailureCode, ObjectRecord
 
 #: (patients, seed): the default clinic, and one big enough for every feature to land on its own patient.
 CLINICS = [(6, 7), (13, 1)]
@@ -99,7 +99,7 @@ def perfect_harvest(synth: Synth, w: Window, harvest_id: str) -> tuple[list[Obje
         objects.append(synth.record(uid, harvest_id, role))
     # The harvester fails a retrieve by UID of an object no source holds, without retrying.
     failures = [FailureInfo("RetrieveInstance", d.uid, "PLAN", 1, f"HOP: {d.uid} not found at SRC",
-                            job_id=i, harvest_id=harvest_id)
+                            job_id=i, harvest_id=harvest_id, code=FailureCode.NOT_FOUND)
                 for i, d in enumerate(synth.truth.dangling)]
     return objects, failures
 
@@ -125,7 +125,7 @@ def simulated_harvest(synth: Synth, w: Window, harvest_id: str,
         if isinstance(op, RetrieveInstance | RetrieveSeries):
             uid = op.sop_uid if isinstance(op, RetrieveInstance) else op.series_uid
             failures.append(FailureInfo(op.kind.value, uid, op.role.value, 1, f"{op.hop}: {uid} not found at SRC",
-                                        job_id=i, harvest_id=harvest_id))
+                                        job_id=i, harvest_id=harvest_id, code=FailureCode.NOT_FOUND))
     return list(rows.values()), failures
 
 
@@ -263,7 +263,8 @@ def test_missing_planning_series_reasons(synth: Synth) -> None:
     assert reason.endswith("(DIMSE status 0xA702)")
     assert all(f["Job"] != 77 for f in manifest.to_json()["Failures"])  # attributed to the row
     # Not found at any source.
-    nf = FailureInfo("RetrieveSeries", series, "PLANNING_SERIES", 1, f"RTSTRUCT->SERIES: {series} not found at SRC")
+    nf = FailureInfo("RetrieveSeries", series, "PLANNING_SERIES", 1, f"RTSTRUCT->SERIES: {series} not found at SRC",
+                     code=FailureCode.NOT_FOUND)
     row = _row(build_manifest("h", objects, synth.read_refs, [*failures, gave_up, nf]), plan.plan_uid)
     assert {"What": "SERIES", "UID": series, "Reason": NOT_FOUND} in row["Missing"]
 
@@ -340,7 +341,7 @@ def test_failure_from_job() -> None:
 
     job = Job(3, "h1", "RetrieveInstance", "ARIA", {"sop_uid": "1.2.3", "role": "STRUCTURE_SET"}, "k", 0,
               JobState.FAILED, 1, 10, 0.0, None, None, "RTPLAN->RTSTRUCT: 1.2.3 not found at ARIA", None, 0.0, 0.0)
-    f = failure_from_job(job)
+    f = failure_from_job(job, FailureCode.NOT_FOUND)
     assert (f.kind, f.target_uid, f.role, f.attempts, f.job_id, f.harvest_id) == (
         "RetrieveInstance", "1.2.3", "STRUCTURE_SET", 1, 3, "h1")
     assert f.reason() == NOT_FOUND

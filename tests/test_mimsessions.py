@@ -22,7 +22,7 @@ from rtharvest.ingest import HarvestRouting, job_for
 from rtharvest.jobqueue import JobState
 from rtharvest.loopback import LoopbackError
 from rtharvest.mimsessions import SESSION_METADATA
-from rtharvest.operations import Operation, RetrieveInstance, Role, UnpackMimSession
+from rtharvest.operations import Hop, Operation, RetrieveInstance, Role, UnpackMimSession
 from rtharvest.synth.mimsession import MIM_PRIVATE_CREATOR, SessionEncoding, build_session, encode_session
 from rtharvest.tracking import Decision
 
@@ -36,7 +36,7 @@ CT = image_series("mim-ct", P, STUDY, FOR)
 #: The structure set the plan names, which exists only inside the session.
 SS = structure_set("mim-ss", P, STUDY, [CT])
 #: What the session stands in for: the plan's structure set, asked by UID and found at no source.
-WANTED_SS = RetrieveInstance(SS.SOPInstanceUID, P, None, None, "RTSTRUCT", Role.STRUCTURE_SET, "RTPLAN->RTSTRUCT")
+WANTED_SS = RetrieveInstance(SS.SOPInstanceUID, P, None, None, "RTSTRUCT", Role.STRUCTURE_SET, Hop.PLAN_STRUCTURE_SET)
 
 
 def _parent() -> Dataset:
@@ -176,7 +176,7 @@ def test_undeclared_session_metadata_is_one_warning_and_the_objects_are_still_ke
     store_session(world, session([SS, other_ss]))
     hid = start_unpack(world, WANTED_SS)
     second = start_unpack(world, RetrieveInstance(other_ss.SOPInstanceUID, P, None, None, "RTSTRUCT",
-                                                   Role.STRUCTURE_SET, "RTPLAN->RTSTRUCT"))
+                                                   Role.STRUCTURE_SET, Hop.PLAN_STRUCTURE_SET))
     world.run()
     warnings = world.events.query(component="mimsessions", min_level=Level.WARNING)
     # Once per process, naming the setting to fix, not once per object.

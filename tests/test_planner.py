@@ -15,6 +15,7 @@ from rtharvest.operations import (
     FindReferencing,
     FindSeriesInFrameOfReference,
     FindTreatmentRecords,
+    Hop,
     Operation,
     ReferenceCriterion,
     RetrieveInstance,
@@ -58,7 +59,7 @@ def chunk_span(op: Operation) -> tuple[str, str]:
 
 
 def plan_op(uid_: str) -> RetrieveInstance:
-    return RetrieveInstance(uid_, P, None, None, "RTPLAN", Role.PLAN, "RTRECORD->RTPLAN")
+    return RetrieveInstance(uid_, P, None, None, "RTPLAN", Role.PLAN, Hop.RECORD_PLAN)
 
 
 # -- rule 1: seed records --------------------------------------------------------------------------
@@ -129,7 +130,7 @@ def test_valid_plan_plans_records_structure_set_and_doses() -> None:
     dose_search = next(o for o in records if o.modality == "RTDOSE")
     assert dose_search.plan_has_structure_set
     [ss] = only(d.operations, RetrieveInstance)
-    assert (ss.sop_uid, ss.role, ss.hop) == ("1.2.10", Role.STRUCTURE_SET, "RTPLAN->RTSTRUCT")
+    assert (ss.sop_uid, ss.role, ss.hop) == ("1.2.10", Role.STRUCTURE_SET, Hop.PLAN_STRUCTURE_SET)
 
 
 @pytest.mark.parametrize("intent", ["VERIFICATION", "MACHINE_QA", "SERVICE"])
@@ -179,7 +180,7 @@ def test_plan_of_another_patient_id_is_kept_with_a_problem() -> None:
 
 def test_plan_records_whatever_their_date() -> None:
     op = FindReferencing("RTRECORD", P, None, ReferenceCriterion(CriterionKind.PLAN, ("1.2.5",)),
-                         Role.PLAN_RECORD, "RTPLAN->RTRECORD")
+                         Role.PLAN_RECORD, Hop.PLAN_RECORD)
     assert decide(record("old", P, "1.2.5", "20150101"), op).keep
     assert decide(record("old", P, "1.2.5", "20150101"), op).operations == ()
     other = decide(record("other", P, "1.2.6", "20200601"), op, candidate=True)
@@ -188,7 +189,7 @@ def test_plan_records_whatever_their_date() -> None:
 
 def test_dose_of_the_plan_kept_trial_dose_rejected() -> None:
     op = FindReferencing("RTDOSE", P, STUDY, ReferenceCriterion(CriterionKind.PLAN, ("1.2.5",)), Role.DOSE,
-                         "RTPLAN->RTDOSE")
+                         Hop.PLAN_DOSE)
     kept = decide(dose("d", P, STUDY, "1.2.5", ss_uid="1.2.10"), op)
     assert kept.keep and kept.operations == ()  # plan had its own structure set: the dose's is ignored
     trial = decide(dose("trial", P, STUDY, "1.2.99"), op, candidate=True)
@@ -207,14 +208,14 @@ def test_tomotherapy_dose_names_the_structure_set() -> None:
     assert arrived.keep
     [ss] = arrived.operations
     assert isinstance(ss, RetrieveInstance)
-    assert (ss.sop_uid, ss.role, ss.hop) == ("1.2.10", Role.STRUCTURE_SET, "RTDOSE->RTSTRUCT")
+    assert (ss.sop_uid, ss.role, ss.hop) == ("1.2.10", Role.STRUCTURE_SET, Hop.DOSE_STRUCTURE_SET)
 
 
 # -- rule 6: planning series -----------------------------------------------------------------------
 
 
 def ss_op(uid_: str) -> RetrieveInstance:
-    return RetrieveInstance(uid_, P, None, None, "RTSTRUCT", Role.STRUCTURE_SET, "RTPLAN->RTSTRUCT")
+    return RetrieveInstance(uid_, P, None, None, "RTSTRUCT", Role.STRUCTURE_SET, Hop.PLAN_STRUCTURE_SET)
 
 
 def test_structure_set_plans_referenced_series_and_first_contour_image() -> None:
@@ -248,7 +249,7 @@ def test_first_contour_image_outside_the_listed_series() -> None:
 
 def test_planning_series_image_plans_for_search_and_reg_search() -> None:
     ct = image_series("ct", P, STUDY, FOR, "MR", 2)  # planning MR: the fixed side is MR
-    op = RetrieveSeries(P, STUDY, ct[0].SeriesInstanceUID, Role.PLANNING_SERIES, "RTSTRUCT->SERIES")
+    op = RetrieveSeries(P, STUDY, ct[0].SeriesInstanceUID, Role.PLANNING_SERIES, Hop.STRUCTURE_SET_SERIES)
     d = decide(ct[0], op)
     [for_search] = only(d.operations, FindSeriesInFrameOfReference)
     assert (for_search.for_uid, for_search.role, for_search.exclude_series) == (
@@ -264,7 +265,7 @@ def test_planning_series_image_plans_for_search_and_reg_search() -> None:
 
 def test_planning_image_without_for() -> None:
     ct = image_series("ct", P, STUDY, None)
-    op = RetrieveSeries(P, STUDY, ct[0].SeriesInstanceUID, Role.PLANNING_SERIES, "RTSTRUCT->SERIES")
+    op = RetrieveSeries(P, STUDY, ct[0].SeriesInstanceUID, Role.PLANNING_SERIES, Hop.STRUCTURE_SET_SERIES)
     d = decide(ct[0], op)
     assert d.keep and d.operations == () and any(p.attribute == "FrameOfReferenceUID" for p in d.problems)
 
@@ -273,7 +274,7 @@ def test_planning_image_without_for() -> None:
 
 
 def for_op(for_uid: str, role: Role = Role.PLANNING_FOR_SERIES) -> FindSeriesInFrameOfReference:
-    return FindSeriesInFrameOfReference(P, for_uid, (uid("ct", "series"),), role, "SERIES->FOR")
+    return FindSeriesInFrameOfReference(P, for_uid, (uid("ct", "series"),), role, Hop.SERIES_FOR)
 
 
 def test_for_series_arrivals() -> None:
@@ -291,7 +292,7 @@ def test_for_series_arrivals() -> None:
 
 def reg_op(for_uid: str, exclude: tuple[str, ...] = ()) -> FindReferencing:
     return FindReferencing("REG", P, None, ReferenceCriterion(CriterionKind.FRAME_OF_REFERENCE, (for_uid,)),
-                           Role.REGISTRATION, "FOR->REG", exclude_series=exclude, fixed_modality="CT")
+                           Role.REGISTRATION, Hop.FOR_REG, exclude_series=exclude, fixed_modality="CT")
 
 
 def test_rigid_registration_plans_the_registered_series() -> None:
@@ -357,13 +358,13 @@ def test_registration_with_image_references_only() -> None:
 
 def test_registered_series_plans_step_10() -> None:
     ct = image_series("petct-ct", P, STUDY, uid("for-petct"), "CT")
-    op = RetrieveSeries(P, STUDY, ct[0].SeriesInstanceUID, Role.REGISTERED_SERIES, "REG->SERIES", (FOR,))
+    op = RetrieveSeries(P, STUDY, ct[0].SeriesInstanceUID, Role.REGISTERED_SERIES, Hop.REG_SERIES, (FOR,))
     [search] = decide(ct[0], op).operations
     assert isinstance(search, FindSeriesInFrameOfReference)
     assert (search.for_uid, search.role) == (uid("for-petct"), Role.REGISTERED_FOR_SERIES)
     # A registered series that sits in a planning FoR: step 8 already covers that FoR.
     in_planning = image_series("x", P, STUDY, FOR, "CT")
-    op2 = RetrieveSeries(P, STUDY, in_planning[0].SeriesInstanceUID, Role.REGISTERED_SERIES, "REG->SERIES", (FOR,))
+    op2 = RetrieveSeries(P, STUDY, in_planning[0].SeriesInstanceUID, Role.REGISTERED_SERIES, Hop.REG_SERIES, (FOR,))
     assert decide(in_planning[0], op2).operations == ()
 
 
@@ -378,12 +379,12 @@ def test_unreadable_arrivals() -> None:
 
 ALL_OPS: list[Operation] = [
     FindTreatmentRecords(HarvestWindow("20200101", "20201231", ("P1",)), "P1"),
-    RetrieveInstance("1.2.3", P, STUDY, None, "RTPLAN", Role.PLAN, "RTRECORD->RTPLAN", (FOR,)),
-    RetrieveSeries(P, None, "1.2.4", Role.REGISTERED_SERIES, "REG->SERIES", (FOR,)),
+    RetrieveInstance("1.2.3", P, STUDY, None, "RTPLAN", Role.PLAN, Hop.RECORD_PLAN, (FOR,)),
+    RetrieveSeries(P, None, "1.2.4", Role.REGISTERED_SERIES, Hop.REG_SERIES, (FOR,)),
     FindReferencing("RTDOSE", P, STUDY, ReferenceCriterion(CriterionKind.PLAN, ("1.2.5",)), Role.DOSE,
-                    "RTPLAN->RTDOSE", plan_has_structure_set=False),
+                    Hop.PLAN_DOSE, plan_has_structure_set=False),
     reg_op(FOR, ("1.2.6",)),
-    FindSeriesInFrameOfReference(P, FOR, ("1.2.7",), Role.PLANNING_FOR_SERIES, "SERIES->FOR", ("CT", "PT")),
+    FindSeriesInFrameOfReference(P, FOR, ("1.2.7",), Role.PLANNING_FOR_SERIES, Hop.SERIES_FOR, ("CT", "PT")),
 ]
 
 
@@ -401,12 +402,12 @@ def test_unknown_operation_kind() -> None:
 
 
 def test_dedupe_keys() -> None:
-    a = RetrieveSeries(P, STUDY, "1.2.4", Role.PLANNING_SERIES, "RTSTRUCT->SERIES")
-    b = RetrieveSeries(P, STUDY, "1.2.4", Role.PLANNING_SERIES, "IMAGE->SERIES")
-    c = RetrieveSeries(P, STUDY, "1.2.4", Role.REGISTERED_SERIES, "REG->SERIES")
+    a = RetrieveSeries(P, STUDY, "1.2.4", Role.PLANNING_SERIES, Hop.STRUCTURE_SET_SERIES)
+    b = RetrieveSeries(P, STUDY, "1.2.4", Role.PLANNING_SERIES, Hop.IMAGE_SERIES)
+    c = RetrieveSeries(P, STUDY, "1.2.4", Role.REGISTERED_SERIES, Hop.REG_SERIES)
     assert a.dedupe_key() == b.dedupe_key() != c.dedupe_key()  # the hop does not matter, the role does
-    f1 = FindSeriesInFrameOfReference(P, FOR, ("x",), Role.PLANNING_FOR_SERIES, "SERIES->FOR")
-    f2 = FindSeriesInFrameOfReference(P, FOR, ("y",), Role.PLANNING_FOR_SERIES, "SERIES->FOR")
+    f1 = FindSeriesInFrameOfReference(P, FOR, ("x",), Role.PLANNING_FOR_SERIES, Hop.SERIES_FOR)
+    f2 = FindSeriesInFrameOfReference(P, FOR, ("y",), Role.PLANNING_FOR_SERIES, Hop.SERIES_FOR)
     assert f1.dedupe_key() == f2.dedupe_key()
     assert len({o.dedupe_key() for o in ALL_OPS}) == len(ALL_OPS)
 
@@ -431,7 +432,7 @@ def test_hierarchical_steps_never_skip_a_level(op: Operation) -> None:
 
 
 def test_relational_finds_by_sop_uid_alone() -> None:
-    op = RetrieveInstance("1.2.3", P, None, None, "RTPLAN", Role.PLAN, "RTRECORD->RTPLAN")
+    op = RetrieveInstance("1.2.3", P, None, None, "RTPLAN", Role.PLAN, Hop.RECORD_PLAN)
     find, move = search_steps(op, SourceCapability(True, False))
     assert find.level is QueryLevel.IMAGE and dict(find.keys)["SOPInstanceUID"] == "1.2.3"
     assert move.action is StepAction.RETRIEVE
@@ -443,8 +444,9 @@ def test_relational_finds_by_sop_uid_alone() -> None:
 def test_sequence_return_keys_filter_instead_of_retrieving() -> None:
     op = ALL_OPS[3]
     with_seq = search_steps(op, SourceCapability(True, True))
-    # Relational: the dose series first (Modality is a series key), then their instances with the sequence.
-    assert with_seq[0].level is QueryLevel.SERIES and dict(with_seq[0].keys)["Modality"] == "RTDOSE"
+    # Relational: the series of the plan's study first (the listing every search of the study shares; the dose
+    # series selected by Modality), then their instances with the sequence.
+    assert with_seq[0].level is QueryLevel.SERIES and AnswerFilter.MODALITY in with_seq[0].filters
     assert "ReferencedRTPlanSequence" in dict(with_seq[-2].keys)
     assert AnswerFilter.CRITERION in with_seq[-2].filters and not with_seq[-1].candidate
     without = search_steps(op, SourceCapability(True, False))

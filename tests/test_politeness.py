@@ -20,6 +20,7 @@ from rtharvest.operations import (
     FindReferencing,
     FindSeriesInFrameOfReference,
     FindTreatmentRecords,
+    Hop,
     Operation,
     ReferenceCriterion,
     RetrieveInstance,
@@ -167,7 +168,7 @@ def test_waiting_for_a_slot_calls_back_and_stops() -> None:
 
 def _records_of_plan(pid: str | None, study: str | None = None) -> FindReferencing:
     return FindReferencing("RTRECORD", pid, study, ReferenceCriterion(CriterionKind.PLAN, ("1.2.3",)),
-                           Role.PLAN_RECORD, "RTPLAN->RTRECORD")
+                           Role.PLAN_RECORD, Hop.PLAN_RECORD)
 
 
 def test_records_of_a_plan_are_searched_at_the_source_too() -> None:
@@ -176,7 +177,7 @@ def test_records_of_a_plan_are_searched_at_the_source_too() -> None:
     assert routing.source_for(_records_of_plan("P1")) == "ARIA"
     assert routing.sources_of(FindTreatmentRecords(routing.window, None)) == ("ARIA",)
     dose = FindReferencing("RTDOSE", "P1", "1.2", ReferenceCriterion(CriterionKind.PLAN, ("1.2.3",)), Role.DOSE,
-                           "RTPLAN->RTDOSE")
+                           Hop.PLAN_DOSE)
     assert routing.sources_of(dose) == ("PACS", "MIM")
     listed = HarvestRouting("h", routing.window, "ARIA", ("MIM", "ARIA"))
     assert listed.sources_of(_records_of_plan("P1")) == ("MIM", "ARIA")  # the user's order is kept
@@ -187,9 +188,9 @@ def test_records_of_a_plan_are_searched_at_the_source_too() -> None:
     [
         (_records_of_plan(None), "no PatientID and no study"),
         (_records_of_plan(""), "every RTRECORD of the source"),
-        (FindSeriesInFrameOfReference("", "1.2.9", (), Role.PLANNING_FOR_SERIES, "SERIES->FOR"),
+        (FindSeriesInFrameOfReference("", "1.2.9", (), Role.PLANNING_FOR_SERIES, Hop.SERIES_FOR),
          "every series of the source"),
-        (FindSeriesInFrameOfReference("P1", "", (), Role.PLANNING_FOR_SERIES, "SERIES->FOR"),
+        (FindSeriesInFrameOfReference("P1", "", (), Role.PLANNING_FOR_SERIES, Hop.SERIES_FOR),
          "no FrameOfReferenceUID"),
     ],
 )
@@ -203,8 +204,8 @@ def test_searches_with_an_empty_key_are_not_sent(op: Operation, reason: str) -> 
     [
         _records_of_plan("P1"),
         _records_of_plan(None, study="1.2.840.1"),  # bounded by the study (as a dose search is)
-        FindSeriesInFrameOfReference("P1", "1.2.9", (), Role.PLANNING_FOR_SERIES, "SERIES->FOR"),
-        RetrieveInstance("1.2.3", None, None, None, "RTPLAN", Role.PLAN, "RTRECORD->RTPLAN"),
+        FindSeriesInFrameOfReference("P1", "1.2.9", (), Role.PLANNING_FOR_SERIES, Hop.SERIES_FOR),
+        RetrieveInstance("1.2.3", None, None, None, "RTPLAN", Role.PLAN, Hop.RECORD_PLAN),
     ],
 )
 def test_bounded_searches_are_sent(op: Operation) -> None:

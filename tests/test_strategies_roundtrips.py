@@ -11,6 +11,7 @@ from rtharvest.operations import (
     FindReferencing,
     FindSeriesInFrameOfReference,
     FindTreatmentRecords,
+    Hop,
     ReferenceCriterion,
     RetrieveInstance,
     Role,
@@ -52,24 +53,50 @@ def test_records_in_one_image_level_find_where_the_source_matches_upper_level_ke
                                                                    QueryLevel.IMAGE]
 
 
-def test_reverse_search_in_one_image_level_find() -> None:
+def test_reverse_search_in_one_image_level_find_of_the_patients_studies() -> None:
     op = FindReferencing("RTRECORD", "P1", None, ReferenceCriterion(CriterionKind.PLAN, ("1.2",)),
-                         Role.PLAN_RECORD, "RTPLAN->RTRECORD")
+                         Role.PLAN_RECORD, Hop.PLAN_RECORD)
     steps = search_steps(op, UPPER)
-    assert [s.level for s in steps] == [QueryLevel.IMAGE, QueryLevel.IMAGE]
-    assert dict(steps[0].keys)["PatientID"] == "P1" and dict(steps[0].keys)["Modality"] == "RTRECORD"
-    assert [s.level for s in search_steps(op, RELATIONAL)] == [QueryLevel.SERIES, QueryLevel.IMAGE, QueryLevel.IMAGE]
+    # The patient bounds the studies; below them UIDs do: no step but the first matches PatientID, so a
+    # candidate naming the plan is found whatever PatientID it carries (docs/harvest-rules.md, "Identity").
+    assert [s.level for s in steps] == [QueryLevel.STUDY, QueryLevel.IMAGE, QueryLevel.IMAGE]
+    assert dict(steps[0].keys)["PatientID"] == "P1" and dict(steps[1].keys)["Modality"] == "RTRECORD"
+    assert all("PatientID" not in dict(s.keys) for s in steps[1:])
+    # One C-FIND names all the patient's studies (list of UID matching), not one per study.
+    asked: list[dict[str, Any]] = []
+
+    def find(level: QueryLevel, ident: dict[str, Any]) -> list[dict[str, str]]:
+        asked.append(ident)
+        if level is QueryLevel.STUDY:
+            return [{"StudyInstanceUID": s} for s in ("st-1", "st-2", "st-1")]
+        return [{"StudyInstanceUID": "st-2", "SeriesInstanceUID": "se", "SOPInstanceUID": "rec"}]
+
+    moved: list[dict[str, Any]] = []
+    execute(op, UPPER, find, lambda level, ident, candidate: moved.append(ident))
+    assert [a["StudyInstanceUID"] for a in asked] == ["", "st-1\\st-2"] and len(moved) == 1
+    relational = search_steps(op, RELATIONAL)
+    assert [s.level for s in relational] == [QueryLevel.STUDY, QueryLevel.SERIES, QueryLevel.IMAGE, QueryLevel.IMAGE]
+    assert all("PatientID" not in dict(s.keys) for s in relational[1:])
+    # A dose search is bounded by the plan's study alone.
+    dose = FindReferencing("RTDOSE", "P1", "st-1", ReferenceCriterion(CriterionKind.PLAN, ("1.2",)),
+                           Role.DOSE, Hop.PLAN_DOSE)
+    for cap in (UPPER, RELATIONAL, HIERARCHICAL):
+        steps = search_steps(dose, cap)
+        assert dict(steps[0].keys)["StudyInstanceUID"] == "st-1"
+        assert all("PatientID" not in dict(s.keys) for s in steps), cap
 
 
 def test_frame_of_reference_asked_at_series_level_only_where_instance_keys_are_returned() -> None:
-    op = FindSeriesInFrameOfReference("P1", "9.9", (), Role.PLANNING_FOR_SERIES, "SERIES->FOR")
-    assert "FrameOfReferenceUID" in dict(search_steps(op, RELATIONAL)[0].keys)
+    op = FindSeriesInFrameOfReference("P1", "9.9", (), Role.PLANNING_FOR_SERIES, Hop.SERIES_FOR)
+    steps = search_steps(op, RELATIONAL)
+    assert dict(steps[0].keys)["PatientID"] == "P1" and "FrameOfReferenceUID" in dict(steps[1].keys)
+    assert "PatientID" not in dict(steps[1].keys)
     no_inst = SourceCapability(relational=True, sequence_return_keys=False, instance_return_keys=False)
-    assert "FrameOfReferenceUID" not in dict(search_steps(op, no_inst)[0].keys)
+    assert "FrameOfReferenceUID" not in dict(search_steps(op, no_inst)[1].keys)
 
 
 def _hinted() -> RetrieveInstance:
-    return RetrieveInstance("sop-1", "P1", "study-1", "series-1", None, Role.PLANNING_IMAGE, "RTSTRUCT->IMAGE")
+    return RetrieveInstance("sop-1", "P1", "study-1", "series-1", None, Role.PLANNING_IMAGE, Hop.STRUCTURE_SET_IMAGE)
 
 
 def test_hinted_image_is_found_in_its_series_listing() -> None:
@@ -81,7 +108,7 @@ def test_hinted_image_is_found_in_its_series_listing() -> None:
         # Its fallback ignores the hint.
         fallback = fallback_steps(_hinted(), cap)
         assert fallback and "series-1" not in str(fallback[0].keys)
-    unhinted = RetrieveInstance("sop-1", "P1", None, None, "RTPLAN", Role.PLAN, "RTRECORD->RTPLAN")
+    unhinted = RetrieveInstance("sop-1", "P1", None, None, "RTPLAN", Role.PLAN, Hop.RECORD_PLAN)
     assert fallback_steps(unhinted, RELATIONAL) == ()
 
 

@@ -20,7 +20,7 @@ from rtharvest.eventlog import EventLogHandler, Level
 from rtharvest.harvests import HarvestService
 from rtharvest.ingest import _PRIORITY_BY_HOP, job_for, job_priority
 from rtharvest.jobqueue import JobState
-from rtharvest.operations import CriterionKind, FindReferencing, ReferenceCriterion, RetrieveSeries, Role
+from rtharvest.operations import CriterionKind, FindReferencing, Hop, ReferenceCriterion, RetrieveSeries, Role
 from rtharvest.strategies import QueryLevel
 from rtharvest.tracking import Decision, Expectation
 from tests.fakes import World, dicom_bytes
@@ -247,7 +247,7 @@ def test_a_re_harvest_writes_one_summary_event(world: World, clinic: MiniClinic)
 def series_job(world: World, harvest_id: str, series: Sequence[Dataset]) -> None:
     first = series[0]
     op = RetrieveSeries(first.PatientID, first.StudyInstanceUID, first.SeriesInstanceUID, Role.PLANNING_SERIES,
-                        "RTSTRUCT->SERIES")
+                        Hop.STRUCTURE_SET_SERIES)
     world.queue.enqueue_many([job_for(world.routes[harvest_id], op)])
 
 
@@ -452,7 +452,7 @@ def test_a_job_stops_waiting_for_a_move_that_never_ends_and_moves_itself(world: 
     hung = world.queue.claim("t:1:w0", 600.0)
     assert hung is not None and hung.harvest_id == h1
     world.tracker.expect([Expectation(h1, ds.SOPInstanceUID, hung.id, "SRC", Role.PLANNING_SERIES.value,
-                                      "RTSTRUCT->SERIES", False, hung.payload) for ds in clinic.ct_sim])
+                                      Hop.STRUCTURE_SET_SERIES, False, hung.payload) for ds in clinic.ct_sim])
     world.harvester.RECHECK_IN_FLIGHT_S = 0.0
     waiter = world.queue.claim("t:1:w1", 60.0)
     assert waiter is not None and waiter.harvest_id == h2
@@ -479,7 +479,7 @@ def test_a_series_kept_under_one_role_still_plans_the_hops_of_another(world: Wor
     world.run()
     first = clinic.ct_sim[0]
     registered = RetrieveSeries(first.PatientID, first.StudyInstanceUID, first.SeriesInstanceUID,
-                                Role.REGISTERED_SERIES, "REG->SERIES", ("2.25.1",))
+                                Role.REGISTERED_SERIES, Hop.REG_SERIES, ("2.25.1",))
     world.queue.enqueue_many([job_for(world.routes[hid], registered)])
     world.run()
     assert {i.SOPInstanceUID for i in clinic.ct_sim} <= kept(world, hid)
@@ -494,7 +494,7 @@ def test_a_series_kept_under_one_role_still_plans_the_hops_of_another(world: Wor
     world.run()
     ct_uids = {first.SeriesInstanceUID, *(i.SOPInstanceUID for i in clinic.ct_sim)}
     assert not [m for m in world.backend.moves[moves:] if ct_uids & set(m[1])]  # the CT is not moved again
-    assert "FOR->REG" in reg_searches()
+    assert Hop.FOR_REG in reg_searches()
 
 
 def test_jobs_are_ordered_critical_path_first_and_every_hop_has_its_rank(world: World, clinic: MiniClinic) -> None:
@@ -505,23 +505,23 @@ def test_jobs_are_ordered_critical_path_first_and_every_hop_has_its_rank(world: 
     world.run()
     jobs = world.queue.list_jobs(harvest_id=hid)
     hops = {j.payload.get("hop") for j in jobs}
-    assert {"WINDOW->RTRECORD", "RTRECORD->RTPLAN", "RTPLAN->RTSTRUCT", "RTSTRUCT->SERIES", "FOR->REG",
-            "REG->SERIES", "SERIES->FOR", "RTPLAN->RTDOSE", "RTPLAN->RTRECORD"} <= hops
+    assert {Hop.WINDOW_RECORD, Hop.RECORD_PLAN, Hop.PLAN_STRUCTURE_SET, Hop.STRUCTURE_SET_SERIES, Hop.FOR_REG,
+            Hop.REG_SERIES, Hop.SERIES_FOR, Hop.PLAN_DOSE, Hop.PLAN_RECORD} <= hops
     assert hops <= set(_PRIORITY_BY_HOP), hops - set(_PRIORITY_BY_HOP)
     assert all(j.priority == _PRIORITY_BY_HOP[j.payload["hop"]] for j in jobs
                if j.kind != "UnpackMimSession" and j.payload.get("plan_has_structure_set", True))
     rank = _PRIORITY_BY_HOP
-    assert (rank["WINDOW->RTRECORD"] > rank["RTRECORD->RTPLAN"] > rank["RTPLAN->RTSTRUCT"]
-            > rank["RTSTRUCT->SERIES"] > rank["FOR->REG"] > rank["REG->SERIES"] > rank["RTPLAN->RTDOSE"]
-            > rank["RTPLAN->RTRECORD"])
-    assert rank["SERIES->FOR"] > rank["RTPLAN->RTDOSE"]
-    op = RetrieveSeries("P", "1.2", "1.2.3", Role.PLANNING_SERIES, "RTSTRUCT->SERIES")
-    assert job_for(world.routes[hid], op).priority == job_priority(op) == rank["RTSTRUCT->SERIES"]
+    assert (rank[Hop.WINDOW_RECORD] > rank[Hop.RECORD_PLAN] > rank[Hop.PLAN_STRUCTURE_SET]
+            > rank[Hop.STRUCTURE_SET_SERIES] > rank[Hop.FOR_REG] > rank[Hop.REG_SERIES] > rank[Hop.PLAN_DOSE]
+            > rank[Hop.PLAN_RECORD])
+    assert rank[Hop.SERIES_FOR] > rank[Hop.PLAN_DOSE]
+    op = RetrieveSeries("P", "1.2", "1.2.3", Role.PLANNING_SERIES, Hop.STRUCTURE_SET_SERIES)
+    assert job_for(world.routes[hid], op).priority == job_priority(op) == rank[Hop.STRUCTURE_SET_SERIES]
     # A TomoTherapy plan names no structure set: its dose search is how the structure set is found.
     criterion = ReferenceCriterion(CriterionKind.PLAN, ("1.2.9",))
-    tomo = FindReferencing("RTDOSE", "P", None, criterion, Role.DOSE, "RTPLAN->RTDOSE", plan_has_structure_set=False)
-    usual = FindReferencing("RTDOSE", "P", None, criterion, Role.DOSE, "RTPLAN->RTDOSE")
-    assert job_priority(tomo) == rank["RTPLAN->RTSTRUCT"] > job_priority(usual) == rank["RTPLAN->RTDOSE"]
+    tomo = FindReferencing("RTDOSE", "P", None, criterion, Role.DOSE, Hop.PLAN_DOSE, plan_has_structure_set=False)
+    usual = FindReferencing("RTDOSE", "P", None, criterion, Role.DOSE, Hop.PLAN_DOSE)
+    assert job_priority(tomo) == rank[Hop.PLAN_STRUCTURE_SET] > job_priority(usual) == rank[Hop.PLAN_DOSE]
 
 
 def test_an_idle_worker_sleeps_long_and_new_work_still_starts_at_once(world: World, clinic: MiniClinic) -> None:

@@ -159,7 +159,11 @@
         (failed ? ', ' + failed + ' failed' : '');
       c.patients.textContent = String(doc.Patients || 0);
       c.plans.textContent = (doc.PlansCollected || 0) + ' / ' + (doc.PlansReferenced || 0);
-      c.plans.title = 'plans collected / referenced by treatment records';
+      // What the harvest's rules discarded (answers and arrivals), by reason: never silent.
+      var discarded = doc.Discarded || {Count: 0, ByReason: {}};
+      c.plans.title = 'plans collected / referenced by treatment records; discarded by rule: ' + discarded.Count +
+        Object.keys(discarded.ByReason || {}).map(function (k) { return '\n' + k + ': ' + discarded.ByReason[k]; }).join('');
+      c.patients.title = 'discarded by rule: ' + discarded.Count;
       // Only the controls that apply: a Completed or Cancelled harvest has none left.
       var final = doc.State === 'Completed' || doc.State === 'Cancelled';
       row.buttons.pause.hidden = doc.State !== 'Running';

@@ -553,7 +553,7 @@ class ExportService:
                 " VALUES (?, ?, ?, ?)",
                 [(export_id, uid, obj.orthanc_id, obj.series_uid) for uid, obj in objects.items()])
             self.db.execute("UPDATE rth_exports SET selected = 1, site_rows = ? WHERE id = ?",
-                            (json.dumps([r.to_json() for r in rows]), export_id))
+                            (json.dumps([r.to_json(causes=True) for r in rows]), export_id))
         self.events.write(Level.INFO, "export", f"export {export_id}: {len(rows)} plan(s), {len(objects)} "
                           "instance(s) selected", harvest_id=harvest_id)
 

@@ -26,7 +26,7 @@ from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.tag import BaseTag
 
-from ..manifest import Manifest, PlanRow, build_manifest, summarize_plans
+from ..manifest import VISIBLE_IN_A_COPY, Manifest, MissingCause, PlanRow, build_manifest, summarize_plans
 from ..references import ObjectKind, ObjectRefs
 from ..sopclass import Modality
 from ..tracking import Decision, ObjectRecord
@@ -64,9 +64,10 @@ def manifest_of_copy(objects: Iterable[ObjectRefs], label: str = "export") -> Ma
 
 
 def knowable(link: Mapping[str, Any]) -> bool:
-    """Whether a missing link of the site's manifest can be seen in a copy (see the module docstring)."""
-    reason = str(link.get("Reason", ""))
-    return not reason.startswith(("search ", "partially stored"))
+    """Whether a missing link of the site's manifest can be seen in a copy (see the module docstring): by its
+    ``Cause`` code, never its words (a link without one is taken as visible)."""
+    cause = link.get("Cause")
+    return not cause or MissingCause(str(cause)) in VISIBLE_IN_A_COPY
 
 
 def expected_rows(site_rows: Sequence[Mapping[str, Any]], key: SiteKey, profile: Profile,

@@ -29,7 +29,7 @@ from rtharvest.jobqueue import JobQueue, RetryPolicy
 from rtharvest.manifest import ManifestService
 from rtharvest.rest import build_routes, build_schedule_routes
 from rtharvest.schedules import ScheduleService
-from rtharvest.tracking import Tracker
+from rtharvest.tracking import FailureCode, Tracker
 
 SOURCES = {"ARIA": ["ARIA", "127.0.0.1", 11112], "MIM": ["MIM", "127.0.0.1", 11113]}
 
@@ -195,5 +195,6 @@ def load_harvest(api: ApiServer, root: Path, truth: Any, window_name: str = "all
         assert job is not None
         api.queue.fail(job.id, "loader", f"RTRECORD->RTPLAN: {job.payload['sop_uid']} not found at {source}",
                        retryable=False)
+        api.tracker.note_failure(job.id, FailureCode.NOT_FOUND)  # as the harvester records it
     api.tracker.mark_cleanup(harvest.id)
     return harvest.id
