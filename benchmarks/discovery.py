@@ -24,7 +24,7 @@ window's C-FINDs and C-MOVEs. ``--skip-whole``: no whole-history harvest (the sl
 dcmqrscp (dcmtk 3.6.7) holds at most 500 studies per storage area (``DB_UpperMaxStudies``; beyond that
 ``dcmqridx`` aborts): dcmqrscp serves a clinic of at most ``--dcmqrscp-history`` (220) history patients.
 
-Goals (issue 13): a one-month window costs ≤ 5 % of the whole history's C-FINDs and C-MOVEs; history
+Goals: a one-month window costs ≤ 5 % of the whole history's C-FINDs and C-MOVEs; history
 outside the window adds ≤ 10 % to the window's C-FINDs.
 Not a test: the machine is shared; the figures are counts and ratios measured in one run.
 """

@@ -1,7 +1,7 @@
 """HTTP client for the harvester's own REST API on 127.0.0.1, used from worker threads.
 
 Why not ``orthanc.RestApi*``: the Python plugin holds the GIL for the whole of every ``orthanc.*`` call
-(PLATFORM.md, "the GIL trap"). A remote C-FIND or a synchronous C-MOVE issued that way freezes every
+(docs/platform.md, "The GIL trap"). A remote C-FIND or a synchronous C-MOVE issued that way freezes every
 other Python callback, including the OnStoredInstance callback of the very instances being moved, which
 then time out. A plain socket wait in :mod:`urllib` releases the GIL, so workers talk to Orthanc over
 HTTP on loopback, authenticated by the token from ``orthanc.GenerateRestApiAuthorizationToken()``

@@ -17,7 +17,7 @@ images carry what is needed in their rows, and a record's row has its plan and d
 delivered) and the failed jobs. ``harvest_id=None`` builds the manifest
 of the whole store, the union over harvests.
 
-The JSON form is CONTRACT.md's ``{"Harvest", "Summary", "Plans"}`` plus extras (``Charts`` for the
+The JSON form is docs/contract.md's ``{"Harvest", "Summary", "Plans"}`` plus extras (``Charts`` for the
 Explorer page, ``Orphans`` and ``Failures`` for validation, a few per-plan lists the ground truth of the
 synthetic clinic also reports); the CSV form has one row per plan and loads with ``pandas.read_csv``.
 """
@@ -493,7 +493,7 @@ class Manifest:
     failures: list[FailureInfo] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
-        """``{"Harvest", "Summary", "Plans"}`` of CONTRACT.md, plus ``Charts``, ``Orphans``, ``Failures``.
+        """``{"Harvest", "Summary", "Plans"}`` of docs/contract.md, plus ``Charts``, ``Orphans``, ``Failures``.
 
         ``Charts.Monthly``/``Yearly`` count patients and plans (QA plans excluded) by the month/year of
         their first treatment, every period between the first and the last present (zeros included), so

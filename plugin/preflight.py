@@ -26,7 +26,7 @@ from .config import Backend, ConfigError, HarvesterConfig, QueryModel, load_conf
 __all__ = ["CRASHES_ON_HTTPS", "PROVENANCE_METADATA", "RecordingConfiguration", "load_checked", "startup_problems",
            "with_warnings"]
 
-#: The metadata names provenance is written under (CONTRACT.md), in ``tracking.ProvenanceItem`` order.
+#: The metadata names provenance is written under (docs/contract.md), in ``tracking.ProvenanceItem`` order.
 PROVENANCE_METADATA = ("HarvestSource", "HarvestJob", "HarvestHop", "HarvestedAt", "HarvestId")
 
 #: Backends that can send sequence return keys in a C-FIND (``SourceBackend.supports_sequence_keys``).

@@ -1,4 +1,4 @@
-"""The ``/rtharvest`` REST routes of CONTRACT.md, on top of the services (no Orthanc calls here)."""
+"""The ``/rtharvest`` REST routes (docs/contract.md), on top of the services (no Orthanc calls here)."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """The only module that talks to the ``orthanc`` module of Orthanc's Python plugin.
 
 Everything Orthanc-specific sits here behind small typed functions, so every other module imports
-without Orthanc. Version facts that shape the design (see PLATFORM.md):
+without Orthanc. Version facts that shape the design (see docs/platform.md):
 
 * Python plugin 4.0 holds the GIL during every ``orthanc.*`` call and has no ``AllowThreads``: a
   long call (a remote C-FIND, a synchronous move) freezes all Python callbacks, including the

@@ -1,6 +1,6 @@
 """How a source executes an operation, by capability: the C-FIND / C-MOVE steps, as values (no I/O).
 
-Two facts about real Q/R sources shape every search (``../shared/PLATFORM.md``):
+Two facts about real Q/R sources shape every search (docs/platform.md):
 
 * **Relational** SCPs (ARIA, Orthanc) answer a query at any level with any keys, so an instance is
   found by its SOP Instance UID alone. **Strict hierarchical** SCPs (dcmqrscp ``-XF -XM``, many PACS)

@@ -205,7 +205,7 @@ class DecisionCounts:
 
 @dataclass(frozen=True)
 class ProvenanceItem:
-    """Metadata to write on one stored instance (names of CONTRACT.md)."""
+    """Metadata to write on one stored instance (names of docs/contract.md)."""
 
     orthanc_id: str
     harvest_id: str

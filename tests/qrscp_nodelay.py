@@ -1,6 +1,6 @@
 """Run pynetdicom's Q/R SCP application with TCP_NODELAY on every socket it opens or accepts.
 
-The dcmtk peers in these tests run with ``TCP_NODELAY=1`` (PLATFORM.md); pynetdicom has no such switch,
+The dcmtk peers in these tests run with ``TCP_NODELAY=1`` (docs/platform.md); pynetdicom has no such switch,
 and with Nagle on each of its DIMSE messages waits ~40 ms for a delayed ACK. This wrapper only sets the
 socket option, then runs the unmodified application: ``python tests/qrscp_nodelay.py -c qrscp.ini``.
 With ``QRSCP_PATIENT_ID_NOCASE=1`` it also matches PatientID case-insensitively, as some PACS do.

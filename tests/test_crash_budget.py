@@ -1,4 +1,4 @@
-"""Attempts count what the source did, crashes what the harvester did (issue 12, deliverable 3).
+"""Attempts count what the source did, crashes what the harvester did.
 
 The queue is driven directly, with restarts simulated the way the plugin does them: a new run declares
 every lease of the previous one dead (``recover_stale_leases(owner_prefix="")``). The real SIGKILL

@@ -1,4 +1,4 @@
-"""Discovery bounded by the window (issue 13), end to end on real sources.
+"""Discovery bounded by the window, end to end on real sources.
 
 A clinic whose courses keep their treatment records in one study dated at simulation, before the first
 fraction (``course_record_study``), harvested with the window ``course_cut``: it starts mid-course (the

@@ -1,4 +1,4 @@
-"""Identity mismatches explained (issue 13): a source that matches PatientID case-insensitively returns
+"""Identity mismatches explained: a source that matches PatientID case-insensitively returns
 another patient's records for a PatientIDs harvest; they stay out, and the harvest document and the
 manifest say how many and why, so a harvest of 0 patients is never silent."""
 

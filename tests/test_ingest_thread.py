@@ -1,4 +1,4 @@
-"""Ingest off the C-STORE path (issue 14): the SOPInstanceUID peek, the ingest thread, settle, the backlog.
+"""Ingest off the C-STORE path: the SOPInstanceUID peek, the ingest thread, settle, the backlog.
 
 In-memory edges (tests/fakes.py): the fake backend calls ``on_stored`` before its move returns, as Orthanc
 does, so a worker that checks decisions right after the move races the ingest thread exactly as in the

@@ -1,4 +1,4 @@
-"""The loopback client never sends a non-idempotent request twice (issue 13): a POST may have started a
+"""The loopback client never sends a non-idempotent request twice: a POST may have started a
 C-MOVE at Orthanc before the connection dropped. Safe requests are resent on a fresh connection."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Politeness per contacted source (issue 13): the gate around every DIMSE operation, quiet hours in a
+"""Politeness per contacted source: the gate around every DIMSE operation, quiet hours in a
 time zone, jobs given back until a source may be contacted, and searches that would scan a whole source."""
 
 from __future__ import annotations

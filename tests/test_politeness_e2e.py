@@ -1,4 +1,4 @@
-"""Politeness per contacted source, end to end (issue 13): a second lookup source that every reverse
+"""Politeness per contacted source, end to end: a second lookup source that every reverse
 search also asks, counted at the source itself."""
 
 from __future__ import annotations

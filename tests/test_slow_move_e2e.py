@@ -1,4 +1,4 @@
-"""A move slower than its job's lease, end to end (issue 13, "moves that outlive their welcome").
+"""A move slower than its job's lease, end to end ("moves that outlive their welcome").
 
 ``MoveTimeout`` must be shorter than ``LeaseSeconds``, yet a move can still outlast the lease: with
 ``Backend: orthanc`` the move is Orthanc's synchronous ``POST /modalities/{name}/move``, whose DICOM

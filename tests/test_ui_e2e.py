@@ -1,4 +1,4 @@
-"""Issue 7 against the real servers: manifest over REST, the ``rtharvest`` CLI and the Explorer page.
+"""Against the real servers: the manifest over REST, the ``rtharvest`` CLI and the Explorer page.
 
 One harvest of the synthetic clinic's window "all" from the plain Orthanc source (module fixture, fresh
 harvester store), then:

@@ -2,7 +2,7 @@
 """The long version of tests/reliability: a bigger clinic, many more kills, faults and bad inputs.
 
 Not run in CI. Starts its own servers on loopback (a plain Orthanc source, fault-injecting SCPs, the
-harvester through the same launcher as users) and prints the figures issue 8 asks for::
+harvester through the same launcher as users) and prints these figures::
 
     .venv/bin/python tools/soak.py                      # 20 patients, 40 kills, ~10 minutes
     .venv/bin/python tools/soak.py --patients 60 --kills 150 --rounds 3 --seed 7

@@ -2,7 +2,7 @@
 
 MIM stores the structure sets and registrations of a session inside a Raw Data object (SOP class
 1.2.840.10008.5.1.4.1.1.66), as items of a private sequence of group 0013. Rules applied here
-(``../shared/CONVERTERS.md``; PS3.5 7.8 for private blocks, 6.2.2 for UN):
+(docs/converters-mim.md; PS3.5 7.8 for private blocks, 6.2.2 for UN):
 
 * **Recognised by evidence, found through the private creator.** A private creator element
   ``(0013,00xx)`` reserves the block ``(0013,xx00-xxFF)`` (never a fixed element number). A block is a

@@ -1,7 +1,7 @@
 """Pinnacle coordinates (cm) to DICOM patient coordinates (mm), per patient orientation.
 
 Pinnacle keeps x to the patient's left and y anterior *as seen on the image*, whatever the orientation;
-DICOM axes follow the patient. The mapping is a sign flip per axis (CONVERTERS.md, checked against the
+DICOM axes follow the patient. The mapping is a sign flip per axis (docs/converters-pinnacle.md, checked against the
 original CT in tests)::
 
     HFS (10x, −10y, −10z)   HFP (−10x, 10y, −10z)   FFS (−10x, −10y, 10z)   FFP (10x, 10y, 10z)

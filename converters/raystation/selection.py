@@ -5,7 +5,7 @@ to the auxiliary PACS the harvest lists in ``LookupSources``. Everything that de
 lives here, as functions of RayStation's scripting objects (duck-typed: the tests drive them with fakes),
 so the script itself (:mod:`.export_script`) only wires them to ``connect.get_current``.
 
-Rules (``../shared/CONVERTERS.md``; RayStation scripting documentation and the open ``ray_scripts``):
+Rules (docs/converters-raystation.md; RayStation scripting documentation and the open ``ray_scripts``):
 
 * A beam set is exported when it is **approved** (``Review.ApprovalStatus == 'Approved'``, on the beam set
   or, in versions that review plans, on its plan) and, when a treated-plan list is given, when its plan's

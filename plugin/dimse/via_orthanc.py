@@ -2,7 +2,7 @@
 
 Every call is an HTTP request to the harvester on 127.0.0.1 (:class:`~rtharvest.loopback.LoopbackClient`),
 never ``orthanc.RestApi*``: the Python plugin holds the GIL for the whole of such a call, which would
-freeze the OnStoredInstance callback of the very instances a move brings in (PLATFORM.md, the GIL trap).
+freeze the OnStoredInstance callback of the very instances a move brings in (docs/platform.md, "The GIL trap").
 
 Requests:
 

@@ -1,4 +1,4 @@
-"""De-identified export of harvested plans to a research archive (issue 19).
+"""De-identified export of harvested plans to a research archive.
 
 ``deid`` is the pure de-identification layer; ``selection`` picks a harvest's objects plan by plan;
 ``destinations`` sends to a DICOM node, a DICOMweb server or a folder; ``verify`` re-runs the reference

@@ -1,7 +1,7 @@
 """MIM sessions: the RTSTRUCT/REG objects inside Raw Data objects unpack into conformant, resolvable objects.
 
 The sessions are built from the synthetic clinic (:mod:`rtharvest.synth.mimsession`) in the three encodings
-of CONVERTERS.md; each quirk is named in a test.
+of docs/converters-mim.md; each quirk is named in a test.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""History options of the synthetic clinic (issue 13): metadata-light patients over the years, course record
+"""History options of the synthetic clinic: metadata-light patients over the years, course record
 studies dated before the first fraction, and extra windows whose truth the generator computes itself."""
 
 from __future__ import annotations
