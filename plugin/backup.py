@@ -37,6 +37,7 @@ from typing import IO, Any
 import apsw
 
 from .config import ConfigError, load_config
+from .export.settings import SECRET_ENV
 from .postgres import PostgresTarget, index_enabled
 
 __all__ = ["BackupError", "Layout", "add_parser", "backup", "layout_of", "restore"]
@@ -44,6 +45,7 @@ __all__ = ["BackupError", "Layout", "add_parser", "backup", "layout_of", "restor
 #: The files of a backup folder.
 QUEUE_FILE = "queue.sqlite"
 EXPORTS_FILE = "exports.sqlite"
+SECRET_FILE = "exports.secret"
 INDEX_SQLITE_FILE = "index.sqlite"
 INDEX_DUMP_FILE = "index.pgdump"
 STORAGE_DIR = "storage"
@@ -63,6 +65,9 @@ class Layout:
     postgres: PostgresTarget | None
     queue: Path
     exports: Path
+    #: The file holding the export's site secret (``None``: the secret comes from the configuration or the
+    #: environment, which the operator keeps; it is not in the backup).
+    secret: Path | None = None
 
     @property
     def sqlite_index(self) -> Path:
@@ -73,6 +78,8 @@ class Layout:
         names: set[Path] = set()
         for db in (self.queue, self.exports, self.sqlite_index):
             names |= {db, Path(f"{db}-wal"), Path(f"{db}-shm"), Path(f"{db}-journal"), Path(f"{db}.lock")}
+        if self.secret is not None:
+            names.add(self.secret)
         return {p.resolve() for p in names}
 
 
@@ -107,7 +114,13 @@ def layout_of(config_path: Path) -> Layout:
     # As rtharvest.export.settings: next to the queue unless configured.
     default_exports = queue.with_name(queue.stem + "-exports.sqlite")
     exports = resolved(export.get("DatabasePath") if isinstance(export, Mapping) else None, default_exports)
-    return Layout(storage=storage, index_directory=index_dir, postgres=postgres, queue=queue, exports=exports)
+    # As ExportSettings.secret_path: the secret from the environment or the configuration wins over a file.
+    secret: Path | None = None
+    if not os.environ.get(SECRET_ENV) and not (isinstance(export, Mapping) and export.get("Secret")):
+        secret = resolved(export.get("SecretFile") if isinstance(export, Mapping) else None,
+                          exports.with_name(exports.stem + ".secret"))
+    return Layout(storage=storage, index_directory=index_dir, postgres=postgres, queue=queue, exports=exports,
+                  secret=secret)
 
 
 def _pg_env(target: PostgresTarget) -> dict[str, str]:
@@ -197,6 +210,15 @@ def backup(layout: Layout, target: Path, out: IO[str] | None = None) -> dict[str
         say(f"export database (site secret, pseudonyms) {layout.exports} -> {EXPORTS_FILE}")
     else:
         say(f"no export database at {layout.exports} (no export yet): nothing to keep")
+    # The site secret lives apart from the pseudonym map (one stolen file must not re-identify anyone): the
+    # backup keeps both, each readable by its owner only; keep the backup folder as safe as the site.
+    has_secret = layout.secret is not None and layout.secret.exists()
+    if has_secret:
+        assert layout.secret is not None
+        _private_copy(layout.secret, target / SECRET_FILE)
+        say(f"export site secret {layout.secret} -> {SECRET_FILE} (mode 0600)")
+    elif layout.secret is None:
+        say("export site secret: from the configuration or the environment (keep it with them: not copied)")
     # 3. the index.
     if layout.postgres is not None:
         pg = layout.postgres
@@ -236,6 +258,7 @@ def backup(layout: Layout, target: Path, out: IO[str] | None = None) -> dict[str
         "Index": "PostgreSQL" if layout.postgres is not None else "SQLite",
         "Files": files,
         "ExportDatabase": has_exports,
+        "ExportSecretFile": has_secret,
         "Harvests": _count(target / QUEUE_FILE, "SELECT count(*) FROM harvests"),
         "Schedules": _count(target / QUEUE_FILE, "SELECT count(*) FROM rth_schedules"),
         "Pseudonyms": _count(target / EXPORTS_FILE, "SELECT count(*) FROM rth_pseudonyms") if has_exports else 0,
@@ -257,7 +280,7 @@ def restore(source: Path, layout: Layout, out: IO[str] | None = None) -> dict[st
         raise BackupError(f"{source} is not an rtharvest backup (no readable {DESCRIPTION_FILE})") from None
     if _harvester_running(layout):
         raise BackupError(f"a harvester is running on {layout.queue}: stop Orthanc before restoring")
-    for db in (layout.queue, layout.exports):
+    for db in (layout.queue, layout.exports, *(() if layout.secret is None else (layout.secret,))):
         if db.exists():
             raise BackupError(f"{db} exists: restore into a new location (or move it away first)")
     layout.queue.parent.mkdir(parents=True, exist_ok=True)
@@ -300,7 +323,26 @@ def restore(source: Path, layout: Layout, out: IO[str] | None = None) -> dict[st
         layout.exports.parent.mkdir(parents=True, exist_ok=True)
         _sqlite_copy(source / EXPORTS_FILE, layout.exports)
         say(f"{EXPORTS_FILE} -> {layout.exports}")
+    if (source / SECRET_FILE).exists():
+        if layout.secret is None:
+            say(f"{SECRET_FILE} not restored: the target configuration takes the secret from the configuration "
+                "or the environment")
+        else:
+            layout.secret.parent.mkdir(parents=True, exist_ok=True)
+            _private_copy(source / SECRET_FILE, layout.secret)
+            say(f"{SECRET_FILE} -> {layout.secret} (mode 0600)")
     return dict(description)
+
+
+def _private_copy(src: Path, dest: Path) -> None:
+    """Copy a secret so that only its owner can read the copy, whatever the umask."""
+    data = src.read_bytes()
+    fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, data)
+    finally:
+        os.close(fd)
+    os.chmod(dest, 0o600)
 
 
 # -- the command line (``rtharvest backup`` / ``rtharvest restore``) ----------------------------------------

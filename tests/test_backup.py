@@ -81,8 +81,10 @@ def test_backup_mid_harvest_restores_harvests_manifests_schedules_and_pseudonyms
         schedules_before = _schedules(clinic)
         exports_db = run_dir / "rtharvest-exports.sqlite"
         pseudonyms_before = _rows(exports_db, "SELECT * FROM rth_pseudonyms")
-        secret_before = _rows(exports_db, "SELECT site, secret FROM rth_site_keys")
-        assert pseudonyms_before and secret_before
+        # The site secret lives apart from the pseudonym map, in its own owner-only file.
+        secret_file = run_dir / "rtharvest-exports.secret"
+        secret_before = secret_file.read_bytes()
+        assert pseudonyms_before and secret_before and secret_file.stat().st_mode & 0o777 == 0o600
 
         # ... and a harvest moving instances in while the backup is taken: half the store is lost (deleted)
         # and harvested again.
@@ -102,6 +104,8 @@ def test_backup_mid_harvest_restores_harvests_manifests_schedules_and_pseudonyms
             "the backup must be taken while harvesting"
         assert described["WhileRunning"] is True and described["Index"] == "PostgreSQL"
         assert described["Schedules"] == 1 and described["Pseudonyms"] == len(pseudonyms_before)
+        assert described["ExportSecretFile"] is True
+        assert (backup / "exports.secret").stat().st_mode & 0o777 == 0o600
 
         # Disaster: the machine is lost. A new directory and a new (empty) database, the same orthanc.json
         # otherwise; restore there with the command, then start the harvester on it.
@@ -120,7 +124,8 @@ def test_backup_mid_harvest_restores_harvests_manifests_schedules_and_pseudonyms
         assert _schedules(clinic) == schedules_before
         restored_exports = restored_dir / "rtharvest-exports.sqlite"
         assert _rows(restored_exports, "SELECT * FROM rth_pseudonyms") == pseudonyms_before
-        assert _rows(restored_exports, "SELECT site, secret FROM rth_site_keys") == secret_before
+        restored_secret = restored_dir / "rtharvest-exports.secret"
+        assert restored_secret.read_bytes() == secret_before and restored_secret.stat().st_mode & 0o777 == 0o600
         wait_completed(clinic.api, second, deadline_s=300)
         stored = assert_store_equals_truth(clinic.api, window)
         # Kept instances keep the first harvest's provenance; the lost half got the second's.

@@ -135,8 +135,9 @@ def test_exception_messages_quoting_a_patient_id_stay_out_of_job_errors_events_a
         to_events.close()
         world.close()
     errors = {j.id: j.last_error or "" for j in jobs}
-    # Each path ran (the test proves nothing otherwise) and says what kind of failure it was.
-    assert crashed and "internal error: KeyError" in errors[crashed[0]]
+    # Each path ran (the test proves nothing otherwise) and says what kind of failure it was. The crashed job
+    # succeeded on its next attempt, which clears its LastError: its failure stays in the event log.
+    assert crashed and any("internal error: KeyError" in e.message for e in events if e.job_id == crashed[0])
     assert world.ingest.failures >= 1
     assert any("from the store failed: ValueError" in e for e in errors.values())
     assert any("ingest of stored instance" in line and "ValueError" in line for line in orthanc_log)

@@ -198,7 +198,7 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-def plain_http_problem(name: str, url: str, policy: PlainHttpCredentials) -> str | None:
+def plain_http_problem(name: str, url: str, policy: PlainHttpCredentials, what: str = "credentials") -> str | None:
     """Why credentials for ``url`` may not be sent (``None``: they may): over plain ``http://`` anyone on the
     path reads them, so only ``https://``, or what ``policy`` (``AllowCredentialsOverHttp``) allows."""
     parts = urllib.parse.urlsplit(url)
@@ -207,7 +207,7 @@ def plain_http_problem(name: str, url: str, policy: PlainHttpCredentials) -> str
     if policy is PlainHttpCredentials.ALWAYS or (
             policy is PlainHttpCredentials.LOOPBACK and _is_loopback(parts.hostname or "")):
         return None
-    return (f"{name} would send its credentials over plain {parts.scheme}://; use an https:// "
+    return (f"{name} would send its {what} over plain {parts.scheme}://; use an https:// "
             "Url (or set RtHarvest.Export.AllowCredentialsOverHttp, docs/operations.md)")
 
 
@@ -228,7 +228,7 @@ class DicomWebServer:
         readable by anyone on the path, so they are refused unless the setting allows it."""
         if self.username is None and self.password is None:
             return None
-        return plain_http_problem(self.name, self.url, self.plain_http)
+        return plain_http_problem(self.name, self.url, self.plain_http, "Username and Password")
 
     def _connection(self) -> tuple[http.client.HTTPConnection, str]:
         parts = urllib.parse.urlsplit(self.url)
