@@ -17,10 +17,9 @@ Choices forced by the standard or by known non-conformances of other generators:
 from __future__ import annotations
 
 from pydicom.dataset import Dataset
-from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import UID
 
-from rtharvest.dicombuild import ds_text, make_item
+from rtharvest.dicombuild import ds_text, make_item, seq
 
 from ..sink import with_file_meta
 from ..uids import derived_uid
@@ -73,8 +72,8 @@ def _control_point(index: int, cp: ControlPoint | None, beam: BeamItem, end: boo
         if cp.collimator is not None:
             item.BeamLimitingDeviceAngle = ds_text(cp.collimator)
         if cp.leaves_mm is not None:
-            item.BeamLimitingDevicePositionSequence = DicomSequence([
-                make_item(RTBeamLimitingDeviceType="MLCX", LeafJawPositions=[ds_text(v) for v in cp.leaves_mm])])
+            item.BeamLimitingDevicePositionSequence = seq(
+                make_item(RTBeamLimitingDeviceType="MLCX", LeafJawPositions=[ds_text(v) for v in cp.leaves_mm]))
     return item
 
 
@@ -118,13 +117,13 @@ def _beam(beam: BeamItem) -> Dataset:
              make_item(RTBeamLimitingDeviceType="ASYMY", NumberOfLeafJawPairs=1)]
     if first is not None and first.leaves_mm is not None:
         pairs.append(make_item(RTBeamLimitingDeviceType="MLCX", NumberOfLeafJawPairs=len(first.leaves_mm) // 2))
-    item.BeamLimitingDeviceLeafPairsSequence = DicomSequence(pairs)
+    item.BeamLimitingDeviceLeafPairsSequence = seq(*pairs)
     end_index = max(len(points) - 1, 1)
     item.NumberOfControlPoints = 2
-    item.ControlPointDeliverySequence = DicomSequence([
+    item.ControlPointDeliverySequence = seq(
         _control_point(0, first, beam, end=False),
         _control_point(end_index, last, beam, end=True),
-    ])
+    )
     return item
 
 
@@ -163,20 +162,20 @@ def build_record(spec: RecordSpec, salt: str, location: PlanLocation | None) -> 
     ds.InstanceNumber = spec.beams[0].fraction
     ds.TreatmentDate = day
     ds.TreatmentTime = clock
-    ds.ReferencedRTPlanSequence = DicomSequence([make_item(
+    ds.ReferencedRTPlanSequence = seq(make_item(
         ReferencedSOPClassUID=location.sop_class_uid if location and location.sop_class_uid else RT_PLAN,
         ReferencedSOPInstanceUID=spec.plan_uid,
-    )])
+    ))
     # RT Treatment Machine Record: the machine the deliveries were made on
-    ds.TreatmentMachineSequence = DicomSequence([make_item(
+    ds.TreatmentMachineSequence = seq(make_item(
         TreatmentMachineName=spec.machine,
         Manufacturer="",
         InstitutionName="",
         ManufacturerModelName="",
         DeviceSerialNumber="",
-    )])
+    ))
     # RT Beams Session Record
     ds.NumberOfFractionsPlanned = spec.site.fractions if spec.site and spec.site.fractions else ""
     ds.PrimaryDosimeterUnit = "MU"
-    ds.TreatmentSessionBeamSequence = DicomSequence([_beam(b) for b in spec.beams])
+    ds.TreatmentSessionBeamSequence = seq(*(_beam(b) for b in spec.beams))
     return with_file_meta(ds)
