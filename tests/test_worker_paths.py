@@ -312,7 +312,7 @@ def test_a_record_missing_from_a_shared_move_fails_the_job_and_only_it_moves_aga
     assert delivered <= kept(fake_world, hid)  # what arrived was decided, not lost with the failed attempt
     fake_world.backend.withhold = set()
     before = len(fake_world.backend.moves)
-    retry = fake_world.queue.claim("t:1:w0", 60.0)  # due at once: this fake_world retries without backoff
+    retry = fake_world.queue.claim("t:1:w0", 60.0)  # due at once: this world retries without backoff
     assert retry is not None and retry.id == job.id
     fake_world.harvester.run(retry, "t:1:w0")
     assert fake_world.backend.moves[before:] == [(QueryLevel.IMAGE, (withheld,))]
