@@ -13,11 +13,13 @@ from pathlib import Path
 from typing import Protocol
 
 from pydicom import dcmread
-from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.dataset import Dataset
 from pydicom.filereader import read_file_meta_info
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 from pynetdicom.association import Association
+
+from rtharvest.dicombuild import file_meta
 
 from ..dimse.tcp import no_delay
 
@@ -55,12 +57,8 @@ class Peer:
 
 def with_file_meta(ds: Dataset, transfer_syntax: UID = ExplicitVRLittleEndian) -> Dataset:
     """Give ``ds`` a Part-10 file meta group for its SOP class and instance (replacing any old one)."""
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = ds.SOPClassUID
-    meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    meta.TransferSyntaxUID = transfer_syntax
-    meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
-    ds.file_meta = meta
+    ds.file_meta = file_meta(ds.SOPClassUID, ds.SOPInstanceUID, PYDICOM_IMPLEMENTATION_UID,
+                             transfer_syntax=transfer_syntax)
     return ds
 
 

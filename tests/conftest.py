@@ -9,10 +9,13 @@ from pathlib import Path
 import pytest
 
 from rtharvest.launcher import DEFAULT_CONFIG, OrthancProcess, free_port
+from rtharvest.strategies import SourceCapability
 from rtharvest.synth.generator import SynthOptions, generate
 from rtharvest.synth.groundtruth import GroundTruth
 from rtharvest.synth.loader import dicom_files, index_for_dcmqrscp, store_to_scp
 
+from .fakes import World
+from .planner_fixtures import MiniClinic
 from .servers import (
     HARVEST_AET,
     LOCALHOST,
@@ -129,3 +132,29 @@ def loaded(clinic: Clinic, synthetic: tuple[Path, GroundTruth]) -> GroundTruth:
             stored = store_to_scp(files, LOCALHOST, source.port, source.aet)
         assert stored == len(files)
     return truth
+
+
+# -- in-memory edges (tests/fakes.py): no Orthanc, no network ---------------------------------------------
+
+
+@pytest.fixture
+def mini_clinic() -> MiniClinic:
+    """A fresh hand-built clinic (tests/planner_fixtures.py) per test: tests edit its objects."""
+    return MiniClinic()
+
+
+@pytest.fixture
+def fake_capability() -> SourceCapability | None:
+    """What the fake source of ``fake_world`` answers (None: World's relational default).
+
+    A module overrides this fixture to run its tests against another shape of source."""
+    return None
+
+
+@pytest.fixture
+def fake_world(tmp_path: Path, mini_clinic: MiniClinic, fake_capability: SourceCapability | None) -> Iterator[World]:
+    """Queue, tracker, ingest and harvester over a fake source holding ``mini_clinic``."""
+    world = World(tmp_path / "q.sqlite", mini_clinic.datasets(), fake_capability)
+    yield world
+    world.ingest.stop()  # a test may have started the ingest thread; stopping one never started is a no-op
+    world.close()

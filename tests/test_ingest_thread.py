@@ -10,12 +10,10 @@ from __future__ import annotations
 import io
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import apsw
 import pydicom
-import pytest
 from pydicom.dataset import Dataset
 
 from rtharvest.classify import HarvestWindow
@@ -29,25 +27,12 @@ from tests.planner_fixtures import MiniClinic, image_series, uid
 WINDOW_2020 = HarvestWindow("20200101", "20201231", ("MINI1",))
 
 
-@pytest.fixture
-def clinic() -> MiniClinic:
-    return MiniClinic()
+def kept(fake_world: World, harvest_id: str) -> set[str]:
+    return {o.sop_uid for o in fake_world.tracker.objects(harvest_id, Decision.KEPT)}
 
 
-@pytest.fixture
-def world(tmp_path: Path, clinic: MiniClinic) -> Iterator[World]:
-    w = World(tmp_path / "q.sqlite", clinic.datasets())
-    yield w
-    w.ingest.stop()
-    w.close()
-
-
-def kept(world: World, harvest_id: str) -> set[str]:
-    return {o.sop_uid for o in world.tracker.objects(harvest_id, Decision.KEPT)}
-
-
-def closure(clinic: MiniClinic) -> set[str]:
-    return clinic.expected_2020() - {clinic.qa_plan.SOPInstanceUID, clinic.qa_record.SOPInstanceUID}
+def closure(mini_clinic: MiniClinic) -> set[str]:
+    return mini_clinic.expected_2020() - {mini_clinic.qa_plan.SOPInstanceUID, mini_clinic.qa_record.SOPInstanceUID}
 
 
 def wait_for(predicate, seconds: float = 10.0) -> bool:  # type: ignore[no-untyped-def]
@@ -62,52 +47,52 @@ def wait_for(predicate, seconds: float = 10.0) -> bool:  # type: ignore[no-untyp
 # -- the peek ------------------------------------------------------------------------------------------
 
 
-def test_peek_reads_the_same_sop_uid_as_the_whole_header(clinic: MiniClinic) -> None:
-    for ds in clinic.datasets():
+def test_peek_reads_the_same_sop_uid_as_the_whole_header(mini_clinic: MiniClinic) -> None:
+    for ds in mini_clinic.datasets():
         data = dicom_bytes(ds)
         assert peek_sop_instance_uid(data) == extract_from_bytes(data).sop_uid == ds.SOPInstanceUID
 
 
-def test_peek_reads_implicit_vr_datasets(clinic: MiniClinic) -> None:
+def test_peek_reads_implicit_vr_datasets(mini_clinic: MiniClinic) -> None:
     """Orthanc stores what the sender negotiated: the transfer syntax comes from the file meta."""
     import copy
 
     from pydicom.uid import ImplicitVRLittleEndian
 
     for syntax in (ImplicitVRLittleEndian,):
-        ds = copy.deepcopy(clinic.ct_sim[0])
+        ds = copy.deepcopy(mini_clinic.ct_sim[0])
         data = dicom_bytes(ds)
         ds = pydicom.dcmread(io.BytesIO(data))
         ds.file_meta.TransferSyntaxUID = syntax
         buf = io.BytesIO()
         ds.save_as(buf, implicit_vr=syntax.is_implicit_VR, little_endian=syntax.is_little_endian)
-        assert peek_sop_instance_uid(buf.getvalue()) == clinic.ct_sim[0].SOPInstanceUID, syntax.name
+        assert peek_sop_instance_uid(buf.getvalue()) == mini_clinic.ct_sim[0].SOPInstanceUID, syntax.name
 
 
-def test_peek_reads_the_dataset_not_the_file_meta(clinic: MiniClinic) -> None:
+def test_peek_reads_the_dataset_not_the_file_meta(mini_clinic: MiniClinic) -> None:
     """Orthanc indexes the dataset's SOPInstanceUID; the file meta may disagree in a bad file."""
-    data = dicom_bytes(clinic.plan)
-    meta_uid = clinic.plan.SOPInstanceUID.encode()
+    data = dicom_bytes(mini_clinic.plan)
+    meta_uid = mini_clinic.plan.SOPInstanceUID.encode()
     other = ("9" * len(meta_uid)).encode()
     first = data.index(meta_uid)  # (0002,0003) comes first
     changed = data[:first] + other + data[first + len(meta_uid):]
-    assert peek_sop_instance_uid(changed) == clinic.plan.SOPInstanceUID
+    assert peek_sop_instance_uid(changed) == mini_clinic.plan.SOPInstanceUID
 
 
-def test_peek_gives_none_when_only_the_whole_header_can_tell(clinic: MiniClinic) -> None:
-    data = dicom_bytes(clinic.plan)
-    sop = clinic.plan.SOPInstanceUID.encode()
+def test_peek_gives_none_when_only_the_whole_header_can_tell(mini_clinic: MiniClinic) -> None:
+    data = dicom_bytes(mini_clinic.plan)
+    sop = mini_clinic.plan.SOPInstanceUID.encode()
     invalid = data.replace(sop, b"1.02.x" + b" " * (len(sop) - 6))  # same length: the file stays parsable
     bare = Dataset()  # no preamble, no file meta (pydicom's own rtstruct.dcm is such a file)
-    bare.SOPClassUID = clinic.plan.SOPClassUID
-    bare.SOPInstanceUID = clinic.plan.SOPInstanceUID
+    bare.SOPClassUID = mini_clinic.plan.SOPClassUID
+    bare.SOPInstanceUID = mini_clinic.plan.SOPInstanceUID
     buf = io.BytesIO()
     bare.save_as(buf, implicit_vr=True, little_endian=True)
     cases = {
         "empty": b"",
         "random bytes": bytes(range(256)) * 4,
         "preamble only": data[:132],
-        "cut before SOPInstanceUID": data[: data.index(clinic.plan.SOPInstanceUID.encode(), 200) - 8],
+        "cut before SOPInstanceUID": data[: data.index(mini_clinic.plan.SOPInstanceUID.encode(), 200) - 8],
         "invalid UID": invalid,
         "bare dataset": buf.getvalue(),
     }
@@ -118,33 +103,33 @@ def test_peek_gives_none_when_only_the_whole_header_can_tell(clinic: MiniClinic)
 # -- the ingest thread ----------------------------------------------------------------------------------
 
 
-def test_a_harvest_decided_on_the_ingest_thread_keeps_the_closure(world: World, clinic: MiniClinic) -> None:
+def test_a_harvest_decided_on_the_ingest_thread_keeps_the_closure(fake_world: World, mini_clinic: MiniClinic) -> None:
     """Every expected arrival is decided on the ingest thread, and each worker sees the decisions of what
     its move delivered (no "no decision after the move" warnings, no instance planned twice)."""
     threads: set[str] = set()
-    real = world.ingest.process
+    real = fake_world.ingest.process
 
     def spy(refs, orthanc_id, expectations, moved):  # type: ignore[no-untyped-def]
         if moved and orthanc_id is not None:
             threads.add(threading.current_thread().name)
         return real(refs, orthanc_id, expectations, moved)
 
-    world.ingest.process = spy  # type: ignore[method-assign]
-    world.ingest.start()
-    hid = world.start(WINDOW_2020)
-    world.run()
-    world.finish()
-    assert kept(world, hid) == closure(clinic)
+    fake_world.ingest.process = spy  # type: ignore[method-assign]
+    fake_world.ingest.start()
+    hid = fake_world.start(WINDOW_2020)
+    fake_world.run()
+    fake_world.finish()
+    assert kept(fake_world, hid) == closure(mini_clinic)
     assert threads == {"rtharvest-ingest"}
-    loud = world.events.query(harvest_id=hid, min_level=Level.WARNING)
+    loud = fake_world.events.query(harvest_id=hid, min_level=Level.WARNING)
     assert [(e.level, e.component) for e in loud] == [(Level.ERROR, "harvester")], loud
-    assert world.ingest.failures == 0 and world.ingest.arrivals > 0
-    assert world.completed(hid)
+    assert fake_world.ingest.failures == 0 and fake_world.ingest.arrivals > 0
+    assert fake_world.completed(hid)
 
 
-def test_a_failure_on_the_ingest_thread_is_planned_from_the_store(world: World, clinic: MiniClinic) -> None:
-    plan_uid = clinic.plan.SOPInstanceUID
-    real = world.ingest.process
+def test_a_failure_on_the_ingest_thread_is_planned_from_the_store(fake_world: World, mini_clinic: MiniClinic) -> None:
+    plan_uid = mini_clinic.plan.SOPInstanceUID
+    real = fake_world.ingest.process
     failed: list[str] = []
 
     def flaky(refs, orthanc_id, expectations, moved):  # type: ignore[no-untyped-def]
@@ -153,60 +138,61 @@ def test_a_failure_on_the_ingest_thread_is_planned_from_the_store(world: World, 
             raise apsw.BusyError("database is locked")
         return real(refs, orthanc_id, expectations, moved)
 
-    world.ingest.process = flaky  # type: ignore[method-assign]
-    world.ingest.start()
-    hid = world.start(WINDOW_2020)
-    world.run()
+    fake_world.ingest.process = flaky  # type: ignore[method-assign]
+    fake_world.ingest.start()
+    hid = fake_world.start(WINDOW_2020)
+    fake_world.run()
     assert failed == ["rtharvest-ingest"]
-    assert world.ingest.failures == 1
-    assert kept(world, hid) == closure(clinic)
-    warnings = world.events.query(harvest_id=hid, min_level=Level.WARNING)
+    assert fake_world.ingest.failures == 1
+    assert kept(fake_world, hid) == closure(mini_clinic)
+    warnings = fake_world.events.query(harvest_id=hid, min_level=Level.WARNING)
     assert any("no decision after the move" in e.message and e.sop_uid == plan_uid for e in warnings)
 
 
-def test_an_unexpected_arrival_is_inspected_once_arrivals_pause(world: World, clinic: MiniClinic) -> None:
+def test_an_unexpected_arrival_is_inspected_once_arrivals_pause(fake_world: World, mini_clinic: MiniClinic) -> None:
     """Not parsed on the C-STORE path, yet a bad header is still reported with the instance's ID."""
-    world.ingest.start()
+    fake_world.ingest.start()
     good = image_series("push-good", "OTHER", uid("push-study"), uid("push-for"), count=2)
     bad = image_series("push-bad", "OTHER", uid("push-study"), None, count=1)  # images need a FoR
     for i, ds in enumerate([*good, *bad]):
-        world.ingest.on_stored(f"push-{i}", dicom_bytes(ds), "PUSHER")
-    assert (world.ingest.arrivals, world.ingest.unsolicited) == (3, 3)
-    assert wait_for(lambda: any("push-2" in e.message for e in world.events.query(min_level=Level.WARNING)))
-    world.ingest.report_unsolicited()
-    messages = [e.message for e in world.events.query(component="ingest")]
+        fake_world.ingest.on_stored(f"push-{i}", dicom_bytes(ds), "PUSHER")
+    assert (fake_world.ingest.arrivals, fake_world.ingest.unsolicited) == (3, 3)
+    assert wait_for(lambda: any("push-2" in e.message for e in fake_world.events.query(min_level=Level.WARNING)))
+    fake_world.ingest.report_unsolicited()
+    messages = [e.message for e in fake_world.events.query(component="ingest")]
     bad_msgs = [m for m in messages if "push-2" in m]
     assert len(bad_msgs) == 1 and "no harvest expects" in bad_msgs[0] and "FrameOfReferenceUID" in bad_msgs[0]
     assert not any("push-0" in m or "push-1" in m for m in messages)
     assert any(m.startswith("3 instance(s) arrived that no harvest expected") for m in messages)
 
 
-def test_a_full_backlog_decides_inline_and_counts_what_it_did_not_inspect(world: World, clinic: MiniClinic) -> None:
-    world.ingest.MAX_BACKLOG_BYTES = 0  # every arrival overflows
-    world.ingest.start()
+def test_a_full_backlog_decides_inline_and_counts_what_it_did_not_inspect(fake_world: World,
+        mini_clinic: MiniClinic) -> None:
+    fake_world.ingest.MAX_BACKLOG_BYTES = 0  # every arrival overflows
+    fake_world.ingest.start()
     inline: list[str] = []
-    real = world.ingest.process
+    real = fake_world.ingest.process
 
     def spy(refs, orthanc_id, expectations, moved):  # type: ignore[no-untyped-def]
         if moved and orthanc_id is not None:
             inline.append(threading.current_thread().name)
         return real(refs, orthanc_id, expectations, moved)
 
-    world.ingest.process = spy  # type: ignore[method-assign]
-    hid = world.start(WINDOW_2020)
-    world.run()
-    assert kept(world, hid) == closure(clinic)
+    fake_world.ingest.process = spy  # type: ignore[method-assign]
+    hid = fake_world.start(WINDOW_2020)
+    fake_world.run()
+    assert kept(fake_world, hid) == closure(mini_clinic)
     assert inline and "rtharvest-ingest" not in inline
-    world.ingest.on_stored("push-x", dicom_bytes(image_series("push-x", "OTHER", uid("s"), None, count=1)[0]), "")
-    assert world.ingest.uninspected == 1
-    world.ingest.report_unsolicited()
+    fake_world.ingest.on_stored("push-x", dicom_bytes(image_series("push-x", "OTHER", uid("s"), None, count=1)[0]), "")
+    assert fake_world.ingest.uninspected == 1
+    fake_world.ingest.report_unsolicited()
     assert any("1 instance(s) that no harvest expected were not checked" in e.message
-               for e in world.events.query(component="ingest", min_level=Level.WARNING))
+               for e in fake_world.events.query(component="ingest", min_level=Level.WARNING))
 
 
-def test_settle_waits_for_what_was_queued_and_stop_decides_it(tmp_path: Path, clinic: MiniClinic) -> None:
+def test_settle_waits_for_what_was_queued_and_stop_decides_it(tmp_path: Path, mini_clinic: MiniClinic) -> None:
     """settle() returns only once the arrivals queued before it are decided; stop() decides the rest."""
-    w = World(tmp_path / "q.sqlite", clinic.datasets())
+    w = World(tmp_path / "q.sqlite", mini_clinic.datasets())
     try:
         ingest: Ingest = w.ingest
         gate = threading.Event()
@@ -220,7 +206,7 @@ def test_settle_waits_for_what_was_queued_and_stop_decides_it(tmp_path: Path, cl
         ingest.process = slow  # type: ignore[method-assign]
         hid = w.start(WINDOW_2020)
         from rtharvest.tracking import Expectation
-        ds = clinic.plan
+        ds = mini_clinic.plan
         w.tracker.expect([Expectation(hid, ds.SOPInstanceUID, 1, "SRC", "PLAN", "test", False, {})])
         ingest.start()
         ingest.on_stored("oid-plan", dicom_bytes(ds), "SRC")
@@ -237,13 +223,13 @@ def test_settle_waits_for_what_was_queued_and_stop_decides_it(tmp_path: Path, cl
         w.close()
 
 
-def test_idle_workers_are_woken_only_for_new_jobs(world: World, clinic: MiniClinic) -> None:
+def test_idle_workers_are_woken_only_for_new_jobs(fake_world: World, mini_clinic: MiniClinic) -> None:
     """An arrival wakes the idle workers only when its decision enqueued a job that did not exist yet: the
     2nd..Nth slice of a series (and every object whose follow-ups are already queued) wakes nobody."""
     wakes: list[int] = []
     creating = 0
     kept_arrivals = 0
-    real_enqueue, real_process = world.queue.enqueue_many, world.ingest.process
+    real_enqueue, real_process = fake_world.queue.enqueue_many, fake_world.ingest.process
 
     def enqueue_spy(items):  # type: ignore[no-untyped-def]
         nonlocal creating
@@ -257,12 +243,12 @@ def test_idle_workers_are_woken_only_for_new_jobs(world: World, clinic: MiniClin
         kept_arrivals += any(k for _, k in result)
         return result
 
-    world.queue.enqueue_many = enqueue_spy  # type: ignore[method-assign]
-    world.ingest.process = process_spy  # type: ignore[method-assign]
-    world.ingest.on_enqueue = lambda: wakes.append(1)
-    hid = world.start(WINDOW_2020)
-    world.run()
-    world.finish()
-    assert kept(world, hid) == closure(clinic)
+    fake_world.queue.enqueue_many = enqueue_spy  # type: ignore[method-assign]
+    fake_world.ingest.process = process_spy  # type: ignore[method-assign]
+    fake_world.ingest.on_enqueue = lambda: wakes.append(1)
+    hid = fake_world.start(WINDOW_2020)
+    fake_world.run()
+    fake_world.finish()
+    assert kept(fake_world, hid) == closure(mini_clinic)
     assert 0 < len(wakes) <= creating, (len(wakes), creating)
     assert len(wakes) < kept_arrivals, "every kept arrival woke the workers"

@@ -30,21 +30,9 @@ WINDOW_2020 = HarvestWindow("20200101", "20201231", ("MINI1",))
 
 
 @pytest.fixture
-def clinic() -> MiniClinic:
-    return MiniClinic()
-
-
-@pytest.fixture
-def world(tmp_path: Path, clinic: MiniClinic) -> Iterator[World]:
-    w = World(tmp_path / "q.sqlite", clinic.datasets())
-    yield w
-    w.close()
-
-
-@pytest.fixture
-def logged_events(world: World) -> Iterator[EventLogHandler]:
+def logged_events(fake_world: World) -> Iterator[EventLogHandler]:
     """Log records into the event log, as the plugin wires them (``app.py``: WARNING and up)."""
-    handler = EventLogHandler(world.events)
+    handler = EventLogHandler(fake_world.events)
     handler.setLevel(logging.WARNING)
     logging.getLogger("rtharvest").addHandler(handler)
     yield handler
@@ -52,30 +40,31 @@ def logged_events(world: World) -> Iterator[EventLogHandler]:
     handler.close()
 
 
-def harvest_document(world: World, harvest_id: str) -> dict[str, Any]:
+def harvest_document(fake_world: World, harvest_id: str) -> dict[str, Any]:
     """What ``GET /rtharvest/harvests/{id}`` answers, from the real service on the world's database."""
     config = load_config({"DicomModalities": {"SRC": ["SRC", "127.0.0.1", 11112]},
-                          "StorageDirectory": str(Path(world.db.path).parent)})
-    service = HarvestService(config, world.queue, world.tracker, world.events)
-    return service.document(world.queue.get_harvest(harvest_id))
+                          "StorageDirectory": str(Path(fake_world.db.path).parent)})
+    service = HarvestService(config, fake_world.queue, fake_world.tracker, fake_world.events)
+    return service.document(fake_world.queue.get_harvest(harvest_id))
 
 
-def kept(world: World, harvest_id: str) -> set[str]:
-    return {o.sop_uid for o in world.tracker.objects(harvest_id, Decision.KEPT)}
+def kept(fake_world: World, harvest_id: str) -> set[str]:
+    return {o.sop_uid for o in fake_world.tracker.objects(harvest_id, Decision.KEPT)}
 
 
-def test_fault_free_harvest_keeps_the_closure(world: World, clinic: MiniClinic) -> None:
+def test_fault_free_harvest_keeps_the_closure(fake_world: World, mini_clinic: MiniClinic) -> None:
     """The baseline the fault tests compare with: the fakes give the hand-derived closure."""
-    hid = world.start(WINDOW_2020)
-    world.run()
-    assert kept(world, hid) == clinic.expected_2020() - {clinic.qa_plan.SOPInstanceUID, clinic.qa_record.SOPInstanceUID}
-    assert world.queue.counts(hid).get(JobState.FAILED, 0) == 1  # the plan no source holds
+    hid = fake_world.start(WINDOW_2020)
+    fake_world.run()
+    assert kept(fake_world, hid) == (
+        mini_clinic.expected_2020() - {mini_clinic.qa_plan.SOPInstanceUID, mini_clinic.qa_record.SOPInstanceUID})
+    assert fake_world.queue.counts(hid).get(JobState.FAILED, 0) == 1  # the plan no source holds
 
 
-def fail_first_ingest_of(world: World, sop_uid: str) -> list[str]:
+def fail_first_ingest_of(fake_world: World, sop_uid: str) -> list[str]:
     """Make the ingest of the first moved arrival of ``sop_uid`` fail as SQLite busy would; the returned list
     holds the UID once that happened."""
-    real = world.ingest.process
+    real = fake_world.ingest.process
     failed: list[str] = []
 
     def flaky(refs, orthanc_id, expectations, moved):  # type: ignore[no-untyped-def]
@@ -84,16 +73,16 @@ def fail_first_ingest_of(world: World, sop_uid: str) -> list[str]:
             raise apsw.BusyError("database is locked")
         return real(refs, orthanc_id, expectations, moved)
 
-    world.ingest.process = flaky  # type: ignore[method-assign]
+    fake_world.ingest.process = flaky  # type: ignore[method-assign]
     return failed
 
 
-def test_ingest_failure_in_on_stored_is_planned_from_the_store(world: World, clinic: MiniClinic) -> None:
+def test_ingest_failure_in_on_stored_is_planned_from_the_store(fake_world: World, mini_clinic: MiniClinic) -> None:
     """A decision that cannot be recorded on arrival (SQLite busy) no longer ends the chain: the job that
     moved the plan plans it from the store, the chain reaches the images, and the failure is logged with the
     harvest and job."""
-    plan_uid = clinic.plan.SOPInstanceUID
-    failed = fail_first_ingest_of(world, plan_uid)
+    plan_uid = mini_clinic.plan.SOPInstanceUID
+    failed = fail_first_ingest_of(fake_world, plan_uid)
     handler_events: list[tuple[int, str, dict]] = []
 
     class Capture(logging.Handler):
@@ -103,81 +92,84 @@ def test_ingest_failure_in_on_stored_is_planned_from_the_store(world: World, cli
     cap = Capture()
     logging.getLogger("rtharvest").addHandler(cap)
     try:
-        hid = world.start(WINDOW_2020)
-        world.run()
+        hid = fake_world.start(WINDOW_2020)
+        fake_world.run()
     finally:
         logging.getLogger("rtharvest").removeHandler(cap)
     assert failed == [plan_uid]
-    decisions = {o.sop_uid: o for o in world.tracker.objects(hid)}
+    decisions = {o.sop_uid: o for o in fake_world.tracker.objects(hid)}
     assert decisions[plan_uid].decision is Decision.KEPT and decisions[plan_uid].moved
     # The chain went on from the plan: structure set, planning CT, doses.
-    assert {clinic.ss.SOPInstanceUID, clinic.dose.SOPInstanceUID, *(i.SOPInstanceUID for i in clinic.ct_sim)} \
-        <= kept(world, hid)
-    assert kept(world, hid) == clinic.expected_2020() - {clinic.qa_plan.SOPInstanceUID, clinic.qa_record.SOPInstanceUID}
+    assert {mini_clinic.ss.SOPInstanceUID, mini_clinic.dose.SOPInstanceUID,
+            *(i.SOPInstanceUID for i in mini_clinic.ct_sim)} <= kept(fake_world, hid)
+    assert kept(fake_world, hid) == (
+        mini_clinic.expected_2020() - {mini_clinic.qa_plan.SOPInstanceUID, mini_clinic.qa_record.SOPInstanceUID})
     # Logged (Orthanc's log and, through its handler, the event log) with harvest and job, no PHI.
     errors = [(m, extra) for level, m, extra in handler_events if level >= logging.ERROR]
     assert len(errors) == 1 and "ingest of stored instance" in errors[0][0]
     assert errors[0][1]["harvest_id"] == hid and errors[0][1]["sop_uid"] == plan_uid
-    plan_job = world.queue.get_job(errors[0][1]["job_id"])
+    plan_job = fake_world.queue.get_job(errors[0][1]["job_id"])
     assert plan_job.state is JobState.DONE and plan_job.payload["sop_uid"] == plan_uid
     assert "1 planned from the store after their ingest failed" in (plan_job.note or "")
-    warnings = [e for e in world.events.query(harvest_id=hid, min_level=Level.WARNING) if e.job_id == plan_job.id]
+    warnings = [e for e in fake_world.events.query(harvest_id=hid, min_level=Level.WARNING) if e.job_id == plan_job.id]
     assert any("no decision after the move" in e.message for e in warnings)
-    assert world.ingest.failures == 1
+    assert fake_world.ingest.failures == 1
 
 
-def test_ingest_failure_that_persists_fails_the_job_visibly(world: World, clinic: MiniClinic) -> None:
+def test_ingest_failure_that_persists_fails_the_job_visibly(fake_world: World, mini_clinic: MiniClinic) -> None:
     """When planning from the store fails as well, the job fails with the reason (and is retried), rather
     than completing with an instance nobody decided on."""
-    plan_uid = clinic.plan.SOPInstanceUID
-    real = world.ingest.process
+    plan_uid = mini_clinic.plan.SOPInstanceUID
+    real = fake_world.ingest.process
 
     def broken(refs, orthanc_id, expectations, moved):  # type: ignore[no-untyped-def]
         if refs.sop_uid == plan_uid:
             raise apsw.BusyError("database is locked")
         return real(refs, orthanc_id, expectations, moved)
 
-    world.ingest.process = broken  # type: ignore[method-assign]
-    hid = world.start(WINDOW_2020)
-    world.run()
-    failed = world.queue.list_jobs(harvest_id=hid, state="failed")
+    fake_world.ingest.process = broken  # type: ignore[method-assign]
+    hid = fake_world.start(WINDOW_2020)
+    fake_world.run()
+    failed = fake_world.queue.list_jobs(harvest_id=hid, state="failed")
     plan_jobs = [j for j in failed if j.payload.get("sop_uid") == plan_uid]
     assert len(plan_jobs) == 1
     job = plan_jobs[0]
     assert job.attempts == 3  # retried up to the cap (MaxAttempts 3 in World)
     # The first attempt found it undecided after the move; later ones find it stored and plan from there.
     assert "from the store failed: BusyError" in (job.last_error or "")
-    first_failure = [e for e in world.events.query(harvest_id=hid, job_id=job.id) if "failed (attempt 1)" in e.message]
+    first_failure = [e for e in fake_world.events.query(harvest_id=hid, job_id=job.id)
+                     if "failed (attempt 1)" in e.message]
     assert len(first_failure) == 1
     assert "ingest failed for 1 stored instance(s) after the move" in first_failure[0].message
-    assert not world.tracker.has_object(hid, plan_uid)
-    assert clinic.ss.SOPInstanceUID not in kept(world, hid)
+    assert not fake_world.tracker.has_object(hid, plan_uid)
+    assert mini_clinic.ss.SOPInstanceUID not in kept(fake_world, hid)
 
 
-def test_an_ingest_failure_is_counted_in_the_harvest_document(world: World, clinic: MiniClinic,
+def test_an_ingest_failure_is_counted_in_the_harvest_document(fake_world: World, mini_clinic: MiniClinic,
                                                                logged_events: EventLogHandler) -> None:
     """The chain goes on (planned from the store), yet the harvest document says an ingest failed, so a
     harvest whose jobs all completed still tells its reader to look at the log; a harvest without one says 0."""
-    plan_uid = clinic.plan.SOPInstanceUID
-    failed = fail_first_ingest_of(world, plan_uid)
-    hid = world.start(WINDOW_2020)
-    world.run()
-    again = world.start(WINDOW_2020)  # planned from the store: no arrival, no failure
-    world.run()
+    plan_uid = mini_clinic.plan.SOPInstanceUID
+    failed = fail_first_ingest_of(fake_world, plan_uid)
+    hid = fake_world.start(WINDOW_2020)
+    fake_world.run()
+    again = fake_world.start(WINDOW_2020)  # planned from the store: no arrival, no failure
+    fake_world.run()
     assert logged_events.wait_flushed(10.0) and logged_events.dropped == 0
     assert failed == [plan_uid]
-    assert kept(world, hid) == clinic.expected_2020() - {clinic.qa_plan.SOPInstanceUID, clinic.qa_record.SOPInstanceUID}
-    assert harvest_document(world, hid)["IngestFailures"] == 1
-    assert harvest_document(world, again)["IngestFailures"] == 0
+    assert kept(fake_world, hid) == (
+        mini_clinic.expected_2020() - {mini_clinic.qa_plan.SOPInstanceUID, mini_clinic.qa_record.SOPInstanceUID})
+    assert harvest_document(fake_world, hid)["IngestFailures"] == 1
+    assert harvest_document(fake_world, again)["IngestFailures"] == 0
 
 
 def test_a_failed_expectation_look_up_on_arrival_is_counted_and_planned_from_the_store(
-        world: World, clinic: MiniClinic, logged_events: EventLogHandler) -> None:
+        fake_world: World, mini_clinic: MiniClinic, logged_events: EventLogHandler) -> None:
     """OnStoredInstance cannot even learn who expects the instance (the look-up raises): it neither raises
     into Orthanc nor drops the instance silently. The failure is counted and logged with the SOP UID only
     (no harvest is known), and the job that moved the plan finds it undecided in the store and plans it."""
-    plan_uid = clinic.plan.SOPInstanceUID
-    real = world.tracker.expectations_for
+    plan_uid = mini_clinic.plan.SOPInstanceUID
+    real = fake_world.tracker.expectations_for
     raised: list[str] = []
 
     def failing_look_up(sop_uid: str):  # type: ignore[no-untyped-def]
@@ -186,19 +178,20 @@ def test_a_failed_expectation_look_up_on_arrival_is_counted_and_planned_from_the
             raise apsw.BusyError("database is locked")
         return real(sop_uid)
 
-    world.tracker.expectations_for = failing_look_up  # type: ignore[method-assign]
-    hid = world.start(WINDOW_2020)
-    world.run()
+    fake_world.tracker.expectations_for = failing_look_up  # type: ignore[method-assign]
+    hid = fake_world.start(WINDOW_2020)
+    fake_world.run()
     assert logged_events.wait_flushed(10.0) and logged_events.dropped == 0
     assert raised == [plan_uid]
-    assert world.ingest.failures == 1
-    decisions = {o.sop_uid: o for o in world.tracker.objects(hid)}
+    assert fake_world.ingest.failures == 1
+    decisions = {o.sop_uid: o for o in fake_world.tracker.objects(hid)}
     assert decisions[plan_uid].decision is Decision.KEPT and decisions[plan_uid].moved
-    assert kept(world, hid) == clinic.expected_2020() - {clinic.qa_plan.SOPInstanceUID, clinic.qa_record.SOPInstanceUID}
-    plan_job = next(j for j in world.queue.list_jobs(harvest_id=hid) if j.payload.get("sop_uid") == plan_uid)
+    assert kept(fake_world, hid) == (
+        mini_clinic.expected_2020() - {mini_clinic.qa_plan.SOPInstanceUID, mini_clinic.qa_record.SOPInstanceUID})
+    plan_job = next(j for j in fake_world.queue.list_jobs(harvest_id=hid) if j.payload.get("sop_uid") == plan_uid)
     assert plan_job.state is JobState.DONE
     assert "1 planned from the store after their ingest failed" in (plan_job.note or "")
-    logged = [e for e in world.events.query(min_level=Level.ERROR) if e.component == "ingest"]
+    logged = [e for e in fake_world.events.query(min_level=Level.ERROR) if e.component == "ingest"]
     assert len(logged) == 1
     assert logged[0].sop_uid == plan_uid and logged[0].harvest_id is None and logged[0].job_id is None
     assert "BusyError: database is locked" in logged[0].message
@@ -207,35 +200,36 @@ def test_a_failed_expectation_look_up_on_arrival_is_counted_and_planned_from_the
 # -- signal, not noise -------------------------------------------------------------------------------
 
 
-def test_a_fault_free_harvest_warns_about_nothing(world: World, clinic: MiniClinic) -> None:
+def test_a_fault_free_harvest_warns_about_nothing(fake_world: World, mini_clinic: MiniClinic) -> None:
     """The slices a contour image's series brings as candidates, the candidates a search inspects and the
     re-planning of stored copies are expected: no WARNING. The one ERROR is the plan no source holds."""
-    hid = world.start(WINDOW_2020)
-    world.run()
-    world.finish()
+    hid = fake_world.start(WINDOW_2020)
+    fake_world.run()
+    fake_world.finish()
     # The whole-series path ran: slices other than the contour image were moved as candidates first.
-    slices = {o.sop_uid: o for o in world.tracker.objects(hid) if o.series_uid == clinic.ct_sim[0].SeriesInstanceUID}
-    assert len(slices) == len(clinic.ct_sim) and all(o.decision is Decision.KEPT for o in slices.values())
-    assert any(len(uids) == len(clinic.ct_sim) for _, uids in world.backend.moves)
-    loud = world.events.query(harvest_id=hid, min_level=Level.WARNING)
+    ct_series = mini_clinic.ct_sim[0].SeriesInstanceUID
+    slices = {o.sop_uid: o for o in fake_world.tracker.objects(hid) if o.series_uid == ct_series}
+    assert len(slices) == len(mini_clinic.ct_sim) and all(o.decision is Decision.KEPT for o in slices.values())
+    assert any(len(uids) == len(mini_clinic.ct_sim) for _, uids in fake_world.backend.moves)
+    loud = fake_world.events.query(harvest_id=hid, min_level=Level.WARNING)
     assert [(e.level, e.component) for e in loud] == [(Level.ERROR, "harvester")], loud
-    assert clinic.missing_plan_uid in loud[0].message and "failed for good" in loud[0].message
+    assert mini_clinic.missing_plan_uid in loud[0].message and "failed for good" in loud[0].message
 
 
-def test_a_re_harvest_writes_one_summary_event(world: World, clinic: MiniClinic) -> None:
-    first = world.start(WINDOW_2020)
-    world.run()
-    world.finish()
-    again = world.start(WINDOW_2020)
-    world.run()
-    world.finish()
-    assert kept(world, again) == kept(world, first)
-    events = world.events.query(harvest_id=again, limit=10_000)
+def test_a_re_harvest_writes_one_summary_event(fake_world: World, mini_clinic: MiniClinic) -> None:
+    first = fake_world.start(WINDOW_2020)
+    fake_world.run()
+    fake_world.finish()
+    again = fake_world.start(WINDOW_2020)
+    fake_world.run()
+    fake_world.finish()
+    assert kept(fake_world, again) == kept(fake_world, first)
+    events = fake_world.events.query(harvest_id=again, limit=10_000)
     per_instance = [e for e in events if e.sop_uid is not None]
     assert per_instance == [], per_instance[:3]
     summaries = [e for e in events if e.message.startswith("harvest finished:")]
     assert len(summaries) == 1
-    n = len(kept(world, again))
+    n = len(kept(fake_world, again))
     assert f"{n} instance(s) kept (0 moved, {n} already in the store)" in summaries[0].message
     # Nothing of the re-harvest needs a person except the plan that is still missing.
     assert [e.level for e in events if e.level >= Level.WARNING] == [Level.ERROR]
@@ -244,100 +238,100 @@ def test_a_re_harvest_writes_one_summary_event(world: World, clinic: MiniClinic)
 # -- moves: partial warnings, in-flight instances ------------------------------------------------------
 
 
-def series_job(world: World, harvest_id: str, series: Sequence[Dataset]) -> None:
+def series_job(fake_world: World, harvest_id: str, series: Sequence[Dataset]) -> None:
     first = series[0]
     op = RetrieveSeries(first.PatientID, first.StudyInstanceUID, first.SeriesInstanceUID, Role.PLANNING_SERIES,
                         Hop.STRUCTURE_SET_SERIES)
-    world.queue.enqueue_many([job_for(world.routes[harvest_id], op)])
+    fake_world.queue.enqueue_many([job_for(fake_world.routes[harvest_id], op)])
 
 
-def test_a_warning_status_is_checked_by_arrival_and_only_the_rest_moves_again(world: World,
-                                                                              clinic: MiniClinic) -> None:
-    hid = world.start(HarvestWindow("20990101", "20990102", ("NOBODY",)))  # a harvest with no records
-    world.run()
-    series_job(world, hid, clinic.ct_sim)
-    withheld = clinic.ct_sim[2].SOPInstanceUID
-    world.backend.move_status, world.backend.withhold = 0xB000, {withheld}
-    job = world.queue.claim("t:1:w0", 60.0)
+def test_a_warning_status_is_checked_by_arrival_and_only_the_rest_moves_again(fake_world: World,
+                                                                              mini_clinic: MiniClinic) -> None:
+    hid = fake_world.start(HarvestWindow("20990101", "20990102", ("NOBODY",)))  # a harvest with no records
+    fake_world.run()
+    series_job(fake_world, hid, mini_clinic.ct_sim)
+    withheld = mini_clinic.ct_sim[2].SOPInstanceUID
+    fake_world.backend.move_status, fake_world.backend.withhold = 0xB000, {withheld}
+    job = fake_world.queue.claim("t:1:w0", 60.0)
     assert job is not None and job.kind == "RetrieveSeries"
-    world.harvester.run(job, "t:1:w0")
-    after = world.queue.get_job(job.id)
+    fake_world.harvester.run(job, "t:1:w0")
+    after = fake_world.queue.get_job(job.id)
     assert after.state is JobState.WAITING and after.dimse_status == 0xB000
     assert "1 of 4 instance(s) did not arrive" in (after.last_error or "") and withheld in (after.last_error or "")
-    world.backend.move_status, world.backend.withhold = None, set()
-    world.run()
-    done = world.queue.get_job(job.id)
+    fake_world.backend.move_status, fake_world.backend.withhold = None, set()
+    fake_world.run()
+    done = fake_world.queue.get_job(job.id)
     assert done.state is JobState.DONE and done.attempts == 2
     # The retry moved only the missing slice, by instance (the other moves are the FoR series' follow-ups).
-    ct_uids = {i.SOPInstanceUID for i in clinic.ct_sim}
-    later = [m for m in world.backend.moves[1:] if set(m[1]) & ct_uids]
+    ct_uids = {i.SOPInstanceUID for i in mini_clinic.ct_sim}
+    later = [m for m in fake_world.backend.moves[1:] if set(m[1]) & ct_uids]
     assert later == [(QueryLevel.IMAGE, (withheld,))]
-    assert {i.SOPInstanceUID for i in clinic.ct_sim} <= kept(world, hid)
+    assert {i.SOPInstanceUID for i in mini_clinic.ct_sim} <= kept(fake_world, hid)
 
 
-def test_a_warning_status_with_everything_delivered_completes(world: World, clinic: MiniClinic) -> None:
-    hid = world.start(HarvestWindow("20990101", "20990102", ("NOBODY",)))
-    world.run()
-    series_job(world, hid, clinic.ct_sim)
-    world.backend.move_status = 0xB007
-    world.run()
-    jobs = world.queue.list_jobs(harvest_id=hid)
-    mine = [j for j in jobs if j.payload.get("series_uid") == clinic.ct_sim[0].SeriesInstanceUID]
+def test_a_warning_status_with_everything_delivered_completes(fake_world: World, mini_clinic: MiniClinic) -> None:
+    hid = fake_world.start(HarvestWindow("20990101", "20990102", ("NOBODY",)))
+    fake_world.run()
+    series_job(fake_world, hid, mini_clinic.ct_sim)
+    fake_world.backend.move_status = 0xB007
+    fake_world.run()
+    jobs = fake_world.queue.list_jobs(harvest_id=hid)
+    mine = [j for j in jobs if j.payload.get("series_uid") == mini_clinic.ct_sim[0].SeriesInstanceUID]
     assert [(j.state, j.attempts) for j in mine] == [(JobState.DONE, 1)]
     assert all(j.state is JobState.DONE for j in jobs)  # the follow-ups' moves answered 0xB007 too
 
 
-def test_the_window_s_records_move_in_one_call(world: World, clinic: MiniClinic) -> None:
+def test_the_window_s_records_move_in_one_call(fake_world: World, mini_clinic: MiniClinic) -> None:
     """Each treatment record is its own study and series: the window's records of a patient still move in
     one call (one association: its set-up and release are paid once, not once per record)."""
-    hid = world.start(WINDOW_2020)
-    job = world.queue.claim("t:1:w0", 60.0)
+    hid = fake_world.start(WINDOW_2020)
+    job = fake_world.queue.claim("t:1:w0", 60.0)
     assert job is not None and job.kind == "FindTreatmentRecords"
-    world.harvester.run(job, "t:1:w0")
-    in_2020 = {r.SOPInstanceUID for r in clinic.records[:3]} | {clinic.orphan_record.SOPInstanceUID}
-    assert len({r.SeriesInstanceUID for r in clinic.records[:3]}) == 3
-    assert [(lvl, set(uids)) for lvl, uids in world.backend.moves] == [(QueryLevel.IMAGE, in_2020)]
-    done = world.queue.get_job(job.id)
+    fake_world.harvester.run(job, "t:1:w0")
+    in_2020 = {r.SOPInstanceUID for r in mini_clinic.records[:3]} | {mini_clinic.orphan_record.SOPInstanceUID}
+    assert len({r.SeriesInstanceUID for r in mini_clinic.records[:3]}) == 3
+    assert [(lvl, set(uids)) for lvl, uids in fake_world.backend.moves] == [(QueryLevel.IMAGE, in_2020)]
+    done = fake_world.queue.get_job(job.id)
     assert done.state is JobState.DONE and "4 instance(s) moved" in (done.note or "")
     assert "earlier searches), 4 C-MOVE" in (done.note or "")  # one request per record, as the source counts them
-    assert in_2020 <= kept(world, hid)
+    assert in_2020 <= kept(fake_world, hid)
 
 
-def test_a_record_missing_from_a_shared_move_fails_the_job_and_only_it_moves_again(world: World,
-                                                                                   clinic: MiniClinic) -> None:
-    hid = world.start(WINDOW_2020)
-    withheld = clinic.records[1].SOPInstanceUID
-    world.backend.withhold = {withheld}
-    job = world.queue.claim("t:1:w0", 60.0)
+def test_a_record_missing_from_a_shared_move_fails_the_job_and_only_it_moves_again(fake_world: World,
+                                                                                   mini_clinic: MiniClinic) -> None:
+    hid = fake_world.start(WINDOW_2020)
+    withheld = mini_clinic.records[1].SOPInstanceUID
+    fake_world.backend.withhold = {withheld}
+    job = fake_world.queue.claim("t:1:w0", 60.0)
     assert job is not None and job.kind == "FindTreatmentRecords"
-    world.harvester.run(job, "t:1:w0")
-    after = world.queue.get_job(job.id)
+    fake_world.harvester.run(job, "t:1:w0")
+    after = fake_world.queue.get_job(job.id)
     assert after.state is JobState.WAITING
     assert "1 of 4 instance(s) did not arrive" in (after.last_error or "") and withheld in (after.last_error or "")
-    delivered = {clinic.records[0].SOPInstanceUID, clinic.records[2].SOPInstanceUID}
-    assert delivered <= kept(world, hid)  # what arrived was decided, not lost with the failed attempt
-    world.backend.withhold = set()
-    before = len(world.backend.moves)
-    retry = world.queue.claim("t:1:w0", 60.0)  # due at once: this world retries without backoff
+    delivered = {mini_clinic.records[0].SOPInstanceUID, mini_clinic.records[2].SOPInstanceUID}
+    assert delivered <= kept(fake_world, hid)  # what arrived was decided, not lost with the failed attempt
+    fake_world.backend.withhold = set()
+    before = len(fake_world.backend.moves)
+    retry = fake_world.queue.claim("t:1:w0", 60.0)  # due at once: this world retries without backoff
     assert retry is not None and retry.id == job.id
-    world.harvester.run(retry, "t:1:w0")
-    assert world.backend.moves[before:] == [(QueryLevel.IMAGE, (withheld,))]
-    assert world.queue.get_job(job.id).state is JobState.DONE
+    fake_world.harvester.run(retry, "t:1:w0")
+    assert fake_world.backend.moves[before:] == [(QueryLevel.IMAGE, (withheld,))]
+    assert fake_world.queue.get_job(job.id).state is JobState.DONE
 
 
 @pytest.mark.parametrize("hidden", ["pet_sim", "extra"])
 def test_a_series_that_lists_no_instances_does_not_stop_the_others_of_its_search(tmp_path: Path,
-                                                                               clinic: MiniClinic,
+                                                                               mini_clinic: MiniClinic,
                                                                                hidden: str) -> None:
     """A FoR search finds two more series; the source lists no instances for one of them (a series index
     ahead of its images): the other still moves, whichever the source answered first."""
-    frame = clinic.ct_sim[0].FrameOfReferenceUID
-    extra = image_series("extra-mr", clinic.patient, clinic.plan_study, frame, "MR", 2)
-    world = World(tmp_path / "q.sqlite", [*clinic.datasets(), *extra])
+    frame = mini_clinic.ct_sim[0].FrameOfReferenceUID
+    extra = image_series("extra-mr", mini_clinic.patient, mini_clinic.plan_study, frame, "MR", 2)
+    fake_world = World(tmp_path / "q.sqlite", [*mini_clinic.datasets(), *extra])
     try:
-        hidden_series = clinic.pet_sim if hidden == "pet_sim" else extra
+        hidden_series = mini_clinic.pet_sim if hidden == "pet_sim" else extra
         gone = hidden_series[0].SeriesInstanceUID
-        real_find = world.backend.find
+        real_find = fake_world.backend.find
 
         def find(level, keys, *, timeout=None):  # type: ignore[no-untyped-def]
             answers = real_find(level, keys, timeout=timeout)
@@ -345,24 +339,24 @@ def test_a_series_that_lists_no_instances_does_not_stop_the_others_of_its_search
                 return []
             return answers
 
-        world.backend.find = find  # type: ignore[method-assign]
-        hid = world.start(WINDOW_2020)
-        world.run()
-        shown = extra if hidden == "pet_sim" else clinic.pet_sim
-        assert {ds.SOPInstanceUID for ds in shown} <= kept(world, hid)
-        assert not {ds.SOPInstanceUID for ds in hidden_series} & kept(world, hid)
+        fake_world.backend.find = find  # type: ignore[method-assign]
+        hid = fake_world.start(WINDOW_2020)
+        fake_world.run()
+        shown = extra if hidden == "pet_sim" else mini_clinic.pet_sim
+        assert {ds.SOPInstanceUID for ds in shown} <= kept(fake_world, hid)
+        assert not {ds.SOPInstanceUID for ds in hidden_series} & kept(fake_world, hid)
     finally:
-        world.close()
+        fake_world.close()
 
 
-def test_provenance_waits_for_arrivals_to_pause_at_most_the_lag(world: World, clinic: MiniClinic) -> None:
+def test_provenance_waits_for_arrivals_to_pause_at_most_the_lag(fake_world: World, mini_clinic: MiniClinic) -> None:
     """Provenance is written when arrivals pause, while they keep coming once it has waited the lag, and at
     once for a harvest whose jobs are all done."""
-    hid = world.start(WINDOW_2020)
-    world.run()
-    h = world.harvester
-    last = world.ingest.last_arrival
-    assert last > 0 and world.tracker.pending_provenance_of(hid)
+    hid = fake_world.start(WINDOW_2020)
+    fake_world.run()
+    h = fake_world.harvester
+    last = fake_world.ingest.last_arrival
+    assert last > 0 and fake_world.tracker.pending_provenance_of(hid)
     h.clock = lambda: last + 0.1  # instances still streaming in
     assert not h.provenance_due(harvest_finishing=False)
     assert h.provenance_due(harvest_finishing=True)
@@ -370,35 +364,36 @@ def test_provenance_waits_for_arrivals_to_pause_at_most_the_lag(world: World, cl
     assert h.provenance_due(harvest_finishing=False)
     while h.write_provenance():
         pass
-    assert not world.tracker.pending_provenance_of(hid)
+    assert not fake_world.tracker.pending_provenance_of(hid)
     # Arrivals go on: deferred from the first look, due once that is the lag ago although they still come.
     h.PROVENANCE_MAX_LAG_S = 0.05
-    world.on_stored("late-copy", dicom_bytes(clinic.unrelated[0]), "SRC")
-    first_look = world.ingest.last_arrival + 0.01
+    fake_world.on_stored("late-copy", dicom_bytes(mini_clinic.unrelated[0]), "SRC")
+    first_look = fake_world.ingest.last_arrival + 0.01
     h.clock = lambda: first_look
     assert not h.provenance_due(harvest_finishing=False)
-    world.on_stored("late-copy-2", dicom_bytes(clinic.unrelated[1]), "SRC")
-    now = max(world.ingest.last_arrival, first_look) + 0.05
+    fake_world.on_stored("late-copy-2", dicom_bytes(mini_clinic.unrelated[1]), "SRC")
+    now = max(fake_world.ingest.last_arrival, first_look) + 0.05
     h.clock = lambda: now
-    assert now - world.ingest.last_arrival < h.PROVENANCE_QUIET_S  # still streaming
+    assert now - fake_world.ingest.last_arrival < h.PROVENANCE_QUIET_S  # still streaming
     assert h.provenance_due(harvest_finishing=False)
     assert not h.write_provenance()  # nothing left to write: caught up
     h.PROVENANCE_MAX_LAG_S = 10.0
     assert not h.provenance_due(harvest_finishing=False)  # caught up: the lag starts again
 
 
-def test_instances_another_job_is_moving_are_awaited_not_moved_twice(world: World, clinic: MiniClinic) -> None:
+def test_instances_another_job_is_moving_are_awaited_not_moved_twice(fake_world: World,
+        mini_clinic: MiniClinic) -> None:
     """Two harvests want the same series at once: the second is given back to the queue while the first one
     moves it (holding no job slot of the source), then plans the arrived copies from the store; the source
     sends the series once."""
-    h1 = world.start(HarvestWindow("20990101", "20990102", ("NOBODY",)))
-    h2 = world.start(HarvestWindow("20990101", "20990102", ("NOBODY2",)))
-    world.run()
-    series_job(world, h1, clinic.ct_sim)
-    series_job(world, h2, clinic.ct_sim)
-    world.harvester.RECHECK_IN_FLIGHT_S = 0.0  # due again at once, for world.run() below
+    h1 = fake_world.start(HarvestWindow("20990101", "20990102", ("NOBODY",)))
+    h2 = fake_world.start(HarvestWindow("20990101", "20990102", ("NOBODY2",)))
+    fake_world.run()
+    series_job(fake_world, h1, mini_clinic.ct_sim)
+    series_job(fake_world, h2, mini_clinic.ct_sim)
+    fake_world.harvester.RECHECK_IN_FLIGHT_S = 0.0  # due again at once, for fake_world.run() below
     waiting = threading.Event()
-    real_in_flight = world.tracker.in_flight
+    real_in_flight = fake_world.tracker.in_flight
 
     def in_flight(uids, exclude_job):  # type: ignore[no-untyped-def]
         busy = real_in_flight(uids, exclude_job)
@@ -406,104 +401,107 @@ def test_instances_another_job_is_moving_are_awaited_not_moved_twice(world: Worl
             waiting.set()  # the second job found the first one's instances in flight
         return busy
 
-    world.tracker.in_flight = in_flight  # type: ignore[method-assign]
-    real_move = world.backend.move
+    fake_world.tracker.in_flight = in_flight  # type: ignore[method-assign]
+    real_move = fake_world.backend.move
 
     def slow_move(*args, **kwargs):  # type: ignore[no-untyped-def]
         assert waiting.wait(60), "the second job never looked for in-flight instances"
         return real_move(*args, **kwargs)
 
-    world.backend.move = slow_move  # type: ignore[method-assign]
-    first = world.queue.claim("t:1:w0", 60.0)
-    second = world.queue.claim("t:1:w1", 60.0)
+    fake_world.backend.move = slow_move  # type: ignore[method-assign]
+    first = fake_world.queue.claim("t:1:w0", 60.0)
+    second = fake_world.queue.claim("t:1:w1", 60.0)
     assert first is not None and second is not None and first.harvest_id == h1
-    mover = threading.Thread(target=world.harvester.run, args=(first, "t:1:w0"))
+    mover = threading.Thread(target=fake_world.harvester.run, args=(first, "t:1:w0"))
     mover.start()
-    world.harvester.run(second, "t:1:w1")
+    fake_world.harvester.run(second, "t:1:w1")
     mover.join(60)
     assert not mover.is_alive()
     # Whichever recorded its expectations first moved; the other went back to the queue, attempt not counted.
-    after = sorted((world.queue.get_job(j.id) for j in (first, second)), key=lambda j: j.state.value)
+    after = sorted((fake_world.queue.get_job(j.id) for j in (first, second)), key=lambda j: j.state.value)
     assert [j.state for j in after] == [JobState.DONE, JobState.PENDING]
     assert after[1].attempts == 0 and after[1].last_error is None  # not a retry: it reuses the harvest's C-FINDs
-    finds = len(world.backend.finds)
-    again = world.queue.claim("t:1:w1", 60.0)  # the series request outranks the follow-ups the move planned
+    finds = len(fake_world.backend.finds)
+    again = fake_world.queue.claim("t:1:w1", 60.0)  # the series request outranks the follow-ups the move planned
     assert again is not None and again.id == after[1].id
-    world.harvester.run(again, "t:1:w1")
-    assert [lvl for lvl, _ in world.backend.moves] == [QueryLevel.SERIES]
-    assert len(world.backend.finds) == finds  # its series listing came from the harvest's C-FIND answers
-    notes = sorted((world.queue.get_job(j.id).state, world.queue.get_job(j.id).note or "") for j in (first, second))
+    fake_world.harvester.run(again, "t:1:w1")
+    assert [lvl for lvl, _ in fake_world.backend.moves] == [QueryLevel.SERIES]
+    assert len(fake_world.backend.finds) == finds  # its series listing came from the harvest's C-FIND answers
+    ended = [fake_world.queue.get_job(j.id) for j in (first, second)]
+    notes = sorted((j.state, j.note or "") for j in ended)
     assert all(state is JobState.DONE for state, _ in notes)
     assert sorted("4 instance(s) moved, 0 already stored" in n for _, n in notes) == [False, True]
     assert sum("0 instance(s) moved, 4 already stored" in n for _, n in notes) == 1, notes
-    expected = {i.SOPInstanceUID for i in clinic.ct_sim}
-    assert expected <= kept(world, h1) and expected <= kept(world, h2)
+    expected = {i.SOPInstanceUID for i in mini_clinic.ct_sim}
+    assert expected <= kept(fake_world, h1) and expected <= kept(fake_world, h2)
 
 
-def test_a_job_stops_waiting_for_a_move_that_never_ends_and_moves_itself(world: World,
-                                                                        clinic: MiniClinic) -> None:
+def test_a_job_stops_waiting_for_a_move_that_never_ends_and_moves_itself(fake_world: World,
+                                                                        mini_clinic: MiniClinic) -> None:
     """Another job holds the series' expectations but never delivers (its worker hangs): the job waiting for
     it is given back each time it looks, for at most the source's move timeout; then it moves the series."""
-    h1 = world.start(HarvestWindow("20990101", "20990102", ("NOBODY",)))
-    h2 = world.start(HarvestWindow("20990101", "20990102", ("NOBODY2",)))
-    world.run()
-    series_job(world, h1, clinic.ct_sim)
-    series_job(world, h2, clinic.ct_sim)
-    hung = world.queue.claim("t:1:w0", 600.0)
+    h1 = fake_world.start(HarvestWindow("20990101", "20990102", ("NOBODY",)))
+    h2 = fake_world.start(HarvestWindow("20990101", "20990102", ("NOBODY2",)))
+    fake_world.run()
+    series_job(fake_world, h1, mini_clinic.ct_sim)
+    series_job(fake_world, h2, mini_clinic.ct_sim)
+    hung = fake_world.queue.claim("t:1:w0", 600.0)
     assert hung is not None and hung.harvest_id == h1
-    world.tracker.expect([Expectation(h1, ds.SOPInstanceUID, hung.id, "SRC", Role.PLANNING_SERIES.value,
-                                      Hop.STRUCTURE_SET_SERIES, False, hung.payload) for ds in clinic.ct_sim])
-    world.harvester.RECHECK_IN_FLIGHT_S = 0.0
-    waiter = world.queue.claim("t:1:w1", 60.0)
+    fake_world.tracker.expect([Expectation(h1, ds.SOPInstanceUID, hung.id, "SRC", Role.PLANNING_SERIES.value,
+                                      Hop.STRUCTURE_SET_SERIES, False, hung.payload) for ds in mini_clinic.ct_sim])
+    fake_world.harvester.RECHECK_IN_FLIGHT_S = 0.0
+    waiter = fake_world.queue.claim("t:1:w1", 60.0)
     assert waiter is not None and waiter.harvest_id == h2
-    world.harvester.run(waiter, "t:1:w1")
-    job = world.queue.get_job(waiter.id)
-    assert (job.state, job.attempts) == (JobState.PENDING, 0) and world.backend.moves == []
+    fake_world.harvester.run(waiter, "t:1:w1")
+    job = fake_world.queue.get_job(waiter.id)
+    assert (job.state, job.attempts) == (JobState.PENDING, 0) and fake_world.backend.moves == []
     # The move timeout (5 s in the fakes) has passed since it first found the series in flight.
-    world.harvester._waiting_since[waiter.id] -= 10.0
-    again = world.queue.claim("t:1:w1", 60.0)
+    fake_world.harvester._waiting_since[waiter.id] -= 10.0
+    again = fake_world.queue.claim("t:1:w1", 60.0)
     assert again is not None and again.id == waiter.id
-    world.harvester.run(again, "t:1:w1")
-    assert world.queue.get_job(waiter.id).state is JobState.DONE
-    assert [lvl for lvl, _ in world.backend.moves] == [QueryLevel.SERIES]
-    assert {i.SOPInstanceUID for i in clinic.ct_sim} <= kept(world, h2)
-    assert waiter.id not in world.harvester._waiting_since
+    fake_world.harvester.run(again, "t:1:w1")
+    assert fake_world.queue.get_job(waiter.id).state is JobState.DONE
+    assert [lvl for lvl, _ in fake_world.backend.moves] == [QueryLevel.SERIES]
+    assert {i.SOPInstanceUID for i in mini_clinic.ct_sim} <= kept(fake_world, h2)
+    assert waiter.id not in fake_world.harvester._waiting_since
 
 
-def test_a_series_kept_under_one_role_still_plans_the_hops_of_another(world: World, clinic: MiniClinic) -> None:
+def test_a_series_kept_under_one_role_still_plans_the_hops_of_another(fake_world: World,
+        mini_clinic: MiniClinic) -> None:
     """A CT series can be one plan's planning series and another plan's registered series (a REG between the
     two planning CTs). Whichever role's job stores it first, the other role's job still plans its own hops
     from the stored copies: a planning series asks for the REGs and series of its FoR, a registered series
     does not. (Skipping series already kept lost a REG and the MR it registers, intermittently.)"""
-    hid = world.start(HarvestWindow("20990101", "20990102", ("NOBODY",)))  # a harvest with no records
-    world.run()
-    first = clinic.ct_sim[0]
+    hid = fake_world.start(HarvestWindow("20990101", "20990102", ("NOBODY",)))  # a harvest with no records
+    fake_world.run()
+    first = mini_clinic.ct_sim[0]
     registered = RetrieveSeries(first.PatientID, first.StudyInstanceUID, first.SeriesInstanceUID,
                                 Role.REGISTERED_SERIES, Hop.REG_SERIES, ("2.25.1",))
-    world.queue.enqueue_many([job_for(world.routes[hid], registered)])
-    world.run()
-    assert {i.SOPInstanceUID for i in clinic.ct_sim} <= kept(world, hid)
+    fake_world.queue.enqueue_many([job_for(fake_world.routes[hid], registered)])
+    fake_world.run()
+    assert {i.SOPInstanceUID for i in mini_clinic.ct_sim} <= kept(fake_world, hid)
 
     def reg_searches() -> list[str]:
         return [j.payload.get("hop", "") for state in ("pending", "done", "failed")
-                for j in world.queue.list_jobs(harvest_id=hid, state=state) if j.kind == "FindReferencing"]
+                for j in fake_world.queue.list_jobs(harvest_id=hid, state=state) if j.kind == "FindReferencing"]
 
     assert reg_searches() == []  # a registered series does not look for REGs
-    moves = len(world.backend.moves)
-    series_job(world, hid, clinic.ct_sim)  # the same series as a planning series
-    world.run()
-    ct_uids = {first.SeriesInstanceUID, *(i.SOPInstanceUID for i in clinic.ct_sim)}
-    assert not [m for m in world.backend.moves[moves:] if ct_uids & set(m[1])]  # the CT is not moved again
+    moves = len(fake_world.backend.moves)
+    series_job(fake_world, hid, mini_clinic.ct_sim)  # the same series as a planning series
+    fake_world.run()
+    ct_uids = {first.SeriesInstanceUID, *(i.SOPInstanceUID for i in mini_clinic.ct_sim)}
+    assert not [m for m in fake_world.backend.moves[moves:] if ct_uids & set(m[1])]  # the CT is not moved again
     assert Hop.FOR_REG in reg_searches()
 
 
-def test_jobs_are_ordered_critical_path_first_and_every_hop_has_its_rank(world: World, clinic: MiniClinic) -> None:
+def test_jobs_are_ordered_critical_path_first_and_every_hop_has_its_rank(fake_world: World,
+        mini_clinic: MiniClinic) -> None:
     """Records, plans, structure sets and registrations (the searches that reveal more work) run before the
     bulk image series they reveal, and a plan's later records and doses (leaves) last; every hop the
     planner produces on a whole harvest has its own rank (none falls back to the default)."""
-    hid = world.start(WINDOW_2020)
-    world.run()
-    jobs = world.queue.list_jobs(harvest_id=hid)
+    hid = fake_world.start(WINDOW_2020)
+    fake_world.run()
+    jobs = fake_world.queue.list_jobs(harvest_id=hid)
     hops = {j.payload.get("hop") for j in jobs}
     assert {Hop.WINDOW_RECORD, Hop.RECORD_PLAN, Hop.PLAN_STRUCTURE_SET, Hop.STRUCTURE_SET_SERIES, Hop.FOR_REG,
             Hop.REG_SERIES, Hop.SERIES_FOR, Hop.PLAN_DOSE, Hop.PLAN_RECORD} <= hops
@@ -516,7 +514,7 @@ def test_jobs_are_ordered_critical_path_first_and_every_hop_has_its_rank(world: 
             > rank[Hop.PLAN_RECORD])
     assert rank[Hop.SERIES_FOR] > rank[Hop.PLAN_DOSE]
     op = RetrieveSeries("P", "1.2", "1.2.3", Role.PLANNING_SERIES, Hop.STRUCTURE_SET_SERIES)
-    assert job_for(world.routes[hid], op).priority == job_priority(op) == rank[Hop.STRUCTURE_SET_SERIES]
+    assert job_for(fake_world.routes[hid], op).priority == job_priority(op) == rank[Hop.STRUCTURE_SET_SERIES]
     # A TomoTherapy plan names no structure set: its dose search is how the structure set is found.
     criterion = ReferenceCriterion(CriterionKind.PLAN, ("1.2.9",))
     tomo = FindReferencing("RTDOSE", "P", None, criterion, Role.DOSE, Hop.PLAN_DOSE, plan_has_structure_set=False)
@@ -524,21 +522,22 @@ def test_jobs_are_ordered_critical_path_first_and_every_hop_has_its_rank(world: 
     assert job_priority(tomo) == rank[Hop.PLAN_STRUCTURE_SET] > job_priority(usual) == rank[Hop.PLAN_DOSE]
 
 
-def test_an_idle_worker_sleeps_long_and_new_work_still_starts_at_once(world: World, clinic: MiniClinic) -> None:
+def test_an_idle_worker_sleeps_long_and_new_work_still_starts_at_once(fake_world: World,
+        mini_clinic: MiniClinic) -> None:
     """No pending job: the worker waits IDLE_WAIT_S instead of polling every poll_interval; a pending job
     (even one not yet due) brings the short poll back; a new harvest wakes a sleeping worker at once."""
-    assert world.harvester.idle_wait() == world.harvester.IDLE_WAIT_S > world.harvester.poll_interval
-    hid = world.start(WINDOW_2020)
-    assert world.queue.has_pending()
-    assert world.harvester.idle_wait() == world.harvester.poll_interval
-    world.run()
-    assert world.queue.is_harvest_finished(hid) and not world.queue.has_pending()
-    assert world.harvester.idle_wait() == world.harvester.IDLE_WAIT_S
+    assert fake_world.harvester.idle_wait() == fake_world.harvester.IDLE_WAIT_S > fake_world.harvester.poll_interval
+    hid = fake_world.start(WINDOW_2020)
+    assert fake_world.queue.has_pending()
+    assert fake_world.harvester.idle_wait() == fake_world.harvester.poll_interval
+    fake_world.run()
+    assert fake_world.queue.is_harvest_finished(hid) and not fake_world.queue.has_pending()
+    assert fake_world.harvester.idle_wait() == fake_world.harvester.IDLE_WAIT_S
 
-    world.harvester.IDLE_WAIT_S = 600.0  # a worker that only polled would not see the next job for 10 min
-    world.harvester.worker_count = 1
+    fake_world.harvester.IDLE_WAIT_S = 600.0  # a worker that only polled would not see the next job for 10 min
+    fake_world.harvester.worker_count = 1
     sleeping = threading.Event()
-    real_idle_wait = world.harvester.idle_wait
+    real_idle_wait = fake_world.harvester.idle_wait
 
     def idle_wait() -> float:
         seconds = real_idle_wait()
@@ -546,39 +545,39 @@ def test_an_idle_worker_sleeps_long_and_new_work_still_starts_at_once(world: Wor
             sleeping.set()
         return seconds
 
-    world.harvester.idle_wait = idle_wait  # type: ignore[method-assign]
-    world.harvester.start()
+    fake_world.harvester.idle_wait = idle_wait  # type: ignore[method-assign]
+    fake_world.harvester.start()
     try:
         done = threading.Event()
-        real_run = world.harvester.run
+        real_run = fake_world.harvester.run
 
         def run(job, owner):  # type: ignore[no-untyped-def]
             real_run(job, owner)  # returns once the job's outcome is committed
             done.set()
 
-        world.harvester.run = run  # type: ignore[method-assign]
+        fake_world.harvester.run = run  # type: ignore[method-assign]
         assert sleeping.wait(30), "the idle worker never went to sleep"
-        h2 = world.start(HarvestWindow("20990101", "20990102", ("NOBODY",)))
-        world.harvester.wake()  # what HarvestService.on_enqueue does in the plugin (app.py)
+        h2 = fake_world.start(HarvestWindow("20990101", "20990102", ("NOBODY",)))
+        fake_world.harvester.wake()  # what HarvestService.on_enqueue does in the plugin (app.py)
         assert done.wait(30), "the sleeping worker did not start the new harvest's job"
-        assert world.queue.is_harvest_finished(h2)
+        assert fake_world.queue.is_harvest_finished(h2)
     finally:
-        world.harvester.stop()
+        fake_world.harvester.stop()
 
 
-def test_a_harvest_is_cleaned_up_as_soon_as_its_last_job_ends(world: World, clinic: MiniClinic) -> None:
+def test_a_harvest_is_cleaned_up_as_soon_as_its_last_job_ends(fake_world: World, mini_clinic: MiniClinic) -> None:
     """The maintenance thread (provenance, end-of-harvest clean-up) is woken by a harvest's last job instead
     of finding it at its next look: with a look every 10 minutes the harvest still shows Completed at once."""
-    world.harvester.MAINTENANCE_INTERVAL_S = 600.0
-    world.harvester.worker_count = 1
-    world.harvester.start()
+    fake_world.harvester.MAINTENANCE_INTERVAL_S = 600.0
+    fake_world.harvester.worker_count = 1
+    fake_world.harvester.start()
     try:
-        hid = world.start(WINDOW_2020)
-        world.harvester.wake()
+        hid = fake_world.start(WINDOW_2020)
+        fake_world.harvester.wake()
         deadline = time.monotonic() + 60
-        while not world.completed(hid):
+        while not fake_world.completed(hid):
             assert time.monotonic() < deadline, "the harvest was not cleaned up after its last job"
             time.sleep(0.05)
-        assert not world.tracker.pending_provenance(10)
+        assert not fake_world.tracker.pending_provenance(10)
     finally:
-        world.harvester.stop()
+        fake_world.harvester.stop()

@@ -17,8 +17,9 @@ Choices forced by the standard or by known non-conformances of other generators:
 from __future__ import annotations
 
 from pydicom.dataset import Dataset
-from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import UID
+
+from rtharvest.dicombuild import ds_text, make_item, seq
 
 from ..sink import with_file_meta
 from ..uids import derived_uid
@@ -30,19 +31,6 @@ RT_PLAN = "1.2.840.10008.5.1.4.1.1.481.5"
 MANUFACTURER = "rtharvest MOSAIQ converter"
 #: Series number of converted record series (a high, fixed number keeps them apart from the plan's).
 SERIES_NUMBER = 900
-
-
-def _ds(value: float) -> str:
-    """A DS value: at most 16 characters, no exponent, no trailing zeros."""
-    text = f"{value:.4f}".rstrip("0").rstrip(".")
-    return "0" if text in ("", "-0") else text
-
-
-def _item(**values: object) -> Dataset:
-    item = Dataset()
-    for keyword, value in values.items():
-        setattr(item, keyword, value)
-    return item
 
 
 def study_uid(salt: str, spec: RecordSpec, location: PlanLocation | None) -> str:
@@ -64,28 +52,28 @@ def record_uids(salt: str, spec: RecordSpec) -> tuple[UID, UID]:
 
 def _control_point(index: int, cp: ControlPoint | None, beam: BeamItem, end: bool) -> Dataset:
     when = beam.delivery.when
-    item = _item(
+    item = make_item(
         ReferencedControlPointIndex=index,
         TreatmentControlPointDate=when.strftime("%Y%m%d"),
         TreatmentControlPointTime=when.strftime("%H%M%S"),
     )
     specified = beam.specified_meterset
-    item.SpecifiedMeterset = _ds(specified) if end and specified is not None else ("0" if not end else "")
-    item.DeliveredMeterset = _ds(beam.delivered_meterset if end else 0.0)
+    item.SpecifiedMeterset = ds_text(specified) if end and specified is not None else ("0" if not end else "")
+    item.DeliveredMeterset = ds_text(beam.delivered_meterset if end else 0.0)
     # Type 2: MOSAIQ's tables read here do not hold dose rates.
     item.DoseRateSet = ""
     item.DoseRateDelivered = ""
     if cp is not None:
         if not end and cp.energy is not None:
-            item.NominalBeamEnergy = _ds(cp.energy)
+            item.NominalBeamEnergy = ds_text(cp.energy)
             item.NominalBeamEnergyUnit = "MV"  # photons: MOSAIQ's Energy of an X-ray field is in MV
         if cp.gantry is not None:
-            item.GantryAngle = _ds(cp.gantry)
+            item.GantryAngle = ds_text(cp.gantry)
         if cp.collimator is not None:
-            item.BeamLimitingDeviceAngle = _ds(cp.collimator)
+            item.BeamLimitingDeviceAngle = ds_text(cp.collimator)
         if cp.leaves_mm is not None:
-            item.BeamLimitingDevicePositionSequence = DicomSequence([
-                _item(RTBeamLimitingDeviceType="MLCX", LeafJawPositions=[_ds(v) for v in cp.leaves_mm])])
+            item.BeamLimitingDevicePositionSequence = seq(
+                make_item(RTBeamLimitingDeviceType="MLCX", LeafJawPositions=[ds_text(v) for v in cp.leaves_mm]))
     return item
 
 
@@ -108,7 +96,7 @@ def _beam(beam: BeamItem) -> Dataset:
     points = d.control_points
     first = points[0] if points else None
     last = points[-1] if points else None
-    item = _item(
+    item = make_item(
         ReferencedBeamNumber=beam.beam_number,
         BeamName=beam.beam_name[:64],
         BeamType=_beam_type(beam),
@@ -117,25 +105,25 @@ def _beam(beam: BeamItem) -> Dataset:
         TreatmentDeliveryType=beam.delivery_type.value,
         TreatmentTerminationStatus=d.termination.dicom,
         TreatmentVerificationStatus=d.verification.dicom,
-        DeliveredPrimaryMeterset=_ds(beam.delivered_meterset),
+        DeliveredPrimaryMeterset=ds_text(beam.delivered_meterset),
         NumberOfWedges=0,
         NumberOfCompensators=0,
         NumberOfBoli=0,
         NumberOfBlocks=0,
     )
     if beam.specified_meterset is not None:
-        item.SpecifiedPrimaryMeterset = _ds(beam.specified_meterset)
-    pairs = [_item(RTBeamLimitingDeviceType="ASYMX", NumberOfLeafJawPairs=1),
-             _item(RTBeamLimitingDeviceType="ASYMY", NumberOfLeafJawPairs=1)]
+        item.SpecifiedPrimaryMeterset = ds_text(beam.specified_meterset)
+    pairs = [make_item(RTBeamLimitingDeviceType="ASYMX", NumberOfLeafJawPairs=1),
+             make_item(RTBeamLimitingDeviceType="ASYMY", NumberOfLeafJawPairs=1)]
     if first is not None and first.leaves_mm is not None:
-        pairs.append(_item(RTBeamLimitingDeviceType="MLCX", NumberOfLeafJawPairs=len(first.leaves_mm) // 2))
-    item.BeamLimitingDeviceLeafPairsSequence = DicomSequence(pairs)
+        pairs.append(make_item(RTBeamLimitingDeviceType="MLCX", NumberOfLeafJawPairs=len(first.leaves_mm) // 2))
+    item.BeamLimitingDeviceLeafPairsSequence = seq(*pairs)
     end_index = max(len(points) - 1, 1)
     item.NumberOfControlPoints = 2
-    item.ControlPointDeliverySequence = DicomSequence([
+    item.ControlPointDeliverySequence = seq(
         _control_point(0, first, beam, end=False),
         _control_point(end_index, last, beam, end=True),
-    ])
+    )
     return item
 
 
@@ -174,20 +162,20 @@ def build_record(spec: RecordSpec, salt: str, location: PlanLocation | None) -> 
     ds.InstanceNumber = spec.beams[0].fraction
     ds.TreatmentDate = day
     ds.TreatmentTime = clock
-    ds.ReferencedRTPlanSequence = DicomSequence([_item(
+    ds.ReferencedRTPlanSequence = seq(make_item(
         ReferencedSOPClassUID=location.sop_class_uid if location and location.sop_class_uid else RT_PLAN,
         ReferencedSOPInstanceUID=spec.plan_uid,
-    )])
+    ))
     # RT Treatment Machine Record: the machine the deliveries were made on
-    ds.TreatmentMachineSequence = DicomSequence([_item(
+    ds.TreatmentMachineSequence = seq(make_item(
         TreatmentMachineName=spec.machine,
         Manufacturer="",
         InstitutionName="",
         ManufacturerModelName="",
         DeviceSerialNumber="",
-    )])
+    ))
     # RT Beams Session Record
     ds.NumberOfFractionsPlanned = spec.site.fractions if spec.site and spec.site.fractions else ""
     ds.PrimaryDosimeterUnit = "MU"
-    ds.TreatmentSessionBeamSequence = DicomSequence([_beam(b) for b in spec.beams])
+    ds.TreatmentSessionBeamSequence = seq(*(_beam(b) for b in spec.beams))
     return with_file_meta(ds)

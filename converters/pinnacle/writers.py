@@ -31,13 +31,13 @@ import datetime
 import re
 import struct
 from array import array
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from pydicom.dataset import Dataset
-from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import UID
 
+from rtharvest.dicombuild import STUDY_COMPONENT_SOP_CLASS, ds_text, frame_of_reference, make_item, seq
 from rtharvest.sopclass import SopClass
 
 from ..sink import with_file_meta
@@ -47,8 +47,6 @@ from .models import Beam, ImageSet, Machine, Patient, Plan, Poi, Roi, Trial
 
 MANUFACTURER = "Philips"
 CONVERTER_NAME = "rtharvest pinnacle converter"
-#: Study Component Management SOP Class, named by RTReferencedStudySequence items.
-STUDY_COMPONENT_SOP_CLASS = "1.2.840.10008.3.1.2.3.1"
 #: RTROIInterpretedType defined terms (PS3.3 C.8.8.8); other Pinnacle types become ORGAN.
 ROI_TYPES = frozenset(
     {
@@ -96,29 +94,10 @@ COLOURS = {
 }
 
 
-def ds_text(value: float) -> str:
-    """A DS value: 4 decimals (0.1 µm for mm) when it fits 16 characters, otherwise 6 significant digits."""
-    text = f"{value:.4f}".rstrip("0").rstrip(".")
-    if text in ("-0", ""):
-        text = "0"
-    return text if len(text) <= 16 else f"{value:.6g}"
-
-
 def text(value: str, limit: int) -> str:
     """Pinnacle text as an SH/LO value: no backslash (the DICOM value separator) or control characters."""
     cleaned = "".join(" " if ch == "\\" or ord(ch) < 32 else ch for ch in value).strip()
     return cleaned[:limit].rstrip()
-
-
-def _seq(items: Iterable[Dataset]) -> DicomSequence:
-    return DicomSequence(list(items))
-
-
-def _item(**values: object) -> Dataset:
-    ds = Dataset()
-    for key, value in values.items():
-        setattr(ds, key, value)
-    return ds
 
 
 def _date(text: str) -> str:
@@ -215,11 +194,6 @@ def base(
     return ds
 
 
-def _frame_of_reference(ds: Dataset, ctx: Context) -> None:
-    ds.FrameOfReferenceUID = UID(ctx.refs.for_uid)
-    ds.PositionReferenceIndicator = ""
-
-
 # -- CT ---------------------------------------------------------------------------------------------
 
 
@@ -264,7 +238,7 @@ def ct_from_img(
         ds.AcquisitionNumber = ""
         ds.PatientPosition = frame.orientation.value
         ds.Laterality = ""  # Type 2C; dciodvfy wants it present (and only warns that it is empty)
-        _frame_of_reference(ds, ctx)
+        frame_of_reference(ds, ctx.refs.for_uid)
         ds.ImageOrientationPatient = [ds_text(v) for v in frame.orientation_cosines()]
         ds.ImagePositionPatient = [ds_text(first[0]), ds_text(first[1]), ds_text(z)]
         ds.SliceLocation = ds_text(z)
@@ -290,7 +264,7 @@ def ct_from_img(
 
 
 def _contour_image(ref: SliceRef) -> Dataset:
-    return _item(ReferencedSOPClassUID=ref.sop_class, ReferencedSOPInstanceUID=ref.sop_uid)
+    return make_item(ReferencedSOPClassUID=ref.sop_class, ReferencedSOPInstanceUID=ref.sop_uid)
 
 
 def _colour(name: str) -> list[int]:
@@ -310,34 +284,34 @@ def structure_set(
 ) -> StructureResult:
     """RT Structure Set of a plan: every ROI of ``plan.roi`` and every POI of ``plan.Points``."""
     ds = base(ctx, SopClass.RT_STRUCTURE_SET.value, sop_uid, "RTSTRUCT", series_uid, 2, f"{plan.name} structures")
-    _frame_of_reference(ds, ctx)
+    frame_of_reference(ds, ctx.refs.for_uid)
     ds.StructureSetLabel = text(plan.name or "Pinnacle", 16)
     ds.StructureSetName = text(plan.name, 64)
     ds.StructureSetDate = ctx.study_date
     ds.StructureSetTime = ""
     refs = ctx.refs
-    ds.ReferencedFrameOfReferenceSequence = _seq(
-        [
-            _item(
+    ds.ReferencedFrameOfReferenceSequence = seq(
+
+            make_item(
                 FrameOfReferenceUID=UID(refs.for_uid),
-                RTReferencedStudySequence=_seq(
-                    [
-                        _item(
+                RTReferencedStudySequence=seq(
+
+                        make_item(
                             ReferencedSOPClassUID=STUDY_COMPONENT_SOP_CLASS,
                             ReferencedSOPInstanceUID=UID(refs.study_uid),
-                            RTReferencedSeriesSequence=_seq(
-                                [
-                                    _item(
+                            RTReferencedSeriesSequence=seq(
+
+                                    make_item(
                                         SeriesInstanceUID=UID(refs.series_uid),
-                                        ContourImageSequence=_seq(_contour_image(s) for s in refs.slices),
+                                        ContourImageSequence=seq(*(_contour_image(s) for s in refs.slices)),
                                     )
-                                ]
+
                             ),
                         )
-                    ]
+
                 ),
             )
-        ]
+
     )
     roi_items, contour_items, observations = [], [], []
     unplaced: list[str] = []
@@ -347,19 +321,21 @@ def structure_set(
         nonlocal number
         number += 1
         roi_items.append(
-            _item(
+            make_item(
                 ROINumber=number,
                 ReferencedFrameOfReferenceUID=UID(refs.for_uid),
                 ROIName=text(name, 64),
                 ROIGenerationAlgorithm="MANUAL",
             )
         )
-        item = _item(ROIDisplayColor=colour, ReferencedROINumber=number)
+        item = make_item(ROIDisplayColor=colour, ReferencedROINumber=number)
         if contours:
-            item.ContourSequence = _seq(contours)
+            item.ContourSequence = seq(*contours)
         contour_items.append(item)
         observations.append(
-            _item(ObservationNumber=number, ReferencedROINumber=number, RTROIInterpretedType=kind, ROIInterpreter="")
+            make_item(
+                ObservationNumber=number, ReferencedROINumber=number, RTROIInterpretedType=kind, ROIInterpreter=""
+            )
         )
 
     for roi in plan.rois:
@@ -371,9 +347,9 @@ def structure_set(
             [255, 255, 0],
             [_poi_contour(poi, frame, refs, unplaced)],
         )
-    ds.StructureSetROISequence = _seq(roi_items)
-    ds.ROIContourSequence = _seq(contour_items)
-    ds.RTROIObservationsSequence = _seq(observations)
+    ds.StructureSetROISequence = seq(*roi_items)
+    ds.ROIContourSequence = seq(*contour_items)
+    ds.RTROIObservationsSequence = seq(*observations)
     return StructureResult(with_file_meta(ds), unplaced)
 
 
@@ -391,7 +367,7 @@ def _roi_contours(roi: Roi, frame: Frame, refs: ImageRefs, unplaced: list[str]) 
             points.pop()
         if not points:
             continue
-        item = _item(
+        item = make_item(
             ContourGeometricType="CLOSED_PLANAR" if len(points) > 2 else "OPEN_PLANAR",
             NumberOfContourPoints=len(points),
             ContourNumber=len(out) + 1,
@@ -400,7 +376,7 @@ def _roi_contours(roi: Roi, frame: Frame, refs: ImageRefs, unplaced: list[str]) 
         ref = refs.nearest(points[0][2])
         if ref is not None:
             # Matched in DICOM z after the orientation mapping (feet-first flips the sign of z).
-            item.ContourImageSequence = _seq([_contour_image(ref)])
+            item.ContourImageSequence = seq(_contour_image(ref))
         else:
             unplaced.append(f"{roi.name} contour at z={points[0][2]:.1f} mm lies on no CT slice")
         out.append(item)
@@ -409,12 +385,12 @@ def _roi_contours(roi: Roi, frame: Frame, refs: ImageRefs, unplaced: list[str]) 
 
 def _poi_contour(poi: Poi, frame: Frame, refs: ImageRefs, unplaced: list[str]) -> Dataset:
     point = frame.point(poi.point)
-    item = _item(
+    item = make_item(
         ContourGeometricType="POINT", NumberOfContourPoints=1, ContourNumber=1, ContourData=[ds_text(v) for v in point]
     )
     ref = refs.nearest(point[2])
     if ref is not None:
-        item.ContourImageSequence = _seq([_contour_image(ref)])
+        item.ContourImageSequence = seq(_contour_image(ref))
     return item
 
 
@@ -463,10 +439,10 @@ def _require_leaf_geometry(plan: Plan, trial: Trial, beam: Beam, machine: Machin
 def _positions(beam: Beam, index: int, machine: Machine | None, source: str) -> list[Dataset]:
     cp = beam.control_points[index]
     out = [
-        _item(
+        make_item(
             RTBeamLimitingDeviceType="ASYMX", LeafJawPositions=[ds_text(-10 * cp.left_jaw), ds_text(10 * cp.right_jaw)]
         ),
-        _item(
+        make_item(
             RTBeamLimitingDeviceType="ASYMY", LeafJawPositions=[ds_text(-10 * cp.bottom_jaw), ds_text(10 * cp.top_jaw)]
         ),
     ]
@@ -479,7 +455,7 @@ def _positions(beam: Beam, index: int, machine: Machine | None, source: str) -> 
             )
         bank_a = [ds_text(-10 * cp.leaves[i][0]) for i in order]
         bank_b = [ds_text(10 * cp.leaves[i][1]) for i in order]
-        out.append(_item(RTBeamLimitingDeviceType="MLCX", LeafJawPositions=bank_a + bank_b))
+        out.append(make_item(RTBeamLimitingDeviceType="MLCX", LeafJawPositions=bank_a + bank_b))
     return out
 
 
@@ -508,7 +484,7 @@ def _beam_item(
         # An electron beam is shaped by its applicator (and cut-out), never by the MLC: leaf values that a
         # file may still carry for it are not delivered and need no leaf geometry.
         _require_leaf_geometry(plan, trial, beam, machine)
-    item = _item(
+    item = make_item(
         BeamNumber=number,
         BeamName=text(beam.name, 64),
         BeamType=beam.beam_type,
@@ -525,8 +501,8 @@ def _beam_item(
         FinalCumulativeMetersetWeight="1",
     )
     devices = [
-        _item(RTBeamLimitingDeviceType="ASYMX", NumberOfLeafJawPairs=1),
-        _item(RTBeamLimitingDeviceType="ASYMY", NumberOfLeafJawPairs=1),
+        make_item(RTBeamLimitingDeviceType="ASYMX", NumberOfLeafJawPairs=1),
+        make_item(RTBeamLimitingDeviceType="ASYMY", NumberOfLeafJawPairs=1),
     ]
     with_mlc = (
         not electron
@@ -537,16 +513,16 @@ def _beam_item(
     if with_mlc:
         assert machine is not None
         devices.append(
-            _item(
+            make_item(
                 RTBeamLimitingDeviceType="MLCX",
                 NumberOfLeafJawPairs=len(machine.leaf_pairs),
                 LeafPositionBoundaries=[ds_text(v) for v in machine.boundaries_mm()],
             )
         )
-    item.BeamLimitingDeviceSequence = _seq(devices)
+    item.BeamLimitingDeviceSequence = seq(*devices)
     if electron and beam.applicator:
-        item.ApplicatorSequence = _seq(
-            [_item(ApplicatorID=text(beam.applicator, 16), ApplicatorType=applicator_type(beam.applicator))]
+        item.ApplicatorSequence = seq(
+            make_item(ApplicatorID=text(beam.applicator, 16), ApplicatorType=applicator_type(beam.applicator))
         )
     weights = [max(cp.weight, 0.0) for cp in beam.control_points]
     total = sum(weights) or 1.0
@@ -568,11 +544,11 @@ def _beam_item(
     cps = []
     for n, (i, cumulative) in enumerate(steps):
         cp = beam.control_points[i]
-        point = _item(ControlPointIndex=n, CumulativeMetersetWeight=ds_text(cumulative))
+        point = make_item(ControlPointIndex=n, CumulativeMetersetWeight=ds_text(cumulative))
         if n == 0:
             point.NominalBeamEnergy = ds_text(beam.energy)
         positions = _positions(beam, i, machine if with_mlc else None, _beam_source(plan, beam))
-        point.BeamLimitingDevicePositionSequence = _seq(positions)
+        point.BeamLimitingDevicePositionSequence = seq(*positions)
         point.GantryAngle = _angle(cp.gantry)
         # The direction applies to the segment that follows the control point: none after the last one.
         rotating = beam.beam_type == "DYNAMIC" and n < len(steps) - 1
@@ -593,7 +569,7 @@ def _beam_item(
                 point.SourceToSurfaceDistance = ds_text(10 * beam.ssd)
         cps.append(point)
     item.NumberOfControlPoints = len(cps)
-    item.ControlPointSequence = _seq(cps)
+    item.ControlPointSequence = seq(*cps)
     return item
 
 
@@ -634,18 +610,18 @@ def rt_plan(
 ) -> Dataset:
     """RT Plan of one trial: prescription, fraction groups, beams and control points."""
     ds = base(ctx, SopClass.RT_PLAN.value, sop_uid, "RTPLAN", series_uid, 3, f"{plan.name} / {trial.name}")
-    _frame_of_reference(ds, ctx)
+    frame_of_reference(ds, ctx.refs.for_uid)
     ds.RTPlanLabel = text(trial.name, 16) or "Trial"
     ds.RTPlanName = text(f"{plan.name}: {trial.name}", 64)
     ds.RTPlanDate = ctx.study_date
     ds.RTPlanTime = ""
     ds.RTPlanGeometry = "PATIENT"
-    ds.ReferencedStructureSetSequence = _seq(
-        [_item(ReferencedSOPClassUID=SopClass.RT_STRUCTURE_SET.value, ReferencedSOPInstanceUID=UID(structure_uid))]
+    ds.ReferencedStructureSetSequence = seq(
+        make_item(ReferencedSOPClassUID=SopClass.RT_STRUCTURE_SET.value, ReferencedSOPInstanceUID=UID(structure_uid))
     )
     if trial.prescriptions:
-        ds.DoseReferenceSequence = _seq(
-            _item(
+        ds.DoseReferenceSequence = seq(*(
+            make_item(
                 DoseReferenceNumber=n,
                 DoseReferenceUID=UID(dose_reference_uids[n - 1]),
                 DoseReferenceStructureType="SITE",
@@ -654,22 +630,22 @@ def rt_plan(
                 TargetPrescriptionDose=ds_text(rx.dose_per_fraction * rx.fractions / 100.0),
             )
             for n, rx in enumerate(trial.prescriptions, start=1)
-        )
-    ds.PatientSetupSequence = _seq([_item(PatientPosition=frame.orientation.value, PatientSetupNumber=1)])
+        ))
+    ds.PatientSetupSequence = seq(make_item(PatientPosition=frame.orientation.value, PatientSetupNumber=1))
     groups, _ = fraction_groups(trial)
-    ds.FractionGroupSequence = _seq(
-        _item(
+    ds.FractionGroupSequence = seq(*(
+        make_item(
             FractionGroupNumber=g.number,
             NumberOfFractionsPlanned=g.fractions,
             NumberOfBeams=len(g.beams),
             NumberOfBrachyApplicationSetups=0,
-            ReferencedBeamSequence=_seq(
-                _item(BeamMeterset=ds_text(trial.beams[b].mu_info.mu), ReferencedBeamNumber=trial.beams[b].number)
+            ReferencedBeamSequence=seq(*(
+                make_item(BeamMeterset=ds_text(trial.beams[b].mu_info.mu), ReferencedBeamNumber=trial.beams[b].number)
                 for b in g.beams
-            ),
+            )),
         )
         for g in groups
-    )
+    ))
     pois = {p.name: p.point for p in plan.pois}
     beams = []
     for beam in trial.beams:
@@ -681,7 +657,7 @@ def rt_plan(
                 "which plan.Points does not hold"
             )
         beams.append(_beam_item(plan, trial, beam, frame, frame.point(iso), beam.number))
-    ds.BeamSequence = _seq(beams)
+    ds.BeamSequence = seq(*beams)
     return with_file_meta(ds)
 
 
@@ -744,7 +720,7 @@ def rt_dose(
         f"{trial.name} dose",
         instance_number=instance_number,
     )
-    _frame_of_reference(ds, ctx)
+    frame_of_reference(ds, ctx.refs.for_uid)
     ds.ContentDate = ctx.study_date
     ds.ContentTime = ""
     ds.ImageOrientationPatient = [ds_text(v) for v in frame.orientation_cosines()]
@@ -765,17 +741,17 @@ def rt_dose(
     ds.GridFrameOffsetVector = [ds_text(10 * dz * i) for i in range(nz)]
     ds.DoseGridScaling = f"{scaling:.10g}"[:16]
     ds.TissueHeterogeneityCorrection = "IMAGE"
-    plan_ref = _item(ReferencedSOPClassUID=SopClass.RT_PLAN.value, ReferencedSOPInstanceUID=UID(plan_uid))
+    plan_ref = make_item(ReferencedSOPClassUID=SopClass.RT_PLAN.value, ReferencedSOPInstanceUID=UID(plan_uid))
     if summation == "BEAM" and beam_number is not None and fraction_group is not None:
-        plan_ref.ReferencedFractionGroupSequence = _seq(
-            [
-                _item(
+        plan_ref.ReferencedFractionGroupSequence = seq(
+
+                make_item(
                     ReferencedFractionGroupNumber=fraction_group,
-                    ReferencedBeamSequence=_seq([_item(ReferencedBeamNumber=beam_number)]),
+                    ReferencedBeamSequence=seq(make_item(ReferencedBeamNumber=beam_number)),
                 )
-            ]
+
         )
-    ds.ReferencedRTPlanSequence = _seq([plan_ref])
+    ds.ReferencedRTPlanSequence = seq(plan_ref)
     ds.PixelData = pixels.tobytes()
     ds["PixelData"].VR = "OW"
     return with_file_meta(ds)

@@ -17,10 +17,17 @@ from functools import lru_cache
 from io import BytesIO
 
 from pydicom import Dataset
-from pydicom.dataset import FileMetaDataset
 from pydicom.sequence import Sequence as DicomSequence
-from pydicom.uid import UID, ExplicitVRLittleEndian
 
+from rtharvest.dicombuild import (
+    STUDY_COMPONENT_SOP_CLASS,
+    code,
+    ds_text,
+    file_meta,
+    frame_of_reference,
+    make_item,
+    seq,
+)
 from rtharvest.sopclass import SopClass
 
 #: Fixed implementation identity so the file meta does not change with the pydicom version.
@@ -28,9 +35,6 @@ IMPLEMENTATION_CLASS_UID = "2.25.262183358312400936211335718066318335590"
 IMPLEMENTATION_VERSION_NAME = "RTHARVEST_SYNTH1"
 #: Namespace of the name-based (version 5) UUIDs behind every generated UID.
 _UID_NAMESPACE = uuid.UUID("5f1d8a0e-2a77-4f44-9a57-6c3e8e6b1c42")
-#: Study Component Management SOP Class: the (retired but universally used) class that
-#: RTReferencedStudySequence items name, because a study has no SOP class of its own.
-STUDY_COMPONENT_SOP_CLASS = "1.2.840.10008.3.1.2.3.1"
 
 MANUFACTURER = "rtharvest synthetic clinic"
 INSTITUTION = "Synthetic Radiotherapy Clinic"
@@ -118,27 +122,6 @@ class ImageGeometry:
 # common modules
 
 
-def _ds(v: float) -> str:
-    """Format a float as a DS value (at most 16 characters, no exponent noise)."""
-    text = f"{v:.6f}".rstrip("0").rstrip(".")
-    return "0" if text in ("-0", "") else text
-
-
-def _seq(*items: Dataset) -> DicomSequence:
-    return DicomSequence(list(items))
-
-
-def _item(**values: object) -> Dataset:
-    ds = Dataset()
-    for key, value in values.items():
-        setattr(ds, key, value)
-    return ds
-
-
-def _code(value: str, scheme: str, meaning: str) -> Dataset:
-    return _item(CodeValue=value, CodingSchemeDesignator=scheme, CodeMeaning=meaning)
-
-
 def base_dataset(
     sop_class: str,
     sop_uid: str,
@@ -153,12 +136,7 @@ def base_dataset(
 ) -> Dataset:
     """Patient, General Study, (RT/General) Series, General Equipment and SOP Common modules."""
     ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.MediaStorageSOPClassUID = UID(sop_class)
-    ds.file_meta.MediaStorageSOPInstanceUID = UID(sop_uid)
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.file_meta.ImplementationClassUID = UID(IMPLEMENTATION_CLASS_UID)
-    ds.file_meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
+    ds.file_meta = file_meta(sop_class, sop_uid, IMPLEMENTATION_CLASS_UID, version_name=IMPLEMENTATION_VERSION_NAME)
     # SOP Common; the creation date is the content date, never the wall clock (byte-identical output).
     ds.SpecificCharacterSet = "ISO_IR 100"
     ds.InstanceCreationDate = content_date
@@ -246,10 +224,10 @@ def _image_pixels(rows: int, index: int, slices: int, body: int, core: int) -> b
 
 def _image_plane(ds: Dataset, geometry: ImageGeometry, index: int) -> None:
     ds.ImageOrientationPatient = ["1", "0", "0", "0", "1", "0"]
-    ds.ImagePositionPatient = [_ds(v) for v in geometry.position(index)]
-    ds.SliceLocation = _ds(geometry.position(index)[2])
-    ds.PixelSpacing = [_ds(geometry.spacing), _ds(geometry.spacing)]
-    ds.SliceThickness = _ds(geometry.thickness)
+    ds.ImagePositionPatient = [ds_text(v, 6) for v in geometry.position(index)]
+    ds.SliceLocation = ds_text(geometry.position(index)[2], 6)
+    ds.PixelSpacing = [ds_text(geometry.spacing, 6), ds_text(geometry.spacing, 6)]
+    ds.SliceThickness = ds_text(geometry.thickness, 6)
     ds.Rows = geometry.rows
     ds.Columns = geometry.rows
     ds.SamplesPerPixel = 1
@@ -263,11 +241,6 @@ def _approve(ds: Dataset, date: str, time: str) -> None:
     ds.ReviewDate = date
     ds.ReviewTime = time
     ds.ReviewerName = "SYNTH^PHYSICIST"
-
-
-def _frame_of_reference(ds: Dataset, for_uid: str) -> None:
-    ds.FrameOfReferenceUID = for_uid
-    ds.PositionReferenceIndicator = ""
 
 
 def image(
@@ -302,7 +275,7 @@ def image(
     if modality != "PT":
         # PET carries PatientOrientationCodeSequence instead; both at once is an error.
         ds.PatientPosition = "HFS"
-    _frame_of_reference(ds, for_uid)
+    frame_of_reference(ds, for_uid)
     _image_plane(ds, geometry, index)
     ds.BitsAllocated = 16
     ds.BitsStored = 16
@@ -328,7 +301,7 @@ def image(
         ds.EchoTrainLength = "1"
         ds.MagneticFieldStrength = "1.5"
         ds.ImagedNucleus = "1H"
-        ds.SpacingBetweenSlices = _ds(geometry.thickness)
+        ds.SpacingBetweenSlices = ds_text(geometry.thickness, 6)
         pixels = _image_pixels(geometry.rows, index, geometry.slices, 600, 1400)
     else:
         ds.ImageType = ["ORIGINAL", "PRIMARY"]
@@ -340,17 +313,17 @@ def image(
         ds.CorrectedImage = ["ATTN", "DECY"]
         ds.DecayCorrection = "START"
         ds.CollimatorType = "NONE"
-        ds.RadiopharmaceuticalInformationSequence = _seq(
-            _item(
-                RadionuclideCodeSequence=_seq(_code("C-111A1", "SRT", "^18^Fluorine")),
+        ds.RadiopharmaceuticalInformationSequence = seq(
+            make_item(
+                RadionuclideCodeSequence=seq(code("C-111A1", "SRT", "^18^Fluorine")),
                 RadiopharmaceuticalStartTime=acquisition_time,
                 RadionuclideTotalDose="350000000",
                 RadionuclideHalfLife="6586.2",
                 RadionuclidePositronFraction="0.97",
             )
         )
-        ds.PatientOrientationCodeSequence = _seq()
-        ds.PatientGantryRelationshipCodeSequence = _seq()
+        ds.PatientOrientationCodeSequence = seq()
+        ds.PatientGantryRelationshipCodeSequence = seq()
         # PET Image module: Rescale Intercept must be 0, the slope carries the activity scale.
         ds.RescaleIntercept = "0"
         ds.RescaleSlope = "1"
@@ -406,31 +379,31 @@ def structure_set(
     )
     first = images[0]
     # Newer editions of PS3.3 add the Frame of Reference module to the RT Structure Set IOD.
-    _frame_of_reference(ds, first.for_uid)
+    frame_of_reference(ds, first.for_uid)
     ds.StructureSetLabel = label
     ds.StructureSetName = label
     ds.StructureSetDate = date
     ds.StructureSetTime = time
     contour_images = [
-        _item(ReferencedSOPClassUID=img.sop_class, ReferencedSOPInstanceUID=img.sop_uid) for img in images
+        make_item(ReferencedSOPClassUID=img.sop_class, ReferencedSOPInstanceUID=img.sop_uid) for img in images
     ]
-    ds.ReferencedFrameOfReferenceSequence = _seq(
-        _item(
+    ds.ReferencedFrameOfReferenceSequence = seq(
+        make_item(
             FrameOfReferenceUID=first.for_uid,
-            RTReferencedStudySequence=_seq(
-                _item(
+            RTReferencedStudySequence=seq(
+                make_item(
                     ReferencedSOPClassUID=STUDY_COMPONENT_SOP_CLASS,
                     ReferencedSOPInstanceUID=first.study_uid,
-                    RTReferencedSeriesSequence=_seq(
-                        _item(SeriesInstanceUID=first.series_uid, ContourImageSequence=_seq(*contour_images))
+                    RTReferencedSeriesSequence=seq(
+                        make_item(SeriesInstanceUID=first.series_uid, ContourImageSequence=seq(*contour_images))
                     ),
                 )
             ),
         )
     )
-    ds.StructureSetROISequence = _seq(
+    ds.StructureSetROISequence = seq(
         *(
-            _item(
+            make_item(
                 ROINumber=roi.number,
                 ReferencedFrameOfReferenceUID=first.for_uid,
                 ROIName=roi.name,
@@ -441,7 +414,7 @@ def structure_set(
     )
     roi_contours = []
     for roi in rois:
-        item = _item(ROIDisplayColor=list(roi.colour), ReferencedROINumber=roi.number)
+        item = make_item(ROIDisplayColor=list(roi.colour), ReferencedROINumber=roi.number)
         contours = []
         for number, slice_index in enumerate(roi.contour_slices, start=1):
             img = images[slice_index]
@@ -449,14 +422,14 @@ def structure_set(
             for k in range(8):
                 angle = 2.0 * math.pi * k / 8
                 points += [
-                    _ds(centre[0] + roi.radius * math.cos(angle)),
-                    _ds(centre[1] + roi.radius * math.sin(angle)),
-                    _ds(img.z),
+                    ds_text(centre[0] + roi.radius * math.cos(angle), 6),
+                    ds_text(centre[1] + roi.radius * math.sin(angle), 6),
+                    ds_text(img.z, 6),
                 ]
             contours.append(
-                _item(
-                    ContourImageSequence=_seq(
-                        _item(ReferencedSOPClassUID=img.sop_class, ReferencedSOPInstanceUID=img.sop_uid)
+                make_item(
+                    ContourImageSequence=seq(
+                        make_item(ReferencedSOPClassUID=img.sop_class, ReferencedSOPInstanceUID=img.sop_uid)
                     ),
                     ContourGeometricType="CLOSED_PLANAR",
                     NumberOfContourPoints=8,
@@ -466,12 +439,12 @@ def structure_set(
             )
         # An ROI without contours simply has no ContourSequence (the first ROI of some sets).
         if contours:
-            item.ContourSequence = _seq(*contours)
+            item.ContourSequence = seq(*contours)
         roi_contours.append(item)
-    ds.ROIContourSequence = _seq(*roi_contours)
-    ds.RTROIObservationsSequence = _seq(
+    ds.ROIContourSequence = seq(*roi_contours)
+    ds.RTROIObservationsSequence = seq(
         *(
-            _item(
+            make_item(
                 ObservationNumber=roi.number,
                 ReferencedROINumber=roi.number,
                 RTROIInterpretedType=roi.interpreted_type,
@@ -519,7 +492,7 @@ class PlanSpec:
 
 def _axis_attributes(item: Dataset, gantry: float, isocenter: tuple[float, float, float]) -> None:
     # The first control point must state every axis explicitly (Type 1C "required in first CP").
-    item.GantryAngle = _ds(gantry)
+    item.GantryAngle = ds_text(gantry, 6)
     item.GantryRotationDirection = "NONE"
     item.BeamLimitingDeviceAngle = "0"
     item.BeamLimitingDeviceRotationDirection = "NONE"
@@ -530,7 +503,7 @@ def _axis_attributes(item: Dataset, gantry: float, isocenter: tuple[float, float
     item.TableTopVerticalPosition = "0"
     item.TableTopLongitudinalPosition = "0"
     item.TableTopLateralPosition = "0"
-    item.IsocenterPosition = [_ds(v) for v in isocenter]
+    item.IsocenterPosition = [ds_text(v, 6) for v in isocenter]
     item.TableTopPitchAngle = 0.0
     item.TableTopPitchRotationDirection = "NONE"
     item.TableTopRollAngle = 0.0
@@ -538,7 +511,7 @@ def _axis_attributes(item: Dataset, gantry: float, isocenter: tuple[float, float
 
 
 def _photon_beam(beam: Beam, spec: PlanSpec) -> Dataset:
-    item = _item(
+    item = make_item(
         BeamNumber=beam.number,
         BeamName=beam.name,
         # TomoTherapy delivers helically: the beam is DYNAMIC and its fan moves with the couch.
@@ -557,24 +530,24 @@ def _photon_beam(beam: Beam, spec: PlanSpec) -> Dataset:
         FinalCumulativeMetersetWeight="1",
         NumberOfControlPoints=2,
     )
-    item.BeamLimitingDeviceSequence = _seq(
-        _item(RTBeamLimitingDeviceType="ASYMX", NumberOfLeafJawPairs=1),
-        _item(RTBeamLimitingDeviceType="ASYMY", NumberOfLeafJawPairs=1),
+    item.BeamLimitingDeviceSequence = seq(
+        make_item(RTBeamLimitingDeviceType="ASYMX", NumberOfLeafJawPairs=1),
+        make_item(RTBeamLimitingDeviceType="ASYMY", NumberOfLeafJawPairs=1),
     )
-    first = _item(ControlPointIndex=0, NominalBeamEnergy="6", DoseRateSet="600", CumulativeMetersetWeight="0")
-    first.BeamLimitingDevicePositionSequence = _seq(
-        _item(RTBeamLimitingDeviceType="ASYMX", LeafJawPositions=["-50", "50"]),
-        _item(RTBeamLimitingDeviceType="ASYMY", LeafJawPositions=["-50", "50"]),
+    first = make_item(ControlPointIndex=0, NominalBeamEnergy="6", DoseRateSet="600", CumulativeMetersetWeight="0")
+    first.BeamLimitingDevicePositionSequence = seq(
+        make_item(RTBeamLimitingDeviceType="ASYMX", LeafJawPositions=["-50", "50"]),
+        make_item(RTBeamLimitingDeviceType="ASYMY", LeafJawPositions=["-50", "50"]),
     )
     _axis_attributes(first, beam.gantry, spec.isocenter)
     first.SourceToSurfaceDistance = "920"
-    last = _item(ControlPointIndex=1, CumulativeMetersetWeight="1")
-    item.ControlPointSequence = _seq(first, last)
+    last = make_item(ControlPointIndex=1, CumulativeMetersetWeight="1")
+    item.ControlPointSequence = seq(first, last)
     return item
 
 
 def _ion_beam(beam: Beam, spec: PlanSpec) -> Dataset:
-    item = _item(
+    item = make_item(
         BeamNumber=beam.number,
         BeamName=beam.name,
         BeamType="STATIC",
@@ -598,7 +571,7 @@ def _ion_beam(beam: Beam, spec: PlanSpec) -> Dataset:
         FinalCumulativeMetersetWeight="1",
         NumberOfControlPoints=2,
     )
-    first = _item(
+    first = make_item(
         ControlPointIndex=0,
         CumulativeMetersetWeight="0",
         NominalBeamEnergy="150",
@@ -614,7 +587,7 @@ def _ion_beam(beam: Beam, spec: PlanSpec) -> Dataset:
     )
     _axis_attributes(first, beam.gantry, spec.isocenter)
     # Ion control points carry FL pitch/roll angles too, like photon ones.
-    last = _item(
+    last = make_item(
         ControlPointIndex=1,
         CumulativeMetersetWeight="1",
         NominalBeamEnergy="150",
@@ -624,7 +597,7 @@ def _ion_beam(beam: Beam, spec: PlanSpec) -> Dataset:
         ScanSpotMetersetWeights=[0.0, 0.0],
         NumberOfPaintings=1,
     )
-    item.IonControlPointSequence = _seq(first, last)
+    item.IonControlPointSequence = seq(first, last)
     return item
 
 
@@ -645,7 +618,7 @@ def plan(
     )
     if spec.for_uid is not None:
         # Frame of Reference is mandatory in the RT Ion Plan IOD (user option in RT Plan).
-        _frame_of_reference(ds, spec.for_uid)
+        frame_of_reference(ds, spec.for_uid)
     ds.RTPlanLabel = spec.label
     ds.RTPlanName = spec.label
     ds.RTPlanDate = date
@@ -656,31 +629,31 @@ def plan(
     # plans without a structure set (machine QA, TomoTherapy-style) state TREATMENT_DEVICE here.
     ds.RTPlanGeometry = spec.geometry
     if spec.structure_set_uid is not None:
-        ds.ReferencedStructureSetSequence = _seq(
-            _item(
+        ds.ReferencedStructureSetSequence = seq(
+            make_item(
                 ReferencedSOPClassUID=SopClass.RT_STRUCTURE_SET.value,
                 ReferencedSOPInstanceUID=spec.structure_set_uid,
             )
         )
     if spec.verified_plan is not None:
-        ds.ReferencedRTPlanSequence = _seq(
-            _item(
+        ds.ReferencedRTPlanSequence = seq(
+            make_item(
                 ReferencedSOPClassUID=spec.verified_plan[0],
                 ReferencedSOPInstanceUID=spec.verified_plan[1],
                 RTPlanRelationship="VERIFIED_PLAN",
             )
         )
-    ds.DoseReferenceSequence = _seq(
-        _item(
+    ds.DoseReferenceSequence = seq(
+        make_item(
             DoseReferenceNumber=1,
             DoseReferenceUID=make_uid("doseref", sop_uid),
             DoseReferenceStructureType="SITE",
             DoseReferenceDescription="PTV",
             DoseReferenceType="TARGET",
-            TargetPrescriptionDose=_ds(spec.dose_per_fraction * spec.fractions),
+            TargetPrescriptionDose=ds_text(spec.dose_per_fraction * spec.fractions, 6),
         )
     )
-    tolerance = _item(
+    tolerance = make_item(
         ToleranceTableNumber=1,
         ToleranceTableLabel="T1",
         GantryAngleTolerance="1",
@@ -690,21 +663,21 @@ def plan(
         TableTopLateralPositionTolerance="5",
     )
     if spec.ion:
-        ds.IonToleranceTableSequence = _seq(tolerance)
+        ds.IonToleranceTableSequence = seq(tolerance)
     else:
-        ds.ToleranceTableSequence = _seq(tolerance)
-    ds.PatientSetupSequence = _seq(_item(PatientPosition="HFS", PatientSetupNumber=1, SetupTechnique="ISOCENTRIC"))
-    ds.FractionGroupSequence = _seq(
-        _item(
+        ds.ToleranceTableSequence = seq(tolerance)
+    ds.PatientSetupSequence = seq(make_item(PatientPosition="HFS", PatientSetupNumber=1, SetupTechnique="ISOCENTRIC"))
+    ds.FractionGroupSequence = seq(
+        make_item(
             FractionGroupNumber=1,
             NumberOfFractionsPlanned=spec.fractions,
             NumberOfBeams=len(spec.beams),
             NumberOfBrachyApplicationSetups=0,
-            ReferencedBeamSequence=_seq(
+            ReferencedBeamSequence=seq(
                 *(
-                    _item(
-                        BeamDose=_ds(spec.dose_per_fraction / len(spec.beams)),
-                        BeamMeterset=_ds(beam.meterset),
+                    make_item(
+                        BeamDose=ds_text(spec.dose_per_fraction / len(spec.beams), 6),
+                        BeamMeterset=ds_text(beam.meterset, 6),
                         ReferencedBeamNumber=beam.number,
                     )
                     for beam in spec.beams
@@ -713,9 +686,9 @@ def plan(
         )
     )
     if spec.ion:
-        ds.IonBeamSequence = _seq(*(_ion_beam(beam, spec) for beam in spec.beams))
+        ds.IonBeamSequence = seq(*(_ion_beam(beam, spec) for beam in spec.beams))
     else:
-        ds.BeamSequence = _seq(*(_photon_beam(beam, spec) for beam in spec.beams))
+        ds.BeamSequence = seq(*(_photon_beam(beam, spec) for beam in spec.beams))
     _approve(ds, date, time)
     return ds
 
@@ -761,11 +734,11 @@ def dose(
         content_date=date,
         content_time=time,
     )
-    _frame_of_reference(ds, for_uid)
+    frame_of_reference(ds, for_uid)
     rows, cols, frames, spacing = 8, 8, 4, 4.0
     ds.ImageOrientationPatient = ["1", "0", "0", "0", "1", "0"]
-    ds.ImagePositionPatient = [_ds(v) for v in origin]
-    ds.PixelSpacing = [_ds(spacing), _ds(spacing)]
+    ds.ImagePositionPatient = [ds_text(v, 6) for v in origin]
+    ds.PixelSpacing = [ds_text(spacing, 6), ds_text(spacing, 6)]
     ds.SliceThickness = ""
     ds.SamplesPerPixel = 1
     ds.PhotometricInterpretation = "MONOCHROME2"
@@ -782,31 +755,31 @@ def dose(
     ds.DoseUnits = "GY"
     ds.DoseType = "PHYSICAL"
     ds.DoseSummationType = spec.summation
-    ds.GridFrameOffsetVector = [_ds(i * spacing) for i in range(frames)]
+    ds.GridFrameOffsetVector = [ds_text(i * spacing, 6) for i in range(frames)]
     scaling = spec.max_dose / 60000
     ds.DoseGridScaling = f"{scaling:.8g}"
     ds.TissueHeterogeneityCorrection = "IMAGE"
-    fraction_ref = _item(ReferencedFractionGroupNumber=1)
+    fraction_ref = make_item(ReferencedFractionGroupNumber=1)
     if spec.beam_number is not None:
-        fraction_ref.ReferencedBeamSequence = _seq(_item(ReferencedBeamNumber=spec.beam_number))
-    plan_ref = _item(ReferencedSOPClassUID=spec.plan_class, ReferencedSOPInstanceUID=spec.plan_uid)
+        fraction_ref.ReferencedBeamSequence = seq(make_item(ReferencedBeamNumber=spec.beam_number))
+    plan_ref = make_item(ReferencedSOPClassUID=spec.plan_class, ReferencedSOPInstanceUID=spec.plan_uid)
     if spec.summation in ("FRACTION", "BEAM"):
-        plan_ref.ReferencedFractionGroupSequence = _seq(fraction_ref)
-    ds.ReferencedRTPlanSequence = _seq(plan_ref)
+        plan_ref.ReferencedFractionGroupSequence = seq(fraction_ref)
+    ds.ReferencedRTPlanSequence = seq(plan_ref)
     if spec.structure_set_uid is not None:
         # TomoTherapy-style: the structure set is named by the dose's RT DVH module, not by the plan.
         # The RT DVH module makes DVHSequence Type 1, so a one-bin cumulative DVH comes with it.
-        ds.ReferencedStructureSetSequence = _seq(
-            _item(
+        ds.ReferencedStructureSetSequence = seq(
+            make_item(
                 ReferencedSOPClassUID=SopClass.RT_STRUCTURE_SET.value,
                 ReferencedSOPInstanceUID=spec.structure_set_uid,
             )
         )
-        ds.DVHNormalizationDoseValue = _ds(spec.max_dose)
-        ds.DVHSequence = _seq(
-            _item(
-                DVHReferencedROISequence=_seq(
-                    _item(DVHROIContributionType="INCLUDED", ReferencedROINumber=spec.dvh_roi or 1)
+        ds.DVHNormalizationDoseValue = ds_text(spec.max_dose, 6)
+        ds.DVHSequence = seq(
+            make_item(
+                DVHReferencedROISequence=seq(
+                    make_item(DVHROIContributionType="INCLUDED", ReferencedROINumber=spec.dvh_roi or 1)
                 ),
                 DVHType="CUMULATIVE",
                 DoseUnits="GY",
@@ -814,7 +787,7 @@ def dose(
                 DVHDoseScaling="1",
                 DVHVolumeUnits="PERCENT",
                 DVHNumberOfBins=2,
-                DVHData=["1", "100", _ds(spec.max_dose), "0"],
+                DVHData=["1", "100", ds_text(spec.max_dose, 6), "0"],
             )
         )
     values = bytearray()
@@ -870,9 +843,9 @@ def treatment_record(
     )
     ds.TreatmentDate = date
     ds.TreatmentTime = time
-    ds.ReferencedRTPlanSequence = _seq(_item(ReferencedSOPClassUID=plan_class, ReferencedSOPInstanceUID=plan_uid))
-    ds.TreatmentMachineSequence = _seq(
-        _item(
+    ds.ReferencedRTPlanSequence = seq(make_item(ReferencedSOPClassUID=plan_class, ReferencedSOPInstanceUID=plan_uid))
+    ds.TreatmentMachineSequence = seq(
+        make_item(
             TreatmentMachineName=spec.machine,
             Manufacturer=MANUFACTURER,
             InstitutionName=INSTITUTION,
@@ -885,7 +858,7 @@ def treatment_record(
     ds.PrimaryDosimeterUnit = "MU"
     sessions = []
     for beam in spec.beams if beams is None else beams:
-        item = _item(
+        item = make_item(
             ReferencedBeamNumber=beam.number,
             BeamName=beam.name,
             BeamType="DYNAMIC" if spec.tomo else "STATIC",
@@ -896,28 +869,28 @@ def treatment_record(
             # dicom3tools 2022 lacks VERIFIED in its enumeration (it lists "NOT_VERIFED");
             # VERIFIED_OVR is a standard value it accepts.
             TreatmentVerificationStatus="VERIFIED_OVR",
-            SpecifiedPrimaryMeterset=_ds(beam.meterset),
-            DeliveredPrimaryMeterset=_ds(beam.meterset),
+            SpecifiedPrimaryMeterset=ds_text(beam.meterset, 6),
+            DeliveredPrimaryMeterset=ds_text(beam.meterset, 6),
             NumberOfWedges=0,
             NumberOfCompensators=0,
             NumberOfBoli=0,
             NumberOfBlocks=0,
             NumberOfControlPoints=2,
         )
-        first = _item(
+        first = make_item(
             ReferencedControlPointIndex=0,
             TreatmentControlPointDate=date,
             TreatmentControlPointTime=time,
-            SpecifiedMeterset=_ds(0),
-            DeliveredMeterset=_ds(0),
+            SpecifiedMeterset=ds_text(0, 6),
+            DeliveredMeterset=ds_text(0, 6),
         )
         _axis_attributes(first, beam.gantry, spec.isocenter)
-        last = _item(
+        last = make_item(
             ReferencedControlPointIndex=1,
             TreatmentControlPointDate=date,
             TreatmentControlPointTime=time,
-            SpecifiedMeterset=_ds(beam.meterset),
-            DeliveredMeterset=_ds(beam.meterset),
+            SpecifiedMeterset=ds_text(beam.meterset, 6),
+            DeliveredMeterset=ds_text(beam.meterset, 6),
         )
         if spec.ion:
             item.ScanMode = "MODULATED"
@@ -933,23 +906,23 @@ def treatment_record(
                 cp.NumberOfScanSpotPositions = 2
                 cp.ScanSpotPositionMap = [-5.0, 0.0, 5.0, 0.0]
                 cp.ScanSpotMetersetsDelivered = [0.0, 0.0] if cp is first else [0.5, 0.5]
-            item.IonControlPointDeliverySequence = _seq(first, last)
+            item.IonControlPointDeliverySequence = seq(first, last)
         else:
-            item.BeamLimitingDeviceLeafPairsSequence = _seq(
-                _item(RTBeamLimitingDeviceType="ASYMX", NumberOfLeafJawPairs=1),
-                _item(RTBeamLimitingDeviceType="ASYMY", NumberOfLeafJawPairs=1),
+            item.BeamLimitingDeviceLeafPairsSequence = seq(
+                make_item(RTBeamLimitingDeviceType="ASYMX", NumberOfLeafJawPairs=1),
+                make_item(RTBeamLimitingDeviceType="ASYMY", NumberOfLeafJawPairs=1),
             )
             first.NominalBeamEnergy = "6"
             first.NominalBeamEnergyUnit = "MV"
             for cp in (first, last):
                 cp.DoseRateSet = "600"
                 cp.DoseRateDelivered = "600"
-            item.ControlPointDeliverySequence = _seq(first, last)
+            item.ControlPointDeliverySequence = seq(first, last)
         sessions.append(item)
     if spec.ion:
-        ds.TreatmentSessionIonBeamSequence = _seq(*sessions)
+        ds.TreatmentSessionIonBeamSequence = seq(*sessions)
     else:
-        ds.TreatmentSessionBeamSequence = _seq(*sessions)
+        ds.TreatmentSessionBeamSequence = seq(*sessions)
     return ds
 
 
@@ -979,20 +952,20 @@ def _brachy_common(ds: Dataset, spec: BrachySpec) -> None:
 
 
 def _source(spec: BrachySpec) -> Dataset:
-    return _item(
+    return make_item(
         SourceNumber=1,
         SourceType="POINT",
         SourceIsotopeName="Ir-192",
-        SourceIsotopeHalfLife=_ds(73.8),
+        SourceIsotopeHalfLife=ds_text(73.8, 6),
         SourceStrengthUnits="AIR_KERMA_RATE",
-        ReferenceAirKermaRate=_ds(spec.air_kerma_rate),
+        ReferenceAirKermaRate=ds_text(spec.air_kerma_rate, 6),
         SourceStrengthReferenceDate=spec.source_date,
         SourceStrengthReferenceTime="120000",
     )
 
 
 def _machine(spec: BrachySpec) -> Dataset:
-    return _item(
+    return make_item(
         TreatmentMachineName=spec.machine,
         Manufacturer=MANUFACTURER,
         InstitutionName=INSTITUTION,
@@ -1010,7 +983,7 @@ def brachy_plan(
         content_time=time,
     )  # fmt: skip
     if spec.for_uid is not None:
-        _frame_of_reference(ds, spec.for_uid)
+        frame_of_reference(ds, spec.for_uid)
     ds.RTPlanLabel = spec.label
     ds.RTPlanName = spec.label
     ds.RTPlanDate = date
@@ -1018,48 +991,56 @@ def brachy_plan(
     ds.PlanIntent = spec.intent
     ds.RTPlanGeometry = "PATIENT" if spec.structure_set_uid else "TREATMENT_DEVICE"
     if spec.structure_set_uid is not None:
-        ds.ReferencedStructureSetSequence = _seq(
-            _item(ReferencedSOPClassUID=SopClass.RT_STRUCTURE_SET.value,
+        ds.ReferencedStructureSetSequence = seq(
+            make_item(ReferencedSOPClassUID=SopClass.RT_STRUCTURE_SET.value,
                   ReferencedSOPInstanceUID=spec.structure_set_uid)
         )
-    ds.FractionGroupSequence = _seq(
-        _item(
+    ds.FractionGroupSequence = seq(
+        make_item(
             FractionGroupNumber=1,
             NumberOfFractionsPlanned=spec.fractions,
             NumberOfBeams=0,
             NumberOfBrachyApplicationSetups=1,
-            ReferencedBrachyApplicationSetupSequence=_seq(_item(ReferencedBrachyApplicationSetupNumber=1)),
+            ReferencedBrachyApplicationSetupSequence=seq(make_item(ReferencedBrachyApplicationSetupNumber=1)),
         )
     )
     _brachy_common(ds, spec)
-    ds.TreatmentMachineSequence = _seq(_machine(spec))
-    ds.SourceSequence = _seq(_source(spec))
+    ds.TreatmentMachineSequence = seq(_machine(spec))
+    ds.SourceSequence = seq(_source(spec))
     channels = []
     for number, seconds in enumerate(spec.channels, start=1):
         channels.append(
-            _item(
+            make_item(
                 ChannelNumber=number,
-                ChannelLength=_ds(1200.0),
-                ChannelTotalTime=_ds(seconds),
+                ChannelLength=ds_text(1200.0, 6),
+                ChannelTotalTime=ds_text(seconds, 6),
                 SourceMovementType="STEPWISE",
-                SourceApplicatorStepSize=_ds(5.0),
+                SourceApplicatorStepSize=ds_text(5.0, 6),
                 TransferTubeNumber=number,
-                TransferTubeLength=_ds(1000.0),
+                TransferTubeLength=ds_text(1000.0, 6),
                 ReferencedSourceNumber=1,
                 NumberOfControlPoints=2,
-                FinalCumulativeTimeWeight=_ds(1.0),
-                BrachyControlPointSequence=_seq(
-                    _item(ControlPointIndex=0, ControlPointRelativePosition=_ds(1190.0), CumulativeTimeWeight=_ds(0)),
-                    _item(ControlPointIndex=1, ControlPointRelativePosition=_ds(1190.0), CumulativeTimeWeight=_ds(1)),
+                FinalCumulativeTimeWeight=ds_text(1.0, 6),
+                BrachyControlPointSequence=seq(
+                    make_item(
+                        ControlPointIndex=0,
+                        ControlPointRelativePosition=ds_text(1190.0, 6),
+                        CumulativeTimeWeight=ds_text(0, 6),
+                    ),
+                    make_item(
+                        ControlPointIndex=1,
+                        ControlPointRelativePosition=ds_text(1190.0, 6),
+                        CumulativeTimeWeight=ds_text(1, 6),
+                    ),
                 ),
             )
         )
-    ds.ApplicationSetupSequence = _seq(
-        _item(
+    ds.ApplicationSetupSequence = seq(
+        make_item(
             ApplicationSetupType=spec.setup_type,
             ApplicationSetupNumber=1,
-            TotalReferenceAirKerma=_ds(round(spec.air_kerma_rate * sum(spec.channels) / 3600.0, 1)),
-            ChannelSequence=_seq(*channels),
+            TotalReferenceAirKerma=ds_text(round(spec.air_kerma_rate * sum(spec.channels) / 3600.0, 1), 6),
+            ChannelSequence=seq(*channels),
         )
     )
     _approve(ds, date, time)
@@ -1085,53 +1066,53 @@ def brachy_record(
     )  # fmt: skip
     ds.TreatmentDate = date
     ds.TreatmentTime = time
-    ds.ReferencedRTPlanSequence = _seq(
-        _item(ReferencedSOPClassUID=SopClass.RT_PLAN.value, ReferencedSOPInstanceUID=plan_uid)
+    ds.ReferencedRTPlanSequence = seq(
+        make_item(ReferencedSOPClassUID=SopClass.RT_PLAN.value, ReferencedSOPInstanceUID=plan_uid)
     )
-    ds.TreatmentMachineSequence = _seq(_machine(spec))
+    ds.TreatmentMachineSequence = seq(_machine(spec))
     ds.ReferencedFractionGroupNumber = 1
     ds.NumberOfFractionsPlanned = spec.fractions
     _brachy_common(ds, spec)
     source = _source(spec)
     source.SourceManufacturer = MANUFACTURER
     source.SourceSerialNumber = "IR0001"
-    ds.RecordedSourceSequence = _seq(source)
+    ds.RecordedSourceSequence = seq(source)
     channels = []
     for number, seconds in enumerate(spec.channels, start=1):
         channels.append(
-            _item(
+            make_item(
                 ChannelNumber=number,
-                ChannelLength=_ds(1200.0),
-                SpecifiedChannelTotalTime=_ds(seconds),
-                DeliveredChannelTotalTime=_ds(seconds),
+                ChannelLength=ds_text(1200.0, 6),
+                SpecifiedChannelTotalTime=ds_text(seconds, 6),
+                DeliveredChannelTotalTime=ds_text(seconds, 6),
                 SourceMovementType="STEPWISE",
                 TransferTubeNumber=number,
-                TransferTubeLength=_ds(1000.0),
+                TransferTubeLength=ds_text(1000.0, 6),
                 ReferencedSourceNumber=1,
                 NumberOfControlPoints=2,
-                BrachyControlPointDeliveredSequence=_seq(
+                BrachyControlPointDeliveredSequence=seq(
                     *(
-                        _item(
+                        make_item(
                             ReferencedControlPointIndex=index,
                             TreatmentControlPointDate=date,
                             TreatmentControlPointTime=time,
-                            ControlPointRelativePosition=_ds(1190.0),
+                            ControlPointRelativePosition=ds_text(1190.0, 6),
                         )
                         for index in (0, 1)
                     )
                 ),
             )
         )
-    ds.TreatmentSessionApplicationSetupSequence = _seq(
-        _item(
+    ds.TreatmentSessionApplicationSetupSequence = seq(
+        make_item(
             ApplicationSetupType=spec.setup_type,
             ReferencedBrachyApplicationSetupNumber=1,
-            TotalReferenceAirKerma=_ds(round(spec.air_kerma_rate * sum(spec.channels) / 3600.0, 1)),
+            TotalReferenceAirKerma=ds_text(round(spec.air_kerma_rate * sum(spec.channels) / 3600.0, 1), 6),
             CurrentFractionNumber=fraction,
             TreatmentDeliveryType="TREATMENT",
             TreatmentTerminationStatus="NORMAL",
             TreatmentVerificationStatus="VERIFIED_OVR",
-            RecordedChannelSequence=_seq(*channels),
+            RecordedChannelSequence=seq(*channels),
         )
     )
     return ds
@@ -1158,21 +1139,21 @@ def treatment_summary_record(
     )  # fmt: skip
     ds.TreatmentDate = last_date
     ds.TreatmentTime = last_time
-    ds.ReferencedRTPlanSequence = _seq(
-        _item(ReferencedSOPClassUID=plan_class, ReferencedSOPInstanceUID=plan_uid)
+    ds.ReferencedRTPlanSequence = seq(
+        make_item(ReferencedSOPClassUID=plan_class, ReferencedSOPInstanceUID=plan_uid)
     )
     ds.CurrentTreatmentStatus = "COMPLETED" if len(delivered) >= fractions_planned else "ON_TREATMENT"
     ds.FirstTreatmentDate = delivered[0][0]
     ds.MostRecentTreatmentDate = last_date
-    ds.FractionGroupSummarySequence = _seq(
-        _item(
+    ds.FractionGroupSummarySequence = seq(
+        make_item(
             ReferencedFractionGroupNumber=1,
             FractionGroupType="BRACHY" if brachy else "EXTERNAL_BEAM",
             NumberOfFractionsPlanned=fractions_planned,
             NumberOfFractionsDelivered=len(delivered),
-            FractionStatusSummarySequence=_seq(
+            FractionStatusSummarySequence=seq(
                 *(
-                    _item(ReferencedFractionNumber=n, TreatmentDate=day, TreatmentTime=when,
+                    make_item(ReferencedFractionNumber=n, TreatmentDate=day, TreatmentTime=when,
                           TreatmentTerminationStatus="NORMAL")
                     for n, (day, when) in enumerate(delivered, start=1)
                 )
@@ -1189,11 +1170,11 @@ IDENTITY = (1.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0
 
 
 def _matrix_registration(matrix: Sequence[float]) -> Dataset:
-    return _item(
-        RegistrationTypeCodeSequence=_seq(_code("125024", "DCM", "Image Content-based Alignment")),
-        MatrixSequence=_seq(
-            _item(
-                FrameOfReferenceTransformationMatrix=[_ds(v) for v in matrix],
+    return make_item(
+        RegistrationTypeCodeSequence=seq(code("125024", "DCM", "Image Content-based Alignment")),
+        MatrixSequence=seq(
+            make_item(
+                FrameOfReferenceTransformationMatrix=[ds_text(v, 6) for v in matrix],
                 FrameOfReferenceTransformationMatrixType="RIGID",
             )
         ),
@@ -1201,7 +1182,7 @@ def _matrix_registration(matrix: Sequence[float]) -> Dataset:
 
 
 def _image_refs(images: Sequence[ImageRef]) -> DicomSequence:
-    return _seq(*(_item(ReferencedSOPClassUID=img.sop_class, ReferencedSOPInstanceUID=img.sop_uid) for img in images))
+    return seq(*(make_item(ReferencedSOPClassUID=i.sop_class, ReferencedSOPInstanceUID=i.sop_uid) for i in images))
 
 
 def _common_instance_reference(ds: Dataset, own_study: str, series_groups: Sequence[Sequence[ImageRef]]) -> None:
@@ -1209,17 +1190,17 @@ def _common_instance_reference(ds: Dataset, own_study: str, series_groups: Seque
     same: list[Dataset] = []
     other: dict[str, list[Dataset]] = {}
     for images in series_groups:
-        entry = _item(ReferencedInstanceSequence=_image_refs(images), SeriesInstanceUID=images[0].series_uid)
+        entry = make_item(ReferencedInstanceSequence=_image_refs(images), SeriesInstanceUID=images[0].series_uid)
         if images[0].study_uid == own_study:
             same.append(entry)
         else:
             other.setdefault(images[0].study_uid, []).append(entry)
     if same:
-        ds.ReferencedSeriesSequence = _seq(*same)
+        ds.ReferencedSeriesSequence = seq(*same)
     if other:
-        ds.StudiesContainingOtherReferencedInstancesSequence = _seq(
+        ds.StudiesContainingOtherReferencedInstancesSequence = seq(
             *(
-                _item(ReferencedSeriesSequence=_seq(*entries), StudyInstanceUID=study_uid)
+                make_item(ReferencedSeriesSequence=seq(*entries), StudyInstanceUID=study_uid)
                 for study_uid, entries in other.items()
             )
         )
@@ -1248,21 +1229,21 @@ def rigid_registration(
         content_date=date,
         content_time=time,
     )
-    _frame_of_reference(ds, fixed[0].for_uid)
+    frame_of_reference(ds, fixed[0].for_uid)
     ds.Laterality = ""
     ds.ContentLabel = "RIGID_REG"
     ds.ContentDescription = "Rigid registration"
     ds.ContentCreatorName = "SYNTH^PHYSICIST"
-    ds.RegistrationSequence = _seq(
-        _item(
+    ds.RegistrationSequence = seq(
+        make_item(
             FrameOfReferenceUID=fixed[0].for_uid,
             ReferencedImageSequence=_image_refs(fixed),
-            MatrixRegistrationSequence=_seq(_matrix_registration(IDENTITY)),
+            MatrixRegistrationSequence=seq(_matrix_registration(IDENTITY)),
         ),
-        _item(
+        make_item(
             FrameOfReferenceUID=moving[0].for_uid,
             ReferencedImageSequence=_image_refs(moving),
-            MatrixRegistrationSequence=_seq(_matrix_registration(matrix)),
+            MatrixRegistrationSequence=seq(_matrix_registration(matrix)),
         ),
     )
     _common_instance_reference(ds, study.uid, [fixed, moving])
@@ -1292,37 +1273,37 @@ def deformable_registration(
         content_date=date,
         content_time=time,
     )
-    _frame_of_reference(ds, fixed[0].for_uid)
+    frame_of_reference(ds, fixed[0].for_uid)
     ds.Laterality = ""
     ds.ContentLabel = "DEFORMABLE_REG"
     ds.ContentDescription = "Deformable registration"
     ds.ContentCreatorName = "SYNTH^PHYSICIST"
-    grid = _item(
-        ImagePositionPatient=["0", "0", _ds(fixed[0].z)],
+    grid = make_item(
+        ImagePositionPatient=["0", "0", ds_text(fixed[0].z, 6)],
         ImageOrientationPatient=["1", "0", "0", "0", "1", "0"],
         GridDimensions=[2, 2, 2],
         GridResolution=[10.0, 10.0, 10.0],
         # 8 grid points × 3 components of FLOAT32 (OF): small non-zero displacements.
         VectorGridData=struct.pack("<24f", *[0.5 * ((i % 3) - 1) for i in range(24)]),
     )
-    ds.DeformableRegistrationSequence = _seq(
-        _item(
+    ds.DeformableRegistrationSequence = seq(
+        make_item(
             SourceFrameOfReferenceUID=moving[0].for_uid,
             ReferencedImageSequence=_image_refs(moving),
-            RegistrationTypeCodeSequence=_seq(_code("125024", "DCM", "Image Content-based Alignment")),
-            PreDeformationMatrixRegistrationSequence=_seq(
-                _item(
-                    FrameOfReferenceTransformationMatrix=[_ds(v) for v in matrix],
+            RegistrationTypeCodeSequence=seq(code("125024", "DCM", "Image Content-based Alignment")),
+            PreDeformationMatrixRegistrationSequence=seq(
+                make_item(
+                    FrameOfReferenceTransformationMatrix=[ds_text(v, 6) for v in matrix],
                     FrameOfReferenceTransformationMatrixType="RIGID",
                 )
             ),
-            PostDeformationMatrixRegistrationSequence=_seq(
-                _item(
-                    FrameOfReferenceTransformationMatrix=[_ds(v) for v in IDENTITY],
+            PostDeformationMatrixRegistrationSequence=seq(
+                make_item(
+                    FrameOfReferenceTransformationMatrix=[ds_text(v, 6) for v in IDENTITY],
                     FrameOfReferenceTransformationMatrixType="RIGID",
                 )
             ),
-            DeformableRegistrationGridSequence=_seq(grid),
+            DeformableRegistrationGridSequence=seq(grid),
         )
     )
     _common_instance_reference(ds, study.uid, [fixed, moving])

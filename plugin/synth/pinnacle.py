@@ -25,6 +25,7 @@ from typing import Any
 
 from pydicom.dataset import Dataset
 
+from rtharvest.dicombuild import frame_of_reference
 from rtharvest.sopclass import SopClass
 
 from . import iods
@@ -243,8 +244,7 @@ def _ct_dataset(case: PinnacleCase, truth: PatientTruth, index: int, pixels: byt
     ds.AcquisitionNumber = 1
     ds.Laterality = ""
     ds.PatientPosition = case.orientation
-    ds.FrameOfReferenceUID = truth.for_uid
-    ds.PositionReferenceIndicator = ""
+    frame_of_reference(ds, truth.for_uid)
     ds.ImageOrientationPatient = [str(v) for v in truth.orientation_cosines]
     ds.ImagePositionPatient = [_fmt(v) for v in truth.slice_positions[index]]
     ds.SliceLocation = _fmt(truth.slice_positions[index][2])

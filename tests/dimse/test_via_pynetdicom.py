@@ -1,4 +1,5 @@
-"""PynetdicomBackend against the four real sources on loopback and the fault-injection SCP.
+"""What only PynetdicomBackend does, against the four real sources on loopback and the fault-injection SCP
+(what both backends do: test_backend_contract.py).
 
 Moves go to the harvester's AET (``HARVEST``), which every source knows as a move destination; arrival
 is checked in the harvester with ``POST /tools/find``.
@@ -16,14 +17,11 @@ from pydicom.uid import generate_uid
 from rtharvest.config import Modality
 from rtharvest.dimse.base import InstanceKey, QueryLevel, SourceError, SourceErrorKind, Timeouts, sop_lookup_keys
 from rtharvest.dimse.via_pynetdicom import CANCEL_GRACE, PynetdicomBackend
-from rtharvest.launcher import free_port
 
 from ..servers import HARVEST_AET, LOCALHOST
-from . import ct, harvester_has, rtdose, store, wait_for_arrival
+from . import ct, rtdose, store, wait_for_arrival
+from .conftest import ALL, RELATIONAL
 from .fault_scp import Fault, FaultScp
-
-ALL = ["ORTHANC_SRC", "DCMQRSCP", "DCMQRSCP_STRICT", "PYNETDICOM"]
-RELATIONAL = ["ORTHANC_SRC", "DCMQRSCP", "PYNETDICOM"]
 
 
 def backend(clinic: Any, name: str, **kw: Any) -> PynetdicomBackend:
@@ -39,33 +37,6 @@ def image_keys(ds: Any, **extra: Any) -> dict[str, Any]:
     """Hierarchical IMAGE-level keys (what a strict SCP needs)."""
     return {"StudyInstanceUID": ds.StudyInstanceUID, "SeriesInstanceUID": ds.SeriesInstanceUID,
             "SOPInstanceUID": ds.SOPInstanceUID, **extra}
-
-
-@pytest.mark.parametrize("name", ALL)
-def test_echo(clinic: Any, name: str) -> None:
-    backend(clinic, name).echo()
-
-
-@pytest.mark.parametrize("name", ALL)
-def test_find_at_each_level_with_hierarchical_keys(clinic: Any, name: str) -> None:
-    ds = ct(f"PFIND-{name}")
-    store(clinic.sources[name], ds)
-    b = backend(clinic, name)
-
-    patients = b.find(QueryLevel.PATIENT, {"PatientID": ds.PatientID, "PatientName": ""})
-    assert [(p["PatientID"], p["PatientName"]) for p in patients] == [(ds.PatientID, "DIMSE^TEST")]
-
-    studies = b.find(QueryLevel.STUDY, {"StudyInstanceUID": ds.StudyInstanceUID, "StudyDate": ""})
-    assert [(s["StudyInstanceUID"], s["StudyDate"]) for s in studies] == [(ds.StudyInstanceUID, "20200101")]
-
-    series = b.find(QueryLevel.SERIES, {"StudyInstanceUID": ds.StudyInstanceUID, "SeriesInstanceUID": "",
-                                        "Modality": ""})
-    assert [(s["SeriesInstanceUID"], s["Modality"]) for s in series] == [(ds.SeriesInstanceUID, "CT")]
-
-    images = b.find(QueryLevel.IMAGE, image_keys(ds, InstanceNumber=""))
-    assert [(i["SOPInstanceUID"], i["InstanceNumber"]) for i in images] == [(ds.SOPInstanceUID, "1")]
-    # Exactly our keys were sent: nobody added AccessionNumber or PatientID to the identifier.
-    assert "AccessionNumber" not in images[0] and "PatientID" not in images[0]
 
 
 @pytest.mark.parametrize("name", RELATIONAL)
@@ -105,23 +76,6 @@ def test_strict_source_refuses_empty_upper_keys_too(clinic: Any) -> None:
             "StudyInstanceUID": "", "SeriesInstanceUID": "", "SOPInstanceUID": ds.SOPInstanceUID})
     assert caught.value.kind is SourceErrorKind.BAD_REQUEST and caught.value.dimse_status == 0xA900
     assert not caught.value.retryable
-
-
-@pytest.mark.parametrize("name", ALL)
-def test_frame_of_reference_at_image_level(clinic: Any, name: str) -> None:
-    """Only Orthanc returns (and matches) FrameOfReferenceUID; the others ignore the key (strict too)."""
-    ds = ct(f"PFOR-{name}")
-    store(clinic.sources[name], ds)
-    b = backend(clinic, name)
-    returned = b.find(QueryLevel.IMAGE, image_keys(ds, FrameOfReferenceUID=""))
-    wrong = b.find(QueryLevel.IMAGE, image_keys(ds, FrameOfReferenceUID="1.2.3.4"))
-    assert len(returned) == 1
-    if name == "ORTHANC_SRC":
-        assert returned[0]["FrameOfReferenceUID"] == ds.FrameOfReferenceUID
-        assert wrong == []
-    else:
-        assert "FrameOfReferenceUID" not in returned[0]
-        assert [a["SOPInstanceUID"] for a in wrong] == [ds.SOPInstanceUID]
 
 
 @pytest.mark.parametrize("name", ALL)
@@ -174,61 +128,6 @@ def test_find_answers_are_mapped(clinic: Any) -> None:
     assert answers[0]["PatientName"] == "DIMSE^TEST"
 
 
-@pytest.mark.parametrize("name", ALL)
-def test_move_instances_and_series(clinic: Any, name: str) -> None:
-    first = ct(f"PMOVE-{name}")
-    second = ct(f"PMOVE-{name}", first.StudyInstanceUID, first.SeriesInstanceUID, number=2)
-    third = ct(f"PMOVE-{name}", first.StudyInstanceUID, first.SeriesInstanceUID, number=3)
-    store(clinic.sources[name], first, second, third)
-    b = backend(clinic, name)
-
-    result = b.move(QueryLevel.IMAGE, patient_id=first.PatientID, study_uid=first.StudyInstanceUID,
-                    series_uid=first.SeriesInstanceUID, sop_uids=[first.SOPInstanceUID])
-    assert (result.status, result.completed, result.failed) == (0, 1, 0)
-    assert wait_for_arrival(clinic.api, [first.SOPInstanceUID]) == []
-    assert not harvester_has(clinic.api, second.SOPInstanceUID)
-
-    # Two SOP UIDs: one C-MOVE each on one association, counts summed.
-    result = b.move(QueryLevel.IMAGE, patient_id=None, study_uid=first.StudyInstanceUID,
-                    series_uid=first.SeriesInstanceUID, sop_uids=[second.SOPInstanceUID, third.SOPInstanceUID])
-    assert (result.status, result.completed) == (0, 2)
-    assert wait_for_arrival(clinic.api, [second.SOPInstanceUID, third.SOPInstanceUID]) == []
-
-    fourth = ct(f"PMOVE-{name}", first.StudyInstanceUID, first.SeriesInstanceUID, number=4)
-    store(clinic.sources[name], fourth)
-    result = b.move(QueryLevel.SERIES, patient_id=None, study_uid=first.StudyInstanceUID,
-                    series_uid=first.SeriesInstanceUID)
-    assert (result.status, result.completed) == (0, 4)
-    assert wait_for_arrival(clinic.api, [fourth.SOPInstanceUID]) == []
-
-
-def key_of(ds: Any) -> InstanceKey:
-    return InstanceKey(ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID)
-
-
-@pytest.mark.parametrize("name", ALL)
-def test_move_instances_of_several_series(clinic: Any, name: str) -> None:
-    """Single instances of different studies and series (a patient's treatment records) in one call."""
-    first = ct(f"PMANY-{name}")
-    other_study = ct(f"PMANY-{name}")
-    other_series = ct(f"PMANY-{name}", first.StudyInstanceUID)
-    store(clinic.sources[name], first, other_study, other_series)
-    wanted = [first, other_study, other_series]
-    result = backend(clinic, name).move_instances([key_of(ds) for ds in wanted])
-    assert (result.status, result.completed, result.failed) == (0, 3, 0)
-    assert wait_for_arrival(clinic.api, [ds.SOPInstanceUID for ds in wanted]) == []
-
-
-def test_move_instances_share_one_association() -> None:
-    keys = [InstanceKey(generate_uid(), generate_uid(), generate_uid()) for _ in range(3)]
-    with FaultScp() as scp:
-        result = fault_backend(scp).move_instances(keys)
-    assert result.status == 0
-    assert len(scp.connection_times) == 1
-    assert [(m.QueryRetrieveLevel, m.StudyInstanceUID, m.SeriesInstanceUID, m.SOPInstanceUID) for m in scp.moves] \
-        == [("IMAGE", k.study_uid, k.series_uid, k.sop_uid) for k in keys]
-
-
 @pytest.mark.parametrize("keys", [[], [InstanceKey("1.2.3", "", "1.2.3.4")], [InstanceKey("", "1.2.3", "1.2.3.4")]])
 def test_move_instances_needs_every_unique_key(keys: list[InstanceKey]) -> None:
     with FaultScp() as scp:
@@ -236,30 +135,6 @@ def test_move_instances_needs_every_unique_key(keys: list[InstanceKey]) -> None:
             fault_backend(scp).move_instances(keys)
     assert caught.value.kind is SourceErrorKind.BAD_REQUEST and not caught.value.retryable
     assert scp.connection_times == []  # refused before any association
-
-
-@pytest.mark.parametrize("name", ALL)
-def test_move_of_unknown_uid(clinic: Any, name: str) -> None:
-    """Orthanc: 0xC000 failure. dcmqrscp (both modes) and pynetdicom's qrscp: success with 0 completed."""
-    ds = ct(f"PUNKNOWN-{name}")
-    store(clinic.sources[name], ds)
-    unknown = generate_uid()
-    b = backend(clinic, name)
-
-    def move() -> Any:
-        return b.move(QueryLevel.IMAGE, patient_id=None, study_uid=ds.StudyInstanceUID,
-                      series_uid=ds.SeriesInstanceUID, sop_uids=[unknown])
-
-    if name == "ORTHANC_SRC":
-        with pytest.raises(SourceError) as caught:
-            move()
-        assert (caught.value.kind, caught.value.dimse_status) == (SourceErrorKind.FAILURE_STATUS, 0xC000)
-        assert caught.value.retryable and caught.value.retry_limit == 3
-        assert caught.value.result is not None and caught.value.result.completed == 0
-    else:
-        result = move()
-        assert (result.status, result.completed, result.failed, result.warning) == (0, 0, 0, 0)
-    assert not harvester_has(clinic.api, unknown)
 
 
 def test_partial_image_move_continues_and_reports(clinic: Any) -> None:
@@ -277,18 +152,6 @@ def test_partial_image_move_continues_and_reports(clinic: Any) -> None:
 
 # --- network faults --------------------------------------------------------------------------------------
 
-def test_unreachable_source_is_fast_and_retryable() -> None:
-    b = PynetdicomBackend(Modality("CLOSED", "NOBODY", LOCALHOST, free_port()), HARVEST_AET)
-    for operation in (b.echo, lambda: b.find(QueryLevel.STUDY, {"StudyInstanceUID": ""}),
-                      lambda: b.move(QueryLevel.STUDY, patient_id=None, study_uid="1.2.3")):
-        started = time.monotonic()
-        with pytest.raises(SourceError) as caught:
-            operation()
-        assert caught.value.kind is SourceErrorKind.UNREACHABLE and caught.value.retryable
-        assert "CLOSED" in str(caught.value)
-        assert time.monotonic() - started < 2.0
-
-
 def test_rejected_association_is_refused_permanently() -> None:
     with FaultScp(Fault(reject=True)) as scp:
         with pytest.raises(SourceError) as caught:
@@ -296,13 +159,6 @@ def test_rejected_association_is_refused_permanently() -> None:
     assert caught.value.kind is SourceErrorKind.REFUSED
     assert caught.value.retryable is False  # a permanent rejection: the source does not know our AET
     assert "Calling AE title not recognised" in str(caught.value)
-
-
-def test_aborted_association() -> None:
-    with FaultScp(Fault(abort=True)) as scp:
-        with pytest.raises(SourceError) as caught:
-            fault_backend(scp).find(QueryLevel.STUDY, {"StudyInstanceUID": ""})
-    assert caught.value.kind is SourceErrorKind.REFUSED and caught.value.retryable
 
 
 def test_silent_listener_times_out_on_association() -> None:
@@ -318,29 +174,15 @@ def test_silent_listener_times_out_on_association() -> None:
     assert time.monotonic() - started < 4
 
 
-@pytest.mark.parametrize(("fault", "operation", "kind", "status", "retryable", "limit"), [
-    (Fault(find_status=0xA702), "find", SourceErrorKind.FAILURE_STATUS, 0xA702, True, None),
-    (Fault(find_status=0xC001), "find", SourceErrorKind.FAILURE_STATUS, 0xC001, True, 3),
-    (Fault(find_status=0xA900), "find", SourceErrorKind.BAD_REQUEST, 0xA900, False, None),
-    (Fault(move_status=0xA702), "move", SourceErrorKind.FAILURE_STATUS, 0xA702, True, None),
-    (Fault(move_status=0xC001), "move", SourceErrorKind.FAILURE_STATUS, 0xC001, True, 3),
-    (Fault(move_status=0xA801), "move", SourceErrorKind.FAILURE_STATUS, 0xA801, False, None),
-    (Fault(echo_status=0xC001), "echo", SourceErrorKind.FAILURE_STATUS, 0xC001, True, 3),
-], ids=["find-A702", "find-C001", "find-A900", "move-A702", "move-C001", "move-A801", "echo-C001"])
-def test_failure_statuses(fault: Fault, operation: str, kind: SourceErrorKind, status: int, retryable: bool,
-                          limit: int | None) -> None:
-    with FaultScp(fault) as scp:
-        b = fault_backend(scp)
+def test_echo_failure_status() -> None:
+    """A C-ECHO answered with a failure status (the statuses of find and move: test_backend_contract.py)."""
+    with FaultScp(Fault(echo_status=0xC001)) as scp:
         with pytest.raises(SourceError) as caught:
-            if operation == "find":
-                b.find(QueryLevel.STUDY, {"StudyInstanceUID": ""})
-            elif operation == "move":
-                b.move(QueryLevel.SERIES, patient_id=None, study_uid="1.2.3", series_uid="1.2.3.4")
-            else:
-                b.echo()
+            fault_backend(scp).echo()
     error = caught.value
-    assert (error.kind, error.dimse_status, error.retryable, error.retry_limit) == (kind, status, retryable, limit)
-    assert "FAULT" in str(error) and f"0x{status:04X}" in str(error)
+    assert (error.kind, error.dimse_status, error.retryable, error.retry_limit) == (
+        SourceErrorKind.FAILURE_STATUS, 0xC001, True, 3)
+    assert "FAULT" in str(error) and "0xC001" in str(error)
 
 
 def test_failure_stops_further_moves_when_not_retryable() -> None:
