@@ -117,6 +117,15 @@ register_schema(
 )
 
 
+# The provenance writer takes the outbox series by series: the items of a series are found from its decision
+# rows (``rth_objects_series``), then their outbox rows by harvest and SOP UID.
+register_schema(
+    "tracking_provenance_series",
+    1,
+    ["CREATE INDEX rth_provenance_outbox_object ON rth_provenance_outbox(harvest_id, sop_uid)"],
+)
+
+
 @dataclass(frozen=True)
 class Expectation:
     """A worker's announcement that an instance is about to arrive for a harvest.
@@ -216,6 +225,15 @@ _OUTBOX_ROWS = (
     " EXISTS (SELECT 1 FROM jobs j WHERE j.id = o.job_id AND j.state = 'leased')"
     " FROM rth_provenance_outbox o LEFT JOIN rth_objects b ON b.harvest_id = o.harvest_id AND b.sop_uid = o.sop_uid"
     " WHERE {where} ORDER BY o.rowid"
+)
+
+
+#: Every outbox row of the series ``{marks}`` names (from their decision rows, by the series index).
+_SERIES_OUTBOX_ROWS = (
+    "SELECT o.orthanc_id, o.harvest_id, o.sop_uid, o.source, o.job_id, o.hop, o.harvested_at, o.attempts,"
+    " b.series_uid, b.moved, EXISTS (SELECT 1 FROM jobs j WHERE j.id = o.job_id AND j.state = 'leased')"
+    " FROM rth_objects b JOIN rth_provenance_outbox o ON o.harvest_id = b.harvest_id AND o.sop_uid = b.sop_uid"
+    " WHERE b.series_uid IN ({marks}) ORDER BY o.rowid"
 )
 
 
@@ -531,7 +549,7 @@ class Tracker:
         for start in range(0, len(series), 400):  # stays below SQLite's bound on parameters
             chunk = series[start:start + 400]
             marks = ", ".join("?" * len(chunk))
-            for r in self.db.query(_OUTBOX_ROWS.format(where=f"b.series_uid IN ({marks})"), tuple(chunk)):
+            for r in self.db.query(_SERIES_OUTBOX_ROWS.format(marks=marks), tuple(chunk)):
                 item = _outbox_item(r)
                 assert item.series_uid is not None
                 if r[10]:

@@ -366,7 +366,7 @@ def test_provenance_waits_for_arrivals_to_pause_at_most_the_lag(world: World, cl
     h.clock = lambda: last + 0.1  # instances still streaming in
     assert not h.provenance_due(harvest_finishing=False)
     assert h.provenance_due(harvest_finishing=True)
-    h.clock = lambda: last + h.PROVENANCE_QUIET_S
+    h.clock = lambda: last + h.PROVENANCE_QUIET_S + 0.001  # (last + 0.3) - last may round below 0.3
     assert h.provenance_due(harvest_finishing=False)
     while h.write_provenance():
         pass
