@@ -378,7 +378,7 @@ def test_provenance_waits_for_arrivals_to_pause_at_most_the_lag(world: World, cl
     h.clock = lambda: first_look
     assert not h.provenance_due(harvest_finishing=False)
     world.on_stored("late-copy-2", dicom_bytes(clinic.unrelated[1]), "SRC")
-    now = max(world.ingest.last_arrival, first_look) + 0.05
+    now = max(world.ingest.last_arrival, first_look) + 0.051  # the lag ago (float rounding aside)
     h.clock = lambda: now
     assert now - world.ingest.last_arrival < h.PROVENANCE_QUIET_S  # still streaming
     assert h.provenance_due(harvest_finishing=False)
