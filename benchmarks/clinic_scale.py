@@ -16,12 +16,13 @@ What it does, on loopback and in one run on the same servers:
 3. a fresh harvester (Orthanc + plugin, through the tests' ``start_harvester``) harvests the ground
    truth's ``all`` window (the whole 10 years: the harvester splits it into its record-search parts),
    timed from ``POST /rtharvest/harvests`` until the harvest document says ``Completed`` (planning,
-   provenance and the clean-up of inspected candidates included); then a **re-harvest** of the same
-   window on the same store;
+   provenance and the clean-up of inspected candidates included);
 4. the same Orthanc with the same configuration *without the plugin*, on the same ports and AET, moves
    exactly the ground truth's expected instances with series-level C-MOVEs (instance level where only part
    of a series is expected), ``--bare-concurrency`` moves at a time (default 2, the harvester's
-   ``MaxConcurrent`` per source): the **bare** transfer.
+   ``MaxConcurrent`` per source): the **bare** transfer;
+5. the harvester again on its store: a **re-harvest** of the same window (the figures so far are written
+   before it, so a run cut short still leaves them).
 
 Figures (printed, and written with ``--json`` for run_all.py): ``patients``, ``instances`` (expected by the
 ground truth), ``harvest_s``, ``bare_s``, ``ratio`` (harvest / bare), ``finds_per_patient`` and
@@ -65,6 +66,9 @@ SOURCE = "ORTHANC_SRC"
 SOURCE_AET = "ORTHANCSRC"
 #: How often the harvest document is polled: each poll is a REST callback that takes the plugin's GIL.
 POLL_S = 0.5
+#: Files per loading association: the loader gives up after a few aborted associations, which a loaded
+#: machine produces over tens of thousands of files; each chunk gets its own budget (a C-STORE is idempotent).
+LOAD_CHUNK = 2000
 
 
 def make_clinic(workdir: Path, patients: int, slices: int, matrix: int, seed: int) -> tuple[Path, GroundTruth]:
@@ -88,6 +92,24 @@ def start_source(run_dir: Path, harvest_port: int) -> OrthancProcess:
     }
     return OrthancProcess(run_dir, config, aet=SOURCE_AET, plugin=False,
                           modalities={"HARVEST": [HARVEST_AET, LOCALHOST, harvest_port]}).start(timeout=120)
+
+
+def load_source(source: OrthancProcess, files: list[Path]) -> None:
+    """Store the clinic into the source, chunk by chunk (nothing when it already holds every file: a
+    ``--workdir`` kept from an earlier run)."""
+    held = int(RestClient(source.url, source.credentials).get("/statistics")["CountInstances"])
+    if held >= len(files):
+        print(f"source already holds {held:,} instances", flush=True)
+        return
+    for start in range(0, len(files), LOAD_CHUNK):
+        for attempt in (1, 2, 3):
+            try:
+                store_to_scp(files[start:start + LOAD_CHUNK], LOCALHOST, source.dicom_port, SOURCE_AET)
+                break
+            except LoadError as exc:
+                if attempt == 3:
+                    raise
+                print(f"loading files {start}-{start + LOAD_CHUNK} failed ({exc}); storing them again", flush=True)
 
 
 def peak_rss_mb(pid: int | None) -> float:
@@ -161,66 +183,71 @@ def main() -> None:
         n_patients = window.summary.patients
         harvest_port, http_port = free_port(), free_port()
         source = start_source(workdir / "source", harvest_port)
-        files = dicom_files(clinic)
+        files = sorted(dicom_files(clinic))
         t0 = time.perf_counter()
-        for attempt in (1, 2, 3):
-            try:  # a loaded machine occasionally aborts the loading association: store again (idempotent)
-                store_to_scp(files, LOCALHOST, source.dicom_port, SOURCE_AET)
-                break
-            except LoadError as exc:
-                if attempt == 3:
-                    raise
-                print(f"loading the source failed ({exc}); storing again", flush=True)
+        load_source(source, files)
         print(f"source holds {len(files):,} instances ({sum(o.size for o in truth.objects.values()) / 1e6:,.0f} MB,"
               f" loaded in {time.perf_counter() - t0:.0f} s); window 'all' ({window.date_from}-{window.date_to})"
               f" expects {len(expected):,} instances ({truth_bytes / 1e6:,.0f} MB) of {n_patients} patients",
               flush=True)
 
-        # -- harvest, then re-harvest, on one harvester ------------------------------------------
+        # -- harvest ----------------------------------------------------------------------------------
         src = DicomSource(name=SOURCE, aet=SOURCE_AET, port=source.dicom_port, kind="orthanc")
+        shutil.rmtree(workdir / "harvester", ignore_errors=True)  # a fresh store (a kept --workdir has one)
         harvester = start_harvester(workdir / "harvester", harvest_port, {SOURCE: src}, http_port=http_port)
         api = RestClient(harvester.url, harvester.credentials)
         first_id, harvest_s, doc = run_harvest(api, window, "clinic scale", deadline_s)
         finds, moves = source_counts(api)
-        arrivals_1 = int(api.get("/rtharvest/status")["Arrivals"])
         rss_harvest = peak_rss_mb(harvester.pid)
         stored = {i["MainDicomTags"]["SOPInstanceUID"]
                   for i in api.post("/tools/find", {"Level": "Instance", "Query": {}, "Expand": True})}
         print(f"harvest: {harvest_s:.1f} s, {finds} C-FIND, {moves} C-MOVE, {len(stored):,} instances stored, "
               f"{doc.get('Patients')} patients, peak RSS {rss_harvest:.0f} MB", flush=True)
-        second_id, reharvest_s, _ = run_harvest(api, window, "clinic scale again", deadline_s)
-        finds_2, moves_2 = source_counts(api)
-        arrivals_2 = int(api.get("/rtharvest/status")["Arrivals"])
-        rss = peak_rss_mb(harvester.pid)
-        print(f"re-harvest: {reharvest_s:.1f} s, {finds_2 - finds} C-FIND, {moves_2 - moves} C-MOVE, "
-              f"{arrivals_2 - arrivals_1} arrivals", flush=True)
         harvester.stop()
-        db = harvester.run_dir / "rtharvest.sqlite"
-        moved_again = harvester_db_moved(db, second_id)
-        reharvest_bytes = sum(truth.objects[u].size for u in moved_again if u in truth.objects)
-        reharvest_bytes += int(max(0, arrivals_2 - arrivals_1 - len(moved_again)) * mean_size)
-        shutil.rmtree(harvester.run_dir / "storage", ignore_errors=True)
         harvester = None
 
         # -- the bare transfer of exactly the ground truth, same ports and AET -------------------
         route = Route(source.dicom_port, harvest_port, http_port)
+        shutil.rmtree(workdir / f"bare0-c{args.bare_concurrency}", ignore_errors=True)  # an empty receiver
         bare = bare_round(workdir, 0, route, SourceLog(source.log_path), truth, args.bare_concurrency)
         bare_stored = int(bare.extra["stats"]["CountInstances"])
         print(f"bare: {bare.seconds:.1f} s, {bare.extra['series_moves']} moves ({args.bare_concurrency} at a time),"
               f" {bare_stored:,} instances stored", flush=True)
-
-        # -- figures --------------------------------------------------------------------------------
-        figures = {
+        figures: dict[str, Any] = {
             "patients": n_patients, "instances": len(expected), "source_instances": len(files),
             "harvest_s": round(harvest_s, 1), "bare_s": round(bare.seconds, 1),
             "ratio": round(harvest_s / bare.seconds, 3),
             "finds_per_patient": round(finds / n_patients, 1), "moves_per_patient": round(moves / n_patients, 1),
             "bare_moves_per_patient": round(bare.extra["series_moves"] / n_patients, 1),
             "missing": len(expected - stored), "forbidden": len(stored & forbidden),
-            "unexpected": len(stored - expected - forbidden),
-            "peak_rss_mb": round(max(rss, rss_harvest)), "reharvest_s": round(reharvest_s, 1),
-            "reharvest_bytes": reharvest_bytes, "bare_stored": bare_stored,
+            "unexpected": len(stored - expected - forbidden), "peak_rss_mb": round(rss_harvest),
+            "bare_stored": bare_stored,
         }
+        for key, value in figures.items():
+            results.add(key, value)
+        results.write(args.json)  # what is measured so far, should the re-harvest not finish
+
+        # -- re-harvest on the same store ------------------------------------------------------------
+        harvester = start_harvester(workdir / "harvester", harvest_port, {SOURCE: src}, http_port=http_port)
+        api = RestClient(harvester.url, harvester.credentials)
+        second_id, reharvest_s, _ = run_harvest(api, window, "clinic scale again", deadline_s)
+        finds_2, moves_2 = source_counts(api)
+        arrivals_2 = int(api.get("/rtharvest/status")["Arrivals"])
+        rss_again = peak_rss_mb(harvester.pid)
+        print(f"re-harvest: {reharvest_s:.1f} s, {finds_2} C-FIND, {moves_2} C-MOVE, {arrivals_2} arrivals, "
+              f"peak RSS {rss_again:.0f} MB", flush=True)
+        harvester.stop()
+        db = harvester.run_dir / "rtharvest.sqlite"
+        moved_again = harvester_db_moved(db, second_id)
+        reharvest_bytes = sum(truth.objects[u].size for u in moved_again if u in truth.objects)
+        reharvest_bytes += int(max(0, arrivals_2 - len(moved_again)) * mean_size)
+        shutil.rmtree(harvester.run_dir / "storage", ignore_errors=True)
+        harvester = None
+        figures.update({"peak_rss_mb": round(max(rss_harvest, rss_again)), "reharvest_s": round(reharvest_s, 1),
+                        "reharvest_finds_per_patient": round(finds_2 / n_patients, 1),
+                        "reharvest_bytes": reharvest_bytes})
+
+        # -- figures --------------------------------------------------------------------------------
         print("\n-- figures --")
         for key, value in figures.items():
             results.add(key, value)
