@@ -971,7 +971,8 @@ class Harvester:
                 return gone + self._provenance_failed(items, exc)
         if series is None:
             return gone
-        live = [i for i in items if i not in gone]
+        gone_set = set(gone)
+        live = [i for i in items if i not in gone_set]
         try:
             stamp = self.store.series_metadata(series.orthanc_id)
             plan = plan_series(live, stamp, series.instances)
@@ -980,9 +981,10 @@ class Harvester:
                     self.store.set_series_metadata(series.orthanc_id, name, value)
         except Exception as exc:
             return gone + self._provenance_failed(live, exc)
-        done = gone + [i for i in live if i in plan.covered]
+        covered, own = set(plan.covered), set(plan.instances)
+        done = gone + [i for i in live if i in covered]
         for item in live:
-            if item not in plan.instances:
+            if item not in own:
                 continue
             try:
                 if not self.store.metadata(item.orthanc_id).get("HarvestId"):  # else its first provenance stays
