@@ -1,6 +1,6 @@
 """Run every benchmark of rtharvest one after the other and print the figures table for benchmarks/README.md.
 
-    .venv/bin/python benchmarks/run_all.py [--quick] [--only wire,ingest,scale,queue,store,discovery]
+    .venv/bin/python benchmarks/run_all.py [--quick] [--only wire,ingest,scale,queue,store,discovery,clinic]
 
 Each benchmark runs as its own process (so peak memory and servers never mix), prints its own output,
 and leaves a JSON summary that this script turns into one Markdown table (date, machine, figures, goals)
@@ -31,9 +31,11 @@ BENCHMARKS: dict[str, tuple[str, list[str]]] = {
     "queue": ("queue_throughput.py", []),
     "store": ("store_scale.py", []),
     "discovery": ("discovery.py", []),
+    "clinic": ("clinic_scale.py", []),
 }
 QUICK = {"wire": ["--quick"], "ingest": ["--quick"], "scale": ["--quick"],
-         "queue": ["--jobs", "4000", "--events", "40000"], "store": ["--quick"], "discovery": ["--quick"]}
+         "queue": ["--jobs", "4000", "--events", "40000"], "store": ["--quick"], "discovery": ["--quick"],
+         "clinic": ["--patients", "50"]}
 
 
 def queue_figures(text: str) -> dict[str, str]:

@@ -48,6 +48,7 @@ from .operations import (
 )
 from .planner import ReasonCode, reason_text
 from .politeness import SourceGate, SourceUnavailable
+from .provenance import StoredSeries, plan_series
 from .references import extract_from_bytes
 from .strategies import DiscardReason, QueryLevel, SourceCapability, execute, unbounded_search
 from .tracking import Decision, Expectation, FailureCode, ObjectRecord, ProvenanceItem, Tracker
@@ -77,6 +78,15 @@ class LocalStore(Protocol):
 
     def set_metadata(self, orthanc_id: str, name: str, value: str) -> None:
         """Write one metadata value."""
+
+    def series_of(self, orthanc_id: str) -> StoredSeries:
+        """The series of a stored instance (``LookupError`` when it is gone)."""
+
+    def series_metadata(self, series_id: str) -> dict[str, str]:
+        """All metadata of a series (``LookupError`` when it is gone)."""
+
+    def set_series_metadata(self, series_id: str, name: str, value: str) -> None:
+        """Write one metadata value of a series."""
 
     def delete(self, orthanc_id: str) -> None:
         """Remove an instance from the store."""
@@ -1043,36 +1053,67 @@ class Harvester:
         return False
 
     def write_provenance(self, batch: int = 200) -> bool:
-        """Write pending provenance metadata; returns True if there was work."""
-        items = self.tracker.pending_provenance(batch)
-        if not items:
+        """Write pending provenance metadata, series by series (see :mod:`rtharvest.provenance`); returns True
+        if there was work."""
+        groups = self.tracker.pending_provenance_by_series(batch)
+        if not groups:
             self._provenance_deferred_since = None  # caught up: the lag counts from the next deferral
-        done: list[ProvenanceItem] = []
+            return False
+        for items in groups:
+            done = self._write_series_provenance(items)
+            if done:
+                self.tracker.provenance_done(done)
+        return True
+
+    def _write_series_provenance(self, items: Sequence[ProvenanceItem]) -> list[ProvenanceItem]:
+        """Write the provenance of one series' pending items; returns the items that are done."""
+        series: StoredSeries | None = None
+        gone: list[ProvenanceItem] = []
         for item in items:
             try:
-                current = self.store.metadata(item.orthanc_id)
+                series = self.store.series_of(item.orthanc_id)
+                break
             except LookupError:
-                done.append(item)  # deleted meanwhile: nothing to stamp
-                continue
+                gone.append(item)  # deleted meanwhile: nothing to stamp
             except Exception as exc:
-                if self.tracker.provenance_failed(item):
-                    self.events.write(Level.ERROR, "provenance", f"gave up writing provenance: {exc}",
-                                      harvest_id=item.harvest_id, sop_uid=item.sop_uid)
+                return gone + self._provenance_failed(items, exc)
+        if series is None:
+            return gone
+        gone_set = set(gone)
+        live = [i for i in items if i not in gone_set]
+        try:
+            stamp = self.store.series_metadata(series.orthanc_id)
+            plan = plan_series(live, stamp, series.instances)
+            if plan.series is not None:
+                for name, value in plan.series.items():
+                    self.store.set_series_metadata(series.orthanc_id, name, value)
+        except Exception as exc:
+            return gone + self._provenance_failed(live, exc)
+        covered, own = set(plan.covered), set(plan.instances)
+        done = gone + [i for i in live if i in covered]
+        for item in live:
+            if item not in own:
                 continue
-            first = current.get("HarvestId")
-            if not first:  # a duplicate keeps its first provenance (counted in the harvest's summary event)
-                try:
+            try:
+                if not self.store.metadata(item.orthanc_id).get("HarvestId"):  # else its first provenance stays
                     for name, value in item.metadata().items():
                         self.store.set_metadata(item.orthanc_id, name, value)
-                except Exception as exc:
-                    if self.tracker.provenance_failed(item):
-                        self.events.write(Level.ERROR, "provenance", f"gave up writing provenance: {exc}",
-                                          harvest_id=item.harvest_id, sop_uid=item.sop_uid)
-                    continue
+            except LookupError:
+                pass  # deleted meanwhile
+            except Exception as exc:
+                self._provenance_failed([item], exc)
+                continue
             done.append(item)
-        if done:
-            self.tracker.provenance_done(done)
-        return bool(items)
+        return done
+
+    def _provenance_failed(self, items: Sequence[ProvenanceItem], exc: Exception) -> list[ProvenanceItem]:
+        """Count a failed write for each item; returns none (failed items stay in the outbox, or are dropped
+        by the tracker once hopeless)."""
+        for item in items:
+            if self.tracker.provenance_failed(item):
+                self.events.write(Level.ERROR, "provenance", f"gave up writing provenance: {exc}",
+                                  harvest_id=item.harvest_id, sop_uid=item.sop_uid)
+        return []
 
     def finish_harvests(self, finished: Sequence[str] | None = None) -> None:
         """After a harvest's last job (Completed, or Cancelled once its running jobs ended): delete (or

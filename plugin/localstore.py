@@ -1,9 +1,10 @@
 """The harvester's own store, reached over loopback HTTP (never a long ``orthanc.*`` call: the GIL trap).
 
 Metadata reads and writes may go in process instead (:class:`InProcessMetadata`): each is one short index
-transaction, and the provenance writer makes six of them per harvested instance. Over loopback HTTP each
-also costs an HTTP request parsed on both sides and a pass through the Python authorization filter, which
-needs the GIL too: about a fifth of the harvester's CPU per instance in ``benchmarks/harvest_vs_wire.py``.
+transaction. Over loopback HTTP each also costs an HTTP request parsed on both sides and a pass through the
+Python authorization filter, which needs the GIL too (when provenance was six of them per instance, about a
+fifth of the harvester's CPU per instance in ``benchmarks/harvest_vs_wire.py``; it is now written per
+series where it is uniform, see :mod:`rtharvest.provenance`).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .loopback import LoopbackClient, LoopbackError
+from .provenance import StoredSeries, resolve
 
 #: SOP Instance UIDs per ``/tools/find`` of :meth:`OrthancLocalStore.lookup_many` (a UID is at most 64
 #: characters: one request body stays small, and the index answers a list match with one look-up each).
@@ -23,6 +25,9 @@ LOOKUP_BATCH = 100
 class InProcessMetadata:
     """Orthanc's REST API called in process (``orthanc.RestApiGet``/``RestApiPut``, see :mod:`rtharvest.sdk`),
     for metadata only: calls that hold the GIL for one short index transaction, never for network waits.
+
+    Provenance goes through it too: ``/instances/{id}/series`` and series metadata are index reads and
+    writes of the same size.
 
     ``get_json(uri)`` returns the parsed answer and ``put(uri, body)`` writes; both raise ``LookupError`` for a
     missing resource.
@@ -75,25 +80,57 @@ class OrthancLocalStore:
         """The stored DICOM file."""
         return self.client.get_instance_file(orthanc_id)
 
-    def metadata(self, orthanc_id: str) -> dict[str, str]:
-        """All metadata of an instance; ``LookupError`` when the instance is gone."""
+    def _get_json(self, uri: str) -> Any:
+        """GET in process when possible; ``LookupError`` when the resource is gone."""
         if self.in_process is not None:
-            found = self.in_process.get_json(f"/instances/{orthanc_id}/metadata?expand")
-            return {str(k): str(v) for k, v in (found or {}).items()}
+            return self.in_process.get_json(uri)
         try:
-            found = self.client.get(f"/instances/{orthanc_id}/metadata?expand")
+            return self.client.get(uri)
         except LoopbackError as exc:
             if exc.status == 404:
-                raise LookupError(f"instance {orthanc_id} is not stored") from None
+                raise LookupError(f"{uri} is not stored") from None
             raise
+
+    def _put(self, uri: str, value: str) -> None:
+        if self.in_process is not None:
+            self.in_process.put(uri, value)
+            return
+        try:
+            self.client.request("PUT", uri, raw=value, content_type="text/plain")
+        except LoopbackError as exc:
+            if exc.status == 404:
+                raise LookupError(f"{uri} is not stored") from None
+            raise
+
+    def metadata(self, orthanc_id: str) -> dict[str, str]:
+        """All metadata of an instance; ``LookupError`` when the instance is gone."""
+        found = self._get_json(f"/instances/{orthanc_id}/metadata?expand")
         return {str(k): str(v) for k, v in (found or {}).items()}
 
     def set_metadata(self, orthanc_id: str, name: str, value: str) -> None:
-        """Write one metadata value (``LookupError`` when the instance is gone, in process)."""
-        if self.in_process is not None:
-            self.in_process.put(f"/instances/{orthanc_id}/metadata/{name}", value)
-            return
-        self.client.set_metadata(orthanc_id, name, value)
+        """Write one metadata value of an instance (``LookupError`` when the instance is gone)."""
+        self._put(f"/instances/{orthanc_id}/metadata/{name}", value)
+
+    def series_of(self, orthanc_id: str) -> StoredSeries:
+        """The series of a stored instance (``LookupError`` when the instance is gone)."""
+        found = self._get_json(f"/instances/{orthanc_id}/series")
+        return StoredSeries(str(found["ID"]), frozenset(str(i) for i in found.get("Instances", ())))
+
+    def series_metadata(self, series_id: str) -> dict[str, str]:
+        """All metadata of a series; ``LookupError`` when the series is gone."""
+        found = self._get_json(f"/series/{series_id}/metadata?expand")
+        return {str(k): str(v) for k, v in (found or {}).items()}
+
+    def set_series_metadata(self, series_id: str, name: str, value: str) -> None:
+        """Write one metadata value of a series (``LookupError`` when the series is gone)."""
+        self._put(f"/series/{series_id}/metadata/{name}", value)
+
+    def provenance(self, orthanc_id: str) -> dict[str, str]:
+        """An instance's provenance resolved instance → series (empty when it has none)."""
+        own = self.metadata(orthanc_id)
+        if own.get("HarvestId"):
+            return resolve(own, {})
+        return resolve(own, self.series_metadata(self.series_of(orthanc_id).orthanc_id))
 
     def upload(self, data: bytes) -> str:
         """Store a DICOM file (``POST /instances``; OnStoredInstance runs before this returns); its Orthanc ID."""

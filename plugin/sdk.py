@@ -8,7 +8,8 @@ without Orthanc. Version facts that shape the design (see docs/platform.md):
   OnStoredInstance of the very instances it brings in. Long operations therefore go through Orthanc's
   REST API over HTTP on loopback (:func:`loopback_authorization` gives the credential) or pynetdicom,
   from worker threads; the direct ``rest_*`` calls here are for short local look-ups only.
-* There is no ``SetMetadata``: metadata is written with ``RestApiPut`` on ``/instances/{id}/metadata``.
+* There is no ``SetMetadata``: metadata is written with ``RestApiPut`` on ``/instances/{id}/metadata`` or
+  ``/series/{id}/metadata`` (provenance goes on the series where it is uniform: :mod:`rtharvest.provenance`).
 * An uncaught exception in a REST callback becomes a bare HTTP 500, so :func:`register_router` answers
   every outcome explicitly.
 """
@@ -257,13 +258,21 @@ def register_on_stored_instance(handler: Callable[[StoredInstance], None]) -> No
 
 
 def register_lifecycle(on_started: Callable[[], None], on_stopped: Callable[[], None]) -> None:
-    """Run ``on_started`` once Orthanc serves requests and ``on_stopped`` when it shuts down."""
+    """Run ``on_started`` once Orthanc serves requests and ``on_stopped`` when it shuts down.
 
-    def callback(change_type: Any, level: Any, resource_id: str) -> None:
+    Plugin 4.0 has no way to subscribe to some change types only: Orthanc calls this for every change
+    (each stored instance, each metadata value written), taking the GIL each time. The callback therefore
+    compares the type with two values looked up once and returns at once for everything else.
+    """
+    started, stopped = orthanc.ChangeType.ORTHANC_STARTED, orthanc.ChangeType.ORTHANC_STOPPED
+
+    def callback(change_type: Any, _level: Any, _resource_id: str) -> None:
+        if change_type != started and change_type != stopped:
+            return
         try:
-            if change_type == orthanc.ChangeType.ORTHANC_STARTED:
+            if change_type == started:
                 on_started()
-            elif change_type == orthanc.ChangeType.ORTHANC_STOPPED:
+            else:
                 on_stopped()
         except Exception:
             logging.getLogger("rtharvest.sdk").exception("lifecycle handler failed")

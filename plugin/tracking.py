@@ -147,6 +147,15 @@ class FailureCode(StrEnum):
     NOT_FOUND = "NOT_FOUND"
 
 
+# The provenance writer takes the outbox series by series: the items of a series are found from its decision
+# rows (``rth_objects_series``), then their outbox rows by harvest and SOP UID.
+register_schema(
+    "tracking_provenance_series",
+    1,
+    ["CREATE INDEX rth_provenance_outbox_object ON rth_provenance_outbox(harvest_id, sop_uid)"],
+)
+
+
 @dataclass(frozen=True)
 class Expectation:
     """A worker's announcement that an instance is about to arrive for a harvest.
@@ -205,7 +214,11 @@ class DecisionCounts:
 
 @dataclass(frozen=True)
 class ProvenanceItem:
-    """Metadata to write on one stored instance (names of docs/contract.md)."""
+    """Provenance to write for one kept instance (the metadata names of :mod:`rtharvest.provenance`).
+
+    ``series_uid``: its series (None when the decision row is gone). ``moved``: its harvest moved it in
+    (False: found already stored, e.g. by a re-harvest).
+    """
 
     orthanc_id: str
     harvest_id: str
@@ -215,11 +228,17 @@ class ProvenanceItem:
     hop: str
     harvested_at: str
     attempts: int
+    series_uid: str | None = None
+    moved: bool = True
+
+    def key(self) -> tuple[str, str, str, str]:
+        """(harvest, source, job, hop): items with equal keys came the same way."""
+        return (self.harvest_id, self.source, "" if self.job_id is None else str(self.job_id), self.hop)
 
     def metadata(self) -> dict[str, str]:
         """The five provenance metadata values, in writing order.
 
-        ``HarvestId`` comes last: the writer treats an instance carrying it as stamped, so a crash between
+        ``HarvestId`` comes last: the writer treats a resource carrying it as stamped, so a crash between
         two writes must leave it absent (the outbox row then rewrites all five after the restart).
         """
         return {
@@ -229,6 +248,29 @@ class ProvenanceItem:
             "HarvestedAt": self.harvested_at,
             "HarvestId": self.harvest_id,
         }
+
+
+#: Outbox rows with what the writer groups them by; ``{where}`` filters (no user text goes there).
+_OUTBOX_ROWS = (
+    "SELECT o.orthanc_id, o.harvest_id, o.sop_uid, o.source, o.job_id, o.hop, o.harvested_at, o.attempts,"
+    " b.series_uid, coalesce(b.moved, 1),"
+    " EXISTS (SELECT 1 FROM jobs j WHERE j.id = o.job_id AND j.state = 'leased')"
+    " FROM rth_provenance_outbox o LEFT JOIN rth_objects b ON b.harvest_id = o.harvest_id AND b.sop_uid = o.sop_uid"
+    " WHERE {where} ORDER BY o.rowid"
+)
+
+
+#: Every outbox row of the series ``{marks}`` names (from their decision rows, by the series index).
+_SERIES_OUTBOX_ROWS = (
+    "SELECT o.orthanc_id, o.harvest_id, o.sop_uid, o.source, o.job_id, o.hop, o.harvested_at, o.attempts,"
+    " b.series_uid, b.moved, EXISTS (SELECT 1 FROM jobs j WHERE j.id = o.job_id AND j.state = 'leased')"
+    " FROM rth_objects b JOIN rth_provenance_outbox o ON o.harvest_id = b.harvest_id AND o.sop_uid = b.sop_uid"
+    " WHERE b.series_uid IN ({marks}) ORDER BY o.rowid"
+)
+
+
+def _outbox_item(r: Sequence[Any]) -> ProvenanceItem:
+    return ProvenanceItem(r[0], r[1], r[2], r[3], r[4], r[5], r[6], int(r[7]), r[8], bool(r[9]))
 
 
 #: Harvests marked clean that are running again (a job was enqueued or retried since).
@@ -557,12 +599,40 @@ class Tracker:
 
     def pending_provenance(self, limit: int = 200) -> list[ProvenanceItem]:
         """Oldest outbox items first."""
-        rows = self.db.query(
-            "SELECT orthanc_id, harvest_id, sop_uid, source, job_id, hop, harvested_at, attempts"
-            " FROM rth_provenance_outbox ORDER BY rowid LIMIT ?",
-            (limit,),
-        )
-        return [ProvenanceItem(r[0], r[1], r[2], r[3], r[4], r[5], r[6], int(r[7])) for r in rows]
+        rows = self.db.query(_OUTBOX_ROWS.format(where="1") + " LIMIT ?", (limit,))
+        return [_outbox_item(r) for r in rows]
+
+    def pending_provenance_by_series(self, limit: int = 200) -> list[list[ProvenanceItem]]:
+        """Outbox items ready to write, grouped by series (oldest first; about ``limit`` items).
+
+        Each group holds every outbox item of its series, so the writer sees whether the series came whole.
+        A series with an item of a running job waits until the job ends: its last instances may still be
+        arriving, and the job records every arrival's decision before it ends. Items without a series
+        (their decision row is gone) come one per group.
+        """
+        free = "NOT EXISTS (SELECT 1 FROM jobs j WHERE j.id = o.job_id AND j.state = 'leased')"
+        oldest = [_outbox_item(r) for r in self.db.query(_OUTBOX_ROWS.format(where=free) + " LIMIT ?", (limit,))]
+        series = sorted({i.series_uid for i in oldest if i.series_uid is not None})
+        members: dict[str, list[ProvenanceItem]] = {}
+        busy: set[str] = set()
+        for start in range(0, len(series), 400):  # stays below SQLite's bound on parameters
+            chunk = series[start:start + 400]
+            marks = ", ".join("?" * len(chunk))
+            for r in self.db.query(_SERIES_OUTBOX_ROWS.format(marks=marks), tuple(chunk)):
+                item = _outbox_item(r)
+                assert item.series_uid is not None
+                if r[10]:
+                    busy.add(item.series_uid)
+                members.setdefault(item.series_uid, []).append(item)
+        groups: list[list[ProvenanceItem]] = []
+        seen: set[str] = set()
+        for item in oldest:
+            if item.series_uid is None:
+                groups.append([item])
+            elif item.series_uid not in seen and item.series_uid not in busy:
+                seen.add(item.series_uid)
+                groups.append(members[item.series_uid])
+        return groups
 
     def provenance_done(self, items: Sequence[ProvenanceItem]) -> None:
         """Remove written items from the outbox."""

@@ -32,6 +32,7 @@ from rtharvest.harvester import Harvester, SourceAccess
 from rtharvest.ingest import HarvestRouting, Ingest, job_for
 from rtharvest.jobqueue import EnqueueItem, JobQueue, RetryPolicy
 from rtharvest.planner import HarvestContext, start_operations
+from rtharvest.provenance import StoredSeries, resolve
 from rtharvest.simulation import FakeSource, QueryRejected
 from rtharvest.strategies import QueryLevel, SourceCapability
 from rtharvest.tracking import Decision, Tracker
@@ -60,6 +61,8 @@ class FakeStore:
         self.by_sop: dict[str, str] = {}
         self.series: dict[str, dict[str, str]] = {}
         self.meta: dict[str, dict[str, str]] = {}
+        #: Series metadata by series Orthanc ID (``series-`` + SeriesInstanceUID).
+        self.series_meta: dict[str, dict[str, str]] = {}
         self.deleted: list[str] = []
         self._ids = itertools.count(1)
         #: Called with the Orthanc ID before each deletion (tests inject concurrent arrivals there).
@@ -118,6 +121,29 @@ class FakeStore:
                 raise LookupError(orthanc_id)
             self.meta[orthanc_id][name] = value
 
+    def series_of(self, orthanc_id: str) -> StoredSeries:
+        with self._lock:
+            for series_uid, members in self.series.items():
+                if orthanc_id in members.values():
+                    return StoredSeries(f"series-{series_uid}", frozenset(members.values()))
+            raise LookupError(orthanc_id)
+
+    def series_metadata(self, series_id: str) -> dict[str, str]:
+        with self._lock:
+            if not self.series.get(series_id.removeprefix("series-")):
+                raise LookupError(series_id)
+            return dict(self.series_meta.get(series_id, {}))
+
+    def set_series_metadata(self, series_id: str, name: str, value: str) -> None:
+        with self._lock:
+            if not self.series.get(series_id.removeprefix("series-")):
+                raise LookupError(series_id)
+            self.series_meta.setdefault(series_id, {})[name] = value
+
+    def provenance(self, orthanc_id: str) -> dict[str, str]:
+        """An instance's provenance resolved instance → series (as ``OrthancLocalStore.provenance``)."""
+        return resolve(self.metadata(orthanc_id), self.series_metadata(self.series_of(orthanc_id).orthanc_id))
+
     def delete(self, orthanc_id: str) -> None:
         if self.before_delete is not None:
             self.before_delete(orthanc_id)
@@ -129,10 +155,12 @@ class FakeStore:
             for sop, oid in list(self.by_sop.items()):
                 if oid == orthanc_id:
                     del self.by_sop[sop]
-            for members in self.series.values():
+            for series_uid, members in self.series.items():
                 for sop, oid in list(members.items()):
                     if oid == orthanc_id:
                         del members[sop]
+                if not members:  # Orthanc drops an emptied series, and its metadata with it
+                    self.series_meta.pop(f"series-{series_uid}", None)
             self.deleted.append(orthanc_id)
 
     def holds(self, sop_uid: str) -> bool:

@@ -76,12 +76,28 @@ def assert_store_equals_truth(api: RestClient, window: Window) -> dict[str, str]
     return stored
 
 
+def provenance_of(api: RestClient, orthanc_id: str, series_cache: dict[str, dict[str, str]] | None = None
+                  ) -> dict[str, str]:
+    """An instance's provenance as the contract reads it: its own metadata if it carries ``HarvestId``, else
+    its series' (``series_cache``: series metadata already read, by series ID)."""
+    own = api.get(f"/instances/{orthanc_id}/metadata?expand")
+    if own.get("HarvestId"):
+        return {name: own[name] for name in PROVENANCE if name in own}
+    series_id = api.get(f"/instances/{orthanc_id}/series")["ID"]
+    cache = {} if series_cache is None else series_cache
+    if series_id not in cache:
+        cache[series_id] = api.get(f"/series/{series_id}/metadata?expand")
+    return {name: cache[series_id][name] for name in PROVENANCE if name in cache[series_id]}
+
+
 def assert_provenance(api: RestClient, stored: dict[str, str], harvest_id: str, sources: set[str]) -> None:
+    series: dict[str, dict[str, str]] = {}
     for orthanc_id in stored.values():
-        meta = api.get(f"/instances/{orthanc_id}/metadata?expand")
+        meta = provenance_of(api, orthanc_id, series)
         for name in PROVENANCE:
             assert meta.get(name), f"instance {orthanc_id} lacks {name}: {meta}"
         assert meta["HarvestId"] == harvest_id
         assert meta["HarvestSource"] in sources
         assert "->" in meta["HarvestHop"]
         assert meta["HarvestedAt"].endswith("Z")
+    assert series, "every instance carried provenance of its own: none was written on a series"

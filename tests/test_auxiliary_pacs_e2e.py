@@ -23,7 +23,7 @@ from rtharvest.synth.loader import dicom_files, store_to_scp
 from rtharvest.synth.mimsession import SessionEncoding, SessionFixture, clinic_sessions
 
 from .conftest import start_harvester
-from .harvesting import assert_provenance, assert_store_equals_truth, start_harvest, wait_completed
+from .harvesting import assert_provenance, assert_store_equals_truth, provenance_of, start_harvest, wait_completed
 from .servers import LOCALHOST, DicomSource, RestClient, start_orthanc_source
 
 pytestmark = pytest.mark.servers
@@ -88,7 +88,7 @@ def test_registrations_only_inside_mim_sessions_complete_the_chain(aux_clinic: A
     expected_regs = {uid for uid in window.expected if truth.objects[uid].modality == "REG"}
     assert expected_regs, "the window collects registrations"
     for uid in expected_regs | {aux_clinic.hidden_structure_set}:
-        meta = api.get(f"/instances/{stored[uid]}/metadata?expand")
+        meta = api.get(f"/instances/{stored[uid]}/metadata?expand") | provenance_of(api, stored[uid])
         assert meta["HarvestHop"] == f"RAW->{truth.objects[uid].modality}", meta
         assert meta["HarvestMimSession"] in sessions_of[uid], meta
         assert meta["HarvestSource"] == "AUXPACS"

@@ -100,19 +100,27 @@ def test_completed_waits_for_its_own_provenance_only(tmp_path: Path, mini_clinic
         a_ids = {o.orthanc_id for o in fake_world.tracker.objects(a, Decision.KEPT)}
         b_ids = {o.orthanc_id for o in fake_world.tracker.objects(b, Decision.KEPT)} - a_ids
         assert b_ids
-        real = fake_world.store.set_metadata
+        b_series = {fake_world.store.series_of(oid).orthanc_id for oid in b_ids if oid}
+        real, real_series = fake_world.store.set_metadata, fake_world.store.set_series_metadata
 
         def refuse_b(orthanc_id: str, name: str, value: str) -> None:
             if orthanc_id in b_ids:
                 raise OSError("metadata write refused")
             real(orthanc_id, name, value)
 
+        def refuse_b_series(series_id: str, name: str, value: str) -> None:
+            if series_id in b_series:
+                raise OSError("metadata write refused")
+            real_series(series_id, name, value)
+
         fake_world.store.set_metadata = refuse_b  # type: ignore[method-assign]
+        fake_world.store.set_series_metadata = refuse_b_series  # type: ignore[method-assign]
         fake_world.harvester.write_provenance()
         assert fake_world.tracker.pending_provenance_of(b) and not fake_world.tracker.pending_provenance_of(a)
         fake_world.harvester.finish_harvests()
         assert fake_world.completed(a) and not fake_world.completed(b)
         fake_world.store.set_metadata = real  # type: ignore[method-assign]
+        fake_world.store.set_series_metadata = real_series  # type: ignore[method-assign]
         fake_world.finish()
         assert fake_world.completed(b)
     finally:

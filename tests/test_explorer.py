@@ -270,11 +270,16 @@ def test_extension_in_orthanc_explorer(tmp_path: Path) -> None:
                                                               .read_bytes(), method="POST"), timeout=10).read()
         study = json.loads(urllib.request.urlopen(f"{base}/studies", timeout=10).read())[0]
         series = json.loads(urllib.request.urlopen(f"{base}/studies/{study}/series", timeout=10).read())
-        harvested = series[0]
-        for instance in harvested["Instances"]:
-            for name, value in (("HarvestId", "feedc0ffee123456"), ("HarvestSource", "ARIA"), ("HarvestJob", "42"),
-                                ("HarvestHop", Hop.STRUCTURE_SET_SERIES), ("HarvestedAt", "2024-05-01T12:00:00Z")):
-                urllib.request.urlopen(urllib.request.Request(f"{base}/instances/{instance}/metadata/{name}",
+        # Provenance where it is uniform: the first series carries it, the second (if any) only on its instances.
+        values = (("HarvestId", "feedc0ffee123456"), ("HarvestSource", "ARIA"), ("HarvestJob", "42"),
+                  ("HarvestHop", Hop.STRUCTURE_SET_SERIES.value), ("HarvestedAt", "2024-05-01T12:00:00Z"))
+        per_instance = (("HarvestId", "0ddba11cafe00001"), ("HarvestSource", "MIM"), ("HarvestJob", "7"),
+                        ("HarvestHop", Hop.REG_SERIES.value), ("HarvestedAt", "2024-05-02T08:00:00Z"))
+        stamped = [(f"series/{series[0]['ID']}", values)]
+        stamped += [(f"instances/{i}", per_instance) for s in series[1:2] for i in s["Instances"]]
+        for resource, pairs in stamped:
+            for name, value in pairs:
+                urllib.request.urlopen(urllib.request.Request(f"{base}/{resource}/metadata/{name}",
                                                               data=value.encode(), method="PUT"), timeout=10).read()
         with Browser(tmp_path / "profile", 1300, 1100) as browser:
             browser.navigate(f"{base}/app/explorer.html")
@@ -286,8 +291,10 @@ def test_extension_in_orthanc_explorer(tmp_path: Path) -> None:
             browser.wait_for("document.querySelectorAll('#rtharvest-provenance li.rtharvest-item').length === "
                              f"{len(series)}")
             text = browser.evaluate("document.getElementById('rtharvest-provenance').textContent")
-            assert "feedc0ffee123456" in text and Hop.STRUCTURE_SET_SERIES in text and "2024-05-01T12:00:00Z" in text
-            assert ("not harvested by rtharvest" in text) == (len(series) > 1)
+            assert "feedc0ffee123456" in text and "RTSTRUCT->SERIES" in text and "2024-05-01T12:00:00Z" in text
+            assert ("0ddba11cafe00001" in text and "REG->SERIES" in text) == (len(series) > 1)
+            assert ("first instance shown" in text) == (len(series) > 1)
+            assert ("not harvested by rtharvest" in text) == (len(series) > 2)
             link = browser.evaluate("document.querySelector('#rtharvest-provenance a').getAttribute('href')")
             assert link == "../rtharvest/ui#harvest=feedc0ffee123456"
             # Let jQuery Mobile finish its page transition before the picture.

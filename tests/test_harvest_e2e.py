@@ -20,7 +20,14 @@ from rtharvest.synth.loader import dicom_files, store_to_scp
 
 from .conftest import Clinic
 from .dimse.fault_scp import Fault, FaultScp
-from .harvesting import assert_provenance, assert_store_equals_truth, start_harvest, stored_sop_uids, wait_completed
+from .harvesting import (
+    assert_provenance,
+    assert_store_equals_truth,
+    provenance_of,
+    start_harvest,
+    stored_sop_uids,
+    wait_completed,
+)
 from .servers import LOCALHOST, DicomSource, start_orthanc_source, start_pynetdicom_qrscp
 
 
@@ -53,6 +60,7 @@ def test_harvest_equals_ground_truth(clinic: Clinic, loaded: GroundTruth, source
     wait_completed(clinic.api, second)
     assert clinic.api.get("/rtharvest/status")["Arrivals"] == arrivals
     assert set(stored_sop_uids(clinic.api)) == set(stored)
+    assert_provenance(clinic.api, stored, harvest_id, {source})  # the first provenance stays, on the series
 
 
 def _assert_round_trips(clinic: Clinic, window: Any, source: str, harvest_id: str) -> None:
@@ -96,7 +104,7 @@ def test_two_sources_records_in_one_registrations_in_another(clinic: Clinic, loa
         collected_from_mim = {uid for uid in stored if uid in in_mim}
         assert collected_from_mim, "registrations and registered images were expected"
         for uid in collected_from_mim:
-            meta = clinic.api.get(f"/instances/{stored[uid]}/metadata?expand")
+            meta = provenance_of(clinic.api, stored[uid])
             assert meta["HarvestSource"] == "MIM2", (uid, meta)
     finally:
         aria.stop()

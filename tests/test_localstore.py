@@ -39,3 +39,28 @@ def test_metadata_goes_in_process_and_a_missing_instance_is_a_lookup_error() -> 
     assert puts == [("/instances/abc/metadata/HarvestHop", "PLAN->STRUCT")]
     with pytest.raises(LookupError):
         store.metadata("gone")
+
+
+def test_provenance_resolves_instance_then_series_in_process() -> None:
+    instances = {"i1": {"HarvestId": "own"}, "i2": {}}
+    series = {"s1": {"HarvestId": "h1", "HarvestHop": "RTSTRUCT->SERIES"}}
+    puts: list[tuple[str, str]] = []
+
+    def get_json(uri: str) -> Any:
+        parts = uri.split("/")
+        if parts[1] == "instances" and parts[3] == "series" and parts[2] in instances:
+            return {"ID": "s1", "Instances": sorted(instances)}
+        if parts[1] == "instances" and parts[2] in instances:
+            return instances[parts[2]]
+        if parts[1] == "series" and parts[2] in series:
+            return series[parts[2]]
+        raise LookupError(uri)
+
+    store = OrthancLocalStore(NoHttp(), InProcessMetadata(get_json, lambda uri, body: puts.append((uri, body))))
+    assert store.series_of("i2").orthanc_id == "s1" and store.series_of("i2").instances == {"i1", "i2"}
+    assert store.provenance("i1") == {"HarvestId": "own"}
+    assert store.provenance("i2") == {"HarvestId": "h1", "HarvestHop": "RTSTRUCT->SERIES"}
+    store.set_series_metadata("s1", "HarvestId", "h1")
+    assert puts == [("/series/s1/metadata/HarvestId", "h1")]
+    with pytest.raises(LookupError):
+        store.series_metadata("gone")

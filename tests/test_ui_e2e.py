@@ -42,7 +42,7 @@ from rtharvest.launcher import free_port
 from rtharvest.synth.groundtruth import GroundTruth, PlanTruth, Window
 
 from .conftest import Clinic
-from .harvesting import start_harvest, stored_sop_uids, wait_completed
+from .harvesting import provenance_of, start_harvest, stored_sop_uids, wait_completed
 from .servers import LOCALHOST, DicomSource
 
 pytestmark = pytest.mark.servers
@@ -465,7 +465,7 @@ def test_explorer_page_in_chromium(harvested: Harvested, tmp_path: Path) -> None
         text = browser.evaluate("document.getElementById('rtharvest-provenance').textContent")
         assert "not harvested" not in text
         for s in series:
-            meta = api.get(f"/instances/{s['Instances'][0]}/metadata?expand")
+            meta = provenance_of(api, s["Instances"][0])
             assert meta["HarvestId"] == hid and meta["HarvestSource"] == SOURCE
             assert meta["HarvestHop"] in text and meta["HarvestedAt"] in text
         links = browser.evaluate("Array.from(document.querySelectorAll('#rtharvest-provenance a'))"

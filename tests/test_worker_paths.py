@@ -360,7 +360,7 @@ def test_provenance_waits_for_arrivals_to_pause_at_most_the_lag(fake_world: Worl
     h.clock = lambda: last + 0.1  # instances still streaming in
     assert not h.provenance_due(harvest_finishing=False)
     assert h.provenance_due(harvest_finishing=True)
-    h.clock = lambda: last + h.PROVENANCE_QUIET_S
+    h.clock = lambda: last + h.PROVENANCE_QUIET_S + 0.001  # (last + 0.3) - last may round below 0.3
     assert h.provenance_due(harvest_finishing=False)
     while h.write_provenance():
         pass
@@ -372,7 +372,7 @@ def test_provenance_waits_for_arrivals_to_pause_at_most_the_lag(fake_world: Worl
     h.clock = lambda: first_look
     assert not h.provenance_due(harvest_finishing=False)
     fake_world.on_stored("late-copy-2", dicom_bytes(mini_clinic.unrelated[1]), "SRC")
-    now = max(fake_world.ingest.last_arrival, first_look) + 0.05
+    now = max(fake_world.ingest.last_arrival, first_look) + 0.051  # the lag ago (float rounding aside)
     h.clock = lambda: now
     assert now - fake_world.ingest.last_arrival < h.PROVENANCE_QUIET_S  # still streaming
     assert h.provenance_due(harvest_finishing=False)

@@ -1,8 +1,10 @@
 /* rtharvest extension of Orthanc Explorer (jQuery 1.7 + jQuery Mobile, Orthanc 1.10).
  *
  * Home page: a button to the harvests page. Study page: the harvest provenance of the study's series
- * (metadata HarvestId, HarvestSource, HarvestJob, HarvestHop, HarvestedAt written by the plugin on every
- * harvested instance), read from the first instance of each series with /instances/{id}/metadata?expand.
+ * (metadata HarvestId, HarvestSource, HarvestJob, HarvestHop, HarvestedAt). The plugin writes it where it is
+ * uniform: on the series when the whole series came by one job and hop, else on each instance (an
+ * instance's own values win over its series'). So each series is read with /series/{id}/metadata?expand,
+ * and a series without provenance of its own falls back to its first instance's /instances/{id}/metadata.
  * Orthanc concatenates every plugin's extension into one /plugins/explorer.js: this one is wrapped in a
  * function, defines no globals and fails silently rather than breaking the other extensions. */
 (function () {
@@ -50,6 +52,7 @@
         a.append(line('Hop', md.HarvestHop));
         a.append(line('Job', md.HarvestJob));
         a.append(line('Harvested at', md.HarvestedAt));
+        if (r.perInstance) { a.append($('<p>').text('first instance shown; this series\' instances carry their own')); }
         li.append(a);
       }
       list.append(li);
@@ -71,18 +74,26 @@
     list.listview();
     $.ajax({ url: '../studies/' + uuid + '/series', dataType: 'json', cache: false }).done(function (series) {
       series = (series || []).slice(0, MAX_SERIES);
-      var rows = series.map(function (s) { return { name: describe(s), metadata: null, error: null }; });
+      var rows = series.map(function (s) { return { name: describe(s), metadata: null, error: null, perInstance: false }; });
       var pending = series.length;
       if (!pending) { render(list, rows); return; }
+      function done() {
+        if (--pending === 0 && $.mobile.pageData && $.mobile.pageData.uuid === uuid) { render(list, rows); }
+      }
+      function fail(i) { return function (xhr) { rows[i].error = 'metadata unavailable (' + xhr.status + ')'; }; }
       series.forEach(function (s, i) {
-        var first = (s.Instances || [])[0];
-        if (!first) { rows[i].error = 'empty series'; if (--pending === 0) { render(list, rows); } return; }
-        $.ajax({ url: '../instances/' + first + '/metadata?expand', dataType: 'json', cache: false })
-          .done(function (md) { rows[i].metadata = md; })
-          .fail(function (xhr) { rows[i].error = 'metadata unavailable (' + xhr.status + ')'; })
-          .always(function () {
-            if (--pending === 0 && $.mobile.pageData && $.mobile.pageData.uuid === uuid) { render(list, rows); }
-          });
+        $.ajax({ url: '../series/' + s.ID + '/metadata?expand', dataType: 'json', cache: false })
+          .done(function (md) {
+            if (md && md.HarvestId) { rows[i].metadata = md; done(); return; }
+            // Instances of this series came by different jobs or hops: each carries its own values.
+            var first = (s.Instances || [])[0];
+            if (!first) { rows[i].error = 'empty series'; done(); return; }
+            $.ajax({ url: '../instances/' + first + '/metadata?expand', dataType: 'json', cache: false })
+              .done(function (own) { rows[i].metadata = own; rows[i].perInstance = true; })
+              .fail(fail(i))
+              .always(done);
+          })
+          .fail(function (xhr) { fail(i)(xhr); done(); });
       });
     }).fail(function (xhr) {
       render(list, [{ name: 'Provenance unavailable', metadata: null, error: 'HTTP ' + xhr.status }]);
