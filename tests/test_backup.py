@@ -19,7 +19,7 @@ from rtharvest.postgres import parse_url
 from rtharvest.synth.groundtruth import GroundTruth
 
 from .conftest import Clinic
-from .harvesting import assert_store_equals_truth, start_harvest, wait_completed
+from .harvesting import assert_store_equals_truth, provenance_of, start_harvest, wait_completed
 from .reliability.helpers import assert_jobs_sound, normalized_manifest, queue_db
 from .servers import PostgresCluster, start_postgres
 
@@ -129,7 +129,8 @@ def test_backup_mid_harvest_restores_harvests_manifests_schedules_and_pseudonyms
         wait_completed(clinic.api, second, deadline_s=300)
         stored = assert_store_equals_truth(clinic.api, window)
         # Kept instances keep the first harvest's provenance; the lost half got the second's.
-        harvested_by = {clinic.api.get(f"/instances/{oid}/metadata?expand")["HarvestId"] for oid in stored.values()}
+        series_cache: dict[str, dict[str, str]] = {}
+        harvested_by = {provenance_of(clinic.api, oid, series_cache)["HarvestId"] for oid in stored.values()}
         assert harvested_by == {first, second}
         assert_jobs_sound(queue_db(clinic), second)
         # The store is whole again: the first harvest's manifest is what it was before the backup.
