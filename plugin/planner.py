@@ -451,6 +451,7 @@ def _structure_set(refs: ObjectRefs, problems: list[Problem]) -> Decision:
                                  f"{refs.sop_uid} referenced as a structure set is {refs.kind.value}"))
         return _reject(refs, ReasonCode.NOT_A_STRUCTURE_SET, problems)
     ss, pid = refs.structure_set, refs.patient_id
+    # The study a series' first listing names: a search hint for hierarchical sources.
     study_of: dict[str, str | None] = {}
     for s in reversed(ss.referenced_series):
         study_of[s.series_uid] = s.study_uid
