@@ -633,7 +633,8 @@ class _Builder:
                     self.series_of_for.setdefault(obj.frame_of_reference_uid, []).append(obj.series_uid)
             s.instances.add(obj.sop_uid)
             s.harvests.add(obj.harvest_id)
-        # Rule 3: a record's row holds the plans it names (ingest stores the book's PLAN_RECORD names).
+        # Rule 3: a record's row holds the plans it names (ingest and an export's verification store the
+        # book's PLAN_RECORD names).
         self.records_of_plan: dict[str, list[ObjectRecord]] = {}
         for uid, obj in self.kept.items():
             if self.kinds[uid] == Modality.RTRECORD.value:
