@@ -851,7 +851,7 @@ class _Builder:
                                                                              why=failure.reason())))
 
     def _promised_images(self, row: PlanRow, promised: Mapping[str, str | None]) -> None:
-        """Name the images an object promises that the store lacks (rule: ``planner.promised_images``).
+        """Name the images an object promises that the store lacks (rule: ``rulebook.promised_images``).
 
         Grouped per series (the promising object's listing, else the series of the image's stored
         neighbours is unknown: one group): up to :data:`MAX_IMAGES_NAMED` are named one by one, more

@@ -39,6 +39,7 @@ __all__ = [
     "promised_images",
     "registered",
     "reverse_keys",
+    "rules",
     "search_what",
     "structure_set_from_dose",
 ]
@@ -416,9 +417,8 @@ def promised_doses(plan: PlanRefs) -> tuple[str, ...]:
     return plan.dose_uids
 
 
-#: Rules by their number, for the docs' cross-check (``tests/test_rulebook.py``).
 def rules() -> Mapping[int, tuple[LinkName, ...]]:
-    """The book's entries by numbered rule of ``docs/harvest-rules.md``."""
+    """The book's entries by numbered rule of ``docs/harvest-rules.md`` (which names them under each rule)."""
     out: dict[int, list[LinkName]] = {}
     for lk in BOOK.values():
         out.setdefault(lk.rule, []).append(lk.name)
