@@ -33,6 +33,7 @@ from .jobqueue import EnqueueItem, JobQueue
 from .operations import FindReferencing, FindTreatmentRecords, Hop, Operation, operation_from_dict
 from .planner import Arrival, HarvestContext, ReasonCode, plan_arrival, reason_text
 from .references import ObjectRefs, Problem, ProblemCode, extract_from_bytes, peek_sop_instance_uid
+from .rulebook import LinkName, names
 from .tracking import Decision, Expectation, ObjectRecord, Tracker
 
 log = logging.getLogger("rtharvest.ingest")
@@ -512,7 +513,7 @@ class Ingest:
                     patient_id=refs.patient_id, study_uid=refs.study_uid, series_uid=refs.series_uid,
                     modality=refs.modality, sop_class_uid=refs.sop_class_uid,
                     frame_of_reference_uid=refs.frame_of_reference_uid,
-                    plan_uids=refs.record.plan_uids if refs.record else (),
+                    plan_uids=names(LinkName.PLAN_RECORD, refs),
                     treatment_date=refs.record.treatment_date if refs.record else None,
                     problems=tuple(problem_summary(p) for p in decision.problems),
                     reason_code=decision.code.value,

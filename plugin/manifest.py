@@ -2,10 +2,12 @@
 
 :func:`build_manifest` walks the references of the objects the harvester *kept* and classifies every
 treated plan (a plan named by a kept seed treatment record) as ``Complete``, ``Incomplete``, ``Missing``
-or ``Invalid`` following ``docs/harvest-rules.md``. It re-derives every link from the stored objects'
-own references rather than trusting the role a harvest recorded for them: an object keeps the role under
+or ``Invalid`` following ``docs/harvest-rules.md``. It follows every link from the stored objects' own
+references rather than trusting the role a harvest recorded for them: an object keeps the role under
 which it *first* arrived (a series can be planning images of one plan and registered images of another),
-and a manifest must describe the data as it is, not as the harvester believed it to be.
+and a manifest must describe the data as it is, not as the harvester believed it to be. What an object
+names for each link, and what it promises, is the rule book's (:mod:`rtharvest.rulebook`): the same
+entries and functions the planner plans with, so the two cannot disagree.
 
 Everything missing is named, with a reason taken from the failed jobs (:class:`FailureInfo`): "not found
 at source", "failed after N attempts: <last error>", a search that failed, a series only partly stored,
@@ -36,8 +38,18 @@ from .classify import INVALID_REASONS, classify_plan, registration_type
 from .fractions import RecordFacts, count_fractions, fractions_planned
 from .httpapi import ApiError, HttpResponse
 from .jobqueue import CRASH_BUDGET_SPENT
-from .planner import IdMismatch, ReasonCode, id_mismatch, promised_doses, promised_images
-from .references import ObjectKind, ObjectRefs, PlanRefs, RegistrationRefs, StructureSetRefs, extract_from_bytes
+from .planner import IdMismatch, ReasonCode, id_mismatch
+from .references import ObjectKind, ObjectRefs, PlanRefs, RegistrationRefs, extract_from_bytes
+from .rulebook import (
+    LinkName,
+    link,
+    names,
+    promised_doses,
+    promised_images,
+    registered,
+    search_what,
+    structure_set_from_dose,
+)
 from .sopclass import Modality, SopClass, modality_of
 from .tracking import Decision, FailureCode, ObjectRecord
 
@@ -116,14 +128,6 @@ MISMATCH_KEPT_TEXT: dict[IdMismatch, str] = {
 _NON_IMAGE_MODALITIES = frozenset(m.value for m in (Modality.RTRECORD, Modality.RTPLAN, Modality.RTSTRUCT,
                                                     Modality.RTDOSE, Modality.REG, Modality.RAW))
 _IMAGE_ORDER = ("CT", "MR", "PT")
-#: What a failed search job of each role leaves unknown (``Missing[].What``).
-_SEARCH_WHAT = {
-    "PLAN_RECORD": "RTRECORD",
-    "DOSE": "RTDOSE",
-    "REGISTRATION": "REG",
-    "PLANNING_FOR_SERIES": "SERIES",
-    "REGISTERED_FOR_SERIES": "SERIES",
-}
 _SEARCH_KINDS = frozenset({"FindReferencing", "FindSeriesInFrameOfReference"})
 #: Orphans listed at most (the count is always exact).
 MAX_ORPHANS = 1000
@@ -575,6 +579,11 @@ def _kind_of(obj: ObjectRecord) -> str:
     return (obj.modality or "").upper()
 
 
+def _what(name: LinkName) -> str:
+    """``Missing[].What`` of a link's absent target."""
+    return link(name).what
+
+
 def _month_range(first: str, last: str) -> list[str]:
     y, m = int(first[:4]), int(first[5:7])
     out: list[str] = []
@@ -624,6 +633,8 @@ class _Builder:
                     self.series_of_for.setdefault(obj.frame_of_reference_uid, []).append(obj.series_uid)
             s.instances.add(obj.sop_uid)
             s.harvests.add(obj.harvest_id)
+        # Rule 3: a record's row holds the plans it names (ingest and an export's verification store the
+        # book's PLAN_RECORD names).
         self.records_of_plan: dict[str, list[ObjectRecord]] = {}
         for uid, obj in self.kept.items():
             if self.kinds[uid] == Modality.RTRECORD.value:
@@ -632,17 +643,20 @@ class _Builder:
         self._refs: dict[str, ObjectRefs | None] = {}
         self.doses_of_plan: dict[str, list[str]] = {}
         self.registrations: dict[str, RegistrationRefs] = {}
+        #: Rule 8's keys of each REG: the FoRs it involves.
+        self.registration_fors: dict[str, frozenset[str]] = {}
         for uid in self.kept:
             kind = self.kinds[uid]
             if kind == Modality.RTDOSE.value:
                 refs = self.refs(uid)
                 if refs is not None and refs.dose is not None:
-                    for plan_uid in dict.fromkeys(refs.dose.plan_uids):
+                    for plan_uid in dict.fromkeys(names(LinkName.PLAN_DOSE, refs)):
                         self.doses_of_plan.setdefault(plan_uid, []).append(uid)
             elif kind == Modality.REG.value:
                 refs = self.refs(uid)
                 if refs is not None and refs.registration is not None:
                     self.registrations[uid] = refs.registration
+                    self.registration_fors[uid] = frozenset(names(LinkName.FOR_REG, refs))
         self.failures_by_target: dict[str, list[FailureInfo]] = {}
         for f in self.failures:
             for target in f.targets():
@@ -692,11 +706,13 @@ class _Builder:
         plan = plan_refs.plan if plan_refs is not None else None
         if plan_obj is None:
             row.status = "Missing"
-            row.missing.append(MissingLink.because("RTPLAN", plan_uid, self.absent_reason(plan_uid)))
-        elif plan is None:
+            row.missing.append(MissingLink.because(_what(LinkName.RECORD_PLAN), plan_uid,
+                                                   self.absent_reason(plan_uid)))
+        elif plan_refs is None or plan is None:
             # Stored, but not readable as a plan: nothing can be followed or checked.
             row.status = "Incomplete"
-            row.missing.append(MissingLink.because("RTPLAN", plan_uid, Why.of(MissingCause.UNREADABLE)))
+            row.missing.append(MissingLink.because(_what(LinkName.RECORD_PLAN), plan_uid,
+                                                   Why.of(MissingCause.UNREADABLE)))
         else:
             row.plan_label, row.plan_intent = plan.label, plan.intent
             plan_class = classify_plan(plan)
@@ -704,7 +720,7 @@ class _Builder:
                 row.status = "Invalid"
                 row.invalid_reason = INVALID_REASONS[plan_class]
             else:
-                self._follow(row, plan)
+                self._follow(row, plan_refs, plan)
                 row.status = "Incomplete" if row.missing else "Complete"
         records = sorted(self.records_of_plan.get(plan_uid, seeds),
                          key=lambda r: (r.treatment_date or "99999999", r.sop_uid))
@@ -758,38 +774,43 @@ class _Builder:
             for f in self.failures_by_target.get(uid, ()):
                 if f.kind in _SEARCH_KINDS:
                     self.used_failures.add(id(f))
-                    what = _SEARCH_WHAT.get(f.role or "", "SEARCH")
+                    what = search_what(f.role)
                     link = MissingLink.because(what, uid, Why.of(MissingCause.SEARCH_FAILED, why=f.reason()))
                     if link not in row.missing:
                         row.missing.append(link)
 
-    def _follow(self, row: PlanRow, plan: PlanRefs) -> None:
-        """Steps 2-10 for a followed plan, from the stored objects' own references."""
+    def _follow(self, row: PlanRow, plan_refs: ObjectRefs, plan: PlanRefs) -> None:
+        """Rules 3-10 for a followed plan, from the stored objects' own references (the rule book's
+        :func:`~rtharvest.rulebook.names` of each link)."""
         row.dose_uids = sorted(self.doses_of_plan.get(row.plan_uid, []))
         self._search_failures(row, [row.plan_uid])
         for dose_uid in promised_doses(plan):
             if dose_uid not in self.kept:
-                row.missing.append(MissingLink.because("RTDOSE", dose_uid, self.absent_reason(dose_uid)))
-        # Step 2: the plan's structure set, or (TomoTherapy) the one its dose names.
-        ss_uid = plan.structure_set_uids[0] if plan.structure_set_uids else None
-        if ss_uid is None:
+                row.missing.append(MissingLink.because(_what(LinkName.PLAN_DOSE), dose_uid,
+                                                       self.absent_reason(dose_uid)))
+        # Rule 4: the plan's structure set, or (TomoTherapy) the one its dose names.
+        named = names(LinkName.PLAN_STRUCTURE_SET, plan_refs)
+        ss_uid = named[0] if named else None
+        if structure_set_from_dose(plan_refs):
             for dose_uid in row.dose_uids:
                 dose_refs = self.refs(dose_uid)
-                if dose_refs is not None and dose_refs.dose is not None and dose_refs.dose.structure_set_uids:
-                    ss_uid = dose_refs.dose.structure_set_uids[0]
+                from_dose = names(LinkName.DOSE_STRUCTURE_SET, dose_refs) if dose_refs is not None else ()
+                if from_dose:
+                    ss_uid = from_dose[0]
                     break
         row.structure_set_uid = ss_uid
         if ss_uid is None:
             return
+        ss_what = _what(LinkName.PLAN_STRUCTURE_SET)
         if ss_uid not in self.kept:
-            row.missing.append(MissingLink.because("RTSTRUCT", ss_uid, self.absent_reason(ss_uid)))
+            row.missing.append(MissingLink.because(ss_what, ss_uid, self.absent_reason(ss_uid)))
             return
         ss_refs = self.refs(ss_uid)
         ss = ss_refs.structure_set if ss_refs is not None else None
-        if ss is None:
-            row.missing.append(MissingLink.because("RTSTRUCT", ss_uid, Why.of(MissingCause.UNREADABLE)))
+        if ss_refs is None or ss is None:
+            row.missing.append(MissingLink.because(ss_what, ss_uid, Why.of(MissingCause.UNREADABLE)))
             return
-        planning = self._planning_series(row, ss)
+        planning = self._planning_series(row, ss_refs)
         row.planning_series_uids = sorted(planning)
         self._promised_images(row, promised_images(ss))
         planning_fors = {f for f in (self.series[u].for_uid for u in planning) if f}
@@ -798,7 +819,7 @@ class _Builder:
             u for f in planning_fors for u in self.series_of_for.get(f, []) if u not in planning)
         self._search_failures(row, sorted(planning_fors))
         # Step 7: REGs involving a planning FoR; step 9: the series they register.
-        regs = sorted(uid for uid, reg in self.registrations.items() if reg.involved_fors() & planning_fors)
+        regs = sorted(uid for uid, fors in self.registration_fors.items() if fors & planning_fors)
         row.registration_uids = regs
         registered: list[str] = []
         for uid in regs:
@@ -808,7 +829,7 @@ class _Builder:
             for s in moving:
                 if s not in registered:
                     registered.append(s)
-            involved = reg.involved_fors()
+            involved = self.registration_fors[uid]
             fixed = next((self.series[u] for u in sorted(planning) if self.series[u].for_uid in involved), None)
             row.registration_types[uid] = registration_type(
                 fixed.modality if fixed else None, self.series[moving[0]].modality if moving else None)
@@ -830,7 +851,7 @@ class _Builder:
                                                                              why=failure.reason())))
 
     def _promised_images(self, row: PlanRow, promised: Mapping[str, str | None]) -> None:
-        """Name the images an object promises that the store lacks (rule: ``planner.promised_images``).
+        """Name the images an object promises that the store lacks (rule: ``rulebook.promised_images``).
 
         Grouped per series (the promising object's listing, else the series of the image's stored
         neighbours is unknown: one group): up to :data:`MAX_IMAGES_NAMED` are named one by one, more
@@ -864,9 +885,11 @@ class _Builder:
             return series_failure.why()
         return self.absent_reason(uid)
 
-    def _planning_series(self, row: PlanRow, ss: StructureSetRefs) -> list[str]:
-        """Steps 5-6: RTReferencedSeriesSequence series, then the first contour's series."""
+    def _planning_series(self, row: PlanRow, ss_refs: ObjectRefs) -> list[str]:
+        """Rule 6: the series the structure set names, then the first contour image's series."""
         planning: list[str] = []
+        ss = ss_refs.structure_set
+        assert ss is not None
 
         def add(series_uid: str) -> None:
             if series_uid in planning or any(m.uid == series_uid for m in row.missing):
@@ -874,54 +897,55 @@ class _Builder:
             if series_uid in self.series:
                 planning.append(series_uid)
             else:
-                row.missing.append(MissingLink.because("SERIES", series_uid, self.absent_reason(series_uid)))
+                row.missing.append(MissingLink.because(_what(LinkName.STRUCTURE_SET_SERIES), series_uid,
+                                                       self.absent_reason(series_uid)))
 
-        for ref in ss.referenced_series:
-            add(ref.series_uid)
-        image_uid = ss.first_contour_image_uid
-        if image_uid:
+        for series_uid in names(LinkName.STRUCTURE_SET_SERIES, ss_refs):
+            add(series_uid)
+        for image_uid in names(LinkName.STRUCTURE_SET_IMAGE, ss_refs):
             stored = self.kept.get(image_uid)
             if stored is not None and stored.series_uid:
                 add(stored.series_uid)
             else:
+                # Not stored: the listing naming it tells which series is missing, else the image is.
                 listing = ss.series_listing(image_uid)
                 if listing is not None:
                     add(listing.series_uid)
                 else:
-                    row.missing.append(MissingLink.because("IMAGE", image_uid, self.absent_reason(image_uid)))
+                    row.missing.append(MissingLink.because(_what(LinkName.STRUCTURE_SET_IMAGE), image_uid,
+                                                           self.absent_reason(image_uid)))
         return planning
 
     def _registered_series(self, row: PlanRow, reg: RegistrationRefs, planning: list[str],
                            planning_fors: set[str]) -> list[str]:
-        """Step 9 for one REG: explicitly referenced series other than the planning ones, in reference
-        order, then the series of FoR-only items (anatomical modality first)."""
+        """Rule 9 for one REG (:func:`~rtharvest.rulebook.registered`): its listed series other than the
+        planning ones, in reference order, then the series of FoR-only items (anatomical modality first).
+        A listed series in a planning FoR is listed here too (the planner fetches it by rule 7's search)."""
         moving: list[str] = []
-        listed: set[str] = set()
+        found = registered(reg, planning_fors, set(planning))
 
         def add(series_uid: str) -> None:
-            if series_uid in planning or series_uid in moving:
+            if series_uid in moving:
                 return
             if series_uid in self.series:
                 moving.append(series_uid)
             elif not any(m.uid == series_uid for m in row.missing):
-                row.missing.append(MissingLink.because("SERIES", series_uid, self.absent_reason(series_uid)))
+                row.missing.append(MissingLink.because(_what(LinkName.REG_SERIES), series_uid,
+                                                       self.absent_reason(series_uid)))
 
-        for ref in reg.referenced_series:
-            listed.update(ref.instance_uids)
+        for ref, _series_for in found.series:
             add(ref.series_uid)
         by_for: list[str] = []
-        for item in reg.items:
-            if item.for_uid in planning_fors:
-                continue  # the fixed side
-            unlisted = [u for u in item.image_uids if u not in listed]
-            for image_uid in unlisted[:1]:  # one image names its series (as the planner fetches it)
-                stored = self.kept.get(image_uid)
+        for name, uid in found.by_item:
+            if name is LinkName.REG_IMAGE:
+                stored = self.kept.get(uid)
                 if stored is not None and stored.series_uid:
-                    add(stored.series_uid)
-                elif not any(m.uid == image_uid for m in row.missing):
-                    row.missing.append(MissingLink.because("IMAGE", image_uid, self.absent_reason(image_uid)))
-            if not item.image_uids and item.for_uid:
-                by_for += [u for u in self.series_of_for.get(item.for_uid, []) if u not in planning]
+                    if stored.series_uid not in planning:
+                        add(stored.series_uid)
+                elif not any(m.uid == uid for m in row.missing):
+                    row.missing.append(MissingLink.because(_what(LinkName.REG_IMAGE), uid, self.absent_reason(uid)))
+            else:
+                by_for += [u for u in self.series_of_for.get(uid, []) if u not in planning]
         order = {m: i for i, m in enumerate(_IMAGE_ORDER)}
         for uid in sorted(by_for, key=lambda u: (order.get(self.series[u].modality or "", 99), u)):
             if uid not in moving:

@@ -4,7 +4,8 @@ The planner returns these; the job queue stores them as JSON (:meth:`to_dict` / 
 and deduplicates them with :meth:`dedupe_key`; a backend executes them following
 :func:`rtharvest.strategies.search_steps`. An operation carries the *role* its results will play and
 whatever context the decision on their arrival needs, so that :func:`rtharvest.planner.plan_arrival`
-stays a pure function of (arrived object, operation).
+stays a pure function of (arrived object, operation). The hops, roles and reverse-link criteria they carry
+are the rule book's (:mod:`rtharvest.rulebook`, imported here under their old names).
 """
 
 from __future__ import annotations
@@ -16,23 +17,7 @@ from typing import Any, ClassVar
 
 from .classify import HarvestWindow
 from .references import ObjectKind, ObjectRefs
-
-
-class Role(StrEnum):
-    """Why an object is wanted (the harvest rule that reaches it)."""
-
-    RECORD = "RECORD"  # rule 1: seed treatment record in the window
-    PLAN = "PLAN"  # rule 2: plan referenced by a seed record
-    PLAN_RECORD = "PLAN_RECORD"  # rule 3 (step 4): every record of a followed plan
-    STRUCTURE_SET = "STRUCTURE_SET"  # rule 4 (step 2, or TomoTherapy dose → structure set)
-    DOSE = "DOSE"  # rule 5 (step 3)
-    PLANNING_IMAGE = "PLANNING_IMAGE"  # rule 6 (step 5): image of the first contour
-    PLANNING_SERIES = "PLANNING_SERIES"  # rule 6 (step 6)
-    PLANNING_FOR_SERIES = "PLANNING_FOR_SERIES"  # rule 7 (step 8): series sharing a planning FoR
-    REGISTRATION = "REGISTRATION"  # rule 8 (step 7)
-    REGISTERED_IMAGE = "REGISTERED_IMAGE"  # rule 9: image named by a REG item without its series
-    REGISTERED_SERIES = "REGISTERED_SERIES"  # rule 9 (step 9)
-    REGISTERED_FOR_SERIES = "REGISTERED_FOR_SERIES"  # rule 9 (FoR-only item) and rule 10 (step 10)
+from .rulebook import CriterionKind, Hop, Role, reverse_keys
 
 
 class OperationKind(StrEnum):
@@ -46,14 +31,6 @@ class OperationKind(StrEnum):
     UNPACK_MIM_SESSION = "UnpackMimSession"
 
 
-class CriterionKind(StrEnum):
-    """What a reverse search looks for in the candidates' references."""
-
-    PLAN = "PLAN"  # ReferencedRTPlanSequence names one of the UIDs (doses, records)
-    FRAME_OF_REFERENCE = "FRAME_OF_REFERENCE"  # a REG involves one of the FoRs
-    STRUCTURE_SET = "STRUCTURE_SET"  # ReferencedStructureSetSequence names one of the UIDs
-
-
 @dataclass(frozen=True)
 class ReferenceCriterion:
     """The reverse-link test of a :class:`FindReferencing` search."""
@@ -63,24 +40,7 @@ class ReferenceCriterion:
 
     def matches(self, refs: ObjectRefs) -> bool:
         """True when the object's stored references satisfy the criterion."""
-        wanted = set(self.uids)
-        if self.kind is CriterionKind.PLAN:
-            if refs.record is not None:
-                return bool(wanted.intersection(refs.record.plan_uids))
-            if refs.dose is not None:
-                return bool(wanted.intersection(refs.dose.plan_uids))
-            return False
-        if self.kind is CriterionKind.STRUCTURE_SET:
-            if refs.dose is not None:
-                return bool(wanted.intersection(refs.dose.structure_set_uids))
-            if refs.plan is not None:
-                return bool(wanted.intersection(refs.plan.structure_set_uids))
-            return False
-        # FRAME_OF_REFERENCE (harvest rule 8): own FoR, a RegistrationSequence item's FoR or a
-        # DeformableRegistrationSequence item's SourceFrameOfReferenceUID.
-        if refs.registration is not None:
-            return bool(wanted.intersection(refs.registration.involved_fors()))
-        return refs.frame_of_reference_uid in wanted
+        return not reverse_keys(self.kind, refs).isdisjoint(self.uids)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON form."""
@@ -110,43 +70,6 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, tuple):
         return [_jsonable(v) for v in value]
     return value
-
-
-class Hop(StrEnum):
-    """The edge of the harvest rules an operation follows (``docs/harvest-rules.md``): from what, to what.
-    The value is what users see (``HarvestHop`` metadata, the log, job payloads); code compares members."""
-
-    WINDOW_RECORD = "WINDOW->RTRECORD"
-    RECORD_PLAN = "RTRECORD->RTPLAN"
-    PLAN_STRUCTURE_SET = "RTPLAN->RTSTRUCT"
-    PLAN_DOSE = "RTPLAN->RTDOSE"
-    PLAN_RECORD = "RTPLAN->RTRECORD"
-    DOSE_STRUCTURE_SET = "RTDOSE->RTSTRUCT"
-    STRUCTURE_SET_SERIES = "RTSTRUCT->SERIES"
-    STRUCTURE_SET_IMAGE = "RTSTRUCT->IMAGE"
-    IMAGE_SERIES = "IMAGE->SERIES"
-    SERIES_FOR = "SERIES->FOR"
-    FOR_REG = "FOR->REG"
-    REG_SERIES = "REG->SERIES"
-    REG_IMAGE = "REG->IMAGE"
-    REG_FOR = "REG->FOR"
-    #: MIM sessions: the Raw Data search standing in for a REG search, and unpacking a session.
-    FOR_RAW = "FOR->RAW"
-    RAW_UNPACK = "RAW->UNPACK"
-    #: The patient's sessions searched for a structure set (or REG) named by UID that no source holds.
-    PLAN_RAW = "RTPLAN->RAW"
-    DOSE_RAW = "RTDOSE->RAW"
-
-    def as_session_search(self) -> Hop:
-        """The hop of the Raw Data (MIM session) search that stands in for this one."""
-        return _SESSION_SEARCH.get(self, self)
-
-    def as_registration_search(self) -> Hop:
-        """The REG search a Raw Data search stands in for (the inverse of :meth:`as_session_search`)."""
-        return Hop.FOR_REG if self is Hop.FOR_RAW else self
-
-
-_SESSION_SEARCH = {Hop.FOR_REG: Hop.FOR_RAW, Hop.PLAN_STRUCTURE_SET: Hop.PLAN_RAW, Hop.DOSE_STRUCTURE_SET: Hop.DOSE_RAW}
 
 
 class _OperationBase:

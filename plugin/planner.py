@@ -9,6 +9,10 @@ as a pure function. Each arrival is judged against the operation that retrieved 
 strict hierarchical sources forced us to retrieve only to inspect them (doses of other plans, REGs
 of other frames of reference, series in another FoR) come back with ``keep=False`` and a reason.
 
+What follows from an object (which hop, which role, which UIDs) is the rule book's
+(:mod:`rtharvest.rulebook`, the same entries and functions the manifest checks completeness with); this module
+turns them into operations and judges arrivals against them.
+
 Images: every image of a series calls :func:`plan_arrival`; the series-level hops it plans do not
 depend on the individual image, so later images produce operations with the same dedupe keys.
 """
@@ -19,15 +23,14 @@ import json
 from dataclasses import dataclass, replace
 from datetime import date, timedelta
 from enum import StrEnum
+from typing import Any
 
 from .classify import HarvestWindow, PlanClass, classify_plan, is_standard_intent
 from .operations import (
     KIND_OF_MODALITY,
-    CriterionKind,
     FindReferencing,
     FindSeriesInFrameOfReference,
     FindTreatmentRecords,
-    Hop,
     Operation,
     ReferenceCriterion,
     RetrieveInstance,
@@ -35,7 +38,8 @@ from .operations import (
     Role,
     UnpackMimSession,
 )
-from .references import ObjectKind, ObjectRefs, PlanRefs, Problem, ProblemCode, RegistrationRefs, StructureSetRefs
+from .references import ObjectKind, ObjectRefs, Problem, ProblemCode
+from .rulebook import LinkName, link, names, promised_doses, promised_images, registered, structure_set_from_dose
 from .sopclass import IMAGE_MODALITIES, Modality, SopClass
 from .strategies import SearchStep, SourceCapability, search_steps
 
@@ -319,6 +323,38 @@ def _reject(refs: ObjectRefs, code: ReasonCode, problems: list[Problem] | tuple[
     return Decision(False, reason_text(code, **fields), tuple(ops), refs.problems + tuple(problems), code)
 
 
+def _by_uid(name: LinkName, sop_uid: str, pid: str | None, study_uid: str | None = None,
+            series_uid: str | None = None, planning_fors: tuple[str, ...] = ()) -> RetrieveInstance:
+    """The retrieve by UID of a forward link's target."""
+    lk = link(name)
+    assert lk.target is not None
+    return RetrieveInstance(sop_uid, pid, study_uid, series_uid, lk.modality, lk.target, lk.hop, planning_fors)
+
+
+def _series_op(name: LinkName, pid: str | None, study_uid: str | None, series_uid: str,
+               planning_fors: tuple[str, ...] = ()) -> RetrieveSeries:
+    """The series retrieve of a link whose target is a whole series."""
+    lk = link(name)
+    assert lk.target is not None
+    return RetrieveSeries(pid, study_uid, series_uid, lk.target, lk.hop, planning_fors)
+
+
+def _referencing_op(name: LinkName, pid: str | None, study_uid: str | None, uids: tuple[str, ...],
+                    **context: Any) -> FindReferencing:
+    """The reverse search of a link: candidates of its modality naming ``uids`` as its criterion says."""
+    lk = link(name)
+    assert lk.target is not None and lk.criterion is not None and lk.modality is not None
+    return FindReferencing(lk.modality, pid, study_uid, ReferenceCriterion(lk.criterion, uids), lk.target, lk.hop,
+                           **context)
+
+
+def _for_op(name: LinkName, pid: str | None, for_uid: str, exclude: tuple[str, ...]) -> FindSeriesInFrameOfReference:
+    """The frame-of-reference search of a link."""
+    lk = link(name)
+    assert lk.target is not None
+    return FindSeriesInFrameOfReference(pid, for_uid, exclude, lk.target, lk.hop)
+
+
 def _problem(code: ProblemCode, attribute: str, message: str) -> Problem:
     return Problem(code, attribute, message)
 
@@ -344,12 +380,10 @@ def _seed_record(refs: ObjectRefs, ctx: HarvestContext, patient_id: str | None) 
     if not ctx.window.includes(refs.patient_id, date):
         # Sources that ignore TreatmentDate matching (most non-relational ones) return every record.
         return _reject(refs, ReasonCode.OUT_OF_WINDOW if date else ReasonCode.UNDATED_RECORD)
-    if not refs.record.plan_uids:
+    plans = names(LinkName.RECORD_PLAN, refs)
+    if not plans:
         return _decide(refs, True, "seed record without a plan reference (nothing to follow)")
-    ops: list[Operation] = [
-        RetrieveInstance(uid, refs.patient_id, None, None, "RTPLAN", Role.PLAN, Hop.RECORD_PLAN)
-        for uid in refs.record.plan_uids
-    ]
+    ops: list[Operation] = [_by_uid(LinkName.RECORD_PLAN, uid, refs.patient_id) for uid in plans]
     return _decide(refs, True, "seed record treated in the window", ops)
 
 
@@ -369,9 +403,10 @@ def _instance(refs: ObjectRefs, op: RetrieveInstance) -> Decision:
         if refs.kind is not ObjectKind.IMAGE or not refs.series_uid:
             return _decide(refs, True, f"referenced {op.role.value.lower()} is not a CT/MR/PT image; "
                            "kept, not followed", (), problems)
-        series_role = Role.PLANNING_SERIES if op.role is Role.PLANNING_IMAGE else Role.REGISTERED_SERIES
-        ops: list[Operation] = [RetrieveSeries(refs.patient_id, refs.study_uid, refs.series_uid, series_role,
-                                               Hop.IMAGE_SERIES, op.planning_fors)]
+        lk = link(LinkName.PLANNING_IMAGE_SERIES if op.role is Role.PLANNING_IMAGE
+                  else LinkName.REGISTERED_IMAGE_SERIES)
+        ops: list[Operation] = [_series_op(lk.name, refs.patient_id, refs.study_uid, uid, op.planning_fors)
+                                for uid in names(lk.name, refs)]
         return _decide(refs, True, f"{op.role.value.lower()}: fetch its series", ops, problems)
     # Any other role asked by UID: keep, follow as an image of that role.
     return _image_followups(refs, op.role, op.planning_fors, problems)
@@ -394,20 +429,16 @@ def _plan(refs: ObjectRefs, problems: list[Problem]) -> Decision:
     pid, uid = refs.patient_id, refs.sop_uid
     ops: list[Operation] = [
         # Rule 3 / step 4: every record of the patient naming the plan, whatever its date.
-        FindReferencing("RTRECORD", pid, None, ReferenceCriterion(CriterionKind.PLAN, (uid,)),
-                        Role.PLAN_RECORD, Hop.PLAN_RECORD),
+        _referencing_op(LinkName.PLAN_RECORD, pid, None, (uid,)),
     ]
     # Rule 4 / step 2.
-    for ss in plan.structure_set_uids:
-        ops.append(RetrieveInstance(ss, pid, None, None, "RTSTRUCT", Role.STRUCTURE_SET, Hop.PLAN_STRUCTURE_SET))
-    # Rule 5 / step 3: doses point at plans, never the reverse (ReferencedDoseSequence is rarely filled
-    # and never authoritative): search the plan's study for doses naming it.
-    ops.append(FindReferencing("RTDOSE", pid, refs.study_uid, ReferenceCriterion(CriterionKind.PLAN, (uid,)),
-                               Role.DOSE, Hop.PLAN_DOSE,
-                               plan_has_structure_set=bool(plan.structure_set_uids)))
+    ops += [_by_uid(LinkName.PLAN_STRUCTURE_SET, ss, pid) for ss in names(LinkName.PLAN_STRUCTURE_SET, refs)]
+    # Rule 5 / step 3: the plan's study searched for doses naming it.
+    from_dose = structure_set_from_dose(refs)
+    ops.append(_referencing_op(LinkName.PLAN_DOSE, pid, refs.study_uid, (uid,), plan_has_structure_set=not from_dose))
     kind = "ion plan" if plan.is_ion else "plan"
     why = f"treated {kind} ({plan.intent or 'no intent'})"
-    if not plan.structure_set_uids:
+    if from_dose:
         why += "; no structure set reference (TomoTherapy-style): taken from its dose"
     # Related plans (re-plans, verified plans) are not followed: a predecessor is collected only when a
     # seed record treats it (rule 2), never through the plan-to-plan link.
@@ -420,20 +451,22 @@ def _structure_set(refs: ObjectRefs, problems: list[Problem]) -> Decision:
                                  f"{refs.sop_uid} referenced as a structure set is {refs.kind.value}"))
         return _reject(refs, ReasonCode.NOT_A_STRUCTURE_SET, problems)
     ss, pid = refs.structure_set, refs.patient_id
+    # The study a series' first listing names: a search hint for hierarchical sources.
+    study_of: dict[str, str | None] = {}
+    for s in reversed(ss.referenced_series):
+        study_of[s.series_uid] = s.study_uid
     ops: list[Operation] = [
         # Rule 6: the series named in RTReferencedSeriesSequence ...
-        RetrieveSeries(pid, s.study_uid, s.series_uid, Role.PLANNING_SERIES, Hop.STRUCTURE_SET_SERIES)
-        for s in ss.referenced_series
+        _series_op(LinkName.STRUCTURE_SET_SERIES, pid, study_of.get(series_uid), series_uid)
+        for series_uid in names(LinkName.STRUCTURE_SET_SERIES, refs)
     ]
-    if ss.first_contour_image_uid:
+    for image_uid in names(LinkName.STRUCTURE_SET_IMAGE, refs):
         # ... and the series holding the first contour's image (steps 5-6). The image is fetched by UID
         # and its own Series/Study UIDs decide (the RTSTRUCT's listing may be incomplete or wrong); the
         # listing only serves as a search hint for hierarchical sources.
-        listing = ss.series_listing(ss.first_contour_image_uid)
-        ops.append(RetrieveInstance(ss.first_contour_image_uid, pid,
-                                    listing.study_uid if listing else None,
-                                    listing.series_uid if listing else None,
-                                    None, Role.PLANNING_IMAGE, Hop.STRUCTURE_SET_IMAGE))
+        listing = ss.series_listing(image_uid)
+        ops.append(_by_uid(LinkName.STRUCTURE_SET_IMAGE, image_uid, pid, listing.study_uid if listing else None,
+                           listing.series_uid if listing else None))
     if not ops:
         return _decide(refs, True, "structure set references no image series", (), problems)
     return _decide(refs, True, "structure set: fetch the planning series", ops, problems)
@@ -451,8 +484,8 @@ def _referencing(refs: ObjectRefs, op: FindReferencing) -> Decision:
         ops: list[Operation] = []
         if not op.plan_has_structure_set:
             # TomoTherapy: the plan has no ReferencedStructureSetSequence, its dose names the RTSTRUCT.
-            ops = [RetrieveInstance(ss, refs.patient_id, None, None, "RTSTRUCT", Role.STRUCTURE_SET,
-                                    Hop.DOSE_STRUCTURE_SET) for ss in refs.dose.structure_set_uids]
+            ops = [_by_uid(LinkName.DOSE_STRUCTURE_SET, ss, refs.patient_id)
+                   for ss in names(LinkName.DOSE_STRUCTURE_SET, refs)]
         return _decide(refs, True, f"dose of plan {', '.join(op.criterion.uids)}", ops)
     if op.role is Role.REGISTRATION and refs.registration is not None:
         return _registration(refs, op)
@@ -463,34 +496,18 @@ def _registration(refs: ObjectRefs, op: FindReferencing) -> Decision:
     reg = refs.registration
     assert reg is not None
     planning_fors = set(op.criterion.uids)
-    exclude = set(op.exclude_series)
     pid = refs.patient_id
     fors_key = tuple(sorted(planning_fors))
     ops: list[Operation] = []
-    listed: set[str] = set()
+    found = registered(reg, planning_fors, set(op.exclude_series))
     # Rule 9: series referenced at series level (Common Instance Reference module), other than the
-    # planning series. A series whose images sit in a planning FoR is already step 8's.
-    for s in reg.referenced_series:
-        listed.update(s.instance_uids)
-        if s.series_uid in exclude:
-            continue
-        series_for = next((f for f in (reg.for_of_image(i) for i in s.instance_uids) if f), None)
-        if series_for is not None and series_for in planning_fors:
-            continue
-        ops.append(RetrieveSeries(pid, s.study_uid, s.series_uid, Role.REGISTERED_SERIES, Hop.REG_SERIES,
-                                  fors_key))
-    for item in reg.items:
-        if item.for_uid is not None and item.for_uid in planning_fors:
-            continue  # the fixed (planning) side: step 8 covers it
-        unlisted = [uid for uid in item.image_uids if uid not in listed]
-        if unlisted:
-            # Images named only inside the item (no series-level reference): fetch one, then its series.
-            ops.append(RetrieveInstance(unlisted[0], pid, None, None, None, Role.REGISTERED_IMAGE,
-                                        Hop.REG_IMAGE, fors_key))
-        elif not item.image_uids and item.for_uid:
-            # An item naming only a FoR: the registered series are that FoR's series (rule 9).
-            ops.append(FindSeriesInFrameOfReference(pid, item.for_uid, (), Role.REGISTERED_FOR_SERIES,
-                                                    Hop.REG_FOR))
+    # planning series. A series whose images sit in a planning FoR is fetched by rule 7's search already.
+    ops += [_series_op(LinkName.REG_SERIES, pid, s.study_uid, s.series_uid, fors_key)
+            for s, series_for in found.series if series_for is None or series_for not in planning_fors]
+    # Images named only inside an item (no series-level reference): fetch one, then its series; an item
+    # naming only a FoR: the registered series are that FoR's series.
+    ops += [_by_uid(name, uid, pid, planning_fors=fors_key) if name is LinkName.REG_IMAGE
+            else _for_op(name, pid, uid, ()) for name, uid in found.by_item]
     kind = "deformable registration" if reg.deformable else "registration"
     return _decide(refs, True, f"{kind} involving planning FoR {', '.join(sorted(planning_fors))}", ops)
 
@@ -533,11 +550,9 @@ def _image_followups(refs: ObjectRefs, role: Role, planning_fors: tuple[str, ...
     if role is Role.PLANNING_SERIES and for_uid and refs.series_uid:
         ops = [
             # Rule 7 / step 8: CT/MR/PT series sharing the planning FoR (PET/CT on the CT-sim side).
-            FindSeriesInFrameOfReference(pid, for_uid, (refs.series_uid,), Role.PLANNING_FOR_SERIES,
-                                         Hop.SERIES_FOR),
+            _for_op(LinkName.PLANNING_FOR_SERIES, pid, for_uid, (refs.series_uid,)),
             # Rule 8 / step 7: REGs (rigid or deformable) involving the planning FoR.
-            FindReferencing("REG", pid, None, ReferenceCriterion(CriterionKind.FRAME_OF_REFERENCE, (for_uid,)),
-                            Role.REGISTRATION, Hop.FOR_REG, exclude_series=(refs.series_uid,),
+            _referencing_op(LinkName.FOR_REG, pid, None, (for_uid,), exclude_series=(refs.series_uid,),
                             fixed_modality=refs.modality),
         ]
         return _decide(refs, True, "planning series image", ops, problems)
@@ -546,42 +561,6 @@ def _image_followups(refs: ObjectRefs, role: Role, planning_fors: tuple[str, ...
             return _decide(refs, True, "registered series in a planning FoR (step 8 covers its FoR)", (),
                            problems)
         # Rule 10 / step 10: series sharing the registered series' FoR (PET/CT on the registered side).
-        ops = [FindSeriesInFrameOfReference(pid, for_uid, (refs.series_uid,), Role.REGISTERED_FOR_SERIES,
-                                            Hop.SERIES_FOR)]
+        ops = [_for_op(LinkName.REGISTERED_FOR_SERIES, pid, for_uid, (refs.series_uid,))]
         return _decide(refs, True, "registered series image", ops, problems)
     return _decide(refs, True, f"{role.value.lower()} image", (), problems)
-
-
-# ---------------------------------------------------------------------------------------------------
-# What an object promises (validation asks the planner, so the rules live here only)
-
-
-def promised_images(obj: StructureSetRefs | RegistrationRefs) -> dict[str, str | None]:
-    """Every image a structure set or a registration names, mapped to its series UID when the object
-    says which series holds it (``None`` otherwise), in reference order.
-
-    The planner fetches the *series* of these images (rules 6 and 9), so a source holding all of them
-    delivers all of them; one that holds only part of a series delivers only that part, and these are
-    the images a harvest of that plan must hold to be ``Complete`` (``docs/harvest-rules.md``):
-
-    * a structure set: every image of its RTReferencedSeriesSequence listings and every contour's
-      ContourImageSequence image;
-    * a registration: every image of its ReferencedSeriesSequence / StudiesContainingOther...
-      listings and every image its (Deformable)RegistrationSequence items name.
-    """
-    out: dict[str, str | None] = {}
-    listings = obj.referenced_series
-    for ref in listings:
-        for uid in ref.instance_uids:
-            out.setdefault(uid, ref.series_uid)
-    named = obj.contour_image_uids if isinstance(obj, StructureSetRefs) else tuple(
-        uid for item in obj.items for uid in item.image_uids)
-    for uid in named:
-        out.setdefault(uid, None)
-    return out
-
-
-def promised_doses(plan: PlanRefs) -> tuple[str, ...]:
-    """Doses a plan names itself (ReferencedDoseSequence). The dose search (rule 5) finds every dose that
-    names the plan; one the plan names that is not stored makes the plan ``Incomplete``."""
-    return plan.dose_uids

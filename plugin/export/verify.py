@@ -28,6 +28,7 @@ from pydicom.tag import BaseTag
 
 from ..manifest import VISIBLE_IN_A_COPY, Manifest, MissingCause, PlanRow, build_manifest, summarize_plans
 from ..references import ObjectKind, ObjectRefs
+from ..rulebook import LinkName, names
 from ..sopclass import Modality
 from ..tracking import Decision, ObjectRecord
 from .deid import DatePolicy, DescriptorPolicy, Profile, SiteKey, shift_date
@@ -52,7 +53,7 @@ def _record(refs: ObjectRefs, harvest_id: str) -> ObjectRecord:
         role="RECORD" if is_record else "", hop="", source="", job_id=None, moved=False,
         patient_id=refs.patient_id, study_uid=refs.study_uid, series_uid=refs.series_uid, modality=refs.modality,
         sop_class_uid=refs.sop_class_uid, frame_of_reference_uid=refs.frame_of_reference_uid,
-        plan_uids=refs.record.plan_uids if refs.record else (),
+        plan_uids=names(LinkName.PLAN_RECORD, refs),
         treatment_date=refs.record.treatment_date if refs.record else None)
 
 
