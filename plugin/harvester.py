@@ -31,6 +31,7 @@ from .dimse.base import InstanceKey, MoveResult, SourceError
 from .eventlog import EventLog, Level, exception_summary
 from .faults import FaultClass, HealthMonitor, Outage, fault_of_source_error
 from .findcache import FindCache, find_key
+from .harvest_cleanup import HarvestCleanup
 from .ingest import HarvestRouting, Ingest
 from .jobqueue import HarvestState, Job, JobQueue, QueueError, SourceLimits
 from .loopback import LoopbackError
@@ -48,10 +49,11 @@ from .operations import (
 )
 from .planner import ReasonCode, reason_text
 from .politeness import SourceGate, SourceUnavailable
-from .provenance import StoredSeries, plan_series
+from .provenance import StoredSeries
+from .provenance_writer import ProvenanceWriter
 from .references import extract_from_bytes
 from .strategies import DiscardReason, QueryLevel, SourceCapability, execute, unbounded_search
-from .tracking import Decision, Expectation, FailureCode, ObjectRecord, ProvenanceItem, Tracker
+from .tracking import Decision, Expectation, FailureCode, ObjectRecord, Tracker
 
 log = logging.getLogger("rtharvest.harvester")
 
@@ -189,7 +191,8 @@ class RoundTrips:
 
 
 class Harvester:
-    """Runs jobs; owns the worker threads and the provenance writer."""
+    """Runs jobs on its worker threads; its maintenance loop composes the lease keeper, the
+    :class:`ProvenanceWriter` and the :class:`HarvestCleanup`."""
 
     def __init__(
         self,
@@ -219,7 +222,6 @@ class Harvester:
         self.routing_of = routing_of
         self.worker_count = workers
         self.lease_seconds = lease_seconds
-        self.delete_rejected = delete_rejected
         self.poll_interval = poll_interval
         self.gate = gate or SourceGate({}, SourceLimits(max_concurrent=1_000_000))
         self._stop = threading.Event()
@@ -243,10 +245,10 @@ class Harvester:
         self._round_trips: dict[int, RoundTrips] = {}
         #: Job ID → when it first found its instances being moved by another job (monotonic seconds).
         self._waiting_since: dict[int, float] = {}
-        self._last_expectation_purge = 0.0
-        #: Monotonic clock of the maintenance thread's provenance rule (tests give a fake one).
-        self.clock: Callable[[], float] = time.monotonic
-        self._provenance_deferred_since: float | None = None
+        #: Drains the provenance outbox when arrivals pause (:mod:`rtharvest.provenance_writer`).
+        self.provenance = ProvenanceWriter(store, tracker, events, lambda: ingest.last_arrival)
+        #: Finishes harvests whose jobs have all ended (:mod:`rtharvest.harvest_cleanup`).
+        self.cleanup = HarvestCleanup(store, tracker, events, self.finds, delete_rejected=delete_rejected)
         #: The store's and the sources' health: blames failures and holds jobs back during outages.
         self.health = health
         self.outage_backoff_max = outage_backoff_max
@@ -257,10 +259,6 @@ class Harvester:
     #: How soon a job given back while another job moves its instances is due again.
     RECHECK_IN_FLIGHT_S = 0.25
 
-    #: How long an ended job's expectations attribute late arrivals to its harvest (``Expectation.late``):
-    #: a source still sending after a C-MOVE timeout finishes within minutes; later, an arrival is
-    #: unsolicited ("not part of any harvest").
-    LATE_ARRIVAL_GRACE_S = 3600.0
 
     # -- lifecycle ----------------------------------------------------------------------------------
 
@@ -1000,11 +998,6 @@ class Harvester:
 
     #: How often the maintenance thread looks for provenance to write and harvests to finish when idle.
     MAINTENANCE_INTERVAL_S = 0.25
-    #: Provenance is written once arrivals have paused this long, ...
-    PROVENANCE_QUIET_S = 0.3
-    #: ... or once it has waited this long while they keep coming, or at once for a harvest whose jobs are
-    #: all done (it shows Completed only when its provenance is written).
-    PROVENANCE_MAX_LAG_S = 10.0
 
     def _maintenance_loop(self) -> None:
         while not self._stop.is_set():
@@ -1012,150 +1005,15 @@ class Harvester:
             try:
                 self.extend_leases()
                 finishing = self.tracker.harvests_to_clean()
-                busy = self.write_provenance() if self.provenance_due(bool(finishing)) else False
-                self.finish_harvests(finishing)
+                busy = self.provenance.write() if self.provenance.due(bool(finishing)) else False
+                self.cleanup.finish(finishing)
                 self.ingest.report_unsolicited()
-                self.purge_ended_expectations()
+                self.cleanup.purge_ended_expectations()
             except Exception:
                 log.exception("maintenance step failed")
                 busy = False
             if not busy:
                 self._maintenance_wake.wait(self.MAINTENANCE_INTERVAL_S)
-
-    def purge_ended_expectations(self, every: float = 60.0) -> int:
-        """Forget ended jobs' expectations past the late-arrival grace period (at most once per ``every``
-        seconds); returns how many."""
-        now = time.monotonic()
-        if now - self._last_expectation_purge < every:
-            return 0
-        self._last_expectation_purge = now
-        with self.tracker.db.transaction():
-            return self.tracker.purge_ended_expectations(time.time() - self.LATE_ARRIVAL_GRACE_S)
-
-    def provenance_due(self, harvest_finishing: bool) -> bool:
-        """Whether the maintenance thread writes provenance now.
-
-        Each provenance value is an index transaction that holds the GIL (``orthanc.RestApiPut``) and
-        makes Orthanc hand an ``UpdatedMetadata`` change to the plugin's OnChange callback, which takes
-        the GIL again: five of each per instance. Written while instances stream in, they compete with the
-        C-STORE callbacks and the ingest thread for the GIL and the cores; written when arrivals pause they
-        do not (a quick harvest of the wire benchmark on loopback: see benchmarks/README.md). So they wait
-        for a pause of :data:`PROVENANCE_QUIET_S`, at most :data:`PROVENANCE_MAX_LAG_S` behind, and not at
-        all for a harvest whose jobs are all done.
-        """
-        now = self.clock()
-        since = self._provenance_deferred_since
-        if harvest_finishing or now - self.ingest.last_arrival >= self.PROVENANCE_QUIET_S \
-                or (since is not None and now - since >= self.PROVENANCE_MAX_LAG_S):
-            return True
-        if since is None:
-            self._provenance_deferred_since = now
-        return False
-
-    def write_provenance(self, batch: int = 200) -> bool:
-        """Write pending provenance metadata, series by series (see :mod:`rtharvest.provenance`); returns True
-        if there was work."""
-        groups = self.tracker.pending_provenance_by_series(batch)
-        if not groups:
-            self._provenance_deferred_since = None  # caught up: the lag counts from the next deferral
-            return False
-        for items in groups:
-            done = self._write_series_provenance(items)
-            if done:
-                self.tracker.provenance_done(done)
-        return True
-
-    def _write_series_provenance(self, items: Sequence[ProvenanceItem]) -> list[ProvenanceItem]:
-        """Write the provenance of one series' pending items; returns the items that are done."""
-        series: StoredSeries | None = None
-        gone: list[ProvenanceItem] = []
-        for item in items:
-            try:
-                series = self.store.series_of(item.orthanc_id)
-                break
-            except LookupError:
-                gone.append(item)  # deleted meanwhile: nothing to stamp
-            except Exception as exc:
-                return gone + self._provenance_failed(items, exc)
-        if series is None:
-            return gone
-        gone_set = set(gone)
-        live = [i for i in items if i not in gone_set]
-        try:
-            stamp = self.store.series_metadata(series.orthanc_id)
-            plan = plan_series(live, stamp, series.instances)
-            if plan.series is not None:
-                for name, value in plan.series.items():
-                    self.store.set_series_metadata(series.orthanc_id, name, value)
-        except Exception as exc:
-            return gone + self._provenance_failed(live, exc)
-        covered, own = set(plan.covered), set(plan.instances)
-        done = gone + [i for i in live if i in covered]
-        for item in live:
-            if item not in own:
-                continue
-            try:
-                if not self.store.metadata(item.orthanc_id).get("HarvestId"):  # else its first provenance stays
-                    for name, value in item.metadata().items():
-                        self.store.set_metadata(item.orthanc_id, name, value)
-            except LookupError:
-                pass  # deleted meanwhile
-            except Exception as exc:
-                self._provenance_failed([item], exc)
-                continue
-            done.append(item)
-        return done
-
-    def _provenance_failed(self, items: Sequence[ProvenanceItem], exc: Exception) -> list[ProvenanceItem]:
-        """Count a failed write for each item; returns none (failed items stay in the outbox, or are dropped
-        by the tracker once hopeless)."""
-        for item in items:
-            if self.tracker.provenance_failed(item):
-                self.events.write(Level.ERROR, "provenance", f"gave up writing provenance: {exc}",
-                                  harvest_id=item.harvest_id, sop_uid=item.sop_uid)
-        return []
-
-    def finish_harvests(self, finished: Sequence[str] | None = None) -> None:
-        """After a harvest's last job (Completed, or Cancelled once its running jobs ended): delete (or
-        keep, per policy) the candidates nobody claimed, then mark it clean (it shows ``Completed`` only
-        then).
-
-        A late candidate cannot slip past this by design: an arrival is attributed to a harvest only
-        through an expectation of one of its jobs (running, or ended within ``LATE_ARRIVAL_GRACE_S``: then
-        it is a rejected candidate), expectations end in the same transaction as the job's completion or
-        failure, and every new decision un-marks the harvest in its own transaction. The mark
-        is written only in a transaction that finds the harvest finished, with no unclaimed candidate and
-        no provenance of its own left; otherwise the next pass tries again. ``finished``: the harvests to
-        look at, when the caller has just asked :meth:`Tracker.harvests_to_clean`.
-        """
-        for harvest_id in self.tracker.harvests_to_clean() if finished is None else finished:
-            self.finds.forget(harvest_id)  # finished: a job reopening it must see the sources as they are now
-            if self.tracker.pending_provenance_of(harvest_id):
-                continue  # this harvest's own provenance first; other harvests' backlog does not matter
-            removed = 0
-            if self.delete_rejected:
-                for sop_uid, orthanc_id in self.tracker.rejected_unclaimed(harvest_id):
-                    try:
-                        self.store.delete(orthanc_id)
-                        removed += 1
-                    except LookupError:
-                        pass
-                    self.tracker.forget_orthanc_id(harvest_id, sop_uid)
-            with self.tracker.db.transaction():
-                if harvest_id not in self.tracker.harvests_to_clean():
-                    continue  # reopened meanwhile
-                if self.delete_rejected and self.tracker.rejected_unclaimed(harvest_id):
-                    continue  # decided meanwhile: the next pass removes it
-                if self.tracker.pending_provenance_of(harvest_id):
-                    continue
-                self.tracker.mark_cleanup(harvest_id)
-                counts = self.tracker.decision_counts(harvest_id)
-            self.finds.forget(harvest_id)
-            # One summary instead of an event per instance (a re-harvest plans everything from the store).
-            self.events.write(Level.INFO, "harvester", f"harvest finished: {counts.kept} instance(s) kept "
-                              f"({counts.moved} moved, {counts.kept - counts.moved} already in the store), "
-                              f"{counts.rejected} candidate(s) inspected and rejected, {removed} removed from "
-                              "the store", harvest_id=harvest_id)
 
 
 def _short(exc: Exception) -> str:
