@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import os
 import socket
@@ -27,6 +28,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from .background import BackgroundLoop
 from .dimse.base import InstanceKey, MoveResult, SourceError
 from .eventlog import EventLog, Level, exception_summary
 from .faults import FaultClass, HealthMonitor, Outage, fault_of_source_error
@@ -228,13 +230,13 @@ class Harvester:
         # Jobs inside a DIMSE operation (job id -> owner, last lease extension), for extend_leases().
         self._in_operation: dict[int, tuple[str, float]] = {}
         self._leases_lock = threading.Lock()
-        # Set whenever new jobs are enqueued, so an idle worker starts the next hop at once instead of at
-        # its next poll (a chain of ten hops would otherwise wait ten poll intervals).
-        self._wake = threading.Event()
-        # Set when a harvest's last job ends, so its provenance and clean-up run (and it shows Completed) at
-        # once rather than at the maintenance thread's next look.
-        self._maintenance_wake = threading.Event()
-        self._threads: list[threading.Thread] = []
+        # Worker loops: woken whenever new jobs are enqueued, so an idle worker starts the next hop at once
+        # instead of at its next poll (a chain of ten hops would otherwise wait ten poll intervals).
+        self._workers: list[BackgroundLoop] = []
+        # Provenance, clean-up, leases: woken when a harvest's last job ends, so its provenance and clean-up
+        # run (and it shows Completed) at once rather than at the maintenance loop's next look.
+        self._maintenance = BackgroundLoop("rtharvest-maintenance", self._maintenance_pass,
+                                           lambda: self.MAINTENANCE_INTERVAL_S)
         self._owner_prefix = f"{socket.gethostname()}:{os.getpid()}"
         self.sessions = SessionUnpacker(store, tracker, ingest, events)
         #: Job ID → instances it moved whose ingest failed and that it planned from the store (for its note).
@@ -263,57 +265,52 @@ class Harvester:
     # -- lifecycle ----------------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Recover leases of a previous run and start the worker and maintenance threads."""
+        """Recover leases of a previous run and start the worker and maintenance loops."""
         recovered = self.queue.recover_stale_leases()
         if recovered:
             self.events.write(Level.WARNING, "harvester", f"{recovered} job(s) were running when the plugin "
                               "stopped; they are pending again")
         self._stop.clear()
-        for i in range(self.worker_count):
-            t = threading.Thread(target=self._work_loop, args=(f"{self._owner_prefix}:w{i}",),
-                                 name=f"rtharvest-worker-{i}", daemon=True)
-            t.start()
-            self._threads.append(t)
-        t = threading.Thread(target=self._maintenance_loop, name="rtharvest-maintenance", daemon=True)
-        t.start()
-        self._threads.append(t)
+        self._workers = [
+            BackgroundLoop(f"rtharvest-worker-{i}", functools.partial(self._work_pass, f"{self._owner_prefix}:w{i}"),
+                           self.idle_wait, error_wait=1.0)
+            for i in range(self.worker_count)]
+        for loop in self._workers:
+            loop.start()
+        self._maintenance.start()
         self.ingest.start()  # arrivals are decided off the C-STORE path from now on
 
     def stop(self, timeout: float = 30.0) -> None:
-        """Ask every thread to stop and join them (running jobs finish their current DIMSE call)."""
-        self._stop.set()
-        self._wake.set()
-        self._maintenance_wake.set()
+        """Ask every loop to stop and join them (running jobs finish their current DIMSE call)."""
+        self._stop.set()  # running jobs see it (source gate waits, in-flight checks)
+        loops = [*self._workers, self._maintenance]
+        for loop in loops:  # all asked first, so they wind down together
+            loop.request_stop()
         deadline = time.monotonic() + timeout
-        for t in self._threads:
-            t.join(max(0.1, deadline - time.monotonic()))
-        self._threads = [t for t in self._threads if t.is_alive()]
+        for loop in loops:
+            loop.stop(max(0.1, deadline - time.monotonic()))
+        self._workers = [w for w in self._workers if w.alive]
         self.ingest.stop(max(0.1, deadline - time.monotonic()))
 
     def wake(self) -> None:
         """New work was enqueued: let idle workers look now."""
-        self._wake.set()
+        for loop in self._workers:
+            loop.wake()
 
     @property
     def alive(self) -> int:
         """Worker threads alive (for the status route)."""
-        return sum(1 for t in self._threads if t.is_alive() and t.name.startswith("rtharvest-worker"))
+        return sum(1 for loop in self._workers if loop.alive)
 
     # -- worker loop --------------------------------------------------------------------------------
 
-    def _work_loop(self, owner: str) -> None:
-        while not self._stop.is_set():
-            try:
-                job = self.queue.claim(owner, self.lease_seconds)
-            except Exception:
-                log.exception("claiming a job failed")
-                self._stop.wait(1.0)
-                continue
-            if job is None:
-                self._wake.wait(self.idle_wait())
-                self._wake.clear()
-                continue
-            self.run(job, owner)
+    def _work_pass(self, owner: str) -> bool:
+        """Claim a job and run it; False when none was due (a claim that raises is logged by the loop)."""
+        job = self.queue.claim(owner, self.lease_seconds)
+        if job is None:
+            return False
+        self.run(job, owner)
+        return True
 
     def idle_wait(self) -> float:
         """How long a worker that found nothing to claim waits before it looks again (enqueuing wakes it).
@@ -411,7 +408,7 @@ class Harvester:
                 if self.queue.get_harvest(job.harvest_id).state == HarvestState.COMPLETED:
                     # Its last job: a job that reopens the harvest later (a retry, a late search) asks again.
                     self.finds.forget(job.harvest_id)
-                    self._maintenance_wake.set()
+                    self._maintenance.wake()
             except QueueError as exc:
                 self.events.write(Level.WARNING, "harvester", f"could not complete job: {exc}",
                                   harvest_id=job.harvest_id, job_id=job.id)
@@ -495,7 +492,7 @@ class Harvester:
         # A retry is scheduled: nothing for a person to do yet (INFO). Failed for good: a manual-intervention
         # item (ERROR), shown in the page's warnings.
         if updated.state.value == "failed":
-            self._maintenance_wake.set()  # maybe the harvest's last job: see run()
+            self._maintenance.wake()  # maybe the harvest's last job: see run()
         level = Level.ERROR if updated.state.value == "failed" else Level.INFO
         what = "failed for good" if updated.state.value == "failed" else f"failed (attempt {updated.attempts})"
         self.events.write(level, "harvester", f"{job.kind} {what}: {message}", harvest_id=job.harvest_id,
@@ -999,21 +996,15 @@ class Harvester:
     #: How often the maintenance thread looks for provenance to write and harvests to finish when idle.
     MAINTENANCE_INTERVAL_S = 0.25
 
-    def _maintenance_loop(self) -> None:
-        while not self._stop.is_set():
-            self._maintenance_wake.clear()  # a wake during the pass below makes the next pass start at once
-            try:
-                self.extend_leases()
-                finishing = self.tracker.harvests_to_clean()
-                busy = self.provenance.write() if self.provenance.due(bool(finishing)) else False
-                self.cleanup.finish(finishing)
-                self.ingest.report_unsolicited()
-                self.cleanup.purge_ended_expectations()
-            except Exception:
-                log.exception("maintenance step failed")
-                busy = False
-            if not busy:
-                self._maintenance_wake.wait(self.MAINTENANCE_INTERVAL_S)
+    def _maintenance_pass(self) -> bool:
+        """Keep leases, write provenance when due, finish harvests, report; True if there was more to do."""
+        self.extend_leases()
+        finishing = self.tracker.harvests_to_clean()
+        busy = self.provenance.write() if self.provenance.due(bool(finishing)) else False
+        self.cleanup.finish(finishing)
+        self.ingest.report_unsolicited()
+        self.cleanup.purge_ended_expectations()
+        return busy
 
 
 def _short(exc: Exception) -> str:

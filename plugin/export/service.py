@@ -26,7 +26,6 @@ import logging
 import os
 import secrets
 import socket
-import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -34,6 +33,7 @@ from typing import Any
 
 import pydicom
 
+from ..background import BackgroundLoop
 from ..central.client import announce, delivery_document
 from ..db import Database, register_schema
 from ..eventlog import EventLog, Level, exception_summary
@@ -218,9 +218,8 @@ class ExportService:
         self.destination_of: Callable[[str, str], Destination] = settings.destination
         self._key: SiteKey | None = None
         self._pseudonyms: dict[str, str] = {}
-        self._stop = threading.Event()
-        self._wake = threading.Event()
-        self._thread: threading.Thread | None = None
+        #: The export worker: one job at a time; woken when an export is created.
+        self._worker = BackgroundLoop("rtharvest-export", self.run_one, 0.5)
         self._owner = f"{socket.gethostname()}:{os.getpid()}:export"
         self._lock_fd: int | None = None
         #: The originals :meth:`_phi_values` read last (series UID → dataset without pixels).
@@ -353,7 +352,7 @@ class ExportService:
                  self.settings.site, time.time()))
             self.queue.enqueue(export.id, SEND, destination, {"Export": export.id}, dedupe_key="send")
         self.events.write(Level.INFO, "export", f"export to {destination} ({kind}) created", harvest_id=harvest_id)
-        self._wake.set()
+        self._worker.wake()
         return {"ID": export.id, "State": self.state(export.id)}
 
     def _row(self, export_id: str) -> tuple[Any, ...]:
@@ -472,16 +471,11 @@ class ExportService:
                                   "previous run ended; they resume now")
         except OSError:
             os.close(fd)
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._loop, name="rtharvest-export", daemon=True)
-        self._thread.start()
+        self._worker.start()
 
     def stop(self, timeout: float = 30.0) -> None:
         """Stop the worker (the job in progress is released at its next batch)."""
-        self._stop.set()
-        self._wake.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
+        self._worker.stop(timeout)
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
@@ -490,18 +484,7 @@ class ExportService:
     @property
     def alive(self) -> bool:
         """Whether the worker thread runs."""
-        return self._thread is not None and self._thread.is_alive()
-
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            try:
-                ran = self.run_one()
-            except Exception:
-                log.exception("export worker iteration failed")
-                ran = False
-            if not ran:
-                self._wake.wait(0.5)
-                self._wake.clear()
+        return self._worker.alive
 
     def run_one(self) -> bool:
         """Claim and run one export job; False when none was due."""
@@ -574,7 +557,7 @@ class ExportService:
         values = self._phi_values(export_id, profile) if todo else {}
         size = self.settings.batch_size
         for start in range(0, len(todo), size):
-            if self._stop.is_set():
+            if self._worker.stopping:
                 raise _Stopped()
             self.queue.heartbeat(job.id, self._owner, self.lease_seconds)
             self._send_batch(export_id, todo[start:start + size], destination, key, profile, values)
@@ -664,7 +647,7 @@ class ExportService:
         found: set[str] = set()
         series = sorted({(r[4], r[5]) for r in items})
         for data in destination.fetch(series):
-            if self._stop.is_set():
+            if self._worker.stopping:
                 raise _Stopped()
             try:
                 ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
