@@ -38,7 +38,7 @@ from ..central.client import announce, delivery_document
 from ..db import Database, register_schema
 from ..eventlog import EventLog, Level, exception_summary
 from ..httpapi import ApiError
-from ..jobqueue import EnqueueItem, HarvestState, Job, JobQueue, JobState, QueueError, RetryPolicy
+from ..jobqueue import EnqueueItem, HarvestState, Job, JobQueue, JobState, OwnerKind, QueueError, RetryPolicy
 from ..manifest import STATUSES, Manifest, PlanRow
 from ..references import ObjectKind, extract
 from ..tracking import Decision, ObjectRecord
@@ -343,7 +343,7 @@ class ExportService:
             raise ApiError(409, f"Harvest: {harvest_id} is {harvest_state}; export it once it is Completed "
                                 "(its manifest is final then)")
         params = {"Harvest": harvest_id, "Plans": plans.spec, "Profile": profile.to_json()}
-        export = self.queue.create_harvest(destination, label or f"export of {harvest_id}", params)
+        export = self.queue.create_owner(OwnerKind.EXPORT, destination, label or f"export of {harvest_id}", params)
         with self.db.transaction():
             self.db.execute(
                 "INSERT INTO rth_exports (id, harvest_id, destination, kind, plans, profile, site, created_at)"
@@ -495,8 +495,8 @@ class ExportService:
             if job.kind == SEND:
                 self._send(job)
                 self.queue.complete(job.id, self._owner, note="sent",
-                                    follow_ups=[EnqueueItem(job.harvest_id, VERIFY, job.source,
-                                                            {"Export": job.harvest_id}, "verify")])
+                                    follow_ups=[EnqueueItem(job.owner_id, VERIFY, job.source,
+                                                            {"Export": job.owner_id}, "verify")])
             else:
                 self._verify(job)
                 self.queue.complete(job.id, self._owner, note="verified")
@@ -521,7 +521,7 @@ class ExportService:
         except QueueError:
             return
         level = Level.ERROR if updated.state is JobState.FAILED else Level.WARNING
-        self.events.write(level, "export", f"{job.kind} of export {job.harvest_id} failed (attempt "
+        self.events.write(level, "export", f"{job.kind} of export {job.owner_id} failed (attempt "
                           f"{updated.attempts}): {message}")
 
     # -- ExportSend ---------------------------------------------------------------------------------------
@@ -541,7 +541,7 @@ class ExportService:
                           "instance(s) selected", harvest_id=harvest_id)
 
     def _send(self, job: Job) -> None:
-        row = self._row(job.harvest_id)
+        row = self._row(job.owner_id)
         export_id, harvest_id, destination_name = row[0], row[1], row[2]
         if not row[8]:
             self._select(export_id, harvest_id, PlanFilter(json.loads(row[4])))
@@ -630,7 +630,7 @@ class ExportService:
 
     def _verify(self, job: Job) -> None:
         assert self.read_file is not None
-        row = self._row(job.harvest_id)
+        row = self._row(job.owner_id)
         export_id = row[0]
         profile = Profile.from_json(json.loads(row[5]))
         destination = self.destination_of(row[2], export_id)
