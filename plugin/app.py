@@ -229,17 +229,18 @@ def _start_health_probe(rt: Runtime) -> None:
     """Check the store every :data:`HEALTH_PROBE_INTERVAL_SECONDS`; log each change of its state once."""
     assert rt.health is not None and rt.events is not None
     health, events = rt.health, rt.events
-    previous: list[FaultClass | None] = [None]  # the state last logged
+    previous: FaultClass | None = None  # the state last logged
 
     def probe() -> bool:
+        nonlocal previous
         check = health.check_store(max_age=0.0)
-        if check.fault != previous[0]:
+        if check.fault != previous:
             if check.fault is not None:
                 events.write(Level.ERROR, "health", f"{check.fault.value}: {check.detail}", fault=check.fault.value)
-            elif previous[0] is not None:
-                events.write(Level.WARNING, "health", f"the store is available again (was {previous[0].value}); "
-                             "held-back jobs resume at their next try", fault=previous[0].value)
-            previous[0] = check.fault
+            elif previous is not None:
+                events.write(Level.WARNING, "health", f"the store is available again (was {previous.value}); "
+                             "held-back jobs resume at their next try", fault=previous.value)
+            previous = check.fault
         return False
 
     rt.health_probe = BackgroundLoop("rtharvest-health", probe, HEALTH_PROBE_INTERVAL_SECONDS)
