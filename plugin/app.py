@@ -12,10 +12,11 @@ import os
 import sys
 import threading
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from . import __version__, explorer_routes, sdk
+from .background import BackgroundLoop
 from .central import routes as central_routes
 from .central.service import CentralService
 from .central.settings import load_central
@@ -23,6 +24,7 @@ from .config import Backend, ConfigError, HarvesterConfig, SourceSettings
 from .db import Database
 from .eventlog import EventLog, EventLogHandler, Level
 from .export import routes as export_routes
+from .export.service import ExportService
 from .faults import PROBE_TIMEOUT_S, FaultClass, HealthMonitor
 from .harvester import Harvester, SourceAccess
 from .harvests import HarvestService
@@ -67,7 +69,15 @@ class Runtime:
     #: Orthanc's versions, read once after start-up (never while answering: the index may be down).
     versions: sdk.Versions | None = None
     started: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
+    #: The export service (its worker starts with the harvester).
+    exports: ExportService | None = None
+    #: The central archive, when this Orthanc is one.
+    central: CentralService | None = None
+    #: Background loops of the composition root: event-log retention, the store's health probe, and the
+    #: one-shot start-up (reconciliation, then workers and scheduler).
+    log_retention: BackgroundLoop | None = None
+    health_probe: BackgroundLoop | None = None
+    startup: BackgroundLoop | None = None
 
 
 _runtime: Runtime | None = None
@@ -115,10 +125,10 @@ def status_document(runtime: Runtime) -> dict[str, Any]:
         doc["SourceActivity"] = {name: {"Open": a.open, "Peak": a.peak, "Operations": a.total, "Waited": a.waited,
                                         "Finds": a.finds, "Moves": a.moves}
                                  for name, a in sorted(runtime.harvester.gate.activity().items())}
-    if "exports" in runtime.extra:
-        doc["ExportWorkerAlive"] = runtime.extra["exports"].alive
-    if "central" in runtime.extra:
-        doc["Central"] = {"Sites": sorted(runtime.extra["central"].settings.sites)}
+    if runtime.exports is not None:
+        doc["ExportWorkerAlive"] = runtime.exports.alive
+    if runtime.central is not None:
+        doc["Central"] = {"Sites": sorted(runtime.central.settings.sites)}
     if runtime.reconciliation is not None:
         doc["StartupReconciliation"] = runtime.reconciliation.status()
     if runtime.ingest is not None:
@@ -126,7 +136,7 @@ def status_document(runtime: Runtime) -> dict[str, Any]:
         doc["UnsolicitedArrivals"] = runtime.ingest.unsolicited
     if runtime.health is not None and runtime.config is not None:
         waiting = runtime.queue.outage_waits() if runtime.queue is not None else {}
-        exports = runtime.extra.get("exports")
+        exports = runtime.exports
         doc["Health"] = runtime.health.document(
             sorted(runtime.config.modalities),
             scheduler_alive=bool(runtime.scheduler and runtime.scheduler.alive) if runtime.schedules else None,
@@ -199,23 +209,15 @@ def _start_log_retention(rt: Runtime) -> None:
     """Purge old events now and every :data:`PURGE_INTERVAL_SECONDS` until ``ORTHANC_STOPPED``."""
     assert rt.config is not None and rt.events is not None
     events, days = rt.events, rt.config.log_retention_days
-    stop = threading.Event()
 
-    def loop() -> None:
-        while True:
-            try:
-                removed = events.purge(days)
-                if removed:
-                    events.write(Level.INFO, "app", f"purged {removed} event(s) older than {days} day(s) "
-                                 "(LogRetentionDays)")
-            except Exception:
-                log.exception("purging the event log failed")
-            if stop.wait(PURGE_INTERVAL_SECONDS):
-                return
+    def purge() -> bool:
+        removed = events.purge(days)
+        if removed:
+            events.write(Level.INFO, "app", f"purged {removed} event(s) older than {days} day(s) (LogRetentionDays)")
+        return False
 
-    thread = threading.Thread(target=loop, name="rtharvest-log-retention", daemon=True)
-    rt.extra["retention_stop"], rt.extra["retention_thread"] = stop, thread
-    thread.start()
+    rt.log_retention = BackgroundLoop("rtharvest-log-retention", purge, PURGE_INTERVAL_SECONDS)
+    rt.log_retention.start()
 
 
 #: How often the store (index, disk) is checked in the background, so the status route shows a fault
@@ -227,28 +229,22 @@ def _start_health_probe(rt: Runtime) -> None:
     """Check the store every :data:`HEALTH_PROBE_INTERVAL_SECONDS`; log each change of its state once."""
     assert rt.health is not None and rt.events is not None
     health, events = rt.health, rt.events
-    stop = threading.Event()
+    previous: FaultClass | None = None  # the state last logged
 
-    def loop() -> None:
-        previous: FaultClass | None = None
-        while not stop.is_set():
-            try:
-                check = health.check_store(max_age=0.0)
-                if check.fault != previous:
-                    if check.fault is not None:
-                        events.write(Level.ERROR, "health", f"{check.fault.value}: {check.detail}",
-                                     fault=check.fault.value)
-                    elif previous is not None:
-                        events.write(Level.WARNING, "health", f"the store is available again (was {previous.value}); "
-                                     "held-back jobs resume at their next try", fault=previous.value)
-                    previous = check.fault
-            except Exception:
-                log.exception("checking the store failed")
-            stop.wait(HEALTH_PROBE_INTERVAL_SECONDS)
+    def probe() -> bool:
+        nonlocal previous
+        check = health.check_store(max_age=0.0)
+        if check.fault != previous:
+            if check.fault is not None:
+                events.write(Level.ERROR, "health", f"{check.fault.value}: {check.detail}", fault=check.fault.value)
+            elif previous is not None:
+                events.write(Level.WARNING, "health", f"the store is available again (was {previous.value}); "
+                             "held-back jobs resume at their next try", fault=previous.value)
+            previous = check.fault
+        return False
 
-    thread = threading.Thread(target=loop, name="rtharvest-health", daemon=True)
-    rt.extra["health_stop"], rt.extra["health_thread"] = stop, thread
-    thread.start()
+    rt.health_probe = BackgroundLoop("rtharvest-health", probe, HEALTH_PROBE_INTERVAL_SECONDS)
+    rt.health_probe.start()
 
 
 def _on_started() -> None:
@@ -284,26 +280,25 @@ def _on_started() -> None:
         outage_backoff_max=rt.config.outage_backoff_max,
     )
     rt.ingest.on_enqueue = rt.harvests.on_enqueue = rt.harvester.wake
-    if "exports" in rt.extra:
-        rt.extra["exports"].start(store.read)
+    if rt.exports is not None:
+        rt.exports.start(store.read)
     _start_log_retention(rt)
     _start_health_probe(rt)
     # The reconciliation talks to the store over loopback HTTP and may read many files: not on Orthanc's
     # callback thread. The workers (and the scheduler, which enqueues work for them) start after it.
     rt.reconciliation = Reconciliation()
-    stop = threading.Event()
-    thread = threading.Thread(target=_reconcile_then_start, args=(rt, stop), name="rtharvest-startup", daemon=True)
-    rt.extra["startup_stop"], rt.extra["startup_thread"] = stop, thread
-    thread.start()
+    startup = rt.startup = BackgroundLoop("rtharvest-startup", lambda: _reconcile_then_start(rt, startup.stop_event),
+                                          once=True)
+    startup.start()
 
 
-def _reconcile_then_start(rt: Runtime, stop: threading.Event) -> None:
+def _reconcile_then_start(rt: Runtime, stop: threading.Event) -> bool:
     """Reconcile the queue against the store, then start the workers and the scheduler (startup thread)."""
     assert rt.config is not None and rt.harvester is not None and rt.events is not None
     assert rt.reconciliation is not None
     reconcile(rt.harvester, stop, rt.reconciliation)
     if stop.is_set():
-        return  # Orthanc is stopping: _on_stopped joins this thread before stopping what it started
+        return False  # Orthanc is stopping: _on_stopped joins this thread before stopping what it started
     rt.harvester.start()
     if rt.schedules is not None:
         rt.scheduler = ScheduleRunner(rt.schedules)
@@ -311,26 +306,24 @@ def _reconcile_then_start(rt: Runtime, stop: threading.Event) -> None:
     rt.started = True
     rt.events.write(Level.INFO, "app", f"rtharvest {__version__} started with {rt.config.workers} worker(s), "
                    f"store index {rt.config.store_index}")
+    return False
 
 
 def _on_stopped() -> None:
     rt = _runtime
     assert rt is not None
-    if "startup_thread" in rt.extra:
-        rt.extra["startup_stop"].set()
-        rt.extra["startup_thread"].join(30)
+    if rt.startup is not None:
+        rt.startup.stop(30)
     if rt.scheduler is not None:
         rt.scheduler.stop()
     if rt.harvester is not None:
         rt.harvester.stop()
-    if "exports" in rt.extra:
-        rt.extra["exports"].stop()
-    if "retention_stop" in rt.extra:
-        rt.extra["retention_stop"].set()
-        rt.extra["retention_thread"].join(10)
-    if "health_stop" in rt.extra:
-        rt.extra["health_stop"].set()
-        rt.extra["health_thread"].join(PROBE_TIMEOUT_S + 5)
+    if rt.exports is not None:
+        rt.exports.stop()
+    if rt.log_retention is not None:
+        rt.log_retention.stop(10)
+    if rt.health_probe is not None:
+        rt.health_probe.stop(PROBE_TIMEOUT_S + 5)
     rt.started = False
     if rt.events is not None:
         rt.events.write(Level.INFO, "app", "rtharvest stopped")
@@ -407,7 +400,7 @@ def build_runtime(config: HarvesterConfig, orthanc: Mapping[str, Any] | None = N
     exports = export_routes.build_export_service(orthanc or {}, config, events, manifest, tracker, harvests,
                                                  schedules)
     export_routes.register(router, exports)
-    runtime.extra["exports"] = exports
+    runtime.exports = exports
     if central_settings.enabled:
         def held_store() -> Any:
             if runtime.harvester is None:
@@ -416,7 +409,7 @@ def build_runtime(config: HarvesterConfig, orthanc: Mapping[str, Any] | None = N
 
         central = CentralService(central_settings, db, events, held_store)
         central_routes.register(router, central)
-        runtime.extra["central"] = central
+        runtime.central = central
     return runtime
 
 

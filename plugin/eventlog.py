@@ -30,6 +30,7 @@ from typing import Any
 import apsw
 from pydicom.errors import InvalidDicomError
 
+from .background import BackgroundLoop
 from .db import Database, register_schema
 
 __all__ = ["Event", "EventLog", "EventLogHandler", "Level", "NewEvent", "PhiSafeFormatter", "exception_summary",
@@ -483,8 +484,8 @@ class EventLogHandler(logging.Handler):
         self._pending = 0  # put but not yet written (for flush)
         self._pending_lock = threading.Condition()
         self._stopped = False
-        self._thread = threading.Thread(target=self._run, name="rtharvest-eventlog", daemon=True)
-        self._thread.start()
+        self._writer = BackgroundLoop("rtharvest-eventlog", self._run, on_stop=self._post_end)
+        self._writer.start()
 
     def _to_event(self, record: logging.LogRecord) -> NewEvent:
         attrs = record.__dict__
@@ -532,7 +533,16 @@ class EventLogHandler(logging.Handler):
             self.errors += 1
             self.last_error = exception_summary(exc)
 
-    def _run(self) -> None:
+    def _post_end(self) -> None:
+        """Queue the end mark: the writer writes what is before it, then ends."""
+        try:
+            self._queue.put(None, timeout=5.0)
+        except queue.Full:  # pragma: no cover - writer stuck on a locked database
+            pass
+
+    def _run(self) -> bool:
+        """The writer loop's one pass: write queued records in batches until the end mark (returns False
+        then, and the loop ends)."""
         while True:
             item = self._queue.get()
             stop = item is None
@@ -558,7 +568,7 @@ class EventLogHandler(logging.Handler):
                     self._pending -= len(events)
                     self._pending_lock.notify_all()
             if stop:
-                return
+                return False
 
     def flush(self) -> None:
         """Wait (up to 10 s) until every queued record is written or dropped."""
@@ -570,7 +580,7 @@ class EventLogHandler(logging.Handler):
         with self._pending_lock:
             while self._pending > 0:
                 remaining = deadline - _time.monotonic()
-                if remaining <= 0 or not self._thread.is_alive():
+                if remaining <= 0 or not self._writer.alive:
                     return False
                 self._pending_lock.wait(remaining)
         return True
@@ -579,9 +589,5 @@ class EventLogHandler(logging.Handler):
         """Write what is queued, stop the writer thread, detach."""
         if not self._stopped:
             self._stopped = True
-            try:
-                self._queue.put(None, timeout=5.0)
-            except queue.Full:  # pragma: no cover - writer stuck on a locked database
-                pass
-            self._thread.join(timeout=15.0)
+            self._writer.stop(15.0)
         super().close()

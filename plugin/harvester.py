@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import os
 import socket
@@ -27,10 +28,12 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from .background import BackgroundLoop
 from .dimse.base import InstanceKey, MoveResult, SourceError
 from .eventlog import EventLog, Level, exception_summary
 from .faults import FaultClass, HealthMonitor, Outage, fault_of_source_error
 from .findcache import FindCache, find_key
+from .harvest_cleanup import HarvestCleanup
 from .ingest import HarvestRouting, Ingest
 from .jobqueue import HarvestState, Job, JobQueue, QueueError, SourceLimits
 from .loopback import LoopbackError
@@ -48,10 +51,11 @@ from .operations import (
 )
 from .planner import ReasonCode, reason_text
 from .politeness import SourceGate, SourceUnavailable
-from .provenance import StoredSeries, plan_series
+from .provenance import StoredSeries
+from .provenance_writer import ProvenanceWriter
 from .references import extract_from_bytes
 from .strategies import DiscardReason, QueryLevel, SourceCapability, execute, unbounded_search
-from .tracking import Decision, Expectation, FailureCode, ObjectRecord, ProvenanceItem, Tracker
+from .tracking import Decision, Expectation, FailureCode, ObjectRecord, Tracker
 
 log = logging.getLogger("rtharvest.harvester")
 
@@ -189,7 +193,8 @@ class RoundTrips:
 
 
 class Harvester:
-    """Runs jobs; owns the worker threads and the provenance writer."""
+    """Runs jobs on its worker threads; its maintenance loop composes the lease keeper, the
+    :class:`ProvenanceWriter` and the :class:`HarvestCleanup`."""
 
     def __init__(
         self,
@@ -219,20 +224,19 @@ class Harvester:
         self.routing_of = routing_of
         self.worker_count = workers
         self.lease_seconds = lease_seconds
-        self.delete_rejected = delete_rejected
         self.poll_interval = poll_interval
         self.gate = gate or SourceGate({}, SourceLimits(max_concurrent=1_000_000))
         self._stop = threading.Event()
         # Jobs inside a DIMSE operation (job id -> owner, last lease extension), for extend_leases().
         self._in_operation: dict[int, tuple[str, float]] = {}
         self._leases_lock = threading.Lock()
-        # Set whenever new jobs are enqueued, so an idle worker starts the next hop at once instead of at
-        # its next poll (a chain of ten hops would otherwise wait ten poll intervals).
-        self._wake = threading.Event()
-        # Set when a harvest's last job ends, so its provenance and clean-up run (and it shows Completed) at
-        # once rather than at the maintenance thread's next look.
-        self._maintenance_wake = threading.Event()
-        self._threads: list[threading.Thread] = []
+        # Worker loops: woken whenever new jobs are enqueued, so an idle worker starts the next hop at once
+        # instead of at its next poll (a chain of ten hops would otherwise wait ten poll intervals).
+        self._workers: list[BackgroundLoop] = []
+        # Provenance, clean-up, leases: woken when a harvest's last job ends, so its provenance and clean-up
+        # run (and it shows Completed) at once rather than at the maintenance loop's next look.
+        self._maintenance = BackgroundLoop("rtharvest-maintenance", self._maintenance_pass,
+                                           lambda: self.MAINTENANCE_INTERVAL_S)
         self._owner_prefix = f"{socket.gethostname()}:{os.getpid()}"
         self.sessions = SessionUnpacker(store, tracker, ingest, events)
         #: Job ID → instances it moved whose ingest failed and that it planned from the store (for its note).
@@ -243,10 +247,10 @@ class Harvester:
         self._round_trips: dict[int, RoundTrips] = {}
         #: Job ID → when it first found its instances being moved by another job (monotonic seconds).
         self._waiting_since: dict[int, float] = {}
-        self._last_expectation_purge = 0.0
-        #: Monotonic clock of the maintenance thread's provenance rule (tests give a fake one).
-        self.clock: Callable[[], float] = time.monotonic
-        self._provenance_deferred_since: float | None = None
+        #: Drains the provenance outbox when arrivals pause (:mod:`rtharvest.provenance_writer`).
+        self.provenance = ProvenanceWriter(store, tracker, events, lambda: ingest.last_arrival)
+        #: Finishes harvests whose jobs have all ended (:mod:`rtharvest.harvest_cleanup`).
+        self.cleanup = HarvestCleanup(store, tracker, events, self.finds, delete_rejected=delete_rejected)
         #: The store's and the sources' health: blames failures and holds jobs back during outages.
         self.health = health
         self.outage_backoff_max = outage_backoff_max
@@ -257,65 +261,56 @@ class Harvester:
     #: How soon a job given back while another job moves its instances is due again.
     RECHECK_IN_FLIGHT_S = 0.25
 
-    #: How long an ended job's expectations attribute late arrivals to its harvest (``Expectation.late``):
-    #: a source still sending after a C-MOVE timeout finishes within minutes; later, an arrival is
-    #: unsolicited ("not part of any harvest").
-    LATE_ARRIVAL_GRACE_S = 3600.0
 
     # -- lifecycle ----------------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Recover leases of a previous run and start the worker and maintenance threads."""
+        """Recover leases of a previous run and start the worker and maintenance loops."""
         recovered = self.queue.recover_stale_leases()
         if recovered:
             self.events.write(Level.WARNING, "harvester", f"{recovered} job(s) were running when the plugin "
                               "stopped; they are pending again")
         self._stop.clear()
-        for i in range(self.worker_count):
-            t = threading.Thread(target=self._work_loop, args=(f"{self._owner_prefix}:w{i}",),
-                                 name=f"rtharvest-worker-{i}", daemon=True)
-            t.start()
-            self._threads.append(t)
-        t = threading.Thread(target=self._maintenance_loop, name="rtharvest-maintenance", daemon=True)
-        t.start()
-        self._threads.append(t)
+        self._workers = [
+            BackgroundLoop(f"rtharvest-worker-{i}", functools.partial(self._work_pass, f"{self._owner_prefix}:w{i}"),
+                           self.idle_wait, error_wait=1.0)
+            for i in range(self.worker_count)]
+        for loop in self._workers:
+            loop.start()
+        self._maintenance.start()
         self.ingest.start()  # arrivals are decided off the C-STORE path from now on
 
     def stop(self, timeout: float = 30.0) -> None:
-        """Ask every thread to stop and join them (running jobs finish their current DIMSE call)."""
-        self._stop.set()
-        self._wake.set()
-        self._maintenance_wake.set()
+        """Ask every loop to stop and join them (running jobs finish their current DIMSE call)."""
+        self._stop.set()  # running jobs see it (source gate waits, in-flight checks)
+        loops = [*self._workers, self._maintenance]
+        for loop in loops:  # all asked first, so they wind down together
+            loop.request_stop()
         deadline = time.monotonic() + timeout
-        for t in self._threads:
-            t.join(max(0.1, deadline - time.monotonic()))
-        self._threads = [t for t in self._threads if t.is_alive()]
+        for loop in loops:
+            loop.stop(max(0.1, deadline - time.monotonic()))
+        self._workers = [w for w in self._workers if w.alive]
         self.ingest.stop(max(0.1, deadline - time.monotonic()))
 
     def wake(self) -> None:
         """New work was enqueued: let idle workers look now."""
-        self._wake.set()
+        for loop in self._workers:
+            loop.wake()
 
     @property
     def alive(self) -> int:
         """Worker threads alive (for the status route)."""
-        return sum(1 for t in self._threads if t.is_alive() and t.name.startswith("rtharvest-worker"))
+        return sum(1 for loop in self._workers if loop.alive)
 
     # -- worker loop --------------------------------------------------------------------------------
 
-    def _work_loop(self, owner: str) -> None:
-        while not self._stop.is_set():
-            try:
-                job = self.queue.claim(owner, self.lease_seconds)
-            except Exception:
-                log.exception("claiming a job failed")
-                self._stop.wait(1.0)
-                continue
-            if job is None:
-                self._wake.wait(self.idle_wait())
-                self._wake.clear()
-                continue
-            self.run(job, owner)
+    def _work_pass(self, owner: str) -> bool:
+        """Claim a job and run it; False when none was due (a claim that raises is logged by the loop)."""
+        job = self.queue.claim(owner, self.lease_seconds)
+        if job is None:
+            return False
+        self.run(job, owner)
+        return True
 
     def idle_wait(self) -> float:
         """How long a worker that found nothing to claim waits before it looks again (enqueuing wakes it).
@@ -413,7 +408,7 @@ class Harvester:
                 if self.queue.get_harvest(job.harvest_id).state == HarvestState.COMPLETED:
                     # Its last job: a job that reopens the harvest later (a retry, a late search) asks again.
                     self.finds.forget(job.harvest_id)
-                    self._maintenance_wake.set()
+                    self._maintenance.wake()
             except QueueError as exc:
                 self.events.write(Level.WARNING, "harvester", f"could not complete job: {exc}",
                                   harvest_id=job.harvest_id, job_id=job.id)
@@ -497,7 +492,7 @@ class Harvester:
         # A retry is scheduled: nothing for a person to do yet (INFO). Failed for good: a manual-intervention
         # item (ERROR), shown in the page's warnings.
         if updated.state.value == "failed":
-            self._maintenance_wake.set()  # maybe the harvest's last job: see run()
+            self._maintenance.wake()  # maybe the harvest's last job: see run()
         level = Level.ERROR if updated.state.value == "failed" else Level.INFO
         what = "failed for good" if updated.state.value == "failed" else f"failed (attempt {updated.attempts})"
         self.events.write(level, "harvester", f"{job.kind} {what}: {message}", harvest_id=job.harvest_id,
@@ -1000,162 +995,16 @@ class Harvester:
 
     #: How often the maintenance thread looks for provenance to write and harvests to finish when idle.
     MAINTENANCE_INTERVAL_S = 0.25
-    #: Provenance is written once arrivals have paused this long, ...
-    PROVENANCE_QUIET_S = 0.3
-    #: ... or once it has waited this long while they keep coming, or at once for a harvest whose jobs are
-    #: all done (it shows Completed only when its provenance is written).
-    PROVENANCE_MAX_LAG_S = 10.0
 
-    def _maintenance_loop(self) -> None:
-        while not self._stop.is_set():
-            self._maintenance_wake.clear()  # a wake during the pass below makes the next pass start at once
-            try:
-                self.extend_leases()
-                finishing = self.tracker.harvests_to_clean()
-                busy = self.write_provenance() if self.provenance_due(bool(finishing)) else False
-                self.finish_harvests(finishing)
-                self.ingest.report_unsolicited()
-                self.purge_ended_expectations()
-            except Exception:
-                log.exception("maintenance step failed")
-                busy = False
-            if not busy:
-                self._maintenance_wake.wait(self.MAINTENANCE_INTERVAL_S)
-
-    def purge_ended_expectations(self, every: float = 60.0) -> int:
-        """Forget ended jobs' expectations past the late-arrival grace period (at most once per ``every``
-        seconds); returns how many."""
-        now = time.monotonic()
-        if now - self._last_expectation_purge < every:
-            return 0
-        self._last_expectation_purge = now
-        with self.tracker.db.transaction():
-            return self.tracker.purge_ended_expectations(time.time() - self.LATE_ARRIVAL_GRACE_S)
-
-    def provenance_due(self, harvest_finishing: bool) -> bool:
-        """Whether the maintenance thread writes provenance now.
-
-        Each provenance value is an index transaction that holds the GIL (``orthanc.RestApiPut``) and
-        makes Orthanc hand an ``UpdatedMetadata`` change to the plugin's OnChange callback, which takes
-        the GIL again: five of each per instance. Written while instances stream in, they compete with the
-        C-STORE callbacks and the ingest thread for the GIL and the cores; written when arrivals pause they
-        do not (a quick harvest of the wire benchmark on loopback: see benchmarks/README.md). So they wait
-        for a pause of :data:`PROVENANCE_QUIET_S`, at most :data:`PROVENANCE_MAX_LAG_S` behind, and not at
-        all for a harvest whose jobs are all done.
-        """
-        now = self.clock()
-        since = self._provenance_deferred_since
-        if harvest_finishing or now - self.ingest.last_arrival >= self.PROVENANCE_QUIET_S \
-                or (since is not None and now - since >= self.PROVENANCE_MAX_LAG_S):
-            return True
-        if since is None:
-            self._provenance_deferred_since = now
-        return False
-
-    def write_provenance(self, batch: int = 200) -> bool:
-        """Write pending provenance metadata, series by series (see :mod:`rtharvest.provenance`); returns True
-        if there was work."""
-        groups = self.tracker.pending_provenance_by_series(batch)
-        if not groups:
-            self._provenance_deferred_since = None  # caught up: the lag counts from the next deferral
-            return False
-        for items in groups:
-            done = self._write_series_provenance(items)
-            if done:
-                self.tracker.provenance_done(done)
-        return True
-
-    def _write_series_provenance(self, items: Sequence[ProvenanceItem]) -> list[ProvenanceItem]:
-        """Write the provenance of one series' pending items; returns the items that are done."""
-        series: StoredSeries | None = None
-        gone: list[ProvenanceItem] = []
-        for item in items:
-            try:
-                series = self.store.series_of(item.orthanc_id)
-                break
-            except LookupError:
-                gone.append(item)  # deleted meanwhile: nothing to stamp
-            except Exception as exc:
-                return gone + self._provenance_failed(items, exc)
-        if series is None:
-            return gone
-        gone_set = set(gone)
-        live = [i for i in items if i not in gone_set]
-        try:
-            stamp = self.store.series_metadata(series.orthanc_id)
-            plan = plan_series(live, stamp, series.instances)
-            if plan.series is not None:
-                for name, value in plan.series.items():
-                    self.store.set_series_metadata(series.orthanc_id, name, value)
-        except Exception as exc:
-            return gone + self._provenance_failed(live, exc)
-        covered, own = set(plan.covered), set(plan.instances)
-        done = gone + [i for i in live if i in covered]
-        for item in live:
-            if item not in own:
-                continue
-            try:
-                if not self.store.metadata(item.orthanc_id).get("HarvestId"):  # else its first provenance stays
-                    for name, value in item.metadata().items():
-                        self.store.set_metadata(item.orthanc_id, name, value)
-            except LookupError:
-                pass  # deleted meanwhile
-            except Exception as exc:
-                self._provenance_failed([item], exc)
-                continue
-            done.append(item)
-        return done
-
-    def _provenance_failed(self, items: Sequence[ProvenanceItem], exc: Exception) -> list[ProvenanceItem]:
-        """Count a failed write for each item; returns none (failed items stay in the outbox, or are dropped
-        by the tracker once hopeless)."""
-        for item in items:
-            if self.tracker.provenance_failed(item):
-                self.events.write(Level.ERROR, "provenance", f"gave up writing provenance: {exc}",
-                                  harvest_id=item.harvest_id, sop_uid=item.sop_uid)
-        return []
-
-    def finish_harvests(self, finished: Sequence[str] | None = None) -> None:
-        """After a harvest's last job (Completed, or Cancelled once its running jobs ended): delete (or
-        keep, per policy) the candidates nobody claimed, then mark it clean (it shows ``Completed`` only
-        then).
-
-        A late candidate cannot slip past this by design: an arrival is attributed to a harvest only
-        through an expectation of one of its jobs (running, or ended within ``LATE_ARRIVAL_GRACE_S``: then
-        it is a rejected candidate), expectations end in the same transaction as the job's completion or
-        failure, and every new decision un-marks the harvest in its own transaction. The mark
-        is written only in a transaction that finds the harvest finished, with no unclaimed candidate and
-        no provenance of its own left; otherwise the next pass tries again. ``finished``: the harvests to
-        look at, when the caller has just asked :meth:`Tracker.harvests_to_clean`.
-        """
-        for harvest_id in self.tracker.harvests_to_clean() if finished is None else finished:
-            self.finds.forget(harvest_id)  # finished: a job reopening it must see the sources as they are now
-            if self.tracker.pending_provenance_of(harvest_id):
-                continue  # this harvest's own provenance first; other harvests' backlog does not matter
-            removed = 0
-            if self.delete_rejected:
-                for sop_uid, orthanc_id in self.tracker.rejected_unclaimed(harvest_id):
-                    try:
-                        self.store.delete(orthanc_id)
-                        removed += 1
-                    except LookupError:
-                        pass
-                    self.tracker.forget_orthanc_id(harvest_id, sop_uid)
-            with self.tracker.db.transaction():
-                if harvest_id not in self.tracker.harvests_to_clean():
-                    continue  # reopened meanwhile
-                if self.delete_rejected and self.tracker.rejected_unclaimed(harvest_id):
-                    continue  # decided meanwhile: the next pass removes it
-                if self.tracker.pending_provenance_of(harvest_id):
-                    continue
-                self.tracker.mark_cleanup(harvest_id)
-                counts = self.tracker.decision_counts(harvest_id)
-            self.finds.forget(harvest_id)
-            # One summary instead of an event per instance (a re-harvest plans everything from the store).
-            self.events.write(Level.INFO, "harvester", f"harvest finished: {counts.kept} instance(s) kept "
-                              f"({counts.moved} moved, {counts.kept - counts.moved} already in the store), "
-                              f"{counts.rejected} candidate(s) inspected and rejected, {removed} removed from "
-                              "the store", harvest_id=harvest_id)
+    def _maintenance_pass(self) -> bool:
+        """Keep leases, write provenance when due, finish harvests, report; True if there was more to do."""
+        self.extend_leases()
+        finishing = self.tracker.harvests_to_clean()
+        busy = self.provenance.write() if self.provenance.due(bool(finishing)) else False
+        self.cleanup.finish(finishing)
+        self.ingest.report_unsolicited()
+        self.cleanup.purge_ended_expectations()
+        return busy
 
 
 def _short(exc: Exception) -> str:

@@ -26,6 +26,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from .background import BackgroundLoop
 from .classify import HarvestWindow
 from .db import Database
 from .eventlog import EventLog, Level, exception_summary
@@ -196,31 +197,27 @@ class Ingest:
         self._queued = 0
         self._done = 0
         self._last_arrival = 0.0
-        self._thread: threading.Thread | None = None
         self._stopping = False
+        self._loop = BackgroundLoop("rtharvest-ingest", self._drain, on_stop=self._ask_to_stop)
 
     # -- the ingest thread --------------------------------------------------------------------------
 
     def start(self) -> None:
         """Start the ingest thread: from now on arrivals are decided off the C-STORE path."""
         with self._lock:
-            if self._thread is not None and self._thread.is_alive():
+            if self._loop.alive:
                 return
             self._stopping = False
-            self._thread = threading.Thread(target=self._loop, name="rtharvest-ingest", daemon=True)
-            self._thread.start()
+            self._loop.start()
 
     def stop(self, timeout: float = 30.0) -> None:
         """Decide what is waiting (inspections are dropped), then stop the thread; later arrivals run inline."""
+        self._loop.stop(timeout)
+
+    def _ask_to_stop(self) -> None:
         with self._cond:
-            thread = self._thread
             self._stopping = True
             self._cond.notify_all()
-        if thread is not None:
-            thread.join(timeout)
-        with self._lock:
-            if self._thread is thread and (thread is None or not thread.is_alive()):
-                self._thread = None
 
     @property
     def last_arrival(self) -> float:
@@ -231,8 +228,7 @@ class Ingest:
     @property
     def running(self) -> bool:
         """Whether arrivals are decided on the ingest thread."""
-        thread = self._thread
-        return thread is not None and thread.is_alive() and not self._stopping
+        return self._loop.alive and not self._stopping
 
     def settle(self, timeout: float = 60.0) -> bool:
         """Wait until every expected arrival stored so far has its decision (or failed trying).
@@ -245,7 +241,7 @@ class Ingest:
             target = self._queued
             while self._done < target:
                 left = deadline - time.monotonic()
-                if left <= 0 or self._thread is None or not self._thread.is_alive():
+                if left <= 0 or not self._loop.alive:
                     return self._done >= target
                 self._cond.wait(min(left, 1.0))
         return True
@@ -253,7 +249,7 @@ class Ingest:
     def _defer(self, arrival: _Arrival) -> bool:
         """Hand ``arrival`` to the ingest thread; False when it is not running or the backlog is full."""
         with self._cond:
-            if (self._thread is None or self._stopping or not self._thread.is_alive()
+            if (self._stopping or not self._loop.alive
                     or self._backlog_bytes + len(arrival.data) > self.MAX_BACKLOG_BYTES):
                 return False
             self._backlog_bytes += len(arrival.data)
@@ -285,7 +281,9 @@ class Ingest:
                 else:
                     self._cond.wait(self.INSPECT_AFTER_QUIET_S)  # unexpected arrivals come without a wake-up
 
-    def _loop(self) -> None:
+    def _drain(self) -> bool:
+        """The ingest loop's one pass: decide arrivals until asked to stop (what is expected is decided
+        first); returns False then, and the loop ends."""
         while (arrival := self._next()) is not None:
             try:
                 if arrival.expectations:
@@ -300,6 +298,7 @@ class Ingest:
                     if arrival.expectations:
                         self._done += 1
                     self._cond.notify_all()
+        return False
 
     # -- arrivals -----------------------------------------------------------------------------------
 

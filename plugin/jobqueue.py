@@ -61,6 +61,7 @@ __all__ = [
     "Job",
     "JobQueue",
     "JobState",
+    "OwnerKind",
     "QueueError",
     "RetryPolicy",
     "SourceLimits",
@@ -93,6 +94,17 @@ class JobState(StrEnum):
             raise ValueError(
                 f"unknown job state {value!r}; expected one of {', '.join(s.value for s in cls)}"
             ) from None
+
+
+class OwnerKind(StrEnum):
+    """What owns a job (and the owner row its state lives in): a harvest, or an export of one.
+
+    The queue treats both alike (state, retries, leases, completion); the kind says whose job it is, so an
+    export's jobs are never mistaken for a harvest's.
+    """
+
+    HARVEST = "harvest"
+    EXPORT = "export"
 
 
 class HarvestState(StrEnum):
@@ -157,7 +169,8 @@ class Job:
     """A job as stored. Times are epoch seconds (the queue's clock)."""
 
     id: int
-    harvest_id: str
+    #: The owner's ID: a harvest's or an export's (see ``owner_kind``).
+    owner_id: str
     kind: str
     source: str
     payload: dict[str, Any]
@@ -180,6 +193,14 @@ class Job:
     fault: str | None = None
     #: Consecutive times the job was held back by an outage (its backoff grows with it); 0 after a success.
     outages: int = 0
+    owner_kind: OwnerKind = OwnerKind.HARVEST
+
+    @property
+    def harvest_id(self) -> str:
+        """The harvest this job belongs to (read-only alias of ``owner_id``, for harvest-owned jobs only)."""
+        if self.owner_kind is not OwnerKind.HARVEST:
+            raise ValueError(f"job {self.id} belongs to an {self.owner_kind.value}, not a harvest")
+        return self.owner_id
 
 
 @dataclass(frozen=True)
@@ -193,6 +214,8 @@ class Harvest:
     state: HarvestState
     created_at: float
     updated_at: float
+    #: Whether this owner row is a harvest or an export (an export's state lives in the same table).
+    owner_kind: OwnerKind = OwnerKind.HARVEST
 
 
 @dataclass(frozen=True)
@@ -397,6 +420,18 @@ register_schema("jobqueue_crashes", 1, ["ALTER TABLE jobs ADD COLUMN crashes INT
 register_schema("jobqueue_faults", 1, ["ALTER TABLE jobs ADD COLUMN fault TEXT",
                                        "ALTER TABLE jobs ADD COLUMN outages INTEGER NOT NULL DEFAULT 0"])
 
+# Who owns a job: until this step every owner row was taken for a harvest, though an export service's
+# queue holds exports. Existing rows are harvests, except those whose jobs are an export's send or verify
+# (the export service's job kinds, named here once for this step): their owner is an export.
+register_schema("jobqueue_owner", 1, [
+    "ALTER TABLE harvests ADD COLUMN owner_kind TEXT NOT NULL DEFAULT 'harvest'"
+    " CHECK (owner_kind IN ('harvest', 'export'))",
+    "ALTER TABLE jobs ADD COLUMN owner_kind TEXT NOT NULL DEFAULT 'harvest'"
+    " CHECK (owner_kind IN ('harvest', 'export'))",
+    "UPDATE jobs SET owner_kind = 'export' WHERE kind IN ('ExportSend', 'ExportVerify')",
+    "UPDATE harvests SET owner_kind = 'export' WHERE id IN (SELECT harvest_id FROM jobs WHERE owner_kind = 'export')",
+])
+
 #: ``last_error`` prefix of a job failed because the harvester kept dying while running it (the manifest
 #: reports it as the harvester's failure, never the source's).
 CRASH_BUDGET_SPENT = "harvester stopped"
@@ -404,9 +439,9 @@ CRASH_BUDGET_SPENT = "harvester stopped"
 _JOB_COLUMNS = (
     "id, harvest_id, kind, source, payload, dedupe_key, priority, state, attempts, max_attempts,"
     " next_attempt_at, lease_owner, lease_expires_at, last_error, dimse_status, created_at, updated_at,"
-    " note, crashes, fault, outages"
+    " note, crashes, fault, outages, owner_kind"
 )
-_HARVEST_COLUMNS = "id, source, label, params, state, created_at, updated_at"
+_HARVEST_COLUMNS = "id, source, label, params, state, created_at, updated_at, owner_kind"
 
 # Statements are constants: the only variable parts are bound parameters.
 _SELECT_JOB = "SELECT " + _JOB_COLUMNS + " FROM jobs WHERE id = ?"  # noqa: S608 - constant text
@@ -446,7 +481,7 @@ def _default_dedupe_key(kind: str, source: str, payload: Mapping[str, Any]) -> s
 def _row_to_job(row: tuple[Any, ...]) -> Job:
     return Job(
         id=int(row[0]),
-        harvest_id=row[1],
+        owner_id=row[1],
         kind=row[2],
         source=row[3],
         payload=json.loads(row[4]) if row[4] else {},
@@ -466,6 +501,7 @@ def _row_to_job(row: tuple[Any, ...]) -> Job:
         crashes=int(row[18]),
         fault=row[19],
         outages=int(row[20]),
+        owner_kind=OwnerKind(row[21]),
     )
 
 
@@ -478,6 +514,7 @@ def _row_to_harvest(row: tuple[Any, ...]) -> Harvest:
         state=HarvestState(row[4]),
         created_at=float(row[5]),
         updated_at=float(row[6]),
+        owner_kind=OwnerKind(row[7]),
     )
 
 
@@ -527,8 +564,17 @@ class JobQueue:
         ``seed(harvest_id)`` gives its first jobs, enqueued in the same transaction: a crash can never
         leave a harvest Running without jobs.
         """
+        return self.create_owner(OwnerKind.HARVEST, source, label, params, seed)
+
+    def create_owner(
+        self, owner_kind: OwnerKind, source: str, label: str = "", params: Mapping[str, Any] | None = None,
+        seed: Callable[[str], Iterable[EnqueueItem]] | None = None,
+    ) -> Harvest:
+        """Create a ``Running`` owner of jobs (a harvest, or an export: ``source`` is then its destination)
+        with a fresh random id; its jobs carry its kind. See :meth:`create_harvest`."""
         if not source:
-            raise ValueError("a harvest needs a source (a DicomModalities name)")
+            raise ValueError(f"an {owner_kind.value} needs a source" if owner_kind is OwnerKind.EXPORT
+                             else "a harvest needs a source (a DicomModalities name)")
         now = self.clock()
         params_json = json.dumps(dict(params or {}), sort_keys=True, default=str)
         while True:
@@ -537,14 +583,15 @@ class JobQueue:
                 if self.db.query_one("SELECT 1 FROM harvests WHERE id = ?", (hid,)) is not None:
                     continue  # 2**64 ids: practically never, but never overwrite
                 self.db.execute(
-                    "INSERT INTO harvests (id, source, label, params, state, created_at, updated_at)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    (hid, source, label or "", params_json, HarvestState.RUNNING.value, now, now),
+                    "INSERT INTO harvests (id, source, label, params, state, created_at, updated_at, owner_kind)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    (hid, source, label or "", params_json, HarvestState.RUNNING.value, now, now, owner_kind.value),
                 )
                 if seed is not None:
                     self._enqueue_in_tx(seed(hid))
                     self._update_completion(hid)
-            return Harvest(hid, source, label or "", json.loads(params_json), HarvestState.RUNNING, now, now)
+            return Harvest(hid, source, label or "", json.loads(params_json), HarvestState.RUNNING, now, now,
+                           owner_kind)
 
     def get_harvest(self, harvest_id: str) -> Harvest:
         """The harvest, or :class:`UnknownHarvest`."""
@@ -698,8 +745,9 @@ class JobQueue:
             key = item.dedupe_key or _default_dedupe_key(item.kind, item.source, payload)
             row = self.db.query_one(
                 "INSERT INTO jobs (harvest_id, kind, source, payload, dedupe_key, priority, state,"
-                " attempts, max_attempts, next_attempt_at, created_at, updated_at)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, 0, ?, ?, ?, ?)"
+                " attempts, max_attempts, next_attempt_at, created_at, updated_at, owner_kind)"
+                " VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 0, ?8, ?9, ?10, ?11,"
+                "  (SELECT owner_kind FROM harvests WHERE id = ?1))"  # a job is of its owner's kind
                 " ON CONFLICT (harvest_id, dedupe_key) DO NOTHING RETURNING id",
                 (
                     item.harvest_id,
@@ -915,7 +963,7 @@ class JobQueue:
                 (note, now, job_id),
             )
             assert row is not None
-            self._update_completion(job.harvest_id)
+            self._update_completion(job.owner_id)
             return _row_to_job(row)
 
     def fail(
@@ -937,7 +985,7 @@ class JobQueue:
         with self.db.transaction():
             job = self._leased_job(job_id, owner)
             now = self.clock()
-            harvest_state = self._harvest_state(job.harvest_id)
+            harvest_state = self._harvest_state(job.owner_id)
             if not retryable or job.attempts >= job.max_attempts:
                 state, next_at = JobState.FAILED, now
                 if retryable:
@@ -955,7 +1003,7 @@ class JobQueue:
                 (state.value, next_at, error, dimse_status, fault, now, job_id),
             )
             assert row is not None
-            self._update_completion(job.harvest_id)
+            self._update_completion(job.owner_id)
             return _row_to_job(row)
 
     def release(self, job_id: int, owner: str, not_before: float | None = None, note: str | None = None) -> Job:
@@ -967,7 +1015,7 @@ class JobQueue:
         with self.db.transaction():
             job = self._leased_job(job_id, owner)
             now = self.clock()
-            cancelled = self._harvest_state(job.harvest_id) == HarvestState.CANCELLED
+            cancelled = self._harvest_state(job.owner_id) == HarvestState.CANCELLED
             due = now if not_before is None else max(now, not_before)
             row = self.db.query_one(
                 _returning_job(
@@ -985,7 +1033,7 @@ class JobQueue:
             )
             assert row is not None
             if cancelled:
-                self._update_completion(job.harvest_id)
+                self._update_completion(job.owner_id)
             return _row_to_job(row)
 
     def defer(self, job_id: int, owner: str, fault: str, reason: str, max_delay: float) -> Job:
@@ -996,7 +1044,7 @@ class JobQueue:
         with self.db.transaction():
             job = self._leased_job(job_id, owner)
             now = self.clock()
-            cancelled = self._harvest_state(job.harvest_id) == HarvestState.CANCELLED
+            cancelled = self._harvest_state(job.owner_id) == HarvestState.CANCELLED
             outages = job.outages + 1
             try:
                 raw = max(self.policy.base_delay, 1.0) * 2.0 ** (outages - 1)
@@ -1016,7 +1064,7 @@ class JobQueue:
             )
             assert row is not None
             if cancelled:
-                self._update_completion(job.harvest_id)
+                self._update_completion(job.owner_id)
             return _row_to_job(row)
 
     def outage_waits(self, harvest_id: str | None = None) -> dict[str, tuple[int, str]]:
@@ -1044,11 +1092,11 @@ class JobQueue:
             job = _row_to_job(row)
             if job.state != JobState.FAILED:
                 raise InvalidTransition(f"job {job_id} is {job.state.value}; only failed jobs can be retried")
-            hstate = self._harvest_state(job.harvest_id)
+            hstate = self._harvest_state(job.owner_id)
             if hstate == HarvestState.CANCELLED:
-                raise InvalidTransition(f"job {job_id} belongs to cancelled harvest {job.harvest_id}")
+                raise InvalidTransition(f"job {job_id} belongs to cancelled harvest {job.owner_id}")
             if hstate == HarvestState.COMPLETED:
-                self._write_harvest_state(job.harvest_id, HarvestState.RUNNING)
+                self._write_harvest_state(job.owner_id, HarvestState.RUNNING)
             now = self.clock()
             row = self.db.query_one(
                 _returning_job(

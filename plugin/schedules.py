@@ -17,6 +17,7 @@ from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, date, datetime
 from typing import Any
 
+from .background import BackgroundLoop
 from .config import HarvesterConfig
 from .db import Database, register_schema
 from .eventlog import EventLog, Level
@@ -284,43 +285,35 @@ class ScheduleService:
 
 
 class ScheduleRunner:
-    """The thin thread: ask the service to fire what is due, sleep until the next check (at most a minute)."""
+    """The thin loop: ask the service to fire what is due, sleep until the next check (at most a minute)."""
 
     def __init__(self, service: ScheduleService, max_sleep: float = 60.0) -> None:
         self.service = service
         self.max_sleep = max_sleep
-        self._stop = threading.Event()
-        self._wake = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._next_wait = max_sleep
+        # The pass always reports "no more work": the wait is the time to the next check, clamped.
+        self._loop = BackgroundLoop("rtharvest-schedules", self._pass, lambda: self._next_wait)
 
     def start(self) -> None:
         """Start firing (a run missed while Orthanc was down fires on the first pass)."""
-        self._thread = threading.Thread(target=self._loop, name="rtharvest-schedules", daemon=True)
-        self._thread.start()
+        self._loop.start()
 
     def wake(self) -> None:
         """Look again now (a schedule was created or a run finished)."""
-        self._wake.set()
+        self._loop.wake()
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop and join."""
-        self._stop.set()
-        self._wake.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
+        self._loop.stop(timeout)
 
     @property
     def alive(self) -> bool:
         """Whether the thread runs."""
-        return self._thread is not None and self._thread.is_alive()
+        return self._loop.alive
 
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            try:
-                next_check = self.service.tick()
-                wait = (next_check - self.service.clock()).total_seconds()
-            except Exception:
-                log.exception("schedule pass failed")
-                wait = self.max_sleep
-            self._wake.wait(min(max(wait, 1.0), self.max_sleep))
-            self._wake.clear()
+    def _pass(self) -> bool:
+        self._next_wait = self.max_sleep  # if the pass fails
+        next_check = self.service.tick()
+        wait = (next_check - self.service.clock()).total_seconds()
+        self._next_wait = min(max(wait, 1.0), self.max_sleep)
+        return False

@@ -431,7 +431,7 @@ class Tracker:
         )
         # A new decision changes what the harvest holds: its end-of-harvest clean-up (and so its visible
         # "Completed") must run again. In the same transaction as the decision, so a clean-up that
-        # started before it can never mark the harvest clean (see ``Harvester.finish_harvests``).
+        # started before it can never mark the harvest clean (see ``HarvestCleanup.finish``).
         self.db.execute("DELETE FROM rth_cleanup WHERE harvest_id = ?", (obj.harvest_id,))
         if obj.decision is Decision.KEPT and obj.orthanc_id:
             self.db.execute(

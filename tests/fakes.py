@@ -298,9 +298,9 @@ class World:
 
     def finish(self) -> None:
         """What the maintenance thread does: provenance, then the end-of-harvest clean-up."""
-        while self.harvester.write_provenance():
+        while self.harvester.provenance.write():
             pass
-        self.harvester.finish_harvests()
+        self.harvester.cleanup.finish()
 
     def close(self) -> None:
         """Close the database."""

@@ -115,9 +115,9 @@ def test_completed_waits_for_its_own_provenance_only(tmp_path: Path, mini_clinic
 
         fake_world.store.set_metadata = refuse_b  # type: ignore[method-assign]
         fake_world.store.set_series_metadata = refuse_b_series  # type: ignore[method-assign]
-        fake_world.harvester.write_provenance()
+        fake_world.harvester.provenance.write()
         assert fake_world.tracker.pending_provenance_of(b) and not fake_world.tracker.pending_provenance_of(a)
-        fake_world.harvester.finish_harvests()
+        fake_world.harvester.cleanup.finish()
         assert fake_world.completed(a) and not fake_world.completed(b)
         fake_world.store.set_metadata = real  # type: ignore[method-assign]
         fake_world.store.set_series_metadata = real_series  # type: ignore[method-assign]
@@ -170,7 +170,7 @@ def test_candidate_arriving_after_clean_up_started_is_never_left_once_completed(
     in (a retried or late job): the clean-up must not mark the harvest clean; the next pass removes them."""
     hid = fake_world.start(WINDOW_2020)
     fake_world.run()
-    while fake_world.harvester.write_provenance():
+    while fake_world.harvester.provenance.write():
         pass
     injected: list[set[str]] = []
     before = fake_world.candidates_in_store(hid)
@@ -184,11 +184,11 @@ def test_candidate_arriving_after_clean_up_started_is_never_left_once_completed(
         injected.append(fake_world.candidates_in_store(hid) - before)
 
     fake_world.store.before_delete = arrive_meanwhile
-    fake_world.harvester.finish_harvests()
+    fake_world.harvester.cleanup.finish()
     assert injected and injected[0], "the late search moved no candidate"
     assert not fake_world.completed(hid), "marked clean with a candidate that arrived during the clean-up"
     assert fake_world.candidates_in_store(hid) & injected[0]
-    fake_world.harvester.finish_harvests()
+    fake_world.harvester.cleanup.finish()
     assert fake_world.completed(hid) and fake_world.candidates_in_store(hid) == set()
 
 
@@ -215,8 +215,8 @@ def race_once(fake_world: World, mini_clinic: MiniClinic, late: int = 2) -> tupl
     def maintenance() -> None:
         try:
             while not stop.is_set():
-                fake_world.harvester.write_provenance()
-                fake_world.harvester.finish_harvests()
+                fake_world.harvester.provenance.write()
+                fake_world.harvester.cleanup.finish()
         except BaseException as exc:
             errors.append(exc)
 
@@ -317,7 +317,7 @@ def test_a_candidate_arriving_after_its_job_ended_is_rejected_and_cleaned_up(fak
 
 def test_after_the_grace_period_a_late_arrival_is_not_part_of_the_harvest(fake_world: World,
                                                                           mini_clinic: MiniClinic) -> None:
-    """Ended jobs' expectations are forgotten after ``Harvester.LATE_ARRIVAL_GRACE_S``: an arrival then is
+    """Ended jobs' expectations are forgotten after ``HarvestCleanup.LATE_ARRIVAL_GRACE_S``: an arrival then is
     unsolicited (stored, counted, part of no harvest) and the harvest stays Completed."""
     hid, late_uid = harvest_with_a_candidate_that_never_arrived(fake_world, mini_clinic)
     with fake_world.db.transaction():

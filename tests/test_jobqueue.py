@@ -26,6 +26,7 @@ from rtharvest.jobqueue import (
     InvalidTransition,
     JobQueue,
     JobState,
+    OwnerKind,
     RetryPolicy,
     SourceLimits,
     UnknownHarvest,
@@ -765,3 +766,51 @@ def test_busy_writer_times_out_cleanly(tmp_path: Path) -> None:
     assert qb.enqueue(h.id, "move", "ARIA", {}, "k")[1]  # nothing half-done
     a.close()
     b.close()
+
+
+# -- job owners ---------------------------------------------------------------------------------------
+
+
+def test_an_export_owns_its_jobs_and_is_no_harvest(q: JobQueue) -> None:
+    """Jobs carry their owner's kind: a harvest's are harvests', an export's are an export's, and asking an
+    export's job for its harvest is an error rather than an export ID passed off as a harvest ID."""
+    harvest = q.create_harvest("ARIA", seed=lambda h: [EnqueueItem(h, "RetrieveInstance", "ARIA", {"n": 1})])
+    export = q.create_owner(OwnerKind.EXPORT, "CENTRAL", "export of h",
+                            seed=lambda e: [EnqueueItem(e, "ExportSend", "CENTRAL", {"Export": e})])
+    assert harvest.owner_kind is OwnerKind.HARVEST and export.owner_kind is OwnerKind.EXPORT
+    assert q.get_harvest(export.id).owner_kind is OwnerKind.EXPORT
+    (hjob,) = q.list_jobs(harvest_id=harvest.id)
+    (ejob,) = q.list_jobs(harvest_id=export.id)
+    assert hjob.owner_kind is OwnerKind.HARVEST and hjob.harvest_id == hjob.owner_id == harvest.id
+    assert ejob.owner_kind is OwnerKind.EXPORT and ejob.owner_id == export.id
+    with pytest.raises(ValueError, match="belongs to an export"):
+        _ = ejob.harvest_id
+
+
+def test_an_existing_export_queue_migrates_to_export_owners(tmp_path: Path, clock: FakeClock) -> None:
+    """A queue written before jobs had owner kinds (the owner_kind columns absent): on opening, its rows
+    are harvests' except the owners of export send/verify jobs, which become exports."""
+    path = str(tmp_path / "old.db")
+    db = Database(path)
+    old = make_queue(db, clock)
+    harvest = old.create_harvest("ARIA", seed=lambda h: [EnqueueItem(h, "RetrieveInstance", "ARIA", {"n": 1})])
+    export = old.create_harvest("CENTRAL", seed=lambda e: [EnqueueItem(e, "ExportSend", "CENTRAL", {"Export": e}),
+                                                           EnqueueItem(e, "ExportVerify", "CENTRAL", {"Export": e})])
+    with db.transaction():  # back to the file as it was before the owner step
+        db.execute("ALTER TABLE jobs DROP COLUMN owner_kind")
+        db.execute("ALTER TABLE harvests DROP COLUMN owner_kind")
+        db.execute("DELETE FROM rth_schema WHERE name = 'jobqueue_owner'")
+    db.close()
+    db = Database(path)
+    try:
+        q = make_queue(db, clock)
+        assert db.schema_version("jobqueue_owner") == 1
+        assert q.get_harvest(harvest.id).owner_kind is OwnerKind.HARVEST
+        assert q.get_harvest(export.id).owner_kind is OwnerKind.EXPORT
+        assert {j.owner_kind for j in q.list_jobs(harvest_id=export.id)} == {OwnerKind.EXPORT}
+        assert [j.harvest_id for j in q.list_jobs(harvest_id=harvest.id)] == [harvest.id]
+        # A job enqueued later for the migrated export is the export's too.
+        q.enqueue(export.id, "ExportSend", "CENTRAL", {"again": 1})
+        assert {j.owner_kind for j in q.list_jobs(harvest_id=export.id)} == {OwnerKind.EXPORT}
+    finally:
+        db.close()

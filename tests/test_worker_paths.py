@@ -357,28 +357,28 @@ def test_provenance_waits_for_arrivals_to_pause_at_most_the_lag(fake_world: Worl
     h = fake_world.harvester
     last = fake_world.ingest.last_arrival
     assert last > 0 and fake_world.tracker.pending_provenance_of(hid)
-    h.clock = lambda: last + 0.1  # instances still streaming in
-    assert not h.provenance_due(harvest_finishing=False)
-    assert h.provenance_due(harvest_finishing=True)
-    h.clock = lambda: last + h.PROVENANCE_QUIET_S + 0.001  # (last + 0.3) - last may round below 0.3
-    assert h.provenance_due(harvest_finishing=False)
-    while h.write_provenance():
+    h.provenance.clock = lambda: last + 0.1  # instances still streaming in
+    assert not h.provenance.due(harvest_finishing=False)
+    assert h.provenance.due(harvest_finishing=True)
+    h.provenance.clock = lambda: last + h.provenance.PROVENANCE_QUIET_S + 0.001  # (last+0.3)-last may round below 0.3
+    assert h.provenance.due(harvest_finishing=False)
+    while h.provenance.write():
         pass
     assert not fake_world.tracker.pending_provenance_of(hid)
     # Arrivals go on: deferred from the first look, due once that is the lag ago although they still come.
-    h.PROVENANCE_MAX_LAG_S = 0.05
+    h.provenance.PROVENANCE_MAX_LAG_S = 0.05
     fake_world.on_stored("late-copy", dicom_bytes(mini_clinic.unrelated[0]), "SRC")
     first_look = fake_world.ingest.last_arrival + 0.01
-    h.clock = lambda: first_look
-    assert not h.provenance_due(harvest_finishing=False)
+    h.provenance.clock = lambda: first_look
+    assert not h.provenance.due(harvest_finishing=False)
     fake_world.on_stored("late-copy-2", dicom_bytes(mini_clinic.unrelated[1]), "SRC")
     now = max(fake_world.ingest.last_arrival, first_look) + 0.051  # the lag ago (float rounding aside)
-    h.clock = lambda: now
-    assert now - fake_world.ingest.last_arrival < h.PROVENANCE_QUIET_S  # still streaming
-    assert h.provenance_due(harvest_finishing=False)
-    assert not h.write_provenance()  # nothing left to write: caught up
-    h.PROVENANCE_MAX_LAG_S = 10.0
-    assert not h.provenance_due(harvest_finishing=False)  # caught up: the lag starts again
+    h.provenance.clock = lambda: now
+    assert now - fake_world.ingest.last_arrival < h.provenance.PROVENANCE_QUIET_S  # still streaming
+    assert h.provenance.due(harvest_finishing=False)
+    assert not h.provenance.write()  # nothing left to write: caught up
+    h.provenance.PROVENANCE_MAX_LAG_S = 10.0
+    assert not h.provenance.due(harvest_finishing=False)  # caught up: the lag starts again
 
 
 def test_instances_another_job_is_moving_are_awaited_not_moved_twice(fake_world: World,

@@ -26,7 +26,6 @@ import logging
 import os
 import secrets
 import socket
-import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -34,11 +33,12 @@ from typing import Any
 
 import pydicom
 
+from ..background import BackgroundLoop
 from ..central.client import announce, delivery_document
 from ..db import Database, register_schema
 from ..eventlog import EventLog, Level, exception_summary
 from ..httpapi import ApiError
-from ..jobqueue import EnqueueItem, HarvestState, Job, JobQueue, JobState, QueueError, RetryPolicy
+from ..jobqueue import EnqueueItem, HarvestState, Job, JobQueue, JobState, OwnerKind, QueueError, RetryPolicy
 from ..manifest import STATUSES, Manifest, PlanRow
 from ..references import ObjectKind, extract
 from ..tracking import Decision, ObjectRecord
@@ -218,9 +218,8 @@ class ExportService:
         self.destination_of: Callable[[str, str], Destination] = settings.destination
         self._key: SiteKey | None = None
         self._pseudonyms: dict[str, str] = {}
-        self._stop = threading.Event()
-        self._wake = threading.Event()
-        self._thread: threading.Thread | None = None
+        #: The export worker: one job at a time; woken when an export is created.
+        self._worker = BackgroundLoop("rtharvest-export", self.run_one, 0.5)
         self._owner = f"{socket.gethostname()}:{os.getpid()}:export"
         self._lock_fd: int | None = None
         #: The originals :meth:`_phi_values` read last (series UID → dataset without pixels).
@@ -344,7 +343,7 @@ class ExportService:
             raise ApiError(409, f"Harvest: {harvest_id} is {harvest_state}; export it once it is Completed "
                                 "(its manifest is final then)")
         params = {"Harvest": harvest_id, "Plans": plans.spec, "Profile": profile.to_json()}
-        export = self.queue.create_harvest(destination, label or f"export of {harvest_id}", params)
+        export = self.queue.create_owner(OwnerKind.EXPORT, destination, label or f"export of {harvest_id}", params)
         with self.db.transaction():
             self.db.execute(
                 "INSERT INTO rth_exports (id, harvest_id, destination, kind, plans, profile, site, created_at)"
@@ -353,7 +352,7 @@ class ExportService:
                  self.settings.site, time.time()))
             self.queue.enqueue(export.id, SEND, destination, {"Export": export.id}, dedupe_key="send")
         self.events.write(Level.INFO, "export", f"export to {destination} ({kind}) created", harvest_id=harvest_id)
-        self._wake.set()
+        self._worker.wake()
         return {"ID": export.id, "State": self.state(export.id)}
 
     def _row(self, export_id: str) -> tuple[Any, ...]:
@@ -472,16 +471,11 @@ class ExportService:
                                   "previous run ended; they resume now")
         except OSError:
             os.close(fd)
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._loop, name="rtharvest-export", daemon=True)
-        self._thread.start()
+        self._worker.start()
 
     def stop(self, timeout: float = 30.0) -> None:
         """Stop the worker (the job in progress is released at its next batch)."""
-        self._stop.set()
-        self._wake.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
+        self._worker.stop(timeout)
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
@@ -490,18 +484,7 @@ class ExportService:
     @property
     def alive(self) -> bool:
         """Whether the worker thread runs."""
-        return self._thread is not None and self._thread.is_alive()
-
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            try:
-                ran = self.run_one()
-            except Exception:
-                log.exception("export worker iteration failed")
-                ran = False
-            if not ran:
-                self._wake.wait(0.5)
-                self._wake.clear()
+        return self._worker.alive
 
     def run_one(self) -> bool:
         """Claim and run one export job; False when none was due."""
@@ -512,8 +495,8 @@ class ExportService:
             if job.kind == SEND:
                 self._send(job)
                 self.queue.complete(job.id, self._owner, note="sent",
-                                    follow_ups=[EnqueueItem(job.harvest_id, VERIFY, job.source,
-                                                            {"Export": job.harvest_id}, "verify")])
+                                    follow_ups=[EnqueueItem(job.owner_id, VERIFY, job.source,
+                                                            {"Export": job.owner_id}, "verify")])
             else:
                 self._verify(job)
                 self.queue.complete(job.id, self._owner, note="verified")
@@ -538,7 +521,7 @@ class ExportService:
         except QueueError:
             return
         level = Level.ERROR if updated.state is JobState.FAILED else Level.WARNING
-        self.events.write(level, "export", f"{job.kind} of export {job.harvest_id} failed (attempt "
+        self.events.write(level, "export", f"{job.kind} of export {job.owner_id} failed (attempt "
                           f"{updated.attempts}): {message}")
 
     # -- ExportSend ---------------------------------------------------------------------------------------
@@ -558,7 +541,7 @@ class ExportService:
                           "instance(s) selected", harvest_id=harvest_id)
 
     def _send(self, job: Job) -> None:
-        row = self._row(job.harvest_id)
+        row = self._row(job.owner_id)
         export_id, harvest_id, destination_name = row[0], row[1], row[2]
         if not row[8]:
             self._select(export_id, harvest_id, PlanFilter(json.loads(row[4])))
@@ -574,7 +557,7 @@ class ExportService:
         values = self._phi_values(export_id, profile) if todo else {}
         size = self.settings.batch_size
         for start in range(0, len(todo), size):
-            if self._stop.is_set():
+            if self._worker.stopping:
                 raise _Stopped()
             self.queue.heartbeat(job.id, self._owner, self.lease_seconds)
             self._send_batch(export_id, todo[start:start + size], destination, key, profile, values)
@@ -647,7 +630,7 @@ class ExportService:
 
     def _verify(self, job: Job) -> None:
         assert self.read_file is not None
-        row = self._row(job.harvest_id)
+        row = self._row(job.owner_id)
         export_id = row[0]
         profile = Profile.from_json(json.loads(row[5]))
         destination = self.destination_of(row[2], export_id)
@@ -664,7 +647,7 @@ class ExportService:
         found: set[str] = set()
         series = sorted({(r[4], r[5]) for r in items})
         for data in destination.fetch(series):
-            if self._stop.is_set():
+            if self._worker.stopping:
                 raise _Stopped()
             try:
                 ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
