@@ -69,7 +69,7 @@ case "$cmd" in
   setup) setup ;;
   test) setup; exec "$VENV/bin/python" -m pytest "$@" ;;
   lint) setup; lint ;;
-  demo) setup; exec "$VENV/bin/python" -m rtharvest.demo "$@" ;;
+  demo) setup; exec "$VENV/bin/python" -m rtharvest.cli.demo "$@" ;;
   orthanc) setup; exec "$VENV/bin/rtharvest-orthanc" "$@" ;;
   *) sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//'; [ "$cmd" = help ] ;;
 esac

@@ -20,7 +20,7 @@ if str(REPO) not in sys.path:
     # as they are, so a benchmark starts Orthanc, dcmqrscp and the harvester exactly like the tests do.
     sys.path.insert(0, str(REPO))
 
-from rtharvest.launcher import DEFAULT_CONFIG, OrthancProcess, free_port  # noqa: E402
+from rtharvest.edge.launcher import DEFAULT_CONFIG, OrthancProcess, free_port  # noqa: E402
 from tests.conftest import start_harvester  # noqa: E402
 from tests.servers import HARVEST_AET, LOCALHOST, DicomSource, RestClient  # noqa: E402
 

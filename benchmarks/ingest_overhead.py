@@ -39,7 +39,7 @@ from pathlib import Path
 
 from _common import DEFAULT_CONFIG, HARVEST_AET, LOCALHOST, OrthancProcess, RestClient, Results, machine
 
-from rtharvest.launcher import plugin_environment
+from rtharvest.edge.launcher import plugin_environment
 from rtharvest.synth.generator import SynthOptions, generate
 from rtharvest.synth.groundtruth import GroundTruth
 from rtharvest.synth.loader import dicom_files
@@ -79,11 +79,11 @@ def store(server: OrthancProcess, files: list[Path]) -> float:
 _CALLBACK_PROBE = r"""
 import json, sys, tempfile, time
 from pathlib import Path
-from rtharvest.db import Database
-from rtharvest.eventlog import EventLog
-from rtharvest.ingest import Ingest
-from rtharvest.jobqueue import JobQueue
-from rtharvest.tracking import Tracker
+from rtharvest.store.db import Database
+from rtharvest.store.eventlog import EventLog
+from rtharvest.harvest.ingest import Ingest
+from rtharvest.store.jobqueue import JobQueue
+from rtharvest.store.tracking import Tracker
 files = [Path(p).read_bytes() for p in sys.argv[2:]]
 with tempfile.TemporaryDirectory() as tmp:
     db = Database(str(Path(tmp) / "q.sqlite"))

@@ -21,9 +21,9 @@ import time
 from collections.abc import Callable
 from typing import Any, Literal
 
-from rtharvest.db import Database
-from rtharvest.eventlog import EventLog, EventLogHandler, NewEvent
-from rtharvest.jobqueue import EnqueueItem, JobQueue, SourceLimits
+from rtharvest.store.db import Database
+from rtharvest.store.eventlog import EventLog, EventLogHandler, NewEvent
+from rtharvest.store.jobqueue import EnqueueItem, JobQueue, SourceLimits
 
 
 def rate(n: int, seconds: float) -> str:

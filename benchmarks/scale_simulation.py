@@ -9,14 +9,14 @@ large here without touching the generator: one template clinic (13 RT patients, 
 non-RT patient, every trap; 8×8 images, ``--slices`` per image series) is generated, and copied until
 it has the requested number of patients, each copy with its own UIDs and patient IDs (rewritten in the
 serialised bytes with same-length substitutions, then parsed lazily by pydicom). An in-process
-:class:`rtharvest.simulation.FakeSource` (relational, instance return keys) answers C-FIND/C-MOVE from
+:class:`rtharvest.synth.simulation.FakeSource` (relational, instance return keys) answers C-FIND/C-MOVE from
 those datasets.
 
 The harvest of the whole clinic (the template's ``all`` window, which spans every record date) runs the
-way the plugin runs it, minus the network: jobs live in the real :class:`rtharvest.jobqueue.JobQueue`
+way the plugin runs it, minus the network: jobs live in the real :class:`rtharvest.store.jobqueue.JobQueue`
 on a temporary SQLite file (WAL, synchronous=NORMAL); a worker claims a job, runs its operation with
-:func:`rtharvest.strategies.execute` against the fake source, every arrival is decided by
-:func:`rtharvest.planner.plan_arrival` and its follow-up operations are enqueued in their own
+:func:`rtharvest.core.strategies.execute` against the fake source, every arrival is decided by
+:func:`rtharvest.core.planner.plan_arrival` and its follow-up operations are enqueued in their own
 transaction (as ingest does, deduplicated by the queue), and the job is completed. Printed: total time,
 jobs/s, arrivals/s, peak memory (``ru_maxrss`` of this process, which also holds the whole fake clinic),
 queue database size, and a check that the collected set equals the copies of the ground truth.
@@ -41,14 +41,14 @@ from typing import Any
 import pydicom
 from _common import Results, machine
 
-from rtharvest.classify import HarvestWindow
-from rtharvest.db import Database
-from rtharvest.jobqueue import EnqueueItem, JobQueue, SourceLimits
-from rtharvest.operations import operation_from_dict
-from rtharvest.planner import Arrival, HarvestContext, plan_arrival, start_operations
-from rtharvest.simulation import FakeSource
-from rtharvest.strategies import QueryLevel, SourceCapability, execute
+from rtharvest.core.classify import HarvestWindow
+from rtharvest.core.operations import operation_from_dict
+from rtharvest.core.planner import Arrival, HarvestContext, plan_arrival, start_operations
+from rtharvest.core.strategies import QueryLevel, SourceCapability, execute
+from rtharvest.store.db import Database
+from rtharvest.store.jobqueue import EnqueueItem, JobQueue, SourceLimits
 from rtharvest.synth.generator import SynthOptions, generate
+from rtharvest.synth.simulation import FakeSource
 
 SOURCE = "FAKE"
 UID = re.compile(rb"2\.25\.\d{8,}")

@@ -50,7 +50,7 @@ from _common import (
 from pydicom.dataset import FileDataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 
-from rtharvest.postgres import parse_url
+from rtharvest.edge.postgres import parse_url
 from rtharvest.synth.generator import SynthOptions, generate
 from rtharvest.synth.loader import dicom_files, store_to_scp
 from tests.servers import start_orthanc_source, start_postgres

@@ -13,6 +13,6 @@ for _entry in list(sys.path):
     if _entry.endswith("site-packages") and os.path.isdir(_entry):
         site.addsitedir(_entry)
 
-from rtharvest import app  # noqa: E402
+from rtharvest.edge import app  # noqa: E402
 
 app.install()

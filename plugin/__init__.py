@@ -1,6 +1,6 @@
 """rtharvest: rebuild complete radiotherapy patient datasets inside Orthanc.
 
-The package is importable without Orthanc; only :mod:`rtharvest.sdk` talks to the ``orthanc``
+The package is importable without Orthanc; only :mod:`rtharvest.edge.sdk` talks to the ``orthanc``
 module that the Orthanc Python plugin provides.
 """
 

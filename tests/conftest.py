@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from rtharvest.launcher import DEFAULT_CONFIG, OrthancProcess, free_port
-from rtharvest.strategies import SourceCapability
+from rtharvest.core.strategies import SourceCapability
+from rtharvest.edge.launcher import DEFAULT_CONFIG, OrthancProcess, free_port
 from rtharvest.synth.generator import SynthOptions, generate
 from rtharvest.synth.groundtruth import GroundTruth
 from rtharvest.synth.loader import dicom_files, index_for_dcmqrscp, store_to_scp

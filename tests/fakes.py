@@ -1,9 +1,10 @@
 """The harvester's worker, ingest and tracker paths with in-memory edges (no Orthanc, no network, no threads).
 
-:class:`World` wires the real :class:`~rtharvest.harvester.Harvester`, :class:`~rtharvest.ingest.Ingest`,
-:class:`~rtharvest.tracking.Tracker`, :class:`~rtharvest.jobqueue.JobQueue` and event log on a SQLite
+:class:`World` wires the real :class:`~rtharvest.harvest.harvester.Harvester`,
+:class:`~rtharvest.harvest.ingest.Ingest`,
+:class:`~rtharvest.store.tracking.Tracker`, :class:`~rtharvest.store.jobqueue.JobQueue` and event log on a SQLite
 file to two fakes: :class:`FakeStore` (the harvester's Orthanc store) and :class:`FakeBackend` (a source:
-:class:`~rtharvest.simulation.FakeSource` answers the C-FINDs and, for a C-MOVE, each instance is put into
+:class:`~rtharvest.synth.simulation.FakeSource` answers the C-FINDs and, for a C-MOVE, each instance is put into
 the store and handed to ``Ingest.on_stored`` exactly as Orthanc's OnStoredInstance would, before the
 move returns). :meth:`World.run` claims and runs jobs on the calling thread until none is left, so a
 test observes every state without sleeping.
@@ -24,18 +25,18 @@ import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian
 
-from rtharvest.classify import HarvestWindow
-from rtharvest.db import Database
+from rtharvest.core.classify import HarvestWindow
+from rtharvest.core.planner import HarvestContext, start_operations
+from rtharvest.core.provenance import StoredSeries, resolve
+from rtharvest.core.strategies import QueryLevel, SourceCapability
 from rtharvest.dimse.base import InstanceKey, MoveResult, SourceError, SourceErrorKind
-from rtharvest.eventlog import EventLog
-from rtharvest.harvester import Harvester, SourceAccess
-from rtharvest.ingest import HarvestRouting, Ingest, job_for
-from rtharvest.jobqueue import EnqueueItem, JobQueue, RetryPolicy
-from rtharvest.planner import HarvestContext, start_operations
-from rtharvest.provenance import StoredSeries, resolve
-from rtharvest.simulation import FakeSource, QueryRejected
-from rtharvest.strategies import QueryLevel, SourceCapability
-from rtharvest.tracking import Decision, Tracker
+from rtharvest.harvest.harvester import Harvester, SourceAccess
+from rtharvest.harvest.ingest import HarvestRouting, Ingest, job_for
+from rtharvest.store.db import Database
+from rtharvest.store.eventlog import EventLog
+from rtharvest.store.jobqueue import EnqueueItem, JobQueue, RetryPolicy
+from rtharvest.store.tracking import Decision, Tracker
+from rtharvest.synth.simulation import FakeSource, QueryRejected
 
 AET = "RTHARVEST"
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from pydicom.dataset import Dataset
 
-from rtharvest.sopclass import SopClass
+from rtharvest.core.sopclass import SopClass
 from rtharvest.synth import iods
 from rtharvest.synth.iods import Beam, DoseSpec, ImageGeometry, ImageRef, Patient, PlanSpec, Roi, Series, Study
 

@@ -8,7 +8,7 @@ from collections.abc import Sequence as Seq
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 
-from rtharvest.sopclass import SopClass
+from rtharvest.core.sopclass import SopClass
 
 _IMAGE_CLASS = {"CT": SopClass.CT_IMAGE, "MR": SopClass.MR_IMAGE, "PT": SopClass.PET_IMAGE}
 

@@ -21,8 +21,8 @@ import sys
 import threading
 import time
 
-from rtharvest.db import Database
-from rtharvest.jobqueue import EnqueueItem, JobQueue, RetryPolicy, SourceLimits
+from rtharvest.store.db import Database
+from rtharvest.store.jobqueue import EnqueueItem, JobQueue, RetryPolicy, SourceLimits
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -29,7 +29,7 @@ from typing import Any
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
-from rtharvest.launcher import OrthancProcess, free_port
+from rtharvest.edge.launcher import OrthancProcess, free_port
 
 LOCALHOST = "127.0.0.1"
 HARVEST_AET = "HARVEST"

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from rtharvest.launcher import OrthancProcess, free_port
+from rtharvest.edge.launcher import OrthancProcess, free_port
 from rtharvest.synth.groundtruth import GroundTruth
 from rtharvest.synth.loader import dicom_files, store_to_scp
 from rtharvest.synth.mimsession import SessionEncoding, SessionFixture, clinic_sessions

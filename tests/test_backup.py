@@ -14,8 +14,8 @@ from typing import Any
 
 import pytest
 
-from rtharvest.cli import main as cli_main
-from rtharvest.postgres import parse_url
+from rtharvest.cli.commands import main as cli_main
+from rtharvest.edge.postgres import parse_url
 from rtharvest.synth.groundtruth import GroundTruth
 
 from .conftest import Clinic

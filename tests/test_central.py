@@ -20,15 +20,15 @@ from rtharvest.central.check import parse_delivery, scan_identifying
 from rtharvest.central.routes import plans_by_year_svg, summary_csv
 from rtharvest.central.service import CentralService
 from rtharvest.central.settings import SiteEntry, load_central, parse_endpoints
-from rtharvest.config import ConfigError
-from rtharvest.db import Database
-from rtharvest.eventlog import EventLog
+from rtharvest.core.references import extract
+from rtharvest.edge.config import ConfigError
 from rtharvest.export.deid import DatePolicy, Profile, SiteKey, deidentify
 from rtharvest.export.verify import expected_rows, manifest_of_copy, summary_of_rows
-from rtharvest.httpapi import ApiError
-from rtharvest.references import extract
+from rtharvest.store.db import Database
+from rtharvest.store.eventlog import EventLog
 from rtharvest.synth.generator import SynthOptions, generate
 from rtharvest.synth.loader import dicom_files
+from rtharvest.web.httpapi import ApiError
 
 KEY = SiteKey("SITEA", b"site-a-secret-0123456789")
 TOKEN = "a-long-site-token-0123456789"

@@ -24,7 +24,7 @@ import pandas as pd
 import pydicom
 import pytest
 
-from rtharvest.launcher import DEFAULT_CONFIG, OrthancProcess, free_port
+from rtharvest.edge.launcher import DEFAULT_CONFIG, OrthancProcess, free_port
 from rtharvest.synth.generator import SynthOptions, generate
 from rtharvest.synth.loader import dicom_files, store_to_scp
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from rtharvest.classify import (
+from rtharvest.core.classify import (
     HarvestWindow,
     PlanClass,
     classify_plan,
@@ -14,7 +14,7 @@ from rtharvest.classify import (
     record_in_window,
     registration_type,
 )
-from rtharvest.references import PlanRefs
+from rtharvest.core.references import PlanRefs
 
 
 def plan_refs(intent: str | None) -> PlanRefs:

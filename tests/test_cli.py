@@ -22,8 +22,8 @@ from pathlib import Path
 
 import pytest
 
-from rtharvest import cli
-from rtharvest.eventlog import Level, NewEvent
+from rtharvest.cli import commands as cli
+from rtharvest.store.eventlog import Level, NewEvent
 from rtharvest.synth.generator import SynthOptions, generate
 
 from .browser.apiserver import ApiServer, fail_job, load_harvest
@@ -286,7 +286,7 @@ def test_closed_pipe_ends_quietly(api: ApiServer, tmp_path: Path) -> None:
     """``rtharvest log | head -1``: head stops reading after one line; the command ends without a
     traceback and exit 0, like any filter whose reader went away (output far beyond a pipe's buffer)."""
     api.events.write_many(NewEvent(Level.WARNING, "harvester", f"event {i} " + "x" * 300) for i in range(2500))
-    script = (f"{shlex.quote(sys.executable)} -m rtharvest.cli --url {api.url} log --limit 5000 | head -1; "
+    script = (f"{shlex.quote(sys.executable)} -m rtharvest.cli.commands --url {api.url} log --limit 5000 | head -1; "
               "echo \"status ${PIPESTATUS[0]}\" >&2")
     done = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert done.stdout.count("\n") == 1 and "event 2499" in done.stdout
@@ -344,9 +344,9 @@ def test_help_examples_parse(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_export_commands_do_not_import_the_main_cli() -> None:
-    """``rtharvest.export.cli`` takes what it shares with ``rtharvest.cli`` from ``rtharvest.cliutil``: no
+    """``rtharvest.export.cli`` takes what it shares with ``rtharvest.cli.commands`` from ``rtharvest.cli.util``: no
     import cycle (it used to borrow cli's private helpers while cli imported it)."""
-    code = "import sys, rtharvest.export.cli; print('rtharvest.cli' in sys.modules)"
+    code = "import sys, rtharvest.export.cli; print('rtharvest.cli.commands' in sys.modules)"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0 and done.stdout.strip() == "False", done.stderr
 
@@ -452,7 +452,7 @@ def test_start_and_wait_reports_failed_jobs(api: ApiServer, capsys: pytest.Captu
 
 def test_console_script_is_declared() -> None:
     text = (Path(__file__).resolve().parent.parent / "pyproject.toml").read_text()
-    assert 'rtharvest = "rtharvest.cli:main"' in text
+    assert 'rtharvest = "rtharvest.cli.commands:main"' in text
 
 
 
@@ -502,7 +502,7 @@ def test_a_bodiless_405_names_the_allowed_methods() -> None:
     import email.message
     import urllib.error
 
-    from rtharvest.cliutil import _http_error_message
+    from rtharvest.cli.util import _http_error_message
 
     headers = email.message.Message()
     headers["Allow"] = "GET"

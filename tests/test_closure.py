@@ -17,11 +17,11 @@ from typing import Any
 import pydicom
 import pytest
 
-from rtharvest.classify import HarvestWindow, registration_type
-from rtharvest.operations import FindReferencing, RetrieveInstance, RetrieveSeries, Role
-from rtharvest.simulation import FakeSource, SimulationResult, simulate_harvest
-from rtharvest.strategies import SourceCapability
+from rtharvest.core.classify import HarvestWindow, registration_type
+from rtharvest.core.operations import FindReferencing, RetrieveInstance, RetrieveSeries, Role
+from rtharvest.core.strategies import SourceCapability
 from rtharvest.synth import generator
+from rtharvest.synth.simulation import FakeSource, SimulationResult, simulate_harvest
 
 CAPABILITIES = [SourceCapability(r, s, i) for r in (True, False) for s in (True, False) for i in (True, False)] + [
     # Relational sources that match study/series keys at IMAGE level (Orthanc, ARIA): one C-FIND per search.

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from rtharvest.config import Backend, CandidatePolicy, ConfigError, QueryModel, load_config
-from rtharvest.launcher import DEFAULT_CONFIG, load_json_config
+from rtharvest.edge.config import Backend, CandidatePolicy, ConfigError, QueryModel, load_config
+from rtharvest.edge.launcher import DEFAULT_CONFIG, load_json_config
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from rtharvest.db import Database
-from rtharvest.jobqueue import CRASH_BUDGET_SPENT, JobQueue, JobState, RetryPolicy
-from rtharvest.manifest import failure_from_job
+from rtharvest.core.manifest import failure_from_job
+from rtharvest.store.db import Database
+from rtharvest.store.jobqueue import CRASH_BUDGET_SPENT, JobQueue, JobState, RetryPolicy
 
 CHILD = Path(__file__).with_name("queue_crash_child.py")
 

@@ -17,6 +17,7 @@ import pydicom
 import pytest
 from pydicom.dataset import Dataset
 
+from rtharvest.core.references import extract, extract_from_bytes
 from rtharvest.export.deid import (
     DatePolicy,
     DescriptorPolicy,
@@ -34,7 +35,6 @@ from rtharvest.export.verify import (
     phi_values,
     scan_for_phi,
 )
-from rtharvest.references import extract, extract_from_bytes
 from rtharvest.synth.groundtruth import GroundTruth
 from tests.tooling import required_tool
 

@@ -1,11 +1,11 @@
-"""The shared DICOM builders (rtharvest.dicombuild): what every writer relies on them for."""
+"""The shared DICOM builders (rtharvest.core.dicombuild): what every writer relies on them for."""
 
 from __future__ import annotations
 
 import pytest
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ImplicitVRLittleEndian
 
-from rtharvest.dicombuild import DS_MAX_CHARS, code, ds_text, file_meta, frame_of_reference, make_item, seq
+from rtharvest.core.dicombuild import DS_MAX_CHARS, code, ds_text, file_meta, frame_of_reference, make_item, seq
 
 
 @pytest.mark.parametrize(("value", "decimals", "text"), [

@@ -6,9 +6,8 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
-from rtharvest.classify import HarvestWindow
-from rtharvest.db import Database
-from rtharvest.operations import (
+from rtharvest.core.classify import HarvestWindow
+from rtharvest.core.operations import (
     CriterionKind,
     FindReferencing,
     FindSeriesInFrameOfReference,
@@ -18,9 +17,10 @@ from rtharvest.operations import (
     RetrieveInstance,
     Role,
 )
-from rtharvest.planner import ReasonCode
-from rtharvest.strategies import DiscardReason, QueryLevel, SourceCapability, execute, search_steps
-from rtharvest.tracking import Decision, ObjectRecord, Tracker
+from rtharvest.core.planner import ReasonCode
+from rtharvest.core.strategies import DiscardReason, QueryLevel, SourceCapability, execute, search_steps
+from rtharvest.store.db import Database
+from rtharvest.store.tracking import Decision, ObjectRecord, Tracker
 
 RELATIONAL = SourceCapability(relational=True, sequence_return_keys=False, instance_return_keys=True)
 

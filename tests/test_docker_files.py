@@ -19,9 +19,9 @@ from typing import Any
 import pytest
 import yaml
 
-from rtharvest.config import load_config
-from rtharvest.launcher import DEFAULT_CONFIG, load_json_config, set_dotted
-from rtharvest.postgres import RECOMMENDED, index_enabled
+from rtharvest.edge.config import load_config
+from rtharvest.edge.launcher import DEFAULT_CONFIG, load_json_config, set_dotted
+from rtharvest.edge.postgres import RECOMMENDED, index_enabled
 
 DOCKER = Path(__file__).resolve().parent.parent / "docker"
 

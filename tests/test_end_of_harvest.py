@@ -15,13 +15,13 @@ from pathlib import Path
 
 import pytest
 
-from rtharvest.classify import HarvestWindow
-from rtharvest.db import Database
-from rtharvest.ingest import job_for
-from rtharvest.jobqueue import EnqueueItem, JobQueue
-from rtharvest.operations import CriterionKind, FindReferencing, Hop, ReferenceCriterion, Role
-from rtharvest.strategies import SourceCapability
-from rtharvest.tracking import Decision, ObjectRecord
+from rtharvest.core.classify import HarvestWindow
+from rtharvest.core.operations import CriterionKind, FindReferencing, Hop, ReferenceCriterion, Role
+from rtharvest.core.strategies import SourceCapability
+from rtharvest.harvest.ingest import job_for
+from rtharvest.store.db import Database
+from rtharvest.store.jobqueue import EnqueueItem, JobQueue
+from rtharvest.store.tracking import Decision, ObjectRecord
 from tests.fakes import World, dicom_bytes
 from tests.planner_fixtures import MiniClinic, dose, uid
 
@@ -95,7 +95,7 @@ def test_completed_waits_for_its_own_provenance_only(tmp_path: Path, mini_clinic
         b = fake_world.start(HarvestWindow("20230101", "20231231", ("MINI1",)))
         fake_world.run()
         # B's provenance cannot be written yet (its instances' metadata writes fail); A's can.
-        from rtharvest.tracking import Decision
+        from rtharvest.store.tracking import Decision
 
         a_ids = {o.orthanc_id for o in fake_world.tracker.objects(a, Decision.KEPT)}
         b_ids = {o.orthanc_id for o in fake_world.tracker.objects(b, Decision.KEPT)} - a_ids
@@ -130,7 +130,7 @@ def test_completed_waits_for_its_own_provenance_only(tmp_path: Path, mini_clinic
 def test_clean_up_reaches_every_harvest_beyond_a_thousand(tmp_path: Path) -> None:
     db = Database(str(tmp_path / "q.sqlite"))
     world_q = JobQueue(db)
-    from rtharvest.tracking import Tracker
+    from rtharvest.store.tracking import Tracker
 
     tracker = Tracker(db)
     ids = [world_q.create_harvest("SRC").id for _ in range(1_205)]

@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
-from rtharvest.db import Database
-from rtharvest.eventlog import Event, EventLog, EventLogHandler, Level, NewEvent, parse_since
+from rtharvest.store.db import Database
+from rtharvest.store.eventlog import Event, EventLog, EventLogHandler, Level, NewEvent, parse_since
 
 T0 = datetime(2024, 5, 1, 12, 0, tzinfo=UTC).timestamp()
 

@@ -1,6 +1,6 @@
 """The harvests page and the Orthanc Explorer extension: served, self-contained, and working in Chromium.
 
-Served by the page routes of ``rtharvest.explorer_routes`` on the test API server (real routes, real queue
+Served by the page routes of ``rtharvest.web.pages`` on the test API server (real routes, real queue
 and tracker, a perfect harvest of the synthetic clinic as canned data). With ``/usr/bin/chromium``
 present, the page is opened headless, its harvest list, manifest table, charts, failed jobs and log are
 checked in the DOM, pause/resume are clicked, and screenshots are saved under the test's tmp dir
@@ -22,11 +22,11 @@ from pathlib import Path
 
 import pytest
 
-from rtharvest import explorer_routes
-from rtharvest.eventlog import Level
-from rtharvest.launcher import free_port
-from rtharvest.operations import Hop
+from rtharvest.core.operations import Hop
+from rtharvest.edge.launcher import free_port
+from rtharvest.store.eventlog import Level
 from rtharvest.synth.generator import SynthOptions, generate
+from rtharvest.web import pages as explorer_routes
 
 from .browser.apiserver import ApiServer, load_harvest
 
@@ -111,7 +111,7 @@ def test_extension_script() -> None:
 
 
 def test_register_adds_the_two_routes() -> None:
-    from rtharvest.httpapi import HttpRequest, Router
+    from rtharvest.web.httpapi import HttpRequest, Router
 
     router = Router()
     explorer_routes.register(router)

@@ -11,17 +11,17 @@ from typing import Any
 
 import pytest
 
-from rtharvest.config import load_config
-from rtharvest.db import Database
-from rtharvest.eventlog import EventLog
+from rtharvest.core.manifest import ManifestService
+from rtharvest.edge.config import load_config
 from rtharvest.export.destinations import DestinationError, DicomWebServer
 from rtharvest.export.routes import build_export_service, register
-from rtharvest.harvests import HarvestService
-from rtharvest.httpapi import HttpRequest, Router
-from rtharvest.jobqueue import JobQueue
-from rtharvest.manifest import ManifestService
-from rtharvest.schedules import ScheduleService
-from rtharvest.tracking import Tracker
+from rtharvest.harvest.harvests import HarvestService
+from rtharvest.harvest.schedules import ScheduleService
+from rtharvest.store.db import Database
+from rtharvest.store.eventlog import EventLog
+from rtharvest.store.jobqueue import JobQueue
+from rtharvest.store.tracking import Tracker
+from rtharvest.web.httpapi import HttpRequest, Router
 
 NIGHTLY = {"Name": "nightly", "Source": "ARIA", "LookupSources": ["ARIA", "MIM"], "At": "01:00",
            "TimeZone": "UTC", "OverlapDays": 2, "From": "20300101"}
@@ -124,7 +124,7 @@ def test_a_dicomweb_client_never_sends_credentials_over_plain_http() -> None:
 
 
 def test_the_secret_comes_from_the_environment_the_configuration_or_its_own_file(tmp_path: Path) -> None:
-    from rtharvest.config import ConfigError
+    from rtharvest.edge.config import ConfigError
     from rtharvest.export.settings import SECRET_ENV, load_settings
 
     orthanc: dict[str, Any] = {"DicomModalities": {}, "RtHarvest": {"DatabasePath": str(tmp_path / "q.sqlite"),

@@ -22,11 +22,11 @@ from typing import Any
 import pydicom
 import pytest
 
-from rtharvest.cli import main as cli_main
+from rtharvest.cli.commands import main as cli_main
+from rtharvest.core.references import extract
+from rtharvest.edge.launcher import OrthancProcess, free_port
 from rtharvest.export.deid import Profile, SiteKey
 from rtharvest.export.verify import compare, expected_rows, manifest_of_copy, phi_values, scan_for_phi
-from rtharvest.launcher import OrthancProcess, free_port
-from rtharvest.references import extract
 from rtharvest.synth.generator import SynthOptions, generate
 from rtharvest.synth.groundtruth import GroundTruth
 from rtharvest.synth.loader import dicom_files, store_to_scp

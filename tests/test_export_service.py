@@ -17,17 +17,17 @@ import pydicom
 import pytest
 from pydicom.dataset import Dataset
 
-from rtharvest.db import Database
-from rtharvest.eventlog import EventLog
+from rtharvest.core.references import extract_from_bytes
 from rtharvest.export.destinations import DestinationError, Folder
 from rtharvest.export.service import ExportService
 from rtharvest.export.settings import ExportSettings
 from rtharvest.export.verify import manifest_of_copy
-from rtharvest.httpapi import ApiError
-from rtharvest.jobqueue import RetryPolicy
-from rtharvest.references import extract_from_bytes
+from rtharvest.store.db import Database
+from rtharvest.store.eventlog import EventLog
+from rtharvest.store.jobqueue import RetryPolicy
+from rtharvest.store.tracking import Decision, ObjectRecord
 from rtharvest.synth.groundtruth import GroundTruth
-from rtharvest.tracking import Decision, ObjectRecord
+from rtharvest.web.httpapi import ApiError
 
 
 class Site:
@@ -223,7 +223,7 @@ def test_plan_filter_by_patient(site: Site, tmp_path: Path) -> None:
 
 
 def test_cli_builds_the_request_body() -> None:
-    from rtharvest.cli import CliError, build_parser
+    from rtharvest.cli.commands import CliError, build_parser
     from rtharvest.export.cli import body_of
 
     args = build_parser().parse_args(["export", "start", "--harvest", "H1", "--destination", "ARCHIVE", "--status",
@@ -241,9 +241,9 @@ def test_cli_builds_the_request_body() -> None:
 
 
 def test_routes_and_page_section(site: Site, tmp_path: Path) -> None:
-    from rtharvest import explorer_routes
     from rtharvest.export.routes import register
-    from rtharvest.httpapi import HttpRequest, Router
+    from rtharvest.web import pages as explorer_routes
+    from rtharvest.web.httpapi import HttpRequest, Router
 
     service = _service(tmp_path, site)
     router = Router()
@@ -446,7 +446,7 @@ def test_cli_list_status_wait_cancel(site: Site, tmp_path: Path, capsys: pytest.
     """``rtharvest export list|status|wait|cancel`` over HTTP against the export routes (the plugin's own
     router, served by the tests' loopback API server): a verified export, one whose verification failed,
     and one cancelled before it ran."""
-    from rtharvest.cli import main as cli_main
+    from rtharvest.cli.commands import main as cli_main
     from rtharvest.export.routes import register
 
     from .browser.apiserver import ApiServer

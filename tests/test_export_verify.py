@@ -1,7 +1,7 @@
 """Unit tests of the copy verification's pure parts (``rtharvest.export.verify``): the row comparison, the
 statuses relaxed for what only the site's job history knows, and the Table-1 counts of a selection.
 
-Rows are built by hand with :class:`rtharvest.manifest.PlanRow` (the site's manifest form), so each test
+Rows are built by hand with :class:`rtharvest.core.manifest.PlanRow` (the site's manifest form), so each test
 states exactly what differs.
 """
 
@@ -10,9 +10,9 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+from rtharvest.core.manifest import MissingCause, MissingLink, PlanRow
 from rtharvest.export.deid import Profile, SiteKey
 from rtharvest.export.verify import compare, compare_summaries, expected_rows, knowable, summary_of_rows
-from rtharvest.manifest import MissingCause, MissingLink, PlanRow
 
 KEY = SiteKey("SITEA", b"k" * 32)
 

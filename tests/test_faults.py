@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from rtharvest.db import Database
 from rtharvest.dimse.base import SourceError, SourceErrorKind
-from rtharvest.faults import FaultClass, HealthMonitor, fault_of_source_error
-from rtharvest.jobqueue import JobQueue, JobState, RetryPolicy
-from rtharvest.loopback import LoopbackError
+from rtharvest.edge.loopback import LoopbackError
+from rtharvest.harvest.faults import FaultClass, HealthMonitor, fault_of_source_error
+from rtharvest.store.db import Database
+from rtharvest.store.jobqueue import JobQueue, JobState, RetryPolicy
 
 from .test_jobqueue import FakeClock, make_queue
 

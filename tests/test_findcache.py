@@ -1,4 +1,4 @@
-"""Round trips: the per-harvest C-FIND answers (rtharvest.findcache) alone and inside the real harvester.
+"""Round trips: the per-harvest C-FIND answers (rtharvest.store.findcache) alone and inside the real harvester.
 
 The harvester tests run the real Harvester, Ingest, Tracker and JobQueue against the in-memory source of
 tests/fakes.py, counting every C-FIND that reaches the source: a question the harvest already asked must
@@ -15,10 +15,10 @@ from typing import Any
 
 import pytest
 
-from rtharvest.classify import HarvestWindow
-from rtharvest.findcache import FindCache, find_key
-from rtharvest.strategies import QueryLevel, SourceCapability
-from rtharvest.tracking import Decision
+from rtharvest.core.classify import HarvestWindow
+from rtharvest.core.strategies import QueryLevel, SourceCapability
+from rtharvest.store.findcache import FindCache, find_key
+from rtharvest.store.tracking import Decision
 from tests.fakes import World
 from tests.planner_fixtures import MiniClinic
 

@@ -1,7 +1,7 @@
-"""Fractions counted from hand-built treatment records of every kind (``rtharvest.fractions``).
+"""Fractions counted from hand-built treatment records of every kind (``rtharvest.core.fractions``).
 
 Each record is a real DICOM object written to bytes and read back by the extractor
-(:func:`rtharvest.references.extract_from_bytes`), so the test covers the attribute paths of each IOD
+(:func:`rtharvest.core.references.extract_from_bytes`), so the test covers the attribute paths of each IOD
 (PS3.3 RT Beams / RT Ion Beams / RT Brachy Treatment Record, RT Treatment Summary Record) as well as the
 counting rule.
 """
@@ -15,11 +15,11 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import UID, ExplicitVRLittleEndian
 
-from rtharvest.fractions import RecordFacts, count_fractions, fractions_planned
-from rtharvest.manifest import build_manifest
-from rtharvest.references import ObjectKind, ObjectRefs, PlanRefs, ProblemCode, extract_from_bytes
-from rtharvest.sopclass import SopClass
-from rtharvest.tracking import Decision, ObjectRecord
+from rtharvest.core.fractions import RecordFacts, count_fractions, fractions_planned
+from rtharvest.core.manifest import build_manifest
+from rtharvest.core.references import ObjectKind, ObjectRefs, PlanRefs, ProblemCode, extract_from_bytes
+from rtharvest.core.sopclass import SopClass
+from rtharvest.store.tracking import Decision, ObjectRecord
 
 PLAN = "1.2.826.0.1.3680043.10.543.1"
 _SESSION_SEQUENCE = {

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from rtharvest.httpapi import ApiError, HttpRequest, HttpResponse, Router
+from rtharvest.web.httpapi import ApiError, HttpRequest, HttpResponse, Router
 
 
 def _router() -> Router:

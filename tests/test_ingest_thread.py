@@ -16,11 +16,11 @@ import apsw
 import pydicom
 from pydicom.dataset import Dataset
 
-from rtharvest.classify import HarvestWindow
-from rtharvest.eventlog import Level
-from rtharvest.ingest import Ingest
-from rtharvest.references import extract_from_bytes, peek_sop_instance_uid
-from rtharvest.tracking import Decision
+from rtharvest.core.classify import HarvestWindow
+from rtharvest.core.references import extract_from_bytes, peek_sop_instance_uid
+from rtharvest.harvest.ingest import Ingest
+from rtharvest.store.eventlog import Level
+from rtharvest.store.tracking import Decision
 from tests.fakes import World, dicom_bytes
 from tests.planner_fixtures import MiniClinic, image_series, uid
 
@@ -205,7 +205,7 @@ def test_settle_waits_for_what_was_queued_and_stop_decides_it(tmp_path: Path, mi
 
         ingest.process = slow  # type: ignore[method-assign]
         hid = w.start(WINDOW_2020)
-        from rtharvest.tracking import Expectation
+        from rtharvest.store.tracking import Expectation
         ds = mini_clinic.plan
         w.tracker.expect([Expectation(hid, ds.SOPInstanceUID, 1, "SRC", "PLAN", "test", False, {})])
         ingest.start()

@@ -19,8 +19,8 @@ from typing import Any
 import apsw
 import pytest
 
-from rtharvest.db import Database, DatabaseError, register_schema
-from rtharvest.jobqueue import (
+from rtharvest.store.db import Database, DatabaseError, register_schema
+from rtharvest.store.jobqueue import (
     EnqueueItem,
     HarvestState,
     InvalidTransition,

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from rtharvest import launcher
-from rtharvest.launcher import (
+from rtharvest.edge import launcher
+from rtharvest.edge.launcher import (
     DEFAULT_CONFIG,
     OrthancProcess,
     effective_config,
@@ -17,7 +17,7 @@ from rtharvest.launcher import (
     plugin_environment,
     set_dotted,
 )
-from rtharvest.postgres import (
+from rtharvest.edge.postgres import (
     PostgresError,
     check_section,
     find_index_plugin,

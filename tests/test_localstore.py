@@ -6,8 +6,8 @@ from typing import Any
 
 import pytest
 
-from rtharvest.localstore import InProcessMetadata, OrthancLocalStore
-from rtharvest.loopback import LoopbackClient
+from rtharvest.edge.localstore import InProcessMetadata, OrthancLocalStore
+from rtharvest.edge.loopback import LoopbackClient
 
 
 class NoHttp(LoopbackClient):

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from rtharvest.loopback import LoopbackClient, LoopbackError
+from rtharvest.edge.loopback import LoopbackClient, LoopbackError
 
 
 class DroppingServer:

@@ -19,8 +19,8 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from rtharvest.classify import HarvestWindow
-from rtharvest.manifest import (
+from rtharvest.core.classify import HarvestWindow
+from rtharvest.core.manifest import (
     DANGLING,
     NOT_FOUND,
     PENDING,
@@ -30,13 +30,13 @@ from rtharvest.manifest import (
     build_manifest,
     failure_from_job,
 )
-from rtharvest.operations import RetrieveInstance, RetrieveSeries
-from rtharvest.references import ObjectRefs, extract_from_bytes
-from rtharvest.simulation import FakeSource, simulate_harvest
-from rtharvest.strategies import SourceCapability
+from rtharvest.core.operations import RetrieveInstance, RetrieveSeries
+from rtharvest.core.references import ObjectRefs, extract_from_bytes
+from rtharvest.core.strategies import SourceCapability
+from rtharvest.store.tracking import Decision, FailureCode, ObjectRecord
 from rtharvest.synth.generator import SynthOptions, generate
 from rtharvest.synth.groundtruth import GroundTruth, PlanTruth, Window
-from rtharvest.tracking import Decision, FailureCode, ObjectRecord
+from rtharvest.synth.simulation import FakeSource, simulate_harvest
 
 #: (patients, seed): the default clinic, and one big enough for every feature to land on its own patient.
 CLINICS = [(6, 7), (13, 1)]
@@ -337,7 +337,7 @@ def test_unreadable_stored_objects_are_reported(synth: Synth) -> None:
 
 
 def test_failure_from_job() -> None:
-    from rtharvest.jobqueue import Job, JobState
+    from rtharvest.store.jobqueue import Job, JobState
 
     job = Job(3, "h1", "RetrieveInstance", "ARIA", {"sop_uid": "1.2.3", "role": "STRUCTURE_SET"}, "k", 0,
               JobState.FAILED, 1, 10, 0.0, None, None, "RTPLAN->RTSTRUCT: 1.2.3 not found at ARIA", None, 0.0, 0.0)

@@ -16,15 +16,15 @@ import pytest
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 
-from rtharvest.classify import HarvestWindow
-from rtharvest.eventlog import Event, Level
-from rtharvest.ingest import HarvestRouting, job_for
-from rtharvest.jobqueue import JobState
-from rtharvest.loopback import LoopbackError
-from rtharvest.mimsessions import SESSION_METADATA
-from rtharvest.operations import Hop, Operation, RetrieveInstance, Role, UnpackMimSession
+from rtharvest.core.classify import HarvestWindow
+from rtharvest.core.operations import Hop, Operation, RetrieveInstance, Role, UnpackMimSession
+from rtharvest.edge.loopback import LoopbackError
+from rtharvest.harvest.ingest import HarvestRouting, job_for
+from rtharvest.harvest.mimsessions import SESSION_METADATA
+from rtharvest.store.eventlog import Event, Level
+from rtharvest.store.jobqueue import JobState
+from rtharvest.store.tracking import Decision
 from rtharvest.synth.mimsession import MIM_PRIVATE_CREATOR, SessionEncoding, build_session, encode_session
-from rtharvest.tracking import Decision
 
 from .fakes import FakeStore, World, dicom_bytes
 from .planner_fixtures import image_series, structure_set, uid

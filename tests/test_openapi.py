@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from rtharvest.openapi import path_template
+from rtharvest.web.openapi import path_template
 
 from .conftest import Clinic
 from .servers import RestClient

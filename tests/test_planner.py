@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 from pydicom.dataset import Dataset
 
-from rtharvest.classify import HarvestWindow
-from rtharvest.operations import (
+from rtharvest.core.classify import HarvestWindow
+from rtharvest.core.operations import (
     CriterionKind,
     FindReferencing,
     FindSeriesInFrameOfReference,
@@ -23,10 +23,9 @@ from rtharvest.operations import (
     Role,
     operation_from_dict,
 )
-from rtharvest.planner import MAX_CHUNKS, Arrival, Decision, HarvestContext, plan_arrival, start_operations
-from rtharvest.references import ObjectKind, ObjectRefs, extract
-from rtharvest.simulation import FakeSource, QueryRejected, simulate_harvest
-from rtharvest.strategies import (
+from rtharvest.core.planner import MAX_CHUNKS, Arrival, Decision, HarvestContext, plan_arrival, start_operations
+from rtharvest.core.references import ObjectKind, ObjectRefs, extract
+from rtharvest.core.strategies import (
     AnswerFilter,
     QueryLevel,
     SourceCapability,
@@ -34,6 +33,7 @@ from rtharvest.strategies import (
     filter_answers,
     search_steps,
 )
+from rtharvest.synth.simulation import FakeSource, QueryRejected, simulate_harvest
 
 from .planner_fixtures import MiniClinic, dose, image_series, plan, record, registration, structure_set, uid
 
@@ -553,8 +553,8 @@ def test_patient_window() -> None:
 
 
 def test_month_chunks_at_the_ends_of_the_calendar() -> None:
-    from rtharvest.planner import month_chunks
-    from rtharvest.strategies import look_back
+    from rtharvest.core.planner import month_chunks
+    from rtharvest.core.strategies import look_back
 
     assert month_chunks("99991215", "99991231") == [("99991215", "99991231")]
     assert month_chunks("99991130", "99991231") == [("99991130", "99991130"), ("99991201", "99991231")]

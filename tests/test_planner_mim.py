@@ -8,10 +8,8 @@ import json
 import pytest
 from pydicom.dataset import Dataset
 
-from rtharvest.classify import HarvestWindow
-from rtharvest.config import ConfigError, load_config
-from rtharvest.mimsessions import session_search
-from rtharvest.operations import (
+from rtharvest.core.classify import HarvestWindow
+from rtharvest.core.operations import (
     CriterionKind,
     FindReferencing,
     Hop,
@@ -22,10 +20,19 @@ from rtharvest.operations import (
     UnpackMimSession,
     operation_from_dict,
 )
-from rtharvest.planner import Arrival, HarvestContext, plan_arrival
-from rtharvest.references import extract
-from rtharvest.sopclass import SopClass
-from rtharvest.strategies import AnswerFilter, QueryLevel, SourceCapability, StepAction, filter_answers, search_steps
+from rtharvest.core.planner import Arrival, HarvestContext, plan_arrival
+from rtharvest.core.references import extract
+from rtharvest.core.sopclass import SopClass
+from rtharvest.core.strategies import (
+    AnswerFilter,
+    QueryLevel,
+    SourceCapability,
+    StepAction,
+    filter_answers,
+    search_steps,
+)
+from rtharvest.edge.config import ConfigError, load_config
+from rtharvest.harvest.mimsessions import session_search
 
 from .planner_fixtures import image_series, uid
 

@@ -11,11 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from rtharvest.classify import HarvestWindow
-from rtharvest.db import Database
-from rtharvest.ingest import HarvestRouting
-from rtharvest.jobqueue import JobQueue, JobState, RetryPolicy, SourceLimits
-from rtharvest.operations import (
+from rtharvest.core.classify import HarvestWindow
+from rtharvest.core.operations import (
     CriterionKind,
     FindReferencing,
     FindSeriesInFrameOfReference,
@@ -26,8 +23,11 @@ from rtharvest.operations import (
     RetrieveInstance,
     Role,
 )
-from rtharvest.politeness import SourceGate, SourceUnavailable
-from rtharvest.strategies import unbounded_search
+from rtharvest.core.strategies import unbounded_search
+from rtharvest.dimse.politeness import SourceGate, SourceUnavailable
+from rtharvest.harvest.ingest import HarvestRouting
+from rtharvest.store.db import Database
+from rtharvest.store.jobqueue import JobQueue, JobState, RetryPolicy, SourceLimits
 
 # 2024-05-01 12:00 UTC is 14:00 in Zurich (CEST) and 00:00 (May 2) in Auckland (NZST, UTC+12).
 NOON_UTC = datetime(2024, 5, 1, 12, 0, tzinfo=UTC).timestamp()
@@ -214,10 +214,10 @@ def test_bounded_searches_are_sent(op: Operation) -> None:
 
 def test_leases_are_extended_while_an_operation_runs(tmp_path: Path) -> None:
     """A C-MOVE that outlasts the lease it started with keeps its job: the maintenance thread extends it."""
-    from rtharvest.eventlog import EventLog
-    from rtharvest.harvester import Harvester
-    from rtharvest.ingest import Ingest
-    from rtharvest.tracking import Tracker
+    from rtharvest.harvest.harvester import Harvester
+    from rtharvest.harvest.ingest import Ingest
+    from rtharvest.store.eventlog import EventLog
+    from rtharvest.store.tracking import Tracker
 
     from .fakes import FakeStore
 

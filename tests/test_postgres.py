@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from rtharvest.postgres import parse_url
+from rtharvest.edge.postgres import parse_url
 from rtharvest.synth.groundtruth import GroundTruth
 
 from .conftest import Clinic

@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from rtharvest.config import ConfigError
+from rtharvest.edge.config import ConfigError
+from rtharvest.edge.launcher import DEFAULT_CONFIG, load_json_config
+from rtharvest.edge.loopback import loopback_url
+from rtharvest.edge.preflight import PROVENANCE_METADATA, RecordingConfiguration, load_checked
 from rtharvest.export.settings import load_settings
-from rtharvest.launcher import DEFAULT_CONFIG, load_json_config
-from rtharvest.loopback import loopback_url
-from rtharvest.preflight import PROVENANCE_METADATA, RecordingConfiguration, load_checked
-from rtharvest.tracking import ProvenanceItem
+from rtharvest.store.tracking import ProvenanceItem
 
 
 @pytest.fixture()

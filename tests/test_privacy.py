@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from rtharvest.classify import HarvestWindow
-from rtharvest.eventlog import EventLogHandler, Level, PhiSafeFormatter
-from rtharvest.manifest import ManifestService, csv_cell
-from rtharvest.strategies import SourceCapability
+from rtharvest.core.classify import HarvestWindow
+from rtharvest.core.manifest import ManifestService, csv_cell
+from rtharvest.core.strategies import SourceCapability
+from rtharvest.store.eventlog import EventLogHandler, Level, PhiSafeFormatter
 from tests.fakes import World
 from tests.planner_fixtures import MiniClinic
 
@@ -152,8 +152,8 @@ def test_a_mim_session_error_quoting_the_patient_stays_out_of_the_event(tmp_path
                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     """The MIM path uses the same summary as the rest: an unpacking error whose message quotes the
     session's patient shows its type only."""
-    from rtharvest import mimsessions
     from rtharvest.converters.mim import MimSessionError
+    from rtharvest.harvest import mimsessions
     from tests import test_mimsessions as mim
 
     def unpack(data: bytes) -> None:

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from rtharvest.classify import HarvestWindow
-from rtharvest.provenance import NAMES, plan_series, resolve
-from rtharvest.tracking import Decision, ProvenanceItem
+from rtharvest.core.classify import HarvestWindow
+from rtharvest.core.provenance import NAMES, plan_series, resolve
+from rtharvest.store.tracking import Decision, ProvenanceItem
 from tests.fakes import World
 from tests.planner_fixtures import MiniClinic, uid
 

@@ -1,4 +1,4 @@
-"""Start-up reconciliation (rtharvest.reconcile) with the in-memory edges of tests/fakes.py: which of what
+"""Start-up reconciliation (rtharvest.harvest.reconcile) with the in-memory edges of tests/fakes.py: which of what
 the queue believes missing is planned from the store, with which ``moved`` flag, and what is left alone.
 
 The end-to-end case (a real Orthanc with its PostgreSQL index, a queue restored from an older backup) is
@@ -7,11 +7,11 @@ tests/test_postgres.py::test_queue_older_than_the_store_is_reconciled_on_start.
 
 from __future__ import annotations
 
-from rtharvest.classify import HarvestWindow
-from rtharvest.jobqueue import Job, JobState
-from rtharvest.operations import OperationKind, RetrieveInstance, Role, operation_from_dict
-from rtharvest.reconcile import reconcile
-from rtharvest.tracking import Decision, Expectation
+from rtharvest.core.classify import HarvestWindow
+from rtharvest.core.operations import OperationKind, RetrieveInstance, Role, operation_from_dict
+from rtharvest.harvest.reconcile import reconcile
+from rtharvest.store.jobqueue import Job, JobState
+from rtharvest.store.tracking import Decision, Expectation
 from tests.fakes import World, dicom_bytes
 from tests.planner_fixtures import MiniClinic
 

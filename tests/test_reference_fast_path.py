@@ -17,8 +17,8 @@ from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
 from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-from rtharvest import references
-from rtharvest.references import ObjectRefs, extract_from_bytes
+from rtharvest.core import references
+from rtharvest.core.references import ObjectRefs, extract_from_bytes
 from rtharvest.synth.generator import SynthOptions, generate
 from rtharvest.synth.loader import dicom_files
 from tests.reliability.badinput import byte_variants, dataset_variants, load_bases

@@ -13,8 +13,8 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
 from pydicom.uid import ExplicitVRLittleEndian
 
-from rtharvest.references import ObjectKind, ProblemCode, extract, extract_from_bytes
-from rtharvest.sopclass import SopClass
+from rtharvest.core.references import ObjectKind, ProblemCode, extract, extract_from_bytes
+from rtharvest.core.sopclass import SopClass
 
 from .planner_fixtures import dose, image_series, plan, record, registration, structure_set, uid
 

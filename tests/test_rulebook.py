@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 from pydicom.dataset import Dataset
 
-from rtharvest import rulebook
-from rtharvest.classify import HarvestWindow
-from rtharvest.manifest import Manifest, PlanRow, build_manifest
-from rtharvest.operations import (
+from rtharvest.core import rulebook
+from rtharvest.core.classify import HarvestWindow
+from rtharvest.core.manifest import Manifest, PlanRow, build_manifest
+from rtharvest.core.operations import (
     FindReferencing,
     FindSeriesInFrameOfReference,
     FindTreatmentRecords,
@@ -23,11 +23,11 @@ from rtharvest.operations import (
     RetrieveSeries,
     UnpackMimSession,
 )
-from rtharvest.references import ObjectRefs, extract
-from rtharvest.rulebook import BOOK, Direction, Hop, LinkName, Search, link_of
-from rtharvest.simulation import SimulationResult, simulate_harvest
-from rtharvest.strategies import SourceCapability
-from rtharvest.tracking import Decision, ObjectRecord
+from rtharvest.core.references import ObjectRefs, extract
+from rtharvest.core.rulebook import BOOK, Direction, Hop, LinkName, Search, link_of
+from rtharvest.core.strategies import SourceCapability
+from rtharvest.store.tracking import Decision, ObjectRecord
+from rtharvest.synth.simulation import SimulationResult, simulate_harvest
 
 from .planner_fixtures import MiniClinic, image_series, registration, uid
 

@@ -8,13 +8,7 @@ from typing import Any
 
 import pytest
 
-from rtharvest.config import ConfigError, load_config
-from rtharvest.db import Database
-from rtharvest.eventlog import EventLog
-from rtharvest.harvests import HarvestService
-from rtharvest.httpapi import ApiError
-from rtharvest.jobqueue import JobQueue, SourceLimits
-from rtharvest.schedule import (
+from rtharvest.core.schedule import (
     Run,
     RunState,
     Schedule,
@@ -24,8 +18,14 @@ from rtharvest.schedule import (
     parse_schedule,
     slot_at_or_before,
 )
-from rtharvest.schedules import ScheduleService
-from rtharvest.tracking import Tracker
+from rtharvest.edge.config import ConfigError, load_config
+from rtharvest.harvest.harvests import HarvestService
+from rtharvest.harvest.schedules import ScheduleService
+from rtharvest.store.db import Database
+from rtharvest.store.eventlog import EventLog
+from rtharvest.store.jobqueue import JobQueue, SourceLimits
+from rtharvest.store.tracking import Tracker
+from rtharvest.web.httpapi import ApiError
 
 ZURICH = "Europe/Zurich"  # UTC+1 in winter, UTC+2 in summer
 

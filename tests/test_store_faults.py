@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from rtharvest.postgres import parse_url
+from rtharvest.edge.postgres import parse_url
 from rtharvest.synth.groundtruth import GroundTruth
 
 from .conftest import Clinic

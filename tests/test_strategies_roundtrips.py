@@ -1,12 +1,12 @@
-"""Search chains that save round trips (rtharvest.strategies): pure, no source needed."""
+"""Search chains that save round trips (rtharvest.core.strategies): pure, no source needed."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from typing import Any
 
-from rtharvest.classify import HarvestWindow
-from rtharvest.operations import (
+from rtharvest.core.classify import HarvestWindow
+from rtharvest.core.operations import (
     CriterionKind,
     FindReferencing,
     FindSeriesInFrameOfReference,
@@ -16,7 +16,7 @@ from rtharvest.operations import (
     RetrieveInstance,
     Role,
 )
-from rtharvest.strategies import (
+from rtharvest.core.strategies import (
     AnswerFilter,
     QueryLevel,
     SourceCapability,

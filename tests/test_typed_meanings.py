@@ -11,19 +11,19 @@ from typing import Any
 import pydicom
 import pytest
 
-from rtharvest import manifest as manifest_module
-from rtharvest import planner as planner_module
-from rtharvest.classify import HarvestWindow
+from rtharvest.core import manifest as manifest_module
+from rtharvest.core import planner as planner_module
+from rtharvest.core.classify import HarvestWindow
+from rtharvest.core.manifest import FailureInfo, build_manifest
+from rtharvest.core.operations import RetrieveInstance, RetrieveSeries
+from rtharvest.core.references import ObjectRefs, extract_from_bytes
+from rtharvest.core.strategies import SourceCapability
 from rtharvest.export.deid import Profile, SiteKey
 from rtharvest.export.verify import expected_rows
-from rtharvest.manifest import FailureInfo, build_manifest
-from rtharvest.operations import RetrieveInstance, RetrieveSeries
-from rtharvest.references import ObjectRefs, extract_from_bytes
-from rtharvest.simulation import FakeSource, simulate_harvest
-from rtharvest.strategies import SourceCapability
+from rtharvest.store.tracking import Decision, FailureCode, ObjectRecord
 from rtharvest.synth.generator import SynthOptions, generate
 from rtharvest.synth.groundtruth import GroundTruth
-from rtharvest.tracking import Decision, FailureCode, ObjectRecord
+from rtharvest.synth.simulation import FakeSource, simulate_harvest
 
 HIERARCHICAL = SourceCapability(relational=False, sequence_return_keys=False, instance_return_keys=False)
 

@@ -38,7 +38,7 @@ import pytest
 from pynetdicom import AE, QueryRetrievePresentationContexts, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
-from rtharvest.launcher import free_port
+from rtharvest.edge.launcher import free_port
 from rtharvest.synth.groundtruth import GroundTruth, PlanTruth, Window
 
 from .conftest import Clinic
@@ -617,9 +617,9 @@ def test_export_form_starts_an_export_of_the_selected_harvest(page_clinic: PageC
     from rtharvest.export.routes import register
     from rtharvest.export.service import ExportService
     from rtharvest.export.settings import ExportSettings
-    from rtharvest.jobqueue import RetryPolicy
+    from rtharvest.store.jobqueue import RetryPolicy
+    from rtharvest.store.tracking import Decision
     from rtharvest.synth.generator import SynthOptions, generate
-    from rtharvest.tracking import Decision
 
     from .browser.apiserver import load_harvest
     from .browser.cdp import Browser

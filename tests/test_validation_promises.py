@@ -13,10 +13,10 @@ from typing import Any
 
 from pydicom.dataset import Dataset
 
-from rtharvest.classify import HarvestWindow
-from rtharvest.manifest import DANGLING, MAX_IMAGES_NAMED, ManifestService
-from rtharvest.planner import promised_images
-from rtharvest.references import extract
+from rtharvest.core.classify import HarvestWindow
+from rtharvest.core.manifest import DANGLING, MAX_IMAGES_NAMED, ManifestService
+from rtharvest.core.planner import promised_images
+from rtharvest.core.references import extract
 from tests.fakes import World
 from tests.planner_fixtures import MiniClinic, image_series, plan, record, structure_set, uid
 

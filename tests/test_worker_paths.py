@@ -14,15 +14,15 @@ import apsw
 import pytest
 from pydicom.dataset import Dataset
 
-from rtharvest.classify import HarvestWindow
-from rtharvest.config import load_config
-from rtharvest.eventlog import EventLogHandler, Level
-from rtharvest.harvests import HarvestService
-from rtharvest.ingest import _PRIORITY_BY_HOP, job_for, job_priority
-from rtharvest.jobqueue import JobState
-from rtharvest.operations import CriterionKind, FindReferencing, Hop, ReferenceCriterion, RetrieveSeries, Role
-from rtharvest.strategies import QueryLevel
-from rtharvest.tracking import Decision, Expectation
+from rtharvest.core.classify import HarvestWindow
+from rtharvest.core.operations import CriterionKind, FindReferencing, Hop, ReferenceCriterion, RetrieveSeries, Role
+from rtharvest.core.strategies import QueryLevel
+from rtharvest.edge.config import load_config
+from rtharvest.harvest.harvests import HarvestService
+from rtharvest.harvest.ingest import _PRIORITY_BY_HOP, job_for, job_priority
+from rtharvest.store.eventlog import EventLogHandler, Level
+from rtharvest.store.jobqueue import JobState
+from rtharvest.store.tracking import Decision, Expectation
 from tests.fakes import World, dicom_bytes
 from tests.planner_fixtures import MiniClinic, image_series
 

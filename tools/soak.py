@@ -44,8 +44,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from rtharvest.launcher import free_port  # noqa: E402
-from rtharvest.postgres import parse_url  # noqa: E402
+from rtharvest.edge.launcher import free_port  # noqa: E402
+from rtharvest.edge.postgres import parse_url  # noqa: E402
 from rtharvest.synth.generator import SynthOptions, generate  # noqa: E402
 from rtharvest.synth.groundtruth import Window  # noqa: E402
 from rtharvest.synth.loader import dicom_files, store_to_scp  # noqa: E402

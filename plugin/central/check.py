@@ -2,7 +2,7 @@
 archive holds, and identifying values it can recognise without the site's originals.
 
 The walk is the project's own rule: :func:`rtharvest.export.verify.manifest_of_copy` (the manifest's
-:func:`~rtharvest.manifest.build_manifest` over the held objects' references) and
+:func:`~rtharvest.core.manifest.build_manifest` over the held objects' references) and
 :func:`~rtharvest.export.verify.compare`, the comparison a site's export already makes against its copy, so
 the archive judges a delivered plan exactly as the site judged it.
 
@@ -24,10 +24,10 @@ from typing import Any
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 
+from ..core.references import ObjectRefs
 from ..export.deid import DatePolicy, Profile, ProfileError
 from ..export.verify import ROW_FIELDS, PhiHit, compare, manifest_of_copy
-from ..httpapi import ApiError
-from ..references import ObjectRefs
+from ..web.httpapi import ApiError
 
 __all__ = ["Delivery", "PlanCheck", "check_plans", "parse_delivery", "pseudonym_pattern", "scan_identifying"]
 

@@ -11,13 +11,12 @@ running for a look at the consortium page until Ctrl-C (``--exit`` stops at once
 from __future__ import annotations
 
 import argparse
-import signal
 import time
 from pathlib import Path
 from typing import Any
 
-from ..demo import _Api, _clinic, _wait
-from ..launcher import DEFAULT_CONFIG, LaunchError, OrthancProcess, free_port
+from ..cli.demo import _Api, _clinic, _wait, run_until_stopped
+from ..edge.launcher import DEFAULT_CONFIG, LaunchError, OrthancProcess, free_port
 from ..synth.loader import dicom_files, store_to_scp
 
 __all__ = ["run_consortium"]
@@ -124,10 +123,7 @@ def run_consortium(args: argparse.Namespace) -> int:
         print(f"\nConsortium page: {central.url}/rtharvest/central/ui  (user 'rtharvest', password "
               f"{USERS['rtharvest']!r})\n  CSV: {central.url}/rtharvest/central/summary?format=csv")
         if not args.exit:
-            print("Ctrl-C to stop.", flush=True)
-            signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
-            while central.process is not None and central.process.poll() is None:
-                time.sleep(0.5)
+            run_until_stopped(central)
     except KeyboardInterrupt:
         pass
     except (LaunchError, RuntimeError, OSError) as exc:

@@ -9,9 +9,9 @@ import io
 from collections.abc import Mapping
 from typing import Any
 
-from ..httpapi import ApiError, HttpRequest, HttpResponse, Router
-from ..manifest import csv_cell
-from ..openapi import Param, RouteDoc
+from ..core.manifest import csv_cell
+from ..web.httpapi import ApiError, HttpRequest, HttpResponse, Router
+from ..web.openapi import Param, RouteDoc
 from .service import CentralService, basic_user
 
 __all__ = ["plans_by_year_svg", "register", "summary_csv"]

@@ -20,12 +20,12 @@ from typing import Any, Protocol
 
 import pydicom
 
-from ..db import Database, register_schema
-from ..eventlog import EventLog, Level
+from ..core.manifest import PlanRow, summarize_plans
+from ..core.references import ObjectKind, ObjectRefs, extract
 from ..export.verify import SELECTION_COUNTS, PhiHit, compare_summaries
-from ..httpapi import ApiError
-from ..manifest import PlanRow, summarize_plans
-from ..references import ObjectKind, ObjectRefs, extract
+from ..store.db import Database, register_schema
+from ..store.eventlog import EventLog, Level
+from ..web.httpapi import ApiError
 from .check import Delivery, PlanCheck, check_plans, parse_delivery, scan_identifying
 from .settings import TOKEN_HEADER, CentralSettings, SiteEntry
 
@@ -61,7 +61,7 @@ class CheckState:
 
 
 class HeldStore(Protocol):
-    """The archive's Orthanc store (:class:`rtharvest.localstore.OrthancLocalStore`)."""
+    """The archive's Orthanc store (:class:`rtharvest.edge.localstore.OrthancLocalStore`)."""
 
     def lookup_many(self, sop_uids: Sequence[str]) -> dict[str, str]: ...
     def read(self, orthanc_id: str) -> bytes: ...

@@ -30,7 +30,7 @@ from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..config import ConfigError
+from ..edge.config import ConfigError
 from ..export.deid import SITE_PATTERN
 
 __all__ = ["CentralEndpoint", "CentralSettings", "SiteEntry", "load_central", "parse_endpoints"]

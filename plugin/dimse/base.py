@@ -30,11 +30,11 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from pydicom.datadict import dictionary_VM, dictionary_VR, keyword_for_tag, tag_for_keyword
 
-from ..strategies import QueryLevel  # one QueryLevel for planner, strategies and backends
+from ..core.strategies import QueryLevel  # one QueryLevel for planner, strategies and backends
 from .statuses import SourceErrorKind, classify_status, describe_status, retry_limit_for
 
 if TYPE_CHECKING:
-    from ..config import SourceSettings
+    from ..edge.config import SourceSettings
 
 __all__ = [
     "UNKNOWN_COUNT",

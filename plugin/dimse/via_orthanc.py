@@ -1,6 +1,6 @@
 """Backend driving Orthanc's own DICOM client (``DicomModalities``) through its REST API on loopback.
 
-Every call is an HTTP request to the harvester on 127.0.0.1 (:class:`~rtharvest.loopback.LoopbackClient`),
+Every call is an HTTP request to the harvester on 127.0.0.1 (:class:`~rtharvest.edge.loopback.LoopbackClient`),
 never ``orthanc.RestApi*``: the Python plugin holds the GIL for the whole of such a call, which would
 freeze the OnStoredInstance callback of the very instances a move brings in (docs/platform.md, "The GIL trap").
 
@@ -62,7 +62,7 @@ import urllib.parse
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from ..loopback import LoopbackClient, LoopbackError
+from ..edge.loopback import LoopbackClient, LoopbackError
 from .base import (
     UNKNOWN_COUNT,
     FindAnswer,

@@ -74,7 +74,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     Verification,
 )
 
-from ..config import Modality
+from ..edge.config import Modality
 from .base import (
     FindAnswer,
     InstanceKey,

@@ -8,7 +8,7 @@
     rtharvest export cancel EXPORT_ID
 
 Like the other commands: a summary, ``--json`` for the server's document, and the exit codes of
-:mod:`rtharvest.cliutil` (``wait``: 0 Completed, 5 VerificationFailed or instances failed, 6 Failed or
+:mod:`rtharvest.cli.util` (``wait``: 0 Completed, 5 VerificationFailed or instances failed, 6 Failed or
 Cancelled).
 """
 
@@ -20,7 +20,7 @@ import urllib.parse
 from collections.abc import Callable
 from typing import IO, Any
 
-from ..cliutil import (
+from ..cli.util import (
     EXIT_CODES_HELP,
     EXIT_FAILURES,
     EXIT_NOT_COMPLETED,

@@ -37,7 +37,7 @@ from typing import Any, Protocol
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-from ..eventlog import exception_summary
+from ..store.eventlog import exception_summary
 
 __all__ = ["Destination", "DestinationError", "DicomNode", "DicomWebServer", "Folder", "PlainHttpCredentials", "encode",
            "plain_http_problem"]
@@ -138,7 +138,7 @@ class DicomNode:
         from pynetdicom import build_role, evt
         from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelGet  # type: ignore[attr-defined]
 
-        from ..sopclass import SopClass
+        from ..core.sopclass import SopClass
 
         received: list[bytes] = []
 

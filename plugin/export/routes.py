@@ -6,15 +6,15 @@ import json
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from ..config import HarvesterConfig
-from ..eventlog import EventLog
-from ..harvests import HarvestService
-from ..httpapi import HttpRequest, HttpResponse, Router
-from ..jobqueue import RetryPolicy
-from ..manifest import ManifestService
-from ..openapi import Param, RouteDoc
-from ..schedules import ScheduleService
-from ..tracking import Decision, Tracker
+from ..core.manifest import ManifestService
+from ..edge.config import HarvesterConfig
+from ..harvest.harvests import HarvestService
+from ..harvest.schedules import ScheduleService
+from ..store.eventlog import EventLog
+from ..store.jobqueue import RetryPolicy
+from ..store.tracking import Decision, Tracker
+from ..web.httpapi import HttpRequest, HttpResponse, Router
+from ..web.openapi import Param, RouteDoc
 from .service import ExportService
 from .settings import load_settings
 

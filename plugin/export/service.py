@@ -1,7 +1,7 @@
 """Exports as durable jobs: select a harvest's plans, de-identify, send, verify.
 
 An export lives in its own database file (``RtHarvest.Export.DatabasePath``) with the same
-:class:`~rtharvest.jobqueue.JobQueue` the harvest uses (leases, retries with backoff, crash recovery):
+:class:`~rtharvest.store.jobqueue.JobQueue` the harvest uses (leases, retries with backoff, crash recovery):
 each export is a queue "harvest" whose source is the destination, with two jobs, ``ExportSend`` then
 ``ExportVerify`` (enqueued in the transaction that completes the first). Keeping the file apart means the
 harvest workers, harvest lists and harvest completion never see export jobs, and a long export never
@@ -35,13 +35,13 @@ import pydicom
 
 from ..background import BackgroundLoop
 from ..central.client import announce, delivery_document
-from ..db import Database, register_schema
-from ..eventlog import EventLog, Level, exception_summary
-from ..httpapi import ApiError
-from ..jobqueue import EnqueueItem, HarvestState, Job, JobQueue, JobState, OwnerKind, QueueError, RetryPolicy
-from ..manifest import STATUSES, Manifest, PlanRow
-from ..references import ObjectKind, extract
-from ..tracking import Decision, ObjectRecord
+from ..core.manifest import STATUSES, Manifest, PlanRow
+from ..core.references import ObjectKind, extract
+from ..store.db import Database, register_schema
+from ..store.eventlog import EventLog, Level, exception_summary
+from ..store.jobqueue import EnqueueItem, HarvestState, Job, JobQueue, JobState, OwnerKind, QueueError, RetryPolicy
+from ..store.tracking import Decision, ObjectRecord
+from ..web.httpapi import ApiError
 from .deid import Profile, ProfileError, SiteKey, deidentify
 from .destinations import Destination, DestinationError
 from .presend import Finding, FindingAction, check_before_send, cleaned_label

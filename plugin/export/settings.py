@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from ..central.settings import CentralEndpoint, parse_endpoints
-from ..config import ConfigError, HarvesterConfig
+from ..edge.config import ConfigError, HarvesterConfig
 from .deid import SITE_PATTERN
 from .destinations import Destination, DicomNode, DicomWebServer, Folder, PlainHttpCredentials, plain_http_problem
 

@@ -2,7 +2,7 @@
 comparison with the site's manifest under pseudonyms, and the PHI scan.
 
 The walk is the project's own: :func:`manifest_of_copy` turns the exported objects' references into the
-tracker rows :func:`rtharvest.manifest.build_manifest` reads, so the copy is judged by the very rule that
+tracker rows :func:`rtharvest.core.manifest.build_manifest` reads, so the copy is judged by the very rule that
 judged the harvest (one rule, one place). :func:`expected_rows` maps the site's manifest through the
 site key (UIDs, pseudonyms, shifted dates) and :func:`compare` lists every difference, row by row; the
 Table-1 counts of the selection (:func:`summary_of_rows`) are compared too (:func:`compare_summaries`), with
@@ -26,11 +26,11 @@ from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.tag import BaseTag
 
-from ..manifest import VISIBLE_IN_A_COPY, Manifest, MissingCause, PlanRow, build_manifest, summarize_plans
-from ..references import ObjectKind, ObjectRefs
-from ..rulebook import LinkName, names
-from ..sopclass import Modality
-from ..tracking import Decision, ObjectRecord
+from ..core.manifest import VISIBLE_IN_A_COPY, Manifest, MissingCause, PlanRow, build_manifest, summarize_plans
+from ..core.references import ObjectKind, ObjectRefs
+from ..core.rulebook import LinkName, names
+from ..core.sopclass import Modality
+from ..store.tracking import Decision, ObjectRecord
 from .deid import DatePolicy, DescriptorPolicy, Profile, SiteKey, shift_date
 
 __all__ = ["PhiHit", "Verification", "compare", "compare_summaries", "expected_rows", "knowable",
@@ -143,7 +143,7 @@ SELECTION_COUNTS = ("Patients", "PlansReferenced", "PlansCollected", "SuccessRat
 
 
 def summary_of_rows(rows: Sequence[Mapping[str, Any]], modality_of_series: Mapping[str, str]) -> dict[str, Any]:
-    """The Table-1 counts of a selection of plan rows (JSON form): :func:`rtharvest.manifest.summarize_plans`,
+    """The Table-1 counts of a selection of plan rows (JSON form): :func:`rtharvest.core.manifest.summarize_plans`,
     the manifest's own rule, restricted to :data:`SELECTION_COUNTS` (orphans, failed jobs and PatientID
     mismatches belong to a whole harvest, not to a selection of plans)."""
     doc = summarize_plans([PlanRow.from_json(r) for r in rows], modality_of_series).to_json()

@@ -92,7 +92,7 @@ from pathlib import Path
 
 from pydicom import Dataset
 
-from rtharvest.sopclass import SopClass
+from rtharvest.core.sopclass import SopClass
 from rtharvest.synth import iods
 from rtharvest.synth.groundtruth import DanglingReference, GroundTruth, ObjectInfo, Trap, Window
 from rtharvest.synth.iods import Beam, DoseSpec, ImageGeometry, ImageRef, Patient, PlanSpec, Roi, Series, Study

@@ -19,7 +19,7 @@ from io import BytesIO
 from pydicom import Dataset
 from pydicom.sequence import Sequence as DicomSequence
 
-from rtharvest.dicombuild import (
+from rtharvest.core.dicombuild import (
     STUDY_COMPONENT_SOP_CLASS,
     code,
     ds_text,
@@ -28,7 +28,7 @@ from rtharvest.dicombuild import (
     make_item,
     seq,
 )
-from rtharvest.sopclass import SopClass
+from rtharvest.core.sopclass import SopClass
 
 #: Fixed implementation identity so the file meta does not change with the pydicom version.
 IMPLEMENTATION_CLASS_UID = "2.25.262183358312400936211335718066318335590"

@@ -37,7 +37,7 @@ from pydicom.filewriter import write_sequence_item
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-from rtharvest.sopclass import SopClass
+from rtharvest.core.sopclass import SopClass
 from rtharvest.synth import iods
 from rtharvest.synth.groundtruth import GroundTruth
 

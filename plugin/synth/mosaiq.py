@@ -55,7 +55,7 @@ from pydicom import dcmread
 from sqlalchemy import create_engine, insert
 
 from rtharvest.converters.mosaiq import schema
-from rtharvest.sopclass import SopClass
+from rtharvest.core.sopclass import SopClass
 from rtharvest.synth import iods
 from rtharvest.synth.generator import PHANTOM_ID, SynthOptions, generate_with_knowledge
 from rtharvest.synth.groundtruth import GroundTruth, Trap

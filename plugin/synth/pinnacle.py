@@ -25,8 +25,8 @@ from typing import Any
 
 from pydicom.dataset import Dataset
 
-from rtharvest.dicombuild import frame_of_reference
-from rtharvest.sopclass import SopClass
+from rtharvest.core.dicombuild import frame_of_reference
+from rtharvest.core.sopclass import SopClass
 
 from . import iods
 

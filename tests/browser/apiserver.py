@@ -1,8 +1,8 @@
 """A tiny HTTP server with the plugin's real REST routes, for CLI and page tests without Orthanc.
 
-The routes are ``rtharvest.rest.build_routes`` on a :class:`~rtharvest.httpapi.Router` with the real
+The routes are ``rtharvest.web.rest.build_routes`` on a :class:`~rtharvest.web.httpapi.Router` with the real
 queue, event log, tracker and harvest service on a temporary database, plus the page routes of
-``rtharvest.explorer_routes`` and the manifest (``rtharvest.manifest.ManifestService``) reading "stored"
+``rtharvest.web.pages`` and the manifest (``rtharvest.core.manifest.ManifestService``) reading "stored"
 files from a dictionary — the same wiring the plugin gets inside Orthanc, minus Orthanc. Optional Basic
 authentication mimics Orthanc's (401 with a ``WWW-Authenticate`` challenge).
 """
@@ -19,17 +19,17 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
-from rtharvest import explorer_routes
-from rtharvest.config import load_config
-from rtharvest.db import Database
-from rtharvest.eventlog import EventLog
-from rtharvest.harvests import HarvestService
-from rtharvest.httpapi import HttpRequest, HttpResponse, Router
-from rtharvest.jobqueue import JobQueue, RetryPolicy
-from rtharvest.manifest import ManifestService
-from rtharvest.rest import build_routes, build_schedule_routes
-from rtharvest.schedules import ScheduleService
-from rtharvest.tracking import FailureCode, Tracker
+from rtharvest.core.manifest import ManifestService
+from rtharvest.edge.config import load_config
+from rtharvest.harvest.harvests import HarvestService
+from rtharvest.harvest.schedules import ScheduleService
+from rtharvest.store.db import Database
+from rtharvest.store.eventlog import EventLog
+from rtharvest.store.jobqueue import JobQueue, RetryPolicy
+from rtharvest.store.tracking import FailureCode, Tracker
+from rtharvest.web import pages as explorer_routes
+from rtharvest.web.httpapi import HttpRequest, HttpResponse, Router
+from rtharvest.web.rest import build_routes, build_schedule_routes
 
 SOURCES = {"ARIA": ["ARIA", "127.0.0.1", 11112], "MIM": ["MIM", "127.0.0.1", 11113]}
 
@@ -160,10 +160,10 @@ def load_harvest(api: ApiServer, root: Path, truth: Any, window_name: str = "all
     """Record a perfect harvest of one ground-truth window: a harvest, its kept objects in the tracker,
     the "stored" files for the manifest, and the not-found retrieves of its dangling references as
     failed jobs (what the harvester leaves behind)."""
-    from rtharvest.classify import HarvestWindow
-    from rtharvest.jobqueue import EnqueueItem
-    from rtharvest.references import extract_from_bytes
-    from rtharvest.tracking import Decision, ObjectRecord
+    from rtharvest.core.classify import HarvestWindow
+    from rtharvest.core.references import extract_from_bytes
+    from rtharvest.store.jobqueue import EnqueueItem
+    from rtharvest.store.tracking import Decision, ObjectRecord
 
     w = truth.window(window_name)
     window = HarvestWindow(w.date_from, w.date_to, tuple(w.patient_ids or ()))

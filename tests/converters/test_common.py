@@ -26,7 +26,7 @@ from rtharvest.converters import cli
 from rtharvest.converters.report import ConversionReport
 from rtharvest.converters.sink import DestinationRefused, FolderSink, Peer, StoreSink, with_file_meta
 from rtharvest.converters.uids import derived_uid
-from rtharvest.launcher import free_port
+from rtharvest.edge.launcher import free_port
 
 
 def _plan(label: str = "P1") -> Dataset:

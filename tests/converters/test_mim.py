@@ -270,7 +270,7 @@ def test_cli_nothing_convertible_is_exit_1(tmp_path: Path) -> None:
 
 @pytest.mark.servers
 def test_cli_sends_the_unpacked_objects_to_an_auxiliary_orthanc(clinic: Session, tmp_path: Path) -> None:
-    from rtharvest.launcher import free_port
+    from rtharvest.edge.launcher import free_port
 
     from ..servers import RestClient, start_orthanc_source
 

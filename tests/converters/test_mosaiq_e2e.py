@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from rtharvest.converters import cli
-from rtharvest.launcher import free_port
+from rtharvest.edge.launcher import free_port
 from rtharvest.synth.generator import SynthOptions
 from rtharvest.synth.loader import dicom_files, store_to_scp
 from rtharvest.synth.mosaiq import DATABASE, generate_mosaiq

@@ -15,8 +15,8 @@ import pytest
 from pydicom import dcmread
 
 from rtharvest.converters import cli
-from rtharvest.launcher import free_port
-from rtharvest.sopclass import SopClass
+from rtharvest.core.sopclass import SopClass
+from rtharvest.edge.launcher import free_port
 from rtharvest.synth import iods
 from rtharvest.synth.loader import store_to_scp
 from rtharvest.synth.pinnacle import PinnacleCase, write_institution

@@ -32,7 +32,7 @@ from rtharvest.converters.raystation.selection import (
     select_beam_sets,
     summary_json,
 )
-from rtharvest.manifest import Manifest, PlanRow, Summary
+from rtharvest.core.manifest import Manifest, PlanRow, Summary
 
 PACKAGE = Path(selection.__file__).parent
 

@@ -11,7 +11,7 @@ from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage, RTDoseStorage, RTPlanStorage  # type: ignore[attr-defined]
 
-from rtharvest.loopback import LoopbackClient
+from rtharvest.edge.loopback import LoopbackClient
 
 from ..servers import LOCALHOST, DicomSource, RestClient
 

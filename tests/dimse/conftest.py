@@ -9,12 +9,12 @@ from typing import Any
 
 import pytest
 
-from rtharvest.config import Modality
 from rtharvest.dimse.base import SourceBackend
 from rtharvest.dimse.via_orthanc import OrthancRestBackend
 from rtharvest.dimse.via_pynetdicom import PynetdicomBackend
-from rtharvest.launcher import free_port
-from rtharvest.loopback import LoopbackClient
+from rtharvest.edge.config import Modality
+from rtharvest.edge.launcher import free_port
+from rtharvest.edge.loopback import LoopbackClient
 
 from ..servers import HARVEST_AET, LOCALHOST
 from . import loopback_for

@@ -30,7 +30,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     Verification,
 )
 
-from rtharvest.launcher import free_port
+from rtharvest.edge.launcher import free_port
 
 LOCALHOST = "127.0.0.1"
 

@@ -77,8 +77,8 @@ def test_move_result_counts() -> None:
 
 
 def test_backends_satisfy_the_protocol() -> None:
-    from rtharvest.config import Modality
-    from rtharvest.loopback import LoopbackClient
+    from rtharvest.edge.config import Modality
+    from rtharvest.edge.loopback import LoopbackClient
 
     assert isinstance(OrthancRestBackend(LoopbackClient("http://127.0.0.1:1", None), "X", "H"), SourceBackend)
     assert isinstance(PynetdicomBackend(Modality("X", "X", "127.0.0.1", 1), "H"), SourceBackend)

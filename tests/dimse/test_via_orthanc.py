@@ -19,8 +19,8 @@ from pydicom.uid import generate_uid
 
 from rtharvest.dimse.base import QueryLevel, SourceError, SourceErrorKind, Timeouts
 from rtharvest.dimse.via_orthanc import OrthancRestBackend
-from rtharvest.launcher import free_port
-from rtharvest.loopback import LoopbackClient, LoopbackError
+from rtharvest.edge.launcher import free_port
+from rtharvest.edge.loopback import LoopbackClient, LoopbackError
 
 from ..servers import HARVEST_AET, LOCALHOST
 from . import ct, store

@@ -14,9 +14,9 @@ from typing import Any
 import pytest
 from pydicom.uid import generate_uid
 
-from rtharvest.config import Modality
 from rtharvest.dimse.base import InstanceKey, QueryLevel, SourceError, SourceErrorKind, Timeouts, sop_lookup_keys
 from rtharvest.dimse.via_pynetdicom import CANCEL_GRACE, PynetdicomBackend
+from rtharvest.edge.config import Modality
 
 from ..servers import HARVEST_AET, LOCALHOST
 from . import ct, rtdose, store, wait_for_arrival

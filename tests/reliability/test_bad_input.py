@@ -22,7 +22,7 @@ from pydicom.sequence import Sequence
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
 from pynetdicom import AE
 
-from rtharvest.references import extract_from_bytes
+from rtharvest.core.references import extract_from_bytes
 from rtharvest.synth.generator import SynthOptions, generate
 from rtharvest.synth.groundtruth import GroundTruth
 from rtharvest.synth.loader import dicom_files, store_to_scp

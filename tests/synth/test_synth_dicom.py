@@ -11,7 +11,7 @@ import pytest
 from pydicom import Dataset
 from synthclinic import Clinic
 
-from rtharvest.sopclass import SopClass
+from rtharvest.core.sopclass import SopClass
 from rtharvest.synth.iods import STUDY_COMPONENT_SOP_CLASS
 from tests.tooling import required_tool
 

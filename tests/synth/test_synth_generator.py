@@ -10,7 +10,7 @@ import pydicom
 import pytest
 from synthclinic import Clinic
 
-from rtharvest.sopclass import TREATMENT_RECORD_CLASSES, SopClass
+from rtharvest.core.sopclass import TREATMENT_RECORD_CLASSES, SopClass
 from rtharvest.synth.generator import SynthOptions, generate
 from rtharvest.synth.groundtruth import ROLES, load
 

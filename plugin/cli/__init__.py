@@ -1,0 +1,1 @@
+"""Command lines: the `rtharvest` command (commands), its helpers (util) and the demo."""

@@ -1,0 +1,1 @@
+"""Harvest services and their threads: the harvester, ingest, schedules, reconciliation."""
