@@ -64,3 +64,19 @@ def test_provenance_resolves_instance_then_series_in_process() -> None:
     assert puts == [("/series/s1/metadata/HarvestId", "h1")]
     with pytest.raises(LookupError):
         store.series_metadata("gone")
+
+
+def test_lookup_is_one_instance_level_find() -> None:
+    class Recording(LoopbackClient):
+        def __init__(self) -> None:
+            super().__init__("http://127.0.0.1:9", "")
+            self.calls: list[tuple[str, str, Any]] = []
+
+        def request(self, method: str, path: str, body: Any = None, **kwargs: Any) -> Any:
+            self.calls.append((method, path, body))
+            return ["oid-1"] if body["Query"]["SOPInstanceUID"] == "1.2.3" else []
+
+    client = Recording()
+    store = OrthancLocalStore(client)
+    assert store.lookup("1.2.3") == "oid-1" and store.lookup("1.2.4") is None
+    assert client.calls[0] == ("POST", "/tools/find", {"Level": "Instance", "Query": {"SOPInstanceUID": "1.2.3"}})
