@@ -20,9 +20,11 @@ from .servers import (
     HARVEST_AET,
     LOCALHOST,
     DicomSource,
+    PostgresCluster,
     RestClient,
     start_dcmqrscp,
     start_orthanc_source,
+    start_postgres,
     start_pynetdicom_qrscp,
 )
 
@@ -158,3 +160,13 @@ def fake_world(tmp_path: Path, mini_clinic: MiniClinic, fake_capability: SourceC
     yield world
     world.ingest.stop()  # a test may have started the ingest thread; stopping one never started is a no-op
     world.close()
+
+
+@pytest.fixture(scope="module")
+def postgres() -> Iterator[PostgresCluster]:
+    """A PostgreSQL server for one module's tests (tests/servers.py; each test creates its own databases)."""
+    cluster = start_postgres()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()

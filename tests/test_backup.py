@@ -8,7 +8,6 @@ import io
 import json
 import sqlite3
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,20 +20,11 @@ from rtharvest.synth.groundtruth import GroundTruth
 from .conftest import Clinic
 from .harvesting import assert_store_equals_truth, provenance_of, start_harvest, wait_completed
 from .reliability.helpers import assert_jobs_sound, normalized_manifest, queue_db
-from .servers import PostgresCluster, start_postgres
+from .servers import PostgresCluster
 
 pytestmark = pytest.mark.servers
 
 SOURCE = "ORTHANC_SRC"
-
-
-@pytest.fixture(scope="module")
-def postgres() -> Iterator[PostgresCluster]:
-    cluster = start_postgres()
-    try:
-        yield cluster
-    finally:
-        cluster.stop()
 
 
 def _rows(path: Path, sql: str) -> list[tuple[Any, ...]]:

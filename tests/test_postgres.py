@@ -13,7 +13,6 @@ import itertools
 import shutil
 import sqlite3
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -30,21 +29,12 @@ from .reliability.helpers import (
     harvest_with_kills,
     queue_db,
 )
-from .servers import PostgresCluster, start_postgres
+from .servers import PostgresCluster
 
 pytestmark = pytest.mark.servers
 
 SOURCE = "ORTHANC_SRC"
 _databases = itertools.count(1)
-
-
-@pytest.fixture(scope="module")
-def postgres() -> Iterator[PostgresCluster]:
-    cluster = start_postgres()
-    try:
-        yield cluster
-    finally:
-        cluster.stop()
 
 
 def harvester_on_postgres(clinic: Clinic, cluster: PostgresCluster) -> str:

@@ -11,7 +11,6 @@ import shutil
 import subprocess
 import time
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +22,7 @@ from rtharvest.synth.groundtruth import GroundTruth
 from .conftest import Clinic
 from .harvesting import start_harvest, wait_completed
 from .reliability.helpers import assert_harvest_equals_truth, assert_jobs_sound, queue_db
-from .servers import PostgresCluster, RestClient, start_postgres
+from .servers import PostgresCluster, RestClient
 
 pytestmark = pytest.mark.servers
 
@@ -31,15 +30,6 @@ SOURCE = "ORTHANC_SRC"
 #: What "bounded" means for the plugin's own routes during the outage (they read SQLite only).
 ROUTE_DEADLINE_S = 5.0
 _databases = itertools.count(1)
-
-
-@pytest.fixture(scope="module")
-def postgres() -> Iterator[PostgresCluster]:
-    cluster = start_postgres()
-    try:
-        yield cluster
-    finally:
-        cluster.stop()
 
 
 def bounded_get(api: RestClient, path: str) -> Any:
