@@ -53,10 +53,16 @@ def test_outage_hold_keeps_the_attempt_grows_to_the_ceiling_and_resumes(q: JobQu
     assert q.outage_waits(harvest.id) == {"StoreIndex": (1, "waiting: StoreIndex: index down")}
     claimed = q.claim("w1")
     assert claimed is not None and claimed.outages == 6
-    assert q.outage_waits(harvest.id) == {}  # leased: not waiting for anything
+    # Tried again (leased) it still waits for the outage until the attempt ends: the harvest must not flicker
+    # between Running and Waiting each time a held job is looked at again.
+    assert q.outage_waits(harvest.id) == {"StoreIndex": (1, "waiting: StoreIndex: index down")}
     q.defer(job.id, "w1", FaultClass.DISK_FULL.value, "waiting: DiskFull: 10 MB free", 30.0)
     assert q.outage_waits(harvest.id) == {"DiskFull": (1, "waiting: DiskFull: 10 MB free")}
     assert q.outage_waits() == {"DiskFull": (1, "waiting: DiskFull: 10 MB free")}
+    clock.advance(30.0)
+    assert q.claim("w1") is not None
+    q.complete(job.id, "w1", note="moved 1")  # the outage is over for it
+    assert q.outage_waits(harvest.id) == {}
 
 
 def test_success_clears_the_last_error_and_the_fault(q: JobQueue, clock: FakeClock) -> None:

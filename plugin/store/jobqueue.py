@@ -1068,12 +1068,17 @@ class JobQueue:
             return _row_to_job(row)
 
     def outage_waits(self, harvest_id: str | None = None) -> dict[str, tuple[int, str]]:
-        """Open jobs held back by an outage, per fault class: (count, the latest reason)."""
+        """Open jobs held back by an outage, per fault class: (count, the latest reason).
+
+        A held job that has come due and is being tried again (leased) still counts until the attempt ends:
+        its ``outages`` count goes back to 0 only when it succeeds or fails for another reason. Otherwise a
+        harvest would flicker between Running and Waiting each time one of its held jobs is looked at again.
+        """
         rows = self.db.query(
             "SELECT fault, count(*), max(updated_at), (SELECT last_error FROM jobs AS k WHERE k.fault = j.fault"
-            "  AND k.state = 'waiting' AND k.outages > 0 AND (:h IS NULL OR k.harvest_id = :h)"
+            "  AND k.state IN ('waiting', 'leased') AND k.outages > 0 AND (:h IS NULL OR k.harvest_id = :h)"
             "  ORDER BY k.updated_at DESC LIMIT 1)"
-            " FROM jobs AS j WHERE state = 'waiting' AND outages > 0 AND fault IS NOT NULL"
+            " FROM jobs AS j WHERE state IN ('waiting', 'leased') AND outages > 0 AND fault IS NOT NULL"
             " AND (:h IS NULL OR harvest_id = :h) GROUP BY fault",
             {"h": harvest_id},
         )
