@@ -23,7 +23,15 @@ from rtharvest.core.operations import (
     Role,
     operation_from_dict,
 )
-from rtharvest.core.planner import MAX_CHUNKS, Arrival, Decision, HarvestContext, plan_arrival, start_operations
+from rtharvest.core.planner import (
+    MAX_CHUNKS,
+    Arrival,
+    Decision,
+    HarvestContext,
+    leaves_kept_alone,
+    plan_arrival,
+    start_operations,
+)
 from rtharvest.core.references import ObjectKind, ObjectRefs, extract
 from rtharvest.core.strategies import (
     AnswerFilter,
@@ -209,6 +217,33 @@ def test_tomotherapy_dose_names_the_structure_set() -> None:
     [ss] = arrived.operations
     assert isinstance(ss, RetrieveInstance)
     assert (ss.sop_uid, ss.role, ss.hop) == ("1.2.10", Role.STRUCTURE_SET, Hop.DOSE_STRUCTURE_SET)
+
+
+def test_searches_that_leave_kept_objects_alone_plan_nothing() -> None:
+    # The worker neither reads nor re-plans an object its harvest kept when leaves_kept_alone(op) says so
+    # (harvest/harvester.py, _prepare): whatever such a search offers must plan no operation, while the
+    # reverse searches it says False of do plan from some object.
+    plan_uid = "1.2.5"
+    ct = image_series("ct", P, STUDY, FOR, "CT")
+    mr = image_series("mr", P, uid("mr-study"), uid("for-mr"), "MR")
+    objects = [record("r", P, plan_uid, "20200601"), record("r-old", P, plan_uid, "20150101"),
+               dose("d", P, STUDY, plan_uid, ss_uid="1.2.10"), dose("d-other", P, STUDY, "1.2.99"),
+               registration("reg", P, STUDY, ct, mr), plan("p", P, STUDY, "1.2.10"), ct[0], mr[0]]
+    by_plan = ReferenceCriterion(CriterionKind.PLAN, (plan_uid,))
+    searches = [
+        FindReferencing("RTRECORD", P, None, by_plan, Role.PLAN_RECORD, Hop.PLAN_RECORD),
+        FindReferencing("RTDOSE", P, STUDY, by_plan, Role.DOSE, Hop.PLAN_DOSE),
+        FindReferencing("RTDOSE", P, STUDY, by_plan, Role.DOSE, Hop.PLAN_DOSE, plan_has_structure_set=False),
+        reg_op(FOR),
+    ]
+    for op in searches:
+        planned = [decide(o, op, candidate).operations for o in objects for candidate in (False, True)]
+        if leaves_kept_alone(op):
+            assert not any(planned), op
+        else:
+            assert any(planned), op
+    assert [leaves_kept_alone(op) for op in searches] == [True, True, False, False]
+    assert not any(leaves_kept_alone(op) for op in (plan_op(plan_uid), ss_op("1.2.10"), for_op(FOR)))
 
 
 # -- rule 6: planning series -----------------------------------------------------------------------

@@ -51,6 +51,7 @@ __all__ = [
     "ReasonCode",
     "SearchStep",
     "SourceCapability",
+    "leaves_kept_alone",
     "plan_arrival",
     "promised_doses",
     "promised_images",
@@ -470,6 +471,29 @@ def _structure_set(refs: ObjectRefs, problems: list[Problem]) -> Decision:
     if not ops:
         return _decide(refs, True, "structure set references no image series", (), problems)
     return _decide(refs, True, "structure set: fetch the planning series", ops, problems)
+
+
+def leaves_kept_alone(op: Operation) -> bool:
+    """True when ``op`` can neither change nor extend what its harvest already kept, so a kept object it
+    offers again needs no second look (the worker then neither reads nor re-plans the stored copy).
+
+    A reverse search that only keeps what matches, with no hop of its own, is such an operation: a plan's
+    record search, and its dose search when the plan names its structure set. They offer every record or
+    dose of the patient's studies again, most of them kept already (by the window's record search, or the
+    search of another plan of the patient): at clinic scale about 16 records per plan, each a store look-up,
+    a file read and a parse. A kept decision never changes (``Tracker.record``), so the answer is the same.
+    Every other operation plans hops that depend on the role it asks for, which may differ from the role
+    the object was kept under (see ``Harvester.plan_stored``).
+    """
+    return isinstance(op, FindReferencing) and not _referencing_follows_up(op)
+
+
+def _referencing_follows_up(op: FindReferencing) -> bool:
+    """Whether :func:`_referencing` may plan hops from what ``op`` finds (kept in step with it: the planner
+    tests check every reverse search this says False of plans nothing)."""
+    if op.modality == Modality.RAW.value:
+        return True  # a MIM session is unpacked (and never kept itself)
+    return op.role is Role.REGISTRATION or (op.role is Role.DOSE and not op.plan_has_structure_set)
 
 
 def _referencing(refs: ObjectRefs, op: FindReferencing) -> Decision:

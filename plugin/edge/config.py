@@ -139,6 +139,8 @@ class HarvesterConfig:
     outage_backoff_max: float = 3600.0
     #: Orthanc's ``StorageDirectory`` (resolved like ``DatabasePath``): where free space is checked.
     storage_directory: Path = Path("OrthancStorage")
+    #: Orthanc's ``IndexDirectory`` (default: its ``StorageDirectory``): where its SQLite index lives.
+    index_directory: Path = Path("OrthancStorage")
     #: ``MinFreeStorageMB``: no move starts while the storage has less free space than this.
     min_free_storage_mb: float = 1024.0
 
@@ -330,8 +332,11 @@ def load_config(orthanc: Mapping[str, Any], config_dir: Path | None = None) -> H
         raise ConfigError(f"{where}.DatabasePath: expected a file path")
     if not database_path.is_absolute() and config_dir is not None:
         database_path = config_dir / database_path
+    index_directory = Path(str(orthanc.get("IndexDirectory") or storage))
     if not storage.is_absolute() and config_dir is not None:
         storage = config_dir / storage
+    if not index_directory.is_absolute() and config_dir is not None:
+        index_directory = config_dir / index_directory
 
     lease_seconds = _number(section, "LeaseSeconds", 900.0, where, 1.0)
     # A move that outlives its job's lease would be taken over by another worker and run twice at once.
@@ -369,5 +374,6 @@ def load_config(orthanc: Mapping[str, Any], config_dir: Path | None = None) -> H
         unpack_mim_sessions=unpack,
         outage_backoff_max=_number(section, "OutageBackoffMaxSeconds", 3600.0, where, 1.0),
         storage_directory=storage,
+        index_directory=index_directory,
         min_free_storage_mb=_number(section, "MinFreeStorageMB", 1024.0, where, 0.0),
     )

@@ -40,7 +40,7 @@ from ..core.operations import (
     UnpackMimSession,
     operation_from_dict,
 )
-from ..core.planner import ReasonCode, reason_text
+from ..core.planner import ReasonCode, leaves_kept_alone, reason_text
 from ..core.provenance import StoredSeries
 from ..core.references import extract_from_bytes
 from ..core.strategies import DiscardReason, QueryLevel, SourceCapability, execute, unbounded_search
@@ -771,6 +771,10 @@ class Harvester:
             if not sop:
                 raise JobFailure(f"{op.hop}: the source answered without SOPInstanceUID", retryable=False)
             wanted = [sop]
+            if leaves_kept_alone(op) and self.tracker.has_kept(job.harvest_id, sop):
+                # Already kept by this harvest, and this search could add nothing to it (a plan's record
+                # search offering the records the window's search kept): no look-up, read or re-plan.
+                return None, 1
             existing = {sop: oid} if (oid := self.store.lookup(sop)) else {}
             if not existing and _fetches_its_series(op) and study and series:
                 # The image a contour (or a REG) names is wanted for its series, which the planner asks for
