@@ -12,7 +12,7 @@ import pytest
 
 from rtharvest.dimse.base import SourceError, SourceErrorKind
 from rtharvest.edge.loopback import LoopbackError
-from rtharvest.harvest.faults import FaultClass, HealthMonitor, fault_of_source_error
+from rtharvest.harvest.faults import STORE_CHECK_TTL_S, FaultClass, HealthMonitor, fault_of_source_error
 from rtharvest.store.db import Database
 from rtharvest.store.jobqueue import JobQueue, JobState, RetryPolicy
 
@@ -121,6 +121,30 @@ def test_store_check_names_index_loopback_disk_full_and_missing_storage(tmp_path
         locked = tmp_path / "locked"
         locked.mkdir(mode=0o500)
         assert HealthMonitor(locked, 0).check_store().fault is FaultClass.STORAGE_UNAVAILABLE
+
+
+def test_the_disk_is_checked_every_time_and_only_the_index_probe_is_reused(tmp_path: Path) -> None:
+    """No move may start on the word of a check made before the storage failed: the disk (a statvfs) is
+    checked at every call, while the index's probe (a loopback call of up to 5 s) is shared for
+    STORE_CHECK_TTL_S. Before, the whole check was reused, and a harvest went on storing for seconds into a
+    disk below MinFreeStorageMB (the full-disk test in tests/test_store_faults.py missed Waiting)."""
+    storage = tmp_path / "storage"
+    storage.mkdir()
+    now = [1000.0]
+    probes: list[float] = []
+    health = HealthMonitor(storage, 0, index_probe=lambda: probes.append(now[0]), clock=lambda: now[0])
+    assert health.store_fault() is None and probes == [1000.0]
+    storage.rmdir()  # the storage goes away a second later, well within the TTL
+    now[0] += 1.0
+    outage = health.store_fault()
+    assert outage is not None and outage.fault is FaultClass.STORAGE_UNAVAILABLE
+    last = health.last_store_check()  # what the status route shows
+    assert last is not None and last.fault is FaultClass.STORAGE_UNAVAILABLE
+    storage.mkdir()
+    now[0] += 1.0
+    assert health.store_fault() is None and probes == [1000.0]  # back at once; the index's probe is reused
+    now[0] += STORE_CHECK_TTL_S
+    assert health.store_fault() is None and probes == [1000.0, 1002.0 + STORE_CHECK_TTL_S]
 
 
 def test_sources_down_and_back_and_dead_threads_are_problems(tmp_path: Path) -> None:

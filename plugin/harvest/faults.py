@@ -45,7 +45,8 @@ __all__ = [
 
 #: How long an index probe over loopback may take before the index counts as unavailable.
 PROBE_TIMEOUT_S = 5.0
-#: A store check younger than this is reused (many workers fail together in an outage).
+#: An index probe younger than this is reused (many workers fail together in an outage, and a probe of an
+#: index that is down takes up to :data:`PROBE_TIMEOUT_S`). The disk is checked afresh every time.
 STORE_CHECK_TTL_S = 5.0
 
 
@@ -115,6 +116,15 @@ class StoreCheck:
     total_bytes: int | None
 
 
+@dataclass(frozen=True)
+class _IndexProbe:
+    """The last probe of Orthanc's index (shared by the workers for ``STORE_CHECK_TTL_S``)."""
+
+    at: float
+    fault: FaultClass | None
+    detail: str
+
+
 @dataclass
 class SourceHealth:
     """What the harvester last saw of one source."""
@@ -147,6 +157,7 @@ class HealthMonitor:
     clock: Callable[[], float] = time.time
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _store: StoreCheck | None = field(default=None, repr=False)
+    _index: _IndexProbe | None = field(default=None, repr=False)
     _sources: dict[str, SourceHealth] = field(default_factory=dict, repr=False)
     _probe_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -169,23 +180,37 @@ class HealthMonitor:
         return None, "", usage.free, usage.total
 
     def check_store(self, max_age: float = STORE_CHECK_TTL_S) -> StoreCheck:
-        """Check disk and index now (or reuse a check younger than ``max_age``); at most one probe at a time."""
+        """Check the store now: the disk every time, the index only when its last probe is older than
+        ``max_age`` (at most one probe at a time).
+
+        The disk check is a ``statvfs`` (microseconds), so it is never reused: a move must not start on the
+        word of a check made before the disk filled up (``MinFreeStorageMB`` would then hold only seconds
+        later, and a harvest can store a great deal in those seconds). Only the index probe, a loopback
+        call of up to :data:`PROBE_TIMEOUT_S`, is shared between the workers.
+        """
+        fault, detail, free, total = self.check_disk()
+        if fault is None and self.index_probe is not None:
+            fault, detail = self._index_state(max_age)
+        check = StoreCheck(self.clock(), fault, detail, free, total)
         with self._lock:
-            cached = self._store
+            self._store = check
+        return check
+
+    def _index_state(self, max_age: float) -> tuple[FaultClass | None, str]:
+        """The index's state: the last probe's if younger than ``max_age``, else a new probe's."""
+        with self._lock:
+            cached = self._index
         if cached is not None and self.clock() - cached.at < max_age:
-            return cached
+            return cached.fault, cached.detail
         with self._probe_lock:
             with self._lock:
-                cached = self._store
+                cached = self._index
             if cached is not None and self.clock() - cached.at < max_age:
-                return cached  # another thread probed while this one waited
-            fault, detail, free, total = self.check_disk()
-            if fault is None and self.index_probe is not None:
-                fault, detail = self._probe_index()
-            check = StoreCheck(self.clock(), fault, detail, free, total)
+                return cached.fault, cached.detail  # another thread probed while this one waited
+            fault, detail = self._probe_index()
             with self._lock:
-                self._store = check
-            return check
+                self._index = _IndexProbe(self.clock(), fault, detail)
+            return fault, detail
 
     def _probe_index(self) -> tuple[FaultClass | None, str]:
         assert self.index_probe is not None
@@ -202,7 +227,8 @@ class HealthMonitor:
         return None, ""
 
     def store_fault(self, max_age: float = STORE_CHECK_TTL_S) -> Outage | None:
-        """The store's outage now, if any (checked, or a check younger than ``max_age``)."""
+        """The store's outage now, if any (the disk checked now; the index's last probe if younger than
+        ``max_age``)."""
         check = self.check_store(max_age)
         return None if check.fault is None else Outage(check.fault, check.detail)
 
