@@ -1,13 +1,15 @@
 """Planner statistics in Orthanc's SQLite index (rtharvest/edge/indexstats.py), on indexes written by
-Orthanc 1.10.1 itself: the session's plain source Orthanc (no plugin) and the harvester's own store."""
+Orthanc 1.10.1 itself: a plain Orthanc (no plugin) and the harvester's own store. Plans are read with the
+standard library's sqlite3, the system's SQLite that Orthanc links."""
 
 from __future__ import annotations
 
 import logging
 import shutil
+import sqlite3
+from contextlib import closing
 from pathlib import Path
 
-import apsw
 import pytest
 
 from rtharvest.edge.indexstats import (
@@ -31,22 +33,22 @@ LOOKUP = ("SELECT instances.publicId FROM Resources AS instances INNER JOIN Dico
 
 
 def plan_of(path: Path) -> str:
-    """How SQLite would answer the look-up on this index (read-only: the file may belong to a running Orthanc)."""
-    conn = apsw.Connection(str(path), flags=apsw.SQLITE_OPEN_READONLY)
-    try:
+    """How SQLite would answer the look-up on this index."""
+    with closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as conn:
         return " / ".join(str(row[-1]) for row in conn.execute("EXPLAIN QUERY PLAN " + LOOKUP, ("1.2.3",)))
-    finally:
-        conn.close()
 
 
 def stats(path: Path) -> dict[str, str]:
-    conn = apsw.Connection(str(path), flags=apsw.SQLITE_OPEN_READONLY)
-    try:
-        return {str(idx): str(stat) for _, idx, stat in conn.execute("SELECT tbl, idx, stat FROM sqlite_stat1")}
-    except apsw.SQLError:
-        return {}
-    finally:
-        conn.close()
+    with closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as conn:
+        try:
+            return {str(idx): str(stat) for _, idx, stat in conn.execute("SELECT tbl, idx, stat FROM sqlite_stat1")}
+        except sqlite3.OperationalError:
+            return {}
+
+
+def change(path: Path, sql: str) -> None:
+    with closing(sqlite3.connect(path, isolation_level=None)) as conn:
+        conn.execute(sql)
 
 
 @pytest.fixture(scope="module")
@@ -84,9 +86,7 @@ def test_orthanc_alone_scans_every_uid_and_statistics_make_it_use_the_value_inde
 
 
 def test_an_empty_index_gets_the_representative_statistics(source_index: Path) -> None:
-    conn = apsw.Connection(str(source_index))
-    conn.execute("DELETE FROM DicomIdentifiers")
-    conn.close()
+    change(source_index, "DELETE FROM DicomIdentifiers")
     assert ensure_statistics(source_index) is IndexStatistics.REPRESENTATIVE
     assert "DicomIdentifiersIndexValues" in plan_of(source_index)
     assert {i: s for _, i, s in REPRESENTATIVE}.items() <= stats(source_index).items()
@@ -94,22 +94,17 @@ def test_an_empty_index_gets_the_representative_statistics(source_index: Path) -
 
 def test_a_locked_index_is_left_as_it_was_and_the_failure_is_logged(source_index: Path,
                                                                      caplog: pytest.LogCaptureFixture) -> None:
-    holder = apsw.Connection(str(source_index))
-    holder.execute("BEGIN IMMEDIATE")  # what a write of Orthanc's looks like from here
-    try:
-        with pytest.raises(apsw.BusyError):
+    with closing(sqlite3.connect(source_index, isolation_level=None)) as holder:
+        holder.execute("BEGIN IMMEDIATE")  # what a write of Orthanc's looks like from here
+        with pytest.raises(sqlite3.OperationalError, match="locked"):
             ensure_statistics(source_index, busy_timeout_ms=50)
         with caplog.at_level(logging.WARNING, logger="rtharvest.indexstats"):
-            assert ensure_statistics_logged(source_index, "in a test") is None
-    finally:
+            assert ensure_statistics_logged(source_index, "in a test", busy_timeout_ms=50) is None
         holder.execute("ROLLBACK")
-        holder.close()
-    assert "could not be written in a test (BusyError)" in caplog.text
+    assert f"index {source_index} has no planner statistics and they could not be written in a test" in caplog.text
     assert stats(source_index) == {} and "DicomIdentifiersIndex2" in plan_of(source_index)
     shutil.copy(source_index, source_index.parent / "not-orthanc")
-    other = apsw.Connection(str(source_index.parent / "not-orthanc"))
-    other.execute("DROP TABLE DicomIdentifiers")
-    other.close()
+    change(source_index.parent / "not-orthanc", "DROP TABLE DicomIdentifiers")
     assert ensure_statistics(source_index.parent / "not-orthanc") is IndexStatistics.NOT_ORTHANC
     assert stats(source_index.parent / "not-orthanc") == {}
 
@@ -117,11 +112,8 @@ def test_a_locked_index_is_left_as_it_was_and_the_failure_is_logged(source_index
 def test_a_new_store_is_created_holding_only_the_statistics(tmp_path: Path) -> None:
     index = tmp_path / "new" / "index"
     assert ensure_statistics(index) is IndexStatistics.REPRESENTATIVE
-    conn = apsw.Connection(str(index), flags=apsw.SQLITE_OPEN_READONLY)
-    try:
-        tables = {str(r[0]) for r in conn.execute("SELECT name FROM sqlite_schema WHERE type = 'table'")}
-    finally:
-        conn.close()
+    with closing(sqlite3.connect(f"file:{index}?mode=ro", uri=True)) as conn:
+        tables = {str(r[0]) for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
     assert not tables - {"sqlite_stat1", "sqlite_stat4"}  # Orthanc finds none of its tables: a new index
     assert stats(index) == {i: s for _, i, s in REPRESENTATIVE}
 
@@ -129,25 +121,26 @@ def test_a_new_store_is_created_holding_only_the_statistics(tmp_path: Path) -> N
 def test_the_harvester_gives_a_new_store_statistics_and_analyses_one_without(clinic: Clinic,
                                                                             orthanc_index: Path) -> None:
     # A new store: the plugin prepares the index file before Orthanc creates its tables in it.
-    clinic.restart_harvester(fresh=True)
-    index = index_file(clinic.harvester.run_dir / "storage")
-    assert clinic.api.get("/rtharvest/status")["Health"]["StoreIndex"]["State"] in ("Ok", "Unknown")
-    clinic.harvester.stop()  # read once Orthanc let go of the file
-    assert "DicomIdentifiersIndexValues" in plan_of(index)
-    assert stats(index) == {i: s for _, i, s in REPRESENTATIVE}
-    # A store that has none (written by Orthanc without the plugin): analysed before Orthanc opens it.
-    prepared = clinic.base / "harvester-unanalysed"
-    (prepared / "storage").mkdir(parents=True)
-    for suffix in ("", "-wal"):
-        if Path(f"{orthanc_index}{suffix}").exists():
-            shutil.copy(f"{orthanc_index}{suffix}", prepared / "storage" / f"index{suffix}")
-    assert stats(index_file(prepared / "storage")) == {}
-    clinic.restart_harvester(fresh=False, run_dir=prepared)
     try:
+        clinic.restart_harvester(fresh=True)
+        index = index_file(clinic.harvester.run_dir / "storage")
+        assert clinic.api.get("/rtharvest/status")["Health"]["StoreIndex"]["State"] in ("Ok", "Unknown")
+        clinic.harvester.stop()  # read once Orthanc let go of the file
+        assert "DicomIdentifiersIndexValues" in plan_of(index)
+        assert stats(index) == {i: s for _, i, s in REPRESENTATIVE}
+        # A store that has none (written by Orthanc without the plugin): analysed before Orthanc opens it.
+        prepared = clinic.base / "harvester-unanalysed"
+        (prepared / "storage").mkdir(parents=True)
+        for suffix in ("", "-wal"):
+            if Path(f"{orthanc_index}{suffix}").exists():
+                shutil.copy(f"{orthanc_index}{suffix}", prepared / "storage" / f"index{suffix}")
+        assert stats(index_file(prepared / "storage")) == {}
+        clinic.restart_harvester(fresh=False, run_dir=prepared)
         assert clinic.api.get("/statistics")["CountInstances"] > 0  # Orthanc opened the prepared index
-    finally:
         clinic.harvester.stop()
-    analysed = stats(index_file(prepared / "storage"))
-    assert analysed and analysed["DicomIdentifiersIndexValues"] != dict(
-        (i, s) for _, i, s in REPRESENTATIVE)["DicomIdentifiersIndexValues"]
-    clinic.restart_harvester(fresh=True)
+        analysed = stats(index_file(prepared / "storage"))
+        assert analysed["DicomIdentifiersIndexValues"] != dict(
+            (i, s) for _, i, s in REPRESENTATIVE)["DicomIdentifiersIndexValues"]
+        assert "DicomIdentifiersIndexValues" in plan_of(index_file(prepared / "storage"))
+    finally:
+        clinic.restart_harvester(fresh=True)

@@ -422,20 +422,6 @@ def test_per_source_concurrency_limit(db: Database, clock: FakeClock) -> None:
     assert q.claim("w10", 60) is None
 
 
-def test_leases_per_slot_multiplies_the_jobs_leased_per_source(db: Database, clock: FakeClock) -> None:
-    # The harvester leases two jobs per MaxConcurrent slot (its gate keeps the associations at the limit).
-    q = JobQueue(db, limits={"ARIA": SourceLimits(max_concurrent=2)}, default_limits=SourceLimits(max_concurrent=1),
-                 clock=clock, leases_per_slot=2)
-    h = q.create_harvest("ARIA")
-    for i in range(6):
-        q.enqueue(h.id, "move", "ARIA", {}, f"a{i}")
-        q.enqueue(h.id, "move", "MIM", {}, f"m{i}")
-    claimed = [j for i in range(12) if (j := q.claim(f"w{i}", 60)) is not None]
-    assert Counter(j.source for j in claimed) == {"ARIA": 4, "MIM": 2}
-    with pytest.raises(ValueError, match="leases_per_slot"):
-        JobQueue(db, leases_per_slot=0)
-
-
 def test_per_source_limit_holds_across_threads(db: Database) -> None:
     q = JobQueue(db, limits={"ARIA": SourceLimits(max_concurrent=2)})
     h = q.create_harvest("ARIA")

@@ -297,6 +297,35 @@ def test_the_window_s_records_move_in_one_call(fake_world: World, mini_clinic: M
     assert in_2020 <= kept(fake_world, hid)
 
 
+def test_a_plans_record_search_leaves_the_records_its_harvest_kept_alone(fake_world: World,
+                                                                         mini_clinic: MiniClinic) -> None:
+    """Each plan's record search offers the records the window's search kept already: they are neither looked
+    up in the store nor read again (the search plans no hop, and a kept decision never changes), and the
+    harvest still keeps the whole closure."""
+    found: list[str] = []  # look-ups that found the instance stored (the window's search looks first, in vain)
+    read: list[str] = []
+    store = fake_world.store
+    lookup, read_file = store.lookup, store.read
+
+    def counted_lookup(sop_uid: str) -> str | None:
+        oid = lookup(sop_uid)
+        if oid is not None:
+            found.append(sop_uid)
+        return oid
+
+    store.lookup = counted_lookup  # type: ignore[method-assign]
+    store.read = lambda oid: read.append(oid) or read_file(oid)  # type: ignore[method-assign]
+    hid = fake_world.start(WINDOW_2020)
+    fake_world.run()
+    records = {r.SOPInstanceUID for r in mini_clinic.records[:3]}
+    assert records <= kept(fake_world, hid)
+    record_ids = {store.by_sop[uid] for uid in records}
+    assert not records & set(found) and not record_ids & set(read)
+    plan_searches = [j for j in fake_world.queue.list_jobs(hid) if j.kind == "FindReferencing"
+                     and j.payload.get("role") == Role.PLAN_RECORD.value]
+    assert plan_searches and all(j.state is JobState.DONE for j in plan_searches)
+
+
 def test_a_record_missing_from_a_shared_move_fails_the_job_and_only_it_moves_again(fake_world: World,
                                                                                    mini_clinic: MiniClinic) -> None:
     hid = fake_world.start(WINDOW_2020)

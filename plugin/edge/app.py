@@ -345,10 +345,6 @@ def source_limits(config: HarvesterConfig) -> tuple[dict[str, SourceLimits], Sou
     return {name: limits(s) for name, s in config.sources.items()}, limits(config.source_defaults)
 
 
-#: Jobs leased per source per ``MaxConcurrent`` slot (see build_runtime).
-JOBS_PER_DIMSE_SLOT = 2
-
-
 def build_runtime(config: HarvesterConfig, orthanc: Mapping[str, Any] | None = None) -> Runtime:
     """Open the database and build every service (no threads, no Orthanc calls: testable outside).
 
@@ -362,10 +358,7 @@ def build_runtime(config: HarvesterConfig, orthanc: Mapping[str, Any] | None = N
     limits, defaults = source_limits(config)
     policy = RetryPolicy(max_attempts=config.max_attempts, base_delay=config.backoff_base,
                          max_delay=max(config.backoff_max, config.backoff_base))
-    # Two jobs per DIMSE slot: while one job talks to the source (the gate keeps its associations at
-    # MaxConcurrent), another does its local work (store look-ups, planning what it found), so the slot is
-    # not idle between operations. At clinic scale that local work is a third of a job's time.
-    queue = JobQueue(db, policy, limits, defaults, leases_per_slot=JOBS_PER_DIMSE_SLOT)
+    queue = JobQueue(db, policy, limits, defaults)
     events = EventLog(db)
     tracker = Tracker(db)
     harvests = HarvestService(config, queue, tracker, events)

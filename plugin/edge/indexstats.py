@@ -30,9 +30,10 @@ from __future__ import annotations
 
 import enum
 import logging
+import sqlite3
+import urllib.parse
+from contextlib import closing
 from pathlib import Path
-
-import apsw
 
 log = logging.getLogger("rtharvest.indexstats")
 
@@ -75,40 +76,47 @@ def ensure_statistics(path: Path, busy_timeout_ms: int = 2000) -> IndexStatistic
     """Give Orthanc's SQLite index at ``path`` planner statistics unless it has them (see the module); only
     while Orthanc does not have the file open. A missing file is created holding the statistics only.
 
-    Raises :class:`apsw.Error` or :class:`OSError` when the index cannot be read or written (locked longer
-    than ``busy_timeout_ms``, read-only, corrupt); nothing is changed then.
+    Raises :class:`sqlite3.Error` or :class:`OSError` when the index cannot be read or written (locked
+    longer than ``busy_timeout_ms``, read-only, corrupt); nothing is changed then.
     """
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
-        conn = apsw.Connection(str(path))
-        try:
-            with conn:
-                conn.execute("ANALYZE")  # creates sqlite_stat1 (there is nothing to analyse)
-                conn.executemany("INSERT INTO sqlite_stat1 (tbl, idx, stat) VALUES (?, ?, ?)", REPRESENTATIVE)
-        finally:
-            conn.close()
+        with closing(_connect(path, "rwc", busy_timeout_ms)) as conn:
+            conn.execute("BEGIN IMMEDIATE")
+            conn.execute("ANALYZE")  # creates sqlite_stat1 (there is nothing to analyse)
+            conn.executemany("INSERT INTO sqlite_stat1 (tbl, idx, stat) VALUES (?, ?, ?)", REPRESENTATIVE)
+            conn.execute("COMMIT")
         return IndexStatistics.REPRESENTATIVE
-    conn = apsw.Connection(str(path), flags=apsw.SQLITE_OPEN_READWRITE)
-    try:
-        conn.set_busy_timeout(busy_timeout_ms)
-        tables = {str(r[0]) for r in conn.execute("SELECT name FROM sqlite_schema WHERE type = 'table'")}
+    with closing(_connect(path, "rw", busy_timeout_ms)) as conn:
+        tables = {str(r[0]) for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
         if "DicomIdentifiers" not in tables:
             return IndexStatistics.NOT_ORTHANC
         if "sqlite_stat1" in tables and conn.execute(
                 "SELECT 1 FROM sqlite_stat1 WHERE idx = 'DicomIdentifiersIndexValues'").fetchone():
             return IndexStatistics.PRESENT
-        counted = conn.execute("SELECT count(*) FROM DicomIdentifiers").fetchone()
-        analyse = int(counted[0] if counted else 0) >= ANALYSE_FROM_ROWS
+        counted = conn.execute("SELECT count(*) FROM (SELECT 1 FROM DicomIdentifiers LIMIT ?)",
+                               (ANALYSE_FROM_ROWS,)).fetchone()
+        analyse = int(counted[0]) >= ANALYSE_FROM_ROWS
         conn.execute(f"PRAGMA analysis_limit = {ANALYSIS_LIMIT}")
-        with conn:  # one transaction
+        conn.execute("BEGIN IMMEDIATE")
+        try:
             conn.execute("ANALYZE")
             if not analyse:  # too few rows to say anything (an empty table gets no row from ANALYZE)
                 rows = [row for row in REPRESENTATIVE if row[0] in tables]
                 conn.executemany("DELETE FROM sqlite_stat1 WHERE tbl = ?", [(t,) for t in {row[0] for row in rows}])
                 conn.executemany("INSERT INTO sqlite_stat1 (tbl, idx, stat) VALUES (?, ?, ?)", rows)
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
         return IndexStatistics.ANALYSED if analyse else IndexStatistics.REPRESENTATIVE
-    finally:
-        conn.close()
+
+
+def _connect(path: Path, mode: str, busy_timeout_ms: int) -> sqlite3.Connection:
+    # The standard library's sqlite3, which links the system's SQLite like Orthanc does (the project's apsw
+    # bundles a newer one): the statistics are written by the library that will read them.
+    uri = f"file:{urllib.parse.quote(str(path))}?mode={mode}"
+    return sqlite3.connect(uri, uri=True, timeout=busy_timeout_ms / 1000, isolation_level=None)
 
 
 def ensure_statistics_logged(path: Path, moment: str, busy_timeout_ms: int = 2000) -> IndexStatistics | None:
@@ -116,9 +124,9 @@ def ensure_statistics_logged(path: Path, moment: str, busy_timeout_ms: int = 200
     store then works as before, with look-ups that slow down as it grows."""
     try:
         outcome = ensure_statistics(path, busy_timeout_ms)
-    except (apsw.Error, OSError) as exc:
-        log.warning("Orthanc's SQLite index has no planner statistics and they could not be written %s (%s): "
-                    "look-ups by UID scan the index and slow down as the store grows", moment,
+    except (sqlite3.Error, OSError) as exc:
+        log.warning("Orthanc's SQLite index %s has no planner statistics and they could not be written %s (%s): "
+                    "look-ups by UID scan the index and slow down as the store grows", path, moment,
                     type(exc).__name__)
         return None
     if outcome in (IndexStatistics.ANALYSED, IndexStatistics.REPRESENTATIVE):

@@ -305,8 +305,7 @@ class RetryPolicy:
 class SourceLimits:
     """Politeness towards one source (a DICOM modality).
 
-    ``max_concurrent``: DIMSE operations (associations) at once against this source, over all workers;
-    the queue leases that many jobs per source (times its ``leases_per_slot``).
+    ``max_concurrent``: leased jobs at once against this source, over all workers and processes.
     ``quiet_hours``: ``(start, end)`` daily window during which no job for this source is started and
     no association to it is opened (jobs already talking to it finish their current operation).
     ``end < start`` wraps midnight: ``(22:00, 06:00)``. ``time_zone``: the IANA zone the times are
@@ -528,9 +527,6 @@ class JobQueue:
     ``limits`` maps source names to their :class:`SourceLimits`; other sources get ``default_limits``.
     ``clock`` gives epoch seconds (inject a fake one in tests); ``local_time`` turns epoch seconds into
     the local time of day used for quiet hours (default: the machine's local time zone).
-    ``leases_per_slot``: jobs leased at once per source = its ``max_concurrent`` × this. Above 1 when the
-    workers gate each DIMSE operation themselves (:class:`rtharvest.dimse.politeness.SourceGate` keeps the
-    source's associations at ``max_concurrent``), so a job's local work overlaps another's operation.
     Safe to share between threads; several processes may open queues on the same file.
     """
 
@@ -543,12 +539,8 @@ class JobQueue:
         clock: Callable[[], float] = _time.time,
         local_time: Callable[[float], dtime] | None = None,
         rng: random.Random | None = None,
-        leases_per_slot: int = 1,
     ) -> None:
-        if leases_per_slot < 1:
-            raise ValueError(f"leases_per_slot must be at least 1, got {leases_per_slot!r}")
         self.db = db
-        self.leases_per_slot = leases_per_slot
         self.policy = policy or RetryPolicy()
         self.limits: dict[str, SourceLimits] = dict(limits or {})
         self.default_limits = default_limits or SourceLimits()
@@ -792,7 +784,7 @@ class JobQueue:
         for source, leased in self.db.query(
             "SELECT source, count(*) FROM jobs WHERE state = 'leased' GROUP BY source"
         ):
-            if leased >= self.limits_for(source).max_concurrent * self.leases_per_slot:
+            if leased >= self.limits_for(source).max_concurrent:
                 blocked.add(source)
         allowed: list[str] | None = None
         for source, lim in self.limits.items():
