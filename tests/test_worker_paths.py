@@ -313,8 +313,12 @@ def test_a_plans_record_search_leaves_the_records_its_harvest_kept_alone(fake_wo
             found.append(sop_uid)
         return oid
 
+    def counted_read(oid: str) -> bytes:
+        read.append(oid)
+        return read_file(oid)
+
     store.lookup = counted_lookup  # type: ignore[method-assign]
-    store.read = lambda oid: read.append(oid) or read_file(oid)  # type: ignore[method-assign]
+    store.read = counted_read  # type: ignore[method-assign]
     hid = fake_world.start(WINDOW_2020)
     fake_world.run()
     records = {r.SOPInstanceUID for r in mini_clinic.records[:3]}
