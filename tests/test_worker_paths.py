@@ -313,9 +313,9 @@ def test_a_plans_record_search_leaves_the_records_its_harvest_kept_alone(fake_wo
             found.append(sop_uid)
         return oid
 
-    def counted_read(oid: str) -> bytes:
-        read.append(oid)
-        return read_file(oid)
+    def counted_read(orthanc_id: str) -> bytes:
+        read.append(orthanc_id)
+        return read_file(orthanc_id)
 
     store.lookup = counted_lookup  # type: ignore[method-assign]
     store.read = counted_read  # type: ignore[method-assign]
