@@ -58,6 +58,7 @@ from _common import (
 )
 from harvest_vs_wire import Route, SourceLog, bare_round, harvester_db_moved
 
+from rtharvest.edge.indexstats import ensure_statistics, index_file
 from rtharvest.synth.generator import SynthOptions, generate
 from rtharvest.synth.groundtruth import GroundTruth
 from rtharvest.synth.loader import LoadError, dicom_files, store_to_scp
@@ -90,6 +91,11 @@ def start_source(run_dir: Path, harvest_port: int) -> OrthancProcess:
         "DicomAlwaysAllowStore": True, "DicomAlwaysAllowEcho": True, "DicomCheckModalityHost": False,
         "OverwriteInstances": True,
     }
+    # Like a clinical archive's database (and the harvester's own index), the source's index has planner
+    # statistics: without them Orthanc scans its index for every look-up by UID (docs/platform.md), and the
+    # harvest's C-FINDs and both sides' C-MOVEs would measure that scan (ANALYZE of an existing store, before
+    # Orthanc opens it; a new one gets edge/indexstats.py's representative rows).
+    ensure_statistics(index_file(run_dir / "storage"))
     return OrthancProcess(run_dir, config, aet=SOURCE_AET, plugin=False,
                           modalities={"HARVEST": [HARVEST_AET, LOCALHOST, harvest_port]}).start(timeout=120)
 

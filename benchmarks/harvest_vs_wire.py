@@ -77,6 +77,7 @@ from _common import (
 )
 from _latency_proxy import LatencyProxy
 
+from rtharvest.edge.indexstats import ensure_statistics, index_file
 from rtharvest.synth.generator import SynthOptions, generate
 from rtharvest.synth.groundtruth import GroundTruth
 from rtharvest.synth.loader import LoadError, dicom_files, store_to_scp
@@ -171,6 +172,9 @@ def start_source(run_dir: Path, harvest_port: int) -> OrthancProcess:
         "DicomAlwaysAllowStore": True, "DicomAlwaysAllowEcho": True, "DicomCheckModalityHost": False,
         "OverwriteInstances": True,
     }
+    # Like a clinical archive's database (and the harvester's own index), the source's index has planner
+    # statistics: without them Orthanc scans its index for every look-up by UID (docs/platform.md).
+    ensure_statistics(index_file(run_dir / "storage"))
     source = OrthancProcess(run_dir, config, aet=SOURCE_AET, plugin=False, verbose=True,
                             modalities={"HARVEST": [HARVEST_AET, LOCALHOST, harvest_port]})
     return source.start()
