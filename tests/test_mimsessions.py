@@ -17,7 +17,16 @@ from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 
 from rtharvest.core.classify import HarvestWindow
-from rtharvest.core.operations import Hop, Operation, RetrieveInstance, Role, UnpackMimSession
+from rtharvest.core.operations import (
+    CriterionKind,
+    FindReferencing,
+    Hop,
+    Operation,
+    ReferenceCriterion,
+    RetrieveInstance,
+    Role,
+    UnpackMimSession,
+)
 from rtharvest.edge.loopback import LoopbackError
 from rtharvest.harvest.ingest import HarvestRouting, job_for
 from rtharvest.harvest.mimsessions import SESSION_METADATA
@@ -27,7 +36,7 @@ from rtharvest.store.tracking import Decision
 from rtharvest.synth.mimsession import MIM_PRIVATE_CREATOR, SessionEncoding, build_session, encode_session
 
 from .fakes import FakeStore, World, dicom_bytes
-from .planner_fixtures import image_series, structure_set, uid
+from .planner_fixtures import image_series, registration, structure_set, uid
 
 WINDOW = HarvestWindow("20200101", "20201231")
 P, STUDY, FOR = "P1", uid("mim-study"), uid("mim-for")
@@ -157,6 +166,37 @@ def test_an_object_already_stored_is_planned_from_the_stored_copy_not_stored_aga
     assert all(world.store.holds(i.SOPInstanceUID) for i in CT)  # planned: its series was retrieved
     assert unpack_job(world, hid)[1].startswith("1 target(s), 0 instance(s) moved, 1 already stored")
     assert "(0 stored, 1 already stored), 1 kept" in events(world, hid)[0].message
+
+
+def test_a_registration_kept_for_one_planning_for_still_brings_the_series_of_another(tmp_path: Path) -> None:
+    # One session carries a REG between a CT (FoR A) and an MR (FoR B), unpacked first for B's REG search (the
+    # REG is kept, the CT is its registered series), then for A's: the kept REG is planned again under A's
+    # search, whose registered series is the MR.
+    mr = image_series("mim-mr", P, uid("mim-mr-study"), uid("mim-for-b"), "MR")
+    reg = registration("mim-reg", P, STUDY, CT, mr)
+    world = World(tmp_path / "q.sqlite", [*CT, *mr])
+    try:
+        store_session(world, session([reg]))
+
+        def reg_search(for_uid: str) -> FindReferencing:
+            return FindReferencing("REG", P, None, ReferenceCriterion(CriterionKind.FRAME_OF_REFERENCE, (for_uid,)),
+                                   Role.REGISTRATION, Hop.FOR_REG)
+
+        unpacks = [UnpackMimSession(RAW_UID, P, json.dumps(reg_search(f).to_dict(), sort_keys=True),
+                                    f"RAW-search|{f}", Role.REGISTRATION) for f in (mr[0].FrameOfReferenceUID, FOR)]
+
+        def seed(harvest_id: str) -> list:
+            world.routes[harvest_id] = routing = HarvestRouting(harvest_id, WINDOW, "SRC", ("SRC",))
+            return [job_for(routing, op) for op in unpacks]  # B's first (equal priority: oldest first)
+
+        hid = world.queue.create_harvest("SRC", "", {"LookupSources": ["SRC"], "Window": WINDOW.to_dict()},
+                                         seed=seed).id
+        world.run()
+        assert reg.SOPInstanceUID in {o.sop_uid for o in world.tracker.objects(hid, Decision.KEPT)}
+        assert all(world.store.holds(i.SOPInstanceUID) for i in CT)  # B's registered series
+        assert all(world.store.holds(i.SOPInstanceUID) for i in mr)  # A's: only if the kept REG is planned again
+    finally:
+        world.close()
 
 
 class StoreWithoutSessionMetadata(FakeStore):

@@ -32,6 +32,7 @@ from ..core.operations import (
     Role,
     UnpackMimSession,
 )
+from ..core.planner import leaves_kept_alone
 from ..core.references import extract
 from ..store.eventlog import EventLog, Level, exception_summary
 from ..store.jobqueue import Job
@@ -145,8 +146,10 @@ class SessionUnpacker:
             else:
                 local += 1
                 # Rejected for another operation (e.g. the session was unpacked for a structure set it did not
-                # carry) is no answer for this one: only a copy this harvest keeps needs no planning.
-                planned = self.tracker.has_kept(job.harvest_id, obj.sop_uid)
+                # carry) is no answer for this one; nor is a kept copy when this operation plans hops of its
+                # own (a REG kept for one planning FoR brings the registered series of another): the same rule
+                # as the worker's (planner.leaves_kept_alone).
+                planned = leaves_kept_alone(inner) and self.tracker.has_kept(job.harvest_id, obj.sop_uid)
             if not planned:
                 # Stored before this job announced it (another session, a source): plan the stored copy.
                 self.ingest.process(extract(obj.dataset), orthanc_id, [expectation], moved=False)
