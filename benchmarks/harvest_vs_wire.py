@@ -322,9 +322,10 @@ def scenario_figures(sc: Scenario, n_patients: int, window: Any, results: Result
     fig = {
         "harvest_s": round(h_time, 3), "bare_1_s": round(bare_1, 3), "bare_2_s": round(bare_2, 3),
         "ratio": h_time / min(bare_1, bare_2),
-        # The chain before the first image moves, added to the bare transfer: what the harvest would take if
-        # everything after the chain ran at the bare transfer's speed.
-        "chain_s": round(chain, 3), "chain_bound": round((chain + min(bare_1, bare_2)) / min(bare_1, bare_2), 3),
+        # The chain before the first image can move, added to the bare transfer: the ratio if the chain were
+        # all the harvest added. Not a strict bound: records move during the chain, which the bare transfer
+        # moves as part of its time.
+        "chain_s": round(chain, 3), "chain_ratio": round((chain + min(bare_1, bare_2)) / min(bare_1, bare_2), 3),
         "finds_per_patient": round(last.finds / n_patients, 1),
         "moves_per_patient": round(last.moves / n_patients, 1),
         "bare_moves_per_patient": round(bare.moves / n_patients, 1),
@@ -467,10 +468,10 @@ def main() -> None:
                   f" {f['bare_moves_per_patient']:>14.1f}")
         print(f"  (median of {rounds} round(s); each ratio against the faster bare run of its own network)\n")
         for label, f in figs.items():
-            print(f"  {'chain before the first image, ' + label:<46} {f['chain_s']:>6.2f} s: harvest / bare is at least"
-                  f" {f['chain_bound']:.2f} unless images move before the chain reveals them")
+            print(f"  {'chain before the first image, ' + label:<46} {f['chain_s']:>6.2f} s: harvest / bare would be"
+                  f" {f['chain_ratio']:.2f} if the chain were all the harvest added")
             results.goal(f"harvest time / bare time, {label}", f["ratio"], 1.3, "{:.2f}",
-                         bound=f"chain latency bound {f['chain_bound']:.2f}")
+                         bound=f"chain latency alone {f['chain_ratio']:.2f}")
         results.goal("bytes moved / ground-truth bytes", moved_bytes_total / truth_bytes, 1.01, "{:.4f}",
                      bound="candidates retrieved only to inspect their references")
         for label, f in figs.items():
