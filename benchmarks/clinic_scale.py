@@ -45,7 +45,6 @@ from pathlib import Path
 from typing import Any
 
 from _common import (
-    HARVEST_AET,
     LOCALHOST,
     DicomSource,
     OrthancProcess,
@@ -56,15 +55,12 @@ from _common import (
     start_harvester,
     wait_until,
 )
-from harvest_vs_wire import Route, SourceLog, bare_round, harvester_db_moved
+from harvest_vs_wire import SOURCE, SOURCE_AET, Route, SourceLog, bare_round, harvester_db_moved, start_source
 
-from rtharvest.edge.indexstats import ensure_statistics, index_file
 from rtharvest.synth.generator import SynthOptions, generate
 from rtharvest.synth.groundtruth import GroundTruth
 from rtharvest.synth.loader import LoadError, dicom_files, store_to_scp
 
-SOURCE = "ORTHANC_SRC"
-SOURCE_AET = "ORTHANCSRC"
 #: How often the harvest document is polled: each poll is a REST callback that takes the plugin's GIL.
 POLL_S = 0.5
 #: Files per loading association: the loader gives up after a few aborted associations, which a loaded
@@ -82,22 +78,6 @@ def make_clinic(workdir: Path, patients: int, slices: int, matrix: int, seed: in
     truth = generate(out, SynthOptions(patients=patients, seed=seed, ct_slices=slices, matrix=matrix), overwrite=True)
     print(f"generated {len(truth.objects):,} objects in {time.perf_counter() - t0:.0f} s into {out}", flush=True)
     return out, truth
-
-
-def start_source(run_dir: Path, harvest_port: int) -> OrthancProcess:
-    """A plain Orthanc (no plugin) that knows the harvester's AET and port as its move destination."""
-    config = {
-        "Name": SOURCE_AET, "DicomAet": SOURCE_AET, "RemoteAccessAllowed": False, "AuthenticationEnabled": False,
-        "DicomAlwaysAllowStore": True, "DicomAlwaysAllowEcho": True, "DicomCheckModalityHost": False,
-        "OverwriteInstances": True,
-    }
-    # Like a clinical archive's database (and the harvester's own index), the source's index has planner
-    # statistics: without them Orthanc scans its index for every look-up by UID (docs/platform.md), and the
-    # harvest's C-FINDs and both sides' C-MOVEs would measure that scan (ANALYZE of an existing store, before
-    # Orthanc opens it; a new one gets edge/indexstats.py's representative rows).
-    ensure_statistics(index_file(run_dir / "storage"))
-    return OrthancProcess(run_dir, config, aet=SOURCE_AET, plugin=False,
-                          modalities={"HARVEST": [HARVEST_AET, LOCALHOST, harvest_port]}).start(timeout=120)
 
 
 def load_source(source: OrthancProcess, files: list[Path]) -> None:
@@ -188,7 +168,9 @@ def main() -> None:
         mean_size = truth_bytes / len(expected)
         n_patients = window.summary.patients
         harvest_port, http_port = free_port(), free_port()
-        source = start_source(workdir / "source", harvest_port)
+        # The same source as the wire benchmark's (planner statistics in its index), without --verbose: the
+        # harvester counts the operations here.
+        source = start_source(workdir / "source", harvest_port, verbose=False, timeout=120)
         files = sorted(dicom_files(clinic))
         t0 = time.perf_counter()
         load_source(source, files)

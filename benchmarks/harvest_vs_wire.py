@@ -165,8 +165,9 @@ def make_clinic(workdir: Path, patients: int, slices: int, seed: int) -> tuple[P
     return out, truth
 
 
-def start_source(run_dir: Path, harvest_port: int) -> OrthancProcess:
-    """A plain Orthanc (no plugin) with --verbose, so that every C-FIND/C-MOVE it answers is logged."""
+def start_source(run_dir: Path, harvest_port: int, verbose: bool = True, timeout: float = 30.0) -> OrthancProcess:
+    """A plain Orthanc (no plugin) that knows the harvester as its move destination; with ``verbose`` every
+    C-FIND/C-MOVE it answers is logged (this benchmark counts them there)."""
     config = {
         "Name": SOURCE_AET, "DicomAet": SOURCE_AET, "RemoteAccessAllowed": False, "AuthenticationEnabled": False,
         "DicomAlwaysAllowStore": True, "DicomAlwaysAllowEcho": True, "DicomCheckModalityHost": False,
@@ -175,9 +176,9 @@ def start_source(run_dir: Path, harvest_port: int) -> OrthancProcess:
     # Like a clinical archive's database (and the harvester's own index), the source's index has planner
     # statistics: without them Orthanc scans its index for every look-up by UID (docs/platform.md).
     ensure_statistics(index_file(run_dir / "storage"))
-    source = OrthancProcess(run_dir, config, aet=SOURCE_AET, plugin=False, verbose=True,
+    source = OrthancProcess(run_dir, config, aet=SOURCE_AET, plugin=False, verbose=verbose,
                             modalities={"HARVEST": [HARVEST_AET, LOCALHOST, harvest_port]})
-    return source.start()
+    return source.start(timeout=timeout)
 
 
 def harvester_db_moved(db_path: Path, harvest_id: str) -> list[str]:

@@ -42,7 +42,7 @@ ANALYSIS_LIMIT = 1000
 #: Below this many identifier rows an index is given :data:`REPRESENTATIVE` instead of being analysed.
 ANALYSE_FROM_ROWS = 1000
 #: ``sqlite_stat1`` rows of Orthanc 1.10.1's index holding 54,638 RT instances of 1,001 patients (a full
-#: ANALYZE of ``benchmarks/clinic_scale.py``'s source): the shape every store of DICOM objects has.
+#: ANALYZE of ``benchmarks/clinic_scale.py``'s source): the shape a store of DICOM objects has.
 REPRESENTATIVE: tuple[tuple[str, str, str], ...] = (
     ("DicomIdentifiers", "DicomIdentifiersIndexValues", "173685 2"),
     ("DicomIdentifiers", "DicomIdentifiersIndex2", "173685 57895 19299"),
@@ -79,37 +79,29 @@ def ensure_statistics(path: Path, busy_timeout_ms: int = 2000) -> IndexStatistic
     Raises :class:`sqlite3.Error` or :class:`OSError` when the index cannot be read or written (locked
     longer than ``busy_timeout_ms``, read-only, corrupt); nothing is changed then.
     """
-    if not path.exists():
+    new = not path.exists()
+    if new:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with closing(_connect(path, "rwc", busy_timeout_ms)) as conn:
-            conn.execute("BEGIN IMMEDIATE")
-            conn.execute("ANALYZE")  # creates sqlite_stat1 (there is nothing to analyse)
-            conn.executemany("INSERT INTO sqlite_stat1 (tbl, idx, stat) VALUES (?, ?, ?)", REPRESENTATIVE)
-            conn.execute("COMMIT")
-        return IndexStatistics.REPRESENTATIVE
-    with closing(_connect(path, "rw", busy_timeout_ms)) as conn:
+    # One transaction each; closing the connection without COMMIT (an error) rolls it back.
+    with closing(_connect(path, "rwc" if new else "rw", busy_timeout_ms)) as conn:
         tables = {str(r[0]) for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-        if "DicomIdentifiers" not in tables:
+        if not new and "DicomIdentifiers" not in tables:
             return IndexStatistics.NOT_ORTHANC
         if "sqlite_stat1" in tables and conn.execute(
                 "SELECT 1 FROM sqlite_stat1 WHERE idx = 'DicomIdentifiersIndexValues'").fetchone():
             return IndexStatistics.PRESENT
-        counted = conn.execute("SELECT count(*) FROM (SELECT 1 FROM DicomIdentifiers LIMIT ?)",
-                               (ANALYSE_FROM_ROWS,)).fetchone()
-        analyse = int(counted[0]) >= ANALYSE_FROM_ROWS
+        counted = 0 if new else conn.execute("SELECT count(*) FROM (SELECT 1 FROM DicomIdentifiers LIMIT ?)",
+                                             (ANALYSE_FROM_ROWS,)).fetchone()[0]
+        analyse = int(counted) >= ANALYSE_FROM_ROWS
         conn.execute(f"PRAGMA analysis_limit = {ANALYSIS_LIMIT}")
         conn.execute("BEGIN IMMEDIATE")
-        try:
-            conn.execute("ANALYZE")
-            if not analyse:  # too few rows to say anything (an empty table gets no row from ANALYZE)
-                rows = [row for row in REPRESENTATIVE if row[0] in tables]
-                conn.executemany("DELETE FROM sqlite_stat1 WHERE tbl = ?", [(t,) for t in {row[0] for row in rows}])
-                conn.executemany("INSERT INTO sqlite_stat1 (tbl, idx, stat) VALUES (?, ?, ?)", rows)
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        return IndexStatistics.ANALYSED if analyse else IndexStatistics.REPRESENTATIVE
+        conn.execute("ANALYZE")  # also creates sqlite_stat1 in a new file (with nothing to analyse)
+        if not analyse:  # too few rows to say anything (an empty table gets no row from ANALYZE)
+            rows = [row for row in REPRESENTATIVE if new or row[0] in tables]
+            conn.executemany("DELETE FROM sqlite_stat1 WHERE tbl = ?", [(t,) for t in {row[0] for row in rows}])
+            conn.executemany("INSERT INTO sqlite_stat1 (tbl, idx, stat) VALUES (?, ?, ?)", rows)
+        conn.execute("COMMIT")
+    return IndexStatistics.ANALYSED if analyse else IndexStatistics.REPRESENTATIVE
 
 
 def _connect(path: Path, mode: str, busy_timeout_ms: int) -> sqlite3.Connection:
